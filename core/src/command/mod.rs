@@ -1,0 +1,219 @@
+//! The command language: one grammar for chat, SSH, the HTTP API and the CLI.
+//!
+//! [`parse`] is a pure function from a line of text to an [`Invocation`]
+//! (a typed [`Command`] plus output options). The grammar lives in one table
+//! ([`SPECS`]) that also generates help and usage lines, so they cannot
+//! drift apart. Every command prints back to a canonical line
+//! (`Display`) that parses to itself.
+
+pub mod lex;
+mod spec;
+mod values;
+
+use std::fmt;
+
+pub use spec::{ArgKind, ArgSpec, CommandSpec, FlagSpec, SPECS};
+pub use values::{GitSource, Size, SlugName};
+
+use crate::keys::{Fingerprint, PublicKey};
+use crate::names::{ProjectName, UserName};
+
+/// A parsed command line: what to do, and how to answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invocation {
+    pub command: Command,
+    /// Answer with JSON instead of text (`--json`).
+    pub json: bool,
+}
+
+/// Options of `new project`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewProjectArgs {
+    pub name: ProjectName,
+    pub stack: Option<SlugName>,
+    pub git: Option<GitSource>,
+    pub path: Option<String>,
+    pub template: Option<SlugName>,
+    pub cpus: Option<u32>,
+    pub memory: Option<Size>,
+    pub disk: Option<Size>,
+}
+
+/// Every command Kennel understands. Each variant's doc says when it is valid;
+/// who may run it is decided by [`crate::policy`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Lists commands, or explains one (`topic` is a canonical command name).
+    Help { topic: Option<&'static str> },
+    /// Says who Kennel thinks you are. Valid for anyone.
+    Whoami,
+    /// Creates a project with its VM. Members within quota; admins always.
+    /// Boxed because it is much larger than the other variants.
+    NewProject(Box<NewProjectArgs>),
+    /// Lists the projects you own or that are shared with you (all, for admins).
+    Projects,
+    /// Shows a project's state, resources and addresses.
+    Status { name: ProjectName },
+    /// Boots a stopped project's VM.
+    Start { name: ProjectName },
+    /// Shuts a project's VM down gracefully.
+    Stop { name: ProjectName },
+    /// Stops then starts a project's VM.
+    Restart { name: ProjectName },
+    /// Destroys a project's VM and disk; the source stays unless `purge`.
+    /// Without `yes` it only asks for confirmation.
+    Rm {
+        name: ProjectName,
+        purge: bool,
+        yes: bool,
+    },
+    /// Prints how to connect to a project over SSH and from editors.
+    Ssh { name: ProjectName },
+    /// Shows the tail of a project's VM console log.
+    Logs { name: ProjectName, lines: u32 },
+    /// Shares a project with a user, for SSH and/or the web app (both if neither is given).
+    Share {
+        name: ProjectName,
+        user: UserName,
+        ssh: bool,
+        web: bool,
+    },
+    /// Removes a user's share of a project.
+    Unshare { name: ProjectName, user: UserName },
+    /// Makes a project's web app reachable by anyone with the URL.
+    Public { name: ProjectName },
+    /// Makes a project's web app reachable only by its owner and shares (the default).
+    Private { name: ProjectName },
+    /// Sets the port the HTTPS gateway forwards to inside the VM.
+    Port { name: ProjectName, port: u16 },
+    /// Lists your SSH keys (an admin may name another user).
+    Keys { user: Option<UserName> },
+    /// Adds an SSH key to your account (an admin may add one for another user).
+    KeyAdd {
+        key: PublicKey,
+        label: Option<String>,
+        user: Option<UserName>,
+    },
+    /// Revokes an SSH key by fingerprint.
+    KeyRm { fingerprint: Fingerprint },
+    /// Asks the admins for access with your public key. Valid for anyone.
+    RequestAccess { key: PublicKey, note: Option<String> },
+    /// Lists access requests: pending ones, or all with `all`. Admins only.
+    Requests { all: bool },
+    /// Approves a pending access request. Admins only.
+    Approve { id: i64 },
+    /// Denies a pending access request, with an optional reason. Admins only.
+    Deny { id: i64, reason: Option<String> },
+    /// Lists users. Admins only.
+    Users,
+    /// Lists the stacks projects can be built on.
+    Stacks,
+    /// Lists the project templates.
+    Templates,
+}
+
+impl Command {
+    /// The grammar entry of this command.
+    pub fn spec(&self) -> &'static CommandSpec {
+        spec::spec_for(self)
+    }
+
+    /// The canonical name (`new project`, `key add`, ...), for logs and audit.
+    pub fn name(&self) -> &'static str {
+        self.spec().name
+    }
+
+    /// The project this command is about, if any.
+    pub fn project(&self) -> Option<&ProjectName> {
+        use Command::*;
+        match self {
+            Status { name }
+            | Start { name }
+            | Stop { name }
+            | Restart { name }
+            | Rm { name, .. }
+            | Ssh { name }
+            | Logs { name, .. }
+            | Share { name, .. }
+            | Unshare { name, .. }
+            | Public { name }
+            | Private { name }
+            | Port { name, .. } => Some(name),
+            NewProject(n) => Some(&n.name),
+            _ => None,
+        }
+    }
+}
+
+/// Why a line did not parse. `Display` gives the whole message, usage included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParseError {
+    /// Nothing but decoration was sent.
+    Empty,
+    /// The first word is not a command.
+    UnknownCommand {
+        word: String,
+        suggestion: Option<&'static str>,
+    },
+    /// The command is known but its arguments are wrong.
+    Usage {
+        command: &'static str,
+        problem: String,
+    },
+    /// Quotes do not balance.
+    Lex(lex::UnclosedQuote),
+}
+
+impl std::error::Error for ParseError {}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ParseError::Empty => write!(f, "no command given. Try 'help'."),
+            ParseError::UnknownCommand { word, suggestion } => {
+                write!(f, "unknown command '{word}'.")?;
+                if let Some(s) = suggestion {
+                    let usage = spec::by_name(s).map(CommandSpec::usage).unwrap_or_default();
+                    write!(f, " Did you mean '{s}'? Usage: {usage}")?;
+                } else {
+                    write!(f, " Try 'help' for the list of commands.")?;
+                }
+                Ok(())
+            }
+            ParseError::Usage { command, problem } => {
+                let usage = spec::by_name(command).map(CommandSpec::usage).unwrap_or_default();
+                write!(f, "{command}: {problem}. Usage: {usage}")
+            }
+            ParseError::Lex(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Parses one line of text (as a person typed it in chat, SSH or a shell).
+pub fn parse(text: &str) -> Result<Invocation, ParseError> {
+    parse_addressed(text, &[])
+}
+
+/// Like [`parse`], also stripping front-end specific addresses such as a
+/// Discord mention `<@123>` or a Matrix display name.
+pub fn parse_addressed(text: &str, extra_prefixes: &[&str]) -> Result<Invocation, ParseError> {
+    let line = lex::normalize(text, extra_prefixes);
+    let tokens = lex::tokenize(&line).map_err(ParseError::Lex)?;
+    spec::parse_tokens(tokens)
+}
+
+impl fmt::Display for Invocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.command)?;
+        if self.json {
+            write!(f, " --json")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        spec::write_canonical(self, f)
+    }
+}

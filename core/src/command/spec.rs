@@ -1,0 +1,960 @@
+//! The grammar table and the parser it drives.
+//!
+//! Each [`CommandSpec`] names a command, its positional arguments and
+//! options, a summary for help, and a builder that turns the matched words
+//! into a typed [`Command`]. Usage lines and help are generated from the same
+//! entries, and [`write_canonical`] prints each command back in that grammar.
+
+use std::fmt;
+
+use super::lex::{quote, Token};
+use super::values::{GitSource, Size, SlugName};
+use super::{Command, Invocation, NewProjectArgs, ParseError};
+use crate::keys::{Fingerprint, PublicKey};
+use crate::names::{ProjectName, UserName};
+
+/// How a positional argument consumes words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArgKind {
+    /// One word.
+    Word,
+    /// An SSH public key: `type base64 [user@host]`, or all of it quoted.
+    PublicKey,
+    /// Everything that is left, joined by single spaces (notes, reasons).
+    Rest,
+}
+
+/// A positional argument.
+#[derive(Debug, Clone, Copy)]
+pub struct ArgSpec {
+    pub name: &'static str,
+    pub kind: ArgKind,
+    pub required: bool,
+}
+
+/// An option (`--name` or `--name VALUE`).
+#[derive(Debug, Clone, Copy)]
+pub struct FlagSpec {
+    pub name: &'static str,
+    /// The value's placeholder, or `None` for a switch.
+    pub value: Option<&'static str>,
+    pub help: &'static str,
+}
+
+/// One command of the language.
+pub struct CommandSpec {
+    /// Canonical name; one or two words.
+    pub name: &'static str,
+    pub aliases: &'static [&'static str],
+    pub args: &'static [ArgSpec],
+    pub flags: &'static [FlagSpec],
+    pub summary: &'static str,
+    build: fn(&Matched) -> Result<Command, String>,
+}
+
+impl fmt::Debug for CommandSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CommandSpec").field("name", &self.name).finish()
+    }
+}
+
+impl CommandSpec {
+    /// The usage line, e.g. `rm <name> [--purge] [--yes]`.
+    pub fn usage(&self) -> String {
+        let mut s = self.name.to_owned();
+        for a in self.args {
+            let body = match a.kind {
+                ArgKind::Rest => format!("{}...", a.name),
+                _ => a.name.to_owned(),
+            };
+            if a.required {
+                s.push_str(&format!(" <{body}>"));
+            } else {
+                s.push_str(&format!(" [{body}]"));
+            }
+        }
+        for fl in self.flags {
+            match fl.value {
+                Some(v) => s.push_str(&format!(" [--{} {v}]", fl.name)),
+                None => s.push_str(&format!(" [--{}]", fl.name)),
+            }
+        }
+        s
+    }
+}
+
+const fn word(name: &'static str) -> ArgSpec {
+    ArgSpec {
+        name,
+        kind: ArgKind::Word,
+        required: true,
+    }
+}
+const fn opt_rest(name: &'static str) -> ArgSpec {
+    ArgSpec {
+        name,
+        kind: ArgKind::Rest,
+        required: false,
+    }
+}
+const fn pubkey() -> ArgSpec {
+    ArgSpec {
+        name: "ssh-public-key",
+        kind: ArgKind::PublicKey,
+        required: true,
+    }
+}
+const fn switch(name: &'static str, help: &'static str) -> FlagSpec {
+    FlagSpec {
+        name,
+        value: None,
+        help,
+    }
+}
+const fn valued(name: &'static str, value: &'static str, help: &'static str) -> FlagSpec {
+    FlagSpec {
+        name,
+        value: Some(value),
+        help,
+    }
+}
+
+const NAME: &[ArgSpec] = &[word("name")];
+const USER_FLAG: FlagSpec = valued("user", "USER", "another user's (admins only)");
+/// Lines of console log `logs` shows when not told.
+pub const DEFAULT_LOG_LINES: u32 = 50;
+
+/// The whole language, in the order `help` lists it.
+pub static SPECS: &[CommandSpec] = &[
+    CommandSpec {
+        name: "help",
+        aliases: &["?"],
+        args: &[opt_rest("command")],
+        flags: &[],
+        summary: "List the commands, or explain one",
+        build: |m| {
+            let topic = match m.arg("command") {
+                None => None,
+                Some(t) => Some(
+                    resolve(&t.to_ascii_lowercase())
+                        .map(|s| s.name)
+                        .ok_or_else(|| match suggest(t) {
+                            Some(s) => format!("there is no command '{t}'; did you mean '{s}'?"),
+                            None => format!("there is no command '{t}'"),
+                        })?,
+                ),
+            };
+            Ok(Command::Help { topic })
+        },
+    },
+    CommandSpec {
+        name: "whoami",
+        aliases: &[],
+        args: &[],
+        flags: &[],
+        summary: "Show who Kennel thinks you are",
+        build: |_| Ok(Command::Whoami),
+    },
+    CommandSpec {
+        name: "new project",
+        aliases: &[],
+        args: NAME,
+        flags: &[
+            valued("stack", "STACK", "stack to build on (default: detected from the source)"),
+            valued("git", "URL", "clone the source from this git URL"),
+            valued("path", "PATH", "host directory for the source (under a project root)"),
+            valued("template", "TEMPLATE", "start from a project template"),
+            valued("cpus", "N", "virtual CPUs (1-64)"),
+            valued("memory", "SIZE", "guest memory, e.g. 2G (bare numbers are MiB)"),
+            valued("disk", "SIZE", "root disk size, e.g. 20G (bare numbers are GiB)"),
+        ],
+        summary: "Create a project: source, stack, VM and SSH access",
+        build: |m| {
+            Ok(Command::NewProject(Box::new(NewProjectArgs {
+                name: m.req("name", project)?,
+                stack: m.value("stack", slug)?,
+                git: m.value("git", GitSource::new)?,
+                path: m.value("path", path)?,
+                template: m.value("template", slug)?,
+                cpus: m.value("cpus", cpus)?,
+                memory: m.value("memory", memory)?,
+                disk: m.value("disk", disk)?,
+            })))
+        },
+    },
+    CommandSpec {
+        name: "projects",
+        aliases: &["ls"],
+        args: &[],
+        flags: &[],
+        summary: "List your projects and those shared with you",
+        build: |_| Ok(Command::Projects),
+    },
+    CommandSpec {
+        name: "status",
+        aliases: &[],
+        args: NAME,
+        flags: &[],
+        summary: "Show a project's state, resources and addresses",
+        build: |m| Ok(Command::Status { name: m.req("name", project)? }),
+    },
+    CommandSpec {
+        name: "start",
+        aliases: &[],
+        args: NAME,
+        flags: &[],
+        summary: "Start a project's VM",
+        build: |m| Ok(Command::Start { name: m.req("name", project)? }),
+    },
+    CommandSpec {
+        name: "stop",
+        aliases: &[],
+        args: NAME,
+        flags: &[],
+        summary: "Stop a project's VM",
+        build: |m| Ok(Command::Stop { name: m.req("name", project)? }),
+    },
+    CommandSpec {
+        name: "restart",
+        aliases: &[],
+        args: NAME,
+        flags: &[],
+        summary: "Restart a project's VM",
+        build: |m| Ok(Command::Restart { name: m.req("name", project)? }),
+    },
+    CommandSpec {
+        name: "rm",
+        aliases: &["delete"],
+        args: NAME,
+        flags: &[
+            switch("purge", "also delete the source directory on the host"),
+            switch("yes", "do not ask for confirmation"),
+        ],
+        summary: "Destroy a project's VM and disk (the source stays unless --purge)",
+        build: |m| {
+            Ok(Command::Rm {
+                name: m.req("name", project)?,
+                purge: m.switch("purge"),
+                yes: m.switch("yes"),
+            })
+        },
+    },
+    CommandSpec {
+        name: "ssh",
+        aliases: &["connect"],
+        args: NAME,
+        flags: &[],
+        summary: "Show how to connect to a project over SSH and from editors",
+        build: |m| Ok(Command::Ssh { name: m.req("name", project)? }),
+    },
+    CommandSpec {
+        name: "logs",
+        aliases: &[],
+        args: NAME,
+        flags: &[valued("lines", "N", "how many lines (default 50)")],
+        summary: "Show the end of a project's VM console log",
+        build: |m| {
+            Ok(Command::Logs {
+                name: m.req("name", project)?,
+                lines: m.value("lines", lines)?.unwrap_or(DEFAULT_LOG_LINES),
+            })
+        },
+    },
+    CommandSpec {
+        name: "share",
+        aliases: &[],
+        args: &[word("name"), word("user")],
+        flags: &[
+            switch("ssh", "share SSH access"),
+            switch("web", "share the web app"),
+        ],
+        summary: "Share a project with a user (SSH and web unless one is named)",
+        build: |m| {
+            let (ssh, web) = (m.switch("ssh"), m.switch("web"));
+            Ok(Command::Share {
+                name: m.req("name", project)?,
+                user: m.req("user", user)?,
+                ssh: ssh || !web,
+                web: web || !ssh,
+            })
+        },
+    },
+    CommandSpec {
+        name: "unshare",
+        aliases: &[],
+        args: &[word("name"), word("user")],
+        flags: &[],
+        summary: "Stop sharing a project with a user",
+        build: |m| {
+            Ok(Command::Unshare {
+                name: m.req("name", project)?,
+                user: m.req("user", user)?,
+            })
+        },
+    },
+    CommandSpec {
+        name: "public",
+        aliases: &[],
+        args: NAME,
+        flags: &[],
+        summary: "Let anyone with the URL reach a project's web app",
+        build: |m| Ok(Command::Public { name: m.req("name", project)? }),
+    },
+    CommandSpec {
+        name: "private",
+        aliases: &[],
+        args: NAME,
+        flags: &[],
+        summary: "Limit a project's web app to its owner and shares (default)",
+        build: |m| Ok(Command::Private { name: m.req("name", project)? }),
+    },
+    CommandSpec {
+        name: "port",
+        aliases: &[],
+        args: &[word("name"), word("port")],
+        flags: &[],
+        summary: "Set the app port the HTTPS gateway forwards to",
+        build: |m| {
+            Ok(Command::Port {
+                name: m.req("name", project)?,
+                port: m.req("port", app_port)?,
+            })
+        },
+    },
+    CommandSpec {
+        name: "keys",
+        aliases: &[],
+        args: &[],
+        flags: &[USER_FLAG],
+        summary: "List your SSH keys",
+        build: |m| Ok(Command::Keys { user: m.value("user", user)? }),
+    },
+    CommandSpec {
+        name: "key add",
+        aliases: &[],
+        args: &[pubkey(), opt_rest("label")],
+        flags: &[USER_FLAG],
+        summary: "Add an SSH public key to your account",
+        build: |m| {
+            Ok(Command::KeyAdd {
+                key: m.req("ssh-public-key", key)?,
+                label: m.text("label"),
+                user: m.value("user", user)?,
+            })
+        },
+    },
+    CommandSpec {
+        name: "key rm",
+        aliases: &[],
+        args: &[word("fingerprint")],
+        flags: &[],
+        summary: "Revoke an SSH key by its fingerprint",
+        build: |m| {
+            Ok(Command::KeyRm {
+                fingerprint: m.req("fingerprint", |s| Fingerprint::new(s).map_err(|e| e.to_string()))?,
+            })
+        },
+    },
+    CommandSpec {
+        name: "request-access",
+        aliases: &["request"],
+        args: &[pubkey(), opt_rest("note")],
+        flags: &[],
+        summary: "Ask the admins for access with your SSH public key",
+        build: |m| {
+            Ok(Command::RequestAccess {
+                key: m.req("ssh-public-key", key)?,
+                note: m.text("note"),
+            })
+        },
+    },
+    CommandSpec {
+        name: "requests",
+        aliases: &[],
+        args: &[],
+        flags: &[switch("all", "include decided requests")],
+        summary: "List pending access requests (admins)",
+        build: |m| Ok(Command::Requests { all: m.switch("all") }),
+    },
+    CommandSpec {
+        name: "approve",
+        aliases: &[],
+        args: &[word("id")],
+        flags: &[],
+        summary: "Approve an access request (admins)",
+        build: |m| Ok(Command::Approve { id: m.req("id", request_id)? }),
+    },
+    CommandSpec {
+        name: "deny",
+        aliases: &[],
+        args: &[word("id"), opt_rest("reason")],
+        flags: &[],
+        summary: "Deny an access request, with an optional reason (admins)",
+        build: |m| {
+            Ok(Command::Deny {
+                id: m.req("id", request_id)?,
+                reason: m.text("reason"),
+            })
+        },
+    },
+    CommandSpec {
+        name: "users",
+        aliases: &[],
+        args: &[],
+        flags: &[],
+        summary: "List users (admins)",
+        build: |_| Ok(Command::Users),
+    },
+    CommandSpec {
+        name: "stacks",
+        aliases: &[],
+        args: &[],
+        flags: &[],
+        summary: "List the stacks projects can be built on",
+        build: |_| Ok(Command::Stacks),
+    },
+    CommandSpec {
+        name: "templates",
+        aliases: &[],
+        args: &[],
+        flags: &[],
+        summary: "List the project templates",
+        build: |_| Ok(Command::Templates),
+    },
+];
+
+// ------------------------------------------------------------ value converters
+
+fn project(s: &str) -> Result<ProjectName, String> {
+    ProjectName::new(s).map_err(|e| e.to_string())
+}
+fn user(s: &str) -> Result<UserName, String> {
+    UserName::new(s).map_err(|e| e.to_string())
+}
+fn key(s: &str) -> Result<PublicKey, String> {
+    PublicKey::parse(s).map_err(|e| e.to_string())
+}
+fn slug(s: &str) -> Result<SlugName, String> {
+    SlugName::new(s)
+}
+fn path(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.chars().any(char::is_control) {
+        return Err(format!("{s:?} is not a path"));
+    }
+    Ok(s.to_owned())
+}
+fn cpus(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n @ 1..=64) => Ok(n),
+        _ => Err(format!("--cpus must be a whole number from 1 to 64, not {s:?}")),
+    }
+}
+fn memory(s: &str) -> Result<Size, String> {
+    let size = Size::parse(s, 'M')?;
+    if size.mib < 256 {
+        return Err("--memory must be at least 256M".into());
+    }
+    Ok(size)
+}
+fn disk(s: &str) -> Result<Size, String> {
+    let size = Size::parse(s, 'G')?;
+    if size.mib < 1024 {
+        return Err("--disk must be at least 1G".into());
+    }
+    Ok(size)
+}
+fn lines(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n @ 1..=10_000) => Ok(n),
+        _ => Err(format!("--lines must be a number from 1 to 10000, not {s:?}")),
+    }
+}
+fn app_port(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(22) => Err("port 22 is the VM's sshd; pick the port your app listens on".into()),
+        Ok(p @ 1..=65535) => Ok(p),
+        _ => Err(format!("{s:?} is not a port (1-65535)")),
+    }
+}
+fn request_id(s: &str) -> Result<i64, String> {
+    let t = s.trim_start_matches('#');
+    match t.parse::<i64>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("{s:?} is not a request id; see 'requests'")),
+    }
+}
+
+// ------------------------------------------------------------ matching
+
+/// The words matched to a spec's arguments and options.
+#[derive(Debug, Default)]
+pub(super) struct Matched {
+    args: Vec<(&'static str, String)>,
+    flags: Vec<(&'static str, Option<String>)>,
+}
+
+impl Matched {
+    fn arg(&self, name: &str) -> Option<&str> {
+        self.args
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+    fn req<T>(&self, name: &str, conv: impl Fn(&str) -> Result<T, String>) -> Result<T, String> {
+        conv(self.arg(name).ok_or_else(|| format!("missing <{name}>"))?)
+    }
+    fn text(&self, name: &str) -> Option<String> {
+        self.arg(name)
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    }
+    fn switch(&self, name: &str) -> bool {
+        self.flags.iter().any(|(n, _)| *n == name)
+    }
+    fn value<T>(&self, name: &str, conv: impl Fn(&str) -> Result<T, String>) -> Result<Option<T>, String> {
+        match self.flags.iter().find(|(n, _)| *n == name) {
+            Some((_, Some(v))) => conv(v).map(Some),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// The spec whose name or alias is `name` (one or two words, lowercase).
+pub(super) fn resolve(name: &str) -> Option<&'static CommandSpec> {
+    let name = name.split_whitespace().collect::<Vec<_>>().join(" ");
+    SPECS
+        .iter()
+        .find(|s| s.name == name || s.aliases.contains(&name.as_str()))
+        .or_else(|| {
+            // `help new` → new project; `help key` → key add.
+            SPECS
+                .iter()
+                .find(|s| s.name.split(' ').next() == Some(name.as_str()))
+        })
+}
+
+/// The spec with exactly this canonical name.
+pub(super) fn by_name(name: &str) -> Option<&'static CommandSpec> {
+    SPECS.iter().find(|s| s.name == name)
+}
+
+/// The closest command name to a mistyped one, if any is close.
+fn suggest(word: &str) -> Option<&'static str> {
+    let word = word.to_ascii_lowercase();
+    SPECS
+        .iter()
+        .flat_map(|s| std::iter::once(s.name).chain(s.aliases.iter().copied()).map(move |n| (s.name, n)))
+        .map(|(canon, n)| {
+            let first = n.split(' ').next().unwrap_or(n);
+            let d = strsim::levenshtein(&word, n).min(strsim::levenshtein(&word, first));
+            (d, canon)
+        })
+        .filter(|(d, _)| *d <= 2.max(word.len() / 4))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, n)| n)
+}
+
+fn suggest_flag(spec: &CommandSpec, name: &str) -> Option<&'static str> {
+    spec.flags
+        .iter()
+        .map(|f| (strsim::levenshtein(name, f.name), f.name))
+        .filter(|(d, _)| *d <= 2)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, n)| n)
+}
+
+/// Parses tokens into an invocation.
+pub(super) fn parse_tokens(tokens: Vec<Token>) -> Result<Invocation, ParseError> {
+    let mut json = false;
+    let mut help = false;
+    let mut rest: Vec<Token> = Vec::with_capacity(tokens.len());
+    let mut literal = false;
+    for t in tokens {
+        if !t.quoted && !literal {
+            match t.text.as_str() {
+                "--json" => {
+                    json = true;
+                    continue;
+                }
+                "--help" | "-h" => {
+                    help = true;
+                    continue;
+                }
+                "--" => literal = true,
+                _ => {}
+            }
+        }
+        rest.push(t);
+    }
+    let Some(first) = rest.first() else {
+        return if help {
+            Ok(Invocation {
+                command: Command::Help { topic: None },
+                json,
+            })
+        } else {
+            Err(ParseError::Empty)
+        };
+    };
+    let w1 = first.text.to_ascii_lowercase();
+    let w2 = rest.get(1).map(|t| t.text.to_ascii_lowercase());
+    let two = w2.as_ref().map(|w2| format!("{w1} {w2}"));
+    let (spec, used) = match two.as_deref().and_then(|t| by_name(t).map(|s| (s, t))) {
+        Some((s, _)) if s.name.contains(' ') => (s, 2),
+        _ => match SPECS
+            .iter()
+            .find(|s| !s.name.contains(' ') && (s.name == w1 || s.aliases.contains(&w1.as_str())))
+        {
+            Some(s) => (s, 1),
+            None => {
+                // `new myapp`, `key ssh-ed25519 ...`: a two-word command missing its second word.
+                if let Some(s) = SPECS.iter().find(|s| s.name.split(' ').next() == Some(w1.as_str())) {
+                    return Err(ParseError::Usage {
+                        command: s.name,
+                        problem: format!("say '{}'", s.name),
+                    });
+                }
+                return Err(ParseError::UnknownCommand {
+                    word: first.text.clone(),
+                    suggestion: suggest(&w1),
+                });
+            }
+        },
+    };
+    if help {
+        return Ok(Invocation {
+            command: Command::Help { topic: Some(spec.name) },
+            json,
+        });
+    }
+    let usage = |problem: String| ParseError::Usage {
+        command: spec.name,
+        problem,
+    };
+    let matched = match_words(spec, rest.get(used..).unwrap_or_default()).map_err(usage)?;
+    let command = (spec.build)(&matched).map_err(usage)?;
+    Ok(Invocation { command, json })
+}
+
+fn match_words(spec: &'static CommandSpec, words: &[Token]) -> Result<Matched, String> {
+    let mut m = Matched::default();
+    let mut positional: Vec<String> = Vec::new();
+    let mut literal = false;
+    let mut it = words.iter();
+    while let Some(t) = it.next() {
+        if !t.quoted && !literal && t.text == "--" {
+            literal = true;
+            continue;
+        }
+        if !t.quoted && !literal && t.text.starts_with("--") {
+            let body = t.text.get(2..).unwrap_or_default();
+            let (name, inline) = match body.split_once('=') {
+                Some((n, v)) => (n, Some(v.to_owned())),
+                None => (body, None),
+            };
+            let Some(fl) = spec.flags.iter().find(|f| f.name == name) else {
+                return Err(match suggest_flag(spec, name) {
+                    Some(s) => format!("unknown option --{name}; did you mean --{s}?"),
+                    None => format!("unknown option --{name}"),
+                });
+            };
+            if m.flags.iter().any(|(n, _)| *n == fl.name) {
+                return Err(format!("--{} is given twice", fl.name));
+            }
+            let value = match (fl.value, inline) {
+                (None, None) => None,
+                (None, Some(_)) => return Err(format!("--{} takes no value", fl.name)),
+                (Some(_), Some(v)) => Some(v),
+                (Some(ph), None) => Some(
+                    it.next()
+                        .map(|t| t.text.clone())
+                        .ok_or_else(|| format!("--{} needs a value ({ph})", fl.name))?,
+                ),
+            };
+            m.flags.push((fl.name, value));
+            continue;
+        }
+        positional.push(t.text.clone());
+    }
+    let mut pos = positional.into_iter().peekable();
+    for a in spec.args {
+        let value = match a.kind {
+            ArgKind::Word => pos.next(),
+            ArgKind::Rest => {
+                let all: Vec<String> = pos.by_ref().collect();
+                (!all.is_empty()).then(|| all.join(" "))
+            }
+            ArgKind::PublicKey => match pos.next() {
+                Some(k) if k.contains(' ') => Some(k),
+                Some(kind) => {
+                    let mut k = kind;
+                    if let Some(body) = pos.next() {
+                        k.push(' ');
+                        k.push_str(&body);
+                    }
+                    // A `user@host` comment after the key belongs to it.
+                    if let Some(c) = pos.next_if(|c| c.contains('@')) {
+                        k.push(' ');
+                        k.push_str(&c);
+                    }
+                    Some(k)
+                }
+                None => None,
+            },
+        };
+        match value {
+            Some(v) => m.args.push((a.name, v)),
+            None if a.required => return Err(format!("missing <{}>", a.name)),
+            None => {}
+        }
+    }
+    if let Some(extra) = pos.next() {
+        return Err(format!("unexpected {extra:?}"));
+    }
+    Ok(m)
+}
+
+// ------------------------------------------------------------ printing back
+
+pub(super) fn spec_for(c: &Command) -> &'static CommandSpec {
+    let name = match c {
+        Command::Help { .. } => "help",
+        Command::Whoami => "whoami",
+        Command::NewProject(_) => "new project",
+        Command::Projects => "projects",
+        Command::Status { .. } => "status",
+        Command::Start { .. } => "start",
+        Command::Stop { .. } => "stop",
+        Command::Restart { .. } => "restart",
+        Command::Rm { .. } => "rm",
+        Command::Ssh { .. } => "ssh",
+        Command::Logs { .. } => "logs",
+        Command::Share { .. } => "share",
+        Command::Unshare { .. } => "unshare",
+        Command::Public { .. } => "public",
+        Command::Private { .. } => "private",
+        Command::Port { .. } => "port",
+        Command::Keys { .. } => "keys",
+        Command::KeyAdd { .. } => "key add",
+        Command::KeyRm { .. } => "key rm",
+        Command::RequestAccess { .. } => "request-access",
+        Command::Requests { .. } => "requests",
+        Command::Approve { .. } => "approve",
+        Command::Deny { .. } => "deny",
+        Command::Users => "users",
+        Command::Stacks => "stacks",
+        Command::Templates => "templates",
+    };
+    // Every name above is in SPECS (the unit test `every_command_has_a_spec`
+    // checks it), and SPECS is a non-empty constant.
+    #[allow(clippy::indexing_slicing)]
+    by_name(name).unwrap_or(&SPECS[0])
+}
+
+/// Writes a command in canonical form: name, arguments, then options.
+pub(super) fn write_canonical(c: &Command, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    f.write_str(c.name())?;
+    let mut arg = |v: &str| write!(f, " {}", quote(v));
+    match c {
+        Command::Help { topic } => {
+            if let Some(t) = topic {
+                // Topics are command names: plain words, never quoted.
+                return write!(f, " {t}");
+            }
+        }
+        Command::Whoami
+        | Command::Projects
+        | Command::Users
+        | Command::Stacks
+        | Command::Templates => {}
+        Command::NewProject(n) => {
+            arg(n.name.as_str())?;
+            let opts: [(&str, Option<String>); 7] = [
+                ("stack", n.stack.as_ref().map(ToString::to_string)),
+                ("git", n.git.as_ref().map(ToString::to_string)),
+                ("path", n.path.clone()),
+                ("template", n.template.as_ref().map(ToString::to_string)),
+                ("cpus", n.cpus.map(|c| c.to_string())),
+                ("memory", n.memory.map(|s| s.to_string())),
+                ("disk", n.disk.map(|s| s.to_string())),
+            ];
+            for (flag, v) in opts {
+                if let Some(v) = v {
+                    write!(f, " --{flag} {}", quote(&v))?;
+                }
+            }
+        }
+        Command::Status { name }
+        | Command::Start { name }
+        | Command::Stop { name }
+        | Command::Restart { name }
+        | Command::Ssh { name }
+        | Command::Public { name }
+        | Command::Private { name } => arg(name.as_str())?,
+        Command::Rm { name, purge, yes } => {
+            arg(name.as_str())?;
+            if *purge {
+                f.write_str(" --purge")?;
+            }
+            if *yes {
+                f.write_str(" --yes")?;
+            }
+        }
+        Command::Logs { name, lines } => {
+            arg(name.as_str())?;
+            if *lines != DEFAULT_LOG_LINES {
+                write!(f, " --lines {lines}")?;
+            }
+        }
+        Command::Share { name, user, ssh, web } => {
+            arg(name.as_str())?;
+            arg(user.as_str())?;
+            match (ssh, web) {
+                (true, false) => f.write_str(" --ssh")?,
+                (false, true) => f.write_str(" --web")?,
+                _ => {}
+            }
+        }
+        Command::Unshare { name, user } => {
+            arg(name.as_str())?;
+            arg(user.as_str())?;
+        }
+        Command::Port { name, port } => {
+            arg(name.as_str())?;
+            arg(&port.to_string())?;
+        }
+        Command::Keys { user } => {
+            if let Some(u) = user {
+                write!(f, " --user {}", quote(u.as_str()))?;
+            }
+        }
+        Command::KeyAdd { key, label, user } => {
+            arg(&key.to_string())?;
+            if let Some(l) = label {
+                arg(l)?;
+            }
+            if let Some(u) = user {
+                write!(f, " --user {}", quote(u.as_str()))?;
+            }
+        }
+        Command::KeyRm { fingerprint } => arg(fingerprint.as_str())?,
+        Command::RequestAccess { key, note } => {
+            arg(&key.to_string())?;
+            if let Some(n) = note {
+                arg(n)?;
+            }
+        }
+        Command::Requests { all } => {
+            if *all {
+                f.write_str(" --all")?;
+            }
+        }
+        Command::Approve { id } => arg(&id.to_string())?,
+        Command::Deny { id, reason } => {
+            arg(&id.to_string())?;
+            if let Some(r) = reason {
+                arg(r)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::parse;
+    use super::*;
+
+    #[test]
+    fn every_command_has_a_spec() {
+        for s in SPECS {
+            assert!(by_name(s.name).is_some());
+        }
+        // spec_for falls back to SPECS[0] only if a name is missing.
+        assert_eq!(spec_for(&Command::Templates).name, "templates");
+        assert_eq!(spec_for(&Command::Users).name, "users");
+    }
+
+    #[test]
+    fn usage_lines_come_from_the_table() {
+        assert_eq!(
+            by_name("rm").unwrap().usage(),
+            "rm <name> [--purge] [--yes]"
+        );
+        assert_eq!(
+            by_name("request-access").unwrap().usage(),
+            "request-access <ssh-public-key> [note...]"
+        );
+    }
+
+    #[test]
+    fn parses_the_brief_example() {
+        let inv = parse("new project myapp --stack rust --git https://git.example.com/me/myapp.git").unwrap();
+        let Command::NewProject(n) = inv.command else { panic!() };
+        assert_eq!(n.name.as_str(), "myapp");
+        assert_eq!(n.stack.unwrap().as_str(), "rust");
+        assert_eq!(n.git.unwrap().as_str(), "https://git.example.com/me/myapp.git");
+    }
+
+    #[test]
+    fn pasted_keys_with_comments_and_notes() {
+        let k = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
+        let inv = parse(&format!("request-access {k} ann@laptop please let me in")).unwrap();
+        let Command::RequestAccess { key, note } = inv.command else { panic!() };
+        assert_eq!(key.comment(), Some("ann@laptop"));
+        assert_eq!(note.as_deref(), Some("please let me in"));
+        let inv = parse(&format!("request-access \"{k} my laptop\"")).unwrap();
+        let Command::RequestAccess { key, note } = inv.command else { panic!() };
+        assert_eq!(key.comment(), Some("my laptop"));
+        assert_eq!(note, None);
+    }
+
+    #[test]
+    fn mistakes_get_usage_and_suggestions() {
+        let e = parse("prjects").unwrap_err().to_string();
+        assert!(e.contains("Did you mean 'projects'"), "{e}");
+        let e = parse("new myapp").unwrap_err().to_string();
+        assert!(e.contains("say 'new project'"), "{e}");
+        let e = parse("rm").unwrap_err().to_string();
+        assert!(e.contains("missing <name>") && e.contains("Usage: rm <name>"), "{e}");
+        let e = parse("new project a --stak rust").unwrap_err().to_string();
+        assert!(e.contains("did you mean --stack"), "{e}");
+        let e = parse("status a b").unwrap_err().to_string();
+        assert!(e.contains("unexpected"), "{e}");
+        let e = parse("new project Bad_Name").unwrap_err().to_string();
+        assert!(e.contains("1 to 40 characters"), "{e}");
+        let e = parse("request-access ssh-ed25519 nonsense").unwrap_err().to_string();
+        assert!(e.contains("not an OpenSSH public key"), "{e}");
+        assert!(matches!(parse("   "), Err(ParseError::Empty)));
+        assert!(matches!(parse("xyzzy"), Err(ParseError::UnknownCommand { suggestion: None, .. })));
+    }
+
+    #[test]
+    fn json_and_help_flags_anywhere() {
+        let inv = parse("--json projects").unwrap();
+        assert!(inv.json);
+        assert_eq!(inv.command, Command::Projects);
+        assert_eq!(parse("rm --help").unwrap().command, Command::Help { topic: Some("rm") });
+        assert_eq!(parse("help new").unwrap().command, Command::Help { topic: Some("new project") });
+        assert_eq!(parse("help ls").unwrap().command, Command::Help { topic: Some("projects") });
+        assert!(parse("help frobnicate").is_err());
+        assert_eq!(parse("ls").unwrap().command, Command::Projects);
+    }
+
+    #[test]
+    fn share_defaults_to_both() {
+        let Command::Share { ssh, web, .. } = parse("share a bob").unwrap().command else { panic!() };
+        assert!(ssh && web);
+        let Command::Share { ssh, web, .. } = parse("share a bob --web").unwrap().command else { panic!() };
+        assert!(!ssh && web);
+    }
+
+    #[test]
+    fn quoted_words_are_never_flags() {
+        let Command::Deny { reason, .. } = parse("deny 3 \"--yes\"").unwrap().command else { panic!() };
+        assert_eq!(reason.as_deref(), Some("--yes"));
+        let Command::Deny { reason, .. } = parse("deny #3 -- --json is not a reason").unwrap().command else { panic!() };
+        assert_eq!(reason.as_deref(), Some("--json is not a reason"));
+    }
+}

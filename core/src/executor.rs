@@ -1,0 +1,869 @@
+//! The executor: runs a parsed command for an identity.
+//!
+//! Every front end hands it (identity, text, progress sink). It resolves
+//! the identity to a user, asks [`crate::policy`], then does the work with
+//! the store and the provisioner, records what matters in the audit log,
+//! and returns a structured [`Outcome`]. Events that other front ends must
+//! hear about (an access request filed in Discord that admins see in
+//! Matrix) go out on a broadcast channel.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::broadcast;
+use tracing::Instrument;
+
+use crate::catalog::Catalog;
+use crate::command::{self, Command, Invocation};
+use crate::model::{
+    AccessRequest, AuditOutcome, Identity, Project, ProjectState, RequestState, Resources, Role,
+    User, Visibility,
+};
+use crate::names::{ProjectName, UserName};
+use crate::outcome::{CommandError, Connection, Outcome, Reply, UserSummary};
+use crate::policy::{self, Relation};
+use crate::provision::{CreateRequest, ProgressSink, Progress, ProvisionError, Provisioner, Stage, VmSpec};
+use crate::store::repo::{self, AuditEntry, NewProjectRow};
+use crate::store::{write_tx, Store, StoreError};
+
+/// Addresses and defaults the executor puts into replies and new projects.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Host name users SSH to (`ssh myapp@HOST`).
+    pub ssh_host: String,
+    pub ssh_port: u16,
+    /// Domain of the HTTPS gateway (`https://myapp.DOMAIN`).
+    pub domain: String,
+    pub https_port: u16,
+    /// Where project sources live by default (`<root>/<name>`).
+    pub projects_root: PathBuf,
+    pub default_resources: Resources,
+    pub default_app_port: u16,
+    /// Fingerprints of the SSH gateway's host keys, shown so users can verify.
+    pub host_key_fingerprints: Vec<String>,
+    /// Identities that become admins the first time they speak.
+    pub admins: Vec<Identity>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            ssh_host: "127.0.0.1".into(),
+            ssh_port: 2222,
+            domain: "localhost".into(),
+            https_port: 8443,
+            projects_root: PathBuf::from("kennel-data/projects"),
+            default_resources: Resources {
+                vcpus: 2,
+                memory_mib: 2048,
+                disk_mib: 20 * 1024,
+            },
+            default_app_port: 8080,
+            host_key_fingerprints: Vec::new(),
+            admins: Vec::new(),
+        }
+    }
+}
+
+/// Something other front ends may need to tell people about.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A new access request: admins should see it.
+    AccessRequested(AccessRequest),
+    /// A request was approved or denied: the requester should be told.
+    RequestDecided(AccessRequest),
+}
+
+/// Runs commands. Cheap to clone; share one per daemon.
+#[derive(Clone)]
+pub struct Executor {
+    store: Store,
+    vms: Arc<dyn Provisioner>,
+    catalog: Arc<dyn Catalog>,
+    settings: Arc<Settings>,
+    events: broadcast::Sender<Event>,
+}
+
+impl std::fmt::Debug for Executor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executor")
+            .field("backend", &self.vms.backend())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A parsed line's result and whether it asked for JSON.
+#[derive(Debug)]
+pub struct Answer {
+    pub outcome: Outcome,
+    pub json: bool,
+}
+
+impl Executor {
+    /// Wires an executor.
+    pub fn new(store: Store, vms: Arc<dyn Provisioner>, catalog: Arc<dyn Catalog>, settings: Settings) -> Self {
+        let (events, _) = broadcast::channel(256);
+        Self {
+            store,
+            vms,
+            catalog,
+            settings: Arc::new(settings),
+            events,
+        }
+    }
+
+    /// The store, for front ends that read routes and keys.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Subscribes to events (access requests, decisions).
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// Parses and runs one line of text for an identity.
+    pub async fn run_line(&self, who: &Identity, line: &str, progress: &dyn ProgressSink) -> Answer {
+        match command::parse(line) {
+            Ok(Invocation { command, json }) => Answer {
+                outcome: self.execute(who, command, progress).await,
+                json,
+            },
+            Err(e) => Answer {
+                outcome: Err(e.into()),
+                json: line.contains("--json"),
+            },
+        }
+    }
+
+    /// Returns the local console's admin user, creating it on a fresh
+    /// install (the first user is the admin).
+    pub async fn local_admin(&self) -> Result<User, StoreError> {
+        self.store
+            .call(|conn| {
+                write_tx(conn, |tx| {
+                    let me = Identity::local_console();
+                    if let Some(u) = repo::user_by_identity(tx, &me)? {
+                        return Ok(u);
+                    }
+                    // Whoever can run the console owns the data dir: an
+                    // admin, whether or not other users exist already.
+                    let name = repo::free_user_name(tx, "admin")?;
+                    let u = repo::create_user(tx, &name, Role::Admin)?;
+                    repo::link_identity(tx, &me, u.id)?;
+                    tracing::info!(user = %u.name, "created the local admin user");
+                    Ok(u)
+                })
+            })
+            .await
+    }
+
+    /// Resolves an identity to a user; configured admin identities get an
+    /// admin user the first time they speak.
+    pub async fn resolve(&self, who: &Identity) -> Result<Option<User>, StoreError> {
+        let who = who.clone();
+        let bootstrap = self.settings.admins.contains(&who);
+        self.store
+            .call(move |conn| {
+                if let Some(u) = repo::user_by_identity(conn, &who)? {
+                    return Ok(Some(u));
+                }
+                if !bootstrap {
+                    return Ok(None);
+                }
+                write_tx(conn, |tx| {
+                    let name = repo::free_user_name(tx, identity_hint(&who))?;
+                    let u = repo::create_user(tx, &name, Role::Admin)?;
+                    repo::link_identity(tx, &who, u.id)?;
+                    tracing::info!(user = %u.name, identity = %who, "created a configured admin");
+                    Ok(Some(u))
+                })
+            })
+            .await
+    }
+
+    /// Runs a command for an identity.
+    pub async fn execute(&self, who: &Identity, cmd: Command, progress: &dyn ProgressSink) -> Outcome {
+        let user = self.resolve(who).await?;
+        self.execute_as(who, user, cmd, progress).await
+    }
+
+    /// Runs a command as a known user (the local console's `--as`).
+    pub async fn execute_as(
+        &self,
+        who: &Identity,
+        user: Option<User>,
+        cmd: Command,
+        progress: &dyn ProgressSink,
+    ) -> Outcome {
+        let span = tracing::info_span!(
+            "command",
+            command = cmd.name(),
+            user = user.as_ref().map_or("-", |u| u.name.as_str()),
+            identity = %who,
+            project = cmd.project().map_or("-", ProjectName::as_str),
+        );
+        async move {
+            let out = self.authorized(who, user.as_ref(), cmd.clone(), progress).await;
+            match &out {
+                Ok(_) => tracing::debug!("done"),
+                Err(CommandError::Usage(_) | CommandError::Refused(_) | CommandError::NotFound(_)) => {
+                    tracing::debug!(error = %out.as_ref().err().map(ToString::to_string).unwrap_or_default(), "not done")
+                }
+                Err(e) => tracing::error!(error = %e, "command failed"),
+            }
+            if audited(&cmd) {
+                let outcome = match &out {
+                    Ok(_) => AuditOutcome::Ok,
+                    Err(CommandError::Refused(_)) => AuditOutcome::Refused,
+                    Err(_) => AuditOutcome::Failed,
+                };
+                let detail = out.as_ref().err().map(ToString::to_string);
+                self.audit(who, user.as_ref(), &cmd, outcome, detail).await;
+            }
+            out
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn audit(&self, who: &Identity, user: Option<&User>, cmd: &Command, outcome: AuditOutcome, detail: Option<String>) {
+        let who = who.clone();
+        let uid = user.map(|u| u.id);
+        let action = cmd.name();
+        let target = cmd.project().map(|p| p.to_string()).or_else(|| match cmd {
+            Command::Approve { id } | Command::Deny { id, .. } => Some(format!("request #{id}")),
+            Command::KeyRm { fingerprint } => Some(fingerprint.to_string()),
+            Command::KeyAdd { key, .. } | Command::RequestAccess { key, .. } => Some(key.fingerprint().to_string()),
+            Command::Share { user, .. } | Command::Unshare { user, .. } => Some(user.to_string()),
+            _ => None,
+        });
+        let r = self
+            .store
+            .call(move |conn| {
+                repo::audit(
+                    conn,
+                    &AuditEntry {
+                        user: uid,
+                        identity: &who,
+                        action,
+                        target: target.as_deref(),
+                        outcome,
+                        detail: detail.as_deref(),
+                    },
+                )
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "could not write the audit log");
+        }
+    }
+
+    async fn relation(&self, user: Option<&User>, name: &ProjectName) -> Result<(Relation, Option<Project>), StoreError> {
+        let name = name.clone();
+        let uid = user.map(|u| u.id);
+        self.store
+            .call(move |conn| {
+                let Some(p) = repo::project_by_name(conn, &name)? else {
+                    return Ok((Relation::Missing, None));
+                };
+                let Some(uid) = uid else {
+                    return Ok((Relation::Stranger, Some(p)));
+                };
+                let owner = repo::user_by_name(conn, &p.owner)?.map(|u| u.id);
+                let rel = if owner == Some(uid) {
+                    Relation::Owner
+                } else if let Some((ssh, web)) = repo::share_of(conn, p.id, uid)? {
+                    Relation::Shared { ssh, web }
+                } else {
+                    Relation::Stranger
+                };
+                Ok((rel, Some(p)))
+            })
+            .await
+    }
+
+    async fn authorized(&self, who: &Identity, user: Option<&User>, cmd: Command, progress: &dyn ProgressSink) -> Outcome {
+        let (rel, project) = match cmd.project() {
+            Some(name) => self.relation(user, name).await?,
+            None => (Relation::NoProject, None),
+        };
+        policy::authorize(user.map(|u| u.role), user.map(|u| &u.name), &cmd, rel)?;
+        // Policy passed: for admins a missing project is still missing.
+        let need = |p: Option<Project>, name: &ProjectName| {
+            p.ok_or_else(|| CommandError::NotFound(format!("there is no project '{name}'; see 'projects'")))
+        };
+        let is_admin = user.is_some_and(|u| u.role == Role::Admin);
+        match cmd {
+            Command::Help { topic } => Ok(Reply::Help { topic }),
+            Command::Whoami => {
+                let user = match user {
+                    Some(u) => Some(self.summary(u.clone()).await?),
+                    None => None,
+                };
+                Ok(Reply::Whoami {
+                    identity: who.clone(),
+                    user,
+                })
+            }
+            Command::Projects => {
+                let uid = (!is_admin).then(|| user.map(|u| u.id)).flatten();
+                let projects = self.store.call(move |c| repo::list_projects(c, uid)).await?;
+                Ok(Reply::Projects { projects })
+            }
+            Command::Status { name } => {
+                let project = need(project, &name)?;
+                let n = name.clone();
+                let shares = self.store.call(move |c| repo::shares_of(c, &n)).await?;
+                let vm = match self.vms.status(&name).await {
+                    Ok(s) => Some(s),
+                    Err(ProvisionError::Unavailable(_)) => None,
+                    Err(e) => return Err(e.into()),
+                };
+                Ok(Reply::Status { project, shares, vm })
+            }
+            Command::NewProject(args) => self.new_project(user, *args, progress).await,
+            Command::Start { name } => {
+                let project = need(project, &name)?;
+                self.start(project, progress).await
+            }
+            Command::Stop { name } => {
+                need(project, &name)?;
+                self.set_state(&name, ProjectState::Stopping).await?;
+                progress.report(Progress {
+                    stage: Stage::Stopping,
+                    percent: None,
+                    detail: None,
+                });
+                match self.vms.stop(&name).await {
+                    Ok(()) => {
+                        self.set_state(&name, ProjectState::Stopped).await?;
+                        Ok(Reply::Done {
+                            message: format!("{name} is stopped. Start it with 'start {name}'."),
+                        })
+                    }
+                    Err(e) => {
+                        self.set_state(&name, ProjectState::Failed).await?;
+                        Err(e.into())
+                    }
+                }
+            }
+            Command::Restart { name } => {
+                let project = need(project, &name)?;
+                self.vms.stop(&name).await?;
+                self.set_state(&name, ProjectState::Stopped).await?;
+                self.start(project, progress).await
+            }
+            Command::Rm { name, purge, yes } => {
+                let project = need(project, &name)?;
+                if !yes {
+                    let mut prompt = format!("This destroys the VM and disk of {name}.");
+                    if purge {
+                        prompt.push_str(&format!(
+                            " It also DELETES the source directory {} on the host.",
+                            project.source_path
+                        ));
+                    } else {
+                        prompt.push_str(&format!(" The source at {} is kept.", project.source_path));
+                    }
+                    let confirm_with = Command::Rm { name, purge, yes: true }.to_string();
+                    return Ok(Reply::Confirm { prompt, confirm_with });
+                }
+                self.set_state(&name, ProjectState::Destroying).await?;
+                progress.report(Progress {
+                    stage: Stage::Destroying,
+                    percent: None,
+                    detail: None,
+                });
+                self.vms.destroy(&name).await?;
+                if purge {
+                    self.vms.purge_source(&name, &project.source_path).await?;
+                }
+                let n = name.clone();
+                self.store.call(move |c| repo::delete_project(c, &n)).await?;
+                let message = if purge {
+                    format!("{name} is gone, and its source {} was deleted.", project.source_path)
+                } else {
+                    format!("{name} is gone. Its source is still at {}.", project.source_path)
+                };
+                Ok(Reply::Done { message })
+            }
+            Command::Ssh { name } => {
+                let project = need(project, &name)?;
+                Ok(Reply::Connection {
+                    connection: self.connection(&project),
+                })
+            }
+            Command::Logs { name, lines } => {
+                need(project, &name)?;
+                let lines = self.vms.logs(&name, lines).await?;
+                Ok(Reply::Logs {
+                    project: name.to_string(),
+                    lines,
+                })
+            }
+            Command::Share { name, user: target, ssh, web } => {
+                let project = need(project, &name)?;
+                let t = target.clone();
+                let found = self
+                    .store
+                    .write(move |tx| {
+                        let Some(u) = repo::user_by_name(tx, &t)? else {
+                            return Ok(false);
+                        };
+                        repo::upsert_share(tx, project.id, u.id, ssh, web)?;
+                        Ok(true)
+                    })
+                    .await?;
+                if !found {
+                    return Err(CommandError::NotFound(format!("there is no user '{target}'")));
+                }
+                let what = match (ssh, web) {
+                    (true, true) => "SSH and the web app",
+                    (true, false) => "SSH",
+                    _ => "the web app",
+                };
+                Ok(Reply::Done {
+                    message: format!("{name} is shared with {target} for {what}."),
+                })
+            }
+            Command::Unshare { name, user: target } => {
+                let project = need(project, &name)?;
+                let t = target.clone();
+                let removed = self
+                    .store
+                    .write(move |tx| match repo::user_by_name(tx, &t)? {
+                        Some(u) => repo::remove_share(tx, project.id, u.id),
+                        None => Ok(false),
+                    })
+                    .await?;
+                if !removed {
+                    return Err(CommandError::NotFound(format!("{name} is not shared with '{target}'")));
+                }
+                Ok(Reply::Done {
+                    message: format!("{name} is no longer shared with {target}."),
+                })
+            }
+            Command::Public { name } => self.visibility(project, &name, Visibility::Public).await,
+            Command::Private { name } => self.visibility(project, &name, Visibility::Private).await,
+            Command::Port { name, port } => {
+                need(project, &name)?;
+                let n = name.clone();
+                self.store.call(move |c| repo::set_app_port(c, &n, port)).await?;
+                Ok(Reply::Done {
+                    message: format!("https://{name}.{} now forwards to port {port} in the VM.", self.settings.domain),
+                })
+            }
+            Command::Keys { user: target } => {
+                let u = self.target_user(user, target).await?;
+                let id = u.id;
+                let keys = self.store.call(move |c| repo::keys_of(c, id)).await?;
+                Ok(Reply::Keys {
+                    user: u.name.to_string(),
+                    keys,
+                })
+            }
+            Command::KeyAdd { key, label, user: target } => {
+                let u = self.target_user(user, target).await?;
+                let fp = key.fingerprint().clone();
+                let added = self
+                    .store
+                    .write(move |tx| repo::add_key(tx, u.id, &key, label.as_deref()))
+                    .await;
+                match added {
+                    Ok(key) => Ok(Reply::KeyAdded { key }),
+                    Err(StoreError::AlreadyExists { .. }) => Err(CommandError::Conflict(format!(
+                        "key {fp} is registered to another user; each key belongs to one person"
+                    ))),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Command::KeyRm { fingerprint } => {
+                let me = user.map(|u| u.name.clone());
+                let fp = fingerprint.clone();
+                let revoked = self
+                    .store
+                    .write(move |tx| {
+                        match repo::key_by_fingerprint(tx, &fp)? {
+                            Some(k) if is_admin || Some(&k.user) == me.as_ref() => {}
+                            _ => return Ok(None),
+                        }
+                        repo::revoke_key(tx, &fp)
+                    })
+                    .await?;
+                match revoked {
+                    Some(key) => Ok(Reply::KeyRevoked { key }),
+                    None => Err(CommandError::NotFound(format!(
+                        "you have no key {fingerprint}; see 'keys'"
+                    ))),
+                }
+            }
+            Command::RequestAccess { key, note } => {
+                let who2 = who.clone();
+                let uid = user.map(|u| u.id);
+                let me = user.map(|u| u.name.clone());
+                let r = self
+                    .store
+                    .write(move |tx| {
+                        if let Some(k) = repo::key_by_fingerprint(tx, key.fingerprint())? {
+                            if Some(&k.user) == me.as_ref() && k.state == crate::model::KeyState::Active {
+                                return Ok(Err(format!(
+                                    "key {} already gives you access; nothing to request",
+                                    k.fingerprint
+                                )));
+                            }
+                            if Some(&k.user) != me.as_ref() {
+                                return Ok(Err(format!(
+                                    "key {} is already registered; if it is yours, just use it",
+                                    k.fingerprint
+                                )));
+                            }
+                        }
+                        repo::file_request(tx, &who2, uid, &key, note.as_deref()).map(Ok)
+                    })
+                    .await?;
+                match r {
+                    Ok((request, new)) => {
+                        if new {
+                            tracing::info!(request = request.id, "access request filed");
+                            let _ = self.events.send(Event::AccessRequested(request.clone()));
+                        }
+                        Ok(Reply::RequestFiled { request, new })
+                    }
+                    Err(msg) => Err(CommandError::Conflict(msg)),
+                }
+            }
+            Command::Requests { all } => {
+                let requests = self.store.call(move |c| repo::list_requests(c, all)).await?;
+                Ok(Reply::Requests { requests })
+            }
+            Command::Approve { id } => self.decide(user, id, RequestState::Approved, None).await,
+            Command::Deny { id, reason } => self.decide(user, id, RequestState::Denied, reason).await,
+            Command::Users => {
+                let users = self.store.call(repo_list_users).await?;
+                let mut out = Vec::with_capacity(users.len());
+                for u in users {
+                    out.push(self.summary(u).await?);
+                }
+                Ok(Reply::Users { users: out })
+            }
+            Command::Stacks => Ok(Reply::Stacks {
+                stacks: self.catalog.stacks(),
+            }),
+            Command::Templates => Ok(Reply::Templates {
+                templates: self.catalog.templates(),
+            }),
+        }
+    }
+
+    async fn summary(&self, user: User) -> Result<UserSummary, StoreError> {
+        let id = user.id;
+        let (identities, keys) = self
+            .store
+            .call(move |c| Ok((repo::identities_of(c, id)?, repo::keys_of(c, id)?)))
+            .await?;
+        Ok(UserSummary {
+            user,
+            identities,
+            active_keys: keys.iter().filter(|k| k.state == crate::model::KeyState::Active).count(),
+        })
+    }
+
+    async fn target_user(&self, me: Option<&User>, target: Option<UserName>) -> Result<User, CommandError> {
+        match target {
+            None => me
+                .cloned()
+                .ok_or_else(|| CommandError::Refused("Kennel does not know you yet".into())),
+            Some(t) => {
+                let n = t.clone();
+                self.store
+                    .call(move |c| repo::user_by_name(c, &n))
+                    .await?
+                    .ok_or_else(|| CommandError::NotFound(format!("there is no user '{t}'")))
+            }
+        }
+    }
+
+    async fn set_state(&self, name: &ProjectName, state: ProjectState) -> Result<(), StoreError> {
+        let n = name.clone();
+        self.store.call(move |c| repo::set_project_state(c, &n, state)).await
+    }
+
+    async fn visibility(&self, project: Option<Project>, name: &ProjectName, v: Visibility) -> Outcome {
+        if project.is_none() {
+            return Err(CommandError::NotFound(format!("there is no project '{name}'")));
+        }
+        let n = name.clone();
+        self.store.call(move |c| repo::set_visibility(c, &n, v)).await?;
+        let url = format!("https://{name}.{}", self.settings.domain);
+        Ok(Reply::Done {
+            message: match v {
+                Visibility::Public => format!("{url} is now public: anyone with the link can open it."),
+                Visibility::Private => format!("{url} is now private: only the owner and shares can open it."),
+            },
+        })
+    }
+
+    async fn start(&self, project: Project, progress: &dyn ProgressSink) -> Outcome {
+        let name = project.name.clone();
+        self.set_state(&name, ProjectState::Starting).await?;
+        let spec = VmSpec {
+            project: name.clone(),
+            stack: project.stack.clone(),
+            source_path: project.source_path.clone(),
+            resources: project.resources,
+            app_port: project.app_port,
+        };
+        match self.vms.start(&spec, progress).await {
+            Ok(_) => {
+                self.set_state(&name, ProjectState::Running).await?;
+                Ok(Reply::Connection {
+                    connection: self.connection(&project),
+                })
+            }
+            Err(e) => {
+                self.set_state(&name, ProjectState::Failed).await?;
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn new_project(&self, user: Option<&User>, args: command::NewProjectArgs, progress: &dyn ProgressSink) -> Outcome {
+        let user = user.cloned().ok_or_else(|| CommandError::Refused("Kennel does not know you yet".into()))?;
+        let d = self.settings.default_resources;
+        let resources = Resources {
+            vcpus: args.cpus.unwrap_or(d.vcpus),
+            memory_mib: args.memory.map_or(d.memory_mib, |s| s.mib),
+            disk_mib: args.disk.map_or(d.disk_mib, |s| s.mib),
+        };
+        if let Some(stack) = &args.stack {
+            let known = self.catalog.stacks();
+            match known.iter().find(|s| s.name == stack.as_str()) {
+                Some(s) if s.broken.is_some() => {
+                    return Err(CommandError::Conflict(format!(
+                        "stack {stack} is broken: {}",
+                        s.broken.clone().unwrap_or_default()
+                    )))
+                }
+                Some(_) => {}
+                None => {
+                    let names: Vec<String> = known.into_iter().map(|s| s.name).collect();
+                    return Err(CommandError::NotFound(format!(
+                        "there is no stack '{stack}'; known stacks: {}",
+                        if names.is_empty() { "none installed".into() } else { names.join(", ") }
+                    )));
+                }
+            }
+        }
+        let app_port = args
+            .stack
+            .as_ref()
+            .and_then(|s| self.catalog.stacks().into_iter().find(|k| k.name == s.as_str()))
+            .map_or(self.settings.default_app_port, |s| s.app_port);
+        let source_path = args.path.clone().unwrap_or_else(|| {
+            self.settings
+                .projects_root
+                .join(args.name.as_str())
+                .to_string_lossy()
+                .into_owned()
+        });
+        // Reserve the name and check the quota in one write transaction, so
+        // two concurrent `new project`s with one name cannot both win.
+        let row_name = args.name.clone();
+        let stack0 = args.stack.as_ref().map_or("detecting", |s| s.as_str()).to_owned();
+        let git0 = args.git.as_ref().map(|g| g.to_string());
+        let tmpl0 = args.template.as_ref().map(|t| t.to_string());
+        let (uid, role) = (user.id, user.role);
+        let sp = source_path.clone();
+        let reserved = self
+            .store
+            .write(move |tx| {
+                let quota = repo::quota_for(tx, role)?;
+                let usage = repo::usage_of(tx, uid)?;
+                if let Err(r) = policy::check_quota(&quota, &usage, &resources) {
+                    return Ok(Err(CommandError::from(r)));
+                }
+                match repo::insert_project(
+                    tx,
+                    &NewProjectRow {
+                        name: &row_name,
+                        owner: uid,
+                        stack: &stack0,
+                        git_url: git0.as_deref(),
+                        source_path: &sp,
+                        template: tmpl0.as_deref(),
+                        resources,
+                        app_port,
+                        state: ProjectState::Creating,
+                    },
+                ) {
+                    Ok(p) => Ok(Ok(p)),
+                    Err(StoreError::AlreadyExists { .. }) => Ok(Err(CommandError::Conflict(format!(
+                        "a project named '{row_name}' already exists; pick another name"
+                    )))),
+                    Err(e) => Err(e),
+                }
+            })
+            .await??;
+        progress.report(Progress {
+            stage: Stage::Validated,
+            percent: None,
+            detail: None,
+        });
+        let req = CreateRequest {
+            project: args.name.clone(),
+            owner: user.name.clone(),
+            stack: args.stack.map(|s| s.to_string()),
+            git: args.git.map(|g| g.to_string()),
+            path: Some(source_path),
+            template: args.template.map(|t| t.to_string()),
+            resources,
+            app_port,
+        };
+        match self.vms.create(&req, progress).await {
+            Ok(created) => {
+                let name = args.name.clone();
+                let (stack, src) = (created.stack.clone(), created.source_path.clone());
+                let project = self
+                    .store
+                    .write(move |tx| {
+                        tx.execute(
+                            "UPDATE projects SET stack = ?2, source_path = ?3, state = 'running' WHERE name = ?1",
+                            rusqlite::params![name.as_str(), stack, src],
+                        )?;
+                        repo::project_by_name(tx, &name)
+                    })
+                    .await?
+                    .unwrap_or(reserved);
+                progress.report(Progress {
+                    stage: Stage::Ready,
+                    percent: None,
+                    detail: None,
+                });
+                Ok(Reply::Created {
+                    connection: self.connection(&project),
+                    project,
+                    notes: created.notes,
+                })
+            }
+            Err(e) => {
+                let name = args.name.clone();
+                self.store.call(move |c| repo::delete_project(c, &name)).await?;
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn decide(&self, me: Option<&User>, id: i64, state: RequestState, reason: Option<String>) -> Outcome {
+        let me = me.cloned().ok_or_else(|| CommandError::Refused("Kennel does not know you yet".into()))?;
+        let result = self
+            .store
+            .write(move |tx| {
+                let Some(req) = repo::request_by_id(tx, id)? else {
+                    return Ok(Err(CommandError::NotFound(format!("there is no access request #{id}; see 'requests'"))));
+                };
+                if req.state != RequestState::Pending {
+                    let by = req.decided_by.as_ref().map_or("someone".to_owned(), ToString::to_string);
+                    return Ok(Err(CommandError::Conflict(format!(
+                        "request #{id} was already {} by {by}; nothing changed",
+                        req.state
+                    ))));
+                }
+                let mut granted_to = None;
+                if state == RequestState::Approved {
+                    let user = match repo::user_by_identity(tx, &req.identity)? {
+                        Some(u) => u,
+                        None => {
+                            let name = repo::free_user_name(tx, identity_hint(&req.identity))?;
+                            let u = repo::create_user(tx, &name, Role::Member)?;
+                            repo::link_identity(tx, &req.identity, u.id)?;
+                            u
+                        }
+                    };
+                    let key = crate::keys::PublicKey::parse(&req.openssh)?;
+                    match repo::add_key(tx, user.id, &key, None) {
+                        Ok(_) => {}
+                        Err(StoreError::AlreadyExists { .. }) => {
+                            return Ok(Err(CommandError::Conflict(format!(
+                                "key {} of request #{id} was registered to another user meanwhile; deny this request",
+                                req.fingerprint
+                            ))))
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    granted_to = Some(user);
+                }
+                repo::decide_request(tx, id, state, me.id, reason.as_deref(), granted_to.as_ref().map(|u| u.id))?;
+                let req = repo::request_by_id(tx, id)?.ok_or(StoreError::Invalid {
+                    what: "a request vanished while being decided".into(),
+                })?;
+                Ok(Ok((req, granted_to.map(|u| u.name.to_string()))))
+            })
+            .await??;
+        let (request, user) = result;
+        tracing::info!(request = request.id, state = %request.state, "access request decided");
+        let _ = self.events.send(Event::RequestDecided(request.clone()));
+        Ok(Reply::Decided { request, user })
+    }
+
+    /// How to reach a project: the SSH string and editor links.
+    pub fn connection(&self, p: &Project) -> Connection {
+        let s = &self.settings;
+        let name = p.name.as_str();
+        let port_flag = if s.ssh_port == 22 { String::new() } else { format!(" -p {}", s.ssh_port) };
+        let alias = format!("kennel-{name}");
+        let https_port = if s.https_port == 443 { String::new() } else { format!(":{}", s.https_port) };
+        Connection {
+            project: name.to_owned(),
+            ssh_command: format!("ssh {name}@{}{port_flag}", s.ssh_host),
+            ssh_config: format!(
+                "Host {alias}\n    HostName {}\n    Port {}\n    User {name}",
+                s.ssh_host, s.ssh_port
+            ),
+            vscode_url: format!("vscode://vscode-remote/ssh-remote+{alias}/workspace"),
+            zed_url: format!("ssh://{name}@{}:{}/workspace", s.ssh_host, s.ssh_port),
+            jetbrains_hint: format!(
+                "New SSH connection: user {name}, host {}, port {}, project directory /workspace",
+                s.ssh_host, s.ssh_port
+            ),
+            https_url: format!("https://{name}.{}{https_port}", s.domain),
+            source_path: p.source_path.clone(),
+            host_key_fingerprints: s.host_key_fingerprints.clone(),
+        }
+    }
+}
+
+fn repo_list_users(c: &mut rusqlite::Connection) -> Result<Vec<User>, StoreError> {
+    repo::list_users(c)
+}
+
+/// A user-name hint from an identity: a Matrix localpart, else the id.
+fn identity_hint(who: &Identity) -> &str {
+    let id = who.external_id.as_str();
+    id.strip_prefix('@')
+        .and_then(|s| s.split(':').next())
+        .unwrap_or(id)
+}
+
+/// Whether a command changes something worth an audit line.
+fn audited(cmd: &Command) -> bool {
+    !matches!(
+        cmd,
+        Command::Help { .. }
+            | Command::Whoami
+            | Command::Projects
+            | Command::Status { .. }
+            | Command::Ssh { .. }
+            | Command::Logs { .. }
+            | Command::Keys { .. }
+            | Command::Requests { .. }
+            | Command::Users
+            | Command::Stacks
+            | Command::Templates
+    )
+}

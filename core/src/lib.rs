@@ -1,0 +1,27 @@
+//! Kennel's core: the domain model, the SQLite store, the command language
+//! that every front end speaks, access policy, and the executor that runs
+//! commands against the store and a provisioner.
+//!
+//! Front ends (chat bots, the SSH gateway, the HTTP API, the local CLI)
+//! stay thin: they turn what they receive into text and an [`Identity`],
+//! call [`Executor::run_line`], and send back what [`render()`] makes of
+//! the outcome, showing [`provision::Progress`] on the way.
+
+pub mod catalog;
+pub mod command;
+pub mod executor;
+pub mod keys;
+pub mod model;
+pub mod names;
+pub mod outcome;
+pub mod policy;
+pub mod provision;
+pub mod render;
+pub mod store;
+
+pub use command::{parse, Command, Invocation, ParseError};
+pub use executor::{Answer, Event, Executor, Settings};
+pub use model::{Identity, Role, User};
+pub use outcome::{exit_code, CommandError, Outcome, Reply};
+pub use render::{render, Format};
+pub use store::{Store, StoreError};

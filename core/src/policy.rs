@@ -1,0 +1,132 @@
+//! Who may run what: the one place access decisions are made.
+//!
+//! [`authorize`] is pure: given the caller's role (or none, for an unknown
+//! identity), the command, and the caller's relation to the project it
+//! names, it allows or refuses with a reason. The executor looks the
+//! relation up in the store; quotas are checked by [`check_quota`].
+
+use crate::command::Command;
+use crate::model::{Quota, Resources, Role, Usage};
+use crate::names::UserName;
+
+/// How the caller stands to the project a command names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relation {
+    /// The command names no project.
+    NoProject,
+    /// The caller owns it.
+    Owner,
+    /// It is shared with the caller.
+    Shared { ssh: bool, web: bool },
+    /// It exists, but the caller has no part in it.
+    Stranger,
+    /// No project of that name exists.
+    Missing,
+}
+
+/// A refusal, with the reason shown to the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refusal(pub String);
+
+const UNKNOWN: &str = "Kennel does not know you yet. Ask for access with 'request-access <your SSH public key> [note]'; an admin will approve or deny it.";
+const ADMIN_ONLY: &str = "only admins may do that";
+
+/// Decides whether `role` (None: an unknown identity) may run `cmd`.
+/// `me` is the caller's user name, to tell "my keys" from someone else's.
+pub fn authorize(role: Option<Role>, me: Option<&UserName>, cmd: &Command, rel: Relation) -> Result<(), Refusal> {
+    use Command::*;
+    let refuse = |r: &str| Err(Refusal(r.to_owned()));
+    // Anyone, known or not.
+    if matches!(cmd, Help { .. } | Whoami | RequestAccess { .. }) {
+        return Ok(());
+    }
+    let Some(role) = role else {
+        return refuse(UNKNOWN);
+    };
+    if role == Role::Admin {
+        return Ok(());
+    }
+    // From here on: a member.
+    let not_yours = |name: &str| {
+        Err(Refusal(format!(
+            "there is no project '{name}' that you own or that is shared with you; see 'projects'"
+        )))
+    };
+    let owner_only = |name: &str| {
+        Err(Refusal(format!(
+            "only the owner of '{name}' or an admin may do that"
+        )))
+    };
+    let project = cmd.project().map(|p| p.as_str().to_owned()).unwrap_or_default();
+    let someone_else = |u: &Option<UserName>| u.as_ref().is_some_and(|u| Some(u) != me);
+    match cmd {
+        Projects | Stacks | Templates | KeyRm { .. } => Ok(()),
+        Keys { user } | KeyAdd { user, .. } => {
+            if someone_else(user) {
+                refuse("only admins may see or change another user's keys")
+            } else {
+                Ok(())
+            }
+        }
+        NewProject(n) => match (&n.git, rel) {
+            (Some(g), _) if g.is_local() => refuse(
+                "only admins may clone from file:// URLs or host paths; use an https:// or ssh:// URL",
+            ),
+            (_, Relation::Missing) => Ok(()),
+            _ => Err(Refusal(format!(
+                "a project named '{project}' already exists; pick another name"
+            ))),
+        },
+        Status { .. } => match rel {
+            Relation::Owner | Relation::Shared { .. } => Ok(()),
+            _ => not_yours(&project),
+        },
+        Ssh { .. } | Logs { .. } | Start { .. } | Stop { .. } | Restart { .. } => match rel {
+            Relation::Owner | Relation::Shared { ssh: true, .. } => Ok(()),
+            Relation::Shared { .. } => Err(Refusal(format!(
+                "'{project}' is shared with you for the web app only; ask its owner for SSH access"
+            ))),
+            _ => not_yours(&project),
+        },
+        Rm { .. } | Share { .. } | Unshare { .. } | Public { .. } | Private { .. } | Port { .. } => {
+            match rel {
+                Relation::Owner => Ok(()),
+                Relation::Shared { .. } => owner_only(&project),
+                _ => not_yours(&project),
+            }
+        }
+        Requests { .. } | Approve { .. } | Deny { .. } | Users => refuse(ADMIN_ONLY),
+        Help { .. } | Whoami | RequestAccess { .. } => Ok(()),
+    }
+}
+
+/// Checks that adding `want` to `usage` stays within `quota`.
+pub fn check_quota(quota: &Quota, usage: &Usage, want: &Resources) -> Result<(), Refusal> {
+    let over = |what: &str, limit: String, have: String| {
+        Err(Refusal(format!(
+            "this would exceed your {what} quota ({limit}; you use {have}); remove a project or ask an admin"
+        )))
+    };
+    if let Some(max) = quota.projects {
+        if usage.projects.saturating_add(1) > max {
+            return over("project", format!("{max} projects"), usage.projects.to_string());
+        }
+    }
+    if let Some(max) = quota.vcpus {
+        if usage.vcpus.saturating_add(want.vcpus) > max {
+            return over("vCPU", format!("{max} vCPUs"), usage.vcpus.to_string());
+        }
+    }
+    if let Some(max) = quota.memory_mib {
+        if usage.memory_mib.saturating_add(want.memory_mib) > max {
+            return over("memory", format!("{max} MiB"), format!("{} MiB", usage.memory_mib));
+        }
+    }
+    if let Some(max) = quota.disk_mib {
+        if usage.disk_mib.saturating_add(want.disk_mib) > max {
+            return over("disk", format!("{max} MiB"), format!("{} MiB", usage.disk_mib));
+        }
+    }
+    Ok(())
+}

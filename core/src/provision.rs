@@ -1,0 +1,332 @@
+//! The executor's view of the provisioner: a trait, its error, the progress
+//! it reports, and two implementations that live here because they need
+//! nothing from the host: [`Unavailable`] (a build without VMs, which says
+//! so) and, for tests, a recording fake.
+//!
+//! The real implementation is in the `kennel-provisioner` crate.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::model::Resources;
+use crate::names::ProjectName;
+
+/// The stages a long operation goes through, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    Validated,
+    Cloning,
+    Stack,
+    Image,
+    Disk,
+    Booting,
+    Ready,
+    Stopping,
+    Destroying,
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            Stage::Validated => "validated",
+            Stage::Cloning => "cloning",
+            Stage::Stack => "stack",
+            Stage::Image => "image",
+            Stage::Disk => "disk",
+            Stage::Booting => "booting",
+            Stage::Ready => "ready",
+            Stage::Stopping => "stopping",
+            Stage::Destroying => "destroying",
+        };
+        f.write_str(s)
+    }
+}
+
+/// One step of progress, sent to whoever asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Progress {
+    pub stage: Stage,
+    /// Percentage within the stage, where known (e.g. cloning 43%).
+    pub percent: Option<u8>,
+    pub detail: Option<String>,
+}
+
+impl fmt::Display for Progress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.stage)?;
+        if let Some(p) = self.percent {
+            write!(f, " {p}%")?;
+        }
+        if let Some(d) = &self.detail {
+            write!(f, " ({d})")?;
+        }
+        Ok(())
+    }
+}
+
+/// Where progress goes: a chat message being edited, SSH stderr, JSON lines.
+pub trait ProgressSink: Send + Sync {
+    /// Reports one step. Must not block; sinks rate-limit themselves.
+    fn report(&self, p: Progress);
+}
+
+/// A sink that drops everything (for callers that only want the result).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoProgress;
+
+impl ProgressSink for NoProgress {
+    fn report(&self, _: Progress) {}
+}
+
+/// What the requester asked for in `new project`, validated but not yet
+/// resolved (the stack may still need detecting, the source cloning).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateRequest {
+    pub project: ProjectName,
+    pub owner: crate::names::UserName,
+    pub stack: Option<String>,
+    pub git: Option<String>,
+    pub path: Option<String>,
+    pub template: Option<String>,
+    pub resources: Resources,
+    pub app_port: u16,
+}
+
+/// A project the provisioner created: what it resolved, and the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Created {
+    pub stack: String,
+    pub source_path: String,
+    /// What the requester should know (stack evidence, warnings).
+    pub notes: Vec<String>,
+    pub status: VmStatus,
+}
+
+/// What to run for an existing project.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    pub project: ProjectName,
+    pub stack: String,
+    pub source_path: String,
+    pub resources: Resources,
+    pub app_port: u16,
+}
+
+/// The VM's state as its backend reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    Running,
+    Stopped,
+    Paused,
+    Missing,
+}
+
+/// What a backend says about a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VmStatus {
+    pub state: VmState,
+    /// Whether sshd answers and /workspace is mounted.
+    pub ready: bool,
+    /// Address and port at which the host reaches the VM's sshd.
+    pub ssh_addr: Option<String>,
+    pub backend: String,
+}
+
+/// Why a VM operation failed. Messages say what to do next.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    #[error("VM operations are not available in this build yet ({0}); projects can be recorded but not booted")]
+    Unavailable(String),
+    #[error("project {0} has no VM")]
+    NoVm(String),
+    #[error("{stage} failed: {message}")]
+    Failed { stage: Stage, message: String },
+}
+
+/// Builds, runs and tears down project VMs.
+#[async_trait]
+pub trait Provisioner: Send + Sync {
+    /// A short name for logs and `kennel doctor` (e.g. `qemu-tcg`).
+    fn backend(&self) -> String;
+    /// Prepares the source, resolves the stack, creates and boots the VM;
+    /// returns when it is ready. On failure it has rolled back everything
+    /// it created except the source.
+    async fn create(&self, req: &CreateRequest, progress: &dyn ProgressSink) -> Result<Created, ProvisionError>;
+    /// Boots a stopped VM.
+    async fn start(&self, spec: &VmSpec, progress: &dyn ProgressSink) -> Result<VmStatus, ProvisionError>;
+    /// Shuts a VM down gracefully (forcing after a deadline).
+    async fn stop(&self, project: &ProjectName) -> Result<(), ProvisionError>;
+    /// Removes the VM and its disk; never the source.
+    async fn destroy(&self, project: &ProjectName) -> Result<(), ProvisionError>;
+    /// The VM's current state.
+    async fn status(&self, project: &ProjectName) -> Result<VmStatus, ProvisionError>;
+    /// The last `lines` lines of the console log.
+    async fn logs(&self, project: &ProjectName, lines: u32) -> Result<Vec<String>, ProvisionError>;
+    /// Deletes a project's source directory on the host (`rm --purge`).
+    async fn purge_source(&self, project: &ProjectName, path: &str) -> Result<(), ProvisionError>;
+}
+
+/// The provisioner of a build or host that cannot run VMs: every call says
+/// so plainly instead of pretending.
+#[derive(Debug, Clone)]
+pub struct Unavailable {
+    pub reason: String,
+}
+
+#[async_trait]
+impl Provisioner for Unavailable {
+    fn backend(&self) -> String {
+        "none".into()
+    }
+    async fn create(&self, _: &CreateRequest, _: &dyn ProgressSink) -> Result<Created, ProvisionError> {
+        Err(ProvisionError::Unavailable(self.reason.clone()))
+    }
+    async fn start(&self, _: &VmSpec, _: &dyn ProgressSink) -> Result<VmStatus, ProvisionError> {
+        Err(ProvisionError::Unavailable(self.reason.clone()))
+    }
+    async fn stop(&self, _: &ProjectName) -> Result<(), ProvisionError> {
+        Err(ProvisionError::Unavailable(self.reason.clone()))
+    }
+    async fn destroy(&self, _: &ProjectName) -> Result<(), ProvisionError> {
+        Err(ProvisionError::Unavailable(self.reason.clone()))
+    }
+    async fn status(&self, _: &ProjectName) -> Result<VmStatus, ProvisionError> {
+        Err(ProvisionError::Unavailable(self.reason.clone()))
+    }
+    async fn logs(&self, _: &ProjectName, _: u32) -> Result<Vec<String>, ProvisionError> {
+        Err(ProvisionError::Unavailable(self.reason.clone()))
+    }
+    async fn purge_source(&self, _: &ProjectName, _: &str) -> Result<(), ProvisionError> {
+        Err(ProvisionError::Unavailable(self.reason.clone()))
+    }
+}
+
+/// Test doubles.
+#[cfg(any(test, feature = "testing"))]
+pub mod testing {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// A provisioner that records every call, keeps VMs in a map, and can
+    /// be told to fail the next `create`.
+    #[derive(Debug, Default)]
+    pub struct RecordingProvisioner {
+        pub calls: Mutex<Vec<String>>,
+        vms: Mutex<BTreeMap<String, VmState>>,
+        fail_next_create: Mutex<Option<String>>,
+    }
+
+    impl RecordingProvisioner {
+        /// Makes the next `create` fail at the boot stage with `message`.
+        pub fn fail_next_create(&self, message: &str) {
+            if let Ok(mut f) = self.fail_next_create.lock() {
+                *f = Some(message.to_owned());
+            }
+        }
+
+        /// The calls so far, as `op project` strings.
+        pub fn calls(&self) -> Vec<String> {
+            self.calls.lock().map(|c| c.clone()).unwrap_or_default()
+        }
+
+        /// Whether a VM exists for the project.
+        pub fn has_vm(&self, project: &str) -> bool {
+            self.vms.lock().is_ok_and(|v| v.contains_key(project))
+        }
+
+        fn record(&self, op: &str, p: &str) {
+            if let Ok(mut c) = self.calls.lock() {
+                c.push(format!("{op} {p}"));
+            }
+        }
+
+        fn set(&self, p: &str, s: Option<VmState>) {
+            if let Ok(mut v) = self.vms.lock() {
+                match s {
+                    Some(s) => v.insert(p.to_owned(), s),
+                    None => v.remove(p),
+                };
+            }
+        }
+
+        fn status_of(&self, p: &str) -> VmStatus {
+            let state = self
+                .vms
+                .lock()
+                .ok()
+                .and_then(|v| v.get(p).copied())
+                .unwrap_or(VmState::Missing);
+            VmStatus {
+                state,
+                ready: state == VmState::Running,
+                ssh_addr: (state == VmState::Running).then(|| "127.0.0.1:10022".to_owned()),
+                backend: "fake".into(),
+            }
+        }
+    }
+
+    #[async_trait]
+    impl Provisioner for RecordingProvisioner {
+        fn backend(&self) -> String {
+            "fake".into()
+        }
+        async fn create(&self, req: &CreateRequest, progress: &dyn ProgressSink) -> Result<Created, ProvisionError> {
+            let p = req.project.as_str();
+            self.record("create", p);
+            let fail = self.fail_next_create.lock().ok().and_then(|mut f| f.take());
+            for stage in [Stage::Image, Stage::Disk, Stage::Booting] {
+                progress.report(Progress {
+                    stage,
+                    percent: None,
+                    detail: None,
+                });
+            }
+            if let Some(message) = fail {
+                return Err(ProvisionError::Failed {
+                    stage: Stage::Booting,
+                    message,
+                });
+            }
+            self.set(p, Some(VmState::Running));
+            Ok(Created {
+                stack: req.stack.clone().unwrap_or_else(|| "rust".into()),
+                source_path: req.path.clone().unwrap_or_else(|| format!("/srv/kennel/{p}")),
+                notes: vec!["stack rust (Cargo.toml)".into()],
+                status: self.status_of(p),
+            })
+        }
+        async fn start(&self, spec: &VmSpec, _: &dyn ProgressSink) -> Result<VmStatus, ProvisionError> {
+            let p = spec.project.as_str();
+            self.record("start", p);
+            self.set(p, Some(VmState::Running));
+            Ok(self.status_of(p))
+        }
+        async fn stop(&self, project: &ProjectName) -> Result<(), ProvisionError> {
+            self.record("stop", project.as_str());
+            self.set(project.as_str(), Some(VmState::Stopped));
+            Ok(())
+        }
+        async fn destroy(&self, project: &ProjectName) -> Result<(), ProvisionError> {
+            self.record("destroy", project.as_str());
+            self.set(project.as_str(), None);
+            Ok(())
+        }
+        async fn status(&self, project: &ProjectName) -> Result<VmStatus, ProvisionError> {
+            Ok(self.status_of(project.as_str()))
+        }
+        async fn logs(&self, project: &ProjectName, lines: u32) -> Result<Vec<String>, ProvisionError> {
+            self.record("logs", project.as_str());
+            Ok((0..lines.min(3)).map(|i| format!("console line {i}")).collect())
+        }
+        async fn purge_source(&self, project: &ProjectName, _: &str) -> Result<(), ProvisionError> {
+            self.record("purge", project.as_str());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,594 @@
+//! The one renderer: outcomes to plain text (CLI, SSH), Markdown (Discord),
+//! HTML (Matrix) and JSON.
+//!
+//! Replies are first turned into a small document ([`Block`]s of
+//! [`Inline`]s), then written out per format, so every front end says the
+//! same thing in its own markup.
+
+use serde_json::json;
+
+use crate::command::{CommandSpec, SPECS};
+use crate::model::{format_time, AccessRequest, KeyState, Project};
+use crate::outcome::{CommandError, Connection, Outcome, Reply, UserSummary};
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Plain,
+    Markdown,
+    Html,
+    Json,
+}
+
+/// A run of text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inline {
+    Text(String),
+    Code(String),
+    Strong(String),
+    Link { text: String, url: String },
+}
+
+/// A block of a rendered document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Block {
+    Title(String),
+    Para(Vec<Inline>),
+    Table {
+        head: Vec<String>,
+        rows: Vec<Vec<String>>,
+    },
+    Code(String),
+    Bullets(Vec<Vec<Inline>>),
+}
+
+fn t(s: impl Into<String>) -> Inline {
+    Inline::Text(s.into())
+}
+fn code(s: impl Into<String>) -> Inline {
+    Inline::Code(s.into())
+}
+fn strong(s: impl Into<String>) -> Inline {
+    Inline::Strong(s.into())
+}
+fn para(v: Vec<Inline>) -> Block {
+    Block::Para(v)
+}
+fn text(s: impl Into<String>) -> Block {
+    Block::Para(vec![t(s)])
+}
+
+/// Renders an outcome in a format.
+pub fn render(outcome: &Outcome, format: Format) -> String {
+    if format == Format::Json {
+        return render_json(outcome);
+    }
+    let doc = match outcome {
+        Ok(r) => document(r),
+        Err(e) => error_document(e),
+    };
+    write_doc(&doc, format)
+}
+
+/// Renders an outcome as JSON: `{"ok": true, "kind": ..., ...}` or
+/// `{"ok": false, "error": {"kind": ..., "message": ...}}`.
+pub fn render_json(outcome: &Outcome) -> String {
+    let v = match outcome {
+        Ok(r) => {
+            let mut v = serde_json::to_value(r).unwrap_or_else(|_| json!({}));
+            if let Some(o) = v.as_object_mut() {
+                o.insert("ok".into(), json!(true));
+                if let Reply::Help { topic } = r {
+                    o.insert("text".into(), json!(write_doc(&help_doc(*topic), Format::Plain)));
+                }
+            }
+            v
+        }
+        Err(e) => json!({"ok": false, "error": {"kind": e.kind(), "message": e.to_string()}}),
+    };
+    v.to_string()
+}
+
+fn error_document(e: &CommandError) -> Vec<Block> {
+    vec![text(e.to_string())]
+}
+
+fn help_doc(topic: Option<&'static str>) -> Vec<Block> {
+    match topic.and_then(|t| SPECS.iter().find(|s| s.name == t)) {
+        Some(spec) => help_one(spec),
+        None => {
+            let mut doc = vec![Block::Title("Kennel commands".into())];
+            doc.push(Block::Bullets(
+                SPECS
+                    .iter()
+                    .map(|s| vec![code(s.usage()), t(format!(" — {}", s.summary))])
+                    .collect(),
+            ));
+            doc.push(para(vec![
+                t("Add "),
+                code("--json"),
+                t(" to any command for JSON. "),
+                code("help <command>"),
+                t(" explains one."),
+            ]));
+            doc
+        }
+    }
+}
+
+fn help_one(spec: &CommandSpec) -> Vec<Block> {
+    let mut doc = vec![Block::Code(spec.usage()), text(spec.summary)];
+    if !spec.flags.is_empty() {
+        doc.push(Block::Bullets(
+            spec.flags
+                .iter()
+                .map(|f| {
+                    let flag = match f.value {
+                        Some(v) => format!("--{} {v}", f.name),
+                        None => format!("--{}", f.name),
+                    };
+                    vec![code(flag), t(format!(" — {}", f.help))]
+                })
+                .collect(),
+        ));
+    }
+    if !spec.aliases.is_empty() {
+        doc.push(text(format!("Also: {}", spec.aliases.join(", "))));
+    }
+    doc
+}
+
+fn project_rows(ps: &[Project]) -> Vec<Vec<String>> {
+    ps.iter()
+        .map(|p| {
+            vec![
+                p.name.to_string(),
+                p.state.to_string(),
+                p.stack.clone(),
+                p.owner.to_string(),
+                format!(
+                    "{} vCPU, {} MiB, {} GiB",
+                    p.resources.vcpus,
+                    p.resources.memory_mib,
+                    p.resources.disk_mib / 1024
+                ),
+                p.visibility.to_string(),
+            ]
+        })
+        .collect()
+}
+
+fn connection_doc(c: &Connection) -> Vec<Block> {
+    let mut doc = vec![
+        para(vec![t("SSH: "), code(&c.ssh_command)]),
+        text("Add to ~/.ssh/config to use the same name in editors:"),
+        Block::Code(c.ssh_config.clone()),
+        Block::Bullets(vec![
+            vec![
+                t("VS Code: "),
+                Inline::Link {
+                    text: "open in VS Code".into(),
+                    url: c.vscode_url.clone(),
+                },
+            ],
+            vec![t("Zed: "), code(&c.zed_url)],
+            vec![t(format!("JetBrains Gateway: {}", c.jetbrains_hint))],
+            vec![t("Web app: "), code(&c.https_url), t(" (private unless shared)")],
+            vec![t("Source on the host: "), code(&c.source_path)],
+        ]),
+    ];
+    if !c.host_key_fingerprints.is_empty() {
+        doc.push(para(vec![
+            t("Gateway host key: "),
+            code(c.host_key_fingerprints.join(", ")),
+        ]));
+    }
+    doc
+}
+
+fn request_line(r: &AccessRequest) -> Vec<Inline> {
+    let mut v = vec![
+        strong(format!("#{}", r.id)),
+        t(format!(" {} from {} — {} ", r.state, r.identity, r.algorithm)),
+        code(r.fingerprint.as_str()),
+    ];
+    if let Some(n) = &r.note {
+        v.push(t(format!(" — “{n}”")));
+    }
+    if let Some(by) = &r.decided_by {
+        v.push(t(format!(" — decided by {by}")));
+        if let Some(at) = r.decided_at {
+            v.push(t(format!(" at {}", format_time(at))));
+        }
+    }
+    if let Some(reason) = &r.reason {
+        v.push(t(format!(" ({reason})")));
+    }
+    v
+}
+
+fn user_line(u: &UserSummary) -> Vec<String> {
+    vec![
+        u.user.name.to_string(),
+        u.user.role.to_string(),
+        u.identities
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        u.active_keys.to_string(),
+    ]
+}
+
+/// Turns a reply into a document.
+pub fn document(r: &Reply) -> Vec<Block> {
+    match r {
+        Reply::Help { topic } => help_doc(*topic),
+        Reply::Whoami { identity, user } => match user {
+            Some(u) => vec![para(vec![
+                t("You are "),
+                strong(u.user.name.as_str()),
+                t(format!(
+                    " ({}), as {identity}; {} active SSH key(s).",
+                    u.user.role, u.active_keys
+                )),
+            ])],
+            None => vec![
+                para(vec![t(format!("Kennel does not know {identity} yet. Ask for access with "))]),
+                Block::Code("request-access <your SSH public key> [note]".into()),
+            ],
+        },
+        Reply::Projects { projects } if projects.is_empty() => vec![para(vec![
+            t("No projects yet. Create one with "),
+            code("new project <name>"),
+            t("."),
+        ])],
+        Reply::Projects { projects } => vec![Block::Table {
+            head: ["name", "state", "stack", "owner", "resources", "web"]
+                .map(String::from)
+                .to_vec(),
+            rows: project_rows(projects),
+        }],
+        Reply::Status { project, shares, vm } => {
+            let mut doc = vec![
+                Block::Title(format!("{} — {}", project.name, project.state)),
+                Block::Table {
+                    head: vec!["".into(), "".into()],
+                    rows: vec![
+                        vec!["owner".into(), project.owner.to_string()],
+                        vec!["stack".into(), project.stack.clone()],
+                        vec!["source".into(), project.source_path.clone()],
+                        vec![
+                            "resources".into(),
+                            project_rows(std::slice::from_ref(project))
+                                .first()
+                                .and_then(|r| r.get(4).cloned())
+                                .unwrap_or_default(),
+                        ],
+                        vec!["app port".into(), project.app_port.to_string()],
+                        vec!["web".into(), project.visibility.to_string()],
+                        vec![
+                            "git".into(),
+                            project.git_url.clone().unwrap_or_else(|| "-".into()),
+                        ],
+                        vec!["created".into(), format_time(project.created_at)],
+                    ],
+                },
+            ];
+            if let Some(vm) = vm {
+                doc.push(text(format!(
+                    "VM ({}): {:?}, {}",
+                    vm.backend,
+                    vm.state,
+                    if vm.ready { "ready" } else { "not ready" }
+                )));
+            }
+            if !shares.is_empty() {
+                doc.push(text(format!(
+                    "Shared with: {}",
+                    shares
+                        .iter()
+                        .map(|s| {
+                            let what = match (s.ssh, s.web) {
+                                (true, true) => "ssh+web",
+                                (true, false) => "ssh",
+                                _ => "web",
+                            };
+                            format!("{} ({what})", s.user)
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            doc
+        }
+        Reply::Created {
+            project,
+            connection,
+            notes,
+        } => {
+            let mut doc = vec![para(vec![
+                t("Project "),
+                strong(project.name.as_str()),
+                t(format!(" is ready ({} stack).", project.stack)),
+            ])];
+            doc.extend(notes.iter().map(|n| text(n.clone())));
+            doc.extend(connection_doc(connection));
+            doc
+        }
+        Reply::Connection { connection } => connection_doc(connection),
+        Reply::Logs { project, lines } => vec![
+            text(format!("Console log of {project} (last {} lines):", lines.len())),
+            Block::Code(lines.join("\n")),
+        ],
+        Reply::Confirm {
+            prompt,
+            confirm_with,
+        } => vec![
+            text(prompt.clone()),
+            para(vec![t("To confirm, send: "), code(confirm_with)]),
+        ],
+        Reply::Done { message } => vec![text(message.clone())],
+        Reply::Keys { user, keys } if keys.is_empty() => vec![para(vec![
+            t(format!("{user} has no SSH keys. Add one with ")),
+            code("key add <ssh public key> [label]"),
+        ])],
+        Reply::Keys { user, keys } => vec![
+            text(format!("SSH keys of {user}:")),
+            Block::Table {
+                head: ["fingerprint", "type", "label", "state", "added"]
+                    .map(String::from)
+                    .to_vec(),
+                rows: keys
+                    .iter()
+                    .map(|k| {
+                        vec![
+                            k.fingerprint.to_string(),
+                            k.algorithm.clone(),
+                            k.label.clone().unwrap_or_default(),
+                            k.state.to_string(),
+                            format_time(k.created_at),
+                        ]
+                    })
+                    .collect(),
+            },
+        ],
+        Reply::KeyAdded { key } => vec![para(vec![
+            t(format!("Added {} key ", key.algorithm)),
+            code(key.fingerprint.as_str()),
+            t(format!(" for {}.", key.user)),
+        ])],
+        Reply::KeyRevoked { key } => vec![para(vec![
+            t("Key "),
+            code(key.fingerprint.as_str()),
+            t(match key.state {
+                KeyState::Revoked => format!(" of {} is revoked.", key.user),
+                KeyState::Active => format!(" of {} is still active.", key.user),
+            }),
+        ])],
+        Reply::RequestFiled { request, new } => vec![para(vec![
+            t(if *new {
+                format!("Access request #{} filed for key ", request.id)
+            } else {
+                format!("Access request #{} for key ", request.id)
+            }),
+            code(request.fingerprint.as_str()),
+            t(if *new {
+                ". An admin will approve or deny it; you will be told here."
+            } else {
+                " is already pending; an admin will decide it."
+            }),
+        ])],
+        Reply::Requests { requests } if requests.is_empty() => {
+            vec![text("No access requests are waiting.")]
+        }
+        Reply::Requests { requests } => {
+            vec![Block::Bullets(requests.iter().map(request_line).collect())]
+        }
+        Reply::Decided { request, user } => {
+            let mut v = request_line(request);
+            if let Some(u) = user {
+                v.push(t(format!(". The key now logs in as user {u}.")));
+            }
+            vec![para(v)]
+        }
+        Reply::Users { users } => vec![Block::Table {
+            head: ["user", "role", "identities", "keys"].map(String::from).to_vec(),
+            rows: users.iter().map(user_line).collect(),
+        }],
+        Reply::Stacks { stacks } if stacks.is_empty() => vec![text(
+            "No stacks are installed; see 'kennel image build' in the operator docs.",
+        )],
+        Reply::Stacks { stacks } => vec![Block::Table {
+            head: ["stack", "app port", "about"].map(String::from).to_vec(),
+            rows: stacks
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.name.clone(),
+                        s.app_port.to_string(),
+                        match &s.broken {
+                            Some(why) => format!("BROKEN: {why}"),
+                            None => s.summary.clone(),
+                        },
+                    ]
+                })
+                .collect(),
+        }],
+        Reply::Templates { templates } if templates.is_empty() => {
+            vec![text("No templates are installed.")]
+        }
+        Reply::Templates { templates } => vec![Block::Table {
+            head: ["template", "stack", "about"].map(String::from).to_vec(),
+            rows: templates
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.name.clone(),
+                        s.stack.clone(),
+                        match &s.broken {
+                            Some(why) => format!("BROKEN: {why}"),
+                            None => s.description.clone(),
+                        },
+                    ]
+                })
+                .collect(),
+        }],
+    }
+}
+
+// ------------------------------------------------------------ writers
+
+/// Writes a document in a text format (JSON is rendered from the reply).
+pub fn write_doc(doc: &[Block], f: Format) -> String {
+    let parts: Vec<String> = doc.iter().map(|b| write_block(b, f)).collect();
+    match f {
+        Format::Html => parts.concat(),
+        _ => parts.join("\n"),
+    }
+}
+
+fn write_inline(i: &Inline, f: Format) -> String {
+    match (f, i) {
+        (Format::Html, Inline::Text(s)) => esc(s),
+        (Format::Html, Inline::Code(s)) => format!("<code>{}</code>", esc(s)),
+        (Format::Html, Inline::Strong(s)) => format!("<b>{}</b>", esc(s)),
+        (Format::Html, Inline::Link { text, url }) => {
+            format!("<a href=\"{}\">{}</a>", esc(url), esc(text))
+        }
+        (Format::Markdown, Inline::Code(s)) => format!("`{}`", s.replace('`', "'")),
+        (Format::Markdown, Inline::Strong(s)) => format!("**{s}**"),
+        (Format::Markdown, Inline::Link { text, url }) => format!("[{text}](<{url}>)"),
+        (_, Inline::Text(s) | Inline::Code(s) | Inline::Strong(s)) => s.clone(),
+        (_, Inline::Link { url, .. }) => url.clone(),
+    }
+}
+
+fn write_inlines(v: &[Inline], f: Format) -> String {
+    v.iter().map(|i| write_inline(i, f)).collect()
+}
+
+fn aligned(head: &[String], rows: &[Vec<String>]) -> String {
+    let show_head = head.iter().any(|h| !h.is_empty());
+    let cols = head.len();
+    let mut widths = vec![0usize; cols];
+    for r in rows.iter().map(Vec::as_slice).chain(show_head.then_some(head)) {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |r: &[String]| {
+        r.iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    let mut out: Vec<String> = Vec::new();
+    if show_head {
+        out.push(line(head));
+    }
+    out.extend(rows.iter().map(|r| line(r)));
+    out.join("\n")
+}
+
+fn write_block(b: &Block, f: Format) -> String {
+    match (f, b) {
+        (Format::Html, Block::Title(s)) => format!("<p><b>{}</b></p>", esc(s)),
+        (Format::Html, Block::Para(v)) => format!("<p>{}</p>", write_inlines(v, f)),
+        (Format::Html, Block::Code(s)) => format!("<pre><code>{}</code></pre>", esc(s)),
+        (Format::Html, Block::Bullets(items)) => format!(
+            "<ul>{}</ul>",
+            items
+                .iter()
+                .map(|i| format!("<li>{}</li>", write_inlines(i, f)))
+                .collect::<String>()
+        ),
+        (Format::Html, Block::Table { head, rows }) => {
+            let mut s = String::from("<table>");
+            if head.iter().any(|h| !h.is_empty()) {
+                s.push_str("<tr>");
+                for h in head {
+                    s.push_str(&format!("<th>{}</th>", esc(h)));
+                }
+                s.push_str("</tr>");
+            }
+            for r in rows {
+                s.push_str("<tr>");
+                for c in r {
+                    s.push_str(&format!("<td>{}</td>", esc(c)));
+                }
+                s.push_str("</tr>");
+            }
+            s.push_str("</table>");
+            s
+        }
+        (Format::Markdown, Block::Title(s)) => format!("**{s}**"),
+        (Format::Markdown, Block::Code(s)) => format!("```\n{}\n```", s.replace("```", "'''")),
+        (Format::Markdown, Block::Table { head, rows }) => {
+            format!("```\n{}\n```", aligned(head, rows).replace("```", "'''"))
+        }
+        (_, Block::Title(s)) => s.clone(),
+        (_, Block::Para(v)) => write_inlines(v, f),
+        (_, Block::Code(s)) => s.clone(),
+        (_, Block::Bullets(items)) => items
+            .iter()
+            .map(|i| format!("- {}", write_inlines(i, f)))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        (_, Block::Table { head, rows }) => aligned(head, rows),
+    }
+}
+
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn html_escapes_and_markdown_fences() {
+        let o: Outcome = Ok(Reply::Done {
+            message: "<script>&".into(),
+        });
+        assert_eq!(render(&o, Format::Html), "<p>&lt;script&gt;&amp;</p>");
+        let o: Outcome = Ok(Reply::Help { topic: Some("rm") });
+        let md = render(&o, Format::Markdown);
+        assert!(md.starts_with("```\nrm <name>"), "{md}");
+    }
+
+    #[test]
+    fn json_has_ok_and_kind() {
+        let o: Outcome = Ok(Reply::Projects { projects: vec![] });
+        let v: serde_json::Value = serde_json::from_str(&render(&o, Format::Json)).unwrap();
+        assert_eq!(v["ok"], true);
+        assert_eq!(v["kind"], "projects");
+        let o: Outcome = Err(CommandError::Refused("no".into()));
+        let v: serde_json::Value = serde_json::from_str(&render(&o, Format::Json)).unwrap();
+        assert_eq!(v["ok"], false);
+        assert_eq!(v["error"]["kind"], "refused");
+    }
+
+    #[test]
+    fn help_lists_every_command() {
+        let s = render(&Ok(Reply::Help { topic: None }), Format::Plain);
+        for spec in SPECS {
+            assert!(s.contains(&spec.usage()), "{}", spec.name);
+        }
+    }
+}

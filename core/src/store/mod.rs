@@ -1,0 +1,243 @@
+//! The SQLite store: the one place that owns the database connection.
+//!
+//! A [`Store`] is a cheap, cloneable handle to a dedicated thread that owns
+//! the `rusqlite::Connection`. Async code sends it closures with
+//! [`Store::call`] and awaits the answer, so the runtime never blocks on
+//! SQLite; synchronous code (the CLI) uses [`Store::call_blocking`]. The
+//! queries themselves are plain functions over a connection in [`repo`],
+//! testable without a runtime.
+//!
+//! The schema is defined by numbered SQL files in `migrations/`, applied in
+//! order, each in its own transaction together with the bump of
+//! `PRAGMA user_version`, so a crash never leaves a half-applied migration.
+
+pub mod repo;
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
+use tokio::sync::oneshot;
+
+use crate::model::UnknownValue;
+
+/// Migrations in order; the number is the `user_version` after applying it.
+const MIGRATIONS: &[(u32, &str)] = &[(1, include_str!("migrations/0001_init.sql"))];
+
+/// How long a writer waits for another to finish before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What went wrong talking to the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the database at {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("applying migration {version} failed")]
+    Migrate {
+        version: u32,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("the database is at schema version {found}, newer than this Kennel knows ({known}); upgrade Kennel")]
+    TooNew { found: u32, known: u32 },
+    #[error("{what} already exists")]
+    AlreadyExists { what: String },
+    #[error("{what} refers to something that does not exist")]
+    Dangling { what: String },
+    #[error("a stored value violates a rule: {what}")]
+    Invalid { what: String },
+    #[error("corrupt row in the database")]
+    Corrupt(#[from] UnknownValue),
+    #[error("database query failed")]
+    Sqlite(#[source] rusqlite::Error),
+    #[error("the store has shut down")]
+    Closed,
+    #[error("cannot start the store's thread")]
+    Thread(#[source] std::io::Error),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        classify(e, "a record")
+    }
+}
+
+/// Turns constraint violations into typed errors naming `what`.
+pub fn classify(e: rusqlite::Error, what: &str) -> StoreError {
+    if let rusqlite::Error::SqliteFailure(f, _) = &e {
+        if f.code == ErrorCode::ConstraintViolation {
+            let what = what.to_owned();
+            return match f.extended_code {
+                rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                | rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY => StoreError::AlreadyExists { what },
+                rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY => StoreError::Dangling { what },
+                _ => StoreError::Invalid { what },
+            };
+        }
+    }
+    StoreError::Sqlite(e)
+}
+
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// A handle to the store's connection thread. Clone it freely.
+#[derive(Debug, Clone)]
+pub struct Store {
+    jobs: mpsc::Sender<Job>,
+    path: Option<PathBuf>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and migrates it.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::start(conn, Some(path.to_owned()))
+    }
+
+    /// An in-memory store, for tests.
+    pub fn open_in_memory() -> Result<Self, StoreError> {
+        let conn = Connection::open_in_memory().map_err(|source| StoreError::Open {
+            path: PathBuf::from(":memory:"),
+            source,
+        })?;
+        Self::start(conn, None)
+    }
+
+    fn start(mut conn: Connection, path: Option<PathBuf>) -> Result<Self, StoreError> {
+        configure(&conn)?;
+        migrate(&mut conn)?;
+        let (jobs, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("kennel-store".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job(&mut conn);
+                }
+            })
+            .map_err(StoreError::Thread)?;
+        Ok(Self { jobs, path })
+    }
+
+    /// The database file, if not in memory.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Runs `f` on the connection thread and awaits its result.
+    pub async fn call<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Box::new(move |conn| {
+                let _ = tx.send(f(conn));
+            }))
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `f` on the connection thread from synchronous code. Must not be
+    /// called from inside an async task.
+    pub fn call_blocking<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Box::new(move |conn| {
+                let _ = tx.send(f(conn));
+            }))
+            .map_err(|_| StoreError::Closed)?;
+        rx.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `f` inside an immediate (write-locking) transaction, committing
+    /// if it returns `Ok`. Use for every read-modify-write.
+    pub async fn write<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&rusqlite::Transaction<'_>) -> Result<R, StoreError> + Send + 'static,
+    {
+        self.call(move |conn| write_tx(conn, f)).await
+    }
+}
+
+/// Runs `f` in an immediate transaction on `conn`, committing on success.
+pub fn write_tx<R>(
+    conn: &mut Connection,
+    f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<R, StoreError>,
+) -> Result<R, StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let r = f(&tx)?;
+    tx.commit()?;
+    Ok(r)
+}
+
+fn configure(conn: &Connection) -> Result<(), StoreError> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    // WAL lets readers run beside the writer; in-memory databases ignore it.
+    let _mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;")?;
+    Ok(())
+}
+
+/// The schema version this build knows.
+pub fn latest_version() -> u32 {
+    MIGRATIONS.last().map_or(0, |(v, _)| *v)
+}
+
+/// Applies every migration newer than the database's `user_version`.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let current: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let known = latest_version();
+    if current > known {
+        return Err(StoreError::TooNew {
+            found: current,
+            known,
+        });
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        let wrap = |source| StoreError::Migrate {
+            version: *version,
+            source,
+        };
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(wrap)?;
+        // Another process may have migrated while we waited for the lock.
+        let now: u32 = tx
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(wrap)?;
+        if now >= *version {
+            continue;
+        }
+        tx.execute_batch(sql).map_err(wrap)?;
+        tx.pragma_update(None, "user_version", version)
+            .map_err(wrap)?;
+        tx.commit().map_err(wrap)?;
+        tracing::info!(version, "applied store migration");
+    }
+    Ok(())
+}
+
+/// Reads the schema version (for `kennel doctor` and tests).
+pub fn schema_version(conn: &Connection) -> Result<u32, StoreError> {
+    Ok(conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+}

@@ -1,0 +1,757 @@
+//! Queries over a connection: one function per question or change.
+//!
+//! Functions take `&Connection` (a `Transaction` derefs to one), so callers
+//! choose the transaction boundary: read-modify-write sequences run inside
+//! [`super::Store::write`].
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use super::{classify, StoreError};
+use crate::keys::{Fingerprint, PublicKey};
+use crate::model::{
+    now, AccessRequest, AuditEvent, AuditOutcome, Frontend, Identity, Project,
+    ProjectState, Quota, RequestState, Resources, Role, Share, SshKeyRecord, Usage, User, UserId,
+    Visibility,
+};
+use crate::names::{ProjectName, UserName};
+
+fn text<T: std::str::FromStr<Err = E>, E: Into<StoreError>>(s: String) -> Result<T, StoreError> {
+    s.parse::<T>().map_err(Into::into)
+}
+
+impl From<crate::names::NameError> for StoreError {
+    fn from(e: crate::names::NameError) -> Self {
+        StoreError::Invalid {
+            what: e.to_string(),
+        }
+    }
+}
+
+impl From<crate::keys::KeyError> for StoreError {
+    fn from(e: crate::keys::KeyError) -> Self {
+        StoreError::Invalid {
+            what: e.to_string(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- users
+
+const USER_COLS: &str = "u.id, u.name, u.role, u.created_at";
+
+fn user_row(r: &Row<'_>) -> rusqlite::Result<(i64, String, String, i64)> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+}
+
+fn user_from((id, name, role, created_at): (i64, String, String, i64)) -> Result<User, StoreError> {
+    Ok(User {
+        id,
+        name: text(name)?,
+        role: text(role)?,
+        created_at,
+    })
+}
+
+/// How many users exist (zero on a fresh install).
+pub fn count_users(conn: &Connection) -> Result<u64, StoreError> {
+    Ok(conn.query_row("SELECT COUNT(*) FROM users", [], |r| r.get(0))?)
+}
+
+/// Creates a user. Fails with `AlreadyExists` if the name is taken.
+pub fn create_user(conn: &Connection, name: &UserName, role: Role) -> Result<User, StoreError> {
+    let at = now();
+    conn.execute(
+        "INSERT INTO users (name, role, created_at) VALUES (?1, ?2, ?3)",
+        params![name.as_str(), role.as_str(), at],
+    )
+    .map_err(|e| classify(e, &format!("user {name}")))?;
+    Ok(User {
+        id: conn.last_insert_rowid(),
+        name: name.clone(),
+        role,
+        created_at: at,
+    })
+}
+
+/// Looks a user up by name.
+pub fn user_by_name(conn: &Connection, name: &UserName) -> Result<Option<User>, StoreError> {
+    conn.query_row(
+        &format!("SELECT {USER_COLS} FROM users u WHERE u.name = ?1"),
+        [name.as_str()],
+        user_row,
+    )
+    .optional()?
+    .map(user_from)
+    .transpose()
+}
+
+/// Looks a user up by id.
+pub fn user_by_id(conn: &Connection, id: UserId) -> Result<Option<User>, StoreError> {
+    conn.query_row(
+        &format!("SELECT {USER_COLS} FROM users u WHERE u.id = ?1"),
+        [id],
+        user_row,
+    )
+    .optional()?
+    .map(user_from)
+    .transpose()
+}
+
+/// The user an identity is linked to, if any.
+pub fn user_by_identity(conn: &Connection, who: &Identity) -> Result<Option<User>, StoreError> {
+    conn.query_row(
+        &format!(
+            "SELECT {USER_COLS} FROM users u JOIN identities i ON i.user_id = u.id
+             WHERE i.frontend = ?1 AND i.external_id = ?2"
+        ),
+        [who.frontend.as_str(), who.external_id.as_str()],
+        user_row,
+    )
+    .optional()?
+    .map(user_from)
+    .transpose()
+}
+
+/// The user owning an active key with this fingerprint (SSH login).
+pub fn user_by_active_key(conn: &Connection, fp: &Fingerprint) -> Result<Option<User>, StoreError> {
+    conn.query_row(
+        &format!(
+            "SELECT {USER_COLS} FROM users u JOIN ssh_keys k ON k.user_id = u.id
+             WHERE k.fingerprint = ?1 AND k.state = 'active'"
+        ),
+        [fp.as_str()],
+        user_row,
+    )
+    .optional()?
+    .map(user_from)
+    .transpose()
+}
+
+/// Links an identity to a user. Fails with `AlreadyExists` if linked already.
+pub fn link_identity(conn: &Connection, who: &Identity, user: UserId) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO identities (frontend, external_id, user_id, created_at) VALUES (?1, ?2, ?3, ?4)",
+        params![who.frontend.as_str(), who.external_id, user, now()],
+    )
+    .map_err(|e| classify(e, &format!("identity {who}")))?;
+    Ok(())
+}
+
+/// Identities linked to a user.
+pub fn identities_of(conn: &Connection, user: UserId) -> Result<Vec<Identity>, StoreError> {
+    let mut st = conn.prepare(
+        "SELECT frontend, external_id FROM identities WHERE user_id = ?1 ORDER BY frontend, external_id",
+    )?;
+    let rows = st.query_map([user], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    rows.map(|r| {
+        let (f, e) = r?;
+        Ok(Identity::new(text::<Frontend, _>(f)?, e))
+    })
+    .collect()
+}
+
+/// Every user, by name.
+pub fn list_users(conn: &Connection) -> Result<Vec<User>, StoreError> {
+    let mut st = conn.prepare(&format!("SELECT {USER_COLS} FROM users u ORDER BY u.name"))?;
+    let rows = st.query_map([], user_row)?;
+    rows.map(|r| user_from(r?)).collect()
+}
+
+/// A free user name derived from `hint` (`ann`, `ann2`, ...).
+pub fn free_user_name(conn: &Connection, hint: &str) -> Result<UserName, StoreError> {
+    let base = UserName::derive(hint);
+    if user_by_name(conn, &base)?.is_none() {
+        return Ok(base);
+    }
+    for n in 2..10_000u32 {
+        let mut s = base.as_str().to_owned();
+        let suffix = n.to_string();
+        s.truncate(crate::names::USER_NAME_MAX - suffix.len());
+        s.push_str(&suffix);
+        let candidate = UserName::new(&s)?;
+        if user_by_name(conn, &candidate)?.is_none() {
+            return Ok(candidate);
+        }
+    }
+    Err(StoreError::AlreadyExists {
+        what: format!("every user name derived from {hint:?}"),
+    })
+}
+
+// ---------------------------------------------------------------- keys
+
+const KEY_COLS: &str =
+    "k.id, u.name, k.fingerprint, k.algorithm, k.openssh, k.label, k.state, k.created_at";
+
+type KeyRow = (i64, String, String, String, String, Option<String>, String, i64);
+
+fn key_row(r: &Row<'_>) -> rusqlite::Result<KeyRow> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+    ))
+}
+
+fn key_from(
+    (id, user, fp, algorithm, openssh, label, state, created_at): KeyRow,
+) -> Result<SshKeyRecord, StoreError> {
+    Ok(SshKeyRecord {
+        id,
+        user: text(user)?,
+        fingerprint: text(fp)?,
+        algorithm,
+        openssh,
+        label,
+        state: text(state)?,
+        created_at,
+    })
+}
+
+/// Adds an active key for a user; re-adding a revoked key of the same user
+/// reactivates it. A key held by another user is `AlreadyExists`.
+pub fn add_key(
+    conn: &Connection,
+    user: UserId,
+    key: &PublicKey,
+    label: Option<&str>,
+) -> Result<SshKeyRecord, StoreError> {
+    let label = label.or(key.comment());
+    let changed = conn.execute(
+        "UPDATE ssh_keys SET state = 'active', revoked_at = NULL, label = COALESCE(?3, label)
+         WHERE fingerprint = ?1 AND user_id = ?2",
+        params![key.fingerprint().as_str(), user, label],
+    )?;
+    if changed == 0 {
+        conn.execute(
+            "INSERT INTO ssh_keys (user_id, fingerprint, algorithm, openssh, label, state, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'active', ?6)",
+            params![
+                user,
+                key.fingerprint().as_str(),
+                key.algorithm(),
+                key.openssh(),
+                label,
+                now()
+            ],
+        )
+        .map_err(|e| classify(e, &format!("key {}", key.fingerprint())))?;
+    }
+    key_by_fingerprint(conn, key.fingerprint())?.ok_or_else(|| StoreError::Invalid {
+        what: "a key vanished while being added".into(),
+    })
+}
+
+/// A key by fingerprint, whoever holds it.
+pub fn key_by_fingerprint(
+    conn: &Connection,
+    fp: &Fingerprint,
+) -> Result<Option<SshKeyRecord>, StoreError> {
+    conn.query_row(
+        &format!(
+            "SELECT {KEY_COLS} FROM ssh_keys k JOIN users u ON u.id = k.user_id WHERE k.fingerprint = ?1"
+        ),
+        [fp.as_str()],
+        key_row,
+    )
+    .optional()?
+    .map(key_from)
+    .transpose()
+}
+
+/// A user's keys, active first.
+pub fn keys_of(conn: &Connection, user: UserId) -> Result<Vec<SshKeyRecord>, StoreError> {
+    let mut st = conn.prepare(&format!(
+        "SELECT {KEY_COLS} FROM ssh_keys k JOIN users u ON u.id = k.user_id
+         WHERE k.user_id = ?1 ORDER BY k.state, k.created_at, k.id"
+    ))?;
+    let rows = st.query_map([user], key_row)?;
+    rows.map(|r| key_from(r?)).collect()
+}
+
+/// Revokes a key. Returns it, or `None` if no such key exists.
+pub fn revoke_key(conn: &Connection, fp: &Fingerprint) -> Result<Option<SshKeyRecord>, StoreError> {
+    conn.execute(
+        "UPDATE ssh_keys SET state = 'revoked', revoked_at = ?2 WHERE fingerprint = ?1 AND state = 'active'",
+        params![fp.as_str(), now()],
+    )?;
+    key_by_fingerprint(conn, fp)
+}
+
+// ---------------------------------------------------------------- access requests
+
+const REQ_COLS: &str = "r.id, r.frontend, r.external_id, u.name, r.fingerprint, r.algorithm,
+    r.openssh, r.note, r.state, d.name, r.decided_at, r.reason, r.created_at";
+const REQ_FROM: &str = "access_requests r LEFT JOIN users u ON u.id = r.user_id
+    LEFT JOIN users d ON d.id = r.decided_by";
+
+fn req_from(r: &Row<'_>) -> rusqlite::Result<Result<AccessRequest, StoreError>> {
+    let frontend: String = r.get(1)?;
+    let user: Option<String> = r.get(3)?;
+    let fp: String = r.get(4)?;
+    let state: String = r.get(8)?;
+    let decided_by: Option<String> = r.get(9)?;
+    let id: i64 = r.get(0)?;
+    let external_id: String = r.get(2)?;
+    let algorithm: String = r.get(5)?;
+    let openssh: String = r.get(6)?;
+    let note: Option<String> = r.get(7)?;
+    let decided_at: Option<i64> = r.get(10)?;
+    let reason: Option<String> = r.get(11)?;
+    let created_at: i64 = r.get(12)?;
+    Ok((|| {
+        Ok(AccessRequest {
+            id,
+            identity: Identity::new(text(frontend)?, external_id),
+            user: user.map(text).transpose()?,
+            fingerprint: text(fp)?,
+            algorithm,
+            openssh,
+            note,
+            state: text(state)?,
+            decided_by: decided_by.map(text).transpose()?,
+            decided_at,
+            reason,
+            created_at,
+        })
+    })())
+}
+
+/// Files a pending request. If one is already pending for this key, that
+/// one is returned unchanged (`false`); otherwise the new one (`true`).
+pub fn file_request(
+    conn: &Connection,
+    who: &Identity,
+    user: Option<UserId>,
+    key: &PublicKey,
+    note: Option<&str>,
+) -> Result<(AccessRequest, bool), StoreError> {
+    let existing: Option<i64> = conn
+        .query_row(
+            "SELECT id FROM access_requests WHERE fingerprint = ?1 AND state = 'pending'",
+            [key.fingerprint().as_str()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let (id, new) = match existing {
+        Some(id) => (id, false),
+        None => {
+            conn.execute(
+                "INSERT INTO access_requests (frontend, external_id, user_id, fingerprint, algorithm,
+                     openssh, note, state, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8)",
+                params![
+                    who.frontend.as_str(),
+                    who.external_id,
+                    user,
+                    key.fingerprint().as_str(),
+                    key.algorithm(),
+                    key.to_string(),
+                    note,
+                    now()
+                ],
+            )?;
+            (conn.last_insert_rowid(), true)
+        }
+    };
+    let req = request_by_id(conn, id)?.ok_or_else(|| StoreError::Invalid {
+        what: "an access request vanished while being filed".into(),
+    })?;
+    Ok((req, new))
+}
+
+/// One request by id.
+pub fn request_by_id(conn: &Connection, id: i64) -> Result<Option<AccessRequest>, StoreError> {
+    conn.query_row(
+        &format!("SELECT {REQ_COLS} FROM {REQ_FROM} WHERE r.id = ?1"),
+        [id],
+        req_from,
+    )
+    .optional()?
+    .transpose()
+}
+
+/// Requests, newest first; pending only unless `all`.
+pub fn list_requests(conn: &Connection, all: bool) -> Result<Vec<AccessRequest>, StoreError> {
+    let filter = if all { "" } else { "WHERE r.state = 'pending'" };
+    let mut st = conn.prepare(&format!(
+        "SELECT {REQ_COLS} FROM {REQ_FROM} {filter} ORDER BY r.id DESC LIMIT 200"
+    ))?;
+    let rows = st.query_map([], req_from)?;
+    rows.map(|r| r?).collect()
+}
+
+/// Records a decision on a pending request. Returns `false` if it was not
+/// pending any more (decided elsewhere meanwhile), changing nothing.
+pub fn decide_request(
+    conn: &Connection,
+    id: i64,
+    state: RequestState,
+    by: UserId,
+    reason: Option<&str>,
+    user: Option<UserId>,
+) -> Result<bool, StoreError> {
+    let n = conn.execute(
+        "UPDATE access_requests SET state = ?2, decided_by = ?3, decided_at = ?4, reason = ?5,
+             user_id = COALESCE(?6, user_id)
+         WHERE id = ?1 AND state = 'pending'",
+        params![id, state.as_str(), by, now(), reason, user],
+    )?;
+    Ok(n == 1)
+}
+
+// ---------------------------------------------------------------- projects
+
+const PROJECT_COLS: &str = "p.id, p.name, u.name, p.stack, p.git_url, p.source_path, p.template,
+    p.vcpus, p.memory_mib, p.disk_mib, p.app_port, p.visibility, p.state, p.created_at, p.updated_at";
+
+fn project_from(r: &Row<'_>) -> rusqlite::Result<Result<Project, StoreError>> {
+    let name: String = r.get(1)?;
+    let owner: String = r.get(2)?;
+    let visibility: String = r.get(11)?;
+    let state: String = r.get(12)?;
+    let (id, stack, git_url, source_path, template) =
+        (r.get(0)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?);
+    let resources = Resources {
+        vcpus: r.get(7)?,
+        memory_mib: r.get(8)?,
+        disk_mib: r.get(9)?,
+    };
+    let (app_port, created_at, updated_at) = (r.get(10)?, r.get(13)?, r.get(14)?);
+    Ok((|| {
+        Ok(Project {
+            id,
+            name: text(name)?,
+            owner: text(owner)?,
+            stack,
+            git_url,
+            source_path,
+            template,
+            resources,
+            app_port,
+            visibility: text(visibility)?,
+            state: text(state)?,
+            created_at,
+            updated_at,
+        })
+    })())
+}
+
+/// What a new project row holds.
+#[derive(Debug, Clone)]
+pub struct NewProjectRow<'a> {
+    pub name: &'a ProjectName,
+    pub owner: UserId,
+    pub stack: &'a str,
+    pub git_url: Option<&'a str>,
+    pub source_path: &'a str,
+    pub template: Option<&'a str>,
+    pub resources: Resources,
+    pub app_port: u16,
+    pub state: ProjectState,
+}
+
+/// Inserts a project. A taken name is `AlreadyExists`.
+pub fn insert_project(conn: &Connection, p: &NewProjectRow<'_>) -> Result<Project, StoreError> {
+    let at = now();
+    conn.execute(
+        "INSERT INTO projects (name, owner_id, stack, git_url, source_path, template, vcpus,
+             memory_mib, disk_mib, app_port, visibility, state, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'private', ?11, ?12, ?12)",
+        params![
+            p.name.as_str(),
+            p.owner,
+            p.stack,
+            p.git_url,
+            p.source_path,
+            p.template,
+            p.resources.vcpus,
+            p.resources.memory_mib,
+            p.resources.disk_mib,
+            p.app_port,
+            p.state.as_str(),
+            at
+        ],
+    )
+    .map_err(|e| classify(e, &format!("project {}", p.name)))?;
+    project_by_name(conn, p.name)?.ok_or_else(|| StoreError::Invalid {
+        what: "a project vanished while being created".into(),
+    })
+}
+
+/// A project by name.
+pub fn project_by_name(conn: &Connection, name: &ProjectName) -> Result<Option<Project>, StoreError> {
+    conn.query_row(
+        &format!("SELECT {PROJECT_COLS} FROM projects p JOIN users u ON u.id = p.owner_id WHERE p.name = ?1"),
+        [name.as_str()],
+        project_from,
+    )
+    .optional()?
+    .transpose()
+}
+
+/// Projects a user owns or has a share of; every project if `user` is `None`.
+pub fn list_projects(conn: &Connection, user: Option<UserId>) -> Result<Vec<Project>, StoreError> {
+    let mut st = conn.prepare(&format!(
+        "SELECT {PROJECT_COLS} FROM projects p JOIN users u ON u.id = p.owner_id
+         WHERE ?1 IS NULL OR p.owner_id = ?1
+            OR EXISTS (SELECT 1 FROM shares s WHERE s.project_id = p.id AND s.user_id = ?1)
+         ORDER BY p.name"
+    ))?;
+    let rows = st.query_map([user], project_from)?;
+    rows.map(|r| r?).collect()
+}
+
+/// Sets a project's lifecycle state.
+pub fn set_project_state(conn: &Connection, name: &ProjectName, state: ProjectState) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE projects SET state = ?2, updated_at = ?3 WHERE name = ?1",
+        params![name.as_str(), state.as_str(), now()],
+    )?;
+    Ok(())
+}
+
+/// Sets a project's visibility.
+pub fn set_visibility(conn: &Connection, name: &ProjectName, v: Visibility) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE projects SET visibility = ?2, updated_at = ?3 WHERE name = ?1",
+        params![name.as_str(), v.as_str(), now()],
+    )?;
+    Ok(())
+}
+
+/// Sets a project's app port.
+pub fn set_app_port(conn: &Connection, name: &ProjectName, port: u16) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE projects SET app_port = ?2, updated_at = ?3 WHERE name = ?1",
+        params![name.as_str(), port, now()],
+    )
+    .map_err(|e| classify(e, "app port"))?;
+    Ok(())
+}
+
+/// Deletes a project row (and its shares).
+pub fn delete_project(conn: &Connection, name: &ProjectName) -> Result<bool, StoreError> {
+    Ok(conn.execute("DELETE FROM projects WHERE name = ?1", [name.as_str()])? == 1)
+}
+
+/// What a user's projects add up to.
+pub fn usage_of(conn: &Connection, user: UserId) -> Result<Usage, StoreError> {
+    Ok(conn.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(vcpus), 0), COALESCE(SUM(memory_mib), 0), COALESCE(SUM(disk_mib), 0)
+         FROM projects WHERE owner_id = ?1",
+        [user],
+        |r| {
+            Ok(Usage {
+                projects: r.get(0)?,
+                vcpus: r.get(1)?,
+                memory_mib: r.get(2)?,
+                disk_mib: r.get(3)?,
+            })
+        },
+    )?)
+}
+
+// ---------------------------------------------------------------- shares
+
+/// Shares a project with a user (replacing any previous share).
+pub fn upsert_share(conn: &Connection, project: i64, user: UserId, ssh: bool, web: bool) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO shares (project_id, user_id, ssh, web) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (project_id, user_id) DO UPDATE SET ssh = excluded.ssh, web = excluded.web",
+        params![project, user, ssh, web],
+    )
+    .map_err(|e| classify(e, "share"))?;
+    Ok(())
+}
+
+/// Removes a share; `false` if there was none.
+pub fn remove_share(conn: &Connection, project: i64, user: UserId) -> Result<bool, StoreError> {
+    Ok(conn.execute(
+        "DELETE FROM shares WHERE project_id = ?1 AND user_id = ?2",
+        params![project, user],
+    )? == 1)
+}
+
+/// A user's share of a project, if any.
+pub fn share_of(conn: &Connection, project: i64, user: UserId) -> Result<Option<(bool, bool)>, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT ssh, web FROM shares WHERE project_id = ?1 AND user_id = ?2",
+            params![project, user],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?)
+}
+
+/// Everyone a project is shared with.
+pub fn shares_of(conn: &Connection, project: &ProjectName) -> Result<Vec<Share>, StoreError> {
+    let mut st = conn.prepare(
+        "SELECT p.name, u.name, s.ssh, s.web FROM shares s JOIN projects p ON p.id = s.project_id
+         JOIN users u ON u.id = s.user_id WHERE p.name = ?1 ORDER BY u.name",
+    )?;
+    let rows = st.query_map([project.as_str()], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?, r.get(3)?))
+    })?;
+    rows.map(|r| {
+        let (p, u, ssh, web) = r?;
+        Ok(Share {
+            project: text(p)?,
+            user: text(u)?,
+            ssh,
+            web,
+        })
+    })
+    .collect()
+}
+
+// ---------------------------------------------------------------- quotas
+
+/// The quota of a role.
+pub fn quota_for(conn: &Connection, role: Role) -> Result<Quota, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT projects, vcpus, memory_mib, disk_mib FROM quotas WHERE role = ?1",
+            [role.as_str()],
+            |r| {
+                Ok(Quota {
+                    role,
+                    projects: r.get(0)?,
+                    vcpus: r.get(1)?,
+                    memory_mib: r.get(2)?,
+                    disk_mib: r.get(3)?,
+                })
+            },
+        )
+        .optional()?
+        .unwrap_or(Quota {
+            role,
+            projects: Some(0),
+            vcpus: Some(0),
+            memory_mib: Some(0),
+            disk_mib: Some(0),
+        }))
+}
+
+// ---------------------------------------------------------------- audit
+
+/// One audit entry to record.
+#[derive(Debug, Clone)]
+pub struct AuditEntry<'a> {
+    pub user: Option<UserId>,
+    pub identity: &'a Identity,
+    pub action: &'a str,
+    pub target: Option<&'a str>,
+    pub outcome: AuditOutcome,
+    pub detail: Option<&'a str>,
+}
+
+/// Appends to the audit log.
+pub fn audit(conn: &Connection, e: &AuditEntry<'_>) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO audit (at, user_id, identity, action, target, outcome, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            now(),
+            e.user,
+            e.identity.to_string(),
+            e.action,
+            e.target,
+            e.outcome.as_str(),
+            e.detail
+        ],
+    )?;
+    Ok(())
+}
+
+/// The newest audit entries, newest first.
+pub fn recent_audit(conn: &Connection, limit: u32) -> Result<Vec<AuditEvent>, StoreError> {
+    let mut st = conn.prepare(
+        "SELECT a.id, a.at, u.name, a.identity, a.action, a.target, a.outcome, a.detail
+         FROM audit a LEFT JOIN users u ON u.id = a.user_id ORDER BY a.id DESC LIMIT ?1",
+    )?;
+    let rows = st.query_map([limit], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, Option<String>>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, String>(4)?,
+            r.get::<_, Option<String>>(5)?,
+            r.get::<_, String>(6)?,
+            r.get::<_, Option<String>>(7)?,
+        ))
+    })?;
+    rows.map(|r| {
+        let (id, at, user, identity, action, target, outcome, detail) = r?;
+        Ok(AuditEvent {
+            id,
+            at,
+            user: user.map(text).transpose()?,
+            identity,
+            action,
+            target,
+            outcome: text(outcome)?,
+            detail,
+        })
+    })
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::testing::ed25519;
+
+    fn conn() -> Connection {
+        let mut c = Connection::open_in_memory().unwrap();
+        super::super::configure(&c).unwrap();
+        super::super::migrate(&mut c).unwrap();
+        c
+    }
+
+    #[test]
+    fn identities_keys_and_requests() {
+        let c = conn();
+        let ann = create_user(&c, &UserName::new("ann").unwrap(), Role::Member).unwrap();
+        let who = Identity::new(Frontend::Matrix, "@ann:example.org");
+        link_identity(&c, &who, ann.id).unwrap();
+        assert_eq!(user_by_identity(&c, &who).unwrap().unwrap().name, ann.name);
+
+        let k = ed25519(1, Some("ann@laptop"));
+        let rec = add_key(&c, ann.id, &k, None).unwrap();
+        assert_eq!(rec.label.as_deref(), Some("ann@laptop"));
+        assert_eq!(user_by_active_key(&c, k.fingerprint()).unwrap().unwrap().id, ann.id);
+        revoke_key(&c, k.fingerprint()).unwrap();
+        assert!(user_by_active_key(&c, k.fingerprint()).unwrap().is_none());
+        add_key(&c, ann.id, &k, Some("again")).unwrap();
+        assert!(user_by_active_key(&c, k.fingerprint()).unwrap().is_some());
+
+        let bob = create_user(&c, &UserName::new("bob").unwrap(), Role::Member).unwrap();
+        assert!(matches!(add_key(&c, bob.id, &k, None), Err(StoreError::AlreadyExists { .. })));
+
+        let k2 = ed25519(2, None);
+        let stranger = Identity::new(Frontend::Discord, "42");
+        let (r1, new1) = file_request(&c, &stranger, None, &k2, Some("hi")).unwrap();
+        let (r2, new2) = file_request(&c, &stranger, None, &k2, None).unwrap();
+        assert!(new1 && !new2);
+        assert_eq!(r1.id, r2.id);
+        assert!(decide_request(&c, r1.id, RequestState::Denied, ann.id, Some("no"), None).unwrap());
+        assert!(!decide_request(&c, r1.id, RequestState::Approved, ann.id, None, None).unwrap());
+        let r = request_by_id(&c, r1.id).unwrap().unwrap();
+        assert_eq!(r.state, RequestState::Denied);
+        assert_eq!(r.decided_by.unwrap().as_str(), "ann");
+    }
+
+    #[test]
+    fn free_user_names_count_up() {
+        let c = conn();
+        create_user(&c, &UserName::new("ann").unwrap(), Role::Member).unwrap();
+        assert_eq!(free_user_name(&c, "Ann").unwrap().as_str(), "ann2");
+    }
+}
