@@ -1,1 +1,162 @@
-fn main() {}
+//! The `kennel` binary: parses the command line, loads configuration, and
+//! wires the parts together. Business logic lives in the library crates.
+
+mod config;
+mod console;
+mod datadir;
+mod doctor;
+mod serve;
+mod wiring;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// Chat-ops for per-project microVMs.
+#[derive(Debug, Parser)]
+#[command(name = "kennel", version, about, long_about = None)]
+struct Cli {
+    /// Configuration file (default: ./kennel.toml, then ~/.config/kennel/kennel.toml).
+    #[arg(long, global = true, env = "KENNEL_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory (overrides the config's data_dir).
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the daemon: control socket, provisioner, gateways and bots.
+    Serve,
+    /// Run one command of the command language as the local admin.
+    Exec {
+        /// Run as this user instead of the local admin (to try policy).
+        #[arg(long = "as", value_name = "USER")]
+        as_user: Option<String>,
+        /// Answer in JSON.
+        #[arg(long)]
+        json: bool,
+        /// The command line, e.g. 'new project myapp --stack rust'.
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "COMMAND"
+        )]
+        words: Vec<String>,
+    },
+    /// Check this host and say what is missing and how to install it.
+    Doctor {
+        /// Answer in JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the configuration in force and where each value came from.
+    Config,
+}
+
+fn init_logging(filter: &str) {
+    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(filter));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+/// Joins words into one command line. One argument is the whole line
+/// (`kennel exec 'new project demo'`); with several, those that hold spaces
+/// are quoted, so `kennel exec key add "ssh-ed25519 AAAA... me"` keeps the
+/// key whole.
+fn join_words(words: &[String]) -> String {
+    if let [line] = words {
+        return line.clone();
+    }
+    words
+        .iter()
+        .map(|w| {
+            if w.contains(char::is_whitespace) || w.contains(['"', '\'']) || w.is_empty() {
+                kennel_core::command::lex::quote(w)
+            } else {
+                w.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn exec(
+    config: &config::Config,
+    as_user: Option<String>,
+    json: bool,
+    words: &[String],
+) -> Result<i32> {
+    let req = console::Request {
+        line: join_words(words),
+        as_user,
+        json,
+    };
+    let dir = datadir::DataDir::new(&config.data_dir);
+    if let Some((exit, output)) = console::call_daemon(&dir.control_socket(), &req)? {
+        println!("{output}");
+        return Ok(exit);
+    }
+    // No daemon: run in-process, owning the data dir meanwhile.
+    let _lock = dir.lock()?;
+    let store = wiring::store(&dir)?;
+    let executor = wiring::executor(config, store)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let (exit, output) = rt.block_on(console::run(&executor, &req, &console::StderrProgress));
+    println!("{output}");
+    Ok(exit)
+}
+
+fn real_main() -> Result<i32> {
+    let cli = Cli::parse();
+    let loaded = config::load(cli.config.as_deref(), cli.data_dir.as_deref())?;
+    let config = &loaded.config;
+    match cli.command {
+        Cmd::Serve => {
+            init_logging(&config.log);
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(serve::run(config))?;
+            Ok(0)
+        }
+        Cmd::Exec {
+            as_user,
+            json,
+            words,
+        } => {
+            init_logging("warn");
+            exec(config, as_user, json, &words)
+        }
+        Cmd::Doctor { json } => {
+            let report = doctor::run(config, &kennel_provisioner::host::Host::real());
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_text());
+            }
+            Ok(i32::from(report.failed()))
+        }
+        Cmd::Config => {
+            print!("{}", config::describe(&loaded, cli.data_dir.is_some())?);
+            Ok(0)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -22,7 +22,9 @@ use crate::model::{
 use crate::names::{ProjectName, UserName};
 use crate::outcome::{CommandError, Connection, Outcome, Reply, UserSummary};
 use crate::policy::{self, Relation};
-use crate::provision::{CreateRequest, ProgressSink, Progress, ProvisionError, Provisioner, Stage, VmSpec};
+use crate::provision::{
+    CreateRequest, Progress, ProgressSink, ProvisionError, Provisioner, Stage, VmSpec,
+};
 use crate::store::repo::{self, AuditEntry, NewProjectRow};
 use crate::store::{write_tx, Store, StoreError};
 
@@ -101,7 +103,12 @@ pub struct Answer {
 
 impl Executor {
     /// Wires an executor.
-    pub fn new(store: Store, vms: Arc<dyn Provisioner>, catalog: Arc<dyn Catalog>, settings: Settings) -> Self {
+    pub fn new(
+        store: Store,
+        vms: Arc<dyn Provisioner>,
+        catalog: Arc<dyn Catalog>,
+        settings: Settings,
+    ) -> Self {
         let (events, _) = broadcast::channel(256);
         Self {
             store,
@@ -128,7 +135,12 @@ impl Executor {
     }
 
     /// Parses and runs one line of text for an identity.
-    pub async fn run_line(&self, who: &Identity, line: &str, progress: &dyn ProgressSink) -> Answer {
+    pub async fn run_line(
+        &self,
+        who: &Identity,
+        line: &str,
+        progress: &dyn ProgressSink,
+    ) -> Answer {
         match command::parse(line) {
             Ok(Invocation { command, json }) => Answer {
                 outcome: self.execute(who, command, progress).await,
@@ -188,7 +200,12 @@ impl Executor {
     }
 
     /// Runs a command for an identity.
-    pub async fn execute(&self, who: &Identity, cmd: Command, progress: &dyn ProgressSink) -> Outcome {
+    pub async fn execute(
+        &self,
+        who: &Identity,
+        cmd: Command,
+        progress: &dyn ProgressSink,
+    ) -> Outcome {
         let user = self.resolve(who).await?;
         self.execute_as(who, user, cmd, progress).await
     }
@@ -232,14 +249,23 @@ impl Executor {
         .await
     }
 
-    async fn audit(&self, who: &Identity, user: Option<&User>, cmd: &Command, outcome: AuditOutcome, detail: Option<String>) {
+    async fn audit(
+        &self,
+        who: &Identity,
+        user: Option<&User>,
+        cmd: &Command,
+        outcome: AuditOutcome,
+        detail: Option<String>,
+    ) {
         let who = who.clone();
         let uid = user.map(|u| u.id);
         let action = cmd.name();
         let target = cmd.project().map(|p| p.to_string()).or_else(|| match cmd {
             Command::Approve { id } | Command::Deny { id, .. } => Some(format!("request #{id}")),
             Command::KeyRm { fingerprint } => Some(fingerprint.to_string()),
-            Command::KeyAdd { key, .. } | Command::RequestAccess { key, .. } => Some(key.fingerprint().to_string()),
+            Command::KeyAdd { key, .. } | Command::RequestAccess { key, .. } => {
+                Some(key.fingerprint().to_string())
+            }
             Command::Share { user, .. } | Command::Unshare { user, .. } => Some(user.to_string()),
             _ => None,
         });
@@ -264,7 +290,11 @@ impl Executor {
         }
     }
 
-    async fn relation(&self, user: Option<&User>, name: &ProjectName) -> Result<(Relation, Option<Project>), StoreError> {
+    async fn relation(
+        &self,
+        user: Option<&User>,
+        name: &ProjectName,
+    ) -> Result<(Relation, Option<Project>), StoreError> {
         let name = name.clone();
         let uid = user.map(|u| u.id);
         self.store
@@ -288,7 +318,13 @@ impl Executor {
             .await
     }
 
-    async fn authorized(&self, who: &Identity, user: Option<&User>, cmd: Command, progress: &dyn ProgressSink) -> Outcome {
+    async fn authorized(
+        &self,
+        who: &Identity,
+        user: Option<&User>,
+        cmd: Command,
+        progress: &dyn ProgressSink,
+    ) -> Outcome {
         let (rel, project) = match cmd.project() {
             Some(name) => self.relation(user, name).await?,
             None => (Relation::NoProject, None),
@@ -296,7 +332,9 @@ impl Executor {
         policy::authorize(user.map(|u| u.role), user.map(|u| &u.name), &cmd, rel)?;
         // Policy passed: for admins a missing project is still missing.
         let need = |p: Option<Project>, name: &ProjectName| {
-            p.ok_or_else(|| CommandError::NotFound(format!("there is no project '{name}'; see 'projects'")))
+            p.ok_or_else(|| {
+                CommandError::NotFound(format!("there is no project '{name}'; see 'projects'"))
+            })
         };
         let is_admin = user.is_some_and(|u| u.role == Role::Admin);
         match cmd {
@@ -313,7 +351,10 @@ impl Executor {
             }
             Command::Projects => {
                 let uid = (!is_admin).then(|| user.map(|u| u.id)).flatten();
-                let projects = self.store.call(move |c| repo::list_projects(c, uid)).await?;
+                let projects = self
+                    .store
+                    .call(move |c| repo::list_projects(c, uid))
+                    .await?;
                 Ok(Reply::Projects { projects })
             }
             Command::Status { name } => {
@@ -325,7 +366,11 @@ impl Executor {
                     Err(ProvisionError::Unavailable(_)) => None,
                     Err(e) => return Err(e.into()),
                 };
-                Ok(Reply::Status { project, shares, vm })
+                Ok(Reply::Status {
+                    project,
+                    shares,
+                    vm,
+                })
             }
             Command::NewProject(args) => self.new_project(user, *args, progress).await,
             Command::Start { name } => {
@@ -369,10 +414,19 @@ impl Executor {
                             project.source_path
                         ));
                     } else {
-                        prompt.push_str(&format!(" The source at {} is kept.", project.source_path));
+                        prompt
+                            .push_str(&format!(" The source at {} is kept.", project.source_path));
                     }
-                    let confirm_with = Command::Rm { name, purge, yes: true }.to_string();
-                    return Ok(Reply::Confirm { prompt, confirm_with });
+                    let confirm_with = Command::Rm {
+                        name,
+                        purge,
+                        yes: true,
+                    }
+                    .to_string();
+                    return Ok(Reply::Confirm {
+                        prompt,
+                        confirm_with,
+                    });
                 }
                 self.set_state(&name, ProjectState::Destroying).await?;
                 progress.report(Progress {
@@ -385,11 +439,19 @@ impl Executor {
                     self.vms.purge_source(&name, &project.source_path).await?;
                 }
                 let n = name.clone();
-                self.store.call(move |c| repo::delete_project(c, &n)).await?;
+                self.store
+                    .call(move |c| repo::delete_project(c, &n))
+                    .await?;
                 let message = if purge {
-                    format!("{name} is gone, and its source {} was deleted.", project.source_path)
+                    format!(
+                        "{name} is gone, and its source {} was deleted.",
+                        project.source_path
+                    )
                 } else {
-                    format!("{name} is gone. Its source is still at {}.", project.source_path)
+                    format!(
+                        "{name} is gone. Its source is still at {}.",
+                        project.source_path
+                    )
                 };
                 Ok(Reply::Done { message })
             }
@@ -407,7 +469,12 @@ impl Executor {
                     lines,
                 })
             }
-            Command::Share { name, user: target, ssh, web } => {
+            Command::Share {
+                name,
+                user: target,
+                ssh,
+                web,
+            } => {
                 let project = need(project, &name)?;
                 let t = target.clone();
                 let found = self
@@ -421,7 +488,9 @@ impl Executor {
                     })
                     .await?;
                 if !found {
-                    return Err(CommandError::NotFound(format!("there is no user '{target}'")));
+                    return Err(CommandError::NotFound(format!(
+                        "there is no user '{target}'"
+                    )));
                 }
                 let what = match (ssh, web) {
                     (true, true) => "SSH and the web app",
@@ -443,7 +512,9 @@ impl Executor {
                     })
                     .await?;
                 if !removed {
-                    return Err(CommandError::NotFound(format!("{name} is not shared with '{target}'")));
+                    return Err(CommandError::NotFound(format!(
+                        "{name} is not shared with '{target}'"
+                    )));
                 }
                 Ok(Reply::Done {
                     message: format!("{name} is no longer shared with {target}."),
@@ -454,9 +525,14 @@ impl Executor {
             Command::Port { name, port } => {
                 need(project, &name)?;
                 let n = name.clone();
-                self.store.call(move |c| repo::set_app_port(c, &n, port)).await?;
+                self.store
+                    .call(move |c| repo::set_app_port(c, &n, port))
+                    .await?;
                 Ok(Reply::Done {
-                    message: format!("https://{name}.{} now forwards to port {port} in the VM.", self.settings.domain),
+                    message: format!(
+                        "https://{name}.{} now forwards to port {port} in the VM.",
+                        self.settings.domain
+                    ),
                 })
             }
             Command::Keys { user: target } => {
@@ -468,7 +544,11 @@ impl Executor {
                     keys,
                 })
             }
-            Command::KeyAdd { key, label, user: target } => {
+            Command::KeyAdd {
+                key,
+                label,
+                user: target,
+            } => {
                 let u = self.target_user(user, target).await?;
                 let fp = key.fingerprint().clone();
                 let added = self
@@ -511,7 +591,9 @@ impl Executor {
                     .store
                     .write(move |tx| {
                         if let Some(k) = repo::key_by_fingerprint(tx, key.fingerprint())? {
-                            if Some(&k.user) == me.as_ref() && k.state == crate::model::KeyState::Active {
+                            if Some(&k.user) == me.as_ref()
+                                && k.state == crate::model::KeyState::Active
+                            {
                                 return Ok(Err(format!(
                                     "key {} already gives you access; nothing to request",
                                     k.fingerprint
@@ -539,11 +621,16 @@ impl Executor {
                 }
             }
             Command::Requests { all } => {
-                let requests = self.store.call(move |c| repo::list_requests(c, all)).await?;
+                let requests = self
+                    .store
+                    .call(move |c| repo::list_requests(c, all))
+                    .await?;
                 Ok(Reply::Requests { requests })
             }
             Command::Approve { id } => self.decide(user, id, RequestState::Approved, None).await,
-            Command::Deny { id, reason } => self.decide(user, id, RequestState::Denied, reason).await,
+            Command::Deny { id, reason } => {
+                self.decide(user, id, RequestState::Denied, reason).await
+            }
             Command::Users => {
                 let users = self.store.call(repo_list_users).await?;
                 let mut out = Vec::with_capacity(users.len());
@@ -570,11 +657,18 @@ impl Executor {
         Ok(UserSummary {
             user,
             identities,
-            active_keys: keys.iter().filter(|k| k.state == crate::model::KeyState::Active).count(),
+            active_keys: keys
+                .iter()
+                .filter(|k| k.state == crate::model::KeyState::Active)
+                .count(),
         })
     }
 
-    async fn target_user(&self, me: Option<&User>, target: Option<UserName>) -> Result<User, CommandError> {
+    async fn target_user(
+        &self,
+        me: Option<&User>,
+        target: Option<UserName>,
+    ) -> Result<User, CommandError> {
         match target {
             None => me
                 .cloned()
@@ -591,20 +685,35 @@ impl Executor {
 
     async fn set_state(&self, name: &ProjectName, state: ProjectState) -> Result<(), StoreError> {
         let n = name.clone();
-        self.store.call(move |c| repo::set_project_state(c, &n, state)).await
+        self.store
+            .call(move |c| repo::set_project_state(c, &n, state))
+            .await
     }
 
-    async fn visibility(&self, project: Option<Project>, name: &ProjectName, v: Visibility) -> Outcome {
+    async fn visibility(
+        &self,
+        project: Option<Project>,
+        name: &ProjectName,
+        v: Visibility,
+    ) -> Outcome {
         if project.is_none() {
-            return Err(CommandError::NotFound(format!("there is no project '{name}'")));
+            return Err(CommandError::NotFound(format!(
+                "there is no project '{name}'"
+            )));
         }
         let n = name.clone();
-        self.store.call(move |c| repo::set_visibility(c, &n, v)).await?;
+        self.store
+            .call(move |c| repo::set_visibility(c, &n, v))
+            .await?;
         let url = format!("https://{name}.{}", self.settings.domain);
         Ok(Reply::Done {
             message: match v {
-                Visibility::Public => format!("{url} is now public: anyone with the link can open it."),
-                Visibility::Private => format!("{url} is now private: only the owner and shares can open it."),
+                Visibility::Public => {
+                    format!("{url} is now public: anyone with the link can open it.")
+                }
+                Visibility::Private => {
+                    format!("{url} is now private: only the owner and shares can open it.")
+                }
             },
         })
     }
@@ -633,8 +742,15 @@ impl Executor {
         }
     }
 
-    async fn new_project(&self, user: Option<&User>, args: command::NewProjectArgs, progress: &dyn ProgressSink) -> Outcome {
-        let user = user.cloned().ok_or_else(|| CommandError::Refused("Kennel does not know you yet".into()))?;
+    async fn new_project(
+        &self,
+        user: Option<&User>,
+        args: command::NewProjectArgs,
+        progress: &dyn ProgressSink,
+    ) -> Outcome {
+        let user = user
+            .cloned()
+            .ok_or_else(|| CommandError::Refused("Kennel does not know you yet".into()))?;
         let d = self.settings.default_resources;
         let resources = Resources {
             vcpus: args.cpus.unwrap_or(d.vcpus),
@@ -655,7 +771,11 @@ impl Executor {
                     let names: Vec<String> = known.into_iter().map(|s| s.name).collect();
                     return Err(CommandError::NotFound(format!(
                         "there is no stack '{stack}'; known stacks: {}",
-                        if names.is_empty() { "none installed".into() } else { names.join(", ") }
+                        if names.is_empty() {
+                            "none installed".into()
+                        } else {
+                            names.join(", ")
+                        }
                     )));
                 }
             }
@@ -663,7 +783,12 @@ impl Executor {
         let app_port = args
             .stack
             .as_ref()
-            .and_then(|s| self.catalog.stacks().into_iter().find(|k| k.name == s.as_str()))
+            .and_then(|s| {
+                self.catalog
+                    .stacks()
+                    .into_iter()
+                    .find(|k| k.name == s.as_str())
+            })
             .map_or(self.settings.default_app_port, |s| s.app_port);
         let source_path = args.path.clone().unwrap_or_else(|| {
             self.settings
@@ -675,7 +800,11 @@ impl Executor {
         // Reserve the name and check the quota in one write transaction, so
         // two concurrent `new project`s with one name cannot both win.
         let row_name = args.name.clone();
-        let stack0 = args.stack.as_ref().map_or("detecting", |s| s.as_str()).to_owned();
+        let stack0 = args
+            .stack
+            .as_ref()
+            .map_or("detecting", |s| s.as_str())
+            .to_owned();
         let git0 = args.git.as_ref().map(|g| g.to_string());
         let tmpl0 = args.template.as_ref().map(|t| t.to_string());
         let (uid, role) = (user.id, user.role);
@@ -703,9 +832,9 @@ impl Executor {
                     },
                 ) {
                     Ok(p) => Ok(Ok(p)),
-                    Err(StoreError::AlreadyExists { .. }) => Ok(Err(CommandError::Conflict(format!(
-                        "a project named '{row_name}' already exists; pick another name"
-                    )))),
+                    Err(StoreError::AlreadyExists { .. }) => Ok(Err(CommandError::Conflict(
+                        format!("a project named '{row_name}' already exists; pick another name"),
+                    ))),
                     Err(e) => Err(e),
                 }
             })
@@ -753,14 +882,24 @@ impl Executor {
             }
             Err(e) => {
                 let name = args.name.clone();
-                self.store.call(move |c| repo::delete_project(c, &name)).await?;
+                self.store
+                    .call(move |c| repo::delete_project(c, &name))
+                    .await?;
                 Err(e.into())
             }
         }
     }
 
-    async fn decide(&self, me: Option<&User>, id: i64, state: RequestState, reason: Option<String>) -> Outcome {
-        let me = me.cloned().ok_or_else(|| CommandError::Refused("Kennel does not know you yet".into()))?;
+    async fn decide(
+        &self,
+        me: Option<&User>,
+        id: i64,
+        state: RequestState,
+        reason: Option<String>,
+    ) -> Outcome {
+        let me = me
+            .cloned()
+            .ok_or_else(|| CommandError::Refused("Kennel does not know you yet".into()))?;
         let result = self
             .store
             .write(move |tx| {
@@ -815,9 +954,17 @@ impl Executor {
     pub fn connection(&self, p: &Project) -> Connection {
         let s = &self.settings;
         let name = p.name.as_str();
-        let port_flag = if s.ssh_port == 22 { String::new() } else { format!(" -p {}", s.ssh_port) };
+        let port_flag = if s.ssh_port == 22 {
+            String::new()
+        } else {
+            format!(" -p {}", s.ssh_port)
+        };
         let alias = format!("kennel-{name}");
-        let https_port = if s.https_port == 443 { String::new() } else { format!(":{}", s.https_port) };
+        let https_port = if s.https_port == 443 {
+            String::new()
+        } else {
+            format!(":{}", s.https_port)
+        };
         Connection {
             project: name.to_owned(),
             ssh_command: format!("ssh {name}@{}{port_flag}", s.ssh_host),

@@ -206,7 +206,10 @@ mod tests {
         assert_eq!(k.comment(), Some("ann@laptop"));
         assert!(k.fingerprint().as_str().starts_with("SHA256:"));
         assert_eq!(k.to_string(), ED);
-        assert_eq!(Fingerprint::new(k.fingerprint().as_str()).unwrap(), *k.fingerprint());
+        assert_eq!(
+            Fingerprint::new(k.fingerprint().as_str()).unwrap(),
+            *k.fingerprint()
+        );
     }
 
     #[test]
@@ -215,7 +218,10 @@ mod tests {
             PublicKey::parse("ssh-ed25519 notbase64"),
             Err(KeyError::Unparseable { .. })
         ));
-        assert!(matches!(PublicKey::parse(""), Err(KeyError::Unparseable { .. })));
+        assert!(matches!(
+            PublicKey::parse(""),
+            Err(KeyError::Unparseable { .. })
+        ));
         let dsa = "ssh-dss AAAAB3NzaC1kc3MAAACBAP1/U4EddRIpUt9KnC7s5Of2EbdSPO9EAMMeP4C2USZpRV1AIlH7WT2NWPq/xfW6MPbLm1Vs14E7gB00b/JmYLdrmVClpJ+f6AR7ECLCT7up1/63xhv4O1fnxqimFQ8E+4P208UewwI1VBNaFpEy9nXzrith1yrv8iIDGZ3RSAHHAAAAFQCXYFCPFSMLzLKSuYKi64QL8Fgc9QAAAIEA9+GghdabPd7LvKtcNrhXuXmUr7v6OuqC+VdMCz0HgmdRWVeOutRZT+ZxBxCBgLRJFnEj6EwoFhO3zwkyjMim4TwWeotUfI0o4KOuHiuzpnWRbqN/C/ohNWLx+2J6ASQ7zKTxvqhRkImog9/hWuWfBpKLZl6Ae1UlZAFMO/7PSSoAAACBAPSJ2SNDrCiGtL6jl2BqQSWbeVNkGN3S/ukM/MT97H9QQQNBbCuZcCbgdC9FvWwpLfbi6z4ojbZ8EAA8Ms4zD/OB4PPAyHiRG3r35WqNgFc5B1Y/tVjFmOc2Ppp95cNjrW1zrhTFBvb5RHtYNWODgS8U3o4dsMr6z+RYUCvwTyXS joe";
         assert!(PublicKey::parse(dsa).is_err());
     }

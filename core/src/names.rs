@@ -12,7 +12,16 @@ use serde::{Deserialize, Serialize};
 /// Names a project can never take: they collide with the gateways' own
 /// host names and SSH users, or are likely to confuse people.
 pub const RESERVED_PROJECT_NAMES: &[&str] = &[
-    "kennel", "admin", "www", "api", "root", "ssh", "git", "mail", "localhost", "help",
+    "kennel",
+    "admin",
+    "www",
+    "api",
+    "root",
+    "ssh",
+    "git",
+    "mail",
+    "localhost",
+    "help",
 ];
 
 /// Longest project name; short enough to sit in a DNS label with room to spare.

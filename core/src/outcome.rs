@@ -40,12 +40,16 @@ pub struct UserSummary {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Reply {
     /// The command list, or one command explained.
-    Help { topic: Option<&'static str> },
+    Help {
+        topic: Option<&'static str>,
+    },
     Whoami {
         identity: Identity,
         user: Option<UserSummary>,
     },
-    Projects { projects: Vec<Project> },
+    Projects {
+        projects: Vec<Project>,
+    },
     Status {
         project: Project,
         shares: Vec<Share>,
@@ -57,21 +61,52 @@ pub enum Reply {
         connection: Connection,
         notes: Vec<String>,
     },
-    Connection { connection: Connection },
-    Logs { project: String, lines: Vec<String> },
+    Connection {
+        connection: Connection,
+    },
+    Logs {
+        project: String,
+        lines: Vec<String>,
+    },
     /// A destructive command that needs confirming first.
-    Confirm { prompt: String, confirm_with: String },
+    Confirm {
+        prompt: String,
+        confirm_with: String,
+    },
     /// A change that needs no more than a sentence to report.
-    Done { message: String },
-    Keys { user: String, keys: Vec<SshKeyRecord> },
-    KeyAdded { key: SshKeyRecord },
-    KeyRevoked { key: SshKeyRecord },
-    RequestFiled { request: AccessRequest, new: bool },
-    Requests { requests: Vec<AccessRequest> },
-    Decided { request: AccessRequest, user: Option<String> },
-    Users { users: Vec<UserSummary> },
-    Stacks { stacks: Vec<StackInfo> },
-    Templates { templates: Vec<TemplateInfo> },
+    Done {
+        message: String,
+    },
+    Keys {
+        user: String,
+        keys: Vec<SshKeyRecord>,
+    },
+    KeyAdded {
+        key: SshKeyRecord,
+    },
+    KeyRevoked {
+        key: SshKeyRecord,
+    },
+    RequestFiled {
+        request: AccessRequest,
+        new: bool,
+    },
+    Requests {
+        requests: Vec<AccessRequest>,
+    },
+    Decided {
+        request: AccessRequest,
+        user: Option<String>,
+    },
+    Users {
+        users: Vec<UserSummary>,
+    },
+    Stacks {
+        stacks: Vec<StackInfo>,
+    },
+    Templates {
+        templates: Vec<TemplateInfo>,
+    },
 }
 
 /// Why a command did not succeed.
@@ -93,7 +128,9 @@ pub enum CommandError {
     #[error("{0}")]
     Provision(#[from] ProvisionError),
     /// The store failed; details go to the log, not the user (exit 1).
-    #[error("Kennel could not read or write its database; an operator should check the server log")]
+    #[error(
+        "Kennel could not read or write its database; an operator should check the server log"
+    )]
     Store(#[from] StoreError),
 }
 

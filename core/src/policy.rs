@@ -34,7 +34,12 @@ const ADMIN_ONLY: &str = "only admins may do that";
 
 /// Decides whether `role` (None: an unknown identity) may run `cmd`.
 /// `me` is the caller's user name, to tell "my keys" from someone else's.
-pub fn authorize(role: Option<Role>, me: Option<&UserName>, cmd: &Command, rel: Relation) -> Result<(), Refusal> {
+pub fn authorize(
+    role: Option<Role>,
+    me: Option<&UserName>,
+    cmd: &Command,
+    rel: Relation,
+) -> Result<(), Refusal> {
     use Command::*;
     let refuse = |r: &str| Err(Refusal(r.to_owned()));
     // Anyone, known or not.
@@ -58,7 +63,10 @@ pub fn authorize(role: Option<Role>, me: Option<&UserName>, cmd: &Command, rel: 
             "only the owner of '{name}' or an admin may do that"
         )))
     };
-    let project = cmd.project().map(|p| p.as_str().to_owned()).unwrap_or_default();
+    let project = cmd
+        .project()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
     let someone_else = |u: &Option<UserName>| u.as_ref().is_some_and(|u| Some(u) != me);
     match cmd {
         Projects | Stacks | Templates | KeyRm { .. } => Ok(()),
@@ -110,7 +118,11 @@ pub fn check_quota(quota: &Quota, usage: &Usage, want: &Resources) -> Result<(),
     };
     if let Some(max) = quota.projects {
         if usage.projects.saturating_add(1) > max {
-            return over("project", format!("{max} projects"), usage.projects.to_string());
+            return over(
+                "project",
+                format!("{max} projects"),
+                usage.projects.to_string(),
+            );
         }
     }
     if let Some(max) = quota.vcpus {
@@ -120,12 +132,20 @@ pub fn check_quota(quota: &Quota, usage: &Usage, want: &Resources) -> Result<(),
     }
     if let Some(max) = quota.memory_mib {
         if usage.memory_mib.saturating_add(want.memory_mib) > max {
-            return over("memory", format!("{max} MiB"), format!("{} MiB", usage.memory_mib));
+            return over(
+                "memory",
+                format!("{max} MiB"),
+                format!("{} MiB", usage.memory_mib),
+            );
         }
     }
     if let Some(max) = quota.disk_mib {
         if usage.disk_mib.saturating_add(want.disk_mib) > max {
-            return over("disk", format!("{max} MiB"), format!("{} MiB", usage.disk_mib));
+            return over(
+                "disk",
+                format!("{max} MiB"),
+                format!("{} MiB", usage.disk_mib),
+            );
         }
     }
     Ok(())

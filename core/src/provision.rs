@@ -8,13 +8,13 @@
 use std::fmt;
 
 use async_trait::async_trait;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::model::Resources;
 use crate::names::ProjectName;
 
 /// The stages a long operation goes through, in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Stage {
     Validated,
@@ -46,7 +46,7 @@ impl fmt::Display for Stage {
 }
 
 /// One step of progress, sent to whoever asked.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Progress {
     pub stage: Stage,
     /// Percentage within the stage, where known (e.g. cloning 43%).
@@ -155,9 +155,17 @@ pub trait Provisioner: Send + Sync {
     /// Prepares the source, resolves the stack, creates and boots the VM;
     /// returns when it is ready. On failure it has rolled back everything
     /// it created except the source.
-    async fn create(&self, req: &CreateRequest, progress: &dyn ProgressSink) -> Result<Created, ProvisionError>;
+    async fn create(
+        &self,
+        req: &CreateRequest,
+        progress: &dyn ProgressSink,
+    ) -> Result<Created, ProvisionError>;
     /// Boots a stopped VM.
-    async fn start(&self, spec: &VmSpec, progress: &dyn ProgressSink) -> Result<VmStatus, ProvisionError>;
+    async fn start(
+        &self,
+        spec: &VmSpec,
+        progress: &dyn ProgressSink,
+    ) -> Result<VmStatus, ProvisionError>;
     /// Shuts a VM down gracefully (forcing after a deadline).
     async fn stop(&self, project: &ProjectName) -> Result<(), ProvisionError>;
     /// Removes the VM and its disk; never the source.
@@ -182,7 +190,11 @@ impl Provisioner for Unavailable {
     fn backend(&self) -> String {
         "none".into()
     }
-    async fn create(&self, _: &CreateRequest, _: &dyn ProgressSink) -> Result<Created, ProvisionError> {
+    async fn create(
+        &self,
+        _: &CreateRequest,
+        _: &dyn ProgressSink,
+    ) -> Result<Created, ProvisionError> {
         Err(ProvisionError::Unavailable(self.reason.clone()))
     }
     async fn start(&self, _: &VmSpec, _: &dyn ProgressSink) -> Result<VmStatus, ProvisionError> {
@@ -276,7 +288,11 @@ pub mod testing {
         fn backend(&self) -> String {
             "fake".into()
         }
-        async fn create(&self, req: &CreateRequest, progress: &dyn ProgressSink) -> Result<Created, ProvisionError> {
+        async fn create(
+            &self,
+            req: &CreateRequest,
+            progress: &dyn ProgressSink,
+        ) -> Result<Created, ProvisionError> {
             let p = req.project.as_str();
             self.record("create", p);
             let fail = self.fail_next_create.lock().ok().and_then(|mut f| f.take());
@@ -296,12 +312,19 @@ pub mod testing {
             self.set(p, Some(VmState::Running));
             Ok(Created {
                 stack: req.stack.clone().unwrap_or_else(|| "rust".into()),
-                source_path: req.path.clone().unwrap_or_else(|| format!("/srv/kennel/{p}")),
+                source_path: req
+                    .path
+                    .clone()
+                    .unwrap_or_else(|| format!("/srv/kennel/{p}")),
                 notes: vec!["stack rust (Cargo.toml)".into()],
                 status: self.status_of(p),
             })
         }
-        async fn start(&self, spec: &VmSpec, _: &dyn ProgressSink) -> Result<VmStatus, ProvisionError> {
+        async fn start(
+            &self,
+            spec: &VmSpec,
+            _: &dyn ProgressSink,
+        ) -> Result<VmStatus, ProvisionError> {
             let p = spec.project.as_str();
             self.record("start", p);
             self.set(p, Some(VmState::Running));
@@ -320,9 +343,15 @@ pub mod testing {
         async fn status(&self, project: &ProjectName) -> Result<VmStatus, ProvisionError> {
             Ok(self.status_of(project.as_str()))
         }
-        async fn logs(&self, project: &ProjectName, lines: u32) -> Result<Vec<String>, ProvisionError> {
+        async fn logs(
+            &self,
+            project: &ProjectName,
+            lines: u32,
+        ) -> Result<Vec<String>, ProvisionError> {
             self.record("logs", project.as_str());
-            Ok((0..lines.min(3)).map(|i| format!("console line {i}")).collect())
+            Ok((0..lines.min(3))
+                .map(|i| format!("console line {i}"))
+                .collect())
         }
         async fn purge_source(&self, project: &ProjectName, _: &str) -> Result<(), ProvisionError> {
             self.record("purge", project.as_str());

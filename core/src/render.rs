@@ -79,7 +79,10 @@ pub fn render_json(outcome: &Outcome) -> String {
             if let Some(o) = v.as_object_mut() {
                 o.insert("ok".into(), json!(true));
                 if let Reply::Help { topic } = r {
-                    o.insert("text".into(), json!(write_doc(&help_doc(*topic), Format::Plain)));
+                    o.insert(
+                        "text".into(),
+                        json!(write_doc(&help_doc(*topic), Format::Plain)),
+                    );
                 }
             }
             v
@@ -173,7 +176,11 @@ fn connection_doc(c: &Connection) -> Vec<Block> {
             ],
             vec![t("Zed: "), code(&c.zed_url)],
             vec![t(format!("JetBrains Gateway: {}", c.jetbrains_hint))],
-            vec![t("Web app: "), code(&c.https_url), t(" (private unless shared)")],
+            vec![
+                t("Web app: "),
+                code(&c.https_url),
+                t(" (private unless shared)"),
+            ],
             vec![t("Source on the host: "), code(&c.source_path)],
         ]),
     ];
@@ -189,7 +196,10 @@ fn connection_doc(c: &Connection) -> Vec<Block> {
 fn request_line(r: &AccessRequest) -> Vec<Inline> {
     let mut v = vec![
         strong(format!("#{}", r.id)),
-        t(format!(" {} from {} — {} ", r.state, r.identity, r.algorithm)),
+        t(format!(
+            " {} from {} — {} ",
+            r.state, r.identity, r.algorithm
+        )),
         code(r.fingerprint.as_str()),
     ];
     if let Some(n) = &r.note {
@@ -234,7 +244,9 @@ pub fn document(r: &Reply) -> Vec<Block> {
                 )),
             ])],
             None => vec![
-                para(vec![t(format!("Kennel does not know {identity} yet. Ask for access with "))]),
+                para(vec![t(format!(
+                    "Kennel does not know {identity} yet. Ask for access with "
+                ))]),
                 Block::Code("request-access <your SSH public key> [note]".into()),
             ],
         },
@@ -249,7 +261,11 @@ pub fn document(r: &Reply) -> Vec<Block> {
                 .to_vec(),
             rows: project_rows(projects),
         }],
-        Reply::Status { project, shares, vm } => {
+        Reply::Status {
+            project,
+            shares,
+            vm,
+        } => {
             let mut doc = vec![
                 Block::Title(format!("{} — {}", project.name, project.state)),
                 Block::Table {
@@ -318,7 +334,10 @@ pub fn document(r: &Reply) -> Vec<Block> {
         }
         Reply::Connection { connection } => connection_doc(connection),
         Reply::Logs { project, lines } => vec![
-            text(format!("Console log of {project} (last {} lines):", lines.len())),
+            text(format!(
+                "Console log of {project} (last {} lines):",
+                lines.len()
+            )),
             Block::Code(lines.join("\n")),
         ],
         Reply::Confirm {
@@ -393,7 +412,9 @@ pub fn document(r: &Reply) -> Vec<Block> {
             vec![para(v)]
         }
         Reply::Users { users } => vec![Block::Table {
-            head: ["user", "role", "identities", "keys"].map(String::from).to_vec(),
+            head: ["user", "role", "identities", "keys"]
+                .map(String::from)
+                .to_vec(),
             rows: users.iter().map(user_line).collect(),
         }],
         Reply::Stacks { stacks } if stacks.is_empty() => vec![text(
@@ -472,7 +493,11 @@ fn aligned(head: &[String], rows: &[Vec<String>]) -> String {
     let show_head = head.iter().any(|h| !h.is_empty());
     let cols = head.len();
     let mut widths = vec![0usize; cols];
-    for r in rows.iter().map(Vec::as_slice).chain(show_head.then_some(head)) {
+    for r in rows
+        .iter()
+        .map(Vec::as_slice)
+        .chain(show_head.then_some(head))
+    {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.chars().count());
         }

@@ -77,7 +77,12 @@ impl Host {
         if self.file("/sys/module/kvm_pvm").exists() {
             return Kvm::Pvm;
         }
-        if std::fs::OpenOptions::new().read(true).write(true).open(&dev).is_err() {
+        if std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&dev)
+            .is_err()
+        {
             return Kvm::NoPermission;
         }
         let module = ["kvm_intel", "kvm_amd"]
@@ -170,9 +175,17 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         touch(d.path(), "dev/net/tun", false);
         std::fs::create_dir_all(d.path().join("proc/self")).unwrap();
-        std::fs::write(d.path().join("proc/self/status"), "CapEff:\t0000000000001000\n").unwrap();
+        std::fs::write(
+            d.path().join("proc/self/status"),
+            "CapEff:\t0000000000001000\n",
+        )
+        .unwrap();
         assert!(Host::at(d.path(), vec![]).can_create_taps());
-        std::fs::write(d.path().join("proc/self/status"), "CapEff:\t0000000000000000\n").unwrap();
+        std::fs::write(
+            d.path().join("proc/self/status"),
+            "CapEff:\t0000000000000000\n",
+        )
+        .unwrap();
         assert!(!Host::at(d.path(), vec![]).can_create_taps());
     }
 }

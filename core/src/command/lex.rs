@@ -6,7 +6,9 @@
 //! splits shell-style (quotes group words, backslash escapes).
 
 /// Addresses people put in front of a command; matched case-insensitively.
-pub const DEFAULT_PREFIXES: &[&str] = &["!kennel", "@kennel:", "@kennel", "kennel:", "kennel,", "/kennel"];
+pub const DEFAULT_PREFIXES: &[&str] = &[
+    "!kennel", "@kennel:", "@kennel", "kennel:", "kennel,", "/kennel",
+];
 
 /// A word of the command line. `quoted` words are never taken as flags.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,7 +60,9 @@ fn strip_address<'a>(s: &'a str, extra: &[&str]) -> &'a str {
         if p.is_empty() {
             continue;
         }
-        let Some(head) = s.get(..p.len()) else { continue };
+        let Some(head) = s.get(..p.len()) else {
+            continue;
+        };
         if !head.eq_ignore_ascii_case(p) {
             continue;
         }
@@ -183,13 +187,24 @@ mod tests {
         assert_eq!(words("```\nstatus a\n```"), ["status", "a"]);
         assert_eq!(words("```status a```"), ["status", "a"]);
         assert_eq!(words("status\u{00A0}a\u{200B}"), ["status", "a"]);
-        assert_eq!(words("deny 3 \u{201C}not now\u{201D}"), ["deny", "3", "not now"]);
+        assert_eq!(
+            words("deny 3 \u{201C}not now\u{201D}"),
+            ["deny", "3", "not now"]
+        );
         assert_eq!(words("kennelfoo"), ["kennelfoo"]);
     }
 
     #[test]
     fn quoting_round_trips() {
-        for v in ["a b", "-x", "", "say \"hi\"", "back\\slash", "`tick`", "it's"] {
+        for v in [
+            "a b",
+            "-x",
+            "",
+            "say \"hi\"",
+            "back\\slash",
+            "`tick`",
+            "it's",
+        ] {
             let t = tokenize(&quote(v)).unwrap();
             assert_eq!(t.len(), 1, "{v}");
             assert_eq!(t[0].text, v);

@@ -97,7 +97,10 @@ pub enum Command {
     /// Revokes an SSH key by fingerprint.
     KeyRm { fingerprint: Fingerprint },
     /// Asks the admins for access with your public key. Valid for anyone.
-    RequestAccess { key: PublicKey, note: Option<String> },
+    RequestAccess {
+        key: PublicKey,
+        note: Option<String>,
+    },
     /// Lists access requests: pending ones, or all with `all`. Admins only.
     Requests { all: bool },
     /// Approves a pending access request. Admins only.
@@ -181,7 +184,9 @@ impl fmt::Display for ParseError {
                 Ok(())
             }
             ParseError::Usage { command, problem } => {
-                let usage = spec::by_name(command).map(CommandSpec::usage).unwrap_or_default();
+                let usage = spec::by_name(command)
+                    .map(CommandSpec::usage)
+                    .unwrap_or_default();
                 write!(f, "{command}: {problem}. Usage: {usage}")
             }
             ParseError::Lex(e) => write!(f, "{e}"),

@@ -54,7 +54,9 @@ pub struct CommandSpec {
 
 impl fmt::Debug for CommandSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CommandSpec").field("name", &self.name).finish()
+        f.debug_struct("CommandSpec")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -160,13 +162,29 @@ pub static SPECS: &[CommandSpec] = &[
         aliases: &[],
         args: NAME,
         flags: &[
-            valued("stack", "STACK", "stack to build on (default: detected from the source)"),
+            valued(
+                "stack",
+                "STACK",
+                "stack to build on (default: detected from the source)",
+            ),
             valued("git", "URL", "clone the source from this git URL"),
-            valued("path", "PATH", "host directory for the source (under a project root)"),
+            valued(
+                "path",
+                "PATH",
+                "host directory for the source (under a project root)",
+            ),
             valued("template", "TEMPLATE", "start from a project template"),
             valued("cpus", "N", "virtual CPUs (1-64)"),
-            valued("memory", "SIZE", "guest memory, e.g. 2G (bare numbers are MiB)"),
-            valued("disk", "SIZE", "root disk size, e.g. 20G (bare numbers are GiB)"),
+            valued(
+                "memory",
+                "SIZE",
+                "guest memory, e.g. 2G (bare numbers are MiB)",
+            ),
+            valued(
+                "disk",
+                "SIZE",
+                "root disk size, e.g. 20G (bare numbers are GiB)",
+            ),
         ],
         summary: "Create a project: source, stack, VM and SSH access",
         build: |m| {
@@ -196,7 +214,11 @@ pub static SPECS: &[CommandSpec] = &[
         args: NAME,
         flags: &[],
         summary: "Show a project's state, resources and addresses",
-        build: |m| Ok(Command::Status { name: m.req("name", project)? }),
+        build: |m| {
+            Ok(Command::Status {
+                name: m.req("name", project)?,
+            })
+        },
     },
     CommandSpec {
         name: "start",
@@ -204,7 +226,11 @@ pub static SPECS: &[CommandSpec] = &[
         args: NAME,
         flags: &[],
         summary: "Start a project's VM",
-        build: |m| Ok(Command::Start { name: m.req("name", project)? }),
+        build: |m| {
+            Ok(Command::Start {
+                name: m.req("name", project)?,
+            })
+        },
     },
     CommandSpec {
         name: "stop",
@@ -212,7 +238,11 @@ pub static SPECS: &[CommandSpec] = &[
         args: NAME,
         flags: &[],
         summary: "Stop a project's VM",
-        build: |m| Ok(Command::Stop { name: m.req("name", project)? }),
+        build: |m| {
+            Ok(Command::Stop {
+                name: m.req("name", project)?,
+            })
+        },
     },
     CommandSpec {
         name: "restart",
@@ -220,7 +250,11 @@ pub static SPECS: &[CommandSpec] = &[
         args: NAME,
         flags: &[],
         summary: "Restart a project's VM",
-        build: |m| Ok(Command::Restart { name: m.req("name", project)? }),
+        build: |m| {
+            Ok(Command::Restart {
+                name: m.req("name", project)?,
+            })
+        },
     },
     CommandSpec {
         name: "rm",
@@ -245,7 +279,11 @@ pub static SPECS: &[CommandSpec] = &[
         args: NAME,
         flags: &[],
         summary: "Show how to connect to a project over SSH and from editors",
-        build: |m| Ok(Command::Ssh { name: m.req("name", project)? }),
+        build: |m| {
+            Ok(Command::Ssh {
+                name: m.req("name", project)?,
+            })
+        },
     },
     CommandSpec {
         name: "logs",
@@ -298,7 +336,11 @@ pub static SPECS: &[CommandSpec] = &[
         args: NAME,
         flags: &[],
         summary: "Let anyone with the URL reach a project's web app",
-        build: |m| Ok(Command::Public { name: m.req("name", project)? }),
+        build: |m| {
+            Ok(Command::Public {
+                name: m.req("name", project)?,
+            })
+        },
     },
     CommandSpec {
         name: "private",
@@ -306,7 +348,11 @@ pub static SPECS: &[CommandSpec] = &[
         args: NAME,
         flags: &[],
         summary: "Limit a project's web app to its owner and shares (default)",
-        build: |m| Ok(Command::Private { name: m.req("name", project)? }),
+        build: |m| {
+            Ok(Command::Private {
+                name: m.req("name", project)?,
+            })
+        },
     },
     CommandSpec {
         name: "port",
@@ -327,7 +373,11 @@ pub static SPECS: &[CommandSpec] = &[
         args: &[],
         flags: &[USER_FLAG],
         summary: "List your SSH keys",
-        build: |m| Ok(Command::Keys { user: m.value("user", user)? }),
+        build: |m| {
+            Ok(Command::Keys {
+                user: m.value("user", user)?,
+            })
+        },
     },
     CommandSpec {
         name: "key add",
@@ -351,7 +401,9 @@ pub static SPECS: &[CommandSpec] = &[
         summary: "Revoke an SSH key by its fingerprint",
         build: |m| {
             Ok(Command::KeyRm {
-                fingerprint: m.req("fingerprint", |s| Fingerprint::new(s).map_err(|e| e.to_string()))?,
+                fingerprint: m.req("fingerprint", |s| {
+                    Fingerprint::new(s).map_err(|e| e.to_string())
+                })?,
             })
         },
     },
@@ -374,7 +426,11 @@ pub static SPECS: &[CommandSpec] = &[
         args: &[],
         flags: &[switch("all", "include decided requests")],
         summary: "List pending access requests (admins)",
-        build: |m| Ok(Command::Requests { all: m.switch("all") }),
+        build: |m| {
+            Ok(Command::Requests {
+                all: m.switch("all"),
+            })
+        },
     },
     CommandSpec {
         name: "approve",
@@ -382,7 +438,11 @@ pub static SPECS: &[CommandSpec] = &[
         args: &[word("id")],
         flags: &[],
         summary: "Approve an access request (admins)",
-        build: |m| Ok(Command::Approve { id: m.req("id", request_id)? }),
+        build: |m| {
+            Ok(Command::Approve {
+                id: m.req("id", request_id)?,
+            })
+        },
     },
     CommandSpec {
         name: "deny",
@@ -446,7 +506,9 @@ fn path(s: &str) -> Result<String, String> {
 fn cpus(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
         Ok(n @ 1..=64) => Ok(n),
-        _ => Err(format!("--cpus must be a whole number from 1 to 64, not {s:?}")),
+        _ => Err(format!(
+            "--cpus must be a whole number from 1 to 64, not {s:?}"
+        )),
     }
 }
 fn memory(s: &str) -> Result<Size, String> {
@@ -466,7 +528,9 @@ fn disk(s: &str) -> Result<Size, String> {
 fn lines(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
         Ok(n @ 1..=10_000) => Ok(n),
-        _ => Err(format!("--lines must be a number from 1 to 10000, not {s:?}")),
+        _ => Err(format!(
+            "--lines must be a number from 1 to 10000, not {s:?}"
+        )),
     }
 }
 fn app_port(s: &str) -> Result<u16, String> {
@@ -512,7 +576,11 @@ impl Matched {
     fn switch(&self, name: &str) -> bool {
         self.flags.iter().any(|(n, _)| *n == name)
     }
-    fn value<T>(&self, name: &str, conv: impl Fn(&str) -> Result<T, String>) -> Result<Option<T>, String> {
+    fn value<T>(
+        &self,
+        name: &str,
+        conv: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, String> {
         match self.flags.iter().find(|(n, _)| *n == name) {
             Some((_, Some(v))) => conv(v).map(Some),
             _ => Ok(None),
@@ -544,7 +612,11 @@ fn suggest(word: &str) -> Option<&'static str> {
     let word = word.to_ascii_lowercase();
     SPECS
         .iter()
-        .flat_map(|s| std::iter::once(s.name).chain(s.aliases.iter().copied()).map(move |n| (s.name, n)))
+        .flat_map(|s| {
+            std::iter::once(s.name)
+                .chain(s.aliases.iter().copied())
+                .map(move |n| (s.name, n))
+        })
         .map(|(canon, n)| {
             let first = n.split(' ').next().unwrap_or(n);
             let d = strsim::levenshtein(&word, n).min(strsim::levenshtein(&word, first));
@@ -609,7 +681,10 @@ pub(super) fn parse_tokens(tokens: Vec<Token>) -> Result<Invocation, ParseError>
             Some(s) => (s, 1),
             None => {
                 // `new myapp`, `key ssh-ed25519 ...`: a two-word command missing its second word.
-                if let Some(s) = SPECS.iter().find(|s| s.name.split(' ').next() == Some(w1.as_str())) {
+                if let Some(s) = SPECS
+                    .iter()
+                    .find(|s| s.name.split(' ').next() == Some(w1.as_str()))
+                {
                     return Err(ParseError::Usage {
                         command: s.name,
                         problem: format!("say '{}'", s.name),
@@ -624,7 +699,9 @@ pub(super) fn parse_tokens(tokens: Vec<Token>) -> Result<Invocation, ParseError>
     };
     if help {
         return Ok(Invocation {
-            command: Command::Help { topic: Some(spec.name) },
+            command: Command::Help {
+                topic: Some(spec.name),
+            },
             json,
         });
     }
@@ -807,7 +884,12 @@ pub(super) fn write_canonical(c: &Command, f: &mut fmt::Formatter<'_>) -> fmt::R
                 write!(f, " --lines {lines}")?;
             }
         }
-        Command::Share { name, user, ssh, web } => {
+        Command::Share {
+            name,
+            user,
+            ssh,
+            web,
+        } => {
             arg(name.as_str())?;
             arg(user.as_str())?;
             match (ssh, web) {
@@ -890,22 +972,33 @@ mod tests {
 
     #[test]
     fn parses_the_brief_example() {
-        let inv = parse("new project myapp --stack rust --git https://git.example.com/me/myapp.git").unwrap();
-        let Command::NewProject(n) = inv.command else { panic!() };
+        let inv =
+            parse("new project myapp --stack rust --git https://git.example.com/me/myapp.git")
+                .unwrap();
+        let Command::NewProject(n) = inv.command else {
+            panic!()
+        };
         assert_eq!(n.name.as_str(), "myapp");
         assert_eq!(n.stack.unwrap().as_str(), "rust");
-        assert_eq!(n.git.unwrap().as_str(), "https://git.example.com/me/myapp.git");
+        assert_eq!(
+            n.git.unwrap().as_str(),
+            "https://git.example.com/me/myapp.git"
+        );
     }
 
     #[test]
     fn pasted_keys_with_comments_and_notes() {
         let k = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
         let inv = parse(&format!("request-access {k} ann@laptop please let me in")).unwrap();
-        let Command::RequestAccess { key, note } = inv.command else { panic!() };
+        let Command::RequestAccess { key, note } = inv.command else {
+            panic!()
+        };
         assert_eq!(key.comment(), Some("ann@laptop"));
         assert_eq!(note.as_deref(), Some("please let me in"));
         let inv = parse(&format!("request-access \"{k} my laptop\"")).unwrap();
-        let Command::RequestAccess { key, note } = inv.command else { panic!() };
+        let Command::RequestAccess { key, note } = inv.command else {
+            panic!()
+        };
         assert_eq!(key.comment(), Some("my laptop"));
         assert_eq!(note, None);
     }
@@ -917,17 +1010,28 @@ mod tests {
         let e = parse("new myapp").unwrap_err().to_string();
         assert!(e.contains("say 'new project'"), "{e}");
         let e = parse("rm").unwrap_err().to_string();
-        assert!(e.contains("missing <name>") && e.contains("Usage: rm <name>"), "{e}");
+        assert!(
+            e.contains("missing <name>") && e.contains("Usage: rm <name>"),
+            "{e}"
+        );
         let e = parse("new project a --stak rust").unwrap_err().to_string();
         assert!(e.contains("did you mean --stack"), "{e}");
         let e = parse("status a b").unwrap_err().to_string();
         assert!(e.contains("unexpected"), "{e}");
         let e = parse("new project Bad_Name").unwrap_err().to_string();
         assert!(e.contains("1 to 40 characters"), "{e}");
-        let e = parse("request-access ssh-ed25519 nonsense").unwrap_err().to_string();
+        let e = parse("request-access ssh-ed25519 nonsense")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not an OpenSSH public key"), "{e}");
         assert!(matches!(parse("   "), Err(ParseError::Empty)));
-        assert!(matches!(parse("xyzzy"), Err(ParseError::UnknownCommand { suggestion: None, .. })));
+        assert!(matches!(
+            parse("xyzzy"),
+            Err(ParseError::UnknownCommand {
+                suggestion: None,
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -935,26 +1039,49 @@ mod tests {
         let inv = parse("--json projects").unwrap();
         assert!(inv.json);
         assert_eq!(inv.command, Command::Projects);
-        assert_eq!(parse("rm --help").unwrap().command, Command::Help { topic: Some("rm") });
-        assert_eq!(parse("help new").unwrap().command, Command::Help { topic: Some("new project") });
-        assert_eq!(parse("help ls").unwrap().command, Command::Help { topic: Some("projects") });
+        assert_eq!(
+            parse("rm --help").unwrap().command,
+            Command::Help { topic: Some("rm") }
+        );
+        assert_eq!(
+            parse("help new").unwrap().command,
+            Command::Help {
+                topic: Some("new project")
+            }
+        );
+        assert_eq!(
+            parse("help ls").unwrap().command,
+            Command::Help {
+                topic: Some("projects")
+            }
+        );
         assert!(parse("help frobnicate").is_err());
         assert_eq!(parse("ls").unwrap().command, Command::Projects);
     }
 
     #[test]
     fn share_defaults_to_both() {
-        let Command::Share { ssh, web, .. } = parse("share a bob").unwrap().command else { panic!() };
+        let Command::Share { ssh, web, .. } = parse("share a bob").unwrap().command else {
+            panic!()
+        };
         assert!(ssh && web);
-        let Command::Share { ssh, web, .. } = parse("share a bob --web").unwrap().command else { panic!() };
+        let Command::Share { ssh, web, .. } = parse("share a bob --web").unwrap().command else {
+            panic!()
+        };
         assert!(!ssh && web);
     }
 
     #[test]
     fn quoted_words_are_never_flags() {
-        let Command::Deny { reason, .. } = parse("deny 3 \"--yes\"").unwrap().command else { panic!() };
+        let Command::Deny { reason, .. } = parse("deny 3 \"--yes\"").unwrap().command else {
+            panic!()
+        };
         assert_eq!(reason.as_deref(), Some("--yes"));
-        let Command::Deny { reason, .. } = parse("deny #3 -- --json is not a reason").unwrap().command else { panic!() };
+        let Command::Deny { reason, .. } =
+            parse("deny #3 -- --json is not a reason").unwrap().command
+        else {
+            panic!()
+        };
         assert_eq!(reason.as_deref(), Some("--json is not a reason"));
     }
 }

@@ -62,7 +62,8 @@ impl SlugName {
         let ok = !s.is_empty()
             && s.len() <= 32
             && s.starts_with(|c: char| c.is_ascii_lowercase())
-            && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
         if ok {
             Ok(Self(s.to_owned()))
         } else {
@@ -97,7 +98,8 @@ pub const GIT_SCHEMES: &[&str] = &["https://", "http://", "ssh://", "git://", "f
 impl GitSource {
     /// Validates the shape of a git URL.
     pub fn new(s: &str) -> Result<Self, String> {
-        if s.is_empty() || s.len() > 2048 || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        if s.is_empty() || s.len() > 2048 || s.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
             return Err(format!("{s:?} is not a git URL"));
         }
         if s.starts_with('-') {
@@ -109,9 +111,8 @@ impl GitSource {
             ));
         }
         let scp_like = !s.contains("://")
-            && s.split_once(':').is_some_and(|(host, _)| {
-                !host.is_empty() && !host.contains('/') && host.len() > 1
-            });
+            && s.split_once(':')
+                .is_some_and(|(host, _)| !host.is_empty() && !host.contains('/') && host.len() > 1);
         let local_path = s.starts_with('/');
         if GIT_SCHEMES.iter().any(|p| s.starts_with(p)) || scp_like || local_path {
             Ok(Self(s.to_owned()))
@@ -169,7 +170,14 @@ mod tests {
         ] {
             assert!(GitSource::new(ok).is_ok(), "{ok}");
         }
-        for bad in ["ext::sh -c touch% /tmp/pwned", "ext::x", "-upload-pack=x", "ftp://x", "a b", ""] {
+        for bad in [
+            "ext::sh -c touch% /tmp/pwned",
+            "ext::x",
+            "-upload-pack=x",
+            "ftp://x",
+            "a b",
+            "",
+        ] {
             assert!(GitSource::new(bad).is_err(), "{bad}");
         }
         assert!(GitSource::new("file:///x").unwrap().is_local());

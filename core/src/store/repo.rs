@@ -9,9 +9,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use super::{classify, StoreError};
 use crate::keys::{Fingerprint, PublicKey};
 use crate::model::{
-    now, AccessRequest, AuditEvent, AuditOutcome, Frontend, Identity, Project,
-    ProjectState, Quota, RequestState, Resources, Role, Share, SshKeyRecord, Usage, User, UserId,
-    Visibility,
+    now, AccessRequest, AuditEvent, AuditOutcome, Frontend, Identity, Project, ProjectState, Quota,
+    RequestState, Resources, Role, Share, SshKeyRecord, Usage, User, UserId, Visibility,
 };
 use crate::names::{ProjectName, UserName};
 
@@ -142,7 +141,9 @@ pub fn identities_of(conn: &Connection, user: UserId) -> Result<Vec<Identity>, S
     let mut st = conn.prepare(
         "SELECT frontend, external_id FROM identities WHERE user_id = ?1 ORDER BY frontend, external_id",
     )?;
-    let rows = st.query_map([user], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    let rows = st.query_map([user], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+    })?;
     rows.map(|r| {
         let (f, e) = r?;
         Ok(Identity::new(text::<Frontend, _>(f)?, e))
@@ -183,7 +184,16 @@ pub fn free_user_name(conn: &Connection, hint: &str) -> Result<UserName, StoreEr
 const KEY_COLS: &str =
     "k.id, u.name, k.fingerprint, k.algorithm, k.openssh, k.label, k.state, k.created_at";
 
-type KeyRow = (i64, String, String, String, String, Option<String>, String, i64);
+type KeyRow = (
+    i64,
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    String,
+    i64,
+);
 
 fn key_row(r: &Row<'_>) -> rusqlite::Result<KeyRow> {
     Ok((
@@ -485,7 +495,10 @@ pub fn insert_project(conn: &Connection, p: &NewProjectRow<'_>) -> Result<Projec
 }
 
 /// A project by name.
-pub fn project_by_name(conn: &Connection, name: &ProjectName) -> Result<Option<Project>, StoreError> {
+pub fn project_by_name(
+    conn: &Connection,
+    name: &ProjectName,
+) -> Result<Option<Project>, StoreError> {
     conn.query_row(
         &format!("SELECT {PROJECT_COLS} FROM projects p JOIN users u ON u.id = p.owner_id WHERE p.name = ?1"),
         [name.as_str()],
@@ -508,7 +521,11 @@ pub fn list_projects(conn: &Connection, user: Option<UserId>) -> Result<Vec<Proj
 }
 
 /// Sets a project's lifecycle state.
-pub fn set_project_state(conn: &Connection, name: &ProjectName, state: ProjectState) -> Result<(), StoreError> {
+pub fn set_project_state(
+    conn: &Connection,
+    name: &ProjectName,
+    state: ProjectState,
+) -> Result<(), StoreError> {
     conn.execute(
         "UPDATE projects SET state = ?2, updated_at = ?3 WHERE name = ?1",
         params![name.as_str(), state.as_str(), now()],
@@ -517,7 +534,11 @@ pub fn set_project_state(conn: &Connection, name: &ProjectName, state: ProjectSt
 }
 
 /// Sets a project's visibility.
-pub fn set_visibility(conn: &Connection, name: &ProjectName, v: Visibility) -> Result<(), StoreError> {
+pub fn set_visibility(
+    conn: &Connection,
+    name: &ProjectName,
+    v: Visibility,
+) -> Result<(), StoreError> {
     conn.execute(
         "UPDATE projects SET visibility = ?2, updated_at = ?3 WHERE name = ?1",
         params![name.as_str(), v.as_str(), now()],
@@ -560,7 +581,13 @@ pub fn usage_of(conn: &Connection, user: UserId) -> Result<Usage, StoreError> {
 // ---------------------------------------------------------------- shares
 
 /// Shares a project with a user (replacing any previous share).
-pub fn upsert_share(conn: &Connection, project: i64, user: UserId, ssh: bool, web: bool) -> Result<(), StoreError> {
+pub fn upsert_share(
+    conn: &Connection,
+    project: i64,
+    user: UserId,
+    ssh: bool,
+    web: bool,
+) -> Result<(), StoreError> {
     conn.execute(
         "INSERT INTO shares (project_id, user_id, ssh, web) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (project_id, user_id) DO UPDATE SET ssh = excluded.ssh, web = excluded.web",
@@ -579,7 +606,11 @@ pub fn remove_share(conn: &Connection, project: i64, user: UserId) -> Result<boo
 }
 
 /// A user's share of a project, if any.
-pub fn share_of(conn: &Connection, project: i64, user: UserId) -> Result<Option<(bool, bool)>, StoreError> {
+pub fn share_of(
+    conn: &Connection,
+    project: i64,
+    user: UserId,
+) -> Result<Option<(bool, bool)>, StoreError> {
     Ok(conn
         .query_row(
             "SELECT ssh, web FROM shares WHERE project_id = ?1 AND user_id = ?2",
@@ -596,7 +627,12 @@ pub fn shares_of(conn: &Connection, project: &ProjectName) -> Result<Vec<Share>,
          JOIN users u ON u.id = s.user_id WHERE p.name = ?1 ORDER BY u.name",
     )?;
     let rows = st.query_map([project.as_str()], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get(2)?, r.get(3)?))
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get(2)?,
+            r.get(3)?,
+        ))
     })?;
     rows.map(|r| {
         let (p, u, ssh, web) = r?;
@@ -726,14 +762,20 @@ mod tests {
         let k = ed25519(1, Some("ann@laptop"));
         let rec = add_key(&c, ann.id, &k, None).unwrap();
         assert_eq!(rec.label.as_deref(), Some("ann@laptop"));
-        assert_eq!(user_by_active_key(&c, k.fingerprint()).unwrap().unwrap().id, ann.id);
+        assert_eq!(
+            user_by_active_key(&c, k.fingerprint()).unwrap().unwrap().id,
+            ann.id
+        );
         revoke_key(&c, k.fingerprint()).unwrap();
         assert!(user_by_active_key(&c, k.fingerprint()).unwrap().is_none());
         add_key(&c, ann.id, &k, Some("again")).unwrap();
         assert!(user_by_active_key(&c, k.fingerprint()).unwrap().is_some());
 
         let bob = create_user(&c, &UserName::new("bob").unwrap(), Role::Member).unwrap();
-        assert!(matches!(add_key(&c, bob.id, &k, None), Err(StoreError::AlreadyExists { .. })));
+        assert!(matches!(
+            add_key(&c, bob.id, &k, None),
+            Err(StoreError::AlreadyExists { .. })
+        ));
 
         let k2 = ed25519(2, None);
         let stranger = Identity::new(Frontend::Discord, "42");

@@ -1,0 +1,308 @@
+//! Configuration: one TOML file, `KENNEL_*` environment overrides, flags.
+//!
+//! Types here are plain serde structs with `deny_unknown_fields`;
+//! [`Config::validate`] checks what serde cannot; [`load`] layers the
+//! sources with figment, which also remembers where each value came from
+//! for `kennel config`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use figment::providers::{Env, Format as _, Serialized, Toml};
+use figment::value::{Dict, Value};
+use figment::Figment;
+use kennel_core::command::Size;
+use kennel_core::model::{Frontend, Identity, Resources};
+use serde::{Deserialize, Serialize};
+
+/// Everything Kennel can be configured with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the store, keys, images, project sources and VMs live.
+    pub data_dir: PathBuf,
+    /// Default home of project sources; `<data_dir>/projects` if unset.
+    pub projects_root: Option<PathBuf>,
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `kennel=debug`.
+    pub log: String,
+    /// Identities that are admins from their first message, as
+    /// `frontend:id`, e.g. `matrix:@ann:example.org` or `discord:1234`.
+    pub admins: Vec<String>,
+    pub ssh: SshConfig,
+    pub https: HttpsConfig,
+    pub vm: VmConfig,
+}
+
+/// The SSH gateway.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SshConfig {
+    /// Address the gateway listens on.
+    pub listen: SocketAddr,
+    /// Host name users type (`ssh myapp@HOST`).
+    pub public_host: String,
+    /// Port users type; defaults to the listen port.
+    pub public_port: Option<u16>,
+}
+
+/// The HTTPS gateway.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpsConfig {
+    pub listen: SocketAddr,
+    /// Projects are served at `https://<project>.<domain>`.
+    pub domain: String,
+    /// Port in the URLs Kennel hands out; defaults to the listen port.
+    pub public_port: Option<u16>,
+}
+
+/// Project VMs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmConfig {
+    /// `auto`, `qemu` or `cloud-hypervisor`.
+    pub backend: String,
+    pub default_cpus: u32,
+    pub default_memory: String,
+    pub default_disk: String,
+    /// How many `new project`s may build at once.
+    pub max_parallel_creates: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("kennel-data"),
+            projects_root: None,
+            log: "info".into(),
+            admins: Vec::new(),
+            ssh: SshConfig::default(),
+            https: HttpsConfig::default(),
+            vm: VmConfig::default(),
+        }
+    }
+}
+
+impl Default for SshConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 2222)),
+            public_host: "127.0.0.1".into(),
+            public_port: None,
+        }
+    }
+}
+
+impl Default for HttpsConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            domain: "localhost".into(),
+            public_port: None,
+        }
+    }
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            backend: "auto".into(),
+            default_cpus: 2,
+            default_memory: "2G".into(),
+            default_disk: "20G".into(),
+            max_parallel_creates: 2,
+        }
+    }
+}
+
+/// Backends `vm.backend` may name.
+pub const BACKENDS: &[&str] = &["auto", "qemu", "cloud-hypervisor"];
+
+impl Config {
+    /// Checks what the types cannot: names, sizes, identities.
+    pub fn validate(&self) -> Result<()> {
+        if !BACKENDS.contains(&self.vm.backend.as_str()) {
+            bail!(
+                "vm.backend is {:?}; use one of {}",
+                self.vm.backend,
+                BACKENDS.join(", ")
+            );
+        }
+        if !(1..=64).contains(&self.vm.default_cpus) {
+            bail!("vm.default_cpus must be 1 to 64");
+        }
+        if self.vm.max_parallel_creates == 0 {
+            bail!("vm.max_parallel_creates must be at least 1");
+        }
+        self.default_resources()?;
+        self.admin_identities()?;
+        if self.https.domain.is_empty() || self.https.domain.contains(['/', ' ', ':']) {
+            bail!("https.domain {:?} is not a domain name", self.https.domain);
+        }
+        Ok(())
+    }
+
+    /// Default VM resources.
+    pub fn default_resources(&self) -> Result<Resources> {
+        let memory = Size::parse(&self.vm.default_memory, 'M')
+            .map_err(|e| anyhow::anyhow!("vm.default_memory: {e}"))?;
+        let disk = Size::parse(&self.vm.default_disk, 'G')
+            .map_err(|e| anyhow::anyhow!("vm.default_disk: {e}"))?;
+        Ok(Resources {
+            vcpus: self.vm.default_cpus,
+            memory_mib: memory.mib,
+            disk_mib: disk.mib,
+        })
+    }
+
+    /// `admins` as identities.
+    pub fn admin_identities(&self) -> Result<Vec<Identity>> {
+        self.admins
+            .iter()
+            .map(|a| {
+                let (f, id) = a.split_once(':').with_context(|| {
+                    format!(
+                        "admins entry {a:?} must look like matrix:@ann:example.org or discord:1234"
+                    )
+                })?;
+                let f: Frontend = f
+                    .parse()
+                    .with_context(|| format!("admins entry {a:?}: unknown front end {f:?}"))?;
+                Ok(Identity::new(f, id))
+            })
+            .collect()
+    }
+
+    /// Where project sources go by default.
+    pub fn projects_root(&self) -> PathBuf {
+        self.projects_root
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("projects"))
+    }
+}
+
+/// Where the configuration came from, for `kennel config`.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    pub figment: Figment,
+    pub file: Option<PathBuf>,
+}
+
+/// Finds the config file: the flag, else `./kennel.toml`, else
+/// `$XDG_CONFIG_HOME/kennel/kennel.toml` (or `~/.config/...`), if present.
+fn find_file(flag: Option<&Path>) -> Result<Option<PathBuf>> {
+    if let Some(p) = flag {
+        if !p.exists() {
+            bail!("config file {} does not exist", p.display());
+        }
+        return Ok(Some(p.to_owned()));
+    }
+    let local = PathBuf::from("kennel.toml");
+    if local.exists() {
+        return Ok(Some(local));
+    }
+    let xdg = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")));
+    Ok(xdg
+        .map(|d| d.join("kennel/kennel.toml"))
+        .filter(|p| p.exists()))
+}
+
+/// Layers defaults, the file, `KENNEL_*` variables and flags, in that order.
+pub fn load(file_flag: Option<&Path>, data_dir_flag: Option<&Path>) -> Result<Loaded> {
+    let file = find_file(file_flag)?;
+    let mut figment = Figment::from(Serialized::defaults(Config::default()));
+    if let Some(f) = &file {
+        figment = figment.merge(Toml::file_exact(f));
+    }
+    figment = figment.merge(
+        Env::prefixed("KENNEL_")
+            .ignore(&["CONFIG", "DATA_DIR_FLAG"])
+            .split("__"),
+    );
+    if let Some(d) = data_dir_flag {
+        figment = figment.merge(Serialized::global("data_dir", d));
+    }
+    let config: Config = figment.extract().map_err(|e| {
+        let mut msg = String::from("invalid configuration");
+        for err in e {
+            msg.push_str(&format!("\n  - {err}"));
+        }
+        anyhow::anyhow!(msg)
+    })?;
+    config.validate()?;
+    Ok(Loaded {
+        config,
+        figment,
+        file,
+    })
+}
+
+/// `key = value  # source` lines for every setting in force.
+pub fn describe(loaded: &Loaded, data_dir_flag: bool) -> Result<String> {
+    let value = loaded.figment.find_value("")?;
+    let mut out = String::new();
+    if let Some(f) = &loaded.file {
+        out.push_str(&format!("# config file: {}\n", f.display()));
+    } else {
+        out.push_str("# no config file (defaults, KENNEL_* variables and flags only)\n");
+    }
+    let mut lines = Vec::new();
+    if let Value::Dict(_, dict) = value {
+        flatten("", &dict, &mut lines);
+    }
+    for (key, val) in lines {
+        let source = match loaded.figment.find_metadata(&key) {
+            _ if key == "data_dir" && data_dir_flag => "--data-dir flag".to_owned(),
+            // Values serialized from code are the built-in defaults.
+            None
+            | Some(figment::Metadata {
+                source: Some(figment::Source::Code(_)),
+                ..
+            }) => "default".to_owned(),
+            Some(m) => match &m.source {
+                Some(src) => format!("{} {src}", m.name),
+                None => m.name.to_string(),
+            },
+        };
+        out.push_str(&format!("{key} = {val}  # {source}\n"));
+    }
+    Ok(out)
+}
+
+fn flatten(prefix: &str, dict: &Dict, out: &mut Vec<(String, String)>) {
+    for (k, v) in dict {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            Value::Dict(_, d) => flatten(&key, d, out),
+            other => out.push((key, toml_value(other))),
+        }
+    }
+}
+
+fn toml_value(v: &Value) -> String {
+    match v {
+        Value::String(_, s) => format!("{s:?}"),
+        Value::Char(_, c) => format!("{c:?}"),
+        Value::Bool(_, b) => b.to_string(),
+        Value::Num(_, n) => n
+            .to_u128()
+            .map(|u| u.to_string())
+            .or_else(|| n.to_i128().map(|i| i.to_string()))
+            .or_else(|| n.to_f64().map(|f| f.to_string()))
+            .unwrap_or_default(),
+        Value::Empty(_, _) => "(unset)".into(),
+        Value::Array(_, a) => format!(
+            "[{}]",
+            a.iter().map(toml_value).collect::<Vec<_>>().join(", ")
+        ),
+        Value::Dict(_, _) => "{...}".into(),
+    }
+}

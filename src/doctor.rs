@@ -1,0 +1,238 @@
+//! `kennel doctor`: what this host has, what is missing, how to install it.
+
+use std::net::TcpListener;
+use std::path::Path;
+
+use kennel_provisioner::host::{Host, Kvm};
+use serde::Serialize;
+
+use crate::config::Config;
+
+/// How a check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Ok,
+    /// Works, degraded or with a caveat.
+    Warn,
+    /// Kennel cannot do its job without this.
+    Missing,
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub status: Status,
+    pub detail: String,
+    /// What to run or do about it.
+    pub fix: Option<String>,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub checks: Vec<Check>,
+    /// The VM backend `auto` selects on this host, and why.
+    pub backend: String,
+}
+
+impl Report {
+    /// Whether anything required is missing.
+    pub fn failed(&self) -> bool {
+        self.checks.iter().any(|c| c.status == Status::Missing)
+    }
+
+    /// A plain-text table.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        for c in &self.checks {
+            let tag = match c.status {
+                Status::Ok => "ok",
+                Status::Warn => "WARN",
+                Status::Missing => "MISSING",
+            };
+            out.push_str(&format!("{tag:<8} {:<18} {}\n", c.name, c.detail));
+            if let Some(f) = &c.fix {
+                out.push_str(&format!("{:<8} {:<18} fix: {f}\n", "", ""));
+            }
+        }
+        out.push_str(&format!("\nVM backend: {}\n", self.backend));
+        if self.failed() {
+            out.push_str("Some required parts are missing: Kennel cannot run VMs until they are installed.\n");
+        }
+        out
+    }
+}
+
+fn check(
+    name: &'static str,
+    status: Status,
+    detail: impl Into<String>,
+    fix: Option<&str>,
+) -> Check {
+    Check {
+        name,
+        status,
+        detail: detail.into(),
+        fix: fix.map(str::to_owned),
+    }
+}
+
+fn binary(host: &Host, name: &'static str, fallbacks: &[&str], required: bool, fix: &str) -> Check {
+    match host.which(name, fallbacks) {
+        Some(p) => check(name, Status::Ok, p.display().to_string(), None),
+        None if required => check(name, Status::Missing, "not found", Some(fix)),
+        None => check(name, Status::Warn, "not found (optional here)", Some(fix)),
+    }
+}
+
+/// Runs every check.
+pub fn run(config: &Config, host: &Host) -> Report {
+    let mut checks = Vec::new();
+    let kvm = host.kvm();
+    checks.push(match &kvm {
+        Kvm::Usable { module } => check("kvm", Status::Ok, format!("/dev/kvm ({module}): guests run accelerated"), None),
+        Kvm::Pvm => check(
+            "kvm",
+            Status::Warn,
+            "/dev/kvm is the kvm_pvm module (nested PVM): ordinary guest kernels cannot run under it, so VMs run under QEMU with TCG (software emulation, slower)",
+            None,
+        ),
+        Kvm::NoPermission => check(
+            "kvm",
+            Status::Warn,
+            "/dev/kvm exists but this user cannot open it; VMs fall back to QEMU with TCG",
+            Some("add this user to the 'kvm' group and log in again"),
+        ),
+        Kvm::Absent => check("kvm", Status::Warn, "no /dev/kvm: VMs run under QEMU with TCG (software emulation, slower)", None),
+    });
+
+    let ch = host.which("cloud-hypervisor", &[]);
+    let use_ch = match config.vm.backend.as_str() {
+        "cloud-hypervisor" => true,
+        "qemu" => false,
+        _ => ch.is_some() && kvm.runs_guests(),
+    };
+    let backend = match (config.vm.backend.as_str(), use_ch) {
+        (_, true) => format!(
+            "cloud-hypervisor ({})",
+            if config.vm.backend == "auto" {
+                "auto: binary present and KVM runs guests"
+            } else {
+                "configured"
+            }
+        ),
+        ("qemu", false) => format!(
+            "qemu with {} (configured)",
+            if kvm.runs_guests() { "KVM" } else { "TCG" }
+        ),
+        _ => format!(
+            "qemu with {} (auto: {})",
+            if kvm.runs_guests() { "KVM" } else { "TCG" },
+            if ch.is_none() {
+                "no cloud-hypervisor binary"
+            } else {
+                "KVM cannot run guests here"
+            }
+        ),
+    };
+    checks.push(binary(
+        host,
+        "cloud-hypervisor",
+        &[],
+        use_ch,
+        "install cloud-hypervisor from its upstream release on KVM hosts (it is not in Debian's archive); set vm.backend = \"qemu\" otherwise",
+    ));
+    checks.push(binary(
+        host,
+        "qemu-system-x86_64",
+        &[],
+        !use_ch,
+        "apt-get install qemu-system-x86",
+    ));
+    checks.push(binary(
+        host,
+        "qemu-img",
+        &[],
+        true,
+        "apt-get install qemu-utils",
+    ));
+    checks.push(binary(
+        host,
+        "virtiofsd",
+        &["/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"],
+        true,
+        "apt-get install qemu-system-common (ships /usr/lib/qemu/virtiofsd), or cargo install virtiofsd",
+    ));
+    checks.push(binary(
+        host,
+        "mmdebstrap",
+        &[],
+        true,
+        "apt-get install mmdebstrap",
+    ));
+    checks.push(binary(
+        host,
+        "mkfs.ext4",
+        &[],
+        true,
+        "apt-get install e2fsprogs",
+    ));
+    checks.push(if host.can_create_taps() {
+        check("networking", Status::Ok, "can create TAP devices and bridges (CAP_NET_ADMIN)", None)
+    } else {
+        check(
+            "networking",
+            Status::Warn,
+            "cannot create TAP devices (no CAP_NET_ADMIN or /dev/net/tun): VMs use QEMU user-mode networking with forwarded ports",
+            Some("run kennel serve as root or grant CAP_NET_ADMIN for bridged networking"),
+        )
+    });
+    for (name, addr) in [
+        ("ssh port", config.ssh.listen),
+        ("https port", config.https.listen),
+    ] {
+        checks.push(match TcpListener::bind(addr) {
+            Ok(_) => check(name, Status::Ok, format!("{addr} is free"), None),
+            Err(e) => check(
+                name,
+                Status::Warn,
+                format!("{addr} is not available ({e}); fine if `kennel serve` is already running"),
+                Some("pick another address in the config (ssh.listen / https.listen)"),
+            ),
+        });
+    }
+    checks.push(disk_space(&config.data_dir));
+    Report { checks, backend }
+}
+
+fn disk_space(dir: &Path) -> Check {
+    // The data dir may not exist yet; measure the nearest existing parent.
+    let probe = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| Path::new("."));
+    let probe = if probe.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        probe
+    };
+    match rustix::fs::statvfs(probe) {
+        Ok(s) => {
+            let gib = s.f_bavail.saturating_mul(s.f_frsize) / (1 << 30);
+            let detail = format!("{gib} GiB free for {}", dir.display());
+            match gib {
+                0..=1 => check("disk space", Status::Missing, detail, Some("free space or set data_dir to a larger disk; images and VM disks need at least 10 GiB")),
+                2..=9 => check("disk space", Status::Warn, detail, Some("images and VM disks want at least 10 GiB")),
+                _ => check("disk space", Status::Ok, detail, None),
+            }
+        }
+        Err(e) => check(
+            "disk space",
+            Status::Warn,
+            format!("cannot measure free space in {}: {e}", probe.display()),
+            None,
+        ),
+    }
+}

@@ -1,0 +1,200 @@
+//! `kennel` end to end through the built binary.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::process::{Child, Command as StdCommand, Stdio};
+use std::time::{Duration, Instant};
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+
+fn kennel(dir: &std::path::Path) -> Command {
+    let mut c = Command::cargo_bin("kennel").unwrap();
+    c.current_dir(dir)
+        .env_remove("KENNEL_CONFIG")
+        .env("HOME", dir);
+    c
+}
+
+#[test]
+fn help_lists_commands() {
+    let d = tempfile::tempdir().unwrap();
+    kennel(d.path())
+        .args(["exec", "help"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("new project <name>"))
+        .stdout(predicate::str::contains("request-access <ssh-public-key>"));
+}
+
+#[test]
+fn json_projects_on_a_fresh_install() {
+    let d = tempfile::tempdir().unwrap();
+    let out = kennel(d.path())
+        .args(["exec", "--json", "projects"])
+        .assert()
+        .success();
+    let v: serde_json::Value = serde_json::from_slice(&out.get_output().stdout).unwrap();
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["projects"], serde_json::json!([]));
+    // `--json` inside the line works too.
+    kennel(d.path())
+        .args(["exec", "projects", "--json"])
+        .assert()
+        .success()
+        .stdout(predicate::str::starts_with("{"));
+    assert!(d.path().join("kennel-data/kennel.db").exists());
+}
+
+#[test]
+fn exit_codes_usage_refused_failed() {
+    let d = tempfile::tempdir().unwrap();
+    kennel(d.path())
+        .args(["exec", "prjects"])
+        .assert()
+        .code(2)
+        .stdout(predicate::str::contains("Did you mean 'projects'"));
+    kennel(d.path())
+        .args(["exec", "new", "project", "Bad_Name"])
+        .assert()
+        .code(2)
+        .stdout(predicate::str::contains("1 to 40 characters"));
+    // A member may not list requests: bootstrap the admin, add a member via a request.
+    kennel(d.path()).args(["exec", "whoami"]).assert().success();
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl bob@laptop";
+    kennel(d.path())
+        .args(["exec", "key", "add", key, "--user", "admin"])
+        .assert()
+        .success();
+    kennel(d.path())
+        .args(["exec", "--as", "nobody", "projects"])
+        .assert()
+        .code(1)
+        .stdout(predicate::str::contains("no user 'nobody'"));
+    // VM operations say plainly that they are not available yet.
+    kennel(d.path())
+        .args(["exec", "new project demo"])
+        .assert()
+        .code(1)
+        .stdout(predicate::str::contains("not available"));
+    kennel(d.path())
+        .args(["exec", "--json", "status", "nothere"])
+        .assert()
+        .code(1)
+        .stdout(predicate::str::contains("\"kind\":\"not_found\""));
+}
+
+#[test]
+fn config_shows_sources_and_rejects_unknown_fields() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("kennel.toml"), "[vm]\ndefault_cpus = 4\n").unwrap();
+    kennel(d.path())
+        .arg("config")
+        .env("KENNEL_SSH__PUBLIC_HOST", "dev.example.org")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("vm.default_cpus = 4  # TOML file"))
+        .stdout(predicate::str::contains(
+            "ssh.public_host = \"dev.example.org\"  # `KENNEL_`",
+        ))
+        .stdout(predicate::str::contains("vm.backend = \"auto\"  # default"));
+    std::fs::write(d.path().join("kennel.toml"), "[vm]\ncpu = 4\n").unwrap();
+    kennel(d.path())
+        .arg("config")
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("unknown field"));
+}
+
+#[test]
+fn doctor_reports_every_check() {
+    let d = tempfile::tempdir().unwrap();
+    let out = kennel(d.path())
+        .args(["doctor", "--json"])
+        .output()
+        .unwrap();
+    assert!(matches!(out.status.code(), Some(0 | 1)), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    for n in [
+        "kvm",
+        "qemu-system-x86_64",
+        "virtiofsd",
+        "mmdebstrap",
+        "networking",
+        "disk space",
+    ] {
+        assert!(names.contains(&n), "{n} missing from {names:?}");
+    }
+    assert!(
+        v["backend"].as_str().unwrap().contains("qemu")
+            || v["backend"].as_str().unwrap().contains("cloud-hypervisor")
+    );
+}
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn exec_goes_through_a_running_daemon_and_serve_stops_on_sigterm() {
+    let d = tempfile::tempdir().unwrap();
+    let bin = assert_cmd::cargo::cargo_bin("kennel");
+    let child = StdCommand::new(&bin)
+        .current_dir(d.path())
+        .env("HOME", d.path())
+        .args(["serve"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut daemon = Daemon(child);
+    let sock = d.path().join("kennel-data/control.sock");
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the daemon did not open its control socket"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // The data dir is the daemon's: exec must use the socket (an in-process
+    // run would fail on the lock).
+    kennel(d.path())
+        .args(["exec", "whoami"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("You are admin"));
+    kennel(d.path())
+        .args(["exec", "frobnicate"])
+        .assert()
+        .code(2);
+    // SIGTERM: graceful stop, socket removed.
+    StdCommand::new("kill")
+        .args(["-TERM", &daemon.0.id().to_string()])
+        .status()
+        .unwrap();
+    let status = daemon.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!sock.exists());
+}
