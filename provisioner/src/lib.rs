@@ -8,3 +8,4 @@
 //! `kennel_core::provision::Provisioner` can be faked in tests.
 
 pub mod host;
+pub mod stacks;
