@@ -359,7 +359,8 @@ pub fn detect(root: &Path, stacks: &[Stack]) -> Detection {
             }
         }
     }
-    let mut scored: Vec<(usize, f64, Vec<(f64, String)>)> = Vec::new();
+    // (stack index, total score, evidence as (score, path)), best first.
+    let mut scored: Vec<(usize, f64, Evidence)> = Vec::new();
     for (si, (stack, rule_hits)) in stacks.iter().zip(hits).enumerate() {
         let mut total = 0.0;
         let mut evidence: Vec<(f64, String)> = Vec::new();
@@ -413,6 +414,9 @@ pub fn detect(root: &Path, stacks: &[Stack]) -> Detection {
         scores,
     }
 }
+
+/// Matched files with their scores.
+type Evidence = Vec<(f64, String)>;
 
 /// The three most telling paths, plus how many source files matched.
 fn summarize(ev: &[(f64, String)]) -> Vec<String> {
