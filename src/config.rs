@@ -32,6 +32,44 @@ pub struct Config {
     pub ssh: SshConfig,
     pub https: HttpsConfig,
     pub vm: VmConfig,
+    pub images: ImagesConfig,
+}
+
+/// Stacks, templates and guest images.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesConfig {
+    /// Folder of `<stack>/stack.toml` files.
+    pub stacks_dir: PathBuf,
+    /// Folder of project templates.
+    pub templates_dir: PathBuf,
+    /// The base image recipe (recipe.toml, customize.sh, overlay/).
+    pub recipe_dir: PathBuf,
+    /// apt sources for images: a sources.list or deb822 .sources file.
+    pub apt_sources: PathBuf,
+    /// Downloaded packages kept between image builds; empty to disable.
+    pub apt_cache: Option<PathBuf>,
+}
+
+/// The checkout Kennel was built from; its data folders are the defaults.
+const SOURCE_DIR: &str = env!("CARGO_MANIFEST_DIR");
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        let src = Path::new(SOURCE_DIR);
+        let deb822 = Path::new("/etc/apt/sources.list.d/debian.sources");
+        Self {
+            stacks_dir: src.join("stacks"),
+            templates_dir: src.join("templates"),
+            recipe_dir: src.join("images/base"),
+            apt_sources: if deb822.exists() {
+                deb822.to_owned()
+            } else {
+                PathBuf::from("/etc/apt/sources.list")
+            },
+            apt_cache: std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kennel/apt")),
+        }
+    }
 }
 
 /// The SSH gateway.
@@ -80,6 +118,7 @@ impl Default for Config {
             ssh: SshConfig::default(),
             https: HttpsConfig::default(),
             vm: VmConfig::default(),
+            images: ImagesConfig::default(),
         }
     }
 }

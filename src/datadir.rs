@@ -16,8 +16,9 @@ pub struct DataDir {
 impl DataDir {
     /// The data directory at `root` (not created yet).
     pub fn new(root: &Path) -> Self {
+        // Absolute, so paths handed to child processes mean the same in any cwd.
         Self {
-            root: root.to_owned(),
+            root: std::path::absolute(root).unwrap_or_else(|_| root.to_owned()),
         }
     }
 

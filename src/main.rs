@@ -5,6 +5,7 @@ mod config;
 mod console;
 mod datadir;
 mod doctor;
+mod image_cmd;
 mod serve;
 mod wiring;
 
@@ -58,6 +59,36 @@ enum Cmd {
     },
     /// Print the configuration in force and where each value came from.
     Config,
+    /// Build, list and remove guest images.
+    #[command(subcommand)]
+    Image(ImageCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCmd {
+    /// Build the kernel artefacts and stack images (the base image if no stack is named).
+    Build {
+        /// Build this stack's image.
+        #[arg(long, conflicts_with = "all")]
+        stack: Option<String>,
+        /// Build every stack's image.
+        #[arg(long)]
+        all: bool,
+    },
+    /// List built images.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an image no project uses, or every unused old one.
+    Rm {
+        /// The image id (see `kennel image ls`).
+        #[arg(required_unless_present = "unused")]
+        id: Option<String>,
+        /// Remove every image that no VM uses and that is not its stack's newest.
+        #[arg(long, conflicts_with = "id")]
+        unused: bool,
+    },
 }
 
 fn init_logging(filter: &str) {
@@ -143,6 +174,15 @@ fn real_main() -> Result<i32> {
                 print!("{}", report.to_text());
             }
             Ok(i32::from(report.failed()))
+        }
+        Cmd::Image(cmd) => {
+            init_logging("warn");
+            match cmd {
+                ImageCmd::Build { stack, all } => image_cmd::build(config, stack.as_deref(), all)?,
+                ImageCmd::Ls { json } => image_cmd::ls(config, json)?,
+                ImageCmd::Rm { id, unused } => image_cmd::rm(config, id.as_deref(), unused)?,
+            }
+            Ok(0)
         }
         Cmd::Config => {
             print!("{}", config::describe(&loaded, cli.data_dir.is_some())?);

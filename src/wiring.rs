@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use kennel_core::catalog::StaticCatalog;
 use kennel_core::provision::Unavailable;
 use kennel_core::{Executor, Settings, Store};
 
@@ -39,6 +38,8 @@ pub fn executor(config: &Config, store: Store) -> Result<Executor> {
     let vms = Arc::new(Unavailable {
         reason: "the provisioner is not built yet".into(),
     });
-    let catalog = Arc::new(StaticCatalog::default());
+    let catalog = Arc::new(kennel_provisioner::catalog::DirCatalog {
+        stacks: kennel_provisioner::stacks::Stacks::load(&config.images.stacks_dir),
+    });
     Ok(Executor::new(store, vms, catalog, settings(config)?))
 }

@@ -1,0 +1,589 @@
+//! Stack images: the base recipe (`images/base/`) plus a stack's packages,
+//! built with mmdebstrap into an ext4 file, cached by a content hash of
+//! every input (recipe files, stack file, kernel manifest).
+//!
+//! Images are immutable: an image whose inputs did not change is never
+//! rebuilt; a build happens in a temporary directory and is published by
+//! one rename, so a failure leaves no half image. Project disks are
+//! copy-on-write children of an image, so an image stays while any VM
+//! references it (a `vms/<name>/image` file naming its id); `remove` and
+//! `prune` only delete unreferenced ones.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::kernel::KernelManifest;
+use crate::process::{Cmd, RunError, Runner};
+use crate::stacks::Stack;
+
+/// The recipe's data file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecipeFile {
+    pub suite: String,
+    pub variant: String,
+    pub packages: Vec<String>,
+    #[serde(default)]
+    pub dpkg_exclude: Vec<String>,
+    #[serde(default)]
+    pub dpkg_include: Vec<String>,
+}
+
+/// What went wrong with images.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("cannot read the image recipe in {path}")]
+    Recipe {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    RecipeInvalid { path: PathBuf, message: String },
+    #[error("image builds need root (mmdebstrap --mode=root, mkfs.ext4 -d keeps file owners); run `kennel image build` as root")]
+    NotRoot,
+    #[error("path {0} contains characters that cannot be passed to mmdebstrap hooks; move it")]
+    UnsafePath(PathBuf),
+    #[error("{step} failed")]
+    Run {
+        step: &'static str,
+        #[source]
+        source: RunError,
+    },
+    #[error("no image {0}; see `kennel image ls`")]
+    NotFound(String),
+    #[error("image {id} is in use by {users}; remove those projects first")]
+    InUse { id: String, users: String },
+    #[error("cannot write {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
+    move |source| ImageError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The base recipe, loaded and hashed.
+#[derive(Debug, Clone)]
+pub struct Recipe {
+    pub dir: PathBuf,
+    pub file: RecipeFile,
+    /// SHA-256 over recipe.toml, customize.sh and every overlay file
+    /// (path, mode and bytes).
+    pub digest: String,
+}
+
+impl Recipe {
+    /// Loads `dir/recipe.toml` and hashes the whole recipe folder.
+    pub fn load(dir: &Path) -> Result<Self, ImageError> {
+        let path = dir.join("recipe.toml");
+        let text = std::fs::read_to_string(&path).map_err(|source| ImageError::Recipe {
+            path: path.clone(),
+            source,
+        })?;
+        let file: RecipeFile = toml::from_str(&text).map_err(|e| ImageError::RecipeInvalid {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let mut h = Sha256::new();
+        let mut entries: Vec<PathBuf> = walkdir::WalkDir::new(dir)
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_file())
+            .map(|e| e.path().to_owned())
+            .collect();
+        entries.sort();
+        for p in entries {
+            use std::os::unix::fs::PermissionsExt;
+            let rel = p.strip_prefix(dir).unwrap_or(&p);
+            let meta = std::fs::metadata(&p).map_err(io(&p))?;
+            let bytes = std::fs::read(&p).map_err(io(&p))?;
+            h.update(rel.to_string_lossy().as_bytes());
+            h.update(meta.permissions().mode().to_le_bytes());
+            h.update((bytes.len() as u64).to_le_bytes());
+            h.update(&bytes);
+        }
+        Ok(Self {
+            dir: dir.to_owned(),
+            file,
+            digest: hex::encode(h.finalize()),
+        })
+    }
+}
+
+/// What `image ls` shows about an image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    /// `<stack>-<hash>`.
+    pub id: String,
+    pub stack: String,
+    pub hash: String,
+    pub kernel_release: String,
+    pub packages: Vec<String>,
+    /// Apparent size of the root filesystem file.
+    pub size_bytes: u64,
+    /// Seconds since the Unix epoch.
+    pub built_at: i64,
+    /// Seconds the build took.
+    pub build_seconds: f64,
+    #[serde(skip)]
+    pub dir: PathBuf,
+}
+
+impl ImageInfo {
+    /// The ext4 root filesystem.
+    pub fn rootfs(&self) -> PathBuf {
+        self.dir.join("rootfs.ext4")
+    }
+}
+
+/// The content hash of an image: recipe, stack file, kernel.
+pub fn content_hash(recipe: &Recipe, stack: &Stack, kernel: &KernelManifest) -> String {
+    let mut h = Sha256::new();
+    h.update(b"kennel-image-v1\0");
+    h.update(recipe.digest.as_bytes());
+    h.update(b"\0");
+    h.update(stack.source.as_bytes());
+    h.update(b"\0");
+    h.update(kernel.digest().as_bytes());
+    let full = hex::encode(h.finalize());
+    full.get(..16).unwrap_or(&full).to_owned()
+}
+
+/// Inputs of a build besides the recipe and stack.
+#[derive(Debug, Clone)]
+pub struct BuildEnv<'a> {
+    /// apt sources for the image (a sources.list or deb822 file).
+    pub apt_sources: &'a Path,
+    /// Where downloaded .debs are kept between builds, if anywhere.
+    pub apt_cache: Option<&'a Path>,
+}
+
+/// The image store: `<data_dir>/images`.
+#[derive(Debug, Clone)]
+pub struct Images {
+    dir: PathBuf,
+}
+
+/// Characters that would change the meaning of a mmdebstrap hook string.
+fn safe_for_hooks(p: &Path) -> bool {
+    p.to_str().is_some_and(|s| {
+        !s.chars()
+            .any(|c| c.is_whitespace() || "'\"`$\\;&|<>(){}*?[]!#~".contains(c))
+    })
+}
+
+impl Images {
+    /// The store at `dir`.
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Every built image, newest first.
+    pub fn list(&self) -> Vec<ImageInfo> {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut v: Vec<ImageInfo> = rd
+            .filter_map(Result::ok)
+            .filter(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                !n.starts_with('.') && !n.starts_with("kernel-")
+            })
+            .filter_map(|e| {
+                let p = e.path();
+                let bytes = std::fs::read(p.join("image.json")).ok()?;
+                let mut info: ImageInfo = serde_json::from_slice(&bytes).ok()?;
+                info.dir = p;
+                Some(info)
+            })
+            .collect();
+        v.sort_by(|a, b| b.built_at.cmp(&a.built_at).then(a.id.cmp(&b.id)));
+        v
+    }
+
+    /// An image by id, or the one of `stack` with `hash`.
+    pub fn get(&self, id: &str) -> Option<ImageInfo> {
+        self.list().into_iter().find(|i| i.id == id)
+    }
+
+    /// Returns the image for `stack`, building it if its inputs changed.
+    /// The boolean says whether a build happened.
+    pub fn ensure(
+        &self,
+        recipe: &Recipe,
+        base: &Stack,
+        stack: &Stack,
+        kernel: &KernelManifest,
+        env: &BuildEnv<'_>,
+        runner: &dyn Runner,
+        step: &mut dyn FnMut(&str),
+    ) -> Result<(ImageInfo, bool), ImageError> {
+        let hash = content_hash(recipe, stack, kernel);
+        let id = format!("{}-{hash}", stack.name());
+        if let Some(info) = self.get(&id) {
+            return Ok((info, false));
+        }
+        if !rustix::process::geteuid().is_root() {
+            return Err(ImageError::NotRoot);
+        }
+        for p in [recipe.dir.as_path(), self.dir.as_path(), env.apt_sources]
+            .into_iter()
+            .chain(env.apt_cache)
+        {
+            if !safe_for_hooks(p) {
+                return Err(ImageError::UnsafePath(p.to_owned()));
+            }
+        }
+        std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+        let work = self.dir.join(format!(".tmp-{id}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work).map_err(io(&work))?;
+        let started = std::time::Instant::now();
+        let result = build(
+            recipe, base, stack, kernel, env, runner, step, &work, &id, &hash,
+        );
+        let out = match result {
+            Ok(mut info) => {
+                info.build_seconds = (started.elapsed().as_secs_f64() * 10.0).round() / 10.0;
+                let json = serde_json::to_vec_pretty(&info).unwrap_or_default();
+                let meta = work.join("image.json");
+                std::fs::write(&meta, json).map_err(io(&meta))?;
+                let _ = std::fs::remove_dir_all(work.join("root"));
+                let dest = self.dir.join(&id);
+                std::fs::rename(&work, &dest).map_err(io(&dest))?;
+                info.dir = dest;
+                Ok((info, true))
+            }
+            Err(e) => Err(e),
+        };
+        if work.exists() {
+            let _ = std::fs::remove_dir_all(&work);
+        }
+        out
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build(
+    recipe: &Recipe,
+    base: &Stack,
+    stack: &Stack,
+    kernel: &KernelManifest,
+    env: &BuildEnv<'_>,
+    runner: &dyn Runner,
+    step: &mut dyn FnMut(&str),
+    work: &Path,
+    id: &str,
+    hash: &str,
+) -> Result<ImageInfo, ImageError> {
+    let mut packages: Vec<String> = recipe.file.packages.clone();
+    for p in base.file.packages.iter().chain(&stack.file.packages) {
+        if !packages.contains(p) {
+            packages.push(p.clone());
+        }
+    }
+    // The stack's environment and first-boot step, as files for the hook.
+    let stack_env = work.join("stack.env");
+    let env_text: String = base
+        .file
+        .env
+        .iter()
+        .chain(&stack.file.env)
+        .map(|(k, v)| format!("{k}='{}'\n", v.replace('\'', "'\\''")))
+        .collect();
+    std::fs::write(&stack_env, env_text).map_err(io(&stack_env))?;
+    let first_boot = work.join("first-boot.sh");
+    let fb = stack
+        .file
+        .first_boot
+        .as_ref()
+        .map(|f| format!("#!/bin/sh\nset -e\n{}\n", f.script))
+        .unwrap_or_default();
+    std::fs::write(&first_boot, fb).map_err(io(&first_boot))?;
+
+    let root = work.join("root");
+    let mut cmd = Cmd::new("mmdebstrap")
+        .args(["--mode=root", "--format=directory", "--quiet"])
+        .arg(format!("--variant={}", recipe.file.variant))
+        .arg(format!("--include={}", packages.join(",")));
+    for x in &recipe.file.dpkg_exclude {
+        cmd = cmd.arg(format!("--dpkgopt=path-exclude={x}"));
+    }
+    for x in &recipe.file.dpkg_include {
+        cmd = cmd.arg(format!("--dpkgopt=path-include={x}"));
+    }
+    if let Some(cache) = env.apt_cache {
+        std::fs::create_dir_all(cache).map_err(io(cache))?;
+        // Reuse downloaded packages between builds (mmdebstrap's own recipe).
+        cmd = cmd
+                .arg("--skip=download/empty")
+                .arg("--essential-hook=mkdir -p \"$1\"/var/cache/apt/archives")
+                .arg(format!("--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives && cp -a {}/. \"$1\"/var/cache/apt/archives/", cache.display()))
+                .arg(format!("--customize-hook=sync-out /var/cache/apt/archives {}", cache.display()));
+    }
+    let hook = recipe.dir.join("customize.sh");
+    cmd = cmd
+        .arg(format!("--customize-hook={}", hook.display()))
+        .arg("--customize-hook=rm -rf \"$1\"/var/cache/apt/archives/*.deb")
+        .arg(&recipe.file.suite)
+        .arg(&root)
+        .arg(env.apt_sources)
+        .env("KENNEL_RECIPE", &recipe.dir.to_string_lossy())
+        .env("KENNEL_STACK", stack.name())
+        .env("KENNEL_STACK_ENV", &stack_env.to_string_lossy())
+        .env("KENNEL_FIRST_BOOT", &first_boot.to_string_lossy());
+    step(&format!(
+        "mmdebstrap {} with {} packages",
+        recipe.file.suite,
+        packages.len()
+    ));
+    runner.run(&cmd).map_err(|source| ImageError::Run {
+        step: "mmdebstrap",
+        source,
+    })?;
+
+    // Size: what the tree holds, plus a quarter and 256 MiB of room,
+    // rounded up to 64 MiB. VM disks are larger; the guest grows it.
+    let used: u64 = walkdir::WalkDir::new(&root)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.blocks() * 512
+        })
+        .sum();
+    let mib = (used / (1 << 20)) * 5 / 4 + 256;
+    let mib = mib.div_ceil(64) * 64;
+    let rootfs = work.join("rootfs.ext4");
+    step(&format!("mkfs.ext4 ({mib} MiB)"));
+    runner
+        .run(
+            &Cmd::new("mkfs.ext4")
+                .args([
+                    "-q",
+                    "-F",
+                    "-L",
+                    "kennelroot",
+                    "-m",
+                    "0",
+                    "-E",
+                    "root_owner=0:0",
+                    "-d",
+                ])
+                .arg(&root)
+                .arg(&rootfs)
+                .arg(format!("{mib}M")),
+        )
+        .map_err(|source| ImageError::Run {
+            step: "mkfs.ext4",
+            source,
+        })?;
+    let size_bytes = std::fs::metadata(&rootfs).map_err(io(&rootfs))?.len();
+    Ok(ImageInfo {
+        id: id.to_owned(),
+        stack: stack.name().to_owned(),
+        hash: hash.to_owned(),
+        kernel_release: kernel.kernel_release.clone(),
+        packages,
+        size_bytes,
+        built_at: time_now(),
+        build_seconds: 0.0,
+        dir: PathBuf::new(),
+    })
+}
+
+impl Images {
+    /// Which VMs reference which image: `vms/<name>/image` holds an id.
+    pub fn references(vms_dir: &Path) -> BTreeMap<String, Vec<String>> {
+        let mut refs: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        if let Ok(rd) = std::fs::read_dir(vms_dir) {
+            for e in rd.filter_map(Result::ok) {
+                if let Ok(id) = std::fs::read_to_string(e.path().join("image")) {
+                    refs.entry(id.trim().to_owned())
+                        .or_default()
+                        .push(e.file_name().to_string_lossy().into_owned());
+                }
+            }
+        }
+        refs
+    }
+
+    /// Removes an image unless a VM references it.
+    pub fn remove(&self, id: &str, vms_dir: &Path) -> Result<ImageInfo, ImageError> {
+        let info = self
+            .get(id)
+            .ok_or_else(|| ImageError::NotFound(id.to_owned()))?;
+        if let Some(users) = Self::references(vms_dir).get(id) {
+            return Err(ImageError::InUse {
+                id: id.to_owned(),
+                users: users.join(", "),
+            });
+        }
+        std::fs::remove_dir_all(&info.dir).map_err(io(&info.dir))?;
+        Ok(info)
+    }
+
+    /// Removes every image no VM references and that is not the newest of
+    /// its stack. Returns what was removed.
+    pub fn prune(&self, vms_dir: &Path) -> Result<Vec<ImageInfo>, ImageError> {
+        let refs = Self::references(vms_dir);
+        let mut newest: BTreeSet<String> = BTreeSet::new();
+        let mut removed = Vec::new();
+        for info in self.list() {
+            // list() is newest first: the first of each stack is kept.
+            if newest.insert(info.stack.clone()) || refs.contains_key(&info.id) {
+                continue;
+            }
+            std::fs::remove_dir_all(&info.dir).map_err(io(&info.dir))?;
+            removed.push(info);
+        }
+        Ok(removed)
+    }
+}
+
+fn time_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::process::FakeRunner;
+    use crate::stacks::parse_stack;
+
+    fn stack(name: &str, extra: &str) -> Stack {
+        let text = format!("name = \"{name}\"\nsummary = \"x\"\n{extra}");
+        parse_stack(Path::new("s.toml"), name, &text).unwrap()
+    }
+
+    fn recipe() -> Recipe {
+        Recipe::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/base")).unwrap()
+    }
+
+    fn manifest() -> KernelManifest {
+        KernelManifest {
+            package: "linux-image-x".into(),
+            package_version: "1".into(),
+            kernel_release: "6.1.0-x".into(),
+            busybox_version: "1".into(),
+            modules: vec![],
+            sha256: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn hashes_change_with_every_input() {
+        let r = recipe();
+        let a = content_hash(&r, &stack("rust", ""), &manifest());
+        assert_eq!(a, content_hash(&r, &stack("rust", ""), &manifest()));
+        assert_ne!(
+            a,
+            content_hash(&r, &stack("rust", "app_port = 9\n"), &manifest())
+        );
+        let mut m = manifest();
+        m.package_version = "2".into();
+        assert_ne!(a, content_hash(&r, &stack("rust", ""), &m));
+        let mut r2 = r.clone();
+        r2.digest = "other".into();
+        assert_ne!(a, content_hash(&r2, &stack("rust", ""), &manifest()));
+    }
+
+    #[test]
+    fn a_failed_build_leaves_nothing_behind() {
+        if !rustix::process::geteuid().is_root() {
+            return; // NotRoot is checked before anything is written; see below.
+        }
+        let d = tempfile::tempdir().unwrap();
+        let images = Images::new(&d.path().join("images"));
+        let runner = FakeRunner {
+            script: vec![("mmdebstrap".into(), Err("E: cannot download".into()))],
+            ..Default::default()
+        };
+        let sources = d.path().join("sources");
+        std::fs::write(&sources, "").unwrap();
+        let env = BuildEnv {
+            apt_sources: &sources,
+            apt_cache: None,
+        };
+        let e = images
+            .ensure(
+                &recipe(),
+                &stack("base", ""),
+                &stack("rust", ""),
+                &manifest(),
+                &env,
+                &runner,
+                &mut |_| {},
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("mmdebstrap failed"), "{e}");
+        assert!(images.list().is_empty());
+        assert_eq!(
+            std::fs::read_dir(images.dir()).unwrap().count(),
+            0,
+            "no temp dir left"
+        );
+    }
+
+    #[test]
+    fn images_in_use_are_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let images = Images::new(&d.path().join("images"));
+        for (id, at) in [("rust-aaaa", 1), ("rust-bbbb", 2), ("node-cccc", 1)] {
+            let dir = images.dir().join(id);
+            std::fs::create_dir_all(&dir).unwrap();
+            let (stack, hash) = id.split_once('-').unwrap();
+            let info = ImageInfo {
+                id: id.into(),
+                stack: stack.into(),
+                hash: hash.into(),
+                kernel_release: "k".into(),
+                packages: vec![],
+                size_bytes: 1,
+                built_at: at,
+                build_seconds: 1.0,
+                dir: PathBuf::new(),
+            };
+            std::fs::write(dir.join("image.json"), serde_json::to_vec(&info).unwrap()).unwrap();
+        }
+        let vms = d.path().join("vms");
+        std::fs::create_dir_all(vms.join("demo")).unwrap();
+        std::fs::write(vms.join("demo/image"), "rust-aaaa\n").unwrap();
+        let e = images.remove("rust-aaaa", &vms).unwrap_err();
+        assert!(e.to_string().contains("in use by demo"), "{e}");
+        assert!(
+            images.prune(&vms).unwrap().is_empty(),
+            "old but referenced, or newest"
+        );
+        std::fs::remove_file(vms.join("demo/image")).unwrap();
+        let pruned = images.prune(&vms).unwrap();
+        assert_eq!(
+            pruned.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
+            ["rust-aaaa"]
+        );
+        assert!(matches!(
+            images.remove("nope", &vms),
+            Err(ImageError::NotFound(_))
+        ));
+    }
+}
