@@ -66,15 +66,15 @@ pub fn build(config: &Config, only: Option<&str>, all: bool) -> Result<()> {
         ),
     );
     let env = BuildEnv {
+        recipe: &recipe,
+        kernel: &k.manifest,
         apt_sources: &config.images.apt_sources,
         apt_cache: config.images.apt_cache.as_deref(),
     };
     let mut failed = Vec::new();
     for stack in wanted {
         let name = stack.name().to_owned();
-        match images.ensure(&recipe, base, stack, &k.manifest, &env, &runner, &mut |s| {
-            steps.say(&name, s)
-        }) {
+        match images.ensure(&env, base, stack, &runner, &mut |s| steps.say(&name, s)) {
             Ok((info, built)) => steps.say(
                 &name,
                 &format!(

@@ -159,9 +159,11 @@ pub fn content_hash(recipe: &Recipe, stack: &Stack, kernel: &KernelManifest) -> 
     full.get(..16).unwrap_or(&full).to_owned()
 }
 
-/// Inputs of a build besides the recipe and stack.
+/// What every image build shares: the recipe, the kernel, apt.
 #[derive(Debug, Clone)]
 pub struct BuildEnv<'a> {
+    pub recipe: &'a Recipe,
+    pub kernel: &'a KernelManifest,
     /// apt sources for the image (a sources.list or deb822 file).
     pub apt_sources: &'a Path,
     /// Where downloaded .debs are kept between builds, if anywhere.
@@ -227,14 +229,13 @@ impl Images {
     /// The boolean says whether a build happened.
     pub fn ensure(
         &self,
-        recipe: &Recipe,
+        env: &BuildEnv<'_>,
         base: &Stack,
         stack: &Stack,
-        kernel: &KernelManifest,
-        env: &BuildEnv<'_>,
         runner: &dyn Runner,
         step: &mut dyn FnMut(&str),
     ) -> Result<(ImageInfo, bool), ImageError> {
+        let (recipe, kernel) = (env.recipe, env.kernel);
         let hash = content_hash(recipe, stack, kernel);
         let id = format!("{}-{hash}", stack.name());
         if let Some(info) = self.get(&id) {
@@ -256,9 +257,7 @@ impl Images {
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work).map_err(io(&work))?;
         let started = std::time::Instant::now();
-        let result = build(
-            recipe, base, stack, kernel, env, runner, step, &work, &id, &hash,
-        );
+        let result = build(env, base, stack, runner, step, &work, &id, &hash);
         let out = match result {
             Ok(mut info) => {
                 info.build_seconds = (started.elapsed().as_secs_f64() * 10.0).round() / 10.0;
@@ -282,17 +281,16 @@ impl Images {
 
 #[allow(clippy::too_many_arguments)]
 fn build(
-    recipe: &Recipe,
+    env: &BuildEnv<'_>,
     base: &Stack,
     stack: &Stack,
-    kernel: &KernelManifest,
-    env: &BuildEnv<'_>,
     runner: &dyn Runner,
     step: &mut dyn FnMut(&str),
     work: &Path,
     id: &str,
     hash: &str,
 ) -> Result<ImageInfo, ImageError> {
+    let (recipe, kernel) = (env.recipe, env.kernel);
     let mut packages: Vec<String> = recipe.file.packages.clone();
     for p in base.file.packages.iter().chain(&stack.file.packages) {
         if !packages.contains(p) {
@@ -521,17 +519,18 @@ mod tests {
         };
         let sources = d.path().join("sources");
         std::fs::write(&sources, "").unwrap();
+        let (r, m) = (recipe(), manifest());
         let env = BuildEnv {
+            recipe: &r,
+            kernel: &m,
             apt_sources: &sources,
             apt_cache: None,
         };
         let e = images
             .ensure(
-                &recipe(),
+                &env,
                 &stack("base", ""),
                 &stack("rust", ""),
-                &manifest(),
-                &env,
                 &runner,
                 &mut |_| {},
             )
