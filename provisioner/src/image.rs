@@ -146,10 +146,16 @@ impl ImageInfo {
     }
 }
 
-/// The content hash of an image: recipe, stack file, kernel.
+/// The version of this builder's behaviour. Bump it whenever a change to
+/// the code below changes what an image contains, so cached images built
+/// the old way are not taken for new ones.
+const BUILDER_VERSION: &[u8] = b"kennel-image-v2";
+
+/// The content hash of an image: builder version, recipe, stack file, kernel.
 pub fn content_hash(recipe: &Recipe, stack: &Stack, kernel: &KernelManifest) -> String {
     let mut h = Sha256::new();
-    h.update(b"kennel-image-v1\0");
+    h.update(BUILDER_VERSION);
+    h.update(b"\0");
     h.update(recipe.digest.as_bytes());
     h.update(b"\0");
     h.update(stack.source.as_bytes());
@@ -318,9 +324,12 @@ fn build(
 
     let root = work.join("root");
     let mut cmd = Cmd::new("mmdebstrap")
-        .args(["--mode=root", "--format=directory", "--quiet"])
+        .args(["--mode=root", "--format=directory"])
         .arg(format!("--variant={}", recipe.file.variant))
         .arg(format!("--include={}", packages.join(",")));
+    // Packages such as openjdk register man-page alternatives in their
+    // postinst; with man pages excluded, the directory must still exist.
+    cmd = cmd.arg("--essential-hook=mkdir -p \"$1\"/usr/share/man/man1");
     for x in &recipe.file.dpkg_exclude {
         cmd = cmd.arg(format!("--dpkgopt=path-exclude={x}"));
     }

@@ -17,3 +17,4 @@ pub mod image;
 pub mod kernel;
 pub mod process;
 pub mod stacks;
+pub mod vmm;

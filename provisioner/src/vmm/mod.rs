@@ -1,0 +1,189 @@
+//! VMM backends: what a machine is ([`Machine`]), and the small [`Vmm`]
+//! trait that Cloud Hypervisor ([`ch`]) and QEMU ([`qemu`]) implement.
+//!
+//! A backend only starts, queries and force-stops the VMM process. Graceful
+//! shutdown (asking the guest), readiness and supervision are the same for
+//! both and live in [`crate::lifecycle`].
+
+pub mod ch;
+pub mod qemu;
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+/// Which backend runs a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    CloudHypervisor,
+    Qemu,
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackendKind::CloudHypervisor => "cloud-hypervisor",
+            BackendKind::Qemu => "qemu",
+        })
+    }
+}
+
+/// How a VM's network is attached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum NetAttach {
+    /// QEMU user-mode networking: the guest is 10.0.2.15 behind NAT; the
+    /// host reaches its sshd and app through forwards bound to `host_ip`,
+    /// a loopback address of this VM's own, so no other VM can reach them.
+    User {
+        host_ip: String,
+        ssh_port: u16,
+        app_port: u16,
+        guest_app_port: u16,
+    },
+    /// A TAP on Kennel's bridge; the guest has `guest_ip` on it.
+    Tap {
+        tap: String,
+        mac: String,
+        guest_ip: String,
+        prefix: u8,
+        gateway: String,
+    },
+}
+
+impl NetAttach {
+    /// The address and port at which the host reaches the guest's sshd.
+    pub fn ssh_addr(&self) -> String {
+        match self {
+            NetAttach::User {
+                host_ip, ssh_port, ..
+            } => format!("{host_ip}:{ssh_port}"),
+            NetAttach::Tap { guest_ip, .. } => format!("{guest_ip}:22"),
+        }
+    }
+
+    /// The address and port at which the host reaches the guest's app.
+    pub fn app_addr(&self, guest_app_port: u16) -> String {
+        match self {
+            NetAttach::User {
+                host_ip, app_port, ..
+            } => format!("{host_ip}:{app_port}"),
+            NetAttach::Tap { guest_ip, .. } => format!("{guest_ip}:{guest_app_port}"),
+        }
+    }
+}
+
+/// Everything a backend needs to run one VM. Paths are absolute.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Machine {
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub cmdline: String,
+    /// The qcow2 root disk (a child of the stack image).
+    pub disk: PathBuf,
+    /// The read-only KENNELCFG disk.
+    pub config_disk: PathBuf,
+    /// virtiofsd's vhost-user socket (tag `workspace`).
+    pub virtiofs_socket: PathBuf,
+    /// Where the serial console is written.
+    pub console_log: PathBuf,
+    /// The VMM's control socket (CH API or QMP).
+    pub control_socket: PathBuf,
+    /// The VMM's pid file.
+    pub pid_file: PathBuf,
+    /// The VMM's own stderr/stdout.
+    pub vmm_log: PathBuf,
+    pub net: NetAttach,
+}
+
+/// What a backend says about its VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum VmmState {
+    /// The VMM process is not running.
+    Gone,
+    Running,
+    Paused,
+    /// The VMM runs but the guest is not running (created, shut down).
+    Stopped,
+}
+
+/// Why a backend operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("cannot start {program}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{program} exited during start-up: {log}")]
+    Exited { program: String, log: String },
+    #[error("the VMM's control socket {0} did not appear in time")]
+    NoSocket(PathBuf),
+    #[error("the VMM API refused {endpoint}: {message}")]
+    Api { endpoint: String, message: String },
+    #[error("talking to the VMM failed")]
+    Io(#[from] std::io::Error),
+}
+
+/// A VMM backend.
+#[async_trait]
+pub trait Vmm: Send + Sync {
+    /// Which backend this is.
+    fn kind(&self) -> BackendKind;
+    /// A description for logs and `doctor` (e.g. `qemu (tcg)`).
+    fn describe(&self) -> String;
+    /// Starts the VMM process for `m` and boots the guest. The virtio-fs
+    /// socket must already exist. Returns the VMM's pid.
+    async fn boot(&self, m: &Machine) -> Result<u32, VmmError>;
+    /// The VMM's view of the VM.
+    async fn state(&self, m: &Machine) -> Result<VmmState, VmmError>;
+    /// Stops the VM without the guest's help and ends the VMM process.
+    async fn force_stop(&self, m: &Machine) -> Result<(), VmmError>;
+}
+
+/// Reads a pid file.
+pub fn read_pid(path: &std::path::Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Whether `pid` is alive and its command line contains `needle` (so a
+/// recycled pid is not mistaken for our process).
+pub fn pid_alive(pid: u32, needle: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .is_some_and(|r| r.trim_start().starts_with('Z'))
+                })
+                .unwrap_or(false);
+            !zombie && String::from_utf8_lossy(&c).contains(needle)
+        })
+        .unwrap_or(false)
+}
+
+/// Waits up to `limit` for `pid` to exit.
+pub async fn wait_exit(pid: u32, needle: &str, limit: std::time::Duration) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if !pid_alive(pid, needle) {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    !pid_alive(pid, needle)
+}
+
+/// Sends a signal to a process (no-op if it is gone).
+pub fn signal(pid: u32, sig: rustix::process::Signal) {
+    if let Some(p) = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap_or(0)) {
+        let _ = rustix::process::kill_process(p, sig);
+    }
+}
