@@ -99,13 +99,25 @@ pub struct HttpsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct VmConfig {
-    /// `auto`, `qemu` or `cloud-hypervisor`.
+    /// `auto`, `qemu`, `cloud-hypervisor`, or `none` (no VMs: chat and
+    /// admin commands only).
     pub backend: String,
     pub default_cpus: u32,
     pub default_memory: String,
     pub default_disk: String,
     /// How many `new project`s may build at once.
     pub max_parallel_creates: u32,
+    /// `auto` (bridge for Cloud Hypervisor, user mode for QEMU), `user` or `bridge`.
+    pub network: String,
+    /// Seconds a VM may take to become ready (sshd and /workspace).
+    pub boot_timeout_secs: u64,
+    /// Seconds a graceful stop may take before the VM is forced off.
+    pub stop_timeout_secs: u64,
+    /// `uid:gid` given to project sources Kennel creates as root, and to the
+    /// guest's `dev` when a source belongs to root.
+    pub default_owner: String,
+    /// Whether guests can reach the internet (runs stacks' first-boot steps).
+    pub online: bool,
 }
 
 impl Default for Config {
@@ -151,12 +163,17 @@ impl Default for VmConfig {
             default_memory: "2G".into(),
             default_disk: "20G".into(),
             max_parallel_creates: 2,
+            network: "auto".into(),
+            boot_timeout_secs: 120,
+            stop_timeout_secs: 20,
+            default_owner: "1000:1000".into(),
+            online: false,
         }
     }
 }
 
 /// Backends `vm.backend` may name.
-pub const BACKENDS: &[&str] = &["auto", "qemu", "cloud-hypervisor"];
+pub const BACKENDS: &[&str] = &["auto", "qemu", "cloud-hypervisor", "none"];
 
 impl Config {
     /// Checks what the types cannot: names, sizes, identities.
@@ -174,6 +191,13 @@ impl Config {
         if self.vm.max_parallel_creates == 0 {
             bail!("vm.max_parallel_creates must be at least 1");
         }
+        if !["auto", "user", "bridge"].contains(&self.vm.network.as_str()) {
+            bail!(
+                "vm.network is {:?}; use auto, user or bridge",
+                self.vm.network
+            );
+        }
+        self.default_owner()?;
         self.default_resources()?;
         self.admin_identities()?;
         if self.https.domain.is_empty() || self.https.domain.contains(['/', ' ', ':']) {
@@ -193,6 +217,22 @@ impl Config {
             memory_mib: memory.mib,
             disk_mib: disk.mib,
         })
+    }
+
+    /// `vm.default_owner` as (uid, gid).
+    pub fn default_owner(&self) -> Result<(u32, u32)> {
+        let (u, g) = self.vm.default_owner.split_once(':').with_context(|| {
+            format!(
+                "vm.default_owner {:?} must be uid:gid, e.g. 1000:1000",
+                self.vm.default_owner
+            )
+        })?;
+        Ok((
+            u.parse()
+                .context("vm.default_owner: the uid is not a number")?,
+            g.parse()
+                .context("vm.default_owner: the gid is not a number")?,
+        ))
     }
 
     /// `admins` as identities.

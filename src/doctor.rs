@@ -111,7 +111,7 @@ pub fn run(config: &Config, host: &Host) -> Report {
     let ch = host.which("cloud-hypervisor", &[]);
     let use_ch = match config.vm.backend.as_str() {
         "cloud-hypervisor" => true,
-        "qemu" => false,
+        "qemu" | "none" => false,
         _ => ch.is_some() && kvm.runs_guests(),
     };
     let backend = match (config.vm.backend.as_str(), use_ch) {

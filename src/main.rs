@@ -140,9 +140,14 @@ fn exec(
     // No daemon: run in-process, owning the data dir meanwhile.
     let _lock = dir.lock()?;
     let store = wiring::store(&dir)?;
-    let executor = wiring::executor(config, store)?;
     let rt = tokio::runtime::Runtime::new()?;
-    let (exit, output) = rt.block_on(console::run(&executor, &req, &console::StderrProgress));
+    let (executor, local) = rt.block_on(async { wiring::executor(config, store) })?;
+    let (exit, output) = rt.block_on(async {
+        if let Some(p) = &local {
+            wiring::reconcile(&executor, p).await?;
+        }
+        anyhow::Ok(console::run(&executor, &req, &console::StderrProgress).await)
+    })?;
     println!("{output}");
     Ok(exit)
 }

@@ -9,20 +9,21 @@ use crate::datadir::DataDir;
 use crate::{console, wiring};
 
 /// Parts of Kennel that `serve` would start but that are not built yet.
-const NOT_BUILT: &[&str] = &[
-    "provisioner (VMs cannot be created yet)",
-    "SSH gateway",
-    "HTTPS gateway",
-    "Matrix bot",
-    "Discord bot",
-];
+const NOT_BUILT: &[&str] = &["SSH gateway", "HTTPS gateway", "Matrix bot", "Discord bot"];
 
 /// Runs the daemon until a signal arrives.
 pub async fn run(config: &Config) -> Result<()> {
     let dir = DataDir::new(&config.data_dir);
     let _lock = dir.lock()?;
     let store = wiring::store(&dir)?;
-    let exec = wiring::executor(config, store)?;
+    let (exec, local) = wiring::executor(config, store)?;
+    match &local {
+        Some(p) => {
+            wiring::reconcile(&exec, p).await?;
+            tracing::info!(backend = %p.describe(), "provisioner ready");
+        }
+        None => tracing::warn!("VMs are not available on this host; see `kennel doctor`"),
+    }
     for part in NOT_BUILT {
         tracing::warn!(part, "not built yet; not started");
     }

@@ -3,8 +3,15 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use kennel_core::provision::Unavailable;
+use std::time::Duration;
+
+use kennel_core::provision::{Provisioner, Unavailable};
 use kennel_core::{Executor, Settings, Store};
+use kennel_provisioner::host::Host;
+use kennel_provisioner::lifecycle::{LocalProvisioner, Settings as ProvisionerSettings};
+use kennel_provisioner::process::SystemRunner;
+use kennel_provisioner::select::select;
+use kennel_provisioner::virtiofs::Virtiofsd;
 
 use crate::config::Config;
 use crate::datadir::DataDir;
@@ -19,7 +26,7 @@ pub fn settings(config: &Config) -> Result<Settings> {
             .https
             .public_port
             .unwrap_or(config.https.listen.port()),
-        projects_root: config.projects_root(),
+        projects_root: std::path::absolute(config.projects_root())?,
         default_resources: config.default_resources()?,
         default_app_port: 8080,
         host_key_fingerprints: Vec::new(),
@@ -33,13 +40,95 @@ pub fn store(dir: &DataDir) -> Result<Store> {
         .with_context(|| format!("cannot open the store in {}", dir.root().display()))
 }
 
-/// The executor, with the parts this build has.
-pub fn executor(config: &Config, store: Store) -> Result<Executor> {
-    let vms = Arc::new(Unavailable {
-        reason: "the provisioner is not built yet".into(),
-    });
+/// The provisioner for this host, or why there is none.
+pub fn provisioner(config: &Config, store: &Store) -> Result<Arc<LocalProvisioner>, String> {
+    if config.vm.backend == "none" {
+        return Err("vm.backend is \"none\" in the configuration".into());
+    }
+    let host = Host::real();
+    let (vmm, network) =
+        select(&config.vm.backend, &config.vm.network, &host).map_err(|e| e.to_string())?;
+    let virtiofsd = Virtiofsd::detect(&host).ok_or(
+        "no virtiofsd on this host: apt-get install qemu-system-common, or cargo install virtiofsd",
+    )?;
+    let data_dir = std::path::absolute(&config.data_dir).map_err(|e| e.to_string())?;
+    let settings = ProvisionerSettings {
+        data_dir,
+        stacks_dir: config.images.stacks_dir.clone(),
+        recipe_dir: config.images.recipe_dir.clone(),
+        apt_sources: config.images.apt_sources.clone(),
+        apt_cache: config.images.apt_cache.clone(),
+        network,
+        boot_timeout: Duration::from_secs(config.vm.boot_timeout_secs),
+        stop_timeout: Duration::from_secs(config.vm.stop_timeout_secs),
+        project_roots: vec![std::path::absolute(config.projects_root()).map_err(|e| e.to_string())?],
+        default_owner: config.default_owner().map_err(|e| e.to_string())?,
+        online: config.vm.online,
+    };
+    Ok(Arc::new(LocalProvisioner::new(
+        settings,
+        vmm,
+        virtiofsd,
+        store.clone(),
+        Arc::new(SystemRunner),
+    )))
+}
+
+/// The executor, with the provisioner this host can run (or one that
+/// says why VMs are unavailable), and that provisioner.
+pub fn executor(
+    config: &Config,
+    store: Store,
+) -> Result<(Executor, Option<Arc<LocalProvisioner>>)> {
+    let local = provisioner(config, &store);
+    let vms: Arc<dyn Provisioner> = match &local {
+        Ok(p) => p.clone(),
+        Err(reason) => {
+            tracing::warn!(%reason, "VMs are not available");
+            Arc::new(Unavailable {
+                reason: reason.clone(),
+            })
+        }
+    };
     let catalog = Arc::new(kennel_provisioner::catalog::DirCatalog {
         stacks: kennel_provisioner::stacks::Stacks::load(&config.images.stacks_dir),
     });
-    Ok(Executor::new(store, vms, catalog, settings(config)?))
+    Ok((
+        Executor::new(store, vms, catalog, settings(config)?),
+        local.ok(),
+    ))
+}
+
+/// Adopts VMs that outlived the last daemon and records every VM's state.
+pub async fn reconcile(exec: &Executor, local: &LocalProvisioner) -> Result<()> {
+    use kennel_core::model::ProjectState;
+    use kennel_core::names::ProjectName;
+    use kennel_core::store::repo;
+    let found = local.reconcile().await;
+    let store = exec.store().clone();
+    store
+        .write(move |tx| {
+            for p in repo::list_projects(tx, None)? {
+                let running = found.iter().any(|(n, r)| n == p.name.as_str() && *r);
+                let state = match (running, p.state) {
+                    (true, _) => ProjectState::Running,
+                    (
+                        false,
+                        ProjectState::Running | ProjectState::Starting | ProjectState::Stopping,
+                    ) => ProjectState::Stopped,
+                    // An operation that was cut off by the restart.
+                    (false, ProjectState::Creating | ProjectState::Destroying) => {
+                        ProjectState::Failed
+                    }
+                    (false, s) => s,
+                };
+                if state != p.state {
+                    let name: ProjectName = p.name.clone();
+                    repo::set_project_state(tx, &name, state)?;
+                }
+            }
+            Ok(())
+        })
+        .await?;
+    Ok(())
 }

@@ -76,12 +76,23 @@ fn exit_codes_usage_refused_failed() {
         .assert()
         .code(1)
         .stdout(predicate::str::contains("no user 'nobody'"));
-    // VM operations say plainly that they are not available yet.
+    // With VMs off, VM operations say so plainly, and nothing is recorded.
     kennel(d.path())
         .args(["exec", "new project demo"])
+        .env("KENNEL_VM__BACKEND", "none")
         .assert()
         .code(1)
-        .stdout(predicate::str::contains("not available"));
+        .stdout(predicate::str::contains("VMs are not available on this host"));
+    kennel(d.path())
+        .args(["exec", "new project demo --stack cobol"])
+        .assert()
+        .code(1)
+        .stdout(predicate::str::contains("there is no stack 'cobol'"));
+    kennel(d.path())
+        .args(["exec", "--json", "projects"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("\"projects\":[]"));
     kennel(d.path())
         .args(["exec", "--json", "status", "nothere"])
         .assert()

@@ -718,6 +718,13 @@ impl Executor {
         })
     }
 
+    async fn authorized_keys(&self, project: &ProjectName) -> Result<Vec<String>, StoreError> {
+        let p = project.clone();
+        self.store
+            .call(move |c| repo::ssh_keys_for_project(c, &p))
+            .await
+    }
+
     async fn start(&self, project: Project, progress: &dyn ProgressSink) -> Outcome {
         let name = project.name.clone();
         self.set_state(&name, ProjectState::Starting).await?;
@@ -727,6 +734,7 @@ impl Executor {
             source_path: project.source_path.clone(),
             resources: project.resources,
             app_port: project.app_port,
+            authorized_keys: self.authorized_keys(&name).await?,
         };
         match self.vms.start(&spec, progress).await {
             Ok(_) => {
@@ -853,6 +861,7 @@ impl Executor {
             template: args.template.map(|t| t.to_string()),
             resources,
             app_port,
+            authorized_keys: self.authorized_keys(&args.name).await?,
         };
         match self.vms.create(&req, progress).await {
             Ok(created) => {

@@ -93,6 +93,8 @@ pub struct CreateRequest {
     pub template: Option<String>,
     pub resources: Resources,
     pub app_port: u16,
+    /// Public keys (`type base64`) of everyone with SSH access.
+    pub authorized_keys: Vec<String>,
 }
 
 /// A project the provisioner created: what it resolved, and the VM.
@@ -113,6 +115,8 @@ pub struct VmSpec {
     pub source_path: String,
     pub resources: Resources,
     pub app_port: u16,
+    /// Public keys (`type base64`) of everyone with SSH access.
+    pub authorized_keys: Vec<String>,
 }
 
 /// The VM's state as its backend reports it.
@@ -139,7 +143,7 @@ pub struct VmStatus {
 /// Why a VM operation failed. Messages say what to do next.
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
-    #[error("VM operations are not available in this build yet ({0}); projects can be recorded but not booted")]
+    #[error("VMs are not available on this host: {0}")]
     Unavailable(String),
     #[error("project {0} has no VM")]
     NoVm(String),

@@ -12,9 +12,15 @@
 //! `kennel_core::provision::Provisioner` can be faked in tests.
 
 pub mod catalog;
+pub mod cgroup;
+pub mod disk;
 pub mod host;
 pub mod image;
 pub mod kernel;
+pub mod lifecycle;
+pub mod net;
 pub mod process;
+pub mod select;
 pub mod stacks;
+pub mod virtiofs;
 pub mod vmm;

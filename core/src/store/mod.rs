@@ -23,7 +23,10 @@ use tokio::sync::oneshot;
 use crate::model::UnknownValue;
 
 /// Migrations in order; the number is the `user_version` after applying it.
-const MIGRATIONS: &[(u32, &str)] = &[(1, include_str!("migrations/0001_init.sql"))];
+const MIGRATIONS: &[(u32, &str)] = &[
+    (1, include_str!("migrations/0001_init.sql")),
+    (2, include_str!("migrations/0002_vm_slots.sql")),
+];
 
 /// How long a writer waits for another to finish before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);

@@ -578,6 +578,22 @@ pub fn usage_of(conn: &Connection, user: UserId) -> Result<Usage, StoreError> {
     )?)
 }
 
+/// Active keys (`type base64`) of everyone with SSH access to a project:
+/// its owner and users it is shared with for SSH.
+pub fn ssh_keys_for_project(
+    conn: &Connection,
+    project: &ProjectName,
+) -> Result<Vec<String>, StoreError> {
+    let mut st = conn.prepare(
+        "SELECT k.openssh FROM ssh_keys k JOIN projects p ON p.name = ?1
+         WHERE k.state = 'active' AND (k.user_id = p.owner_id OR EXISTS (
+             SELECT 1 FROM shares s WHERE s.project_id = p.id AND s.user_id = k.user_id AND s.ssh = 1))
+         ORDER BY k.id",
+    )?;
+    let rows = st.query_map([project.as_str()], |r| r.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 // ---------------------------------------------------------------- shares
 
 /// Shares a project with a user (replacing any previous share).
@@ -672,6 +688,55 @@ pub fn quota_for(conn: &Connection, role: Role) -> Result<Quota, StoreError> {
             memory_mib: Some(0),
             disk_mib: Some(0),
         }))
+}
+
+// ---------------------------------------------------------------- VM slots
+
+/// The project's slot, taking the lowest free one in `2..=max` if it has none.
+pub fn allocate_slot(conn: &Connection, project: &str, max: u32) -> Result<u32, StoreError> {
+    if let Some(s) = slot_of(conn, project)? {
+        return Ok(s);
+    }
+    let taken: Vec<u32> = {
+        let mut st = conn.prepare("SELECT slot FROM vm_slots ORDER BY slot")?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let slot = (2..=max)
+        .find(|s| taken.binary_search(s).is_err())
+        .ok_or_else(|| StoreError::Invalid {
+            what: format!("every VM slot up to {max} is taken"),
+        })?;
+    conn.execute(
+        "INSERT INTO vm_slots (project, slot, created_at) VALUES (?1, ?2, ?3)",
+        params![project, slot, now()],
+    )
+    .map_err(|e| classify(e, &format!("VM slot {slot}")))?;
+    Ok(slot)
+}
+
+/// The project's slot, if it holds one.
+pub fn slot_of(conn: &Connection, project: &str) -> Result<Option<u32>, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT slot FROM vm_slots WHERE project = ?1",
+            [project],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
+/// Releases the project's slot.
+pub fn release_slot(conn: &Connection, project: &str) -> Result<(), StoreError> {
+    conn.execute("DELETE FROM vm_slots WHERE project = ?1", [project])?;
+    Ok(())
+}
+
+/// Every (project, slot).
+pub fn all_slots(conn: &Connection) -> Result<Vec<(String, u32)>, StoreError> {
+    let mut st = conn.prepare("SELECT project, slot FROM vm_slots ORDER BY slot")?;
+    let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 // ---------------------------------------------------------------- audit
@@ -788,6 +853,17 @@ mod tests {
         let r = request_by_id(&c, r1.id).unwrap().unwrap();
         assert_eq!(r.state, RequestState::Denied);
         assert_eq!(r.decided_by.unwrap().as_str(), "ann");
+    }
+
+    #[test]
+    fn slots_are_reused_lowest_first() {
+        let c = conn();
+        assert_eq!(allocate_slot(&c, "a", 10).unwrap(), 2);
+        assert_eq!(allocate_slot(&c, "b", 10).unwrap(), 3);
+        assert_eq!(allocate_slot(&c, "a", 10).unwrap(), 2, "idempotent");
+        release_slot(&c, "a").unwrap();
+        assert_eq!(allocate_slot(&c, "c", 10).unwrap(), 2);
+        assert!(allocate_slot(&c, "d", 3).is_err());
     }
 
     #[test]

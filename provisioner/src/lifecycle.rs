@@ -1,0 +1,852 @@
+//! The provisioner: turns a project into a running VM and keeps it so.
+//!
+//! [`LocalProvisioner`] implements `kennel_core::provision::Provisioner`.
+//! It owns `<data_dir>/vms/<name>/` (disk, config disk, sockets, logs, pid
+//! files, `vm.json`) and `<data_dir>/keys/projects/<name>/`; it never
+//! deletes a project's source except through an explicit purge under a
+//! project root. VM processes (VMM and virtiofsd) are started in their own
+//! process groups and outlive Kennel; [`LocalProvisioner::reconcile`]
+//! adopts them on the next start through their pid files and sockets.
+//!
+//! Readiness is read from the serial console (the guest init reports the
+//! workspace mount, sshd reports "Server listening"), then proven with one
+//! TCP connection that must return an SSH banner: blind polling of a
+//! forwarded port costs 1-4 s under QEMU user networking.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use kennel_core::names::ProjectName;
+use kennel_core::provision::{
+    CreateRequest, Created, Progress, ProgressSink, ProvisionError, Provisioner, Stage, VmSpec,
+    VmState, VmStatus,
+};
+use kennel_core::store::{repo, Store};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+
+use crate::image::{BuildEnv, Images, Recipe};
+use crate::net::{self, NetworkMode};
+use crate::process::{tail, Cmd, Runner};
+use crate::stacks::Stacks;
+use crate::virtiofs::Virtiofsd;
+use crate::vmm::{read_pid, BackendKind, Machine, NetAttach, Vmm, VmmState};
+use crate::{disk, kernel};
+
+/// How the provisioner is set up.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub data_dir: PathBuf,
+    pub stacks_dir: PathBuf,
+    pub recipe_dir: PathBuf,
+    pub apt_sources: PathBuf,
+    pub apt_cache: Option<PathBuf>,
+    pub network: NetworkMode,
+    /// How long a VM may take from VMM start to a working sshd.
+    pub boot_timeout: Duration,
+    /// How long a graceful stop may take before the VM is forced off.
+    pub stop_timeout: Duration,
+    /// Directories under which sources may be purged.
+    pub project_roots: Vec<PathBuf>,
+    /// Owner given to source directories Kennel creates while running as
+    /// root, and to `dev` when a source belongs to root.
+    pub default_owner: (u32, u32),
+    /// Tell guests they can reach the internet (runs first-boot steps).
+    pub online: bool,
+}
+
+/// What Kennel remembers about a VM, in `vms/<name>/vm.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub project: String,
+    pub backend: BackendKind,
+    pub image: String,
+    pub stack: String,
+    pub source: PathBuf,
+    pub slot: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub app_port: u16,
+    pub machine: Machine,
+}
+
+/// The provisioner for this host.
+pub struct LocalProvisioner {
+    s: Settings,
+    vmm: Arc<dyn Vmm>,
+    virtiofsd: Virtiofsd,
+    store: Store,
+    runner: Arc<dyn Runner>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl std::fmt::Debug for LocalProvisioner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalProvisioner")
+            .field("backend", &self.vmm.describe())
+            .field("data_dir", &self.s.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn failed(stage: Stage, message: impl Into<String>) -> ProvisionError {
+    ProvisionError::Failed {
+        stage,
+        message: message.into(),
+    }
+}
+
+fn step(progress: &dyn ProgressSink, stage: Stage, detail: impl Into<Option<String>>) {
+    progress.report(Progress {
+        stage,
+        percent: None,
+        detail: detail.into(),
+    });
+}
+
+/// Unix socket paths must fit in `sun_path` (108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+impl LocalProvisioner {
+    /// A provisioner with `vmm` as backend.
+    pub fn new(
+        s: Settings,
+        vmm: Arc<dyn Vmm>,
+        virtiofsd: Virtiofsd,
+        store: Store,
+        runner: Arc<dyn Runner>,
+    ) -> Self {
+        Self {
+            s,
+            vmm,
+            virtiofsd,
+            store,
+            runner,
+            locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The backend's description.
+    pub fn describe(&self) -> String {
+        self.vmm.describe()
+    }
+
+    fn vm_dir(&self, name: &str) -> PathBuf {
+        self.s.data_dir.join("vms").join(name)
+    }
+
+    fn key_dir(&self, name: &str) -> PathBuf {
+        self.s.data_dir.join("keys/projects").join(name)
+    }
+
+    /// The private key the gateways use to reach a project's VM.
+    pub fn project_key(&self, name: &str) -> PathBuf {
+        self.key_dir(name).join("id_ed25519")
+    }
+
+    async fn lock(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = {
+            let mut locks = self
+                .locks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            locks.entry(name.to_owned()).or_default().clone()
+        };
+        m.lock_owned().await
+    }
+
+    /// The record of a VM, if it has one.
+    pub fn record(&self, name: &str) -> Option<VmRecord> {
+        let bytes = std::fs::read(self.vm_dir(name).join("vm.json")).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    fn save(&self, r: &VmRecord) -> Result<(), ProvisionError> {
+        let dir = self.vm_dir(&r.project);
+        let json = serde_json::to_vec_pretty(r).map_err(|e| failed(Stage::Disk, e.to_string()))?;
+        std::fs::write(dir.join("vm.json"), json)
+            .map_err(|e| failed(Stage::Disk, format!("cannot write vm.json: {e}")))?;
+        std::fs::write(dir.join("image"), format!("{}\n", r.image)).map_err(|e| {
+            failed(
+                Stage::Disk,
+                format!("cannot write the image reference: {e}"),
+            )
+        })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        stage: Stage,
+        f: impl FnOnce(&dyn Runner) -> Result<T, String> + Send + 'static,
+    ) -> Result<T, ProvisionError> {
+        let runner = self.runner.clone();
+        tokio::task::spawn_blocking(move || f(runner.as_ref()))
+            .await
+            .map_err(|e| failed(stage, e.to_string()))?
+            .map_err(|m| failed(stage, m))
+    }
+
+    /// Kernel and stack image, building them on demand.
+    async fn image_for(
+        &self,
+        stack: &str,
+        progress: &dyn ProgressSink,
+    ) -> Result<(kernel::KernelSet, crate::image::ImageInfo), ProvisionError> {
+        let (stacks_dir, recipe_dir, images_dir) = (
+            self.s.stacks_dir.clone(),
+            self.s.recipe_dir.clone(),
+            self.s.data_dir.join("images"),
+        );
+        let (sources, cache) = (self.s.apt_sources.clone(), self.s.apt_cache.clone());
+        let stack = stack.to_owned();
+        step(
+            progress,
+            Stage::Image,
+            Some(format!("{stack} (built once, then cached)")),
+        );
+        self.blocking(Stage::Image, move |runner| {
+            let stacks = Stacks::load(&stacks_dir);
+            let base = stacks
+                .get(crate::stacks::BASE)
+                .ok_or("the base stack is missing")?;
+            let st = stacks
+                .get(&stack)
+                .ok_or_else(|| format!("there is no usable stack '{stack}'"))?;
+            let images = Images::new(&images_dir);
+            let k = kernel::ensure(images.dir(), runner, &mut |_| {})
+                .map_err(|e| format!("{:#}", anyhow_chain(&e)))?;
+            let recipe = Recipe::load(&recipe_dir).map_err(|e| e.to_string())?;
+            let env = BuildEnv {
+                recipe: &recipe,
+                kernel: &k.manifest,
+                apt_sources: &sources,
+                apt_cache: cache.as_deref(),
+            };
+            let (info, _) = images
+                .ensure(&env, base, st, runner, &mut |_| {})
+                .map_err(|e| anyhow_chain(&e))?;
+            Ok((k, info))
+        })
+        .await
+    }
+
+    fn machine(
+        &self,
+        name: &str,
+        k: &kernel::KernelSet,
+        vcpus: u32,
+        memory_mib: u64,
+        net: NetAttach,
+    ) -> Machine {
+        let dir = self.vm_dir(name);
+        let control = match self.vmm.kind() {
+            BackendKind::CloudHypervisor => "api.sock",
+            BackendKind::Qemu => "qmp.sock",
+        };
+        Machine {
+            name: name.to_owned(),
+            vcpus,
+            memory_mib,
+            kernel: k.bzimage(),
+            initramfs: k.initramfs(),
+            cmdline: "console=ttyS0 root=/dev/vda rw panic=-1 quiet".into(),
+            disk: dir.join("disk.qcow2"),
+            config_disk: dir.join("config.img"),
+            virtiofs_socket: dir.join("fs.sock"),
+            console_log: dir.join("console.log"),
+            control_socket: dir.join(control),
+            pid_file: dir.join("vmm.pid"),
+            vmm_log: dir.join("vmm.log"),
+            net,
+        }
+    }
+
+    /// Writes the config disk: network, dev's uid, keys, the VM's host key.
+    async fn write_config(
+        &self,
+        r: &VmRecord,
+        authorized_keys: &[String],
+    ) -> Result<(), ProvisionError> {
+        let dir = self.vm_dir(&r.project);
+        let cfg = dir.join("config");
+        let _ = std::fs::remove_dir_all(&cfg);
+        std::fs::create_dir_all(&cfg).map_err(|e| failed(Stage::Disk, e.to_string()))?;
+        let (ip, gw, dns) = net::guest_config(&r.machine.net);
+        let env = format!(
+            "KENNEL_HOSTNAME={}\nKENNEL_IP={ip}\nKENNEL_GATEWAY={gw}\nKENNEL_DNS={dns}\nKENNEL_DEV_UID={}\nKENNEL_DEV_GID={}\nKENNEL_ONLINE={}\n",
+            r.project,
+            r.uid,
+            r.gid,
+            u8::from(self.s.online)
+        );
+        let project_pub =
+            std::fs::read_to_string(self.project_key(&r.project).with_extension("pub"))
+                .unwrap_or_default();
+        let mut keys = project_pub.trim().to_owned();
+        keys.push('\n');
+        for k in authorized_keys {
+            keys.push_str(k.trim());
+            keys.push('\n');
+        }
+        let write = |name: &str, text: &str, mode: u32| -> Result<(), ProvisionError> {
+            use std::os::unix::fs::PermissionsExt;
+            let p = cfg.join(name);
+            std::fs::write(&p, text)
+                .map_err(|e| failed(Stage::Disk, format!("cannot write {}: {e}", p.display())))?;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| failed(Stage::Disk, e.to_string()))
+        };
+        write("env", &env, 0o644)?;
+        write("authorized_keys", &keys, 0o644)?;
+        for (f, mode) in [
+            ("ssh_host_ed25519_key", 0o600),
+            ("ssh_host_ed25519_key.pub", 0o644),
+        ] {
+            let text = std::fs::read_to_string(dir.join(f))
+                .map_err(|e| failed(Stage::Disk, e.to_string()))?;
+            write(f, &text, mode)?;
+        }
+        let image = r.machine.config_disk.clone();
+        self.blocking(Stage::Disk, move |runner| {
+            disk::create_config(runner, &cfg, &image).map_err(|e| e.to_string())
+        })
+        .await
+    }
+
+    /// Starts virtiofsd and the VMM, and waits until the guest is ready.
+    async fn boot(
+        &self,
+        r: &VmRecord,
+        authorized_keys: &[String],
+        progress: &dyn ProgressSink,
+    ) -> Result<VmStatus, ProvisionError> {
+        let m = &r.machine;
+        self.write_config(r, authorized_keys).await?;
+        if let NetAttach::Tap { tap, .. } = &m.net {
+            if let NetworkMode::Bridge(b) = &self.s.network {
+                let (b, tap) = (b.clone(), tap.clone());
+                self.blocking(Stage::Booting, move |runner| {
+                    net::ensure_bridge(runner, &b).map_err(|e| e.to_string())?;
+                    net::create_tap(runner, &b, &tap).map_err(|e| e.to_string())
+                })
+                .await?;
+            }
+        }
+        let dir = self.vm_dir(&r.project);
+        step(progress, Stage::Booting, Some(self.vmm.describe()));
+        self.virtiofsd
+            .start(
+                &m.virtiofs_socket,
+                &r.source,
+                &dir.join("virtiofsd.log"),
+                &dir.join("virtiofsd.pid"),
+            )
+            .await
+            .map_err(|e| failed(Stage::Booting, anyhow_chain(&e)))?;
+        let offset = std::fs::metadata(&m.console_log)
+            .map(|md| md.len())
+            .unwrap_or(0);
+        if let Err(e) = self.vmm.boot(m).await {
+            Virtiofsd::stop(&dir.join("virtiofsd.pid"), &m.virtiofs_socket).await;
+            return Err(failed(Stage::Booting, anyhow_chain(&e)));
+        }
+        crate::cgroup::limit(
+            &r.project,
+            m,
+            &[dir.join("vmm.pid"), dir.join("virtiofsd.pid")],
+        );
+        match self.wait_ready(m, offset).await {
+            Ok(()) => Ok(VmStatus {
+                state: VmState::Running,
+                ready: true,
+                ssh_addr: Some(m.net.ssh_addr()),
+                backend: self.vmm.describe(),
+            }),
+            Err(why) => {
+                let console = std::fs::read_to_string(&m.console_log).unwrap_or_default();
+                let _ = self.vmm.force_stop(m).await;
+                Virtiofsd::stop(&dir.join("virtiofsd.pid"), &m.virtiofs_socket).await;
+                Err(failed(
+                    Stage::Booting,
+                    format!("{why}. Last console lines:\n{}", tail(&console, 12)),
+                ))
+            }
+        }
+    }
+
+    /// Waits for the console's readiness lines, then for an SSH banner.
+    async fn wait_ready(&self, m: &Machine, offset: u64) -> Result<(), String> {
+        let deadline = Instant::now() + self.s.boot_timeout;
+        let mut workspace = false;
+        let mut sshd = false;
+        let needle = match self.vmm.kind() {
+            BackendKind::Qemu => format!("kennel-{}", m.name),
+            BackendKind::CloudHypervisor => m.control_socket.display().to_string(),
+        };
+        while Instant::now() < deadline {
+            let text = read_from(&m.console_log, offset);
+            if text.contains("kennel-init: cannot mount the workspace")
+                || text.contains("workspace mounted but does not answer")
+            {
+                return Err("the guest could not mount /workspace (virtio-fs)".into());
+            }
+            workspace |= text.contains("kennel-init: workspace mounted");
+            sshd |= text.contains("Server listening on");
+            if workspace && sshd && ssh_banner(&m.net.ssh_addr(), Duration::from_secs(5)).await {
+                return Ok(());
+            }
+            if !read_pid(&m.pid_file).is_some_and(|p| crate::vmm::pid_alive(p, &needle)) {
+                let log = std::fs::read_to_string(&m.vmm_log).unwrap_or_default();
+                return Err(format!(
+                    "the VMM exited while booting ({})",
+                    tail(&log, 3).trim()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(format!(
+            "the VM did not become ready within {} s (workspace mounted: {workspace}, sshd listening: {sshd})",
+            self.s.boot_timeout.as_secs()
+        ))
+    }
+
+    /// Removes everything of a VM but the source. Best effort: used by
+    /// destroy and by rollback.
+    async fn teardown(&self, name: &str, record: Option<&VmRecord>) {
+        let dir = self.vm_dir(name);
+        if let Some(r) = record {
+            let _ = self.vmm.force_stop(&r.machine).await;
+            Virtiofsd::stop(&dir.join("virtiofsd.pid"), &r.machine.virtiofs_socket).await;
+            if let NetAttach::Tap { tap, .. } = &r.machine.net {
+                net::delete_tap(self.runner.as_ref(), tap);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(self.key_dir(name));
+        crate::cgroup::remove(name);
+        let n = name.to_owned();
+        if let Err(e) = self.store.call(move |c| repo::release_slot(c, &n)).await {
+            tracing::warn!(vm = name, error = %e, "could not release the VM's slot");
+        }
+    }
+
+    async fn create_inner(
+        &self,
+        req: &CreateRequest,
+        progress: &dyn ProgressSink,
+    ) -> Result<Created, ProvisionError> {
+        let name = req.project.as_str();
+        let source = PathBuf::from(
+            req.path
+                .clone()
+                .ok_or_else(|| failed(Stage::Validated, "no source path was given"))?,
+        );
+        if req.git.is_some() {
+            return Err(failed(
+                Stage::Cloning,
+                "cloning from git is not built yet; create the project without --git",
+            ));
+        }
+        let mut notes = Vec::new();
+        if !source.exists() {
+            std::fs::create_dir_all(&source).map_err(|e| {
+                failed(
+                    Stage::Validated,
+                    format!("cannot create {}: {e}", source.display()),
+                )
+            })?;
+            if rustix::process::geteuid().is_root() {
+                let (u, g) = self.s.default_owner;
+                let _ = std::os::unix::fs::chown(&source, Some(u), Some(g));
+            }
+        }
+        // Stack: asked for, or detected from the tree.
+        let stack = match &req.stack {
+            Some(s) => s.clone(),
+            None => {
+                let stacks = Stacks::load(&self.s.stacks_dir);
+                let d = stacks.detect(&source);
+                notes.push(format!("stack {}", d.summary()));
+                notes.extend(d.warnings.iter().cloned());
+                d.stack
+            }
+        };
+        step(progress, Stage::Stack, Some(stack.clone()));
+        let (k, image) = self.image_for(&stack, progress).await?;
+
+        let dir = self.vm_dir(name);
+        if dir.exists() {
+            if self.record(name).is_some() {
+                return Err(failed(
+                    Stage::Disk,
+                    format!("{name} already has a VM; destroy it first"),
+                ));
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| failed(Stage::Disk, e.to_string()))?;
+        // Everything from here on is rolled back on failure.
+        let n = name.to_owned();
+        let slot = self
+            .store
+            .write(move |tx| repo::allocate_slot(tx, &n, net::MAX_SLOT))
+            .await
+            .map_err(|e| failed(Stage::Disk, e.to_string()))?;
+        let m = self.machine(
+            name,
+            &k,
+            req.resources.vcpus,
+            req.resources.memory_mib,
+            net::attach(&self.s.network, slot, req.app_port),
+        );
+        let longest = [&m.virtiofs_socket, &m.control_socket]
+            .iter()
+            .map(|p| p.as_os_str().len())
+            .max()
+            .unwrap_or(0);
+        if longest > MAX_SOCKET_PATH {
+            return Err(failed(Stage::Disk, format!("the data directory path is too long for Unix sockets ({longest} > {MAX_SOCKET_PATH} bytes); use a shorter data_dir")));
+        }
+        step(
+            progress,
+            Stage::Disk,
+            Some(format!(
+                "{} MiB copy-on-write over {}",
+                req.resources.disk_mib, image.id
+            )),
+        );
+        let (rootfs, disk_path, size) = (image.rootfs(), m.disk.clone(), req.resources.disk_mib);
+        let (kd, vd, label) = (self.key_dir(name), dir.clone(), format!("kennel-{name}"));
+        self.blocking(Stage::Disk, move |runner| {
+            disk::create_root(runner, &rootfs, &disk_path, size).map_err(|e| e.to_string())?;
+            std::fs::create_dir_all(&kd).map_err(|e| e.to_string())?;
+            for key in [kd.join("id_ed25519"), vd.join("ssh_host_ed25519_key")] {
+                runner
+                    .run(
+                        &Cmd::new("ssh-keygen")
+                            .args(["-q", "-t", "ed25519", "-N", "", "-C", &label, "-f"])
+                            .arg(&key),
+                    )
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })
+        .await?;
+        let (uid, gid) = owner_of(&source, self.s.default_owner);
+        if uid == 0 {
+            notes.push(format!(
+                "{} belongs to root; files the VM creates there will belong to uid {}",
+                source.display(),
+                self.s.default_owner.0
+            ));
+        }
+        let record = VmRecord {
+            project: name.to_owned(),
+            backend: self.vmm.kind(),
+            image: image.id.clone(),
+            stack: stack.clone(),
+            source: source.clone(),
+            slot,
+            uid: if uid == 0 {
+                self.s.default_owner.0
+            } else {
+                uid
+            },
+            gid: if uid == 0 {
+                self.s.default_owner.1
+            } else {
+                gid
+            },
+            app_port: req.app_port,
+            machine: m,
+        };
+        self.save(&record)?;
+        let status = self.boot(&record, &req.authorized_keys, progress).await?;
+        Ok(Created {
+            stack,
+            source_path: source.display().to_string(),
+            notes,
+            status,
+        })
+    }
+
+    /// Adopts VMs that outlived a previous Kennel and cleans up after the
+    /// dead: returns each known VM and whether it runs.
+    pub async fn reconcile(&self) -> Vec<(String, bool)> {
+        let mut out = Vec::new();
+        let vms = self.s.data_dir.join("vms");
+        let entries: Vec<PathBuf> = std::fs::read_dir(&vms)
+            .map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        for dir in entries {
+            let Some(name) = dir.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+                continue;
+            };
+            let Some(r) = self.record(&name) else {
+                // Half-created: no record was ever written.
+                tracing::warn!(vm = %name, "removing a half-created VM directory");
+                self.teardown(&name, None).await;
+                continue;
+            };
+            let running = matches!(
+                self.vmm.state(&r.machine).await,
+                Ok(VmmState::Running | VmmState::Paused)
+            );
+            if running {
+                tracing::info!(vm = %name, "adopted a running VM");
+            } else {
+                // Dead VMM: stop its virtiofsd and clear stale files.
+                let _ = self.vmm.force_stop(&r.machine).await;
+                Virtiofsd::stop(&dir.join("virtiofsd.pid"), &r.machine.virtiofs_socket).await;
+                let _ = std::fs::remove_file(&r.machine.pid_file);
+                let _ = std::fs::remove_file(&r.machine.control_socket);
+            }
+            out.push((name, running));
+        }
+        // Slots whose VM directory is gone.
+        if let Ok(slots) = self.store.call(|c| repo::all_slots(c)).await {
+            for (project, _) in slots {
+                if !vms.join(&project).exists() {
+                    let p = project.clone();
+                    let _ = self.store.call(move |c| repo::release_slot(c, &p)).await;
+                }
+            }
+        }
+        // Image builds interrupted mid-way.
+        if let Ok(rd) = std::fs::read_dir(self.s.data_dir.join("images")) {
+            for e in rd.filter_map(Result::ok) {
+                if e.file_name().to_string_lossy().starts_with(".tmp-") {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        out
+    }
+
+    async fn graceful_stop(&self, r: &VmRecord) -> Result<(), ProvisionError> {
+        let m = &r.machine;
+        let dir = self.vm_dir(&r.project);
+        let needle = match self.vmm.kind() {
+            BackendKind::Qemu => format!("kennel-{}", m.name),
+            BackendKind::CloudHypervisor => m.control_socket.display().to_string(),
+        };
+        if let Some(pid) = read_pid(&m.pid_file).filter(|p| crate::vmm::pid_alive(*p, &needle)) {
+            // Ask the guest to power off (no init system to catch ACPI).
+            let key = self.project_key(&r.project);
+            let addr = m.net.ssh_addr();
+            let host_pub =
+                std::fs::read_to_string(dir.join("ssh_host_ed25519_key.pub")).unwrap_or_default();
+            let known = dir.join("known_hosts");
+            let (host, port) = addr.rsplit_once(':').unwrap_or((addr.as_str(), "22"));
+            let _ = std::fs::write(&known, format!("[{host}]:{port} {}\n", host_pub.trim()));
+            let (host, port) = (host.to_owned(), port.to_owned());
+            let _ = self
+                .blocking(Stage::Stopping, move |runner| {
+                    let _ = runner.run(
+                        &Cmd::new("ssh")
+                            .args([
+                                "-o",
+                                "BatchMode=yes",
+                                "-o",
+                                "ConnectTimeout=5",
+                                "-o",
+                                "StrictHostKeyChecking=yes",
+                            ])
+                            .arg("-o")
+                            .arg(format!("UserKnownHostsFile={}", known.display()))
+                            .arg("-i")
+                            .arg(&key)
+                            .args([
+                                "-p",
+                                &port,
+                                &format!("dev@{host}"),
+                                "sudo /sbin/kennel-shutdown",
+                            ]),
+                    );
+                    Ok(())
+                })
+                .await;
+            if !crate::vmm::wait_exit(pid, &needle, self.s.stop_timeout).await {
+                tracing::warn!(vm = %r.project, "the guest did not power off in time; forcing it");
+            }
+        }
+        self.vmm
+            .force_stop(m)
+            .await
+            .map_err(|e| failed(Stage::Stopping, anyhow_chain(&e)))?;
+        Virtiofsd::stop(&dir.join("virtiofsd.pid"), &m.virtiofs_socket).await;
+        if let NetAttach::Tap { tap, .. } = &m.net {
+            net::delete_tap(self.runner.as_ref(), tap);
+        }
+        Ok(())
+    }
+}
+
+/// An error and its sources, one line.
+fn anyhow_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+fn owner_of(p: &Path, default: (u32, u32)) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).map_or(default, |m| (m.uid(), m.gid()))
+}
+
+fn read_from(path: &Path, offset: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut s = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        if f.seek(SeekFrom::Start(offset)).is_ok() {
+            let mut buf = Vec::new();
+            let _ = f.read_to_end(&mut buf);
+            s = String::from_utf8_lossy(&buf).into_owned();
+        }
+    }
+    s
+}
+
+/// Whether `addr` answers with an SSH banner within `limit`.
+pub async fn ssh_banner(addr: &str, limit: Duration) -> bool {
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let mut buf = [0u8; 8];
+        s.read_exact(&mut buf).await.ok()?;
+        Some(buf.starts_with(b"SSH-"))
+    };
+    matches!(tokio::time::timeout(limit, attempt).await, Ok(Some(true)))
+}
+
+#[async_trait]
+impl Provisioner for LocalProvisioner {
+    fn backend(&self) -> String {
+        self.vmm.describe()
+    }
+
+    async fn create(
+        &self,
+        req: &CreateRequest,
+        progress: &dyn ProgressSink,
+    ) -> Result<Created, ProvisionError> {
+        let name = req.project.as_str().to_owned();
+        let _guard = self.lock(&name).await;
+        let span = tracing::info_span!("create", project = %name, owner = %req.owner);
+        let started = Instant::now();
+        match tracing::Instrument::instrument(self.create_inner(req, progress), span).await {
+            Ok(c) => {
+                tracing::info!(project = %name, seconds = started.elapsed().as_secs_f64(), "VM ready");
+                Ok(c)
+            }
+            Err(e) => {
+                let record = self.record(&name);
+                self.teardown(&name, record.as_ref()).await;
+                tracing::error!(project = %name, error = %e, "create failed; rolled back everything but the source");
+                Err(e)
+            }
+        }
+    }
+
+    async fn start(
+        &self,
+        spec: &VmSpec,
+        progress: &dyn ProgressSink,
+    ) -> Result<VmStatus, ProvisionError> {
+        let name = spec.project.as_str();
+        let _guard = self.lock(name).await;
+        let r = self
+            .record(name)
+            .ok_or_else(|| ProvisionError::NoVm(name.to_owned()))?;
+        if matches!(
+            self.vmm.state(&r.machine).await,
+            Ok(VmmState::Running | VmmState::Paused)
+        ) {
+            return self.status(&spec.project).await;
+        }
+        self.boot(&r, &spec.authorized_keys, progress).await
+    }
+
+    async fn stop(&self, project: &ProjectName) -> Result<(), ProvisionError> {
+        let _guard = self.lock(project.as_str()).await;
+        let r = self
+            .record(project.as_str())
+            .ok_or_else(|| ProvisionError::NoVm(project.to_string()))?;
+        self.graceful_stop(&r).await
+    }
+
+    async fn destroy(&self, project: &ProjectName) -> Result<(), ProvisionError> {
+        let _guard = self.lock(project.as_str()).await;
+        let record = self.record(project.as_str());
+        self.teardown(project.as_str(), record.as_ref()).await;
+        Ok(())
+    }
+
+    async fn status(&self, project: &ProjectName) -> Result<VmStatus, ProvisionError> {
+        let Some(r) = self.record(project.as_str()) else {
+            return Ok(VmStatus {
+                state: VmState::Missing,
+                ready: false,
+                ssh_addr: None,
+                backend: self.vmm.describe(),
+            });
+        };
+        let st = self
+            .vmm
+            .state(&r.machine)
+            .await
+            .map_err(|e| failed(Stage::Ready, anyhow_chain(&e)))?;
+        let state = match st {
+            VmmState::Running => VmState::Running,
+            VmmState::Paused => VmState::Paused,
+            VmmState::Gone | VmmState::Stopped => VmState::Stopped,
+        };
+        let ready = state == VmState::Running
+            && ssh_banner(&r.machine.net.ssh_addr(), Duration::from_secs(2)).await;
+        Ok(VmStatus {
+            state,
+            ready,
+            ssh_addr: Some(r.machine.net.ssh_addr()),
+            backend: self.vmm.describe(),
+        })
+    }
+
+    async fn logs(&self, project: &ProjectName, lines: u32) -> Result<Vec<String>, ProvisionError> {
+        let r = self
+            .record(project.as_str())
+            .ok_or_else(|| ProvisionError::NoVm(project.to_string()))?;
+        let text = read_from(&r.machine.console_log, 0);
+        Ok(tail(&text, lines as usize)
+            .lines()
+            .map(str::to_owned)
+            .collect())
+    }
+
+    async fn purge_source(&self, project: &ProjectName, path: &str) -> Result<(), ProvisionError> {
+        let p = Path::new(path)
+            .canonicalize()
+            .map_err(|e| failed(Stage::Destroying, format!("cannot resolve {path}: {e}")))?;
+        let inside = self
+            .s
+            .project_roots
+            .iter()
+            .filter_map(|r| r.canonicalize().ok())
+            .any(|root| p.starts_with(&root) && p != root);
+        if !inside {
+            return Err(failed(
+                Stage::Destroying,
+                format!("refusing to delete {path}: it is not inside a project root; delete it by hand if you mean it"),
+            ));
+        }
+        tracing::warn!(project = %project, path, "purging the project's source");
+        std::fs::remove_dir_all(&p)
+            .map_err(|e| failed(Stage::Destroying, format!("cannot delete {path}: {e}")))
+    }
+}
