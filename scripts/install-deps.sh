@@ -14,7 +14,7 @@ need_cmd cargo "install the Rust toolchain (rustup) first"
 
 # Debian packages per mode. Keep each list to what that mode really uses.
 run_pkgs=(qemu-system-x86 qemu-utils mmdebstrap busybox-static e2fsprogs openssh-client)
-test_pkgs=(mmdebstrap e2fsprogs)
+test_pkgs=(mmdebstrap e2fsprogs qemu-system-x86 qemu-utils openssh-client)
 
 case "$mode" in
   run) pkgs=("${run_pkgs[@]}") ;;

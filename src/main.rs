@@ -137,8 +137,23 @@ fn exec(
         println!("{output}");
         return Ok(exit);
     }
-    // No daemon: run in-process, owning the data dir meanwhile.
-    let _lock = dir.lock()?;
+    // No daemon answered: run in-process, owning the data dir meanwhile.
+    // If another process holds the data dir, it is a daemon starting up
+    // (its socket may be stale from a crash): give it a moment.
+    let _lock = match dir.lock() {
+        Ok(l) => l,
+        Err(e) => {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+            while std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                if let Some((exit, output)) = console::call_daemon(&dir.control_socket(), &req)? {
+                    println!("{output}");
+                    return Ok(exit);
+                }
+            }
+            return Err(e);
+        }
+    };
     let store = wiring::store(&dir)?;
     let rt = tokio::runtime::Runtime::new()?;
     let (executor, local) = rt.block_on(async { wiring::executor(config, store) })?;

@@ -82,7 +82,9 @@ fn exit_codes_usage_refused_failed() {
         .env("KENNEL_VM__BACKEND", "none")
         .assert()
         .code(1)
-        .stdout(predicate::str::contains("VMs are not available on this host"));
+        .stdout(predicate::str::contains(
+            "VMs are not available on this host",
+        ));
     kennel(d.path())
         .args(["exec", "new project demo --stack cobol"])
         .assert()

@@ -272,9 +272,20 @@ impl Images {
                 std::fs::write(&meta, json).map_err(io(&meta))?;
                 let _ = std::fs::remove_dir_all(work.join("root"));
                 let dest = self.dir.join(&id);
-                std::fs::rename(&work, &dest).map_err(io(&dest))?;
-                info.dir = dest;
-                Ok((info, true))
+                match std::fs::rename(&work, &dest) {
+                    Ok(()) => {
+                        info.dir = dest;
+                        Ok((info, true))
+                    }
+                    // Another process built the same inputs meanwhile: same image.
+                    Err(_) if self.get(&id).is_some() => {
+                        let _ = std::fs::remove_dir_all(&work);
+                        self.get(&id)
+                            .map(|i| (i, false))
+                            .ok_or(ImageError::NotFound(id.clone()))
+                    }
+                    Err(e) => Err(io(&dest)(e)),
+                }
             }
             Err(e) => Err(e),
         };

@@ -255,8 +255,8 @@ fn build(
     let index = module_index(&mod_root)?;
     let order = load_order(&index, MODULES)?;
     step(&format!("writing the initramfs ({} modules)", order.len()));
-    let staging = dest.with_extension("staging");
-    let _ = std::fs::remove_dir_all(&staging);
+    // Inside the per-process work dir, so concurrent builds never share it.
+    let staging = work.join("out");
     std::fs::create_dir_all(&staging).map_err(io(&staging))?;
     let initramfs = staging.join("initramfs.cpio");
     write_initramfs(&initramfs, &busybox, &index, &order)?;
@@ -278,8 +278,12 @@ fn build(
     let mpath = staging.join("manifest.json");
     let json = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
     std::fs::write(&mpath, json).map_err(io(&mpath))?;
-    // Publish atomically: a failed build leaves no half set behind.
-    std::fs::rename(&staging, dest).map_err(io(dest))?;
+    // Publish atomically: a failed build leaves no half set behind. If
+    // another process published the same version meanwhile, use that.
+    if let Err(e) = std::fs::rename(&staging, dest) {
+        let _ = std::fs::remove_dir_all(&staging);
+        return KernelSet::open(dest).ok_or_else(|| io(dest)(e));
+    }
     Ok(KernelSet {
         dir: dest.to_owned(),
         manifest,

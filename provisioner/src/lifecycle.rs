@@ -489,12 +489,7 @@ impl LocalProvisioner {
         }
         std::fs::create_dir_all(&dir).map_err(|e| failed(Stage::Disk, e.to_string()))?;
         // Everything from here on is rolled back on failure.
-        let n = name.to_owned();
-        let slot = self
-            .store
-            .write(move |tx| repo::allocate_slot(tx, &n, net::MAX_SLOT))
-            .await
-            .map_err(|e| failed(Stage::Disk, e.to_string()))?;
+        let slot = self.allocate_slot(name, req.app_port).await?;
         let m = self.machine(
             name,
             &k,
@@ -571,6 +566,41 @@ impl LocalProvisioner {
             notes,
             status,
         })
+    }
+
+    /// Takes a slot whose host addresses are free: slots are per data
+    /// directory, but user-mode addresses are shared by the whole host.
+    async fn allocate_slot(&self, name: &str, app_port: u16) -> Result<u32, ProvisionError> {
+        let mut skip: Vec<u32> = Vec::new();
+        for _ in 0..64 {
+            let (n, sk) = (name.to_owned(), skip.clone());
+            let slot = self
+                .store
+                .write(move |tx| repo::allocate_slot(tx, &n, net::MAX_SLOT, &sk))
+                .await
+                .map_err(|e| failed(Stage::Disk, e.to_string()))?;
+            let free = match net::attach(&self.s.network, slot, app_port) {
+                NetAttach::User {
+                    host_ip,
+                    ssh_port,
+                    app_port,
+                    ..
+                } => [ssh_port, app_port]
+                    .iter()
+                    .all(|p| std::net::TcpListener::bind((host_ip.as_str(), *p)).is_ok()),
+                NetAttach::Tap { tap, .. } => !Path::new("/sys/class/net").join(tap).exists(),
+            };
+            if free {
+                return Ok(slot);
+            }
+            tracing::warn!(
+                vm = name,
+                slot,
+                "slot's addresses are in use on this host; trying another"
+            );
+            skip.push(slot);
+        }
+        Err(failed(Stage::Disk, "no VM slot with free host addresses"))
     }
 
     /// Adopts VMs that outlived a previous Kennel and cleans up after the

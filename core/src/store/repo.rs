@@ -692,10 +692,19 @@ pub fn quota_for(conn: &Connection, role: Role) -> Result<Quota, StoreError> {
 
 // ---------------------------------------------------------------- VM slots
 
-/// The project's slot, taking the lowest free one in `2..=max` if it has none.
-pub fn allocate_slot(conn: &Connection, project: &str, max: u32) -> Result<u32, StoreError> {
+/// The project's slot, taking the lowest free one in `2..=max` that is not
+/// in `skip` if it has none.
+pub fn allocate_slot(
+    conn: &Connection,
+    project: &str,
+    max: u32,
+    skip: &[u32],
+) -> Result<u32, StoreError> {
     if let Some(s) = slot_of(conn, project)? {
-        return Ok(s);
+        if !skip.contains(&s) {
+            return Ok(s);
+        }
+        release_slot(conn, project)?;
     }
     let taken: Vec<u32> = {
         let mut st = conn.prepare("SELECT slot FROM vm_slots ORDER BY slot")?;
@@ -703,7 +712,7 @@ pub fn allocate_slot(conn: &Connection, project: &str, max: u32) -> Result<u32, 
         rows.collect::<Result<_, _>>()?
     };
     let slot = (2..=max)
-        .find(|s| taken.binary_search(s).is_err())
+        .find(|s| taken.binary_search(s).is_err() && !skip.contains(s))
         .ok_or_else(|| StoreError::Invalid {
             what: format!("every VM slot up to {max} is taken"),
         })?;
@@ -858,12 +867,17 @@ mod tests {
     #[test]
     fn slots_are_reused_lowest_first() {
         let c = conn();
-        assert_eq!(allocate_slot(&c, "a", 10).unwrap(), 2);
-        assert_eq!(allocate_slot(&c, "b", 10).unwrap(), 3);
-        assert_eq!(allocate_slot(&c, "a", 10).unwrap(), 2, "idempotent");
+        assert_eq!(allocate_slot(&c, "a", 10, &[]).unwrap(), 2);
+        assert_eq!(allocate_slot(&c, "b", 10, &[]).unwrap(), 3);
+        assert_eq!(allocate_slot(&c, "a", 10, &[]).unwrap(), 2, "idempotent");
         release_slot(&c, "a").unwrap();
-        assert_eq!(allocate_slot(&c, "c", 10).unwrap(), 2);
-        assert!(allocate_slot(&c, "d", 3).is_err());
+        assert_eq!(allocate_slot(&c, "c", 10, &[]).unwrap(), 2);
+        assert!(allocate_slot(&c, "d", 3, &[]).is_err());
+        assert_eq!(
+            allocate_slot(&c, "c", 10, &[2]).unwrap(),
+            4,
+            "skipped slots move"
+        );
     }
 
     #[test]

@@ -1,0 +1,300 @@
+//! End to end on real guests: `kennel serve` and `kennel exec` with QEMU
+//! (TCG here), the C or Rust virtiofsd, and OpenSSH's client.
+//!
+//! Needs root, qemu-system-x86_64, qemu-img, virtiofsd, ssh, mmdebstrap;
+//! enabled by the `vm-tests` feature (the README's test command turns it
+//! on and installs them). Images come from the shared test cache
+//! (`$KENNEL_TEST_CACHE`, default `~/.cache/kennel/test-data`), built on
+//! demand by content hash.
+#![cfg(feature = "vm-tests")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use kennel_testkit::require;
+
+struct Kennel {
+    dir: PathBuf,
+    bin: PathBuf,
+    serve: Option<Child>,
+}
+
+impl Kennel {
+    fn new(dir: &Path) -> Self {
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "VM tests need root (virtiofsd, image builds); run scripts/test.sh as root"
+        );
+        require("qemu-system-x86_64", "qemu-system-x86");
+        require("qemu-img", "qemu-utils");
+        require("virtiofsd", "qemu-system-common");
+        require("ssh", "openssh-client");
+        require("mmdebstrap", "mmdebstrap");
+        let data = dir.join("kennel-data");
+        std::fs::create_dir_all(&data).unwrap();
+        let cache = std::env::var_os("KENNEL_TEST_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/kennel/test-data")
+            });
+        std::fs::create_dir_all(cache.join("images")).unwrap();
+        std::os::unix::fs::symlink(cache.join("images"), data.join("images")).unwrap();
+        Self {
+            dir: dir.to_owned(),
+            bin: PathBuf::from(env!("CARGO_BIN_EXE_kennel")),
+            serve: None,
+        }
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(&self.bin);
+        let cache = std::env::var_os("KENNEL_TEST_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/kennel/test-data")
+            });
+        c.current_dir(&self.dir)
+            .env_remove("KENNEL_CONFIG")
+            .env("KENNEL_VM__BACKEND", "qemu")
+            .env("KENNEL_VM__NETWORK", "user")
+            .env("KENNEL_IMAGES__APT_CACHE", cache.join("apt"))
+            .env("RUST_LOG", "warn");
+        c
+    }
+
+    fn exec(&self, line: &str) -> Output {
+        let out = self.cmd().args(["exec", line]).output().unwrap();
+        eprintln!(
+            "$ kennel exec '{line}' -> {:?}\n{}{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn exec_ok(&self, line: &str) -> String {
+        let out = self.exec(line);
+        assert!(out.status.success(), "`{line}` failed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn start_serve(&mut self) {
+        let child = self
+            .cmd()
+            .arg("serve")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        self.serve = Some(child);
+        let sock = self.dir.join("kennel-data/control.sock");
+        let t = Instant::now();
+        // The socket file may be stale from a killed daemon: wait until it answers.
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "kennel serve did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill_serve(&mut self, signal: &str) {
+        if let Some(mut c) = self.serve.take() {
+            Command::new("kill")
+                .args([signal, &c.id().to_string()])
+                .status()
+                .unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    fn key(&self, project: &str) -> PathBuf {
+        self.dir
+            .join(format!("kennel-data/keys/projects/{project}/id_ed25519"))
+    }
+
+    /// The host address of a project's sshd, from `status --json`.
+    fn addr(&self, project: &str) -> String {
+        let out = self.exec_ok(&format!("--json status {project}"));
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        v["vm"]["ssh_addr"].as_str().unwrap().to_owned()
+    }
+
+    /// Runs a command in a project's VM over SSH with its project key.
+    fn ssh(&self, project: &str, command: &str) -> Output {
+        let addr = self.addr(project);
+        let (ip, port) = addr.rsplit_once(':').unwrap();
+        Command::new("ssh")
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "LogLevel=ERROR",
+            ])
+            .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=20", "-i"])
+            .arg(self.key(project))
+            .args(["-p", port, &format!("dev@{ip}"), command])
+            .output()
+            .unwrap()
+    }
+
+    fn ssh_ok(&self, project: &str, command: &str) -> String {
+        let out = self.ssh(project, command);
+        assert!(
+            out.status.success(),
+            "ssh {project} `{command}`: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Kennel {
+    fn drop(&mut self) {
+        // Leave no VM behind, whatever happened.
+        for p in ["alpha", "beta", "slow"] {
+            let _ = self.cmd().args(["exec", &format!("rm {p} --yes")]).output();
+        }
+        self.kill_serve("-TERM");
+    }
+}
+
+fn vm_running(project: &str) -> bool {
+    let out = Command::new("pgrep")
+        .args(["-f", &format!("process=kennel-{project}")])
+        .output()
+        .unwrap();
+    out.status.success()
+}
+
+#[test]
+fn lifecycle_isolation_and_adoption_on_real_guests() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut k = Kennel::new(tmp.path());
+    k.start_serve();
+
+    // A source owned by a host user (not root), with a file in it.
+    let src = tmp.path().join("kennel-data/projects/alpha");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("from-host.txt"), "hello from the host\n").unwrap();
+    for p in [&src, &src.join("from-host.txt")] {
+        std::os::unix::fs::chown(p, Some(4242), Some(4242)).unwrap();
+    }
+
+    let t = Instant::now();
+    let out = k.exec_ok("new project alpha --stack base --cpus 1 --memory 512M --disk 4G");
+    eprintln!("new project alpha: {:?}", t.elapsed());
+    assert!(out.contains("ssh alpha@127.0.0.1"), "{out}");
+
+    // In the VM: dev has the source owner's uid; host files are visible;
+    // files dev creates belong to that owner on the host.
+    let id = k.ssh_ok("alpha", "id -u; cat /workspace/from-host.txt; echo made-in-vm > /workspace/from-guest.txt; mountpoint /workspace");
+    assert!(id.starts_with("4242\nhello from the host\n"), "{id}");
+    let meta = std::fs::metadata(src.join("from-guest.txt")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (4242, 4242));
+    // Edits on the host show at once (no cache).
+    std::fs::write(src.join("from-host.txt"), "edited\n").unwrap();
+    assert_eq!(
+        k.ssh_ok("alpha", "cat /workspace/from-host.txt"),
+        "edited\n"
+    );
+
+    // The root disk persists across stop and start.
+    k.ssh_ok("alpha", "echo kept > /home/dev/persist");
+    k.exec_ok("stop alpha");
+    assert!(!vm_running("alpha"));
+    k.exec_ok("start alpha");
+    assert_eq!(k.ssh_ok("alpha", "cat /home/dev/persist"), "kept\n");
+
+    // A second VM; neither can reach the other.
+    k.exec_ok("new project beta --stack base --cpus 1 --memory 512M --disk 4G");
+    k.ssh_ok("beta", "true");
+    // beta's forwards listen on the host at its own 127.77.x.y only. From alpha,
+    // that address is alpha's own loopback; 10.0.2.2 is the host's
+    // 127.0.0.1; the host's external address does not have them either.
+    let beta = k.addr("beta").replace(':', "/");
+    let port = beta.rsplit('/').next().unwrap().to_owned();
+    let mut targets = vec![beta.clone(), format!("10.0.2.2/{port}")];
+    let host_ips = Command::new("hostname").arg("-I").output().unwrap();
+    if let Some(ip) = String::from_utf8_lossy(&host_ips.stdout)
+        .split_whitespace()
+        .find(|ip| ip.contains('.'))
+    {
+        targets.push(format!("{ip}/{port}"));
+    }
+    for target in &targets {
+        let out = k.ssh(
+            "alpha",
+            &format!("timeout 3 bash -c '</dev/tcp/{target}' && echo REACHED"),
+        );
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("REACHED"),
+            "alpha reached {target}"
+        );
+    }
+
+    // Kennel killed outright: the VMs keep running and are adopted.
+    k.kill_serve("-KILL");
+    assert!(vm_running("alpha") && vm_running("beta"));
+    k.start_serve();
+    let status = k.exec_ok("--json status alpha");
+    let v: serde_json::Value = serde_json::from_str(status.trim()).unwrap();
+    assert_eq!(v["project"]["state"], "running", "{v}");
+    assert_eq!(v["vm"]["ready"], true, "{v}");
+    assert_eq!(k.ssh_ok("alpha", "cat /home/dev/persist"), "kept\n");
+
+    // Destroy: VM, disk and keys go; the source stays.
+    k.exec_ok("rm alpha --yes");
+    k.exec_ok("rm beta --yes");
+    assert!(!vm_running("alpha") && !vm_running("beta"));
+    assert!(std::fs::read_dir(tmp.path().join("kennel-data/vms"))
+        .unwrap()
+        .next()
+        .is_none());
+    assert_eq!(
+        std::fs::read_to_string(src.join("from-guest.txt")).unwrap(),
+        "made-in-vm\n"
+    );
+}
+
+#[test]
+fn a_vm_that_never_becomes_ready_is_rolled_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let k = Kennel::new(tmp.path());
+    let out = k
+        .cmd()
+        .env("KENNEL_VM__BOOT_TIMEOUT_SECS", "1")
+        .args([
+            "exec",
+            "new project slow --stack base --memory 512M --disk 2G",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("did not become ready within 1 s"), "{text}");
+    assert!(!vm_running("slow"));
+    assert!(std::fs::read_dir(tmp.path().join("kennel-data/vms"))
+        .unwrap()
+        .next()
+        .is_none());
+    assert!(!tmp.path().join("kennel-data/keys/projects/slow").exists());
+    assert!(
+        tmp.path().join("kennel-data/projects/slow").exists(),
+        "the source stays"
+    );
+    let projects = k.exec_ok("--json projects");
+    assert!(projects.contains("\"projects\":[]"), "{projects}");
+}
