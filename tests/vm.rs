@@ -25,6 +25,9 @@ struct Kennel {
     dir: PathBuf,
     bin: PathBuf,
     serve: Option<Child>,
+    /// Run everything inside this network namespace (bridge-mode tests).
+    netns: Option<String>,
+    network: &'static str,
 }
 
 impl Kennel {
@@ -51,11 +54,25 @@ impl Kennel {
             dir: dir.to_owned(),
             bin: PathBuf::from(env!("CARGO_BIN_EXE_kennel")),
             serve: None,
+            netns: None,
+            network: "user",
+        }
+    }
+
+    /// `program` run inside the test's network namespace, if any.
+    fn in_ns(&self, program: &Path) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(program);
+                c
+            }
+            None => Command::new(program),
         }
     }
 
     fn cmd(&self) -> Command {
-        let mut c = Command::new(&self.bin);
+        let mut c = self.in_ns(&self.bin);
         let cache = std::env::var_os("KENNEL_TEST_CACHE")
             .map(PathBuf::from)
             .unwrap_or_else(|| {
@@ -64,7 +81,7 @@ impl Kennel {
         c.current_dir(&self.dir)
             .env_remove("KENNEL_CONFIG")
             .env("KENNEL_VM__BACKEND", "qemu")
-            .env("KENNEL_VM__NETWORK", "user")
+            .env("KENNEL_VM__NETWORK", self.network)
             .env("KENNEL_IMAGES__APT_CACHE", cache.join("apt"))
             .env("RUST_LOG", "warn");
         c
@@ -134,7 +151,7 @@ impl Kennel {
     fn ssh(&self, project: &str, command: &str) -> Output {
         let addr = self.addr(project);
         let (ip, port) = addr.rsplit_once(':').unwrap();
-        Command::new("ssh")
+        self.in_ns(Path::new("ssh"))
             .args([
                 "-o",
                 "StrictHostKeyChecking=no",
@@ -297,4 +314,87 @@ fn a_vm_that_never_becomes_ready_is_rolled_back() {
     );
     let projects = k.exec_ok("--json projects");
     assert!(projects.contains("\"projects\":[]"), "{projects}");
+}
+
+/// A network namespace the test makes and removes itself.
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Self {
+        require("ip", "iproute2");
+        require("bridge", "iproute2");
+        require("nft", "nftables");
+        let name = format!("kennel-test-{}", std::process::id());
+        assert!(Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap()
+            .success());
+        assert!(Command::new("ip")
+            .args(["netns", "exec", &name, "ip", "link", "set", "lo", "up"])
+            .status()
+            .unwrap()
+            .success());
+        Self(name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn bridge_mode_isolates_vms_in_a_namespace() {
+    let ns = Netns::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut k = Kennel::new(tmp.path());
+    k.netns = Some(ns.0.clone());
+    k.network = "bridge";
+    k.exec_ok("new project alpha --stack base --cpus 1 --memory 512M --disk 2G");
+    k.exec_ok("new project beta --stack base --cpus 1 --memory 512M --disk 2G");
+    let (a, b) = (k.addr("alpha"), k.addr("beta"));
+    assert!(a.starts_with("10.90.0.") && a.ends_with(":22"), "{a}");
+    let b_ip = b.trim_end_matches(":22").to_owned();
+    // The host side reaches both VMs directly.
+    assert_eq!(k.ssh_ok("beta", "hostname"), "beta\n");
+    let addrs = k.ssh_ok("alpha", "ip -br addr show eth0");
+    assert!(addrs.contains(a.trim_end_matches(":22")), "{addrs}");
+    // VM to VM is blocked on the bridge (isolated ports).
+    let out = k.ssh(
+        "alpha",
+        &format!("timeout 3 bash -c '</dev/tcp/{b_ip}/22' && echo REACHED"),
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("REACHED"),
+        "alpha reached beta"
+    );
+    let links = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "bridge", "-d", "link"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&links.stdout)
+            .matches("isolated on")
+            .count(),
+        2
+    );
+    let rules = Command::new("ip")
+        .args([
+            "netns", "exec", &ns.0, "nft", "list", "table", "inet", "kennel",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&rules.stdout).contains("masquerade"));
+    k.exec_ok("rm alpha --yes");
+    k.exec_ok("rm beta --yes");
+    let links = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "ip", "-br", "link"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&links.stdout).contains("kt"),
+        "TAPs are removed with their VMs"
+    );
 }
