@@ -181,16 +181,19 @@ impl Kennel {
 impl Drop for Kennel {
     fn drop(&mut self) {
         // Leave no VM behind, whatever happened.
-        for p in ["alpha", "beta", "slow"] {
+        for p in ["alpha", "beta", "slow", "bra", "brb"] {
             let _ = self.cmd().args(["exec", &format!("rm {p} --yes")]).output();
         }
         self.kill_serve("-TERM");
     }
 }
 
-fn vm_running(project: &str) -> bool {
+/// Whether this test's VM for `project` runs (matched by its own disk path,
+/// so VMs of other tests with the same name do not count).
+fn vm_running(k: &Kennel, project: &str) -> bool {
+    let disk = k.dir.join(format!("kennel-data/vms/{project}/disk.qcow2"));
     let out = Command::new("pgrep")
-        .args(["-f", &format!("process=kennel-{project}")])
+        .args(["-f", &format!("file={}", disk.display())])
         .output()
         .unwrap();
     out.status.success()
@@ -231,7 +234,7 @@ fn lifecycle_isolation_and_adoption_on_real_guests() {
     // The root disk persists across stop and start.
     k.ssh_ok("alpha", "echo kept > /home/dev/persist");
     k.exec_ok("stop alpha");
-    assert!(!vm_running("alpha"));
+    assert!(!vm_running(&k, "alpha"));
     k.exec_ok("start alpha");
     assert_eq!(k.ssh_ok("alpha", "cat /home/dev/persist"), "kept\n");
 
@@ -264,7 +267,7 @@ fn lifecycle_isolation_and_adoption_on_real_guests() {
 
     // Kennel killed outright: the VMs keep running and are adopted.
     k.kill_serve("-KILL");
-    assert!(vm_running("alpha") && vm_running("beta"));
+    assert!(vm_running(&k, "alpha") && vm_running(&k, "beta"));
     k.start_serve();
     let status = k.exec_ok("--json status alpha");
     let v: serde_json::Value = serde_json::from_str(status.trim()).unwrap();
@@ -275,7 +278,7 @@ fn lifecycle_isolation_and_adoption_on_real_guests() {
     // Destroy: VM, disk and keys go; the source stays.
     k.exec_ok("rm alpha --yes");
     k.exec_ok("rm beta --yes");
-    assert!(!vm_running("alpha") && !vm_running("beta"));
+    assert!(!vm_running(&k, "alpha") && !vm_running(&k, "beta"));
     assert!(std::fs::read_dir(tmp.path().join("kennel-data/vms"))
         .unwrap()
         .next()
@@ -302,7 +305,7 @@ fn a_vm_that_never_becomes_ready_is_rolled_back() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("did not become ready within 1 s"), "{text}");
-    assert!(!vm_running("slow"));
+    assert!(!vm_running(&k, "slow"));
     assert!(std::fs::read_dir(tmp.path().join("kennel-data/vms"))
         .unwrap()
         .next()
@@ -352,23 +355,23 @@ fn bridge_mode_isolates_vms_in_a_namespace() {
     let mut k = Kennel::new(tmp.path());
     k.netns = Some(ns.0.clone());
     k.network = "bridge";
-    k.exec_ok("new project alpha --stack base --cpus 1 --memory 512M --disk 2G");
-    k.exec_ok("new project beta --stack base --cpus 1 --memory 512M --disk 2G");
-    let (a, b) = (k.addr("alpha"), k.addr("beta"));
+    k.exec_ok("new project bra --stack base --cpus 1 --memory 512M --disk 2G");
+    k.exec_ok("new project brb --stack base --cpus 1 --memory 512M --disk 2G");
+    let (a, b) = (k.addr("bra"), k.addr("brb"));
     assert!(a.starts_with("10.90.0.") && a.ends_with(":22"), "{a}");
     let b_ip = b.trim_end_matches(":22").to_owned();
     // The host side reaches both VMs directly.
-    assert_eq!(k.ssh_ok("beta", "hostname"), "beta\n");
-    let addrs = k.ssh_ok("alpha", "ip -br addr show eth0");
+    assert_eq!(k.ssh_ok("brb", "hostname"), "brb\n");
+    let addrs = k.ssh_ok("bra", "ip -br addr show eth0");
     assert!(addrs.contains(a.trim_end_matches(":22")), "{addrs}");
     // VM to VM is blocked on the bridge (isolated ports).
     let out = k.ssh(
-        "alpha",
+        "bra",
         &format!("timeout 3 bash -c '</dev/tcp/{b_ip}/22' && echo REACHED"),
     );
     assert!(
         !String::from_utf8_lossy(&out.stdout).contains("REACHED"),
-        "alpha reached beta"
+        "bra reached brb"
     );
     let links = Command::new("ip")
         .args(["netns", "exec", &ns.0, "bridge", "-d", "link"])
@@ -387,8 +390,8 @@ fn bridge_mode_isolates_vms_in_a_namespace() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&rules.stdout).contains("masquerade"));
-    k.exec_ok("rm alpha --yes");
-    k.exec_ok("rm beta --yes");
+    k.exec_ok("rm bra --yes");
+    k.exec_ok("rm brb --yes");
     let links = Command::new("ip")
         .args(["netns", "exec", &ns.0, "ip", "-br", "link"])
         .output()

@@ -73,6 +73,22 @@ pub struct VmRecord {
     pub machine: Machine,
 }
 
+/// How long the phases of the last create or start took, in
+/// `vms/<name>/timings.json` (read by bench/provision.sh).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timings {
+    /// Stack image lookup (or build).
+    pub image_ms: u64,
+    /// Root disk, keys and config disk.
+    pub disk_ms: u64,
+    /// virtiofsd and the VMM process started and the VM booted by its API.
+    pub spawn_ms: u64,
+    /// Guest kernel and init, up to sshd listening with /workspace mounted.
+    pub boot_ms: u64,
+    /// From sshd listening to an SSH banner on the host side.
+    pub sshd_ms: u64,
+}
+
 /// The provisioner for this host.
 pub struct LocalProvisioner {
     s: Settings,
@@ -322,9 +338,12 @@ impl LocalProvisioner {
         r: &VmRecord,
         authorized_keys: &[String],
         progress: &dyn ProgressSink,
+        timings: &mut Timings,
     ) -> Result<VmStatus, ProvisionError> {
         let m = &r.machine;
+        let t = Instant::now();
         self.write_config(r, authorized_keys).await?;
+        timings.disk_ms += ms(t);
         if let NetAttach::Tap { tap, .. } = &m.net {
             if let NetworkMode::Bridge(b) = &self.s.network {
                 let (b, tap) = (b.clone(), tap.clone());
@@ -337,6 +356,7 @@ impl LocalProvisioner {
         }
         let dir = self.vm_dir(&r.project);
         step(progress, Stage::Booting, Some(self.vmm.describe()));
+        let t = Instant::now();
         self.virtiofsd
             .start(
                 &m.virtiofs_socket,
@@ -358,13 +378,21 @@ impl LocalProvisioner {
             m,
             &[dir.join("vmm.pid"), dir.join("virtiofsd.pid")],
         );
+        timings.spawn_ms = ms(t);
         match self.wait_ready(m, offset).await {
-            Ok(()) => Ok(VmStatus {
-                state: VmState::Running,
-                ready: true,
-                ssh_addr: Some(m.net.ssh_addr()),
-                backend: self.vmm.describe(),
-            }),
+            Ok((boot, sshd)) => {
+                timings.boot_ms = boot;
+                timings.sshd_ms = sshd;
+                if let Ok(json) = serde_json::to_vec_pretty(timings) {
+                    let _ = std::fs::write(dir.join("timings.json"), json);
+                }
+                Ok(VmStatus {
+                    state: VmState::Running,
+                    ready: true,
+                    ssh_addr: Some(m.net.ssh_addr()),
+                    backend: self.vmm.describe(),
+                })
+            }
             Err(why) => {
                 let console = std::fs::read_to_string(&m.console_log).unwrap_or_default();
                 let _ = self.vmm.force_stop(m).await;
@@ -378,8 +406,11 @@ impl LocalProvisioner {
     }
 
     /// Waits for the console's readiness lines, then for an SSH banner.
-    async fn wait_ready(&self, m: &Machine, offset: u64) -> Result<(), String> {
-        let deadline = Instant::now() + self.s.boot_timeout;
+    /// Returns (boot ms, sshd ms).
+    async fn wait_ready(&self, m: &Machine, offset: u64) -> Result<(u64, u64), String> {
+        let start = Instant::now();
+        let deadline = start + self.s.boot_timeout;
+        let mut listening: Option<Instant> = None;
         let mut workspace = false;
         let mut sshd = false;
         let needle = match self.vmm.kind() {
@@ -395,8 +426,11 @@ impl LocalProvisioner {
             }
             workspace |= text.contains("kennel-init: workspace mounted");
             sshd |= text.contains("Server listening on");
-            if workspace && sshd && ssh_banner(&m.net.ssh_addr(), Duration::from_secs(5)).await {
-                return Ok(());
+            if workspace && sshd {
+                let seen = *listening.get_or_insert_with(Instant::now);
+                if ssh_banner(&m.net.ssh_addr(), Duration::from_secs(5)).await {
+                    return Ok((ms_between(start, seen), ms(seen)));
+                }
             }
             if !read_pid(&m.pid_file).is_some_and(|p| crate::vmm::pid_alive(p, &needle)) {
                 let log = std::fs::read_to_string(&m.vmm_log).unwrap_or_default();
@@ -475,7 +509,11 @@ impl LocalProvisioner {
             }
         };
         step(progress, Stage::Stack, Some(stack.clone()));
+        let mut timings = Timings::default();
+        let t = Instant::now();
         let (k, image) = self.image_for(&stack, progress).await?;
+        timings.image_ms = ms(t);
+        let t = Instant::now();
 
         let dir = self.vm_dir(name);
         if dir.exists() {
@@ -530,6 +568,7 @@ impl LocalProvisioner {
             Ok(())
         })
         .await?;
+        timings.disk_ms = ms(t);
         let (uid, gid) = owner_of(&source, self.s.default_owner);
         if uid == 0 {
             notes.push(format!(
@@ -559,7 +598,9 @@ impl LocalProvisioner {
             machine: m,
         };
         self.save(&record)?;
-        let status = self.boot(&record, &req.authorized_keys, progress).await?;
+        let status = self
+            .boot(&record, &req.authorized_keys, progress, &mut timings)
+            .await?;
         Ok(Created {
             stack,
             source_path: source.display().to_string(),
@@ -715,6 +756,14 @@ impl LocalProvisioner {
     }
 }
 
+fn ms(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+fn ms_between(a: Instant, b: Instant) -> u64 {
+    u64::try_from(b.saturating_duration_since(a).as_millis()).unwrap_or(u64::MAX)
+}
+
 /// An error and its sources, one line.
 fn anyhow_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -801,7 +850,8 @@ impl Provisioner for LocalProvisioner {
         ) {
             return self.status(&spec.project).await;
         }
-        self.boot(&r, &spec.authorized_keys, progress).await
+        self.boot(&r, &spec.authorized_keys, progress, &mut Timings::default())
+            .await
     }
 
     async fn stop(&self, project: &ProjectName) -> Result<(), ProvisionError> {
