@@ -9,4 +9,6 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kennel/target}"
 cargo build --release --locked
 kennel="$CARGO_TARGET_DIR/release/kennel"
 "$kennel" doctor || echo "(doctor found missing parts; see above)"
+# The kernel artefacts and base image (cached by content hash: instant when built).
+"$kennel" image build
 exec "$kennel" serve

@@ -211,3 +211,16 @@ fn exec_goes_through_a_running_daemon_and_serve_stops_on_sigterm() {
     assert!(status.success(), "{status:?}");
     assert!(!sock.exists());
 }
+
+#[test]
+fn the_annotated_example_config_is_valid() {
+    let d = tempfile::tempdir().unwrap();
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/kennel.example.toml");
+    kennel(d.path())
+        .arg("--config")
+        .arg(&example)
+        .arg("config")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("vm.boot_timeout_secs = 120"));
+}
