@@ -33,7 +33,8 @@ export KENNEL_VM__BACKEND=qemu KENNEL_VM__NETWORK=user RUST_LOG=warn KENNEL_IMAG
 "$K" image build >/dev/null 2>&1
 "$K" serve 2>/dev/null &
 serve_pid=$!
-until "$K" exec whoami >/dev/null 2>&1; do sleep 0.1; done
+# Wait for the daemon's socket (an in-process exec would race it for the lock).
+until python3 -c "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])" "$work/kennel-data/control.sock" 2>/dev/null; do sleep 0.1; done
 
 now() { date +%s.%N; }
 ms() { echo "($2 - $1) * 1000 / 1" | bc; }
@@ -82,7 +83,7 @@ for i in $(seq 1 "$runs"); do
   qemu-img create -q -f qcow2 -F raw -b "$work/$img/rootfs.ext4" hand/disk.qcow2 4G
   "$vfsd" "${vfsargs[@]}" >/dev/null 2>&1 &
   while [ ! -S hand/fs.sock ]; do sleep 0.01; done
-  qemu-system-x86_64 -machine q35,accel=tcg -cpu max -smp 1 -m 512M \
+  qemu-system-x86_64 -machine q35 -accel tcg,tb-size=64 -cpu max -smp 1 -m 512M \
     -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem \
     -kernel "$kern/vmlinuz" -initrd "$kern/initramfs.cpio" -append "console=ttyS0 root=/dev/vda rw panic=-1 quiet" \
     -drive file=hand/disk.qcow2,if=none,id=root,format=qcow2 -device virtio-blk-pci,drive=root \

@@ -232,8 +232,13 @@ impl LocalProvisioner {
                 .get(&stack)
                 .ok_or_else(|| format!("there is no usable stack '{stack}'"))?;
             let images = Images::new(&images_dir);
-            let k = kernel::ensure(images.dir(), runner, &mut |_| {})
-                .map_err(|e| format!("{:#}", anyhow_chain(&e)))?;
+            // The newest kernel already built, without asking apt which is
+            // current (that takes a second); `kennel image build` refreshes it.
+            let k = match kernel::KernelSet::latest(images.dir()) {
+                Some(k) => k,
+                None => kernel::ensure(images.dir(), runner, &mut |_| {})
+                    .map_err(|e| anyhow_chain(&e))?,
+            };
             let recipe = Recipe::load(&recipe_dir).map_err(|e| e.to_string())?;
             let env = BuildEnv {
                 recipe: &recipe,
@@ -669,13 +674,37 @@ impl LocalProvisioner {
             if running {
                 tracing::info!(vm = %name, "adopted a running VM");
             } else {
-                // Dead VMM: stop its virtiofsd and clear stale files.
+                // Dead VMM: stop its virtiofsd, drop its TAP, clear stale files.
                 let _ = self.vmm.force_stop(&r.machine).await;
                 Virtiofsd::stop(&dir.join("virtiofsd.pid"), &r.machine.virtiofs_socket).await;
+                if let NetAttach::Tap { tap, .. } = &r.machine.net {
+                    net::delete_tap(self.runner.as_ref(), tap);
+                }
                 let _ = std::fs::remove_file(&r.machine.pid_file);
                 let _ = std::fs::remove_file(&r.machine.control_socket);
             }
             out.push((name, running));
+        }
+        // TAPs on our bridge whose VM is gone (a crash between TAP and record).
+        if let NetworkMode::Bridge(b) = &self.s.network {
+            let ours: Vec<String> = out
+                .iter()
+                .filter_map(|(n, _)| self.record(n))
+                .filter_map(|r| match r.machine.net {
+                    NetAttach::Tap { tap, .. } => Some(tap),
+                    NetAttach::User { .. } => None,
+                })
+                .collect();
+            let brif = Path::new("/sys/class/net").join(&b.name).join("brif");
+            if let Ok(rd) = std::fs::read_dir(brif) {
+                for e in rd.filter_map(Result::ok) {
+                    let tap = e.file_name().to_string_lossy().into_owned();
+                    if tap.starts_with("kt") && !ours.contains(&tap) {
+                        tracing::warn!(%tap, "removing an orphaned TAP");
+                        net::delete_tap(self.runner.as_ref(), &tap);
+                    }
+                }
+            }
         }
         // Slots whose VM directory is gone.
         if let Ok(slots) = self.store.call(|c| repo::all_slots(c)).await {
