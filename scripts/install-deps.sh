@@ -13,8 +13,8 @@ need_cmd() {
 need_cmd cargo "install the Rust toolchain (rustup) first"
 
 # Debian packages per mode. Keep each list to what that mode really uses.
-run_pkgs=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs openssh-client iproute2 nftables)
-test_pkgs=(mmdebstrap e2fsprogs qemu-system-x86 qemu-utils openssh-client iproute2 nftables)
+run_pkgs=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs openssh-client iproute2 nftables pkg-config libssl-dev)
+test_pkgs=(mmdebstrap e2fsprogs qemu-system-x86 qemu-utils openssh-client iproute2 nftables pkg-config libssl-dev git)
 
 case "$mode" in
   run) pkgs=("${run_pkgs[@]}") ;;

@@ -31,6 +31,8 @@ pub fn settings(config: &Config) -> Result<Settings> {
         default_app_port: 8080,
         host_key_fingerprints: Vec::new(),
         admins: config.admin_identities()?,
+        max_parallel_creates: usize::try_from(config.vm.max_parallel_creates).unwrap_or(1),
+        confirm_secs: 300,
     })
 }
 
@@ -55,6 +57,7 @@ pub fn provisioner(config: &Config, store: &Store) -> Result<Arc<LocalProvisione
     let settings = ProvisionerSettings {
         data_dir,
         stacks_dir: config.images.stacks_dir.clone(),
+        templates_dir: config.images.templates_dir.clone(),
         recipe_dir: config.images.recipe_dir.clone(),
         apt_sources: config.images.apt_sources.clone(),
         apt_cache: config.images.apt_cache.clone(),
@@ -92,6 +95,7 @@ pub fn executor(
     };
     let catalog = Arc::new(kennel_provisioner::catalog::DirCatalog {
         stacks: kennel_provisioner::stacks::Stacks::load(&config.images.stacks_dir),
+        templates: kennel_provisioner::templates::Templates::load(&config.images.templates_dir),
     });
     Ok((
         Executor::new(store, vms, catalog, settings(config)?),

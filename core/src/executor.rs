@@ -45,6 +45,10 @@ pub struct Settings {
     pub host_key_fingerprints: Vec<String>,
     /// Identities that become admins the first time they speak.
     pub admins: Vec<Identity>,
+    /// How many `new project`s build at once; later ones wait in line.
+    pub max_parallel_creates: usize,
+    /// How long a `yes` may follow the question.
+    pub confirm_secs: i64,
 }
 
 impl Default for Settings {
@@ -63,6 +67,8 @@ impl Default for Settings {
             default_app_port: 8080,
             host_key_fingerprints: Vec::new(),
             admins: Vec::new(),
+            max_parallel_creates: 2,
+            confirm_secs: 300,
         }
     }
 }
@@ -84,6 +90,9 @@ pub struct Executor {
     catalog: Arc<dyn Catalog>,
     settings: Arc<Settings>,
     events: broadcast::Sender<Event>,
+    /// Limits concurrent creates; `waiting` counts the line.
+    creates: Arc<tokio::sync::Semaphore>,
+    waiting: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for Executor {
@@ -110,12 +119,17 @@ impl Executor {
         settings: Settings,
     ) -> Self {
         let (events, _) = broadcast::channel(256);
+        let creates = Arc::new(tokio::sync::Semaphore::new(
+            settings.max_parallel_creates.max(1),
+        ));
         Self {
             store,
             vms,
             catalog,
             settings: Arc::new(settings),
             events,
+            creates,
+            waiting: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         }
     }
 
@@ -226,7 +240,7 @@ impl Executor {
             project = cmd.project().map_or("-", ProjectName::as_str),
         );
         async move {
-            let out = self.authorized(who, user.as_ref(), cmd.clone(), progress).await;
+            let out = self.authorized(who, user.as_ref(), cmd.clone(), progress, 0).await;
             match &out {
                 Ok(_) => tracing::debug!("done"),
                 Err(CommandError::Usage(_) | CommandError::Refused(_) | CommandError::NotFound(_)) => {
@@ -267,6 +281,8 @@ impl Executor {
                 Some(key.fingerprint().to_string())
             }
             Command::Share { user, .. } | Command::Unshare { user, .. } => Some(user.to_string()),
+            // The name only: a secret's value never reaches a log.
+            Command::SecretSet { name, .. } | Command::SecretRm { name } => Some(name.to_string()),
             _ => None,
         });
         let r = self
@@ -318,12 +334,15 @@ impl Executor {
             .await
     }
 
+    /// Runs `cmd` if policy allows. `confirmed` is the confirmation step the
+    /// caller reached with `yes` (0 when not confirming).
     async fn authorized(
         &self,
         who: &Identity,
         user: Option<&User>,
         cmd: Command,
         progress: &dyn ProgressSink,
+        confirmed: u32,
     ) -> Outcome {
         let (rel, project) = match cmd.project() {
             Some(name) => self.relation(user, name).await?,
@@ -372,7 +391,7 @@ impl Executor {
                     vm,
                 })
             }
-            Command::NewProject(args) => self.new_project(user, *args, progress).await,
+            Command::NewProject(args) => self.new_project(who, user, *args, progress).await,
             Command::Start { name } => {
                 let project = need(project, &name)?;
                 self.start(project, progress).await
@@ -406,6 +425,12 @@ impl Executor {
             }
             Command::Rm { name, purge, yes } => {
                 let project = need(project, &name)?;
+                let again = Command::Rm {
+                    name: name.clone(),
+                    purge,
+                    yes: true,
+                }
+                .to_string();
                 if !yes {
                     let mut prompt = format!("This destroys the VM and disk of {name}.");
                     if purge {
@@ -417,16 +442,16 @@ impl Executor {
                         prompt
                             .push_str(&format!(" The source at {} is kept.", project.source_path));
                     }
-                    let confirm_with = Command::Rm {
-                        name,
-                        purge,
-                        yes: true,
-                    }
-                    .to_string();
-                    return Ok(Reply::Confirm {
-                        prompt,
-                        confirm_with,
-                    });
+                    return self.ask(who, prompt, &again, 1).await;
+                }
+                // A purge deletes the user's files: it always asks once more,
+                // naming them, even after --yes.
+                if purge && confirmed < 2 {
+                    let prompt = format!(
+                        "Last check: this permanently DELETES {} and everything in it, together with the VM of {name}.",
+                        project.source_path
+                    );
+                    return self.ask(who, prompt, &again, 2).await;
                 }
                 self.set_state(&name, ProjectState::Destroying).await?;
                 progress.report(Progress {
@@ -639,6 +664,161 @@ impl Executor {
                 }
                 Ok(Reply::Users { users: out })
             }
+            Command::Yes => {
+                let w = who.clone();
+                let pending = self
+                    .store
+                    .call(move |c| repo::take_confirmation(c, &w))
+                    .await?;
+                let Some((line, step)) = pending else {
+                    return Err(CommandError::NotFound(format!(
+                        "there is nothing to confirm (a question lasts {} minutes)",
+                        self.settings.confirm_secs / 60
+                    )));
+                };
+                let cmd = command::parse(&line)?.command;
+                // The confirmed command goes through policy again, and is
+                // what the audit log records.
+                let out = Box::pin(self.authorized(who, user, cmd.clone(), progress, step)).await;
+                let outcome = match &out {
+                    Ok(Reply::Confirm { .. }) => None,
+                    Ok(_) => Some(AuditOutcome::Ok),
+                    Err(CommandError::Refused(_)) => Some(AuditOutcome::Refused),
+                    Err(_) => Some(AuditOutcome::Failed),
+                };
+                if let Some(o) = outcome {
+                    let detail = out.as_ref().err().map(ToString::to_string);
+                    self.audit(who, user, &cmd, o, detail).await;
+                }
+                out
+            }
+            Command::Cp { name, new_name } => {
+                let from = need(project, &name)?;
+                let user = user
+                    .cloned()
+                    .ok_or_else(|| CommandError::Refused("Kennel does not know you yet".into()))?;
+                let source_path = self.settings.projects_root.join(new_name.as_str());
+                if source_path.exists() {
+                    return Err(CommandError::Conflict(format!(
+                        "{} already exists; remove it or pick another name",
+                        source_path.display()
+                    )));
+                }
+                let source_path = source_path.to_string_lossy().into_owned();
+                let reserved = self
+                    .reserve(
+                        &user,
+                        &new_name,
+                        &from.stack,
+                        from.git_url.as_deref(),
+                        &source_path,
+                        from.template.as_deref(),
+                        from.resources,
+                        from.app_port,
+                    )
+                    .await?;
+                let req = CreateRequest {
+                    project: new_name.clone(),
+                    owner: user.name.clone(),
+                    stack: Some(from.stack.clone()),
+                    git: None,
+                    path: Some(source_path),
+                    template: None,
+                    resources: from.resources,
+                    app_port: from.app_port,
+                    authorized_keys: self.authorized_keys(&name).await?,
+                    adopt: false,
+                    git_token: None,
+                    author_name: user.name.to_string(),
+                    author_email: self.email_of(who, &user),
+                };
+                let result = self.vms.copy(&name, &req, progress).await;
+                self.finish_create(reserved, result, progress).await
+            }
+            Command::Rename { name, new_name } => {
+                need(project, &name)?;
+                let (a, b) = (name.clone(), new_name.clone());
+                match self
+                    .store
+                    .write(move |tx| repo::rename_project(tx, &a, &b))
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(StoreError::AlreadyExists { .. }) => {
+                        return Err(CommandError::Conflict(format!(
+                            "a project named '{new_name}' already exists; pick another name"
+                        )))
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                if let Err(e) = self.vms.rename(&name, &new_name).await {
+                    let (a, b) = (name.clone(), new_name.clone());
+                    self.store
+                        .write(move |tx| repo::rename_project(tx, &b, &a))
+                        .await?;
+                    return Err(e.into());
+                }
+                Ok(Reply::Done {
+                    message: format!(
+                        "{name} is now {new_name}: ssh {new_name}@{} and https://{new_name}.{}.",
+                        self.settings.ssh_host, self.settings.domain
+                    ),
+                })
+            }
+            Command::SecretSet { name, value } => {
+                let uid = user
+                    .map(|u| u.id)
+                    .ok_or_else(|| CommandError::Refused("Kennel does not know you yet".into()))?;
+                let n = name.to_string();
+                self.store
+                    .call(move |c| repo::set_secret(c, uid, &n, &value))
+                    .await?;
+                Ok(Reply::Done {
+                    message: format!("Stored secret {name}. Kennel never shows it again; replace it with 'secret set {name} ...' or delete it with 'secret rm {name}'."),
+                })
+            }
+            Command::SecretRm { name } => {
+                let uid = user
+                    .map(|u| u.id)
+                    .ok_or_else(|| CommandError::Refused("Kennel does not know you yet".into()))?;
+                let n = name.to_string();
+                if self
+                    .store
+                    .call(move |c| repo::remove_secret(c, uid, &n))
+                    .await?
+                {
+                    Ok(Reply::Done {
+                        message: format!("Deleted secret {name}."),
+                    })
+                } else {
+                    Err(CommandError::NotFound(format!(
+                        "you have no secret '{name}'; see 'secrets'"
+                    )))
+                }
+            }
+            Command::Secrets => {
+                let uid = user
+                    .map(|u| u.id)
+                    .ok_or_else(|| CommandError::Refused("Kennel does not know you yet".into()))?;
+                let names = self.store.call(move |c| repo::secret_names(c, uid)).await?;
+                Ok(Reply::Done {
+                    message: if names.is_empty() {
+                        "You have no secrets. 'secret set git-token <token>' stores a token for https:// clones.".into()
+                    } else {
+                        format!("Your secrets: {}", names.join(", "))
+                    },
+                })
+            }
+            Command::DeployKey => {
+                let u = user
+                    .ok_or_else(|| CommandError::Refused("Kennel does not know you yet".into()))?;
+                let key = self.vms.deploy_key(&u.name).await?;
+                Ok(Reply::Done {
+                    message: format!(
+                        "Your deploy key for ssh:// and git@host: clones (add it to your git host as a read-only deploy key):\n{key}"
+                    ),
+                })
+            }
             Command::Stacks => Ok(Reply::Stacks {
                 stacks: self.catalog.stacks(),
             }),
@@ -750,75 +930,58 @@ impl Executor {
         }
     }
 
-    async fn new_project(
-        &self,
-        user: Option<&User>,
-        args: command::NewProjectArgs,
-        progress: &dyn ProgressSink,
-    ) -> Outcome {
-        let user = user
-            .cloned()
-            .ok_or_else(|| CommandError::Refused("Kennel does not know you yet".into()))?;
-        let d = self.settings.default_resources;
-        let resources = Resources {
-            vcpus: args.cpus.unwrap_or(d.vcpus),
-            memory_mib: args.memory.map_or(d.memory_mib, |s| s.mib),
-            disk_mib: args.disk.map_or(d.disk_mib, |s| s.mib),
-        };
-        if let Some(stack) = &args.stack {
-            let known = self.catalog.stacks();
-            match known.iter().find(|s| s.name == stack.as_str()) {
-                Some(s) if s.broken.is_some() => {
-                    return Err(CommandError::Conflict(format!(
-                        "stack {stack} is broken: {}",
-                        s.broken.clone().unwrap_or_default()
-                    )))
-                }
-                Some(_) => {}
-                None => {
-                    let names: Vec<String> = known.into_iter().map(|s| s.name).collect();
-                    return Err(CommandError::NotFound(format!(
-                        "there is no stack '{stack}'; known stacks: {}",
-                        if names.is_empty() {
-                            "none installed".into()
-                        } else {
-                            names.join(", ")
-                        }
-                    )));
-                }
-            }
+    /// Asks `who` to confirm `line` with `yes` (at `step`).
+    async fn ask(&self, who: &Identity, prompt: String, line: &str, step: u32) -> Outcome {
+        let w = who.clone();
+        let l = line.to_owned();
+        let expires = crate::model::now() + self.settings.confirm_secs;
+        self.store
+            .call(move |c| repo::set_confirmation(c, &w, &l, step, expires))
+            .await?;
+        Ok(Reply::Confirm {
+            prompt: format!(
+                "{prompt} Reply 'yes' within {} minutes to go ahead.",
+                self.settings.confirm_secs / 60
+            ),
+            confirm_with: "yes".into(),
+        })
+    }
+
+    /// The e-mail address for commits made on `user`'s behalf.
+    fn email_of(&self, who: &Identity, user: &User) -> String {
+        let id = who.external_id.as_str();
+        match (
+            who.frontend,
+            id.strip_prefix('@').and_then(|s| s.split_once(':')),
+        ) {
+            (crate::model::Frontend::Matrix, Some((local, server))) => format!("{local}@{server}"),
+            _ => format!("{}@{}", user.name, self.settings.domain),
         }
-        let app_port = args
-            .stack
-            .as_ref()
-            .and_then(|s| {
-                self.catalog
-                    .stacks()
-                    .into_iter()
-                    .find(|k| k.name == s.as_str())
-            })
-            .map_or(self.settings.default_app_port, |s| s.app_port);
-        let source_path = args.path.clone().unwrap_or_else(|| {
-            self.settings
-                .projects_root
-                .join(args.name.as_str())
-                .to_string_lossy()
-                .into_owned()
-        });
-        // Reserve the name and check the quota in one write transaction, so
-        // two concurrent `new project`s with one name cannot both win.
-        let row_name = args.name.clone();
-        let stack0 = args
-            .stack
-            .as_ref()
-            .map_or("detecting", |s| s.as_str())
-            .to_owned();
-        let git0 = args.git.as_ref().map(|g| g.to_string());
-        let tmpl0 = args.template.as_ref().map(|t| t.to_string());
+    }
+
+    /// Checks the quota and records a new project in state `creating`, in
+    /// one write transaction, so two creates of one name cannot both win.
+    #[allow(clippy::too_many_arguments)]
+    async fn reserve(
+        &self,
+        user: &User,
+        name: &ProjectName,
+        stack: &str,
+        git: Option<&str>,
+        source_path: &str,
+        template: Option<&str>,
+        resources: Resources,
+        app_port: u16,
+    ) -> Result<Project, CommandError> {
         let (uid, role) = (user.id, user.role);
-        let sp = source_path.clone();
-        let reserved = self
-            .store
+        let (row_name, stack, git, sp, tmpl) = (
+            name.clone(),
+            stack.to_owned(),
+            git.map(str::to_owned),
+            source_path.to_owned(),
+            template.map(str::to_owned),
+        );
+        self.store
             .write(move |tx| {
                 let quota = repo::quota_for(tx, role)?;
                 let usage = repo::usage_of(tx, uid)?;
@@ -830,10 +993,10 @@ impl Executor {
                     &NewProjectRow {
                         name: &row_name,
                         owner: uid,
-                        stack: &stack0,
-                        git_url: git0.as_deref(),
+                        stack: &stack,
+                        git_url: git.as_deref(),
                         source_path: &sp,
-                        template: tmpl0.as_deref(),
+                        template: tmpl.as_deref(),
                         resources,
                         app_port,
                         state: ProjectState::Creating,
@@ -846,35 +1009,51 @@ impl Executor {
                     Err(e) => Err(e),
                 }
             })
-            .await??;
+            .await?
+    }
+
+    /// Waits for a free build slot, telling the requester their place in line.
+    async fn queue(&self, progress: &dyn ProgressSink) -> tokio::sync::OwnedSemaphorePermit {
+        use std::sync::atomic::Ordering;
+        if let Ok(p) = self.creates.clone().try_acquire_owned() {
+            return p;
+        }
+        let place = self.waiting.fetch_add(1, Ordering::SeqCst) + 1;
         progress.report(Progress {
-            stage: Stage::Validated,
+            stage: Stage::Queued,
             percent: None,
-            detail: None,
+            detail: Some(format!(
+                "{place} in line; {} project(s) build at once",
+                self.settings.max_parallel_creates
+            )),
         });
-        let req = CreateRequest {
-            project: args.name.clone(),
-            owner: user.name.clone(),
-            stack: args.stack.map(|s| s.to_string()),
-            git: args.git.map(|g| g.to_string()),
-            path: Some(source_path),
-            template: args.template.map(|t| t.to_string()),
-            resources,
-            app_port,
-            authorized_keys: self.authorized_keys(&args.name).await?,
-        };
-        match self.vms.create(&req, progress).await {
+        let permit = self.creates.clone().acquire_owned().await;
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        // The semaphore is never closed.
+        #[allow(clippy::expect_used)]
+        permit.expect("the create semaphore is never closed")
+    }
+
+    /// Records the outcome of a create: the project runs, or its record goes.
+    async fn finish_create(
+        &self,
+        reserved: Project,
+        result: Result<crate::provision::Created, ProvisionError>,
+        progress: &dyn ProgressSink,
+    ) -> Outcome {
+        let name = reserved.name.clone();
+        match result {
             Ok(created) => {
-                let name = args.name.clone();
                 let (stack, src) = (created.stack.clone(), created.source_path.clone());
+                let n = name.clone();
                 let project = self
                     .store
                     .write(move |tx| {
                         tx.execute(
                             "UPDATE projects SET stack = ?2, source_path = ?3, state = 'running' WHERE name = ?1",
-                            rusqlite::params![name.as_str(), stack, src],
+                            rusqlite::params![n.as_str(), stack, src],
                         )?;
-                        repo::project_by_name(tx, &name)
+                        repo::project_by_name(tx, &n)
                     })
                     .await?
                     .unwrap_or(reserved);
@@ -890,13 +1069,184 @@ impl Executor {
                 })
             }
             Err(e) => {
-                let name = args.name.clone();
                 self.store
                     .call(move |c| repo::delete_project(c, &name))
                     .await?;
                 Err(e.into())
             }
         }
+    }
+
+    async fn new_project(
+        &self,
+        who: &Identity,
+        user: Option<&User>,
+        args: command::NewProjectArgs,
+        progress: &dyn ProgressSink,
+    ) -> Outcome {
+        let user = user
+            .cloned()
+            .ok_or_else(|| CommandError::Refused("Kennel does not know you yet".into()))?;
+        let d = self.settings.default_resources;
+        let resources = Resources {
+            vcpus: args.cpus.unwrap_or(d.vcpus),
+            memory_mib: args.memory.map_or(d.memory_mib, |s| s.mib),
+            disk_mib: args.disk.map_or(d.disk_mib, |s| s.mib),
+        };
+        // Template: must exist; gives the default stack; starts a new repo.
+        let template = match &args.template {
+            None => None,
+            Some(t) => {
+                if args.git.is_some() {
+                    return Err(CommandError::Conflict(
+                        "--template starts a new repository; it cannot be combined with --git"
+                            .into(),
+                    ));
+                }
+                let all = self.catalog.templates();
+                match all.iter().find(|x| x.name == t.as_str()) {
+                    Some(x) if x.broken.is_some() => {
+                        return Err(CommandError::Conflict(format!(
+                            "template {t} is broken: {}",
+                            x.broken.clone().unwrap_or_default()
+                        )))
+                    }
+                    Some(x) => Some(x.clone()),
+                    None => {
+                        let names: Vec<String> = all.into_iter().map(|x| x.name).collect();
+                        return Err(CommandError::NotFound(format!(
+                            "there is no template '{t}'; templates: {}",
+                            if names.is_empty() {
+                                "none installed".into()
+                            } else {
+                                names.join(", ")
+                            }
+                        )));
+                    }
+                }
+            }
+        };
+        let stack = args
+            .stack
+            .as_ref()
+            .map(ToString::to_string)
+            .or_else(|| template.as_ref().map(|t| t.stack.clone()));
+        let known = self.catalog.stacks();
+        let stack_info = match &stack {
+            None => None,
+            Some(stack) => match known.iter().find(|s| &s.name == stack) {
+                Some(s) if s.broken.is_some() => {
+                    return Err(CommandError::Conflict(format!(
+                        "stack {stack} is broken: {}",
+                        s.broken.clone().unwrap_or_default()
+                    )))
+                }
+                Some(s) => Some(s.clone()),
+                None => {
+                    let names: Vec<String> = known.into_iter().map(|s| s.name).collect();
+                    return Err(CommandError::NotFound(format!(
+                        "there is no stack '{stack}'; known stacks: {}",
+                        if names.is_empty() {
+                            "none installed".into()
+                        } else {
+                            names.join(", ")
+                        }
+                    )));
+                }
+            },
+        };
+        let app_port = stack_info.map_or(self.settings.default_app_port, |s| s.app_port);
+        let source_path = self.source_path(&args)?;
+        let sp = source_path.to_string_lossy().into_owned();
+        let reserved = self
+            .reserve(
+                &user,
+                &args.name,
+                stack.as_deref().unwrap_or("detecting"),
+                args.git.as_ref().map(|g| g.as_str()),
+                &sp,
+                args.template.as_ref().map(|t| t.as_str()),
+                resources,
+                app_port,
+            )
+            .await?;
+        progress.report(Progress {
+            stage: Stage::Validated,
+            percent: None,
+            detail: Some(format!("source {sp}")),
+        });
+        let _permit = self.queue(progress).await;
+        let uid = user.id;
+        let git_token = self
+            .store
+            .call(move |c| repo::secret(c, uid, "git-token"))
+            .await?;
+        let req = CreateRequest {
+            project: args.name.clone(),
+            owner: user.name.clone(),
+            stack,
+            git: args.git.map(|g| g.to_string()),
+            path: Some(sp),
+            template: args.template.map(|t| t.to_string()),
+            resources,
+            app_port,
+            authorized_keys: self.authorized_keys(&args.name).await?,
+            adopt: args.adopt,
+            git_token,
+            author_name: user.name.to_string(),
+            author_email: self.email_of(who, &user),
+        };
+        let result = self.vms.create(&req, progress).await;
+        self.finish_create(reserved, result, progress).await
+    }
+
+    /// Where a new project's source goes: `--path` (relative paths are
+    /// under the projects root) or `<root>/<name>`. It must be inside the
+    /// root, and an existing non-empty directory needs `--adopt`.
+    fn source_path(&self, args: &command::NewProjectArgs) -> Result<PathBuf, CommandError> {
+        use std::path::Component;
+        let root = &self.settings.projects_root;
+        let p = match &args.path {
+            None => root.join(args.name.as_str()),
+            Some(p) => {
+                let p = PathBuf::from(p);
+                if p.components().any(|c| matches!(c, Component::ParentDir)) {
+                    return Err(CommandError::Refused("--path may not contain '..'".into()));
+                }
+                if p.is_absolute() {
+                    p
+                } else {
+                    root.join(p)
+                }
+            }
+        };
+        if !p.starts_with(root) || &p == root {
+            return Err(CommandError::Refused(format!(
+                "--path must be a directory inside {}; ask an operator to add another project root",
+                root.display()
+            )));
+        }
+        let non_empty = std::fs::read_dir(&p)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false);
+        if non_empty && !args.adopt {
+            return Err(CommandError::Conflict(format!(
+                "{} exists and is not empty; pass --adopt to use it as this project's source, or pick another --path",
+                p.display()
+            )));
+        }
+        if args.adopt && args.git.is_some() {
+            return Err(CommandError::Conflict(
+                "--adopt uses an existing directory; it cannot also clone --git".into(),
+            ));
+        }
+        if p.exists() && !p.is_dir() {
+            return Err(CommandError::Conflict(format!(
+                "{} is not a directory",
+                p.display()
+            )));
+        }
+        Ok(p)
     }
 
     async fn decide(
@@ -1021,5 +1371,7 @@ fn audited(cmd: &Command) -> bool {
             | Command::Users
             | Command::Stacks
             | Command::Templates
+            | Command::Yes
+            | Command::Secrets
     )
 }

@@ -43,7 +43,8 @@ pub fn authorize(
     use Command::*;
     let refuse = |r: &str| Err(Refusal(r.to_owned()));
     // Anyone, known or not.
-    if matches!(cmd, Help { .. } | Whoami | RequestAccess { .. }) {
+    // `yes` re-runs the confirmed command through this policy again.
+    if matches!(cmd, Help { .. } | Whoami | RequestAccess { .. } | Yes) {
         return Ok(());
     }
     let Some(role) = role else {
@@ -69,7 +70,8 @@ pub fn authorize(
         .unwrap_or_default();
     let someone_else = |u: &Option<UserName>| u.as_ref().is_some_and(|u| Some(u) != me);
     match cmd {
-        Projects | Stacks | Templates | KeyRm { .. } => Ok(()),
+        Projects | Stacks | Templates | KeyRm { .. } | SecretSet { .. } | SecretRm { .. } | Secrets
+        | DeployKey => Ok(()),
         Keys { user } | KeyAdd { user, .. } => {
             if someone_else(user) {
                 refuse("only admins may see or change another user's keys")
@@ -97,7 +99,14 @@ pub fn authorize(
             ))),
             _ => not_yours(&project),
         },
-        Rm { .. } | Share { .. } | Unshare { .. } | Public { .. } | Private { .. } | Port { .. } => {
+        Rm { .. }
+        | Share { .. }
+        | Unshare { .. }
+        | Public { .. }
+        | Private { .. }
+        | Port { .. }
+        | Cp { .. }
+        | Rename { .. } => {
             match rel {
                 Relation::Owner => Ok(()),
                 Relation::Shared { .. } => owner_only(&project),
@@ -105,7 +114,7 @@ pub fn authorize(
             }
         }
         Requests { .. } | Approve { .. } | Deny { .. } | Users => refuse(ADMIN_ONLY),
-        Help { .. } | Whoami | RequestAccess { .. } => Ok(()),
+        Help { .. } | Whoami | RequestAccess { .. } | Yes => Ok(()),
     }
 }
 

@@ -18,6 +18,8 @@ use crate::names::ProjectName;
 #[serde(rename_all = "snake_case")]
 pub enum Stage {
     Validated,
+    /// Waiting for a free build slot.
+    Queued,
     Cloning,
     Stack,
     Image,
@@ -32,6 +34,7 @@ impl fmt::Display for Stage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = match self {
             Stage::Validated => "validated",
+            Stage::Queued => "queued",
             Stage::Cloning => "cloning",
             Stage::Stack => "stack",
             Stage::Image => "image",
@@ -95,6 +98,13 @@ pub struct CreateRequest {
     pub app_port: u16,
     /// Public keys (`type base64`) of everyone with SSH access.
     pub authorized_keys: Vec<String>,
+    /// Use an existing non-empty source directory.
+    pub adopt: bool,
+    /// Token for https:// clones (the owner's `git-token` secret).
+    pub git_token: Option<String>,
+    /// Author of the initial commit and `user.name`/`user.email` in the repo.
+    pub author_name: String,
+    pub author_email: String,
 }
 
 /// A project the provisioner created: what it resolved, and the VM.
@@ -180,6 +190,18 @@ pub trait Provisioner: Send + Sync {
     async fn logs(&self, project: &ProjectName, lines: u32) -> Result<Vec<String>, ProvisionError>;
     /// Deletes a project's source directory on the host (`rm --purge`).
     async fn purge_source(&self, project: &ProjectName, path: &str) -> Result<(), ProvisionError>;
+    /// Makes `to` a copy of `from`: a copy-on-write clone of its disk and a
+    /// copy of its source at `to.path`; boots it.
+    async fn copy(
+        &self,
+        from: &ProjectName,
+        to: &CreateRequest,
+        progress: &dyn ProgressSink,
+    ) -> Result<Created, ProvisionError>;
+    /// Renames a project's VM (stopped and started again if it ran).
+    async fn rename(&self, from: &ProjectName, to: &ProjectName) -> Result<(), ProvisionError>;
+    /// The public half of a user's deploy key for ssh:// clones, made on first use.
+    async fn deploy_key(&self, user: &crate::names::UserName) -> Result<String, ProvisionError>;
 }
 
 /// The provisioner of a build or host that cannot run VMs: every call says
@@ -219,6 +241,20 @@ impl Provisioner for Unavailable {
     async fn purge_source(&self, _: &ProjectName, _: &str) -> Result<(), ProvisionError> {
         Err(ProvisionError::Unavailable(self.reason.clone()))
     }
+    async fn copy(
+        &self,
+        _: &ProjectName,
+        _: &CreateRequest,
+        _: &dyn ProgressSink,
+    ) -> Result<Created, ProvisionError> {
+        Err(ProvisionError::Unavailable(self.reason.clone()))
+    }
+    async fn rename(&self, _: &ProjectName, _: &ProjectName) -> Result<(), ProvisionError> {
+        Err(ProvisionError::Unavailable(self.reason.clone()))
+    }
+    async fn deploy_key(&self, _: &crate::names::UserName) -> Result<String, ProvisionError> {
+        Err(ProvisionError::Unavailable(self.reason.clone()))
+    }
 }
 
 /// Test doubles.
@@ -236,6 +272,8 @@ pub mod testing {
         pub calls: Mutex<Vec<String>>,
         vms: Mutex<BTreeMap<String, VmState>>,
         fail_next_create: Mutex<Option<String>>,
+        /// How long each create takes (to test queueing).
+        pub create_delay: Mutex<std::time::Duration>,
     }
 
     impl RecordingProvisioner {
@@ -300,6 +338,8 @@ pub mod testing {
             let p = req.project.as_str();
             self.record("create", p);
             let fail = self.fail_next_create.lock().ok().and_then(|mut f| f.take());
+            let delay = self.create_delay.lock().map(|d| *d).unwrap_or_default();
+            tokio::time::sleep(delay).await;
             for stage in [Stage::Image, Stage::Disk, Stage::Booting] {
                 progress.report(Progress {
                     stage,
@@ -360,6 +400,31 @@ pub mod testing {
         async fn purge_source(&self, project: &ProjectName, _: &str) -> Result<(), ProvisionError> {
             self.record("purge", project.as_str());
             Ok(())
+        }
+        async fn copy(
+            &self,
+            from: &ProjectName,
+            to: &CreateRequest,
+            progress: &dyn ProgressSink,
+        ) -> Result<Created, ProvisionError> {
+            self.record("copy", from.as_str());
+            self.create(to, progress).await
+        }
+        async fn rename(&self, from: &ProjectName, to: &ProjectName) -> Result<(), ProvisionError> {
+            self.record("rename", from.as_str());
+            let state = self
+                .vms
+                .lock()
+                .ok()
+                .and_then(|mut v| v.remove(from.as_str()));
+            self.set(to.as_str(), state);
+            Ok(())
+        }
+        async fn deploy_key(
+            &self,
+            user: &crate::names::UserName,
+        ) -> Result<String, ProvisionError> {
+            Ok(format!("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFAKEFAKEFAKEFAKEFAKEFAKEFAKEFAKEFAKEFAKEFAK kennel-deploy-{user}"))
         }
     }
 }

@@ -24,6 +24,10 @@ struct World {
 }
 
 async fn world() -> World {
+    world_with(Settings::default()).await
+}
+
+async fn world_with(base: Settings) -> World {
     let store = Store::open_in_memory().unwrap();
     let vms = Arc::new(RecordingProvisioner::default());
     let catalog = Arc::new(StaticCatalog {
@@ -38,7 +42,7 @@ async fn world() -> World {
     let admin = Identity::new(Frontend::Matrix, "@root:example.org");
     let settings = Settings {
         admins: vec![admin.clone()],
-        ..Settings::default()
+        ..base
     };
     let exec = Executor::new(store, vms.clone(), catalog, settings);
     World { exec, vms, admin }
@@ -133,9 +137,9 @@ async fn access_request_round_trip_then_a_project() {
     let Ok(Reply::Confirm { confirm_with, .. }) = w.run(&ann, "rm demo").await else {
         panic!()
     };
-    assert_eq!(confirm_with, "rm demo --yes");
+    assert_eq!(confirm_with, "yes");
     assert!(w.vms.has_vm("demo"));
-    let Ok(Reply::Done { message }) = w.run(&ann, &confirm_with).await else {
+    let Ok(Reply::Done { message }) = w.run(&ann, "yes").await else {
         panic!()
     };
     assert!(message.contains("source is still at"), "{message}");
@@ -248,4 +252,178 @@ async fn keys_belong_to_one_user() {
     else {
         panic!()
     };
+}
+
+#[tokio::test]
+async fn purge_asks_twice_and_names_the_path() {
+    let w = world().await;
+    w.run(&w.admin, "new project gone").await.unwrap();
+    let Ok(Reply::Confirm { prompt, .. }) = w.run(&w.admin, "rm gone --purge").await else {
+        panic!()
+    };
+    assert!(
+        prompt.contains("DELETES") && prompt.contains("gone"),
+        "{prompt}"
+    );
+    let Ok(Reply::Confirm { prompt, .. }) = w.run(&w.admin, "yes").await else {
+        panic!()
+    };
+    assert!(prompt.starts_with("Last check"), "{prompt}");
+    assert!(!w.vms.calls().iter().any(|c| c.starts_with("purge")));
+    let Ok(Reply::Done { message }) = w.run(&w.admin, "yes").await else {
+        panic!()
+    };
+    assert!(message.contains("was deleted"), "{message}");
+    assert!(w.vms.calls().iter().any(|c| c == "purge gone"));
+    // --yes skips the first question, never the purge one.
+    w.run(&w.admin, "new project gone2").await.unwrap();
+    let Ok(Reply::Confirm { prompt, .. }) = w.run(&w.admin, "rm gone2 --purge --yes").await else {
+        panic!()
+    };
+    assert!(prompt.starts_with("Last check"), "{prompt}");
+    // Nothing pending after an answer; a stranger's yes confirms nothing.
+    let stranger = Identity::new(Frontend::Matrix, "@eve:example.org");
+    assert!(matches!(
+        w.run(&stranger, "yes").await,
+        Err(CommandError::NotFound(_))
+    ));
+    w.run(&w.admin, "yes").await.unwrap();
+    assert!(matches!(
+        w.run(&w.admin, "yes").await,
+        Err(CommandError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn confirmations_expire() {
+    let w = world_with(Settings {
+        confirm_secs: -1,
+        ..Settings::default()
+    })
+    .await;
+    w.run(&w.admin, "new project stale").await.unwrap();
+    w.run(&w.admin, "rm stale").await.unwrap();
+    assert!(
+        matches!(w.run(&w.admin, "yes").await, Err(CommandError::NotFound(ref m)) if m.contains("nothing to confirm"))
+    );
+    assert!(w.vms.has_vm("stale"));
+}
+
+#[tokio::test]
+async fn paths_stay_under_the_root_and_existing_sources_need_adopt() {
+    let root = tempfile::tempdir().unwrap();
+    let w = world_with(Settings {
+        projects_root: root.path().to_owned(),
+        ..Settings::default()
+    })
+    .await;
+    let o = w.run(&w.admin, "new project p1 --path /etc").await;
+    assert!(
+        matches!(o, Err(CommandError::Refused(ref m)) if m.contains("inside")),
+        "{o:?}"
+    );
+    let o = w.run(&w.admin, "new project p1 --path ../escape").await;
+    assert!(
+        matches!(o, Err(CommandError::Refused(ref m)) if m.contains("..")),
+        "{o:?}"
+    );
+    std::fs::create_dir_all(root.path().join("p1")).unwrap();
+    std::fs::write(root.path().join("p1/mine.txt"), "x").unwrap();
+    let o = w.run(&w.admin, "new project p1").await;
+    assert!(
+        matches!(o, Err(CommandError::Conflict(ref m)) if m.contains("--adopt")),
+        "{o:?}"
+    );
+    let Ok(Reply::Created { project, .. }) = w.run(&w.admin, "new project p1 --adopt").await else {
+        panic!()
+    };
+    assert_eq!(
+        project.source_path,
+        root.path().join("p1").display().to_string()
+    );
+    let o = w.run(&w.admin, "new project p2 --template nope").await;
+    assert!(
+        matches!(o, Err(CommandError::NotFound(ref m)) if m.contains("no template")),
+        "{o:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_beyond_the_limit_wait_in_line_and_are_told_so() {
+    use std::sync::Mutex;
+    struct Sink(Mutex<Vec<String>>);
+    impl kennel_core::provision::ProgressSink for Sink {
+        fn report(&self, p: kennel_core::provision::Progress) {
+            self.0.lock().unwrap().push(p.to_string());
+        }
+    }
+    let w = world_with(Settings {
+        max_parallel_creates: 1,
+        ..Settings::default()
+    })
+    .await;
+    *w.vms.create_delay.lock().unwrap() = std::time::Duration::from_millis(300);
+    let (s1, s2) = (Sink(Mutex::new(vec![])), Sink(Mutex::new(vec![])));
+    let (a, b) = tokio::join!(w.exec.run_line(&w.admin, "new project q1", &s1), async {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        w.exec.run_line(&w.admin, "new project q2", &s2).await
+    });
+    assert!(a.outcome.is_ok() && b.outcome.is_ok());
+    let second = s2.0.lock().unwrap().join(" | ");
+    assert!(second.contains("queued (1 in line"), "{second}");
+    assert!(!s1.0.lock().unwrap().join(" ").contains("queued"));
+}
+
+#[tokio::test]
+async fn cp_rename_and_secrets() {
+    let w = world().await;
+    w.run(&w.admin, "new project orig").await.unwrap();
+    let Ok(Reply::Created { project, .. }) = w.run(&w.admin, "cp orig twin").await else {
+        panic!()
+    };
+    assert_eq!(project.name.as_str(), "twin");
+    assert!(w.vms.calls().contains(&"copy orig".to_owned()));
+    let o = w.run(&w.admin, "cp orig twin").await;
+    assert!(matches!(o, Err(CommandError::Conflict(_))), "{o:?}");
+    w.run(&w.admin, "rename twin triplet").await.unwrap();
+    assert!(w.vms.has_vm("triplet") && !w.vms.has_vm("twin"));
+    let o = w.run(&w.admin, "rename triplet orig").await;
+    assert!(
+        matches!(o, Err(CommandError::Conflict(ref m)) if m.contains("already exists")),
+        "{o:?}"
+    );
+    let Ok(Reply::Status { .. }) = w.run(&w.admin, "status triplet").await else {
+        panic!()
+    };
+
+    let Ok(Reply::Done { message }) = w.run(&w.admin, "secret set git-token ghp_s3cr3t").await
+    else {
+        panic!()
+    };
+    assert!(!message.contains("ghp_s3cr3t"));
+    let Ok(Reply::Done { message }) = w.run(&w.admin, "secrets").await else {
+        panic!()
+    };
+    assert!(
+        message.contains("git-token") && !message.contains("ghp_s3cr3t"),
+        "{message}"
+    );
+    let audit = w
+        .exec
+        .store()
+        .call(|c| kennel_core::store::repo::recent_audit(c, 50))
+        .await
+        .unwrap();
+    assert!(audit
+        .iter()
+        .all(|a| !format!("{a:?}").contains("ghp_s3cr3t")));
+    w.run(&w.admin, "secret rm git-token").await.unwrap();
+    assert!(matches!(
+        w.run(&w.admin, "secret rm git-token").await,
+        Err(CommandError::NotFound(_))
+    ));
+    let Ok(Reply::Done { message }) = w.run(&w.admin, "deploy-key").await else {
+        panic!()
+    };
+    assert!(message.contains("ssh-ed25519"), "{message}");
 }

@@ -47,7 +47,23 @@ fn size(min: u64) -> impl Strategy<Value = Size> {
     (min..=1_048_576u64).prop_map(|mib| Size { mib })
 }
 
+fn more_commands() -> impl Strategy<Value = Command> {
+    prop_oneof![
+        Just(Command::Yes),
+        Just(Command::Secrets),
+        Just(Command::DeployKey),
+        (project(), project()).prop_map(|(name, new_name)| Command::Cp { name, new_name }),
+        (project(), project()).prop_map(|(name, new_name)| Command::Rename { name, new_name }),
+        (slug(), "[!-~]{1,40}").prop_map(|(name, value)| Command::SecretSet { name, value }),
+        slug().prop_map(|name| Command::SecretRm { name }),
+    ]
+}
+
 fn command() -> impl Strategy<Value = Command> {
+    prop_oneof![first_commands(), more_commands()]
+}
+
+fn first_commands() -> impl Strategy<Value = Command> {
     let topics: Vec<&'static str> = kennel_core::command::SPECS.iter().map(|s| s.name).collect();
     prop_oneof![
         prop::option::of(prop::sample::select(topics)).prop_map(|topic| Command::Help { topic }),
@@ -68,20 +84,23 @@ fn command() -> impl Strategy<Value = Command> {
             prop::option::of(slug()),
             prop::option::of(1u32..=64),
             prop::option::of(size(256)),
-            prop::option::of(size(1024)),
+            (prop::option::of(size(1024)), any::<bool>()),
         )
-            .prop_map(|(name, stack, git, path, template, cpus, memory, disk)| {
-                Command::NewProject(Box::new(NewProjectArgs {
-                    name,
-                    stack,
-                    git: git.and_then(|g| GitSource::new(g).ok()),
-                    path,
-                    template,
-                    cpus,
-                    memory,
-                    disk,
-                }))
-            }),
+            .prop_map(
+                |(name, stack, git, path, template, cpus, memory, (disk, adopt))| {
+                    Command::NewProject(Box::new(NewProjectArgs {
+                        name,
+                        stack,
+                        git: git.and_then(|g| GitSource::new(g).ok()),
+                        path,
+                        template,
+                        cpus,
+                        memory,
+                        disk,
+                        adopt,
+                    }))
+                }
+            ),
         project().prop_map(|name| Command::Status { name }),
         project().prop_map(|name| Command::Start { name }),
         project().prop_map(|name| Command::Stop { name }),

@@ -3,11 +3,13 @@
 use kennel_core::catalog::{Catalog, StackInfo, TemplateInfo};
 
 use crate::stacks::Stacks;
+use crate::templates::Templates;
 
-/// Stacks loaded from `stacks/` (templates arrive with the `new project` work).
+/// Stacks and templates loaded from their folders.
 #[derive(Debug, Clone)]
 pub struct DirCatalog {
     pub stacks: Stacks,
+    pub templates: Templates,
 }
 
 impl Catalog for DirCatalog {
@@ -15,6 +17,6 @@ impl Catalog for DirCatalog {
         self.stacks.infos()
     }
     fn templates(&self) -> Vec<TemplateInfo> {
-        Vec::new()
+        self.templates.infos()
     }
 }

@@ -21,6 +21,8 @@ pub mod lifecycle;
 pub mod net;
 pub mod process;
 pub mod select;
+pub mod source;
 pub mod stacks;
+pub mod templates;
 pub mod virtiofs;
 pub mod vmm;

@@ -41,6 +41,7 @@ use crate::{disk, kernel};
 pub struct Settings {
     pub data_dir: PathBuf,
     pub stacks_dir: PathBuf,
+    pub templates_dir: PathBuf,
     pub recipe_dir: PathBuf,
     pub apt_sources: PathBuf,
     pub apt_cache: Option<PathBuf>,
@@ -483,25 +484,22 @@ impl LocalProvisioner {
                 .clone()
                 .ok_or_else(|| failed(Stage::Validated, "no source path was given"))?,
         );
-        if req.git.is_some() {
-            return Err(failed(
-                Stage::Cloning,
-                "cloning from git is not built yet; create the project without --git",
-            ));
-        }
+        let templates = crate::templates::Templates::load(&self.s.templates_dir);
+        let template =
+            match &req.template {
+                Some(t) => Some(templates.get(t).cloned().ok_or_else(|| {
+                    failed(Stage::Validated, format!("there is no template '{t}'"))
+                })?),
+                None => None,
+            };
         let mut notes = Vec::new();
-        if !source.exists() {
-            std::fs::create_dir_all(&source).map_err(|e| {
-                failed(
-                    Stage::Validated,
-                    format!("cannot create {}: {e}", source.display()),
-                )
-            })?;
-            if rustix::process::geteuid().is_root() {
-                let (u, g) = self.s.default_owner;
-                let _ = std::os::unix::fs::chown(&source, Some(u), Some(g));
-            }
+        if req.git.is_some() {
+            step(progress, Stage::Cloning, req.git.clone());
         }
+        let summary = self
+            .prepare_source(req, template.as_ref(), &source, progress)
+            .await?;
+        notes.push(format!("source: {summary}, at {}", source.display()));
         // Stack: asked for, or detected from the tree.
         let stack = match &req.stack {
             Some(s) => s.clone(),
@@ -606,12 +604,140 @@ impl LocalProvisioner {
         let status = self
             .boot(&record, &req.authorized_keys, progress, &mut timings)
             .await?;
+        if let Some(cmd) = template.as_ref().and_then(|t| t.file.post_create.clone()) {
+            step(
+                progress,
+                Stage::Ready,
+                Some("running the template's post-create command".into()),
+            );
+            let out = self
+                .ssh_exec(&record, &format!("cd /workspace && {cmd}"))
+                .await;
+            notes.push(match out {
+                Ok(_) => format!("post-create ran: {cmd}"),
+                Err(e) => format!("post-create failed ({cmd}): {e}"),
+            });
+        }
         Ok(Created {
             stack,
             source_path: source.display().to_string(),
             notes,
             status,
         })
+    }
+
+    /// Clones, creates or adopts the source, reporting clone progress.
+    async fn prepare_source(
+        &self,
+        req: &CreateRequest,
+        template: Option<&crate::templates::Template>,
+        source: &Path,
+        progress: &dyn ProgressSink,
+    ) -> Result<String, ProvisionError> {
+        let path = source.to_owned();
+        let git = req.git.clone();
+        let token = req.git_token.clone();
+        let key = self.deploy_key_path(req.owner.as_str());
+        let key = key.exists().then_some(key);
+        let files = template.map(|t| t.files.clone());
+        let (adopt, owner) = (req.adopt, self.s.default_owner);
+        let (name, email) = (req.author_name.clone(), req.author_email.clone());
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u8, String)>();
+        let mut job = tokio::task::spawn_blocking(move || {
+            let plan = crate::source::SourcePlan {
+                path: &path,
+                git: git.as_deref(),
+                token: token.as_deref(),
+                deploy_key: key.as_deref(),
+                template_files: files.as_deref(),
+                adopt,
+                author_name: &name,
+                author_email: &email,
+                owner,
+            };
+            crate::source::prepare(&plan, &mut |pct, detail| {
+                let _ = tx.send((pct, detail));
+            })
+        });
+        let stage = if req.git.is_some() {
+            Stage::Cloning
+        } else {
+            Stage::Validated
+        };
+        loop {
+            tokio::select! {
+                Some((pct, detail)) = rx.recv() => progress.report(Progress {
+                    stage: Stage::Cloning,
+                    percent: Some(pct),
+                    detail: Some(detail),
+                }),
+                done = &mut job => {
+                    return done
+                        .map_err(|e| failed(stage, e.to_string()))?
+                        .map(|p| p.summary)
+                        .map_err(|e| failed(stage, e.to_string()));
+                }
+            }
+        }
+    }
+
+    /// Runs a command in a VM as `dev` over SSH, with the project key and
+    /// the VM's pinned host key.
+    async fn ssh_exec(&self, r: &VmRecord, command: &str) -> Result<String, String> {
+        let dir = self.vm_dir(&r.project);
+        let key = self.project_key(&r.project);
+        let addr = r.machine.net.ssh_addr();
+        let host_pub =
+            std::fs::read_to_string(dir.join("ssh_host_ed25519_key.pub")).unwrap_or_default();
+        let known = dir.join("known_hosts");
+        let (host, port) = addr.rsplit_once(':').unwrap_or((addr.as_str(), "22"));
+        std::fs::write(&known, format!("[{host}]:{port} {}\n", host_pub.trim()))
+            .map_err(|e| e.to_string())?;
+        let (host, port, command) = (host.to_owned(), port.to_owned(), command.to_owned());
+        let runner = self.runner.clone();
+        tokio::task::spawn_blocking(move || {
+            runner
+                .run(
+                    &Cmd::new("ssh")
+                        .args([
+                            "-o",
+                            "BatchMode=yes",
+                            "-o",
+                            "ConnectTimeout=10",
+                            "-o",
+                            "StrictHostKeyChecking=yes",
+                        ])
+                        .arg("-o")
+                        .arg(format!("UserKnownHostsFile={}", known.display()))
+                        .arg("-i")
+                        .arg(&key)
+                        .args(["-p", &port, &format!("dev@{host}"), &command]),
+                )
+                .map(|o| o.stdout)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// The user keys installed at the VM's last boot (without the project key).
+    fn current_keys(&self, name: &str) -> Vec<String> {
+        let project = std::fs::read_to_string(self.project_key(name).with_extension("pub"))
+            .unwrap_or_default();
+        std::fs::read_to_string(self.vm_dir(name).join("config/authorized_keys"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.trim().is_empty() && l.trim() != project.trim())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn deploy_key_path(&self, user: &str) -> PathBuf {
+        self.s
+            .data_dir
+            .join("keys/users")
+            .join(user)
+            .join("deploy_ed25519")
     }
 
     /// Takes a slot whose host addresses are free: slots are per data
@@ -734,41 +860,9 @@ impl LocalProvisioner {
             BackendKind::CloudHypervisor => m.control_socket.display().to_string(),
         };
         if let Some(pid) = read_pid(&m.pid_file).filter(|p| crate::vmm::pid_alive(*p, &needle)) {
-            // Ask the guest to power off (no init system to catch ACPI).
-            let key = self.project_key(&r.project);
-            let addr = m.net.ssh_addr();
-            let host_pub =
-                std::fs::read_to_string(dir.join("ssh_host_ed25519_key.pub")).unwrap_or_default();
-            let known = dir.join("known_hosts");
-            let (host, port) = addr.rsplit_once(':').unwrap_or((addr.as_str(), "22"));
-            let _ = std::fs::write(&known, format!("[{host}]:{port} {}\n", host_pub.trim()));
-            let (host, port) = (host.to_owned(), port.to_owned());
-            let _ = self
-                .blocking(Stage::Stopping, move |runner| {
-                    let _ = runner.run(
-                        &Cmd::new("ssh")
-                            .args([
-                                "-o",
-                                "BatchMode=yes",
-                                "-o",
-                                "ConnectTimeout=5",
-                                "-o",
-                                "StrictHostKeyChecking=yes",
-                            ])
-                            .arg("-o")
-                            .arg(format!("UserKnownHostsFile={}", known.display()))
-                            .arg("-i")
-                            .arg(&key)
-                            .args([
-                                "-p",
-                                &port,
-                                &format!("dev@{host}"),
-                                "sudo /sbin/kennel-shutdown",
-                            ]),
-                    );
-                    Ok(())
-                })
-                .await;
+            // Ask the guest to power off (no init system to catch ACPI); the
+            // connection drops as it does, so the answer does not matter.
+            let _ = self.ssh_exec(r, "sudo /sbin/kennel-shutdown").await;
             if !crate::vmm::wait_exit(pid, &needle, self.s.stop_timeout).await {
                 tracing::warn!(vm = %r.project, "the guest did not power off in time; forcing it");
             }
@@ -936,6 +1030,225 @@ impl Provisioner for LocalProvisioner {
             .lines()
             .map(str::to_owned)
             .collect())
+    }
+
+    async fn copy(
+        &self,
+        from: &ProjectName,
+        to: &CreateRequest,
+        progress: &dyn ProgressSink,
+    ) -> Result<Created, ProvisionError> {
+        let src = self
+            .record(from.as_str())
+            .ok_or_else(|| ProvisionError::NoVm(from.to_string()))?;
+        let name = to.project.as_str().to_owned();
+        let dest_source = PathBuf::from(
+            to.path
+                .clone()
+                .ok_or_else(|| failed(Stage::Validated, "no source path was given"))?,
+        );
+        if dest_source.exists() {
+            return Err(failed(
+                Stage::Validated,
+                format!("{} already exists", dest_source.display()),
+            ));
+        }
+        // A consistent disk needs the VM stopped; it is started again after.
+        let was_running = {
+            let _g = self.lock(from.as_str()).await;
+            let running = matches!(
+                self.vmm.state(&src.machine).await,
+                Ok(VmmState::Running | VmmState::Paused)
+            );
+            if running {
+                step(
+                    progress,
+                    Stage::Stopping,
+                    Some(format!("{from}, to copy its disk")),
+                );
+                self.graceful_stop(&src).await?;
+            }
+            running
+        };
+        let _guard = self.lock(&name).await;
+        let result = async {
+            let dir = self.vm_dir(&name);
+            std::fs::create_dir_all(&dir).map_err(|e| failed(Stage::Disk, e.to_string()))?;
+            let slot = self.allocate_slot(&name, to.app_port).await?;
+            let k = kernel::KernelSet::open(src.machine.kernel.parent().unwrap_or(Path::new("/")))
+                .ok_or_else(|| failed(Stage::Image, "the source VM's kernel is gone"))?;
+            let m = self.machine(
+                &name,
+                &k,
+                to.resources.vcpus,
+                to.resources.memory_mib,
+                net::attach(&self.s.network, slot, to.app_port),
+            );
+            step(
+                progress,
+                Stage::Disk,
+                Some(format!("copy-on-write copy of {from}'s disk and source")),
+            );
+            let (from_disk, to_disk) = (src.machine.disk.clone(), m.disk.clone());
+            let (from_src, to_src) = (src.source.clone(), dest_source.clone());
+            let (kd, vd, label) = (self.key_dir(&name), dir.clone(), format!("kennel-{name}"));
+            self.blocking(Stage::Disk, move |runner| {
+                // --reflink=auto: a copy-on-write clone where the filesystem can.
+                runner
+                    .run(
+                        &Cmd::new("cp")
+                            .args(["--reflink=auto", "--sparse=always"])
+                            .arg(&from_disk)
+                            .arg(&to_disk),
+                    )
+                    .map_err(|e| e.to_string())?;
+                runner
+                    .run(
+                        &Cmd::new("cp")
+                            .args(["-a", "--reflink=auto"])
+                            .arg(&from_src)
+                            .arg(&to_src),
+                    )
+                    .map_err(|e| e.to_string())?;
+                std::fs::create_dir_all(&kd).map_err(|e| e.to_string())?;
+                for key in [kd.join("id_ed25519"), vd.join("ssh_host_ed25519_key")] {
+                    runner
+                        .run(
+                            &Cmd::new("ssh-keygen")
+                                .args(["-q", "-t", "ed25519", "-N", "", "-C", &label, "-f"])
+                                .arg(&key),
+                        )
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            })
+            .await?;
+            let record = VmRecord {
+                project: name.clone(),
+                image: src.image.clone(),
+                stack: src.stack.clone(),
+                source: dest_source.clone(),
+                slot,
+                app_port: to.app_port,
+                machine: m,
+                ..src.clone()
+            };
+            self.save(&record)?;
+            let status = self
+                .boot(
+                    &record,
+                    &to.authorized_keys,
+                    progress,
+                    &mut Timings::default(),
+                )
+                .await?;
+            Ok(Created {
+                stack: record.stack.clone(),
+                source_path: dest_source.display().to_string(),
+                notes: vec![format!("a copy of {from}")],
+                status,
+            })
+        }
+        .await;
+        if result.is_err() {
+            let record = self.record(&name);
+            self.teardown(&name, record.as_ref()).await;
+            // The copied source is this attempt's own; the original is untouched.
+            let _ = std::fs::remove_dir_all(&dest_source);
+        }
+        if was_running {
+            let _g = self.lock(from.as_str()).await;
+            let keys = self.current_keys(from.as_str());
+            if let Err(e) = self
+                .boot(&src, &keys, progress, &mut Timings::default())
+                .await
+            {
+                tracing::error!(vm = %from, error = %e, "could not restart the VM after copying it");
+            }
+        }
+        result
+    }
+
+    async fn rename(&self, from: &ProjectName, to: &ProjectName) -> Result<(), ProvisionError> {
+        let _g1 = self.lock(from.as_str()).await;
+        let _g2 = self.lock(to.as_str()).await;
+        let Some(r) = self.record(from.as_str()) else {
+            return Ok(()); // no VM: nothing of ours to rename
+        };
+        let running = matches!(
+            self.vmm.state(&r.machine).await,
+            Ok(VmmState::Running | VmmState::Paused)
+        );
+        let keys = self.current_keys(from.as_str());
+        if running {
+            self.graceful_stop(&r).await?;
+        }
+        let (old_dir, new_dir) = (self.vm_dir(from.as_str()), self.vm_dir(to.as_str()));
+        if new_dir.exists() {
+            return Err(failed(
+                Stage::Validated,
+                format!("{} already exists", new_dir.display()),
+            ));
+        }
+        let io = |e: std::io::Error| failed(Stage::Disk, e.to_string());
+        std::fs::rename(&old_dir, &new_dir).map_err(io)?;
+        if self.key_dir(from.as_str()).exists() {
+            std::fs::rename(self.key_dir(from.as_str()), self.key_dir(to.as_str())).map_err(io)?;
+        }
+        let k = kernel::KernelSet::open(r.machine.kernel.parent().unwrap_or(Path::new("/")))
+            .ok_or_else(|| failed(Stage::Image, "the VM's kernel is gone"))?;
+        let mut m = self.machine(
+            to.as_str(),
+            &k,
+            r.machine.vcpus,
+            r.machine.memory_mib,
+            r.machine.net.clone(),
+        );
+        m.kernel = r.machine.kernel.clone();
+        m.initramfs = r.machine.initramfs.clone();
+        let record = VmRecord {
+            project: to.to_string(),
+            machine: m,
+            ..r
+        };
+        self.save(&record)?;
+        if running {
+            self.boot(
+                &record,
+                &keys,
+                &kennel_core::provision::NoProgress,
+                &mut Timings::default(),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn deploy_key(
+        &self,
+        user: &kennel_core::names::UserName,
+    ) -> Result<String, ProvisionError> {
+        let key = self.deploy_key_path(user.as_str());
+        if !key.exists() {
+            let (k, label) = (key.clone(), format!("kennel-deploy-{user}"));
+            self.blocking(Stage::Validated, move |runner| {
+                if let Some(parent) = k.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+                }
+                runner
+                    .run(
+                        &Cmd::new("ssh-keygen")
+                            .args(["-q", "-t", "ed25519", "-N", "", "-C", &label, "-f"])
+                            .arg(&k),
+                    )
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            })
+            .await?;
+        }
+        std::fs::read_to_string(key.with_extension("pub"))
+            .map(|s| s.trim().to_owned())
+            .map_err(|e| failed(Stage::Validated, e.to_string()))
     }
 
     async fn purge_source(&self, project: &ProjectName, path: &str) -> Result<(), ProvisionError> {

@@ -37,6 +37,8 @@ pub struct NewProjectArgs {
     pub cpus: Option<u32>,
     pub memory: Option<Size>,
     pub disk: Option<Size>,
+    /// Use an existing non-empty directory as the source.
+    pub adopt: bool,
 }
 
 /// Every command Kennel understands. Each variant's doc says when it is valid;
@@ -113,6 +115,29 @@ pub enum Command {
     Stacks,
     /// Lists the project templates.
     Templates,
+    /// Confirms the command Kennel last asked this identity to confirm
+    /// (valid for 5 minutes).
+    Yes,
+    /// Copies a project: a copy-on-write clone of its disk and a copy of
+    /// its source, as a new project of the caller's.
+    Cp {
+        name: ProjectName,
+        new_name: ProjectName,
+    },
+    /// Renames a project; its routes follow.
+    Rename {
+        name: ProjectName,
+        new_name: ProjectName,
+    },
+    /// Stores a secret of the caller's (e.g. `git-token` for https clones).
+    SecretSet { name: SlugName, value: String },
+    /// Deletes a secret of the caller's.
+    SecretRm { name: SlugName },
+    /// Lists the names of the caller's secrets (never their values).
+    Secrets,
+    /// Shows the public half of the caller's deploy key for ssh:// clones,
+    /// making one on first use.
+    DeployKey,
 }
 
 impl Command {
@@ -141,7 +166,9 @@ impl Command {
             | Unshare { name, .. }
             | Public { name }
             | Private { name }
-            | Port { name, .. } => Some(name),
+            | Port { name, .. }
+            | Cp { name, .. }
+            | Rename { name, .. } => Some(name),
             NewProject(n) => Some(&n.name),
             _ => None,
         }

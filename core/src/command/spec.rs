@@ -185,6 +185,7 @@ pub static SPECS: &[CommandSpec] = &[
                 "SIZE",
                 "root disk size, e.g. 20G (bare numbers are GiB)",
             ),
+            switch("adopt", "use an existing non-empty --path as the source"),
         ],
         summary: "Create a project: source, stack, VM and SSH access",
         build: |m| {
@@ -197,6 +198,7 @@ pub static SPECS: &[CommandSpec] = &[
                 cpus: m.value("cpus", cpus)?,
                 memory: m.value("memory", memory)?,
                 disk: m.value("disk", disk)?,
+                adopt: m.switch("adopt"),
             })))
         },
     },
@@ -481,7 +483,90 @@ pub static SPECS: &[CommandSpec] = &[
         summary: "List the project templates",
         build: |_| Ok(Command::Templates),
     },
+    CommandSpec {
+        name: "yes",
+        aliases: &["confirm"],
+        args: &[],
+        flags: &[],
+        summary: "Confirm what Kennel just asked you to confirm (within 5 minutes)",
+        build: |_| Ok(Command::Yes),
+    },
+    CommandSpec {
+        name: "cp",
+        aliases: &["copy"],
+        args: &[word("name"), word("new-name")],
+        flags: &[],
+        summary: "Copy a project: its disk (copy-on-write) and its source",
+        build: |m| {
+            Ok(Command::Cp {
+                name: m.req("name", project)?,
+                new_name: m.req("new-name", project)?,
+            })
+        },
+    },
+    CommandSpec {
+        name: "rename",
+        aliases: &["mv"],
+        args: &[word("name"), word("new-name")],
+        flags: &[],
+        summary: "Rename a project; its SSH and web addresses follow",
+        build: |m| {
+            Ok(Command::Rename {
+                name: m.req("name", project)?,
+                new_name: m.req("new-name", project)?,
+            })
+        },
+    },
+    CommandSpec {
+        name: "secret set",
+        aliases: &[],
+        args: &[word("name"), word("value")],
+        flags: &[],
+        summary: "Store a secret, e.g. git-token for https:// clones (never shown again)",
+        build: |m| {
+            Ok(Command::SecretSet {
+                name: m.req("name", slug)?,
+                value: m.req("value", secret_value)?,
+            })
+        },
+    },
+    CommandSpec {
+        name: "secret rm",
+        aliases: &[],
+        args: &[word("name")],
+        flags: &[],
+        summary: "Delete a secret",
+        build: |m| {
+            Ok(Command::SecretRm {
+                name: m.req("name", slug)?,
+            })
+        },
+    },
+    CommandSpec {
+        name: "secrets",
+        aliases: &[],
+        args: &[],
+        flags: &[],
+        summary: "List the names of your secrets",
+        build: |_| Ok(Command::Secrets),
+    },
+    CommandSpec {
+        name: "deploy-key",
+        aliases: &[],
+        args: &[],
+        flags: &[],
+        summary: "Show your deploy key for ssh:// git clones (add it to your git host)",
+        build: |_| Ok(Command::DeployKey),
+    },
 ];
+
+fn secret_value(v: &str) -> Result<String, String> {
+    if v.is_empty() || v.chars().any(char::is_control) {
+        Err("the secret value is empty or has control characters".into())
+    } else {
+        Ok(v.to_owned())
+    }
+}
 
 // ------------------------------------------------------------ value converters
 
@@ -822,6 +907,13 @@ pub(super) fn spec_for(c: &Command) -> &'static CommandSpec {
         Command::Users => "users",
         Command::Stacks => "stacks",
         Command::Templates => "templates",
+        Command::Yes => "yes",
+        Command::Cp { .. } => "cp",
+        Command::Rename { .. } => "rename",
+        Command::SecretSet { .. } => "secret set",
+        Command::SecretRm { .. } => "secret rm",
+        Command::Secrets => "secrets",
+        Command::DeployKey => "deploy-key",
     };
     // Every name above is in SPECS (the unit test `every_command_has_a_spec`
     // checks it), and SPECS is a non-empty constant.
@@ -844,7 +936,19 @@ pub(super) fn write_canonical(c: &Command, f: &mut fmt::Formatter<'_>) -> fmt::R
         | Command::Projects
         | Command::Users
         | Command::Stacks
-        | Command::Templates => {}
+        | Command::Templates
+        | Command::Yes
+        | Command::Secrets
+        | Command::DeployKey => {}
+        Command::Cp { name, new_name } | Command::Rename { name, new_name } => {
+            arg(name.as_str())?;
+            arg(new_name.as_str())?;
+        }
+        Command::SecretSet { name, value } => {
+            arg(name.as_str())?;
+            arg(value)?;
+        }
+        Command::SecretRm { name } => arg(name.as_str())?,
         Command::NewProject(n) => {
             arg(n.name.as_str())?;
             let opts: [(&str, Option<String>); 7] = [
@@ -860,6 +964,9 @@ pub(super) fn write_canonical(c: &Command, f: &mut fmt::Formatter<'_>) -> fmt::R
                 if let Some(v) = v {
                     write!(f, " --{flag} {}", quote(&v))?;
                 }
+            }
+            if n.adopt {
+                f.write_str(" --adopt")?;
             }
         }
         Command::Status { name }

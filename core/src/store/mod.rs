@@ -26,6 +26,7 @@ use crate::model::UnknownValue;
 const MIGRATIONS: &[(u32, &str)] = &[
     (1, include_str!("migrations/0001_init.sql")),
     (2, include_str!("migrations/0002_vm_slots.sql")),
+    (3, include_str!("migrations/0003_confirmations_secrets.sql")),
 ];
 
 /// How long a writer waits for another to finish before giving up.
@@ -108,6 +109,11 @@ impl Store {
             path: path.to_owned(),
             source,
         })?;
+        // It holds secrets: its owner only (SQLite gives -wal/-shm the same mode).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
         Self::start(conn, Some(path.to_owned()))
     }
 

@@ -748,6 +748,120 @@ pub fn all_slots(conn: &Connection) -> Result<Vec<(String, u32)>, StoreError> {
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+// ---------------------------------------------------------------- confirmations
+
+/// Remembers that `who` must confirm `command` (at `step`) before `expires_at`.
+pub fn set_confirmation(
+    conn: &Connection,
+    who: &Identity,
+    command: &str,
+    step: u32,
+    expires_at: i64,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO confirmations (frontend, external_id, command, step, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (frontend, external_id) DO UPDATE SET command = excluded.command, step = excluded.step,
+             expires_at = excluded.expires_at",
+        params![who.frontend.as_str(), who.external_id, command, step, expires_at],
+    )?;
+    Ok(())
+}
+
+/// Takes (and forgets) what `who` was asked to confirm, if it has not expired.
+pub fn take_confirmation(
+    conn: &Connection,
+    who: &Identity,
+) -> Result<Option<(String, u32)>, StoreError> {
+    let row: Option<(String, u32, i64)> = conn
+        .query_row(
+            "SELECT command, step, expires_at FROM confirmations WHERE frontend = ?1 AND external_id = ?2",
+            params![who.frontend.as_str(), who.external_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    conn.execute(
+        "DELETE FROM confirmations WHERE frontend = ?1 AND external_id = ?2",
+        params![who.frontend.as_str(), who.external_id],
+    )?;
+    Ok(row
+        .filter(|(_, _, exp)| *exp >= now())
+        .map(|(c, s, _)| (c, s)))
+}
+
+// ---------------------------------------------------------------- secrets
+
+/// Stores a user's secret.
+pub fn set_secret(
+    conn: &Connection,
+    user: UserId,
+    name: &str,
+    value: &str,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO secrets (user_id, name, value, updated_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (user_id, name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+        params![user, name, value, now()],
+    )?;
+    Ok(())
+}
+
+/// A user's secret.
+pub fn secret(conn: &Connection, user: UserId, name: &str) -> Result<Option<String>, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT value FROM secrets WHERE user_id = ?1 AND name = ?2",
+            params![user, name],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
+/// Deletes a user's secret; `false` if there was none.
+pub fn remove_secret(conn: &Connection, user: UserId, name: &str) -> Result<bool, StoreError> {
+    Ok(conn.execute(
+        "DELETE FROM secrets WHERE user_id = ?1 AND name = ?2",
+        params![user, name],
+    )? == 1)
+}
+
+/// The names of a user's secrets.
+pub fn secret_names(conn: &Connection, user: UserId) -> Result<Vec<String>, StoreError> {
+    let mut st = conn.prepare("SELECT name FROM secrets WHERE user_id = ?1 ORDER BY name")?;
+    let rows = st.query_map([user], |r| r.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Renames a project (its row; shares and slots follow by id or name).
+pub fn rename_project(
+    conn: &Connection,
+    from: &ProjectName,
+    to: &ProjectName,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE projects SET name = ?2, updated_at = ?3 WHERE name = ?1",
+        params![from.as_str(), to.as_str(), now()],
+    )
+    .map_err(|e| classify(e, &format!("project {to}")))?;
+    conn.execute(
+        "UPDATE vm_slots SET project = ?2 WHERE project = ?1",
+        params![from.as_str(), to.as_str()],
+    )?;
+    Ok(())
+}
+
+/// Sets a project's source path.
+pub fn set_source_path(
+    conn: &Connection,
+    name: &ProjectName,
+    path: &str,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE projects SET source_path = ?2, updated_at = ?3 WHERE name = ?1",
+        params![name.as_str(), path, now()],
+    )?;
+    Ok(())
+}
+
 // ---------------------------------------------------------------- audit
 
 /// One audit entry to record.

@@ -1,0 +1,375 @@
+//! A project's source on the host: cloned with git2, or a new repository
+//! (from a template) with an initial commit, or an adopted directory.
+//!
+//! The source is the user's: nothing here deletes anything that existed
+//! before this attempt. A clone that fails removes only what it created.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use git2::{build::RepoBuilder, Cred, CredentialType, FetchOptions, RemoteCallbacks, Repository};
+
+/// What to prepare.
+#[derive(Debug, Clone)]
+pub struct SourcePlan<'a> {
+    pub path: &'a Path,
+    pub git: Option<&'a str>,
+    /// Token for https:// clones.
+    pub token: Option<&'a str>,
+    /// Private key for ssh:// and scp-like clones.
+    pub deploy_key: Option<&'a Path>,
+    /// Files to start a new repository with.
+    pub template_files: Option<&'a Path>,
+    pub adopt: bool,
+    pub author_name: &'a str,
+    pub author_email: &'a str,
+    /// Owner for what Kennel creates (when it runs as root).
+    pub owner: (u32, u32),
+}
+
+/// What was done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prepared {
+    /// One line for the requester.
+    pub summary: String,
+}
+
+/// Why the source could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{0} exists and is not empty; pass --adopt to use it, or pick another --path")]
+    NotEmpty(PathBuf),
+    #[error("cloning {url} failed: {message}")]
+    Clone { url: String, message: String },
+    #[error("setting up the repository in {path} failed: {message}")]
+    Init { path: PathBuf, message: String },
+    #[error("cannot write {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
+    move |source| SourceError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn is_empty_dir(p: &Path) -> bool {
+    std::fs::read_dir(p)
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(true)
+}
+
+/// Prepares the source. `progress(percent, detail)` hears about a clone
+/// about once a second.
+pub fn prepare(
+    plan: &SourcePlan<'_>,
+    progress: &mut dyn FnMut(u8, String),
+) -> Result<Prepared, SourceError> {
+    let path = plan.path;
+    let existed = path.exists();
+    if existed && !is_empty_dir(path) {
+        if plan.adopt {
+            return Ok(Prepared {
+                summary: format!("adopted {}", path.display()),
+            });
+        }
+        return Err(SourceError::NotEmpty(path.to_owned()));
+    }
+    std::fs::create_dir_all(path).map_err(io(path))?;
+    let result = match plan.git {
+        Some(url) => clone(plan, url, progress),
+        None => init(plan),
+    };
+    match result {
+        Ok(p) => {
+            give_to_owner(path, plan.owner);
+            Ok(p)
+        }
+        Err(e) => {
+            // Remove only what this attempt made.
+            if existed {
+                if let Ok(rd) = std::fs::read_dir(path) {
+                    for entry in rd.filter_map(Result::ok) {
+                        let p = entry.path();
+                        let _ = if p.is_dir() {
+                            std::fs::remove_dir_all(&p)
+                        } else {
+                            std::fs::remove_file(&p)
+                        };
+                    }
+                }
+            } else {
+                let _ = std::fs::remove_dir_all(path);
+            }
+            Err(e)
+        }
+    }
+}
+
+fn clone(
+    plan: &SourcePlan<'_>,
+    url: &str,
+    progress: &mut dyn FnMut(u8, String),
+) -> Result<Prepared, SourceError> {
+    let fail = |message: String| SourceError::Clone {
+        url: url.to_owned(),
+        message,
+    };
+    let mut last = Instant::now()
+        .checked_sub(Duration::from_secs(2))
+        .unwrap_or_else(Instant::now);
+    let mut tried_credentials = false;
+    let token = plan.token.map(str::to_owned);
+    let key = plan.deploy_key.map(Path::to_owned);
+    let mut callbacks = RemoteCallbacks::new();
+    callbacks.credentials(move |_url, username, allowed| {
+        // libgit2 asks again after a refusal: answer once, then give up.
+        if tried_credentials {
+            return Err(git2::Error::from_str("the credentials were refused"));
+        }
+        tried_credentials = true;
+        if allowed.contains(CredentialType::SSH_KEY) {
+            if let Some(k) = &key {
+                return Cred::ssh_key(username.unwrap_or("git"), None, k, None);
+            }
+        }
+        if allowed.contains(CredentialType::USER_PASS_PLAINTEXT) {
+            if let Some(t) = &token {
+                return Cred::userpass_plaintext(username.unwrap_or("x-access-token"), t);
+            }
+        }
+        Err(git2::Error::from_str(
+            "the repository needs credentials: for https:// store a token with 'secret set git-token <token>'; for ssh:// add the key from 'deploy-key' to the git host",
+        ))
+    });
+    callbacks.transfer_progress(|stats| {
+        if last.elapsed() >= Duration::from_secs(1) {
+            last = Instant::now();
+            let total = stats.total_objects().max(1);
+            let pct = (stats.received_objects() * 100 / total).min(100);
+            progress(
+                u8::try_from(pct).unwrap_or(100),
+                format!(
+                    "{}/{} objects, {:.1} MiB",
+                    stats.received_objects(),
+                    stats.total_objects(),
+                    stats.received_bytes() as f64 / 1048576.0
+                ),
+            );
+        }
+        true
+    });
+    let mut fetch = FetchOptions::new();
+    fetch.remote_callbacks(callbacks);
+    let repo = RepoBuilder::new()
+        .fetch_options(fetch)
+        .clone(url, plan.path)
+        .map_err(|e| fail(e.message().to_owned()))?;
+    update_submodules(&repo).map_err(|e| fail(format!("submodules: {}", e.message())))?;
+    set_identity(&repo, plan).map_err(|e| fail(e.message().to_owned()))?;
+    let head = repo
+        .head()
+        .ok()
+        .and_then(|h| h.shorthand().ok().map(str::to_owned))
+        .unwrap_or_else(|| "no commits".into());
+    Ok(Prepared {
+        summary: format!("cloned {url} ({head})"),
+    })
+}
+
+fn update_submodules(repo: &Repository) -> Result<(), git2::Error> {
+    for mut sub in repo.submodules()? {
+        sub.update(true, None)?;
+        if let Ok(inner) = sub.open() {
+            update_submodules(&inner)?;
+        }
+    }
+    Ok(())
+}
+
+fn set_identity(repo: &Repository, plan: &SourcePlan<'_>) -> Result<(), git2::Error> {
+    let mut cfg = repo.config()?;
+    cfg.set_str("user.name", plan.author_name)?;
+    cfg.set_str("user.email", plan.author_email)?;
+    Ok(())
+}
+
+fn init(plan: &SourcePlan<'_>) -> Result<Prepared, SourceError> {
+    let path = plan.path;
+    let fail = |message: String| SourceError::Init {
+        path: path.to_owned(),
+        message,
+    };
+    if let Some(files) = plan.template_files {
+        copy_tree(files, path)?;
+    }
+    let repo = Repository::init(path).map_err(|e| fail(e.message().to_owned()))?;
+    set_identity(&repo, plan).map_err(|e| fail(e.message().to_owned()))?;
+    let mut index = repo.index().map_err(|e| fail(e.message().to_owned()))?;
+    index
+        .add_all(["*"], git2::IndexAddOption::DEFAULT, None)
+        .and_then(|()| index.write())
+        .map_err(|e| fail(e.message().to_owned()))?;
+    let tree_id = index
+        .write_tree()
+        .map_err(|e| fail(e.message().to_owned()))?;
+    let tree = repo
+        .find_tree(tree_id)
+        .map_err(|e| fail(e.message().to_owned()))?;
+    let sig = git2::Signature::now(plan.author_name, plan.author_email)
+        .map_err(|e| fail(e.message().to_owned()))?;
+    repo.commit(
+        Some("HEAD"),
+        &sig,
+        &sig,
+        "Initial commit (Kennel)",
+        &tree,
+        &[],
+    )
+    .map_err(|e| fail(e.message().to_owned()))?;
+    Ok(Prepared {
+        summary: match plan.template_files {
+            Some(_) => "new repository from the template, with an initial commit".into(),
+            None => "new empty repository with an initial commit".into(),
+        },
+    })
+}
+
+/// Copies a directory tree (files and directories; links as files).
+pub fn copy_tree(from: &Path, to: &Path) -> Result<(), SourceError> {
+    for entry in walkdir::WalkDir::new(from)
+        .min_depth(1)
+        .into_iter()
+        .filter_map(Result::ok)
+    {
+        let rel = entry.path().strip_prefix(from).unwrap_or(entry.path());
+        let dest = to.join(rel);
+        if entry.file_type().is_dir() {
+            std::fs::create_dir_all(&dest).map_err(io(&dest))?;
+        } else {
+            std::fs::copy(entry.path(), &dest).map_err(io(&dest))?;
+        }
+    }
+    Ok(())
+}
+
+/// Gives everything under `path` to `owner` when Kennel runs as root, so
+/// the guest's `dev` (renumbered to that owner) can work on it.
+fn give_to_owner(path: &Path, owner: (u32, u32)) {
+    if !rustix::process::geteuid().is_root() {
+        return;
+    }
+    let (uid, gid) = {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(path) {
+            Ok(m) if m.uid() != 0 => (m.uid(), m.gid()),
+            _ => owner,
+        }
+    };
+    for entry in walkdir::WalkDir::new(path)
+        .into_iter()
+        .filter_map(Result::ok)
+    {
+        let _ = std::os::unix::fs::lchown(entry.path(), Some(uid), Some(gid));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan<'a>(path: &'a Path, git: Option<&'a str>) -> SourcePlan<'a> {
+        SourcePlan {
+            path,
+            git,
+            token: None,
+            deploy_key: None,
+            template_files: None,
+            adopt: false,
+            author_name: "ann",
+            author_email: "ann@example.org",
+            owner: (1000, 1000),
+        }
+    }
+
+    fn fixture_repo(dir: &Path) -> String {
+        let repo = Repository::init(dir).unwrap();
+        std::fs::write(dir.join("Cargo.toml"), "[package]\nname = \"x\"\n").unwrap();
+        let mut index = repo.index().unwrap();
+        index
+            .add_all(["*"], git2::IndexAddOption::DEFAULT, None)
+            .unwrap();
+        index.write().unwrap();
+        let tree = repo.find_tree(index.write_tree().unwrap()).unwrap();
+        let sig = git2::Signature::now("t", "t@example.org").unwrap();
+        repo.commit(Some("HEAD"), &sig, &sig, "init", &tree, &[])
+            .unwrap();
+        format!("file://{}", dir.display())
+    }
+
+    #[test]
+    fn clones_and_sets_the_author() {
+        let d = tempfile::tempdir().unwrap();
+        let url = fixture_repo(&d.path().join("origin"));
+        let dest = d.path().join("dest");
+        let p = prepare(&plan(&dest, Some(&url)), &mut |_, _| {}).unwrap();
+        assert!(p.summary.starts_with("cloned file://"), "{}", p.summary);
+        assert!(dest.join("Cargo.toml").exists());
+        let cfg = Repository::open(&dest).unwrap().config().unwrap();
+        assert_eq!(cfg.get_string("user.email").unwrap(), "ann@example.org");
+    }
+
+    #[test]
+    fn a_failed_clone_removes_only_what_it_made() {
+        let d = tempfile::tempdir().unwrap();
+        let dest = d.path().join("dest");
+        let missing = format!("file://{}/nope", d.path().display());
+        let e = prepare(&plan(&dest, Some(&missing)), &mut |_, _| {}).unwrap_err();
+        assert!(e.to_string().starts_with("cloning file://"), "{e}");
+        assert!(!dest.exists());
+        // A directory that existed (empty) stays.
+        std::fs::create_dir(&dest).unwrap();
+        prepare(&plan(&dest, Some(&missing)), &mut |_, _| {}).unwrap_err();
+        assert!(dest.exists());
+    }
+
+    #[test]
+    fn non_empty_needs_adopt_and_init_commits_templates() {
+        let d = tempfile::tempdir().unwrap();
+        let dest = d.path().join("dest");
+        std::fs::create_dir(&dest).unwrap();
+        std::fs::write(dest.join("mine.txt"), "keep").unwrap();
+        assert!(matches!(
+            prepare(&plan(&dest, None), &mut |_, _| {}),
+            Err(SourceError::NotEmpty(_))
+        ));
+        let mut adopt = plan(&dest, None);
+        adopt.adopt = true;
+        prepare(&adopt, &mut |_, _| {}).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dest.join("mine.txt")).unwrap(),
+            "keep"
+        );
+
+        let tpl = d.path().join("tpl");
+        std::fs::create_dir_all(tpl.join("src")).unwrap();
+        std::fs::write(tpl.join("src/main.rs"), "fn main() {}").unwrap();
+        let fresh = d.path().join("fresh");
+        let mut p = plan(&fresh, None);
+        p.template_files = Some(&tpl);
+        prepare(&p, &mut |_, _| {}).unwrap();
+        let repo = Repository::open(&fresh).unwrap();
+        let head = repo.head().unwrap().peel_to_commit().unwrap();
+        assert_eq!(head.author().email().ok(), Some("ann@example.org"));
+        assert!(head
+            .tree()
+            .unwrap()
+            .get_path(Path::new("src/main.rs"))
+            .is_ok());
+    }
+}
