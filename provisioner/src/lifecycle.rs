@@ -78,6 +78,8 @@ pub struct VmRecord {
 /// `vms/<name>/timings.json` (read by bench/provision.sh).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timings {
+    /// Cloning, creating or adopting the source.
+    pub source_ms: u64,
     /// Stack image lookup (or build).
     pub image_ms: u64,
     /// Root disk, keys and config disk.
@@ -122,6 +124,19 @@ fn step(progress: &dyn ProgressSink, stage: Stage, detail: impl Into<Option<Stri
         percent: None,
         detail: detail.into(),
     });
+}
+
+/// Free space a new VM needs in the data directory: its disk starts tiny
+/// but grows as the guest writes, and QEMU pauses a guest whose disk hits
+/// ENOSPC (it would just look hung).
+const MIN_FREE_MIB: u64 = 512;
+
+/// MiB free for unprivileged writers on the filesystem holding `dir`.
+fn free_mib(dir: &Path) -> Option<u64> {
+    let probe = dir.ancestors().find(|p| p.exists())?;
+    rustix::fs::statvfs(probe)
+        .ok()
+        .map(|s| s.f_bavail.saturating_mul(s.f_frsize) >> 20)
 }
 
 /// Unix socket paths must fit in `sun_path` (108 bytes with the NUL).
@@ -496,9 +511,21 @@ impl LocalProvisioner {
         if req.git.is_some() {
             step(progress, Stage::Cloning, req.git.clone());
         }
+        let vms = self.s.data_dir.join("vms");
+        if let Some(free) = free_mib(&vms).filter(|f| *f < MIN_FREE_MIB) {
+            return Err(failed(
+                Stage::Validated,
+                format!(
+                    "the data directory {} has only {free} MiB free; a VM needs at least {MIN_FREE_MIB} MiB (no space left for its disk). Free some space or move data_dir",
+                    self.s.data_dir.display()
+                ),
+            ));
+        }
+        let t_source = Instant::now();
         let summary = self
             .prepare_source(req, template.as_ref(), &source, progress)
             .await?;
+        let source_ms = ms(t_source);
         notes.push(format!("source: {summary}, at {}", source.display()));
         // Stack: asked for, or detected from the tree.
         let stack = match &req.stack {
@@ -512,7 +539,10 @@ impl LocalProvisioner {
             }
         };
         step(progress, Stage::Stack, Some(stack.clone()));
-        let mut timings = Timings::default();
+        let mut timings = Timings {
+            source_ms,
+            ..Timings::default()
+        };
         let t = Instant::now();
         let (k, image) = self.image_for(&stack, progress).await?;
         timings.image_ms = ms(t);

@@ -1,0 +1,248 @@
+//! `new project` end to end on real guests: a git clone (file://, with a
+//! submodule) detected as rust, cargo in the VM, edits on the host seen in
+//! /workspace, `rm` keeping the source and `rm --purge` deleting it only
+//! after two confirmations; a template with its post-create command; and
+//! failures that roll back everything but the source.
+//!
+//! Needs what `tests/vm.rs` needs, plus git. `vm-tests` feature.
+#![cfg(feature = "vm-tests")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use kennel_testkit::require;
+use support::{vm_running, Kennel};
+
+fn git(dir: &Path, args: &[&str]) {
+    let out = Command::new("git")
+        .current_dir(dir)
+        .args([
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.org",
+            "-c",
+            "protocol.file.allow=always",
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A small Rust repository with a submodule, committed with the real git.
+fn rust_fixture(root: &Path) -> String {
+    require("git", "git");
+    let lib = root.join("lib");
+    std::fs::create_dir_all(&lib).unwrap();
+    git(&lib, &["init", "-q"]);
+    std::fs::write(lib.join("README"), "a submodule\n").unwrap();
+    git(&lib, &["add", "."]);
+    git(&lib, &["commit", "-q", "-m", "lib"]);
+    let app = root.join("app");
+    std::fs::create_dir_all(app.join("src")).unwrap();
+    git(&app, &["init", "-q"]);
+    std::fs::write(
+        app.join("Cargo.toml"),
+        "[package]\nname = \"app\"\nversion = \"0.1.0\"\nedition = \"2021\"\n",
+    )
+    .unwrap();
+    std::fs::write(app.join("src/main.rs"), "fn main() { println!(\"hi\"); }\n").unwrap();
+    git(
+        &app,
+        &[
+            "submodule",
+            "add",
+            "-q",
+            &format!("file://{}", lib.display()),
+            "vendor/lib",
+        ],
+    );
+    git(&app, &["add", "."]);
+    git(&app, &["commit", "-q", "-m", "app"]);
+    format!("file://{}", app.display())
+}
+
+#[test]
+fn a_cloned_rust_project_builds_in_its_vm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let k = Kennel::new(tmp.path());
+    let url = rust_fixture(&tmp.path().join("fixtures"));
+
+    let out = k.exec_ok(&format!(
+        "new project demo --git {url} --cpus 1 --memory 768M --disk 4G"
+    ));
+    assert!(out.contains("ready (rust stack)"), "{out}");
+    assert!(
+        out.contains("stack rust (Cargo.toml"),
+        "the reply names the evidence: {out}"
+    );
+    assert!(out.contains("ssh demo@127.0.0.1 -p 2222"), "{out}");
+    let src = tmp.path().join("kennel-data/projects/demo");
+    assert!(
+        src.join("vendor/lib/README").exists(),
+        "submodules are cloned"
+    );
+
+    let v = k.ssh_ok("demo", "cargo --version; cat /workspace/vendor/lib/README; git -C /workspace log --oneline | wc -l");
+    assert!(v.starts_with("cargo "), "{v}");
+    assert!(v.contains("a submodule"), "{v}");
+    std::fs::write(
+        src.join("src/main.rs"),
+        "fn main() { println!(\"edited on the host\"); }\n",
+    )
+    .unwrap();
+    assert!(k
+        .ssh_ok("demo", "cat /workspace/src/main.rs")
+        .contains("edited on the host"));
+
+    // rm keeps the source; rm --purge deletes it only after two yeses.
+    k.exec_ok("rm demo --yes");
+    assert!(!vm_running(&k, "demo"));
+    assert!(src.join("Cargo.toml").exists(), "rm keeps the source");
+    k.exec_ok("new project demo --adopt --stack rust --cpus 1 --memory 512M --disk 4G");
+    let first = k.exec_ok("rm demo --purge");
+    assert!(
+        first.contains("DELETES") && first.contains(&src.display().to_string()),
+        "{first}"
+    );
+    let second = k.exec_ok("yes");
+    assert!(second.contains("Last check"), "{second}");
+    assert!(src.exists(), "nothing deleted before the second yes");
+    k.exec_ok("yes");
+    assert!(!src.exists(), "purged after confirmation");
+    assert!(!vm_running(&k, "demo"));
+}
+
+#[test]
+fn a_template_project_boots_and_runs_its_post_create_command() {
+    let tmp = tempfile::tempdir().unwrap();
+    let k = Kennel::new(tmp.path());
+    let out = k.exec_ok("new project tpl --template rust-cli --cpus 1 --memory 768M --disk 4G");
+    assert!(out.contains("post-create ran"), "{out}");
+    let src = tmp.path().join("kennel-data/projects/tpl");
+    let log = std::fs::read_to_string(src.join(".kennel-post-create.log")).unwrap();
+    assert_eq!(log, "Hello from your Kennel VM!\n");
+    let head = Command::new("git")
+        .args(["-c", "safe.directory=*", "-C"])
+        .arg(&src)
+        .args(["log", "--format=%an <%ae> %s"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&head.stdout).starts_with("admin <admin@localhost> Initial commit"),
+        "{head:?}"
+    );
+    k.exec_ok("rm tpl --yes");
+}
+
+fn assert_nothing_left(k: &Kennel, project: &str) {
+    assert!(!vm_running(k, project));
+    let vms = k.dir.join("kennel-data/vms");
+    assert!(
+        std::fs::read_dir(&vms)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(true),
+        "no VM directory left"
+    );
+    assert!(!k
+        .dir
+        .join(format!("kennel-data/keys/projects/{project}"))
+        .exists());
+    let projects = k.exec_ok("--json projects");
+    assert!(projects.contains("\"projects\":[]"), "{projects}");
+}
+
+#[test]
+fn failed_creates_roll_back_and_say_what_happened() {
+    let tmp = tempfile::tempdir().unwrap();
+    let k = Kennel::new(tmp.path());
+
+    // A git URL that does not exist.
+    let out = k.exec(&format!(
+        "new project nogit --git file://{}/nope.git",
+        tmp.path().display()
+    ));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("cloning file://") && text.contains("failed"),
+        "{text}"
+    );
+    assert!(
+        !tmp.path().join("kennel-data/projects/nogit").exists(),
+        "a failed clone leaves no directory"
+    );
+    assert_nothing_left(&k, "nogit");
+
+    // A clone cut off midway: the pack ends half way through.
+    let url = rust_fixture(&tmp.path().join("fixtures"));
+    let repo = tmp.path().join("fixtures/app");
+    git(&repo, &["repack", "-a", "-d", "-q"]);
+    let packs = repo.join(".git/objects/pack");
+    for e in std::fs::read_dir(&packs).unwrap().filter_map(Result::ok) {
+        if e.path().extension().is_some_and(|x| x == "pack") {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(e.path())
+                .unwrap();
+            let len = f.metadata().unwrap().len();
+            f.set_len(len / 2).unwrap();
+        }
+    }
+    let out = k.exec(&format!("new project cut --git {url}"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("cloning"), "{text}");
+    assert_nothing_left(&k, "cut");
+
+    // A full disk in the data dir: a small tmpfs, filled.
+    let small = tmp.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    assert!(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap()
+        .success());
+    let full = Kennel::new(&small);
+    full.exec_ok("whoami");
+    // Fill it, then leave a sliver: enough for the store, not for a VM.
+    let filler = small.join("filler");
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "count=64"])
+        .arg(format!("of={}", filler.display()))
+        .output();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&filler)
+        .unwrap();
+    f.set_len(f.metadata().unwrap().len().saturating_sub(768 * 1024))
+        .unwrap();
+    drop(f);
+    let out = full.exec("new project fulldisk --stack base --memory 512M --disk 2G");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let lower = text.to_lowercase();
+    assert!(
+        lower.contains("no space left") || lower.contains("disk is full"),
+        "{text}"
+    );
+    assert!(!vm_running(&full, "fulldisk"));
+    let _ = std::fs::remove_file(&filler);
+    assert_nothing_left(&full, "fulldisk");
+    drop(full);
+    let _ = Command::new("umount").arg(&small).status();
+}

@@ -1,0 +1,220 @@
+//! Shared helpers for the end-to-end tests on real guests: a `kennel`
+//! binary with its own data directory (images from the shared test cache),
+//! run directly or inside a network namespace.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use kennel_testkit::require;
+
+pub struct Kennel {
+    pub dir: PathBuf,
+    bin: PathBuf,
+    serve: Option<Child>,
+    /// Run everything inside this network namespace (bridge-mode tests).
+    pub netns: Option<String>,
+    pub network: &'static str,
+}
+
+impl Kennel {
+    pub fn new(dir: &Path) -> Self {
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "VM tests need root (virtiofsd, image builds); run scripts/test.sh as root"
+        );
+        require("qemu-system-x86_64", "qemu-system-x86");
+        require("qemu-img", "qemu-utils");
+        require("virtiofsd", "qemu-system-common");
+        require("ssh", "openssh-client");
+        require("mmdebstrap", "mmdebstrap");
+        let data = dir.join("kennel-data");
+        std::fs::create_dir_all(&data).unwrap();
+        let cache = std::env::var_os("KENNEL_TEST_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/kennel/test-data")
+            });
+        std::fs::create_dir_all(cache.join("images")).unwrap();
+        std::os::unix::fs::symlink(cache.join("images"), data.join("images")).unwrap();
+        Self {
+            dir: dir.to_owned(),
+            bin: PathBuf::from(env!("CARGO_BIN_EXE_kennel")),
+            serve: None,
+            netns: None,
+            network: "user",
+        }
+    }
+
+    /// `program` run inside the test's network namespace, if any.
+    pub fn in_ns(&self, program: &Path) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = self.in_ns(&self.bin);
+        let cache = std::env::var_os("KENNEL_TEST_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/kennel/test-data")
+            });
+        c.current_dir(&self.dir)
+            .env_remove("KENNEL_CONFIG")
+            .env("KENNEL_VM__BACKEND", "qemu")
+            .env("KENNEL_VM__NETWORK", self.network)
+            .env("KENNEL_IMAGES__APT_CACHE", cache.join("apt"))
+            .env("RUST_LOG", "warn");
+        c
+    }
+
+    pub fn exec(&self, line: &str) -> Output {
+        let out = self.cmd().args(["exec", line]).output().unwrap();
+        eprintln!(
+            "$ kennel exec '{line}' -> {:?}\n{}{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    pub fn exec_ok(&self, line: &str) -> String {
+        let out = self.exec(line);
+        assert!(out.status.success(), "`{line}` failed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn start_serve(&mut self) {
+        let child = self
+            .cmd()
+            .arg("serve")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        self.serve = Some(child);
+        let sock = self.dir.join("kennel-data/control.sock");
+        let t = Instant::now();
+        // The socket file may be stale from a killed daemon: wait until it answers.
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "kennel serve did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn kill_serve(&mut self, signal: &str) {
+        if let Some(mut c) = self.serve.take() {
+            Command::new("kill")
+                .args([signal, &c.id().to_string()])
+                .status()
+                .unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn key(&self, project: &str) -> PathBuf {
+        self.dir
+            .join(format!("kennel-data/keys/projects/{project}/id_ed25519"))
+    }
+
+    /// The host address of a project's sshd, from `status --json`.
+    pub fn addr(&self, project: &str) -> String {
+        let out = self.exec_ok(&format!("--json status {project}"));
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        v["vm"]["ssh_addr"].as_str().unwrap().to_owned()
+    }
+
+    /// Runs a command in a project's VM over SSH with its project key.
+    pub fn ssh(&self, project: &str, command: &str) -> Output {
+        let addr = self.addr(project);
+        let (ip, port) = addr.rsplit_once(':').unwrap();
+        self.in_ns(Path::new("ssh"))
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "LogLevel=ERROR",
+            ])
+            .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=20", "-i"])
+            .arg(self.key(project))
+            .args(["-p", port, &format!("dev@{ip}"), command])
+            .output()
+            .unwrap()
+    }
+
+    pub fn ssh_ok(&self, project: &str, command: &str) -> String {
+        let out = self.ssh(project, command);
+        assert!(
+            out.status.success(),
+            "ssh {project} `{command}`: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Kennel {
+    fn drop(&mut self) {
+        // Leave no VM behind, whatever happened.
+        if let Ok(rd) = std::fs::read_dir(self.dir.join("kennel-data/vms")) {
+            for e in rd.filter_map(Result::ok) {
+                let p = e.file_name().to_string_lossy().into_owned();
+                let _ = self.cmd().args(["exec", &format!("rm {p} --yes")]).output();
+            }
+        }
+        self.kill_serve("-TERM");
+    }
+}
+
+/// Whether this test's VM for `project` runs (matched by its own disk path,
+/// so VMs of other tests with the same name do not count).
+pub fn vm_running(k: &Kennel, project: &str) -> bool {
+    let disk = k.dir.join(format!("kennel-data/vms/{project}/disk.qcow2"));
+    let out = Command::new("pgrep")
+        .args(["-f", &format!("file={}", disk.display())])
+        .output()
+        .unwrap();
+    out.status.success()
+}
+
+/// A network namespace the test makes and removes itself.
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn new() -> Self {
+        require("ip", "iproute2");
+        require("bridge", "iproute2");
+        require("nft", "nftables");
+        let name = format!("kennel-test-{}", std::process::id());
+        assert!(Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap()
+            .success());
+        assert!(Command::new("ip")
+            .args(["netns", "exec", &name, "ip", "link", "set", "lo", "up"])
+            .status()
+            .unwrap()
+            .success());
+        Self(name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
