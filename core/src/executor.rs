@@ -522,6 +522,7 @@ impl Executor {
                     (true, false) => "SSH",
                     _ => "the web app",
                 };
+                self.sync_access(vec![name.clone()]).await;
                 Ok(Reply::Done {
                     message: format!("{name} is shared with {target} for {what}."),
                 })
@@ -541,6 +542,7 @@ impl Executor {
                         "{name} is not shared with '{target}'"
                     )));
                 }
+                self.sync_access(vec![name.clone()]).await;
                 Ok(Reply::Done {
                     message: format!("{name} is no longer shared with {target}."),
                 })
@@ -581,7 +583,10 @@ impl Executor {
                     .write(move |tx| repo::add_key(tx, u.id, &key, label.as_deref()))
                     .await;
                 match added {
-                    Ok(key) => Ok(Reply::KeyAdded { key }),
+                    Ok(key) => {
+                        self.sync_access(self.ssh_projects_of(u.id).await).await;
+                        Ok(Reply::KeyAdded { key })
+                    }
                     Err(StoreError::AlreadyExists { .. }) => Err(CommandError::Conflict(format!(
                         "key {fp} is registered to another user; each key belongs to one person"
                     ))),
@@ -602,7 +607,18 @@ impl Executor {
                     })
                     .await?;
                 match revoked {
-                    Some(key) => Ok(Reply::KeyRevoked { key }),
+                    Some(key) => {
+                        let holder = key.user.clone();
+                        let uid = self
+                            .store
+                            .call(move |c| repo::user_by_name(c, &holder))
+                            .await?
+                            .map(|u| u.id);
+                        if let Some(uid) = uid {
+                            self.sync_access(self.ssh_projects_of(uid).await).await;
+                        }
+                        Ok(Reply::KeyRevoked { key })
+                    }
                     None => Err(CommandError::NotFound(format!(
                         "you have no key {fingerprint}; see 'keys'"
                     ))),
@@ -898,6 +914,49 @@ impl Executor {
         })
     }
 
+    /// Records where the gateways reach a project's VM.
+    async fn record_route(
+        &self,
+        project: &ProjectName,
+        status: &crate::provision::VmStatus,
+    ) -> Result<(), StoreError> {
+        let (Some(ssh), Some(app)) = (status.ssh_addr.clone(), status.app_addr.clone()) else {
+            return Ok(());
+        };
+        let p = project.clone();
+        self.store
+            .call(move |c| repo::set_route(c, &p, &ssh, &app))
+            .await
+    }
+
+    /// Re-installs the keys of everyone with SSH access in each project's VM,
+    /// after access changed (so a revoked key stops working at once).
+    async fn sync_access(&self, projects: Vec<ProjectName>) {
+        for p in projects {
+            let keys = match self.authorized_keys(&p).await {
+                Ok(k) => k,
+                Err(e) => {
+                    tracing::error!(project = %p, error = %e, "cannot read the keys to install");
+                    continue;
+                }
+            };
+            match self.vms.sync_keys(&p, &keys).await {
+                Ok(()) | Err(ProvisionError::Unavailable(_)) => {}
+                Err(e) => {
+                    tracing::error!(project = %p, error = %e, "could not update the VM's keys; they apply at its next start")
+                }
+            }
+        }
+    }
+
+    /// Projects a user reaches over SSH.
+    async fn ssh_projects_of(&self, user: crate::model::UserId) -> Vec<ProjectName> {
+        self.store
+            .call(move |c| repo::ssh_projects_of(c, user))
+            .await
+            .unwrap_or_default()
+    }
+
     async fn authorized_keys(&self, project: &ProjectName) -> Result<Vec<String>, StoreError> {
         let p = project.clone();
         self.store
@@ -917,8 +976,9 @@ impl Executor {
             authorized_keys: self.authorized_keys(&name).await?,
         };
         match self.vms.start(&spec, progress).await {
-            Ok(_) => {
+            Ok(status) => {
                 self.set_state(&name, ProjectState::Running).await?;
+                self.record_route(&name, &status).await?;
                 Ok(Reply::Connection {
                     connection: self.connection(&project),
                 })
@@ -1044,6 +1104,7 @@ impl Executor {
         let name = reserved.name.clone();
         match result {
             Ok(created) => {
+                self.record_route(&name, &created.status).await?;
                 let (stack, src) = (created.stack.clone(), created.source_path.clone());
                 let n = name.clone();
                 let project = self
@@ -1306,6 +1367,20 @@ impl Executor {
         let (request, user) = result;
         tracing::info!(request = request.id, state = %request.state, "access request decided");
         let _ = self.events.send(Event::RequestDecided(request.clone()));
+        if let Some(u) = &user {
+            let n = UserName::new(u).ok();
+            let uid = match n {
+                Some(n) => self
+                    .store
+                    .call(move |c| repo::user_by_name(c, &n))
+                    .await?
+                    .map(|u| u.id),
+                None => None,
+            };
+            if let Some(uid) = uid {
+                self.sync_access(self.ssh_projects_of(uid).await).await;
+            }
+        }
         Ok(Reply::Decided { request, user })
     }
 

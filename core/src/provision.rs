@@ -147,6 +147,9 @@ pub struct VmStatus {
     pub ready: bool,
     /// Address and port at which the host reaches the VM's sshd.
     pub ssh_addr: Option<String>,
+    /// Address and port at which the host reaches the VM's app.
+    #[serde(default)]
+    pub app_addr: Option<String>,
     pub backend: String,
 }
 
@@ -202,6 +205,13 @@ pub trait Provisioner: Send + Sync {
     async fn rename(&self, from: &ProjectName, to: &ProjectName) -> Result<(), ProvisionError>;
     /// The public half of a user's deploy key for ssh:// clones, made on first use.
     async fn deploy_key(&self, user: &crate::names::UserName) -> Result<String, ProvisionError>;
+    /// Replaces the keys allowed into a project's VM (used at its next boot,
+    /// and at once if it runs), after access changed.
+    async fn sync_keys(
+        &self,
+        project: &ProjectName,
+        authorized_keys: &[String],
+    ) -> Result<(), ProvisionError>;
 }
 
 /// The provisioner of a build or host that cannot run VMs: every call says
@@ -253,6 +263,9 @@ impl Provisioner for Unavailable {
         Err(ProvisionError::Unavailable(self.reason.clone()))
     }
     async fn deploy_key(&self, _: &crate::names::UserName) -> Result<String, ProvisionError> {
+        Err(ProvisionError::Unavailable(self.reason.clone()))
+    }
+    async fn sync_keys(&self, _: &ProjectName, _: &[String]) -> Result<(), ProvisionError> {
         Err(ProvisionError::Unavailable(self.reason.clone()))
     }
 }
@@ -320,6 +333,7 @@ pub mod testing {
                 state,
                 ready: state == VmState::Running,
                 ssh_addr: (state == VmState::Running).then(|| "127.0.0.1:10022".to_owned()),
+                app_addr: (state == VmState::Running).then(|| "127.0.0.1:10080".to_owned()),
                 backend: "fake".into(),
             }
         }
@@ -418,6 +432,14 @@ pub mod testing {
                 .ok()
                 .and_then(|mut v| v.remove(from.as_str()));
             self.set(to.as_str(), state);
+            Ok(())
+        }
+        async fn sync_keys(
+            &self,
+            project: &ProjectName,
+            keys: &[String],
+        ) -> Result<(), ProvisionError> {
+            self.record("sync_keys", &format!("{project} {}", keys.len()));
             Ok(())
         }
         async fn deploy_key(

@@ -427,3 +427,60 @@ async fn cp_rename_and_secrets() {
     };
     assert!(message.contains("ssh-ed25519"), "{message}");
 }
+
+#[tokio::test]
+async fn routes_are_recorded_and_access_changes_reach_running_vms() {
+    let w = world().await;
+    w.run(&w.admin, "new project routed").await.unwrap();
+    let name = kennel_core::names::ProjectName::new("routed").unwrap();
+    let n = name.clone();
+    let route = w
+        .exec
+        .store()
+        .call(move |c| kennel_core::store::repo::route(c, &n))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(route.ssh_addr, "127.0.0.1:10022");
+    assert_eq!(route.app_addr, "127.0.0.1:10080");
+
+    // A member with a key gets a share: the VM's keys are re-synced with hers.
+    let who = Identity::new(Frontend::Discord, "5001");
+    let k = ed25519(50, None);
+    let Ok(Reply::RequestFiled { request, .. }) = w.run(&who, &format!("request-access {k}")).await
+    else {
+        panic!()
+    };
+    w.run(&w.admin, &format!("approve {}", request.id))
+        .await
+        .unwrap();
+    w.run(&w.admin, "share routed u5001 --ssh").await.unwrap();
+    assert!(
+        w.vms.calls().contains(&"sync_keys routed 1".to_owned()),
+        "{:?}",
+        w.vms.calls()
+    );
+    // Her key is revoked: synced again without it.
+    w.run(&who, &format!("key rm {}", k.fingerprint()))
+        .await
+        .unwrap();
+    assert_eq!(
+        w.vms
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("sync_keys routed 0"))
+            .count(),
+        1,
+        "{:?}",
+        w.vms.calls()
+    );
+    // The route goes with the project.
+    w.run(&w.admin, "rm routed --yes").await.unwrap();
+    let gone = w
+        .exec
+        .store()
+        .call(move |c| kennel_core::store::repo::route(c, &name))
+        .await
+        .unwrap();
+    assert!(gone.is_none());
+}

@@ -411,6 +411,7 @@ impl LocalProvisioner {
                     state: VmState::Running,
                     ready: true,
                     ssh_addr: Some(m.net.ssh_addr()),
+                    app_addr: Some(m.net.app_addr(r.app_port)),
                     backend: self.vmm.describe(),
                 })
             }
@@ -1028,6 +1029,7 @@ impl Provisioner for LocalProvisioner {
                 state: VmState::Missing,
                 ready: false,
                 ssh_addr: None,
+                app_addr: None,
                 backend: self.vmm.describe(),
             });
         };
@@ -1047,6 +1049,7 @@ impl Provisioner for LocalProvisioner {
             state,
             ready,
             ssh_addr: Some(r.machine.net.ssh_addr()),
+            app_addr: Some(r.machine.net.app_addr(r.app_port)),
             backend: self.vmm.describe(),
         })
     }
@@ -1250,6 +1253,43 @@ impl Provisioner for LocalProvisioner {
                 &mut Timings::default(),
             )
             .await?;
+        }
+        Ok(())
+    }
+
+    async fn sync_keys(
+        &self,
+        project: &ProjectName,
+        authorized_keys: &[String],
+    ) -> Result<(), ProvisionError> {
+        let _guard = self.lock(project.as_str()).await;
+        let Some(r) = self.record(project.as_str()) else {
+            return Ok(());
+        };
+        // The next boot reads the config disk; a running VM is told now.
+        self.write_config(&r, authorized_keys).await?;
+        if matches!(self.vmm.state(&r.machine).await, Ok(VmmState::Running)) {
+            let project_pub =
+                std::fs::read_to_string(self.project_key(project.as_str()).with_extension("pub"))
+                    .unwrap_or_default();
+            let mut all = vec![project_pub.trim().to_owned()];
+            all.extend(authorized_keys.iter().map(|k| k.trim().to_owned()));
+            // Keys are `type base64` (validated when added); each is one
+            // single-quoted printf argument, never part of its format.
+            let args: Vec<String> = all
+                .iter()
+                .map(|k| format!("'{}'", k.replace('\'', "")))
+                .collect();
+            let cmd = format!(
+                "printf '%s\\n' {} > ~/.ssh/authorized_keys.new && mv ~/.ssh/authorized_keys.new ~/.ssh/authorized_keys",
+                args.join(" ")
+            );
+            self.ssh_exec(&r, &cmd).await.map_err(|e| {
+                failed(
+                    Stage::Ready,
+                    format!("could not update the keys in the running VM: {e}"),
+                )
+            })?;
         }
         Ok(())
     }

@@ -862,6 +862,65 @@ pub fn set_source_path(
     Ok(())
 }
 
+// ---------------------------------------------------------------- routes
+
+/// A project's route: where the gateways reach its VM.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Route {
+    pub project: ProjectName,
+    pub ssh_addr: String,
+    pub app_addr: String,
+    pub visibility: Visibility,
+}
+
+/// Records where a project's VM answers.
+pub fn set_route(
+    conn: &Connection,
+    project: &ProjectName,
+    ssh_addr: &str,
+    app_addr: &str,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO routes (project_id, ssh_addr, app_addr, updated_at)
+         SELECT id, ?2, ?3, ?4 FROM projects WHERE name = ?1
+         ON CONFLICT (project_id) DO UPDATE SET ssh_addr = excluded.ssh_addr, app_addr = excluded.app_addr,
+             updated_at = excluded.updated_at",
+        params![project.as_str(), ssh_addr, app_addr, now()],
+    )?;
+    Ok(())
+}
+
+/// The route of a project, if its VM was ever ready.
+pub fn route(conn: &Connection, project: &ProjectName) -> Result<Option<Route>, StoreError> {
+    conn.query_row(
+        "SELECT p.name, r.ssh_addr, r.app_addr, p.visibility FROM routes r JOIN projects p ON p.id = r.project_id
+         WHERE p.name = ?1",
+        [project.as_str()],
+        |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?)),
+    )
+    .optional()?
+    .map(|(n, s, a, v)| {
+        Ok(Route {
+            project: text(n)?,
+            ssh_addr: s,
+            app_addr: a,
+            visibility: text(v)?,
+        })
+    })
+    .transpose()
+}
+
+/// Projects a user reaches over SSH (owned, or shared for SSH).
+pub fn ssh_projects_of(conn: &Connection, user: UserId) -> Result<Vec<ProjectName>, StoreError> {
+    let mut st = conn.prepare(
+        "SELECT p.name FROM projects p WHERE p.owner_id = ?1
+         OR EXISTS (SELECT 1 FROM shares s WHERE s.project_id = p.id AND s.user_id = ?1 AND s.ssh = 1)
+         ORDER BY p.name",
+    )?;
+    let rows = st.query_map([user], |r| r.get::<_, String>(0))?;
+    rows.map(|r| text(r?)).collect()
+}
+
 // ---------------------------------------------------------------- audit
 
 /// One audit entry to record.
