@@ -40,8 +40,15 @@ pub fn backing_file(runner: &dyn Runner, disk: &Path) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Writes the config disk image from the files in `dir`.
-pub fn create_config(runner: &dyn Runner, dir: &Path, image: &Path) -> Result<(), RunError> {
+/// Makes `image` an ext4 filesystem of `size` (e.g. `8M`) labelled `label`
+/// holding the tree at `dir`, owned by root whoever owns the files.
+pub fn mkfs_from_dir(
+    runner: &dyn Runner,
+    dir: &Path,
+    image: &Path,
+    label: &str,
+    size: &str,
+) -> Result<(), RunError> {
     let _ = std::fs::remove_file(image);
     runner
         .run(
@@ -50,7 +57,7 @@ pub fn create_config(runner: &dyn Runner, dir: &Path, image: &Path) -> Result<()
                     "-q",
                     "-F",
                     "-L",
-                    "KENNELCFG",
+                    label,
                     "-m",
                     "0",
                     "-E",
@@ -59,7 +66,23 @@ pub fn create_config(runner: &dyn Runner, dir: &Path, image: &Path) -> Result<()
                 ])
                 .arg(dir)
                 .arg(image)
-                .arg("8M"),
+                .arg(size),
+        )
+        .map(|_| ())
+}
+
+/// Writes the config disk image from the files in `dir`.
+pub fn create_config(runner: &dyn Runner, dir: &Path, image: &Path) -> Result<(), RunError> {
+    mkfs_from_dir(runner, dir, image, "KENNELCFG", "8M")
+}
+
+/// Makes an ed25519 keypair at `path` (and `path.pub`) with no passphrase.
+pub fn keygen(runner: &dyn Runner, path: &Path, comment: &str) -> Result<(), RunError> {
+    runner
+        .run(
+            &Cmd::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
+                .arg(path),
         )
         .map(|_| ())
 }

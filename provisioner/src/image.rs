@@ -392,28 +392,12 @@ fn build(
     let mib = mib.div_ceil(64) * 64;
     let rootfs = work.join("rootfs.ext4");
     step(&format!("mkfs.ext4 ({mib} MiB)"));
-    runner
-        .run(
-            &Cmd::new("mkfs.ext4")
-                .args([
-                    "-q",
-                    "-F",
-                    "-L",
-                    "kennelroot",
-                    "-m",
-                    "0",
-                    "-E",
-                    "root_owner=0:0",
-                    "-d",
-                ])
-                .arg(&root)
-                .arg(&rootfs)
-                .arg(format!("{mib}M")),
-        )
-        .map_err(|source| ImageError::Run {
+    crate::disk::mkfs_from_dir(runner, &root, &rootfs, "kennelroot", &format!("{mib}M")).map_err(
+        |source| ImageError::Run {
             step: "mkfs.ext4",
             source,
-        })?;
+        },
+    )?;
     let size_bytes = std::fs::metadata(&rootfs).map_err(io(&rootfs))?.len();
     Ok(ImageInfo {
         id: id.to_owned(),

@@ -589,17 +589,7 @@ impl LocalProvisioner {
         let (kd, vd, label) = (self.key_dir(name), dir.clone(), format!("kennel-{name}"));
         self.blocking(Stage::Disk, move |runner| {
             disk::create_root(runner, &rootfs, &disk_path, size).map_err(|e| e.to_string())?;
-            std::fs::create_dir_all(&kd).map_err(|e| e.to_string())?;
-            for key in [kd.join("id_ed25519"), vd.join("ssh_host_ed25519_key")] {
-                runner
-                    .run(
-                        &Cmd::new("ssh-keygen")
-                            .args(["-q", "-t", "ed25519", "-N", "", "-C", &label, "-f"])
-                            .arg(&key),
-                    )
-                    .map_err(|e| e.to_string())?;
-            }
-            Ok(())
+            new_keypairs(runner, &kd, &vd, &label)
         })
         .await?;
         timings.disk_ms = ms(t);
@@ -910,6 +900,23 @@ impl LocalProvisioner {
     }
 }
 
+/// The project key (for the gateways) and the VM's host key.
+fn new_keypairs(
+    runner: &dyn Runner,
+    key_dir: &Path,
+    vm_dir: &Path,
+    label: &str,
+) -> Result<(), String> {
+    std::fs::create_dir_all(key_dir).map_err(|e| e.to_string())?;
+    for key in [
+        key_dir.join("id_ed25519"),
+        vm_dir.join("ssh_host_ed25519_key"),
+    ] {
+        disk::keygen(runner, &key, label).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 fn ms(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
@@ -1143,17 +1150,7 @@ impl Provisioner for LocalProvisioner {
                             .arg(&to_src),
                     )
                     .map_err(|e| e.to_string())?;
-                std::fs::create_dir_all(&kd).map_err(|e| e.to_string())?;
-                for key in [kd.join("id_ed25519"), vd.join("ssh_host_ed25519_key")] {
-                    runner
-                        .run(
-                            &Cmd::new("ssh-keygen")
-                                .args(["-q", "-t", "ed25519", "-N", "", "-C", &label, "-f"])
-                                .arg(&key),
-                        )
-                        .map_err(|e| e.to_string())?;
-                }
-                Ok(())
+                new_keypairs(runner, &kd, &vd, &label)
             })
             .await?;
             let record = VmRecord {
@@ -1305,14 +1302,7 @@ impl Provisioner for LocalProvisioner {
                 if let Some(parent) = k.parent() {
                     std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
                 }
-                runner
-                    .run(
-                        &Cmd::new("ssh-keygen")
-                            .args(["-q", "-t", "ed25519", "-N", "", "-C", &label, "-f"])
-                            .arg(&k),
-                    )
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
+                disk::keygen(runner, &k, &label).map_err(|e| e.to_string())
             })
             .await?;
         }
