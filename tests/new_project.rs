@@ -246,3 +246,84 @@ fn failed_creates_roll_back_and_say_what_happened() {
     drop(full);
     let _ = Command::new("umount").arg(&small).status();
 }
+
+#[test]
+fn keys_follow_access_and_copies_and_renames_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let k = Kennel::new(tmp.path());
+    k.exec_ok("new project orig --stack base --cpus 1 --memory 512M --disk 2G");
+    std::fs::write(
+        tmp.path().join("kennel-data/projects/orig/note.txt"),
+        "original\n",
+    )
+    .unwrap();
+
+    // A key added for the owner is let into the running VM at once;
+    // revoked, it is refused at once.
+    let key = tmp.path().join("mine");
+    let kg = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "me@laptop", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(kg.success());
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let added = k.exec_ok(&format!("key add \"{}\"", public.trim()));
+    let fingerprint = added
+        .split_whitespace()
+        .find(|w| w.starts_with("SHA256:"))
+        .unwrap()
+        .to_owned();
+    let with_my_key = |k: &Kennel| {
+        let addr = k.addr("orig");
+        let (ip, port) = addr.rsplit_once(':').unwrap();
+        Command::new("ssh")
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "LogLevel=ERROR",
+            ])
+            .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i"])
+            .arg(&key)
+            .args(["-p", port, &format!("dev@{ip}"), "cat /workspace/note.txt"])
+            .output()
+            .unwrap()
+    };
+    let out = with_my_key(&k);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    k.exec_ok(&format!("key rm {}", fingerprint.trim_end_matches('.')));
+    assert!(
+        !with_my_key(&k).status.success(),
+        "a revoked key still gets in"
+    );
+
+    // cp: a second VM with a copy of the disk and of the source.
+    k.ssh_ok("orig", "echo on-disk > /home/dev/marker");
+    k.exec_ok("cp orig twin");
+    assert_eq!(
+        k.ssh_ok("twin", "cat /home/dev/marker /workspace/note.txt"),
+        "on-disk\noriginal\n"
+    );
+    assert!(tmp
+        .path()
+        .join("kennel-data/projects/twin/note.txt")
+        .exists());
+    assert!(
+        vm_running(&k, "orig"),
+        "the original runs again after the copy"
+    );
+
+    // rename: the VM follows the name.
+    k.exec_ok("rename twin third");
+    assert!(vm_running(&k, "third") && !vm_running(&k, "twin"));
+    assert_eq!(k.ssh_ok("third", "cat /home/dev/marker"), "on-disk\n");
+    k.exec_ok("rm third --yes");
+    k.exec_ok("rm orig --yes");
+}

@@ -1234,7 +1234,16 @@ impl Executor {
         progress.report(Progress {
             stage: Stage::Validated,
             percent: None,
-            detail: Some(format!("source {sp}")),
+            detail: Some(format!(
+                "{} into {sp}; stack {}; {} vCPU, {} MiB memory, {} GiB disk",
+                args.git
+                    .as_ref()
+                    .map_or_else(|| "new repository".to_owned(), |g| format!("clone {g}")),
+                stack.as_deref().unwrap_or("detected from the source"),
+                resources.vcpus,
+                resources.memory_mib,
+                resources.disk_mib / 1024
+            )),
         });
         let _permit = self.queue(progress).await;
         let uid = user.id;
