@@ -14,7 +14,7 @@ need_cmd cargo "install the Rust toolchain (rustup) first"
 
 # Debian packages per mode. Keep each list to what that mode really uses.
 run_pkgs=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs openssh-client iproute2 nftables pkg-config libssl-dev)
-test_pkgs=(mmdebstrap e2fsprogs qemu-system-x86 qemu-utils openssh-client iproute2 nftables pkg-config libssl-dev git)
+test_pkgs=(mmdebstrap e2fsprogs qemu-system-x86 qemu-utils openssh-client iproute2 nftables pkg-config libssl-dev git expect)
 
 case "$mode" in
   run) pkgs=("${run_pkgs[@]}") ;;

@@ -9,7 +9,7 @@ use crate::datadir::DataDir;
 use crate::{console, wiring};
 
 /// Parts of Kennel that `serve` would start but that are not built yet.
-const NOT_BUILT: &[&str] = &["SSH gateway", "HTTPS gateway", "Matrix bot", "Discord bot"];
+const NOT_BUILT: &[&str] = &["HTTPS gateway", "Matrix bot", "Discord bot"];
 
 /// Runs the daemon until a signal arrives.
 pub async fn run(config: &Config) -> Result<()> {
@@ -27,6 +27,29 @@ pub async fn run(config: &Config) -> Result<()> {
     for part in NOT_BUILT {
         tracing::warn!(part, "not built yet; not started");
     }
+    // The SSH gateway.
+    let key = wiring::ssh_host_key(config)?;
+    let listener = tokio::net::TcpListener::bind(config.ssh.listen)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen for SSH on {}: {e}; set ssh.listen to a free address",
+                config.ssh.listen
+            )
+        })?;
+    let ssh_addr = listener.local_addr()?;
+    let gateway = kennel_gateway::ssh::SshGateway::new(
+        exec.clone(),
+        kennel_gateway::ssh::SshSettings {
+            data_dir: dir.root().to_owned(),
+            ..Default::default()
+        },
+    );
+    let (stop_ssh, ssh_stopped) = tokio::sync::oneshot::channel::<()>();
+    let ssh_task = tokio::spawn(gateway.run(listener, key, async move {
+        let _ = ssh_stopped.await;
+    }));
+    tracing::info!(addr = %ssh_addr, "SSH gateway listening");
     let socket = dir.control_socket();
     eprintln!(
         "kennel serve: data in {}, control socket {}; not built yet: {}",
@@ -41,6 +64,8 @@ pub async fn run(config: &Config) -> Result<()> {
         _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); Ok(()) }
         _ = int.recv() => { tracing::info!("SIGINT: shutting down"); Ok(()) }
     };
+    let _ = stop_ssh.send(());
+    let _ = ssh_task.await;
     let _ = std::fs::remove_file(&socket);
     eprintln!("kennel serve: stopped");
     result

@@ -16,6 +16,15 @@ use kennel_provisioner::virtiofs::Virtiofsd;
 use crate::config::Config;
 use crate::datadir::DataDir;
 
+/// The SSH gateway's host key, made on first use.
+pub fn ssh_host_key(config: &Config) -> Result<kennel_gateway::HostKey> {
+    let dir = DataDir::new(&config.data_dir);
+    dir.create()?;
+    Ok(kennel_gateway::ssh::host_key(
+        &dir.root().join("keys/ssh_host_ed25519_key"),
+    )?)
+}
+
 /// The executor's settings from the configuration.
 pub fn settings(config: &Config) -> Result<Settings> {
     Ok(Settings {
@@ -29,7 +38,9 @@ pub fn settings(config: &Config) -> Result<Settings> {
         projects_root: std::path::absolute(config.projects_root())?,
         default_resources: config.default_resources()?,
         default_app_port: 8080,
-        host_key_fingerprints: Vec::new(),
+        host_key_fingerprints: vec![kennel_gateway::ssh::host_key_fingerprint(&ssh_host_key(
+            config,
+        )?)],
         admins: config.admin_identities()?,
         max_parallel_creates: usize::try_from(config.vm.max_parallel_creates).unwrap_or(1),
         confirm_secs: 300,

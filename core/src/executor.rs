@@ -189,6 +189,47 @@ impl Executor {
             .await
     }
 
+    /// Decides whether `user` may enter `project` over SSH (owner, an SSH
+    /// share, or an admin), with the same policy as the `ssh` command.
+    pub async fn ssh_access(
+        &self,
+        user: &User,
+        project: &ProjectName,
+    ) -> Result<Project, CommandError> {
+        let (rel, found) = self.relation(Some(user), project).await?;
+        let cmd = Command::Ssh {
+            name: project.clone(),
+        };
+        policy::authorize(Some(user.role), Some(&user.name), &cmd, rel)?;
+        found.ok_or_else(|| CommandError::NotFound(format!("there is no project '{project}'")))
+    }
+
+    /// Starts a project's VM if it is not running (the SSH gateway does this
+    /// when someone enters a stopped project), reporting progress.
+    pub async fn ensure_running(
+        &self,
+        who: &Identity,
+        user: &User,
+        project: &Project,
+        progress: &dyn ProgressSink,
+    ) -> Outcome {
+        let running = matches!(self.vms.status(&project.name).await, Ok(s) if s.ready);
+        if running {
+            return Ok(Reply::Done {
+                message: "running".into(),
+            });
+        }
+        self.execute_as(
+            who,
+            Some(user.clone()),
+            Command::Start {
+                name: project.name.clone(),
+            },
+            progress,
+        )
+        .await
+    }
+
     /// Resolves an identity to a user; configured admin identities get an
     /// admin user the first time they speak.
     pub async fn resolve(&self, who: &Identity) -> Result<Option<User>, StoreError> {

@@ -1,8 +1,11 @@
 //! Kennel's gateways: the SSH gateway (russh), where `ssh myapp@host` lands
-//! in a project's VM and `ssh host` speaks the command language, and the
-//! HTTPS gateway (hyper + rustls), which forwards `https://myapp.DOMAIN` to
-//! the VM's app port.
+//! in a project's VM and `ssh host` speaks the command language, and (in
+//! its own issue) the HTTPS gateway.
 //!
-//! Neither is built yet: `kennel serve` says so when it starts. Both will
-//! read routes and keys from `kennel_core`'s store and run commands through
-//! its executor; they hold no business logic of their own.
+//! The gateways read routes and keys from `kennel_core`'s store and run
+//! commands through its executor; access decisions are core's policy. They
+//! never call the provisioner except, through the executor, to start a
+//! stopped VM someone is entering.
+
+pub mod ssh;
+pub use russh::keys::PrivateKey as HostKey;

@@ -16,6 +16,8 @@ pub struct Kennel {
     /// Run everything inside this network namespace (bridge-mode tests).
     pub netns: Option<String>,
     pub network: &'static str,
+    /// The SSH gateway's port for this test's daemon.
+    pub ssh_port: u16,
 }
 
 impl Kennel {
@@ -44,6 +46,10 @@ impl Kennel {
             serve: None,
             netns: None,
             network: "user",
+            ssh_port: std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .unwrap(),
         }
     }
 
@@ -70,6 +76,8 @@ impl Kennel {
             .env_remove("KENNEL_CONFIG")
             .env("KENNEL_VM__BACKEND", "qemu")
             .env("KENNEL_VM__NETWORK", self.network)
+            .env("KENNEL_SSH__LISTEN", format!("127.0.0.1:{}", self.ssh_port))
+            .env("KENNEL_SSH__PUBLIC_PORT", "2222")
             .env("KENNEL_IMAGES__APT_CACHE", cache.join("apt"))
             .env("RUST_LOG", "warn");
         c

@@ -88,7 +88,8 @@ pub fn classify(e: rusqlite::Error, what: &str) -> StoreError {
     StoreError::Sqlite(e)
 }
 
-type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+/// A closure for the connection thread; `None` stops it.
+type Job = Option<Box<dyn FnOnce(&mut Connection) + Send>>;
 
 /// A handle to the store's connection thread. Clone it freely.
 #[derive(Debug, Clone)]
@@ -134,12 +135,18 @@ impl Store {
         std::thread::Builder::new()
             .name("kennel-store".into())
             .spawn(move || {
-                while let Ok(job) = rx.recv() {
+                while let Ok(Some(job)) = rx.recv() {
                     job(&mut conn);
                 }
             })
             .map_err(StoreError::Thread)?;
         Ok(Self { jobs, path })
+    }
+
+    /// Stops the connection thread: every later call fails with
+    /// [`StoreError::Closed`] (shutdown, and tests of a store gone away).
+    pub fn close(&self) {
+        let _ = self.jobs.send(None);
     }
 
     /// The database file, if not in memory.
@@ -155,9 +162,9 @@ impl Store {
     {
         let (tx, rx) = oneshot::channel();
         self.jobs
-            .send(Box::new(move |conn| {
+            .send(Some(Box::new(move |conn| {
                 let _ = tx.send(f(conn));
-            }))
+            })))
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
@@ -171,9 +178,9 @@ impl Store {
     {
         let (tx, rx) = oneshot::channel();
         self.jobs
-            .send(Box::new(move |conn| {
+            .send(Some(Box::new(move |conn| {
                 let _ = tx.send(f(conn));
-            }))
+            })))
             .map_err(|_| StoreError::Closed)?;
         rx.blocking_recv().map_err(|_| StoreError::Closed)?
     }

@@ -1,0 +1,1246 @@
+//! The SSH gateway (russh): `ssh HOST [command]` speaks the command
+//! language; `ssh PROJECT@HOST` lands in the project's VM, with everything
+//! editors use bridged to the VM's sshd.
+//!
+//! Authentication is by public key only and fails closed: a key gets in
+//! only if the store says it is active for a user; any error looking it up
+//! denies. An unknown key is let into a restricted session that can do one
+//! thing: file an access request with that key (`ssh HOST request-access
+//! [note]`); anything else gets a message saying so.
+//!
+//! Each client channel is a bridge task fed by an ordered queue of what the
+//! client asked (pty, env, shell/exec/subsystem, data, window changes,
+//! signals, EOF). Handlers only enqueue and reply, so a stopped VM can be
+//! started (progress on stderr) and its connection opened without losing
+//! order. One upstream connection per VM is shared by every channel to it:
+//! a new channel costs ~0.09 s under TCG, a new connection 0.5-1 s.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kennel_core::command::{self, Command};
+use kennel_core::keys::{Fingerprint, PublicKey};
+use kennel_core::model::{AuditOutcome, Frontend, Identity, User};
+use kennel_core::names::ProjectName;
+use kennel_core::provision::{Progress, ProgressSink};
+use kennel_core::store::repo::{self, AuditEntry};
+use kennel_core::{exit_code, render, Executor, Format};
+use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg};
+use russh::server::{Auth, ChannelOpenHandle, Msg, Session, VerifiedPublicKey};
+use russh::{
+    client, Channel, ChannelId, ChannelMsg, ChannelWriteHalf, MethodKind, MethodSet, Pty, Sig,
+};
+use tokio::sync::mpsc;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SshGatewayError {
+    #[error("cannot read or write the host key {path}")]
+    HostKey {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the host key {path} is not a valid OpenSSH private key: {message}")]
+    BadHostKey { path: PathBuf, message: String },
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Limits and paths of the gateway.
+#[derive(Debug, Clone)]
+pub struct SshSettings {
+    /// Where project keys (`keys/projects/<p>/id_ed25519`) and VM host keys
+    /// (`vms/<p>/ssh_host_ed25519_key.pub`) are.
+    pub data_dir: PathBuf,
+    pub max_connections_per_ip: usize,
+    pub max_connections_per_user: usize,
+    /// Failed authentications an address may have per ten minutes.
+    pub max_auth_failures_per_ip: u32,
+    pub idle_timeout: Duration,
+}
+
+impl Default for SshSettings {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("kennel-data"),
+            max_connections_per_ip: 64,
+            max_connections_per_user: 64,
+            max_auth_failures_per_ip: 20,
+            idle_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Loads the gateway's ed25519 host key, making it on first start (0600).
+pub fn host_key(path: &Path) -> Result<PrivateKey, SshGatewayError> {
+    let io = |source| SshGatewayError::HostKey {
+        path: path.to_owned(),
+        source,
+    };
+    if path.exists() {
+        return russh::keys::load_secret_key(path, None).map_err(|e| SshGatewayError::BadHostKey {
+            path: path.to_owned(),
+            message: e.to_string(),
+        });
+    }
+    let key =
+        PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519).map_err(|e| {
+            SshGatewayError::BadHostKey {
+                path: path.to_owned(),
+                message: e.to_string(),
+            }
+        })?;
+    let pem = key
+        .to_openssh(russh::keys::ssh_key::LineEnding::LF)
+        .map_err(|e| SshGatewayError::BadHostKey {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io)?;
+        f.write_all(pem.as_bytes()).map_err(io)?;
+    }
+    Ok(key)
+}
+
+/// `SHA256:...` of a host key, for `doctor` and replies.
+pub fn host_key_fingerprint(key: &PrivateKey) -> String {
+    key.public_key().fingerprint(HashAlg::Sha256).to_string()
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    per_ip: HashMap<IpAddr, usize>,
+    per_user: HashMap<String, usize>,
+    failures: HashMap<IpAddr, (u32, Instant)>,
+}
+
+/// Shared by every connection.
+struct Shared {
+    exec: Executor,
+    settings: SshSettings,
+    counters: Mutex<Counters>,
+    upstreams: tokio::sync::Mutex<HashMap<String, Arc<client::Handle<Upstream>>>>,
+    next_id: AtomicU64,
+}
+
+/// The SSH gateway.
+#[derive(Clone)]
+pub struct SshGateway {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for SshGateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SshGateway").finish_non_exhaustive()
+    }
+}
+
+impl SshGateway {
+    /// A gateway running commands through `exec`.
+    pub fn new(exec: Executor, settings: SshSettings) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                exec,
+                settings,
+                counters: Mutex::new(Counters::default()),
+                upstreams: tokio::sync::Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// Serves on `listener` until `shutdown` completes.
+    pub async fn run(
+        self,
+        listener: tokio::net::TcpListener,
+        key: PrivateKey,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let config = Arc::new(russh::server::Config {
+            keys: vec![key],
+            methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+            inactivity_timeout: Some(self.shared.settings.idle_timeout),
+            keepalive_interval: Some(Duration::from_secs(30)),
+            auth_rejection_time: Duration::from_millis(500),
+            auth_rejection_time_initial: Some(Duration::ZERO),
+            ..Default::default()
+        });
+        let mut server = self;
+        let running = russh::server::Server::run_on_socket(&mut server, config, &listener);
+        tokio::select! {
+            r = running => r,
+            () = shutdown => Ok(()),
+        }
+    }
+}
+
+impl russh::server::Server for SshGateway {
+    type Handler = Conn;
+
+    fn new_client(&mut self, peer: Option<SocketAddr>) -> Conn {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let ip = peer.map(|p| p.ip());
+        let mut too_many = false;
+        if let Some(ip) = ip {
+            if let Ok(mut c) = self.shared.counters.lock() {
+                let n = c.per_ip.entry(ip).or_default();
+                *n += 1;
+                too_many = *n > self.shared.settings.max_connections_per_ip;
+            }
+        }
+        Conn {
+            shared: self.shared.clone(),
+            id,
+            ip,
+            too_many,
+            who: None,
+            target: Target::Console,
+            refusal: None,
+            channels: HashMap::new(),
+        }
+    }
+}
+
+/// Who authenticated.
+#[derive(Debug, Clone)]
+enum Who {
+    Known {
+        user: User,
+        identity: Identity,
+    },
+    /// A key Kennel does not know: may only request access.
+    Unknown {
+        key: PublicKey,
+        identity: Identity,
+    },
+}
+
+#[derive(Debug, Clone)]
+enum Target {
+    Console,
+    Project(ProjectName),
+}
+
+/// What a client asked of a channel, in order.
+#[derive(Debug)]
+enum Op {
+    Pty {
+        term: String,
+        cols: u32,
+        rows: u32,
+        px: u32,
+        py: u32,
+        modes: Vec<(Pty, u32)>,
+    },
+    Env(String, String),
+    Shell,
+    Exec(Vec<u8>),
+    Subsystem(String),
+    Data(Vec<u8>),
+    Window {
+        cols: u32,
+        rows: u32,
+        px: u32,
+        py: u32,
+    },
+    Signal(Sig),
+    Eof,
+}
+
+/// One client connection.
+pub struct Conn {
+    shared: Arc<Shared>,
+    id: u64,
+    ip: Option<IpAddr>,
+    too_many: bool,
+    who: Option<Who>,
+    target: Target,
+    /// Why this user may not enter the project they named.
+    refusal: Option<String>,
+    channels: HashMap<ChannelId, mpsc::Sender<Op>>,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("id", &self.id)
+            .field("ip", &self.ip)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.shared.counters.lock() {
+            if let Some(ip) = self.ip {
+                if let Some(n) = c.per_ip.get_mut(&ip) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+            if let Some(Who::Known { user, .. }) = &self.who {
+                if let Some(n) = c.per_user.get_mut(user.name.as_str()) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+        }
+    }
+}
+
+const UNKNOWN_KEY: &str = "Kennel does not know this SSH key yet.\r\nAsk for access with this same key:\r\n\r\n    ssh HOST request-access [a note for the admins]\r\n\r\nAn admin approves or denies it in chat; then connect again.\r\n";
+
+impl Conn {
+    fn failed_auth(&self) {
+        if let (Some(ip), Ok(mut c)) = (self.ip, self.shared.counters.lock()) {
+            let e = c.failures.entry(ip).or_insert((0, Instant::now()));
+            if e.1.elapsed() > Duration::from_secs(600) {
+                *e = (0, Instant::now());
+            }
+            e.0 += 1;
+        }
+    }
+
+    fn blocked(&self) -> bool {
+        let limit = self.shared.settings.max_auth_failures_per_ip;
+        match (self.ip, self.shared.counters.lock()) {
+            (Some(ip), Ok(c)) => c.failures.get(&ip).is_some_and(|(n, since)| {
+                *n >= limit && since.elapsed() < Duration::from_secs(600)
+            }),
+            _ => false,
+        }
+    }
+
+    fn span(&self) -> tracing::Span {
+        let user = match &self.who {
+            Some(Who::Known { user, .. }) => user.name.to_string(),
+            Some(Who::Unknown { .. }) => "(unknown key)".into(),
+            None => "-".into(),
+        };
+        let project = match &self.target {
+            Target::Project(p) => p.to_string(),
+            Target::Console => "-".into(),
+        };
+        tracing::info_span!("ssh", session = self.id, user = %user, project = %project)
+    }
+}
+
+impl russh::server::Handler for Conn {
+    type Error = russh::Error;
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        if self.too_many || self.blocked() {
+            tracing::warn!(session = self.id, ip = ?self.ip, "refused: too many connections or failed attempts");
+            return Ok(Auth::reject());
+        }
+        let fp = Fingerprint::of(key.public_key);
+        let identity = Identity::new(Frontend::Ssh, fp.as_str());
+        let store = self.shared.exec.store().clone();
+        let lookup = {
+            let fp = fp.clone();
+            store.call(move |c| repo::user_by_active_key(c, &fp)).await
+        };
+        let found = match lookup {
+            Ok(u) => u,
+            Err(e) => {
+                // Fail closed: no store, no entry.
+                tracing::error!(session = self.id, error = %e, "key lookup failed; refusing");
+                self.failed_auth();
+                return Ok(Auth::reject());
+            }
+        };
+        // `ssh PROJECT@HOST` enters a project; any other name is the console.
+        if let Ok(name) = ProjectName::new(user) {
+            let n = name.clone();
+            match store.call(move |c| repo::project_by_name(c, &n)).await {
+                Ok(Some(_)) => self.target = Target::Project(name),
+                Ok(None) => {}
+                Err(_) => return Ok(Auth::reject()),
+            }
+        }
+        match found {
+            Some(u) => {
+                if let Ok(mut c) = self.shared.counters.lock() {
+                    let n = c.per_user.entry(u.name.to_string()).or_default();
+                    *n += 1;
+                    if *n > self.shared.settings.max_connections_per_user {
+                        *n -= 1;
+                        return Ok(Auth::reject());
+                    }
+                }
+                if let Target::Project(p) = &self.target {
+                    if let Err(e) = self.shared.exec.ssh_access(&u, p).await {
+                        self.refusal = Some(e.to_string());
+                    }
+                }
+                self.who = Some(Who::Known { user: u, identity });
+            }
+            None => {
+                let Ok(openssh) = key.public_key.to_openssh() else {
+                    return Ok(Auth::reject());
+                };
+                match PublicKey::parse(&openssh) {
+                    Ok(pk) => self.who = Some(Who::Unknown { key: pk, identity }),
+                    Err(_) => {
+                        self.failed_auth();
+                        return Ok(Auth::reject());
+                    }
+                }
+            }
+        }
+        Ok(Auth::Accept)
+    }
+
+    async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
+        let span = self.span();
+        let _e = span.enter();
+        tracing::info!("ssh session authenticated");
+        if let (Some(Who::Known { user, identity }), Target::Project(p), None) =
+            (&self.who, &self.target, &self.refusal)
+        {
+            let (uid, identity, project) = (user.id, identity.clone(), p.to_string());
+            let _ = self
+                .shared
+                .exec
+                .store()
+                .call(move |c| {
+                    repo::audit(
+                        c,
+                        &AuditEntry {
+                            user: Some(uid),
+                            identity: &identity,
+                            action: "ssh login",
+                            target: Some(&project),
+                            outcome: AuditOutcome::Ok,
+                            detail: None,
+                        },
+                    )
+                })
+                .await;
+        }
+        Ok(())
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(who) = self.who.clone() else {
+            return Ok(());
+        };
+        let id = channel.id();
+        // Requests arrive through the handler methods; the channel's own
+        // message queue is not read, and dropping it keeps it from filling.
+        let (read, write) = channel.split();
+        drop(read);
+        let (tx, rx) = mpsc::channel(64);
+        self.channels.insert(id, tx);
+        let bridge = Bridge {
+            shared: self.shared.clone(),
+            who,
+            target: self.target.clone(),
+            refusal: self.refusal.clone(),
+            client: write,
+            span: self.span(),
+        };
+        tokio::spawn(bridge.run(rx));
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host: &str,
+        port: u32,
+        orig_addr: &str,
+        orig_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(Who::Known { user, .. }) = self.who.clone() else {
+            return Ok(());
+        };
+        let shared = self.shared.clone();
+        match self.target.clone() {
+            // `ssh -L` inside a project: forwarded by the VM's sshd.
+            Target::Project(p) if self.refusal.is_none() => {
+                let upstream = match shared.upstream(&p).await {
+                    Ok(u) => u,
+                    Err(e) => {
+                        tracing::warn!(project = %p, error = %e, "cannot reach the VM for a forward");
+                        return Ok(());
+                    }
+                };
+                let Ok(up) = upstream
+                    .channel_open_direct_tcpip(host, port, orig_addr, orig_port)
+                    .await
+                else {
+                    return Ok(());
+                };
+                reply.accept().await;
+                tokio::spawn(splice(channel.into_stream(), up.into_stream()));
+            }
+            // `ssh -J HOST project`: a raw path to the project's sshd.
+            Target::Console => {
+                let Ok(p) = ProjectName::new(host) else {
+                    return Ok(());
+                };
+                if port != 22 || shared.exec.ssh_access(&user, &p).await.is_err() {
+                    tracing::info!(project = %host, user = %user.name, "refused a jump");
+                    return Ok(());
+                }
+                let n = p.clone();
+                let route = shared.exec.store().call(move |c| repo::route(c, &n)).await;
+                let Ok(Some(route)) = route else {
+                    return Ok(());
+                };
+                let Ok(tcp) = tokio::net::TcpStream::connect(&route.ssh_addr).await else {
+                    return Ok(());
+                };
+                reply.accept().await;
+                tokio::spawn(splice(channel.into_stream(), tcp));
+            }
+            Target::Project(_) => {}
+        }
+        Ok(())
+    }
+
+    async fn channel_open_direct_streamlocal(
+        &mut self,
+        channel: Channel<Msg>,
+        socket_path: &str,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // VS Code Remote-SSH forwards to a Unix socket in the VM.
+        let (Target::Project(p), None, Some(Who::Known { .. })) =
+            (self.target.clone(), &self.refusal, &self.who)
+        else {
+            return Ok(());
+        };
+        let Ok(upstream) = self.shared.upstream(&p).await else {
+            return Ok(());
+        };
+        let Ok(up) = upstream.channel_open_direct_streamlocal(socket_path).await else {
+            return Ok(());
+        };
+        reply.accept().await;
+        tokio::spawn(splice(channel.into_stream(), up.into_stream()));
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        term: &str,
+        col_width: u32,
+        row_height: u32,
+        pix_width: u32,
+        pix_height: u32,
+        modes: &[(Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let op = Op::Pty {
+            term: term.to_owned(),
+            cols: col_width,
+            rows: row_height,
+            px: pix_width,
+            py: pix_height,
+            modes: modes.to_vec(),
+        };
+        self.push(channel, op, session).await
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.push(channel, Op::Env(name.to_owned(), value.to_owned()), session)
+            .await
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.push(channel, Op::Shell, session).await
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.push(channel, Op::Exec(data.to_vec()), session).await
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.push(channel, Op::Subsystem(name.to_owned()), session)
+            .await
+    }
+
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        col_width: u32,
+        row_height: u32,
+        pix_width: u32,
+        pix_height: u32,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.send(
+            channel,
+            Op::Window {
+                cols: col_width,
+                rows: row_height,
+                px: pix_width,
+                py: pix_height,
+            },
+        )
+        .await;
+        Ok(())
+    }
+
+    async fn signal(
+        &mut self,
+        channel: ChannelId,
+        signal: Sig,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.send(channel, Op::Signal(signal)).await;
+        Ok(())
+    }
+
+    async fn data(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.send(channel, Op::Data(data.to_vec())).await;
+        Ok(())
+    }
+
+    async fn channel_eof(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.send(channel, Op::Eof).await;
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // Dropping the queue ends the bridge, which closes upstream.
+        self.channels.remove(&channel);
+        Ok(())
+    }
+
+    async fn agent_request(
+        &mut self,
+        _channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        // Agent forwarding is not relayed yet: say no rather than pretend.
+        Ok(false)
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        _address: &str,
+        _port: &mut u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(false)
+    }
+}
+
+impl Conn {
+    /// Queues a request and tells the client it was accepted.
+    async fn push(
+        &mut self,
+        channel: ChannelId,
+        op: Op,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        if self.send(channel, op).await {
+            session.channel_success(channel)?;
+        } else {
+            session.channel_failure(channel)?;
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, channel: ChannelId, op: Op) -> bool {
+        match self.channels.get(&channel) {
+            // Bounded: a fast uploader waits for the VM instead of filling memory.
+            Some(tx) => tx.send(op).await.is_ok(),
+            None => false,
+        }
+    }
+}
+
+/// Copies both ways until either side ends.
+async fn splice<A, B>(mut a: A, mut b: B)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+}
+
+/// One client session channel.
+struct Bridge {
+    shared: Arc<Shared>,
+    who: Who,
+    target: Target,
+    refusal: Option<String>,
+    client: ChannelWriteHalf<Msg>,
+    span: tracing::Span,
+}
+
+/// Progress lines on the client's stderr.
+struct StderrSink(mpsc::UnboundedSender<String>);
+
+impl ProgressSink for StderrSink {
+    fn report(&self, p: Progress) {
+        let _ = self.0.send(format!("… {p}\r\n"));
+    }
+}
+
+impl Bridge {
+    async fn run(self, rx: mpsc::Receiver<Op>) {
+        let span = self.span.clone();
+        let _e = span.enter();
+        let code = match (&self.who, self.target.clone(), self.refusal.clone()) {
+            (_, _, Some(why)) => {
+                self.stderr(&format!("{why}\r\n")).await;
+                1
+            }
+            (Who::Unknown { .. }, _, _) => self.unknown(rx).await,
+            (Who::Known { .. }, Target::Console, _) => self.console(rx).await,
+            (Who::Known { user, identity }, Target::Project(p), _) => {
+                let (user, identity) = (user.clone(), identity.clone());
+                self.project(&user, &identity, &p, rx).await
+            }
+        };
+        let _ = self.client.exit_status(code).await;
+        let _ = self.client.eof().await;
+        let _ = self.client.close().await;
+    }
+
+    async fn stdout(&self, text: &str) {
+        let _ = self.client.data_bytes(text.as_bytes().to_vec()).await;
+    }
+
+    async fn stderr(&self, text: &str) {
+        let _ = self
+            .client
+            .extended_data_bytes(1, text.as_bytes().to_vec())
+            .await;
+    }
+
+    /// Waits for the session's request (shell, exec, subsystem), remembering a pty.
+    async fn request(rx: &mut mpsc::Receiver<Op>) -> (Option<Op>, bool) {
+        let mut pty = false;
+        while let Some(op) = rx.recv().await {
+            match op {
+                Op::Pty { .. } => pty = true,
+                Op::Shell | Op::Exec(_) | Op::Subsystem(_) => return (Some(op), pty),
+                _ => {}
+            }
+        }
+        (None, pty)
+    }
+
+    /// An unknown key: only `request-access [note]`.
+    async fn unknown(&self, mut rx: mpsc::Receiver<Op>) -> u32 {
+        let Who::Unknown { key, identity } = &self.who else {
+            return 1;
+        };
+        match Self::request(&mut rx).await.0 {
+            Some(Op::Exec(line)) => {
+                let line = String::from_utf8_lossy(&line).trim().to_owned();
+                let rest = line.strip_prefix("request-access").map(str::trim);
+                match rest {
+                    Some(note) => {
+                        let cmd = Command::RequestAccess {
+                            key: key.clone(),
+                            note: (!note.is_empty()).then(|| note.to_owned()),
+                        };
+                        let out = self
+                            .shared
+                            .exec
+                            .execute_as(identity, None, cmd, &kennel_core::provision::NoProgress)
+                            .await;
+                        self.stdout(&format!(
+                            "{}\r\n",
+                            render(&out, Format::Plain).replace('\n', "\r\n")
+                        ))
+                        .await;
+                        u32::try_from(exit_code(&out)).unwrap_or(1)
+                    }
+                    None => {
+                        self.stderr(UNKNOWN_KEY).await;
+                        1
+                    }
+                }
+            }
+            _ => {
+                self.stderr(UNKNOWN_KEY).await;
+                1
+            }
+        }
+    }
+
+    /// Runs one line of the command language for the user.
+    async fn run_line(&self, line: &str) -> (String, u32) {
+        let Who::Known { user, identity } = &self.who else {
+            return (String::new(), 1);
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let sink = StderrSink(tx);
+        let out = match command::parse(line) {
+            Ok(inv) => {
+                let fmt = if inv.json {
+                    Format::Json
+                } else {
+                    Format::Plain
+                };
+                let work =
+                    self.shared
+                        .exec
+                        .execute_as(identity, Some(user.clone()), inv.command, &sink);
+                tokio::pin!(work);
+                let outcome = loop {
+                    tokio::select! {
+                        Some(line) = rx.recv() => self.stderr(&line).await,
+                        o = &mut work => break o,
+                    }
+                };
+                (render(&outcome, fmt), exit_code(&outcome))
+            }
+            Err(e) => {
+                let fmt = if line.contains("--json") {
+                    Format::Json
+                } else {
+                    Format::Plain
+                };
+                let o: kennel_core::Outcome = Err(e.into());
+                (render(&o, fmt), exit_code(&o))
+            }
+        };
+        (out.0, u32::try_from(out.1).unwrap_or(1))
+    }
+
+    /// Command mode: one command (`ssh HOST projects`), or a prompt.
+    async fn console(&self, mut rx: mpsc::Receiver<Op>) -> u32 {
+        let (req, pty) = Self::request(&mut rx).await;
+        match req {
+            Some(Op::Exec(line)) => {
+                let (out, code) = self.run_line(String::from_utf8_lossy(&line).trim()).await;
+                self.stdout(&format!("{out}\n")).await;
+                code
+            }
+            Some(Op::Shell) => {
+                self.prompt(rx, pty).await;
+                0
+            }
+            Some(Op::Subsystem(name)) => {
+                self.stderr(&format!(
+                    "the {name} subsystem is only available inside a project: ssh PROJECT@HOST\r\n"
+                ))
+                .await;
+                1
+            }
+            _ => 0,
+        }
+    }
+
+    /// An interactive prompt with line editing and history.
+    async fn prompt(&self, mut rx: mpsc::Receiver<Op>, pty: bool) {
+        let nl = if pty { "\r\n" } else { "\n" };
+        let name = match &self.who {
+            Who::Known { user, .. } => user.name.to_string(),
+            Who::Unknown { .. } => String::new(),
+        };
+        self.stdout(&format!(
+            "Kennel — signed in as {name}. Type 'help', or 'exit' to leave.{nl}kennel> "
+        ))
+        .await;
+        let mut line = String::new();
+        let mut history: Vec<String> = Vec::new();
+        let mut pos = 0usize; // position in history when browsing
+        let mut esc: Vec<u8> = Vec::new();
+        while let Some(op) = rx.recv().await {
+            let bytes = match op {
+                Op::Data(b) => b,
+                Op::Eof => return,
+                _ => continue,
+            };
+            for b in bytes {
+                if !esc.is_empty() || b == 0x1b {
+                    esc.push(b);
+                    if esc.len() == 3 {
+                        let (up, down) = (esc == b"\x1b[A", esc == b"\x1b[B");
+                        esc.clear();
+                        if pty && (up || down) && !history.is_empty() {
+                            pos = if up {
+                                pos.saturating_sub(1)
+                            } else {
+                                (pos + 1).min(history.len())
+                            };
+                            line = history.get(pos).cloned().unwrap_or_default();
+                            self.stdout(&format!("\r\x1b[Kkennel> {line}")).await;
+                        }
+                    }
+                    continue;
+                }
+                match b {
+                    b'\r' | b'\n' => {
+                        if !pty && b == b'\r' {
+                            continue;
+                        }
+                        self.stdout(nl).await;
+                        let cmd = std::mem::take(&mut line);
+                        let cmd = cmd.trim();
+                        if cmd == "exit" || cmd == "quit" {
+                            return;
+                        }
+                        if !cmd.is_empty() {
+                            let (out, _) = self.run_line(cmd).await;
+                            self.stdout(&format!(
+                                "{}{nl}",
+                                if pty { out.replace('\n', "\r\n") } else { out }
+                            ))
+                            .await;
+                            history.push(cmd.to_owned());
+                        }
+                        pos = history.len();
+                        self.stdout("kennel> ").await;
+                    }
+                    0x7f | 0x08 => {
+                        // Erase on screen only what was really in the line.
+                        let erased = line.pop().is_some();
+                        if erased && pty {
+                            self.stdout("\x08 \x08").await;
+                        }
+                    }
+                    0x03 => {
+                        line.clear();
+                        self.stdout(&format!("^C{nl}kennel> ")).await;
+                    }
+                    0x04 if line.is_empty() => return,
+                    c if c >= 0x20 => {
+                        line.push(char::from(c));
+                        if pty {
+                            self.stdout(&char::from(c).to_string()).await;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Project mode: bridge everything to the VM's sshd.
+    async fn project(
+        &self,
+        user: &User,
+        identity: &Identity,
+        p: &ProjectName,
+        mut rx: mpsc::Receiver<Op>,
+    ) -> u32 {
+        let project = match self.shared.exec.ssh_access(user, p).await {
+            Ok(project) => project,
+            Err(e) => {
+                self.stderr(&format!("{e}\r\n")).await;
+                return 1;
+            }
+        };
+        // A stopped VM is started, with progress on stderr.
+        let (tx, mut lines) = mpsc::unbounded_channel();
+        let sink = StderrSink(tx);
+        let start = self
+            .shared
+            .exec
+            .ensure_running(identity, user, &project, &sink);
+        tokio::pin!(start);
+        let started = loop {
+            tokio::select! {
+                Some(l) = lines.recv() => self.stderr(&l).await,
+                o = &mut start => break o,
+            }
+        };
+        if let Err(e) = started {
+            self.stderr(&format!("cannot start {p}: {e}\r\n")).await;
+            return 1;
+        }
+        let upstream = match self.shared.upstream(p).await {
+            Ok(u) => u,
+            Err(e) => {
+                self.stderr(&format!("cannot reach the VM of {p}: {e}\r\n"))
+                    .await;
+                return 1;
+            }
+        };
+        let up = match upstream.channel_open_session().await {
+            Ok(c) => c,
+            Err(e) => {
+                // The pooled connection may have died with its VM: once more.
+                self.shared.forget(p).await;
+                match self
+                    .shared
+                    .upstream(p)
+                    .await
+                    .map(|u| async move { u.channel_open_session().await })
+                {
+                    Ok(f) => match f.await {
+                        Ok(c) => c,
+                        Err(_) => {
+                            self.stderr(&format!("cannot open a session in {p}: {e}\r\n"))
+                                .await;
+                            return 1;
+                        }
+                    },
+                    Err(e) => {
+                        self.stderr(&format!("cannot reach the VM of {p}: {e}\r\n"))
+                            .await;
+                        return 1;
+                    }
+                }
+            }
+        };
+        let (mut up_read, up_write) = up.split();
+        // VM → client.
+        let client = &self.client;
+        let from_vm = async {
+            let mut code = 0u32;
+            while let Some(msg) = up_read.wait().await {
+                match msg {
+                    ChannelMsg::Data { data } => {
+                        let _ = client.data_bytes(data.to_vec()).await;
+                    }
+                    ChannelMsg::ExtendedData { data, ext } => {
+                        let _ = client.extended_data_bytes(ext, data.to_vec()).await;
+                    }
+                    ChannelMsg::ExitStatus { exit_status } => code = exit_status,
+                    ChannelMsg::ExitSignal { signal_name, .. } => {
+                        tracing::debug!(signal = ?signal_name, "remote process ended by a signal");
+                        code = 128 + signal_number(&signal_name);
+                    }
+                    ChannelMsg::Eof => {
+                        let _ = client.eof().await;
+                    }
+                    ChannelMsg::Close => break,
+                    _ => {}
+                }
+            }
+            code
+        };
+        // Client → VM.
+        let to_vm = async {
+            while let Some(op) = rx.recv().await {
+                let r = match op {
+                    Op::Pty {
+                        term,
+                        cols,
+                        rows,
+                        px,
+                        py,
+                        modes,
+                    } => {
+                        up_write
+                            .request_pty(false, &term, cols, rows, px, py, &modes)
+                            .await
+                    }
+                    Op::Env(k, v) => up_write.set_env(false, k, v).await,
+                    Op::Shell => up_write.request_shell(false).await,
+                    Op::Exec(c) => up_write.exec(false, c).await,
+                    Op::Subsystem(s) => up_write.request_subsystem(false, s).await,
+                    Op::Data(d) => up_write.data_bytes(d).await,
+                    Op::Window { cols, rows, px, py } => {
+                        up_write.window_change(cols, rows, px, py).await
+                    }
+                    Op::Signal(s) => up_write.signal(s).await,
+                    Op::Eof => up_write.eof().await,
+                };
+                if r.is_err() {
+                    break;
+                }
+            }
+            // The client closed its channel.
+            let _ = up_write.close().await;
+        };
+        tokio::pin!(to_vm);
+        tokio::pin!(from_vm);
+        tokio::select! {
+            code = &mut from_vm => code,
+            () = &mut to_vm => from_vm.await,
+        }
+    }
+}
+
+fn signal_number(s: &Sig) -> u32 {
+    match s {
+        Sig::HUP => 1,
+        Sig::INT => 2,
+        Sig::QUIT => 3,
+        Sig::ILL => 4,
+        Sig::ABRT => 6,
+        Sig::FPE => 8,
+        Sig::KILL => 9,
+        Sig::SEGV => 11,
+        Sig::PIPE => 13,
+        Sig::ALRM => 14,
+        Sig::TERM => 15,
+        _ => 0,
+    }
+}
+
+/// The gateway's client side towards a VM: trusts only the VM's own host key.
+#[derive(Debug)]
+pub struct Upstream {
+    host_key: Option<russh::keys::PublicKey>,
+}
+
+impl client::Handler for Upstream {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(match (key, &self.host_key) {
+            (russh::keys::PublicKeyOrCertificate::PublicKey { key, .. }, Some(pinned)) => {
+                key.key_data() == pinned.key_data()
+            }
+            _ => false,
+        })
+    }
+}
+
+/// Why the VM could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("the project has no VM address yet (is it created?)")]
+    NoRoute,
+    #[error("cannot read the project key {0}")]
+    Key(PathBuf),
+    #[error("connecting to the VM's sshd at {addr} failed: {message}")]
+    Connect { addr: String, message: String },
+    #[error("the VM refused the project key")]
+    Refused,
+}
+
+impl Shared {
+    /// The pooled connection to a project's VM, made if needed.
+    async fn upstream(
+        &self,
+        p: &ProjectName,
+    ) -> Result<Arc<client::Handle<Upstream>>, UpstreamError> {
+        let mut pool = self.upstreams.lock().await;
+        if let Some(h) = pool.get(p.as_str()) {
+            if !h.is_closed() {
+                return Ok(h.clone());
+            }
+        }
+        let n = p.clone();
+        let route = self
+            .exec
+            .store()
+            .call(move |c| repo::route(c, &n))
+            .await
+            .ok()
+            .flatten()
+            .ok_or(UpstreamError::NoRoute)?;
+        let key_path = self
+            .settings
+            .data_dir
+            .join("keys/projects")
+            .join(p.as_str())
+            .join("id_ed25519");
+        let key = russh::keys::load_secret_key(&key_path, None)
+            .map_err(|_| UpstreamError::Key(key_path.clone()))?;
+        let host_key = std::fs::read_to_string(
+            self.settings
+                .data_dir
+                .join("vms")
+                .join(p.as_str())
+                .join("ssh_host_ed25519_key.pub"),
+        )
+        .ok()
+        .and_then(|t| russh::keys::PublicKey::from_openssh(t.trim()).ok());
+        let config = Arc::new(client::Config {
+            keepalive_interval: Some(Duration::from_secs(30)),
+            ..Default::default()
+        });
+        let connect = client::connect(config, route.ssh_addr.as_str(), Upstream { host_key });
+        let mut handle = tokio::time::timeout(Duration::from_secs(20), connect)
+            .await
+            .map_err(|_| UpstreamError::Connect {
+                addr: route.ssh_addr.clone(),
+                message: "timed out".into(),
+            })?
+            .map_err(|e| UpstreamError::Connect {
+                addr: route.ssh_addr.clone(),
+                message: e.to_string(),
+            })?;
+        let auth = handle
+            .authenticate_publickey("dev", PrivateKeyWithHashAlg::new(Arc::new(key), None))
+            .await
+            .map_err(|e| UpstreamError::Connect {
+                addr: route.ssh_addr.clone(),
+                message: e.to_string(),
+            })?;
+        if !auth.success() {
+            return Err(UpstreamError::Refused);
+        }
+        let handle = Arc::new(handle);
+        pool.insert(p.to_string(), handle.clone());
+        Ok(handle)
+    }
+
+    async fn forget(&self, p: &ProjectName) {
+        self.upstreams.lock().await.remove(p.as_str());
+    }
+}

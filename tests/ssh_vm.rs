@@ -1,0 +1,239 @@
+//! The SSH gateway into real guests (QEMU/TCG) with OpenSSH's own tools:
+//! `ssh PROJECT@HOST` exit status, sftp, scp both ways, `ssh -L` to a
+//! server in the VM, ProxyJump, a 64 MiB transfer with matching SHA-256,
+//! and an interactive `ssh -tt` session driven by expect.
+//! `vm-tests` feature; needs what tests/vm.rs needs, plus expect.
+#![cfg(feature = "vm-tests")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use kennel_testkit::require;
+use support::Kennel;
+
+const OPTS: [&str; 8] = [
+    "-o",
+    "StrictHostKeyChecking=no",
+    "-o",
+    "UserKnownHostsFile=/dev/null",
+    "-o",
+    "LogLevel=ERROR",
+    "-o",
+    "BatchMode=yes",
+];
+
+fn ssh(
+    k: &Kennel,
+    key: &Path,
+    target: &str,
+    extra: &[&str],
+    command: &str,
+    stdin: Option<&Path>,
+) -> Output {
+    let mut c = Command::new("ssh");
+    c.args(OPTS)
+        .args(["-p", &k.ssh_port.to_string(), "-i"])
+        .arg(key)
+        .args(extra)
+        .arg(target)
+        .arg(command);
+    if let Some(f) = stdin {
+        c.stdin(std::fs::File::open(f).unwrap());
+    } else {
+        c.stdin(Stdio::null());
+    }
+    c.output().unwrap()
+}
+
+#[test]
+fn editors_tools_work_through_the_gateway() {
+    require("sftp", "openssh-client");
+    require("scp", "openssh-client");
+    require("expect", "expect");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut k = Kennel::new(tmp.path());
+    k.start_serve();
+    let key = tmp.path().join("me");
+    assert!(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap()
+        .success());
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    k.exec_ok(&format!("key add \"{}\"", public.trim()));
+    k.exec_ok("new project web --stack base --cpus 1 --memory 512M --disk 2G");
+    let port = k.ssh_port.to_string();
+
+    // Exit status comes back.
+    let out = ssh(&k, &key, "web@127.0.0.1", &[], "hostname; exit 3", None);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "web\n");
+
+    // sftp in batch mode, scp both ways.
+    std::fs::write(tmp.path().join("up.txt"), "up and down\n").unwrap();
+    std::fs::write(
+        tmp.path().join("batch"),
+        "put up.txt /workspace/up.txt\nget /workspace/up.txt down.txt\n",
+    )
+    .unwrap();
+    let sftp = Command::new("sftp")
+        .current_dir(tmp.path())
+        .args(OPTS)
+        .args(["-P", &port, "-i"])
+        .arg(&key)
+        .args(["-b", "batch", "web@127.0.0.1"])
+        .output()
+        .unwrap();
+    assert!(
+        sftp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sftp.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("down.txt")).unwrap(),
+        "up and down\n"
+    );
+    assert!(
+        tmp.path().join("kennel-data/projects/web/up.txt").exists(),
+        "sftp wrote into the project"
+    );
+    for (from, to) in [
+        ("up.txt", "web@127.0.0.1:/tmp/scp.txt"),
+        ("web@127.0.0.1:/tmp/scp.txt", "back.txt"),
+    ] {
+        let scp = Command::new("scp")
+            .current_dir(tmp.path())
+            .args(OPTS)
+            .args(["-P", &port, "-i"])
+            .arg(&key)
+            .args([from, to])
+            .output()
+            .unwrap();
+        assert!(
+            scp.status.success(),
+            "{}",
+            String::from_utf8_lossy(&scp.stderr)
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("back.txt")).unwrap(),
+        "up and down\n"
+    );
+
+    // ssh -L to a server running in the VM (perl is in every image).
+    let server = "nohup perl -MIO::Socket::INET -e '$s=IO::Socket::INET->new(LocalPort=>3000,Listen=>5,ReuseAddr=>1) or die; while($c=$s->accept){print $c \"HTTP/1.0 200 OK\\r\\n\\r\\nhello from the vm\\n\"; close $c}' >/dev/null 2>&1 &";
+    assert!(ssh(&k, &key, "web@127.0.0.1", &[], server, None)
+        .status
+        .success());
+    let local = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut tunnel = Command::new("ssh")
+        .args(OPTS)
+        .args(["-p", &port, "-i"])
+        .arg(&key)
+        .args([
+            "-N",
+            "-L",
+            &format!("{local}:127.0.0.1:3000"),
+            "web@127.0.0.1",
+        ])
+        .spawn()
+        .unwrap();
+    let mut body = String::new();
+    for _ in 0..100 {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", local)) {
+            use std::io::Read;
+            body.clear();
+            let _ = s.read_to_string(&mut body);
+            if body.contains("hello from the vm") {
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = tunnel.kill();
+    assert!(body.contains("hello from the vm"), "{body:?}");
+
+    // ProxyJump: the gateway as jump host, the project's own key at the end.
+    let cfg = tmp.path().join("ssh_config");
+    std::fs::write(
+        &cfg,
+        format!(
+            "Host gw\n  HostName 127.0.0.1\n  Port {port}\n  User me\n  IdentityFile {}\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\nHost web\n  User dev\n  ProxyJump gw\n  IdentityFile {}\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n",
+            key.display(),
+            k.key("web").display()
+        ),
+    )
+    .unwrap();
+    let jump = Command::new("ssh")
+        .arg("-F")
+        .arg(&cfg)
+        .args(["-o", "BatchMode=yes", "web", "echo jumped to $(hostname)"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&jump.stdout),
+        "jumped to web\n",
+        "{}",
+        String::from_utf8_lossy(&jump.stderr)
+    );
+
+    // 64 MiB through, checksum intact.
+    let big = tmp.path().join("big.bin");
+    let dd = Command::new("dd")
+        .args(["if=/dev/urandom", "bs=1M", "count=64", "status=none"])
+        .arg(format!("of={}", big.display()))
+        .status()
+        .unwrap();
+    assert!(dd.success());
+    let local_sum =
+        String::from_utf8_lossy(&Command::new("sha256sum").arg(&big).output().unwrap().stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned();
+    let out = ssh(&k, &key, "web@127.0.0.1", &[], "sha256sum", Some(&big));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with(&local_sum),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // An interactive shell on a pty, driven by expect.
+    let script = format!(
+        "set timeout 30\nspawn ssh -tt {} -p {port} -i {} web@127.0.0.1\nexpect \"$ \"\nsend \"echo answer-\\$((40 + 2)); stty size\\r\"\nexpect \"answer-42\"\nexpect \"$ \"\nsend \"exit 7\\r\"\nexpect eof\ncatch wait result\nexit [lindex $result 3]\n",
+        OPTS.join(" "),
+        key.display()
+    );
+    let exp = Command::new("expect")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert_eq!(
+        exp.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&exp.stdout)
+    );
+    assert!(String::from_utf8_lossy(&exp.stdout).contains("answer-42"));
+
+    k.exec_ok("rm web --yes");
+}
