@@ -299,7 +299,8 @@ pub fn load(file_flag: Option<&Path>, data_dir_flag: Option<&Path>) -> Result<Lo
     }
     figment = figment.merge(
         Env::prefixed("KENNEL_")
-            .ignore(&["CONFIG", "DATA_DIR_FLAG"])
+            // Not settings: the config file's path, and the test suite's cache.
+            .ignore(&["CONFIG", "TEST_CACHE"])
             .split("__"),
     );
     if let Some(d) = data_dir_flag {

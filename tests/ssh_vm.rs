@@ -169,6 +169,7 @@ fn editors_tools_work_through_the_gateway() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let _ = tunnel.kill();
+    let _ = tunnel.wait();
     assert!(body.contains("hello from the vm"), "{body:?}");
 
     // ProxyJump: the gateway as jump host, the project's own key at the end.
