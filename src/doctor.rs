@@ -204,6 +204,21 @@ pub fn run(config: &Config, host: &Host) -> Report {
         });
     }
     checks.push(disk_space(&config.data_dir));
+    let host_key = config.data_dir.join("keys/ssh_host_ed25519_key");
+    checks.push(match russh_host_key(&host_key) {
+        Some(fp) => check(
+            "ssh host key",
+            Status::Ok,
+            format!("{fp} (users verify this when they first connect)"),
+            None,
+        ),
+        None => check(
+            "ssh host key",
+            Status::Ok,
+            "made on the first `kennel serve`".to_owned(),
+            None,
+        ),
+    });
     Report { checks, backend }
 }
 
@@ -235,4 +250,14 @@ fn disk_space(dir: &Path) -> Check {
             None,
         ),
     }
+}
+
+/// The gateway host key's fingerprint, if the key exists (never made here).
+fn russh_host_key(path: &Path) -> Option<String> {
+    if !path.exists() {
+        return None;
+    }
+    kennel_gateway::ssh::host_key(path)
+        .ok()
+        .map(|k| kennel_gateway::ssh::host_key_fingerprint(&k))
 }

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# SSH paths benchmark: throughput (an upload to `cat >/dev/null`), round-trip
+# latency (`ssh … true`, median of 5) and the relay's CPU seconds per GiB,
+# for three paths to the same VM:
+#   direct   straight to the VM's sshd (its forwarded port)
+#   openssh  through a second, stock sshd on the host (`ssh -J`)
+#   kennel   through Kennel's SSH gateway (`ssh PROJECT@HOST`)
+# Needs root, QEMU, virtiofsd, OpenSSH client and server.
+# Usage: bench/ssh.sh [MiB]   (default 256)
+set -euo pipefail
+mib="${1:-256}"
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kennel/target}"
+cache="${KENNEL_TEST_CACHE:-$HOME/.cache/kennel/test-data}"
+(cd "$repo" && cargo build --quiet)
+K="$CARGO_TARGET_DIR/debug/kennel"
+SSHD=$(command -v sshd || echo /usr/sbin/sshd)
+[ -x "$SSHD" ] || { echo "install openssh-server (sshd) for the OpenSSH relay path" >&2; exit 1; }
+
+work=$(mktemp -d /tmp/ks.XXXXXX)
+pids=()
+cleanup() {
+  (cd "$work" && "$K" exec "rm bench --yes" >/dev/null 2>&1) || true
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+cd "$work"
+mkdir -p kennel-data "$cache/images"
+ln -s "$cache/images" kennel-data/images
+gport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+rport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+export KENNEL_VM__BACKEND=qemu KENNEL_VM__NETWORK=user RUST_LOG=warn KENNEL_SSH__LISTEN=127.0.0.1:$gport KENNEL_IMAGES__APT_CACHE="$cache/apt"
+ssh-keygen -q -t ed25519 -N '' -f me
+"$K" exec "key add \"$(cat me.pub)\"" >/dev/null
+"$K" serve 2>/dev/null &
+serve=$!
+pids+=("$serve")
+until python3 -c "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])" kennel-data/control.sock 2>/dev/null; do sleep 0.1; done
+"$K" exec "new project bench --stack base --cpus 1 --memory 512M --disk 2G" >/dev/null 2>&1
+addr=$("$K" exec "--json status bench" | sed -n 's/.*"ssh_addr":"\([^"]*\)".*/\1/p')
+vip=${addr%:*}; vport=${addr##*:}
+pkey=kennel-data/keys/projects/bench/id_ed25519
+
+# A stock sshd on the host as the OpenSSH relay.
+ssh-keygen -q -t ed25519 -N '' -f relay_host
+cp me.pub relay_keys
+cat > relay.conf <<EOF
+Port $rport
+ListenAddress 127.0.0.1
+HostKey $work/relay_host
+AuthorizedKeysFile $work/relay_keys
+PidFile $work/relay.pid
+UsePAM no
+StrictModes no
+PermitRootLogin prohibit-password
+AllowTcpForwarding yes
+EOF
+mkdir -p /run/sshd
+"$SSHD" -D -e -f relay.conf 2>/dev/null &
+pids+=("$!")
+sleep 0.5
+
+O=(-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o BatchMode=yes)
+direct() { ssh "${O[@]}" -i "$pkey" -p "$vport" "dev@$vip" "$@"; }
+openssh() { ssh "${O[@]}" -i "$pkey" -o "ProxyCommand=ssh ${O[*]} -i $work/me -p $rport -W %h:%p root@127.0.0.1" -p "$vport" "dev@$vip" "$@"; }
+kennel() { ssh "${O[@]}" -i me -p "$gport" bench@127.0.0.1 "$@"; }
+
+head -c $((mib << 20)) /dev/urandom > payload
+cpu_of() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # utime + stime, in ticks
+hz=$(getconf CLK_TCK)
+now() { date +%s.%N; }
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+rows=()
+for path in direct openssh kennel; do
+  lat=()
+  for i in 1 2 3 4 5; do t0=$(now); $path true; t1=$(now); lat+=("$(echo "($t1 - $t0) * 1000 / 1" | bc)"); done
+  relay_pid=""
+  case $path in
+    kennel) relay_pid=$serve ;;
+    openssh) relay_pid=$(cat relay.pid) ;;
+  esac
+  c0=0; [ -n "$relay_pid" ] && c0=$(cpu_of "$relay_pid")
+  t0=$(now)
+  $path 'cat > /dev/null' < payload
+  t1=$(now)
+  secs=$(echo "$t1 - $t0" | bc)
+  cpu="-"
+  if [ -n "$relay_pid" ]; then
+    # For the OpenSSH relay, the per-connection sshd children do the work.
+    if [ "$path" = openssh ]; then
+      c1=0; for p in $(pgrep -P "$relay_pid"); do c1=$((c1 + $(cpu_of "$p"))); done; c1=$((c1 + $(cpu_of "$relay_pid")))
+    else
+      c1=$(cpu_of "$relay_pid")
+    fi
+    cpu=$(echo "scale=2; ($c1 - $c0) / $hz * 1024 / $mib" | bc)
+  fi
+  rows+=("$(printf '%-8s %10s %12s %14s' "$path" "$(echo "scale=1; $mib / $secs" | bc)" "$(median "${lat[@]}")" "$cpu")")
+done
+echo
+echo "SSH paths to one VM ($mib MiB upload to cat >/dev/null; QEMU/TCG guest; $(nproc) cores)"
+printf '%-8s %10s %12s %14s\n' "path" "MiB/s" "ssh true ms" "relay CPU s/GiB"
+printf '%s\n' "${rows[@]}"
+echo "(the OpenSSH relay's CPU is sampled from its sshd processes while the connection lives; its per-connection child may exit before the sample, read it as a lower bound)"
