@@ -236,5 +236,86 @@ fn editors_tools_work_through_the_gateway() {
     );
     assert!(String::from_utf8_lossy(&exp.stdout).contains("answer-42"));
 
+    // Agent forwarding: the VM sees the client's agent (on a connection of
+    // its own, so the agent channel leads back to this client).
+    let agent_sock = tmp.path().join("agent.sock");
+    let agent = Command::new("ssh-agent")
+        .arg("-a")
+        .arg(&agent_sock)
+        .output()
+        .unwrap();
+    assert!(agent.status.success());
+    let agent_pid = String::from_utf8_lossy(&agent.stdout)
+        .split("SSH_AGENT_PID=")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .unwrap()
+        .to_owned();
+    assert!(Command::new("ssh-add")
+        .env("SSH_AUTH_SOCK", &agent_sock)
+        .arg(&key)
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let listed = Command::new("ssh")
+        .env("SSH_AUTH_SOCK", &agent_sock)
+        .args(OPTS)
+        .args(["-A", "-p", &port, "-i"])
+        .arg(&key)
+        .args(["web@127.0.0.1", "ssh-add -l"])
+        .output()
+        .unwrap();
+    let _ = Command::new("kill").arg(&agent_pid).status();
+    let fp = String::from_utf8_lossy(
+        &Command::new("ssh-keygen")
+            .arg("-lf")
+            .arg(key.with_extension("pub"))
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .split_whitespace()
+    .nth(1)
+    .unwrap()
+    .to_owned();
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains(&fp),
+        "agent not forwarded: {} {}",
+        String::from_utf8_lossy(&listed.stdout),
+        String::from_utf8_lossy(&listed.stderr)
+    );
+
+    // A process killed by a signal is reported as such (OpenSSH exits 255).
+    let out = ssh(&k, &key, "web@127.0.0.1", &[], "kill -KILL $$", None);
+    assert_eq!(
+        out.status.code(),
+        Some(255),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Entering a stopped project starts it, with progress on stderr.
+    k.exec_ok("stop web");
+    let out = ssh(
+        &k,
+        &key,
+        "web@127.0.0.1",
+        &[],
+        "cat /workspace/up.txt",
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "up and down\n");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("booting"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     k.exec_ok("rm web --yes");
 }

@@ -274,6 +274,8 @@ enum Op {
     },
     Signal(Sig),
     Eof,
+    /// The client offers its agent (`ssh -A`).
+    Agent,
 }
 
 /// One client connection.
@@ -474,6 +476,8 @@ impl russh::server::Handler for Conn {
             target: self.target.clone(),
             refusal: self.refusal.clone(),
             client: write,
+            session: _session.handle(),
+            id,
             span: self.span(),
         };
         tokio::spawn(bridge.run(rx));
@@ -686,11 +690,16 @@ impl russh::server::Handler for Conn {
 
     async fn agent_request(
         &mut self,
-        _channel: ChannelId,
+        channel: ChannelId,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        // Agent forwarding is not relayed yet: say no rather than pretend.
-        Ok(false)
+        // Relayed only inside projects (there is nothing to sign for in
+        // command mode).
+        if matches!(self.target, Target::Project(_)) && self.refusal.is_none() {
+            Ok(self.send(channel, Op::Agent).await)
+        } else {
+            Ok(false)
+        }
     }
 
     async fn tcpip_forward(
@@ -744,6 +753,9 @@ struct Bridge {
     target: Target,
     refusal: Option<String>,
     client: ChannelWriteHalf<Msg>,
+    /// For exit signals and agent channels towards the client.
+    session: russh::server::Handle,
+    id: ChannelId,
     span: tracing::Span,
 }
 
@@ -763,16 +775,19 @@ impl Bridge {
         let code = match (&self.who, self.target.clone(), self.refusal.clone()) {
             (_, _, Some(why)) => {
                 self.stderr(&format!("{why}\r\n")).await;
-                1
+                Some(1)
             }
-            (Who::Unknown { .. }, _, _) => self.unknown(rx).await,
-            (Who::Known { .. }, Target::Console, _) => self.console(rx).await,
+            (Who::Unknown { .. }, _, _) => Some(self.unknown(rx).await),
+            (Who::Known { .. }, Target::Console, _) => Some(self.console(rx).await),
             (Who::Known { user, identity }, Target::Project(p), _) => {
                 let (user, identity) = (user.clone(), identity.clone());
                 self.project(&user, &identity, &p, rx).await
             }
         };
-        let _ = self.client.exit_status(code).await;
+        // None: the remote process ended by a signal, already passed on.
+        if let Some(code) = code {
+            let _ = self.client.exit_status(code).await;
+        }
         let _ = self.client.eof().await;
         let _ = self.client.close().await;
     }
@@ -991,21 +1006,36 @@ impl Bridge {
         }
     }
 
-    /// Project mode: bridge everything to the VM's sshd.
+    /// Project mode: bridge everything to the VM's sshd. `None` when the
+    /// remote process ended by a signal (passed on as such).
     async fn project(
         &self,
         user: &User,
         identity: &Identity,
         p: &ProjectName,
         mut rx: mpsc::Receiver<Op>,
-    ) -> u32 {
+    ) -> Option<u32> {
         let project = match self.shared.exec.ssh_access(user, p).await {
             Ok(project) => project,
             Err(e) => {
                 self.stderr(&format!("{e}\r\n")).await;
-                return 1;
+                return Some(1);
             }
         };
+        // Requests up to the session's own (shell, exec, subsystem) decide
+        // the connection: a forwarded agent needs one of its own.
+        let mut early = Vec::new();
+        while let Some(op) = rx.recv().await {
+            let done = matches!(op, Op::Shell | Op::Exec(_) | Op::Subsystem(_));
+            early.push(op);
+            if done {
+                break;
+            }
+        }
+        if early.is_empty() {
+            return Some(0);
+        }
+        let wants_agent = early.iter().any(|o| matches!(o, Op::Agent));
         // A stopped VM is started, with progress on stderr.
         let (tx, mut lines) = mpsc::unbounded_channel();
         let sink = StderrSink(tx);
@@ -1022,48 +1052,23 @@ impl Bridge {
         };
         if let Err(e) = started {
             self.stderr(&format!("cannot start {p}: {e}\r\n")).await;
-            return 1;
+            return Some(1);
         }
-        let upstream = match self.shared.upstream(p).await {
-            Ok(u) => u,
-            Err(e) => {
-                self.stderr(&format!("cannot reach the VM of {p}: {e}\r\n"))
-                    .await;
-                return 1;
-            }
-        };
-        let up = match upstream.channel_open_session().await {
+        let up = match self.open_upstream(p, wants_agent).await {
             Ok(c) => c,
             Err(e) => {
-                // The pooled connection may have died with its VM: once more.
-                self.shared.forget(p).await;
-                match self
-                    .shared
-                    .upstream(p)
-                    .await
-                    .map(|u| async move { u.channel_open_session().await })
-                {
-                    Ok(f) => match f.await {
-                        Ok(c) => c,
-                        Err(_) => {
-                            self.stderr(&format!("cannot open a session in {p}: {e}\r\n"))
-                                .await;
-                            return 1;
-                        }
-                    },
-                    Err(e) => {
-                        self.stderr(&format!("cannot reach the VM of {p}: {e}\r\n"))
-                            .await;
-                        return 1;
-                    }
-                }
+                self.stderr(&format!("cannot open a session in {p}: {e}\r\n"))
+                    .await;
+                return Some(1);
             }
         };
         let (mut up_read, up_write) = up.split();
-        // VM → client.
         let client = &self.client;
+        let session = &self.session;
+        let id = self.id;
+        // VM → client.
         let from_vm = async {
-            let mut code = 0u32;
+            let mut code = Some(0u32);
             while let Some(msg) = up_read.wait().await {
                 match msg {
                     ChannelMsg::Data { data } => {
@@ -1072,10 +1077,23 @@ impl Bridge {
                     ChannelMsg::ExtendedData { data, ext } => {
                         let _ = client.extended_data_bytes(ext, data.to_vec()).await;
                     }
-                    ChannelMsg::ExitStatus { exit_status } => code = exit_status,
-                    ChannelMsg::ExitSignal { signal_name, .. } => {
-                        tracing::debug!(signal = ?signal_name, "remote process ended by a signal");
-                        code = 128 + signal_number(&signal_name);
+                    ChannelMsg::ExitStatus { exit_status } => code = Some(exit_status),
+                    ChannelMsg::ExitSignal {
+                        signal_name,
+                        core_dumped,
+                        error_message,
+                        lang_tag,
+                    } => {
+                        let _ = session
+                            .exit_signal_request(
+                                id,
+                                signal_name,
+                                core_dumped,
+                                error_message,
+                                lang_tag,
+                            )
+                            .await;
+                        code = None;
                     }
                     ChannelMsg::Eof => {
                         let _ = client.eof().await;
@@ -1086,9 +1104,17 @@ impl Bridge {
             }
             code
         };
-        // Client → VM.
+        // Client → VM: what came before the session request, then the rest.
         let to_vm = async {
-            while let Some(op) = rx.recv().await {
+            let mut early = early.into_iter();
+            loop {
+                let op = match early.next() {
+                    Some(op) => op,
+                    None => match rx.recv().await {
+                        Some(op) => op,
+                        None => break,
+                    },
+                };
                 let r = match op {
                     Op::Pty {
                         term,
@@ -1112,6 +1138,7 @@ impl Bridge {
                     }
                     Op::Signal(s) => up_write.signal(s).await,
                     Op::Eof => up_write.eof().await,
+                    Op::Agent => up_write.agent_forward(false).await,
                 };
                 if r.is_err() {
                     break;
@@ -1127,29 +1154,55 @@ impl Bridge {
             () = &mut to_vm => from_vm.await,
         }
     }
-}
 
-fn signal_number(s: &Sig) -> u32 {
-    match s {
-        Sig::HUP => 1,
-        Sig::INT => 2,
-        Sig::QUIT => 3,
-        Sig::ILL => 4,
-        Sig::ABRT => 6,
-        Sig::FPE => 8,
-        Sig::KILL => 9,
-        Sig::SEGV => 11,
-        Sig::PIPE => 13,
-        Sig::ALRM => 14,
-        Sig::TERM => 15,
-        _ => 0,
+    /// A session channel in the VM: on the pooled connection, or on one of
+    /// its own when the client forwards its agent (the VM's sshd opens agent
+    /// channels per connection, so they must lead back to this client).
+    async fn open_upstream(
+        &self,
+        p: &ProjectName,
+        agent: bool,
+    ) -> Result<Channel<client::Msg>, String> {
+        if agent {
+            let handle = self
+                .shared
+                .connect(p, Some(self.session.clone()))
+                .await
+                .map_err(|e| e.to_string())?;
+            return handle
+                .channel_open_session()
+                .await
+                .map_err(|e| e.to_string());
+        }
+        let upstream = self.shared.upstream(p).await.map_err(|e| e.to_string())?;
+        match upstream.channel_open_session().await {
+            Ok(c) => Ok(c),
+            Err(_) => {
+                // The pooled connection may have died with its VM: once more.
+                self.shared.forget(p).await;
+                let upstream = self.shared.upstream(p).await.map_err(|e| e.to_string())?;
+                upstream
+                    .channel_open_session()
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        }
     }
 }
 
 /// The gateway's client side towards a VM: trusts only the VM's own host key.
-#[derive(Debug)]
 pub struct Upstream {
     host_key: Option<russh::keys::PublicKey>,
+    /// The client whose agent this connection relays, if any.
+    agent_to: Option<russh::server::Handle>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("agent", &self.agent_to.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl client::Handler for Upstream {
@@ -1165,6 +1218,22 @@ impl client::Handler for Upstream {
             }
             _ => false,
         })
+    }
+
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        channel: Channel<client::Msg>,
+        reply: russh::client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        // The VM's sshd wants the agent: open one to the client and splice.
+        if let Some(client) = &self.agent_to {
+            if let Ok(to_client) = client.channel_open_agent().await {
+                reply.accept().await;
+                tokio::spawn(splice(channel.into_stream(), to_client.into_stream()));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1193,6 +1262,18 @@ impl Shared {
                 return Ok(h.clone());
             }
         }
+        let handle = Arc::new(self.connect(p, None).await?);
+        pool.insert(p.to_string(), handle.clone());
+        Ok(handle)
+    }
+
+    /// A new connection to a project's VM, relaying agent channels to
+    /// `agent_to` if given.
+    async fn connect(
+        &self,
+        p: &ProjectName,
+        agent_to: Option<russh::server::Handle>,
+    ) -> Result<client::Handle<Upstream>, UpstreamError> {
         let n = p.clone();
         let route = self
             .exec
@@ -1226,7 +1307,11 @@ impl Shared {
             // 20.9 MiB/s), as the guest's AES instructions are emulated.
             ..Default::default()
         });
-        let connect = client::connect(config, route.ssh_addr.as_str(), Upstream { host_key });
+        let connect = client::connect(
+            config,
+            route.ssh_addr.as_str(),
+            Upstream { host_key, agent_to },
+        );
         let mut handle = tokio::time::timeout(Duration::from_secs(20), connect)
             .await
             .map_err(|_| UpstreamError::Connect {
@@ -1247,8 +1332,6 @@ impl Shared {
         if !auth.success() {
             return Err(UpstreamError::Refused);
         }
-        let handle = Arc::new(handle);
-        pool.insert(p.to_string(), handle.clone());
         Ok(handle)
     }
 
