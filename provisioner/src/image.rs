@@ -259,6 +259,13 @@ impl Images {
             }
         }
         std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+        // One build at a time per image store: concurrent mmdebstrap runs
+        // would race on the shared package cache, and whoever waited finds
+        // the image the other just built.
+        let _lock = lock_file(&self.dir.join(".build.lock")).map_err(io(&self.dir))?;
+        if let Some(info) = self.get(&id) {
+            return Ok((info, false));
+        }
         let work = self.dir.join(format!(".tmp-{id}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work).map_err(io(&work))?;
@@ -461,6 +468,30 @@ impl Images {
     }
 }
 
+/// Takes an exclusive lock on `path` (made if missing), waiting for it;
+/// released when the returned file is dropped.
+pub fn lock_file(path: &Path) -> std::io::Result<std::fs::File> {
+    let f = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    f.lock()?;
+    Ok(f)
+}
+
+/// Like [`lock_file`], but gives up at once if someone holds it.
+pub fn try_lock_file(path: &Path) -> Option<std::fs::File> {
+    let f = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .ok()?;
+    f.try_lock().ok()?;
+    Some(f)
+}
+
 fn time_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -541,11 +572,12 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("mmdebstrap failed"), "{e}");
         assert!(images.list().is_empty());
-        assert_eq!(
-            std::fs::read_dir(images.dir()).unwrap().count(),
-            0,
-            "no temp dir left"
-        );
+        let left: Vec<String> = std::fs::read_dir(images.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".tmp-"))
+            .collect();
+        assert!(left.is_empty(), "no temp dir left: {left:?}");
     }
 
     #[test]

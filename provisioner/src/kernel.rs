@@ -181,6 +181,12 @@ pub fn ensure(
         return Ok(set);
     }
     std::fs::create_dir_all(images_dir).map_err(io(images_dir))?;
+    // One kernel build at a time; a waiter finds the other's result.
+    let _lock =
+        crate::image::lock_file(&images_dir.join(".kernel.lock")).map_err(io(images_dir))?;
+    if let Some(set) = KernelSet::open(&dir) {
+        return Ok(set);
+    }
     let work = images_dir.join(format!(".tmp-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(io(&work))?;

@@ -862,11 +862,19 @@ impl LocalProvisioner {
                 }
             }
         }
-        // Image builds interrupted mid-way.
-        if let Ok(rd) = std::fs::read_dir(self.s.data_dir.join("images")) {
-            for e in rd.filter_map(Result::ok) {
-                if e.file_name().to_string_lossy().starts_with(".tmp-") {
-                    let _ = std::fs::remove_dir_all(e.path());
+        // Image builds interrupted mid-way, unless a build is running now
+        // (another process may share the image store).
+        let images = self.s.data_dir.join("images");
+        let idle = (
+            crate::image::try_lock_file(&images.join(".build.lock")),
+            crate::image::try_lock_file(&images.join(".kernel.lock")),
+        );
+        if let (Some(_b), Some(_k)) = idle {
+            if let Ok(rd) = std::fs::read_dir(&images) {
+                for e in rd.filter_map(Result::ok) {
+                    if e.file_name().to_string_lossy().starts_with(".tmp-") {
+                        let _ = std::fs::remove_dir_all(e.path());
+                    }
                 }
             }
         }
