@@ -561,7 +561,7 @@ impl LocalProvisioner {
         }
         std::fs::create_dir_all(&dir).map_err(|e| failed(Stage::Disk, e.to_string()))?;
         // Everything from here on is rolled back on failure.
-        let slot = self.allocate_slot(name, req.app_port).await?;
+        let slot = self.allocate_slot(name, req.app_port, &[]).await?;
         let m = self.machine(
             name,
             &k,
@@ -621,10 +621,30 @@ impl LocalProvisioner {
             app_port: req.app_port,
             machine: m,
         };
-        self.save(&record)?;
-        let status = self
-            .boot(&record, &req.authorized_keys, progress, &mut timings)
-            .await?;
+        // Slots are per data directory but addresses per host: another
+        // Kennel may have bound ours since we checked. Take another slot.
+        let mut record = record;
+        let mut taken: Vec<u32> = Vec::new();
+        let status = loop {
+            self.save(&record)?;
+            match self
+                .boot(&record, &req.authorized_keys, progress, &mut timings)
+                .await
+            {
+                Err(e) if address_taken(&e) && taken.len() < 5 => {
+                    tracing::warn!(
+                        vm = name,
+                        slot = record.slot,
+                        "the VM's address was taken meanwhile; taking another slot"
+                    );
+                    taken.push(record.slot);
+                    let slot = self.allocate_slot(name, req.app_port, &taken).await?;
+                    record.slot = slot;
+                    record.machine.net = net::attach(&self.s.network, slot, req.app_port);
+                }
+                other => break other?,
+            }
+        };
         if let Some(cmd) = template.as_ref().and_then(|t| t.file.post_create.clone()) {
             step(
                 progress,
@@ -763,8 +783,13 @@ impl LocalProvisioner {
 
     /// Takes a slot whose host addresses are free: slots are per data
     /// directory, but user-mode addresses are shared by the whole host.
-    async fn allocate_slot(&self, name: &str, app_port: u16) -> Result<u32, ProvisionError> {
-        let mut skip: Vec<u32> = Vec::new();
+    async fn allocate_slot(
+        &self,
+        name: &str,
+        app_port: u16,
+        taken: &[u32],
+    ) -> Result<u32, ProvisionError> {
+        let mut skip: Vec<u32> = taken.to_vec();
         for _ in 0..64 {
             let (n, sk) = (name.to_owned(), skip.clone());
             let slot = self
@@ -923,6 +948,12 @@ fn new_keypairs(
         disk::keygen(runner, &key, label).map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// Whether a boot failed because the VM's host address was taken.
+fn address_taken(e: &ProvisionError) -> bool {
+    let m = e.to_string();
+    m.contains("Could not set up host forwarding") || m.contains("Address already in use")
 }
 
 fn ms(since: Instant) -> u64 {
@@ -1122,7 +1153,7 @@ impl Provisioner for LocalProvisioner {
         let result = async {
             let dir = self.vm_dir(&name);
             std::fs::create_dir_all(&dir).map_err(|e| failed(Stage::Disk, e.to_string()))?;
-            let slot = self.allocate_slot(&name, to.app_port).await?;
+            let slot = self.allocate_slot(&name, to.app_port, &[]).await?;
             let k = kernel::KernelSet::open(src.machine.kernel.parent().unwrap_or(Path::new("/")))
                 .ok_or_else(|| failed(Stage::Image, "the source VM's kernel is gone"))?;
             let m = self.machine(
