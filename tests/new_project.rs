@@ -274,24 +274,7 @@ fn keys_follow_access_and_copies_and_renames_work() {
         .find(|w| w.starts_with("SHA256:"))
         .unwrap()
         .to_owned();
-    let with_my_key = |k: &Kennel| {
-        let addr = k.addr("orig");
-        let (ip, port) = addr.rsplit_once(':').unwrap();
-        Command::new("ssh")
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
-            ])
-            .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-i"])
-            .arg(&key)
-            .args(["-p", port, &format!("dev@{ip}"), "cat /workspace/note.txt"])
-            .output()
-            .unwrap()
-    };
+    let with_my_key = |k: &Kennel| k.ssh_as("orig", &key, "cat /workspace/note.txt");
     let out = with_my_key(&k);
     assert!(
         out.status.success(),

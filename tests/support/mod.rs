@@ -145,6 +145,11 @@ impl Kennel {
 
     /// Runs a command in a project's VM over SSH with its project key.
     pub fn ssh(&self, project: &str, command: &str) -> Output {
+        self.ssh_as(project, &self.key(project), command)
+    }
+
+    /// Runs a command in a project's VM over SSH with `key` (and only it).
+    pub fn ssh_as(&self, project: &str, key: &Path, command: &str) -> Output {
         let addr = self.addr(project);
         let (ip, port) = addr.rsplit_once(':').unwrap();
         self.in_ns(Path::new("ssh"))
@@ -156,8 +161,9 @@ impl Kennel {
                 "-o",
                 "LogLevel=ERROR",
             ])
-            .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=20", "-i"])
-            .arg(self.key(project))
+            .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=20"])
+            .args(["-o", "IdentitiesOnly=yes", "-i"])
+            .arg(key)
             .args(["-p", port, &format!("dev@{ip}"), command])
             .output()
             .unwrap()
