@@ -134,9 +134,51 @@ fn valid_env_key(k: &str) -> bool {
             .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
+/// The 1-based line of a byte offset in `text`.
+pub(crate) fn line_of(text: &str, offset: usize) -> usize {
     text.get(..offset.min(text.len()))
         .map_or(1, |s| s.matches('\n').count() + 1)
+}
+
+/// One `<dir>/<name>/<file>` found by [`data_files`]: the folder's name and
+/// path, the file's path, and its text or why it could not be read.
+pub(crate) struct DataFile {
+    pub name: String,
+    pub folder: PathBuf,
+    pub path: PathBuf,
+    pub text: Result<String, StackFileError>,
+}
+
+/// The folders of `dir` that hold `file_name` (stacks and templates share
+/// this layout), sorted by name, each with the file read.
+pub(crate) fn data_files(dir: &Path, file_name: &str) -> std::io::Result<Vec<DataFile>> {
+    let mut folders: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.join(file_name).is_file())
+        .collect();
+    folders.sort();
+    Ok(folders
+        .into_iter()
+        .map(|folder| {
+            let name = folder
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let path = folder.join(file_name);
+            let text = std::fs::read_to_string(&path).map_err(|e| StackFileError {
+                path: path.display().to_string(),
+                line: 0,
+                message: format!("cannot read: {e}"),
+            });
+            DataFile {
+                name,
+                folder,
+                path,
+                text,
+            }
+        })
+        .collect())
 }
 
 /// Parses and validates one stack file. `folder` is the directory name it
@@ -210,7 +252,7 @@ impl Stacks {
     /// Loads every `<dir>/<name>/stack.toml`.
     pub fn load(dir: &Path) -> Self {
         let mut out = Stacks::default();
-        let Ok(entries) = std::fs::read_dir(dir) else {
+        let Ok(files) = data_files(dir, "stack.toml") else {
             out.broken.push((
                 "*".into(),
                 StackFileError {
@@ -221,30 +263,12 @@ impl Stacks {
             ));
             return out;
         };
-        let mut folders: Vec<PathBuf> = entries
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.join("stack.toml").is_file())
-            .collect();
-        folders.sort();
-        for folder in folders {
-            let name = folder
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let path = folder.join("stack.toml");
-            let result = std::fs::read_to_string(&path)
-                .map_err(|e| StackFileError {
-                    path: path.display().to_string(),
-                    line: 0,
-                    message: format!("cannot read: {e}"),
-                })
-                .and_then(|text| parse_stack(&path, &name, &text));
-            match result {
+        for f in files {
+            match f.text.and_then(|text| parse_stack(&f.path, &f.name, &text)) {
                 Ok(s) => out.stacks.push(s),
                 Err(e) => {
-                    tracing::warn!(stack = %name, error = %e, "broken stack file");
-                    out.broken.push((name, e));
+                    tracing::warn!(stack = %f.name, error = %e, "broken stack file");
+                    out.broken.push((f.name, e));
                 }
             }
         }

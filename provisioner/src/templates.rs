@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use kennel_core::catalog::TemplateInfo;
 use serde::Deserialize;
 
-use crate::stacks::StackFileError;
+use crate::stacks::{data_files, line_of, StackFileError};
 
 /// A template file as written.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -40,33 +40,24 @@ impl Templates {
     /// Loads `<dir>/<name>/template.toml` for every folder.
     pub fn load(dir: &Path) -> Self {
         let mut out = Self::default();
-        let mut folders: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).collect())
-            .unwrap_or_default();
-        folders.retain(|p| p.join("template.toml").is_file());
-        folders.sort();
-        for folder in folders {
-            let name = folder
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let path = folder.join("template.toml");
+        for f in data_files(dir, "template.toml").unwrap_or_default() {
             let err = |line: usize, message: String| StackFileError {
-                path: path.display().to_string(),
+                path: f.path.display().to_string(),
                 line,
                 message,
             };
-            let text = match std::fs::read_to_string(&path) {
+            let text = match f.text {
                 Ok(t) => t,
                 Err(e) => {
-                    out.broken.push((name, err(0, format!("cannot read: {e}"))));
+                    out.broken.push((f.name, e));
                     continue;
                 }
             };
+            let name = f.name;
             match toml::from_str::<TemplateFile>(&text) {
                 Ok(file) if file.name == name => out.templates.push(Template {
                     file,
-                    files: folder.join("files"),
+                    files: f.folder.join("files"),
                 }),
                 Ok(file) => out.broken.push((
                     name.clone(),
@@ -79,10 +70,7 @@ impl Templates {
                     ),
                 )),
                 Err(e) => {
-                    let line = e.span().map_or(1, |s| {
-                        text.get(..s.start)
-                            .map_or(1, |t| t.matches('\n').count() + 1)
-                    });
+                    let line = e.span().map_or(1, |s| line_of(&text, s.start));
                     out.broken.push((name, err(line, e.message().to_owned())));
                 }
             }
