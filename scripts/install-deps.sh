@@ -14,7 +14,7 @@ need_cmd cargo "install the Rust toolchain (rustup) first"
 
 # Debian packages per mode. Keep each list to what that mode really uses.
 run_pkgs=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs openssh-client iproute2 nftables pkg-config libssl-dev)
-test_pkgs=(mmdebstrap e2fsprogs qemu-system-x86 qemu-utils openssh-client iproute2 nftables pkg-config libssl-dev git expect)
+test_pkgs=(mmdebstrap e2fsprogs qemu-system-x86 qemu-utils openssh-client iproute2 nftables pkg-config libssl-dev git expect python3 python3-venv)
 
 case "$mode" in
   run) pkgs=("${run_pkgs[@]}") ;;
@@ -32,6 +32,17 @@ if ((${#missing[@]})); then
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+fi
+# The Matrix bot's tests run a real Synapse homeserver (PyPI matrix-synapse)
+# from a virtualenv kept outside the checkout.
+if [ "$mode" = test ]; then
+  venv="${KENNEL_SYNAPSE_VENV:-$HOME/.cache/kennel/synapse}"
+  if ! "$venv/bin/python" -c 'import synapse' >/dev/null 2>&1; then
+    echo "installing matrix-synapse into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --upgrade pip
+    "$venv/bin/pip" install -q 'matrix-synapse>=1.100'
+  fi
 fi
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
 echo "prerequisites ok (${mode})"

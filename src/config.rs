@@ -33,6 +33,10 @@ pub struct Config {
     pub https: HttpsConfig,
     pub vm: VmConfig,
     pub images: ImagesConfig,
+    /// The Matrix bot (runs when `matrix.homeserver` is set).
+    pub matrix: kennel_bot::config::MatrixConfig,
+    /// The Discord bot (runs when `discord.token` is set).
+    pub discord: kennel_bot::config::DiscordConfig,
 }
 
 /// Stacks, templates and guest images.
@@ -131,6 +135,8 @@ impl Default for Config {
             https: HttpsConfig::default(),
             vm: VmConfig::default(),
             images: ImagesConfig::default(),
+            matrix: Default::default(),
+            discord: Default::default(),
         }
     }
 }
@@ -202,6 +208,12 @@ impl Config {
         self.admin_identities()?;
         if self.https.domain.is_empty() || self.https.domain.contains(['/', ' ', ':']) {
             bail!("https.domain {:?} is not a domain name", self.https.domain);
+        }
+        if let Some(problem) = self.matrix.problem() {
+            bail!("{problem}");
+        }
+        if let Some(problem) = self.discord.problem() {
+            bail!("{problem}");
         }
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! The `kennel` binary: parses the command line, loads configuration, and
 //! wires the parts together. Business logic lives in the library crates.
 
+mod bots;
 mod config;
 mod console;
 mod datadir;

@@ -9,7 +9,7 @@ use crate::datadir::DataDir;
 use crate::{console, wiring};
 
 /// Parts of Kennel that `serve` would start but that are not built yet.
-const NOT_BUILT: &[&str] = &["HTTPS gateway", "Matrix bot", "Discord bot"];
+const NOT_BUILT: &[&str] = &["HTTPS gateway"];
 
 /// Runs the daemon until a signal arrives.
 pub async fn run(config: &Config) -> Result<()> {
@@ -50,6 +50,9 @@ pub async fn run(config: &Config) -> Result<()> {
         let _ = ssh_stopped.await;
     }));
     tracing::info!(addr = %ssh_addr, "SSH gateway listening");
+    // The chat bots: each in its own task, stopped with the daemon.
+    let (stop_bots, bots_stopped) = tokio::sync::watch::channel(false);
+    let bots = crate::bots::start(config, &exec, dir.root(), &bots_stopped);
     let socket = dir.control_socket();
     eprintln!(
         "kennel serve: data in {}, control socket {}; not built yet: {}",
@@ -65,7 +68,11 @@ pub async fn run(config: &Config) -> Result<()> {
         _ = int.recv() => { tracing::info!("SIGINT: shutting down"); Ok(()) }
     };
     let _ = stop_ssh.send(());
+    let _ = stop_bots.send(true);
     let _ = ssh_task.await;
+    for bot in bots {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), bot).await;
+    }
     let _ = std::fs::remove_file(&socket);
     eprintln!("kennel serve: stopped");
     result

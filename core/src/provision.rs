@@ -287,6 +287,8 @@ pub mod testing {
         fail_next_create: Mutex<Option<String>>,
         /// How long each create takes (to test queueing).
         pub create_delay: Mutex<std::time::Duration>,
+        /// A pause after each progress step of a create (to watch progress).
+        pub stage_delay: Mutex<std::time::Duration>,
     }
 
     impl RecordingProvisioner {
@@ -354,12 +356,14 @@ pub mod testing {
             let fail = self.fail_next_create.lock().ok().and_then(|mut f| f.take());
             let delay = self.create_delay.lock().map(|d| *d).unwrap_or_default();
             tokio::time::sleep(delay).await;
+            let pause = self.stage_delay.lock().map(|d| *d).unwrap_or_default();
             for stage in [Stage::Image, Stage::Disk, Stage::Booting] {
                 progress.report(Progress {
                     stage,
                     percent: None,
                     detail: None,
                 });
+                tokio::time::sleep(pause).await;
             }
             if let Some(message) = fail {
                 return Err(ProvisionError::Failed {

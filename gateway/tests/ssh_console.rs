@@ -10,7 +10,7 @@
     clippy::indexing_slicing
 )]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::sync::Arc;
 
@@ -22,6 +22,7 @@ use kennel_core::provision::NoProgress;
 use kennel_core::{Executor, Settings, Store};
 use kennel_gateway::ssh::{host_key, SshGateway, SshSettings};
 use kennel_testkit::require;
+use kennel_testkit::ssh::{keygen, run_ssh};
 
 struct Gw {
     dir: tempfile::TempDir,
@@ -29,27 +30,6 @@ struct Gw {
     exec: Executor,
     store: Store,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
-    let path = dir.join(name);
-    let ok = std::process::Command::new("ssh-keygen")
-        .args([
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-C",
-            &format!("{name}@test"),
-            "-f",
-        ])
-        .arg(&path)
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    let public = std::fs::read_to_string(path.with_extension("pub")).unwrap();
-    (path, public.trim().to_owned())
 }
 
 async fn gateway() -> Gw {
@@ -92,54 +72,6 @@ impl Drop for Gw {
             let _ = s.send(());
         }
     }
-}
-
-/// `ssh -i key user@127.0.0.1 -p port args...`, off the runtime's threads.
-async fn run_ssh(
-    port: u16,
-    key: PathBuf,
-    user: String,
-    args: Vec<String>,
-    stdin: Option<String>,
-) -> Output {
-    tokio::task::spawn_blocking(move || {
-        let mut child = std::process::Command::new("ssh")
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
-            ])
-            .args([
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-                "-T",
-                "-p",
-                &port.to_string(),
-                "-i",
-            ])
-            .arg(&key)
-            .arg(format!("{user}@127.0.0.1"))
-            .args(&args)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut input = child.stdin.take().unwrap();
-        if let Some(text) = stdin {
-            use std::io::Write;
-            input.write_all(text.as_bytes()).unwrap();
-        }
-        drop(input);
-        child.wait_with_output().unwrap()
-    })
-    .await
-    .unwrap()
 }
 
 impl Gw {

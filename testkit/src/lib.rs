@@ -10,6 +10,8 @@
 )]
 
 pub mod ch_double;
+pub mod ssh;
+pub mod synapse;
 
 use std::path::PathBuf;
 

@@ -56,7 +56,10 @@ pub fn normalize(text: &str, extra_prefixes: &[&str]) -> String {
 
 /// Removes one leading address (`!kennel`, `@kennel:`, a bot mention...).
 fn strip_address<'a>(s: &'a str, extra: &[&str]) -> &'a str {
-    for p in DEFAULT_PREFIXES.iter().chain(extra) {
+    // Longest first: "@kennel:example.org" before "@kennel".
+    let mut all: Vec<&str> = DEFAULT_PREFIXES.iter().chain(extra).copied().collect();
+    all.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in all {
         if p.is_empty() {
             continue;
         }
@@ -95,6 +98,13 @@ pub fn tokenize(s: &str) -> Result<Vec<Token>, UnclosedQuote> {
                 }
             }
             '`' => {}
+            // An apostrophe inside a word ("bob's laptop") is text, as chat
+            // users mean it, not an opening quote.
+            '\'' if cur.chars().last().is_some_and(char::is_alphanumeric)
+                && chars.clone().next().is_some_and(char::is_alphanumeric) =>
+            {
+                cur.push('\'');
+            }
             '\'' => {
                 in_token = true;
                 quoted = true;
@@ -169,6 +179,17 @@ pub fn quote(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn apostrophes_inside_words_are_text() {
+        let t: Vec<String> = tokenize("note bob's laptop 'a b'")
+            .unwrap()
+            .into_iter()
+            .map(|t| t.text)
+            .collect();
+        assert_eq!(t, ["note", "bob's", "laptop", "a b"]);
+        assert!(tokenize("it 'is").is_err());
+    }
 
     fn words(s: &str) -> Vec<String> {
         tokenize(&normalize(s, &[]))

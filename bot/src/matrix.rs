@@ -1,0 +1,831 @@
+//! The Matrix bot, on matrix-sdk.
+//!
+//! It logs in (password, keeping the session under the data dir, or an
+//! access token), drains one sync before it listens so that nothing sent
+//! before it started is answered, then syncs forever with backoff. Rooms
+//! are joined on invites from configured users or homeservers. In a DM
+//! every message is a command; in a group room only messages that address
+//! the bot (a mention, its name, or the configured prefix). Encrypted rooms
+//! work: the SDK's crypto store lives beside the state store.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kennel_core::command::Command;
+use kennel_core::model::{AccessRequest, Frontend, Identity};
+use kennel_core::outcome::Reply;
+use kennel_core::render::{write_doc, Block, Format};
+use kennel_core::Event;
+use matrix_sdk::authentication::matrix::MatrixSession;
+use matrix_sdk::config::SyncSettings;
+use matrix_sdk::room::Room;
+use matrix_sdk::ruma::events::reaction::OriginalSyncReactionEvent;
+use matrix_sdk::ruma::events::room::encrypted::OriginalSyncRoomEncryptedEvent;
+use matrix_sdk::ruma::events::room::member::{MembershipState, StrippedRoomMemberEvent};
+use matrix_sdk::ruma::events::room::message::{
+    AddMentions, ForwardThread, MessageType, OriginalSyncRoomMessageEvent, Relation,
+    ReplacementMetadata, RoomMessageEventContent,
+};
+use matrix_sdk::ruma::{
+    MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomOrAliasId, UserId,
+};
+use matrix_sdk::{Client, RoomState, SessionMeta, SessionTokens};
+use tracing::Instrument;
+
+use crate::config::MatrixConfig;
+use crate::desk::{self, Desk, Parsed};
+
+/// Why the bot could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MatrixError {
+    #[error("matrix configuration: {0}")]
+    Config(String),
+    #[error("cannot log in to {homeserver} as {user}: {message}")]
+    Login {
+        homeserver: String,
+        user: String,
+        message: String,
+    },
+    #[error("the Matrix client's store in {path}: {message}")]
+    Store { path: PathBuf, message: String },
+}
+
+/// What the bot remembers about requests it posted to the admin room.
+#[derive(Debug, Default)]
+struct Posted {
+    /// Request id → the admin-room message about it.
+    admin_messages: HashMap<i64, OwnedEventId>,
+    /// Request id → the room the requester asked in.
+    asked_in: HashMap<i64, OwnedRoomId>,
+    /// Rooms told once that a message could not be decrypted.
+    warned_undecryptable: HashSet<OwnedRoomId>,
+}
+
+/// A running Matrix bot.
+#[derive(Debug)]
+pub struct MatrixBot {
+    client: Client,
+    desk: Arc<Desk>,
+    cfg: MatrixConfig,
+    own: OwnedUserId,
+    prefixes: Vec<String>,
+    admin_room: std::sync::OnceLock<OwnedRoomId>,
+    posted: Mutex<Posted>,
+}
+
+const REACT_APPROVE: &[&str] = &["👍", "👍️", "✅", "+1"];
+const REACT_DENY: &[&str] = &["👎", "👎️", "❌", "-1"];
+
+fn store_err(path: &Path, e: impl std::fmt::Display) -> MatrixError {
+    MatrixError::Store {
+        path: path.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+/// Builds the client, logs in and resolves the admin room, retrying while
+/// the homeserver cannot be reached. Returns the bot, ready to [`run`](MatrixBot::run).
+pub async fn connect(
+    cfg: MatrixConfig,
+    state_dir: &Path,
+    desk: Arc<Desk>,
+) -> Result<Arc<MatrixBot>, MatrixError> {
+    let homeserver = cfg
+        .homeserver
+        .clone()
+        .ok_or_else(|| MatrixError::Config("set matrix.homeserver".into()))?;
+    let own = UserId::parse(cfg.user.as_str()).map_err(|e| {
+        MatrixError::Config(format!(
+            "matrix.user {:?} is not a Matrix user id like @kennel:example.org: {e}",
+            cfg.user
+        ))
+    })?;
+    if cfg.password.is_none() && cfg.access_token.is_none() {
+        return Err(MatrixError::Config(
+            "set matrix.password (or KENNEL_MATRIX__PASSWORD), or matrix.access_token with matrix.device_id".into(),
+        ));
+    }
+    std::fs::create_dir_all(state_dir).map_err(|e| store_err(state_dir, e))?;
+    let session_file = state_dir.join("session.json");
+    let client = Client::builder()
+        .homeserver_url(&homeserver)
+        .sqlite_store(state_dir.join("store"), None)
+        .build()
+        .await
+        .map_err(|e| store_err(state_dir, e))?;
+    login(&client, &cfg, &own, &session_file, &homeserver).await?;
+    let mut prefixes = vec![own.to_string(), own.localpart().to_owned()];
+    if !cfg.prefix.is_empty() {
+        prefixes.insert(0, cfg.prefix.clone());
+    }
+    if let Ok(Some(name)) = client.account().get_display_name().await {
+        prefixes.push(name);
+    }
+    let bot = Arc::new(MatrixBot {
+        client,
+        desk,
+        admin_room: std::sync::OnceLock::new(),
+        cfg,
+        own,
+        prefixes,
+        posted: Mutex::new(Posted::default()),
+    });
+    Ok(bot)
+}
+
+async fn login(
+    client: &Client,
+    cfg: &MatrixConfig,
+    own: &UserId,
+    session_file: &Path,
+    homeserver: &str,
+) -> Result<(), MatrixError> {
+    let fail = |message: String| MatrixError::Login {
+        homeserver: homeserver.to_owned(),
+        user: own.to_string(),
+        message,
+    };
+    if let (Some(token), Some(device)) = (&cfg.access_token, &cfg.device_id) {
+        let session = MatrixSession {
+            meta: SessionMeta {
+                user_id: own.to_owned(),
+                device_id: device.as_str().into(),
+            },
+            tokens: SessionTokens {
+                access_token: token.clone(),
+                refresh_token: None,
+            },
+        };
+        return client
+            .restore_session(session)
+            .await
+            .map_err(|e| fail(e.to_string()));
+    }
+    if cfg.access_token.is_some() {
+        return Err(MatrixError::Config(
+            "matrix.access_token needs matrix.device_id (both come from the same login)".into(),
+        ));
+    }
+    // A session kept from an earlier password login: same device, same keys.
+    if let Ok(text) = std::fs::read_to_string(session_file) {
+        if let Ok(session) = serde_json::from_str::<MatrixSession>(&text) {
+            if session.meta.user_id == own {
+                client
+                    .restore_session(session)
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
+                match client.whoami().await {
+                    Ok(_) => return Ok(()),
+                    Err(e) if e.client_api_error_kind().is_some() => {
+                        tracing::warn!(error = %e, "the saved Matrix session is no longer valid; logging in again");
+                        let _ = std::fs::remove_file(session_file);
+                        return Err(fail(
+                            "the saved session was revoked; restart Kennel to log in with the password"
+                                .into(),
+                        ));
+                    }
+                    // The homeserver is away: keep the session; sync retries.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "homeserver not reachable yet; will retry");
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+    let password = cfg.password.as_deref().unwrap_or_default();
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match client
+            .matrix_auth()
+            .login_username(own, password)
+            .initial_device_display_name("Kennel")
+            .send()
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if e.client_api_error_kind().is_some() => {
+                return Err(fail(format!("{e}; check matrix.user and matrix.password")))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot reach the homeserver to log in");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
+    if let Some(session) = client.matrix_auth().session() {
+        let text = serde_json::to_string(&session).map_err(|e| store_err(session_file, e))?;
+        write_private(session_file, &text).map_err(|e| store_err(session_file, e))?;
+    }
+    tracing::info!(user = %own, "logged in to Matrix");
+    Ok(())
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(tmp, path)
+}
+
+/// The text of a message without a rich-reply fallback (`> <@a:b> ...`).
+fn strip_reply_fallback(body: &str) -> &str {
+    if !body.starts_with("> ") {
+        return body;
+    }
+    match body.find("\n\n") {
+        Some(i) => body.get(i + 2..).unwrap_or(body),
+        None => body,
+    }
+}
+
+/// Whether a group-room message is meant for the bot.
+fn addressed(body: &str, prefixes: &[String]) -> bool {
+    let b = body.trim_start().trim_start_matches('@');
+    prefixes.iter().any(|p| {
+        let p = p.trim_start_matches('@');
+        !p.is_empty()
+            && b.get(..p.len()).is_some_and(|h| h.eq_ignore_ascii_case(p))
+            && b.get(p.len()..)
+                .is_some_and(|r| r.is_empty() || r.starts_with([' ', ':', ',']))
+    })
+}
+
+/// Finds "Access request #N" in a message the bot posted.
+fn request_id_in(body: &str) -> Option<i64> {
+    let rest = body.split("Access request #").nth(1)?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+impl MatrixBot {
+    fn html(doc: &[Block]) -> RoomMessageEventContent {
+        RoomMessageEventContent::notice_html(
+            write_doc(doc, Format::Plain),
+            write_doc(doc, Format::Html),
+        )
+    }
+
+    fn how_to_decide(id: i64) -> String {
+        format!(
+            "Answer 'approve {id}' or 'deny {id} [reason]' here, or react 👍 to approve or 👎 to deny."
+        )
+    }
+
+    /// Runs until `shutdown` resolves: the first sync (not answered), then
+    /// handlers and the sync loop with backoff.
+    pub async fn run(
+        self: Arc<Self>,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), MatrixError> {
+        let settings = SyncSettings::default().timeout(Duration::from_secs(30));
+        // Everything up to now is history: sync once before listening.
+        let mut backoff = Duration::from_secs(1);
+        let mut token = loop {
+            match self.client.sync_once(settings.clone()).await {
+                Ok(r) => break r.next_batch,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "first Matrix sync failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(60));
+                }
+            }
+        };
+        if let Some(room) = self.resolve_admin_room().await {
+            let _ = self.admin_room.set(room);
+        }
+        let bot = self;
+        bot.register_handlers();
+        let events = tokio::spawn(bot.clone().forward_events());
+        tracing::info!(user = %bot.own, "Matrix bot listening");
+        let sync = async {
+            let mut backoff = Duration::from_secs(1);
+            loop {
+                match bot
+                    .client
+                    .sync_once(settings.clone().token(token.clone()))
+                    .await
+                {
+                    Ok(r) => {
+                        token = r.next_batch;
+                        backoff = Duration::from_secs(1);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "Matrix sync failed");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(60));
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            () = sync => {}
+            () = shutdown => tracing::info!("Matrix bot stopping"),
+        }
+        events.abort();
+        Ok(())
+    }
+
+    async fn resolve_admin_room(&self) -> Option<OwnedRoomId> {
+        let name = self.cfg.admin_room.as_deref()?;
+        let id = match RoomOrAliasId::parse(name) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(admin_room = name, error = %e, "matrix.admin_room is not a room id or alias; access requests will not be posted");
+                return None;
+            }
+        };
+        match self.client.join_room_by_id_or_alias(&id, &[]).await {
+            Ok(room) => Some(room.room_id().to_owned()),
+            Err(e) => {
+                tracing::error!(admin_room = name, error = %e, "cannot join the admin room; invite the bot there");
+                None
+            }
+        }
+    }
+
+    fn register_handlers(self: &Arc<Self>) {
+        let bot = self.clone();
+        self.client
+            .add_event_handler(move |ev: StrippedRoomMemberEvent, room: Room| {
+                let bot = bot.clone();
+                async move { bot.on_invite(ev, room).await }
+            });
+        let bot = self.clone();
+        self.client
+            .add_event_handler(move |ev: OriginalSyncRoomMessageEvent, room: Room| {
+                let bot = bot.clone();
+                async move { bot.on_message(ev, room).await }
+            });
+        let bot = self.clone();
+        self.client
+            .add_event_handler(move |ev: OriginalSyncReactionEvent, room: Room| {
+                let bot = bot.clone();
+                async move { bot.on_reaction(ev, room).await }
+            });
+        let bot = self.clone();
+        self.client
+            .add_event_handler(move |ev: OriginalSyncRoomEncryptedEvent, room: Room| {
+                let bot = bot.clone();
+                async move { bot.on_undecryptable(ev, room).await }
+            });
+    }
+
+    fn invite_allowed(&self, inviter: &UserId) -> bool {
+        let admin = Identity::new(Frontend::Matrix, inviter.as_str());
+        self.desk.executor().settings().admins.contains(&admin)
+            || self
+                .cfg
+                .invite_from
+                .iter()
+                .any(|a| a == inviter.as_str() || a == inviter.server_name().as_str())
+    }
+
+    async fn on_invite(self: Arc<Self>, ev: StrippedRoomMemberEvent, room: Room) {
+        if ev.state_key != self.own || ev.content.membership != MembershipState::Invite {
+            return;
+        }
+        if !self.invite_allowed(&ev.sender) {
+            tracing::info!(room = %room.room_id(), inviter = %ev.sender, "declining an invite from someone not in matrix.invite_from");
+            let _ = room.leave().await;
+            return;
+        }
+        // Joining right after the invite can race the homeserver: retry.
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(500);
+            for _ in 0..8 {
+                match room.join().await {
+                    Ok(()) => {
+                        tracing::info!(room = %room.room_id(), inviter = %ev.sender, "joined");
+                        let hint = if room.is_direct().await.unwrap_or(false) {
+                            "Hello! I am Kennel. Send 'help' to see what I can do."
+                        } else {
+                            "Hello! I am Kennel. Address me with a mention or '!kennel', e.g. '!kennel help'."
+                        };
+                        let _ = room.send(RoomMessageEventContent::notice_plain(hint)).await;
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "join failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay *= 2;
+                    }
+                }
+            }
+            tracing::warn!(room = %room.room_id(), "could not join after an invite");
+        });
+    }
+
+    /// When the bot joined `room` (the homeserver's clock), if known.
+    async fn joined_at(&self, room: &Room) -> Option<MilliSecondsSinceUnixEpoch> {
+        let me = room.get_member_no_sync(&self.own).await.ok()??;
+        let ts = me.event().timestamp()?;
+        Some(MilliSecondsSinceUnixEpoch(ts))
+    }
+
+    async fn is_dm(&self, room: &Room) -> bool {
+        // Clients mark DMs with is_direct; a nameless two-person room is
+        // treated as one too (some clients do not mark them). Member counts
+        // alone lag behind joins, so a named room is never taken for a DM.
+        room.is_direct().await.unwrap_or(false)
+            || (room.name().is_none() && room.active_members_count() <= 2)
+    }
+
+    async fn on_message(self: Arc<Self>, ev: OriginalSyncRoomMessageEvent, room: Room) {
+        if ev.sender == self.own || room.state() != RoomState::Joined {
+            return;
+        }
+        // Edits of earlier messages are not new commands.
+        if matches!(ev.content.relates_to, Some(Relation::Replacement(_))) {
+            return;
+        }
+        // The first sync after a join hands over messages from before it.
+        if let Some(joined) = self.joined_at(&room).await {
+            if ev.origin_server_ts < joined {
+                tracing::debug!(room = %room.room_id(), "ignoring a message from before the bot joined");
+                return;
+            }
+        }
+        let MessageType::Text(text) = &ev.content.msgtype else {
+            return;
+        };
+        let body = strip_reply_fallback(&text.body).to_owned();
+        let dm = self.is_dm(&room).await;
+        let in_admin_room = self.admin_room.get().map(|r| r.as_ref()) == Some(room.room_id());
+        let mentioned = ev
+            .content
+            .mentions
+            .as_ref()
+            .is_some_and(|m| m.user_ids.contains(&self.own));
+        let decision = in_admin_room && {
+            let first = body.split_whitespace().next().unwrap_or_default();
+            ["approve", "deny", "requests"].contains(&first.to_ascii_lowercase().as_str())
+        };
+        if !dm && !mentioned && !decision && !addressed(&body, &self.prefixes) {
+            return;
+        }
+        let who = Identity::new(Frontend::Matrix, ev.sender.as_str());
+        let span = tracing::info_span!("matrix", user = %ev.sender, room = %room.room_id());
+        tokio::spawn(
+            async move {
+                self.handle(who, body, dm, ev, room).await;
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn handle(
+        self: &Arc<Self>,
+        who: Identity,
+        body: String,
+        dm: bool,
+        ev: OriginalSyncRoomMessageEvent,
+        room: Room,
+    ) {
+        if let Err(refusal) = self.desk.admit(&who, &body) {
+            self.reply(
+                &room,
+                &ev,
+                &[Block::Para(vec![kennel_core::render::Inline::Text(
+                    refusal.to_string(),
+                )])],
+            )
+            .await;
+            return;
+        }
+        let prefixes: Vec<&str> = self.prefixes.iter().map(String::as_str).collect();
+        let (invocation, long) = match self.desk.parse(&body, &prefixes) {
+            Parsed::Run { invocation, long } => (invocation, long),
+            Parsed::Invalid(outcome) => {
+                self.reply_rendered(&room, &ev, &outcome, false).await;
+                return;
+            }
+        };
+        if let Command::RequestAccess { .. } = invocation.command {
+            if !dm {
+                self.reply_text(
+                    &room,
+                    &ev,
+                    "Please send request-access to me in a direct message: start a chat with me and paste it there.",
+                )
+                .await;
+                return;
+            }
+        }
+        let json = invocation.json;
+        let outcome = if long {
+            // The progress message appears with the first step (after
+            // policy passed), and is edited from then on.
+            let message: Arc<tokio::sync::Mutex<Option<OwnedEventId>>> = Arc::default();
+            let bot = self.clone();
+            let (m, r, e) = (message.clone(), room.clone(), ev.clone());
+            let interval = Duration::from_millis(self.desk.limits().edit_interval_ms);
+            let (tracker, task) =
+                desk::track(invocation.command.to_string(), interval, move |steps| {
+                    let (bot, m, r, e) = (bot.clone(), m.clone(), r.clone(), e.clone());
+                    async move {
+                        let mut id = m.lock().await;
+                        let content = Self::html(&steps.document());
+                        match id.as_ref() {
+                            None => *id = bot.reply_content(&r, &e, content).await,
+                            Some(first) => bot.edit(&r, first, content).await,
+                        }
+                    }
+                });
+            let outcome = self.desk.run(&who, invocation.command, &tracker).await;
+            drop(tracker);
+            let _ = task.await;
+            let plain = desk::render_outcome(&outcome, json, Format::Plain);
+            let html = desk::render_outcome(&outcome, json, Format::Html);
+            let content = RoomMessageEventContent::notice_html(plain, html);
+            match message.lock().await.as_ref() {
+                Some(id) => self.edit(&room, id, content).await,
+                None => {
+                    self.reply_content(&room, &ev, content).await;
+                }
+            }
+            outcome
+        } else {
+            let outcome = self
+                .desk
+                .run(
+                    &who,
+                    invocation.command,
+                    &kennel_core::provision::NoProgress,
+                )
+                .await;
+            self.reply_rendered(&room, &ev, &outcome, json).await;
+            outcome
+        };
+        if let Ok(Reply::RequestFiled { request, .. }) = &outcome {
+            self.lock()
+                .asked_in
+                .insert(request.id, room.room_id().to_owned());
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Posted> {
+        self.posted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn reply_rendered(
+        &self,
+        room: &Room,
+        ev: &OriginalSyncRoomMessageEvent,
+        outcome: &kennel_core::Outcome,
+        json: bool,
+    ) {
+        let plain = desk::render_outcome(outcome, json, Format::Plain);
+        let html = desk::render_outcome(outcome, json, Format::Html);
+        self.reply_content(room, ev, RoomMessageEventContent::notice_html(plain, html))
+            .await;
+    }
+
+    async fn reply_text(&self, room: &Room, ev: &OriginalSyncRoomMessageEvent, text: &str) {
+        self.reply_content(room, ev, RoomMessageEventContent::notice_plain(text))
+            .await;
+    }
+
+    async fn reply(&self, room: &Room, ev: &OriginalSyncRoomMessageEvent, doc: &[Block]) {
+        self.reply_content(room, ev, Self::html(doc)).await;
+    }
+
+    /// Replaces the text of the bot's message `id` (an m.replace edit).
+    async fn edit(&self, room: &Room, id: &OwnedEventId, content: RoomMessageEventContent) {
+        let content = content.make_replacement(ReplacementMetadata::new(id.clone(), None));
+        if let Err(e) = room.send(content).await {
+            tracing::warn!(room = %room.room_id(), error = %e, "could not edit a message");
+        }
+    }
+
+    /// Sends `content` as a reply to `ev` (in its thread, if it had one).
+    async fn reply_content(
+        &self,
+        room: &Room,
+        ev: &OriginalSyncRoomMessageEvent,
+        content: RoomMessageEventContent,
+    ) -> Option<OwnedEventId> {
+        let content = content.make_reply_to(ev, ForwardThread::Yes, AddMentions::No);
+        match room.send(content).await {
+            Ok(r) => Some(r.response.event_id),
+            Err(e) => {
+                tracing::warn!(room = %room.room_id(), error = %e, "could not send a reply");
+                None
+            }
+        }
+    }
+
+    async fn on_reaction(self: Arc<Self>, ev: OriginalSyncReactionEvent, room: Room) {
+        if ev.sender == self.own
+            || self.admin_room.get().map(|r| r.as_ref()) != Some(room.room_id())
+        {
+            return;
+        }
+        if let Some(joined) = self.joined_at(&room).await {
+            if ev.origin_server_ts < joined {
+                return;
+            }
+        }
+        let key = ev.content.relates_to.key.as_str();
+        let approve = REACT_APPROVE.contains(&key);
+        if !approve && !REACT_DENY.contains(&key) {
+            return;
+        }
+        let target = ev.content.relates_to.event_id.clone();
+        let known = self
+            .lock()
+            .admin_messages
+            .iter()
+            .find(|(_, e)| **e == target)
+            .map(|(id, _)| *id);
+        let id = match known {
+            Some(id) => Some(id),
+            // Posted before a restart: read the request id from the message.
+            None => match room.event(&target, None).await {
+                Ok(te) => te
+                    .raw()
+                    .deserialize_as::<serde_json::Value>()
+                    .ok()
+                    .filter(|v| v.get("sender").and_then(|s| s.as_str()) == Some(self.own.as_str()))
+                    .and_then(|v| {
+                        v.get("content")?
+                            .get("body")?
+                            .as_str()
+                            .and_then(request_id_in)
+                    }),
+                Err(_) => None,
+            },
+        };
+        let Some(id) = id else {
+            return;
+        };
+        let cmd = if approve {
+            Command::Approve { id }
+        } else {
+            Command::Deny {
+                id,
+                reason: Some("denied with a reaction".into()),
+            }
+        };
+        let who = Identity::new(Frontend::Matrix, ev.sender.as_str());
+        let outcome = self
+            .desk
+            .run(&who, cmd, &kennel_core::provision::NoProgress)
+            .await;
+        // Success shows as the edited request message; say only what failed.
+        if outcome.is_err() {
+            let plain = desk::render_outcome(&outcome, false, Format::Plain);
+            let html = desk::render_outcome(&outcome, false, Format::Html);
+            let _ = room
+                .send(RoomMessageEventContent::notice_html(
+                    format!("{}: {plain}", ev.sender),
+                    format!("{}: {html}", desk::escape_html(ev.sender.as_str())),
+                ))
+                .await;
+        }
+    }
+
+    async fn on_undecryptable(self: Arc<Self>, ev: OriginalSyncRoomEncryptedEvent, room: Room) {
+        if ev.sender == self.own {
+            return;
+        }
+        if let Some(joined) = self.joined_at(&room).await {
+            if ev.origin_server_ts < joined {
+                return;
+            }
+        }
+        if !self
+            .lock()
+            .warned_undecryptable
+            .insert(room.room_id().to_owned())
+        {
+            return;
+        }
+        tracing::warn!(room = %room.room_id(), sender = %ev.sender, "could not decrypt a message");
+        let _ = room
+            .send(RoomMessageEventContent::notice_plain(
+                "I could not decrypt a message here. If your client does not share room keys with new devices, \
+                 verify my device or send the command again; in the meantime an unencrypted room works too.",
+            ))
+            .await;
+    }
+
+    /// Posts access requests to the admin room and tells requesters the outcome.
+    async fn forward_events(self: Arc<Self>) {
+        let mut rx = self.desk.executor().subscribe();
+        loop {
+            match rx.recv().await {
+                Ok(Event::AccessRequested(r)) => self.post_request(&r).await,
+                Ok(Event::RequestDecided(r)) => self.decided(&r).await,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "Matrix bot fell behind on events");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+
+    fn admin_room(&self) -> Option<Room> {
+        self.client.get_room(self.admin_room.get()?)
+    }
+
+    async fn post_request(&self, r: &AccessRequest) {
+        let Some(room) = self.admin_room() else {
+            return;
+        };
+        let doc = desk::request_document(r, &Self::how_to_decide(r.id));
+        match room.send(Self::html(&doc)).await {
+            Ok(resp) => {
+                self.lock()
+                    .admin_messages
+                    .insert(r.id, resp.response.event_id);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, request = r.id, "could not post an access request")
+            }
+        }
+    }
+
+    async fn decided(&self, r: &AccessRequest) {
+        // Show the decision on the admin-room message.
+        let posted = self.lock().admin_messages.get(&r.id).cloned();
+        if let (Some(room), Some(event)) = (self.admin_room(), posted) {
+            let doc = desk::request_document(r, "");
+            let content = Self::html(&doc).make_replacement(ReplacementMetadata::new(event, None));
+            if let Err(e) = room.send(content).await {
+                tracing::warn!(error = %e, "could not update the request message");
+            }
+        }
+        if r.identity.frontend != Frontend::Matrix {
+            return;
+        }
+        let Ok(user) = UserId::parse(r.identity.external_id.as_str()) else {
+            return;
+        };
+        let asked_in = self.lock().asked_in.remove(&r.id);
+        let room = match asked_in.and_then(|id| self.client.get_room(&id)) {
+            Some(room) => Some(room),
+            None => match self.client.get_dm_room(&user) {
+                Some(room) => Some(room),
+                None => self.client.create_dm(&user).await.ok(),
+            },
+        };
+        let Some(room) = room else {
+            tracing::warn!(user = %user, "no room to tell the requester the outcome");
+            return;
+        };
+        let doc = desk::outcome_document(r, self.desk.executor());
+        if let Err(e) = room.send(Self::html(&doc)).await {
+            tracing::warn!(error = %e, user = %user, "could not tell the requester the outcome");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_fallbacks_are_stripped() {
+        assert_eq!(
+            strip_reply_fallback("> <@a:b> earlier\n> more\n\nprojects"),
+            "projects"
+        );
+        assert_eq!(strip_reply_fallback("projects"), "projects");
+    }
+
+    #[test]
+    fn group_messages_need_an_address() {
+        let p = vec![
+            "!kennel".to_owned(),
+            "@kennel:example.org".to_owned(),
+            "kennel".to_owned(),
+            "Kennel Bot".to_owned(),
+        ];
+        assert!(addressed("!kennel help", &p));
+        assert!(addressed("@kennel:example.org: projects", &p));
+        assert!(addressed("kennel: projects", &p));
+        assert!(addressed("Kennel Bot: projects", &p));
+        assert!(!addressed("kennels are nice", &p));
+        assert!(!addressed("new project x", &p));
+    }
+
+    #[test]
+    fn request_ids_are_found_in_posted_messages() {
+        assert_eq!(request_id_in("Access request #12\nFrom: x"), Some(12));
+        assert_eq!(request_id_in("hello"), None);
+    }
+}

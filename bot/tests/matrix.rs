@@ -1,0 +1,444 @@
+//! The Matrix bot against a real Synapse (PyPI matrix-synapse, SQLite) on
+//! loopback, with matrix-sdk clients as the people talking to it, the
+//! executor over an in-memory store and a fake provisioner that reports
+//! progress slowly, and the real SSH gateway with OpenSSH's client.
+//!
+//! One homeserver serves the whole story, in order: history is not
+//! answered; DMs (encrypted, as clients make them) and group rooms;
+//! unknown users; access requests decided by reaction and by typed
+//! commands; `new project` with progress edits; limits; a homeserver
+//! restart.
+
+#![cfg(feature = "matrix")]
+#![recursion_limit = "256"]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kennel_bot::config::MatrixConfig;
+use kennel_bot::desk::{Desk, Limits};
+use kennel_core::catalog::{StackInfo, StaticCatalog};
+use kennel_core::model::{Frontend, Identity};
+use kennel_core::provision::testing::RecordingProvisioner;
+use kennel_core::{Executor, Settings, Store};
+use kennel_testkit::ssh::{keygen, run_ssh};
+use kennel_testkit::synapse::Synapse;
+use matrix_sdk::config::SyncSettings;
+use matrix_sdk::room::Room;
+use matrix_sdk::ruma::api::client::room::create_room::v3::{Request as CreateRoom, RoomPreset};
+use matrix_sdk::ruma::events::reaction::ReactionEventContent;
+use matrix_sdk::ruma::events::relation::Annotation;
+use matrix_sdk::ruma::events::room::message::{
+    OriginalSyncRoomMessageEvent, Relation, RoomMessageEventContent,
+};
+use matrix_sdk::ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
+use matrix_sdk::Client;
+use tokio::sync::{mpsc, Mutex};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A message as a person's client saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    room: OwnedRoomId,
+    sender: OwnedUserId,
+    id: OwnedEventId,
+    body: String,
+    /// For an edit: the message it replaces (and `body` is the new text).
+    replaces: Option<OwnedEventId>,
+    in_reply_to: Option<OwnedEventId>,
+}
+
+struct Person {
+    client: Client,
+    id: OwnedUserId,
+    seen: Mutex<mpsc::UnboundedReceiver<Seen>>,
+}
+
+async fn person(hs: &Synapse, name: &str) -> Person {
+    let id = hs.register(name, "secret-pw", false);
+    let client = Client::builder()
+        .homeserver_url(&hs.url)
+        .build()
+        .await
+        .unwrap();
+    client
+        .matrix_auth()
+        .login_username(name, "secret-pw")
+        .send()
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    client.sync_once(SyncSettings::default()).await.unwrap();
+    client.add_event_handler(move |ev: OriginalSyncRoomMessageEvent, room: Room| {
+        let tx = tx.clone();
+        async move {
+            let (body, replaces) = match &ev.content.relates_to {
+                Some(Relation::Replacement(r)) => (
+                    r.new_content.msgtype.body().to_owned(),
+                    Some(r.event_id.clone()),
+                ),
+                _ => (ev.content.body().to_owned(), None),
+            };
+            let in_reply_to = match &ev.content.relates_to {
+                Some(Relation::Reply(r)) => Some(r.in_reply_to.event_id.clone()),
+                Some(Relation::Thread(t)) => t.in_reply_to.as_ref().map(|r| r.event_id.clone()),
+                _ => None,
+            };
+            let _ = tx.send(Seen {
+                room: room.room_id().to_owned(),
+                sender: ev.sender.clone(),
+                id: ev.event_id.clone(),
+                body,
+                replaces,
+                in_reply_to,
+            });
+        }
+    });
+    let c = client.clone();
+    tokio::spawn(async move {
+        loop {
+            let _ = c
+                .sync(SyncSettings::default().timeout(Duration::from_secs(5)))
+                .await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    Person {
+        client,
+        id: UserId::parse(id).unwrap(),
+        seen: Mutex::new(rx),
+    }
+}
+
+impl Person {
+    async fn room(&self, id: &RoomId) -> Room {
+        for _ in 0..100 {
+            if let Some(r) = self.client.get_room(id) {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{} does not know room {id}", self.id);
+    }
+
+    async fn say(&self, room: &RoomId, text: &str) -> OwnedEventId {
+        let r = self.room(room).await;
+        r.send(RoomMessageEventContent::text_plain(text))
+            .await
+            .unwrap()
+            .response
+            .event_id
+    }
+
+    /// The next message matching `pred`; others are dropped.
+    async fn wait_for(&self, what: &str, pred: impl Fn(&Seen) -> bool) -> Seen {
+        let mut rx = self.seen.lock().await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(s)) if pred(&s) => return s,
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("sync ended while waiting for {what}"),
+                Err(_) => panic!("{} waited {WAIT:?} for {what}", self.id),
+            }
+        }
+    }
+
+    /// The bot's next message (not an edit) in `room`.
+    async fn next_from(&self, bot: &UserId, room: &RoomId, what: &str) -> Seen {
+        self.wait_for(what, |s| {
+            s.sender == bot && s.room == room && s.replaces.is_none()
+        })
+        .await
+    }
+
+    async fn dm(&self, bot: &UserId) -> OwnedRoomId {
+        let room = self.client.create_dm(bot).await.unwrap();
+        let id = room.room_id().to_owned();
+        let hello = self
+            .next_from(bot, &id, "the bot's hello in a new DM")
+            .await;
+        assert!(hello.body.contains("Hello"), "{hello:?}");
+        id
+    }
+
+    /// Sends `text` to `room` and returns the bot's reply to it.
+    async fn ask(&self, bot: &UserId, room: &RoomId, text: &str) -> Seen {
+        let id = self.say(room, text).await;
+        // The bot's next reply here (greetings and notices are not replies).
+        let reply = self
+            .wait_for(text, |s| {
+                s.sender == bot && s.room == room && s.replaces.is_none() && s.in_reply_to.is_some()
+            })
+            .await;
+        assert_eq!(
+            reply.in_reply_to.as_ref(),
+            Some(&id),
+            "reply to {text:?}: {reply:?}"
+        );
+        reply
+    }
+}
+
+async fn group_room(creator: &Person, invite: &[&UserId], name: &str) -> OwnedRoomId {
+    let mut req = CreateRoom::new();
+    req.invite = invite.iter().map(|u| (*u).to_owned()).collect();
+    req.preset = Some(RoomPreset::PrivateChat);
+    req.name = Some(name.into());
+    creator
+        .client
+        .create_room(req)
+        .await
+        .unwrap()
+        .room_id()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn matrix_bot_against_synapse() {
+    let mut hs = tokio::task::spawn_blocking(Synapse::start).await.unwrap();
+    let bot_id = UserId::parse(hs.register("kennel", "bot-pw", false)).unwrap();
+    let root = person(&hs, "root").await;
+    let ann = person(&hs, "ann").await;
+    let bob = person(&hs, "bob").await;
+    let carol = person(&hs, "carol").await;
+
+    // The admin room exists before the bot starts, with a command in it
+    // that must never be answered.
+    let admin_room = group_room(&root, &[&bot_id], "kennel admins").await;
+    let old = root.say(&admin_room, "!kennel projects").await;
+
+    let vms = Arc::new(RecordingProvisioner::default());
+    *vms.stage_delay.lock().unwrap() = Duration::from_millis(700);
+    let exec = Executor::new(
+        Store::open_in_memory().unwrap(),
+        vms.clone(),
+        Arc::new(StaticCatalog {
+            stacks: vec![StackInfo {
+                name: "rust".into(),
+                summary: "Rust".into(),
+                app_port: 8000,
+                broken: None,
+            }],
+            templates: vec![],
+        }),
+        Settings {
+            admins: vec![Identity::new(Frontend::Matrix, root.id.as_str())],
+            ..Settings::default()
+        },
+    );
+    // The SSH gateway, to log in with approved keys.
+    let keys = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ssh_port = listener.local_addr().unwrap().port();
+    let host_key = kennel_gateway::ssh::host_key(&keys.path().join("host")).unwrap();
+    let gw = kennel_gateway::ssh::SshGateway::new(
+        exec.clone(),
+        kennel_gateway::ssh::SshSettings {
+            data_dir: keys.path().to_owned(),
+            ..Default::default()
+        },
+    );
+    tokio::spawn(gw.run(listener, host_key, std::future::pending()));
+
+    let state = tempfile::tempdir().unwrap();
+    let cfg = MatrixConfig {
+        homeserver: Some(hs.url.clone()),
+        user: bot_id.to_string(),
+        password: Some("bot-pw".into()),
+        admin_room: Some(admin_room.to_string()),
+        invite_from: vec!["localhost".into()],
+        prefix: "!kennel".into(),
+        limits: Limits {
+            edit_interval_ms: 300,
+            burst: 30,
+            max_message_bytes: 4096,
+            ..Limits::default()
+        },
+        ..MatrixConfig::default()
+    };
+    assert_eq!(cfg.problem(), None);
+    let desk = Arc::new(Desk::new(exec.clone(), cfg.limits.clone()));
+    let bot = kennel_bot::matrix::connect(cfg.clone(), state.path(), desk.clone())
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(bot.run(async move {
+        let _ = stopped.await;
+    }));
+
+    // 1. History is not answered: the first reply in the admin room is to
+    // the command sent after the bot started.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let now = root.say(&admin_room, "!kennel whoami").await;
+    let first = root
+        .next_from(&bot_id, &admin_room, "a reply in the admin room")
+        .await;
+    assert_eq!(
+        first.in_reply_to,
+        Some(now),
+        "answered history ({old}): {first:?}"
+    );
+    assert!(first.body.contains("admin"), "{first:?}");
+
+    // 2. A group room: unaddressed messages are ignored.
+    let group = group_room(&root, &[&bot_id, &ann.id], "team").await;
+    ann.client.join_room_by_id(&group).await.unwrap();
+    root.next_from(&bot_id, &group, "hello in the group").await;
+    ann.say(&group, "projects").await;
+    let r = ann.ask(&bot_id, &group, "!kennel help").await;
+    assert!(r.body.contains("new project"), "{r:?}");
+    let r = ann.ask(&bot_id, &group, &format!("{bot_id}: whoami")).await;
+    assert!(r.body.contains("request-access"), "{r:?}");
+
+    // 3. An unknown user in an (encrypted) DM is refused politely.
+    let bob_dm = bob.dm(&bot_id).await;
+    let r = bob
+        .ask(&bot_id, &bob_dm, "new project x --stack rust")
+        .await;
+    assert!(r.body.contains("does not know you yet"), "{r:?}");
+    assert!(r.body.contains("request-access"), "{r:?}");
+    let r = bob.ask(&bot_id, &bob_dm, "help").await;
+    assert!(r.body.contains("request-access"), "{r:?}");
+
+    // 4. Access requests: bob's approved with a reaction...
+    let (bob_key, bob_pub) = keygen(keys.path(), "bob");
+    let r = bob
+        .ask(
+            &bot_id,
+            &bob_dm,
+            &format!("request-access {bob_pub} bob's laptop"),
+        )
+        .await;
+    assert!(r.body.contains("#1"), "{r:?}");
+    let posted = root
+        .next_from(&bot_id, &admin_room, "the request in the admin room")
+        .await;
+    assert!(posted.body.contains("Access request #1"), "{posted:?}");
+    assert!(posted.body.contains("SHA256:"), "{posted:?}");
+    assert!(posted.body.contains("bob's laptop"), "{posted:?}");
+    // Before approval the key is refused by the gateway's console.
+    let out = run_ssh(
+        ssh_port,
+        bob_key.clone(),
+        "bob".into(),
+        vec!["projects".into()],
+        None,
+    )
+    .await;
+    assert!(!out.status.success());
+    let r = root.room(&admin_room).await;
+    r.send(ReactionEventContent::new(Annotation::new(
+        posted.id.clone(),
+        "👍".into(),
+    )))
+    .await
+    .unwrap();
+    let edited = root
+        .wait_for("the request message showing the decision", |s| {
+            s.replaces.as_ref() == Some(&posted.id)
+        })
+        .await;
+    assert!(edited.body.contains("Approved by"), "{edited:?}");
+    let told = bob
+        .next_from(&bot_id, &bob_dm, "bob told the outcome")
+        .await;
+    assert!(told.body.contains("approved"), "{told:?}");
+    assert!(
+        told.body
+            .contains(&format!("-p {}", Settings::default().ssh_port)),
+        "{told:?}"
+    );
+    let out = run_ssh(ssh_port, bob_key, "bob".into(), vec!["whoami".into()], None).await;
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("bob"),
+        "{out:?}"
+    );
+
+    // ...ann's with a typed approve, carol's typed deny with a reason.
+    let (_, ann_pub) = keygen(keys.path(), "ann");
+    let ann_dm = ann.dm(&bot_id).await;
+    ann.ask(&bot_id, &ann_dm, &format!("request-access {ann_pub}"))
+        .await;
+    let posted = root.next_from(&bot_id, &admin_room, "ann's request").await;
+    assert!(posted.body.contains("Access request #2"), "{posted:?}");
+    let r = root.ask(&bot_id, &admin_room, "approve 2").await;
+    assert!(r.body.contains("pproved"), "{r:?}");
+    ann.next_from(&bot_id, &ann_dm, "ann told the outcome")
+        .await;
+    // A second decision changes nothing and says so.
+    let r = root.ask(&bot_id, &admin_room, "deny 2").await;
+    assert!(r.body.contains("already approved"), "{r:?}");
+
+    let (_, carol_pub) = keygen(keys.path(), "carol");
+    let carol_dm = carol.dm(&bot_id).await;
+    carol
+        .ask(&bot_id, &carol_dm, &format!("request-access {carol_pub}"))
+        .await;
+    root.next_from(&bot_id, &admin_room, "carol's request")
+        .await;
+    root.ask(&bot_id, &admin_room, "deny 3 we do not know you")
+        .await;
+    let told = carol
+        .next_from(&bot_id, &carol_dm, "carol told the outcome")
+        .await;
+    assert!(told.body.contains("denied"), "{told:?}");
+    assert!(told.body.contains("we do not know you"), "{told:?}");
+    // A member cannot decide.
+    let r = ann.ask(&bot_id, &ann_dm, "approve 3").await;
+    assert!(r.body.contains("refused"), "{r:?}");
+
+    // 5. new project: one message, edited with progress, ending with the
+    // SSH string.
+    let asked = ann.say(&ann_dm, "new project myapp --stack rust").await;
+    let progress = ann
+        .next_from(&bot_id, &ann_dm, "the progress message")
+        .await;
+    assert_eq!(progress.in_reply_to, Some(asked));
+    assert!(progress.body.contains("new project myapp"), "{progress:?}");
+    let mut edits = Vec::new();
+    loop {
+        let e = ann
+            .wait_for("an edit of the progress message", |s| {
+                s.replaces.as_ref() == Some(&progress.id)
+            })
+            .await;
+        let done = !e.body.contains('⏳');
+        edits.push(e.body);
+        if done {
+            break;
+        }
+    }
+    let last = edits.last().unwrap();
+    assert!(last.contains("ssh myapp@127.0.0.1 -p 2222"), "{edits:#?}");
+    assert!(edits.iter().any(|e| e.contains("booting")), "{edits:#?}");
+    // Three stages 0.7 s apart, at most one edit per 0.3 s.
+    assert!(edits.len() <= 8, "{edits:#?}");
+    assert!(vms.calls().contains(&"create myapp".to_owned()));
+
+    // 6. Limits: an oversized message is refused politely.
+    let r = ann.ask(&bot_id, &ann_dm, &"x".repeat(5000)).await;
+    assert!(r.body.contains("up to 4096 bytes"), "{r:?}");
+
+    // 7. The homeserver restarts; the bot keeps answering.
+    let hs = tokio::task::spawn_blocking(move || {
+        hs.restart();
+        hs
+    })
+    .await
+    .unwrap();
+    let r = ann.ask(&bot_id, &ann_dm, "projects").await;
+    assert!(r.body.contains("myapp"), "{r:?}");
+
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+    drop(hs);
+}
