@@ -307,6 +307,7 @@ impl MatrixBot {
         }
         let bot = self;
         bot.register_handlers();
+        bot.pending_invites().await;
         let events = tokio::spawn(bot.clone().forward_events());
         tracing::info!(user = %bot.own, "Matrix bot listening");
         let sync = async {
@@ -396,8 +397,26 @@ impl MatrixBot {
         if ev.state_key != self.own || ev.content.membership != MembershipState::Invite {
             return;
         }
-        if !self.invite_allowed(&ev.sender) {
-            tracing::info!(room = %room.room_id(), inviter = %ev.sender, "declining an invite from someone not in matrix.invite_from");
+        self.consider_invite(room, ev.sender).await;
+    }
+
+    /// Invites that arrived while the bot was away (or during its first
+    /// sync) are answered too: only messages from before the start are
+    /// history, not invitations.
+    async fn pending_invites(self: &Arc<Self>) {
+        for room in self.client.invited_rooms() {
+            match room.invite_details().await {
+                Ok(invite) => self.clone().consider_invite(room, invite.inviter_id).await,
+                Err(e) => {
+                    tracing::warn!(room = %room.room_id(), error = %e, "cannot read a pending invite")
+                }
+            }
+        }
+    }
+
+    async fn consider_invite(self: Arc<Self>, room: Room, inviter: OwnedUserId) {
+        if !self.invite_allowed(&inviter) {
+            tracing::info!(room = %room.room_id(), %inviter, "declining an invite from someone not in matrix.invite_from");
             let _ = room.leave().await;
             return;
         }
@@ -407,7 +426,7 @@ impl MatrixBot {
             for _ in 0..8 {
                 match room.join().await {
                     Ok(()) => {
-                        tracing::info!(room = %room.room_id(), inviter = %ev.sender, "joined");
+                        tracing::info!(room = %room.room_id(), %inviter, "joined");
                         let hint = if room.is_direct().await.unwrap_or(false) {
                             "Hello! I am Kennel. Send 'help' to see what I can do."
                         } else {

@@ -2,6 +2,7 @@
 //! `test_infra`): a Cloud Hypervisor API double, and helpers for tests
 //! that need real host tools to fail loudly when those are missing.
 
+#![recursion_limit = "256"]
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -10,6 +11,8 @@
 )]
 
 pub mod ch_double;
+#[cfg(feature = "matrix")]
+pub mod matrix_client;
 pub mod ssh;
 pub mod synapse;
 

@@ -18,6 +18,8 @@ pub struct Kennel {
     pub network: &'static str,
     /// The SSH gateway's port for this test's daemon.
     pub ssh_port: u16,
+    /// Extra environment for every `kennel` run (configuration overrides).
+    pub env: Vec<(String, String)>,
 }
 
 impl Kennel {
@@ -50,6 +52,7 @@ impl Kennel {
                 .and_then(|l| l.local_addr())
                 .map(|a| a.port())
                 .unwrap(),
+            env: Vec::new(),
         }
     }
 
@@ -80,6 +83,7 @@ impl Kennel {
             .env("KENNEL_SSH__PUBLIC_PORT", "2222")
             .env("KENNEL_IMAGES__APT_CACHE", cache.join("apt"))
             .env("RUST_LOG", "warn");
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }
 

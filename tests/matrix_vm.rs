@@ -1,0 +1,76 @@
+//! The whole path from Matrix to a real guest: `kennel serve` with its
+//! Matrix bot logged in to a real Synapse, a person DMs `new project`,
+//! watches the progress message being edited into the final answer, and
+//! the VM it names answers over SSH with /workspace mounted.
+//!
+//! Needs what `tests/vm.rs` needs plus Synapse (scripts/install-deps.sh
+//! test). Features `vm-tests` and `matrix`.
+#![cfg(all(feature = "vm-tests", feature = "matrix"))]
+#![recursion_limit = "256"]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod support;
+
+use kennel_testkit::matrix_client::person;
+use kennel_testkit::synapse::Synapse;
+use matrix_sdk::ruma::UserId;
+use support::Kennel;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_project_from_matrix_on_a_real_guest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hs = tokio::task::spawn_blocking(Synapse::start).await.unwrap();
+    let bot = UserId::parse(hs.register("kennel", "bot-pw", false)).unwrap();
+    let ann = person(&hs, "ann").await;
+
+    let mut k = Kennel::new(tmp.path());
+    k.env = vec![
+        ("KENNEL_ADMINS".into(), format!("[\"matrix:{}\"]", ann.id)),
+        ("KENNEL_MATRIX__HOMESERVER".into(), hs.url.clone()),
+        ("KENNEL_MATRIX__USER".into(), bot.to_string()),
+        ("KENNEL_MATRIX__PASSWORD".into(), "bot-pw".into()),
+        (
+            "KENNEL_MATRIX__INVITE_FROM".into(),
+            "[\"localhost\"]".into(),
+        ),
+    ];
+    let k = tokio::task::spawn_blocking(move || {
+        k.start_serve();
+        k
+    })
+    .await
+    .unwrap();
+
+    let dm = ann.dm(&bot).await;
+    let asked = ann.say(&dm, "new project hello --stack rust").await;
+    let progress = ann
+        .wait_for("the progress message", |s| {
+            s.sender == bot && s.in_reply_to.as_ref() == Some(&asked)
+        })
+        .await;
+    let mut edits = vec![progress.body.clone()];
+    while edits.last().unwrap().contains('⏳') {
+        let e = ann
+            .wait_for("an edit", |s| s.replaces.as_ref() == Some(&progress.id))
+            .await;
+        edits.push(e.body);
+    }
+    let last = edits.last().unwrap();
+    assert!(last.contains("ssh hello@127.0.0.1 -p 2222"), "{edits:#?}");
+    assert!(edits.iter().any(|e| e.contains("booting")), "{edits:#?}");
+
+    let out = tokio::task::spawn_blocking(move || {
+        let out = k.ssh_ok("hello", "mountpoint -q /workspace && echo mounted");
+        (out, k)
+    })
+    .await
+    .unwrap();
+    assert!(out.0.contains("mounted"), "{}", out.0);
+    drop(out.1);
+    drop(hs);
+}
