@@ -1,15 +1,78 @@
-//! The Discord bot, on serenity.
+//! The Discord bot, on serenity 0.12.
+//!
+//! Slash commands (`/new`, `/projects`, `/status`, `/ssh`, `/rm`,
+//! `/request-access`, `/help`) are registered in the configured guilds and
+//! turned into lines of the one command language, so they get the same
+//! parsing, policy and answers as every other front end. Messages that
+//! mention the bot (or DMs) are parsed as text. Long operations defer and
+//! then edit the original response with progress. Access requests go to the
+//! admin channel with Approve and Deny buttons; only admins' clicks count,
+//! and core refuses a second decision.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kennel_core::command::lex::quote;
+use kennel_core::command::Command;
+use kennel_core::model::{AccessRequest, Frontend, Identity, RequestState, Role};
+use kennel_core::outcome::{CommandError, Reply};
+use kennel_core::provision::NoProgress;
+use kennel_core::render::{write_doc, Format};
+use kennel_core::{Event, Outcome};
+use serenity::all::{
+    ActionRowComponent, AutocompleteChoice, ButtonStyle, ChannelId, CommandDataOptionValue,
+    CommandInteraction, CommandOptionType, ComponentInteraction, Context, CreateActionRow,
+    CreateAutocompleteResponse, CreateButton, CreateCommand, CreateCommandOption, CreateInputText,
+    CreateInteractionResponse, CreateInteractionResponseMessage, CreateMessage, CreateModal,
+    EditInteractionResponse, EditMessage, EventHandler, GatewayIntents, GuildId, HttpBuilder,
+    InputTextStyle, Interaction, Message, MessageId, ModalInteraction, Ready, ResumedEvent, UserId,
+};
+use serenity::async_trait;
+use tracing::Instrument;
 
 use crate::config::DiscordConfig;
-use crate::desk::Desk;
+use crate::desk::{self, Desk, Parsed};
 
 /// Why the Discord bot stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum DiscordError {
-    #[error("the Discord bot is not built yet")]
-    NotBuilt,
+    #[error("discord configuration: {0}")]
+    Config(String),
+    #[error("the Discord client failed: {0}; check discord.token and the bot's intents")]
+    Client(String),
+}
+
+/// Discord refuses messages over 2000 characters.
+const MAX_CONTENT: usize = 2000;
+
+/// Intents: guild metadata, messages that mention the bot, DMs. Message
+/// content of mentions and DMs arrives without the privileged intent.
+fn intents() -> GatewayIntents {
+    GatewayIntents::GUILDS | GatewayIntents::GUILD_MESSAGES | GatewayIntents::DIRECT_MESSAGES
+}
+
+/// Shortens text to what Discord accepts, saying so.
+fn fit(text: &str) -> String {
+    if text.chars().count() <= MAX_CONTENT {
+        return text.to_owned();
+    }
+    let cut: String = text.chars().take(MAX_CONTENT - 20).collect();
+    format!("{cut}\n… (shortened)")
+}
+
+fn markdown(outcome: &Outcome, json: bool) -> String {
+    fit(&desk::render_outcome(outcome, json, Format::Markdown))
+}
+
+struct Handler {
+    desk: Arc<Desk>,
+    cfg: DiscordConfig,
+    /// Request id → the admin-channel message about it.
+    posted: Arc<Mutex<HashMap<i64, (ChannelId, MessageId)>>>,
+    started_events: std::sync::atomic::AtomicBool,
+    /// The bot's own user, from READY.
+    me: std::sync::OnceLock<UserId>,
 }
 
 /// Runs the bot until `shutdown` resolves.
@@ -18,6 +81,685 @@ pub async fn run(
     desk: Arc<Desk>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), DiscordError> {
-    let _ = (cfg, desk, shutdown);
-    Err(DiscordError::NotBuilt)
+    if let Some(p) = cfg.problem() {
+        return Err(DiscordError::Config(p));
+    }
+    let token = cfg.token.clone().unwrap_or_default();
+    let mut http = HttpBuilder::new(&token);
+    if let Some(base) = &cfg.api_base {
+        // A local API (tests) or a rate-limiting proxy in front of Discord:
+        // serenity's own rate limiter would still call discord.com.
+        http = http
+            .proxy(base.trim_end_matches('/'))
+            .ratelimiter_disabled(true);
+    }
+    let handler = Handler {
+        desk,
+        cfg,
+        posted: Arc::default(),
+        started_events: std::sync::atomic::AtomicBool::new(false),
+        me: std::sync::OnceLock::new(),
+    };
+    let mut client = serenity::client::ClientBuilder::new_with_http(http.build(), intents())
+        .event_handler(handler)
+        .await
+        .map_err(|e| DiscordError::Client(e.to_string()))?;
+    let shards = client.shard_manager.clone();
+    tokio::select! {
+        r = client.start() => r.map_err(|e| DiscordError::Client(e.to_string())),
+        () = shutdown => {
+            tracing::info!("Discord bot stopping");
+            shards.shutdown_all().await;
+            Ok(())
+        }
+    }
+}
+
+fn identity(user: UserId) -> Identity {
+    Identity::new(Frontend::Discord, user.get().to_string())
+}
+
+/// The value of a string option of a slash command.
+fn opt(cmd: &CommandInteraction, name: &str) -> Option<String> {
+    cmd.data
+        .options
+        .iter()
+        .find(|o| o.name == name)
+        .and_then(|o| match &o.value {
+            CommandDataOptionValue::String(s) => Some(s.clone()),
+            _ => None,
+        })
+}
+
+/// A slash command as a line of the command language.
+fn slash_line(cmd: &CommandInteraction) -> String {
+    let mut line = match cmd.data.name.as_str() {
+        "new" => "new project".to_owned(),
+        "request-access" => "request-access".to_owned(),
+        other => other.to_owned(),
+    };
+    let mut push = |s: &str| {
+        line.push(' ');
+        line.push_str(&quote(s));
+    };
+    match cmd.data.name.as_str() {
+        "new" => {
+            if let Some(n) = opt(cmd, "name") {
+                push(&n);
+            }
+            for flag in ["stack", "git", "template"] {
+                if let Some(v) = opt(cmd, flag) {
+                    // The flag as is; its value quoted.
+                    line.push_str(&format!(" --{flag} {}", quote(&v)));
+                }
+            }
+        }
+        "status" | "ssh" | "rm" => {
+            if let Some(n) = opt(cmd, "name") {
+                push(&n);
+            }
+        }
+        "request-access" => {
+            if let Some(k) = opt(cmd, "key") {
+                push(&k);
+            }
+            if let Some(n) = opt(cmd, "note") {
+                push(&n);
+            }
+        }
+        "help" => {
+            if let Some(t) = opt(cmd, "topic") {
+                push(&t);
+            }
+        }
+        _ => {}
+    }
+    line
+}
+
+fn commands() -> Vec<CreateCommand> {
+    let name =
+        |d: &str| CreateCommandOption::new(CommandOptionType::String, "name", d).required(true);
+    vec![
+        CreateCommand::new("new")
+            .description("Create a project with its own VM")
+            .add_option(name("Project name: lowercase letters, digits and dashes"))
+            .add_option(
+                CreateCommandOption::new(
+                    CommandOptionType::String,
+                    "stack",
+                    "rust, node, go, python… (detected when omitted)",
+                )
+                .set_autocomplete(true),
+            )
+            .add_option(CreateCommandOption::new(
+                CommandOptionType::String,
+                "git",
+                "Repository to clone (https or ssh URL)",
+            ))
+            .add_option(
+                CreateCommandOption::new(
+                    CommandOptionType::String,
+                    "template",
+                    "Start from a template",
+                )
+                .set_autocomplete(true),
+            ),
+        CreateCommand::new("projects").description("Your projects"),
+        CreateCommand::new("status")
+            .description("A project's state and VM")
+            .add_option(name("Project name")),
+        CreateCommand::new("ssh")
+            .description("How to connect to a project (SSH, editors)")
+            .add_option(name("Project name")),
+        CreateCommand::new("rm")
+            .description("Destroy a project's VM (its source is kept)")
+            .add_option(name("Project name")),
+        CreateCommand::new("request-access")
+            .description("Ask an admin for access with your SSH public key")
+            .add_option(
+                CreateCommandOption::new(
+                    CommandOptionType::String,
+                    "key",
+                    "Your SSH public key (ssh-ed25519 AAAA…)",
+                )
+                .required(true),
+            )
+            .add_option(CreateCommandOption::new(
+                CommandOptionType::String,
+                "note",
+                "Who you are, for the admins",
+            )),
+        CreateCommand::new("help")
+            .description("What Kennel can do")
+            .add_option(CreateCommandOption::new(
+                CommandOptionType::String,
+                "topic",
+                "A command to explain",
+            )),
+    ]
+}
+
+fn decision_buttons(id: i64, disabled: bool) -> Vec<CreateActionRow> {
+    vec![CreateActionRow::Buttons(vec![
+        CreateButton::new(format!("kennel:approve:{id}"))
+            .label("Approve")
+            .style(ButtonStyle::Success)
+            .disabled(disabled),
+        CreateButton::new(format!("kennel:deny:{id}"))
+            .label("Deny")
+            .style(ButtonStyle::Danger)
+            .disabled(disabled),
+    ])]
+}
+
+fn request_text(r: &AccessRequest) -> String {
+    let how = "Approve or Deny with the buttons (admins only), or type `approve ID` / `deny ID [reason]` anywhere Kennel listens.";
+    fit(&write_doc(
+        &desk::request_document(r, how),
+        Format::Markdown,
+    ))
+}
+
+impl Handler {
+    fn ephemeral(content: String) -> CreateInteractionResponse {
+        CreateInteractionResponse::Message(
+            CreateInteractionResponseMessage::new()
+                .content(fit(&content))
+                .ephemeral(true),
+        )
+    }
+
+    async fn is_admin(&self, who: &Identity) -> bool {
+        matches!(self.desk.executor().resolve(who).await, Ok(Some(u)) if u.role == Role::Admin)
+    }
+
+    async fn on_command(&self, ctx: &Context, cmd: CommandInteraction) {
+        let who = identity(cmd.user.id);
+        let http = ctx.http.clone();
+        if let Err(refusal) = self.desk.admit(&who, &slash_line(&cmd)) {
+            let _ = cmd
+                .create_response(&http, Self::ephemeral(refusal.to_string()))
+                .await;
+            return;
+        }
+        let line = slash_line(&cmd);
+        let (invocation, long) = match self.desk.parse(&line, &[]) {
+            Parsed::Run { invocation, long } => (invocation, long),
+            Parsed::Invalid(outcome) => {
+                let _ = cmd
+                    .create_response(&http, Self::ephemeral(markdown(&outcome, false)))
+                    .await;
+                return;
+            }
+        };
+        // Help is for everyone; the rest can show keys or private URLs.
+        let ephemeral = !matches!(invocation.command, Command::Help { .. });
+        // rm asks first, with a button.
+        if let Command::Rm {
+            name,
+            purge: false,
+            yes: false,
+        } = &invocation.command
+        {
+            let outcome = self
+                .desk
+                .run(&who, invocation.command.clone(), &NoProgress)
+                .await;
+            let response = match &outcome {
+                Ok(Reply::Confirm { prompt, .. }) => CreateInteractionResponseMessage::new()
+                    .content(fit(prompt))
+                    .ephemeral(true)
+                    .components(vec![CreateActionRow::Buttons(vec![CreateButton::new(
+                        format!("kennel:rm:{name}"),
+                    )
+                    .label(format!("Destroy {name}"))
+                    .style(ButtonStyle::Danger)])]),
+                _ => CreateInteractionResponseMessage::new()
+                    .content(markdown(&outcome, false))
+                    .ephemeral(true),
+            };
+            let _ = cmd
+                .create_response(&http, CreateInteractionResponse::Message(response))
+                .await;
+            return;
+        }
+        // Defer at once (Discord allows 3 s), then edit the original response.
+        let defer = CreateInteractionResponse::Defer(
+            CreateInteractionResponseMessage::new().ephemeral(ephemeral),
+        );
+        if let Err(e) = cmd.create_response(&http, defer).await {
+            tracing::warn!(error = %e, "could not defer an interaction");
+            return;
+        }
+        let outcome = if long {
+            let interval = Duration::from_millis(self.desk.limits().edit_interval_ms);
+            let (h, c) = (http.clone(), cmd.clone());
+            let (tracker, task) =
+                desk::track(invocation.command.to_string(), interval, move |steps| {
+                    let (h, c) = (h.clone(), c.clone());
+                    async move {
+                        let edit = EditInteractionResponse::new()
+                            .content(fit(&steps.render(Format::Markdown)));
+                        if let Err(e) = c.edit_response(&h, edit).await {
+                            tracing::warn!(error = %e, "could not edit the progress message");
+                        }
+                    }
+                });
+            let outcome = self.desk.run(&who, invocation.command, &tracker).await;
+            drop(tracker);
+            let _ = task.await;
+            outcome
+        } else {
+            self.desk.run(&who, invocation.command, &NoProgress).await
+        };
+        let edit = EditInteractionResponse::new().content(markdown(&outcome, invocation.json));
+        if let Err(e) = cmd.edit_response(&http, edit).await {
+            tracing::warn!(error = %e, "could not send the answer");
+        }
+    }
+
+    async fn on_autocomplete(&self, ctx: &Context, cmd: CommandInteraction) {
+        let Some(focused) = cmd.data.autocomplete() else {
+            return;
+        };
+        let typed = focused.value.to_ascii_lowercase();
+        let catalog = self.desk.executor().catalog();
+        let names: Vec<(String, String)> = match focused.name {
+            "stack" => catalog
+                .stacks()
+                .into_iter()
+                .filter(|s| s.broken.is_none())
+                .map(|s| (s.name, s.summary))
+                .collect(),
+            "template" => catalog
+                .templates()
+                .into_iter()
+                .filter(|t| t.broken.is_none())
+                .map(|t| (t.name, t.description))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let choices: Vec<AutocompleteChoice> = names
+            .into_iter()
+            .filter(|(n, _)| n.starts_with(&typed))
+            .take(25)
+            .map(|(n, about)| {
+                let label: String = format!("{n} — {about}").chars().take(100).collect();
+                AutocompleteChoice::new(label, n)
+            })
+            .collect();
+        let r = CreateInteractionResponse::Autocomplete(
+            CreateAutocompleteResponse::new().set_choices(choices),
+        );
+        let _ = cmd.create_response(&ctx.http, r).await;
+    }
+
+    async fn on_component(&self, ctx: &Context, c: ComponentInteraction) {
+        let who = identity(c.user.id);
+        let mut parts = c.data.custom_id.splitn(3, ':');
+        let (Some("kennel"), Some(action), Some(arg)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return;
+        };
+        if let Err(refusal) = self.desk.admit(&who, "") {
+            let _ = c
+                .create_response(&ctx.http, Self::ephemeral(refusal.to_string()))
+                .await;
+            return;
+        }
+        match action {
+            "approve" => {
+                let Ok(id) = arg.parse::<i64>() else { return };
+                let outcome = self
+                    .desk
+                    .run(&who, Command::Approve { id }, &NoProgress)
+                    .await;
+                self.after_decision(ctx, &c, outcome).await;
+            }
+            "deny" => {
+                let Ok(id) = arg.parse::<i64>() else { return };
+                if !self.is_admin(&who).await {
+                    let _ = c
+                        .create_response(
+                            &ctx.http,
+                            Self::ephemeral("refused: only admins decide access requests.".into()),
+                        )
+                        .await;
+                    return;
+                }
+                let modal = CreateModal::new(
+                    format!("kennel:deny-reason:{id}"),
+                    format!("Deny access request #{id}"),
+                )
+                .components(vec![CreateActionRow::InputText(
+                    CreateInputText::new(
+                        InputTextStyle::Paragraph,
+                        "Reason (shown to the requester)",
+                        "reason",
+                    )
+                    .required(false)
+                    .max_length(500),
+                )]);
+                let _ = c
+                    .create_response(&ctx.http, CreateInteractionResponse::Modal(modal))
+                    .await;
+            }
+            "rm" => {
+                let line = format!("rm {} --yes", quote(arg));
+                let Parsed::Run { invocation, .. } = self.desk.parse(&line, &[]) else {
+                    return;
+                };
+                let update = CreateInteractionResponse::UpdateMessage(
+                    CreateInteractionResponseMessage::new()
+                        .content(format!("Destroying {arg} …"))
+                        .components(vec![]),
+                );
+                let _ = c.create_response(&ctx.http, update).await;
+                let outcome = self.desk.run(&who, invocation.command, &NoProgress).await;
+                let _ = c
+                    .edit_response(
+                        &ctx.http,
+                        EditInteractionResponse::new().content(markdown(&outcome, false)),
+                    )
+                    .await;
+            }
+            _ => {}
+        }
+    }
+
+    /// Answers a decision click: the message shows the decision (buttons
+    /// off), or the clicker alone learns why nothing changed.
+    async fn after_decision(&self, ctx: &Context, c: &ComponentInteraction, outcome: Outcome) {
+        let response = match &outcome {
+            Ok(Reply::Decided { request, .. }) => CreateInteractionResponse::UpdateMessage(
+                CreateInteractionResponseMessage::new()
+                    .content(request_text(request))
+                    .components(decision_buttons(request.id, true)),
+            ),
+            Err(CommandError::Conflict(_)) | Err(_) => Self::ephemeral(markdown(&outcome, false)),
+            Ok(_) => Self::ephemeral(markdown(&outcome, false)),
+        };
+        if let Err(e) = c.create_response(&ctx.http, response).await {
+            tracing::warn!(error = %e, "could not answer a button click");
+        }
+    }
+
+    async fn on_modal(&self, ctx: &Context, m: ModalInteraction) {
+        let who = identity(m.user.id);
+        let Some(id) = m
+            .data
+            .custom_id
+            .strip_prefix("kennel:deny-reason:")
+            .and_then(|s| s.parse::<i64>().ok())
+        else {
+            return;
+        };
+        let reason = m
+            .data
+            .components
+            .iter()
+            .flat_map(|row| row.components.iter())
+            .find_map(|c| match c {
+                ActionRowComponent::InputText(t) if t.custom_id == "reason" => t.value.clone(),
+                _ => None,
+            })
+            .filter(|r| !r.trim().is_empty());
+        let outcome = self
+            .desk
+            .run(&who, Command::Deny { id, reason }, &NoProgress)
+            .await;
+        let response = match &outcome {
+            Ok(Reply::Decided { request, .. }) if m.message.is_some() => {
+                CreateInteractionResponse::UpdateMessage(
+                    CreateInteractionResponseMessage::new()
+                        .content(request_text(request))
+                        .components(decision_buttons(request.id, true)),
+                )
+            }
+            _ => Self::ephemeral(markdown(&outcome, false)),
+        };
+        if let Err(e) = m.create_response(&ctx.http, response).await {
+            tracing::warn!(error = %e, "could not answer a modal");
+        }
+    }
+
+    async fn on_text(&self, ctx: &Context, msg: Message) {
+        let Some(me) = self.me.get().copied() else {
+            return;
+        };
+        if msg.author.bot || msg.author.id == me {
+            return;
+        }
+        let dm = msg.guild_id.is_none();
+        if !dm && !msg.mentions.iter().any(|u| u.id == me) {
+            return;
+        }
+        let who = identity(msg.author.id);
+        let http = ctx.http.clone();
+        if let Err(refusal) = self.desk.admit(&who, &msg.content) {
+            let _ = msg.reply(&http, refusal.to_string()).await;
+            return;
+        }
+        let mention = format!("<@{me}>");
+        let nick = format!("<@!{me}>");
+        let (invocation, long) = match self.desk.parse(&msg.content, &[&mention, &nick]) {
+            Parsed::Run { invocation, long } => (invocation, long),
+            Parsed::Invalid(outcome) => {
+                let _ = msg.reply(&http, markdown(&outcome, false)).await;
+                return;
+            }
+        };
+        if !dm
+            && matches!(
+                invocation.command,
+                Command::RequestAccess { .. } | Command::Ssh { .. }
+            )
+        {
+            let _ = msg
+                .reply(&http, "Please use the slash command for that (its answer is only shown to you), or DM me.")
+                .await;
+            return;
+        }
+        let json = invocation.json;
+        if long {
+            let Ok(progress) = msg
+                .reply(
+                    &http,
+                    fit(&desk::Steps::new(invocation.command.to_string()).render(Format::Markdown)),
+                )
+                .await
+            else {
+                return;
+            };
+            let interval = Duration::from_millis(self.desk.limits().edit_interval_ms);
+            let (h, ch, id) = (http.clone(), progress.channel_id, progress.id);
+            let (tracker, task) =
+                desk::track(invocation.command.to_string(), interval, move |steps| {
+                    let h = h.clone();
+                    async move {
+                        let edit = EditMessage::new().content(fit(&steps.render(Format::Markdown)));
+                        if let Err(e) = ch.edit_message(&h, id, edit).await {
+                            tracing::warn!(error = %e, "could not edit the progress message");
+                        }
+                    }
+                });
+            let outcome = self.desk.run(&who, invocation.command, &tracker).await;
+            drop(tracker);
+            let _ = task.await;
+            let _ = ch
+                .edit_message(
+                    &http,
+                    id,
+                    EditMessage::new().content(markdown(&outcome, json)),
+                )
+                .await;
+        } else {
+            let outcome = self.desk.run(&who, invocation.command, &NoProgress).await;
+            let _ = msg.reply(&http, markdown(&outcome, json)).await;
+        }
+    }
+
+    /// Posts access requests to the admin channel and tells requesters.
+    async fn forward_events(
+        desk: Arc<Desk>,
+        http: Arc<serenity::http::Http>,
+        admin_channel: Option<ChannelId>,
+        posted: Arc<Mutex<HashMap<i64, (ChannelId, MessageId)>>>,
+    ) {
+        let mut rx = desk.executor().subscribe();
+        loop {
+            let event = match rx.recv().await {
+                Ok(e) => e,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "Discord bot fell behind on events");
+                    continue;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            match event {
+                Event::AccessRequested(r) => {
+                    let Some(ch) = admin_channel else { continue };
+                    let m = CreateMessage::new()
+                        .content(request_text(&r))
+                        .components(decision_buttons(r.id, false));
+                    match ch.send_message(&http, m).await {
+                        Ok(msg) => {
+                            if let Ok(mut p) = posted.lock() {
+                                p.insert(r.id, (ch, msg.id));
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, request = r.id, "could not post an access request")
+                        }
+                    }
+                }
+                Event::RequestDecided(r) => {
+                    // Show the decision wherever it was made (a click, Matrix, SSH).
+                    let at = posted.lock().ok().and_then(|p| p.get(&r.id).copied());
+                    if let Some((ch, id)) = at {
+                        let edit = EditMessage::new()
+                            .content(request_text(&r))
+                            .components(decision_buttons(r.id, true));
+                        if let Err(e) = ch.edit_message(&http, id, edit).await {
+                            tracing::warn!(error = %e, "could not update the request message");
+                        }
+                    }
+                    if r.identity.frontend != Frontend::Discord || r.state == RequestState::Pending
+                    {
+                        continue;
+                    }
+                    let Ok(uid) = r.identity.external_id.parse::<u64>() else {
+                        continue;
+                    };
+                    let doc = desk::outcome_document(&r, desk.executor());
+                    let text = fit(&write_doc(&doc, Format::Markdown));
+                    let sent = match UserId::new(uid.max(1)).create_dm_channel(&http).await {
+                        Ok(dm) => dm
+                            .send_message(&http, CreateMessage::new().content(text))
+                            .await
+                            .map(|_| ()),
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = sent {
+                        tracing::warn!(error = %e, user = uid, "could not DM the requester");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl EventHandler for Handler {
+    async fn ready(&self, ctx: Context, ready: Ready) {
+        tracing::info!(user = %ready.user.name, guilds = ready.guilds.len(), "Discord bot connected");
+        let _ = self.me.set(ready.user.id);
+        for g in &self.cfg.guilds {
+            if let Err(e) = GuildId::new((*g).max(1))
+                .set_commands(&ctx.http, commands())
+                .await
+            {
+                tracing::error!(guild = g, error = %e, "could not register slash commands; is the bot in that guild with the applications.commands scope?");
+            }
+        }
+        // One event forwarder, however often the gateway reconnects.
+        if !self
+            .started_events
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            tokio::spawn(Self::forward_events(
+                self.desk.clone(),
+                ctx.http.clone(),
+                self.cfg.admin_channel.map(|c| ChannelId::new(c.max(1))),
+                self.posted.clone(),
+            ));
+        }
+    }
+
+    async fn resume(&self, _: Context, _: ResumedEvent) {
+        tracing::info!("Discord gateway session resumed");
+    }
+
+    async fn message(&self, ctx: Context, msg: Message) {
+        self.on_text(&ctx, msg).await;
+    }
+
+    async fn interaction_create(&self, ctx: Context, interaction: Interaction) {
+        let span = tracing::info_span!("discord", user = interaction_user(&interaction));
+        async move {
+            match interaction {
+                Interaction::Command(c) => self.on_command(&ctx, c).await,
+                Interaction::Autocomplete(c) => self.on_autocomplete(&ctx, c).await,
+                Interaction::Component(c) => self.on_component(&ctx, c).await,
+                Interaction::Modal(m) => self.on_modal(&ctx, m).await,
+                _ => {}
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+}
+
+fn interaction_user(i: &Interaction) -> u64 {
+    match i {
+        Interaction::Command(c) | Interaction::Autocomplete(c) => c.user.id.get(),
+        Interaction::Component(c) => c.user.id.get(),
+        Interaction::Modal(m) => m.user.id.get(),
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_text_is_shortened_for_discord() {
+        let t = "x".repeat(5000);
+        let f = fit(&t);
+        assert!(f.chars().count() <= MAX_CONTENT);
+        assert!(f.ends_with("(shortened)"));
+        assert_eq!(fit("short"), "short");
+    }
+
+    #[test]
+    fn every_slash_command_is_a_command_of_the_language() {
+        for c in commands() {
+            let v = serde_json::to_value(&c).unwrap();
+            let name = v["name"].as_str().unwrap();
+            let line = match name {
+                "new" => "new project a".to_owned(),
+                "status" | "ssh" | "rm" => format!("{name} a"),
+                "request-access" => {
+                    format!(
+                        "request-access {}",
+                        kennel_core::keys::testing::ed25519(1, None).openssh()
+                    )
+                }
+                other => other.to_owned(),
+            };
+            assert!(kennel_core::parse(&line).is_ok(), "/{name} → {line}");
+        }
+    }
 }

@@ -138,6 +138,11 @@ impl Executor {
         &self.store
     }
 
+    /// The stacks and templates on offer (for completions in chat).
+    pub fn catalog(&self) -> &dyn Catalog {
+        self.catalog.as_ref()
+    }
+
     /// The settings in force.
     pub fn settings(&self) -> &Settings {
         &self.settings

@@ -11,6 +11,8 @@
 )]
 
 pub mod ch_double;
+#[cfg(feature = "discord")]
+pub mod discord_fake;
 #[cfg(feature = "matrix")]
 pub mod matrix_client;
 pub mod ssh;

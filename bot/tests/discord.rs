@@ -1,0 +1,396 @@
+//! The Discord bot: the real serenity client against the local fake of
+//! Discord's gateway and REST API (testkit), the executor over an
+//! in-memory store with a fake provisioner that reports progress slowly,
+//! and the real SSH gateway with OpenSSH's client. Discord itself cannot
+//! run here; the fake records every REST call and the test asserts on
+//! what the bot sent.
+
+#![cfg(feature = "discord")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kennel_bot::config::DiscordConfig;
+use kennel_bot::desk::{Desk, Limits};
+use kennel_core::catalog::{StackInfo, StaticCatalog};
+use kennel_core::model::{Frontend, Identity};
+use kennel_core::provision::testing::RecordingProvisioner;
+use kennel_core::{Executor, Settings, Store};
+use kennel_testkit::discord_fake::{user, Call, FakeDiscord};
+use kennel_testkit::ssh::{keygen, run_ssh};
+
+const BOT: u64 = 100;
+const APP: u64 = 200;
+const GUILD: u64 = 300;
+const ADMIN_CHANNEL: u64 = 400;
+const CHANNEL: u64 = 500;
+
+fn is_callback(c: &Call, id: u64) -> bool {
+    c.method == "POST" && c.path == format!("/interactions/{id}/token-{id}/callback")
+}
+
+fn is_original_edit(c: &Call, token: &str) -> bool {
+    c.method == "PATCH" && c.path == format!("/webhooks/{APP}/{token}/messages/@original")
+}
+
+fn content(c: &Call) -> String {
+    c.body["content"]
+        .as_str()
+        .or_else(|| c.body["data"]["content"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The callback of interaction `id`, after call index `from`.
+async fn callback(d: &FakeDiscord, from: usize, id: u64, what: &str) -> Call {
+    d.wait_call(from, what, |c| is_callback(c, id)).await.1
+}
+
+/// The last edit of a deferred response: waits until one is not progress.
+async fn final_edit(d: &FakeDiscord, from: usize, token: &str) -> (Vec<String>, usize) {
+    let mut from = from;
+    let mut seen = Vec::new();
+    loop {
+        let (i, c) = d
+            .wait_call(from, "an edit of the original response", |c| {
+                is_original_edit(c, token)
+            })
+            .await;
+        seen.push(content(&c));
+        if !content(&c).contains('⏳') {
+            return (seen, i + 1);
+        }
+        from = i + 1;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn discord_bot_against_a_fake_discord() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+    let d = FakeDiscord::start(BOT, APP, GUILD).await;
+    let root = user(11, "root", false);
+    let ann = user(12, "ann", false);
+    let carol = user(14, "carol", false);
+
+    let vms = Arc::new(RecordingProvisioner::default());
+    *vms.stage_delay.lock().unwrap() = Duration::from_millis(500);
+    let exec = Executor::new(
+        Store::open_in_memory().unwrap(),
+        vms.clone(),
+        Arc::new(StaticCatalog {
+            stacks: vec![StackInfo {
+                name: "rust".into(),
+                summary: "Rust".into(),
+                app_port: 8000,
+                broken: None,
+            }],
+            templates: vec![],
+        }),
+        Settings {
+            admins: vec![Identity::new(Frontend::Discord, "11")],
+            ..Settings::default()
+        },
+    );
+    let keys = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ssh_port = listener.local_addr().unwrap().port();
+    let host_key = kennel_gateway::ssh::host_key(&keys.path().join("host")).unwrap();
+    let gw = kennel_gateway::ssh::SshGateway::new(
+        exec.clone(),
+        kennel_gateway::ssh::SshSettings {
+            data_dir: keys.path().to_owned(),
+            ..Default::default()
+        },
+    );
+    tokio::spawn(gw.run(listener, host_key, std::future::pending()));
+
+    let cfg = DiscordConfig {
+        token: Some("test-token".into()),
+        guilds: vec![GUILD],
+        admin_channel: Some(ADMIN_CHANNEL),
+        api_base: Some(d.api_base.clone()),
+        limits: Limits {
+            edit_interval_ms: 200,
+            burst: 50,
+            ..Limits::default()
+        },
+    };
+    assert_eq!(cfg.problem(), None);
+    let desk = Arc::new(Desk::new(exec.clone(), cfg.limits.clone()));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let bot = tokio::spawn(kennel_bot::discord::run(cfg, desk, async move {
+        let _ = stopped.await;
+    }));
+
+    // Slash commands registered in the guild.
+    let (_, reg) = d
+        .wait_call(0, "slash command registration", |c| {
+            c.method == "PUT" && c.path == format!("/applications/{APP}/guilds/{GUILD}/commands")
+        })
+        .await;
+    let names: Vec<&str> = reg
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    for n in [
+        "new",
+        "projects",
+        "status",
+        "ssh",
+        "rm",
+        "request-access",
+        "help",
+    ] {
+        assert!(names.contains(&n), "{names:?}");
+    }
+    d.wait_connected().await;
+
+    // Autocomplete for stacks.
+    let from = d.calls().len();
+    let (id, _) = d.autocomplete(&ann, CHANNEL, "new", "stack", "ru").await;
+    let c = callback(&d, from, id, "autocomplete").await;
+    assert_eq!(c.body["type"], 8, "{c:?}");
+    assert_eq!(c.body["data"]["choices"][0]["value"], "rust", "{c:?}");
+
+    // An unknown user may not create projects.
+    let from = d.calls().len();
+    let (id, token) = d
+        .slash(
+            &ann,
+            CHANNEL,
+            "new",
+            &[("name", "early"), ("stack", "rust")],
+        )
+        .await;
+    let c = callback(&d, from, id, "deferred /new").await;
+    assert_eq!(c.body["type"], 5, "{c:?}");
+    assert_eq!(c.body["data"]["flags"], 64, "ephemeral: {c:?}");
+    let (seen, _) = final_edit(&d, from, &token).await;
+    assert!(
+        seen.last().unwrap().contains("does not know you yet"),
+        "{seen:?}"
+    );
+
+    // Access request → admin channel with buttons.
+    let (ann_key, ann_pub) = keygen(keys.path(), "ann");
+    let from = d.calls().len();
+    let (_, token) = d
+        .slash(
+            &ann,
+            CHANNEL,
+            "request-access",
+            &[("key", &ann_pub), ("note", "ann's laptop")],
+        )
+        .await;
+    let (seen, _) = final_edit(&d, from, &token).await;
+    assert!(seen.last().unwrap().contains("#1"), "{seen:?}");
+    let (_, posted) = d
+        .wait_call(from, "the request in the admin channel", |c| {
+            c.method == "POST" && c.path == format!("/channels/{ADMIN_CHANNEL}/messages")
+        })
+        .await;
+    let text = content(&posted);
+    assert!(
+        text.contains("Access request #1")
+            && text.contains("SHA256:")
+            && text.contains("ann's laptop"),
+        "{text}"
+    );
+    let buttons = &posted.body["components"][0]["components"];
+    assert_eq!(buttons[0]["custom_id"], "kennel:approve:1", "{posted:?}");
+    assert_eq!(buttons[1]["custom_id"], "kennel:deny:1", "{posted:?}");
+    let admin_msg = kennel_testkit::discord_fake::message(
+        777,
+        ADMIN_CHANNEL,
+        user(BOT, "kennel", true),
+        &text,
+        posted.body["components"].clone(),
+    );
+
+    // A non-admin's click is refused, to them alone.
+    let from = d.calls().len();
+    let (id, _) = d.click(&carol, &admin_msg, "kennel:approve:1").await;
+    let c = callback(&d, from, id, "refusal").await;
+    assert_eq!(c.body["type"], 4, "{c:?}");
+    assert_eq!(c.body["data"]["flags"], 64, "{c:?}");
+    assert!(content(&c).contains("refused"), "{c:?}");
+    let (id, _) = d.click(&carol, &admin_msg, "kennel:deny:1").await;
+    let c = callback(&d, from, id, "refusal of deny").await;
+    assert!(content(&c).contains("only admins"), "{c:?}");
+
+    // The admin approves: message updated, buttons off, requester DM'd.
+    let from = d.calls().len();
+    let (id, _) = d.click(&root, &admin_msg, "kennel:approve:1").await;
+    let c = callback(&d, from, id, "approval").await;
+    assert_eq!(c.body["type"], 7, "{c:?}");
+    assert!(content(&c).contains("Approved by"), "{c:?}");
+    assert_eq!(
+        c.body["data"]["components"][0]["components"][0]["disabled"], true,
+        "{c:?}"
+    );
+    d.wait_call(from, "a DM channel with ann", |c| {
+        c.path == "/users/@me/channels" && c.body["recipient_id"] == "12"
+    })
+    .await;
+    let (_, dm) = d
+        .wait_call(from, "ann's DM", |c| {
+            c.method == "POST" && c.path == format!("/channels/{}/messages", 12 + 7)
+        })
+        .await;
+    assert!(content(&dm).contains("approved"), "{dm:?}");
+    // A second click changes nothing and says so.
+    let from = d.calls().len();
+    let (id, _) = d.click(&root, &admin_msg, "kennel:approve:1").await;
+    let c = callback(&d, from, id, "second click").await;
+    assert_eq!(c.body["data"]["flags"], 64, "{c:?}");
+    assert!(content(&c).contains("already approved"), "{c:?}");
+    // The key logs in to the SSH gateway.
+    let out = run_ssh(ssh_port, ann_key, "ann".into(), vec!["whoami".into()], None).await;
+    assert!(out.status.success(), "{out:?}");
+
+    // Deny with a reason, through the modal.
+    let (_, carol_pub) = keygen(keys.path(), "carol");
+    let from = d.calls().len();
+    d.slash(&carol, CHANNEL, "request-access", &[("key", &carol_pub)])
+        .await;
+    let (_, posted) = d
+        .wait_call(from, "carol's request", |c| {
+            c.method == "POST" && c.path == format!("/channels/{ADMIN_CHANNEL}/messages")
+        })
+        .await;
+    assert!(content(&posted).contains("#2"), "{posted:?}");
+    let msg2 = kennel_testkit::discord_fake::message(
+        778,
+        ADMIN_CHANNEL,
+        user(BOT, "kennel", true),
+        &content(&posted),
+        posted.body["components"].clone(),
+    );
+    let from = d.calls().len();
+    let (id, _) = d.click(&root, &msg2, "kennel:deny:2").await;
+    let c = callback(&d, from, id, "the deny modal").await;
+    assert_eq!(c.body["type"], 9, "{c:?}");
+    assert_eq!(c.body["data"]["custom_id"], "kennel:deny-reason:2", "{c:?}");
+    let (id, _) = d
+        .submit_modal(
+            &root,
+            &msg2,
+            "kennel:deny-reason:2",
+            "reason",
+            "not a team member",
+        )
+        .await;
+    let c = callback(&d, from, id, "the modal's answer").await;
+    assert_eq!(c.body["type"], 7, "{c:?}");
+    assert!(
+        content(&c).contains("Denied by") && content(&c).contains("not a team member"),
+        "{c:?}"
+    );
+    let (_, dm) = d
+        .wait_call(from, "carol's DM", |c| {
+            c.method == "POST" && c.path == format!("/channels/{}/messages", 14 + 7)
+        })
+        .await;
+    assert!(
+        content(&dm).contains("denied") && content(&dm).contains("not a team member"),
+        "{dm:?}"
+    );
+
+    // /new: deferred, edited with progress, ending with the SSH string.
+    let from = d.calls().len();
+    let (id, token) = d
+        .slash(
+            &ann,
+            CHANNEL,
+            "new",
+            &[("name", "myapp"), ("stack", "rust")],
+        )
+        .await;
+    assert_eq!(
+        callback(&d, from, id, "deferred /new").await.body["type"],
+        5
+    );
+    let (seen, _) = final_edit(&d, from, &token).await;
+    assert!(seen.iter().any(|s| s.contains("booting")), "{seen:#?}");
+    assert!(
+        seen.last().unwrap().contains("ssh myapp@127.0.0.1 -p 2222"),
+        "{seen:#?}"
+    );
+    assert!(seen.len() <= 8, "{seen:#?}");
+
+    // The gateway drops the connection; the bot resumes and keeps answering.
+    d.drop_connection();
+    for _ in 0..200 {
+        if d.sessions().1 >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(d.sessions(), (1, 1), "identifies, resumes");
+    let from = d.calls().len();
+    let (_, token) = d.slash(&ann, CHANNEL, "projects", &[]).await;
+    let (seen, _) = final_edit(&d, from, &token).await;
+    assert!(seen.last().unwrap().contains("myapp"), "{seen:?}");
+
+    // A message that mentions the bot is a command too; others are ignored.
+    let from = d.calls().len();
+    d.say(&ann, CHANNEL, "projects please", vec![]).await;
+    d.say(
+        &ann,
+        CHANNEL,
+        &format!("<@{BOT}> whoami"),
+        vec![user(BOT, "kennel", true)],
+    )
+    .await;
+    let (i, reply) = d
+        .wait_call(from, "a reply in the channel", |c| {
+            c.method == "POST" && c.path == format!("/channels/{CHANNEL}/messages")
+        })
+        .await;
+    assert!(content(&reply).contains("discord:12"), "{reply:?}");
+    assert!(
+        !d.calls()[from..i]
+            .iter()
+            .any(|c| c.path.contains(&format!("/channels/{CHANNEL}/"))),
+        "answered an unaddressed message"
+    );
+
+    // /rm asks with a button; the click destroys.
+    let from = d.calls().len();
+    let (id, _) = d.slash(&ann, CHANNEL, "rm", &[("name", "myapp")]).await;
+    let c = callback(&d, from, id, "the rm question").await;
+    assert_eq!(c.body["type"], 4, "{c:?}");
+    let button = &c.body["data"]["components"][0]["components"][0];
+    assert_eq!(button["custom_id"], "kennel:rm:myapp", "{c:?}");
+    let question = kennel_testkit::discord_fake::message(
+        779,
+        CHANNEL,
+        user(BOT, "kennel", true),
+        &content(&c),
+        c.body["data"]["components"].clone(),
+    );
+    let from = d.calls().len();
+    let (_, token) = d.click(&ann, &question, "kennel:rm:myapp").await;
+    let (seen, _) = final_edit(&d, from, &token).await;
+    assert!(seen.last().unwrap().contains("myapp is gone"), "{seen:?}");
+    assert!(vms.calls().contains(&"destroy myapp".to_owned()));
+
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), bot)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
