@@ -213,6 +213,10 @@ fn real_main() -> Result<i32> {
 }
 
 fn main() -> ExitCode {
+    // Several TLS stacks meet in this binary (the chat SDKs, russh's
+    // neighbours): rustls then has more than one crypto provider compiled in
+    // and needs to be told which one to use.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     match real_main() {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {

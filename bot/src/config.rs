@@ -112,3 +112,35 @@ impl DiscordConfig {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configuration_mistakes_say_what_to_change() {
+        let ok = MatrixConfig {
+            homeserver: Some("https://m.example.org".into()),
+            user: "@kennel:example.org".into(),
+            password: Some("pw".into()),
+            admin_room: Some("!abcdef".into()),
+            ..MatrixConfig::default()
+        };
+        assert_eq!(ok.problem(), None);
+        assert_eq!(MatrixConfig::default().problem(), None, "off is fine");
+        let bad = |f: fn(&mut MatrixConfig)| {
+            let mut c = ok.clone();
+            f(&mut c);
+            c.problem().unwrap()
+        };
+        assert!(bad(|c| c.homeserver = Some("m.example.org".into())).contains("URL"));
+        assert!(bad(|c| c.user = "kennel".into()).contains("@kennel:example.org"));
+        assert!(bad(|c| c.password = None).contains("KENNEL_MATRIX__PASSWORD"));
+        assert!(bad(|c| c.admin_room = Some("ops".into())).contains("room id"));
+        let d = DiscordConfig {
+            token: Some("t".into()),
+            ..DiscordConfig::default()
+        };
+        assert!(d.problem().unwrap().contains("discord.guilds"));
+    }
+}
