@@ -184,28 +184,12 @@ pub fn render_outcome(outcome: &Outcome, json: bool, format: Format) -> String {
     if json {
         let body = render::render_json(outcome);
         return match format {
-            Format::Html => format!("<pre><code>{}</code></pre>", escape_html(&body)),
+            Format::Html => format!("<pre><code>{}</code></pre>", render::escape_html(&body)),
             Format::Markdown => format!("```json\n{body}\n```"),
             _ => body,
         };
     }
     render::render(outcome, format)
-}
-
-/// Escapes text for HTML.
-pub fn escape_html(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 /// The stages a long operation went through so far, for its progress

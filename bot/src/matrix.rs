@@ -711,7 +711,10 @@ impl MatrixBot {
             let _ = room
                 .send(RoomMessageEventContent::notice_html(
                     format!("{}: {plain}", ev.sender),
-                    format!("{}: {html}", desk::escape_html(ev.sender.as_str())),
+                    format!(
+                        "{}: {html}",
+                        kennel_core::render::escape_html(ev.sender.as_str())
+                    ),
                 ))
                 .await;
         }

@@ -14,14 +14,13 @@
 )]
 
 use std::sync::Arc;
+
+mod common;
 use std::time::Duration;
 
 use kennel_bot::config::DiscordConfig;
 use kennel_bot::desk::{Desk, Limits};
-use kennel_core::catalog::{StackInfo, StaticCatalog};
 use kennel_core::model::{Frontend, Identity};
-use kennel_core::provision::testing::RecordingProvisioner;
-use kennel_core::{Executor, Settings, Store};
 use kennel_testkit::discord_fake::{user, Call, FakeDiscord};
 use kennel_testkit::ssh::{keygen, run_ssh};
 
@@ -81,37 +80,12 @@ async fn discord_bot_against_a_fake_discord() {
     let ann = user(12, "ann", false);
     let carol = user(14, "carol", false);
 
-    let vms = Arc::new(RecordingProvisioner::default());
-    *vms.stage_delay.lock().unwrap() = Duration::from_millis(500);
-    let exec = Executor::new(
-        Store::open_in_memory().unwrap(),
-        vms.clone(),
-        Arc::new(StaticCatalog {
-            stacks: vec![StackInfo {
-                name: "rust".into(),
-                summary: "Rust".into(),
-                app_port: 8000,
-                broken: None,
-            }],
-            templates: vec![],
-        }),
-        Settings {
-            admins: vec![Identity::new(Frontend::Discord, "11")],
-            ..Settings::default()
-        },
+    let (exec, vms) = common::executor(
+        Identity::new(Frontend::Discord, "11"),
+        Duration::from_millis(500),
     );
     let keys = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ssh_port = listener.local_addr().unwrap().port();
-    let host_key = kennel_gateway::ssh::host_key(&keys.path().join("host")).unwrap();
-    let gw = kennel_gateway::ssh::SshGateway::new(
-        exec.clone(),
-        kennel_gateway::ssh::SshSettings {
-            data_dir: keys.path().to_owned(),
-            ..Default::default()
-        },
-    );
-    tokio::spawn(gw.run(listener, host_key, std::future::pending()));
+    let ssh_port = common::ssh_gateway(&exec, keys.path()).await;
 
     let cfg = DiscordConfig {
         token: Some("test-token".into()),

@@ -18,14 +18,14 @@
 )]
 
 use std::sync::Arc;
+
+mod common;
 use std::time::Duration;
 
 use kennel_bot::config::MatrixConfig;
 use kennel_bot::desk::{Desk, Limits};
-use kennel_core::catalog::{StackInfo, StaticCatalog};
 use kennel_core::model::{Frontend, Identity};
-use kennel_core::provision::testing::RecordingProvisioner;
-use kennel_core::{Executor, Settings, Store};
+use kennel_core::Settings;
 use kennel_testkit::matrix_client::{person, Person};
 use kennel_testkit::ssh::{keygen, run_ssh};
 use kennel_testkit::synapse::Synapse;
@@ -62,38 +62,12 @@ async fn matrix_bot_against_synapse() {
     let admin_room = group_room(&root, &[&bot_id], "kennel admins").await;
     let old = root.say(&admin_room, "!kennel projects").await;
 
-    let vms = Arc::new(RecordingProvisioner::default());
-    *vms.stage_delay.lock().unwrap() = Duration::from_millis(700);
-    let exec = Executor::new(
-        Store::open_in_memory().unwrap(),
-        vms.clone(),
-        Arc::new(StaticCatalog {
-            stacks: vec![StackInfo {
-                name: "rust".into(),
-                summary: "Rust".into(),
-                app_port: 8000,
-                broken: None,
-            }],
-            templates: vec![],
-        }),
-        Settings {
-            admins: vec![Identity::new(Frontend::Matrix, root.id.as_str())],
-            ..Settings::default()
-        },
+    let (exec, vms) = common::executor(
+        Identity::new(Frontend::Matrix, root.id.as_str()),
+        Duration::from_millis(700),
     );
-    // The SSH gateway, to log in with approved keys.
     let keys = tempfile::tempdir().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ssh_port = listener.local_addr().unwrap().port();
-    let host_key = kennel_gateway::ssh::host_key(&keys.path().join("host")).unwrap();
-    let gw = kennel_gateway::ssh::SshGateway::new(
-        exec.clone(),
-        kennel_gateway::ssh::SshSettings {
-            data_dir: keys.path().to_owned(),
-            ..Default::default()
-        },
-    );
-    tokio::spawn(gw.run(listener, host_key, std::future::pending()));
+    let ssh_port = common::ssh_gateway(&exec, keys.path()).await;
 
     let state = tempfile::tempdir().unwrap();
     let cfg = MatrixConfig {

@@ -289,7 +289,7 @@ impl Executor {
             let out = self.authorized(who, user.as_ref(), cmd.clone(), progress, 0).await;
             match &out {
                 Ok(_) => tracing::debug!("done"),
-                Err(CommandError::Usage(_) | CommandError::Refused(_) | CommandError::NotFound(_)) => {
+                Err(CommandError::Usage(_) | CommandError::Refused(_) | CommandError::NotFound(_) | CommandError::Conflict(_)) => {
                     tracing::debug!(error = %out.as_ref().err().map(ToString::to_string).unwrap_or_default(), "not done")
                 }
                 Err(e) => tracing::error!(error = %e, "command failed"),

@@ -471,11 +471,11 @@ pub fn write_doc(doc: &[Block], f: Format) -> String {
 
 fn write_inline(i: &Inline, f: Format) -> String {
     match (f, i) {
-        (Format::Html, Inline::Text(s)) => esc(s),
-        (Format::Html, Inline::Code(s)) => format!("<code>{}</code>", esc(s)),
-        (Format::Html, Inline::Strong(s)) => format!("<b>{}</b>", esc(s)),
+        (Format::Html, Inline::Text(s)) => escape_html(s),
+        (Format::Html, Inline::Code(s)) => format!("<code>{}</code>", escape_html(s)),
+        (Format::Html, Inline::Strong(s)) => format!("<b>{}</b>", escape_html(s)),
         (Format::Html, Inline::Link { text, url }) => {
-            format!("<a href=\"{}\">{}</a>", esc(url), esc(text))
+            format!("<a href=\"{}\">{}</a>", escape_html(url), escape_html(text))
         }
         (Format::Markdown, Inline::Code(s)) => format!("`{}`", s.replace('`', "'")),
         (Format::Markdown, Inline::Strong(s)) => format!("**{s}**"),
@@ -521,9 +521,9 @@ fn aligned(head: &[String], rows: &[Vec<String>]) -> String {
 
 fn write_block(b: &Block, f: Format) -> String {
     match (f, b) {
-        (Format::Html, Block::Title(s)) => format!("<p><b>{}</b></p>", esc(s)),
+        (Format::Html, Block::Title(s)) => format!("<p><b>{}</b></p>", escape_html(s)),
         (Format::Html, Block::Para(v)) => format!("<p>{}</p>", write_inlines(v, f)),
-        (Format::Html, Block::Code(s)) => format!("<pre><code>{}</code></pre>", esc(s)),
+        (Format::Html, Block::Code(s)) => format!("<pre><code>{}</code></pre>", escape_html(s)),
         (Format::Html, Block::Bullets(items)) => format!(
             "<ul>{}</ul>",
             items
@@ -536,14 +536,14 @@ fn write_block(b: &Block, f: Format) -> String {
             if head.iter().any(|h| !h.is_empty()) {
                 s.push_str("<tr>");
                 for h in head {
-                    s.push_str(&format!("<th>{}</th>", esc(h)));
+                    s.push_str(&format!("<th>{}</th>", escape_html(h)));
                 }
                 s.push_str("</tr>");
             }
             for r in rows {
                 s.push_str("<tr>");
                 for c in r {
-                    s.push_str(&format!("<td>{}</td>", esc(c)));
+                    s.push_str(&format!("<td>{}</td>", escape_html(c)));
                 }
                 s.push_str("</tr>");
             }
@@ -567,7 +567,8 @@ fn write_block(b: &Block, f: Format) -> String {
     }
 }
 
-fn esc(s: &str) -> String {
+/// Escapes text for HTML (Matrix messages).
+pub fn escape_html(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
