@@ -524,6 +524,12 @@ impl MatrixBot {
             return;
         }
         let prefixes: Vec<&str> = self.prefixes.iter().map(String::as_str).collect();
+        // Leaving a room is the bot's own business, not a Kennel command.
+        let bare = kennel_core::command::lex::normalize(&body, &prefixes);
+        if !dm && bare.eq_ignore_ascii_case("leave") {
+            self.leave_when_asked(&who, &ev, &room).await;
+            return;
+        }
         let (invocation, long) = match self.desk.parse(&body, &prefixes) {
             Parsed::Run { invocation, long } => (invocation, long),
             Parsed::Invalid(outcome) => {
@@ -591,6 +597,38 @@ impl MatrixBot {
             self.lock()
                 .asked_in
                 .insert(request.id, room.room_id().to_owned());
+        }
+    }
+
+    /// `leave` in a group room: room moderators (whoever may kick) and
+    /// Kennel admins may send the bot away; it says goodbye first.
+    async fn leave_when_asked(
+        &self,
+        who: &Identity,
+        ev: &OriginalSyncRoomMessageEvent,
+        room: &Room,
+    ) {
+        if self.admin_room.get().map(|r| r.as_ref()) == Some(room.room_id()) {
+            self.reply_text(room, ev, "This is Kennel's admin room (matrix.admin_room); change the configuration before asking me to leave it.")
+                .await;
+            return;
+        }
+        let admin = matches!(self.desk.executor().resolve(who).await, Ok(Some(u)) if u.role == kennel_core::Role::Admin);
+        let moderator = matches!(room.get_member(&ev.sender).await, Ok(Some(m)) if m.can_kick());
+        if !admin && !moderator {
+            self.reply_text(
+                room,
+                ev,
+                "Only a room moderator or a Kennel admin can ask me to leave.",
+            )
+            .await;
+            return;
+        }
+        self.reply_text(room, ev, "Goodbye! Invite me again whenever you need me.")
+            .await;
+        tracing::info!(room = %room.room_id(), by = %ev.sender, "leaving the room as asked");
+        if let Err(e) = room.leave().await {
+            tracing::warn!(room = %room.room_id(), error = %e, "could not leave the room");
         }
     }
 

@@ -32,6 +32,7 @@ use kennel_testkit::synapse::Synapse;
 use matrix_sdk::ruma::api::client::room::create_room::v3::{Request as CreateRoom, RoomPreset};
 use matrix_sdk::ruma::events::reaction::ReactionEventContent;
 use matrix_sdk::ruma::events::relation::Annotation;
+use matrix_sdk::ruma::events::room::member::MembershipState;
 use matrix_sdk::ruma::{OwnedRoomId, UserId};
 
 async fn group_room(creator: &Person, invite: &[&UserId], name: &str) -> OwnedRoomId {
@@ -118,6 +119,27 @@ async fn matrix_bot_against_synapse() {
     assert!(r.body.contains("new project"), "{r:?}");
     let r = ann.ask(&bot_id, &group, &format!("{bot_id}: whoami")).await;
     assert!(r.body.contains("request-access"), "{r:?}");
+
+    // Only a moderator (or a Kennel admin) sends the bot away.
+    let r = ann.ask(&bot_id, &group, "!kennel leave").await;
+    assert!(r.body.contains("Only a room moderator"), "{r:?}");
+    // (root's client also saw the bot's answers to ann: wait for this one.)
+    let asked = root.say(&group, "!kennel leave").await;
+    let r = root
+        .wait_for("goodbye", |s| s.in_reply_to.as_ref() == Some(&asked))
+        .await;
+    assert!(r.body.contains("Goodbye"), "{r:?}");
+    let room = root.room(&group).await;
+    let mut left = false;
+    for _ in 0..100 {
+        let m = room.get_member_no_sync(&bot_id).await.unwrap();
+        if m.is_some_and(|m| *m.membership() == MembershipState::Leave) {
+            left = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(left, "the bot is still in the room");
 
     // 3. An unknown user in an (encrypted) DM is refused politely.
     let bob_dm = bob.dm(&bot_id).await;
