@@ -311,8 +311,8 @@ pub fn load(file_flag: Option<&Path>, data_dir_flag: Option<&Path>) -> Result<Lo
     }
     figment = figment.merge(
         Env::prefixed("KENNEL_")
-            // Not settings: the config file's path, and the test suite's cache.
-            .ignore(&["CONFIG", "TEST_CACHE"])
+            // Not settings: the config file's path, and the test suite's caches.
+            .ignore(&["CONFIG", "TEST_CACHE", "SYNAPSE_VENV"])
             .split("__"),
     );
     if let Some(d) = data_dir_flag {
