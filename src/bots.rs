@@ -21,6 +21,10 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 }
 
 /// Spawns each configured bot; a bot that cannot start logs why and ends.
+#[cfg_attr(
+    not(all(feature = "matrix", feature = "discord")),
+    allow(unused_variables, unused_mut)
+)]
 pub fn start(
     config: &Config,
     exec: &Executor,
@@ -28,7 +32,6 @@ pub fn start(
     stop: &watch::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
     let mut tasks = Vec::new();
-    let _ = (exec, data_dir, stop, &mut tasks);
     if config.matrix.enabled() {
         #[cfg(feature = "matrix")]
         {

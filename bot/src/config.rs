@@ -104,6 +104,10 @@ impl DiscordConfig {
         if self.guilds.is_empty() {
             return Some("discord.guilds is empty: list the server (guild) ids whose slash commands Kennel registers".into());
         }
+        // Discord ids are never 0 (serenity refuses them).
+        if self.guilds.contains(&0) || self.admin_channel == Some(0) {
+            return Some("discord.guilds and discord.admin_channel take Discord ids (copy them with Developer Mode on); 0 is not one".into());
+        }
         if let Some(base) = &self.api_base {
             if !(base.starts_with("https://") || base.starts_with("http://")) {
                 return Some(format!("discord.api_base {base:?} must be a URL"));

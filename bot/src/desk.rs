@@ -165,6 +165,38 @@ impl Desk {
     pub async fn run(&self, who: &Identity, cmd: Command, progress: &dyn ProgressSink) -> Outcome {
         self.exec.execute(who, cmd, progress).await
     }
+
+    /// Runs a long command, calling `edit` with its progress at most once
+    /// per `limits.edit_interval_ms`; returns once the last progress edit is
+    /// done, so the caller's final answer lands after it.
+    pub async fn run_tracked<F, Fut>(&self, who: &Identity, cmd: Command, edit: F) -> Outcome
+    where
+        F: FnMut(Steps) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
+        let interval = Duration::from_millis(self.limits.edit_interval_ms);
+        let (tracker, task) = track(cmd.to_string(), interval, edit);
+        let outcome = self.run(who, cmd, &tracker).await;
+        drop(tracker);
+        let _ = task.await;
+        outcome
+    }
+}
+
+/// The next executor event for a bot, riding over a lag (with a warning).
+pub async fn next_event(
+    rx: &mut tokio::sync::broadcast::Receiver<kennel_core::Event>,
+) -> Option<kennel_core::Event> {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match rx.recv().await {
+            Ok(e) => return Some(e),
+            Err(RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "a chat bot fell behind on events")
+            }
+            Err(RecvError::Closed) => return None,
+        }
+    }
 }
 
 /// Commands that take long enough to deserve a progress message.

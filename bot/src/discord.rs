@@ -11,12 +11,11 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use kennel_core::command::lex::quote;
 use kennel_core::command::Command;
-use kennel_core::model::{AccessRequest, Frontend, Identity, RequestState, Role};
-use kennel_core::outcome::{CommandError, Reply};
+use kennel_core::model::{AccessRequest, Frontend, Identity, RequestState};
+use kennel_core::outcome::Reply;
 use kennel_core::provision::NoProgress;
 use kennel_core::render::{write_doc, Format};
 use kennel_core::{Event, Outcome};
@@ -253,6 +252,15 @@ fn decision_buttons(id: i64, disabled: bool) -> Vec<CreateActionRow> {
     ])]
 }
 
+/// The admin-channel message after a decision: who and when, buttons off.
+fn decided_update(r: &AccessRequest) -> CreateInteractionResponse {
+    CreateInteractionResponse::UpdateMessage(
+        CreateInteractionResponseMessage::new()
+            .content(request_text(r))
+            .components(decision_buttons(r.id, true)),
+    )
+}
+
 fn request_text(r: &AccessRequest) -> String {
     let how = "Approve or Deny with the buttons (admins only), or type `approve ID` / `deny ID [reason]` anywhere Kennel listens.";
     fit(&write_doc(
@@ -268,10 +276,6 @@ impl Handler {
                 .content(fit(&content))
                 .ephemeral(true),
         )
-    }
-
-    async fn is_admin(&self, who: &Identity) -> bool {
-        matches!(self.desk.executor().resolve(who).await, Ok(Some(u)) if u.role == Role::Admin)
     }
 
     async fn on_command(&self, ctx: &Context, cmd: CommandInteraction) {
@@ -333,10 +337,9 @@ impl Handler {
             return;
         }
         let outcome = if long {
-            let interval = Duration::from_millis(self.desk.limits().edit_interval_ms);
             let (h, c) = (http.clone(), cmd.clone());
-            let (tracker, task) =
-                desk::track(invocation.command.to_string(), interval, move |steps| {
+            self.desk
+                .run_tracked(&who, invocation.command, move |steps| {
                     let (h, c) = (h.clone(), c.clone());
                     async move {
                         let edit = EditInteractionResponse::new()
@@ -345,11 +348,8 @@ impl Handler {
                             tracing::warn!(error = %e, "could not edit the progress message");
                         }
                     }
-                });
-            let outcome = self.desk.run(&who, invocation.command, &tracker).await;
-            drop(tracker);
-            let _ = task.await;
-            outcome
+                })
+                .await
         } else {
             self.desk.run(&who, invocation.command, &NoProgress).await
         };
@@ -419,7 +419,9 @@ impl Handler {
             }
             "deny" => {
                 let Ok(id) = arg.parse::<i64>() else { return };
-                if !self.is_admin(&who).await {
+                // Ask policy before showing the form; the deny itself asks again.
+                let deny = Command::Deny { id, reason: None };
+                if self.desk.executor().authorize(&who, &deny).await.is_err() {
                     let _ = c
                         .create_response(
                             &ctx.http,
@@ -472,13 +474,8 @@ impl Handler {
     /// off), or the clicker alone learns why nothing changed.
     async fn after_decision(&self, ctx: &Context, c: &ComponentInteraction, outcome: Outcome) {
         let response = match &outcome {
-            Ok(Reply::Decided { request, .. }) => CreateInteractionResponse::UpdateMessage(
-                CreateInteractionResponseMessage::new()
-                    .content(request_text(request))
-                    .components(decision_buttons(request.id, true)),
-            ),
-            Err(CommandError::Conflict(_)) | Err(_) => Self::ephemeral(markdown(&outcome, false)),
-            Ok(_) => Self::ephemeral(markdown(&outcome, false)),
+            Ok(Reply::Decided { request, .. }) => decided_update(request),
+            _ => Self::ephemeral(markdown(&outcome, false)),
         };
         if let Err(e) = c.create_response(&ctx.http, response).await {
             tracing::warn!(error = %e, "could not answer a button click");
@@ -510,13 +507,7 @@ impl Handler {
             .run(&who, Command::Deny { id, reason }, &NoProgress)
             .await;
         let response = match &outcome {
-            Ok(Reply::Decided { request, .. }) if m.message.is_some() => {
-                CreateInteractionResponse::UpdateMessage(
-                    CreateInteractionResponseMessage::new()
-                        .content(request_text(request))
-                        .components(decision_buttons(request.id, true)),
-                )
-            }
+            Ok(Reply::Decided { request, .. }) if m.message.is_some() => decided_update(request),
             _ => Self::ephemeral(markdown(&outcome, false)),
         };
         if let Err(e) = m.create_response(&ctx.http, response).await {
@@ -572,10 +563,10 @@ impl Handler {
             else {
                 return;
             };
-            let interval = Duration::from_millis(self.desk.limits().edit_interval_ms);
             let (h, ch, id) = (http.clone(), progress.channel_id, progress.id);
-            let (tracker, task) =
-                desk::track(invocation.command.to_string(), interval, move |steps| {
+            let outcome = self
+                .desk
+                .run_tracked(&who, invocation.command, move |steps| {
                     let h = h.clone();
                     async move {
                         let edit = EditMessage::new().content(fit(&steps.render(Format::Markdown)));
@@ -583,10 +574,8 @@ impl Handler {
                             tracing::warn!(error = %e, "could not edit the progress message");
                         }
                     }
-                });
-            let outcome = self.desk.run(&who, invocation.command, &tracker).await;
-            drop(tracker);
-            let _ = task.await;
+                })
+                .await;
             let _ = ch
                 .edit_message(
                     &http,
@@ -608,15 +597,7 @@ impl Handler {
         posted: Arc<Mutex<HashMap<i64, (ChannelId, MessageId)>>>,
     ) {
         let mut rx = desk.executor().subscribe();
-        loop {
-            let event = match rx.recv().await {
-                Ok(e) => e,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!(missed = n, "Discord bot fell behind on events");
-                    continue;
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-            };
+        while let Some(event) = desk::next_event(&mut rx).await {
             match event {
                 Event::AccessRequested(r) => {
                     let Some(ch) = admin_channel else { continue };
@@ -649,12 +630,12 @@ impl Handler {
                     {
                         continue;
                     }
-                    let Ok(uid) = r.identity.external_id.parse::<u64>() else {
+                    let Ok(uid) = r.identity.external_id.parse::<std::num::NonZeroU64>() else {
                         continue;
                     };
                     let doc = desk::outcome_document(&r, desk.executor());
                     let text = fit(&write_doc(&doc, Format::Markdown));
-                    let sent = match UserId::new(uid.max(1)).create_dm_channel(&http).await {
+                    let sent = match UserId::from(uid).create_dm_channel(&http).await {
                         Ok(dm) => dm
                             .send_message(&http, CreateMessage::new().content(text))
                             .await
@@ -676,10 +657,7 @@ impl EventHandler for Handler {
         tracing::info!(user = %ready.user.name, guilds = ready.guilds.len(), "Discord bot connected");
         let _ = self.me.set(ready.user.id);
         for g in &self.cfg.guilds {
-            if let Err(e) = GuildId::new((*g).max(1))
-                .set_commands(&ctx.http, commands())
-                .await
-            {
+            if let Err(e) = GuildId::new(*g).set_commands(&ctx.http, commands()).await {
                 tracing::error!(guild = g, error = %e, "could not register slash commands; is the bot in that guild with the applications.commands scope?");
             }
         }
@@ -691,7 +669,7 @@ impl EventHandler for Handler {
             tokio::spawn(Self::forward_events(
                 self.desk.clone(),
                 ctx.http.clone(),
-                self.cfg.admin_channel.map(|c| ChannelId::new(c.max(1))),
+                self.cfg.admin_channel.map(ChannelId::new),
                 self.posted.clone(),
             ));
         }

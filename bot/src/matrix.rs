@@ -92,6 +92,9 @@ pub async fn connect(
     state_dir: &Path,
     desk: Arc<Desk>,
 ) -> Result<Arc<MatrixBot>, MatrixError> {
+    if let Some(problem) = cfg.problem() {
+        return Err(MatrixError::Config(problem));
+    }
     let homeserver = cfg
         .homeserver
         .clone()
@@ -102,11 +105,6 @@ pub async fn connect(
             cfg.user
         ))
     })?;
-    if cfg.password.is_none() && cfg.access_token.is_none() {
-        return Err(MatrixError::Config(
-            "set matrix.password (or KENNEL_MATRIX__PASSWORD), or matrix.access_token with matrix.device_id".into(),
-        ));
-    }
     std::fs::create_dir_all(state_dir).map_err(|e| store_err(state_dir, e))?;
     let session_file = state_dir.join("session.json");
     let client = Client::builder()
@@ -162,11 +160,6 @@ async fn login(
             .restore_session(session)
             .await
             .map_err(|e| fail(e.to_string()));
-    }
-    if cfg.access_token.is_some() {
-        return Err(MatrixError::Config(
-            "matrix.access_token needs matrix.device_id (both come from the same login)".into(),
-        ));
     }
     // A session kept from an earlier password login: same device, same keys.
     if let Ok(text) = std::fs::read_to_string(session_file) {
@@ -274,6 +267,14 @@ impl MatrixBot {
         RoomMessageEventContent::notice_html(
             write_doc(doc, Format::Plain),
             write_doc(doc, Format::Html),
+        )
+    }
+
+    /// An outcome as a notice: HTML with its plain-text fallback.
+    fn outcome_content(outcome: &kennel_core::Outcome, json: bool) -> RoomMessageEventContent {
+        RoomMessageEventContent::notice_html(
+            desk::render_outcome(outcome, json, Format::Plain),
+            desk::render_outcome(outcome, json, Format::Html),
         )
     }
 
@@ -555,9 +556,9 @@ impl MatrixBot {
             let message: Arc<tokio::sync::Mutex<Option<OwnedEventId>>> = Arc::default();
             let bot = self.clone();
             let (m, r, e) = (message.clone(), room.clone(), ev.clone());
-            let interval = Duration::from_millis(self.desk.limits().edit_interval_ms);
-            let (tracker, task) =
-                desk::track(invocation.command.to_string(), interval, move |steps| {
+            let outcome = self
+                .desk
+                .run_tracked(&who, invocation.command, move |steps| {
                     let (bot, m, r, e) = (bot.clone(), m.clone(), r.clone(), e.clone());
                     async move {
                         let mut id = m.lock().await;
@@ -567,13 +568,9 @@ impl MatrixBot {
                             Some(first) => bot.edit(&r, first, content).await,
                         }
                     }
-                });
-            let outcome = self.desk.run(&who, invocation.command, &tracker).await;
-            drop(tracker);
-            let _ = task.await;
-            let plain = desk::render_outcome(&outcome, json, Format::Plain);
-            let html = desk::render_outcome(&outcome, json, Format::Html);
-            let content = RoomMessageEventContent::notice_html(plain, html);
+                })
+                .await;
+            let content = Self::outcome_content(&outcome, json);
             match message.lock().await.as_ref() {
                 Some(id) => self.edit(&room, id, content).await,
                 None => {
@@ -645,9 +642,7 @@ impl MatrixBot {
         outcome: &kennel_core::Outcome,
         json: bool,
     ) {
-        let plain = desk::render_outcome(outcome, json, Format::Plain);
-        let html = desk::render_outcome(outcome, json, Format::Html);
-        self.reply_content(room, ev, RoomMessageEventContent::notice_html(plain, html))
+        self.reply_content(room, ev, Self::outcome_content(outcome, json))
             .await;
     }
 
@@ -786,14 +781,10 @@ impl MatrixBot {
     /// Posts access requests to the admin room and tells requesters the outcome.
     async fn forward_events(self: Arc<Self>) {
         let mut rx = self.desk.executor().subscribe();
-        loop {
-            match rx.recv().await {
-                Ok(Event::AccessRequested(r)) => self.post_request(&r).await,
-                Ok(Event::RequestDecided(r)) => self.decided(&r).await,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!(missed = n, "Matrix bot fell behind on events");
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        while let Some(event) = desk::next_event(&mut rx).await {
+            match event {
+                Event::AccessRequested(r) => self.post_request(&r).await,
+                Event::RequestDecided(r) => self.decided(&r).await,
             }
         }
     }

@@ -194,6 +194,23 @@ impl Executor {
             .await
     }
 
+    /// Asks policy whether `who` may run `cmd`, without running it (a front
+    /// end deciding whether to show a form first, e.g. Discord's deny modal).
+    pub async fn authorize(&self, who: &Identity, cmd: &Command) -> Result<(), CommandError> {
+        let user = self.resolve(who).await?;
+        let rel = match cmd.project() {
+            Some(name) => self.relation(user.as_ref(), name).await?.0,
+            None => Relation::NoProject,
+        };
+        policy::authorize(
+            user.as_ref().map(|u| u.role),
+            user.as_ref().map(|u| &u.name),
+            cmd,
+            rel,
+        )?;
+        Ok(())
+    }
+
     /// Decides whether `user` may enter `project` over SSH (owner, an SSH
     /// share, or an admin), with the same policy as the `ssh` command.
     pub async fn ssh_access(
