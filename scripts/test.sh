@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Kennel's test command (README): installs what the tests need, then runs
-# rustfmt, clippy and every test. Idempotent; safe to run again.
+# rustfmt, clippy, the guest image builds and every test. Idempotent; safe
+# to run again. Each phase prints how long it took.
 #
 # Build outputs are cached outside the checkout (CARGO_TARGET_DIR, default
-# ~/.cache/kennel/target) so repeated runs are fast; nothing depends on it.
+# ~/.cache/kennel/target) and so are guest images (KENNEL_TEST_CACHE,
+# default ~/.cache/kennel/test-data) so repeated runs are fast; nothing
+# depends on them: with both empty, everything is built here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,7 +14,23 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kennel/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 mkdir -p "$CARGO_TARGET_DIR"
 
-step() { printf '\n== %s\n' "$*"; }
+started=$SECONDS
+phase_start=$SECONDS
+phase=""
+timings=()
+step() {
+  if [ -n "$phase" ]; then timings+=("$(printf '%-28s %5d s' "$phase" $((SECONDS - phase_start)))"); fi
+  phase="$*"
+  phase_start=$SECONDS
+  printf '\n== %s (at %d s)\n' "$*" $((SECONDS - started))
+}
+report() {
+  step "done"
+  printf '\n== phases\n'
+  printf '%s\n' "${timings[@]}"
+  printf '%-28s %5d s\n' "total" $((SECONDS - started))
+}
+trap 'report' EXIT
 
 step "prerequisites"
 ./scripts/install-deps.sh test
@@ -19,8 +38,18 @@ step "prerequisites"
 step "cargo fmt --check"
 cargo fmt --all --check 2> >(grep -v "unstable features are only available in nightly" >&2)
 
+step "compile (tests, all features)"
+cargo test --workspace --all-features --locked --no-run
+
 step "cargo clippy"
 cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
+
+# The guest kernel and the base, rust and node images, built once into the
+# test cache before the tests that boot guests, with their progress shown
+# here. Each test still builds what it lacks on its own (with progress), so
+# none depends on this step or on another test having run first.
+step "guest images (kernel, base, rust, node)"
+cargo test --workspace --all-features --locked --test images -- --nocapture
 
 step "cargo test"
 cargo test --workspace --all-features --locked
