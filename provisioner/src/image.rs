@@ -182,6 +182,23 @@ pub struct Images {
     dir: PathBuf,
 }
 
+/// What one of mmdebstrap's "I: ..." lines says, short enough for a chat
+/// progress line: hooks by their kind (not their long command lines), the
+/// rest as it is, and nothing for lines that say nothing to a person.
+fn mmdebstrap_step(m: &str) -> Option<String> {
+    if let Some(rest) = m.strip_prefix("running --") {
+        let hook = rest.split(['-', ' ']).next().unwrap_or("a");
+        return Some(format!("running the {hook} hook"));
+    }
+    if m.starts_with("running special hook") {
+        return Some("saving downloaded packages for the next build".into());
+    }
+    if m.starts_with("chroot architecture") || m.starts_with("finding correct signed-by") {
+        return None;
+    }
+    Some(m.chars().take(100).collect())
+}
+
 /// Characters that would change the meaning of a mmdebstrap hook string.
 fn safe_for_hooks(p: &Path) -> bool {
     p.to_str().is_some_and(|s| {
@@ -262,12 +279,19 @@ impl Images {
         // One build at a time per image store: concurrent mmdebstrap runs
         // would race on the shared package cache, and whoever waited finds
         // the image the other just built.
-        let _lock = lock_file(&self.dir.join(".build.lock")).map_err(io(&self.dir))?;
+        let lock_path = self.dir.join(".build.lock");
+        let _lock = match try_lock_file(&lock_path) {
+            Some(l) => l,
+            None => {
+                step("waiting for another image build to finish");
+                lock_file(&lock_path).map_err(io(&self.dir))?
+            }
+        };
         if let Some(info) = self.get(&id) {
             return Ok((info, false));
         }
         let work = self.dir.join(format!(".tmp-{id}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&work);
+        let _ = remove_work_dir(&work);
         std::fs::create_dir_all(&work).map_err(io(&work))?;
         let started = std::time::Instant::now();
         let result = build(env, base, stack, runner, step, &work, &id, &hash);
@@ -297,9 +321,107 @@ impl Images {
             Err(e) => Err(e),
         };
         if work.exists() {
-            let _ = std::fs::remove_dir_all(&work);
+            let _ = remove_work_dir(&work);
         }
         out
+    }
+
+    /// Removes what interrupted builds left in the store (`.tmp-*` work
+    /// directories and the mounts mmdebstrap made inside them), unless a
+    /// build is running now: another process may share the store. Returns
+    /// the directories removed.
+    pub fn clean_interrupted(&self) -> Vec<PathBuf> {
+        let idle = (
+            try_lock_file(&self.dir.join(".build.lock")),
+            try_lock_file(&self.dir.join(".kernel.lock")),
+        );
+        let (Some(_b), Some(_k)) = idle else {
+            return Vec::new();
+        };
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut removed = Vec::new();
+        for e in rd.filter_map(Result::ok) {
+            if !e.file_name().to_string_lossy().starts_with(".tmp-") {
+                continue;
+            }
+            let path = e.path();
+            match remove_work_dir(&path) {
+                Ok(unmounted) => {
+                    tracing::warn!(dir = %path.display(), unmounted = unmounted.len(),
+                        "removed what an interrupted image build left");
+                    removed.push(path);
+                }
+                Err(err) => tracing::error!(dir = %path.display(), %err,
+                    "cannot remove what an interrupted image build left; remove it by hand"),
+            }
+        }
+        removed
+    }
+}
+
+/// Mount points at or below `dir`, deepest first (from
+/// /proc/self/mountinfo, whose fifth field is the mount point with
+/// space, tab, newline and backslash written as octal escapes).
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut v: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(unescape_mountinfo(m)))
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    v.dedup();
+    v
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('\\') {
+        out.push_str(rest.get(..i).unwrap_or_default());
+        let code = rest
+            .get(i + 1..i + 4)
+            .and_then(|o| u8::from_str_radix(o, 8).ok());
+        match code {
+            Some(c) => {
+                out.push(char::from(c));
+                rest = rest.get(i + 4..).unwrap_or_default();
+            }
+            None => {
+                out.push('\\');
+                rest = rest.get(i + 1..).unwrap_or_default();
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Removes a build's work directory. Mounts inside it (an interrupted
+/// mmdebstrap leaves `root/proc`, `root/sys`, `root/dev/pts`, ...) are
+/// detached first: `remove_dir_all` would otherwise walk into them. If a
+/// mount cannot be detached, nothing is removed. Returns the mounts
+/// detached.
+pub fn remove_work_dir(work: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mounts = mounts_under(work);
+    for m in &mounts {
+        rustix::mount::unmount(m, rustix::mount::UnmountFlags::DETACH)
+            .map_err(std::io::Error::from)?;
+    }
+    if let Some(m) = mounts_under(work).first() {
+        return Err(std::io::Error::other(format!(
+            "{} is still mounted",
+            m.display()
+        )));
+    }
+    match std::fs::remove_dir_all(work) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(mounts),
     }
 }
 
@@ -379,10 +501,18 @@ fn build(
         recipe.file.suite,
         packages.len()
     ));
-    runner.run(&cmd).map_err(|source| ImageError::Run {
-        step: "mmdebstrap",
-        source,
-    })?;
+    // mmdebstrap's "I: ..." lines say what it is doing (downloading,
+    // extracting, installing, hooks): passed on as they come.
+    runner
+        .run_lines(&cmd, &mut |line| {
+            if let Some(m) = line.strip_prefix("I: ").and_then(mmdebstrap_step) {
+                step(&m);
+            }
+        })
+        .map_err(|source| ImageError::Run {
+            step: "mmdebstrap",
+            source,
+        })?;
 
     // Size: what the tree holds, plus a quarter and 256 MiB of room,
     // rounded up to 64 MiB. VM disks are larger; the guest grows it.
@@ -398,7 +528,9 @@ fn build(
     let mib = (used / (1 << 20)) * 5 / 4 + 256;
     let mib = mib.div_ceil(64) * 64;
     let rootfs = work.join("rootfs.ext4");
-    step(&format!("mkfs.ext4 ({mib} MiB)"));
+    step(&format!(
+        "writing the {mib} MiB root filesystem (mkfs.ext4)"
+    ));
     crate::disk::mkfs_from_dir(runner, &root, &rootfs, "kennelroot", &format!("{mib}M")).map_err(
         |source| ImageError::Run {
             step: "mkfs.ext4",
@@ -522,6 +654,33 @@ mod tests {
             modules: vec![],
             sha256: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn mmdebstrap_lines_become_short_steps() {
+        assert_eq!(
+            mmdebstrap_step(
+                "running --customize-hook in shell: sh -c 'rm -rf \"$1\"/x' exec /long/path"
+            )
+            .as_deref(),
+            Some("running the customize hook")
+        );
+        assert_eq!(
+            mmdebstrap_step("chroot architecture amd64 is equal to the host's architecture"),
+            None
+        );
+        assert_eq!(
+            mmdebstrap_step("installing essential packages...").as_deref(),
+            Some("installing essential packages...")
+        );
+        assert!(mmdebstrap_step(&"x".repeat(500)).unwrap().len() <= 100);
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape_mountinfo("/a\\040b/c"), "/a b/c");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo("/odd\\x"), "/odd\\x");
     }
 
     #[test]

@@ -96,6 +96,15 @@ pub struct Output {
 pub trait Runner: Send + Sync {
     /// Runs `cmd`, failing if it exits non-zero.
     fn run(&self, cmd: &Cmd) -> Result<Output, RunError>;
+
+    /// Like [`Runner::run`], but calls `on_line` with each line the
+    /// program writes to standard error as it writes it, so a long build
+    /// can say what it is doing. The default reports nothing until done.
+    fn run_lines(&self, cmd: &Cmd, on_line: &mut dyn FnMut(&str)) -> Result<Output, RunError> {
+        let out = self.run(cmd)?;
+        out.stderr.lines().for_each(&mut *on_line);
+        Ok(out)
+    }
 }
 
 /// Runs real processes.
@@ -111,8 +120,9 @@ pub fn tail(s: &str, n: usize) -> String {
         .join("\n")
 }
 
-impl Runner for SystemRunner {
-    fn run(&self, cmd: &Cmd) -> Result<Output, RunError> {
+impl SystemRunner {
+    #[allow(unsafe_code)]
+    fn command(cmd: &Cmd) -> Command {
         let mut c = Command::new(&cmd.program);
         c.args(&cmd.args);
         if let Some(d) = &cmd.cwd {
@@ -121,21 +131,91 @@ impl Runner for SystemRunner {
         for (k, v) in &cmd.env {
             c.env(k, v);
         }
-        tracing::debug!(command = %cmd.display(), "running");
-        let out = c.output().map_err(|source| RunError::Spawn {
-            program: cmd.program.clone(),
-            source,
-        })?;
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        if !out.status.success() {
+        // A build (mmdebstrap, apt-get) must not outlive the daemon that
+        // asked for it: a re-parented mmdebstrap went on for 20 s and left
+        // its mounts behind. SIGTERM lets it run its own cleanup.
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches
+        // no memory of the parent; nothing else runs between fork and exec.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            c.pre_exec(|| {
+                rustix::process::set_parent_process_death_signal(Some(
+                    rustix::process::Signal::TERM,
+                ))
+                .map_err(std::io::Error::from)
+            });
+        }
+        c
+    }
+
+    fn finish(
+        cmd: &Cmd,
+        status: std::process::ExitStatus,
+        stdout: String,
+        stderr: String,
+    ) -> Result<Output, RunError> {
+        if !status.success() {
             return Err(RunError::Failed {
                 command: cmd.display(),
-                status: out.status.to_string(),
+                status: status.to_string(),
                 stderr: tail(&stderr, 15),
             });
         }
         Ok(Output { stdout, stderr })
+    }
+}
+
+impl Runner for SystemRunner {
+    fn run(&self, cmd: &Cmd) -> Result<Output, RunError> {
+        tracing::debug!(command = %cmd.display(), "running");
+        let out = Self::command(cmd)
+            .output()
+            .map_err(|source| RunError::Spawn {
+                program: cmd.program.clone(),
+                source,
+            })?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        Self::finish(cmd, out.status, stdout, stderr)
+    }
+
+    fn run_lines(&self, cmd: &Cmd, on_line: &mut dyn FnMut(&str)) -> Result<Output, RunError> {
+        use std::io::{BufRead, Read};
+        use std::process::Stdio;
+        tracing::debug!(command = %cmd.display(), "running");
+        let spawn = |source| RunError::Spawn {
+            program: cmd.program.clone(),
+            source,
+        };
+        let mut child = Self::command(cmd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(spawn)?;
+        // Standard output is drained on its own thread so a chatty program
+        // cannot block on a full pipe while we read its standard error.
+        let out_reader = child.stdout.take().map(|mut o| {
+            std::thread::spawn(move || {
+                let mut v = Vec::new();
+                let _ = o.read_to_end(&mut v);
+                String::from_utf8_lossy(&v).into_owned()
+            })
+        });
+        let mut stderr = String::new();
+        if let Some(err) = child.stderr.take() {
+            let mut r = std::io::BufReader::new(err);
+            let mut buf = Vec::new();
+            while r.read_until(b'\n', &mut buf).map_err(spawn)? > 0 {
+                let line = String::from_utf8_lossy(&buf);
+                on_line(line.trim_end());
+                stderr.push_str(&line);
+                buf.clear();
+            }
+        }
+        let status = child.wait().map_err(spawn)?;
+        let stdout = out_reader.and_then(|t| t.join().ok()).unwrap_or_default();
+        Self::finish(cmd, status, stdout, stderr)
     }
 }
 
