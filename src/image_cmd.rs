@@ -108,19 +108,23 @@ pub fn ls(config: &Config, json: bool) -> Result<()> {
     let list = images.list();
     let refs = Images::references(&dir.root().join("vms"));
     if json {
-        println!("{}", serde_json::to_string_pretty(&list)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(());
     }
     if list.is_empty() {
-        println!("No images yet. Build them with `kennel image build --all`.");
+        crate::outln!("No images yet. Build them with `kennel image build --all`.");
         return Ok(());
     }
-    println!(
+    crate::outln!(
         "{:<8} {:<24} {:>9} {:<20} {:>7}  used by",
-        "stack", "id", "size", "built at", "build"
+        "stack",
+        "id",
+        "size",
+        "built at",
+        "build"
     );
     for i in list {
-        println!(
+        crate::outln!(
             "{:<8} {:<24} {:>6} MiB {:<20} {:>6.0}s  {}",
             i.stack,
             i.id,
@@ -141,11 +145,11 @@ pub fn rm(config: &Config, id: Option<&str>, prune: bool) -> Result<()> {
     match (id, prune) {
         (Some(id), false) => {
             let info = images.remove(id, &vms)?;
-            println!("removed {}", info.id);
+            crate::outln!("removed {}", info.id);
         }
         (None, true) => {
             let removed = images.prune(&vms)?;
-            println!(
+            crate::outln!(
                 "removed {} image(s){}",
                 removed.len(),
                 removed

@@ -1,6 +1,28 @@
 //! The `kennel` binary: parses the command line, loads configuration, and
 //! wires the parts together. Business logic lives in the library crates.
 
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Writes to standard output. A reader that went away (`kennel exec help |
+/// head -1`) ends the program quietly, as it does any Unix filter, instead
+/// of the panic `println!` gives on a broken pipe.
+pub(crate) fn out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_fmt(args).and_then(|()| o.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+    }
+}
+
+/// `println!` through [`out`].
+macro_rules! outln {
+    ($($t:tt)*) => { $crate::out(format_args!("{}\n", format_args!($($t)*))) };
+}
+pub(crate) use outln;
+
 mod bots;
 mod config;
 mod console;
@@ -9,9 +31,6 @@ mod doctor;
 mod image_cmd;
 mod serve;
 mod wiring;
-
-use std::path::PathBuf;
-use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -135,7 +154,7 @@ fn exec(
     };
     let dir = datadir::DataDir::new(&config.data_dir);
     if let Some((exit, output)) = console::call_daemon(&dir.control_socket(), &req)? {
-        println!("{output}");
+        outln!("{output}");
         return Ok(exit);
     }
     // No daemon answered: run in-process, owning the data dir meanwhile.
@@ -148,7 +167,7 @@ fn exec(
             while std::time::Instant::now() < deadline {
                 std::thread::sleep(std::time::Duration::from_millis(100));
                 if let Some((exit, output)) = console::call_daemon(&dir.control_socket(), &req)? {
-                    println!("{output}");
+                    outln!("{output}");
                     return Ok(exit);
                 }
             }
@@ -164,7 +183,7 @@ fn exec(
         }
         anyhow::Ok(console::run(&executor, &req, &console::StderrProgress).await)
     })?;
-    println!("{output}");
+    outln!("{output}");
     Ok(exit)
 }
 
@@ -190,9 +209,9 @@ fn real_main() -> Result<i32> {
         Cmd::Doctor { json } => {
             let report = doctor::run(config, &kennel_provisioner::host::Host::real());
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                outln!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", report.to_text());
+                out(format_args!("{}", report.to_text()));
             }
             Ok(i32::from(report.failed()))
         }
@@ -206,7 +225,10 @@ fn real_main() -> Result<i32> {
             Ok(0)
         }
         Cmd::Config => {
-            print!("{}", config::describe(&loaded, cli.data_dir.is_some())?);
+            out(format_args!(
+                "{}",
+                config::describe(&loaded, cli.data_dir.is_some())?
+            ));
             Ok(0)
         }
     }

@@ -44,6 +44,7 @@ pub fn settings(config: &Config) -> Result<Settings> {
         admins: config.admin_identities()?,
         max_parallel_creates: usize::try_from(config.vm.max_parallel_creates).unwrap_or(1),
         confirm_secs: 300,
+        ..Settings::default()
     })
 }
 

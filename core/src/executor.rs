@@ -7,7 +7,7 @@
 //! hear about (an access request filed in Discord that admins see in
 //! Matrix) go out on a broadcast channel.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::sync::broadcast;
@@ -15,6 +15,7 @@ use tracing::Instrument;
 
 use crate::catalog::Catalog;
 use crate::command::{self, Command, Invocation};
+use crate::hostpath::{Beneath, HostPathError};
 use crate::model::{
     AccessRequest, AuditOutcome, Identity, Project, ProjectState, RequestState, Resources, Role,
     User, Visibility,
@@ -49,6 +50,11 @@ pub struct Settings {
     pub max_parallel_creates: usize,
     /// How long a `yes` may follow the question.
     pub confirm_secs: i64,
+    /// Access requests that may wait for an admin at once, from everyone;
+    /// past it, new ones are refused until admins decide some.
+    pub max_pending_requests: u32,
+    /// New access requests per hour, from everyone.
+    pub max_requests_per_hour: u32,
 }
 
 impl Default for Settings {
@@ -69,6 +75,8 @@ impl Default for Settings {
             admins: Vec::new(),
             max_parallel_creates: 2,
             confirm_secs: 300,
+            max_pending_requests: 20,
+            max_requests_per_hour: 30,
         }
     }
 }
@@ -307,9 +315,9 @@ impl Executor {
             match &out {
                 Ok(_) => tracing::debug!("done"),
                 Err(CommandError::Usage(_) | CommandError::Refused(_) | CommandError::NotFound(_) | CommandError::Conflict(_)) => {
-                    tracing::debug!(error = %out.as_ref().err().map(ToString::to_string).unwrap_or_default(), "not done")
+                    tracing::debug!(error = %out.as_ref().err().map(|e| crate::redact::redact(&e.to_string()).into_owned()).unwrap_or_default(), "not done")
                 }
-                Err(e) => tracing::error!(error = %e, "command failed"),
+                Err(e) => tracing::error!(error = %crate::redact::redact(&e.to_string()), "command failed"),
             }
             if audited(&cmd) {
                 let outcome = match &out {
@@ -317,7 +325,10 @@ impl Executor {
                     Err(CommandError::Refused(_)) => AuditOutcome::Refused,
                     Err(_) => AuditOutcome::Failed,
                 };
-                let detail = out.as_ref().err().map(ToString::to_string);
+                let detail = out
+                    .as_ref()
+                    .err()
+                    .map(|e| crate::redact::redact(&e.to_string()).into_owned());
                 self.audit(who, user.as_ref(), &cmd, outcome, detail).await;
             }
             out
@@ -516,15 +527,31 @@ impl Executor {
                     );
                     return self.ask(who, prompt, &again, 2).await;
                 }
+                // What can be refused is refused before anything changes: a
+                // purge outside the projects root, or through a link.
+                if purge {
+                    self.purgeable(&project.source_path)?;
+                }
+                let before = project.state;
                 self.set_state(&name, ProjectState::Destroying).await?;
                 progress.report(Progress {
                     stage: Stage::Destroying,
                     percent: None,
                     detail: None,
                 });
-                self.vms.destroy(&name).await?;
-                if purge {
-                    self.vms.purge_source(&name, &project.source_path).await?;
+                let destroyed = async {
+                    self.vms.destroy(&name).await?;
+                    if purge {
+                        self.vms.purge_source(&name, &project.source_path).await?;
+                    }
+                    Ok::<(), ProvisionError>(())
+                }
+                .await;
+                if let Err(e) = destroyed {
+                    // A failed step leaves the project as it was, to be
+                    // looked at or removed again.
+                    self.set_state(&name, before).await?;
+                    return Err(e.into());
                 }
                 let n = name.clone();
                 self.store
@@ -688,12 +715,38 @@ impl Executor {
                 }
             }
             Command::RequestAccess { key, note } => {
+                if let Some(n) = &note {
+                    let chars = n.chars().count();
+                    if chars > MAX_REQUEST_NOTE_CHARS {
+                        return Err(CommandError::Refused(format!(
+                            "the note is {chars} characters long; keep it to {MAX_REQUEST_NOTE_CHARS} (say who you are and why)"
+                        )));
+                    }
+                }
                 let who2 = who.clone();
                 let uid = user.map(|u| u.id);
                 let me = user.map(|u| u.name.clone());
+                let (max_pending, per_hour) = (
+                    self.settings.max_pending_requests,
+                    self.settings.max_requests_per_hour,
+                );
                 let r = self
                     .store
                     .write(move |tx| {
+                        // Already asked: the same request, whatever the limits.
+                        let (pending, recent, mine) = repo::request_counts(tx, key.fingerprint(), 3600)?;
+                        if !mine {
+                            if pending >= max_pending {
+                                return Ok(Err(format!(
+                                    "{pending} access requests are already waiting for an admin; Kennel takes no more until some are decided. Try again later"
+                                )));
+                            }
+                            if recent >= per_hour {
+                                return Ok(Err(format!(
+                                    "Kennel took {recent} access requests in the last hour, its limit; try again in an hour"
+                                )));
+                            }
+                        }
                         if let Some(k) = repo::key_by_fingerprint(tx, key.fingerprint())? {
                             if Some(&k.user) == me.as_ref()
                                 && k.state == crate::model::KeyState::Active
@@ -766,7 +819,10 @@ impl Executor {
                     Err(_) => Some(AuditOutcome::Failed),
                 };
                 if let Some(o) = outcome {
-                    let detail = out.as_ref().err().map(ToString::to_string);
+                    let detail = out
+                        .as_ref()
+                        .err()
+                        .map(|e| crate::redact::redact(&e.to_string()).into_owned());
                     self.audit(who, user, &cmd, o, detail).await;
                 }
                 out
@@ -776,12 +832,22 @@ impl Executor {
                 let user = user
                     .cloned()
                     .ok_or_else(|| CommandError::Refused("Kennel does not know you yet".into()))?;
-                let source_path = self.settings.projects_root.join(new_name.as_str());
-                if source_path.exists() {
-                    return Err(CommandError::Conflict(format!(
-                        "{} already exists; remove it or pick another name",
-                        source_path.display()
-                    )));
+                let root = Beneath::open(&self.settings.projects_root)
+                    .map_err(|e| host_path_failed(&e))?;
+                let rel = PathBuf::from(new_name.as_str());
+                let source_path = root.join(&rel);
+                match root.lookup(&rel) {
+                    Ok(None) => {}
+                    Ok(Some(_)) => {
+                        return Err(CommandError::Conflict(format!(
+                            "{} already exists; remove it or pick another name",
+                            source_path.display()
+                        )))
+                    }
+                    Err(e @ (HostPathError::Io { .. } | HostPathError::Root { .. })) => {
+                        return Err(host_path_failed(&e))
+                    }
+                    Err(e) => return Err(CommandError::Refused(e.to_string())),
                 }
                 let source_path = source_path.to_string_lossy().into_owned();
                 let reserved = self
@@ -1280,7 +1346,7 @@ impl Executor {
             },
         };
         let app_port = stack_info.map_or(self.settings.default_app_port, |s| s.app_port);
-        let source_path = self.source_path(&args)?;
+        let source_path = self.source_path(&args).await?;
         let sp = source_path.to_string_lossy().into_owned();
         let reserved = self
             .reserve(
@@ -1335,51 +1401,88 @@ impl Executor {
 
     /// Where a new project's source goes: `--path` (relative paths are
     /// under the projects root) or `<root>/<name>`. It must be inside the
-    /// root, and an existing non-empty directory needs `--adopt`.
-    fn source_path(&self, args: &command::NewProjectArgs) -> Result<PathBuf, CommandError> {
-        use std::path::Component;
-        let root = &self.settings.projects_root;
-        let p = match &args.path {
-            None => root.join(args.name.as_str()),
-            Some(p) => {
-                let p = PathBuf::from(p);
-                if p.components().any(|c| matches!(c, Component::ParentDir)) {
-                    return Err(CommandError::Refused("--path may not contain '..'".into()));
-                }
-                if p.is_absolute() {
-                    p
-                } else {
-                    root.join(p)
-                }
-            }
-        };
-        if !p.starts_with(root) || &p == root {
-            return Err(CommandError::Refused(format!(
-                "--path must be a directory inside {}; ask an operator to add another project root",
-                root.display()
+    /// root, reached without following any link (a guest writes links into
+    /// its source, which is on the host), neither inside nor around
+    /// another project's source (whose guest could swap a link in later),
+    /// and an existing non-empty directory needs `--adopt`.
+    async fn source_path(&self, args: &command::NewProjectArgs) -> Result<PathBuf, CommandError> {
+        let name = args.name.clone();
+        let projects = self
+            .store
+            .call(move |c| {
+                Ok((
+                    repo::project_by_name(c, &name)?.is_some(),
+                    repo::list_projects(c, None)?,
+                ))
+            })
+            .await?;
+        if projects.0 {
+            return Err(CommandError::Conflict(format!(
+                "a project named '{}' already exists; pick another name, or see 'status {}'",
+                args.name, args.name
             )));
         }
-        let non_empty = std::fs::read_dir(&p)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(false);
-        if non_empty && !args.adopt {
-            return Err(CommandError::Conflict(format!(
-                "{} exists and is not empty; pass --adopt to use it as this project's source, or pick another --path",
-                p.display()
-            )));
+        let root = Beneath::open(&self.settings.projects_root).map_err(|e| host_path_failed(&e))?;
+        let rel = match &args.path {
+            None => PathBuf::from(args.name.as_str()),
+            Some(p) => root.relative(Path::new(p)).map_err(|e| match e {
+                HostPathError::ParentDir(_) => CommandError::Refused("--path may not contain '..'".into()),
+                _ => CommandError::Refused(format!(
+                    "--path must be a directory inside {}; ask an operator to add another project root",
+                    root.root().display()
+                )),
+            })?,
+        };
+        let p = root.join(&rel);
+        for other in &projects.1 {
+            let theirs = root
+                .relative(Path::new(&other.source_path))
+                .unwrap_or_else(|_| PathBuf::from(&other.source_path));
+            if rel.starts_with(&theirs) || theirs.starts_with(&rel) {
+                return Err(CommandError::Refused(format!(
+                    "{} is {} the source of project '{}'; a project's source may not hold or be held by another's: pick another --path",
+                    p.display(),
+                    if rel.starts_with(&theirs) { "inside" } else { "around" },
+                    other.name
+                )));
+            }
         }
         if args.adopt && args.git.is_some() {
             return Err(CommandError::Conflict(
                 "--adopt uses an existing directory; it cannot also clone --git".into(),
             ));
         }
-        if p.exists() && !p.is_dir() {
+        let non_empty = root.check_dir(&rel).map_err(|e| match e {
+            HostPathError::NotDir(p) => {
+                CommandError::Conflict(format!("{} is not a directory", p.display()))
+            }
+            HostPathError::Io { .. } | HostPathError::Root { .. } => host_path_failed(&e),
+            e => CommandError::Refused(e.to_string()),
+        })?;
+        if non_empty && !args.adopt {
             return Err(CommandError::Conflict(format!(
-                "{} is not a directory",
+                "{} exists and is not empty; pass --adopt to use it as this project's source, or pick another --path",
                 p.display()
             )));
         }
         Ok(p)
+    }
+
+    /// Whether `rm --purge` may delete `path`: inside the projects root,
+    /// reached without a link.
+    fn purgeable(&self, path: &str) -> Result<(), CommandError> {
+        let root = Beneath::open(&self.settings.projects_root).map_err(|e| host_path_failed(&e))?;
+        let refuse = |why: String| {
+            CommandError::Refused(format!(
+                "Kennel deletes only sources inside {} ({why}); nothing was changed. Remove the project without --purge, and delete {path} by hand if you mean it",
+                root.root().display()
+            ))
+        };
+        let rel = root
+            .relative(Path::new(path))
+            .map_err(|_| refuse(format!("{path} is not")))?;
+        root.lookup(&rel).map_err(|e| refuse(e.to_string()))?;
+        Ok(())
     }
 
     async fn decide(
@@ -1501,6 +1604,23 @@ fn identity_hint(who: &Identity) -> &str {
     id.strip_prefix('@')
         .and_then(|s| s.split(':').next())
         .unwrap_or(id)
+}
+
+/// The longest note an access request may carry.
+pub const MAX_REQUEST_NOTE_CHARS: usize = 500;
+
+/// A host path that could not be looked at (not the user's fault).
+fn host_path_failed(e: &HostPathError) -> CommandError {
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        message.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    CommandError::Provision(ProvisionError::Failed {
+        stage: Stage::Validated,
+        message,
+    })
 }
 
 /// Whether a command changes something worth an audit line.

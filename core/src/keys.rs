@@ -35,7 +35,7 @@ impl Fingerprint {
     pub fn new(s: &str) -> Result<Self, KeyError> {
         let body = s
             .strip_prefix("SHA256:")
-            .ok_or_else(|| KeyError::BadFingerprint(s.to_owned()))?;
+            .ok_or_else(|| KeyError::BadFingerprint(crate::redact::excerpt(s)))?;
         let ok = body.len() == 43
             && body
                 .bytes()
@@ -43,7 +43,7 @@ impl Fingerprint {
         if ok {
             Ok(Self(s.to_owned()))
         } else {
-            Err(KeyError::BadFingerprint(s.to_owned()))
+            Err(KeyError::BadFingerprint(crate::redact::excerpt(s)))
         }
     }
 

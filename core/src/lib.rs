@@ -10,12 +10,14 @@
 pub mod catalog;
 pub mod command;
 pub mod executor;
+pub mod hostpath;
 pub mod keys;
 pub mod model;
 pub mod names;
 pub mod outcome;
 pub mod policy;
 pub mod provision;
+pub mod redact;
 pub mod render;
 pub mod store;
 

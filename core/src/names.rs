@@ -59,10 +59,10 @@ impl ProjectName {
     /// Validates `s` as a project name.
     pub fn new(s: &str) -> Result<Self, NameError> {
         if !is_dns_label(s, PROJECT_NAME_MAX) {
-            return Err(NameError::BadProjectName(s.to_owned()));
+            return Err(NameError::BadProjectName(crate::redact::excerpt(s)));
         }
         if RESERVED_PROJECT_NAMES.contains(&s) {
-            return Err(NameError::ReservedProjectName(s.to_owned()));
+            return Err(NameError::ReservedProjectName(crate::redact::excerpt(s)));
         }
         Ok(Self(s.to_owned()))
     }
@@ -91,7 +91,7 @@ impl UserName {
         if ok {
             Ok(Self(s.to_owned()))
         } else {
-            Err(NameError::BadUserName(s.to_owned()))
+            Err(NameError::BadUserName(crate::redact::excerpt(s)))
         }
     }
 

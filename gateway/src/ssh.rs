@@ -65,6 +65,9 @@ pub struct SshSettings {
     pub max_connections_per_user: usize,
     /// Failed authentications an address may have per ten minutes.
     pub max_auth_failures_per_ip: u32,
+    /// Access requests an address may file per hour (unknown keys are
+    /// free to make, so the address is what is counted).
+    pub max_requests_per_ip: u32,
     pub idle_timeout: Duration,
 }
 
@@ -75,6 +78,7 @@ impl Default for SshSettings {
             max_connections_per_ip: 64,
             max_connections_per_user: 64,
             max_auth_failures_per_ip: 20,
+            max_requests_per_ip: 5,
             idle_timeout: Duration::from_secs(3600),
         }
     }
@@ -132,6 +136,26 @@ struct Counters {
     per_ip: HashMap<IpAddr, usize>,
     per_user: HashMap<String, usize>,
     failures: HashMap<IpAddr, (u32, Instant)>,
+    /// Access requests filed per address, and since when.
+    requests: HashMap<IpAddr, (u32, Instant)>,
+}
+
+impl Shared {
+    /// Counts an access request against the address; false past its limit.
+    fn may_file_request(&self, ip: Option<IpAddr>) -> bool {
+        let (Some(ip), Ok(mut c)) = (ip, self.counters.lock()) else {
+            return false;
+        };
+        let e = c.requests.entry(ip).or_insert((0, Instant::now()));
+        if e.1.elapsed() > Duration::from_secs(3600) {
+            *e = (0, Instant::now());
+        }
+        if e.0 >= self.settings.max_requests_per_ip {
+            return false;
+        }
+        e.0 += 1;
+        true
+    }
 }
 
 /// Shared by every connection.
@@ -357,6 +381,25 @@ impl Conn {
 impl russh::server::Handler for Conn {
     type Error = russh::Error;
 
+    /// Sent before authentication: the one place a refused client can be
+    /// told why (OpenSSH prints it), instead of a bare "Permission denied".
+    async fn authentication_banner(&mut self) -> Result<Option<String>, Self::Error> {
+        let s = &self.shared.settings;
+        if self.too_many {
+            return Ok(Some(format!(
+                "Kennel: too many connections from your address (the limit is {}); close some and try again.\r\n",
+                s.max_connections_per_ip
+            )));
+        }
+        if self.blocked() {
+            return Ok(Some(format!(
+                "Kennel: too many failed sign-ins from your address (the limit is {} per 10 minutes); wait and try again.\r\n",
+                s.max_auth_failures_per_ip
+            )));
+        }
+        Ok(None)
+    }
+
     async fn auth_publickey(
         &mut self,
         user: &str,
@@ -397,8 +440,11 @@ impl russh::server::Handler for Conn {
                     let n = c.per_user.entry(u.name.to_string()).or_default();
                     *n += 1;
                     if *n > self.shared.settings.max_connections_per_user {
-                        *n -= 1;
-                        return Ok(Auth::reject());
+                        // Signed in, so the session can say why before it ends.
+                        self.refusal = Some(format!(
+                            "you have too many connections open (the limit is {}); close some and try again",
+                            self.shared.settings.max_connections_per_user
+                        ));
                     }
                 }
                 if let Target::Project(p) = &self.target {
@@ -472,6 +518,7 @@ impl russh::server::Handler for Conn {
         self.channels.insert(id, tx);
         let bridge = Bridge {
             shared: self.shared.clone(),
+            ip: self.ip,
             who,
             target: self.target.clone(),
             refusal: self.refusal.clone(),
@@ -749,6 +796,8 @@ where
 /// One client session channel.
 struct Bridge {
     shared: Arc<Shared>,
+    /// The client's address, for per-address limits.
+    ip: Option<IpAddr>,
     who: Who,
     target: Target,
     refusal: Option<String>,
@@ -826,6 +875,14 @@ impl Bridge {
                 let line = String::from_utf8_lossy(&line).trim().to_owned();
                 let rest = line.strip_prefix("request-access").map(str::trim);
                 match rest {
+                    Some(_) if !self.shared.may_file_request(self.ip) => {
+                        self.stdout(&format!(
+                            "refused: this address has filed {} access requests in the last hour, its limit; wait, or ask an admin directly\r\n",
+                            self.shared.settings.max_requests_per_ip
+                        ))
+                        .await;
+                        1
+                    }
                     Some(note) => {
                         let cmd = Command::RequestAccess {
                             key: key.clone(),
@@ -932,6 +989,8 @@ impl Bridge {
         ))
         .await;
         let mut line = String::new();
+        // Bytes typed past the longest line the parser reads: counted, not kept.
+        let mut dropped = 0usize;
         let mut history: Vec<String> = Vec::new();
         let mut pos = 0usize; // position in history when browsing
         let mut esc: Vec<u8> = Vec::new();
@@ -966,6 +1025,13 @@ impl Bridge {
                         }
                         self.stdout(nl).await;
                         let cmd = std::mem::take(&mut line);
+                        if std::mem::take(&mut dropped) > 0 {
+                            let e = kennel_core::ParseError::TooLong {
+                                bytes: cmd.len() + dropped,
+                            };
+                            self.stdout(&format!("{e}{nl}kennel> ")).await;
+                            continue;
+                        }
                         let cmd = cmd.trim();
                         if cmd == "exit" || cmd == "quit" {
                             return;
@@ -991,9 +1057,13 @@ impl Bridge {
                     }
                     0x03 => {
                         line.clear();
+                        dropped = 0;
                         self.stdout(&format!("^C{nl}kennel> ")).await;
                     }
                     0x04 if line.is_empty() => return,
+                    c if c >= 0x20 && line.len() >= kennel_core::command::MAX_LINE_BYTES => {
+                        dropped += 1;
+                    }
                     c if c >= 0x20 => {
                         line.push(char::from(c));
                         if pty {

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use kennel_core::hostpath::Beneath;
 use kennel_core::names::ProjectName;
 use kennel_core::provision::{
     CreateRequest, Created, Progress, ProgressSink, ProvisionError, Provisioner, Stage, VmSpec,
@@ -125,6 +126,9 @@ fn step(progress: &dyn ProgressSink, stage: Stage, detail: impl Into<Option<Stri
         detail: detail.into(),
     });
 }
+
+/// How often a silent image build step is reported again, with its time.
+const IMAGE_HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// Free space a new VM needs in the data directory: its disk starts tiny
 /// but grows as the guest writes, and QEMU pauses a guest whose disk hits
@@ -239,20 +243,29 @@ impl LocalProvisioner {
             Stage::Image,
             Some(format!("{stack} (built once, then cached)")),
         );
-        self.blocking(Stage::Image, move |runner| {
+        // The build runs on a blocking thread and says what it does through
+        // a channel; this side passes that on and, while a long step is
+        // silent (mmdebstrap installing packages), repeats it with the time
+        // so far, so the person who asked never waits a minute in silence.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let st_name = stack.clone();
+        let build = self.blocking(Stage::Image, move |runner| {
+            let say = |what: &str, s: &str| {
+                let _ = tx.send(format!("{what}: {s}"));
+            };
             let stacks = Stacks::load(&stacks_dir);
             let base = stacks
                 .get(crate::stacks::BASE)
                 .ok_or("the base stack is missing")?;
             let st = stacks
-                .get(&stack)
-                .ok_or_else(|| format!("there is no usable stack '{stack}'"))?;
+                .get(&st_name)
+                .ok_or_else(|| format!("there is no usable stack '{st_name}'"))?;
             let images = Images::new(&images_dir);
             // The newest kernel already built, without asking apt which is
             // current (that takes a second); `kennel image build` refreshes it.
             let k = match kernel::KernelSet::latest(images.dir()) {
                 Some(k) => k,
-                None => kernel::ensure(images.dir(), runner, &mut |_| {})
+                None => kernel::ensure(images.dir(), runner, &mut |s| say("kernel", s))
                     .map_err(|e| anyhow_chain(&e))?,
             };
             let recipe = Recipe::load(&recipe_dir).map_err(|e| e.to_string())?;
@@ -262,12 +275,33 @@ impl LocalProvisioner {
                 apt_sources: &sources,
                 apt_cache: cache.as_deref(),
             };
+            let what = format!("building the {st_name} image");
             let (info, _) = images
-                .ensure(&env, base, st, runner, &mut |_| {})
+                .ensure(&env, base, st, runner, &mut |s| say(&what, s))
                 .map_err(|e| anyhow_chain(&e))?;
             Ok((k, info))
-        })
-        .await
+        });
+        tokio::pin!(build);
+        let started = Instant::now();
+        let mut last: Option<String> = None;
+        let mut tick = tokio::time::interval(IMAGE_HEARTBEAT);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                r = &mut build => return r,
+                Some(m) = rx.recv() => {
+                    step(progress, Stage::Image, Some(format!("{m} ({}s)", started.elapsed().as_secs())));
+                    last = Some(m);
+                    tick.reset();
+                }
+                _ = tick.tick() => {
+                    if let Some(m) = &last {
+                        step(progress, Stage::Image, Some(format!("{m} ({}s)", started.elapsed().as_secs())));
+                    }
+                }
+            }
+        }
     }
 
     fn machine(
@@ -378,6 +412,7 @@ impl LocalProvisioner {
         let dir = self.vm_dir(&r.project);
         step(progress, Stage::Booting, Some(self.vmm.describe()));
         let t = Instant::now();
+        self.check_source(&r.source, Stage::Booting)?;
         self.virtiofsd
             .start(
                 &m.virtiofs_socket,
@@ -684,8 +719,10 @@ impl LocalProvisioner {
         let (adopt, owner) = (req.adopt, self.s.default_owner);
         let (name, email) = (req.author_name.clone(), req.author_email.clone());
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u8, String)>();
+        let root = self.root_for(&path, Stage::Validated)?.root().to_owned();
         let mut job = tokio::task::spawn_blocking(move || {
             let plan = crate::source::SourcePlan {
+                root: &root,
                 path: &path,
                 git: git.as_deref(),
                 token: token.as_deref(),
@@ -887,23 +924,34 @@ impl LocalProvisioner {
                 }
             }
         }
-        // Image builds interrupted mid-way, unless a build is running now
-        // (another process may share the image store).
-        let images = self.s.data_dir.join("images");
-        let idle = (
-            crate::image::try_lock_file(&images.join(".build.lock")),
-            crate::image::try_lock_file(&images.join(".kernel.lock")),
-        );
-        if let (Some(_b), Some(_k)) = idle {
-            if let Ok(rd) = std::fs::read_dir(&images) {
-                for e in rd.filter_map(Result::ok) {
-                    if e.file_name().to_string_lossy().starts_with(".tmp-") {
-                        let _ = std::fs::remove_dir_all(e.path());
-                    }
-                }
+        // Image builds interrupted mid-way (work directories and the mounts
+        // mmdebstrap made in them), unless a build is running now.
+        Images::new(&self.s.data_dir.join("images")).clean_interrupted();
+        out
+    }
+
+    /// The project root that holds `path` (lexically), opened for lookups
+    /// beneath it.
+    fn root_for(&self, path: &Path, stage: Stage) -> Result<Beneath, ProvisionError> {
+        for r in &self.s.project_roots {
+            let b = Beneath::open(r).map_err(|e| failed(stage, anyhow_chain(&e)))?;
+            if b.relative(path).is_ok() {
+                return Ok(b);
             }
         }
-        out
+        Err(failed(
+            stage,
+            format!("{} is not inside a project root", path.display()),
+        ))
+    }
+
+    /// Checks, before a source is shared into a guest again, that it is
+    /// still reached beneath its root without a link on the way: the
+    /// guests of other projects, or people on the host, may have swapped
+    /// one in since it was created.
+    fn check_source(&self, path: &Path, stage: Stage) -> Result<(), ProvisionError> {
+        kennel_core::hostpath::check_beneath_any(&self.s.project_roots, path)
+            .map_err(|e| failed(stage, format!("the project's source cannot be shared: {e}")))
     }
 
     async fn graceful_stop(&self, r: &VmRecord) -> Result<(), ProvisionError> {
@@ -1126,7 +1174,18 @@ impl Provisioner for LocalProvisioner {
                 .clone()
                 .ok_or_else(|| failed(Stage::Validated, "no source path was given"))?,
         );
-        if dest_source.exists() {
+        // Both ends beneath a root, no link on the way; the copy itself
+        // (cp -a) copies links as links.
+        self.check_source(&src.source, Stage::Validated)?;
+        let root = self.root_for(&dest_source, Stage::Validated)?;
+        let rel = root
+            .relative(&dest_source)
+            .map_err(|e| failed(Stage::Validated, e.to_string()))?;
+        if root
+            .lookup(&rel)
+            .map_err(|e| failed(Stage::Validated, e.to_string()))?
+            .is_some()
+        {
             return Err(failed(
                 Stage::Validated,
                 format!("{} already exists", dest_source.display()),
@@ -1351,23 +1410,29 @@ impl Provisioner for LocalProvisioner {
     }
 
     async fn purge_source(&self, project: &ProjectName, path: &str) -> Result<(), ProvisionError> {
-        let p = Path::new(path)
-            .canonicalize()
-            .map_err(|e| failed(Stage::Destroying, format!("cannot resolve {path}: {e}")))?;
-        let inside = self
-            .s
-            .project_roots
-            .iter()
-            .filter_map(|r| r.canonicalize().ok())
-            .any(|root| p.starts_with(&root) && p != root);
-        if !inside {
-            return Err(failed(
+        let p = Path::new(path);
+        // Reached beneath a project root without a link on the way; the
+        // removal itself never follows links (std's remove_dir_all works
+        // with openat/unlinkat and O_NOFOLLOW).
+        let refuse = |why: String| {
+            failed(
                 Stage::Destroying,
-                format!("refusing to delete {path}: it is not inside a project root; delete it by hand if you mean it"),
-            ));
+                format!("refusing to delete {path}: {why}; delete it by hand if you mean it"),
+            )
+        };
+        let root = self
+            .root_for(p, Stage::Destroying)
+            .map_err(|_| refuse("it is not inside a project root".into()))?;
+        let rel = root.relative(p).map_err(|e| refuse(e.to_string()))?;
+        if root
+            .lookup(&rel)
+            .map_err(|e| refuse(e.to_string()))?
+            .is_none()
+        {
+            return Ok(());
         }
         tracing::warn!(project = %project, path, "purging the project's source");
-        std::fs::remove_dir_all(&p)
+        std::fs::remove_dir_all(p)
             .map_err(|e| failed(Stage::Destroying, format!("cannot delete {path}: {e}")))
     }
 }

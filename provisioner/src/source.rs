@@ -8,10 +8,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use git2::{build::RepoBuilder, Cred, CredentialType, FetchOptions, RemoteCallbacks, Repository};
+use kennel_core::hostpath::{Beneath, HostPathError};
 
 /// What to prepare.
 #[derive(Debug, Clone)]
 pub struct SourcePlan<'a> {
+    /// The projects root that holds `path`: everything is created beneath
+    /// it without following links.
+    pub root: &'a Path,
     pub path: &'a Path,
     pub git: Option<&'a str>,
     /// Token for https:// clones.
@@ -43,6 +47,8 @@ pub enum SourceError {
     Clone { url: String, message: String },
     #[error("setting up the repository in {path} failed: {message}")]
     Init { path: PathBuf, message: String },
+    #[error(transparent)]
+    Path(#[from] HostPathError),
     #[error("cannot write {path}")]
     Io {
         path: PathBuf,
@@ -58,12 +64,6 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
     }
 }
 
-fn is_empty_dir(p: &Path) -> bool {
-    std::fs::read_dir(p)
-        .map(|mut d| d.next().is_none())
-        .unwrap_or(true)
-}
-
 /// Prepares the source. `progress(percent, detail)` hears about a clone
 /// about once a second.
 pub fn prepare(
@@ -71,8 +71,10 @@ pub fn prepare(
     progress: &mut dyn FnMut(u8, String),
 ) -> Result<Prepared, SourceError> {
     let path = plan.path;
-    let existed = path.exists();
-    if existed && !is_empty_dir(path) {
+    let mut root = Beneath::open(plan.root)?;
+    let rel = root.relative(path)?;
+    let existed = root.lookup(&rel)?.is_some();
+    if existed && root.check_dir(&rel)? {
         if plan.adopt {
             return Ok(Prepared {
                 summary: format!("adopted {}", path.display()),
@@ -80,11 +82,19 @@ pub fn prepare(
         }
         return Err(SourceError::NotEmpty(path.to_owned()));
     }
-    std::fs::create_dir_all(path).map_err(io(path))?;
+    // Made beneath the root one component at a time: a link on the way
+    // (one a guest wrote into its own source, say) is refused, and what is
+    // made stays root's until the finished tree is handed over.
+    let made = root.create_dir_all(&rel)?;
     let result = match plan.git {
         Some(url) => clone(plan, url, progress),
         None => init(plan),
     };
+    // Still the same place, reached without links, before it is given away.
+    let result = result.and_then(|p| {
+        root.check_dir(&rel)?;
+        Ok(p)
+    });
     match result {
         Ok(p) => {
             give_to_owner(path, plan.owner);
@@ -92,19 +102,16 @@ pub fn prepare(
         }
         Err(e) => {
             // Remove only what this attempt made.
-            if existed {
-                if let Ok(rd) = std::fs::read_dir(path) {
-                    for entry in rd.filter_map(Result::ok) {
-                        let p = entry.path();
-                        let _ = if p.is_dir() {
-                            std::fs::remove_dir_all(&p)
-                        } else {
-                            std::fs::remove_file(&p)
-                        };
-                    }
+            if let Some(outermost) = made.first() {
+                let _ = std::fs::remove_dir_all(outermost);
+            } else if let Ok(rd) = std::fs::read_dir(path) {
+                for entry in rd.filter_map(Result::ok) {
+                    let p = entry.path();
+                    let _ = match entry.file_type() {
+                        Ok(t) if t.is_dir() => std::fs::remove_dir_all(&p),
+                        _ => std::fs::remove_file(&p),
+                    };
                 }
-            } else {
-                let _ = std::fs::remove_dir_all(path);
             }
             Err(e)
         }
@@ -240,7 +247,8 @@ fn init(plan: &SourcePlan<'_>) -> Result<Prepared, SourceError> {
     })
 }
 
-/// Copies a directory tree (files and directories; links as files).
+/// Copies a directory tree: files, directories, and links as links (a
+/// template's link is never followed to copy what it points at).
 pub fn copy_tree(from: &Path, to: &Path) -> Result<(), SourceError> {
     for entry in walkdir::WalkDir::new(from)
         .min_depth(1)
@@ -249,8 +257,12 @@ pub fn copy_tree(from: &Path, to: &Path) -> Result<(), SourceError> {
     {
         let rel = entry.path().strip_prefix(from).unwrap_or(entry.path());
         let dest = to.join(rel);
-        if entry.file_type().is_dir() {
+        let t = entry.file_type();
+        if t.is_dir() {
             std::fs::create_dir_all(&dest).map_err(io(&dest))?;
+        } else if t.is_symlink() {
+            let target = std::fs::read_link(entry.path()).map_err(io(entry.path()))?;
+            std::os::unix::fs::symlink(target, &dest).map_err(io(&dest))?;
         } else {
             std::fs::copy(entry.path(), &dest).map_err(io(&dest))?;
         }
@@ -266,12 +278,16 @@ fn give_to_owner(path: &Path, owner: (u32, u32)) {
     }
     let (uid, gid) = {
         use std::os::unix::fs::MetadataExt;
-        match std::fs::metadata(path) {
+        match std::fs::symlink_metadata(path) {
             Ok(m) if m.uid() != 0 => (m.uid(), m.gid()),
             _ => owner,
         }
     };
+    // Never through a link: lchown, and the walk neither follows links
+    // inside nor a link at the top.
     for entry in walkdir::WalkDir::new(path)
+        .follow_links(false)
+        .follow_root_links(false)
         .into_iter()
         .filter_map(Result::ok)
     {
@@ -285,6 +301,7 @@ mod tests {
 
     fn plan<'a>(path: &'a Path, git: Option<&'a str>) -> SourcePlan<'a> {
         SourcePlan {
+            root: path.parent().unwrap(),
             path,
             git,
             token: None,
@@ -376,5 +393,32 @@ mod tests {
             .unwrap()
             .get_path(Path::new("src/main.rs"))
             .is_ok());
+    }
+
+    #[test]
+    fn links_on_the_way_are_refused_and_nothing_is_made_outside() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        let outside = d.path().join("outside");
+        std::fs::create_dir_all(root.join("p")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("p/evil")).unwrap();
+        let dest = root.join("p/evil/.ssh");
+        let mut p = plan(&dest, None);
+        p.root = &root;
+        let e = prepare(&p, &mut |_, _| {}).unwrap_err();
+        assert!(
+            matches!(e, SourceError::Path(HostPathError::Link { .. })),
+            "{e}"
+        );
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        assert!(!outside.join(".ssh").exists());
+        // Adopting through a link is refused too.
+        std::fs::write(outside.join("f"), "x").unwrap();
+        let dest = root.join("p/evil");
+        let mut p = plan(&dest, None);
+        p.root = &root;
+        p.adopt = true;
+        assert!(prepare(&p, &mut |_, _| {}).is_err());
     }
 }

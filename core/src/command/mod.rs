@@ -192,7 +192,15 @@ pub enum ParseError {
     },
     /// Quotes do not balance.
     Lex(lex::UnclosedQuote),
+    /// The line is longer than any command needs ([`MAX_LINE_BYTES`]).
+    TooLong { bytes: usize },
 }
+
+/// The longest line any front end hands the parser: room for the longest
+/// accepted public key (RSA 16384, about 2.8 KB) and a note, far below
+/// what would cost memory. Front ends that collect a line themselves (the
+/// SSH prompt) stop collecting past it.
+pub const MAX_LINE_BYTES: usize = 8 * 1024;
 
 impl std::error::Error for ParseError {}
 
@@ -201,7 +209,7 @@ impl fmt::Display for ParseError {
         match self {
             ParseError::Empty => write!(f, "no command given. Try 'help'."),
             ParseError::UnknownCommand { word, suggestion } => {
-                write!(f, "unknown command '{word}'.")?;
+                write!(f, "unknown command '{}'.", crate::redact::excerpt(word))?;
                 if let Some(s) = suggestion {
                     let usage = spec::by_name(s).map(CommandSpec::usage).unwrap_or_default();
                     write!(f, " Did you mean '{s}'? Usage: {usage}")?;
@@ -217,6 +225,10 @@ impl fmt::Display for ParseError {
                 write!(f, "{command}: {problem}. Usage: {usage}")
             }
             ParseError::Lex(e) => write!(f, "{e}"),
+            ParseError::TooLong { bytes } => write!(
+                f,
+                "that line is {bytes} bytes long; Kennel reads commands of up to {MAX_LINE_BYTES} bytes"
+            ),
         }
     }
 }
@@ -229,6 +241,9 @@ pub fn parse(text: &str) -> Result<Invocation, ParseError> {
 /// Like [`parse`], also stripping front-end specific addresses such as a
 /// Discord mention `<@123>` or a Matrix display name.
 pub fn parse_addressed(text: &str, extra_prefixes: &[&str]) -> Result<Invocation, ParseError> {
+    if text.len() > MAX_LINE_BYTES {
+        return Err(ParseError::TooLong { bytes: text.len() });
+    }
     let line = lex::normalize(text, extra_prefixes);
     let tokens = lex::tokenize(&line).map_err(ParseError::Lex)?;
     spec::parse_tokens(tokens)

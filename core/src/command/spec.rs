@@ -141,8 +141,8 @@ pub static SPECS: &[CommandSpec] = &[
                     resolve(&t.to_ascii_lowercase())
                         .map(|s| s.name)
                         .ok_or_else(|| match suggest(t) {
-                            Some(s) => format!("there is no command '{t}'; did you mean '{s}'?"),
-                            None => format!("there is no command '{t}'"),
+                            Some(s) => format!("there is no command {}; did you mean '{s}'?", q(t)),
+                            None => format!("there is no command {}", q(t)),
                         })?,
                 ),
             };
@@ -584,7 +584,7 @@ fn slug(s: &str) -> Result<SlugName, String> {
 }
 fn path(s: &str) -> Result<String, String> {
     if s.is_empty() || s.chars().any(char::is_control) {
-        return Err(format!("{s:?} is not a path"));
+        return Err(format!("{} is not a path", q(s)));
     }
     Ok(s.to_owned())
 }
@@ -592,7 +592,8 @@ fn cpus(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
         Ok(n @ 1..=64) => Ok(n),
         _ => Err(format!(
-            "--cpus must be a whole number from 1 to 64, not {s:?}"
+            "--cpus must be a whole number from 1 to 64, not {}",
+            q(s)
         )),
     }
 }
@@ -614,7 +615,8 @@ fn lines(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
         Ok(n @ 1..=10_000) => Ok(n),
         _ => Err(format!(
-            "--lines must be a number from 1 to 10000, not {s:?}"
+            "--lines must be a number from 1 to 10000, not {}",
+            q(s)
         )),
     }
 }
@@ -622,15 +624,20 @@ fn app_port(s: &str) -> Result<u16, String> {
     match s.parse::<u16>() {
         Ok(22) => Err("port 22 is the VM's sshd; pick the port your app listens on".into()),
         Ok(p @ 1..=65535) => Ok(p),
-        _ => Err(format!("{s:?} is not a port (1-65535)")),
+        _ => Err(format!("{} is not a port (1-65535)", q(s))),
     }
 }
 fn request_id(s: &str) -> Result<i64, String> {
     let t = s.trim_start_matches('#');
     match t.parse::<i64>() {
         Ok(n) if n > 0 => Ok(n),
-        _ => Err(format!("{s:?} is not a request id; see 'requests'")),
+        _ => Err(format!("{} is not a request id; see 'requests'", q(s))),
     }
+}
+
+/// A bad value quoted back: a short prefix, credentials removed.
+pub(super) fn q(s: &str) -> String {
+    format!("{:?}", crate::redact::excerpt(s))
 }
 
 // ------------------------------------------------------------ matching
@@ -817,8 +824,11 @@ fn match_words(spec: &'static CommandSpec, words: &[Token]) -> Result<Matched, S
             };
             let Some(fl) = spec.flags.iter().find(|f| f.name == name) else {
                 return Err(match suggest_flag(spec, name) {
-                    Some(s) => format!("unknown option --{name}; did you mean --{s}?"),
-                    None => format!("unknown option --{name}"),
+                    Some(s) => format!(
+                        "unknown option --{}; did you mean --{s}?",
+                        crate::redact::excerpt(name)
+                    ),
+                    None => format!("unknown option --{}", crate::redact::excerpt(name)),
                 });
             };
             if m.flags.iter().any(|(n, _)| *n == fl.name) {
@@ -872,7 +882,7 @@ fn match_words(spec: &'static CommandSpec, words: &[Token]) -> Result<Matched, S
         }
     }
     if let Some(extra) = pos.next() {
-        return Err(format!("unexpected {extra:?}"));
+        return Err(format!("unexpected {}", q(&extra)));
     }
     Ok(m)
 }

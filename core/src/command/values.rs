@@ -5,6 +5,8 @@ use std::fmt;
 
 use serde::Serialize;
 
+use super::spec::q;
+
 /// A size in MiB, written `512M`, `2G`, `1.5G`, `1T` (binary units).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct Size {
@@ -27,14 +29,19 @@ impl Size {
             "m" => 1.0,
             "g" => 1024.0,
             "t" => 1024.0 * 1024.0,
-            _ => return Err(format!("{s:?} is not a size; write e.g. 512M, 2G or 1.5G")),
+            _ => {
+                return Err(format!(
+                    "{} is not a size; write e.g. 512M, 2G or 1.5G",
+                    q(s)
+                ))
+            }
         };
         let n: f64 = num
             .parse()
-            .map_err(|_| format!("{s:?} is not a size; write e.g. 512M, 2G or 1.5G"))?;
+            .map_err(|_| format!("{} is not a size; write e.g. 512M, 2G or 1.5G", q(s)))?;
         let mib = (n * factor).round();
         if !(1.0..=(1u64 << 40) as f64).contains(&mib) {
-            return Err(format!("{s:?} is out of range"));
+            return Err(format!("{} is out of range", q(s)));
         }
         // In range 1..=2^40 checked above, so the cast is exact.
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
@@ -68,7 +75,8 @@ impl SlugName {
             Ok(Self(s.to_owned()))
         } else {
             Err(format!(
-                "{s:?} is not a valid name: use a-z, 0-9 and '-', starting with a letter"
+                "{} is not a valid name: use a-z, 0-9 and '-', starting with a letter",
+                q(s)
             ))
         }
     }
@@ -98,16 +106,25 @@ pub const GIT_SCHEMES: &[&str] = &["https://", "http://", "ssh://", "git://", "f
 impl GitSource {
     /// Validates the shape of a git URL.
     pub fn new(s: &str) -> Result<Self, String> {
+        // Never quote the value back whole: it may be huge, or carry a
+        // password (only the stripped form is ever shown).
+        let shown = format!("{:?}", crate::redact::excerpt(s));
+        if crate::redact::has_credentials(s) {
+            return Err(format!(
+                "the --git URL carries credentials; Kennel never stores or shows them. Store the token with 'secret set git-token <token>' and pass the URL without them: {}",
+                crate::redact::excerpt(&crate::redact::strip_userinfo(s))
+            ));
+        }
         if s.is_empty() || s.len() > 2048 || s.chars().any(|c| c.is_whitespace() || c.is_control())
         {
-            return Err(format!("{s:?} is not a git URL"));
+            return Err(format!("{shown} is not a git URL"));
         }
         if s.starts_with('-') {
-            return Err(format!("{s:?} is not a git URL (it starts with '-')"));
+            return Err(format!("{shown} is not a git URL (it starts with '-')"));
         }
         if s.contains("::") {
             return Err(format!(
-                "{s:?} uses a git remote helper (like ext::), which Kennel refuses; use https://, ssh:// or git@host:path"
+                "{shown} uses a git remote helper (like ext::), which Kennel refuses; use https://, ssh:// or git@host:path"
             ));
         }
         let scp_like = !s.contains("://")
@@ -118,7 +135,7 @@ impl GitSource {
             Ok(Self(s.to_owned()))
         } else {
             Err(format!(
-                "{s:?} is not a git URL Kennel can clone; use https://host/repo.git, ssh://host/repo.git or git@host:repo.git"
+                "{shown} is not a git URL Kennel can clone; use https://host/repo.git, ssh://host/repo.git or git@host:repo.git"
             ))
         }
     }

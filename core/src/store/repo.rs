@@ -332,6 +332,31 @@ fn req_from(r: &Row<'_>) -> rusqlite::Result<Result<AccessRequest, StoreError>> 
     })())
 }
 
+/// (pending requests, requests filed in the last `window_secs`, whether
+/// `fingerprint` has a pending request already), for the filing limits.
+pub fn request_counts(
+    conn: &Connection,
+    fingerprint: &Fingerprint,
+    window_secs: i64,
+) -> Result<(u32, u32, bool), StoreError> {
+    let pending: u32 = conn.query_row(
+        "SELECT count(*) FROM access_requests WHERE state = 'pending'",
+        [],
+        |r| r.get(0),
+    )?;
+    let recent: u32 = conn.query_row(
+        "SELECT count(*) FROM access_requests WHERE created_at > ?1",
+        [now() - window_secs],
+        |r| r.get(0),
+    )?;
+    let mine: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM access_requests WHERE fingerprint = ?1 AND state = 'pending')",
+        [fingerprint.as_str()],
+        |r| r.get(0),
+    )?;
+    Ok((pending, recent, mine))
+}
+
 /// Files a pending request. If one is already pending for this key, that
 /// one is returned unchanged (`false`); otherwise the new one (`true`).
 pub fn file_request(
