@@ -11,6 +11,9 @@ use crate::{console, wiring};
 /// Parts of Kennel that `serve` would start but that are not built yet.
 const NOT_BUILT: &[&str] = &["HTTPS gateway"];
 
+/// How often running projects' VMMs are checked for having died.
+const VM_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Runs the daemon until a signal arrives.
 pub async fn run(config: &Config) -> Result<()> {
     let dir = DataDir::new(&config.data_dir);
@@ -50,6 +53,18 @@ pub async fn run(config: &Config) -> Result<()> {
         let _ = ssh_stopped.await;
     }));
     tracing::info!(addr = %ssh_addr, "SSH gateway listening");
+    // VMs that die under a running project (a killed VMM, a guest panic)
+    // are noticed within a few seconds and shown stopped, saying why.
+    let (stop_watch, watch_stopped) = tokio::sync::oneshot::channel::<()>();
+    let watch_task = {
+        let exec = exec.clone();
+        tokio::spawn(async move {
+            exec.watch_vms(VM_CHECK_EVERY, async move {
+                let _ = watch_stopped.await;
+            })
+            .await;
+        })
+    };
     // The chat bots: each in its own task, stopped with the daemon.
     let (stop_bots, bots_stopped) = tokio::sync::watch::channel(false);
     let bots = crate::bots::start(config, &exec, dir.root(), &bots_stopped);
@@ -69,6 +84,8 @@ pub async fn run(config: &Config) -> Result<()> {
     };
     let _ = stop_ssh.send(());
     let _ = stop_bots.send(true);
+    let _ = stop_watch.send(());
+    let _ = watch_task.await;
     let _ = ssh_task.await;
     for bot in bots {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), bot).await;

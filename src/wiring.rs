@@ -115,36 +115,13 @@ pub fn executor(
     ))
 }
 
-/// Adopts VMs that outlived the last daemon and records every VM's state.
+/// Adopts VMs that outlived the last daemon and records every VM's state
+/// (the mapping itself is core's: [`Executor::reconcile`]).
 pub async fn reconcile(exec: &Executor, local: &LocalProvisioner) -> Result<()> {
-    use kennel_core::model::ProjectState;
-    use kennel_core::names::ProjectName;
-    use kennel_core::store::repo;
     let found = local.reconcile().await;
-    let store = exec.store().clone();
-    store
-        .write(move |tx| {
-            for p in repo::list_projects(tx, None)? {
-                let running = found.iter().any(|(n, r)| n == p.name.as_str() && *r);
-                let state = match (running, p.state) {
-                    (true, _) => ProjectState::Running,
-                    (
-                        false,
-                        ProjectState::Running | ProjectState::Starting | ProjectState::Stopping,
-                    ) => ProjectState::Stopped,
-                    // An operation that was cut off by the restart.
-                    (false, ProjectState::Creating | ProjectState::Destroying) => {
-                        ProjectState::Failed
-                    }
-                    (false, s) => s,
-                };
-                if state != p.state {
-                    let name: ProjectName = p.name.clone();
-                    repo::set_project_state(tx, &name, state)?;
-                }
-            }
-            Ok(())
-        })
-        .await?;
+    let done = exec.reconcile(&found).await?;
+    if done != kennel_core::vmstate::Reconciled::default() {
+        tracing::info!(?done, "reconciled the store with the VMs found");
+    }
     Ok(())
 }

@@ -93,8 +93,8 @@ pub enum Event {
 /// Runs commands. Cheap to clone; share one per daemon.
 #[derive(Clone)]
 pub struct Executor {
-    store: Store,
-    vms: Arc<dyn Provisioner>,
+    pub(crate) store: Store,
+    pub(crate) vms: Arc<dyn Provisioner>,
     catalog: Arc<dyn Catalog>,
     settings: Arc<Settings>,
     events: broadcast::Sender<Event>,
@@ -493,6 +493,7 @@ impl Executor {
             }
             Command::Restart { name } => {
                 let project = need(project, &name)?;
+                self.set_state(&name, ProjectState::Stopping).await?;
                 self.vms.stop(&name).await?;
                 self.set_state(&name, ProjectState::Stopped).await?;
                 self.start(project, progress).await
@@ -1008,10 +1009,22 @@ impl Executor {
         }
     }
 
-    async fn set_state(&self, name: &ProjectName, state: ProjectState) -> Result<(), StoreError> {
+    /// Records a project's state; a project whose VM is not running loses
+    /// its route, so no gateway dials a dead address.
+    pub(crate) async fn set_state(
+        &self,
+        name: &ProjectName,
+        state: ProjectState,
+    ) -> Result<(), StoreError> {
         let n = name.clone();
         self.store
-            .call(move |c| repo::set_project_state(c, &n, state))
+            .call(move |c| {
+                repo::set_project_state(c, &n, state)?;
+                if matches!(state, ProjectState::Stopped | ProjectState::Failed) {
+                    repo::clear_route(c, &n)?;
+                }
+                Ok(())
+            })
             .await
     }
 
@@ -1044,7 +1057,7 @@ impl Executor {
     }
 
     /// Records where the gateways reach a project's VM.
-    async fn record_route(
+    pub(crate) async fn record_route(
         &self,
         project: &ProjectName,
         status: &crate::provision::VmStatus,
@@ -1060,7 +1073,7 @@ impl Executor {
 
     /// Re-installs the keys of everyone with SSH access in each project's VM,
     /// after access changed (so a revoked key stops working at once).
-    async fn sync_access(&self, projects: Vec<ProjectName>) {
+    pub(crate) async fn sync_access(&self, projects: Vec<ProjectName>) {
         for p in projects {
             let keys = match self.authorized_keys(&p).await {
                 Ok(k) => k,

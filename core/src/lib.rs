@@ -20,6 +20,7 @@ pub mod provision;
 pub mod redact;
 pub mod render;
 pub mod store;
+pub mod vmstate;
 
 pub use command::{parse, Command, Invocation, ParseError};
 pub use executor::{Answer, Event, Executor, Settings};

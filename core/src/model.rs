@@ -224,6 +224,8 @@ pub struct Project {
     pub app_port: u16,
     pub visibility: Visibility,
     pub state: ProjectState,
+    /// Why Kennel put the project in its state, when it did (not a person).
+    pub state_note: Option<String>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }

@@ -193,6 +193,12 @@ pub trait Provisioner: Send + Sync {
     async fn logs(&self, project: &ProjectName, lines: u32) -> Result<Vec<String>, ProvisionError>;
     /// Deletes a project's source directory on the host (`rm --purge`).
     async fn purge_source(&self, project: &ProjectName, path: &str) -> Result<(), ProvisionError>;
+    /// Whether the project's VMM process is alive, checked cheaply (no
+    /// round trip to the guest), for noticing VMs that died; `None` when
+    /// there is no VM or it cannot tell.
+    async fn vm_alive(&self, _project: &ProjectName) -> Option<bool> {
+        None
+    }
     /// Makes `to` a copy of `from`: a copy-on-write clone of its disk and a
     /// copy of its source at `to.path`; boots it.
     async fn copy(
@@ -302,6 +308,11 @@ pub mod testing {
         /// The calls so far, as `op project` strings.
         pub fn calls(&self) -> Vec<String> {
             self.calls.lock().map(|c| c.clone()).unwrap_or_default()
+        }
+
+        /// The VMM of a running VM dies (as under `kill -9`).
+        pub fn crash(&self, project: &str) {
+            self.set(project, Some(VmState::Stopped));
         }
 
         /// Whether a VM exists for the project.
@@ -418,6 +429,12 @@ pub mod testing {
         async fn purge_source(&self, project: &ProjectName, _: &str) -> Result<(), ProvisionError> {
             self.record("purge", project.as_str());
             Ok(())
+        }
+        async fn vm_alive(&self, project: &ProjectName) -> Option<bool> {
+            self.vms
+                .lock()
+                .ok()
+                .and_then(|v| v.get(project.as_str()).map(|s| *s == VmState::Running))
         }
         async fn copy(
             &self,

@@ -141,12 +141,21 @@ fn help_one(spec: &CommandSpec) -> Vec<Block> {
     doc
 }
 
+/// A project's state, with why Kennel put it there if it did:
+/// `stopped (the VM exited unexpectedly; ...)`.
+fn state_text(p: &Project) -> String {
+    match &p.state_note {
+        Some(n) => format!("{} ({n})", p.state),
+        None => p.state.to_string(),
+    }
+}
+
 fn project_rows(ps: &[Project]) -> Vec<Vec<String>> {
     ps.iter()
         .map(|p| {
             vec![
                 p.name.to_string(),
-                p.state.to_string(),
+                state_text(p),
                 p.stack.clone(),
                 p.owner.to_string(),
                 format!(
@@ -267,7 +276,7 @@ pub fn document(r: &Reply) -> Vec<Block> {
             vm,
         } => {
             let mut doc = vec![
-                Block::Title(format!("{} — {}", project.name, project.state)),
+                Block::Title(format!("{} — {}", project.name, state_text(project))),
                 Block::Table {
                     head: vec!["".into(), "".into()],
                     rows: vec![

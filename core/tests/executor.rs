@@ -484,3 +484,276 @@ async fn routes_are_recorded_and_access_changes_reach_running_vms() {
         .unwrap();
     assert!(gone.is_none());
 }
+
+#[tokio::test]
+async fn a_vm_that_dies_is_shown_stopped_with_why_and_loses_its_route() {
+    let w = world().await;
+    w.run(&w.admin, "new project app").await.unwrap();
+    assert!(w.exec.check_vms().await.unwrap().is_empty());
+    w.vms.crash("app");
+    let died = w.exec.check_vms().await.unwrap();
+    assert_eq!(died.len(), 1);
+    let Ok(Reply::Projects { projects }) = w.run(&w.admin, "projects").await else {
+        panic!()
+    };
+    assert_eq!(projects[0].state, ProjectState::Stopped);
+    assert!(projects[0]
+        .state_note
+        .as_deref()
+        .unwrap()
+        .contains("exited unexpectedly"));
+    let shown = kennel_core::render(
+        &w.run(&w.admin, "projects").await,
+        kennel_core::Format::Plain,
+    );
+    assert!(
+        shown.contains("stopped (the VM exited unexpectedly"),
+        "{shown}"
+    );
+    let store = w.exec.store().clone();
+    let route = |s: Store| async move {
+        s.call(|c| kennel_core::store::repo::route(c, &"app".parse().unwrap()))
+            .await
+            .unwrap()
+    };
+    assert!(
+        route(store.clone()).await.is_none(),
+        "no route to a dead VM"
+    );
+    // Noticed once; start brings it back and clears the note.
+    assert!(w.exec.check_vms().await.unwrap().is_empty());
+    w.run(&w.admin, "start app").await.unwrap();
+    let Ok(Reply::Projects { projects }) = w.run(&w.admin, "projects").await else {
+        panic!()
+    };
+    assert_eq!(projects[0].state, ProjectState::Running);
+    assert_eq!(projects[0].state_note, None);
+    assert!(route(store).await.is_some());
+}
+
+#[tokio::test]
+async fn reconcile_adopts_with_routes_stops_the_gone_and_rolls_back_cut_off_creates() {
+    use kennel_core::store::repo;
+    let w = world().await;
+    for p in ["up", "down", "half"] {
+        w.run(&w.admin, &format!("new project {p}")).await.unwrap();
+    }
+    let store = w.exec.store().clone();
+    // As a daemon killed mid-create leaves it: state creating, no route.
+    store
+        .call(|c| {
+            repo::set_project_state(c, &"half".parse().unwrap(), ProjectState::Creating)?;
+            repo::clear_route(c, &"up".parse().unwrap())
+        })
+        .await
+        .unwrap();
+    let found = vec![
+        ("up".to_owned(), true),
+        ("down".to_owned(), false),
+        ("half".to_owned(), true),
+    ];
+    let done = w.exec.reconcile(&found).await.unwrap();
+    assert_eq!(done.adopted.len(), 1, "{done:?}");
+    assert_eq!(done.stopped.len(), 1, "{done:?}");
+    assert_eq!(done.rolled_back.len(), 1, "{done:?}");
+    let up = store
+        .call(|c| repo::route(c, &"up".parse().unwrap()))
+        .await
+        .unwrap();
+    assert!(up.is_some(), "an adopted VM gets its route back");
+    let down = store
+        .call(|c| repo::route(c, &"down".parse().unwrap()))
+        .await
+        .unwrap();
+    assert!(down.is_none(), "a gone VM has no route");
+    assert!(!w.vms.has_vm("half"), "the half-made VM is removed");
+    assert!(w.vms.calls().iter().any(|c| c == "destroy half"));
+    let Ok(Reply::Projects { projects }) = w.run(&w.admin, "projects").await else {
+        panic!()
+    };
+    let names: Vec<_> = projects.iter().map(|p| p.name.to_string()).collect();
+    assert_eq!(names, ["down", "up"]);
+    // The name of the rolled-back project is free again.
+    w.run(&w.admin, "new project half").await.unwrap();
+}
+
+#[tokio::test]
+async fn access_requests_are_limited_in_number_and_note_length() {
+    let w = world_with(Settings {
+        max_pending_requests: 3,
+        ..Settings::default()
+    })
+    .await;
+    let note = "x".repeat(60_000);
+    let stranger = Identity::new(Frontend::Ssh, "SHA256:stranger");
+    let o = w
+        .run(
+            &stranger,
+            &format!("request-access {} {note}", ed25519(1, None)),
+        )
+        .await;
+    assert!(o.is_err(), "a 60 KB note is refused");
+    let o = w
+        .exec
+        .execute(
+            &stranger,
+            kennel_core::Command::RequestAccess {
+                key: ed25519(1, None),
+                note: Some(note),
+            },
+            &NoProgress,
+        )
+        .await;
+    assert!(refused(&o).contains("keep it to 500"), "{o:?}");
+    for i in 0..3u8 {
+        let who = Identity::new(Frontend::Ssh, &format!("SHA256:k{i}"));
+        w.run(
+            &who,
+            &format!("request-access {} hi", ed25519(10 + i, None)),
+        )
+        .await
+        .unwrap();
+    }
+    let who = Identity::new(Frontend::Ssh, "SHA256:k9");
+    let o = w
+        .run(&who, &format!("request-access {} hi", ed25519(30, None)))
+        .await;
+    assert!(
+        matches!(&o, Err(CommandError::Conflict(m)) if m.contains("already waiting")),
+        "{o:?}"
+    );
+    // Asking again with a pending key is not a new request, so not refused.
+    let who = Identity::new(Frontend::Ssh, "SHA256:k0");
+    let o = w
+        .run(&who, &format!("request-access {} again", ed25519(10, None)))
+        .await;
+    assert!(
+        matches!(o, Ok(Reply::RequestFiled { new: false, .. })),
+        "{o:?}"
+    );
+}
+
+#[tokio::test]
+async fn credentials_in_git_urls_never_reach_the_store_the_log_or_the_answer() {
+    let w = world().await;
+    let o = w
+        .run(
+            &w.admin,
+            "new project x --git https://user:s3cr3tpw@git.example.com/repo.git",
+        )
+        .await;
+    let text = o.as_ref().unwrap_err().to_string();
+    assert!(!text.contains("s3cr3tpw"), "{text}");
+    assert!(text.contains("secret set git-token"), "{text}");
+    assert!(text.contains("https://git.example.com/repo.git"), "{text}");
+    let audit = w
+        .exec
+        .store()
+        .call(|c| kennel_core::store::repo::recent_audit(c, 50))
+        .await
+        .unwrap();
+    assert!(!format!("{audit:?}").contains("s3cr3tpw"));
+    let Ok(Reply::Projects { projects }) = w.run(&w.admin, "projects").await else {
+        panic!()
+    };
+    assert!(projects.is_empty());
+    // A token as the user name is a credential too.
+    let o = w
+        .run(
+            &w.admin,
+            "new project x --git https://ghp_abc123@github.com/me/x",
+        )
+        .await;
+    assert!(!o.unwrap_err().to_string().contains("ghp_abc123"));
+}
+
+#[tokio::test]
+async fn long_lines_are_refused_and_bad_input_is_quoted_short() {
+    let w = world().await;
+    let huge = "x".repeat(200_000);
+    let o = w.run(&w.admin, &huge).await;
+    let text = o.unwrap_err().to_string();
+    assert!(text.len() < 300, "{}", text.len());
+    assert!(text.contains("8192 bytes"), "{text}");
+    for line in [
+        format!("new project {}", "a".repeat(5000)),
+        format!("status {}", "b".repeat(5000)),
+        format!("new project ok --cpus {}", "9".repeat(5000)),
+        format!("{} project", "z".repeat(5000)),
+        format!("projects {}", "q".repeat(5000)),
+    ] {
+        let text = w.run(&w.admin, &line).await.unwrap_err().to_string();
+        assert!(
+            text.len() < 600,
+            "{} bytes for {:.40}: {:.200}",
+            text.len(),
+            line,
+            text
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_refused_purge_changes_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let w = world_with(Settings {
+        projects_root: root.path().join("projects"),
+        ..Settings::default()
+    })
+    .await;
+    std::fs::create_dir_all(root.path().join("projects")).unwrap();
+    w.run(&w.admin, "new project keep").await.unwrap();
+    // The source became a link since (a guest could have made it one).
+    let src = root.path().join("projects/keep");
+    let _ = std::fs::remove_dir_all(&src);
+    std::os::unix::fs::symlink(root.path(), &src).unwrap();
+    w.run(&w.admin, "rm keep --purge --yes").await.unwrap();
+    let o = w.run(&w.admin, "yes").await;
+    assert!(refused(&o).contains("nothing was changed"), "{o:?}");
+    let Ok(Reply::Projects { projects }) = w.run(&w.admin, "projects").await else {
+        panic!()
+    };
+    assert_eq!(
+        projects[0].state,
+        ProjectState::Running,
+        "not left destroying"
+    );
+    assert!(w.vms.has_vm("keep"));
+    assert!(!w.vms.calls().iter().any(|c| c.starts_with("destroy")));
+}
+
+#[tokio::test]
+async fn a_source_may_not_be_inside_or_around_another_or_behind_a_link() {
+    let root = tempfile::tempdir().unwrap();
+    let w = world_with(Settings {
+        projects_root: root.path().join("projects"),
+        ..Settings::default()
+    })
+    .await;
+    let projects = root.path().join("projects");
+    std::fs::create_dir_all(projects.join("outer")).unwrap();
+    w.run(&w.admin, "new project outer --adopt").await.unwrap();
+    let o = w
+        .run(&w.admin, "new project inner --path outer/deeper")
+        .await;
+    assert!(
+        refused(&o).contains("inside the source of project 'outer'"),
+        "{o:?}"
+    );
+    // A link made on the host (or by a guest) on the way is refused.
+    let outside = root.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, projects.join("evil")).unwrap();
+    let o = w.run(&w.admin, "new project evil --path evil/.ssh").await;
+    assert!(refused(&o).contains("symbolic link"), "{o:?}");
+    let o = w
+        .run(&w.admin, "new project evil2 --path evil --adopt")
+        .await;
+    assert!(refused(&o).contains("symbolic link"), "{o:?}");
+    // The name is checked before the path: an existing project is named.
+    let o = w.run(&w.admin, "new project outer --adopt").await;
+    assert!(
+        matches!(&o, Err(CommandError::Conflict(m)) if m.contains("already exists")),
+        "{o:?}"
+    );
+}

@@ -470,10 +470,7 @@ impl LocalProvisioner {
         let mut listening: Option<Instant> = None;
         let mut workspace = false;
         let mut sshd = false;
-        let needle = match self.vmm.kind() {
-            BackendKind::Qemu => format!("kennel-{}", m.name),
-            BackendKind::CloudHypervisor => m.control_socket.display().to_string(),
-        };
+        let needle = self.needle(m);
         while Instant::now() < deadline {
             let text = read_from(&m.console_log, offset);
             if text.contains("kennel-init: cannot mount the workspace")
@@ -954,13 +951,19 @@ impl LocalProvisioner {
             .map_err(|e| failed(stage, format!("the project's source cannot be shared: {e}")))
     }
 
+    /// What a VMM's command line holds that tells it from other processes
+    /// with a recycled pid.
+    fn needle(&self, m: &Machine) -> String {
+        match self.vmm.kind() {
+            BackendKind::Qemu => format!("kennel-{}", m.name),
+            BackendKind::CloudHypervisor => m.control_socket.display().to_string(),
+        }
+    }
+
     async fn graceful_stop(&self, r: &VmRecord) -> Result<(), ProvisionError> {
         let m = &r.machine;
         let dir = self.vm_dir(&r.project);
-        let needle = match self.vmm.kind() {
-            BackendKind::Qemu => format!("kennel-{}", m.name),
-            BackendKind::CloudHypervisor => m.control_socket.display().to_string(),
-        };
+        let needle = self.needle(m);
         if let Some(pid) = read_pid(&m.pid_file).filter(|p| crate::vmm::pid_alive(*p, &needle)) {
             // Ask the guest to power off (no init system to catch ACPI); the
             // connection drops as it does, so the answer does not matter.
@@ -1407,6 +1410,12 @@ impl Provisioner for LocalProvisioner {
         std::fs::read_to_string(key.with_extension("pub"))
             .map(|s| s.trim().to_owned())
             .map_err(|e| failed(Stage::Validated, e.to_string()))
+    }
+
+    async fn vm_alive(&self, project: &ProjectName) -> Option<bool> {
+        let r = self.record(project.as_str())?;
+        let needle = self.needle(&r.machine);
+        Some(read_pid(&r.machine.pid_file).is_some_and(|p| crate::vmm::pid_alive(p, &needle)))
     }
 
     async fn purge_source(&self, project: &ProjectName, path: &str) -> Result<(), ProvisionError> {

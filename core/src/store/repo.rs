@@ -443,7 +443,8 @@ pub fn decide_request(
 // ---------------------------------------------------------------- projects
 
 const PROJECT_COLS: &str = "p.id, p.name, u.name, p.stack, p.git_url, p.source_path, p.template,
-    p.vcpus, p.memory_mib, p.disk_mib, p.app_port, p.visibility, p.state, p.created_at, p.updated_at";
+    p.vcpus, p.memory_mib, p.disk_mib, p.app_port, p.visibility, p.state, p.created_at, p.updated_at,
+    p.state_note";
 
 fn project_from(r: &Row<'_>) -> rusqlite::Result<Result<Project, StoreError>> {
     let name: String = r.get(1)?;
@@ -458,6 +459,7 @@ fn project_from(r: &Row<'_>) -> rusqlite::Result<Result<Project, StoreError>> {
         disk_mib: r.get(9)?,
     };
     let (app_port, created_at, updated_at) = (r.get(10)?, r.get(13)?, r.get(14)?);
+    let state_note: Option<String> = r.get(15)?;
     Ok((|| {
         Ok(Project {
             id,
@@ -471,6 +473,7 @@ fn project_from(r: &Row<'_>) -> rusqlite::Result<Result<Project, StoreError>> {
             app_port,
             visibility: text(visibility)?,
             state: text(state)?,
+            state_note,
             created_at,
             updated_at,
         })
@@ -551,9 +554,30 @@ pub fn set_project_state(
     name: &ProjectName,
     state: ProjectState,
 ) -> Result<(), StoreError> {
+    set_project_state_noted(conn, name, state, None)
+}
+
+/// Sets a project's lifecycle state with why Kennel set it (shown beside
+/// the state until the next change).
+pub fn set_project_state_noted(
+    conn: &Connection,
+    name: &ProjectName,
+    state: ProjectState,
+    note: Option<&str>,
+) -> Result<(), StoreError> {
     conn.execute(
-        "UPDATE projects SET state = ?2, updated_at = ?3 WHERE name = ?1",
-        params![name.as_str(), state.as_str(), now()],
+        "UPDATE projects SET state = ?2, state_note = ?3, updated_at = ?4 WHERE name = ?1",
+        params![name.as_str(), state.as_str(), note, now()],
+    )?;
+    Ok(())
+}
+
+/// Forgets where a project's VM answered (it stopped): the gateways then
+/// know to start it rather than dial a dead address.
+pub fn clear_route(conn: &Connection, project: &ProjectName) -> Result<(), StoreError> {
+    conn.execute(
+        "DELETE FROM routes WHERE project_id = (SELECT id FROM projects WHERE name = ?1)",
+        [project.as_str()],
     )?;
     Ok(())
 }
