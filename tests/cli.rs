@@ -225,3 +225,42 @@ fn the_annotated_example_config_is_valid() {
         .success()
         .stdout(predicate::str::contains("vm.boot_timeout_secs = 120"));
 }
+
+#[test]
+fn output_to_a_closed_pipe_ends_quietly() {
+    let d = tempfile::tempdir().unwrap();
+    let bin = assert_cmd::cargo::cargo_bin("kennel");
+    // `kennel exec help | true`: the reader is gone before kennel writes.
+    let out = StdCommand::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "'{}' exec help | true; echo \"status ${{PIPESTATUS:-0}}\"",
+            bin.display()
+        ))
+        .current_dir(d.path())
+        .env_remove("KENNEL_CONFIG")
+        .env("HOME", d.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!err.contains("Broken pipe"), "{err}");
+    // The same through the daemon's answer path: a tiny pipe closed at once.
+    let mut child = StdCommand::new(&bin)
+        .args(["exec", "help"])
+        .current_dir(d.path())
+        .env_remove("KENNEL_CONFIG")
+        .env("HOME", d.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("panicked"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(out.status.code(), Some(101), "no panic exit");
+}

@@ -33,6 +33,10 @@ struct Gw {
 }
 
 async fn gateway() -> Gw {
+    gateway_with(SshSettings::default()).await
+}
+
+async fn gateway_with(settings: SshSettings) -> Gw {
     require("ssh", "openssh-client");
     require("ssh-keygen", "openssh-client");
     let dir = tempfile::tempdir().unwrap();
@@ -50,7 +54,7 @@ async fn gateway() -> Gw {
         exec.clone(),
         SshSettings {
             data_dir: dir.path().to_owned(),
-            ..Default::default()
+            ..settings
         },
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -258,4 +262,191 @@ async fn fifty_sessions_at_once() {
             .find(|o| o.status.code() != Some(0))
             .map(|o| text(&o.stderr))
     );
+}
+
+/// `ssh` to the gateway with `key` at OpenSSH log level `level` (banners,
+/// which say why a connection is refused, show from INFO on).
+fn ssh_cmd(port: u16, key: &Path, level: &str) -> std::process::Command {
+    let mut c = std::process::Command::new("ssh");
+    c.args([
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+    ])
+    .args(["-o", &format!("LogLevel={level}"), "-o", "BatchMode=yes"])
+    .args([
+        "-o",
+        "IdentitiesOnly=yes",
+        "-T",
+        "-p",
+        &port.to_string(),
+        "-i",
+    ])
+    .arg(key)
+    .arg("anyone@127.0.0.1");
+    c
+}
+
+/// An `ssh -N` connection held open (no session), until dropped.
+struct Held(std::process::Child);
+
+impl Held {
+    fn open(port: u16, key: &Path) -> Self {
+        let child = std::process::Command::new("ssh")
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+            ])
+            .args([
+                "-o",
+                "LogLevel=ERROR",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+            ])
+            .args(["-N", "-p", &port.to_string(), "-i"])
+            .arg(key)
+            .arg("anyone@127.0.0.1")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Give it time to connect and authenticate.
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        Self(child)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limits_say_which_limit_was_reached() {
+    let gw = gateway_with(SshSettings {
+        max_connections_per_ip: 1,
+        ..SshSettings::default()
+    })
+    .await;
+    let (key, public) = keygen(gw.dir.path(), "admin");
+    gw.admin_key(&public).await;
+    let held = Held::open(gw.port, &key);
+    let out = ssh_cmd(gw.port, &key, "INFO")
+        .arg("whoami")
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("too many connections from your address (the limit is 1)"),
+        "{}",
+        text(&out.stderr)
+    );
+    drop(held);
+
+    let gw = gateway_with(SshSettings {
+        max_connections_per_user: 1,
+        ..SshSettings::default()
+    })
+    .await;
+    let (key, public) = keygen(gw.dir.path(), "admin");
+    gw.admin_key(&public).await;
+    let held = Held::open(gw.port, &key);
+    let out = gw.ssh(&key, "anyone", &["whoami"], None).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("you have too many connections open (the limit is 1)"),
+        "{}",
+        text(&out.stderr)
+    );
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_requests_are_limited_per_address_and_in_size() {
+    let gw = gateway().await;
+    let note = "n".repeat(60_000);
+    let (k0, _) = keygen(gw.dir.path(), "k0");
+    let out = gw
+        .ssh(&k0, "anyone", &["request-access", &note], None)
+        .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stdout).contains("keep it to 500"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stdout).len() < 1000,
+        "the note is not echoed back"
+    );
+    let mut last = String::new();
+    for i in 1..=6 {
+        let (k, _) = keygen(gw.dir.path(), &format!("k{i}"));
+        let out = gw.ssh(&k, "anyone", &["request-access", "hi"], None).await;
+        last = text(&out.stdout);
+    }
+    assert!(
+        last.contains("this address has filed 5 access requests in the last hour"),
+        "{last}"
+    );
+    let filed = gw
+        .store
+        .call(|c| kennel_core::store::repo::list_requests(c, true))
+        .await
+        .unwrap();
+    assert_eq!(filed.len(), 4, "the refused ones were not filed");
+}
+
+/// Peak memory of this process (the gateway runs in it), in KiB.
+fn peak_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_prompt_line_is_refused_without_being_held_or_echoed() {
+    let gw = gateway().await;
+    let (key, public) = keygen(gw.dir.path(), "admin");
+    gw.admin_key(&public).await;
+    // From a file, so the test itself holds no copy of the line.
+    let file = gw.dir.path().join("huge-line");
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&file).unwrap());
+        let chunk = vec![b'a'; 1 << 20];
+        for _ in 0..128 {
+            f.write_all(&chunk).unwrap();
+        }
+        f.write_all(b"\nwhoami\nexit\n").unwrap();
+    }
+    let before = peak_kib();
+    let out = ssh_cmd(gw.port, &key, "ERROR")
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .unwrap();
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("Kennel reads commands of up to 8192 bytes"),
+        "{:.300}",
+        said
+    );
+    assert!(
+        said.contains("You are admin"),
+        "the session goes on: {:.300}",
+        said
+    );
+    assert!(said.len() < 4096, "{} bytes came back", said.len());
+    // The 128 MiB line was never held by the gateway (in this process).
+    let grown = peak_kib().saturating_sub(before);
+    assert!(grown < 64 << 10, "peak memory grew by {grown} KiB");
 }

@@ -24,6 +24,13 @@ pub struct Kennel {
 
 impl Kennel {
     pub fn new(dir: &Path) -> Self {
+        Self::with_images(dir, true)
+    }
+
+    /// Like [`Kennel::new`]; with `shared_images` false the data dir gets
+    /// an image store of its own (empty: the first project builds the
+    /// kernel and its image), still with the shared package cache.
+    pub fn with_images(dir: &Path, shared_images: bool) -> Self {
         assert!(
             rustix::process::geteuid().is_root(),
             "VM tests need root (virtiofsd, image builds); run scripts/test.sh as root"
@@ -40,8 +47,10 @@ impl Kennel {
             .unwrap_or_else(|| {
                 PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/kennel/test-data")
             });
-        std::fs::create_dir_all(cache.join("images")).unwrap();
-        std::os::unix::fs::symlink(cache.join("images"), data.join("images")).unwrap();
+        if shared_images {
+            std::fs::create_dir_all(cache.join("images")).unwrap();
+            std::os::unix::fs::symlink(cache.join("images"), data.join("images")).unwrap();
+        }
         Self {
             dir: dir.to_owned(),
             bin: PathBuf::from(env!("CARGO_BIN_EXE_kennel")),
@@ -123,6 +132,53 @@ impl Kennel {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Starts `kennel serve` with its standard error (the log) going to
+    /// `log` (appended), at `RUST_LOG=info`.
+    pub fn start_serve_logged(&mut self, log: &Path) {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = self
+            .cmd()
+            .env("RUST_LOG", "info")
+            .arg("serve")
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        self.serve = Some(child);
+        self.wait_for_socket();
+    }
+
+    fn wait_for_socket(&self) {
+        let sock = self.dir.join("kennel-data/control.sock");
+        let t = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "kennel serve did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `kennel exec LINE` started, its progress (standard error) piped.
+    pub fn exec_spawn(&self, line: &str) -> Child {
+        self.cmd()
+            .args(["exec", line])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    /// The daemon's pid, if it runs.
+    pub fn serve_pid(&self) -> Option<u32> {
+        self.serve.as_ref().map(Child::id)
     }
 
     pub fn kill_serve(&mut self, signal: &str) {

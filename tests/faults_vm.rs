@@ -1,0 +1,322 @@
+//! Faults and attacks on a real daemon with real guests (QEMU/TCG):
+//! links a guest or a host user plants on the way to a host path, a daemon
+//! killed (`kill -9`) mid-boot and mid-image-build, a VMM killed under a
+//! running project, credentials in a git URL, a refused purge.
+//! `vm-tests` feature; needs what tests/vm.rs needs.
+#![cfg(feature = "vm-tests")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod support;
+
+use std::io::BufRead;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::{vm_running, Kennel};
+
+const SMALL: &str = "--stack base --cpus 1 --memory 512M --disk 2G";
+
+fn refused(k: &Kennel, line: &str, want: &str) {
+    let out = k.exec(line);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "`{line}` should be refused: {text}");
+    assert!(text.contains(want), "`{line}`: expected {want:?} in {text}");
+}
+
+/// `projects --json` as (name, state, note) rows.
+fn projects(k: &Kennel) -> Vec<(String, String, Option<String>)> {
+    let v: serde_json::Value = serde_json::from_str(k.exec_ok("--json projects").trim()).unwrap();
+    v["projects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_owned(),
+                p["state"].as_str().unwrap().to_owned(),
+                p["state_note"].as_str().map(str::to_owned),
+            )
+        })
+        .collect()
+}
+
+fn gateway_ssh(k: &Kennel, key: &Path, target: &str, command: &str) -> std::process::Output {
+    Command::new("ssh")
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .args([
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+        ])
+        .args(["-p", &k.ssh_port.to_string(), "-i"])
+        .arg(key)
+        .arg(target)
+        .arg(command)
+        .output()
+        .unwrap()
+}
+
+/// Every host path Kennel acts on for a user is reached without following
+/// links: ones a guest writes into its own source, ones made on the host,
+/// and ones swapped in after a project was created (at its next use).
+#[test]
+fn host_paths_never_follow_links() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut k = Kennel::new(tmp.path());
+    k.start_serve();
+    let root = tmp.path().join("kennel-data/projects");
+    let secret = tmp.path().join("host-secret");
+    std::fs::create_dir_all(&secret).unwrap();
+    std::fs::write(secret.join("keep.txt"), "mine").unwrap();
+
+    k.exec_ok(&format!("new project p {SMALL}"));
+    // A link made inside the guest lands in the host-side source.
+    k.ssh_ok("p", &format!("ln -s {} /workspace/evil", secret.display()));
+    assert!(std::fs::symlink_metadata(root.join("p/evil"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    refused(
+        &k,
+        &format!(
+            "new project evil --path {}/p/evil/.ssh {SMALL}",
+            root.display()
+        ),
+        "inside the source of project 'p'",
+    );
+    // Links made on the host, on the way or at the end.
+    std::os::unix::fs::symlink(&secret, root.join("hostlink")).unwrap();
+    refused(
+        &k,
+        &format!("new project h1 --path hostlink/.ssh {SMALL}"),
+        "symbolic link",
+    );
+    refused(
+        &k,
+        &format!("new project h2 --path hostlink --adopt {SMALL}"),
+        "symbolic link",
+    );
+    // cp to a name whose directory is a link.
+    std::os::unix::fs::symlink(&secret, root.join("q")).unwrap();
+    refused(&k, "cp p q", "symbolic link");
+    assert!(!secret.join(".ssh").exists(), "nothing was made outside");
+    assert_eq!(std::fs::read_dir(&secret).unwrap().count(), 1);
+
+    // Swapped in after the check: the source becomes a link while stopped;
+    // the next start refuses to share it, and no virtiofsd serves it.
+    k.exec_ok("stop p");
+    std::fs::rename(root.join("p"), tmp.path().join("p-real")).unwrap();
+    std::os::unix::fs::symlink(&secret, root.join("p")).unwrap();
+    refused(&k, "start p", "symbolic link");
+    let serving = Command::new("pgrep")
+        .args(["-f", &format!("virtiofsd.*{}", secret.display())])
+        .output()
+        .unwrap();
+    assert!(
+        !serving.status.success(),
+        "virtiofsd shares the link's target"
+    );
+    // A purge through the link is refused before anything changes.
+    k.exec_ok("rm p --purge --yes");
+    refused(&k, "yes", "nothing was changed");
+    let rows = projects(&k);
+    assert!(
+        rows.iter().any(|(n, s, _)| n == "p" && s != "destroying"),
+        "{rows:?}"
+    );
+    assert!(secret.join("keep.txt").exists());
+    // Put back, it starts again with its files.
+    std::fs::remove_file(root.join("p")).unwrap();
+    std::fs::rename(tmp.path().join("p-real"), root.join("p")).unwrap();
+    k.exec_ok("start p");
+    assert!(k.ssh_ok("p", "ls -la /workspace").contains("evil"));
+}
+
+/// `kill -9` of the daemon while a VM boots, then of a VMM under a running
+/// project: nothing is left half made, what is shown running can be
+/// entered, and a dead VM is shown stopped and comes back with `start`.
+#[test]
+fn a_daemon_killed_mid_boot_and_a_killed_vmm_leave_the_truth() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut k = Kennel::new(tmp.path());
+    let log = tmp.path().join("serve.log");
+    k.start_serve_logged(&log);
+    let (key, public) = kennel_testkit::ssh::keygen(tmp.path(), "me");
+    k.exec_ok(&format!("key add \"{public}\""));
+    k.exec_ok(&format!("new project r {SMALL}"));
+    k.ssh_ok("r", "echo kept > /workspace/kept.txt");
+
+    // Credentials in a git URL: refused, and never written anywhere.
+    let out = k.exec("new project x --git https://user:s3cr3tpw@127.0.0.1:9/repo.git");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success());
+    assert!(
+        said.contains("secret set git-token") && !said.contains("s3cr3tpw"),
+        "{said}"
+    );
+
+    // Killed after "booting": the create is rolled back at restart.
+    let mut child = k.exec_spawn(&format!("new project kb {SMALL}"));
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        seen.push(line.clone());
+        if line.contains("booting") {
+            break;
+        }
+    }
+    assert!(seen.iter().any(|l| l.contains("booting")), "{seen:?}");
+    k.kill_serve("-KILL");
+    let _ = child.wait();
+    k.start_serve_logged(&log);
+    let rows = projects(&k);
+    assert!(!rows.iter().any(|(n, ..)| n == "kb"), "{rows:?}");
+    assert!(!vm_running(&k, "kb"), "no VM left of the cut-off create");
+    assert!(
+        tmp.path().join("kennel-data/projects/kb").exists(),
+        "the source is kept"
+    );
+    assert!(!tmp.path().join("kennel-data/vms/kb").exists());
+    // The adopted VM is running and can be entered through the gateway.
+    assert!(
+        rows.iter().any(|(n, s, _)| n == "r" && s == "running"),
+        "{rows:?}"
+    );
+    let out = gateway_ssh(&k, &key, "r@127.0.0.1", "cat /workspace/kept.txt");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "kept\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The VMM killed under the running project: shown stopped, saying why.
+    let pid = std::fs::read_to_string(tmp.path().join("kennel-data/vms/r/vmm.pid")).unwrap();
+    assert!(Command::new("kill")
+        .args(["-KILL", pid.trim()])
+        .status()
+        .unwrap()
+        .success());
+    let t = Instant::now();
+    let noticed = loop {
+        let rows = projects(&k);
+        let r = rows.into_iter().find(|(n, ..)| n == "r").unwrap();
+        if r.1 == "stopped" || t.elapsed() > Duration::from_secs(30) {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(noticed.1, "stopped", "{noticed:?}");
+    assert!(noticed.2.unwrap().contains("exited unexpectedly"));
+    // start brings it back, disk and source intact.
+    k.exec_ok("start r");
+    assert_eq!(k.ssh_ok("r", "cat /workspace/kept.txt"), "kept\n");
+
+    // The log never carried the password.
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(!logged.contains("s3cr3tpw"));
+    for f in ["kennel.db", "kennel.db-wal"] {
+        let bytes = std::fs::read(tmp.path().join("kennel-data").join(f)).unwrap_or_default();
+        assert!(
+            !bytes.windows(8).any(|w| w == b"s3cr3tpw"),
+            "the password is in {f}"
+        );
+    }
+}
+
+/// The first project on an empty image store builds the kernel and its
+/// image, showing the build as progress; `kill -9` of the daemon during
+/// the build ends the build too, and the restarted daemon removes its
+/// mounts and half-made image.
+#[test]
+fn a_daemon_killed_during_an_image_build_leaves_no_mounts_or_half_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut k = Kennel::with_images(tmp.path(), false);
+    let log = tmp.path().join("serve.log");
+    k.start_serve_logged(&log);
+    let images = tmp.path().join("kennel-data/images");
+    let mut child = k.exec_spawn(&format!("new project ib {SMALL}"));
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut building = Vec::new();
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        if line.contains("building the base image") {
+            building.push(line.clone());
+        }
+        // mmdebstrap has mounted /proc, /sys and /dev/pts in its chroot.
+        if line.contains("installing essential packages") {
+            break;
+        }
+    }
+    assert!(
+        building.len() >= 3,
+        "the build is shown as it goes: {building:#?}"
+    );
+    assert!(
+        building.iter().all(|l| l.contains("s)")),
+        "with the time so far: {building:#?}"
+    );
+    k.kill_serve("-KILL");
+    let _ = child.wait();
+    // The build dies with the daemon (its parent-death signal).
+    let t = Instant::now();
+    let needle = format!("{}/.tmp-", images.display());
+    while Command::new("pgrep")
+        .args(["-f", &needle])
+        .status()
+        .unwrap()
+        .success()
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the image build outlived the daemon"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    k.start_serve_logged(&log);
+    let left: Vec<_> = std::fs::read_dir(&images)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".tmp-") || n.starts_with("base-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&needle), "mounts are left under {needle}");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    for l in logged
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+    {
+        eprintln!("serve: {l}");
+    }
+    assert!(logged.contains("create was cut off"), "{logged}");
+    assert!(
+        logged.contains("removed what an interrupted image build left"),
+        "{logged}"
+    );
+    assert!(projects(&k).is_empty());
+}
