@@ -606,7 +606,7 @@ async fn access_requests_are_limited_in_number_and_note_length() {
         .await;
     assert!(refused(&o).contains("keep it to 500"), "{o:?}");
     for i in 0..3u8 {
-        let who = Identity::new(Frontend::Ssh, &format!("SHA256:k{i}"));
+        let who = Identity::new(Frontend::Ssh, format!("SHA256:k{i}"));
         w.run(
             &who,
             &format!("request-access {} hi", ed25519(10 + i, None)),

@@ -158,12 +158,19 @@ impl Shared {
     }
 }
 
+/// A project's place in the upstream pool: its connection, if made, behind
+/// the lock its (one) connect holds.
+type PoolSlot = Arc<tokio::sync::Mutex<Option<Arc<client::Handle<Upstream>>>>>;
+
 /// Shared by every connection.
 struct Shared {
     exec: Executor,
     settings: SshSettings,
     counters: Mutex<Counters>,
-    upstreams: tokio::sync::Mutex<HashMap<String, Arc<client::Handle<Upstream>>>>,
+    /// One pooled connection per project's VM, each behind its own lock:
+    /// sessions into one project wait for its one connect, and a VM that
+    /// does not answer never holds up sessions into another.
+    upstreams: Mutex<HashMap<String, PoolSlot>>,
     next_id: AtomicU64,
 }
 
@@ -187,7 +194,7 @@ impl SshGateway {
                 exec,
                 settings,
                 counters: Mutex::new(Counters::default()),
-                upstreams: tokio::sync::Mutex::new(HashMap::new()),
+                upstreams: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
             }),
         }
@@ -1326,14 +1333,19 @@ impl Shared {
         &self,
         p: &ProjectName,
     ) -> Result<Arc<client::Handle<Upstream>>, UpstreamError> {
-        let mut pool = self.upstreams.lock().await;
-        if let Some(h) = pool.get(p.as_str()) {
-            if !h.is_closed() {
-                return Ok(h.clone());
-            }
+        let slot = self
+            .upstreams
+            .lock()
+            .map_err(|_| UpstreamError::NoRoute)?
+            .entry(p.to_string())
+            .or_default()
+            .clone();
+        let mut slot = slot.lock().await;
+        if let Some(h) = slot.as_ref().filter(|h| !h.is_closed()) {
+            return Ok(h.clone());
         }
         let handle = Arc::new(self.connect(p, None).await?);
-        pool.insert(p.to_string(), handle.clone());
+        *slot = Some(handle.clone());
         Ok(handle)
     }
 
@@ -1406,6 +1418,8 @@ impl Shared {
     }
 
     async fn forget(&self, p: &ProjectName) {
-        self.upstreams.lock().await.remove(p.as_str());
+        if let Ok(mut pool) = self.upstreams.lock() {
+            pool.remove(p.as_str());
+        }
     }
 }

@@ -283,8 +283,7 @@ fn ssh_cmd(port: u16, key: &Path, level: &str) -> std::process::Command {
         &port.to_string(),
         "-i",
     ])
-    .arg(key)
-    .arg("anyone@127.0.0.1");
+    .arg(key);
     c
 }
 
@@ -338,7 +337,7 @@ async fn connection_limits_say_which_limit_was_reached() {
     gw.admin_key(&public).await;
     let held = Held::open(gw.port, &key);
     let out = ssh_cmd(gw.port, &key, "INFO")
-        .arg("whoami")
+        .args(["anyone@127.0.0.1", "whoami"])
         .output()
         .unwrap();
     assert_ne!(out.status.code(), Some(0));
@@ -431,6 +430,7 @@ async fn a_huge_prompt_line_is_refused_without_being_held_or_echoed() {
     }
     let before = peak_kib();
     let out = ssh_cmd(gw.port, &key, "ERROR")
+        .arg("anyone@127.0.0.1")
         .stdin(std::fs::File::open(&file).unwrap())
         .output()
         .unwrap();
@@ -449,4 +449,68 @@ async fn a_huge_prompt_line_is_refused_without_being_held_or_echoed() {
     // The 128 MiB line was never held by the gateway (in this process).
     let grown = peak_kib().saturating_sub(before);
     assert!(grown < 64 << 10, "peak memory grew by {grown} KiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_that_never_answers_does_not_hold_up_another_project() {
+    use kennel_core::store::repo;
+    let gw = gateway().await;
+    let (key, public) = keygen(gw.dir.path(), "admin");
+    gw.admin_key(&public).await;
+    let admin = Identity::local_console();
+    for p in ["stuck", "other"] {
+        let out = gw
+            .exec
+            .run_line(&admin, &format!("new project {p}"), &NoProgress)
+            .await;
+        assert!(out.outcome.is_ok(), "{:?}", out.outcome);
+        let dir = gw.dir.path().join("keys/projects").join(p);
+        std::fs::create_dir_all(&dir).unwrap();
+        keygen(&dir, "id_ed25519");
+    }
+    // "stuck" accepts TCP and never says a word; "other" refuses at once.
+    let blackhole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let stuck_addr = blackhole.local_addr().unwrap().to_string();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    gw.store
+        .call(move |c| {
+            repo::set_route(c, &"stuck".parse().unwrap(), &stuck_addr, "127.0.0.1:1")?;
+            repo::set_route(c, &"other".parse().unwrap(), &closed, "127.0.0.1:1")
+        })
+        .await
+        .unwrap();
+    let into = |p: &str| {
+        ssh_cmd(gw.port, &key, "ERROR")
+            .arg(format!("{p}@127.0.0.1"))
+            .arg("true")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut stuck = into("stuck");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let other = into("other").wait_with_output().unwrap();
+    // The session into "other" ended (it cannot reach its VM) while the
+    // one into "stuck" is still waiting for its VM's answer.
+    if stuck.try_wait().unwrap().is_some() {
+        let out = stuck.wait_with_output().unwrap();
+        panic!(
+            "the stuck session ended first: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(
+        String::from_utf8_lossy(&other.stderr).contains("connecting to the VM's sshd"),
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
+    let _ = stuck.kill();
+    let _ = stuck.wait();
+    drop(blackhole);
 }
