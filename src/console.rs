@@ -11,13 +11,11 @@ use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use kennel_core::command;
 use kennel_core::model::Identity;
 use kennel_core::names::UserName;
 use kennel_core::outcome::CommandError;
 use kennel_core::provision::{Progress, ProgressSink};
-use kennel_core::store::repo;
-use kennel_core::{exit_code, render, Executor, Format};
+use kennel_core::{Answered, Executor, Format, Style};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
@@ -44,47 +42,43 @@ pub enum Response {
     Done { exit: i32, output: String },
 }
 
-/// Runs a console request against an executor.
+/// Runs a console request against an executor, through core's front door.
 pub async fn run(exec: &Executor, req: &Request, progress: &dyn ProgressSink) -> (i32, String) {
-    let inv = match command::parse(&req.line) {
-        Ok(inv) => inv,
-        Err(e) => {
-            let json = req.json || req.line.contains("--json");
-            let out: kennel_core::Outcome = Err(e.into());
-            return (exit_code(&out), render(&out, fmt(json)));
-        }
+    let style = Style {
+        format: Format::Plain,
+        force_json: req.json,
     };
-    let json = req.json || inv.json;
     let who = Identity::local_console();
     let user = match &req.as_user {
-        None => exec.local_admin().await.map(Some),
+        None => exec
+            .local_admin()
+            .await
+            .map(Some)
+            .map_err(CommandError::from),
         Some(name) => match UserName::new(name) {
-            Ok(n) => exec
-                .store()
-                .call(move |c| repo::user_by_name(c, &n))
-                .await
-                .and_then(|u| {
-                    u.map(Some).ok_or_else(|| kennel_core::StoreError::Invalid {
-                        what: format!("there is no user '{name}'"),
-                    })
-                }),
-            Err(e) => Err(e.into()),
+            Ok(n) => exec.user_named(&n).await.map(Some),
+            Err(e) => {
+                let out: kennel_core::Outcome =
+                    Err(CommandError::Usage(kennel_core::ParseError::Usage {
+                        command: "exec --as",
+                        problem: e.to_string(),
+                    }));
+                let a = Answered::new(out, style.force_json, style.format);
+                return (a.exit, a.text);
+            }
         },
     };
-    let out = match user {
-        Ok(user) => exec.execute_as(&who, user, inv.command, progress).await,
-        Err(kennel_core::StoreError::Invalid { what }) => Err(CommandError::NotFound(what)),
-        Err(e) => Err(e.into()),
+    let user = match user {
+        Ok(u) => u,
+        Err(e) => {
+            let a = Answered::new(Err(e), style.force_json, style.format);
+            return (a.exit, a.text);
+        }
     };
-    (exit_code(&out), render(&out, fmt(json)))
-}
-
-fn fmt(json: bool) -> Format {
-    if json {
-        Format::Json
-    } else {
-        Format::Plain
-    }
+    let a = exec
+        .front_door(&who, Some(user), &req.line, style, progress)
+        .await;
+    (a.exit, a.text)
 }
 
 /// Progress printed on stderr (in-process `kennel exec`).

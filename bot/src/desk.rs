@@ -211,19 +211,6 @@ pub fn is_long(cmd: &Command) -> bool {
     )
 }
 
-/// Renders an outcome for a chat: JSON in a code block when asked for.
-pub fn render_outcome(outcome: &Outcome, json: bool, format: Format) -> String {
-    if json {
-        let body = render::render_json(outcome);
-        return match format {
-            Format::Html => format!("<pre><code>{}</code></pre>", render::escape_html(&body)),
-            Format::Markdown => format!("```json\n{body}\n```"),
-            _ => body,
-        };
-    }
-    render::render(outcome, format)
-}
-
 /// The stages a long operation went through so far, for its progress
 /// message.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

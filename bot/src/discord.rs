@@ -61,7 +61,11 @@ fn fit(text: &str) -> String {
 }
 
 fn markdown(outcome: &Outcome, json: bool) -> String {
-    fit(&desk::render_outcome(outcome, json, Format::Markdown))
+    fit(&kennel_core::render::render_as(
+        outcome,
+        json,
+        Format::Markdown,
+    ))
 }
 
 struct Handler {

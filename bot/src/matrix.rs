@@ -273,8 +273,8 @@ impl MatrixBot {
     /// An outcome as a notice: HTML with its plain-text fallback.
     fn outcome_content(outcome: &kennel_core::Outcome, json: bool) -> RoomMessageEventContent {
         RoomMessageEventContent::notice_html(
-            desk::render_outcome(outcome, json, Format::Plain),
-            desk::render_outcome(outcome, json, Format::Html),
+            kennel_core::render::render_as(outcome, json, Format::Plain),
+            kennel_core::render::render_as(outcome, json, Format::Html),
         )
     }
 
@@ -739,8 +739,8 @@ impl MatrixBot {
             .await;
         // Success shows as the edited request message; say only what failed.
         if outcome.is_err() {
-            let plain = desk::render_outcome(&outcome, false, Format::Plain);
-            let html = desk::render_outcome(&outcome, false, Format::Html);
+            let plain = kennel_core::render::render_as(&outcome, false, Format::Plain);
+            let html = kennel_core::render::render_as(&outcome, false, Format::Html);
             let _ = room
                 .send(RoomMessageEventContent::notice_html(
                     format!("{}: {plain}", ev.sender),

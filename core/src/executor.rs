@@ -175,7 +175,7 @@ impl Executor {
             },
             Err(e) => Answer {
                 outcome: Err(e.into()),
-                json: line.contains("--json"),
+                json: command::wants_json(line),
             },
         }
     }
@@ -258,6 +258,17 @@ impl Executor {
             progress,
         )
         .await
+    }
+
+    /// The user called `name`, or that there is none.
+    pub async fn user_named(&self, name: &UserName) -> Result<User, CommandError> {
+        let n = name.clone();
+        self.store
+            .call(move |c| repo::user_by_name(c, &n))
+            .await?
+            .ok_or_else(|| {
+                CommandError::NotFound(format!("there is no user '{name}'; see 'users'"))
+            })
     }
 
     /// Resolves an identity to a user; configured admin identities get an

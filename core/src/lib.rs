@@ -10,6 +10,7 @@
 pub mod catalog;
 pub mod command;
 pub mod executor;
+pub mod frontdoor;
 pub mod hostpath;
 pub mod keys;
 pub mod model;
@@ -24,6 +25,7 @@ pub mod vmstate;
 
 pub use command::{parse, Command, Invocation, ParseError};
 pub use executor::{Answer, Event, Executor, Settings};
+pub use frontdoor::{Answered, Style};
 pub use model::{Identity, Role, User};
 pub use outcome::{exit_code, CommandError, Outcome, Reply};
 pub use render::{render, Format};

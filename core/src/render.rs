@@ -70,6 +70,20 @@ pub fn render(outcome: &Outcome, format: Format) -> String {
     write_doc(&doc, format)
 }
 
+/// Renders an outcome in a front end's `format`, or as JSON when `json`
+/// (in a code block where the format has one: chat messages).
+pub fn render_as(outcome: &Outcome, json: bool, format: Format) -> String {
+    if json {
+        let body = render_json(outcome);
+        return match format {
+            Format::Html => format!("<pre><code>{}</code></pre>", escape_html(&body)),
+            Format::Markdown => format!("```json\n{body}\n```"),
+            _ => body,
+        };
+    }
+    render(outcome, format)
+}
+
 /// Renders an outcome as JSON: `{"ok": true, "kind": ..., ...}` or
 /// `{"ok": false, "error": {"kind": ..., "message": ...}}`.
 pub fn render_json(outcome: &Outcome) -> String {

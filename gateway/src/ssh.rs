@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kennel_core::command::{self, Command};
+use kennel_core::command::Command;
 use kennel_core::keys::{Fingerprint, PublicKey};
 use kennel_core::model::{AuditOutcome, Frontend, Identity, User};
 use kennel_core::names::ProjectName;
@@ -920,44 +920,29 @@ impl Bridge {
         }
     }
 
-    /// Runs one line of the command language for the user.
+    /// Runs one line of the command language for the user, through core's
+    /// front door, with progress on the client's stderr.
     async fn run_line(&self, line: &str) -> (String, u32) {
         let Who::Known { user, identity } = &self.who else {
             return (String::new(), 1);
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let sink = StderrSink(tx);
-        let out = match command::parse(line) {
-            Ok(inv) => {
-                let fmt = if inv.json {
-                    Format::Json
-                } else {
-                    Format::Plain
-                };
-                let work =
-                    self.shared
-                        .exec
-                        .execute_as(identity, Some(user.clone()), inv.command, &sink);
-                tokio::pin!(work);
-                let outcome = loop {
-                    tokio::select! {
-                        Some(line) = rx.recv() => self.stderr(&line).await,
-                        o = &mut work => break o,
-                    }
-                };
-                (render(&outcome, fmt), exit_code(&outcome))
-            }
-            Err(e) => {
-                let fmt = if line.contains("--json") {
-                    Format::Json
-                } else {
-                    Format::Plain
-                };
-                let o: kennel_core::Outcome = Err(e.into());
-                (render(&o, fmt), exit_code(&o))
+        let work = self.shared.exec.front_door(
+            identity,
+            Some(Some(user.clone())),
+            line,
+            kennel_core::Style::PLAIN,
+            &sink,
+        );
+        tokio::pin!(work);
+        let answered = loop {
+            tokio::select! {
+                Some(line) = rx.recv() => self.stderr(&line).await,
+                a = &mut work => break a,
             }
         };
-        (out.0, u32::try_from(out.1).unwrap_or(1))
+        (answered.text, u32::try_from(answered.exit).unwrap_or(1))
     }
 
     /// Command mode: one command (`ssh HOST projects`), or a prompt.

@@ -170,7 +170,26 @@ impl Command {
             | Cp { name, .. }
             | Rename { name, .. } => Some(name),
             NewProject(n) => Some(&n.name),
-            _ => None,
+            // Listed one by one: a new command that names a project must
+            // be added above, or policy would treat it as project-less.
+            Help { .. }
+            | Whoami
+            | Projects
+            | Keys { .. }
+            | KeyAdd { .. }
+            | KeyRm { .. }
+            | RequestAccess { .. }
+            | Requests { .. }
+            | Approve { .. }
+            | Deny { .. }
+            | Users
+            | Stacks
+            | Templates
+            | Yes
+            | SecretSet { .. }
+            | SecretRm { .. }
+            | Secrets
+            | DeployKey => None,
         }
     }
 }
@@ -236,6 +255,23 @@ impl fmt::Display for ParseError {
 /// Parses one line of text (as a person typed it in chat, SSH or a shell).
 pub fn parse(text: &str) -> Result<Invocation, ParseError> {
     parse_addressed(text, &[])
+}
+
+/// Whether `text` asks for a JSON answer (`--json` anywhere before a
+/// `--`), by the parser's own rule, even when the rest of it does not
+/// parse: a script that sent a bad line still gets its error as JSON.
+pub fn wants_json(text: &str) -> bool {
+    if text.len() > MAX_LINE_BYTES {
+        return false;
+    }
+    let line = lex::normalize(text, &[]);
+    match lex::tokenize(&line) {
+        Ok(tokens) => spec::asks_json(&tokens),
+        Err(_) => line
+            .split_whitespace()
+            .take_while(|w| *w != "--")
+            .any(|w| w == "--json"),
+    }
 }
 
 /// Like [`parse`], also stripping front-end specific addresses such as a

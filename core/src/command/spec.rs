@@ -729,6 +729,15 @@ fn suggest_flag(spec: &CommandSpec, name: &str) -> Option<&'static str> {
 }
 
 /// Parses tokens into an invocation.
+/// Whether the tokens carry `--json` (unquoted, before a `--`): the rule
+/// [`parse_tokens`] applies.
+pub(super) fn asks_json(tokens: &[Token]) -> bool {
+    tokens
+        .iter()
+        .take_while(|t| t.quoted || t.text != "--")
+        .any(|t| !t.quoted && t.text == "--json")
+}
+
 pub(super) fn parse_tokens(tokens: Vec<Token>) -> Result<Invocation, ParseError> {
     let mut json = false;
     let mut help = false;
@@ -1149,6 +1158,16 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn json_is_known_even_when_the_line_does_not_parse() {
+        use super::super::wants_json;
+        assert!(wants_json("prjects --json"));
+        assert!(wants_json("new project 'x --json"));
+        assert!(!wants_json("deny 3 -- --json is a reason"));
+        assert!(!wants_json("request-access \"--json\""));
+        assert!(!wants_json("projects"));
     }
 
     #[test]
