@@ -48,8 +48,10 @@ cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 # test cache before the tests that boot guests, with their progress shown
 # here. Each test still builds what it lacks on its own (with progress), so
 # none depends on this step or on another test having run first.
+# (Selected by test name rather than `--test images`: the same target
+# selection as the compile above, so nothing is built again.)
 step "guest images (kernel, base, rust, node)"
-cargo test --workspace --all-features --locked --test images -- --nocapture
+cargo test --workspace --all-features --locked -- --exact kernel_base_rust_and_node_images --nocapture
 
 step "cargo test"
 cargo test --workspace --all-features --locked

@@ -51,23 +51,7 @@ fn projects(k: &Kennel) -> Vec<(String, String, Option<String>)> {
 }
 
 fn gateway_ssh(k: &Kennel, key: &Path, target: &str, command: &str) -> std::process::Output {
-    Command::new("ssh")
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-        ])
-        .args([
-            "-o",
-            "LogLevel=ERROR",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-        ])
-        .args(["-p", &k.ssh_port.to_string(), "-i"])
-        .arg(key)
+    kennel_testkit::ssh::client(k.ssh_port, key, "ERROR")
         .arg(target)
         .arg(command)
         .output()

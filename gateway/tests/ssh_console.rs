@@ -264,26 +264,10 @@ async fn fifty_sessions_at_once() {
     );
 }
 
-/// `ssh` to the gateway with `key` at OpenSSH log level `level` (banners,
-/// which say why a connection is refused, show from INFO on).
+/// `ssh -T` to the gateway with `key` at OpenSSH log level `level`.
 fn ssh_cmd(port: u16, key: &Path, level: &str) -> std::process::Command {
-    let mut c = std::process::Command::new("ssh");
-    c.args([
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        "UserKnownHostsFile=/dev/null",
-    ])
-    .args(["-o", &format!("LogLevel={level}"), "-o", "BatchMode=yes"])
-    .args([
-        "-o",
-        "IdentitiesOnly=yes",
-        "-T",
-        "-p",
-        &port.to_string(),
-        "-i",
-    ])
-    .arg(key);
+    let mut c = kennel_testkit::ssh::client(port, key, level);
+    c.arg("-T");
     c
 }
 
@@ -292,24 +276,8 @@ struct Held(std::process::Child);
 
 impl Held {
     fn open(port: u16, key: &Path) -> Self {
-        let child = std::process::Command::new("ssh")
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-            ])
-            .args([
-                "-o",
-                "LogLevel=ERROR",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-            ])
-            .args(["-N", "-p", &port.to_string(), "-i"])
-            .arg(key)
-            .arg("anyone@127.0.0.1")
+        let child = kennel_testkit::ssh::client(port, key, "ERROR")
+            .args(["-N", "anyone@127.0.0.1"])
             .stdin(std::process::Stdio::null())
             .spawn()
             .unwrap();

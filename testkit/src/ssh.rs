@@ -27,6 +27,24 @@ pub fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
     (path, public.trim().to_owned())
 }
 
+/// OpenSSH's `ssh` towards `127.0.0.1:port` with `key` only, in batch mode,
+/// trusting any host key, at OpenSSH log level `level` (banners, which say
+/// why a connection was refused, show from INFO on). Add the target and
+/// the command.
+pub fn client(port: u16, key: &Path, level: &str) -> std::process::Command {
+    let mut c = std::process::Command::new("ssh");
+    c.args([
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+    ])
+    .args(["-o", &format!("LogLevel={level}"), "-o", "BatchMode=yes"])
+    .args(["-o", "IdentitiesOnly=yes", "-p", &port.to_string(), "-i"])
+    .arg(key);
+    c
+}
+
 /// `ssh -i key user@127.0.0.1 -p port args...`, off the runtime's threads.
 pub async fn run_ssh(
     port: u16,
@@ -36,26 +54,8 @@ pub async fn run_ssh(
     stdin: Option<String>,
 ) -> Output {
     tokio::task::spawn_blocking(move || {
-        let mut child = std::process::Command::new("ssh")
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
-            ])
-            .args([
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-                "-T",
-                "-p",
-                &port.to_string(),
-                "-i",
-            ])
-            .arg(&key)
+        let mut child = client(port, &key, "ERROR")
+            .arg("-T")
             .arg(format!("{user}@127.0.0.1"))
             .args(&args)
             .stdin(std::process::Stdio::piped())

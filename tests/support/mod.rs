@@ -122,16 +122,7 @@ impl Kennel {
             .spawn()
             .unwrap();
         self.serve = Some(child);
-        let sock = self.dir.join("kennel-data/control.sock");
-        let t = Instant::now();
-        // The socket file may be stale from a killed daemon: wait until it answers.
-        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "kennel serve did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.wait_for_socket();
     }
 
     /// Starts `kennel serve` with its standard error (the log) going to
@@ -154,6 +145,8 @@ impl Kennel {
         self.wait_for_socket();
     }
 
+    /// Waits until the daemon answers on its socket (the file may be stale
+    /// from a killed daemon).
     fn wait_for_socket(&self) {
         let sock = self.dir.join("kennel-data/control.sock");
         let t = Instant::now();
