@@ -4,8 +4,10 @@
 //!
 //! Front ends (chat bots, the SSH gateway, the HTTP API, the local CLI)
 //! stay thin: they turn what they receive into text and an [`Identity`],
-//! call [`Executor::run_line`], and send back what [`render()`] makes of
-//! the outcome, showing [`provision::Progress`] on the way.
+//! call the front door ([`Executor::front_door`]), and send back the text
+//! it renders, showing [`provision::Progress`] on the way. The VM state
+//! the store records is kept true by [`vmstate`] (reconcile at start, a
+//! watcher for VMs that die).
 
 pub mod catalog;
 pub mod command;

@@ -276,13 +276,23 @@ struct Held(std::process::Child);
 
 impl Held {
     fn open(port: u16, key: &Path) -> Self {
-        let child = kennel_testkit::ssh::client(port, key, "ERROR")
+        use std::io::BufRead;
+        // At DEBUG, ssh says when it has signed in: wait for that.
+        let mut child = kennel_testkit::ssh::client(port, key, "DEBUG")
             .args(["-N", "anyone@127.0.0.1"])
             .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        // Give it time to connect and authenticate.
-        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut lines = stderr.lines();
+        let signed_in = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .any(|l| l.contains("Authenticated to"));
+        assert!(signed_in, "the held connection did not sign in");
+        // Keep draining what it says later, so it never blocks on the pipe.
+        std::thread::spawn(move || lines.for_each(drop));
         Self(child)
     }
 }
