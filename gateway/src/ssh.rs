@@ -348,7 +348,18 @@ impl Drop for Conn {
     }
 }
 
-const UNKNOWN_KEY: &str = "Kennel does not know this SSH key yet.\r\nAsk for access with this same key:\r\n\r\n    ssh HOST request-access [a note for the admins]\r\n\r\nAn admin approves or denies it in chat; then connect again.\r\n";
+/// What an unknown key is told: how to ask, with the gateway's real
+/// public address.
+fn unknown_key(settings: &kennel_core::Settings) -> String {
+    let port = match settings.ssh_port {
+        22 => String::new(),
+        p => format!("-p {p} "),
+    };
+    format!(
+        "Kennel does not know this SSH key yet.\r\nAsk for access with this same key:\r\n\r\n    ssh {port}{} request-access [a note for the admins]\r\n\r\nAn admin approves or denies it in chat; then connect again.\r\n",
+        settings.ssh_host
+    )
+}
 
 impl Conn {
     fn failed_auth(&self) {
@@ -908,13 +919,13 @@ impl Bridge {
                         u32::try_from(exit_code(&out)).unwrap_or(1)
                     }
                     None => {
-                        self.stderr(UNKNOWN_KEY).await;
+                        self.stderr(&unknown_key(self.shared.exec.settings())).await;
                         1
                     }
                 }
             }
             _ => {
-                self.stderr(UNKNOWN_KEY).await;
+                self.stderr(&unknown_key(self.shared.exec.settings())).await;
                 1
             }
         }

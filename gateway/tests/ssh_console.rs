@@ -154,7 +154,7 @@ async fn unknown_keys_get_a_message_and_can_request_access() {
     let out = gw.ssh(&stranger, "anyone", &["projects"], None).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        text(&out.stderr).contains("request-access"),
+        text(&out.stderr).contains("ssh -p 2222 127.0.0.1 request-access"),
         "{}",
         text(&out.stderr)
     );
