@@ -319,3 +319,124 @@ fn editors_tools_work_through_the_gateway() {
 
     k.exec_ok("rm web --yes");
 }
+
+/// A stopped project is started by whichever way someone comes in:
+/// `ssh -L`, a Unix-socket forward (`direct-streamlocal`, as VS Code
+/// Remote-SSH uses) and ProxyJump, not only a session.
+#[test]
+fn every_entry_point_wakes_a_stopped_project() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut k = Kennel::new(tmp.path());
+    k.start_serve();
+    let (key, public) = kennel_testkit::ssh::keygen(tmp.path(), "me");
+    k.exec_ok(&format!("key add \"{public}\""));
+    k.exec_ok("new project wake --stack base --cpus 1 --memory 512M --disk 2G");
+    let state = |k: &Kennel| {
+        let v: serde_json::Value =
+            serde_json::from_str(k.exec_ok("--json status wake").trim()).unwrap();
+        v["project"]["state"].as_str().unwrap().to_owned()
+    };
+    let port = k.ssh_port;
+    let wait_running = |k: &Kennel| {
+        let t = std::time::Instant::now();
+        while state(k) != "running" {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(120),
+                "the project did not wake"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+    };
+
+    // ssh -L to the VM's own sshd: the banner comes back through the tunnel.
+    k.exec_ok("stop wake");
+    assert_eq!(state(&k), "stopped");
+    let local = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut tunnel = kennel_testkit::ssh::client(port, &key, "ERROR")
+        .args([
+            "-N",
+            "-L",
+            &format!("{local}:127.0.0.1:22"),
+            "wake@127.0.0.1",
+        ])
+        .spawn()
+        .unwrap();
+    let mut banner = String::new();
+    let t = std::time::Instant::now();
+    while !banner.starts_with("SSH-") && t.elapsed() < std::time::Duration::from_secs(120) {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", local)) {
+            use std::io::Read;
+            let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(60)));
+            let mut buf = [0u8; 64];
+            if let Ok(n) = s.read(&mut buf) {
+                banner = String::from_utf8_lossy(&buf[..n]).into_owned();
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let _ = tunnel.kill();
+    let _ = tunnel.wait();
+    assert!(banner.starts_with("SSH-"), "{banner:?}");
+    assert_eq!(state(&k), "running");
+
+    // A Unix-socket forward: opening it wakes the VM.
+    k.exec_ok("stop wake");
+    let sock = tmp.path().join("fwd.sock");
+    let mut fwd = kennel_testkit::ssh::client(port, &key, "ERROR")
+        .args([
+            "-N",
+            "-L",
+            &format!("{}:/run/kennel-none.sock", sock.display()),
+        ])
+        .arg("wake@127.0.0.1")
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(30),
+            "no local socket"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = std::os::unix::net::UnixStream::connect(&sock);
+    wait_running(&k);
+    let _ = fwd.kill();
+    let _ = fwd.wait();
+
+    // ProxyJump: the gateway as jump host, the project's own key at the end.
+    k.exec_ok("stop wake");
+    let cfg = tmp.path().join("ssh_config");
+    std::fs::write(
+        &cfg,
+        format!(
+            "Host gw\n  HostName 127.0.0.1\n  Port {port}\n  User me\n  IdentityFile {}\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\nHost wake\n  User dev\n  ProxyJump gw\n  IdentityFile {}\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n",
+            key.display(),
+            k.key("wake").display()
+        ),
+    )
+    .unwrap();
+    let jump = Command::new("ssh")
+        .arg("-F")
+        .arg(&cfg)
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=120",
+            "wake",
+            "hostname",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&jump.stdout),
+        "wake\n",
+        "{}",
+        String::from_utf8_lossy(&jump.stderr)
+    );
+}

@@ -141,6 +141,33 @@ struct Counters {
 }
 
 impl Shared {
+    /// Makes sure `p`'s VM runs before a channel into it is opened: every
+    /// entry point (a session, `ssh -L`, a Unix-socket forward, `ssh -J`)
+    /// comes here, for a user allowed to enter the project. A project with
+    /// a route is running (stopped ones have none), so that path costs one
+    /// store read.
+    async fn wake(&self, identity: &Identity, user: &User, p: &ProjectName) -> Result<(), String> {
+        let project = self
+            .exec
+            .ssh_access(user, p)
+            .await
+            .map_err(|e| e.to_string())?;
+        let n = p.clone();
+        if let Ok(Some(_)) = self.exec.store().call(move |c| repo::route(c, &n)).await {
+            return Ok(());
+        }
+        self.exec
+            .ensure_running(
+                identity,
+                user,
+                &project,
+                &kennel_core::provision::NoProgress,
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
     /// Counts an access request against the address; false past its limit.
     fn may_file_request(&self, ip: Option<IpAddr>) -> bool {
         let (Some(ip), Ok(mut c)) = (ip, self.counters.lock()) else {
@@ -560,48 +587,63 @@ impl russh::server::Handler for Conn {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let Some(Who::Known { user, .. }) = self.who.clone() else {
+        let Some(Who::Known { user, identity }) = self.who.clone() else {
             return Ok(());
         };
         let shared = self.shared.clone();
+        let (host, orig_addr) = (host.to_owned(), orig_addr.to_owned());
+        // Answered from a task of its own: waking a stopped VM takes
+        // seconds, and the connection's other channels go on meanwhile.
         match self.target.clone() {
             // `ssh -L` inside a project: forwarded by the VM's sshd.
             Target::Project(p) if self.refusal.is_none() => {
-                let upstream = match shared.upstream(&p).await {
-                    Ok(u) => u,
-                    Err(e) => {
-                        tracing::warn!(project = %p, error = %e, "cannot reach the VM for a forward");
-                        return Ok(());
+                tokio::spawn(async move {
+                    if let Err(e) = shared.wake(&identity, &user, &p).await {
+                        tracing::warn!(project = %p, error = %e, "cannot start the VM for a forward");
+                        return;
                     }
-                };
-                let Ok(up) = upstream
-                    .channel_open_direct_tcpip(host, port, orig_addr, orig_port)
-                    .await
-                else {
-                    return Ok(());
-                };
-                reply.accept().await;
-                tokio::spawn(splice(channel.into_stream(), up.into_stream()));
+                    let upstream = match shared.upstream(&p).await {
+                        Ok(u) => u,
+                        Err(e) => {
+                            tracing::warn!(project = %p, error = %e, "cannot reach the VM for a forward");
+                            return;
+                        }
+                    };
+                    let Ok(up) = upstream
+                        .channel_open_direct_tcpip(host, port, orig_addr, orig_port)
+                        .await
+                    else {
+                        return;
+                    };
+                    reply.accept().await;
+                    splice(channel.into_stream(), up.into_stream()).await;
+                });
             }
             // `ssh -J HOST project`: a raw path to the project's sshd.
             Target::Console => {
-                let Ok(p) = ProjectName::new(host) else {
+                let Ok(p) = ProjectName::new(&host) else {
                     return Ok(());
                 };
-                if port != 22 || shared.exec.ssh_access(&user, &p).await.is_err() {
+                if port != 22 {
                     tracing::info!(project = %host, user = %user.name, "refused a jump");
                     return Ok(());
                 }
-                let n = p.clone();
-                let route = shared.exec.store().call(move |c| repo::route(c, &n)).await;
-                let Ok(Some(route)) = route else {
-                    return Ok(());
-                };
-                let Ok(tcp) = tokio::net::TcpStream::connect(&route.ssh_addr).await else {
-                    return Ok(());
-                };
-                reply.accept().await;
-                tokio::spawn(splice(channel.into_stream(), tcp));
+                tokio::spawn(async move {
+                    if let Err(e) = shared.wake(&identity, &user, &p).await {
+                        tracing::info!(project = %p, user = %user.name, error = %e, "refused a jump");
+                        return;
+                    }
+                    let n = p.clone();
+                    let route = shared.exec.store().call(move |c| repo::route(c, &n)).await;
+                    let Ok(Some(route)) = route else {
+                        return;
+                    };
+                    let Ok(tcp) = tokio::net::TcpStream::connect(&route.ssh_addr).await else {
+                        return;
+                    };
+                    reply.accept().await;
+                    splice(channel.into_stream(), tcp).await;
+                });
             }
             Target::Project(_) => {}
         }
@@ -616,19 +658,27 @@ impl russh::server::Handler for Conn {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         // VS Code Remote-SSH forwards to a Unix socket in the VM.
-        let (Target::Project(p), None, Some(Who::Known { .. })) =
-            (self.target.clone(), &self.refusal, &self.who)
+        let (Target::Project(p), None, Some(Who::Known { user, identity })) =
+            (self.target.clone(), &self.refusal, self.who.clone())
         else {
             return Ok(());
         };
-        let Ok(upstream) = self.shared.upstream(&p).await else {
-            return Ok(());
-        };
-        let Ok(up) = upstream.channel_open_direct_streamlocal(socket_path).await else {
-            return Ok(());
-        };
-        reply.accept().await;
-        tokio::spawn(splice(channel.into_stream(), up.into_stream()));
+        let shared = self.shared.clone();
+        let socket_path = socket_path.to_owned();
+        tokio::spawn(async move {
+            if let Err(e) = shared.wake(&identity, &user, &p).await {
+                tracing::warn!(project = %p, error = %e, "cannot start the VM for a forward");
+                return;
+            }
+            let Ok(upstream) = shared.upstream(&p).await else {
+                return;
+            };
+            let Ok(up) = upstream.channel_open_direct_streamlocal(socket_path).await else {
+                return;
+            };
+            reply.accept().await;
+            splice(channel.into_stream(), up.into_stream()).await;
+        });
         Ok(())
     }
 
