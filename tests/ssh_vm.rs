@@ -53,6 +53,24 @@ fn ssh(
     c.output().unwrap()
 }
 
+/// An ssh_config with the gateway as jump host `gw` and `project` behind it
+/// (as `dev`, with the project's own key); returns its path.
+fn jump_config(k: &Kennel, key: &Path, project: &str) -> std::path::PathBuf {
+    let cfg = k.dir.join(format!("ssh_config_{project}"));
+    let common = "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n";
+    std::fs::write(
+        &cfg,
+        format!(
+            "Host gw\n  HostName 127.0.0.1\n  Port {}\n  User me\n  IdentityFile {}\n{common}Host {project}\n  User dev\n  ProxyJump gw\n  IdentityFile {}\n{common}",
+            k.ssh_port,
+            key.display(),
+            k.key(project).display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
 #[test]
 fn editors_tools_work_through_the_gateway() {
     require("sftp", "openssh-client");
@@ -173,16 +191,7 @@ fn editors_tools_work_through_the_gateway() {
     assert!(body.contains("hello from the vm"), "{body:?}");
 
     // ProxyJump: the gateway as jump host, the project's own key at the end.
-    let cfg = tmp.path().join("ssh_config");
-    std::fs::write(
-        &cfg,
-        format!(
-            "Host gw\n  HostName 127.0.0.1\n  Port {port}\n  User me\n  IdentityFile {}\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\nHost web\n  User dev\n  ProxyJump gw\n  IdentityFile {}\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n",
-            key.display(),
-            k.key("web").display()
-        ),
-    )
-    .unwrap();
+    let cfg = jump_config(&k, &key, "web");
     let jump = Command::new("ssh")
         .arg("-F")
         .arg(&cfg)
@@ -410,16 +419,7 @@ fn every_entry_point_wakes_a_stopped_project() {
 
     // ProxyJump: the gateway as jump host, the project's own key at the end.
     k.exec_ok("stop wake");
-    let cfg = tmp.path().join("ssh_config");
-    std::fs::write(
-        &cfg,
-        format!(
-            "Host gw\n  HostName 127.0.0.1\n  Port {port}\n  User me\n  IdentityFile {}\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\nHost wake\n  User dev\n  ProxyJump gw\n  IdentityFile {}\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n",
-            key.display(),
-            k.key("wake").display()
-        ),
-    )
-    .unwrap();
+    let cfg = jump_config(&k, &key, "wake");
     let jump = Command::new("ssh")
         .arg("-F")
         .arg(&cfg)
