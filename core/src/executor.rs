@@ -220,17 +220,23 @@ impl Executor {
     }
 
     /// Decides whether `user` may enter `project` over SSH (owner, an SSH
-    /// share, or an admin), with the same policy as the `ssh` command.
+    /// share, or an admin): core's one entry decision, [`policy::may_enter`].
     pub async fn ssh_access(
         &self,
         user: &User,
         project: &ProjectName,
     ) -> Result<Project, CommandError> {
         let (rel, found) = self.relation(Some(user), project).await?;
-        let cmd = Command::Ssh {
-            name: project.clone(),
-        };
-        policy::authorize(Some(user.role), Some(&user.name), &cmd, rel)?;
+        let visibility = found
+            .as_ref()
+            .map_or(crate::model::Visibility::Private, |p| p.visibility);
+        policy::may_enter(
+            Some(user.role),
+            rel,
+            visibility,
+            policy::Entry::Ssh,
+            project.as_str(),
+        )?;
         found.ok_or_else(|| CommandError::NotFound(format!("there is no project '{project}'")))
     }
 

@@ -118,6 +118,59 @@ pub fn authorize(
     }
 }
 
+/// How someone comes into a project.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// A shell, a forward or a jump into its VM (`ssh PROJECT@HOST`).
+    Ssh,
+    /// Its web app (`https://PROJECT.DOMAIN`), on its default port.
+    Web,
+    /// One of its other ports (`PROJECT--PORT.DOMAIN`): never public.
+    WebOtherPort,
+}
+
+/// The one decision of who may enter a project: over SSH the owner, SSH
+/// shares and admins; to the web app also web shares, and anyone at all
+/// when the project is public (`role` None: a visitor Kennel does not
+/// know). Other ports are private whatever the visibility.
+pub fn may_enter(
+    role: Option<Role>,
+    rel: Relation,
+    visibility: crate::model::Visibility,
+    entry: Entry,
+    name: &str,
+) -> Result<(), Refusal> {
+    use crate::model::Visibility;
+    if role == Some(Role::Admin) {
+        return Ok(());
+    }
+    let allowed = match (entry, rel) {
+        (_, Relation::Missing | Relation::NoProject) => false,
+        (_, Relation::Owner) => role.is_some(),
+        (Entry::Ssh, Relation::Shared { ssh, .. }) => ssh && role.is_some(),
+        (Entry::Web | Entry::WebOtherPort, Relation::Shared { web, .. })
+            if web && role.is_some() =>
+        {
+            true
+        }
+        (Entry::Web, _) => visibility == Visibility::Public,
+        (Entry::Ssh | Entry::WebOtherPort, _) => false,
+    };
+    if allowed {
+        return Ok(());
+    }
+    Err(Refusal(match (entry, rel) {
+        (Entry::Ssh, Relation::Shared { .. }) => format!(
+            "'{name}' is shared with you for the web app only; ask its owner for SSH access"
+        ),
+        _ if role.is_none() => UNKNOWN.into(),
+        // Whether it exists is not said to those who may not enter it.
+        _ => format!(
+            "there is no project '{name}' that you own or that is shared with you; see 'projects'"
+        ),
+    }))
+}
+
 /// Checks that adding `want` to `usage` stays within `quota`.
 pub fn check_quota(quota: &Quota, usage: &Usage, want: &Resources) -> Result<(), Refusal> {
     let over = |what: &str, limit: String, have: String| {

@@ -171,3 +171,63 @@ fn policy_table() {
         }
     }
 }
+
+#[test]
+fn who_may_enter_a_project_over_ssh_and_the_web() {
+    use kennel_core::model::Visibility::{self, Private, Public};
+    use kennel_core::policy::{may_enter, Entry};
+    let member = Some(Role::Member);
+    let admin = Some(Role::Admin);
+    // (role, relation, visibility, entry, allowed)
+    let rows: Vec<(Option<Role>, Relation, Visibility, Entry, bool)> = vec![
+        (member, Owner, Private, Entry::Ssh, true),
+        (member, Owner, Private, Entry::Web, true),
+        (member, Owner, Private, Entry::WebOtherPort, true),
+        (member, SHARED_WEB, Private, Entry::Web, true),
+        (member, SHARED_WEB, Private, Entry::WebOtherPort, true),
+        (member, SHARED_WEB, Private, Entry::Ssh, false),
+        (
+            member,
+            Shared {
+                ssh: true,
+                web: false,
+            },
+            Private,
+            Entry::Ssh,
+            true,
+        ),
+        (
+            member,
+            Shared {
+                ssh: true,
+                web: false,
+            },
+            Private,
+            Entry::Web,
+            false,
+        ),
+        (member, Stranger, Private, Entry::Web, false),
+        (member, Stranger, Public, Entry::Web, true),
+        (member, Stranger, Public, Entry::WebOtherPort, false),
+        (member, Stranger, Public, Entry::Ssh, false),
+        (None, Stranger, Public, Entry::Web, true),
+        (None, Stranger, Private, Entry::Web, false),
+        (None, Stranger, Public, Entry::WebOtherPort, false),
+        (None, Stranger, Public, Entry::Ssh, false),
+        (admin, Stranger, Private, Entry::Ssh, true),
+        (admin, Stranger, Private, Entry::Web, true),
+        (admin, Stranger, Private, Entry::WebOtherPort, true),
+        (member, Missing, Public, Entry::Web, false),
+    ];
+    for (role, rel, vis, entry, allowed) in rows {
+        let got = may_enter(role, rel, vis, entry, "app");
+        assert_eq!(
+            got.is_ok(),
+            allowed,
+            "{role:?} {rel:?} {vis:?} {entry:?}: {got:?}"
+        );
+        if let Err(r) = got {
+            assert!(r.0.contains("app") || role.is_none(), "{r}");
+        }
+    }
+}
