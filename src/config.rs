@@ -14,6 +14,7 @@ use figment::value::{Dict, Value};
 use figment::Figment;
 use kennel_core::command::Size;
 use kennel_core::model::{Frontend, Identity, Resources};
+use kennel_provisioner::select::{BackendChoice, NetworkChoice};
 use serde::{Deserialize, Serialize};
 
 /// Everything Kennel can be configured with.
@@ -105,14 +106,14 @@ pub struct HttpsConfig {
 pub struct VmConfig {
     /// `auto`, `qemu`, `cloud-hypervisor`, or `none` (no VMs: chat and
     /// admin commands only).
-    pub backend: String,
+    pub backend: BackendChoice,
     pub default_cpus: u32,
     pub default_memory: String,
     pub default_disk: String,
     /// How many `new project`s may build at once.
     pub max_parallel_creates: u32,
     /// `auto` (bridge for Cloud Hypervisor, user mode for QEMU), `user` or `bridge`.
-    pub network: String,
+    pub network: NetworkChoice,
     /// Seconds a VM may take to become ready (sshd and /workspace).
     pub boot_timeout_secs: u64,
     /// Seconds a graceful stop may take before the VM is forced off.
@@ -164,12 +165,12 @@ impl Default for HttpsConfig {
 impl Default for VmConfig {
     fn default() -> Self {
         Self {
-            backend: "auto".into(),
+            backend: BackendChoice::Auto,
             default_cpus: 2,
             default_memory: "2G".into(),
             default_disk: "20G".into(),
             max_parallel_creates: 2,
-            network: "auto".into(),
+            network: NetworkChoice::Auto,
             boot_timeout_secs: 120,
             stop_timeout_secs: 20,
             default_owner: "1000:1000".into(),
@@ -178,30 +179,14 @@ impl Default for VmConfig {
     }
 }
 
-/// Backends `vm.backend` may name.
-pub const BACKENDS: &[&str] = &["auto", "qemu", "cloud-hypervisor", "none"];
-
 impl Config {
     /// Checks what the types cannot: names, sizes, identities.
     pub fn validate(&self) -> Result<()> {
-        if !BACKENDS.contains(&self.vm.backend.as_str()) {
-            bail!(
-                "vm.backend is {:?}; use one of {}",
-                self.vm.backend,
-                BACKENDS.join(", ")
-            );
-        }
         if !(1..=64).contains(&self.vm.default_cpus) {
             bail!("vm.default_cpus must be 1 to 64");
         }
         if self.vm.max_parallel_creates == 0 {
             bail!("vm.max_parallel_creates must be at least 1");
-        }
-        if !["auto", "user", "bridge"].contains(&self.vm.network.as_str()) {
-            bail!(
-                "vm.network is {:?}; use auto, user or bridge",
-                self.vm.network
-            );
         }
         self.default_owner()?;
         self.default_resources()?;

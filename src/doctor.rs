@@ -108,34 +108,21 @@ pub fn run(config: &Config, host: &Host) -> Report {
         Kvm::Absent => check("kvm", Status::Warn, "no /dev/kvm: VMs run under QEMU with TCG (software emulation, slower)", None),
     });
 
-    let ch = host.which("cloud-hypervisor", &[]);
-    let use_ch = match config.vm.backend.as_str() {
-        "cloud-hypervisor" => true,
-        "qemu" | "none" => false,
-        _ => ch.is_some() && kvm.runs_guests(),
-    };
-    let backend = match (config.vm.backend.as_str(), use_ch) {
-        (_, true) => format!(
-            "cloud-hypervisor ({})",
-            if config.vm.backend == "auto" {
-                "auto: binary present and KVM runs guests"
-            } else {
-                "configured"
-            }
+    // The same decision `kennel serve` acts on.
+    let (use_ch, backend) = match kennel_provisioner::select::decide(config.vm.backend, host) {
+        Ok(d) if d.cloud_hypervisor => (true, format!("cloud-hypervisor ({})", d.why)),
+        Ok(d) if config.vm.backend == kennel_provisioner::select::BackendChoice::None => {
+            (false, format!("none ({})", d.why))
+        }
+        Ok(d) => (
+            false,
+            format!(
+                "qemu with {} ({})",
+                if d.kvm { "KVM" } else { "TCG" },
+                d.why
+            ),
         ),
-        ("qemu", false) => format!(
-            "qemu with {} (configured)",
-            if kvm.runs_guests() { "KVM" } else { "TCG" }
-        ),
-        _ => format!(
-            "qemu with {} (auto: {})",
-            if kvm.runs_guests() { "KVM" } else { "TCG" },
-            if ch.is_none() {
-                "no cloud-hypervisor binary"
-            } else {
-                "KVM cannot run guests here"
-            }
-        ),
+        Err(e) => (true, format!("none: {e}")),
     };
     checks.push(binary(
         host,

@@ -13,6 +13,70 @@ use crate::vmm::ch::CloudHypervisor;
 use crate::vmm::qemu::{Accel, Qemu};
 use crate::vmm::Vmm;
 
+/// `vm.backend` in the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendChoice {
+    /// Cloud Hypervisor where it can run, QEMU otherwise.
+    Auto,
+    Qemu,
+    CloudHypervisor,
+    /// No VMs: chat and admin commands only.
+    None,
+}
+
+/// `vm.network` in the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkChoice {
+    /// The bridge for Cloud Hypervisor, user mode for QEMU.
+    Auto,
+    User,
+    Bridge,
+}
+
+/// Which VMM a backend setting comes to on a host, and why: the one
+/// decision [`select`] acts on and `kennel doctor` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    /// Cloud Hypervisor (else QEMU, or nothing for `none`).
+    pub cloud_hypervisor: bool,
+    /// QEMU would use KVM (else TCG).
+    pub kvm: bool,
+    pub why: &'static str,
+}
+
+/// Decides the VMM for `backend` on `host`, without building anything.
+pub fn decide(backend: BackendChoice, host: &Host) -> Result<Decision, SelectError> {
+    let kvm = host.kvm().runs_guests();
+    let ch = host.which("cloud-hypervisor", &[]).is_some();
+    let (cloud_hypervisor, why) = match backend {
+        BackendChoice::CloudHypervisor if !ch => {
+            return Err(SelectError::NoCloudHypervisor(
+                "its binary is not installed",
+            ))
+        }
+        BackendChoice::CloudHypervisor if !kvm => {
+            return Err(SelectError::NoCloudHypervisor(
+                "KVM cannot run guests on this host",
+            ))
+        }
+        BackendChoice::CloudHypervisor => (true, "configured"),
+        BackendChoice::Qemu => (false, "configured"),
+        BackendChoice::None => (false, "vm.backend is \"none\": no VMs"),
+        BackendChoice::Auto => match (ch, kvm) {
+            (true, true) => (true, "auto: binary present and KVM runs guests"),
+            (false, _) => (false, "auto: no cloud-hypervisor binary"),
+            (true, false) => (false, "auto: KVM cannot run guests here"),
+        },
+    };
+    Ok(Decision {
+        cloud_hypervisor,
+        kvm,
+        why,
+    })
+}
+
 /// Why no backend could be chosen.
 #[derive(Debug, thiserror::Error)]
 pub enum SelectError {
@@ -22,65 +86,97 @@ pub enum SelectError {
     NoQemu,
     #[error("bridge networking needs CAP_NET_ADMIN (run kennel serve as root), and Cloud Hypervisor needs bridge networking")]
     NoBridge,
-    #[error("unknown {what} {value:?}")]
-    Unknown { what: &'static str, value: String },
+    #[error("vm.backend is \"none\" in the configuration")]
+    Disabled,
 }
 
 /// The backend and network mode for `backend`/`network` settings on `host`.
 pub fn select(
-    backend: &str,
-    network: &str,
+    backend: BackendChoice,
+    network: NetworkChoice,
     host: &Host,
 ) -> Result<(Arc<dyn Vmm>, NetworkMode), SelectError> {
-    let kvm = host.kvm().runs_guests();
+    if backend == BackendChoice::None {
+        return Err(SelectError::Disabled);
+    }
+    let d = decide(backend, host)?;
     let ch = host.which("cloud-hypervisor", &[]);
-    let use_ch = match backend {
-        "cloud-hypervisor" => {
-            if ch.is_none() {
-                return Err(SelectError::NoCloudHypervisor(
-                    "its binary is not installed",
-                ));
-            }
-            if !kvm {
-                return Err(SelectError::NoCloudHypervisor(
-                    "KVM cannot run guests on this host",
-                ));
-            }
-            true
-        }
-        "qemu" => false,
-        "auto" => ch.is_some() && kvm,
-        other => {
-            return Err(SelectError::Unknown {
-                what: "backend",
-                value: other.into(),
-            })
-        }
-    };
-    let vmm: Arc<dyn Vmm> = match (use_ch, ch) {
+    let vmm: Arc<dyn Vmm> = match (d.cloud_hypervisor, ch) {
         (true, Some(binary)) => Arc::new(CloudHypervisor { binary }),
         _ => Arc::new(Qemu {
             binary: host
                 .which("qemu-system-x86_64", &[])
                 .ok_or(SelectError::NoQemu)?,
-            accel: if kvm { Accel::Kvm } else { Accel::Tcg },
+            accel: if d.kvm { Accel::Kvm } else { Accel::Tcg },
         }),
     };
-    let mode = match (network, use_ch) {
-        ("bridge", _) | ("auto", true) => {
+    let mode = match (network, d.cloud_hypervisor) {
+        (NetworkChoice::Bridge, _) | (NetworkChoice::Auto, true) => {
             if !host.can_create_taps() {
                 return Err(SelectError::NoBridge);
             }
             NetworkMode::Bridge(Bridge::default())
         }
-        ("user", true) => return Err(SelectError::NoBridge),
-        ("user" | "auto", false) => NetworkMode::User,
-        (other, _) => {
-            return Err(SelectError::Unknown {
-                what: "network mode",
-                value: other.into(),
-            })
-        }
+        (NetworkChoice::User, true) => return Err(SelectError::NoBridge),
+        (NetworkChoice::User | NetworkChoice::Auto, false) => NetworkMode::User,
     };
     Ok((vmm, mode))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn host(with_ch: bool, kvm: bool) -> (tempfile::TempDir, Host) {
+        let d = tempfile::tempdir().unwrap();
+        let bin = d.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        if with_ch {
+            let ch = bin.join("cloud-hypervisor");
+            std::fs::write(&ch, "").unwrap();
+            std::fs::set_permissions(&ch, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        if kvm {
+            // A file the test can open read-write stands in for /dev/kvm.
+            std::fs::create_dir_all(d.path().join("dev")).unwrap();
+            std::fs::write(d.path().join("dev/kvm"), "").unwrap();
+            std::fs::create_dir_all(d.path().join("sys/module/kvm_intel")).unwrap();
+        }
+        let h = Host::at(d.path(), vec![bin]);
+        (d, h)
+    }
+
+    #[test]
+    fn one_decision_for_every_setting() {
+        let (_d, h) = host(true, true);
+        let d = decide(BackendChoice::Auto, &h).unwrap();
+        assert!(d.cloud_hypervisor && d.kvm, "{d:?}");
+        let (_d, h) = host(false, true);
+        let d = decide(BackendChoice::Auto, &h).unwrap();
+        assert!(!d.cloud_hypervisor && d.kvm, "{d:?}");
+        assert!(d.why.contains("no cloud-hypervisor"));
+        let (_d, h) = host(true, false);
+        let d = decide(BackendChoice::Auto, &h).unwrap();
+        assert!(!d.cloud_hypervisor && !d.kvm, "{d:?}");
+        assert!(matches!(
+            decide(BackendChoice::CloudHypervisor, &h),
+            Err(SelectError::NoCloudHypervisor(_))
+        ));
+        assert!(!decide(BackendChoice::Qemu, &h).unwrap().cloud_hypervisor);
+        assert!(matches!(
+            select(BackendChoice::None, NetworkChoice::Auto, &h),
+            Err(SelectError::Disabled)
+        ));
+    }
+
+    #[test]
+    fn settings_read_as_the_config_writes_them() {
+        let b: BackendChoice = serde_json::from_str("\"cloud-hypervisor\"").unwrap();
+        assert_eq!(b, BackendChoice::CloudHypervisor);
+        let n: NetworkChoice = serde_json::from_str("\"bridge\"").unwrap();
+        assert_eq!(n, NetworkChoice::Bridge);
+        assert!(serde_json::from_str::<BackendChoice>("\"kvm\"").is_err());
+    }
 }
