@@ -161,9 +161,16 @@ impl Desk {
         }
     }
 
-    /// Runs a parsed command for `who`.
+    /// Runs a parsed command for `who`, through core's front door.
     pub async fn run(&self, who: &Identity, cmd: Command, progress: &dyn ProgressSink) -> Outcome {
-        self.exec.execute(who, cmd, progress).await
+        let inv = kennel_core::Invocation {
+            command: cmd,
+            json: false,
+        };
+        self.exec
+            .answer(who, None, inv, kennel_core::Style::PLAIN, progress)
+            .await
+            .outcome
     }
 
     /// Runs a long command, calling `edit` with its progress at most once

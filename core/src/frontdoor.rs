@@ -8,7 +8,7 @@
 //! sink; it gets back the outcome, the rendered text and the exit code. It
 //! never parses, guesses the format or renders by itself.
 
-use crate::command;
+use crate::command::{self, Invocation};
 use crate::executor::Executor;
 use crate::model::{Identity, User};
 use crate::outcome::{exit_code, Outcome};
@@ -72,17 +72,32 @@ impl Executor {
         style: Style,
         progress: &dyn ProgressSink,
     ) -> Answered {
-        let (outcome, json) = match command::parse(line) {
-            Ok(inv) => {
-                let out = match user {
-                    Some(user) => self.execute_as(who, user, inv.command, progress).await,
-                    None => self.execute(who, inv.command, progress).await,
-                };
-                (out, inv.json)
-            }
+        match command::parse(line) {
+            Ok(inv) => self.answer(who, user, inv, style, progress).await,
             // The parser still says whether JSON was asked for.
-            Err(e) => (Err(e.into()), command::wants_json(line)),
+            Err(e) => Answered::new(
+                Err(e.into()),
+                command::wants_json(line) || style.force_json,
+                style.format,
+            ),
+        }
+    }
+
+    /// The front door for a command a front end has parsed already: chat
+    /// bots parse with their own address stripped (and slash commands and
+    /// reactions arrive typed), then come here.
+    pub async fn answer(
+        &self,
+        who: &Identity,
+        user: Option<Option<User>>,
+        inv: Invocation,
+        style: Style,
+        progress: &dyn ProgressSink,
+    ) -> Answered {
+        let out = match user {
+            Some(user) => self.execute_as(who, user, inv.command, progress).await,
+            None => self.execute(who, inv.command, progress).await,
         };
-        Answered::new(outcome, json || style.force_json, style.format)
+        Answered::new(out, inv.json || style.force_json, style.format)
     }
 }

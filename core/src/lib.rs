@@ -13,6 +13,7 @@ pub mod catalog;
 pub mod command;
 pub mod executor;
 pub mod frontdoor;
+pub mod gate;
 pub mod hostpath;
 pub mod keys;
 pub mod model;
@@ -23,12 +24,16 @@ pub mod provision;
 pub mod redact;
 pub mod render;
 pub mod store;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod vmstate;
 
 pub use command::{parse, Command, Invocation, ParseError};
-pub use executor::{Answer, Event, Executor, Settings};
+pub use executor::{Event, Executor, Settings};
 pub use frontdoor::{Answered, Style};
+pub use gate::{Gate, VmReach};
 pub use model::{Identity, Role, User};
 pub use outcome::{exit_code, CommandError, Outcome, Reply};
 pub use render::{render, Format};
 pub use store::{Store, StoreError};
+pub use vmstate::{Actor, Woke};

@@ -93,6 +93,9 @@ str_enum! {
         /// An SSH key fingerprint that knocked on the gateway.
         Ssh => "ssh",
         Http => "http",
+        /// Kennel itself: the watcher, the idle supervisor, a wake on a web
+        /// visitor's behalf. Never linked to a user; seen in the audit log.
+        System => "system",
     }
 }
 
@@ -156,6 +159,11 @@ impl Identity {
             frontend,
             external_id: external_id.into(),
         }
+    }
+
+    /// Kennel acting by itself, as the audit log names it.
+    pub fn system() -> Self {
+        Self::new(Frontend::System, "kennel")
     }
 
     /// The local admin console's identity.

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::catalog::{StackInfo, TemplateInfo};
 use crate::command::ParseError;
-use crate::model::{AccessRequest, Identity, Project, Share, SshKeyRecord, User};
+use crate::model::{AccessRequest, Identity, Project, Share, SshKeyRecord, User, Visibility};
 use crate::provision::{ProvisionError, VmStatus};
 use crate::store::StoreError;
 
@@ -73,9 +73,59 @@ pub enum Reply {
         prompt: String,
         confirm_with: String,
     },
-    /// A change that needs no more than a sentence to report.
-    Done {
-        message: String,
+    /// A project's VM was already running (a wake that had nothing to do).
+    Running {
+        project: String,
+    },
+    Stopped {
+        project: String,
+    },
+    /// A project is gone; its source was deleted only if `purged`.
+    Removed {
+        project: String,
+        source_path: String,
+        purged: bool,
+    },
+    Renamed {
+        from: String,
+        to: String,
+        /// `to@HOST`, what `ssh` takes now.
+        ssh: String,
+        https_url: String,
+    },
+    Shared {
+        project: String,
+        user: String,
+        ssh: bool,
+        web: bool,
+    },
+    Unshared {
+        project: String,
+        user: String,
+    },
+    VisibilitySet {
+        project: String,
+        https_url: String,
+        visibility: Visibility,
+    },
+    PortSet {
+        project: String,
+        https_url: String,
+        port: u16,
+    },
+    SecretStored {
+        name: String,
+    },
+    SecretDeleted {
+        name: String,
+    },
+    /// The names of a user's secrets (never their values).
+    Secrets {
+        names: Vec<String>,
+    },
+    /// The user's public deploy key, to add to a git host.
+    DeployKey {
+        public_key: String,
     },
     Keys {
         user: String,

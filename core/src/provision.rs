@@ -153,6 +153,17 @@ pub struct VmStatus {
     pub backend: String,
 }
 
+/// The keys of a gateway's connection to a project's VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmKeys {
+    /// The project's private key (OpenSSH format), which the VM's `dev`
+    /// account accepts.
+    pub client_key: std::path::PathBuf,
+    /// The VM's host public key (one OpenSSH line), pinned: no other key
+    /// is trusted for the VM. `None` if it cannot be read.
+    pub host_key: Option<String>,
+}
+
 /// Why a VM operation failed. Messages say what to do next.
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
@@ -197,6 +208,12 @@ pub trait Provisioner: Send + Sync {
     /// round trip to the guest), for noticing VMs that died; `None` when
     /// there is no VM or it cannot tell.
     async fn vm_alive(&self, _project: &ProjectName) -> Option<bool> {
+        None
+    }
+    /// How a gateway proves itself to a project's VM and knows it: the
+    /// project's private key and the VM's pinned host key. `None` when the
+    /// project has no VM.
+    fn vm_keys(&self, _project: &ProjectName) -> Option<VmKeys> {
         None
     }
     /// Makes `to` a copy of `from`: a copy-on-write clone of its disk and a
@@ -295,6 +312,9 @@ pub mod testing {
         pub create_delay: Mutex<std::time::Duration>,
         /// A pause after each progress step of a create (to watch progress).
         pub stage_delay: Mutex<std::time::Duration>,
+        /// Where `vm_keys` says each project's keys are
+        /// (`<dir>/<project>/id_ed25519`); none when unset.
+        pub keys_dir: Mutex<Option<std::path::PathBuf>>,
     }
 
     impl RecordingProvisioner {
@@ -435,6 +455,16 @@ pub mod testing {
                 .lock()
                 .ok()
                 .and_then(|v| v.get(project.as_str()).map(|s| *s == VmState::Running))
+        }
+        fn vm_keys(&self, project: &ProjectName) -> Option<super::VmKeys> {
+            let dir = self.keys_dir.lock().ok()?.clone()?;
+            let dir = dir.join(project.as_str());
+            Some(super::VmKeys {
+                client_key: dir.join("id_ed25519"),
+                host_key: std::fs::read_to_string(dir.join("ssh_host_ed25519_key.pub"))
+                    .ok()
+                    .map(|k| k.trim().to_owned()),
+            })
         }
         async fn copy(
             &self,

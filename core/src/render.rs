@@ -8,7 +8,7 @@
 use serde_json::json;
 
 use crate::command::{CommandSpec, SPECS};
-use crate::model::{format_time, AccessRequest, KeyState, Project};
+use crate::model::{format_time, AccessRequest, KeyState, Project, Visibility};
 use crate::outcome::{CommandError, Connection, Outcome, Reply, UserSummary};
 
 /// Output formats.
@@ -370,7 +370,78 @@ pub fn document(r: &Reply) -> Vec<Block> {
             text(prompt.clone()),
             para(vec![t("To confirm, send: "), code(confirm_with)]),
         ],
-        Reply::Done { message } => vec![text(message.clone())],
+        Reply::Running { project } => vec![text(format!("{project} is running."))],
+        Reply::Stopped { project } => vec![text(format!(
+            "{project} is stopped. Start it with 'start {project}'."
+        ))],
+        Reply::Removed {
+            project,
+            source_path,
+            purged: true,
+        } => vec![text(format!(
+            "{project} is gone, and its source {source_path} was deleted."
+        ))],
+        Reply::Removed {
+            project,
+            source_path,
+            purged: false,
+        } => vec![text(format!(
+            "{project} is gone. Its source is still at {source_path}."
+        ))],
+        Reply::Renamed {
+            from,
+            to,
+            ssh,
+            https_url,
+        } => vec![text(format!(
+            "{from} is now {to}: ssh {ssh} and {https_url}."
+        ))],
+        Reply::Shared {
+            project,
+            user,
+            ssh,
+            web,
+        } => {
+            let what = match (ssh, web) {
+                (true, true) => "SSH and the web app",
+                (true, false) => "SSH",
+                _ => "the web app",
+            };
+            vec![text(format!("{project} is shared with {user} for {what}."))]
+        }
+        Reply::Unshared { project, user } => vec![text(format!(
+            "{project} is no longer shared with {user}."
+        ))],
+        Reply::VisibilitySet {
+            https_url,
+            visibility: Visibility::Public,
+            ..
+        } => vec![text(format!(
+            "{https_url} is now public: anyone with the link can open it."
+        ))],
+        Reply::VisibilitySet {
+            https_url,
+            visibility: Visibility::Private,
+            ..
+        } => vec![text(format!(
+            "{https_url} is now private: only the owner and shares can open it."
+        ))],
+        Reply::PortSet {
+            https_url, port, ..
+        } => vec![text(format!(
+            "{https_url} now forwards to port {port} in the VM."
+        ))],
+        Reply::SecretStored { name } => vec![text(format!(
+            "Stored secret {name}. Kennel never shows it again; replace it with 'secret set {name} ...' or delete it with 'secret rm {name}'."
+        ))],
+        Reply::SecretDeleted { name } => vec![text(format!("Deleted secret {name}."))],
+        Reply::Secrets { names } if names.is_empty() => vec![text(
+            "You have no secrets. 'secret set git-token <token>' stores a token for https:// clones.",
+        )],
+        Reply::Secrets { names } => vec![text(format!("Your secrets: {}", names.join(", ")))],
+        Reply::DeployKey { public_key } => vec![text(format!(
+            "Your deploy key for ssh:// and git@host: clones (add it to your git host as a read-only deploy key):\n{public_key}"
+        ))],
         Reply::Keys { user, keys } if keys.is_empty() => vec![para(vec![
             t(format!("{user} has no SSH keys. Add one with ")),
             code("key add <ssh public key> [label]"),
@@ -612,10 +683,13 @@ mod tests {
 
     #[test]
     fn html_escapes_and_markdown_fences() {
-        let o: Outcome = Ok(Reply::Done {
-            message: "<script>&".into(),
+        let o: Outcome = Ok(Reply::Running {
+            project: "<script>&".into(),
         });
-        assert_eq!(render(&o, Format::Html), "<p>&lt;script&gt;&amp;</p>");
+        assert_eq!(
+            render(&o, Format::Html),
+            "<p>&lt;script&gt;&amp; is running.</p>"
+        );
         let o: Outcome = Ok(Reply::Help { topic: Some("rm") });
         let md = render(&o, Format::Markdown);
         assert!(md.starts_with("```\nrm <name>"), "{md}");

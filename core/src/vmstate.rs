@@ -1,18 +1,66 @@
-//! Keeping the store true to the VMs: what a restarted daemon finds
-//! (reconcile) and VMs that die under a running project (the watcher).
+//! The VM state service: the one place a project's VM is started,
+//! stopped or woken, and where the store is kept true to the VMs.
 //!
-//! Both act for the system, not for a person, and both keep routes true: a
-//! project whose VM is not running has no route, so the gateways start it
-//! instead of dialling a dead address; an adopted VM gets its route (and
-//! the current keys) back, so whatever is shown running can be entered.
+//! Every caller goes through here: the `start`, `stop` and `restart`
+//! commands, the SSH gateway at each of its entry points, and (to come)
+//! the HTTPS gateway and the idle supervisor. An operation is for an
+//! [`Actor`], a person or Kennel itself, so a wake needs no command
+//! rights: whoever may *enter* a project (policy's `may_enter`, decided by
+//! the caller) may wake it. Operations on one project are serialized, so
+//! two entry points waking it at once boot it once.
+//!
+//! Routes stay true: a project whose VM is not running has no route, so
+//! the gateways start it instead of dialling a dead address; an adopted VM
+//! gets its route (and the current keys) back. What a restarted daemon
+//! finds is reconciled here ([`Executor::reconcile`]), and VMs that die
+//! under a running project are noticed by the watcher
+//! ([`Executor::watch_vms`]).
 
 use std::time::Duration;
 
-use crate::executor::Executor;
-use crate::model::ProjectState;
+use tracing::Instrument;
+
+use crate::executor::{Call, Executor};
+use crate::model::{AuditOutcome, Identity, Project, ProjectState, User};
 use crate::names::ProjectName;
+use crate::outcome::{CommandError, Outcome, Reply};
+use crate::provision::{Progress, ProgressSink, Stage, VmSpec, VmStatus};
 use crate::store::repo;
 use crate::store::StoreError;
+
+/// On whose behalf a VM operation runs.
+#[derive(Debug, Clone)]
+pub enum Actor {
+    /// A person, as a front end identified them.
+    User { identity: Identity, user: User },
+    /// Kennel itself, and why (for the log and the audit).
+    System { why: &'static str },
+}
+
+impl Actor {
+    fn identity(&self) -> Identity {
+        match self {
+            Actor::User { identity, .. } => identity.clone(),
+            Actor::System { .. } => Identity::system(),
+        }
+    }
+
+    fn user(&self) -> Option<&User> {
+        match self {
+            Actor::User { user, .. } => Some(user),
+            Actor::System { .. } => None,
+        }
+    }
+}
+
+/// What [`Executor::ensure_running`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Woke {
+    /// The VM was running already.
+    AlreadyRunning,
+    /// The VM was started, and runs now.
+    Started(VmStatus),
+}
 
 /// What [`Executor::reconcile`] did, for the log and tests.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -31,6 +79,201 @@ pub struct Reconciled {
 pub const EXITED_NOTE: &str = "the VM exited unexpectedly; 'start' brings it back";
 
 impl Executor {
+    /// `start NAME`.
+    pub(crate) async fn start_cmd(&self, call: &Call<'_>, name: &ProjectName) -> Outcome {
+        let project = call.project(name)?;
+        let _vm = self.lock_vm(name).await;
+        self.boot_vm(&project, call.progress).await?;
+        Ok(Reply::Connection {
+            connection: self.connection(&project),
+        })
+    }
+
+    /// `stop NAME`.
+    pub(crate) async fn stop_cmd(&self, call: &Call<'_>, name: &ProjectName) -> Outcome {
+        call.project(name)?;
+        let _vm = self.lock_vm(name).await;
+        self.halt_vm(name, call.progress).await?;
+        Ok(Reply::Stopped {
+            project: name.to_string(),
+        })
+    }
+
+    /// `restart NAME`: stop and start under one lock.
+    pub(crate) async fn restart_cmd(&self, call: &Call<'_>, name: &ProjectName) -> Outcome {
+        let project = call.project(name)?;
+        let _vm = self.lock_vm(name).await;
+        self.set_state(name, ProjectState::Stopping).await?;
+        self.vms.stop(name).await?;
+        self.set_state(name, ProjectState::Stopped).await?;
+        self.boot_vm(&project, call.progress).await?;
+        Ok(Reply::Connection {
+            connection: self.connection(&project),
+        })
+    }
+
+    /// Makes sure `name`'s VM runs, starting it for `actor` if it does not,
+    /// with progress. The caller has decided that `actor` may enter the
+    /// project; this needs no other right. A project with a route whose
+    /// VMM is alive is running, so that path costs one store read and one
+    /// process check.
+    pub async fn ensure_running(
+        &self,
+        actor: &Actor,
+        name: &ProjectName,
+        progress: &dyn ProgressSink,
+    ) -> Result<Woke, CommandError> {
+        if self.looks_running(name).await? {
+            return Ok(Woke::AlreadyRunning);
+        }
+        let _vm = self.lock_vm(name).await;
+        // Someone else may have started it while this waited.
+        if self.looks_running(name).await? {
+            return Ok(Woke::AlreadyRunning);
+        }
+        let n = name.clone();
+        let project = self
+            .store
+            .call(move |c| repo::project_by_name(c, &n))
+            .await?
+            .ok_or_else(|| CommandError::NotFound(format!("there is no project '{name}'")))?;
+        if matches!(
+            project.state,
+            ProjectState::Creating | ProjectState::Destroying
+        ) {
+            return Err(CommandError::Conflict(format!(
+                "{name} is {}; try again when that is done",
+                project.state
+            )));
+        }
+        let span = tracing::info_span!("wake", project = %name,
+            actor = actor.user().map_or("kennel", |u| u.name.as_str()));
+        let out = async {
+            tracing::info!("starting a stopped VM on entry");
+            self.boot_vm(&project, progress).await
+        }
+        .instrument(span)
+        .await;
+        let (outcome, detail) = match &out {
+            Ok(_) => (AuditOutcome::Ok, None),
+            Err(e) => (
+                AuditOutcome::Failed,
+                Some(crate::redact::redact(&e.to_string()).into_owned()),
+            ),
+        };
+        let why = match actor {
+            Actor::System { why } => Some(*why),
+            Actor::User { .. } => None,
+        };
+        self.audit_entry(
+            &actor.identity(),
+            actor.user(),
+            "start",
+            Some(name.to_string()),
+            outcome,
+            detail.or(why.map(str::to_owned)),
+        )
+        .await;
+        out.map(Woke::Started)
+    }
+
+    /// Stops `name`'s VM for `actor` (the idle supervisor, an operator).
+    pub async fn stop_vm(
+        &self,
+        actor: &Actor,
+        name: &ProjectName,
+        progress: &dyn ProgressSink,
+    ) -> Result<(), CommandError> {
+        let _vm = self.lock_vm(name).await;
+        let out = self.halt_vm(name, progress).await;
+        let outcome = if out.is_ok() {
+            AuditOutcome::Ok
+        } else {
+            AuditOutcome::Failed
+        };
+        let detail = match (&out, actor) {
+            (Err(e), _) => Some(crate::redact::redact(&e.to_string()).into_owned()),
+            (Ok(()), Actor::System { why }) => Some((*why).to_owned()),
+            (Ok(()), Actor::User { .. }) => None,
+        };
+        self.audit_entry(
+            &actor.identity(),
+            actor.user(),
+            "stop",
+            Some(name.to_string()),
+            outcome,
+            detail,
+        )
+        .await;
+        out
+    }
+
+    /// Whether the store says running, with a route, and the VMM lives.
+    async fn looks_running(&self, name: &ProjectName) -> Result<bool, StoreError> {
+        let n = name.clone();
+        let (project, route) = self
+            .store
+            .call(move |c| Ok((repo::project_by_name(c, &n)?, repo::route(c, &n)?)))
+            .await?;
+        let recorded = project.is_some_and(|p| p.state == ProjectState::Running) && route.is_some();
+        Ok(recorded && self.vms.vm_alive(name).await != Some(false))
+    }
+
+    /// Boots a project's VM, keeping its state and route true. The caller
+    /// holds the project's VM lock.
+    async fn boot_vm(
+        &self,
+        project: &Project,
+        progress: &dyn ProgressSink,
+    ) -> Result<VmStatus, CommandError> {
+        let name = project.name.clone();
+        self.set_state(&name, ProjectState::Starting).await?;
+        let spec = VmSpec {
+            project: name.clone(),
+            stack: project.stack.clone(),
+            source_path: project.source_path.clone(),
+            resources: project.resources,
+            app_port: project.app_port,
+            authorized_keys: self.authorized_keys(&name).await?,
+        };
+        match self.vms.start(&spec, progress).await {
+            Ok(status) => {
+                self.set_state(&name, ProjectState::Running).await?;
+                self.record_route(&name, &status).await?;
+                Ok(status)
+            }
+            Err(e) => {
+                self.set_state(&name, ProjectState::Failed).await?;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Stops a project's VM, keeping its state and route true. The caller
+    /// holds the project's VM lock.
+    async fn halt_vm(
+        &self,
+        name: &ProjectName,
+        progress: &dyn ProgressSink,
+    ) -> Result<(), CommandError> {
+        self.set_state(name, ProjectState::Stopping).await?;
+        progress.report(Progress {
+            stage: Stage::Stopping,
+            percent: None,
+            detail: None,
+        });
+        match self.vms.stop(name).await {
+            Ok(()) => {
+                self.set_state(name, ProjectState::Stopped).await?;
+                Ok(())
+            }
+            Err(e) => {
+                self.set_state(name, ProjectState::Failed).await?;
+                Err(e.into())
+            }
+        }
+    }
+
     /// Brings the store in line with the VMs found at start (`found`:
     /// project name, whether its VM runs). Running VMs are adopted with
     /// their routes and keys; a project whose VM is gone is stopped; a

@@ -7,51 +7,19 @@
     clippy::indexing_slicing
 )]
 
-use std::sync::Arc;
-
-use kennel_core::catalog::{StackInfo, StaticCatalog};
 use kennel_core::keys::testing::ed25519;
 use kennel_core::model::{Frontend, Identity, ProjectState, RequestState};
 use kennel_core::outcome::{CommandError, Reply};
-use kennel_core::provision::testing::RecordingProvisioner;
 use kennel_core::provision::NoProgress;
-use kennel_core::{Event, Executor, Outcome, Settings, Store};
-
-struct World {
-    exec: Executor,
-    vms: Arc<RecordingProvisioner>,
-    admin: Identity,
-}
+use kennel_core::testing::World;
+use kennel_core::{Event, Outcome, Settings, Store};
 
 async fn world() -> World {
-    world_with(Settings::default()).await
+    World::new().build()
 }
 
 async fn world_with(base: Settings) -> World {
-    let store = Store::open_in_memory().unwrap();
-    let vms = Arc::new(RecordingProvisioner::default());
-    let catalog = Arc::new(StaticCatalog {
-        stacks: vec![StackInfo {
-            name: "rust".into(),
-            summary: "Rust".into(),
-            app_port: 8000,
-            broken: None,
-        }],
-        templates: vec![],
-    });
-    let admin = Identity::new(Frontend::Matrix, "@root:example.org");
-    let settings = Settings {
-        admins: vec![admin.clone()],
-        ..base
-    };
-    let exec = Executor::new(store, vms.clone(), catalog, settings);
-    World { exec, vms, admin }
-}
-
-impl World {
-    async fn run(&self, who: &Identity, line: &str) -> Outcome {
-        self.exec.run_line(who, line, &NoProgress).await.outcome
-    }
+    World::new().settings(base).build()
 }
 
 fn refused(o: &Outcome) -> String {
@@ -139,9 +107,12 @@ async fn access_request_round_trip_then_a_project() {
     };
     assert_eq!(confirm_with, "yes");
     assert!(w.vms.has_vm("demo"));
-    let Ok(Reply::Done { message }) = w.run(&ann, "yes").await else {
-        panic!()
-    };
+    let out = w.run(&ann, "yes").await;
+    assert!(
+        matches!(out, Ok(Reply::Removed { purged: false, .. })),
+        "{out:?}"
+    );
+    let message = kennel_core::render(&out, kennel_core::Format::Plain);
     assert!(message.contains("source is still at"), "{message}");
     assert!(!w.vms.has_vm("demo"));
     assert!(!w.vms.calls().iter().any(|c| c.starts_with("purge")));
@@ -270,9 +241,12 @@ async fn purge_asks_twice_and_names_the_path() {
     };
     assert!(prompt.starts_with("Last check"), "{prompt}");
     assert!(!w.vms.calls().iter().any(|c| c.starts_with("purge")));
-    let Ok(Reply::Done { message }) = w.run(&w.admin, "yes").await else {
-        panic!()
-    };
+    let out = w.run(&w.admin, "yes").await;
+    assert!(
+        matches!(out, Ok(Reply::Removed { purged: true, .. })),
+        "{out:?}"
+    );
+    let message = kennel_core::render(&out, kennel_core::Format::Plain);
     assert!(message.contains("was deleted"), "{message}");
     assert!(w.vms.calls().iter().any(|c| c == "purge gone"));
     // --yes skips the first question, never the purge one.
@@ -364,10 +338,27 @@ async fn creates_beyond_the_limit_wait_in_line_and_are_told_so() {
     .await;
     *w.vms.create_delay.lock().unwrap() = std::time::Duration::from_millis(300);
     let (s1, s2) = (Sink(Mutex::new(vec![])), Sink(Mutex::new(vec![])));
-    let (a, b) = tokio::join!(w.exec.run_line(&w.admin, "new project q1", &s1), async {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        w.exec.run_line(&w.admin, "new project q2", &s2).await
-    });
+    let (a, b) = tokio::join!(
+        w.exec.front_door(
+            &w.admin,
+            None,
+            "new project q1",
+            kennel_core::Style::PLAIN,
+            &s1
+        ),
+        async {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            w.exec
+                .front_door(
+                    &w.admin,
+                    None,
+                    "new project q2",
+                    kennel_core::Style::PLAIN,
+                    &s2,
+                )
+                .await
+        }
+    );
     assert!(a.outcome.is_ok() && b.outcome.is_ok());
     let second = s2.0.lock().unwrap().join(" | ");
     assert!(second.contains("queued (1 in line"), "{second}");
@@ -396,14 +387,13 @@ async fn cp_rename_and_secrets() {
         panic!()
     };
 
-    let Ok(Reply::Done { message }) = w.run(&w.admin, "secret set git-token ghp_s3cr3t").await
-    else {
-        panic!()
-    };
+    let out = w.run(&w.admin, "secret set git-token ghp_s3cr3t").await;
+    assert!(matches!(out, Ok(Reply::SecretStored { .. })), "{out:?}");
+    let message = kennel_core::render(&out, kennel_core::Format::Plain);
     assert!(!message.contains("ghp_s3cr3t"));
-    let Ok(Reply::Done { message }) = w.run(&w.admin, "secrets").await else {
-        panic!()
-    };
+    let out = w.run(&w.admin, "secrets").await;
+    assert!(matches!(out, Ok(Reply::Secrets { .. })), "{out:?}");
+    let message = kennel_core::render(&out, kennel_core::Format::Plain);
     assert!(
         message.contains("git-token") && !message.contains("ghp_s3cr3t"),
         "{message}"
@@ -422,9 +412,9 @@ async fn cp_rename_and_secrets() {
         w.run(&w.admin, "secret rm git-token").await,
         Err(CommandError::NotFound(_))
     ));
-    let Ok(Reply::Done { message }) = w.run(&w.admin, "deploy-key").await else {
-        panic!()
-    };
+    let out = w.run(&w.admin, "deploy-key").await;
+    assert!(matches!(out, Ok(Reply::DeployKey { .. })), "{out:?}");
+    let message = kennel_core::render(&out, kennel_core::Format::Plain);
     assert!(message.contains("ssh-ed25519"), "{message}");
 }
 

@@ -12,14 +12,12 @@
 
 use std::path::Path;
 use std::process::Output;
-use std::sync::Arc;
 
-use kennel_core::catalog::StaticCatalog;
 use kennel_core::keys::PublicKey;
 use kennel_core::model::Identity;
-use kennel_core::provision::testing::RecordingProvisioner;
 use kennel_core::provision::NoProgress;
-use kennel_core::{Executor, Settings, Store};
+use kennel_core::testing::World;
+use kennel_core::{Executor, Store};
 use kennel_gateway::ssh::{host_key, SshGateway, SshSettings};
 use kennel_testkit::require;
 use kennel_testkit::ssh::{keygen, run_ssh};
@@ -40,23 +38,13 @@ async fn gateway_with(settings: SshSettings) -> Gw {
     require("ssh", "openssh-client");
     require("ssh-keygen", "openssh-client");
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open_in_memory().unwrap();
-    let exec = Executor::new(
-        store.clone(),
-        Arc::new(RecordingProvisioner::default()),
-        Arc::new(StaticCatalog::default()),
-        Settings::default(),
-    );
+    let w = World::new().build();
+    *w.vms.keys_dir.lock().unwrap() = Some(dir.path().join("keys/projects"));
+    let (exec, store) = (w.exec, w.store);
     let key = host_key(&dir.path().join("keys/host")).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let gw = SshGateway::new(
-        exec.clone(),
-        SshSettings {
-            data_dir: dir.path().to_owned(),
-            ..settings
-        },
-    );
+    let gw = SshGateway::new(exec.clone(), settings);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(gw.run(listener, key, async move {
         let _ = stopped.await;
@@ -439,7 +427,13 @@ async fn a_vm_that_never_answers_does_not_hold_up_another_project() {
     for p in ["stuck", "other"] {
         let out = gw
             .exec
-            .run_line(&admin, &format!("new project {p}"), &NoProgress)
+            .front_door(
+                &admin,
+                None,
+                &format!("new project {p}"),
+                kennel_core::Style::PLAIN,
+                &NoProgress,
+            )
             .await;
         assert!(out.outcome.is_ok(), "{:?}", out.outcome);
         let dir = gw.dir.path().join("keys/projects").join(p);

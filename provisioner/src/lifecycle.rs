@@ -1412,6 +1412,17 @@ impl Provisioner for LocalProvisioner {
             .map_err(|e| failed(Stage::Validated, e.to_string()))
     }
 
+    fn vm_keys(&self, project: &ProjectName) -> Option<kennel_core::provision::VmKeys> {
+        let name = project.as_str();
+        self.record(name)?;
+        Some(kennel_core::provision::VmKeys {
+            client_key: self.project_key(name),
+            host_key: std::fs::read_to_string(self.vm_dir(name).join("ssh_host_ed25519_key.pub"))
+                .ok()
+                .map(|k| k.trim().to_owned()),
+        })
+    }
+
     async fn vm_alive(&self, project: &ProjectName) -> Option<bool> {
         let r = self.record(project.as_str())?;
         let needle = self.needle(&r.machine);

@@ -7,34 +7,16 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kennel_core::catalog::{StackInfo, StaticCatalog};
 use kennel_core::model::Identity;
 use kennel_core::provision::testing::RecordingProvisioner;
-use kennel_core::{Executor, Settings, Store};
+use kennel_core::testing::World;
+use kennel_core::Executor;
 
 /// An executor whose `admin` is a configured admin; each create step
 /// pauses `stage_delay` so progress edits can be watched.
 pub fn executor(admin: Identity, stage_delay: Duration) -> (Executor, Arc<RecordingProvisioner>) {
-    let vms = Arc::new(RecordingProvisioner::default());
-    *vms.stage_delay.lock().unwrap() = stage_delay;
-    let exec = Executor::new(
-        Store::open_in_memory().unwrap(),
-        vms.clone(),
-        Arc::new(StaticCatalog {
-            stacks: vec![StackInfo {
-                name: "rust".into(),
-                summary: "Rust".into(),
-                app_port: 8000,
-                broken: None,
-            }],
-            templates: vec![],
-        }),
-        Settings {
-            admins: vec![admin],
-            ..Settings::default()
-        },
-    );
-    (exec, vms)
+    let w = World::new().admin(admin).stage_delay(stage_delay).build();
+    (w.exec, w.vms)
 }
 
 /// Starts the SSH gateway for `exec` with its keys under `dir`; returns its port.
@@ -44,10 +26,7 @@ pub async fn ssh_gateway(exec: &Executor, dir: &Path) -> u16 {
     let host_key = kennel_gateway::ssh::host_key(&dir.join("host")).unwrap();
     let gw = kennel_gateway::ssh::SshGateway::new(
         exec.clone(),
-        kennel_gateway::ssh::SshSettings {
-            data_dir: dir.to_owned(),
-            ..Default::default()
-        },
+        kennel_gateway::ssh::SshSettings::default(),
     );
     tokio::spawn(gw.run(listener, host_key, std::future::pending()));
     port

@@ -1,0 +1,183 @@
+//! Commands about one project or the list of them: projects, status, rm,
+//! ssh, logs, port, rename.
+
+use super::{Call, Executor};
+use crate::model::ProjectState;
+use crate::names::ProjectName;
+use crate::outcome::{CommandError, Outcome, Reply};
+use crate::provision::{Progress, ProvisionError, Stage};
+use crate::store::repo;
+use crate::store::StoreError;
+
+impl Executor {
+    /// The projects the user may see (all of them for admins).
+    pub(super) async fn projects(&self, call: &Call<'_>) -> Outcome {
+        let uid = (!call.is_admin())
+            .then(|| call.user.map(|u| u.id))
+            .flatten();
+        let projects = self
+            .store
+            .call(move |c| repo::list_projects(c, uid))
+            .await?;
+        Ok(Reply::Projects { projects })
+    }
+
+    pub(super) async fn status(&self, call: &Call<'_>, name: &ProjectName) -> Outcome {
+        let project = call.project(name)?;
+        let n = name.clone();
+        let shares = self.store.call(move |c| repo::shares_of(c, &n)).await?;
+        let vm = match self.vms.status(name).await {
+            Ok(s) => Some(s),
+            Err(ProvisionError::Unavailable(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Reply::Status {
+            project,
+            shares,
+            vm,
+        })
+    }
+
+    /// Destroys a project's VM and disk, asking first; with `purge` also
+    /// its source, asking twice.
+    pub(super) async fn rm(
+        &self,
+        call: &Call<'_>,
+        name: &ProjectName,
+        purge: bool,
+        yes: bool,
+    ) -> Outcome {
+        let project = call.project(name)?;
+        let again = crate::command::Command::Rm {
+            name: name.clone(),
+            purge,
+            yes: true,
+        }
+        .to_string();
+        if !yes {
+            let mut prompt = format!("This destroys the VM and disk of {name}.");
+            if purge {
+                prompt.push_str(&format!(
+                    " It also DELETES the source directory {} on the host.",
+                    project.source_path
+                ));
+            } else {
+                prompt.push_str(&format!(" The source at {} is kept.", project.source_path));
+            }
+            return self.ask(call.who, prompt, &again, 1).await;
+        }
+        // A purge deletes the user's files: it always asks once more,
+        // naming them, even after --yes.
+        if purge && call.confirmed < 2 {
+            let prompt = format!(
+                "Last check: this permanently DELETES {} and everything in it, together with the VM of {name}.",
+                project.source_path
+            );
+            return self.ask(call.who, prompt, &again, 2).await;
+        }
+        // What can be refused is refused before anything changes: a
+        // purge outside the projects root, or through a link.
+        if purge {
+            self.purgeable(&project.source_path)?;
+        }
+        let before = project.state;
+        self.set_state(name, ProjectState::Destroying).await?;
+        call.progress.report(Progress {
+            stage: Stage::Destroying,
+            percent: None,
+            detail: None,
+        });
+        let destroyed = async {
+            self.vms.destroy(name).await?;
+            if purge {
+                self.vms.purge_source(name, &project.source_path).await?;
+            }
+            Ok::<(), ProvisionError>(())
+        }
+        .await;
+        if let Err(e) = destroyed {
+            // A failed step leaves the project as it was, to be looked at
+            // or removed again.
+            self.set_state(name, before).await?;
+            return Err(e.into());
+        }
+        let n = name.clone();
+        self.store
+            .call(move |c| repo::delete_project(c, &n))
+            .await?;
+        Ok(Reply::Removed {
+            project: name.to_string(),
+            source_path: project.source_path,
+            purged: purge,
+        })
+    }
+
+    pub(super) fn ssh(&self, call: &Call<'_>, name: &ProjectName) -> Outcome {
+        Ok(Reply::Connection {
+            connection: self.connection(&call.project(name)?),
+        })
+    }
+
+    pub(super) async fn logs(&self, call: &Call<'_>, name: &ProjectName, lines: u32) -> Outcome {
+        call.project(name)?;
+        let lines = self.vms.logs(name, lines).await?;
+        Ok(Reply::Logs {
+            project: name.to_string(),
+            lines,
+        })
+    }
+
+    pub(super) async fn port(&self, call: &Call<'_>, name: &ProjectName, port: u16) -> Outcome {
+        call.project(name)?;
+        let n = name.clone();
+        self.store
+            .call(move |c| repo::set_app_port(c, &n, port))
+            .await?;
+        Ok(Reply::PortSet {
+            project: name.to_string(),
+            https_url: self.https_url(name),
+            port,
+        })
+    }
+
+    pub(super) async fn rename(
+        &self,
+        call: &Call<'_>,
+        name: &ProjectName,
+        new_name: &ProjectName,
+    ) -> Outcome {
+        call.project(name)?;
+        let (a, b) = (name.clone(), new_name.clone());
+        match self
+            .store
+            .write(move |tx| repo::rename_project(tx, &a, &b))
+            .await
+        {
+            Ok(()) => {}
+            Err(StoreError::AlreadyExists { .. }) => {
+                return Err(CommandError::Conflict(format!(
+                    "a project named '{new_name}' already exists; pick another name"
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if let Err(e) = self.vms.rename(name, new_name).await {
+            let (a, b) = (name.clone(), new_name.clone());
+            self.store
+                .write(move |tx| repo::rename_project(tx, &b, &a))
+                .await?;
+            return Err(e.into());
+        }
+        Ok(Reply::Renamed {
+            from: name.to_string(),
+            to: new_name.to_string(),
+            ssh: format!("{new_name}@{}", self.settings.ssh_host),
+            https_url: format!("https://{new_name}.{}", self.settings.domain),
+        })
+    }
+
+    /// `https://NAME.DOMAIN`, as replies about the web app name it.
+    pub(super) fn https_url(&self, name: &ProjectName) -> String {
+        format!("https://{name}.{}", self.settings.domain)
+    }
+}

@@ -1,0 +1,128 @@
+//! What the gateways need from core, and no more: who a key belongs to,
+//! whether a person may enter a project (over SSH or the web), waking a
+//! project's VM, how to reach it, and recording a login.
+//!
+//! Gateways hold a [`Gate`] instead of the store and the provisioner's
+//! files: the key and host-key paths are the provisioner's to know, the
+//! route is the VM state service's to keep true.
+
+use crate::executor::Executor;
+use crate::keys::Fingerprint;
+use crate::model::{AuditOutcome, Identity, Project, User};
+use crate::names::ProjectName;
+use crate::outcome::CommandError;
+use crate::policy::{self, Entry};
+use crate::provision::ProgressSink;
+use crate::store::repo;
+use crate::store::StoreError;
+use crate::vmstate::{Actor, Woke};
+
+/// How a gateway reaches a running project's VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmReach {
+    /// `host:port` of the VM's sshd, as the host reaches it.
+    pub ssh_addr: String,
+    /// `host:port` of the VM's app port.
+    pub app_addr: String,
+    /// The project's private key and the VM's pinned host key.
+    pub keys: Option<crate::provision::VmKeys>,
+}
+
+/// Core as a gateway sees it. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    exec: Executor,
+}
+
+impl Executor {
+    /// The narrow interface for gateways.
+    pub fn gate(&self) -> Gate {
+        Gate { exec: self.clone() }
+    }
+}
+
+impl Gate {
+    /// The user whose *active* key this is; `None` for an unknown or
+    /// revoked key. An error means "could not tell": callers fail closed.
+    pub async fn user_by_key(&self, fp: &Fingerprint) -> Result<Option<User>, StoreError> {
+        let fp = fp.clone();
+        self.exec
+            .store
+            .call(move |c| repo::user_by_active_key(c, &fp))
+            .await
+    }
+
+    /// Whether a project of that name exists.
+    pub async fn project_exists(&self, name: &ProjectName) -> Result<bool, StoreError> {
+        let n = name.clone();
+        self.exec
+            .store
+            .call(move |c| Ok(repo::project_by_name(c, &n)?.is_some()))
+            .await
+    }
+
+    /// Whether `user` (or a visitor nobody knows, `None`) may enter
+    /// `name` by `entry`: policy's one entry decision over the project's
+    /// owner, shares and visibility. Returns the project when allowed.
+    pub async fn may_enter(
+        &self,
+        user: Option<&User>,
+        name: &ProjectName,
+        entry: Entry,
+    ) -> Result<Project, CommandError> {
+        let (rel, found) = self.exec.relation(user, name).await?;
+        let visibility = found
+            .as_ref()
+            .map_or(crate::model::Visibility::Private, |p| p.visibility);
+        policy::may_enter(user.map(|u| u.role), rel, visibility, entry, name.as_str())?;
+        found.ok_or_else(|| CommandError::NotFound(format!("there is no project '{name}'")))
+    }
+
+    /// Starts `name`'s VM if it is not running (the VM state service), for
+    /// someone the caller has let in with [`Gate::may_enter`].
+    pub async fn wake(
+        &self,
+        actor: &Actor,
+        name: &ProjectName,
+        progress: &dyn ProgressSink,
+    ) -> Result<Woke, CommandError> {
+        self.exec.ensure_running(actor, name, progress).await
+    }
+
+    /// Where a running project's VM answers, with the keys to reach it;
+    /// `None` when it is not running (stopped projects have no route).
+    pub async fn reach(&self, name: &ProjectName) -> Result<Option<VmReach>, StoreError> {
+        let n = name.clone();
+        let route = self.exec.store.call(move |c| repo::route(c, &n)).await?;
+        Ok(route.map(|r| VmReach {
+            ssh_addr: r.ssh_addr,
+            app_addr: r.app_addr,
+            keys: self.exec.vms.vm_keys(name),
+        }))
+    }
+
+    /// Records that `user` entered `project` (`action`: "ssh login").
+    pub async fn record_login(
+        &self,
+        identity: &Identity,
+        user: &User,
+        project: &ProjectName,
+        action: &'static str,
+    ) {
+        self.exec
+            .audit_entry(
+                identity,
+                Some(user),
+                action,
+                Some(project.to_string()),
+                AuditOutcome::Ok,
+                None,
+            )
+            .await;
+    }
+
+    /// The settings in force (addresses shown to people).
+    pub fn settings(&self) -> &crate::Settings {
+        self.exec.settings()
+    }
+}

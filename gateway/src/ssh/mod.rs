@@ -1,0 +1,377 @@
+//! The SSH gateway (russh): `ssh HOST [command]` speaks the command
+//! language; `ssh PROJECT@HOST` lands in the project's VM, with everything
+//! editors use bridged to the VM's sshd.
+//!
+//! Authentication is by public key only and fails closed: a key gets in
+//! only if the store says it is active for a user; any error looking it up
+//! denies. An unknown key is let into a restricted session that can do one
+//! thing: file an access request with that key (`ssh HOST request-access
+//! [note]`); anything else gets a message saying so.
+//!
+//! Each client channel is a bridge task fed by an ordered queue of what the
+//! client asked (pty, env, shell/exec/subsystem, data, window changes,
+//! signals, EOF). Handlers only enqueue and reply, so a stopped VM can be
+//! started (progress on stderr) and its connection opened without losing
+//! order. One upstream connection per VM is shared by every channel to it:
+//! a new channel costs ~0.09 s under TCG, a new connection 0.5-1 s.
+//!
+//! The gateway talks to core only through [`kennel_core::Gate`] (keys,
+//! entry decisions, waking, routes) and the front door (commands). Its
+//! parts, after russh's own server layout:
+//!
+//! | file | what |
+//! |---|---|
+//! | `mod.rs` | settings, host key, the server and its shared state |
+//! | `limits.rs` | per-address and per-user limits, failed sign-ins |
+//! | `handler.rs` | russh's handler: authentication, channels, the per-channel queue |
+//! | `console.rs` | command mode: one command, the prompt, unknown keys |
+//! | `bridge.rs` | project mode: a session bridged to the VM's sshd |
+//! | `pool.rs` | waking projects and the per-project upstream pool |
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kennel_core::keys::PublicKey;
+use kennel_core::model::{Identity, User};
+use kennel_core::names::ProjectName;
+use kennel_core::provision::{Progress, ProgressSink};
+use kennel_core::{Executor, Gate};
+use russh::keys::{HashAlg, PrivateKey};
+use russh::server::Msg;
+use russh::{client, ChannelId, ChannelWriteHalf, MethodKind, MethodSet, Pty, Sig};
+use tokio::sync::mpsc;
+
+mod bridge;
+mod console;
+mod handler;
+mod limits;
+mod pool;
+
+pub use pool::{Upstream, UpstreamError};
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SshGatewayError {
+    #[error("cannot read or write the host key {path}")]
+    HostKey {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the host key {path} is not a valid OpenSSH private key: {message}")]
+    BadHostKey { path: PathBuf, message: String },
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Limits of the gateway.
+#[derive(Debug, Clone)]
+pub struct SshSettings {
+    pub max_connections_per_ip: usize,
+    pub max_connections_per_user: usize,
+    /// Failed authentications an address may have per ten minutes.
+    pub max_auth_failures_per_ip: u32,
+    /// Access requests an address may file per hour (unknown keys are
+    /// free to make, so the address is what is counted).
+    pub max_requests_per_ip: u32,
+    pub idle_timeout: Duration,
+}
+
+impl Default for SshSettings {
+    fn default() -> Self {
+        Self {
+            max_connections_per_ip: 64,
+            max_connections_per_user: 64,
+            max_auth_failures_per_ip: 20,
+            max_requests_per_ip: 5,
+            idle_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Loads the gateway's ed25519 host key, making it on first start (0600).
+pub fn host_key(path: &Path) -> Result<PrivateKey, SshGatewayError> {
+    let io = |source| SshGatewayError::HostKey {
+        path: path.to_owned(),
+        source,
+    };
+    if path.exists() {
+        return russh::keys::load_secret_key(path, None).map_err(|e| SshGatewayError::BadHostKey {
+            path: path.to_owned(),
+            message: e.to_string(),
+        });
+    }
+    let key =
+        PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519).map_err(|e| {
+            SshGatewayError::BadHostKey {
+                path: path.to_owned(),
+                message: e.to_string(),
+            }
+        })?;
+    let pem = key
+        .to_openssh(russh::keys::ssh_key::LineEnding::LF)
+        .map_err(|e| SshGatewayError::BadHostKey {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io)?;
+        f.write_all(pem.as_bytes()).map_err(io)?;
+    }
+    Ok(key)
+}
+
+/// `SHA256:...` of a host key, for `doctor` and replies.
+pub fn host_key_fingerprint(key: &PrivateKey) -> String {
+    key.public_key().fingerprint(HashAlg::Sha256).to_string()
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    per_ip: HashMap<IpAddr, usize>,
+    per_user: HashMap<String, usize>,
+    failures: HashMap<IpAddr, (u32, Instant)>,
+    /// Access requests filed per address, and since when.
+    requests: HashMap<IpAddr, (u32, Instant)>,
+}
+
+/// A project's place in the upstream pool: its connection, if made, behind
+/// the lock its (one) connect holds.
+type PoolSlot = Arc<tokio::sync::Mutex<Option<Arc<client::Handle<Upstream>>>>>;
+
+/// Shared by every connection.
+struct Shared {
+    /// Commands go through the front door.
+    exec: Executor,
+    /// Everything else core is asked goes through the gate.
+    gate: Gate,
+    settings: SshSettings,
+    counters: Mutex<Counters>,
+    /// One pooled connection per project's VM, each behind its own lock:
+    /// sessions into one project wait for its one connect, and a VM that
+    /// does not answer never holds up sessions into another.
+    upstreams: Mutex<HashMap<String, PoolSlot>>,
+    next_id: AtomicU64,
+}
+
+/// The SSH gateway.
+#[derive(Clone)]
+pub struct SshGateway {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for SshGateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SshGateway").finish_non_exhaustive()
+    }
+}
+
+impl SshGateway {
+    /// A gateway running commands through `exec`.
+    pub fn new(exec: Executor, settings: SshSettings) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                gate: exec.gate(),
+                exec,
+                settings,
+                counters: Mutex::new(Counters::default()),
+                upstreams: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// Serves on `listener` until `shutdown` completes.
+    pub async fn run(
+        self,
+        listener: tokio::net::TcpListener,
+        key: PrivateKey,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let config = Arc::new(russh::server::Config {
+            keys: vec![key],
+            methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+            inactivity_timeout: Some(self.shared.settings.idle_timeout),
+            keepalive_interval: Some(Duration::from_secs(30)),
+            auth_rejection_time: Duration::from_millis(500),
+            auth_rejection_time_initial: Some(Duration::ZERO),
+            preferred: russh::Preferred {
+                // AES-GCM runs on AES-NI; chacha20 is pure Rust here. Clients
+                // put chacha20 first, so offering only AES-GCM steers them.
+                cipher: std::borrow::Cow::Borrowed(&[
+                    russh::cipher::AES_256_GCM,
+                    russh::cipher::AES_128_GCM,
+                ]),
+                ..russh::Preferred::default()
+            },
+            ..Default::default()
+        });
+        let mut server = self;
+        let running = russh::server::Server::run_on_socket(&mut server, config, &listener);
+        tokio::select! {
+            r = running => r,
+            () = shutdown => Ok(()),
+        }
+    }
+}
+
+impl russh::server::Server for SshGateway {
+    type Handler = Conn;
+
+    fn new_client(&mut self, peer: Option<SocketAddr>) -> Conn {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let ip = peer.map(|p| p.ip());
+        let mut too_many = false;
+        if let Some(ip) = ip {
+            if let Ok(mut c) = self.shared.counters.lock() {
+                let n = c.per_ip.entry(ip).or_default();
+                *n += 1;
+                too_many = *n > self.shared.settings.max_connections_per_ip;
+            }
+        }
+        Conn {
+            shared: self.shared.clone(),
+            id,
+            ip,
+            too_many,
+            who: None,
+            target: Target::Console,
+            refusal: None,
+            channels: HashMap::new(),
+        }
+    }
+}
+
+/// Who authenticated.
+#[derive(Debug, Clone)]
+enum Who {
+    Known {
+        user: User,
+        identity: Identity,
+    },
+    /// A key Kennel does not know: may only request access.
+    Unknown {
+        key: PublicKey,
+        identity: Identity,
+    },
+}
+
+#[derive(Debug, Clone)]
+enum Target {
+    Console,
+    Project(ProjectName),
+}
+
+/// What a client asked of a channel, in order.
+#[derive(Debug)]
+enum Op {
+    Pty {
+        term: String,
+        cols: u32,
+        rows: u32,
+        px: u32,
+        py: u32,
+        modes: Vec<(Pty, u32)>,
+    },
+    Env(String, String),
+    Shell,
+    Exec(Vec<u8>),
+    Subsystem(String),
+    Data(Vec<u8>),
+    Window {
+        cols: u32,
+        rows: u32,
+        px: u32,
+        py: u32,
+    },
+    Signal(Sig),
+    Eof,
+    /// The client offers its agent (`ssh -A`).
+    Agent,
+}
+
+/// One client connection.
+pub struct Conn {
+    shared: Arc<Shared>,
+    id: u64,
+    ip: Option<IpAddr>,
+    too_many: bool,
+    who: Option<Who>,
+    target: Target,
+    /// Why this user may not enter the project they named.
+    refusal: Option<String>,
+    channels: HashMap<ChannelId, mpsc::Sender<Op>>,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("id", &self.id)
+            .field("ip", &self.ip)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What an unknown key is told: how to ask, with the gateway's real
+/// public address.
+fn unknown_key(settings: &kennel_core::Settings) -> String {
+    let port = match settings.ssh_port {
+        22 => String::new(),
+        p => format!("-p {p} "),
+    };
+    format!(
+        "Kennel does not know this SSH key yet.\r\nAsk for access with this same key:\r\n\r\n    ssh {port}{} request-access [a note for the admins]\r\n\r\nAn admin approves or denies it in chat; then connect again.\r\n",
+        settings.ssh_host
+    )
+}
+
+/// Copies both ways until either side ends.
+async fn splice<A, B>(mut a: A, mut b: B)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+}
+
+/// One client session channel.
+struct Bridge {
+    shared: Arc<Shared>,
+    /// The client's address, for per-address limits.
+    ip: Option<IpAddr>,
+    who: Who,
+    target: Target,
+    refusal: Option<String>,
+    client: ChannelWriteHalf<Msg>,
+    /// For exit signals and agent channels towards the client.
+    session: russh::server::Handle,
+    id: ChannelId,
+    span: tracing::Span,
+}
+
+/// Progress lines on the client's stderr.
+struct StderrSink(mpsc::UnboundedSender<String>);
+
+impl ProgressSink for StderrSink {
+    fn report(&self, p: Progress) {
+        let _ = self.0.send(format!("… {p}\r\n"));
+    }
+}
