@@ -80,7 +80,7 @@ pub fn provisioner(config: &Config, store: &Store) -> Result<Arc<LocalProvisione
     Ok(Arc::new(LocalProvisioner::new(
         settings,
         vmm,
-        virtiofsd,
+        Arc::new(virtiofsd),
         store.clone(),
         Arc::new(SystemRunner),
     )))

@@ -310,6 +310,8 @@ pub mod testing {
         fail_next_create: Mutex<Option<String>>,
         /// How long each create takes (to test queueing).
         pub create_delay: Mutex<std::time::Duration>,
+        /// How long each start takes (to test concurrent wakes).
+        pub start_delay: Mutex<std::time::Duration>,
         /// A pause after each progress step of a create (to watch progress).
         pub stage_delay: Mutex<std::time::Duration>,
         /// Where `vm_keys` says each project's keys are
@@ -420,6 +422,8 @@ pub mod testing {
         ) -> Result<VmStatus, ProvisionError> {
             let p = spec.project.as_str();
             self.record("start", p);
+            let delay = self.start_delay.lock().map(|d| *d).unwrap_or_default();
+            tokio::time::sleep(delay).await;
             self.set(p, Some(VmState::Running));
             Ok(self.status_of(p))
         }

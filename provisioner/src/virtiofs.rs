@@ -26,6 +26,35 @@ pub enum Flavor {
     Rust,
 }
 
+/// Starts the daemon that shares a source directory into a VM over
+/// virtio-fs; a trait so the lifecycle can be tested without one.
+#[async_trait::async_trait]
+pub trait FsDaemon: Send + Sync {
+    /// Starts sharing `source` on `socket`, logging to `log`, its pid in
+    /// `pid_file`; returns once the socket is there. Stopping is by pid
+    /// file ([`Virtiofsd::stop`]).
+    async fn start(
+        &self,
+        socket: &Path,
+        source: &Path,
+        log: &Path,
+        pid_file: &Path,
+    ) -> Result<u32, VirtiofsError>;
+}
+
+#[async_trait::async_trait]
+impl FsDaemon for Virtiofsd {
+    async fn start(
+        &self,
+        socket: &Path,
+        source: &Path,
+        log: &Path,
+        pid_file: &Path,
+    ) -> Result<u32, VirtiofsError> {
+        Virtiofsd::start(self, socket, source, log, pid_file).await
+    }
+}
+
 /// A virtiofsd binary.
 #[derive(Debug, Clone)]
 pub struct Virtiofsd {

@@ -123,6 +123,10 @@ pub enum VmmError {
     },
     #[error("{program} exited during start-up: {log}")]
     Exited { program: String, log: String },
+    /// The VM's host address (a forwarded port, a TAP) was taken by
+    /// another process between choosing it and starting the VMM.
+    #[error("{program} could not bind the VM's host address, which another process holds: {log}")]
+    AddressInUse { program: String, log: String },
     #[error("the VMM's control socket {0} did not appear in time")]
     NoSocket(PathBuf),
     #[error("the VMM API refused {endpoint}: {message}")]

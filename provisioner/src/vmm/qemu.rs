@@ -215,10 +215,14 @@ impl Vmm for Qemu {
             let _ = (&log).write_all(stderr.as_bytes());
         }
         if !out.status.success() {
-            return Err(VmmError::Exited {
-                program,
-                log: crate::process::tail(&stderr, 10),
-            });
+            let log = crate::process::tail(&stderr, 10);
+            // QEMU's own words for a host forward whose port is taken.
+            if stderr.contains("Could not set up host forwarding")
+                || stderr.contains("Address already in use")
+            {
+                return Err(VmmError::AddressInUse { program, log });
+            }
+            return Err(VmmError::Exited { program, log });
         }
         read_pid(&m.pid_file).ok_or_else(|| VmmError::Exited {
             program,

@@ -1,0 +1,203 @@
+//! Copying a project's VM (a copy-on-write disk and a copy of its source)
+//! and renaming one.
+
+use super::*;
+
+impl LocalProvisioner {
+    pub(super) async fn copy_inner(
+        &self,
+        from: &ProjectName,
+        to: &CreateRequest,
+        progress: &dyn ProgressSink,
+    ) -> Result<Created, ProvisionError> {
+        let src = self
+            .record(from.as_str())
+            .ok_or_else(|| ProvisionError::NoVm(from.to_string()))?;
+        let name = to.project.as_str().to_owned();
+        let dest_source = PathBuf::from(
+            to.path
+                .clone()
+                .ok_or_else(|| failed(Stage::Validated, "no source path was given"))?,
+        );
+        // Both ends beneath a root, no link on the way; the copy itself
+        // (cp -a) copies links as links.
+        self.check_source(&src.source, Stage::Validated)?;
+        let root = self.root_for(&dest_source, Stage::Validated)?;
+        let rel = root
+            .relative(&dest_source)
+            .map_err(|e| failed(Stage::Validated, e.to_string()))?;
+        if root
+            .lookup(&rel)
+            .map_err(|e| failed(Stage::Validated, e.to_string()))?
+            .is_some()
+        {
+            return Err(failed(
+                Stage::Validated,
+                format!("{} already exists", dest_source.display()),
+            ));
+        }
+        // A consistent disk needs the VM stopped; it is started again after.
+        let was_running = {
+            let _g = self.lock(from.as_str()).await;
+            let running = matches!(
+                self.vmm.state(&src.machine).await,
+                Ok(VmmState::Running | VmmState::Paused)
+            );
+            if running {
+                step(
+                    progress,
+                    Stage::Stopping,
+                    Some(format!("{from}, to copy its disk")),
+                );
+                self.graceful_stop(&src).await?;
+            }
+            running
+        };
+        let _guard = self.lock(&name).await;
+        let result = async {
+            let dir = self.vm_dir(&name);
+            std::fs::create_dir_all(&dir).map_err(|e| failed(Stage::Disk, e.to_string()))?;
+            let slot = self.allocate_slot(&name, to.app_port, &[]).await?;
+            let k = kernel::KernelSet::open(src.machine.kernel.parent().unwrap_or(Path::new("/")))
+                .ok_or_else(|| failed(Stage::Image, "the source VM's kernel is gone"))?;
+            let m = self.machine(
+                &name,
+                &k,
+                to.resources.vcpus,
+                to.resources.memory_mib,
+                net::attach(&self.s.network, slot, to.app_port),
+            );
+            step(
+                progress,
+                Stage::Disk,
+                Some(format!("copy-on-write copy of {from}'s disk and source")),
+            );
+            let (from_disk, to_disk) = (src.machine.disk.clone(), m.disk.clone());
+            let (from_src, to_src) = (src.source.clone(), dest_source.clone());
+            let (kd, vd, label) = (self.key_dir(&name), dir.clone(), format!("kennel-{name}"));
+            self.blocking(Stage::Disk, move |runner| {
+                // --reflink=auto: a copy-on-write clone where the filesystem can.
+                runner
+                    .run(
+                        &Cmd::new("cp")
+                            .args(["--reflink=auto", "--sparse=always"])
+                            .arg(&from_disk)
+                            .arg(&to_disk),
+                    )
+                    .map_err(|e| e.to_string())?;
+                runner
+                    .run(
+                        &Cmd::new("cp")
+                            .args(["-a", "--reflink=auto"])
+                            .arg(&from_src)
+                            .arg(&to_src),
+                    )
+                    .map_err(|e| e.to_string())?;
+                new_keypairs(runner, &kd, &vd, &label)
+            })
+            .await?;
+            let record = VmRecord {
+                project: name.clone(),
+                image: src.image.clone(),
+                stack: src.stack.clone(),
+                source: dest_source.clone(),
+                slot,
+                app_port: to.app_port,
+                machine: m,
+                ..src.clone()
+            };
+            self.save(&record)?;
+            let status = self
+                .boot(
+                    &record,
+                    &to.authorized_keys,
+                    progress,
+                    &mut Timings::default(),
+                )
+                .await?;
+            Ok(Created {
+                stack: record.stack.clone(),
+                source_path: dest_source.display().to_string(),
+                notes: vec![format!("a copy of {from}")],
+                status,
+            })
+        }
+        .await;
+        if result.is_err() {
+            let record = self.record(&name);
+            self.teardown(&name, record.as_ref()).await;
+            // The copied source is this attempt's own; the original is untouched.
+            let _ = std::fs::remove_dir_all(&dest_source);
+        }
+        if was_running {
+            let _g = self.lock(from.as_str()).await;
+            let keys = self.current_keys(from.as_str());
+            if let Err(e) = self
+                .boot(&src, &keys, progress, &mut Timings::default())
+                .await
+            {
+                tracing::error!(vm = %from, error = %e, "could not restart the VM after copying it");
+            }
+        }
+        result
+    }
+
+    pub(super) async fn rename_inner(
+        &self,
+        from: &ProjectName,
+        to: &ProjectName,
+    ) -> Result<(), ProvisionError> {
+        let _g1 = self.lock(from.as_str()).await;
+        let _g2 = self.lock(to.as_str()).await;
+        let Some(r) = self.record(from.as_str()) else {
+            return Ok(()); // no VM: nothing of ours to rename
+        };
+        let running = matches!(
+            self.vmm.state(&r.machine).await,
+            Ok(VmmState::Running | VmmState::Paused)
+        );
+        let keys = self.current_keys(from.as_str());
+        if running {
+            self.graceful_stop(&r).await?;
+        }
+        let (old_dir, new_dir) = (self.vm_dir(from.as_str()), self.vm_dir(to.as_str()));
+        if new_dir.exists() {
+            return Err(failed(
+                Stage::Validated,
+                format!("{} already exists", new_dir.display()),
+            ));
+        }
+        let io = |e: std::io::Error| failed(Stage::Disk, e.to_string());
+        std::fs::rename(&old_dir, &new_dir).map_err(io)?;
+        if self.key_dir(from.as_str()).exists() {
+            std::fs::rename(self.key_dir(from.as_str()), self.key_dir(to.as_str())).map_err(io)?;
+        }
+        let k = kernel::KernelSet::open(r.machine.kernel.parent().unwrap_or(Path::new("/")))
+            .ok_or_else(|| failed(Stage::Image, "the VM's kernel is gone"))?;
+        let mut m = self.machine(
+            to.as_str(),
+            &k,
+            r.machine.vcpus,
+            r.machine.memory_mib,
+            r.machine.net.clone(),
+        );
+        m.kernel = r.machine.kernel.clone();
+        m.initramfs = r.machine.initramfs.clone();
+        let record = VmRecord {
+            project: to.to_string(),
+            machine: m,
+            ..r
+        };
+        self.save(&record)?;
+        if running {
+            self.boot(
+                &record,
+                &keys,
+                &kennel_core::provision::NoProgress,
+                &mut Timings::default(),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,242 @@
+//! Creating a project's VM: the source, the stack, the image, the disk,
+//! the first boot; on failure everything but the source is rolled back
+//! (by the caller, [`LocalProvisioner`]'s `create`).
+
+use super::*;
+
+impl LocalProvisioner {
+    pub(super) async fn create_inner(
+        &self,
+        req: &CreateRequest,
+        progress: &dyn ProgressSink,
+    ) -> Result<Created, ProvisionError> {
+        let name = req.project.as_str();
+        let source = PathBuf::from(
+            req.path
+                .clone()
+                .ok_or_else(|| failed(Stage::Validated, "no source path was given"))?,
+        );
+        let templates = crate::templates::Templates::load(&self.s.templates_dir);
+        let template =
+            match &req.template {
+                Some(t) => Some(templates.get(t).cloned().ok_or_else(|| {
+                    failed(Stage::Validated, format!("there is no template '{t}'"))
+                })?),
+                None => None,
+            };
+        let mut notes = Vec::new();
+        if req.git.is_some() {
+            step(progress, Stage::Cloning, req.git.clone());
+        }
+        let vms = self.s.data_dir.join("vms");
+        if let Some(free) = free_mib(&vms).filter(|f| *f < MIN_FREE_MIB) {
+            return Err(failed(
+                Stage::Validated,
+                format!(
+                    "the data directory {} has only {free} MiB free; a VM needs at least {MIN_FREE_MIB} MiB (no space left for its disk). Free some space or move data_dir",
+                    self.s.data_dir.display()
+                ),
+            ));
+        }
+        let t_source = Instant::now();
+        let summary = self
+            .prepare_source(req, template.as_ref(), &source, progress)
+            .await?;
+        let source_ms = ms(t_source);
+        notes.push(format!("source: {summary}, at {}", source.display()));
+        // Stack: asked for, or detected from the tree.
+        let stack = match &req.stack {
+            Some(s) => s.clone(),
+            None => {
+                let stacks = Stacks::load(&self.s.stacks_dir);
+                let d = stacks.detect(&source);
+                notes.push(format!("stack {}", d.summary()));
+                notes.extend(d.warnings.iter().cloned());
+                d.stack
+            }
+        };
+        step(progress, Stage::Stack, Some(stack.clone()));
+        let mut timings = Timings {
+            source_ms,
+            ..Timings::default()
+        };
+        let t = Instant::now();
+        let (k, image) = self.image_for(&stack, progress).await?;
+        timings.image_ms = ms(t);
+        let t = Instant::now();
+
+        let dir = self.vm_dir(name);
+        if dir.exists() {
+            if self.record(name).is_some() {
+                return Err(failed(
+                    Stage::Disk,
+                    format!("{name} already has a VM; destroy it first"),
+                ));
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| failed(Stage::Disk, e.to_string()))?;
+        // Everything from here on is rolled back on failure.
+        let slot = self.allocate_slot(name, req.app_port, &[]).await?;
+        let m = self.machine(
+            name,
+            &k,
+            req.resources.vcpus,
+            req.resources.memory_mib,
+            net::attach(&self.s.network, slot, req.app_port),
+        );
+        let longest = [&m.virtiofs_socket, &m.control_socket]
+            .iter()
+            .map(|p| p.as_os_str().len())
+            .max()
+            .unwrap_or(0);
+        if longest > MAX_SOCKET_PATH {
+            return Err(failed(Stage::Disk, format!("the data directory path is too long for Unix sockets ({longest} > {MAX_SOCKET_PATH} bytes); use a shorter data_dir")));
+        }
+        step(
+            progress,
+            Stage::Disk,
+            Some(format!(
+                "{} MiB copy-on-write over {}",
+                req.resources.disk_mib, image.id
+            )),
+        );
+        let (rootfs, disk_path, size) = (image.rootfs(), m.disk.clone(), req.resources.disk_mib);
+        let (kd, vd, label) = (self.key_dir(name), dir.clone(), format!("kennel-{name}"));
+        self.blocking(Stage::Disk, move |runner| {
+            disk::create_root(runner, &rootfs, &disk_path, size).map_err(|e| e.to_string())?;
+            new_keypairs(runner, &kd, &vd, &label)
+        })
+        .await?;
+        timings.disk_ms = ms(t);
+        let (uid, gid) = owner_of(&source, self.s.default_owner);
+        if uid == 0 {
+            notes.push(format!(
+                "{} belongs to root; files the VM creates there will belong to uid {}",
+                source.display(),
+                self.s.default_owner.0
+            ));
+        }
+        let record = VmRecord {
+            project: name.to_owned(),
+            backend: self.vmm.kind(),
+            image: image.id.clone(),
+            stack: stack.clone(),
+            source: source.clone(),
+            slot,
+            uid: if uid == 0 {
+                self.s.default_owner.0
+            } else {
+                uid
+            },
+            gid: if uid == 0 {
+                self.s.default_owner.1
+            } else {
+                gid
+            },
+            app_port: req.app_port,
+            machine: m,
+        };
+        // Slots are per data directory but addresses per host: another
+        // Kennel may have bound ours since we checked. Take another slot.
+        let mut record = record;
+        let mut taken: Vec<u32> = Vec::new();
+        let status = loop {
+            self.save(&record)?;
+            match self
+                .boot(&record, &req.authorized_keys, progress, &mut timings)
+                .await
+            {
+                Err(BootError::AddressInUse(_)) if taken.len() < 5 => {
+                    tracing::warn!(
+                        vm = name,
+                        slot = record.slot,
+                        "the VM's address was taken meanwhile; taking another slot"
+                    );
+                    taken.push(record.slot);
+                    let slot = self.allocate_slot(name, req.app_port, &taken).await?;
+                    record.slot = slot;
+                    record.machine.net = net::attach(&self.s.network, slot, req.app_port);
+                }
+                other => break other?,
+            }
+        };
+        if let Some(cmd) = template.as_ref().and_then(|t| t.file.post_create.clone()) {
+            step(
+                progress,
+                Stage::Ready,
+                Some("running the template's post-create command".into()),
+            );
+            let out = self
+                .ssh_exec(&record, &format!("cd /workspace && {cmd}"))
+                .await;
+            notes.push(match out {
+                Ok(_) => format!("post-create ran: {cmd}"),
+                Err(e) => format!("post-create failed ({cmd}): {e}"),
+            });
+        }
+        Ok(Created {
+            stack,
+            source_path: source.display().to_string(),
+            notes,
+            status,
+        })
+    }
+
+    /// Clones, creates or adopts the source, reporting clone progress.
+    pub(super) async fn prepare_source(
+        &self,
+        req: &CreateRequest,
+        template: Option<&crate::templates::Template>,
+        source: &Path,
+        progress: &dyn ProgressSink,
+    ) -> Result<String, ProvisionError> {
+        let path = source.to_owned();
+        let git = req.git.clone();
+        let token = req.git_token.clone();
+        let key = self.deploy_key_path(req.owner.as_str());
+        let key = key.exists().then_some(key);
+        let files = template.map(|t| t.files.clone());
+        let (adopt, owner) = (req.adopt, self.s.default_owner);
+        let (name, email) = (req.author_name.clone(), req.author_email.clone());
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u8, String)>();
+        let root = self.root_for(&path, Stage::Validated)?.root().to_owned();
+        let mut job = tokio::task::spawn_blocking(move || {
+            let plan = crate::source::SourcePlan {
+                root: &root,
+                path: &path,
+                git: git.as_deref(),
+                token: token.as_deref(),
+                deploy_key: key.as_deref(),
+                template_files: files.as_deref(),
+                adopt,
+                author_name: &name,
+                author_email: &email,
+                owner,
+            };
+            crate::source::prepare(&plan, &mut |pct, detail| {
+                let _ = tx.send((pct, detail));
+            })
+        });
+        let stage = if req.git.is_some() {
+            Stage::Cloning
+        } else {
+            Stage::Validated
+        };
+        loop {
+            tokio::select! {
+                Some((pct, detail)) = rx.recv() => progress.report(Progress {
+                    stage: Stage::Cloning,
+                    percent: Some(pct),
+                    detail: Some(detail),
+                }),
+                done = &mut job => {
+                    return done
+                        .map_err(|e| failed(stage, e.to_string()))?
+                        .map(|p| p.summary)
+                        .map_err(|e| failed(stage, e.to_string()));
+                }
+            }
+        }
+    }
+}
