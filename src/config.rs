@@ -98,6 +98,14 @@ pub struct HttpsConfig {
     pub domain: String,
     /// Port in the URLs Kennel hands out; defaults to the listen port.
     pub public_port: Option<u16>,
+    /// A PEM certificate chain for `domain` and `*.domain` (reloaded when
+    /// it changes). Without `cert` and `key`, Kennel makes a development
+    /// CA in `<data_dir>/tls/dev-ca/` and issues its own certificates.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Load balancers in front of Kennel whose `X-Forwarded-*` headers
+    /// are believed.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 /// Project VMs.
@@ -158,6 +166,9 @@ impl Default for HttpsConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
             domain: "localhost".into(),
             public_port: None,
+            cert: None,
+            key: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -193,6 +204,9 @@ impl Config {
         self.admin_identities()?;
         if self.https.domain.is_empty() || self.https.domain.contains(['/', ' ', ':']) {
             bail!("https.domain {:?} is not a domain name", self.https.domain);
+        }
+        if self.https.cert.is_some() != self.https.key.is_some() {
+            bail!("https.cert and https.key go together: set both (certificate files) or neither (a development CA)");
         }
         if let Some(problem) = self.matrix.problem() {
             bail!("{problem}");

@@ -8,9 +8,6 @@ use crate::config::Config;
 use crate::datadir::DataDir;
 use crate::{console, wiring};
 
-/// Parts of Kennel that `serve` would start but that are not built yet.
-const NOT_BUILT: &[&str] = &["HTTPS gateway"];
-
 /// How often running projects' VMMs are checked for having died.
 const VM_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -26,9 +23,6 @@ pub async fn run(config: &Config) -> Result<()> {
             tracing::info!(backend = %p.describe(), "provisioner ready");
         }
         None => tracing::warn!("VMs are not available on this host; see `kennel doctor`"),
-    }
-    for part in NOT_BUILT {
-        tracing::warn!(part, "not built yet; not started");
     }
     // The SSH gateway.
     let key = wiring::ssh_host_key(config)?;
@@ -50,6 +44,30 @@ pub async fn run(config: &Config) -> Result<()> {
         let _ = ssh_stopped.await;
     }));
     tracing::info!(addr = %ssh_addr, "SSH gateway listening");
+    // The HTTPS gateway.
+    let tls = kennel_gateway::https::tls::server_config(&wiring::tls_source(config, &dir))
+        .map_err(|e| anyhow::anyhow!("cannot set up HTTPS: {e}"))?;
+    let https_listener = tokio::net::TcpListener::bind(config.https.listen)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen for HTTPS on {}: {e}; set https.listen to a free address",
+                config.https.listen
+            )
+        })?;
+    let https_addr = https_listener.local_addr()?;
+    let https = kennel_gateway::https::HttpsGateway::new(
+        &exec,
+        kennel_gateway::https::HttpsSettings {
+            trusted_proxies: config.https.trusted_proxies.clone(),
+            ..Default::default()
+        },
+    );
+    let (stop_https, https_stopped) = tokio::sync::oneshot::channel::<()>();
+    let https_task = tokio::spawn(https.run(https_listener, tls, async move {
+        let _ = https_stopped.await;
+    }));
+    tracing::info!(addr = %https_addr, domain = %config.https.domain, "HTTPS gateway listening");
     // VMs that die under a running project (a killed VMM, a guest panic)
     // are noticed within a few seconds and shown stopped, saying why.
     let (stop_watch, watch_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -67,10 +85,10 @@ pub async fn run(config: &Config) -> Result<()> {
     let bots = crate::bots::start(config, &exec, dir.root(), &bots_stopped);
     let socket = dir.control_socket();
     eprintln!(
-        "kennel serve: data in {}, control socket {}; not built yet: {}",
+        "kennel serve: data in {}, control socket {}, SSH on {ssh_addr}, HTTPS on {https_addr} (https://{})",
         dir.root().display(),
         socket.display(),
-        NOT_BUILT.join(", ")
+        config.https.domain
     );
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -80,6 +98,8 @@ pub async fn run(config: &Config) -> Result<()> {
         _ = int.recv() => { tracing::info!("SIGINT: shutting down"); Ok(()) }
     };
     let _ = stop_ssh.send(());
+    let _ = stop_https.send(());
+    let _ = https_task.await;
     let _ = stop_bots.send(true);
     let _ = stop_watch.send(());
     let _ = watch_task.await;

@@ -122,3 +122,19 @@ pub async fn reconcile(exec: &Executor, local: &LocalProvisioner) -> Result<()> 
     }
     Ok(())
 }
+
+/// Where the HTTPS gateway's certificate comes from: the configured files,
+/// or the development CA in the data dir.
+pub fn tls_source(config: &Config, dir: &DataDir) -> kennel_gateway::https::tls::TlsSource {
+    use kennel_gateway::https::tls::TlsSource;
+    match (&config.https.cert, &config.https.key) {
+        (Some(cert), Some(key)) => TlsSource::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        _ => TlsSource::DevCa {
+            dir: dir.root().join("tls/dev-ca"),
+            domain: config.https.domain.clone(),
+        },
+    }
+}

@@ -548,7 +548,7 @@ impl Handler {
         if !dm
             && matches!(
                 invocation.command,
-                Command::RequestAccess { .. } | Command::Ssh { .. }
+                Command::RequestAccess { .. } | Command::Ssh { .. } | Command::Login
             )
         {
             let _ = msg

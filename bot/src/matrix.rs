@@ -538,12 +538,16 @@ impl MatrixBot {
                 return;
             }
         };
-        if let Command::RequestAccess { .. } = invocation.command {
+        if let Command::RequestAccess { .. } | Command::Login = invocation.command {
             if !dm {
+                // A login link signs in whoever opens it: never in a room.
                 self.reply_text(
                     &room,
                     &ev,
-                    "Please send request-access to me in a direct message: start a chat with me and paste it there.",
+                    &format!(
+                        "Please send {} to me in a direct message: start a chat with me and send it there.",
+                        invocation.command.name()
+                    ),
                 )
                 .await;
                 return;

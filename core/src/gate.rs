@@ -101,12 +101,13 @@ impl Gate {
         }))
     }
 
-    /// Records that `user` entered `project` (`action`: "ssh login").
+    /// Records that `user` entered `target` (a project, a web host;
+    /// `action`: "ssh login", "web login").
     pub async fn record_login(
         &self,
         identity: &Identity,
         user: &User,
-        project: &ProjectName,
+        target: &str,
         action: &'static str,
     ) {
         self.exec
@@ -114,7 +115,7 @@ impl Gate {
                 identity,
                 Some(user),
                 action,
-                Some(project.to_string()),
+                Some(target.to_owned()),
                 AuditOutcome::Ok,
                 None,
             )
@@ -124,5 +125,14 @@ impl Gate {
     /// The settings in force (addresses shown to people).
     pub fn settings(&self) -> &crate::Settings {
         self.exec.settings()
+    }
+
+    /// `https://DOMAIN[:PORT]`, Kennel's own host.
+    pub fn kennel_url(&self) -> String {
+        self.exec.kennel_url()
+    }
+
+    pub(crate) fn store(&self) -> &crate::store::Store {
+        &self.exec.store
     }
 }

@@ -27,6 +27,7 @@ pub mod store;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod vmstate;
+pub mod web;
 
 pub use command::{parse, Command, Invocation, ParseError};
 pub use executor::{Event, Executor, Settings};

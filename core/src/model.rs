@@ -279,6 +279,15 @@ pub struct AuditEvent {
     pub detail: Option<String>,
 }
 
+/// A signed-in browser, as `sessions` shows it (never its token).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WebSession {
+    pub host: String,
+    pub created_at: Timestamp,
+    pub last_seen_at: Timestamp,
+    pub expires_at: Timestamp,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,7 +32,7 @@ pub const USER_NAME_MAX: usize = 32;
 /// Why a name was refused. Each message states the rule.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
-    #[error("project name {0:?} is not valid: use 1 to 40 characters a-z, 0-9 and '-', starting with a letter and not ending with '-'")]
+    #[error("project name {0:?} is not valid: use 1 to 40 characters a-z, 0-9 and '-', starting with a letter, not ending with '-' and without '--' (the web gateway uses NAME--PORT for a project's other ports)")]
     BadProjectName(String),
     #[error("project name {0:?} is reserved; pick another (reserved: kennel, admin, www, api, root, ssh, git, mail, localhost, help)")]
     ReservedProjectName(String),
@@ -58,7 +58,7 @@ pub struct ProjectName(String);
 impl ProjectName {
     /// Validates `s` as a project name.
     pub fn new(s: &str) -> Result<Self, NameError> {
-        if !is_dns_label(s, PROJECT_NAME_MAX) {
+        if !is_dns_label(s, PROJECT_NAME_MAX) || s.contains("--") {
             return Err(NameError::BadProjectName(crate::redact::excerpt(s)));
         }
         if RESERVED_PROJECT_NAMES.contains(&s) {
@@ -170,6 +170,7 @@ mod tests {
             "app-",
             "My",
             "my_app",
+            "my--app",
             "my.app",
             "ünï",
             &"a".repeat(41),

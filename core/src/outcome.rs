@@ -127,6 +127,17 @@ pub enum Reply {
     DeployKey {
         public_key: String,
     },
+    /// A one-time sign-in link: a secret, for the asker's eyes only.
+    LoginLink {
+        url: String,
+        minutes: i64,
+    },
+    LoggedOut {
+        sessions: usize,
+    },
+    Sessions {
+        sessions: Vec<crate::model::WebSession>,
+    },
     Keys {
         user: String,
         keys: Vec<SshKeyRecord>,

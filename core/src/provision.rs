@@ -314,6 +314,8 @@ pub mod testing {
         pub start_delay: Mutex<std::time::Duration>,
         /// A pause after each progress step of a create (to watch progress).
         pub stage_delay: Mutex<std::time::Duration>,
+        /// The app address running VMs report (default 127.0.0.1:10080).
+        pub app_addr: Mutex<Option<String>>,
         /// Where `vm_keys` says each project's keys are
         /// (`<dir>/<project>/id_ed25519`); none when unset.
         pub keys_dir: Mutex<Option<std::path::PathBuf>>,
@@ -368,7 +370,13 @@ pub mod testing {
                 state,
                 ready: state == VmState::Running,
                 ssh_addr: (state == VmState::Running).then(|| "127.0.0.1:10022".to_owned()),
-                app_addr: (state == VmState::Running).then(|| "127.0.0.1:10080".to_owned()),
+                app_addr: (state == VmState::Running).then(|| {
+                    self.app_addr
+                        .lock()
+                        .ok()
+                        .and_then(|a| a.clone())
+                        .unwrap_or_else(|| "127.0.0.1:10080".to_owned())
+                }),
                 backend: "fake".into(),
             }
         }

@@ -439,6 +439,37 @@ pub fn document(r: &Reply) -> Vec<Block> {
             "You have no secrets. 'secret set git-token <token>' stores a token for https:// clones.",
         )],
         Reply::Secrets { names } => vec![text(format!("Your secrets: {}", names.join(", ")))],
+        Reply::LoginLink { url, minutes } => vec![
+            text(format!(
+                "Open this link within {minutes} minutes to sign your browser in (it works once; do not share it):"
+            )),
+            Block::Code(url.clone()),
+        ],
+        Reply::LoggedOut { sessions: 0 } => vec![text("You were not signed in anywhere.")],
+        Reply::LoggedOut { sessions } => {
+            vec![text(format!("Signed out {sessions} browser session(s)."))]
+        }
+        Reply::Sessions { sessions } if sessions.is_empty() => vec![para(vec![
+            t("No browser is signed in. Sign one in with "),
+            code("login"),
+            t("."),
+        ])],
+        Reply::Sessions { sessions } => vec![Block::Table {
+            head: ["host", "signed in", "last seen", "expires"]
+                .map(String::from)
+                .to_vec(),
+            rows: sessions
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.host.clone(),
+                        format_time(s.created_at),
+                        format_time(s.last_seen_at),
+                        format_time(s.expires_at),
+                    ]
+                })
+                .collect(),
+        }],
         Reply::DeployKey { public_key } => vec![text(format!(
             "Your deploy key for ssh:// and git@host: clones (add it to your git host as a read-only deploy key):\n{public_key}"
         ))],

@@ -1,11 +1,12 @@
 //! Kennel's gateways: the SSH gateway (russh), where `ssh myapp@host` lands
-//! in a project's VM and `ssh host` speaks the command language, and (in
-//! its own issue) the HTTPS gateway.
+//! in a project's VM and `ssh host` speaks the command language, and the
+//! HTTPS gateway (hyper + rustls), where `https://myapp.DOMAIN` reaches the
+//! app in the VM and `https://DOMAIN` is Kennel's own host.
 //!
-//! The gateways read routes and keys from `kennel_core`'s store and run
-//! commands through its executor; access decisions are core's policy. They
-//! never call the provisioner except, through the executor, to start a
-//! stopped VM someone is entering.
+//! Both talk to core through `kennel_core::Gate` (keys, sessions, the one
+//! entry decision, routes, waking a stopped VM through the VM state
+//! service) and run commands through core's front door.
 
+pub mod https;
 pub mod ssh;
 pub use russh::keys::PrivateKey as HostKey;

@@ -138,6 +138,12 @@ pub enum Command {
     /// Shows the public half of the caller's deploy key for ssh:// clones,
     /// making one on first use.
     DeployKey,
+    /// A one-time link that signs a browser in.
+    Login,
+    /// Signs every browser of the caller out.
+    Logout,
+    /// Lists the caller's signed-in browsers.
+    Sessions,
 }
 
 impl Command {
@@ -189,7 +195,10 @@ impl Command {
             | SecretSet { .. }
             | SecretRm { .. }
             | Secrets
-            | DeployKey => None,
+            | DeployKey
+            | Login
+            | Logout
+            | Sessions => None,
         }
     }
 }

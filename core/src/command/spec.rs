@@ -558,6 +558,30 @@ pub static SPECS: &[CommandSpec] = &[
         summary: "Show your deploy key for ssh:// git clones (add it to your git host)",
         build: |_| Ok(Command::DeployKey),
     },
+    CommandSpec {
+        name: "login",
+        aliases: &[],
+        args: &[],
+        flags: &[],
+        summary: "Get a one-time link that signs your browser in to private apps and the dashboard",
+        build: |_| Ok(Command::Login),
+    },
+    CommandSpec {
+        name: "logout",
+        aliases: &[],
+        args: &[],
+        flags: &[],
+        summary: "Sign all your browsers out",
+        build: |_| Ok(Command::Logout),
+    },
+    CommandSpec {
+        name: "sessions",
+        aliases: &[],
+        args: &[],
+        flags: &[],
+        summary: "List the browsers you are signed in with",
+        build: |_| Ok(Command::Sessions),
+    },
 ];
 
 fn secret_value(v: &str) -> Result<String, String> {
@@ -933,6 +957,9 @@ pub(super) fn spec_for(c: &Command) -> &'static CommandSpec {
         Command::SecretRm { .. } => "secret rm",
         Command::Secrets => "secrets",
         Command::DeployKey => "deploy-key",
+        Command::Login => "login",
+        Command::Logout => "logout",
+        Command::Sessions => "sessions",
     };
     // Every name above is in SPECS (the unit test `every_command_has_a_spec`
     // checks it), and SPECS is a non-empty constant.
@@ -958,7 +985,10 @@ pub(super) fn write_canonical(c: &Command, f: &mut fmt::Formatter<'_>) -> fmt::R
         | Command::Templates
         | Command::Yes
         | Command::Secrets
-        | Command::DeployKey => {}
+        | Command::DeployKey
+        | Command::Login
+        | Command::Logout
+        | Command::Sessions => {}
         Command::Cp { name, new_name } | Command::Rename { name, new_name } => {
             arg(name.as_str())?;
             arg(new_name.as_str())?;

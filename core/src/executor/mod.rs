@@ -463,6 +463,9 @@ impl Executor {
             Command::SecretRm { name } => self.secret_rm(&call, &name).await,
             Command::Secrets => self.secrets(&call).await,
             Command::DeployKey => self.deploy_key(&call).await,
+            Command::Login => self.login(&call).await,
+            Command::Logout => self.logout(&call).await,
+            Command::Sessions => self.sessions(&call).await,
             Command::Stacks => Ok(Reply::Stacks {
                 stacks: self.catalog.stacks(),
             }),
@@ -626,5 +629,6 @@ fn audited(cmd: &Command) -> bool {
             | Command::Templates
             | Command::Yes
             | Command::Secrets
+            | Command::Sessions
     )
 }

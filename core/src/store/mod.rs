@@ -29,6 +29,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (3, include_str!("migrations/0003_confirmations_secrets.sql")),
     (4, include_str!("migrations/0004_routes.sql")),
     (5, include_str!("migrations/0005_state_note.sql")),
+    (6, include_str!("migrations/0006_web_sessions.sql")),
 ];
 
 /// How long a writer waits for another to finish before giving up.

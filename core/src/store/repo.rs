@@ -1035,6 +1035,132 @@ pub fn recent_audit(conn: &Connection, limit: u32) -> Result<Vec<AuditEvent>, St
     .collect()
 }
 
+/// Stores a one-time web secret (`kind`: login or handoff) by its hash.
+pub fn add_web_link(
+    conn: &Connection,
+    token_hash: &str,
+    kind: &str,
+    user: UserId,
+    host: &str,
+    expires_at: i64,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO web_links (token_hash, kind, user_id, host, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![token_hash, kind, user, host, now(), expires_at],
+    )?;
+    Ok(())
+}
+
+/// The user of a live (unused, unexpired) web secret for `host`, marking
+/// it used when `consume`.
+pub fn web_link_user(
+    conn: &Connection,
+    token_hash: &str,
+    kind: &str,
+    host: &str,
+    consume: bool,
+) -> Result<Option<User>, StoreError> {
+    let uid: Option<UserId> = conn
+        .query_row(
+            "SELECT user_id FROM web_links WHERE token_hash = ?1 AND kind = ?2 AND host = ?3
+             AND used_at IS NULL AND expires_at > ?4",
+            params![token_hash, kind, host, now()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(uid) = uid else {
+        return Ok(None);
+    };
+    if consume {
+        let n = conn.execute(
+            "UPDATE web_links SET used_at = ?2 WHERE token_hash = ?1 AND used_at IS NULL",
+            params![token_hash, now()],
+        )?;
+        if n == 0 {
+            return Ok(None);
+        }
+    }
+    user_by_id(conn, uid)
+}
+
+/// Starts a web session for `user` on `host`.
+pub fn add_web_session(
+    conn: &Connection,
+    token_hash: &str,
+    user: UserId,
+    host: &str,
+    expires_at: i64,
+) -> Result<(), StoreError> {
+    let t = now();
+    conn.execute(
+        "INSERT INTO web_sessions (token_hash, user_id, host, created_at, expires_at, last_seen_at) VALUES (?1, ?2, ?3, ?4, ?5, ?4)",
+        params![token_hash, user, host, t, expires_at],
+    )?;
+    Ok(())
+}
+
+/// The user of a live session cookie on `host`.
+pub fn web_session_user(
+    conn: &Connection,
+    token_hash: &str,
+    host: &str,
+) -> Result<Option<User>, StoreError> {
+    let uid: Option<UserId> = conn
+        .query_row(
+            "SELECT user_id FROM web_sessions WHERE token_hash = ?1 AND host = ?2
+             AND revoked_at IS NULL AND expires_at > ?3",
+            params![token_hash, host, now()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match uid {
+        Some(uid) => {
+            conn.execute(
+                "UPDATE web_sessions SET last_seen_at = ?2 WHERE token_hash = ?1",
+                params![token_hash, now()],
+            )?;
+            user_by_id(conn, uid)
+        }
+        None => Ok(None),
+    }
+}
+
+/// Ends one session (web sign-out).
+pub fn revoke_web_session(conn: &Connection, token_hash: &str) -> Result<bool, StoreError> {
+    Ok(conn.execute(
+        "UPDATE web_sessions SET revoked_at = ?2 WHERE token_hash = ?1 AND revoked_at IS NULL",
+        params![token_hash, now()],
+    )? > 0)
+}
+
+/// Ends every session of a user (`logout`); returns how many.
+pub fn revoke_web_sessions_of(conn: &Connection, user: UserId) -> Result<usize, StoreError> {
+    Ok(conn.execute(
+        "UPDATE web_sessions SET revoked_at = ?2 WHERE user_id = ?1 AND revoked_at IS NULL AND expires_at > ?2",
+        params![user, now()],
+    )?)
+}
+
+/// A user's live sessions: (host, created, last seen, expires).
+pub fn web_sessions_of(
+    conn: &Connection,
+    user: UserId,
+) -> Result<Vec<crate::model::WebSession>, StoreError> {
+    let mut st = conn.prepare(
+        "SELECT host, created_at, last_seen_at, expires_at FROM web_sessions
+         WHERE user_id = ?1 AND revoked_at IS NULL AND expires_at > ?2 ORDER BY last_seen_at DESC",
+    )?;
+    let rows = st.query_map(params![user, now()], |r| {
+        Ok(crate::model::WebSession {
+            host: r.get(0)?,
+            created_at: r.get(1)?,
+            last_seen_at: r.get(2)?,
+            expires_at: r.get(3)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -108,7 +108,7 @@ impl russh::server::Handler for Conn {
         {
             self.shared
                 .gate
-                .record_login(identity, user, p, "ssh login")
+                .record_login(identity, user, p.as_str(), "ssh login")
                 .await;
         }
         Ok(())

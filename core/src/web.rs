@@ -1,0 +1,193 @@
+//! Web sign-in: one-time login links (from the `login` command), one-time
+//! hand-over codes (from Kennel's host to a project's host), and session
+//! cookies, one per host. Secrets are 256 random bits, shown once; the
+//! store keeps only their SHA-256, so a copy of the database signs nobody
+//! in.
+
+use sha2::{Digest, Sha256};
+
+use crate::executor::{Call, Executor};
+use crate::gate::Gate;
+use crate::model::User;
+use crate::outcome::{Outcome, Reply};
+use crate::store::repo;
+use crate::store::StoreError;
+
+/// How long a login link works.
+pub const LOGIN_LINK_SECS: i64 = 600;
+/// How long a hand-over code works (it is used by a redirect at once).
+pub const HANDOFF_SECS: i64 = 60;
+/// How long a web session lasts.
+pub const SESSION_SECS: i64 = 7 * 24 * 3600;
+
+/// A new secret: 32 random bytes as 64 hex digits.
+pub fn new_token() -> String {
+    use rand::RngExt;
+    let bytes: [u8; 32] = rand::rng().random();
+    hex(&bytes)
+}
+
+/// What the store keeps of a secret.
+pub fn token_hash(token: &str) -> String {
+    hex(&Sha256::digest(token.as_bytes()))
+}
+
+fn hex(b: &[u8]) -> String {
+    use std::fmt::Write;
+    b.iter()
+        .fold(String::with_capacity(b.len() * 2), |mut s, x| {
+            let _ = write!(s, "{x:02x}");
+            s
+        })
+}
+
+/// Whether `s` looks like one of Kennel's secrets (checked before any
+/// store lookup, so junk costs nothing).
+pub fn looks_like_token(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+impl Executor {
+    /// `login`: a one-time link to sign a browser in.
+    pub(crate) async fn login(&self, call: &Call<'_>) -> Outcome {
+        let user = call.user()?.clone();
+        let token = new_token();
+        let (hash, host) = (token_hash(&token), self.settings().domain.clone());
+        let expires = crate::model::now() + LOGIN_LINK_SECS;
+        self.store
+            .call(move |c| repo::add_web_link(c, &hash, "login", user.id, &host, expires))
+            .await?;
+        Ok(Reply::LoginLink {
+            url: format!("{}/login/{token}", self.kennel_url()),
+            minutes: LOGIN_LINK_SECS / 60,
+        })
+    }
+
+    /// `logout`: signs every browser of the caller out.
+    pub(crate) async fn logout(&self, call: &Call<'_>) -> Outcome {
+        let uid = call.user()?.id;
+        let ended = self
+            .store
+            .call(move |c| repo::revoke_web_sessions_of(c, uid))
+            .await?;
+        Ok(Reply::LoggedOut { sessions: ended })
+    }
+
+    /// `sessions`: the caller's signed-in browsers.
+    pub(crate) async fn sessions(&self, call: &Call<'_>) -> Outcome {
+        let uid = call.user()?.id;
+        let sessions = self
+            .store
+            .call(move |c| repo::web_sessions_of(c, uid))
+            .await?;
+        Ok(Reply::Sessions { sessions })
+    }
+
+    /// `https://DOMAIN[:PORT]`, Kennel's own host.
+    pub fn kennel_url(&self) -> String {
+        let s = self.settings();
+        match s.https_port {
+            443 => format!("https://{}", s.domain),
+            p => format!("https://{}:{p}", s.domain),
+        }
+    }
+}
+
+/// A new session: the cookie value to set (shown once).
+#[derive(Debug)]
+pub struct NewSession {
+    pub user: User,
+    pub token: String,
+}
+
+impl Gate {
+    /// The user a login link signs in, without using it up (the confirm
+    /// page shows who will be signed in).
+    pub async fn peek_login(&self, token: &str) -> Result<Option<User>, StoreError> {
+        self.link_user(token, "login", &self.settings().domain.clone(), false)
+            .await
+    }
+
+    /// Uses a login link up and starts a session on Kennel's host.
+    pub async fn consume_login(&self, token: &str) -> Result<Option<NewSession>, StoreError> {
+        let host = self.settings().domain.clone();
+        match self.link_user(token, "login", &host, true).await? {
+            Some(user) => self.start_session(user, &host).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// A one-time code that signs `user` in on `host` (a project's host),
+    /// handed over by a redirect.
+    pub async fn mint_handoff(&self, user: &User, host: &str) -> Result<String, StoreError> {
+        let code = new_token();
+        let (hash, uid, h) = (token_hash(&code), user.id, host.to_owned());
+        let expires = crate::model::now() + HANDOFF_SECS;
+        self.store()
+            .call(move |c| repo::add_web_link(c, &hash, "handoff", uid, &h, expires))
+            .await?;
+        Ok(code)
+    }
+
+    /// Uses a hand-over code up on `host` and starts a session there.
+    pub async fn consume_handoff(
+        &self,
+        code: &str,
+        host: &str,
+    ) -> Result<Option<NewSession>, StoreError> {
+        match self.link_user(code, "handoff", host, true).await? {
+            Some(user) => self.start_session(user, host).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The user of a session cookie on `host`.
+    pub async fn session_user(&self, token: &str, host: &str) -> Result<Option<User>, StoreError> {
+        if !looks_like_token(token) {
+            return Ok(None);
+        }
+        let (hash, h) = (token_hash(token), host.to_owned());
+        self.store()
+            .call(move |c| repo::web_session_user(c, &hash, &h))
+            .await
+    }
+
+    /// Ends a session (signing out in the browser).
+    pub async fn end_session(&self, token: &str) -> Result<(), StoreError> {
+        if !looks_like_token(token) {
+            return Ok(());
+        }
+        let hash = token_hash(token);
+        self.store()
+            .call(move |c| repo::revoke_web_session(c, &hash).map(|_| ()))
+            .await
+    }
+
+    async fn link_user(
+        &self,
+        token: &str,
+        kind: &'static str,
+        host: &str,
+        consume: bool,
+    ) -> Result<Option<User>, StoreError> {
+        if !looks_like_token(token) {
+            return Ok(None);
+        }
+        let (hash, h) = (token_hash(token), host.to_owned());
+        self.store()
+            .write(move |tx| repo::web_link_user(tx, &hash, kind, &h, consume))
+            .await
+    }
+
+    async fn start_session(&self, user: User, host: &str) -> Result<NewSession, StoreError> {
+        let token = new_token();
+        let (hash, uid, h) = (token_hash(&token), user.id, host.to_owned());
+        let expires = crate::model::now() + SESSION_SECS;
+        self.store()
+            .call(move |c| repo::add_web_session(c, &hash, uid, &h, expires))
+            .await?;
+        Ok(NewSession { user, token })
+    }
+}

@@ -1,0 +1,517 @@
+//! The HTTPS gateway (hyper + rustls): `https://NAME.DOMAIN` reaches the
+//! app port of a project's VM, `https://DOMAIN` is Kennel's own host.
+//!
+//! Private is the default: an app opens for its owner, users it is shared
+//! with `--web`, and admins; `public NAME` opens it to anyone. The
+//! decision is core's (`Gate::may_enter`). Browsers sign in with a
+//! one-time link from the `login` command (confirmed by a POST, so link
+//! previews cannot use it up); each project host then gets its own
+//! host-only cookie through a one-time code that Kennel's host hands over
+//! by a redirect, so no project can read another's session.
+//!
+//! | file | what |
+//! |---|---|
+//! | `mod.rs` | settings, listener, connections, limits, the request dispatch, the project host |
+//! | `site.rs` | Kennel's host: sign-in, hand-over, sign-out |
+//! | `proxy.rs` | forwarding to the VM: headers, streaming, upgrades |
+//! | `route.rs` | host names to sites; safe redirect targets |
+//! | `tls.rs` | certificate files (reloaded) or a development CA |
+//! | `page.rs` | Kennel's own small pages |
+
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use kennel_core::model::{Frontend, Identity, User};
+use kennel_core::names::ProjectName;
+use kennel_core::policy::Entry;
+use kennel_core::provision::NoProgress;
+use kennel_core::{Actor, Executor, Gate};
+
+mod page;
+mod proxy;
+pub mod route;
+mod site;
+pub mod tls;
+
+use proxy::Forwarded;
+use route::Site;
+
+/// What Kennel's pages and the proxy answer with.
+pub type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+
+/// The session cookie, host-only by its `__Host-` prefix.
+pub const COOKIE: &str = "__Host-kennel";
+
+/// Limits of the gateway.
+#[derive(Debug, Clone)]
+pub struct HttpsSettings {
+    /// Peers whose `X-Forwarded-*` headers are believed (a load balancer
+    /// in front of Kennel); everyone else's are replaced.
+    pub trusted_proxies: Vec<IpAddr>,
+    pub max_connections_per_ip: usize,
+    pub handshake_timeout: Duration,
+    /// Reading a request's headers, and waiting for the next request on
+    /// an idle keep-alive connection.
+    pub header_timeout: Duration,
+    /// How long a script's request for a stopped project waits for it to
+    /// start before 503 (browsers get a page that reloads itself).
+    pub wake_wait: Duration,
+    pub max_header_bytes: usize,
+    pub max_h2_streams: u32,
+}
+
+impl Default for HttpsSettings {
+    fn default() -> Self {
+        Self {
+            trusted_proxies: Vec::new(),
+            max_connections_per_ip: 256,
+            handshake_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(15),
+            wake_wait: Duration::from_secs(60),
+            max_header_bytes: 64 * 1024,
+            max_h2_streams: 128,
+        }
+    }
+}
+
+/// Shared by every connection.
+struct Inner {
+    gate: Gate,
+    s: HttpsSettings,
+    domain: String,
+    https_port: u16,
+    client: Client<HttpConnector, Incoming>,
+    conns: Mutex<HashMap<IpAddr, usize>>,
+    /// Projects being woken by a browser's visit.
+    waking: Arc<Mutex<HashSet<ProjectName>>>,
+}
+
+/// The HTTPS gateway.
+#[derive(Clone)]
+pub struct HttpsGateway {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for HttpsGateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpsGateway")
+            .field("domain", &self.inner.domain)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counts a connection against its address while it lives.
+struct ConnSlot {
+    inner: Arc<Inner>,
+    ip: IpAddr,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.inner.conns.lock() {
+            if let Some(n) = c.get_mut(&self.ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    c.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
+impl HttpsGateway {
+    /// A gateway for `exec`'s projects, on the domain and port of its settings.
+    pub fn new(exec: &Executor, s: HttpsSettings) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(10)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(64)
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .build(http);
+        let settings = exec.settings();
+        Self {
+            inner: Arc::new(Inner {
+                gate: exec.gate(),
+                domain: settings.domain.to_ascii_lowercase(),
+                https_port: settings.https_port,
+                s,
+                client,
+                conns: Mutex::new(HashMap::new()),
+                waking: Arc::default(),
+            }),
+        }
+    }
+
+    /// Serves on `listener` with `tls` until `shutdown` completes.
+    pub async fn run(
+        self,
+        listener: tokio::net::TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        tokio::pin!(shutdown);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait, go on.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let Some(slot) = self.admit(peer.ip()) else {
+                drop(tcp);
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let (inner, acceptor) = (self.inner.clone(), acceptor.clone());
+            tokio::spawn(async move {
+                let _slot = slot;
+                let tls =
+                    match tokio::time::timeout(inner.s.handshake_timeout, acceptor.accept(tcp))
+                        .await
+                    {
+                        Ok(Ok(t)) => t,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                inner.serve(TokioIo::new(tls), peer).await;
+            });
+        }
+    }
+
+    fn admit(&self, ip: IpAddr) -> Option<ConnSlot> {
+        let mut c = self.inner.conns.lock().ok()?;
+        let n = c.entry(ip).or_default();
+        if *n >= self.inner.s.max_connections_per_ip {
+            tracing::warn!(%ip, "too many HTTPS connections from one address; refusing");
+            return None;
+        }
+        *n += 1;
+        Some(ConnSlot {
+            inner: self.inner.clone(),
+            ip,
+        })
+    }
+}
+
+impl Inner {
+    async fn serve<I>(self: Arc<Self>, io: I, peer: SocketAddr)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        b.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.s.header_timeout)
+            .max_buf_size(self.s.max_header_bytes.max(8192))
+            .keep_alive(true);
+        b.http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(self.s.max_h2_streams)
+            .max_header_list_size(u32::try_from(self.s.max_header_bytes).unwrap_or(u32::MAX))
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20));
+        let me = self.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let me = me.clone();
+            async move { Ok::<_, Infallible>(me.handle(req, peer).await) }
+        });
+        if let Err(e) = b.serve_connection_with_upgrades(io, svc).await {
+            tracing::debug!(%peer, error = %e, "HTTPS connection ended with an error");
+        }
+    }
+
+    /// One request: which site, then that site's answer; one access-log
+    /// line each.
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let started = Instant::now();
+        let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+        let host = route::host_of(&req);
+        let site = host
+            .as_deref()
+            .map_or(Site::Unknown, |h| route::classify(h, &self.domain));
+        let project = match &site {
+            Site::Project { name, .. } => name.to_string(),
+            _ => "-".into(),
+        };
+        let span = tracing::info_span!("https", project = %project, peer = %peer.ip(), user = tracing::field::Empty);
+        let resp = tracing::Instrument::instrument(
+            async {
+                match (site, host) {
+                    (Site::Kennel, _) => self.kennel_site(req, peer).await,
+                    (Site::Project { name, port }, Some(host)) => {
+                        self.project_site(req, peer, &host, name, port).await
+                    }
+                    _ => self.not_open(&req, None),
+                }
+            },
+            span.clone(),
+        )
+        .await;
+        let bytes = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_owned();
+        span.in_scope(|| {
+            tracing::info!(
+                %method,
+                path = %kennel_core::redact::excerpt(&path),
+                status = resp.status().as_u16(),
+                bytes = %bytes,
+                ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "request"
+            );
+        });
+        resp
+    }
+
+    /// The session cookie's value, if the request carries one.
+    fn cookie<B>(req: &Request<B>) -> Option<String> {
+        req.headers()
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|c| c.trim().split_once('='))
+            .find(|(k, _)| *k == COOKIE)
+            .map(|(_, v)| v.trim().to_owned())
+    }
+
+    /// Whether a person with a browser asked (else: a script, an API
+    /// client), which decides between pages and redirects or plain codes.
+    fn browser<B>(req: &Request<B>) -> bool {
+        let accept = req
+            .headers()
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        !req.headers().contains_key(header::AUTHORIZATION) && accept.contains("text/html")
+    }
+
+    /// The user a session cookie signs in on `host`.
+    async fn session_user<B>(&self, req: &Request<B>, host: &str) -> Option<User> {
+        let token = Self::cookie(req)?;
+        match self.gate.session_user(&token, host).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read sessions; treating the visitor as signed out");
+                None
+            }
+        }
+    }
+
+    /// The answer for a site the visitor may not open, or that does not
+    /// exist: the same either way, so names cannot be probed.
+    fn not_open<B>(&self, req: &Request<B>, user: Option<&User>) -> Response<Body> {
+        if let Some(u) = user {
+            return page::html(
+                StatusCode::FORBIDDEN,
+                "Not open to you",
+                &format!(
+                    "<p>You are signed in as <b>{}</b>, and this site is not open to you, or does not exist. Its owner can share it with you: <code>share NAME {} --web</code>.</p>",
+                    page::esc(u.name.as_str()),
+                    page::esc(u.name.as_str())
+                ),
+            );
+        }
+        if Self::browser(req) {
+            let host = route::host_of(req).unwrap_or_default();
+            let to = req
+                .uri()
+                .path_and_query()
+                .map_or("/", http::uri::PathAndQuery::as_str);
+            let to = if route::safe_path(to) { to } else { "/" };
+            return page::redirect(
+                StatusCode::FOUND,
+                &format!(
+                    "{}/auth?host={}&to={}",
+                    self.gate.kennel_url(),
+                    pct(&host),
+                    pct(to)
+                ),
+            );
+        }
+        let mut r = page::status(
+            StatusCode::UNAUTHORIZED,
+            "This site is private, or does not exist. Sign in: ask the Kennel bot 'login' (or run 'ssh HOST login') and open the link.",
+        );
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Cookie realm=\"kennel\""),
+        );
+        r
+    }
+
+    /// A project's site: Kennel's reserved paths, the entry decision,
+    /// waking a stopped VM, then the app.
+    async fn project_site(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        host: &str,
+        name: ProjectName,
+        port: Option<u16>,
+    ) -> Response<Body> {
+        if req.uri().path().starts_with("/__kennel/") {
+            return self.project_kennel_path(req, host).await;
+        }
+        let user = self.session_user(&req, host).await;
+        if let Some(u) = &user {
+            tracing::Span::current().record("user", u.name.as_str());
+        }
+        let entry = if port.is_some() {
+            Entry::WebOtherPort
+        } else {
+            Entry::Web
+        };
+        let project = match self.gate.may_enter(user.as_ref(), &name, entry).await {
+            Ok(p) => p,
+            Err(_) => return self.not_open(&req, user.as_ref()),
+        };
+        let reach = match self.reach_or_wake(&req, &project.name, user.as_ref()).await {
+            Ok(r) => r,
+            Err(resp) => return resp,
+        };
+        let addr = match port {
+            None => reach.app_addr,
+            Some(_) => {
+                return page::status(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "Kennel does not reach a VM's other ports over the web yet; use 'ssh -L PORT:localhost:PORT NAME@HOST'.",
+                )
+            }
+        };
+        let fwd = Forwarded {
+            peer: peer.ip(),
+            host: host.to_owned(),
+            user: user.map(|u| (u.name.to_string(), None)),
+        };
+        self.forward(req, &addr, &fwd).await
+    }
+
+    /// Where the app answers; a stopped VM is woken first: browsers get a
+    /// page that reloads itself, scripts wait (bounded), then 503.
+    async fn reach_or_wake<B>(
+        &self,
+        req: &Request<B>,
+        name: &ProjectName,
+        user: Option<&User>,
+    ) -> Result<kennel_core::VmReach, Response<Body>> {
+        match self.gate.reach(name).await {
+            Ok(Some(r)) => return Ok(r),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read routes");
+                return Err(page::status(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Kennel cannot read its database; an operator should check the server log.",
+                ));
+            }
+        }
+        let actor = match user {
+            Some(u) => Actor::User {
+                identity: Identity::new(Frontend::Http, format!("web:{}", u.name)),
+                user: u.clone(),
+            },
+            None => Actor::System {
+                why: "a visitor opened its public web app",
+            },
+        };
+        let starting = |secs: u64| {
+            let mut r = if Self::browser(req) {
+                page::html(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("Starting {name}…"),
+                    &format!(
+                        "<meta http-equiv=\"refresh\" content=\"{secs}\"><p>The VM of <b>{}</b> was stopped and is starting now. This page reloads by itself.</p>",
+                        page::esc(name.as_str())
+                    ),
+                )
+            } else {
+                page::status(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("{name} is starting; try again shortly"),
+                )
+            };
+            if let Ok(v) = http::HeaderValue::from_str(&secs.to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            r
+        };
+        if Self::browser(req) {
+            self.wake_in_background(name, actor);
+            return Err(starting(2));
+        }
+        let woke =
+            tokio::time::timeout(self.s.wake_wait, self.gate.wake(&actor, name, &NoProgress)).await;
+        match woke {
+            Ok(Ok(_)) => match self.gate.reach(name).await {
+                Ok(Some(r)) => Ok(r),
+                _ => Err(starting(5)),
+            },
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not wake the VM");
+                Err(page::status(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("{name} could not be started: {e}"),
+                ))
+            }
+            Err(_) => Err(starting(5)),
+        }
+    }
+
+    fn wake_in_background(&self, name: &ProjectName, actor: Actor) {
+        let fresh = self.waking.lock().is_ok_and(|mut w| w.insert(name.clone()));
+        if !fresh {
+            return;
+        }
+        let (gate, name, waking) = (self.gate.clone(), name.clone(), self.waking.clone());
+        tokio::spawn(async move {
+            if let Err(e) = gate.wake(&actor, &name, &NoProgress).await {
+                tracing::warn!(project = %name, error = %e, "could not wake the VM for a visit");
+            }
+            if let Ok(mut w) = waking.lock() {
+                w.remove(&name);
+            }
+        });
+    }
+}
+
+/// Percent-encodes a query value.
+fn pct(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

@@ -1,0 +1,82 @@
+//! The few pages Kennel itself serves: plain HTML, no scripts, no
+//! outside resources.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+
+use super::Body;
+
+/// Text made safe inside HTML.
+pub fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+pub fn empty() -> Body {
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// A page: `title`, then `body` (HTML, already escaped where needed).
+pub fn html(status: StatusCode, title: &str, body: &str) -> Response<Body> {
+    let doc = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width\"><title>{t}</title><style>body{{font-family:system-ui,sans-serif;max-width:40em;margin:3em auto;padding:0 1em;line-height:1.5}}code{{background:#eee;padding:0 .3em}}button{{font-size:1em;padding:.4em 1em}}</style></head><body><h1>{t}</h1>{body}</body></html>",
+        t = esc(title)
+    );
+    let mut r = Response::new(full(doc));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"),
+    );
+    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    r
+}
+
+/// A short plain-text answer (for scripts, and errors).
+pub fn status(status: StatusCode, text: &str) -> Response<Body> {
+    let mut r = Response::new(full(format!("{text}\n")));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// A redirect to `to` (303 after a POST, 302 otherwise).
+pub fn redirect(code: StatusCode, to: &str) -> Response<Body> {
+    let mut r = Response::new(empty());
+    *r.status_mut() = code;
+    if let Ok(v) = HeaderValue::from_str(to) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}

@@ -1,0 +1,272 @@
+//! Kennel's own host (`https://DOMAIN`): the sign-in confirm page, the
+//! hand-over of a session to a project's host, sign-out. (The dashboard
+//! and API come later.) And the `/__kennel/` paths Kennel keeps on every
+//! project host.
+
+use std::net::SocketAddr;
+
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use kennel_core::model::{Frontend, Identity};
+use kennel_core::policy::Entry;
+
+use super::route::{self, Site};
+use super::{page, Body, Inner, COOKIE};
+
+/// A query parameter, percent-decoded.
+fn query<B>(req: &Request<B>, key: &str) -> Option<String> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == key).then(|| decode(v))
+    })
+}
+
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        match c {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = b
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok());
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn session_cookie(token: &str) -> Option<HeaderValue> {
+    HeaderValue::from_str(&format!(
+        "{COOKIE}={token}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age={}",
+        kennel_core::web::SESSION_SECS
+    ))
+    .ok()
+}
+
+fn clear_cookie() -> HeaderValue {
+    HeaderValue::from_static("__Host-kennel=; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=0")
+}
+
+const SIGN_IN_HOW: &str = "<p>To sign in, ask the Kennel bot <code>login</code> in a direct message (or run <code>ssh HOST login</code>) and open the link it gives you. Then come back here.</p>";
+
+impl Inner {
+    pub(super) async fn kennel_site(
+        &self,
+        req: Request<Incoming>,
+        _peer: SocketAddr,
+    ) -> Response<Body> {
+        let path = req.uri().path().to_owned();
+        let host = self.domain.clone();
+        match (req.method().clone(), path.as_str()) {
+            (Method::GET, "/healthz") => page::status(StatusCode::OK, "ok"),
+            (Method::GET, "/") => match self.session_user(&req, &host).await {
+                Some(u) => page::html(
+                    StatusCode::OK,
+                    "Kennel",
+                    &format!(
+                        "<p>You are signed in as <b>{}</b>. Open a project's app at <code>https://NAME.{}</code>.</p><form method=\"post\" action=\"/logout\"><button>Sign out</button></form>",
+                        page::esc(u.name.as_str()),
+                        page::esc(&self.domain)
+                    ),
+                ),
+                None => page::html(StatusCode::OK, "Kennel", SIGN_IN_HOW),
+            },
+            (Method::GET, p) if p.starts_with("/login/") => {
+                let token = p.trim_start_matches("/login/");
+                match self.gate.peek_login(token).await {
+                    Ok(Some(u)) => page::html(
+                        StatusCode::OK,
+                        "Sign in to Kennel",
+                        &format!(
+                            "<p>Sign this browser in as <b>{}</b>?</p><form method=\"post\"><button>Sign in</button></form><p>If you did not ask for this link, close this page.</p>",
+                            page::esc(u.name.as_str())
+                        ),
+                    ),
+                    _ => used_up(),
+                }
+            }
+            (Method::POST, p) if p.starts_with("/login/") => {
+                if !self.same_origin(&req) {
+                    return page::status(StatusCode::FORBIDDEN, "That form came from another site.");
+                }
+                let token = p.trim_start_matches("/login/");
+                match self.gate.consume_login(token).await {
+                    Ok(Some(s)) => {
+                        self.gate
+                            .record_login(&web_identity(&s.user), &s.user, &host, "web login")
+                            .await;
+                        let mut r = page::redirect(StatusCode::SEE_OTHER, "/");
+                        if let Some(c) = session_cookie(&s.token) {
+                            r.headers_mut().insert(header::SET_COOKIE, c);
+                        }
+                        r
+                    }
+                    Ok(None) => used_up(),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot sign in");
+                        page::status(StatusCode::SERVICE_UNAVAILABLE, "Kennel cannot sign you in right now.")
+                    }
+                }
+            }
+            (Method::GET, "/auth") => self.hand_over(&req).await,
+            (Method::POST, "/logout") => {
+                if !self.same_origin(&req) {
+                    return page::status(StatusCode::FORBIDDEN, "That form came from another site.");
+                }
+                self.sign_out(&req, "/").await
+            }
+            _ => page::status(StatusCode::NOT_FOUND, "Not found."),
+        }
+    }
+
+    /// `GET /auth?host=H&to=P`: a signed-in visitor may enter H's project,
+    /// so H gets a one-time code by redirect; otherwise the same page
+    /// whether H exists or not.
+    async fn hand_over(&self, req: &Request<Incoming>) -> Response<Body> {
+        let to = query(req, "to")
+            .filter(|t| route::safe_path(t))
+            .unwrap_or_else(|| "/".into());
+        let target = query(req, "host").unwrap_or_default().to_ascii_lowercase();
+        let Some(user) = self.session_user(req, &self.domain.clone()).await else {
+            return page::html(
+                StatusCode::UNAUTHORIZED,
+                "Sign in to open this site",
+                SIGN_IN_HOW,
+            );
+        };
+        let (name, entry) = match route::classify(&target, &self.domain) {
+            Site::Project { name, port: None } => (name, Entry::Web),
+            Site::Project {
+                name,
+                port: Some(_),
+            } => (name, Entry::WebOtherPort),
+            _ => return self.not_open(req, Some(&user)),
+        };
+        if self
+            .gate
+            .may_enter(Some(&user), &name, entry)
+            .await
+            .is_err()
+        {
+            return self.not_open(req, Some(&user));
+        }
+        match self.gate.mint_handoff(&user, &target).await {
+            Ok(code) => {
+                let port = match self.https_port {
+                    443 => String::new(),
+                    p => format!(":{p}"),
+                };
+                page::redirect(
+                    StatusCode::FOUND,
+                    &format!(
+                        "https://{target}{port}/__kennel/handoff?code={code}&to={}",
+                        super::pct(&to)
+                    ),
+                )
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot hand a session over");
+                page::status(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Kennel cannot sign you in right now.",
+                )
+            }
+        }
+    }
+
+    /// `/__kennel/...` on a project host: never the app's.
+    pub(super) async fn project_kennel_path(
+        &self,
+        req: Request<Incoming>,
+        host: &str,
+    ) -> Response<Body> {
+        match (req.method().clone(), req.uri().path()) {
+            (Method::GET, "/__kennel/handoff") => {
+                let to = query(&req, "to")
+                    .filter(|t| route::safe_path(t))
+                    .unwrap_or_else(|| "/".into());
+                let code = query(&req, "code").unwrap_or_default();
+                match self.gate.consume_handoff(&code, host).await {
+                    Ok(Some(s)) => {
+                        self.gate
+                            .record_login(&web_identity(&s.user), &s.user, host, "web login")
+                            .await;
+                        let mut r = page::redirect(StatusCode::FOUND, &to);
+                        if let Some(c) = session_cookie(&s.token) {
+                            r.headers_mut().insert(header::SET_COOKIE, c);
+                        }
+                        r
+                    }
+                    _ => page::html(
+                        StatusCode::BAD_REQUEST,
+                        "This sign-in link is used up",
+                        "<p>Go back to the page you wanted and reload it.</p>",
+                    ),
+                }
+            }
+            (Method::POST, "/__kennel/logout") => {
+                if !self.same_origin(&req) {
+                    return page::status(
+                        StatusCode::FORBIDDEN,
+                        "That form came from another site.",
+                    );
+                }
+                self.sign_out(&req, "/").await
+            }
+            _ => page::status(StatusCode::NOT_FOUND, "Not found."),
+        }
+    }
+
+    async fn sign_out(&self, req: &Request<Incoming>, to: &str) -> Response<Body> {
+        if let Some(token) = Self::cookie(req) {
+            if let Err(e) = self.gate.end_session(&token).await {
+                tracing::error!(error = %e, "cannot end a session");
+            }
+        }
+        let mut r = page::redirect(StatusCode::SEE_OTHER, to);
+        r.headers_mut().insert(header::SET_COOKIE, clear_cookie());
+        r
+    }
+
+    /// Whether a form post came from the page's own origin (`Origin`, when
+    /// the browser sends it, must name this host).
+    fn same_origin<B>(&self, req: &Request<B>) -> bool {
+        let Some(origin) = req
+            .headers()
+            .get(header::ORIGIN)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return true;
+        };
+        let host = route::host_of(req).unwrap_or_default();
+        let port = match self.https_port {
+            443 => String::new(),
+            p => format!(":{p}"),
+        };
+        origin == format!("https://{host}{port}")
+    }
+}
+
+fn used_up() -> Response<Body> {
+    page::html(
+        StatusCode::GONE,
+        "This link no longer works",
+        "<p>Sign-in links work once, for a few minutes. Ask for a new one with <code>login</code>.</p>",
+    )
+}
+
+fn web_identity(user: &kennel_core::User) -> Identity {
+    Identity::new(Frontend::Http, format!("web:{}", user.name))
+}

@@ -1,0 +1,621 @@
+//! The HTTPS gateway in-process on 127.0.0.1:0 with its development CA,
+//! driven by the real `curl` (HTTP/1.1 and HTTP/2, `--resolve`,
+//! `--cacert`) and a real WebSocket client, in front of a small HTTP
+//! backend on the host standing in for a project's app. (A real guest's
+//! app behind the gateway is tested in the root crate's tests.)
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Output;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use kennel_core::keys::testing::ed25519;
+use kennel_core::model::{Frontend, Identity};
+use kennel_core::store::repo;
+use kennel_core::testing::World;
+use kennel_core::{Reply, Settings};
+use kennel_gateway::https::{tls, HttpsGateway, HttpsSettings};
+use kennel_testkit::require;
+
+const DOMAIN: &str = "kennel.test";
+/// A `curl` argument of these tests: without the cookie jar.
+const ANON: &str = "--anonymous";
+
+/// The stand-in app: echoes what it was sent as JSON; `/ws` is a
+/// WebSocket echo.
+async fn backend() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |mut req: http::Request<hyper::body::Incoming>| async move {
+                        if req.uri().path() == "/ws" {
+                            let key = req.headers().get("sec-websocket-key").cloned().unwrap();
+                            let accept =
+                                tokio_tungstenite::tungstenite::handshake::derive_accept_key(
+                                    key.as_bytes(),
+                                );
+                            let up = hyper::upgrade::on(&mut req);
+                            tokio::spawn(async move {
+                                use futures_util::{SinkExt, StreamExt};
+                                let io = hyper_util::rt::TokioIo::new(up.await.unwrap());
+                                let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                                    io,
+                                    tokio_tungstenite::tungstenite::protocol::Role::Server,
+                                    None,
+                                )
+                                .await;
+                                while let Some(Ok(m)) = ws.next().await {
+                                    if m.is_text() {
+                                        let _ = ws.send(m).await;
+                                    }
+                                }
+                            });
+                            return Ok::<_, Infallible>(
+                                http::Response::builder()
+                                    .status(101)
+                                    .header("connection", "upgrade")
+                                    .header("upgrade", "websocket")
+                                    .header("sec-websocket-accept", accept)
+                                    .body(Full::new(Bytes::new()))
+                                    .unwrap(),
+                            );
+                        }
+                        let mut seen = serde_json::Map::new();
+                        for (k, v) in req.headers() {
+                            seen.insert(
+                                k.as_str().to_owned(),
+                                serde_json::Value::String(v.to_str().unwrap_or("").to_owned()),
+                            );
+                        }
+                        seen.insert("path".into(), req.uri().to_string().into());
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        seen.insert(
+                            "body".into(),
+                            String::from_utf8_lossy(&body).into_owned().into(),
+                        );
+                        Ok(http::Response::builder()
+                            .header("content-type", "application/json")
+                            .header("set-cookie", "__Host-kennel=stolen; Path=/; Secure")
+                            .header("set-cookie", "app=1; Path=/")
+                            .body(Full::new(Bytes::from(
+                                serde_json::Value::Object(seen).to_string(),
+                            )))
+                            .unwrap())
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+struct Gw {
+    w: World,
+    port: u16,
+    ca: PathBuf,
+    dir: tempfile::TempDir,
+    app: SocketAddr,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn gateway() -> Gw {
+    gateway_with(HttpsSettings::default()).await
+}
+
+async fn gateway_with(s: HttpsSettings) -> Gw {
+    require("curl", "curl");
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = backend().await;
+    let w = World::new()
+        .settings(Settings {
+            domain: DOMAIN.into(),
+            https_port: port,
+            ..Settings::default()
+        })
+        .build();
+    *w.vms.app_addr.lock().unwrap() = Some(app.to_string());
+    let source = tls::TlsSource::DevCa {
+        dir: dir.path().join("ca"),
+        domain: DOMAIN.into(),
+    };
+    let config = tls::server_config(&source).unwrap();
+    let gw = HttpsGateway::new(&w.exec, s);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(gw.run(listener, config, async move {
+        let _ = stopped.await;
+    }));
+    let ca = tls::dev_ca_path(&dir.path().join("ca"));
+    Gw {
+        w,
+        port,
+        ca,
+        dir,
+        app,
+        _stop: stop,
+    }
+}
+
+impl Gw {
+    /// curl against `https://HOST:PORT/PATH`, every host resolved to the
+    /// gateway; `-w` appends the status and HTTP version.
+    async fn curl(&self, host: &str, path: &str, extra: &[&str]) -> (String, String, String) {
+        let jar = self.dir.path().join("cookies");
+        let anonymous = extra.contains(&ANON);
+        let extra: Vec<&str> = extra.iter().copied().filter(|a| *a != ANON).collect();
+        let mut args: Vec<String> = vec![
+            "-sS".into(),
+            "--max-time".into(),
+            "20".into(),
+            "--cacert".into(),
+            self.ca.display().to_string(),
+        ];
+        if !anonymous {
+            for flag in ["-c", "-b"] {
+                args.push(flag.into());
+                args.push(jar.display().to_string());
+            }
+        }
+        args.extend([
+            "-D".into(),
+            "-".into(),
+            "-w".into(),
+            "\n%{http_code} %{http_version}".into(),
+        ]);
+        for h in [
+            DOMAIN.to_owned(),
+            format!("web.{DOMAIN}"),
+            format!("other.{DOMAIN}"),
+            format!("nosuch.{DOMAIN}"),
+        ] {
+            args.push("--resolve".into());
+            args.push(format!("{h}:{}:127.0.0.1", self.port));
+        }
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args.push(format!("https://{host}:{}{path}", self.port));
+        let out: Output = tokio::process::Command::new("curl")
+            .args(&args)
+            .output()
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (rest, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
+        let (head, body) = rest.rsplit_once("\r\n\r\n").unwrap_or((rest, ""));
+        (code.to_owned(), head.to_owned(), body.to_owned())
+    }
+
+    async fn project(&self, name: &str) {
+        let out = self
+            .w
+            .run(&self.w.admin, &format!("new project {name} --stack rust"))
+            .await;
+        assert!(out.is_ok(), "{out:?}");
+    }
+
+    /// A one-time login link for `who`.
+    async fn login_link(&self, who: &Identity) -> String {
+        match self.w.run(who, "login").await {
+            Ok(Reply::LoginLink { url, .. }) => url,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Signs the cookie jar in as `who` on Kennel's host.
+    async fn sign_in(&self, who: &Identity) {
+        let link = self.login_link(who).await;
+        let path = link
+            .split_once(&format!(":{}", self.port))
+            .unwrap()
+            .1
+            .to_owned();
+        let (code, _, body) = self.curl(DOMAIN, &path, &[]).await;
+        assert!(code.starts_with("200"), "{code} {body}");
+        assert!(body.contains("Sign this browser in as"), "{body}");
+        let (code, head, _) = self.curl(DOMAIN, &path, &["-X", "POST"]).await;
+        assert!(code.starts_with("303"), "{code} {head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("set-cookie: __host-kennel="),
+            "{head}"
+        );
+    }
+
+    async fn user(&self, who: &Identity) -> kennel_core::User {
+        self.w.exec.resolve(who).await.unwrap().unwrap()
+    }
+}
+
+fn location(head: &str) -> String {
+    head.lines()
+        .find_map(|l| {
+            l.strip_prefix("location: ")
+                .or_else(|| l.strip_prefix("Location: "))
+        })
+        .unwrap_or("")
+        .trim()
+        .to_owned()
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_by_default_and_unknown_hosts_answer_alike() {
+    let gw = gateway().await;
+    gw.project("web").await;
+    // A script gets 401; a browser is sent to sign in.
+    let (code, _, body) = gw.curl(&format!("web.{DOMAIN}"), "/", &[]).await;
+    assert!(code.starts_with("401"), "{code} {body}");
+    let (ucode, _, ubody) = gw.curl(&format!("nosuch.{DOMAIN}"), "/", &[]).await;
+    assert_eq!(
+        (code, body),
+        (ucode, ubody),
+        "an unknown project answers like a private one"
+    );
+    let html = ["-H", "Accept: text/html"];
+    let (code, head, _) = gw.curl(&format!("web.{DOMAIN}"), "/x?y=1", &html).await;
+    assert!(code.starts_with("302"), "{code}");
+    assert_eq!(
+        location(&head),
+        format!(
+            "https://{DOMAIN}:{}/auth?host=web.{DOMAIN}&to=/x%3Fy%3D1",
+            gw.port
+        )
+    );
+    let (_, uhead, _) = gw.curl(&format!("nosuch.{DOMAIN}"), "/x?y=1", &html).await;
+    assert_eq!(location(&uhead).replace("nosuch", "web"), location(&head));
+    // Not signed in at Kennel's host: how to sign in.
+    let (code, _, body) = gw
+        .curl(DOMAIN, &format!("/auth?host=web.{DOMAIN}&to=/"), &html)
+        .await;
+    assert!(
+        code.starts_with("401") && body.contains("login"),
+        "{code} {body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_login_flow_hands_a_session_to_the_app_host_and_the_app_sees_the_user() {
+    let gw = gateway().await;
+    gw.project("web").await;
+    gw.sign_in(&gw.w.admin).await;
+    let me = gw.user(&gw.w.admin).await;
+    // Kennel's host hands over; the app's host sets its own cookie; the
+    // app sees the user, never Kennel's cookie or a spoofed identity.
+    let (code, body, _) = {
+        let (code, head, body) = gw
+            .curl(
+                &format!("web.{DOMAIN}"),
+                "/echo?q=1",
+                &[
+                    "-L",
+                    "-H",
+                    "Accept: text/html",
+                    "-H",
+                    "X-Kennel-User: mallory",
+                    "-H",
+                    "X-Kennel-Email: mallory@evil.example",
+                    "-H",
+                    "X-Forwarded-For: 6.6.6.6",
+                    "-H",
+                    "Cookie: theirs=1",
+                ],
+            )
+            .await;
+        (code, body, head)
+    };
+    assert!(code.starts_with("200"), "{code} {body}");
+    let seen = json(&body);
+    assert_eq!(seen["x-kennel-user"], me.name.as_str(), "{seen}");
+    assert!(seen.get("x-kennel-email").is_none(), "{seen}");
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1", "{seen}");
+    assert_eq!(seen["x-forwarded-proto"], "https");
+    assert_eq!(seen["x-forwarded-host"], format!("web.{DOMAIN}"));
+    assert_eq!(seen["path"], "/echo?q=1");
+    let cookie = seen["cookie"].as_str().unwrap_or("");
+    assert!(
+        !cookie.contains("__Host-kennel"),
+        "Kennel's cookie reached the app: {cookie}"
+    );
+    assert!(cookie.contains("theirs=1"), "{seen}");
+    // The app cannot set Kennel's cookie; its own cookies pass.
+    let (_, head, _) = gw.curl(&format!("web.{DOMAIN}"), "/", &[]).await;
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("set-cookie: app=1"), "{head}");
+    assert!(!lower.contains("__host-kennel=stolen"), "{head}");
+    // Over HTTP/2 as well.
+    let (code, _, body) = gw.curl(&format!("web.{DOMAIN}"), "/h2", &["--http2"]).await;
+    assert_eq!(code, "200 2", "{body}");
+    assert_eq!(json(&body)["x-kennel-user"], me.name.as_str());
+    // Web logins are audited.
+    let audit =
+        gw.w.store
+            .call(|c| repo::recent_audit(c, 20))
+            .await
+            .unwrap();
+    assert!(
+        audit.iter().any(|e| e.action == "web login"
+            && e.target.as_deref() == Some(&format!("web.{DOMAIN}") as &str)),
+        "{audit:?}"
+    );
+    // logout ends every session.
+    gw.w.run(&gw.w.admin, "logout").await.unwrap();
+    let (code, _, _) = gw.curl(&format!("web.{DOMAIN}"), "/", &[]).await;
+    assert!(code.starts_with("401"), "{code}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_links_work_once_expire_and_stay_on_their_host() {
+    let gw = gateway().await;
+    gw.project("web").await;
+    // A GET (a link preview) does not use the link up; one POST does.
+    let link = gw.login_link(&gw.w.admin).await;
+    let path = link
+        .split_once(&format!(":{}", gw.port))
+        .unwrap()
+        .1
+        .to_owned();
+    for _ in 0..3 {
+        let (code, _, _) = gw.curl(DOMAIN, &path, &[]).await;
+        assert!(code.starts_with("200"), "{code}");
+    }
+    let (code, _, _) = gw.curl(DOMAIN, &path, &["-X", "POST"]).await;
+    assert!(code.starts_with("303"), "{code}");
+    let (code, _, _) = gw.curl(DOMAIN, &path, &["-X", "POST"]).await;
+    assert!(code.starts_with("410"), "a used link: {code}");
+    // Posted from another site: refused.
+    let other = gw.login_link(&gw.w.admin).await;
+    let opath = other
+        .split_once(&format!(":{}", gw.port))
+        .unwrap()
+        .1
+        .to_owned();
+    let (code, _, _) = gw
+        .curl(
+            DOMAIN,
+            &opath,
+            &["-X", "POST", "-H", "Origin: https://evil.example"],
+        )
+        .await;
+    assert!(code.starts_with("403"), "{code}");
+    // Expired.
+    gw.w.store
+        .call(|c| {
+            c.execute("UPDATE web_links SET expires_at = 0", [])?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let (code, _, _) = gw.curl(DOMAIN, &opath, &["-X", "POST"]).await;
+    assert!(code.starts_with("410"), "an expired link: {code}");
+    // A hand-over code is for one host only.
+    let me = gw.user(&gw.w.admin).await;
+    let gate = gw.w.exec.gate();
+    let code_for_web = gate
+        .mint_handoff(&me, &format!("web.{DOMAIN}"))
+        .await
+        .unwrap();
+    let (code, head, _) = gw
+        .curl(
+            &format!("other.{DOMAIN}"),
+            &format!("/__kennel/handoff?code={code_for_web}&to=/"),
+            &[],
+        )
+        .await;
+    assert!(code.starts_with("400"), "{code} {head}");
+    // Redirect targets stay on the host.
+    for evil in [
+        "//evil.example",
+        "/%5Cevil.example",
+        "https://evil.example/",
+        "/a%0d%0aSet-Cookie:%20x=1",
+    ] {
+        let c = gate
+            .mint_handoff(&me, &format!("web.{DOMAIN}"))
+            .await
+            .unwrap();
+        let (code, head, _) = gw
+            .curl(
+                &format!("web.{DOMAIN}"),
+                &format!("/__kennel/handoff?code={c}&to={evil}"),
+                &[],
+            )
+            .await;
+        assert!(code.starts_with("302"), "{code}");
+        assert_eq!(location(&head), "/", "{evil} -> {head}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shares_public_and_private() {
+    let gw = gateway().await;
+    gw.project("web").await;
+    // bob: a member; first an SSH-only share, then a web share.
+    let bob = Identity::new(Frontend::Discord, "42");
+    let key = ed25519(5, Some("bob"));
+    let Ok(Reply::RequestFiled { request, .. }) =
+        gw.w.run(&bob, &format!("request-access {key}")).await
+    else {
+        panic!()
+    };
+    gw.w.run(&gw.w.admin, &format!("approve {}", request.id))
+        .await
+        .unwrap();
+    let bob_name = gw.user(&bob).await.name;
+    gw.w.run(&gw.w.admin, &format!("share web {bob_name} --ssh"))
+        .await
+        .unwrap();
+    gw.sign_in(&bob).await;
+    let html = ["-L", "-H", "Accept: text/html"];
+    let (code, _, body) = gw.curl(&format!("web.{DOMAIN}"), "/", &html).await;
+    assert!(
+        code.starts_with("403") && body.contains("not open to you"),
+        "{code} {body}"
+    );
+    gw.w.run(&gw.w.admin, &format!("share web {bob_name} --web"))
+        .await
+        .unwrap();
+    let (code, _, body) = gw.curl(&format!("web.{DOMAIN}"), "/", &html).await;
+    assert!(code.starts_with("200"), "{code} {body}");
+    assert_eq!(json(&body)["x-kennel-user"], bob_name.as_str());
+    // public: anyone; private again: not.
+    gw.w.run(&gw.w.admin, "public web").await.unwrap();
+    let (code, _, body) = gw.curl(&format!("web.{DOMAIN}"), "/", &[ANON]).await;
+    assert!(code.starts_with("200"), "{code} {body}");
+    assert!(json(&body).get("x-kennel-user").is_none(), "{body}");
+    gw.w.run(&gw.w.admin, "private web").await.unwrap();
+    let (code, _, _) = gw.curl(&format!("web.{DOMAIN}"), "/", &[ANON]).await;
+    assert!(code.starts_with("401"), "{code}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_project_wakes_on_a_request() {
+    let gw = gateway().await;
+    gw.project("web").await;
+    gw.w.run(&gw.w.admin, "public web").await.unwrap();
+    gw.w.run(&gw.w.admin, "stop web").await.unwrap();
+    // A browser gets a page that reloads itself.
+    let (code, head, body) = gw
+        .curl(&format!("web.{DOMAIN}"), "/", &["-H", "Accept: text/html"])
+        .await;
+    assert!(
+        code.starts_with("503") && body.contains("Starting web"),
+        "{code} {body}"
+    );
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 2"),
+        "{head}"
+    );
+    // A script waits for the start and gets the app.
+    gw.w.run(&gw.w.admin, "stop web").await.unwrap();
+    let (code, _, body) = gw.curl(&format!("web.{DOMAIN}"), "/after", &[]).await;
+    assert!(code.starts_with("200"), "{code} {body}");
+    assert_eq!(json(&body)["path"], "/after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_pass_through() {
+    use futures_util::{SinkExt, StreamExt};
+    let gw = gateway().await;
+    gw.project("web").await;
+    gw.w.run(&gw.w.admin, "public web").await.unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(&gw.ca).unwrap();
+    for c in rustls_pem_certs(&pem) {
+        roots.add(c).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from(format!("web.{DOMAIN}")).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let url = format!("wss://web.{DOMAIN}:{}/ws", gw.port);
+    let (mut ws, resp) = tokio_tungstenite::client_async(url, tls).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    for i in 0..3 {
+        ws.send(tokio_tungstenite::tungstenite::Message::Text(format!(
+            "hello {i}"
+        )))
+        .await
+        .unwrap();
+        let back = ws.next().await.unwrap().unwrap();
+        assert_eq!(back.into_text().unwrap(), format!("hello {i}"));
+    }
+    let _ = gw.app;
+}
+
+fn rustls_pem_certs(pem: &[u8]) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_headers_slowly_is_dropped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = gateway_with(HttpsSettings {
+        header_timeout: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pem_certs(&std::fs::read(&gw.ca).unwrap()) {
+        roots.add(c).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from(DOMAIN.to_owned()).unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {DOMAIN}\r\nX-Slow: ");
+    let mut closed = false;
+    for b in request.bytes().chain(std::iter::repeat(b'a')).take(60) {
+        if tls.write_all(&[b]).await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 512];
+        match tokio::time::timeout(Duration::from_millis(500), tls.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(_)) => {
+                // hyper answers 408 as it closes.
+                closed = true;
+                break;
+            }
+            Err(_) => {}
+        }
+    }
+    assert!(closed, "the slow client was never dropped");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "dropped only after {:?}",
+        started.elapsed()
+    );
+}
