@@ -24,6 +24,7 @@ async fn serve_runs_the_discord_bot_from_its_configuration() {
         .env_remove("KENNEL_CONFIG")
         .env("KENNEL_VM__BACKEND", "none")
         .env("KENNEL_SSH__LISTEN", "127.0.0.1:0")
+        .env("KENNEL_HTTPS__LISTEN", "127.0.0.1:0")
         .env("KENNEL_DISCORD__TOKEN", "test-token")
         .env("KENNEL_DISCORD__GUILDS", "[300]")
         .env("KENNEL_DISCORD__API_BASE", &d.api_base)

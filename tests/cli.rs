@@ -172,6 +172,7 @@ fn exec_goes_through_a_running_daemon_and_serve_stops_on_sigterm() {
         .current_dir(d.path())
         .env("HOME", d.path())
         .env("KENNEL_SSH__LISTEN", "127.0.0.1:0")
+        .env("KENNEL_HTTPS__LISTEN", "127.0.0.1:0")
         .args(["serve"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

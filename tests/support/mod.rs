@@ -18,6 +18,8 @@ pub struct Kennel {
     pub network: &'static str,
     /// The SSH gateway's port for this test's daemon.
     pub ssh_port: u16,
+    /// The HTTPS gateway's port for this test's daemon.
+    pub https_port: u16,
     /// Extra environment for every `kennel` run (configuration overrides).
     pub env: Vec<(String, String)>,
 }
@@ -57,10 +59,8 @@ impl Kennel {
             serve: None,
             netns: None,
             network: "user",
-            ssh_port: std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .unwrap(),
+            ssh_port: free_port(),
+            https_port: free_port(),
             env: Vec::new(),
         }
     }
@@ -90,6 +90,10 @@ impl Kennel {
             .env("KENNEL_VM__NETWORK", self.network)
             .env("KENNEL_SSH__LISTEN", format!("127.0.0.1:{}", self.ssh_port))
             .env("KENNEL_SSH__PUBLIC_PORT", "2222")
+            .env(
+                "KENNEL_HTTPS__LISTEN",
+                format!("127.0.0.1:{}", self.https_port),
+            )
             .env("KENNEL_IMAGES__APT_CACHE", cache.join("apt"))
             .env("RUST_LOG", "warn");
         c.envs(self.env.iter().map(|(k, v)| (k, v)));
@@ -284,4 +288,12 @@ impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
+}
+
+/// A loopback port free right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap()
 }

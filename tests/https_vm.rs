@@ -1,0 +1,89 @@
+//! The HTTPS gateway in front of a real guest (QEMU/TCG): a Node server
+//! in the VM answers through `kennel serve`'s gateway, over HTTP/1.1 and
+//! HTTP/2 with curl, and a stopped project wakes on a request.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::Kennel;
+
+/// Echoes the request's headers as JSON.
+const SERVER_JS: &str = r#"
+const http = require('http');
+http.createServer((req, res) => {
+  res.setHeader('content-type', 'application/json');
+  res.end(JSON.stringify({ path: req.url, headers: req.headers }));
+}).listen(3000, '0.0.0.0');
+"#;
+
+fn curl(k: &Kennel, host: &str, path: &str, extra: &[&str]) -> (String, String) {
+    kennel_testkit::require("curl", "curl");
+    let ca = k.dir.join("kennel-data/tls/dev-ca/ca.pem");
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "120", "--cacert"])
+        .arg(&ca)
+        .arg("--resolve")
+        .arg(format!("{host}:{}:127.0.0.1", k.https_port))
+        .args(["-w", "\n%{http_code} %{http_version}"])
+        .args(extra)
+        .arg(format!("https://{host}:{}{path}", k.https_port))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
+    eprintln!(
+        "curl {host}{path} -> {code}\n{body}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (code.to_owned(), body.to_owned())
+}
+
+#[test]
+fn a_guest_app_answers_through_the_https_gateway_and_wakes_on_a_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut k = Kennel::new(tmp.path());
+    k.start_serve();
+    k.exec_ok("new project site --stack node --cpus 1 --memory 768M --disk 3G");
+    let source = tmp.path().join("kennel-data/projects/site");
+    std::fs::write(source.join("server.js"), SERVER_JS).unwrap();
+    let start = "nohup node /workspace/server.js >/tmp/server.log 2>&1 </dev/null & sleep 0.2";
+    k.ssh_ok("site", start);
+    let host = "site.localhost";
+    // Private: a script without a session is refused.
+    let (code, _) = curl(&k, host, "/", &[]);
+    assert!(code.starts_with("401"), "{code}");
+    k.exec_ok("public site");
+    // The server takes a moment to listen under TCG.
+    let t = Instant::now();
+    let (code, body) = loop {
+        let (code, body) = curl(
+            &k,
+            host,
+            "/hello?x=1",
+            &["--http1.1", "-H", "X-Kennel-User: mallory"],
+        );
+        if code.starts_with("200") || t.elapsed() > Duration::from_secs(60) {
+            break (code, body);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(code, "200 1.1", "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["path"], "/hello?x=1");
+    assert_eq!(v["headers"]["x-forwarded-proto"], "https");
+    assert_eq!(v["headers"]["host"], format!("{host}:{}", k.https_port));
+    assert!(v["headers"].get("x-kennel-user").is_none(), "{v}");
+    let (code, body) = curl(&k, host, "/two", &["--http2"]);
+    assert_eq!(code, "200 2", "{body}");
+    // Stopped: a request wakes it (the server is not started again by
+    // itself, so the app then says it is not answering).
+    k.exec_ok("stop site");
+    let (code, body) = curl(&k, host, "/", &[]);
+    assert!(code.starts_with("502"), "{code} {body}");
+    let v: serde_json::Value =
+        serde_json::from_str(k.exec_ok("--json status site").trim()).unwrap();
+    assert_eq!(v["project"]["state"], "running", "{v}");
+}
