@@ -1,6 +1,7 @@
 //! The HTTPS gateway in front of a real guest (QEMU/TCG): a Node server
 //! in the VM answers through `kennel serve`'s gateway, over HTTP/1.1 and
-//! HTTP/2 with curl, and a stopped project wakes on a request.
+//! HTTP/2 with curl, `port` moves a running VM's app at once, and a
+//! stopped project wakes on a request.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -13,10 +14,11 @@ use support::Kennel;
 /// Echoes the request's headers as JSON.
 const SERVER_JS: &str = r#"
 const http = require('http');
+const port = Number(process.argv[2] || 3000);
 http.createServer((req, res) => {
   res.setHeader('content-type', 'application/json');
-  res.end(JSON.stringify({ path: req.url, headers: req.headers }));
-}).listen(3000, '0.0.0.0');
+  res.end(JSON.stringify({ port, path: req.url, headers: req.headers }));
+}).listen(port, '0.0.0.0');
 "#;
 
 fn curl(k: &Kennel, host: &str, path: &str, extra: &[&str]) -> (String, String) {
@@ -49,8 +51,11 @@ fn a_guest_app_answers_through_the_https_gateway_and_wakes_on_a_request() {
     k.exec_ok("new project site --stack node --cpus 1 --memory 768M --disk 3G");
     let source = tmp.path().join("kennel-data/projects/site");
     std::fs::write(source.join("server.js"), SERVER_JS).unwrap();
-    let start = "nohup node /workspace/server.js >/tmp/server.log 2>&1 </dev/null & sleep 0.2";
-    k.ssh_ok("site", start);
+    let start = |port: u16| {
+        format!("nohup node /workspace/server.js {port} >/tmp/server-{port}.log 2>&1 </dev/null & sleep 0.2")
+    };
+    k.ssh_ok("site", &start(3000));
+    k.ssh_ok("site", &start(3001));
     let host = "site.localhost";
     // Private: a script without a session is refused.
     let (code, _) = curl(&k, host, "/", &[]);
@@ -78,6 +83,18 @@ fn a_guest_app_answers_through_the_https_gateway_and_wakes_on_a_request() {
     assert!(v["headers"].get("x-kennel-user").is_none(), "{v}");
     let (code, body) = curl(&k, host, "/two", &["--http2"]);
     assert_eq!(code, "200 2", "{body}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["port"],
+        3000
+    );
+    // `port` on the running VM: the next request goes to the new port.
+    k.exec_ok("port site 3001");
+    let (code, body) = curl(&k, host, "/three", &[]);
+    assert!(code.starts_with("200"), "{code} {body}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["port"],
+        3001
+    );
     // Stopped: a request wakes it (the server is not started again by
     // itself, so the app then says it is not answering).
     k.exec_ok("stop site");

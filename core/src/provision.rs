@@ -210,6 +210,16 @@ pub trait Provisioner: Send + Sync {
     async fn vm_alive(&self, _project: &ProjectName) -> Option<bool> {
         None
     }
+    /// Makes `port` the VM's app port: kept for its next boots and, if it
+    /// runs, in effect at once. Returns the app's new host address when
+    /// the VM runs (for the route), `None` when it is stopped.
+    async fn set_app_port(
+        &self,
+        _project: &ProjectName,
+        _port: u16,
+    ) -> Result<Option<String>, ProvisionError> {
+        Ok(None)
+    }
     /// How a gateway proves itself to a project's VM and knows it: the
     /// project's private key and the VM's pinned host key. `None` when the
     /// project has no VM.

@@ -127,11 +127,21 @@ impl Executor {
         })
     }
 
+    /// `port NAME PORT`: kept for the next boots, and in effect at once on
+    /// a running VM (its forward and route change).
     pub(super) async fn port(&self, call: &Call<'_>, name: &ProjectName, port: u16) -> Outcome {
         call.project(name)?;
+        let _vm = self.lock_vm(name).await;
+        let moved = self.vms.set_app_port(name, port).await?;
         let n = name.clone();
         self.store
-            .call(move |c| repo::set_app_port(c, &n, port))
+            .call(move |c| {
+                repo::set_app_port(c, &n, port)?;
+                if let (Some(app), Some(route)) = (moved, repo::route(c, &n)?) {
+                    repo::set_route(c, &n, &route.ssh_addr, &app)?;
+                }
+                Ok(())
+            })
             .await?;
         Ok(Reply::PortSet {
             project: name.to_string(),

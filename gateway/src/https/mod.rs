@@ -89,7 +89,9 @@ struct Inner {
     s: HttpsSettings,
     domain: String,
     https_port: u16,
-    client: Client<HttpConnector, Incoming>,
+    /// Keep-alive pools to apps, one per (app address, app port): when
+    /// `port` moves an app, connections to the old port are not reused.
+    clients: Mutex<HashMap<(String, u16), Client<HttpConnector, Incoming>>>,
     conns: Mutex<HashMap<IpAddr, usize>>,
     /// Projects being woken by a browser's visit.
     waking: Arc<Mutex<HashSet<ProjectName>>>,
@@ -131,15 +133,6 @@ impl Drop for ConnSlot {
 impl HttpsGateway {
     /// A gateway for `exec`'s projects, on the domain and port of its settings.
     pub fn new(exec: &Executor, s: HttpsSettings) -> Self {
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(10)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(64)
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .build(http);
         let settings = exec.settings();
         Self {
             inner: Arc::new(Inner {
@@ -147,7 +140,7 @@ impl HttpsGateway {
                 domain: settings.domain.to_ascii_lowercase(),
                 https_port: settings.https_port,
                 s,
-                client,
+                clients: Mutex::new(HashMap::new()),
                 conns: Mutex::new(HashMap::new()),
                 waking: Arc::default(),
             }),
@@ -219,6 +212,30 @@ impl HttpsGateway {
 }
 
 impl Inner {
+    /// The pooled client for an app at `addr` on `port`.
+    fn client(&self, addr: &str, port: u16) -> Client<HttpConnector, Incoming> {
+        let mut clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = clients.get(&(addr.to_owned(), port)) {
+            return c.clone();
+        }
+        // The app moved (or is new): its old pool goes.
+        clients.retain(|(a, _), _| a != addr);
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(10)));
+        let c = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(64)
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .build(http);
+        clients.insert((addr.to_owned(), port), c.clone());
+        c
+    }
+
     async fn serve<I>(self: Arc<Self>, io: I, peer: SocketAddr)
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -412,7 +429,8 @@ impl Inner {
             host: host.to_owned(),
             user: user.map(|u| (u.name.to_string(), None)),
         };
-        self.forward(req, &addr, &fwd).await
+        let client = self.client(&addr, project.app_port);
+        self.forward(req, &client, &addr, &fwd).await
     }
 
     /// Where the app answers; a stopped VM is woken first: browsers get a

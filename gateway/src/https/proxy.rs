@@ -8,6 +8,8 @@ use std::net::IpAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
 
 use super::{page, Body, Inner, COOKIE};
 
@@ -89,6 +91,7 @@ impl Inner {
     pub(super) async fn forward(
         &self,
         mut req: Request<Incoming>,
+        client: &Client<HttpConnector, Incoming>,
         addr: &str,
         fwd: &Forwarded,
     ) -> Response<Body> {
@@ -165,7 +168,7 @@ impl Inner {
         let Ok(up) = up.body(body) else {
             return page::status(StatusCode::BAD_REQUEST, "That request cannot be forwarded.");
         };
-        let resp = match self.client.request(up).await {
+        let resp = match client.request(up).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::info!(%addr, error = %e, "the app did not answer");

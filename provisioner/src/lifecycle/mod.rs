@@ -620,6 +620,33 @@ impl Provisioner for LocalProvisioner {
             .map_err(|e| failed(Stage::Validated, e.to_string()))
     }
 
+    async fn set_app_port(
+        &self,
+        project: &ProjectName,
+        port: u16,
+    ) -> Result<Option<String>, ProvisionError> {
+        let _guard = self.lock(project.as_str()).await;
+        let Some(mut r) = self.record(project.as_str()) else {
+            return Ok(None);
+        };
+        let running = matches!(
+            self.vmm.state(&r.machine).await,
+            Ok(VmmState::Running | VmmState::Paused)
+        );
+        if running {
+            self.vmm
+                .set_app_forward(&r.machine, port)
+                .await
+                .map_err(|e| failed(Stage::Ready, anyhow_chain(&e)))?;
+        }
+        r.app_port = port;
+        if let NetAttach::User { guest_app_port, .. } = &mut r.machine.net {
+            *guest_app_port = port;
+        }
+        self.save(&r)?;
+        Ok(running.then(|| r.machine.net.app_addr(port)))
+    }
+
     fn vm_keys(&self, project: &ProjectName) -> Option<kennel_core::provision::VmKeys> {
         let name = project.as_str();
         self.record(name)?;

@@ -149,6 +149,12 @@ pub trait Vmm: Send + Sync {
     async fn state(&self, m: &Machine) -> Result<VmmState, VmmError>;
     /// Stops the VM without the guest's help and ends the VMM process.
     async fn force_stop(&self, m: &Machine) -> Result<(), VmmError>;
+    /// Points a running VM's host-side app forward at `guest_port` (`m`
+    /// still names the old one). Nothing to do when the host reaches the
+    /// guest's address directly (a TAP).
+    async fn set_app_forward(&self, _m: &Machine, _guest_port: u16) -> Result<(), VmmError> {
+        Ok(())
+    }
 }
 
 /// Reads a pid file.

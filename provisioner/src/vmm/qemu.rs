@@ -244,6 +244,51 @@ impl Vmm for Qemu {
         })
     }
 
+    async fn set_app_forward(&self, m: &Machine, guest_port: u16) -> Result<(), VmmError> {
+        let NetAttach::User {
+            host_ip, app_port, ..
+        } = &m.net
+        else {
+            return Ok(());
+        };
+        // QEMU has no QMP command for slirp forwards; its monitor does,
+        // and answers in words: "... removed" to a removal, nothing to an
+        // addition that worked.
+        let NetAttach::User { guest_app_port, .. } = &m.net else {
+            return Ok(());
+        };
+        let hmp = |line: String| async move {
+            let said = self
+                .qmp(
+                    m,
+                    qapi::qmp::human_monitor_command {
+                        command_line: line.clone(),
+                        cpu_index: None,
+                    },
+                )
+                .await?;
+            Ok::<_, VmmError>((line, said.trim().to_owned()))
+        };
+        let (line, said) = hmp(format!("hostfwd_remove n0 tcp:{host_ip}:{app_port}")).await?;
+        if !said.is_empty() && !said.contains("removed") {
+            return Err(VmmError::Api {
+                endpoint: line,
+                message: said,
+            });
+        }
+        let add = |to: u16| hmp(format!("hostfwd_add n0 tcp:{host_ip}:{app_port}-:{to}"));
+        let (line, said) = add(guest_port).await?;
+        if said.is_empty() {
+            return Ok(());
+        }
+        // Put the old forward back, so the app stays reachable.
+        let _ = add(*guest_app_port).await;
+        Err(VmmError::Api {
+            endpoint: line,
+            message: said,
+        })
+    }
+
     async fn force_stop(&self, m: &Machine) -> Result<(), VmmError> {
         let needle = format!("kennel-{}", m.name);
         let Some(pid) = read_pid(&m.pid_file).filter(|p| pid_alive(*p, &needle)) else {
