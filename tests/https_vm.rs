@@ -3,7 +3,12 @@
 //! HTTP/2 with curl, `port` moves a running VM's app at once, and a
 //! stopped project wakes on a request.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod support;
 
