@@ -206,7 +206,40 @@ pub fn run(config: &Config, host: &Host) -> Report {
             None,
         ),
     });
+    checks.push(tls_check(config));
     Report { checks, backend }
+}
+
+/// Where the HTTPS certificate comes from, and whether it loads.
+fn tls_check(config: &Config) -> Check {
+    use kennel_gateway::https::tls;
+    let dir = crate::datadir::DataDir::new(&config.data_dir);
+    let source = crate::wiring::tls_source(config, &dir);
+    match &source {
+        tls::TlsSource::Files { cert, key } => match tls::server_config(&source) {
+            Ok(_) => check(
+                "https certificate",
+                Status::Ok,
+                format!("files {} and {} (reloaded when they change)", cert.display(), key.display()),
+                None,
+            ),
+            Err(e) => check(
+                "https certificate",
+                Status::Missing,
+                e.to_string(),
+                Some("point https.cert and https.key at a PEM chain for DOMAIN and *.DOMAIN and its key"),
+            ),
+        },
+        tls::TlsSource::DevCa { dir, domain } => check(
+            "https certificate",
+            Status::Ok,
+            format!(
+                "a development CA issues certificates for {domain} and *.{domain}; trust {} in browsers (curl --cacert it), or set https.cert and https.key",
+                tls::dev_ca_path(dir).display()
+            ),
+            None,
+        ),
+    }
 }
 
 fn disk_space(dir: &Path) -> Check {
