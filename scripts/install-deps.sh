@@ -53,6 +53,8 @@ checks=(
   "git|git|run test"
   "expect|expect|test"
   "curl|curl|test"
+  "chromium|chromium|test"
+  "chromedriver|chromium-driver|test"
   "python3|python3|test"
   "fn:have_venv|python3-venv|test"
 )

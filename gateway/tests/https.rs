@@ -399,6 +399,14 @@ async fn login_links_work_once_expire_and_stay_on_their_host() {
         )
         .await;
     assert!(code.starts_with("403"), "{code}");
+    let (code, _, _) = gw
+        .curl(
+            DOMAIN,
+            &opath,
+            &["-X", "POST", "-H", "Sec-Fetch-Site: cross-site"],
+        )
+        .await;
+    assert!(code.starts_with("403"), "{code}");
     // Expired.
     gw.w.store
         .call(|c| {
@@ -617,5 +625,67 @@ async fn a_client_that_sends_headers_slowly_is_dropped() {
         started.elapsed() < Duration::from_secs(20),
         "dropped only after {:?}",
         started.elapsed()
+    );
+}
+
+/// The whole sign-in in a real browser: a private app sends it to sign
+/// in; the login link's confirm page and its button; the hand-over to the
+/// app's host; the app's page with the user, and no cookie of Kennel's
+/// that scripts could read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_signs_in_from_a_chat_link_and_reaches_the_private_app() {
+    let gw = gateway().await;
+    gw.project("web").await;
+    let link = gw.login_link(&gw.w.admin).await;
+    let me = gw.user(&gw.w.admin).await.name.to_string();
+    let port = gw.port;
+    let seen = tokio::task::spawn_blocking(move || {
+        let mut b = kennel_testkit::browser::Browser::start(&format!(
+            "MAP *.{DOMAIN} 127.0.0.1, MAP {DOMAIN} 127.0.0.1"
+        ));
+        let app = format!("https://web.{DOMAIN}:{port}/app?x=1");
+        b.goto(&app);
+        let before = b.source();
+        assert!(
+            b.url()
+                .starts_with(&format!("https://{DOMAIN}:{port}/auth?")),
+            "{}",
+            b.url()
+        );
+        assert!(before.contains("login"), "{before}");
+        // The link from chat: a confirm page; its button signs in.
+        b.goto(&link);
+        assert!(
+            b.source().contains("Sign this browser in as"),
+            "{}",
+            b.source()
+        );
+        b.click("button");
+        let home = b.source_with("You are signed in as", Duration::from_secs(20));
+        assert!(home.contains("You are signed in as"), "{home}");
+        // Back to the app: handed over to its host, and in.
+        b.goto(&app);
+        let url = b.url();
+        let page = b.source();
+        let cookies = b.eval("return document.cookie;");
+        (url, page, cookies)
+    })
+    .await
+    .unwrap();
+    let (url, page, cookies) = seen;
+    assert_eq!(url, format!("https://web.{DOMAIN}:{}/app?x=1", gw.port));
+    assert!(
+        page.contains(&format!("\"x-kennel-user\":\"{me}\"")),
+        "{page}"
+    );
+    assert!(page.contains("\"path\":\"/app?x=1\""), "{page}");
+    assert!(
+        !page.contains("__Host-kennel"),
+        "Kennel's cookie reached the app: {page}"
+    );
+    let cookies = cookies.as_str().unwrap_or("").to_owned();
+    assert!(
+        !cookies.contains("__Host-kennel"),
+        "scripts can read the session: {cookies}"
     );
 }

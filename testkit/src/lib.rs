@@ -10,6 +10,7 @@
     clippy::indexing_slicing
 )]
 
+pub mod browser;
 pub mod ch_double;
 #[cfg(feature = "discord")]
 pub mod discord_fake;

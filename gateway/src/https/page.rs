@@ -52,7 +52,9 @@ pub fn html(status: StatusCode, title: &str, body: &str) -> Response<Body> {
         "content-security-policy",
         HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"),
     );
-    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    // Same-origin: a sign-in link's token never leaves in a Referer, and
+    // forms still carry their Origin (with no-referrer it is "null").
+    h.insert("referrer-policy", HeaderValue::from_static("same-origin"));
     r
 }
 

@@ -240,14 +240,16 @@ impl Inner {
         r
     }
 
-    /// Whether a form post came from the page's own origin (`Origin`, when
-    /// the browser sends it, must name this host).
+    /// Whether a form post came from the page's own origin: browsers say
+    /// so in `Sec-Fetch-Site`; older ones in `Origin`, which must then
+    /// name this host. A request with neither (curl) is let through: it
+    /// carries no cookies a page elsewhere could have made it use.
     fn same_origin<B>(&self, req: &Request<B>) -> bool {
-        let Some(origin) = req
-            .headers()
-            .get(header::ORIGIN)
-            .and_then(|v| v.to_str().ok())
-        else {
+        let h = req.headers();
+        if let Some(site) = h.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+            return site == "same-origin" || site == "none";
+        }
+        let Some(origin) = h.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
             return true;
         };
         let host = route::host_of(req).unwrap_or_default();
