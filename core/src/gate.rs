@@ -127,6 +127,12 @@ impl Gate {
         self.exec.settings()
     }
 
+    /// Grows with every change to the store: a decision or route read
+    /// while it stayed the same still holds.
+    pub fn changes(&self) -> u64 {
+        self.exec.store.changes()
+    }
+
     /// `https://DOMAIN[:PORT]`, Kennel's own host.
     pub fn kennel_url(&self) -> String {
         self.exec.kennel_url()

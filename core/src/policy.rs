@@ -119,7 +119,7 @@ pub fn authorize(
 }
 
 /// How someone comes into a project.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Entry {
     /// A shell, a forward or a jump into its VM (`ssh PROJECT@HOST`).
     Ssh,

@@ -98,6 +98,9 @@ type Job = Option<Box<dyn FnOnce(&mut Connection) + Send>>;
 pub struct Store {
     jobs: mpsc::Sender<Job>,
     path: Option<PathBuf>,
+    /// Rows changed through this store so far (SQLite's total_changes),
+    /// updated before each call's result is handed back.
+    changes: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Store {
@@ -142,7 +145,11 @@ impl Store {
                 }
             })
             .map_err(StoreError::Thread)?;
-        Ok(Self { jobs, path })
+        Ok(Self {
+            jobs,
+            path,
+            changes: std::sync::Arc::default(),
+        })
     }
 
     /// Stops the connection thread: every later call fails with
@@ -156,6 +163,13 @@ impl Store {
         self.path.as_deref()
     }
 
+    /// A number that grows with every row changed through this store:
+    /// what was read while it stayed the same is still true (caches of
+    /// access decisions use it).
+    pub fn changes(&self) -> u64 {
+        self.changes.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Runs `f` on the connection thread and awaits its result.
     pub async fn call<R, F>(&self, f: F) -> Result<R, StoreError>
     where
@@ -163,9 +177,12 @@ impl Store {
         F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
+        let changes = self.changes.clone();
         self.jobs
             .send(Some(Box::new(move |conn| {
-                let _ = tx.send(f(conn));
+                let r = f(conn);
+                changes.store(conn.total_changes(), std::sync::atomic::Ordering::Release);
+                let _ = tx.send(r);
             })))
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
@@ -179,9 +196,12 @@ impl Store {
         F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
+        let changes = self.changes.clone();
         self.jobs
             .send(Some(Box::new(move |conn| {
-                let _ = tx.send(f(conn));
+                let r = f(conn);
+                changes.store(conn.total_changes(), std::sync::atomic::Ordering::Release);
+                let _ = tx.send(r);
             })))
             .map_err(|_| StoreError::Closed)?;
         rx.blocking_recv().map_err(|_| StoreError::Closed)?

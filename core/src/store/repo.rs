@@ -1115,9 +1115,11 @@ pub fn web_session_user(
         .optional()?;
     match uid {
         Some(uid) => {
+            // At most once a minute, so reading sessions rarely writes.
+            let t = now();
             conn.execute(
-                "UPDATE web_sessions SET last_seen_at = ?2 WHERE token_hash = ?1",
-                params![token_hash, now()],
+                "UPDATE web_sessions SET last_seen_at = ?2 WHERE token_hash = ?1 AND last_seen_at < ?2 - 60",
+                params![token_hash, t],
             )?;
             user_by_id(conn, uid)
         }

@@ -83,6 +83,57 @@ impl Default for HttpsSettings {
     }
 }
 
+/// Who asks to enter which project, how.
+type DecisionKey = (Option<kennel_core::model::UserId>, ProjectName, Entry);
+/// The project (may be entered) and where its app answers, if running.
+type Decided = (kennel_core::model::Project, Option<kennel_core::VmReach>);
+
+/// A cached answer and the store's change count it was read at.
+#[derive(Debug, Clone)]
+struct Cached<T> {
+    changes: u64,
+    at: Instant,
+    value: T,
+}
+
+/// How long a cached decision is trusted at most (a session's expiry is
+/// not a change to the store).
+const CACHE_FOR: Duration = Duration::from_secs(10);
+/// Entries a cache holds at most before it starts over.
+const CACHE_MAX: usize = 10_000;
+
+fn cached<K: std::hash::Hash + Eq, T: Clone>(
+    m: &Mutex<HashMap<K, Cached<T>>>,
+    k: &K,
+    changes: u64,
+) -> Option<T> {
+    let m = m.lock().ok()?;
+    m.get(k)
+        .filter(|c| c.changes == changes && c.at.elapsed() < CACHE_FOR)
+        .map(|c| c.value.clone())
+}
+
+fn remember<K: std::hash::Hash + Eq, T>(
+    m: &Mutex<HashMap<K, Cached<T>>>,
+    k: K,
+    changes: u64,
+    value: T,
+) {
+    if let Ok(mut m) = m.lock() {
+        if m.len() >= CACHE_MAX {
+            m.clear();
+        }
+        m.insert(
+            k,
+            Cached {
+                changes,
+                at: Instant::now(),
+                value,
+            },
+        );
+    }
+}
+
 /// Shared by every connection.
 struct Inner {
     gate: Gate,
@@ -93,6 +144,11 @@ struct Inner {
     /// `port` moves an app, connections to the old port are not reused.
     clients: Mutex<HashMap<(String, u16), Client<HttpConnector, Incoming>>>,
     conns: Mutex<HashMap<IpAddr, usize>>,
+    /// Entry decisions (with the route), and sessions: kept while the
+    /// store has not changed, and for at most [`CACHE_FOR`], so most
+    /// requests cost no round trip to the store.
+    decisions: Mutex<HashMap<DecisionKey, Cached<Option<Decided>>>>,
+    sessions: Mutex<HashMap<(String, String), Cached<Option<User>>>>,
     /// Projects being woken by a browser's visit.
     waking: Arc<Mutex<HashSet<ProjectName>>>,
 }
@@ -143,6 +199,8 @@ impl HttpsGateway {
                 clients: Mutex::new(HashMap::new()),
                 conns: Mutex::new(HashMap::new()),
                 waking: Arc::default(),
+                decisions: Mutex::new(HashMap::new()),
+                sessions: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -249,6 +307,9 @@ impl Inner {
         b.http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(self.s.max_h2_streams)
+            // Per stream: with 128 streams of large responses, hyper's
+            // default (400 KiB each) costs tens of MiB per connection.
+            .max_send_buf_size(64 * 1024)
             .max_header_list_size(u32::try_from(self.s.max_header_bytes).unwrap_or(u32::MAX))
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20));
@@ -334,13 +395,47 @@ impl Inner {
     /// The user a session cookie signs in on `host`.
     async fn session_user<B>(&self, req: &Request<B>, host: &str) -> Option<User> {
         let token = Self::cookie(req)?;
-        match self.gate.session_user(&token, host).await {
-            Ok(u) => u,
+        // Read before the lookup: a change meanwhile makes the entry stale.
+        let changes = self.gate.changes();
+        let key = (token, host.to_owned());
+        if let Some(u) = cached(&self.sessions, &key, changes) {
+            return u;
+        }
+        match self.gate.session_user(&key.0, host).await {
+            Ok(u) => {
+                remember(&self.sessions, key, changes, u.clone());
+                u
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot read sessions; treating the visitor as signed out");
                 None
             }
         }
+    }
+
+    /// Whether `user` may enter `name` by `entry` (core's decision), and
+    /// where its app answers; `None` when not.
+    async fn decide(
+        &self,
+        user: Option<&User>,
+        name: &ProjectName,
+        entry: Entry,
+    ) -> Option<Decided> {
+        let changes = self.gate.changes();
+        let key = (user.map(|u| u.id), name.clone(), entry);
+        if let Some(d) = cached(&self.decisions, &key, changes) {
+            return d;
+        }
+        let decided = match self.gate.may_enter(user, name, entry).await {
+            Ok(p) => match self.gate.reach(&p.name).await {
+                Ok(r) => Some((p, r)),
+                Err(_) => return None,
+            },
+            Err(kennel_core::CommandError::Store(_)) => return None,
+            Err(_) => None,
+        };
+        remember(&self.decisions, key, changes, decided.clone());
+        decided
     }
 
     /// The answer for a site the visitor may not open, or that does not
@@ -407,13 +502,15 @@ impl Inner {
         } else {
             Entry::Web
         };
-        let project = match self.gate.may_enter(user.as_ref(), &name, entry).await {
-            Ok(p) => p,
-            Err(_) => return self.not_open(&req, user.as_ref()),
+        let Some((project, reach)) = self.decide(user.as_ref(), &name, entry).await else {
+            return self.not_open(&req, user.as_ref());
         };
-        let reach = match self.reach_or_wake(&req, &project.name, user.as_ref()).await {
-            Ok(r) => r,
-            Err(resp) => return resp,
+        let reach = match reach {
+            Some(r) => r,
+            None => match self.reach_or_wake(&req, &project.name, user.as_ref()).await {
+                Ok(r) => r,
+                Err(resp) => return resp,
+            },
         };
         let addr = match port {
             None => reach.app_addr,

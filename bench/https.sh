@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# HTTPS gateway benchmark, side by side in one run on loopback: nginx as a
+# TLS reverse proxy (upstream keep-alive) and Kennel's gateway, both in
+# front of the SAME small HTTP backend on the host (nginx serving a tiny
+# and a 1 MiB response; a guest under TCG is too slow to be the backend).
+# The proxies are pinned to CPU 0, the load generators to CPU 1.
+#   wrk     HTTP/1.1, keep-alive
+#   h2load  HTTP/2
+# Reports requests/s (and the ratio to nginx), p50/p99 latency over
+# hitting the backend directly (wrk), the proxy's CPU ms per 10k requests
+# and its RSS. Installs nginx, wrk and h2load (nghttp2-client) if missing.
+# Usage: bench/https.sh [seconds per run]   (default 10)
+set -euo pipefail
+secs="${1:-10}"
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kennel/target}"
+need=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
+if [ ${#need[@]} -gt 0 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}" >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+(cd "$repo" && cargo build --quiet --release -p kennel-gateway --features kennel-core/testing --example https_bench)
+GW="$CARGO_TARGET_DIR/release/examples/https_bench"
+
+work=$(mktemp -d /tmp/kh.XXXXXX)
+chmod 755 "$work"  # nginx workers run as another user
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for f in nginx backend; do
+    [ -f "$work/$f.pid" ] && kill "$(cat "$work/$f.pid")" 2>/dev/null || true
+  done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+free() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+bport=$(free); nport=$(free); kport=$(free)
+mkdir -p "$work/www"
+printf 'ok\n' >"$work/www/tiny"
+head -c $((1 << 20)) /dev/zero >"$work/www/big"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+  -subj "/CN=app.bench.test" -addext "subjectAltName=DNS:app.bench.test" \
+  -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+cat >"$work/nginx.conf" <<CONF
+worker_processes 1;
+pid $work/nginx.pid;
+error_log $work/error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $work/tmp;
+  proxy_temp_path $work/tmp;
+  sendfile on;
+  upstream backend { server 127.0.0.1:$bport; keepalive 64; }
+  server {
+    listen 127.0.0.1:$nport ssl http2;
+    ssl_certificate $work/cert.pem;
+    ssl_certificate_key $work/key.pem;
+    location / {
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$remote_addr;
+      proxy_buffering on;
+      proxy_buffer_size 64k;
+      proxy_buffers 16 64k;
+      proxy_max_temp_file_size 0;
+    }
+  }
+}
+CONF
+# The backend: an nginx of its own, so the proxy's columns are the proxy's.
+cat >"$work/backend.conf" <<CONF
+worker_processes 1;
+pid $work/backend.pid;
+error_log $work/backend-error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $work/tmp;
+  sendfile on;
+  server { listen 127.0.0.1:$bport; root $work/www; }
+}
+CONF
+mkdir -p "$work/tmp"
+taskset -c 0 "$NGINX" -c "$work/backend.conf"
+taskset -c 0 "$NGINX" -c "$work/nginx.conf"
+taskset -c 0 "$GW" "127.0.0.1:$bport" "$kport" bench.test "$work/ca" >"$work/gw.log" 2>&1 &
+gw=$!
+pids+=("$gw")
+until grep -q ready "$work/gw.log" 2>/dev/null; do sleep 0.1; done
+sleep 0.3
+nginx_worker=$(pgrep -P "$(cat "$work/nginx.pid")" | head -1)
+[ "$(curl -s -o /dev/null -w "%{size_download}" "http://127.0.0.1:$bport/big")" = 1048576 ] || { echo "the backend does not serve /big" >&2; exit 1; }
+
+cpu_ms() { awk '{print ($14 + $15) * 1000 / '"$(getconf CLK_TCK)"'}' "/proc/$1/stat"; }
+rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+
+# run URL PID|- h1|h2 [h2load --connect-to]  -> "rps p50 p99 cpu_ms_per_10k"
+run() {
+  local url=$1 pid=$2 proto=$3 connect=${4:-} before after out rps p50 p99 n
+  before=$([ "$pid" = - ] && echo 0 || cpu_ms "$pid")
+  if [ "$proto" = h1 ]; then
+    out=$(taskset -c 1 wrk -t1 -c32 -d"${secs}s" --latency -H "Host: app.bench.test" "$url" 2>&1)
+    rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+    p50=$(awk '$1=="50%" {print $2}' <<<"$out")
+    p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+    n=$(awk '/requests in/ {print $1}' <<<"$out")
+  else
+    out=$(taskset -c 1 h2load -D "$secs" -c 8 -m 16 -t 1 ${connect:+--connect-to=$connect} "$url" 2>&1)
+    rps=$(awk '/^finished in/ {gsub(",",""); print $4}' <<<"$out")
+    p50=-; p99=-
+    n=$(awk '/^requests:/ {print $8}' <<<"$out")
+  fi
+  after=$([ "$pid" = - ] && echo 0 || cpu_ms "$pid")
+  local per10k=-
+  if [ "$pid" != - ] && [ "${n:-0}" -gt 0 ] 2>/dev/null; then
+    per10k=$(awk -v a="$after" -v b="$before" -v n="$n" 'BEGIN {printf "%.0f", (a - b) * 10000 / n}')
+  fi
+  echo "${rps:-0} ${p50:--} ${p99:--} $per10k"
+}
+
+row() { printf '%-8s %-6s %-6s %12s %8s %10s %10s %12s %10s\n' "$@"; }
+row proxy proto size "req/s" "x nginx" p50 p99 "cpu ms/10k" "rss KiB"
+for size in tiny big; do
+  read -r drps dp50 dp99 _ <<<"$(run "http://127.0.0.1:$bport/$size" - h1)"
+  row direct h1 "$size" "$drps" - "$dp50" "$dp99" - -
+  for proto in h1 h2; do
+    if [ "$proto" = h1 ]; then
+      read -r nrps np50 np99 ncpu <<<"$(run "https://127.0.0.1:$nport/$size" "$nginx_worker" h1)"
+      read -r krps kp50 kp99 kcpu <<<"$(run "https://127.0.0.1:$kport/$size" "$gw" h1)"
+    else
+      read -r nrps np50 np99 ncpu <<<"$(run "https://127.0.0.1:$nport/$size" "$nginx_worker" h2)"
+      read -r krps kp50 kp99 kcpu <<<"$(run "https://app.bench.test:$kport/$size" "$gw" h2 "127.0.0.1:$kport")"
+    fi
+    ratio=$(awk -v k="$krps" -v n="$nrps" 'BEGIN {if (n>0) printf "%.2f", k/n; else print "-"}')
+    row nginx "$proto" "$size" "$nrps" 1.00 "$np50" "$np99" "$ncpu" "$(rss_kib "$nginx_worker")"
+    row kennel "$proto" "$size" "$krps" "$ratio" "$kp50" "$kp99" "$kcpu" "$(rss_kib "$gw")"
+  done
+done
+echo "(proxies, and the backend nginx, pinned to CPU 0; wrk and h2load to CPU 1. p50/p99 from wrk; h2load reports no percentiles.)"
