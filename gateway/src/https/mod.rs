@@ -85,6 +85,8 @@ impl Default for HttpsSettings {
 
 /// Who asks to enter which project, how.
 type DecisionKey = (Option<kennel_core::model::UserId>, ProjectName, Entry);
+/// A session cookie's value and the host it was sent to.
+type SessionKey = (String, String);
 /// The project (may be entered) and where its app answers, if running.
 type Decided = (kennel_core::model::Project, Option<kennel_core::VmReach>);
 
@@ -148,7 +150,7 @@ struct Inner {
     /// store has not changed, and for at most [`CACHE_FOR`], so most
     /// requests cost no round trip to the store.
     decisions: Mutex<HashMap<DecisionKey, Cached<Option<Decided>>>>,
-    sessions: Mutex<HashMap<(String, String), Cached<Option<User>>>>,
+    sessions: Mutex<HashMap<SessionKey, Cached<Option<User>>>>,
     /// Projects being woken by a browser's visit.
     waking: Arc<Mutex<HashSet<ProjectName>>>,
 }
