@@ -692,7 +692,7 @@ fn write_block(b: &Block, f: Format) -> String {
     }
 }
 
-/// Escapes text for HTML (Matrix messages).
+/// Escapes text for HTML (Matrix messages, the web gateway's pages).
 pub fn escape_html(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {

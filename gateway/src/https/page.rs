@@ -7,21 +7,8 @@ use http_body_util::{BodyExt, Empty, Full};
 
 use super::Body;
 
-/// Text made safe inside HTML.
-pub fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+/// Text made safe inside HTML (core's escaping, as for Matrix).
+pub use kennel_core::render::escape_html as esc;
 
 pub fn empty() -> Body {
     Empty::<Bytes>::new()
