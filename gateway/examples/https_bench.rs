@@ -10,7 +10,9 @@ use kennel_core::testing::World;
 use kennel_core::Settings;
 use kennel_gateway::https::{tls, HttpsGateway, HttpsSettings};
 
-#[tokio::main]
+// One worker thread, as nginx runs one worker process here: both are pinned
+// to one CPU.
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() {
     let a: Vec<String> = std::env::args().collect();
     let (backend, port, domain, dir) = (&a[1], a[2].parse::<u16>().unwrap(), &a[3], &a[4]);
