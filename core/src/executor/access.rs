@@ -3,27 +3,14 @@
 
 use super::{identity_hint, Call, Event, Executor, MAX_REQUEST_NOTE_CHARS};
 use crate::keys::{Fingerprint, PublicKey};
-use crate::model::{Project, RequestState, Role, User};
+use crate::model::{RequestState, Role, User};
 use crate::names::{ProjectName, UserName};
 use crate::outcome::{CommandError, Outcome, Reply, UserSummary};
-use crate::policy;
 use crate::provision::ProvisionError;
 use crate::store::repo;
 use crate::store::StoreError;
 
 impl Executor {
-    /// Decides whether `user` may enter `project` over SSH (owner, an SSH
-    /// share, or an admin): core's one entry decision, [`policy::may_enter`].
-    pub async fn ssh_access(
-        &self,
-        user: &User,
-        project: &ProjectName,
-    ) -> Result<Project, CommandError> {
-        self.gate()
-            .may_enter(Some(user), project, policy::Entry::Ssh)
-            .await
-    }
-
     pub(super) async fn whoami(&self, call: &Call<'_>) -> Outcome {
         let user = match call.user {
             Some(u) => Some(self.summary(u.clone()).await?),

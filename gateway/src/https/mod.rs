@@ -30,7 +30,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use kennel_core::model::{Frontend, Identity, User};
+use kennel_core::model::User;
 use kennel_core::names::ProjectName;
 use kennel_core::policy::Entry;
 use kennel_core::provision::NoProgress;
@@ -507,21 +507,19 @@ impl Inner {
         let Some((project, reach)) = self.decide(user.as_ref(), &name, entry).await else {
             return self.not_open(&req, user.as_ref());
         };
-        let reach = match reach {
-            Some(r) => r,
+        // Decided before waking: nothing would answer on another port.
+        if port.is_some() {
+            return page::status(
+                StatusCode::NOT_IMPLEMENTED,
+                "Kennel does not reach a VM's other ports over the web yet; use 'ssh -L PORT:localhost:PORT NAME@HOST'.",
+            );
+        }
+        let addr = match reach {
+            Some(r) => r.app_addr,
             None => match self.reach_or_wake(&req, &project.name, user.as_ref()).await {
-                Ok(r) => r,
+                Ok(r) => r.app_addr,
                 Err(resp) => return resp,
             },
-        };
-        let addr = match port {
-            None => reach.app_addr,
-            Some(_) => {
-                return page::status(
-                    StatusCode::NOT_IMPLEMENTED,
-                    "Kennel does not reach a VM's other ports over the web yet; use 'ssh -L PORT:localhost:PORT NAME@HOST'.",
-                )
-            }
         };
         let fwd = Forwarded {
             peer: peer.ip(),
@@ -553,7 +551,7 @@ impl Inner {
         }
         let actor = match user {
             Some(u) => Actor::User {
-                identity: Identity::new(Frontend::Http, format!("web:{}", u.name)),
+                identity: site::web_identity(u),
                 user: u.clone(),
             },
             None => Actor::System {

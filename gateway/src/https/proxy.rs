@@ -143,10 +143,7 @@ impl Inner {
             set(&mut h, "x-forwarded-host", &fwd.host);
         }
         // The app sees the name the visitor used (HTTP/2 has no Host).
-        let host_value = match self.https_port {
-            443 => fwd.host.clone(),
-            p => format!("{}:{p}", fwd.host),
-        };
+        let host_value = format!("{}{}", fwd.host, self.port_suffix());
         set(&mut h, "host", &host_value);
         if let Some((user, email)) = &fwd.user {
             set(&mut h, "x-kennel-user", user);

@@ -163,19 +163,14 @@ impl Inner {
             return self.not_open(req, Some(&user));
         }
         match self.gate.mint_handoff(&user, &target).await {
-            Ok(code) => {
-                let port = match self.https_port {
-                    443 => String::new(),
-                    p => format!(":{p}"),
-                };
-                page::redirect(
-                    StatusCode::FOUND,
-                    &format!(
-                        "https://{target}{port}/__kennel/handoff?code={code}&to={}",
-                        super::pct(&to)
-                    ),
-                )
-            }
+            Ok(code) => page::redirect(
+                StatusCode::FOUND,
+                &format!(
+                    "https://{target}{}/__kennel/handoff?code={code}&to={}",
+                    self.port_suffix(),
+                    super::pct(&to)
+                ),
+            ),
             Err(e) => {
                 tracing::error!(error = %e, "cannot hand a session over");
                 page::status(
@@ -253,11 +248,15 @@ impl Inner {
             return true;
         };
         let host = route::host_of(req).unwrap_or_default();
-        let port = match self.https_port {
+        origin == format!("https://{host}{}", self.port_suffix())
+    }
+
+    /// `:PORT` in URLs Kennel hands out, or nothing for 443.
+    pub(super) fn port_suffix(&self) -> String {
+        match self.https_port {
             443 => String::new(),
             p => format!(":{p}"),
-        };
-        origin == format!("https://{host}{port}")
+        }
     }
 }
 
@@ -269,6 +268,7 @@ fn used_up() -> Response<Body> {
     )
 }
 
-fn web_identity(user: &kennel_core::User) -> Identity {
+/// How the audit log and the VM state service name a web visitor.
+pub(super) fn web_identity(user: &kennel_core::User) -> Identity {
     Identity::new(Frontend::Http, format!("web:{}", user.name))
 }
