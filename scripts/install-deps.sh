@@ -55,6 +55,8 @@ checks=(
   "curl|curl|test"
   "chromium|chromium|test"
   "chromedriver|chromium-driver|test"
+  "pebble|pebble|test"
+  "pebble-challtestsrv|pebble|test"
   "python3|python3|test"
   "fn:have_venv|python3-venv|test"
 )

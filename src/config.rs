@@ -106,6 +106,49 @@ pub struct HttpsConfig {
     /// Load balancers in front of Kennel whose `X-Forwarded-*` headers
     /// are believed.
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Certificates from an ACME CA (Let's Encrypt) instead of files or
+    /// the development CA.
+    pub acme: Option<AcmeConfig>,
+}
+
+/// `[https.acme]`: certificates from an ACME CA, per host by TLS-ALPN-01
+/// (the CA must reach `https.listen` on port 443), or one wildcard by
+/// DNS-01 when `dns_hook` is set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AcmeConfig {
+    /// The CA's directory URL.
+    pub directory: String,
+    /// Contact URLs for the account, e.g. `["mailto:ops@example.com"]`.
+    pub contact: Vec<String>,
+    /// Extra PEM roots for the CA's own HTTPS (a private or test CA).
+    pub ca_roots: Option<PathBuf>,
+    /// A command run as `HOOK set|clear _acme-challenge.DOMAIN. VALUE` to
+    /// publish DNS-01 records; with it, one `*.DOMAIN` certificate.
+    pub dns_hook: Option<PathBuf>,
+    /// Seconds to wait after the hook before the CA looks.
+    pub dns_wait_secs: u64,
+    /// Renew this many days before expiry.
+    pub renew_before_days: u64,
+    /// Seconds between renewal checks.
+    pub check_every_secs: u64,
+    /// New orders per hour at most.
+    pub orders_per_hour: u32,
+}
+
+impl Default for AcmeConfig {
+    fn default() -> Self {
+        Self {
+            directory: "https://acme-v02.api.letsencrypt.org/directory".into(),
+            contact: Vec::new(),
+            ca_roots: None,
+            dns_hook: None,
+            dns_wait_secs: 30,
+            renew_before_days: 30,
+            check_every_secs: 3600,
+            orders_per_hour: 30,
+        }
+    }
 }
 
 /// Project VMs.
@@ -169,6 +212,7 @@ impl Default for HttpsConfig {
             cert: None,
             key: None,
             trusted_proxies: Vec::new(),
+            acme: None,
         }
     }
 }
@@ -204,6 +248,17 @@ impl Config {
         self.admin_identities()?;
         if self.https.domain.is_empty() || self.https.domain.contains(['/', ' ', ':']) {
             bail!("https.domain {:?} is not a domain name", self.https.domain);
+        }
+        if self.https.acme.is_some() && self.https.cert.is_some() {
+            bail!("https.acme and https.cert are two sources of certificates: keep one");
+        }
+        if let Some(a) = &self.https.acme {
+            if !a.directory.starts_with("https://") {
+                bail!(
+                    "https.acme.directory {:?} must be an https:// URL",
+                    a.directory
+                );
+            }
         }
         if self.https.cert.is_some() != self.https.key.is_some() {
             bail!("https.cert and https.key go together: set both (certificate files) or neither (a development CA)");

@@ -230,6 +230,24 @@ fn tls_check(config: &Config) -> Check {
                 Some("point https.cert and https.key at a PEM chain for DOMAIN and *.DOMAIN and its key"),
             ),
         },
+        tls::TlsSource::Acme { settings, domain } => check(
+            "https certificate",
+            Status::Ok,
+            match &settings.dns_hook {
+                Some(hook) => format!(
+                    "ACME ({}): one certificate for {domain} and *.{domain} by DNS-01 through {}; kept in {}",
+                    settings.directory,
+                    hook.display(),
+                    settings.dir.display()
+                ),
+                None => format!(
+                    "ACME ({}): a certificate per project host by TLS-ALPN-01 (the CA must reach this host on port 443); kept in {}",
+                    settings.directory,
+                    settings.dir.display()
+                ),
+            },
+            None,
+        ),
         tls::TlsSource::DevCa { dir, domain } => check(
             "https certificate",
             Status::Ok,

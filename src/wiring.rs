@@ -123,10 +123,27 @@ pub async fn reconcile(exec: &Executor, local: &LocalProvisioner) -> Result<()> 
     Ok(())
 }
 
-/// Where the HTTPS gateway's certificate comes from: the configured files,
-/// or the development CA in the data dir.
+/// Where the HTTPS gateway's certificate comes from: an ACME CA, the
+/// configured files, or the development CA in the data dir.
 pub fn tls_source(config: &Config, dir: &DataDir) -> kennel_gateway::https::tls::TlsSource {
     use kennel_gateway::https::tls::TlsSource;
+    if let Some(a) = &config.https.acme {
+        let mut s = kennel_gateway::https::acme::AcmeSettings::new(
+            a.directory.clone(),
+            dir.root().join("acme"),
+        );
+        s.contact = a.contact.clone();
+        s.ca_roots = a.ca_roots.clone();
+        s.dns_hook = a.dns_hook.clone();
+        s.dns_wait = std::time::Duration::from_secs(a.dns_wait_secs);
+        s.renew_before = std::time::Duration::from_secs(a.renew_before_days.saturating_mul(86_400));
+        s.check_every = std::time::Duration::from_secs(a.check_every_secs.max(1));
+        s.orders_per_hour = a.orders_per_hour;
+        return TlsSource::Acme {
+            settings: s,
+            domain: config.https.domain.clone(),
+        };
+    }
     match (&config.https.cert, &config.https.key) {
         (Some(cert), Some(key)) => TlsSource::Files {
             cert: cert.clone(),

@@ -16,6 +16,7 @@ pub mod ch_double;
 pub mod discord_fake;
 #[cfg(feature = "matrix")]
 pub mod matrix_client;
+pub mod pebble;
 pub mod ssh;
 pub mod synapse;
 

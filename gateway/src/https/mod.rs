@@ -16,6 +16,7 @@
 //! | `proxy.rs` | forwarding to the VM: headers, streaming, upgrades |
 //! | `route.rs` | host names to sites; safe redirect targets |
 //! | `tls.rs` | certificate files (reloaded) or a development CA |
+//! | `acme.rs` | certificates from an ACME CA (TLS-ALPN-01 per host, or a DNS-01 wildcard), renewed |
 //! | `page.rs` | Kennel's own small pages |
 
 use std::collections::{HashMap, HashSet};
@@ -36,6 +37,7 @@ use kennel_core::policy::Entry;
 use kennel_core::provision::NoProgress;
 use kennel_core::{Actor, Executor, Gate};
 
+pub mod acme;
 mod page;
 mod proxy;
 pub mod route;
@@ -211,10 +213,17 @@ impl HttpsGateway {
     pub async fn run(
         self,
         listener: tokio::net::TcpListener,
-        tls: Arc<rustls::ServerConfig>,
+        tls: impl Into<tls::GatewayTls>,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> std::io::Result<()> {
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let tls: tls::GatewayTls = tls.into();
+        if let Some(acme) = tls.acme.clone() {
+            let gate = self.inner.clone();
+            tokio::spawn(acme.maintain(move |name| {
+                let gate = gate.clone();
+                async move { gate.may_certify(&name).await }
+            }));
+        }
         tokio::pin!(shutdown);
         loop {
             let (tcp, peer) = tokio::select! {
@@ -234,23 +243,26 @@ impl HttpsGateway {
                 continue;
             };
             let _ = tcp.set_nodelay(true);
-            let (inner, acceptor) = (self.inner.clone(), acceptor.clone());
+            let (inner, tls) = (self.inner.clone(), tls.clone());
             tokio::spawn(async move {
                 let _slot = slot;
-                let tls =
-                    match tokio::time::timeout(inner.s.handshake_timeout, acceptor.accept(tcp))
-                        .await
-                    {
-                        Ok(Ok(t)) => t,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
+                let tls = match tokio::time::timeout(
+                    inner.s.handshake_timeout,
+                    inner.handshake(&tls, tcp),
+                )
+                .await
+                {
+                    Ok(Ok(Some(t))) => t,
+                    Ok(Ok(None)) => return,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
                 inner.serve(TokioIo::new(tls), peer).await;
             });
         }
@@ -272,6 +284,57 @@ impl HttpsGateway {
 }
 
 impl Inner {
+    /// The TLS handshake. With ACME, the client's hello is read first: a
+    /// CA's TLS-ALPN-01 validation gets its challenge certificate (and no
+    /// HTTP), and a name Kennel serves but holds no certificate for yet is
+    /// certified before the handshake goes on. `None`: a validation,
+    /// answered.
+    async fn handshake(
+        &self,
+        tls: &tls::GatewayTls,
+        tcp: tokio::net::TcpStream,
+    ) -> std::io::Result<Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
+        let Some(acme) = &tls.acme else {
+            return tokio_rustls::TlsAcceptor::from(tls.config.clone())
+                .accept(tcp)
+                .await
+                .map(Some);
+        };
+        let start =
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+        let hello = start.client_hello();
+        let validation = hello
+            .alpn()
+            .is_some_and(|mut a| a.any(|p| p == acme::ACME_TLS_ALPN));
+        if validation {
+            // The CA closes the connection once it has seen the certificate.
+            let _ = start.into_stream(acme.challenge_config()).await;
+            return Ok(None);
+        }
+        let name = hello.server_name().map(str::to_ascii_lowercase);
+        if let Some(name) = name.filter(|n| acme.needs(n)) {
+            if self.may_certify(&name).await {
+                // Its own task: the order finishes even if this client
+                // goes away; the handshake waits for it within its timeout.
+                let (acme, n) = (acme.clone(), name.clone());
+                let order = tokio::spawn(async move { acme.obtain(&n).await });
+                let _ = order.await;
+            }
+        }
+        start.into_stream(tls.config.clone()).await.map(Some)
+    }
+
+    /// Whether Kennel would serve `name`: its own host, or a project's
+    /// (another port too) that is in the store. Only such names are sent
+    /// to the ACME CA.
+    async fn may_certify(&self, name: &str) -> bool {
+        match route::classify(name, &self.domain) {
+            Site::Kennel => true,
+            Site::Project { name, .. } => self.gate.project_exists(&name).await.unwrap_or(false),
+            Site::Unknown => false,
+        }
+    }
+
     /// The pooled client for an app at `addr` on `port`.
     fn client(&self, addr: &str, port: u16) -> Client<HttpConnector, Incoming> {
         let mut clients = self

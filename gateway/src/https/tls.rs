@@ -48,14 +48,42 @@ pub enum TlsSource {
     /// A local development CA in `dir` (made on first use) and a leaf
     /// for `domain` and `*.domain`.
     DevCa { dir: PathBuf, domain: String },
+    /// An ACME CA: per-host certificates by TLS-ALPN-01, or a wildcard
+    /// by DNS-01 through a hook.
+    Acme {
+        settings: super::acme::AcmeSettings,
+        domain: String,
+    },
 }
 
-/// The rustls server configuration for `source`: HTTP/2 and HTTP/1.1 by
-/// ALPN, ring as the crypto provider.
-pub fn server_config(source: &TlsSource) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+/// What the gateway's listener needs for TLS: the configuration for
+/// clients, and the ACME source when certificates come from one (its
+/// validations are answered, and names certified, during the handshake).
+#[derive(Debug, Clone)]
+pub struct GatewayTls {
+    pub config: Arc<rustls::ServerConfig>,
+    pub acme: Option<Arc<super::acme::Acme>>,
+}
+
+impl From<Arc<rustls::ServerConfig>> for GatewayTls {
+    fn from(config: Arc<rustls::ServerConfig>) -> Self {
+        Self { config, acme: None }
+    }
+}
+
+/// The TLS set-up for `source`: HTTP/2 and HTTP/1.1 by ALPN, ring as
+/// the crypto provider.
+pub fn server_config(source: &TlsSource) -> Result<GatewayTls, TlsError> {
+    let mut acme = None;
     let resolver: Arc<dyn ResolvesServerCert> = match source {
         TlsSource::Files { cert, key } => Arc::new(FileCert::load(cert, key)?),
         TlsSource::DevCa { dir, domain } => Arc::new(DevCa::open(dir, domain)?),
+        TlsSource::Acme { settings, domain } => {
+            let a = super::acme::Acme::open(settings.clone(), domain)
+                .map_err(|e| TlsError::Generate(e.to_string()))?;
+            acme = Some(a.clone());
+            a
+        }
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -64,10 +92,13 @@ pub fn server_config(source: &TlsSource) -> Result<Arc<rustls::ServerConfig>, Tl
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok(GatewayTls {
+        config: Arc::new(config),
+        acme,
+    })
 }
 
-fn certified(
+pub(super) fn certified(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<Arc<CertifiedKey>, TlsError> {
