@@ -39,6 +39,7 @@ pub async fn run(config: &Config) -> Result<()> {
         exec.clone(),
         kennel_gateway::ssh::SshSettings::default(),
     );
+    let links = gateway.links();
     let (stop_ssh, ssh_stopped) = tokio::sync::oneshot::channel::<()>();
     let ssh_task = tokio::spawn(gateway.run(listener, key, async move {
         let _ = ssh_stopped.await;
@@ -56,12 +57,14 @@ pub async fn run(config: &Config) -> Result<()> {
             )
         })?;
     let https_addr = https_listener.local_addr()?;
-    let https = kennel_gateway::https::HttpsGateway::new(
+    // One connection per VM for both gateways.
+    let https = kennel_gateway::https::HttpsGateway::with_links(
         &exec,
         kennel_gateway::https::HttpsSettings {
             trusted_proxies: config.https.trusted_proxies.clone(),
             ..Default::default()
         },
+        links,
     );
     let (stop_https, https_stopped) = tokio::sync::oneshot::channel::<()>();
     let https_task = tokio::spawn(https.run(https_listener, tls, async move {

@@ -1,6 +1,7 @@
 //! The HTTPS gateway in front of a real guest (QEMU/TCG): a Node server
 //! in the VM answers through `kennel serve`'s gateway, over HTTP/1.1 and
-//! HTTP/2 with curl, `port` moves a running VM's app at once, and a
+//! HTTP/2 with curl, `port` moves a running VM's app at once, another port
+//! of the VM is reached through its sshd for a signed-in user, and a
 //! stopped project wakes on a request.
 
 #![allow(
@@ -46,6 +47,54 @@ fn curl(k: &Kennel, host: &str, path: &str, extra: &[&str]) -> (String, String) 
         String::from_utf8_lossy(&out.stderr)
     );
     (code.to_owned(), body.to_owned())
+}
+
+/// Signs a cookie jar in as the console's admin: the `login` link,
+/// confirmed by its POST.
+fn sign_in(k: &Kennel) -> std::path::PathBuf {
+    let out = k.exec_ok("login");
+    let url = out
+        .split_whitespace()
+        .find(|w| w.starts_with("https://"))
+        .unwrap_or_else(|| panic!("no link in {out}"))
+        .to_owned();
+    let jar = k.dir.join("cookies");
+    let ca = k.dir.join("kennel-data/tls/dev-ca/ca.pem");
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "POST",
+            "--cacert",
+        ])
+        .arg(&ca)
+        .arg("-c")
+        .arg(&jar)
+        .arg("--resolve")
+        .arg(format!("localhost:{}:127.0.0.1", k.https_port))
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "303", "{out:?}");
+    jar
+}
+
+/// A browser-like visit with the signed-in jar: the hand-over redirects
+/// through Kennel's host are followed.
+fn curl_signed_in(k: &Kennel, jar: &std::path::Path, host: &str, path: &str) -> (String, String) {
+    let mut extra: Vec<String> = vec!["-L".into(), "-H".into(), "Accept: text/html".into()];
+    for flag in ["-b", "-c"] {
+        extra.push(flag.into());
+        extra.push(jar.display().to_string());
+    }
+    extra.push("--resolve".into());
+    extra.push(format!("localhost:{}:127.0.0.1", k.https_port));
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    curl(k, host, path, &extra)
 }
 
 #[test]
@@ -100,6 +149,21 @@ fn a_guest_app_answers_through_the_https_gateway_and_wakes_on_a_request() {
         serde_json::from_str::<serde_json::Value>(&body).unwrap()["port"],
         3001
     );
+    // Another port of the VM (`NAME--PORT`), reached through the VM's
+    // sshd: private even though the project is public.
+    let other = "site--3000.localhost";
+    let (code, _) = curl(&k, other, "/", &[]);
+    assert!(code.starts_with("401"), "{code}");
+    let jar = sign_in(&k);
+    let (code, body) = curl_signed_in(&k, &jar, other, "/via-ssh");
+    assert!(code.starts_with("200"), "{code} {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["port"], 3000, "{v}");
+    assert_eq!(v["path"], "/via-ssh");
+    assert!(v["headers"]["x-kennel-user"].is_string(), "{v}");
+    // Nothing listens on that port: the gateway says so.
+    let (code, _) = curl_signed_in(&k, &jar, "site--3999.localhost", "/");
+    assert!(code.starts_with("502"), "{code}");
     // Stopped: a request wakes it (the server is not started again by
     // itself, so the app then says it is not answering).
     k.exec_ok("stop site");

@@ -9,4 +9,5 @@
 
 pub mod https;
 pub mod ssh;
+pub mod vmlink;
 pub use russh::keys::PrivateKey as HostKey;

@@ -187,6 +187,7 @@ impl Gw {
             format!("web.{DOMAIN}"),
             format!("other.{DOMAIN}"),
             format!("nosuch.{DOMAIN}"),
+            format!("web--8080.{DOMAIN}"),
         ] {
             args.push("--resolve".into());
             args.push(format!("{h}:{}:127.0.0.1", self.port));
@@ -492,6 +493,9 @@ async fn shares_public_and_private() {
     let (code, _, body) = gw.curl(&format!("web.{DOMAIN}"), "/", &[ANON]).await;
     assert!(code.starts_with("200"), "{code} {body}");
     assert!(json(&body).get("x-kennel-user").is_none(), "{body}");
+    // Its other ports stay private.
+    let (code, _, _) = gw.curl(&format!("web--8080.{DOMAIN}"), "/", &[ANON]).await;
+    assert!(code.starts_with("401"), "{code}");
     gw.w.run(&gw.w.admin, "private web").await.unwrap();
     let (code, _, _) = gw.curl(&format!("web.{DOMAIN}"), "/", &[ANON]).await;
     assert!(code.starts_with("401"), "{code}");
@@ -523,9 +527,13 @@ async fn a_stopped_project_wakes_on_a_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn websockets_pass_through() {
+async fn websockets_pass_through_and_idle_ones_are_closed() {
     use futures_util::{SinkExt, StreamExt};
-    let gw = gateway().await;
+    let gw = gateway_with(HttpsSettings {
+        upgrade_idle_timeout: Duration::from_secs(2),
+        ..HttpsSettings::default()
+    })
+    .await;
     gw.project("web").await;
     gw.w.run(&gw.w.admin, "public web").await.unwrap();
     let mut roots = rustls::RootCertStore::empty();
@@ -560,6 +568,11 @@ async fn websockets_pass_through() {
         let back = ws.next().await.unwrap().unwrap();
         assert_eq!(back.into_text().unwrap(), format!("hello {i}"));
     }
+    // Silent both ways for longer than the upgrade idle timeout: closed.
+    let end = tokio::time::timeout(Duration::from_secs(15), ws.next())
+        .await
+        .expect("an idle WebSocket is closed");
+    assert!(!matches!(end, Some(Ok(ref m)) if m.is_text()), "{end:?}");
     let _ = gw.app;
 }
 

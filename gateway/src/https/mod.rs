@@ -69,6 +69,9 @@ pub struct HttpsSettings {
     pub wake_wait: Duration,
     pub max_header_bytes: usize,
     pub max_h2_streams: u32,
+    /// An upgraded connection (WebSocket) with no bytes either way for
+    /// this long is closed (HMR sockets ping far more often).
+    pub upgrade_idle_timeout: Duration,
 }
 
 impl Default for HttpsSettings {
@@ -81,6 +84,7 @@ impl Default for HttpsSettings {
             wake_wait: Duration::from_secs(60),
             max_header_bytes: 64 * 1024,
             max_h2_streams: 128,
+            upgrade_idle_timeout: Duration::from_secs(3600),
         }
     }
 }
@@ -90,7 +94,10 @@ type DecisionKey = (Option<kennel_core::model::UserId>, ProjectName, Entry);
 /// A session cookie's value and the host it was sent to.
 type SessionKey = (String, String);
 /// The project (may be entered) and where its app answers, if running.
-type Decided = (kennel_core::model::Project, Option<kennel_core::VmReach>);
+type Decided = Arc<(kennel_core::model::Project, Option<kennel_core::VmReach>)>;
+
+/// A keep-alive pool to one app.
+type AppClient = Client<HttpConnector, Incoming>;
 
 /// A cached answer and the store's change count it was read at.
 #[derive(Debug, Clone)]
@@ -144,9 +151,10 @@ struct Inner {
     s: HttpsSettings,
     domain: String,
     https_port: u16,
-    /// Keep-alive pools to apps, one per (app address, app port): when
-    /// `port` moves an app, connections to the old port are not reused.
-    clients: Mutex<HashMap<(String, u16), Client<HttpConnector, Incoming>>>,
+    /// Keep-alive pools to apps, one per app address and its app port:
+    /// when `port` moves an app, connections to the old port are not
+    /// reused.
+    clients: Mutex<HashMap<String, (u16, AppClient)>>,
     conns: Mutex<HashMap<IpAddr, usize>>,
     /// Entry decisions (with the route), and sessions: kept while the
     /// store has not changed, and for at most [`CACHE_FOR`], so most
@@ -155,6 +163,8 @@ struct Inner {
     sessions: Mutex<HashMap<SessionKey, Cached<Option<User>>>>,
     /// Projects being woken by a browser's visit.
     waking: Arc<Mutex<HashSet<ProjectName>>>,
+    /// Connections into VMs through their sshd, for other ports.
+    links: Arc<crate::vmlink::VmLinks>,
 }
 
 /// The HTTPS gateway.
@@ -193,6 +203,16 @@ impl Drop for ConnSlot {
 impl HttpsGateway {
     /// A gateway for `exec`'s projects, on the domain and port of its settings.
     pub fn new(exec: &Executor, s: HttpsSettings) -> Self {
+        Self::with_links(exec, s, crate::vmlink::VmLinks::new(exec.gate()))
+    }
+
+    /// A gateway that reaches VMs' other ports through `links` (shared
+    /// with the SSH gateway: one connection per VM for both).
+    pub fn with_links(
+        exec: &Executor,
+        s: HttpsSettings,
+        links: Arc<crate::vmlink::VmLinks>,
+    ) -> Self {
         let settings = exec.settings();
         Self {
             inner: Arc::new(Inner {
@@ -205,6 +225,7 @@ impl HttpsGateway {
                 waking: Arc::default(),
                 decisions: Mutex::new(HashMap::new()),
                 sessions: Mutex::new(HashMap::new()),
+                links,
             }),
         }
     }
@@ -341,11 +362,13 @@ impl Inner {
             .clients
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(c) = clients.get(&(addr.to_owned(), port)) {
-            return c.clone();
+        // Looked up by `&str`: no allocation on the way of every request.
+        if let Some((p, c)) = clients.get(addr) {
+            if *p == port {
+                return c.clone();
+            }
         }
         // The app moved (or is new): its old pool goes.
-        clients.retain(|(a, _), _| a != addr);
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.set_connect_timeout(Some(Duration::from_secs(10)));
@@ -355,7 +378,7 @@ impl Inner {
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .build(http);
-        clients.insert((addr.to_owned(), port), c.clone());
+        clients.insert(addr.to_owned(), (port, c.clone()));
         c
     }
 
@@ -493,7 +516,7 @@ impl Inner {
         }
         let decided = match self.gate.may_enter(user, name, entry).await {
             Ok(p) => match self.gate.reach(&p.name).await {
-                Ok(r) => Some((p, r)),
+                Ok(r) => Some(Arc::new((p, r))),
                 Err(_) => return None,
             },
             Err(kennel_core::CommandError::Store(_)) => return None,
@@ -567,30 +590,36 @@ impl Inner {
         } else {
             Entry::Web
         };
-        let Some((project, reach)) = self.decide(user.as_ref(), &name, entry).await else {
+        let Some(decided) = self.decide(user.as_ref(), &name, entry).await else {
             return self.not_open(&req, user.as_ref());
         };
-        // Decided before waking: nothing would answer on another port.
-        if port.is_some() {
-            return page::status(
-                StatusCode::NOT_IMPLEMENTED,
-                "Kennel does not reach a VM's other ports over the web yet; use 'ssh -L PORT:localhost:PORT NAME@HOST'.",
-            );
-        }
-        let addr = match reach {
-            Some(r) => r.app_addr,
-            None => match self.reach_or_wake(&req, &project.name, user.as_ref()).await {
-                Ok(r) => r.app_addr,
-                Err(resp) => return resp,
-            },
-        };
+        let (project, reach) = (&decided.0, &decided.1);
         let fwd = Forwarded {
             peer: peer.ip(),
             host: host.to_owned(),
-            user: user.map(|u| (u.name.to_string(), None)),
+            user: user.clone().map(|u| (u.name.to_string(), None)),
         };
-        let client = self.client(&addr, project.app_port);
-        self.forward(req, &client, &addr, &fwd).await
+        if let Some(port) = port {
+            if reach.is_none() {
+                if let Err(resp) = self.reach_or_wake(&req, &project.name, user.as_ref()).await {
+                    return resp;
+                }
+            }
+            return self.forward_tunnel(req, &project.name, port, &fwd).await;
+        }
+        let woken;
+        let addr = match reach {
+            Some(r) => r.app_addr.as_str(),
+            None => match self.reach_or_wake(&req, &project.name, user.as_ref()).await {
+                Ok(r) => {
+                    woken = r.app_addr;
+                    woken.as_str()
+                }
+                Err(resp) => return resp,
+            },
+        };
+        let client = self.client(addr, project.app_port);
+        self.forward(req, &client, addr, &fwd).await
     }
 
     /// Where the app answers; a stopped VM is woken first: browsers get a

@@ -4,6 +4,10 @@
 //! upgrades (WebSocket) spliced.
 
 use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
@@ -25,6 +29,62 @@ const HOP_BY_HOP: &[&str] = &[
     "transfer-encoding",
     "upgrade",
 ];
+
+/// A stream that notes when bytes last went through it (milliseconds
+/// since `start`, shared by both sides of a spliced upgrade).
+struct Watched<S> {
+    inner: S,
+    seen: Arc<AtomicU64>,
+    start: std::time::Instant,
+}
+
+impl<S> Watched<S> {
+    fn new(inner: S, seen: &Arc<AtomicU64>, start: std::time::Instant) -> Self {
+        Self {
+            inner,
+            seen: seen.clone(),
+            start,
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.seen.store(ms, Ordering::Relaxed);
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
 
 /// Who the request is for, as the app is told.
 #[derive(Debug, Clone)]
@@ -86,15 +146,73 @@ fn without_kennel_cookies(h: &mut HeaderMap) {
     }
 }
 
+/// The request for the app, and the client's side of an upgrade it asks for.
+type Upstream = (Request<Incoming>, Option<hyper::upgrade::OnUpgrade>);
+
 impl Inner {
-    /// Forwards `req` to the app at `addr` (`host:port`).
+    /// Forwards `req` to the app at `addr` (`host:port`) on a pooled
+    /// connection.
     pub(super) async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         client: &Client<HttpConnector, Incoming>,
         addr: &str,
         fwd: &Forwarded,
     ) -> Response<Body> {
+        let (up, client_upgrade) = match self.upstream_request(req, Some(addr), fwd) {
+            Ok(u) => u,
+            Err(resp) => return resp,
+        };
+        let resp = client.request(up).await.map_err(|e| e.to_string());
+        self.relay(resp, client_upgrade, addr)
+    }
+
+    /// Forwards `req` to `port` on the VM's own loopback, through its
+    /// sshd (another port of a project: `NAME--PORT.DOMAIN`). One
+    /// connection per request: these are for a developer's other servers,
+    /// not for load.
+    pub(super) async fn forward_tunnel(
+        &self,
+        req: Request<Incoming>,
+        name: &kennel_core::names::ProjectName,
+        port: u16,
+        fwd: &Forwarded,
+    ) -> Response<Body> {
+        let (up, client_upgrade) = match self.upstream_request(req, None, fwd) {
+            Ok(u) => u,
+            Err(resp) => return resp,
+        };
+        let what = format!("port {port} in {name}");
+        let resp = async {
+            let stream = self
+                .links
+                .open_tcp(name, port)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (mut send, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            tokio::spawn(async move {
+                let _ = conn.with_upgrades().await;
+            });
+            send.send_request(up).await.map_err(|e| e.to_string())
+        }
+        .await;
+        self.relay(resp, client_upgrade, &what)
+    }
+
+    /// The upstream request, rebuilt from the parsed parts of `req`:
+    /// absolute (`http://ADDR/path`, for the pool) when `addr` is given,
+    /// else in origin form.
+    // The error is the answer to send, made once per refused request.
+    #[allow(clippy::result_large_err)]
+    fn upstream_request(
+        &self,
+        mut req: Request<Incoming>,
+        addr: Option<&str>,
+        fwd: &Forwarded,
+    ) -> Result<Upstream, Response<Body>> {
         let upgrade = upgrade_of(&req);
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
@@ -102,8 +220,15 @@ impl Inner {
             .uri
             .path_and_query()
             .map_or("/", http::uri::PathAndQuery::as_str);
-        let Ok(uri) = format!("http://{addr}{path}").parse::<http::Uri>() else {
-            return page::status(StatusCode::BAD_REQUEST, "That address is not valid.");
+        let uri = match addr {
+            Some(a) => format!("http://{a}{path}").parse::<http::Uri>(),
+            None => path.parse::<http::Uri>(),
+        };
+        let Ok(uri) = uri else {
+            return Err(page::status(
+                StatusCode::BAD_REQUEST,
+                "That address is not valid.",
+            ));
         };
         let mut h = parts.headers;
         strip_hop_by_hop(&mut h);
@@ -163,12 +288,26 @@ impl Inner {
             *hm = h;
         }
         let Ok(up) = up.body(body) else {
-            return page::status(StatusCode::BAD_REQUEST, "That request cannot be forwarded.");
+            return Err(page::status(
+                StatusCode::BAD_REQUEST,
+                "That request cannot be forwarded.",
+            ));
         };
-        let resp = match client.request(up).await {
+        Ok((up, client_upgrade))
+    }
+
+    /// The app's answer for the client: its headers cleaned, its body
+    /// streamed, an upgrade spliced.
+    fn relay(
+        &self,
+        resp: Result<Response<Incoming>, String>,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        what: &str,
+    ) -> Response<Body> {
+        let resp = match resp {
             Ok(r) => r,
             Err(e) => {
-                tracing::info!(%addr, error = %e, "the app did not answer");
+                tracing::info!(app = %what, error = %e, "the app did not answer");
                 return page::status(
                     StatusCode::BAD_GATEWAY,
                     "The app in this project is not answering on its port. Is its server running (and listening on 0.0.0.0)? 'port NAME PORT' changes the port Kennel forwards to.",
@@ -179,13 +318,32 @@ impl Inner {
             if let Some(client_upgrade) = client_upgrade {
                 let headers = resp.headers().clone();
                 let app_upgrade = hyper::upgrade::on(resp);
+                let idle = self.s.upgrade_idle_timeout;
                 tokio::spawn(async move {
                     let (Ok(client), Ok(app)) = tokio::join!(client_upgrade, app_upgrade) else {
                         return;
                     };
-                    let mut client = hyper_util::rt::TokioIo::new(client);
-                    let mut app = hyper_util::rt::TokioIo::new(app);
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut app).await;
+                    let seen = Arc::new(AtomicU64::new(0));
+                    let start = std::time::Instant::now();
+                    let mut client =
+                        Watched::new(hyper_util::rt::TokioIo::new(client), &seen, start);
+                    let mut app = Watched::new(hyper_util::rt::TokioIo::new(app), &seen, start);
+                    let copy = tokio::io::copy_bidirectional(&mut client, &mut app);
+                    tokio::pin!(copy);
+                    // Closed when neither side has sent a byte for `idle`.
+                    let tick = (idle / 4).max(std::time::Duration::from_millis(100));
+                    loop {
+                        tokio::select! {
+                            _ = &mut copy => return,
+                            () = tokio::time::sleep(tick) => {
+                                let last = std::time::Duration::from_millis(seen.load(Ordering::Relaxed));
+                                if start.elapsed().saturating_sub(last) >= idle {
+                                    tracing::debug!("closing an idle upgraded connection");
+                                    return;
+                                }
+                            }
+                        }
+                    }
                 });
                 let mut out = Response::new(page::empty());
                 *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

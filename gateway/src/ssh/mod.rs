@@ -42,7 +42,7 @@ use kennel_core::provision::{Progress, ProgressSink};
 use kennel_core::{Executor, Gate};
 use russh::keys::{HashAlg, PrivateKey};
 use russh::server::Msg;
-use russh::{client, ChannelId, ChannelWriteHalf, MethodKind, MethodSet, Pty, Sig};
+use russh::{ChannelId, ChannelWriteHalf, MethodKind, MethodSet, Pty, Sig};
 use tokio::sync::mpsc;
 
 mod bridge;
@@ -51,7 +51,7 @@ mod handler;
 mod limits;
 mod pool;
 
-pub use pool::{Upstream, UpstreamError};
+pub use crate::vmlink::{Upstream, UpstreamError};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -153,10 +153,6 @@ struct Counters {
     requests: HashMap<IpAddr, (u32, Instant)>,
 }
 
-/// A project's place in the upstream pool: its connection, if made, behind
-/// the lock its (one) connect holds.
-type PoolSlot = Arc<tokio::sync::Mutex<Option<Arc<client::Handle<Upstream>>>>>;
-
 /// Shared by every connection.
 struct Shared {
     /// Commands go through the front door.
@@ -165,10 +161,8 @@ struct Shared {
     gate: Gate,
     settings: SshSettings,
     counters: Mutex<Counters>,
-    /// One pooled connection per project's VM, each behind its own lock:
-    /// sessions into one project wait for its one connect, and a VM that
-    /// does not answer never holds up sessions into another.
-    upstreams: Mutex<HashMap<String, PoolSlot>>,
+    /// Connections into VMs (shared with the HTTPS gateway by `links`).
+    links: Arc<crate::vmlink::VmLinks>,
     next_id: AtomicU64,
 }
 
@@ -187,16 +181,32 @@ impl std::fmt::Debug for SshGateway {
 impl SshGateway {
     /// A gateway running commands through `exec`.
     pub fn new(exec: Executor, settings: SshSettings) -> Self {
+        let links = crate::vmlink::VmLinks::new(exec.gate());
+        Self::with_links(exec, settings, links)
+    }
+
+    /// A gateway whose connections into VMs are `links` (shared with the
+    /// HTTPS gateway).
+    pub fn with_links(
+        exec: Executor,
+        settings: SshSettings,
+        links: Arc<crate::vmlink::VmLinks>,
+    ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 gate: exec.gate(),
                 exec,
                 settings,
                 counters: Mutex::new(Counters::default()),
-                upstreams: Mutex::new(HashMap::new()),
+                links,
                 next_id: AtomicU64::new(1),
             }),
         }
+    }
+
+    /// Its connections into VMs.
+    pub fn links(&self) -> Arc<crate::vmlink::VmLinks> {
+        self.shared.links.clone()
     }
 
     /// Serves on `listener` until `shutdown` completes.
@@ -344,7 +354,7 @@ fn unknown_key(settings: &kennel_core::Settings) -> String {
 }
 
 /// Copies both ways until either side ends.
-async fn splice<A, B>(mut a: A, mut b: B)
+pub(crate) async fn splice<A, B>(mut a: A, mut b: B)
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
