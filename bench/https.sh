@@ -10,6 +10,8 @@
 # hitting the backend directly (wrk), the proxy's CPU ms per 10k requests
 # and its RSS. Installs nginx, wrk and h2load (nghttp2-client) if missing.
 # Usage: bench/https.sh [seconds per run]   (default 10)
+#   BENCH_PERF=1 also profiles the gateway (perf, Debian linux-perf) on
+#   the tiny HTTP/1.1 run and prints where its CPU goes.
 set -euo pipefail
 secs="${1:-10}"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -106,6 +108,11 @@ rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 run() {
   local url=$1 pid=$2 proto=$3 connect=${4:-} before after out rps p50 p99 n
   before=$([ "$pid" = - ] && echo 0 || cpu_ms "$pid")
+  local stat=$work/stat.$RANDOM sp=
+  if [ "$pid" != - ] && command -v perf >/dev/null 2>&1; then
+    perf stat -x, -e raw_syscalls:sys_enter -p "$pid" -o "$stat" -- sleep "$secs" >/dev/null 2>&1 &
+    sp=$!
+  fi
   if [ "$proto" = h1 ]; then
     out=$(taskset -c 1 wrk -t1 -c32 -d"${secs}s" --latency -H "Host: app.bench.test" "$url" 2>&1)
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
@@ -119,29 +126,44 @@ run() {
     n=$(awk '/^requests:/ {print $8}' <<<"$out")
   fi
   after=$([ "$pid" = - ] && echo 0 || cpu_ms "$pid")
-  local per10k=-
+  local per10k=- sys=-
   if [ "$pid" != - ] && [ "${n:-0}" -gt 0 ] 2>/dev/null; then
     per10k=$(awk -v a="$after" -v b="$before" -v n="$n" 'BEGIN {printf "%.0f", (a - b) * 10000 / n}')
+    if [ -n "$sp" ]; then
+      wait "$sp" 2>/dev/null || true
+      sys=$(awk -F, -v n="$n" '/raw_syscalls/ {printf "%.1f", $1 / n}' "$stat" 2>/dev/null)
+    fi
   fi
-  echo "${rps:-0} ${p50:--} ${p99:--} $per10k"
+  echo "${rps:-0} ${p50:--} ${p99:--} $per10k ${sys:--}"
 }
 
-row() { printf '%-8s %-6s %-6s %12s %8s %10s %10s %12s %10s\n' "$@"; }
-row proxy proto size "req/s" "x nginx" p50 p99 "cpu ms/10k" "rss KiB"
+row() { printf '%-8s %-6s %-6s %12s %8s %10s %10s %12s %10s %10s\n' "$@"; }
+row proxy proto size "req/s" "x nginx" p50 p99 "cpu ms/10k" "syscall/req" "rss KiB"
 for size in tiny big; do
   read -r drps dp50 dp99 _ <<<"$(run "http://127.0.0.1:$bport/$size" - h1)"
-  row direct h1 "$size" "$drps" - "$dp50" "$dp99" - -
-  for proto in h1 h2; do
+  row direct h1 "$size" "$drps" - "$dp50" "$dp99" - - -
+  for proto in ${BENCH_PROTOS:-h1 h2}; do
     if [ "$proto" = h1 ]; then
-      read -r nrps np50 np99 ncpu <<<"$(run "https://127.0.0.1:$nport/$size" "$nginx_worker" h1)"
-      read -r krps kp50 kp99 kcpu <<<"$(run "https://127.0.0.1:$kport/$size" "$gw" h1)"
+      read -r nrps np50 np99 ncpu nsys <<<"$(run "https://127.0.0.1:$nport/$size" "$nginx_worker" h1)"
+      read -r krps kp50 kp99 kcpu ksys <<<"$(run "https://127.0.0.1:$kport/$size" "$gw" h1)"
     else
-      read -r nrps np50 np99 ncpu <<<"$(run "https://127.0.0.1:$nport/$size" "$nginx_worker" h2)"
-      read -r krps kp50 kp99 kcpu <<<"$(run "https://app.bench.test:$kport/$size" "$gw" h2 "127.0.0.1:$kport")"
+      read -r nrps np50 np99 ncpu nsys <<<"$(run "https://127.0.0.1:$nport/$size" "$nginx_worker" h2)"
+      read -r krps kp50 kp99 kcpu ksys <<<"$(run "https://app.bench.test:$kport/$size" "$gw" h2 "127.0.0.1:$kport")"
     fi
     ratio=$(awk -v k="$krps" -v n="$nrps" 'BEGIN {if (n>0) printf "%.2f", k/n; else print "-"}')
-    row nginx "$proto" "$size" "$nrps" 1.00 "$np50" "$np99" "$ncpu" "$(rss_kib "$nginx_worker")"
-    row kennel "$proto" "$size" "$krps" "$ratio" "$kp50" "$kp99" "$kcpu" "$(rss_kib "$gw")"
+    row nginx "$proto" "$size" "$nrps" 1.00 "$np50" "$np99" "$ncpu" "$nsys" "$(rss_kib "$nginx_worker")"
+    row kennel "$proto" "$size" "$krps" "$ratio" "$kp50" "$kp99" "$kcpu" "$ksys" "$(rss_kib "$gw")"
   done
 done
 echo "(proxies, and the backend nginx, pinned to CPU 0; wrk and h2load to CPU 1. p50/p99 from wrk; h2load reports no percentiles.)"
+if [ "${BENCH_PERF:-}" = 1 ]; then
+  command -v perf >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends linux-perf >/dev/null
+  perf record -q -g -o "$work/perf.data" -p "$gw" -- sleep "$secs" >/dev/null 2>&1 &
+  rec=$!
+  taskset -c 1 wrk -t1 -c32 -d"${secs}s" -H "Host: app.bench.test" "https://127.0.0.1:$kport/tiny" >/dev/null
+  wait "$rec" || true
+  echo; echo "where the gateway's CPU goes (tiny, HTTP/1.1; self time by symbol):"
+  cp "$work/perf.data" "${TMPDIR:-/tmp}/kennel-https-perf.data"
+  perf report -i "$work/perf.data" --no-children --sort dso,symbol --stdio 2>/dev/null | grep -E '^ +[0-9]' | head -40 || true
+  echo "(perf data kept in ${TMPDIR:-/tmp}/kennel-https-perf.data)"
+fi

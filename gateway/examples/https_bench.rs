@@ -12,7 +12,7 @@ use kennel_gateway::https::{tls, HttpsGateway, HttpsSettings};
 
 // One worker thread, as nginx runs one worker process here: both are pinned
 // to one CPU.
-#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     let a: Vec<String> = std::env::args().collect();
     let (backend, port, domain, dir) = (&a[1], a[2].parse::<u16>().unwrap(), &a[3], &a[4]);

@@ -284,7 +284,8 @@ impl HttpsGateway {
                         return;
                     }
                 };
-                inner.serve(TokioIo::new(tls), peer).await;
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+                inner.serve(TokioIo::new(tls), peer, h2).await;
             });
         }
     }
@@ -382,7 +383,7 @@ impl Inner {
         c
     }
 
-    async fn serve<I>(self: Arc<Self>, io: I, peer: SocketAddr)
+    async fn serve<I>(self: Arc<Self>, io: I, peer: SocketAddr, h2: bool)
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
@@ -402,9 +403,13 @@ impl Inner {
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20));
         let me = self.clone();
+        // HTTP/1.1 requests on one connection come one at a time, so the
+        // connection keeps its own to the app (no pool on the way of each
+        // request); HTTP/2's concurrent streams share the pool.
+        let own: Option<proxy::OwnUpstream> = (!h2).then(Default::default);
         let svc = hyper::service::service_fn(move |req| {
-            let me = me.clone();
-            async move { Ok::<_, Infallible>(me.handle(req, peer).await) }
+            let (me, own) = (me.clone(), own.clone());
+            async move { Ok::<_, Infallible>(me.handle(req, peer, own.as_ref()).await) }
         });
         if let Err(e) = b.serve_connection_with_upgrades(io, svc).await {
             tracing::debug!(%peer, error = %e, "HTTPS connection ended with an error");
@@ -413,7 +418,12 @@ impl Inner {
 
     /// One request: which site, then that site's answer; one access-log
     /// line each.
-    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        own: Option<&proxy::OwnUpstream>,
+    ) -> Response<Body> {
         let started = Instant::now();
         let (method, path) = (req.method().clone(), req.uri().path().to_owned());
         let host = route::host_of(&req);
@@ -430,7 +440,7 @@ impl Inner {
                 match (site, host) {
                     (Site::Kennel, _) => self.kennel_site(req, peer).await,
                     (Site::Project { name, port }, Some(host)) => {
-                        self.project_site(req, peer, &host, name, port).await
+                        self.project_site(req, peer, &host, name, port, own).await
                     }
                     _ => self.not_open(&req, None),
                 }
@@ -577,6 +587,7 @@ impl Inner {
         host: &str,
         name: ProjectName,
         port: Option<u16>,
+        own: Option<&proxy::OwnUpstream>,
     ) -> Response<Body> {
         if req.uri().path().starts_with("/__kennel/") {
             return self.project_kennel_path(req, host).await;
@@ -618,8 +629,16 @@ impl Inner {
                 Err(resp) => return resp,
             },
         };
-        let client = self.client(addr, project.app_port);
-        self.forward(req, &client, addr, &fwd).await
+        match own {
+            Some(own) => {
+                self.forward_own(req, own, addr, project.app_port, &fwd)
+                    .await
+            }
+            None => {
+                let client = self.client(addr, project.app_port);
+                self.forward(req, &client, addr, &fwd).await
+            }
+        }
     }
 
     /// Where the app answers; a stopped VM is woken first: browsers get a

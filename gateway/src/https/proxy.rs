@@ -30,6 +30,35 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
+/// A new HTTP/1.1 connection to the app at `addr`, driven by a task of
+/// its own (upgrades included).
+async fn connect_app(addr: &str) -> Result<SendRequest, String> {
+    let tcp = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .map_err(|_| "connecting timed out".to_owned())?
+    .map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    http1_over(tcp).await
+}
+
+/// An HTTP/1.1 client connection over `io` (TCP, or a channel through the
+/// VM's sshd), driven by a task of its own, upgrades included.
+async fn http1_over<I>(io: I) -> Result<SendRequest, String>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    Ok(send)
+}
+
 /// A stream that notes when bytes last went through it (milliseconds
 /// since `start`, shared by both sides of a spliced upgrade).
 struct Watched<S> {
@@ -149,7 +178,54 @@ fn without_kennel_cookies(h: &mut HeaderMap) {
 /// The request for the app, and the client's side of an upgrade it asks for.
 type Upstream = (Request<Incoming>, Option<hyper::upgrade::OnUpgrade>);
 
+/// An HTTP/1.1 client connection's own connection to its app: the app's
+/// address and port, and the sender, while it stays usable.
+pub(super) type OwnUpstream = Arc<tokio::sync::Mutex<Option<(String, u16, SendRequest)>>>;
+type SendRequest = hyper::client::conn::http1::SendRequest<Incoming>;
+
 impl Inner {
+    /// Forwards `req` to the app at `addr` on the client connection's own
+    /// connection to it (made, or made again when the app moved or the
+    /// connection closed).
+    pub(super) async fn forward_own(
+        &self,
+        req: Request<Incoming>,
+        own: &OwnUpstream,
+        addr: &str,
+        port: u16,
+        fwd: &Forwarded,
+    ) -> Response<Body> {
+        let (up, client_upgrade) = match self.upstream_request(req, None, fwd) {
+            Ok(u) => u,
+            Err(resp) => return resp,
+        };
+        let mut slot = own.lock().await;
+        let mut reuse = false;
+        if let Some((a, p, send)) = slot.as_mut() {
+            if a == addr && *p == port {
+                // Ready once the last response's end has been read.
+                let ready = tokio::time::timeout(std::time::Duration::from_secs(1), send.ready());
+                reuse = matches!(ready.await, Ok(Ok(())));
+            }
+        }
+        if !reuse {
+            *slot = None;
+            match connect_app(addr).await {
+                Ok(s) => *slot = Some((addr.to_owned(), port, s)),
+                Err(e) => return self.relay(Err(e), None, addr),
+            }
+        }
+        let resp = match slot.as_mut() {
+            Some((_, _, send)) => send.send_request(up).await.map_err(|e| e.to_string()),
+            None => Err("no connection".to_owned()),
+        };
+        if resp.is_err() {
+            *slot = None;
+        }
+        drop(slot);
+        self.relay(resp, client_upgrade, addr)
+    }
+
     /// Forwards `req` to the app at `addr` (`host:port`) on a pooled
     /// connection.
     pub(super) async fn forward(
@@ -189,13 +265,7 @@ impl Inner {
                 .open_tcp(name, port)
                 .await
                 .map_err(|e| e.to_string())?;
-            let (mut send, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .map_err(|e| e.to_string())?;
-            tokio::spawn(async move {
-                let _ = conn.with_upgrades().await;
-            });
+            let mut send = http1_over(stream).await?;
             send.send_request(up).await.map_err(|e| e.to_string())
         }
         .await;
