@@ -1,6 +1,7 @@
 //! The HTTPS gateway in front of a real guest (QEMU/TCG): a Node server
 //! in the VM answers through `kennel serve`'s gateway, over HTTP/1.1 and
-//! HTTP/2 with curl, `port` moves a running VM's app at once, another port
+//! HTTP/2 with curl, a WebSocket (tungstenite) reaches a guest's echo
+//! server, `port` moves a running VM's app at once, another port
 //! of the VM is reached through its sshd for a signed-in user, and a
 //! stopped project wakes on a request.
 
@@ -25,6 +26,41 @@ http.createServer((req, res) => {
   res.setHeader('content-type', 'application/json');
   res.end(JSON.stringify({ port, path: req.url, headers: req.headers }));
 }).listen(port, '0.0.0.0');
+"#;
+
+/// A WebSocket echo written out by hand (Node has no WebSocket server
+/// of its own): text frames in, "echo: TEXT" frames out.
+const WS_JS: &str = r#"
+const http = require('http'), crypto = require('crypto');
+const port = Number(process.argv[2] || 3002);
+const srv = http.createServer((req, res) => res.end('websocket only'));
+srv.on('upgrade', (req, sock) => {
+  const accept = crypto.createHash('sha1')
+    .update(req.headers['sec-websocket-key'] + '258EAFA5-E914-47DA-95CA-C5AB0DC85B11').digest('base64');
+  sock.write('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ' + accept + '\r\n\r\n');
+  let buf = Buffer.alloc(0);
+  sock.on('data', d => {
+    buf = Buffer.concat([buf, d]);
+    while (buf.length >= 2) {
+      const op = buf[0] & 0x0f; let len = buf[1] & 0x7f, off = 2;
+      if (len === 126) { if (buf.length < 4) return; len = buf.readUInt16BE(2); off = 4; }
+      else if (len === 127) { sock.destroy(); return; }
+      const masked = buf[1] & 0x80;
+      if (buf.length < off + (masked ? 4 : 0) + len) return;
+      const mask = masked ? buf.subarray(off, off + 4) : null; if (masked) off += 4;
+      const p = Buffer.from(buf.subarray(off, off + len));
+      if (mask) for (let i = 0; i < len; i++) p[i] ^= mask[i & 3];
+      buf = buf.subarray(off + len);
+      if (op === 8) { sock.end(); return; }
+      if (op === 1) {
+        const t = Buffer.from('echo: ' + p.toString());
+        const h = t.length < 126 ? Buffer.from([0x81, t.length]) : Buffer.from([0x81, 126, t.length >> 8, t.length & 255]);
+        sock.write(Buffer.concat([h, t]));
+      }
+    }
+  });
+});
+srv.listen(port, '0.0.0.0');
 "#;
 
 fn curl(k: &Kennel, host: &str, path: &str, extra: &[&str]) -> (String, String) {
@@ -105,11 +141,16 @@ fn a_guest_app_answers_through_the_https_gateway_and_wakes_on_a_request() {
     k.exec_ok("new project site --stack node --cpus 1 --memory 768M --disk 3G");
     let source = tmp.path().join("kennel-data/projects/site");
     std::fs::write(source.join("server.js"), SERVER_JS).unwrap();
+    std::fs::write(source.join("ws.js"), WS_JS).unwrap();
     let start = |port: u16| {
         format!("nohup node /workspace/server.js {port} >/tmp/server-{port}.log 2>&1 </dev/null & sleep 0.2")
     };
     k.ssh_ok("site", &start(3000));
     k.ssh_ok("site", &start(3001));
+    k.ssh_ok(
+        "site",
+        "nohup node /workspace/ws.js 3002 >/tmp/ws.log 2>&1 </dev/null & sleep 0.2",
+    );
     let host = "site.localhost";
     // Private: a script without a session is refused.
     let (code, _) = curl(&k, host, "/", &[]);
@@ -149,6 +190,23 @@ fn a_guest_app_answers_through_the_https_gateway_and_wakes_on_a_request() {
         serde_json::from_str::<serde_json::Value>(&body).unwrap()["port"],
         3001
     );
+    // A WebSocket through the gateway to the guest's echo server.
+    k.exec_ok("port site 3002");
+    let ca = k.dir.join("kennel-data/tls/dev-ca/ca.pem");
+    // The server may still be starting under TCG.
+    let t = Instant::now();
+    let back = loop {
+        match kennel_testkit::ws::try_echo(&ca, host, k.https_port, "/socket", &["one", "two"]) {
+            Ok(b) => break b,
+            Err(e) if t.elapsed() < Duration::from_secs(60) => {
+                eprintln!("websocket: {e}; again");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(back, ["echo: one", "echo: two"]);
+    k.exec_ok("port site 3001");
     // Another port of the VM (`NAME--PORT`), reached through the VM's
     // sshd: private even though the project is public.
     let other = "site--3000.localhost";

@@ -19,6 +19,8 @@ pub mod matrix_client;
 pub mod pebble;
 pub mod ssh;
 pub mod synapse;
+#[cfg(feature = "ws")]
+pub mod ws;
 
 use std::path::PathBuf;
 

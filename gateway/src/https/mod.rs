@@ -96,6 +96,9 @@ type SessionKey = (String, String);
 /// The project (may be entered) and where its app answers, if running.
 type Decided = Arc<(kennel_core::model::Project, Option<kennel_core::VmReach>)>;
 
+/// The most an upstream connection's read buffer grows to.
+pub(crate) const UPSTREAM_BUF: usize = 256 * 1024;
+
 /// A keep-alive pool to one app.
 type AppClient = Client<HttpConnector, Incoming>;
 
@@ -376,6 +379,9 @@ impl Inner {
         let c = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
+            // Bodies stream through; a large read buffer per connection
+            // only holds memory (128 streams of 1 MiB: tens of MiB).
+            .http1_max_buf_size(UPSTREAM_BUF)
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .build(http);

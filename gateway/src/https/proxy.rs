@@ -50,7 +50,9 @@ async fn http1_over<I>(io: I) -> Result<SendRequest, String>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+    let (send, conn) = hyper::client::conn::http1::Builder::new()
+        .max_buf_size(super::UPSTREAM_BUF)
+        .handshake(hyper_util::rt::TokioIo::new(io))
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(async move {
