@@ -486,3 +486,117 @@ async fn a_vm_that_never_answers_does_not_hold_up_another_project() {
     let _ = stuck.wait();
     drop(blackhole);
 }
+
+/// `ssh` with no `-i`: keys come from an `ssh-agent` holding `keys` (in
+/// that order), as most people's do.
+fn ssh_with_agent(port: u16, agent_keys: &[&Path], dir: &Path, args: &[&str]) -> Output {
+    require("ssh-agent", "openssh-client");
+    require("ssh-add", "openssh-client");
+    let sock = dir.join(format!("agent-{}.sock", agent_keys.len()));
+    let _ = std::fs::remove_file(&sock);
+    let mut agent = std::process::Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for k in agent_keys {
+        let ok = std::process::Command::new("ssh-add")
+            .arg("-q")
+            .arg(k)
+            .env("SSH_AUTH_SOCK", &sock)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+    let out = std::process::Command::new("ssh")
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .args(["-o", "LogLevel=ERROR", "-o", "PasswordAuthentication=no"])
+        // No key files of this machine's user: only the agent's.
+        .args(["-F", "/dev/null", "-o", "IdentityFile=/nonexistent"])
+        .args(["-T", "-p", &port.to_string(), "anyone@127.0.0.1"])
+        .args(args)
+        .env("SSH_AUTH_SOCK", &sock)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_keys_are_declined_so_the_registered_one_is_tried() {
+    let gw = gateway().await;
+    let d = gw.dir.path().to_owned();
+    let (one, _) = keygen(&d, "stray-one");
+    let (two, _) = keygen(&d, "stray-two");
+    let (mine, public) = keygen(&d, "mine");
+    gw.admin_key(&public).await;
+    // The agent offers two unknown keys first, the registered one last.
+    let port = gw.port;
+    let (a, b, c, dd) = (one.clone(), two.clone(), mine.clone(), d.clone());
+    let out =
+        tokio::task::spawn_blocking(move || ssh_with_agent(port, &[&a, &b, &c], &dd, &["whoami"]))
+            .await
+            .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("You are admin"),
+        "{}",
+        text(&out.stdout)
+    );
+    // The same with -i order.
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("ssh")
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+            ])
+            .args(["-o", "LogLevel=ERROR", "-o", "PasswordAuthentication=no"])
+            .args(["-F", "/dev/null", "-o", "IdentitiesOnly=yes"])
+            .arg("-i")
+            .arg(&one)
+            .arg("-i")
+            .arg(&two)
+            .arg("-i")
+            .arg(&mine)
+            .args(["-T", "-p", &port.to_string(), "anyone@127.0.0.1", "whoami"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("You are admin"),
+        "{}",
+        text(&out.stdout)
+    );
+    // Only unknown keys: the request-access session, with a proven key.
+    let (a, b) = (d.join("stray-one"), d.join("stray-two"));
+    let out = tokio::task::spawn_blocking(move || ssh_with_agent(port, &[&a, &b], &d, &["whoami"]))
+        .await
+        .unwrap();
+    assert!(
+        text(&out.stderr).contains("does not know this SSH key"),
+        "{} {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}

@@ -27,10 +27,12 @@ pub fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
     (path, public.trim().to_owned())
 }
 
-/// OpenSSH's `ssh` towards `127.0.0.1:port` with `key` only, in batch mode,
-/// trusting any host key, at OpenSSH log level `level` (banners, which say
-/// why a connection was refused, show from INFO on). Add the target and
-/// the command.
+/// OpenSSH's `ssh` towards `127.0.0.1:port` with `key` only, trusting any
+/// host key, at OpenSSH log level `level` (banners, which say why a
+/// connection was refused, show from INFO on). Not in batch mode: OpenSSH
+/// turns keyboard-interactive off there, and that is how a client whose
+/// keys are all unknown reaches the request-access session (no prompt is
+/// ever shown; passwords are off). Add the target and the command.
 pub fn client(port: u16, key: &Path, level: &str) -> std::process::Command {
     let mut c = std::process::Command::new("ssh");
     c.args([
@@ -39,7 +41,12 @@ pub fn client(port: u16, key: &Path, level: &str) -> std::process::Command {
         "-o",
         "UserKnownHostsFile=/dev/null",
     ])
-    .args(["-o", &format!("LogLevel={level}"), "-o", "BatchMode=yes"])
+    .args([
+        "-o",
+        &format!("LogLevel={level}"),
+        "-o",
+        "PasswordAuthentication=no",
+    ])
     .args(["-o", "IdentitiesOnly=yes", "-p", &port.to_string(), "-i"])
     .arg(key);
     c

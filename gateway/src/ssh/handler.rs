@@ -84,19 +84,51 @@ impl russh::server::Handler for Conn {
                 self.who = Some(Who::Known { user: u, identity });
             }
             None => {
+                // Declined, so an agent's next key is tried (the
+                // registered one is often not the first); remembered in
+                // case none is registered.
                 let Ok(openssh) = key.public_key.to_openssh() else {
                     return Ok(Auth::reject());
                 };
                 match PublicKey::parse(&openssh) {
-                    Ok(pk) => self.who = Some(Who::Unknown { key: pk, identity }),
-                    Err(_) => {
-                        self.failed_auth();
-                        return Ok(Auth::reject());
+                    Ok(pk) => {
+                        if self.proven_unknown.is_none() {
+                            self.proven_unknown = Some((pk, identity));
+                        }
                     }
+                    Err(_) => self.failed_auth(),
                 }
+                return Ok(Auth::Reject {
+                    proceed_with_methods: Some(super::auth_methods()),
+                    partial_success: false,
+                });
             }
         }
         Ok(Auth::Accept)
+    }
+
+    /// Reached when every key the client offered was declined: a client
+    /// that proved it holds one (unknown) key gets the restricted
+    /// request-access session with it; anyone else is refused.
+    async fn auth_keyboard_interactive<'a>(
+        &'a mut self,
+        _user: &str,
+        _submethods: &str,
+        _response: Option<russh::server::Response<'a>>,
+    ) -> Result<Auth, Self::Error> {
+        if self.too_many || self.blocked() {
+            return Ok(Auth::reject());
+        }
+        match self.proven_unknown.take() {
+            Some((key, identity)) => {
+                self.who = Some(Who::Unknown { key, identity });
+                Ok(Auth::Accept)
+            }
+            None => {
+                self.failed_auth();
+                Ok(Auth::reject())
+            }
+        }
     }
 
     async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {

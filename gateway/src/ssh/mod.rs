@@ -218,7 +218,7 @@ impl SshGateway {
     ) -> std::io::Result<()> {
         let config = Arc::new(russh::server::Config {
             keys: vec![key],
-            methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+            methods: auth_methods(),
             inactivity_timeout: Some(self.shared.settings.idle_timeout),
             keepalive_interval: Some(Duration::from_secs(30)),
             auth_rejection_time: Duration::from_millis(500),
@@ -265,6 +265,7 @@ impl russh::server::Server for SshGateway {
             who: None,
             target: Target::Console,
             refusal: None,
+            proven_unknown: None,
             channels: HashMap::new(),
         }
     }
@@ -328,7 +329,18 @@ pub struct Conn {
     target: Target,
     /// Why this user may not enter the project they named.
     refusal: Option<String>,
+    /// The first unknown key this client proved it holds: declined, so
+    /// the client goes on to its next key; used for the request-access
+    /// session only if none of its keys is registered.
+    proven_unknown: Option<(PublicKey, Identity)>,
     channels: HashMap<ChannelId, mpsc::Sender<Op>>,
+}
+
+/// Public keys; and keyboard-interactive with no prompts, which a client
+/// reaches only after all its keys were declined, and which is accepted
+/// only if one of them was proven (then: the request-access session).
+fn auth_methods() -> MethodSet {
+    MethodSet::from(&[MethodKind::PublicKey, MethodKind::KeyboardInteractive][..])
 }
 
 impl std::fmt::Debug for Conn {
