@@ -87,6 +87,17 @@ pub struct SshConfig {
     pub public_host: String,
     /// Port users type; defaults to the listen port.
     pub public_port: Option<u16>,
+    /// Connections one address may hold open.
+    pub max_connections_per_ip: usize,
+    /// Connections one user may hold open.
+    pub max_connections_per_user: usize,
+    /// Failed sign-ins an address may have per ten minutes before it is
+    /// refused for the rest of them.
+    pub max_auth_failures_per_ip: u32,
+    /// Access requests an address may file per hour.
+    pub max_requests_per_ip: u32,
+    /// Seconds a connection may be silent before it is closed.
+    pub idle_timeout_secs: u64,
 }
 
 /// The HTTPS gateway.
@@ -199,6 +210,11 @@ impl Default for SshConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 2222)),
             public_host: "127.0.0.1".into(),
             public_port: None,
+            max_connections_per_ip: 64,
+            max_connections_per_user: 64,
+            max_auth_failures_per_ip: 20,
+            max_requests_per_ip: 5,
+            idle_timeout_secs: 3600,
         }
     }
 }

@@ -35,10 +35,7 @@ pub async fn run(config: &Config) -> Result<()> {
             )
         })?;
     let ssh_addr = listener.local_addr()?;
-    let gateway = kennel_gateway::ssh::SshGateway::new(
-        exec.clone(),
-        kennel_gateway::ssh::SshSettings::default(),
-    );
+    let gateway = kennel_gateway::ssh::SshGateway::new(exec.clone(), wiring::ssh_settings(config));
     let links = gateway.links();
     let (stop_ssh, ssh_stopped) = tokio::sync::oneshot::channel::<()>();
     let ssh_task = tokio::spawn(gateway.run(listener, key, async move {

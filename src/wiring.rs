@@ -123,6 +123,18 @@ pub async fn reconcile(exec: &Executor, local: &LocalProvisioner) -> Result<()> 
     Ok(())
 }
 
+/// The SSH gateway's limits from `[ssh]`.
+pub fn ssh_settings(config: &Config) -> kennel_gateway::ssh::SshSettings {
+    let c = &config.ssh;
+    kennel_gateway::ssh::SshSettings {
+        max_connections_per_ip: c.max_connections_per_ip,
+        max_connections_per_user: c.max_connections_per_user,
+        max_auth_failures_per_ip: c.max_auth_failures_per_ip,
+        max_requests_per_ip: c.max_requests_per_ip,
+        idle_timeout: std::time::Duration::from_secs(c.idle_timeout_secs.max(1)),
+    }
+}
+
 /// Where the HTTPS gateway's certificate comes from: an ACME CA, the
 /// configured files, or the development CA in the data dir.
 pub fn tls_source(config: &Config, dir: &DataDir) -> kennel_gateway::https::tls::TlsSource {
@@ -153,5 +165,19 @@ pub fn tls_source(config: &Config, dir: &DataDir) -> kennel_gateway::https::tls:
             dir: dir.root().join("tls/dev-ca"),
             domain: config.https.domain.clone(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ssh_limits_reach_the_gateway() {
+        let mut c = crate::config::Config::default();
+        c.ssh.max_connections_per_ip = 7;
+        c.ssh.idle_timeout_secs = 60;
+        let s = super::ssh_settings(&c);
+        assert_eq!(s.max_connections_per_ip, 7);
+        assert_eq!(s.max_connections_per_user, 64);
+        assert_eq!(s.idle_timeout, std::time::Duration::from_secs(60));
     }
 }

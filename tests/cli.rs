@@ -228,6 +228,21 @@ fn the_annotated_example_config_is_valid() {
 }
 
 #[test]
+fn ssh_limits_come_from_the_config() {
+    let d = tempfile::tempdir().unwrap();
+    kennel(d.path())
+        .env("KENNEL_SSH__MAX_CONNECTIONS_PER_IP", "7")
+        .arg("config")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("ssh.max_connections_per_ip = 7"))
+        .stdout(predicate::str::contains(
+            "ssh.max_auth_failures_per_ip = 20",
+        ))
+        .stdout(predicate::str::contains("ssh.idle_timeout_secs = 3600"));
+}
+
+#[test]
 fn output_to_a_closed_pipe_ends_quietly() {
     let d = tempfile::tempdir().unwrap();
     let bin = assert_cmd::cargo::cargo_bin("kennel");
