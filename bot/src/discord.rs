@@ -546,10 +546,7 @@ impl Handler {
             }
         };
         if !dm
-            && matches!(
-                invocation.command,
-                Command::RequestAccess { .. } | Command::Ssh { .. } | Command::Login
-            )
+            && (invocation.command.private() || matches!(invocation.command, Command::Ssh { .. }))
         {
             let _ = msg
                 .reply(&http, "Please use the slash command for that (its answer is only shown to you), or DM me.")

@@ -538,20 +538,19 @@ impl MatrixBot {
                 return;
             }
         };
-        if let Command::RequestAccess { .. } | Command::Login = invocation.command {
-            if !dm {
-                // A login link signs in whoever opens it: never in a room.
-                self.reply_text(
-                    &room,
-                    &ev,
-                    &format!(
-                        "Please send {} to me in a direct message: start a chat with me and send it there.",
-                        invocation.command.name()
-                    ),
-                )
-                .await;
-                return;
-            }
+        // A login link or a token works for whoever reads it: never in a
+        // room.
+        if invocation.command.private() && !dm {
+            self.reply_text(
+                &room,
+                &ev,
+                &format!(
+                    "Please send {} to me in a direct message: start a chat with me and send it there.",
+                    invocation.command.name()
+                ),
+            )
+            .await;
+            return;
         }
         let json = invocation.json;
         let outcome = if long {

@@ -133,6 +133,21 @@ impl Gate {
         self.exec.store.changes()
     }
 
+    /// The front door, for a front end that holds a gate (the HTTP API):
+    /// one line for a user it has resolved.
+    pub async fn front_door(
+        &self,
+        who: &Identity,
+        user: User,
+        line: &str,
+        style: crate::frontdoor::Style,
+        progress: &dyn crate::provision::ProgressSink,
+    ) -> crate::frontdoor::Answered {
+        self.exec
+            .front_door(who, Some(Some(user)), line, style, progress)
+            .await
+    }
+
     /// `https://DOMAIN[:PORT]`, Kennel's own host.
     pub fn kennel_url(&self) -> String {
         self.exec.kennel_url()

@@ -279,6 +279,15 @@ pub struct AuditEvent {
     pub detail: Option<String>,
 }
 
+/// An HTTP API token, as `tokens` shows it (never the token).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ApiToken {
+    pub label: String,
+    pub created_at: Timestamp,
+    pub expires_at: Option<Timestamp>,
+    pub last_used_at: Option<Timestamp>,
+}
+
 /// A signed-in browser, as `sessions` shows it (never its token).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct WebSession {

@@ -138,6 +138,18 @@ pub enum Reply {
     Sessions {
         sessions: Vec<crate::model::WebSession>,
     },
+    /// A new API token: shown this once.
+    TokenCreated {
+        token: String,
+        #[serde(flatten)]
+        info: crate::model::ApiToken,
+    },
+    Tokens {
+        tokens: Vec<crate::model::ApiToken>,
+    },
+    TokenRemoved {
+        label: String,
+    },
     Keys {
         user: String,
         keys: Vec<SshKeyRecord>,

@@ -454,6 +454,41 @@ pub fn document(r: &Reply) -> Vec<Block> {
             code("login"),
             t("."),
         ])],
+        Reply::TokenCreated { token, info } => vec![
+            text(format!(
+                "Your API token '{}'{} (shown this once; keep it secret):",
+                info.label,
+                info.expires_at
+                    .map(|e| format!(", valid until {}", format_time(e)))
+                    .unwrap_or_default()
+            )),
+            Block::Code(token.clone()),
+            text("Use it as: curl -H 'Authorization: Bearer TOKEN' --data 'projects' https://DOMAIN/api/v1/exec".to_owned()),
+        ],
+        Reply::Tokens { tokens } if tokens.is_empty() => vec![para(vec![
+            t("You have no API tokens. Make one with "),
+            code("token create [label]"),
+            t("."),
+        ])],
+        Reply::Tokens { tokens } => vec![Block::Table {
+            head: ["label", "made", "last used", "expires"]
+                .map(String::from)
+                .to_vec(),
+            rows: tokens
+                .iter()
+                .map(|k| {
+                    vec![
+                        k.label.clone(),
+                        format_time(k.created_at),
+                        k.last_used_at.map_or_else(|| "never".to_owned(), format_time),
+                        k.expires_at.map_or_else(|| "never".to_owned(), format_time),
+                    ]
+                })
+                .collect(),
+        }],
+        Reply::TokenRemoved { label } => vec![text(format!(
+            "Token '{label}' is revoked; requests with it are refused from now on."
+        ))],
         Reply::Sessions { sessions } => vec![Block::Table {
             head: ["host", "signed in", "last seen", "expires"]
                 .map(String::from)

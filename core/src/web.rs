@@ -2,14 +2,14 @@
 //! hand-over codes (from Kennel's host to a project's host), and session
 //! cookies, one per host. Secrets are 256 random bits, shown once; the
 //! store keeps only their SHA-256, so a copy of the database signs nobody
-//! in.
+//! in. HTTP API tokens (`token create`) are the same kind of secret.
 
 use sha2::{Digest, Sha256};
 
 use crate::executor::{Call, Executor};
 use crate::gate::Gate;
 use crate::model::User;
-use crate::outcome::{Outcome, Reply};
+use crate::outcome::{CommandError, Outcome, Reply};
 use crate::store::repo;
 use crate::store::StoreError;
 
@@ -92,6 +92,82 @@ impl Executor {
             443 => format!("https://{}", s.domain),
             p => format!("https://{}:{p}", s.domain),
         }
+    }
+}
+
+impl Executor {
+    /// `token create [label] [--expires D]`: a new API token, shown once.
+    pub(crate) async fn token_create(
+        &self,
+        call: &Call<'_>,
+        label: Option<crate::command::SlugName>,
+        expires: Option<u64>,
+    ) -> Outcome {
+        let uid = call.user()?.id;
+        let label = label.map_or_else(|| "default".to_owned(), |l| l.to_string());
+        let token = new_token();
+        let hash = token_hash(&token);
+        let expires_at = expires
+            .and_then(|e| i64::try_from(e).ok())
+            .map(|e| crate::model::now() + e);
+        let l = label.clone();
+        let info = self
+            .store
+            .call(move |c| repo::add_api_token(c, uid, &l, &hash, expires_at))
+            .await
+            .map_err(|e| match e {
+                StoreError::AlreadyExists { .. } => CommandError::Conflict(format!(
+                    "you have a token named '{label}' already; give the new one another label, or revoke it with 'token rm {label}'"
+                )),
+                e => e.into(),
+            })?;
+        Ok(Reply::TokenCreated { token, info })
+    }
+
+    /// `tokens`: the caller's live API tokens.
+    pub(crate) async fn tokens(&self, call: &Call<'_>) -> Outcome {
+        let uid = call.user()?.id;
+        let tokens = self
+            .store
+            .call(move |c| repo::api_tokens_of(c, uid))
+            .await?;
+        Ok(Reply::Tokens { tokens })
+    }
+
+    /// `token rm LABEL`.
+    pub(crate) async fn token_rm(
+        &self,
+        call: &Call<'_>,
+        label: &crate::command::SlugName,
+    ) -> Outcome {
+        let uid = call.user()?.id;
+        let l = label.to_string();
+        if self
+            .store
+            .call(move |c| repo::revoke_api_token(c, uid, &l))
+            .await?
+        {
+            Ok(Reply::TokenRemoved {
+                label: label.to_string(),
+            })
+        } else {
+            Err(CommandError::NotFound(format!(
+                "you have no token named '{label}' ('tokens' lists yours)"
+            )))
+        }
+    }
+}
+
+impl Gate {
+    /// The user and label of a live API token (`Authorization: Bearer`).
+    pub async fn api_user(&self, token: &str) -> Result<Option<(User, String)>, StoreError> {
+        if !looks_like_token(token) {
+            return Ok(None);
+        }
+        let hash = token_hash(token);
+        self.store()
+            .call(move |c| repo::api_token_user(c, &hash))
+            .await
     }
 }
 

@@ -199,6 +199,9 @@ impl Gw {
             .output()
             .await
             .unwrap();
+        if !out.status.success() {
+            eprintln!("curl: {}", String::from_utf8_lossy(&out.stderr));
+        }
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let (rest, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
         let (head, body) = rest.rsplit_once("\r\n\r\n").unwrap_or((rest, ""));
@@ -701,4 +704,147 @@ async fn a_browser_signs_in_from_a_chat_link_and_reaches_the_private_app() {
         !cookies.contains("__Host-kennel"),
         "scripts can read the session: {cookies}"
     );
+}
+
+// ------------------------------------------------------------ the HTTP API
+
+/// A new API token of `who`'s.
+async fn api_token(gw: &Gw, who: &Identity, line: &str) -> String {
+    match gw.w.run(who, line).await {
+        Ok(Reply::TokenCreated { token, .. }) => token,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// `POST /api/v1/exec` with `line` and `token`: (status, body).
+async fn api(gw: &Gw, token: &str, line: &str, extra: &[&str]) -> (String, String) {
+    let auth = format!("Authorization: Bearer {token}");
+    let mut args = vec![ANON, "-H", &auth, "--data-binary", line];
+    args.extend_from_slice(extra);
+    let (code, _, body) = gw.curl(DOMAIN, "/api/v1/exec", &args).await;
+    (code.split(' ').next().unwrap_or("").to_owned(), body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_token_runs_commands_until_revoked_and_errors_have_their_status() {
+    let gw = gateway().await;
+    let token = api_token(&gw, &gw.w.admin, "token create ci").await;
+    // A line as text, and as JSON.
+    let (code, body) = api(&gw, &token, "whoami", &[]).await;
+    assert_eq!(code, "200", "{body}");
+    assert_eq!(json(&body)["ok"], true);
+    let (code, body) = api(
+        &gw,
+        &token,
+        r#"{"line": "new project web --stack rust"}"#,
+        &["-H", "Content-Type: application/json"],
+    )
+    .await;
+    assert_eq!(code, "200", "{body}");
+    // Each kind of error, its status.
+    for (line, status) in [
+        ("prjects", "400"),
+        ("status nosuch", "404"),
+        ("new project web --stack rust", "409"),
+    ] {
+        let (code, body) = api(&gw, &token, line, &[]).await;
+        assert_eq!(code, status, "{line}: {body}");
+        assert_eq!(json(&body)["ok"], false, "{body}");
+    }
+    // A member's token is refused what members may not do.
+    let bob = Identity::new(Frontend::Discord, "42");
+    let key = ed25519(6, Some("bob"));
+    let Ok(Reply::RequestFiled { request, .. }) =
+        gw.w.run(&bob, &format!("request-access {key}")).await
+    else {
+        panic!()
+    };
+    gw.w.run(&gw.w.admin, &format!("approve {}", request.id))
+        .await
+        .unwrap();
+    let bobs = api_token(&gw, &bob, "token create laptop").await;
+    let (code, body) = api(&gw, &bobs, "users", &[]).await;
+    assert_eq!(code, "403", "{body}");
+    let (code, body) = api(&gw, &bobs, "rm web", &[]).await;
+    assert_eq!(code, "403", "{body}");
+    // Audited under the token's label.
+    let audit =
+        gw.w.store
+            .call(|c| repo::recent_audit(c, 50))
+            .await
+            .unwrap();
+    assert!(
+        audit
+            .iter()
+            .any(|e| e.identity == "http:token:ci" && e.action == "new project"),
+        "{audit:?}"
+    );
+    // Listed, never shown again; revoked, refused.
+    let Ok(Reply::Tokens { tokens }) = gw.w.run(&gw.w.admin, "tokens").await else {
+        panic!()
+    };
+    assert_eq!(tokens.len(), 1);
+    assert!(tokens[0].last_used_at.is_some());
+    gw.w.run(&gw.w.admin, "token rm ci").await.unwrap();
+    let (code, body) = api(&gw, &token, "whoami", &[]).await;
+    assert_eq!(code, "401", "{body}");
+    // No token, a made-up one, a cookie instead: 401.
+    let (code, _, _) = gw
+        .curl(DOMAIN, "/api/v1/exec", &[ANON, "--data", "whoami"])
+        .await;
+    assert!(code.starts_with("401"), "{code}");
+    let (code, _) = api(&gw, &"0".repeat(64), "whoami", &[]).await;
+    assert_eq!(code, "401");
+    // An expired token.
+    let short = api_token(&gw, &gw.w.admin, "token create short --expires 1s").await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (code, _) = api(&gw, &short, "whoami", &[]).await;
+    assert_eq!(code, "401");
+    // The description.
+    let (code, _, body) = gw.curl(DOMAIN, "/api/v1/openapi.json", &[ANON]).await;
+    assert!(code.starts_with("200"), "{code}");
+    assert!(json(&body)["paths"]["/api/v1/exec"]["post"].is_object());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_progress_streams_as_ndjson_and_calls_are_rate_limited() {
+    let gw = gateway_with(HttpsSettings {
+        api_per_minute: 3,
+        ..HttpsSettings::default()
+    })
+    .await;
+    let token = api_token(&gw, &gw.w.admin, "token create").await;
+    let (code, body) = api(
+        &gw,
+        &token,
+        "new project web --stack rust",
+        &["-H", "Accept: application/x-ndjson", "-N"],
+    )
+    .await;
+    assert_eq!(code, "200", "{body}");
+    let lines: Vec<serde_json::Value> = body.lines().map(json).collect();
+    assert!(lines.len() >= 2, "{body}");
+    assert!(lines[0]["progress"]["stage"].is_string(), "{body}");
+    let last = lines.last().unwrap();
+    assert_eq!(last["ok"], true, "{body}");
+    // Three calls a minute: the next two (2nd, 3rd) pass, the 4th waits.
+    for _ in 0..2 {
+        let (code, _) = api(&gw, &token, "whoami", &[]).await;
+        assert_eq!(code, "200");
+    }
+    let (code, _, body) = gw
+        .curl(
+            DOMAIN,
+            "/api/v1/exec",
+            &[
+                ANON,
+                "-H",
+                &format!("Authorization: Bearer {token}"),
+                "--data",
+                "whoami",
+            ],
+        )
+        .await;
+    assert!(code.starts_with("429"), "{code} {body}");
+    assert_eq!(json(&body)["error"]["kind"], "rate_limited");
 }

@@ -144,6 +144,16 @@ pub enum Command {
     Logout,
     /// Lists the caller's signed-in browsers.
     Sessions,
+    /// Makes an HTTP API token of the caller's (shown once).
+    TokenCreate {
+        label: Option<SlugName>,
+        /// Seconds it lives; `None`: until removed.
+        expires: Option<u64>,
+    },
+    /// Lists the caller's API tokens (never the tokens).
+    Tokens,
+    /// Revokes one of the caller's API tokens.
+    TokenRm { label: SlugName },
 }
 
 impl Command {
@@ -155,6 +165,16 @@ impl Command {
     /// The canonical name (`new project`, `key add`, ...), for logs and audit.
     pub fn name(&self) -> &'static str {
         self.spec().name
+    }
+
+    /// Whether its answer is for the asker alone (a sign-in link, an API
+    /// token, an access request with its key): front ends with shared
+    /// rooms answer it only in a direct message.
+    pub fn private(&self) -> bool {
+        matches!(
+            self,
+            Command::Login | Command::TokenCreate { .. } | Command::RequestAccess { .. }
+        )
     }
 
     /// The project this command is about, if any.
@@ -198,7 +218,10 @@ impl Command {
             | DeployKey
             | Login
             | Logout
-            | Sessions => None,
+            | Sessions
+            | TokenCreate { .. }
+            | Tokens
+            | TokenRm { .. } => None,
         }
     }
 }

@@ -92,6 +92,13 @@ const fn word(name: &'static str) -> ArgSpec {
         required: true,
     }
 }
+const fn opt_word(name: &'static str) -> ArgSpec {
+    ArgSpec {
+        name,
+        kind: ArgKind::Word,
+        required: false,
+    }
+}
 const fn opt_rest(name: &'static str) -> ArgSpec {
     ArgSpec {
         name,
@@ -582,7 +589,62 @@ pub static SPECS: &[CommandSpec] = &[
         summary: "List the browsers you are signed in with",
         build: |_| Ok(Command::Sessions),
     },
+    CommandSpec {
+        name: "token create",
+        aliases: &[],
+        args: &[opt_word("label")],
+        flags: &[valued(
+            "expires",
+            "DURATION",
+            "e.g. 30d, 12h (default: until removed)",
+        )],
+        summary: "Make a token for the HTTP API (shown once)",
+        build: |m| {
+            Ok(Command::TokenCreate {
+                label: m.arg("label").map(slug).transpose()?,
+                expires: m.value("expires", duration)?,
+            })
+        },
+    },
+    CommandSpec {
+        name: "tokens",
+        aliases: &[],
+        args: &[],
+        flags: &[],
+        summary: "List your HTTP API tokens",
+        build: |_| Ok(Command::Tokens),
+    },
+    CommandSpec {
+        name: "token rm",
+        aliases: &[],
+        args: &[word("label")],
+        flags: &[],
+        summary: "Revoke an HTTP API token",
+        build: |m| {
+            Ok(Command::TokenRm {
+                label: m.req("label", slug)?,
+            })
+        },
+    },
 ];
+
+/// A duration such as `90s`, `45m`, `12h` or `30d`, in seconds.
+fn duration(s: &str) -> Result<u64, String> {
+    let bad = || format!("{} is not a duration (e.g. 30d, 12h, 45m)", q(s));
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?);
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    match n.checked_mul(mult) {
+        Some(secs) if secs > 0 && secs <= 5 * 365 * 86_400 => Ok(secs),
+        _ => Err(format!("{} is out of range (1s to 5 years)", q(s))),
+    }
+}
 
 fn secret_value(v: &str) -> Result<String, String> {
     if v.is_empty() || v.chars().any(char::is_control) {
@@ -960,6 +1022,9 @@ pub(super) fn spec_for(c: &Command) -> &'static CommandSpec {
         Command::Login => "login",
         Command::Logout => "logout",
         Command::Sessions => "sessions",
+        Command::TokenCreate { .. } => "token create",
+        Command::Tokens => "tokens",
+        Command::TokenRm { .. } => "token rm",
     };
     // Every name above is in SPECS (the unit test `every_command_has_a_spec`
     // checks it), and SPECS is a non-empty constant.
@@ -988,7 +1053,17 @@ pub(super) fn write_canonical(c: &Command, f: &mut fmt::Formatter<'_>) -> fmt::R
         | Command::DeployKey
         | Command::Login
         | Command::Logout
-        | Command::Sessions => {}
+        | Command::Sessions
+        | Command::Tokens => {}
+        Command::TokenCreate { label, expires } => {
+            if let Some(l) = label {
+                arg(l.as_str())?;
+            }
+            if let Some(e) = expires {
+                write!(f, " --expires {e}s")?;
+            }
+        }
+        Command::TokenRm { label } => arg(label.as_str())?,
         Command::Cp { name, new_name } | Command::Rename { name, new_name } => {
             arg(name.as_str())?;
             arg(new_name.as_str())?;
@@ -1112,6 +1187,43 @@ mod tests {
         // spec_for falls back to SPECS[0] only if a name is missing.
         assert_eq!(spec_for(&Command::Templates).name, "templates");
         assert_eq!(spec_for(&Command::Users).name, "users");
+    }
+
+    #[test]
+    fn token_commands_parse_round_trip_and_are_private() {
+        let c = crate::command::parse("token create ci --expires 12h")
+            .unwrap()
+            .command;
+        assert_eq!(
+            c,
+            Command::TokenCreate {
+                label: Some(SlugName::new("ci").unwrap()),
+                expires: Some(12 * 3600)
+            }
+        );
+        assert!(c.private());
+        assert_eq!(
+            crate::command::parse(&c.to_string()).unwrap().command,
+            c,
+            "canonical form parses back"
+        );
+        let bare = crate::command::parse("token create").unwrap().command;
+        assert_eq!(
+            bare,
+            Command::TokenCreate {
+                label: None,
+                expires: None
+            }
+        );
+        for bad in [
+            "token create x --expires 0d",
+            "token create x --expires 3w",
+            "token create x --expires d",
+        ] {
+            assert!(crate::command::parse(bad).is_err(), "{bad}");
+        }
+        assert!(!crate::command::parse("tokens").unwrap().command.private());
+        assert!(crate::command::parse("token rm ci").is_ok());
     }
 
     #[test]

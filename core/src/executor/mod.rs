@@ -321,6 +321,8 @@ impl Executor {
             Command::Share { user, .. } | Command::Unshare { user, .. } => Some(user.to_string()),
             // The name only: a secret's value never reaches a log.
             Command::SecretSet { name, .. } | Command::SecretRm { name } => Some(name.to_string()),
+            Command::TokenRm { label } => Some(label.to_string()),
+            Command::TokenCreate { label, .. } => label.as_ref().map(ToString::to_string),
             _ => None,
         });
         self.audit_entry(who, user, cmd.name(), target, outcome, detail)
@@ -466,6 +468,11 @@ impl Executor {
             Command::Login => self.login(&call).await,
             Command::Logout => self.logout(&call).await,
             Command::Sessions => self.sessions(&call).await,
+            Command::TokenCreate { label, expires } => {
+                self.token_create(&call, label, expires).await
+            }
+            Command::Tokens => self.tokens(&call).await,
+            Command::TokenRm { label } => self.token_rm(&call, &label).await,
             Command::Stacks => Ok(Reply::Stacks {
                 stacks: self.catalog.stacks(),
             }),
@@ -630,5 +637,6 @@ fn audited(cmd: &Command) -> bool {
             | Command::Yes
             | Command::Secrets
             | Command::Sessions
+            | Command::Tokens
     )
 }

@@ -30,6 +30,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (4, include_str!("migrations/0004_routes.sql")),
     (5, include_str!("migrations/0005_state_note.sql")),
     (6, include_str!("migrations/0006_web_sessions.sql")),
+    (7, include_str!("migrations/0007_api_tokens.sql")),
 ];
 
 /// How long a writer waits for another to finish before giving up.

@@ -1163,6 +1163,91 @@ pub fn web_sessions_of(
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// Stores a new API token by its hash; a live token with the same label
+/// is a conflict.
+pub fn add_api_token(
+    conn: &Connection,
+    user: UserId,
+    label: &str,
+    token_hash: &str,
+    expires_at: Option<i64>,
+) -> Result<crate::model::ApiToken, StoreError> {
+    let t = now();
+    let r = conn.execute(
+        "INSERT INTO api_tokens (token_hash, user_id, label, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![token_hash, user, label, t, expires_at],
+    );
+    match r {
+        Ok(_) => Ok(crate::model::ApiToken {
+            label: label.to_owned(),
+            created_at: t,
+            expires_at,
+            last_used_at: None,
+        }),
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            Err(StoreError::AlreadyExists {
+                what: format!("a token named '{label}'"),
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A user's live API tokens.
+pub fn api_tokens_of(
+    conn: &Connection,
+    user: UserId,
+) -> Result<Vec<crate::model::ApiToken>, StoreError> {
+    let mut st = conn.prepare(
+        "SELECT label, created_at, expires_at, last_used_at FROM api_tokens
+         WHERE user_id = ?1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?2)
+         ORDER BY created_at",
+    )?;
+    let rows = st.query_map(params![user, now()], |r| {
+        Ok(crate::model::ApiToken {
+            label: r.get(0)?,
+            created_at: r.get(1)?,
+            expires_at: r.get(2)?,
+            last_used_at: r.get(3)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Revokes a user's live token by label; whether one was.
+pub fn revoke_api_token(conn: &Connection, user: UserId, label: &str) -> Result<bool, StoreError> {
+    Ok(conn.execute(
+        "UPDATE api_tokens SET revoked_at = ?3 WHERE user_id = ?1 AND label = ?2 AND revoked_at IS NULL",
+        params![user, label, now()],
+    )? > 0)
+}
+
+/// The user and label of a live API token.
+pub fn api_token_user(
+    conn: &Connection,
+    token_hash: &str,
+) -> Result<Option<(User, String)>, StoreError> {
+    let found: Option<(UserId, String)> = conn
+        .query_row(
+            "SELECT user_id, label FROM api_tokens WHERE token_hash = ?1
+             AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?2)",
+            params![token_hash, now()],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let Some((uid, label)) = found else {
+        return Ok(None);
+    };
+    // At most once a minute, so reading tokens rarely writes.
+    conn.execute(
+        "UPDATE api_tokens SET last_used_at = ?2 WHERE token_hash = ?1 AND (last_used_at IS NULL OR last_used_at < ?2 - 60)",
+        params![token_hash, now()],
+    )?;
+    Ok(user_by_id(conn, uid)?.map(|u| (u, label)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

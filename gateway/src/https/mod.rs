@@ -13,6 +13,7 @@
 //! |---|---|
 //! | `mod.rs` | settings, listener, connections, limits, the request dispatch, the project host |
 //! | `site.rs` | Kennel's host: sign-in, hand-over, sign-out |
+//! | `api.rs` | the HTTP API: `POST /api/v1/exec` with a bearer token |
 //! | `proxy.rs` | forwarding to the VM: headers, streaming, upgrades |
 //! | `route.rs` | host names to sites; safe redirect targets |
 //! | `tls.rs` | certificate files (reloaded) or a development CA |
@@ -38,6 +39,7 @@ use kennel_core::provision::NoProgress;
 use kennel_core::{Actor, Executor, Gate};
 
 pub mod acme;
+mod api;
 mod page;
 mod proxy;
 pub mod route;
@@ -72,6 +74,8 @@ pub struct HttpsSettings {
     /// An upgraded connection (WebSocket) with no bytes either way for
     /// this long is closed (HMR sockets ping far more often).
     pub upgrade_idle_timeout: Duration,
+    /// HTTP API calls per token per minute.
+    pub api_per_minute: u32,
 }
 
 impl Default for HttpsSettings {
@@ -85,6 +89,7 @@ impl Default for HttpsSettings {
             max_header_bytes: 64 * 1024,
             max_h2_streams: 128,
             upgrade_idle_timeout: Duration::from_secs(3600),
+            api_per_minute: 120,
         }
     }
 }
@@ -168,6 +173,8 @@ struct Inner {
     waking: Arc<Mutex<HashSet<ProjectName>>>,
     /// Connections into VMs through their sshd, for other ports.
     links: Arc<crate::vmlink::VmLinks>,
+    /// API calls per (user, token label) in the current minute.
+    api_calls: Mutex<HashMap<(kennel_core::model::UserId, String), api::Window>>,
 }
 
 /// The HTTPS gateway.
@@ -229,6 +236,7 @@ impl HttpsGateway {
                 decisions: Mutex::new(HashMap::new()),
                 sessions: Mutex::new(HashMap::new()),
                 links,
+                api_calls: Mutex::new(HashMap::new()),
             }),
         }
     }

@@ -71,6 +71,7 @@ impl Inner {
         let host = self.domain.clone();
         match (req.method().clone(), path.as_str()) {
             (Method::GET, "/healthz") => page::status(StatusCode::OK, "ok"),
+            (_, p) if p.starts_with("/api/") => self.api(req).await,
             (Method::GET, "/") => match self.session_user(&req, &host).await {
                 Some(u) => page::html(
                     StatusCode::OK,

@@ -1,0 +1,352 @@
+//! The HTTP API on Kennel's host: `POST /api/v1/exec` runs one line of the
+//! command language as the token's user, through core's front door, and
+//! answers what `--json` answers everywhere else, with the HTTP status of
+//! the outcome's kind. `Accept: application/x-ndjson` streams progress
+//! lines first (`{"progress": …}`), then the outcome. The description is
+//! at `/api/v1/openapi.json`.
+//!
+//! Authentication is a bearer token from `token create` (only its hash is
+//! stored; each call is audited under `http:token:LABEL`). Cookies are
+//! never accepted here, so no other site can make a browser call it.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming};
+use kennel_core::model::{Frontend, Identity};
+use kennel_core::provision::{Progress, ProgressSink};
+use kennel_core::render::Format;
+use kennel_core::Style;
+use tokio::sync::mpsc;
+
+use super::{page, Body, Inner};
+
+/// A request body is one command line: 64 KiB is far more than any.
+const MAX_BODY: usize = 64 * 1024;
+
+/// Calls per token per minute, at most (`HttpsSettings::api_per_minute`).
+pub(super) type Window = (Instant, u32);
+
+impl Inner {
+    /// `/api/…` on Kennel's host.
+    pub(super) async fn api(&self, req: Request<Incoming>) -> Response<Body> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/api/v1/openapi.json") => json(StatusCode::OK, openapi().to_string()),
+            (&Method::POST, "/api/v1/exec") => self.exec(req).await,
+            (_, "/api/v1/exec") => error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "usage",
+                "POST a command line to /api/v1/exec",
+            ),
+            _ => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such API path; see /api/v1/openapi.json",
+            ),
+        }
+    }
+
+    async fn exec(&self, req: Request<Incoming>) -> Response<Body> {
+        let token = bearer(&req);
+        let streaming = req
+            .headers()
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("application/x-ndjson"));
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|c| c.starts_with("application/json"));
+        let body = match http_body_util::Limited::new(req.into_body(), MAX_BODY)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "usage",
+                    "a command line is at most 64 KiB",
+                )
+            }
+        };
+        // The body is read first, even when the call will be refused: an
+        // HTTP/2 client still sending it would see a reset stream.
+        let Some(token) = token else {
+            return unauthorized(
+                "send 'Authorization: Bearer TOKEN' (make a token with 'token create')",
+            );
+        };
+        let (user, label) = match self.gate.api_user(&token).await {
+            Ok(Some(found)) => found,
+            Ok(None) => return unauthorized("that token is unknown, revoked or expired"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read API tokens");
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "internal",
+                    "Kennel cannot read its database",
+                );
+            }
+        };
+        tracing::Span::current().record("user", user.name.as_str());
+        if let Some(wait) = self.over_limit(&label, user.id) {
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                &format!(
+                    "more than {} calls a minute with this token; wait {} s",
+                    self.s.api_per_minute,
+                    wait.as_secs()
+                ),
+            );
+            if let Ok(v) = HeaderValue::from_str(&wait.as_secs().max(1).to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            return r;
+        }
+        let line = match line_of(&body, is_json) {
+            Ok(l) => l,
+            Err(why) => return error(StatusCode::BAD_REQUEST, "usage", why),
+        };
+        let who = Identity::new(Frontend::Http, format!("token:{label}"));
+        let style = Style {
+            format: Format::Plain,
+            force_json: true,
+        };
+        if !streaming {
+            let answered = self
+                .gate
+                .front_door(
+                    &who,
+                    user,
+                    &line,
+                    style,
+                    &kennel_core::provision::NoProgress,
+                )
+                .await;
+            return json(status_of(&answered.outcome), answered.text);
+        }
+        // Progress lines as they come, then the outcome; the status is 200
+        // (sent before the outcome is known) and the last line says.
+        let (tx, rx) = mpsc::channel::<Bytes>(64);
+        let gate = self.gate.clone();
+        tokio::spawn(async move {
+            let sink = LineSink(tx.clone());
+            let answered = gate.front_door(&who, user, &line, style, &sink).await;
+            let mut last = answered.text.trim_end().to_owned();
+            last.push('\n');
+            let _ = tx.send(Bytes::from(last)).await;
+        });
+        let mut r = Response::new(Lines(rx).boxed());
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-ndjson"),
+        );
+        r.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        r
+    }
+
+    /// `Some(wait)` when this token has used up its minute.
+    fn over_limit(&self, label: &str, user: kennel_core::model::UserId) -> Option<Duration> {
+        let mut w = self.api_calls.lock().ok()?;
+        if w.len() > 10_000 {
+            w.clear();
+        }
+        let minute = Duration::from_secs(60);
+        let slot = w
+            .entry((user, label.to_owned()))
+            .or_insert((Instant::now(), 0));
+        if slot.0.elapsed() >= minute {
+            *slot = (Instant::now(), 0);
+        }
+        if slot.1 >= self.s.api_per_minute {
+            return Some(minute.saturating_sub(slot.0.elapsed()));
+        }
+        slot.1 += 1;
+        None
+    }
+}
+
+/// The bearer token of a request, if it carries one.
+fn bearer<B>(req: &Request<B>) -> Option<String> {
+    let v = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_owned())
+}
+
+/// The command line a body carries: `{"line": "…"}` as JSON, or the text.
+fn line_of(body: &[u8], is_json: bool) -> Result<String, &'static str> {
+    if is_json {
+        let v: serde_json::Value = serde_json::from_slice(body)
+            .map_err(|_| "the body is not JSON; send {\"line\": \"COMMAND\"}")?;
+        return v
+            .get("line")
+            .and_then(|l| l.as_str())
+            .map(str::to_owned)
+            .ok_or("send {\"line\": \"COMMAND\"}");
+    }
+    let text = std::str::from_utf8(body).map_err(|_| "the body is not UTF-8 text")?;
+    let line = text.trim();
+    if line.is_empty() {
+        return Err("send a command line, e.g. 'projects'");
+    }
+    Ok(line.to_owned())
+}
+
+/// The HTTP status of an outcome's kind.
+fn status_of(outcome: &kennel_core::Outcome) -> StatusCode {
+    match outcome {
+        Ok(_) => StatusCode::OK,
+        Err(e) => match e.kind() {
+            "usage" => StatusCode::BAD_REQUEST,
+            "refused" => StatusCode::FORBIDDEN,
+            "not_found" => StatusCode::NOT_FOUND,
+            "conflict" => StatusCode::CONFLICT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        },
+    }
+}
+
+fn json(status: StatusCode, text: String) -> Response<Body> {
+    let mut text = text;
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    let mut r = Response::new(page::full(text));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// An error in the shape every JSON answer has.
+fn error(status: StatusCode, kind: &str, message: &str) -> Response<Body> {
+    json(
+        status,
+        serde_json::json!({"ok": false, "error": {"kind": kind, "message": message}}).to_string(),
+    )
+}
+
+fn unauthorized(message: &str) -> Response<Body> {
+    let mut r = error(StatusCode::UNAUTHORIZED, "unauthorized", message);
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"kennel\""),
+    );
+    r
+}
+
+/// Sends each progress step as one NDJSON line (dropped if the client is
+/// slower than 64 lines behind: progress is advisory).
+struct LineSink(mpsc::Sender<Bytes>);
+
+impl ProgressSink for LineSink {
+    fn report(&self, p: Progress) {
+        let mut line = serde_json::json!({ "progress": p }).to_string();
+        line.push('\n');
+        let _ = self.0.try_send(Bytes::from(line));
+    }
+}
+
+/// A body of the lines sent on a channel, ending when it closes.
+struct Lines(mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for Lines {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+impl Lines {
+    fn boxed(self) -> Body {
+        BodyExt::boxed(BodyExt::map_err(self, |never: Infallible| match never {}))
+    }
+}
+
+/// The API's OpenAPI 3.1 description.
+fn openapi() -> serde_json::Value {
+    let outcome = serde_json::json!({
+        "type": "object",
+        "required": ["ok"],
+        "properties": {
+            "ok": {"type": "boolean"},
+            "reply": {"type": "object", "description": "the command's answer; its `kind` names it (as `--json` prints)"},
+            "error": {
+                "type": "object",
+                "properties": {
+                    "kind": {"type": "string", "enum": ["usage", "refused", "not_found", "conflict", "provision", "internal", "unauthorized", "rate_limited"]},
+                    "message": {"type": "string"}
+                }
+            }
+        }
+    });
+    let answer = |what: &str| {
+        serde_json::json!({
+            "description": what,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Outcome"}}}
+        })
+    };
+    serde_json::json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Kennel",
+            "version": "1",
+            "description": "One endpoint runs one line of Kennel's command language (the same as in chat, over SSH and at the console) as the token's user. `help` lists the commands."
+        },
+        "components": {
+            "securitySchemes": {"token": {"type": "http", "scheme": "bearer", "description": "a token from `token create`"}},
+            "schemas": {"Outcome": outcome}
+        },
+        "security": [{"token": []}],
+        "paths": {
+            "/api/v1/exec": {
+                "post": {
+                    "summary": "Run a command line",
+                    "requestBody": {
+                        "required": true,
+                        "content": {
+                            "text/plain": {"schema": {"type": "string"}, "example": "projects"},
+                            "application/json": {"schema": {"type": "object", "required": ["line"], "properties": {"line": {"type": "string"}}}, "example": {"line": "status myapp"}}
+                        }
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "done; with `Accept: application/x-ndjson`, progress lines (`{\"progress\": {\"stage\", \"percent\", \"detail\"}}`) and then the outcome, always 200",
+                            "content": {
+                                "application/json": {"schema": {"$ref": "#/components/schemas/Outcome"}},
+                                "application/x-ndjson": {"schema": {"type": "string"}}
+                            }
+                        },
+                        "400": answer("usage: the line does not parse"),
+                        "401": answer("no token, or an unknown, revoked or expired one"),
+                        "403": answer("refused by policy"),
+                        "404": answer("not found"),
+                        "409": answer("conflict"),
+                        "429": answer("too many calls this minute (Retry-After)"),
+                        "500": answer("failed")
+                    }
+                }
+            }
+        }
+    })
+}
