@@ -848,3 +848,162 @@ async fn api_progress_streams_as_ndjson_and_calls_are_rate_limited() {
     assert!(code.starts_with("429"), "{code} {body}");
     assert_eq!(json(&body)["error"]["kind"], "rate_limited");
 }
+
+/// An SSH-signed `POST /api/v1/exec` of `line`, signed by `key` with
+/// `ssh-keygen -Y sign` at time `ts` with `nonce` in `namespace`.
+async fn signed_call(
+    gw: &Gw,
+    key: &std::path::Path,
+    line: &str,
+    ts: i64,
+    nonce: &str,
+    namespace: &str,
+) -> (String, String) {
+    use kennel_gateway::https::api::signed_message;
+    let msg = signed_message(ts, nonce, DOMAIN, "POST", "/api/v1/exec", line.as_bytes());
+    let file = gw.dir.path().join(format!("msg-{nonce}"));
+    std::fs::write(&file, msg).unwrap();
+    let sig = file.with_file_name(format!("msg-{nonce}.sig"));
+    let _ = std::fs::remove_file(&sig);
+    let ok = tokio::process::Command::new("ssh-keygen")
+        .args(["-q", "-Y", "sign", "-n", namespace, "-f"])
+        .arg(key)
+        .arg(&file)
+        .status()
+        .await
+        .unwrap();
+    assert!(ok.success());
+    let out = tokio::process::Command::new("base64")
+        .args(["-w0"])
+        .arg(&sig)
+        .output()
+        .await
+        .unwrap();
+    let b64 = String::from_utf8(out.stdout).unwrap();
+    let (ts, nonce, sig) = (
+        format!("X-Kennel-Timestamp: {ts}"),
+        format!("X-Kennel-Nonce: {nonce}"),
+        format!("X-Kennel-Signature: {b64}"),
+    );
+    let (code, _, body) = gw
+        .curl(
+            DOMAIN,
+            "/api/v1/exec",
+            &[
+                ANON,
+                "-H",
+                &ts,
+                "-H",
+                &nonce,
+                "-H",
+                &sig,
+                "--data-binary",
+                line,
+            ],
+        )
+        .await;
+    (code.split(' ').next().unwrap_or("").to_owned(), body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_signed_api_requests_need_no_token_and_cannot_be_replayed() {
+    require("ssh-keygen", "openssh-client");
+    let gw = gateway().await;
+    let (key, public) = kennel_testkit::ssh::keygen(gw.dir.path(), "admin-key");
+    gw.w.run(&gw.w.admin, &format!("key add \"{public}\""))
+        .await
+        .unwrap();
+    let now = kennel_core::model::now();
+    let nonce = "nonce-0123456789abcdef";
+    let (code, body) = signed_call(&gw, &key, "whoami", now, nonce, "kennel-api").await;
+    assert_eq!(code, "200", "{body}");
+    assert_eq!(json(&body)["ok"], true, "{body}");
+    // The same with the script people use (scripts/kennel-call).
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/kennel-call");
+    let out = tokio::process::Command::new(&script)
+        .arg("whoami")
+        .env("KENNEL_URL", format!("https://{DOMAIN}:{}", gw.port))
+        .env("KEY", &key)
+        .env(
+            "CURL_OPTS",
+            format!(
+                "--cacert {} --resolve {DOMAIN}:{}:127.0.0.1",
+                gw.ca.display(),
+                gw.port
+            ),
+        )
+        .output()
+        .await
+        .unwrap();
+    let body = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        json(&body)["ok"],
+        true,
+        "{body} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The same request again: a replay.
+    let (code, body) = signed_call(&gw, &key, "whoami", now, nonce, "kennel-api").await;
+    assert_eq!(code, "401", "{body}");
+    assert!(body.contains("replay"), "{body}");
+    // Too old, another namespace, a key that is nobody's: refused.
+    let old = now - 600;
+    let (code, body) = signed_call(
+        &gw,
+        &key,
+        "whoami",
+        old,
+        "nonce-old-0123456789",
+        "kennel-api",
+    )
+    .await;
+    assert_eq!(code, "401", "{body}");
+    let (code, body) = signed_call(&gw, &key, "whoami", now, "nonce-ns-0123456789ab", "file").await;
+    assert_eq!(code, "401", "{body}");
+    // A timestamp at the end of the range must not overflow anything.
+    let (code, _) = signed_call(
+        &gw,
+        &key,
+        "whoami",
+        i64::MIN,
+        "nonce-min-0123456789ab",
+        "kennel-api",
+    )
+    .await;
+    assert_eq!(code, "401");
+    let (stranger, _) = kennel_testkit::ssh::keygen(gw.dir.path(), "stranger");
+    let (code, body) = signed_call(
+        &gw,
+        &stranger,
+        "whoami",
+        now,
+        "nonce-str-0123456789ab",
+        "kennel-api",
+    )
+    .await;
+    assert_eq!(code, "401", "{body}");
+    assert!(body.contains("not an active key"), "{body}");
+    // A command that changes something: audited under the key's
+    // fingerprint.
+    let (code, body) = signed_call(
+        &gw,
+        &key,
+        "new project web --stack rust",
+        now,
+        "nonce-new-0123456789ab",
+        "kennel-api",
+    )
+    .await;
+    assert_eq!(code, "200", "{body}");
+    let audit =
+        gw.w.store
+            .call(|c| repo::recent_audit(c, 50))
+            .await
+            .unwrap();
+    assert!(
+        audit
+            .iter()
+            .any(|e| e.identity.starts_with("http:ssh:SHA256:")),
+        "{audit:?}"
+    );
+}

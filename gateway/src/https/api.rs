@@ -5,9 +5,19 @@
 //! lines first (`{"progress": …}`), then the outcome. The description is
 //! at `/api/v1/openapi.json`.
 //!
-//! Authentication is a bearer token from `token create` (only its hash is
-//! stored; each call is audited under `http:token:LABEL`). Cookies are
-//! never accepted here, so no other site can make a browser call it.
+//! Authentication, either:
+//! - a bearer token from `token create` (only its hash is stored; each
+//!   call is audited under `http:token:LABEL`), or
+//! - an SSH signature, so a user with a registered key needs no token:
+//!   the client signs [`signed_message`] with `ssh-keygen -Y sign -n
+//!   kennel-api` and sends `X-Kennel-Timestamp`, `X-Kennel-Nonce` and
+//!   `X-Kennel-Signature` (the `.sig` file, base64 on one line). Kennel
+//!   checks the namespace, the key against the user's active keys, the
+//!   timestamp (±5 minutes) and that the nonce was not seen before; calls
+//!   are audited under `http:ssh:FINGERPRINT`.
+//!
+//! Cookies are never accepted here, so no other site can make a browser
+//! call it.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -32,6 +42,28 @@ const MAX_BODY: usize = 64 * 1024;
 /// Calls per token per minute, at most (`HttpsSettings::api_per_minute`).
 pub(super) type Window = (Instant, u32);
 
+/// The SSHSIG namespace of API requests.
+pub const SIGNATURE_NAMESPACE: &str = "kennel-api";
+/// How far a signed request's timestamp may be from Kennel's clock.
+const SIGNATURE_WINDOW: u64 = 300;
+
+/// What an SSH-signed request signs: the scheme, its timestamp and nonce,
+/// the host, method and path, and the SHA-256 of the body (hex), one per
+/// line.
+pub fn signed_message(
+    ts: i64,
+    nonce: &str,
+    host: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(body);
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("kennel-api-v1\n{ts}\n{nonce}\n{host}\n{method} {path}\n{hex}\n")
+}
+
 impl Inner {
     /// `/api/…` on Kennel's host.
     pub(super) async fn api(&self, req: Request<Incoming>) -> Response<Body> {
@@ -53,6 +85,8 @@ impl Inner {
 
     async fn exec(&self, req: Request<Incoming>) -> Response<Body> {
         let token = bearer(&req);
+        let signed = Signed::of(&req);
+        let path = req.uri().path().to_owned();
         let streaming = req
             .headers()
             .get(header::ACCEPT)
@@ -78,21 +112,23 @@ impl Inner {
         };
         // The body is read first, even when the call will be refused: an
         // HTTP/2 client still sending it would see a reset stream.
-        let Some(token) = token else {
-            return unauthorized(
-                "send 'Authorization: Bearer TOKEN' (make a token with 'token create')",
-            );
-        };
-        let (user, label) = match self.gate.api_user(&token).await {
-            Ok(Some(found)) => found,
-            Ok(None) => return unauthorized("that token is unknown, revoked or expired"),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read API tokens");
-                return error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "internal",
-                    "Kennel cannot read its database",
-                );
+        let (user, label) = match (token, signed) {
+            (Some(token), _) => match self.gate.api_user(&token).await {
+                Ok(Some((user, label))) => (user, format!("token:{label}")),
+                Ok(None) => return unauthorized("that token is unknown, revoked or expired"),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read API tokens");
+                    return error(StatusCode::SERVICE_UNAVAILABLE, "internal", "Kennel cannot read its database");
+                }
+            },
+            (None, Some(signed)) => match self.verify(&signed, &path, &body).await {
+                Ok(found) => found,
+                Err(why) => return unauthorized(&why),
+            },
+            (None, None) => {
+                return unauthorized(
+                    "send 'Authorization: Bearer TOKEN' (make one with 'token create'), or sign the request with your SSH key",
+                )
             }
         };
         tracing::Span::current().record("user", user.name.as_str());
@@ -115,7 +151,7 @@ impl Inner {
             Ok(l) => l,
             Err(why) => return error(StatusCode::BAD_REQUEST, "usage", why),
         };
-        let who = Identity::new(Frontend::Http, format!("token:{label}"));
+        let who = Identity::new(Frontend::Http, label);
         let style = Style {
             format: Format::Plain,
             force_json: true,
@@ -154,6 +190,58 @@ impl Inner {
         r
     }
 
+    /// The user and audit label of an SSH-signed request: the signature
+    /// checked against the user's active keys, within the time window,
+    /// its nonce not seen before.
+    async fn verify(
+        &self,
+        s: &Signed,
+        path: &str,
+        body: &[u8],
+    ) -> Result<(kennel_core::User, String), String> {
+        let now = kennel_core::model::now();
+        if now.abs_diff(s.ts) > SIGNATURE_WINDOW {
+            return Err(format!(
+                "the signed request's timestamp is more than {SIGNATURE_WINDOW} s from Kennel's clock; sign it again"
+            ));
+        }
+        let armored = base64_decode(&s.sig)
+            .ok_or("X-Kennel-Signature is not base64 of an ssh-keygen -Y sign signature")?;
+        let sig = russh::keys::ssh_key::SshSig::from_pem(&armored)
+            .map_err(|_| "X-Kennel-Signature is not an SSH signature (ssh-keygen -Y sign)")?;
+        if sig.namespace() != SIGNATURE_NAMESPACE {
+            return Err(format!("sign with -n {SIGNATURE_NAMESPACE}"));
+        }
+        let key = russh::keys::ssh_key::PublicKey::from(sig.public_key().clone());
+        let fp = kennel_core::keys::Fingerprint::of(&key);
+        let msg = signed_message(s.ts, &s.nonce, &self.domain, "POST", path, body);
+        key.verify(SIGNATURE_NAMESPACE, msg.as_bytes(), &sig)
+            .map_err(|_| "the signature does not match this request".to_owned())?;
+        let user = match self.gate.user_by_key(&fp).await {
+            Ok(Some(u)) => u,
+            Ok(None) => return Err("that key is not an active key of any user".into()),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read keys");
+                return Err("Kennel cannot read its database".into());
+            }
+        };
+        // Checked last, so only valid signatures take a place.
+        let fresh = self.nonces.lock().is_ok_and(|mut seen| {
+            seen.retain(|_, at| now.abs_diff(*at) <= 2 * SIGNATURE_WINDOW);
+            if seen.len() >= 100_000 {
+                return false;
+            }
+            seen.insert(format!("{fp} {}", s.nonce), now).is_none()
+        });
+        if !fresh {
+            return Err(
+                "this signed request was used already (a replay); sign a new one with a new nonce"
+                    .into(),
+            );
+        }
+        Ok((user, format!("ssh:{fp}")))
+    }
+
     /// `Some(wait)` when this token has used up its minute.
     fn over_limit(&self, label: &str, user: kennel_core::model::UserId) -> Option<Duration> {
         let mut w = self.api_calls.lock().ok()?;
@@ -173,6 +261,38 @@ impl Inner {
         slot.1 += 1;
         None
     }
+}
+
+/// The parts of an SSH-signed request.
+struct Signed {
+    ts: i64,
+    nonce: String,
+    sig: String,
+}
+
+impl Signed {
+    fn of<B>(req: &Request<B>) -> Option<Self> {
+        let h = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok());
+        let nonce = h("x-kennel-nonce")?;
+        let ok_nonce = (16..=128).contains(&nonce.len())
+            && nonce
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        Some(Self {
+            ts: h("x-kennel-timestamp")?.parse().ok()?,
+            nonce: ok_nonce.then(|| nonce.to_owned())?,
+            sig: h("x-kennel-signature")?.to_owned(),
+        })
+    }
+}
+
+/// Standard base64 (with or without padding), or `None`.
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    use russh::keys::ssh_encoding::base64::{Base64, Base64Unpadded, Encoding};
+    let s = s.trim();
+    Base64::decode_vec(s)
+        .ok()
+        .or_else(|| Base64Unpadded::decode_vec(s).ok())
 }
 
 /// The bearer token of a request, if it carries one.

@@ -39,7 +39,7 @@ use kennel_core::provision::NoProgress;
 use kennel_core::{Actor, Executor, Gate};
 
 pub mod acme;
-mod api;
+pub mod api;
 mod page;
 mod proxy;
 pub mod route;
@@ -173,6 +173,8 @@ struct Inner {
     waking: Arc<Mutex<HashSet<ProjectName>>>,
     /// Connections into VMs through their sshd, for other ports.
     links: Arc<crate::vmlink::VmLinks>,
+    /// Nonces of SSH-signed API requests seen lately, and when.
+    nonces: Mutex<HashMap<String, i64>>,
     /// API calls per (user, token label) in the current minute.
     api_calls: Mutex<HashMap<(kennel_core::model::UserId, String), api::Window>>,
 }
@@ -237,6 +239,7 @@ impl HttpsGateway {
                 sessions: Mutex::new(HashMap::new()),
                 links,
                 api_calls: Mutex::new(HashMap::new()),
+                nonces: Mutex::new(HashMap::new()),
             }),
         }
     }
