@@ -101,6 +101,35 @@ fn editors_tools_work_through_the_gateway() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "web\n");
 
+    // `ssh-config`'s output is the whole setup: `ssh -F` with it reaches
+    // the project by its alias.
+    let out = ssh(&k, &key, "me@127.0.0.1", &[], "ssh-config", None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg = tmp.path().join("kennel_config");
+    std::fs::write(&cfg, &out.stdout).unwrap();
+    let out = Command::new("ssh")
+        .arg("-F")
+        .arg(&cfg)
+        .args(OPTS)
+        .arg("-i")
+        .arg(&key)
+        // The test's Kennel tells people port 2222 but listens elsewhere;
+        // -p wins over the config.
+        .args(["-p", &port, "kennel-web", "hostname"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "web\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // sftp in batch mode, scp both ways.
     std::fs::write(tmp.path().join("up.txt"), "up and down\n").unwrap();
     std::fs::write(

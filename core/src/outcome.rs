@@ -150,6 +150,11 @@ pub enum Reply {
     TokenRemoved {
         label: String,
     },
+    /// ssh_config text for the caller's projects, and their aliases.
+    SshConfig {
+        config: String,
+        aliases: Vec<String>,
+    },
     Keys {
         user: String,
         keys: Vec<SshKeyRecord>,

@@ -71,9 +71,8 @@ pub fn authorize(
     let someone_else = |u: &Option<UserName>| u.as_ref().is_some_and(|u| Some(u) != me);
     match cmd {
         Projects | Stacks | Templates | KeyRm { .. } | SecretSet { .. } | SecretRm { .. } | Secrets
-        | DeployKey | Login | Logout | Sessions | TokenCreate { .. } | Tokens | TokenRm { .. } => {
-            Ok(())
-        }
+        | DeployKey | Login | Logout | Sessions | TokenCreate { .. } | Tokens | TokenRm { .. }
+        | SshConfig => Ok(()),
         Keys { user } | KeyAdd { user, .. } => {
             if someone_else(user) {
                 refuse("only admins may see or change another user's keys")

@@ -486,6 +486,8 @@ pub fn document(r: &Reply) -> Vec<Block> {
                 })
                 .collect(),
         }],
+        // Only the config: `ssh HOST ssh-config > file` is the whole setup.
+        Reply::SshConfig { config, .. } => vec![Block::Code(config.trim_end().to_owned())],
         Reply::TokenRemoved { label } => vec![text(format!(
             "Token '{label}' is revoked; requests with it are refused from now on."
         ))],

@@ -600,3 +600,53 @@ async fn unknown_keys_are_declined_so_the_registered_one_is_tried() {
         text(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_config_prints_a_host_block_per_project_that_ssh_reads() {
+    let gw = gateway().await;
+    let (key, public) = keygen(gw.dir.path(), "admin");
+    gw.admin_key(&public).await;
+    for name in ["web", "shop"] {
+        let admin = gw.exec.local_admin().await.unwrap();
+        let out = gw
+            .exec
+            .execute_as(
+                &Identity::local_console(),
+                Some(admin),
+                kennel_core::parse(&format!("new project {name} --stack rust"))
+                    .unwrap()
+                    .command,
+                &NoProgress,
+            )
+            .await;
+        assert!(out.is_ok(), "{out:?}");
+    }
+    let out = gw.ssh(&key, "anyone", &["ssh-config"], None).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let cfg = gw.dir.path().join("kennel_config");
+    std::fs::write(&cfg, &out.stdout).unwrap();
+    for name in ["web", "shop"] {
+        let g = std::process::Command::new("ssh")
+            .arg("-G")
+            .arg("-F")
+            .arg(&cfg)
+            .arg(format!("kennel-{name}"))
+            .output()
+            .unwrap();
+        assert!(g.status.success(), "{}", text(&g.stderr));
+        let g = text(&g.stdout);
+        assert!(g.lines().any(|l| l == format!("user {name}")), "{g}");
+        assert!(g.lines().any(|l| l.starts_with("hostname ")), "{g}");
+        assert!(
+            g.lines()
+                .any(|l| l.starts_with("hostkeyalias kennel-gateway-")),
+            "{g}"
+        );
+    }
+    // JSON names the aliases.
+    let out = gw
+        .ssh(&key, "anyone", &["--", "--json", "ssh-config"], None)
+        .await;
+    let v: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert_eq!(v["aliases"].as_array().unwrap().len(), 2, "{v}");
+}

@@ -154,6 +154,9 @@ pub enum Command {
     Tokens,
     /// Revokes one of the caller's API tokens.
     TokenRm { label: SlugName },
+    /// An ssh_config `Host` block for each project the caller may enter
+    /// by SSH.
+    SshConfig,
 }
 
 impl Command {
@@ -221,7 +224,8 @@ impl Command {
             | Sessions
             | TokenCreate { .. }
             | Tokens
-            | TokenRm { .. } => None,
+            | TokenRm { .. }
+            | SshConfig => None,
         }
     }
 }

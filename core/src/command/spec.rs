@@ -590,6 +590,14 @@ pub static SPECS: &[CommandSpec] = &[
         build: |_| Ok(Command::Sessions),
     },
     CommandSpec {
+        name: "ssh-config",
+        aliases: &[],
+        args: &[],
+        flags: &[],
+        summary: "Print ssh_config Host blocks for your projects (ssh HOST ssh-config > ~/.ssh/kennel_config)",
+        build: |_| Ok(Command::SshConfig),
+    },
+    CommandSpec {
         name: "token create",
         aliases: &[],
         args: &[opt_word("label")],
@@ -1025,6 +1033,7 @@ pub(super) fn spec_for(c: &Command) -> &'static CommandSpec {
         Command::TokenCreate { .. } => "token create",
         Command::Tokens => "tokens",
         Command::TokenRm { .. } => "token rm",
+        Command::SshConfig => "ssh-config",
     };
     // Every name above is in SPECS (the unit test `every_command_has_a_spec`
     // checks it), and SPECS is a non-empty constant.
@@ -1054,7 +1063,8 @@ pub(super) fn write_canonical(c: &Command, f: &mut fmt::Formatter<'_>) -> fmt::R
         | Command::Login
         | Command::Logout
         | Command::Sessions
-        | Command::Tokens => {}
+        | Command::Tokens
+        | Command::SshConfig => {}
         Command::TokenCreate { label, expires } => {
             if let Some(l) = label {
                 arg(l.as_str())?;

@@ -473,6 +473,7 @@ impl Executor {
             }
             Command::Tokens => self.tokens(&call).await,
             Command::TokenRm { label } => self.token_rm(&call, &label).await,
+            Command::SshConfig => self.ssh_config(&call).await,
             Command::Stacks => Ok(Reply::Stacks {
                 stacks: self.catalog.stacks(),
             }),
@@ -638,5 +639,6 @@ fn audited(cmd: &Command) -> bool {
             | Command::Secrets
             | Command::Sessions
             | Command::Tokens
+            | Command::SshConfig
     )
 }

@@ -22,6 +22,51 @@ impl Executor {
         Ok(Reply::Projects { projects })
     }
 
+    /// `ssh-config`: a `Host kennel-NAME` block (the alias the VS Code
+    /// link uses) for each project the caller may enter by SSH, all
+    /// sharing one known_hosts entry for the gateway.
+    pub(super) async fn ssh_config(&self, call: &Call<'_>) -> Outcome {
+        let user = call.user()?.clone();
+        let uid = (!call.is_admin()).then_some(user.id);
+        let projects = self
+            .store
+            .call(move |c| repo::list_projects(c, uid))
+            .await?;
+        let s = self.settings();
+        let gate = self.gate();
+        let mut config = format!(
+            "# Kennel: {}'s projects on {host}, from 'ssh-config'.\n# Save as ~/.ssh/kennel_config and put 'Include kennel_config' at the top of ~/.ssh/config.\n",
+            user.name,
+            host = s.ssh_host
+        );
+        for fp in &s.host_key_fingerprints {
+            config.push_str(&format!("# The gateway's host key: {fp}\n"));
+        }
+        let mut aliases = Vec::new();
+        for p in projects {
+            if gate
+                .may_enter(Some(&user), &p.name, crate::policy::Entry::Ssh)
+                .await
+                .is_err()
+            {
+                continue;
+            }
+            let c = self.connection(&p);
+            config.push('\n');
+            config.push_str(&c.ssh_config);
+            // One known_hosts entry for every project behind the gateway.
+            config.push_str(&format!(
+                "\n    HostKeyAlias kennel-gateway-{}\n",
+                s.ssh_host
+            ));
+            aliases.push(format!("kennel-{}", p.name));
+        }
+        if aliases.is_empty() {
+            config.push_str("\n# You may enter no project by SSH yet.\n");
+        }
+        Ok(Reply::SshConfig { config, aliases })
+    }
+
     pub(super) async fn status(&self, call: &Call<'_>, name: &ProjectName) -> Outcome {
         let project = call.project(name)?;
         let n = name.clone();

@@ -408,9 +408,10 @@ fn openapi() -> serde_json::Value {
     let outcome = serde_json::json!({
         "type": "object",
         "required": ["ok"],
+        "additionalProperties": true,
         "properties": {
             "ok": {"type": "boolean"},
-            "reply": {"type": "object", "description": "the command's answer; its `kind` names it (as `--json` prints)"},
+            "kind": {"type": "string", "description": "when ok: which answer this is (e.g. `projects`, `status`); its fields are beside it, as `--json` prints them"},
             "error": {
                 "type": "object",
                 "properties": {
