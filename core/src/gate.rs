@@ -148,6 +148,11 @@ impl Gate {
             .await
     }
 
+    /// How to reach a project: SSH string, editor links, app URL.
+    pub fn connection(&self, p: &Project) -> crate::outcome::Connection {
+        self.exec.connection(p)
+    }
+
     /// `https://DOMAIN[:PORT]`, Kennel's own host.
     pub fn kennel_url(&self) -> String {
         self.exec.kennel_url()

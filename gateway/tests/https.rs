@@ -1007,3 +1007,96 @@ async fn ssh_signed_api_requests_need_no_token_and_cannot_be_replayed() {
         "{audit:?}"
     );
 }
+
+// ------------------------------------------------------------ the dashboard
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_lists_projects_acts_and_updates_live() {
+    let gw = gateway().await;
+    gw.project("web").await;
+    gw.project("shop").await;
+    let link = gw.login_link(&gw.w.admin).await;
+    let port = gw.port;
+    let (exec, admin) = (gw.w.exec.clone(), gw.w.admin.clone());
+    let rt = tokio::runtime::Handle::current();
+    let shots = std::env::var_os("KENNEL_SCREENSHOTS").map(std::path::PathBuf::from);
+    let (page, after_stop, live) = tokio::task::spawn_blocking(move || {
+        let mut b = kennel_testkit::browser::Browser::start(&format!(
+            "MAP *.{DOMAIN} 127.0.0.1, MAP {DOMAIN} 127.0.0.1"
+        ));
+        b.resize(1280, 800);
+        b.goto(&link);
+        b.click("button");
+        let page = b.source_with("data-state=\"web\"", Duration::from_secs(20));
+        if let Some(dir) = &shots {
+            std::fs::write(dir.join("dashboard.png"), b.screenshot()).unwrap();
+        }
+        // A button: the same answer chat gives, and the new state.
+        b.click("button[aria-label=\"stop web\"]");
+        let after_stop = b.source_with("Done", Duration::from_secs(20));
+        // Live: a start from chat shows without a reload.
+        let state = |b: &mut kennel_testkit::browser::Browser| {
+            b.eval("return document.querySelector('[data-state=\"web\"]').textContent;")
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        };
+        rt.block_on(async {
+            let out = exec
+                .front_door(
+                    &admin,
+                    None,
+                    "start web",
+                    kennel_core::Style::PLAIN,
+                    &kennel_core::provision::NoProgress,
+                )
+                .await;
+            assert!(out.outcome.is_ok(), "{:?}", out.outcome);
+        });
+        let t = std::time::Instant::now();
+        let mut live = state(&mut b);
+        while live != "running" && t.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(200));
+            live = state(&mut b);
+        }
+        if let Some(dir) = &shots {
+            b.resize(390, 844);
+            std::fs::write(dir.join("dashboard-phone.png"), b.screenshot()).unwrap();
+        }
+        (page, after_stop, live)
+    })
+    .await
+    .unwrap();
+    assert!(page.contains("You are signed in as"), "{page}");
+    for needle in [
+        "data-state=\"web\">running<",
+        "data-state=\"shop\"",
+        "ssh web@",
+        "vscode://vscode-remote/ssh-remote+kennel-web/workspace",
+        &format!("https://web.{DOMAIN}:{port}"),
+    ] {
+        assert!(page.contains(needle), "{needle} not in {page}");
+    }
+    assert!(
+        after_stop.contains("data-state=\"web\">stopped<"),
+        "{after_stop}"
+    );
+    assert_eq!(live, "running", "the state did not update live");
+    // A POST without the form's CSRF token is refused, even with the
+    // session cookie.
+    gw.sign_in(&gw.w.admin).await;
+    let (code, _, body) = gw.curl(DOMAIN, "/do", &["--data", "line=stop+web"]).await;
+    assert!(code.starts_with("403"), "{code} {body}");
+    let (code, _, _) = gw
+        .curl(DOMAIN, "/do", &["--data", "line=stop+web&csrf=0000"])
+        .await;
+    assert!(code.starts_with("403"), "{code}");
+    let Ok(Reply::Status { project, .. }) = gw.w.run(&gw.w.admin, "status web").await else {
+        panic!()
+    };
+    assert_eq!(
+        project.state.as_str(),
+        "running",
+        "the forged POST did nothing"
+    );
+}

@@ -127,6 +127,25 @@ impl Browser {
         self.cmd("POST", &format!("element/{id}/click"), Some(&json!({})));
     }
 
+    /// A PNG of the viewport.
+    #[allow(clippy::unwrap_used)]
+    pub fn screenshot(&mut self) -> Vec<u8> {
+        use base64::Engine;
+        let v = self.cmd("GET", "screenshot", None);
+        base64::engine::general_purpose::STANDARD
+            .decode(v.as_str().unwrap_or(""))
+            .unwrap()
+    }
+
+    /// Sets the window's size (CSS pixels).
+    pub fn resize(&mut self, width: u32, height: u32) {
+        self.cmd(
+            "POST",
+            "window/rect",
+            Some(&json!({"width": width, "height": height})),
+        );
+    }
+
     /// Runs `script` in the page; returns its value.
     pub fn eval(&mut self, script: &str) -> Value {
         self.cmd(

@@ -382,6 +382,11 @@ impl ProgressSink for LineSink {
     }
 }
 
+/// A streaming body of what is sent on `rx`, ending when it closes.
+pub(super) fn lines_body(rx: mpsc::Receiver<Bytes>) -> Body {
+    Lines(rx).boxed()
+}
+
 /// A body of the lines sent on a channel, ending when it closes.
 struct Lines(mpsc::Receiver<Bytes>);
 

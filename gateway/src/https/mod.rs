@@ -13,7 +13,8 @@
 //! |---|---|
 //! | `mod.rs` | settings, listener, connections, limits, the request dispatch, the project host |
 //! | `site.rs` | Kennel's host: sign-in, hand-over, sign-out |
-//! | `api.rs` | the HTTP API: `POST /api/v1/exec` with a bearer token |
+//! | `api.rs` | the HTTP API: `POST /api/v1/exec` with a bearer token or an SSH signature |
+//! | `dash.rs` | the dashboard: projects, live states, actions as command lines |
 //! | `proxy.rs` | forwarding to the VM: headers, streaming, upgrades |
 //! | `route.rs` | host names to sites; safe redirect targets |
 //! | `tls.rs` | certificate files (reloaded) or a development CA |
@@ -40,6 +41,7 @@ use kennel_core::{Actor, Executor, Gate};
 
 pub mod acme;
 pub mod api;
+mod dash;
 mod page;
 mod proxy;
 pub mod route;

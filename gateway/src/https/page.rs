@@ -45,6 +45,39 @@ pub fn html(status: StatusCode, title: &str, body: &str) -> Response<Body> {
     r
 }
 
+/// A page with its own style and, optionally, one script from Kennel's
+/// own host (the CSP allows nothing else).
+pub fn html_with(
+    status: StatusCode,
+    title: &str,
+    body: &str,
+    style: &str,
+    script: Option<&str>,
+) -> Response<Body> {
+    let script_tag = script
+        .map(|s| format!("<script src=\"{}\" defer></script>", esc(s)))
+        .unwrap_or_default();
+    let doc = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width\"><title>{t}</title><style>{style}</style>{script_tag}</head><body><h1>{t}</h1>{body}</body></html>",
+        t = esc(title)
+    );
+    let mut r = Response::new(full(doc));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static("default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+    );
+    h.insert("referrer-policy", HeaderValue::from_static("same-origin"));
+    r
+}
+
 /// A short plain-text answer (for scripts, and errors).
 pub fn status(status: StatusCode, text: &str) -> Response<Body> {
     let mut r = Response::new(full(format!("{text}\n")));

@@ -71,19 +71,21 @@ impl Inner {
         let host = self.domain.clone();
         match (req.method().clone(), path.as_str()) {
             (Method::GET, "/healthz") => page::status(StatusCode::OK, "ok"),
+            (Method::GET, "/static/dash.js") => super::dash::script(),
             (_, p) if p.starts_with("/api/") => self.api(req).await,
-            (Method::GET, "/") => match self.session_user(&req, &host).await {
-                Some(u) => page::html(
-                    StatusCode::OK,
-                    "Kennel",
-                    &format!(
-                        "<p>You are signed in as <b>{}</b>. Open a project's app at <code>https://NAME.{}</code>.</p><form method=\"post\" action=\"/logout\"><button>Sign out</button></form>",
-                        page::esc(u.name.as_str()),
-                        page::esc(&self.domain)
+            (Method::GET, "/") | (Method::POST, "/do") | (Method::GET, "/events") => {
+                match self.session_user(&req, &host).await {
+                    Some(u) => match self.dashboard_route(req, u).await {
+                        Ok(r) => r,
+                        Err(_) => page::status(StatusCode::NOT_FOUND, "Not here."),
+                    },
+                    None if path == "/" => page::html(StatusCode::OK, "Kennel", SIGN_IN_HOW),
+                    None => page::status(
+                        StatusCode::UNAUTHORIZED,
+                        "Sign in first: ask the Kennel bot 'login' and open the link.",
                     ),
-                ),
-                None => page::html(StatusCode::OK, "Kennel", SIGN_IN_HOW),
-            },
+                }
+            }
             (Method::GET, p) if p.starts_with("/login/") => {
                 let token = p.trim_start_matches("/login/");
                 match self.gate.peek_login(token).await {
@@ -100,7 +102,10 @@ impl Inner {
             }
             (Method::POST, p) if p.starts_with("/login/") => {
                 if !self.same_origin(&req) {
-                    return page::status(StatusCode::FORBIDDEN, "That form came from another site.");
+                    return page::status(
+                        StatusCode::FORBIDDEN,
+                        "That form came from another site.",
+                    );
                 }
                 let token = p.trim_start_matches("/login/");
                 match self.gate.consume_login(token).await {
@@ -117,14 +122,20 @@ impl Inner {
                     Ok(None) => used_up(),
                     Err(e) => {
                         tracing::error!(error = %e, "cannot sign in");
-                        page::status(StatusCode::SERVICE_UNAVAILABLE, "Kennel cannot sign you in right now.")
+                        page::status(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "Kennel cannot sign you in right now.",
+                        )
                     }
                 }
             }
             (Method::GET, "/auth") => self.hand_over(&req).await,
             (Method::POST, "/logout") => {
                 if !self.same_origin(&req) {
-                    return page::status(StatusCode::FORBIDDEN, "That form came from another site.");
+                    return page::status(
+                        StatusCode::FORBIDDEN,
+                        "That form came from another site.",
+                    );
                 }
                 self.sign_out(&req, "/").await
             }
@@ -240,7 +251,7 @@ impl Inner {
     /// so in `Sec-Fetch-Site`; older ones in `Origin`, which must then
     /// name this host. A request with neither (curl) is let through: it
     /// carries no cookies a page elsewhere could have made it use.
-    fn same_origin<B>(&self, req: &Request<B>) -> bool {
+    pub(super) fn same_origin<B>(&self, req: &Request<B>) -> bool {
         let h = req.headers();
         if let Some(site) = h.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
             return site == "same-origin" || site == "none";

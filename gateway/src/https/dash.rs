@@ -1,0 +1,292 @@
+//! The dashboard on Kennel's host: the signed-in user's projects (theirs,
+//! shared with them; all for admins), their state kept live by
+//! server-sent events, how to reach each (SSH string with a copy button,
+//! VS Code link, app link), and buttons. Every action is a line of the
+//! command language run as the user through core's front door — the same
+//! answer chat gives — so the web adds no business logic and no second
+//! policy; a command box runs any other line (share, port, keys, secrets,
+//! approve, …; `rm` asks for `yes` as in chat).
+//!
+//! Server-rendered HTML with one small script from Kennel's own host
+//! (`script-src 'self'`); every form carries a CSRF token derived from the
+//! session cookie and is also checked for same origin.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use kennel_core::model::{Project, User};
+use kennel_core::provision::NoProgress;
+use kennel_core::render::Format;
+use kennel_core::{Reply, Style};
+use tokio::sync::mpsc;
+
+use super::page::esc;
+use super::{page, site, Body, Inner};
+
+const SCRIPT: &str = r#"// Kennel's dashboard: live states, copy buttons.
+const es = new EventSource('/events');
+es.onmessage = (e) => {
+  const states = JSON.parse(e.data);
+  for (const [name, state] of Object.entries(states)) {
+    const el = document.querySelector('[data-state="' + CSS.escape(name) + '"]');
+    if (el && el.textContent !== state) { el.textContent = state; el.className = 'state ' + state; }
+  }
+};
+document.addEventListener('click', (e) => {
+  const b = e.target.closest('[data-copy]');
+  if (!b) return;
+  navigator.clipboard.writeText(b.dataset.copy).then(() => {
+    const was = b.textContent; b.textContent = 'copied'; setTimeout(() => { b.textContent = was; }, 1200);
+  });
+});
+"#;
+
+const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:72em;margin:2em auto;padding:0 1em;line-height:1.45}table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.35em .5em;border-bottom:1px solid #ddd;vertical-align:top}code{background:#f2f2f2;padding:0 .3em}pre{background:#f6f6f6;padding:.7em;overflow:auto;white-space:pre-wrap}form.inline{display:inline}button{font-size:.95em;padding:.25em .7em;margin:.1em}.state{font-weight:600}.running{color:#11772d}.stopped,.failed{color:#a33}input[type=text]{font-size:1em;padding:.3em;width:min(40em,100%)}header{display:flex;justify-content:space-between;align-items:center;flex-wrap:wrap}code{overflow-wrap:anywhere}@media(max-width:40em){table,tbody,tr,td{display:block}thead{display:none}tr{border-bottom:1px solid #ccc;padding:.6em 0}td{border:0;padding:.15em 0}}";
+
+/// The CSRF token of a session: derived from its cookie, so it needs no
+/// storage and is useless without the cookie (which other sites cannot
+/// read).
+fn csrf_of(cookie: &str) -> String {
+    kennel_core::web::token_hash(&format!("csrf:{cookie}"))
+}
+
+impl Inner {
+    /// `/`, `/do`, `/events` on Kennel's host for a signed-in user; the
+    /// request back for other paths.
+    pub(super) async fn dashboard_route(
+        &self,
+        req: Request<Incoming>,
+        user: User,
+    ) -> Result<Response<Body>, Request<Incoming>> {
+        let csrf = csrf_of(&Self::cookie(&req).unwrap_or_default());
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/") => Ok(self.dashboard(&user, &csrf, None).await),
+            (&Method::POST, "/do") => Ok(self.dash_do(req, user).await),
+            (&Method::GET, "/events") => Ok(self.events(user)),
+            _ => Err(req),
+        }
+    }
+
+    /// The page: the answer to the last action, if any, then projects.
+    async fn dashboard(
+        &self,
+        user: &User,
+        csrf: &str,
+        said: Option<(bool, String)>,
+    ) -> Response<Body> {
+        let who = site::web_identity(user);
+        let answered = self
+            .gate
+            .front_door(&who, user.clone(), "projects", Style::PLAIN, &NoProgress)
+            .await;
+        let projects = match answered.outcome {
+            Ok(Reply::Projects { projects }) => projects,
+            _ => Vec::new(),
+        };
+        let cookie_csrf = csrf.to_owned();
+        let mut html = format!(
+            "<header><p>You are signed in as <b>{}</b> ({})</p><form method=\"post\" action=\"/logout\"><button>Sign out</button></form></header>",
+            esc(user.name.as_str()),
+            esc(user.role.as_str())
+        );
+        if let Some((ok, text)) = said {
+            html.push_str(&format!(
+                "<section aria-live=\"polite\"><h2>{}</h2><pre>{}</pre></section>",
+                if ok { "Done" } else { "Not done" },
+                esc(&text)
+            ));
+        }
+        html.push_str("<h2>Projects</h2>");
+        if projects.is_empty() {
+            html.push_str(
+                "<p>No projects yet. Make one below: <code>new project NAME --git URL</code>.</p>",
+            );
+        } else {
+            html.push_str("<table><thead><tr><th>Project</th><th>State</th><th>Stack</th><th>Reach it</th><th>App</th><th>Actions</th></tr></thead><tbody>");
+            for p in &projects {
+                html.push_str(&self.project_row(p, &cookie_csrf));
+            }
+            html.push_str("</tbody></table>");
+        }
+        html.push_str(&format!(
+            "<h2>Run a command</h2><p>Any line you would send the bot: <code>share NAME USER --web</code>, <code>port NAME 8080</code>, <code>keys</code>, <code>key add …</code>, <code>secrets</code>, <code>requests</code>, <code>approve ID</code>, <code>rm NAME</code> then <code>yes</code>, <code>help</code>.</p><form method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><label for=\"line\">Command</label><br><input type=\"text\" id=\"line\" name=\"line\" autocomplete=\"off\" required> <button>Run</button></form>",
+            c = esc(&cookie_csrf)
+        ));
+        let mut r = page::html_with(
+            StatusCode::OK,
+            "Kennel",
+            &html,
+            STYLE,
+            Some("/static/dash.js"),
+        );
+        r.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        r
+    }
+
+    fn project_row(&self, p: &Project, csrf: &str) -> String {
+        let c = self.gate.connection(p);
+        let name = p.name.as_str();
+        let button = |line: String, label: &str| {
+            format!(
+                "<form class=\"inline\" method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{}\"><input type=\"hidden\" name=\"line\" value=\"{}\"><button aria-label=\"{label} {n}\">{label}</button></form>",
+                esc(csrf),
+                esc(&line),
+                n = esc(name),
+            )
+        };
+        let actions = [
+            button(format!("start {name}"), "start"),
+            button(format!("stop {name}"), "stop"),
+            button(format!("restart {name}"), "restart"),
+            button(format!("logs {name}"), "logs"),
+            if p.visibility.as_str() == "public" {
+                button(format!("private {name}"), "make private")
+            } else {
+                button(format!("public {name}"), "make public")
+            },
+        ]
+        .concat();
+        format!(
+            "<tr><td><b>{n}</b><br><small>{owner}</small></td><td><span class=\"state {st}\" data-state=\"{n}\">{st}</span></td><td>{stack}<br><small>{cpus} CPU, {mem} MiB</small></td><td><code>{ssh}</code> <button type=\"button\" data-copy=\"{ssh}\" aria-label=\"copy the SSH command for {n}\">copy</button><br><a href=\"{vscode}\">Open in VS Code</a> · <small>Zed: <code>{zed}</code></small><details><summary>ssh-config</summary><pre>{cfg}</pre></details></td><td><a href=\"{app}\">{app}</a><br><small>{vis}, port {port}</small></td><td>{actions}</td></tr>",
+            n = esc(name),
+            owner = esc(p.owner.as_str()),
+            st = esc(p.state.as_str()),
+            stack = esc(&p.stack),
+            cpus = p.resources.vcpus,
+            mem = p.resources.memory_mib,
+            ssh = esc(&c.ssh_command),
+            vscode = esc(&c.vscode_url),
+            zed = esc(&c.zed_url),
+            cfg = esc(&c.ssh_config),
+            app = esc(&c.https_url),
+            vis = esc(p.visibility.as_str()),
+            port = p.app_port,
+        )
+    }
+
+    /// `POST /do`: one line from a form, CSRF-checked, run as the user.
+    async fn dash_do(&self, req: Request<Incoming>, user: User) -> Response<Body> {
+        let cookie = Self::cookie(&req).unwrap_or_default();
+        let same_origin = self.same_origin(&req);
+        let body = match http_body_util::Limited::new(req.into_body(), 64 * 1024)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                return page::status(StatusCode::PAYLOAD_TOO_LARGE, "That form is too large.")
+            }
+        };
+        let mut csrf = None;
+        let mut line = None;
+        for (k, v) in form_urlencoded::parse(&body) {
+            match k.as_ref() {
+                "csrf" => csrf = Some(v.into_owned()),
+                "line" => line = Some(v.into_owned()),
+                _ => {}
+            }
+        }
+        let expected = csrf_of(&cookie);
+        if !same_origin || csrf.as_deref() != Some(expected.as_str()) {
+            return page::status(
+                StatusCode::FORBIDDEN,
+                "That form did not come from this page (its CSRF token is missing or wrong); reload the dashboard and try again.",
+            );
+        }
+        let Some(line) = line.filter(|l| !l.trim().is_empty()) else {
+            return self
+                .dashboard(&user, &expected, Some((false, "Type a command.".into())))
+                .await;
+        };
+        let who = site::web_identity(&user);
+        let answered = self
+            .gate
+            .front_door(
+                &who,
+                user.clone(),
+                &line,
+                Style {
+                    format: Format::Plain,
+                    force_json: false,
+                },
+                &NoProgress,
+            )
+            .await;
+        self.dashboard(
+            &user,
+            &expected,
+            Some((answered.outcome.is_ok(), answered.text)),
+        )
+        .await
+    }
+
+    /// `GET /events`: the states of the user's projects, sent again
+    /// whenever one changes (checked every second, only when the store
+    /// changed).
+    fn events(&self, user: User) -> Response<Body> {
+        let (tx, rx) = mpsc::channel::<Bytes>(8);
+        let gate = self.gate.clone();
+        tokio::spawn(async move {
+            let who = site::web_identity(&user);
+            let (mut seen_changes, mut last) = (u64::MAX, String::new());
+            loop {
+                let changes = gate.changes();
+                if changes != seen_changes {
+                    seen_changes = changes;
+                    let answered = gate
+                        .front_door(&who, user.clone(), "projects", Style::PLAIN, &NoProgress)
+                        .await;
+                    if let Ok(Reply::Projects { projects }) = answered.outcome {
+                        let states: serde_json::Map<String, serde_json::Value> = projects
+                            .iter()
+                            .map(|p| (p.name.to_string(), p.state.as_str().into()))
+                            .collect();
+                        let now = serde_json::Value::Object(states).to_string();
+                        if now != last {
+                            if tx
+                                .send(Bytes::from(format!("data: {now}\n\n")))
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                            last = now;
+                        }
+                    }
+                } else if tx.send(Bytes::from_static(b": ping\n\n")).await.is_err() {
+                    // The browser went away.
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        let mut r = Response::new(super::api::lines_body(rx));
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        r
+    }
+}
+
+/// `/static/dash.js`.
+pub(super) fn script() -> Response<Body> {
+    let mut r = Response::new(page::full(SCRIPT));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/javascript; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    r
+}
