@@ -24,12 +24,21 @@ use kennel_testkit::require;
 
 const DOMAIN: &str = "acme.test";
 
-/// A gateway on `port` whose certificates come from `s`; stops when the
-/// sender is dropped.
-async fn gateway(w: &World, port: u16, s: AcmeSettings) -> tokio::sync::oneshot::Sender<()> {
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+/// A listener on 127.0.0.1:`port` (0: any free port), bound before
+/// Pebble picks its own ports, so they cannot meet.
+async fn listen(port: u16) -> tokio::net::TcpListener {
+    tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// A gateway on `listener` whose certificates come from `s`; stops when
+/// the sender is dropped.
+async fn gateway(
+    w: &World,
+    listener: tokio::net::TcpListener,
+    s: AcmeSettings,
+) -> tokio::sync::oneshot::Sender<()> {
     let config = tls::server_config(&tls::TlsSource::Acme {
         settings: s,
         domain: DOMAIN.into(),
@@ -89,14 +98,6 @@ fn world(port: u16) -> World {
         .build()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
 }
@@ -117,7 +118,8 @@ async fn wait_until(what: &str, pebble: &Pebble, mut ok: impl FnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_alpn_certificates_for_projects_only_kept_and_renewed() {
     require("curl", "curl");
-    let port = free_port();
+    let first = listen(0).await;
+    let port = first.local_addr().unwrap().port();
     let pebble = Pebble::start(port);
     let w = world(port);
     let out = w.run(&w.admin, "new project app --stack rust").await;
@@ -128,7 +130,7 @@ async fn tls_alpn_certificates_for_projects_only_kept_and_renewed() {
 
     // First start: each name Kennel serves is certified at its first
     // handshake, by TLS-ALPN-01 answered on the gateway's own port.
-    let stop = gateway(&w, port, settings(&pebble, &acme_dir)).await;
+    let stop = gateway(&w, first, settings(&pebble, &acme_dir)).await;
     let root = pebble.issuing_root();
     let host = format!("app.{DOMAIN}");
     assert_eq!(
@@ -160,7 +162,7 @@ async fn tls_alpn_certificates_for_projects_only_kept_and_renewed() {
     // the names still verify.
     let mut s = settings(&pebble, &acme_dir);
     s.orders_per_hour = 0;
-    let stop = gateway(&w, port, s).await;
+    let stop = gateway(&w, listen(port).await, s).await;
     assert_eq!(curl(&root, port, &host, "/").await, Ok("401".into()));
     assert_eq!(std::fs::read_to_string(&app_pem).unwrap(), first);
     drop(stop);
@@ -171,8 +173,8 @@ async fn tls_alpn_certificates_for_projects_only_kept_and_renewed() {
     let mut s = settings(&pebble, &acme_dir);
     s.renew_before = Duration::from_secs(100 * 365 * 86_400);
     s.check_every = Duration::from_secs(1);
-    s.orders_per_hour = 2;
-    let _stop = gateway(&w, port, s).await;
+    s.orders_per_hour = 10;
+    let _stop = gateway(&w, listen(port).await, s).await;
     wait_until("renewal", &pebble, || {
         std::fs::read_to_string(&app_pem).unwrap() != first
     })
@@ -188,7 +190,8 @@ async fn tls_alpn_certificates_for_projects_only_kept_and_renewed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns01_wildcard_through_the_hook() {
     require("curl", "curl");
-    let port = free_port();
+    let listener = listen(0).await;
+    let port = listener.local_addr().unwrap().port();
     let pebble = Pebble::start(port);
     let w = world(port);
     let data = tempfile::tempdir().unwrap();
@@ -210,7 +213,7 @@ async fn dns01_wildcard_through_the_hook() {
     let mut s = settings(&pebble, &acme_dir);
     s.dns_hook = Some(hook);
     s.dns_wait = Duration::ZERO;
-    let _stop = gateway(&w, port, s).await;
+    let _stop = gateway(&w, listener, s).await;
     // Ordered at start, not at a handshake.
     let wildcard = acme_dir.join("certs/_wildcard.pem");
     wait_until("the wildcard order", &pebble, || wildcard.exists()).await;
