@@ -1100,3 +1100,59 @@ async fn the_dashboard_lists_projects_acts_and_updates_live() {
         "the forged POST did nothing"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_makes_projects_with_progress_and_admins_approve_requests() {
+    let gw = gateway().await;
+    let bob = Identity::new(Frontend::Discord, "77");
+    let key = ed25519(9, Some("bob"));
+    let Ok(Reply::RequestFiled { request, .. }) =
+        gw.w.run(&bob, &format!("request-access {key} bob's laptop"))
+            .await
+    else {
+        panic!()
+    };
+    let link = gw.login_link(&gw.w.admin).await;
+    let (id, port) = (request.id, gw.port);
+    let (made, approved) = tokio::task::spawn_blocking(move || {
+        let mut b = kennel_testkit::browser::Browser::start(&format!(
+            "MAP *.{DOMAIN} 127.0.0.1, MAP {DOMAIN} 127.0.0.1"
+        ));
+        b.goto(&link);
+        b.click("button");
+        let page = b.source_with("Access requests", Duration::from_secs(20));
+        assert!(page.contains("bob&#39;s laptop") || page.contains("bob's laptop"), "{page}");
+        // New project: its progress streams into the page.
+        b.eval("document.querySelector('#new [name=name]').value = 'fresh'; document.querySelector('#new [name=stack]').value = 'rust'; return 1;");
+        b.click("#new button");
+        let t = std::time::Instant::now();
+        let mut made = String::new();
+        while t.elapsed() < Duration::from_secs(30) {
+            let v = b.eval("const p = document.getElementById('progress'); return [p.dataset.done || '', p.textContent];");
+            if v[0] == "yes" {
+                made = v[1].as_str().unwrap_or("").to_owned();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // Approve bob's request.
+        b.goto(&format!("https://{DOMAIN}:{port}/"));
+        b.click(&format!("button[aria-label=\"approve request {id}\"]"));
+        let approved = b.source_with("Done", Duration::from_secs(20));
+        (made, approved)
+    })
+    .await
+    .unwrap();
+    assert!(made.contains("… "), "no progress lines: {made}");
+    assert!(made.contains("fresh"), "{made}");
+    assert!(approved.contains("Done"), "{approved}");
+    let Ok(Reply::Status { project, .. }) = gw.w.run(&gw.w.admin, "status fresh").await else {
+        panic!("the dashboard's new project is missing")
+    };
+    assert_eq!(project.stack, "rust");
+    let Ok(Reply::Requests { requests }) = gw.w.run(&gw.w.admin, "requests --all").await else {
+        panic!()
+    };
+    let r = requests.iter().find(|r| r.id == id).unwrap();
+    assert_eq!(r.state.as_str(), "approved", "{r:?}");
+}

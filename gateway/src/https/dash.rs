@@ -35,6 +35,16 @@ es.onmessage = (e) => {
     if (el && el.textContent !== state) { el.textContent = state; el.className = 'state ' + state; }
   }
 };
+const form = document.getElementById('new');
+if (form) form.addEventListener('submit', async (e) => {
+  e.preventDefault();
+  const out = document.getElementById('progress');
+  out.hidden = false; out.textContent = '';
+  const resp = await fetch('/run', { method: 'POST', body: new URLSearchParams(new FormData(form)) });
+  const reader = resp.body.getReader(); const dec = new TextDecoder();
+  for (;;) { const { done, value } = await reader.read(); if (done) break; out.textContent += dec.decode(value, { stream: true }); }
+  out.dataset.done = 'yes';
+});
 document.addEventListener('click', (e) => {
   const b = e.target.closest('[data-copy]');
   if (!b) return;
@@ -65,6 +75,7 @@ impl Inner {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/") => Ok(self.dashboard(&user, &csrf, None).await),
             (&Method::POST, "/do") => Ok(self.dash_do(req, user).await),
+            (&Method::POST, "/run") => Ok(self.dash_run(req, user).await),
             (&Method::GET, "/events") => Ok(self.events(user)),
             _ => Err(req),
         }
@@ -112,6 +123,13 @@ impl Inner {
             html.push_str("</tbody></table>");
         }
         html.push_str(&format!(
+            "<h2>New project</h2><form id=\"new\" method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><label>Name <input type=\"text\" name=\"name\" required pattern=\"[a-z][a-z0-9-]*\" style=\"width:12em\"></label> <label>Stack <input type=\"text\" name=\"stack\" placeholder=\"detect\" style=\"width:8em\"></label> <label>Git URL <input type=\"text\" name=\"git\" placeholder=\"optional\" style=\"width:20em\"></label> <label>Template <input type=\"text\" name=\"template\" placeholder=\"optional\" style=\"width:8em\"></label> <button>Create</button></form><pre id=\"progress\" aria-live=\"polite\" hidden></pre>",
+            c = esc(&cookie_csrf)
+        ));
+        if user.role.as_str() == "admin" {
+            html.push_str(&self.requests_panel(user, &cookie_csrf).await);
+        }
+        html.push_str(&format!(
             "<h2>Run a command</h2><p>Any line you would send the bot: <code>share NAME USER --web</code>, <code>port NAME 8080</code>, <code>keys</code>, <code>key add …</code>, <code>secrets</code>, <code>requests</code>, <code>approve ID</code>, <code>rm NAME</code> then <code>yes</code>, <code>help</code>.</p><form method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><label for=\"line\">Command</label><br><input type=\"text\" id=\"line\" name=\"line\" autocomplete=\"off\" required> <button>Run</button></form>",
             c = esc(&cookie_csrf)
         ));
@@ -125,6 +143,50 @@ impl Inner {
         r.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         r
+    }
+
+    /// Pending access requests with Approve and Deny (admins).
+    async fn requests_panel(&self, user: &User, csrf: &str) -> String {
+        let who = site::web_identity(user);
+        let answered = self
+            .gate
+            .front_door(&who, user.clone(), "requests", Style::PLAIN, &NoProgress)
+            .await;
+        let Ok(Reply::Requests { requests }) = answered.outcome else {
+            return String::new();
+        };
+        let mut html = String::from("<h2>Access requests</h2>");
+        if requests.is_empty() {
+            html.push_str("<p>None pending.</p>");
+            return html;
+        }
+        html.push_str("<table><thead><tr><th>#</th><th>From</th><th>Key</th><th>Note</th><th>Decide</th></tr></thead><tbody>");
+        for r in &requests {
+            let form = |line: String, label: &str, reason: bool| {
+                format!(
+                    "<form class=\"inline\" method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{}\"><input type=\"hidden\" name=\"line\" value=\"{}\">{}<button aria-label=\"{label} request {id}\">{label}</button></form>",
+                    esc(csrf),
+                    esc(&line),
+                    if reason {
+                        format!("<input type=\"text\" name=\"reason\" placeholder=\"reason (optional)\" aria-label=\"reason for denying request {}\" style=\"width:12em\"> ", r.id)
+                    } else {
+                        String::new()
+                    },
+                    id = r.id,
+                )
+            };
+            html.push_str(&format!(
+                "<tr><td>{id}</td><td>{from}</td><td><code>{fp}</code></td><td>{note}</td><td>{approve}{deny}</td></tr>",
+                id = r.id,
+                from = esc(&r.identity.to_string()),
+                fp = esc(r.fingerprint.as_str()),
+                note = esc(r.note.as_deref().unwrap_or("")),
+                approve = form(format!("approve {}", r.id), "approve", false),
+                deny = form(format!("deny {}", r.id), "deny", true),
+            ));
+        }
+        html.push_str("</tbody></table>");
+        html
     }
 
     fn project_row(&self, p: &Project, csrf: &str) -> String {
@@ -181,15 +243,7 @@ impl Inner {
                 return page::status(StatusCode::PAYLOAD_TOO_LARGE, "That form is too large.")
             }
         };
-        let mut csrf = None;
-        let mut line = None;
-        for (k, v) in form_urlencoded::parse(&body) {
-            match k.as_ref() {
-                "csrf" => csrf = Some(v.into_owned()),
-                "line" => line = Some(v.into_owned()),
-                _ => {}
-            }
-        }
+        let (csrf, line) = form_line(&body);
         let expected = csrf_of(&cookie);
         if !same_origin || csrf.as_deref() != Some(expected.as_str()) {
             return page::status(
@@ -222,6 +276,60 @@ impl Inner {
             Some((answered.outcome.is_ok(), answered.text)),
         )
         .await
+    }
+
+    /// `POST /run`: like `/do`, but the answer streams: one line per
+    /// progress step, then the rendered outcome (the new-project form's
+    /// script shows it as chat shows its edited message).
+    async fn dash_run(&self, req: Request<Incoming>, user: User) -> Response<Body> {
+        let cookie = Self::cookie(&req).unwrap_or_default();
+        let same_origin = self.same_origin(&req);
+        let Ok(body) = http_body_util::Limited::new(req.into_body(), 64 * 1024)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+        else {
+            return page::status(StatusCode::PAYLOAD_TOO_LARGE, "That form is too large.");
+        };
+        let (csrf, line) = form_line(&body);
+        if !same_origin || csrf.as_deref() != Some(csrf_of(&cookie).as_str()) {
+            return page::status(
+                StatusCode::FORBIDDEN,
+                "That form did not come from this page; reload the dashboard.",
+            );
+        }
+        let Some(line) = line else {
+            return page::status(StatusCode::BAD_REQUEST, "Name the project.");
+        };
+        let (tx, rx) = mpsc::channel::<Bytes>(64);
+        let gate = self.gate.clone();
+        tokio::spawn(async move {
+            let who = site::web_identity(&user);
+            let sink = TextSink(tx.clone());
+            let answered = gate
+                .front_door(
+                    &who,
+                    user,
+                    &line,
+                    Style {
+                        format: Format::Plain,
+                        force_json: false,
+                    },
+                    &sink,
+                )
+                .await;
+            let _ = tx
+                .send(Bytes::from(format!("\n{}\n", answered.text.trim_end())))
+                .await;
+        });
+        let mut r = Response::new(super::api::lines_body(rx));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        r.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        r
     }
 
     /// `GET /events`: the states of the user's projects, sent again
@@ -272,6 +380,49 @@ impl Inner {
         );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         r
+    }
+}
+
+/// The CSRF token and the command line a dashboard form sends: `line`
+/// itself (a deny's `reason` appended, quoted), or the new-project form's
+/// fields made into `new project NAME [--stack S] [--git URL]
+/// [--template T]`. Values are quoted as the command language quotes, so
+/// a field cannot add flags of its own.
+fn form_line(body: &[u8]) -> (Option<String>, Option<String>) {
+    let mut f: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    for (k, v) in form_urlencoded::parse(body) {
+        f.insert(k.into_owned(), v.trim().to_owned());
+    }
+    let csrf = f.remove("csrf");
+    let q = kennel_core::command::lex::quote;
+    let line = if let Some(name) = f.get("name").filter(|n| !n.is_empty()) {
+        let mut l = format!("new project {}", q(name));
+        for (field, flag) in [
+            ("stack", "--stack"),
+            ("git", "--git"),
+            ("template", "--template"),
+        ] {
+            if let Some(v) = f.get(field).filter(|v| !v.is_empty()) {
+                l.push_str(&format!(" {flag} {}", q(v)));
+            }
+        }
+        Some(l)
+    } else {
+        f.get("line")
+            .map(|l| match f.get("reason").filter(|r| !r.is_empty()) {
+                Some(r) => format!("{l} {}", q(r)),
+                None => l.clone(),
+            })
+    };
+    (csrf, line)
+}
+
+/// Each progress step as one line of text.
+struct TextSink(mpsc::Sender<Bytes>);
+
+impl kennel_core::provision::ProgressSink for TextSink {
+    fn report(&self, p: kennel_core::provision::Progress) {
+        let _ = self.0.try_send(Bytes::from(format!("… {p}\n")));
     }
 }
 

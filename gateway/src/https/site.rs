@@ -73,19 +73,20 @@ impl Inner {
             (Method::GET, "/healthz") => page::status(StatusCode::OK, "ok"),
             (Method::GET, "/static/dash.js") => super::dash::script(),
             (_, p) if p.starts_with("/api/") => self.api(req).await,
-            (Method::GET, "/") | (Method::POST, "/do") | (Method::GET, "/events") => {
-                match self.session_user(&req, &host).await {
-                    Some(u) => match self.dashboard_route(req, u).await {
-                        Ok(r) => r,
-                        Err(_) => page::status(StatusCode::NOT_FOUND, "Not here."),
-                    },
-                    None if path == "/" => page::html(StatusCode::OK, "Kennel", SIGN_IN_HOW),
-                    None => page::status(
-                        StatusCode::UNAUTHORIZED,
-                        "Sign in first: ask the Kennel bot 'login' and open the link.",
-                    ),
-                }
-            }
+            (Method::GET, "/")
+            | (Method::POST, "/do")
+            | (Method::POST, "/run")
+            | (Method::GET, "/events") => match self.session_user(&req, &host).await {
+                Some(u) => match self.dashboard_route(req, u).await {
+                    Ok(r) => r,
+                    Err(_) => page::status(StatusCode::NOT_FOUND, "Not here."),
+                },
+                None if path == "/" => page::html(StatusCode::OK, "Kennel", SIGN_IN_HOW),
+                None => page::status(
+                    StatusCode::UNAUTHORIZED,
+                    "Sign in first: ask the Kennel bot 'login' and open the link.",
+                ),
+            },
             (Method::GET, p) if p.starts_with("/login/") => {
                 let token = p.trim_start_matches("/login/");
                 match self.gate.peek_login(token).await {
