@@ -1102,7 +1102,7 @@ async fn the_dashboard_lists_projects_acts_and_updates_live() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_dashboard_makes_projects_with_progress_and_admins_approve_requests() {
+async fn the_dashboard_makes_projects_approves_requests_keeps_keys_and_secrets_and_follows_logs() {
     let gw = gateway().await;
     let bob = Identity::new(Frontend::Discord, "77");
     let key = ed25519(9, Some("bob"));
@@ -1114,7 +1114,8 @@ async fn the_dashboard_makes_projects_with_progress_and_admins_approve_requests(
     };
     let link = gw.login_link(&gw.w.admin).await;
     let (id, port) = (request.id, gw.port);
-    let (made, approved) = tokio::task::spawn_blocking(move || {
+    let new_key = ed25519(10, Some("desk")).to_string();
+    let (made, approved, keyed, secreted, seen) = tokio::task::spawn_blocking(move || {
         let mut b = kennel_testkit::browser::Browser::start(&format!(
             "MAP *.{DOMAIN} 127.0.0.1, MAP {DOMAIN} 127.0.0.1"
         ));
@@ -1139,10 +1140,46 @@ async fn the_dashboard_makes_projects_with_progress_and_admins_approve_requests(
         b.goto(&format!("https://{DOMAIN}:{port}/"));
         b.click(&format!("button[aria-label=\"approve request {id}\"]"));
         let approved = b.source_with("Done", Duration::from_secs(20));
-        (made, approved)
+        // A key pasted in, a secret set: the value never shows.
+        let submit = |b: &mut kennel_testkit::browser::Browser, field: &str, js: &str| {
+            b.eval(&format!(
+                "{js}; document.querySelector('input[name={field}]').form.submit(); return 1;"
+            ));
+        };
+        submit(
+            &mut b,
+            "key",
+            &format!("document.querySelector('input[name=key]').value = '{new_key}'; document.querySelector('input[name=label]').value = 'desk'"),
+        );
+        let keyed = b.source_with("desk</td>", Duration::from_secs(20));
+        submit(
+            &mut b,
+            "secret",
+            "document.querySelector('input[name=secret]').value = 'git-token'; document.querySelector('input[name=value]').value = 'hunter2-secret-value'",
+        );
+        let secreted = b.source_with("<code>git-token</code>", Duration::from_secs(20));
+        // The log, followed live.
+        b.goto(&format!("https://{DOMAIN}:{port}/logs?project=fresh"));
+        let t = std::time::Instant::now();
+        let mut seen = serde_json::Value::Null;
+        while t.elapsed() < Duration::from_secs(20) {
+            seen = b.eval("const l = document.getElementById('log'); return l.dataset.seen === 'yes' ? l.textContent : null;");
+            if !seen.is_null() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        (made, approved, keyed, secreted, seen)
     })
     .await
     .unwrap();
+    assert!(keyed.contains("desk</td>"), "{keyed}");
+    assert!(secreted.contains("<code>git-token</code>"), "{secreted}");
+    assert!(
+        !secreted.contains("hunter2-secret-value"),
+        "a secret's value was shown"
+    );
+    assert!(!seen.is_null(), "the log view never filled");
     assert!(made.contains("… "), "no progress lines: {made}");
     assert!(made.contains("fresh"), "{made}");
     assert!(approved.contains("Done"), "{approved}");

@@ -27,8 +27,13 @@ use super::page::esc;
 use super::{page, site, Body, Inner};
 
 const SCRIPT: &str = r#"// Kennel's dashboard: live states, copy buttons.
-const es = new EventSource('/events');
-es.onmessage = (e) => {
+const log = document.getElementById('log');
+if (log) {
+  const tail = new EventSource('/logtail?project=' + encodeURIComponent(log.dataset.project));
+  tail.onmessage = (e) => { log.textContent = JSON.parse(e.data); log.dataset.seen = 'yes'; };
+}
+const es = log ? null : new EventSource('/events');
+if (es) es.onmessage = (e) => {
   const states = JSON.parse(e.data);
   for (const [name, state] of Object.entries(states)) {
     const el = document.querySelector('[data-state="' + CSS.escape(name) + '"]');
@@ -77,6 +82,8 @@ impl Inner {
             (&Method::POST, "/do") => Ok(self.dash_do(req, user).await),
             (&Method::POST, "/run") => Ok(self.dash_run(req, user).await),
             (&Method::GET, "/events") => Ok(self.events(user)),
+            (&Method::GET, "/logs") => Ok(self.logs_page(&req, &user)),
+            (&Method::GET, "/logtail") => Ok(self.log_tail(&req, user)),
             _ => Err(req),
         }
     }
@@ -126,6 +133,7 @@ impl Inner {
             "<h2>New project</h2><form id=\"new\" method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><label>Name <input type=\"text\" name=\"name\" required pattern=\"[a-z][a-z0-9-]*\" style=\"width:12em\"></label> <label>Stack <input type=\"text\" name=\"stack\" placeholder=\"detect\" style=\"width:8em\"></label> <label>Git URL <input type=\"text\" name=\"git\" placeholder=\"optional\" style=\"width:20em\"></label> <label>Template <input type=\"text\" name=\"template\" placeholder=\"optional\" style=\"width:8em\"></label> <button>Create</button></form><pre id=\"progress\" aria-live=\"polite\" hidden></pre>",
             c = esc(&cookie_csrf)
         ));
+        html.push_str(&self.keys_and_secrets(user, &cookie_csrf).await);
         if user.role.as_str() == "admin" {
             html.push_str(&self.requests_panel(user, &cookie_csrf).await);
         }
@@ -143,6 +151,71 @@ impl Inner {
         r.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         r
+    }
+
+    /// The user's SSH keys (remove; add by paste) and secrets (names
+    /// only; set and remove).
+    async fn keys_and_secrets(&self, user: &User, csrf: &str) -> String {
+        let who = site::web_identity(user);
+        let ask = |line: &'static str| {
+            self.gate
+                .front_door(&who, user.clone(), line, Style::PLAIN, &NoProgress)
+        };
+        let keys = match ask("keys").await.outcome {
+            Ok(Reply::Keys { keys, .. }) => keys,
+            _ => Vec::new(),
+        };
+        let secrets = match ask("secrets").await.outcome {
+            Ok(Reply::Secrets { names }) => names,
+            _ => Vec::new(),
+        };
+        let hidden = |line: &str| {
+            format!(
+                "<input type=\"hidden\" name=\"csrf\" value=\"{}\"><input type=\"hidden\" name=\"line\" value=\"{}\">",
+                esc(csrf),
+                esc(line)
+            )
+        };
+        let mut html = String::from("<h2>SSH keys</h2>");
+        if keys.is_empty() {
+            html.push_str("<p>No keys yet.</p>");
+        } else {
+            html.push_str("<table><thead><tr><th>Label</th><th>Fingerprint</th><th>State</th><th></th></tr></thead><tbody>");
+            for k in &keys {
+                let fp = k.fingerprint.as_str();
+                html.push_str(&format!(
+                    "<tr><td>{}</td><td><code>{}</code></td><td>{}</td><td><form class=\"inline\" method=\"post\" action=\"/do\">{}<button aria-label=\"remove key {}\">remove</button></form></td></tr>",
+                    esc(k.label.as_deref().unwrap_or("")),
+                    esc(fp),
+                    esc(k.state.as_str()),
+                    hidden(&format!("key rm {fp}")),
+                    esc(fp),
+                ));
+            }
+            html.push_str("</tbody></table>");
+        }
+        html.push_str(&format!(
+            "<form method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><input type=\"hidden\" name=\"form\" value=\"key\"><label>Public key <input type=\"text\" name=\"key\" placeholder=\"ssh-ed25519 AAAA… you@laptop\" required></label> <label>Label <input type=\"text\" name=\"label\" style=\"width:10em\"></label> <button>Add key</button></form>",
+            c = esc(csrf)
+        ));
+        html.push_str("<h2>Secrets</h2><p>Values are never shown again.</p>");
+        if !secrets.is_empty() {
+            html.push_str("<ul>");
+            for n in &secrets {
+                html.push_str(&format!(
+                    "<li><code>{}</code> <form class=\"inline\" method=\"post\" action=\"/do\">{}<button aria-label=\"remove secret {}\">remove</button></form></li>",
+                    esc(n),
+                    hidden(&format!("secret rm {n}")),
+                    esc(n)
+                ));
+            }
+            html.push_str("</ul>");
+        }
+        html.push_str(&format!(
+            "<form method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><input type=\"hidden\" name=\"form\" value=\"secret\"><label>Name <input type=\"text\" name=\"secret\" placeholder=\"git-token\" required style=\"width:10em\"></label> <label>Value <input type=\"password\" name=\"value\" required autocomplete=\"off\" style=\"width:16em\"></label> <button>Set secret</button></form>",
+            c = esc(csrf)
+        ));
+        html
     }
 
     /// Pending access requests with Approve and Deny (admins).
@@ -204,7 +277,10 @@ impl Inner {
             button(format!("start {name}"), "start"),
             button(format!("stop {name}"), "stop"),
             button(format!("restart {name}"), "restart"),
-            button(format!("logs {name}"), "logs"),
+            format!(
+                "<a href=\"/logs?project={n}\" aria-label=\"follow the log of {n}\">log</a> ",
+                n = esc(name)
+            ),
             if p.visibility.as_str() == "public" {
                 button(format!("private {name}"), "make private")
             } else {
@@ -332,6 +408,68 @@ impl Inner {
         r
     }
 
+    /// `GET /logs?project=NAME`: the VM console's tail, followed live.
+    fn logs_page(&self, req: &Request<Incoming>, user: &User) -> Response<Body> {
+        let Some(name) = project_param(req) else {
+            return page::status(
+                StatusCode::BAD_REQUEST,
+                "Name a project: /logs?project=NAME",
+            );
+        };
+        let html = format!(
+            "<p><a href=\"/\">Back to projects</a> · signed in as <b>{}</b></p><h2>Log of {n}</h2><pre id=\"log\" data-project=\"{n}\" aria-live=\"polite\">…</pre>",
+            esc(user.name.as_str()),
+            n = esc(name.as_str())
+        );
+        page::html_with(
+            StatusCode::OK,
+            "Kennel",
+            &html,
+            STYLE,
+            Some("/static/dash.js"),
+        )
+    }
+
+    /// `GET /logtail?project=NAME`: `logs NAME` as the user, sent again
+    /// (as a JSON string) whenever it changes, checked every 2 s.
+    fn log_tail(&self, req: &Request<Incoming>, user: User) -> Response<Body> {
+        let Some(name) = project_param(req) else {
+            return page::status(StatusCode::BAD_REQUEST, "Name a project.");
+        };
+        let (tx, rx) = mpsc::channel::<Bytes>(8);
+        let gate = self.gate.clone();
+        tokio::spawn(async move {
+            let who = site::web_identity(&user);
+            let line = format!("logs {name} --lines 200");
+            let mut last = String::new();
+            loop {
+                let answered = gate
+                    .front_door(&who, user.clone(), &line, Style::PLAIN, &NoProgress)
+                    .await;
+                let text = answered.text;
+                let msg = if text == last {
+                    Bytes::from_static(b": ping\n\n")
+                } else {
+                    let m = format!("data: {}\n\n", serde_json::Value::String(text.clone()));
+                    last = text;
+                    Bytes::from(m)
+                };
+                if tx.send(msg).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        });
+        let mut r = Response::new(super::api::lines_body(rx));
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        r
+    }
+
     /// `GET /events`: the states of the user's projects, sent again
     /// whenever one changes (checked every second, only when the store
     /// changed).
@@ -395,7 +533,21 @@ fn form_line(body: &[u8]) -> (Option<String>, Option<String>) {
     }
     let csrf = f.remove("csrf");
     let q = kennel_core::command::lex::quote;
-    let line = if let Some(name) = f.get("name").filter(|n| !n.is_empty()) {
+    let line = if f.get("form").map(String::as_str) == Some("key") {
+        f.get("key").filter(|k| !k.is_empty()).map(|k| {
+            match f.get("label").filter(|l| !l.is_empty()) {
+                Some(l) => format!("key add {} {}", q(k), q(l)),
+                None => format!("key add {}", q(k)),
+            }
+        })
+    } else if f.get("form").map(String::as_str) == Some("secret") {
+        match (f.get("secret"), f.get("value")) {
+            (Some(n), Some(v)) if !n.is_empty() && !v.is_empty() => {
+                Some(format!("secret set {} {}", q(n), q(v)))
+            }
+            _ => None,
+        }
+    } else if let Some(name) = f.get("name").filter(|n| !n.is_empty()) {
         let mut l = format!("new project {}", q(name));
         for (field, flag) in [
             ("stack", "--stack"),
@@ -415,6 +567,14 @@ fn form_line(body: &[u8]) -> (Option<String>, Option<String>) {
             })
     };
     (csrf, line)
+}
+
+/// The `project` query parameter, if it is a project name.
+fn project_param<B>(req: &Request<B>) -> Option<kennel_core::names::ProjectName> {
+    let q = req.uri().query()?;
+    form_urlencoded::parse(q.as_bytes())
+        .find(|(k, _)| k == "project")
+        .and_then(|(_, v)| kennel_core::names::ProjectName::new(&v).ok())
 }
 
 /// Each progress step as one line of text.

@@ -76,7 +76,9 @@ impl Inner {
             (Method::GET, "/")
             | (Method::POST, "/do")
             | (Method::POST, "/run")
-            | (Method::GET, "/events") => match self.session_user(&req, &host).await {
+            | (Method::GET, "/events")
+            | (Method::GET, "/logs")
+            | (Method::GET, "/logtail") => match self.session_user(&req, &host).await {
                 Some(u) => match self.dashboard_route(req, u).await {
                     Ok(r) => r,
                     Err(_) => page::status(StatusCode::NOT_FOUND, "Not here."),
