@@ -436,10 +436,16 @@ pub mod testing {
         async fn start(
             &self,
             spec: &VmSpec,
-            _: &dyn ProgressSink,
+            progress: &dyn ProgressSink,
         ) -> Result<VmStatus, ProvisionError> {
             let p = spec.project.as_str();
             self.record("start", p);
+            // As the real backends do.
+            progress.report(Progress {
+                stage: Stage::Booting,
+                percent: None,
+                detail: Some("recording provisioner".into()),
+            });
             let delay = self.start_delay.lock().map(|d| *d).unwrap_or_default();
             tokio::time::sleep(delay).await;
             self.set(p, Some(VmState::Running));

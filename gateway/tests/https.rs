@@ -1020,7 +1020,7 @@ async fn the_dashboard_lists_projects_acts_and_updates_live() {
     let (exec, admin) = (gw.w.exec.clone(), gw.w.admin.clone());
     let rt = tokio::runtime::Handle::current();
     let shots = std::env::var_os("KENNEL_SCREENSHOTS").map(std::path::PathBuf::from);
-    let (page, after_stop, live) = tokio::task::spawn_blocking(move || {
+    let (page, after_stop, after_start, live) = tokio::task::spawn_blocking(move || {
         let mut b = kennel_testkit::browser::Browser::start(&format!(
             "MAP *.{DOMAIN} 127.0.0.1, MAP {DOMAIN} 127.0.0.1"
         ));
@@ -1031,39 +1031,50 @@ async fn the_dashboard_lists_projects_acts_and_updates_live() {
         if let Some(dir) = &shots {
             std::fs::write(dir.join("dashboard.png"), b.screenshot()).unwrap();
         }
-        // A button: the same answer chat gives, and the new state.
-        b.click("button[aria-label=\"stop web\"]");
-        let after_stop = b.source_with("Done", Duration::from_secs(20));
-        // Live: a start from chat shows without a reload.
+        // A button: its answer streams into the page (progress, then what
+        // chat would say), and the state follows.
         let state = |b: &mut kennel_testkit::browser::Browser| {
             b.eval("return document.querySelector('[data-state=\"web\"]').textContent;")
                 .as_str()
                 .unwrap_or("")
                 .to_owned()
         };
+        let said = |b: &mut kennel_testkit::browser::Browser| {
+            let t = std::time::Instant::now();
+            loop {
+                let v = b.eval("const p = document.getElementById('said'); return [p.dataset.done || '', p.textContent];");
+                if v[0] == "yes" || t.elapsed() > Duration::from_secs(20) {
+                    return v[1].as_str().unwrap_or("").to_owned();
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        };
+        let wait_state = |b: &mut kennel_testkit::browser::Browser, want: &str| {
+            let t = std::time::Instant::now();
+            let mut now = state(b);
+            while now != want && t.elapsed() < Duration::from_secs(20) {
+                std::thread::sleep(Duration::from_millis(200));
+                now = state(b);
+            }
+            now
+        };
+        b.click("button[aria-label=\"stop web\"]");
+        let after_stop = (said(&mut b), wait_state(&mut b, "stopped"));
+        b.click("button[aria-label=\"start web\"]");
+        let after_start = (said(&mut b), wait_state(&mut b, "running"));
+        // Live: a stop from chat shows without a reload.
         rt.block_on(async {
             let out = exec
-                .front_door(
-                    &admin,
-                    None,
-                    "start web",
-                    kennel_core::Style::PLAIN,
-                    &kennel_core::provision::NoProgress,
-                )
+                .front_door(&admin, None, "stop web", kennel_core::Style::PLAIN, &kennel_core::provision::NoProgress)
                 .await;
             assert!(out.outcome.is_ok(), "{:?}", out.outcome);
         });
-        let t = std::time::Instant::now();
-        let mut live = state(&mut b);
-        while live != "running" && t.elapsed() < Duration::from_secs(20) {
-            std::thread::sleep(Duration::from_millis(200));
-            live = state(&mut b);
-        }
+        let live = wait_state(&mut b, "stopped");
         if let Some(dir) = &shots {
             b.resize(390, 844);
             std::fs::write(dir.join("dashboard-phone.png"), b.screenshot()).unwrap();
         }
-        (page, after_stop, live)
+        (page, after_stop, after_start, live)
     })
     .await
     .unwrap();
@@ -1077,18 +1088,19 @@ async fn the_dashboard_lists_projects_acts_and_updates_live() {
     ] {
         assert!(page.contains(needle), "{needle} not in {page}");
     }
-    assert!(
-        after_stop.contains("data-state=\"web\">stopped<"),
-        "{after_stop}"
-    );
-    assert_eq!(live, "running", "the state did not update live");
+    assert!(after_stop.0.contains("… stopping"), "{after_stop:?}");
+    assert!(after_stop.0.contains("web is stopped"), "{after_stop:?}");
+    assert_eq!(after_stop.1, "stopped");
+    assert!(after_start.0.contains("… booting"), "{after_start:?}");
+    assert_eq!(after_start.1, "running");
+    assert_eq!(live, "stopped", "the state did not update live");
     // A POST without the form's CSRF token is refused, even with the
     // session cookie.
     gw.sign_in(&gw.w.admin).await;
-    let (code, _, body) = gw.curl(DOMAIN, "/do", &["--data", "line=stop+web"]).await;
+    let (code, _, body) = gw.curl(DOMAIN, "/do", &["--data", "line=start+web"]).await;
     assert!(code.starts_with("403"), "{code} {body}");
     let (code, _, _) = gw
-        .curl(DOMAIN, "/do", &["--data", "line=stop+web&csrf=0000"])
+        .curl(DOMAIN, "/run", &["--data", "line=start+web&csrf=0000"])
         .await;
     assert!(code.starts_with("403"), "{code}");
     let Ok(Reply::Status { project, .. }) = gw.w.run(&gw.w.admin, "status web").await else {
@@ -1096,7 +1108,7 @@ async fn the_dashboard_lists_projects_acts_and_updates_live() {
     };
     assert_eq!(
         project.state.as_str(),
-        "running",
+        "stopped",
         "the forged POST did nothing"
     );
 }

@@ -40,15 +40,19 @@ if (es) es.onmessage = (e) => {
     if (el && el.textContent !== state) { el.textContent = state; el.className = 'state ' + state; }
   }
 };
-const form = document.getElementById('new');
-if (form) form.addEventListener('submit', async (e) => {
-  e.preventDefault();
-  const out = document.getElementById('progress');
-  out.hidden = false; out.textContent = '';
+// Forms whose answer streams (progress lines, then the answer) into a
+// <pre> instead of loading a new page: new project, start, stop, restart.
+async function stream(form, out) {
+  out.hidden = false; out.textContent = ''; out.dataset.done = '';
   const resp = await fetch('/run', { method: 'POST', body: new URLSearchParams(new FormData(form)) });
   const reader = resp.body.getReader(); const dec = new TextDecoder();
   for (;;) { const { done, value } = await reader.read(); if (done) break; out.textContent += dec.decode(value, { stream: true }); }
   out.dataset.done = 'yes';
+}
+document.addEventListener('submit', (e) => {
+  const f = e.target;
+  if (f.id === 'new') { e.preventDefault(); stream(f, document.getElementById('progress')); }
+  else if (f.dataset.stream) { e.preventDefault(); stream(f, document.getElementById('said')); }
 });
 document.addEventListener('click', (e) => {
   const b = e.target.closest('[data-copy]');
@@ -117,7 +121,7 @@ impl Inner {
                 esc(&text)
             ));
         }
-        html.push_str("<h2>Projects</h2>");
+        html.push_str("<pre id=\"said\" aria-live=\"polite\" hidden></pre><h2>Projects</h2>");
         if projects.is_empty() {
             html.push_str(
                 "<p>No projects yet. Make one below: <code>new project NAME --git URL</code>.</p>",
@@ -267,7 +271,7 @@ impl Inner {
         let name = p.name.as_str();
         let button = |line: String, label: &str| {
             format!(
-                "<form class=\"inline\" method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{}\"><input type=\"hidden\" name=\"line\" value=\"{}\"><button aria-label=\"{label} {n}\">{label}</button></form>",
+                "<form class=\"inline\" method=\"post\" action=\"/do\" data-stream=\"1\"><input type=\"hidden\" name=\"csrf\" value=\"{}\"><input type=\"hidden\" name=\"line\" value=\"{}\"><button aria-label=\"{label} {n}\">{label}</button></form>",
                 esc(csrf),
                 esc(&line),
                 n = esc(name),
