@@ -1181,6 +1181,18 @@ async fn the_dashboard_makes_projects_approves_requests_keeps_keys_and_secrets_a
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+        // port, then rm with the question chat asks, answered by a button.
+        b.goto(&format!("https://{DOMAIN}:{port}/"));
+        b.eval("document.querySelectorAll('details').forEach((d) => { d.open = true; }); document.querySelector('input[aria-label=\"app port of fresh\"]').value = '9000'; document.querySelector('input[aria-label=\"app port of fresh\"]').form.submit(); return 1;");
+        let ported = b.source_with("9000", Duration::from_secs(20));
+        assert!(ported.contains("port 9000"), "{ported}");
+        b.eval("document.querySelectorAll('details').forEach((d) => { d.open = true; }); return 1;");
+        b.click("button[aria-label=\"remove fresh\"]");
+        let asked = b.source_with("Yes, do it", Duration::from_secs(20));
+        assert!(asked.contains("Yes, do it"), "{asked}");
+        b.click("button[aria-label=\"confirm\"]");
+        let removed = b.source_with("Done", Duration::from_secs(20));
+        assert!(!removed.contains("data-state=\"fresh\""), "{removed}");
         (made, approved, keyed, secreted, seen)
     })
     .await
@@ -1195,10 +1207,14 @@ async fn the_dashboard_makes_projects_approves_requests_keeps_keys_and_secrets_a
     assert!(made.contains("… "), "no progress lines: {made}");
     assert!(made.contains("fresh"), "{made}");
     assert!(approved.contains("Done"), "{approved}");
-    let Ok(Reply::Status { project, .. }) = gw.w.run(&gw.w.admin, "status fresh").await else {
-        panic!("the dashboard's new project is missing")
-    };
-    assert_eq!(project.stack, "rust");
+    // Made with the stack asked for (the recording provisioner saw it),
+    // then removed through the question.
+    assert!(
+        gw.w.vms.calls().iter().any(|c| c.contains("fresh")),
+        "{:?}",
+        gw.w.vms.calls()
+    );
+    assert!(gw.w.run(&gw.w.admin, "status fresh").await.is_err());
     let Ok(Reply::Requests { requests }) = gw.w.run(&gw.w.admin, "requests --all").await else {
         panic!()
     };

@@ -82,7 +82,7 @@ impl Inner {
     ) -> Result<Response<Body>, Request<Incoming>> {
         let csrf = csrf_of(&Self::cookie(&req).unwrap_or_default());
         match (req.method(), req.uri().path()) {
-            (&Method::GET, "/") => Ok(self.dashboard(&user, &csrf, None).await),
+            (&Method::GET, "/") => Ok(self.dashboard(&user, &csrf, None, None).await),
             (&Method::POST, "/do") => Ok(self.dash_do(req, user).await),
             (&Method::POST, "/run") => Ok(self.dash_run(req, user).await),
             (&Method::GET, "/events") => Ok(self.events(user)),
@@ -98,6 +98,7 @@ impl Inner {
         user: &User,
         csrf: &str,
         said: Option<(bool, String)>,
+        confirm: Option<String>,
     ) -> Response<Body> {
         let who = site::web_identity(user);
         let answered = self
@@ -116,10 +117,18 @@ impl Inner {
         );
         if let Some((ok, text)) = said {
             html.push_str(&format!(
-                "<section aria-live=\"polite\"><h2>{}</h2><pre>{}</pre></section>",
+                "<section aria-live=\"polite\"><h2>{}</h2><pre>{}</pre>",
                 if ok { "Done" } else { "Not done" },
                 esc(&text)
             ));
+            if let Some(confirm) = confirm {
+                html.push_str(&format!(
+                    "<form method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{}\"><input type=\"hidden\" name=\"line\" value=\"{}\"><button aria-label=\"confirm\">Yes, do it</button></form>",
+                    esc(csrf),
+                    esc(&confirm)
+                ));
+            }
+            html.push_str("</section>");
         }
         html.push_str("<pre id=\"said\" aria-live=\"polite\" hidden></pre><h2>Projects</h2>");
         if projects.is_empty() {
@@ -270,12 +279,7 @@ impl Inner {
         let c = self.gate.connection(p);
         let name = p.name.as_str();
         let button = |line: String, label: &str| {
-            format!(
-                "<form class=\"inline\" method=\"post\" action=\"/do\" data-stream=\"1\"><input type=\"hidden\" name=\"csrf\" value=\"{}\"><input type=\"hidden\" name=\"line\" value=\"{}\"><button aria-label=\"{label} {n}\">{label}</button></form>",
-                esc(csrf),
-                esc(&line),
-                n = esc(name),
-            )
+            action_button(csrf, &line, &format!("{label} {name}"), label, true)
         };
         let actions = [
             button(format!("start {name}"), "start"),
@@ -292,8 +296,22 @@ impl Inner {
             },
         ]
         .concat();
+        let more = format!(
+            "<details><summary>more</summary><form method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><input type=\"hidden\" name=\"form\" value=\"share\"><input type=\"hidden\" name=\"project\" value=\"{n}\"><label>Share with <input type=\"text\" name=\"user\" required style=\"width:8em\" aria-label=\"share {n} with\"></label> <label><input type=\"checkbox\" name=\"ssh\" checked> SSH</label> <label><input type=\"checkbox\" name=\"web\" checked> web</label> <button name=\"verb\" value=\"share\">share</button> <button name=\"verb\" value=\"unshare\">unshare</button></form><form method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><input type=\"hidden\" name=\"form\" value=\"port\"><input type=\"hidden\" name=\"project\" value=\"{n}\"><label>App port <input type=\"number\" name=\"port\" min=\"1\" max=\"65535\" value=\"{port}\" style=\"width:6em\" aria-label=\"app port of {n}\"></label> <button>set</button></form>{rm}{purge}</details>",
+            c = esc(csrf),
+            n = esc(name),
+            port = p.app_port,
+            rm = action_button(csrf, &format!("rm {name}"), &format!("remove {name}"), "remove", false),
+            purge = action_button(
+                csrf,
+                &format!("rm {name} --purge"),
+                &format!("remove {name} and its source"),
+                "remove with its source",
+                false
+            ),
+        );
         format!(
-            "<tr><td><b>{n}</b><br><small>{owner}</small></td><td><span class=\"state {st}\" data-state=\"{n}\">{st}</span></td><td>{stack}<br><small>{cpus} CPU, {mem} MiB</small></td><td><code>{ssh}</code> <button type=\"button\" data-copy=\"{ssh}\" aria-label=\"copy the SSH command for {n}\">copy</button><br><a href=\"{vscode}\">Open in VS Code</a> · <small>Zed: <code>{zed}</code></small><details><summary>ssh-config</summary><pre>{cfg}</pre></details></td><td><a href=\"{app}\">{app}</a><br><small>{vis}, port {port}</small></td><td>{actions}</td></tr>",
+            "<tr><td><b>{n}</b><br><small>{owner}</small></td><td><span class=\"state {st}\" data-state=\"{n}\">{st}</span></td><td>{stack}<br><small>{cpus} CPU, {mem} MiB</small></td><td><code>{ssh}</code> <button type=\"button\" data-copy=\"{ssh}\" aria-label=\"copy the SSH command for {n}\">copy</button><br><a href=\"{vscode}\">Open in VS Code</a> · <small>Zed: <code>{zed}</code></small><details><summary>ssh-config</summary><pre>{cfg}</pre></details></td><td><a href=\"{app}\">{app}</a><br><small>{vis}, port {port}</small></td><td>{actions}{more}</td></tr>",
             n = esc(name),
             owner = esc(p.owner.as_str()),
             st = esc(p.state.as_str()),
@@ -333,7 +351,12 @@ impl Inner {
         }
         let Some(line) = line.filter(|l| !l.trim().is_empty()) else {
             return self
-                .dashboard(&user, &expected, Some((false, "Type a command.".into())))
+                .dashboard(
+                    &user,
+                    &expected,
+                    Some((false, "Type a command.".into())),
+                    None,
+                )
                 .await;
         };
         let who = site::web_identity(&user);
@@ -350,10 +373,16 @@ impl Inner {
                 &NoProgress,
             )
             .await;
+        // A question (rm asks, twice for --purge): its answer is a button.
+        let confirm = match &answered.outcome {
+            Ok(Reply::Confirm { confirm_with, .. }) => Some(confirm_with.clone()),
+            _ => None,
+        };
         self.dashboard(
             &user,
             &expected,
             Some((answered.outcome.is_ok(), answered.text)),
+            confirm,
         )
         .await
     }
@@ -544,6 +573,32 @@ fn form_line(body: &[u8]) -> (Option<String>, Option<String>) {
                 None => format!("key add {}", q(k)),
             }
         })
+    } else if f.get("form").map(String::as_str) == Some("share") {
+        match (f.get("project"), f.get("user")) {
+            (Some(p), Some(u)) if !p.is_empty() && !u.is_empty() => {
+                let verb = if f.get("verb").map(String::as_str) == Some("unshare") {
+                    "unshare"
+                } else {
+                    "share"
+                };
+                let mut l = format!("{verb} {} {}", q(p), q(u));
+                if verb == "share" {
+                    let (ssh, web) = (f.contains_key("ssh"), f.contains_key("web"));
+                    if ssh != web {
+                        l.push_str(if ssh { " --ssh" } else { " --web" });
+                    }
+                }
+                Some(l)
+            }
+            _ => None,
+        }
+    } else if f.get("form").map(String::as_str) == Some("port") {
+        match (f.get("project"), f.get("port")) {
+            (Some(p), Some(n)) if !p.is_empty() && !n.is_empty() => {
+                Some(format!("port {} {}", q(p), q(n)))
+            }
+            _ => None,
+        }
     } else if f.get("form").map(String::as_str) == Some("secret") {
         match (f.get("secret"), f.get("value")) {
             (Some(n), Some(v)) if !n.is_empty() && !v.is_empty() => {
@@ -571,6 +626,20 @@ fn form_line(body: &[u8]) -> (Option<String>, Option<String>) {
             })
     };
     (csrf, line)
+}
+
+/// A button that posts one line to `/do`: its answer streams into the
+/// page (`stream`), or loads as a page (questions, whose answer is a
+/// button of its own).
+fn action_button(csrf: &str, line: &str, aria: &str, label: &str, stream: bool) -> String {
+    format!(
+        "<form class=\"inline\" method=\"post\" action=\"/do\"{}><input type=\"hidden\" name=\"csrf\" value=\"{}\"><input type=\"hidden\" name=\"line\" value=\"{}\"><button aria-label=\"{}\">{}</button></form>",
+        if stream { " data-stream=\"1\"" } else { "" },
+        esc(csrf),
+        esc(line),
+        esc(aria),
+        esc(label)
+    )
 }
 
 /// The `project` query parameter, if it is a project name.
