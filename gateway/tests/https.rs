@@ -1134,9 +1134,10 @@ async fn the_dashboard_makes_projects_approves_requests_keeps_keys_and_secrets_a
         b.goto(&link);
         b.click("button");
         let page = b.source_with("Access requests", Duration::from_secs(20));
+        assert!(page.contains("<h2>Users</h2>"), "{page}");
         assert!(page.contains("bob&#39;s laptop") || page.contains("bob's laptop"), "{page}");
         // New project: its progress streams into the page.
-        b.eval("document.querySelector('#new [name=name]').value = 'fresh'; document.querySelector('#new [name=stack]').value = 'rust'; return 1;");
+        b.eval("document.querySelector('#new [name=name]').value = 'fresh'; document.querySelector('#new [name=stack]').value = 'rust'; document.querySelector('#new [name=cpus]').value = '1'; return 1;");
         b.click("#new button");
         let t = std::time::Instant::now();
         let mut made = String::new();

@@ -143,7 +143,7 @@ impl Inner {
             html.push_str("</tbody></table>");
         }
         html.push_str(&format!(
-            "<h2>New project</h2><form id=\"new\" method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><label>Name <input type=\"text\" name=\"name\" required pattern=\"[a-z][a-z0-9-]*\" style=\"width:12em\"></label> <label>Stack <input type=\"text\" name=\"stack\" placeholder=\"detect\" style=\"width:8em\"></label> <label>Git URL <input type=\"text\" name=\"git\" placeholder=\"optional\" style=\"width:20em\"></label> <label>Template <input type=\"text\" name=\"template\" placeholder=\"optional\" style=\"width:8em\"></label> <button>Create</button></form><pre id=\"progress\" aria-live=\"polite\" hidden></pre>",
+            "<h2>New project</h2><form id=\"new\" method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><label>Name <input type=\"text\" name=\"name\" required pattern=\"[a-z][a-z0-9-]*\" style=\"width:12em\"></label> <label>Stack <input type=\"text\" name=\"stack\" placeholder=\"detect\" style=\"width:8em\"></label> <label>Git URL <input type=\"text\" name=\"git\" placeholder=\"optional\" style=\"width:20em\"></label> <label>Template <input type=\"text\" name=\"template\" placeholder=\"optional\" style=\"width:8em\"></label> <label>CPUs <input type=\"number\" name=\"cpus\" min=\"1\" max=\"64\" placeholder=\"default\" style=\"width:5em\"></label> <label>Memory <input type=\"text\" name=\"memory\" placeholder=\"e.g. 2G\" style=\"width:5em\"></label> <label>Disk <input type=\"text\" name=\"disk\" placeholder=\"e.g. 10G\" style=\"width:5em\"></label> <button>Create</button></form><pre id=\"progress\" aria-live=\"polite\" hidden></pre>",
             c = esc(&cookie_csrf)
         ));
         html.push_str(&self.keys_and_secrets(user, &cookie_csrf).await);
@@ -241,7 +241,31 @@ impl Inner {
         let Ok(Reply::Requests { requests }) = answered.outcome else {
             return String::new();
         };
-        let mut html = String::from("<h2>Access requests</h2>");
+        let users = match self
+            .gate
+            .front_door(&who, user.clone(), "users", Style::PLAIN, &NoProgress)
+            .await
+            .outcome
+        {
+            Ok(Reply::Users { users }) => users,
+            _ => Vec::new(),
+        };
+        let mut html = String::from("<h2>Users</h2><table><thead><tr><th>User</th><th>Role</th><th>Signs in from</th><th>Keys</th></tr></thead><tbody>");
+        for u in &users {
+            html.push_str(&format!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(u.user.name.as_str()),
+                esc(u.user.role.as_str()),
+                esc(&u
+                    .identities
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")),
+                u.active_keys
+            ));
+        }
+        html.push_str("</tbody></table><h2>Access requests</h2>");
         if requests.is_empty() {
             html.push_str("<p>None pending.</p>");
             return html;
@@ -311,7 +335,7 @@ impl Inner {
             ),
         );
         format!(
-            "<tr><td><b>{n}</b><br><small>{owner}</small></td><td><span class=\"state {st}\" data-state=\"{n}\">{st}</span></td><td>{stack}<br><small>{cpus} CPU, {mem} MiB</small></td><td><code>{ssh}</code> <button type=\"button\" data-copy=\"{ssh}\" aria-label=\"copy the SSH command for {n}\">copy</button><br><a href=\"{vscode}\">Open in VS Code</a> · <small>Zed: <code>{zed}</code></small><details><summary>ssh-config</summary><pre>{cfg}</pre></details></td><td><a href=\"{app}\">{app}</a><br><small>{vis}, port {port}</small></td><td>{actions}{more}</td></tr>",
+            "<tr><td><b>{n}</b><br><small>{owner}</small></td><td><span class=\"state {st}\" data-state=\"{n}\">{st}</span></td><td>{stack}<br><small>{cpus} CPU, {mem} MiB</small></td><td><code>{ssh}</code> <button type=\"button\" data-copy=\"{ssh}\" aria-label=\"copy the SSH command for {n}\">copy</button><br><a href=\"{vscode}\">Open in VS Code</a> · <small>Zed: <code>{zed}</code></small><details><summary>ssh-config, JetBrains</summary><pre>{cfg}</pre><small>JetBrains Gateway: {jb}</small></details></td><td><a href=\"{app}\">{app}</a><br><small>{vis}, port {port}</small></td><td>{actions}{more}</td></tr>",
             n = esc(name),
             owner = esc(p.owner.as_str()),
             st = esc(p.state.as_str()),
@@ -322,6 +346,7 @@ impl Inner {
             vscode = esc(&c.vscode_url),
             zed = esc(&c.zed_url),
             cfg = esc(&c.ssh_config),
+            jb = esc(&c.jetbrains_hint),
             app = esc(&c.https_url),
             vis = esc(p.visibility.as_str()),
             port = p.app_port,
@@ -612,6 +637,9 @@ fn form_line(body: &[u8]) -> (Option<String>, Option<String>) {
             ("stack", "--stack"),
             ("git", "--git"),
             ("template", "--template"),
+            ("cpus", "--cpus"),
+            ("memory", "--memory"),
+            ("disk", "--disk"),
         ] {
             if let Some(v) = f.get(field).filter(|v| !v.is_empty()) {
                 l.push_str(&format!(" {flag} {}", q(v)));
