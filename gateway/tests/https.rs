@@ -244,6 +244,22 @@ impl Gw {
         );
     }
 
+    /// A member, `bob` on Discord as `id`, approved with a key of `seed`.
+    async fn member(&self, id: &str, seed: u8) -> Identity {
+        let bob = Identity::new(Frontend::Discord, id);
+        let key = ed25519(seed, Some("bob"));
+        let Ok(Reply::RequestFiled { request, .. }) =
+            self.w.run(&bob, &format!("request-access {key}")).await
+        else {
+            panic!()
+        };
+        self.w
+            .run(&self.w.admin, &format!("approve {}", request.id))
+            .await
+            .unwrap();
+        bob
+    }
+
     async fn user(&self, who: &Identity) -> kennel_core::User {
         self.w.exec.resolve(who).await.unwrap().unwrap()
     }
@@ -464,16 +480,7 @@ async fn shares_public_and_private() {
     let gw = gateway().await;
     gw.project("web").await;
     // bob: a member; first an SSH-only share, then a web share.
-    let bob = Identity::new(Frontend::Discord, "42");
-    let key = ed25519(5, Some("bob"));
-    let Ok(Reply::RequestFiled { request, .. }) =
-        gw.w.run(&bob, &format!("request-access {key}")).await
-    else {
-        panic!()
-    };
-    gw.w.run(&gw.w.admin, &format!("approve {}", request.id))
-        .await
-        .unwrap();
+    let bob = gw.member("42", 5).await;
     let bob_name = gw.user(&bob).await.name;
     gw.w.run(&gw.w.admin, &format!("share web {bob_name} --ssh"))
         .await
@@ -752,16 +759,7 @@ async fn an_api_token_runs_commands_until_revoked_and_errors_have_their_status()
         assert_eq!(json(&body)["ok"], false, "{body}");
     }
     // A member's token is refused what members may not do.
-    let bob = Identity::new(Frontend::Discord, "42");
-    let key = ed25519(6, Some("bob"));
-    let Ok(Reply::RequestFiled { request, .. }) =
-        gw.w.run(&bob, &format!("request-access {key}")).await
-    else {
-        panic!()
-    };
-    gw.w.run(&gw.w.admin, &format!("approve {}", request.id))
-        .await
-        .unwrap();
+    let bob = gw.member("42", 6).await;
     let bobs = api_token(&gw, &bob, "token create laptop").await;
     let (code, body) = api(&gw, &bobs, "users", &[]).await;
     assert_eq!(code, "403", "{body}");

@@ -180,14 +180,7 @@ impl Inner {
             last.push('\n');
             let _ = tx.send(Bytes::from(last)).await;
         });
-        let mut r = Response::new(Lines(rx).boxed());
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/x-ndjson"),
-        );
-        r.headers_mut()
-            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        r
+        streamed(rx, "application/x-ndjson")
     }
 
     /// The user and audit label of an SSH-signed request: the signature
@@ -382,9 +375,14 @@ impl ProgressSink for LineSink {
     }
 }
 
-/// A streaming body of what is sent on `rx`, ending when it closes.
-pub(super) fn lines_body(rx: mpsc::Receiver<Bytes>) -> Body {
-    Lines(rx).boxed()
+/// A streamed answer of `content_type`: what is sent on `rx`, until it
+/// closes; never cached.
+pub(super) fn streamed(rx: mpsc::Receiver<Bytes>, content_type: &'static str) -> Response<Body> {
+    let mut r = Response::new(Lines(rx).boxed());
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
 }
 
 /// A body of the lines sent on a channel, ending when it closes.

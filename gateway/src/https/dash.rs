@@ -456,14 +456,7 @@ impl Inner {
                 .send(Bytes::from(format!("\n{}\n", answered.text.trim_end())))
                 .await;
         });
-        let mut r = Response::new(super::api::lines_body(rx));
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        r.headers_mut()
-            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        r
+        super::api::streamed(rx, "text/plain; charset=utf-8")
     }
 
     /// `GET /logs?project=NAME`: the VM console's tail, followed live.
@@ -518,14 +511,7 @@ impl Inner {
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
         });
-        let mut r = Response::new(super::api::lines_body(rx));
-        let h = r.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream"),
-        );
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        r
+        super::api::streamed(rx, "text/event-stream")
     }
 
     /// `GET /events`: the states of the user's projects, sent again
@@ -568,14 +554,7 @@ impl Inner {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         });
-        let mut r = Response::new(super::api::lines_body(rx));
-        let h = r.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream"),
-        );
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        r
+        super::api::streamed(rx, "text/event-stream")
     }
 }
 

@@ -20,30 +20,14 @@ pub fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
 
-/// A page: `title`, then `body` (HTML, already escaped where needed).
+/// A page: `title`, then `body` (HTML, already escaped where needed); no
+/// script.
 pub fn html(status: StatusCode, title: &str, body: &str) -> Response<Body> {
-    let doc = format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width\"><title>{t}</title><style>body{{font-family:system-ui,sans-serif;max-width:40em;margin:3em auto;padding:0 1em;line-height:1.5}}code{{background:#eee;padding:0 .3em}}button{{font-size:1em;padding:.4em 1em}}</style></head><body><h1>{t}</h1>{body}</body></html>",
-        t = esc(title)
-    );
-    let mut r = Response::new(full(doc));
-    *r.status_mut() = status;
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
-    h.insert(
-        "content-security-policy",
-        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"),
-    );
-    // Same-origin: a sign-in link's token never leaves in a Referer, and
-    // forms still carry their Origin (with no-referrer it is "null").
-    h.insert("referrer-policy", HeaderValue::from_static("same-origin"));
-    r
+    html_with(status, title, body, STYLE, None)
 }
+
+/// The style of Kennel's small pages.
+const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:40em;margin:3em auto;padding:0 1em;line-height:1.5}code{background:#eee;padding:0 .3em}button{font-size:1em;padding:.4em 1em}";
 
 /// A page with its own style and, optionally, one script from Kennel's
 /// own host (the CSP allows nothing else).
@@ -70,10 +54,17 @@ pub fn html_with(
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    // Nothing from elsewhere; the page's own script only where it has one.
     h.insert(
         "content-security-policy",
-        HeaderValue::from_static("default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+        HeaderValue::from_static(if script.is_some() {
+            "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+        } else {
+            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+        }),
     );
+    // Same-origin: a sign-in link's token never leaves in a Referer, and
+    // forms still carry their Origin (with no-referrer it is "null").
     h.insert("referrer-policy", HeaderValue::from_static("same-origin"));
     r
 }
