@@ -260,6 +260,17 @@ impl Gw {
         bob
     }
 
+    /// Asserts that the audit log has an entry that `is`.
+    async fn audited(&self, is: impl Fn(&kennel_core::model::AuditEvent) -> bool) {
+        let audit = self
+            .w
+            .store
+            .call(|c| repo::recent_audit(c, 50))
+            .await
+            .unwrap();
+        assert!(audit.iter().any(is), "{audit:?}");
+    }
+
     async fn user(&self, who: &Identity) -> kennel_core::User {
         self.w.exec.resolve(who).await.unwrap().unwrap()
     }
@@ -766,17 +777,8 @@ async fn an_api_token_runs_commands_until_revoked_and_errors_have_their_status()
     let (code, body) = api(&gw, &bobs, "rm web", &[]).await;
     assert_eq!(code, "403", "{body}");
     // Audited under the token's label.
-    let audit =
-        gw.w.store
-            .call(|c| repo::recent_audit(c, 50))
-            .await
-            .unwrap();
-    assert!(
-        audit
-            .iter()
-            .any(|e| e.identity == "http:token:ci" && e.action == "new project"),
-        "{audit:?}"
-    );
+    gw.audited(|e| e.identity == "http:token:ci" && e.action == "new project")
+        .await;
     // Listed, never shown again; revoked, refused.
     let Ok(Reply::Tokens { tokens }) = gw.w.run(&gw.w.admin, "tokens").await else {
         panic!()
@@ -993,17 +995,8 @@ async fn ssh_signed_api_requests_need_no_token_and_cannot_be_replayed() {
     )
     .await;
     assert_eq!(code, "200", "{body}");
-    let audit =
-        gw.w.store
-            .call(|c| repo::recent_audit(c, 50))
-            .await
-            .unwrap();
-    assert!(
-        audit
-            .iter()
-            .any(|e| e.identity.starts_with("http:ssh:SHA256:")),
-        "{audit:?}"
-    );
+    gw.audited(|e| e.identity.starts_with("http:ssh:SHA256:"))
+        .await;
 }
 
 // ------------------------------------------------------------ the dashboard

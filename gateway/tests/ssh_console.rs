@@ -487,6 +487,16 @@ async fn a_vm_that_never_answers_does_not_hold_up_another_project() {
     drop(blackhole);
 }
 
+/// OpenSSH's `ssh` with no configuration files, trusting any host key,
+/// passwords off.
+fn bare_ssh() -> std::process::Command {
+    let mut c = std::process::Command::new("ssh");
+    c.args(["-F", "/dev/null", "-o", "StrictHostKeyChecking=no"])
+        .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"])
+        .args(["-o", "PasswordAuthentication=no"]);
+    c
+}
+
 /// `ssh` with no `-i`: keys come from an `ssh-agent` holding `keys` (in
 /// that order), as most people's do.
 fn ssh_with_agent(port: u16, agent_keys: &[&Path], dir: &Path, args: &[&str]) -> Output {
@@ -516,16 +526,9 @@ fn ssh_with_agent(port: u16, agent_keys: &[&Path], dir: &Path, args: &[&str]) ->
             .unwrap();
         assert!(ok.success());
     }
-    let out = std::process::Command::new("ssh")
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-        ])
-        .args(["-o", "LogLevel=ERROR", "-o", "PasswordAuthentication=no"])
+    let out = bare_ssh()
         // No key files of this machine's user: only the agent's.
-        .args(["-F", "/dev/null", "-o", "IdentityFile=/nonexistent"])
+        .args(["-o", "IdentityFile=/nonexistent"])
         .args(["-T", "-p", &port.to_string(), "anyone@127.0.0.1"])
         .args(args)
         .env("SSH_AUTH_SOCK", &sock)
@@ -560,15 +563,8 @@ async fn unknown_keys_are_declined_so_the_registered_one_is_tried() {
     );
     // The same with -i order.
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("ssh")
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-            ])
-            .args(["-o", "LogLevel=ERROR", "-o", "PasswordAuthentication=no"])
-            .args(["-F", "/dev/null", "-o", "IdentitiesOnly=yes"])
+        bare_ssh()
+            .args(["-o", "IdentitiesOnly=yes"])
             .arg("-i")
             .arg(&one)
             .arg("-i")
