@@ -243,6 +243,33 @@ fn ssh_limits_come_from_the_config() {
 }
 
 #[test]
+fn acme_comes_from_the_config_and_refuses_a_second_source() {
+    let d = tempfile::tempdir().unwrap();
+    kennel(d.path())
+        .env("KENNEL_HTTPS__ACME__DIRECTORY", "https://acme.example/dir")
+        .arg("config")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "https.acme.directory = \"https://acme.example/dir\"",
+        ));
+    kennel(d.path())
+        .env("KENNEL_HTTPS__ACME__DIRECTORY", "http://plain.example/dir")
+        .arg("config")
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("must be an https:// URL"));
+    kennel(d.path())
+        .env("KENNEL_HTTPS__ACME__DIRECTORY", "https://acme.example/dir")
+        .env("KENNEL_HTTPS__CERT", "/etc/cert.pem")
+        .env("KENNEL_HTTPS__KEY", "/etc/key.pem")
+        .arg("config")
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("two sources of certificates"));
+}
+
+#[test]
 fn output_to_a_closed_pipe_ends_quietly() {
     let d = tempfile::tempdir().unwrap();
     let bin = assert_cmd::cargo::cargo_bin("kennel");
