@@ -995,7 +995,10 @@ async fn ssh_signed_api_requests_need_no_token_and_cannot_be_replayed() {
     )
     .await;
     assert_eq!(code, "200", "{body}");
-    gw.audited(|e| e.identity.starts_with("http:ssh:SHA256:"))
+    gw.audited(|e| e.identity.starts_with("http:ssh:SHA256:") && e.action == "new project")
+        .await;
+    // Reads too, over the API.
+    gw.audited(|e| e.identity.starts_with("http:ssh:SHA256:") && e.action == "whoami")
         .await;
 }
 

@@ -286,7 +286,9 @@ impl Executor {
                 }
                 Err(e) => tracing::error!(error = %crate::redact::redact(&e.to_string()), "command failed"),
             }
-            if audited(&cmd) {
+            // Scripts' calls over the HTTP API are all audited, reads too:
+            // a token can be lost, and its use is what an operator looks for.
+            if audited(&cmd) || who.frontend == crate::model::Frontend::Http && !who.external_id.starts_with("web:") {
                 let outcome = match &out {
                     Ok(_) => AuditOutcome::Ok,
                     Err(CommandError::Refused(_)) => AuditOutcome::Refused,

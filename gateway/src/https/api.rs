@@ -235,23 +235,32 @@ impl Inner {
         Ok((user, format!("ssh:{fp}")))
     }
 
-    /// `Some(wait)` when this token has used up its minute.
+    /// `Some(wait)` when this token (or key) has used up its minute, or
+    /// its user all of theirs (four tokens' worth, however many tokens).
     fn over_limit(&self, label: &str, user: kennel_core::model::UserId) -> Option<Duration> {
         let mut w = self.api_calls.lock().ok()?;
         if w.len() > 10_000 {
             w.clear();
         }
         let minute = Duration::from_secs(60);
-        let slot = w
-            .entry((user, label.to_owned()))
-            .or_insert((Instant::now(), 0));
-        if slot.0.elapsed() >= minute {
-            *slot = (Instant::now(), 0);
+        let per_user = self.s.api_per_minute.saturating_mul(4);
+        for (key, limit) in [
+            ((user, label.to_owned()), self.s.api_per_minute),
+            ((user, String::new()), per_user),
+        ] {
+            let slot = w.entry(key).or_insert((Instant::now(), 0));
+            if slot.0.elapsed() >= minute {
+                *slot = (Instant::now(), 0);
+            }
+            if slot.1 >= limit {
+                return Some(minute.saturating_sub(slot.0.elapsed()));
+            }
         }
-        if slot.1 >= self.s.api_per_minute {
-            return Some(minute.saturating_sub(slot.0.elapsed()));
+        for key in [(user, label.to_owned()), (user, String::new())] {
+            if let Some(slot) = w.get_mut(&key) {
+                slot.1 += 1;
+            }
         }
-        slot.1 += 1;
         None
     }
 }
