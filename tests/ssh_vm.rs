@@ -255,9 +255,10 @@ fn editors_tools_work_through_the_gateway() {
         String::from_utf8_lossy(&out.stdout)
     );
 
-    // An interactive shell on a pty, driven by expect.
+    // An interactive shell on a pty, driven by expect; the local terminal
+    // is resized and the VM's pty follows (window-change).
     let script = format!(
-        "set timeout 30\nspawn ssh -tt {} -p {port} -i {} web@127.0.0.1\nexpect \"$ \"\nsend \"echo answer-\\$((40 + 2)); stty size\\r\"\nexpect \"answer-42\"\nexpect \"$ \"\nsend \"exit 7\\r\"\nexpect eof\ncatch wait result\nexit [lindex $result 3]\n",
+        "set timeout 30\nspawn ssh -tt {} -p {port} -i {} web@127.0.0.1\nexpect \"$ \"\nsend \"echo answer-\\$((40 + 2)); stty size\\r\"\nexpect \"answer-42\"\nexpect \"$ \"\nstty rows 50 columns 132 < $spawn_out(slave,name)\nsend \"echo size-\\$(stty size | tr ' ' x)\\r\"\nexpect {{ \"size-50x132\" {{}} timeout {{ exit 9 }} }}\nexpect \"$ \"\nsend \"exit 7\\r\"\nexpect eof\ncatch wait result\nexit [lindex $result 3]\n",
         OPTS.join(" "),
         key.display()
     );
@@ -273,6 +274,11 @@ fn editors_tools_work_through_the_gateway() {
         String::from_utf8_lossy(&exp.stdout)
     );
     assert!(String::from_utf8_lossy(&exp.stdout).contains("answer-42"));
+    assert!(
+        String::from_utf8_lossy(&exp.stdout).contains("size-50x132"),
+        "the VM's terminal did not follow the resize: {}",
+        String::from_utf8_lossy(&exp.stdout)
+    );
 
     // Agent forwarding: the VM sees the client's agent (on a connection of
     // its own, so the agent channel leads back to this client).
