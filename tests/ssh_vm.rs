@@ -1,7 +1,8 @@
 //! The SSH gateway into real guests (QEMU/TCG) with OpenSSH's own tools:
 //! `ssh PROJECT@HOST` exit status, sftp, scp both ways, `ssh -L` to a
 //! server in the VM, ProxyJump, a 64 MiB transfer with matching SHA-256,
-//! and an interactive `ssh -tt` session driven by expect.
+//! an interactive `ssh -tt` session driven by expect (and resized), and a
+//! Unix-socket forward's data path.
 //! `vm-tests` feature; needs what tests/vm.rs needs, plus expect.
 #![cfg(feature = "vm-tests")]
 #![allow(
@@ -279,6 +280,84 @@ fn editors_tools_work_through_the_gateway() {
         "the VM's terminal did not follow the resize: {}",
         String::from_utf8_lossy(&exp.stdout)
     );
+
+    // A Unix-socket forward's data path (direct-streamlocal, as VS Code
+    // Remote-SSH uses). The socket in the VM is made by the VM's own sshd
+    // for an `ssh -R` from here to an echo server on the host; the gateway
+    // is then asked for `ssh -L local.sock:/tmp/remote.sock`.
+    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let echo_port = echo.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        for conn in echo.incoming().flatten() {
+            let mut line = String::new();
+            let mut r = std::io::BufReader::new(conn.try_clone().unwrap());
+            if r.read_line(&mut line).is_ok() {
+                let _ = (&conn).write_all(format!("echo: {line}").as_bytes());
+            }
+        }
+    });
+    let vm = k.addr("web");
+    let (vm_ip, vm_port) = vm.rsplit_once(':').unwrap();
+    let mut remote = Command::new("ssh")
+        .args(OPTS)
+        .args([
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StreamLocalBindUnlink=yes",
+            "-i",
+        ])
+        .arg(k.key("web"))
+        .args(["-p", vm_port, "-N", "-R"])
+        .arg(format!("/tmp/remote.sock:127.0.0.1:{echo_port}"))
+        .arg(format!("dev@{vm_ip}"))
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while k
+        .ssh_ok("web", "test -S /tmp/remote.sock && echo yes || echo no")
+        .trim()
+        != "yes"
+    {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(60),
+            "no socket in the VM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let local = tmp.path().join("local.sock");
+    let mut fwd = kennel_testkit::ssh::client(k.ssh_port, &key, "ERROR")
+        .args(["-N", "-L"])
+        .arg(format!("{}:/tmp/remote.sock", local.display()))
+        .arg("web@127.0.0.1")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !local.exists() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(30),
+            "no local socket"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let answer = {
+        use std::io::{BufRead, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&local).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+            .unwrap();
+        s.write_all(b"through the socket\n").unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(s).read_line(&mut line).unwrap();
+        line
+    };
+    let _ = fwd.kill();
+    let _ = fwd.wait();
+    let _ = remote.kill();
+    let _ = remote.wait();
+    assert_eq!(answer, "echo: through the socket\n");
 
     // Agent forwarding: the VM sees the client's agent (on a connection of
     // its own, so the agent channel leads back to this client).
