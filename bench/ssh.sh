@@ -6,14 +6,21 @@
 #   openssh  through a second, stock sshd on the host (`ssh -J`)
 #   kennel   through Kennel's SSH gateway (`ssh PROJECT@HOST`)
 # Needs root, QEMU, virtiofsd, OpenSSH client and server.
-# Usage: bench/ssh.sh [MiB]   (default 256)
+# Usage: bench/ssh.sh [MiB]   (default 256); BENCH_PROFILE=debug|release
 set -euo pipefail
 mib="${1:-256}"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kennel/target}"
 cache="${KENNEL_TEST_CACHE:-$HOME/.cache/kennel/test-data}"
-(cd "$repo" && cargo build --quiet)
-K="$CARGO_TARGET_DIR/debug/kennel"
+# A release build, as people run Kennel (BENCH_PROFILE=debug for the
+# test build: its unoptimised relay costs about twice the CPU).
+profile="${BENCH_PROFILE:-release}"
+if [ "$profile" = release ]; then
+  (cd "$repo" && cargo build --quiet --release -p kennel)
+else
+  (cd "$repo" && cargo build --quiet -p kennel)
+fi
+K="$CARGO_TARGET_DIR/$profile/kennel"
 SSHD=$(command -v sshd || echo /usr/sbin/sshd)
 [ -x "$SSHD" ] || { echo "install openssh-server (sshd) for the OpenSSH relay path" >&2; exit 1; }
 
