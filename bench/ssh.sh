@@ -109,3 +109,18 @@ echo "SSH paths to one VM ($mib MiB upload to cat >/dev/null; QEMU/TCG guest; $(
 printf '%-8s %10s %12s %14s\n' "path" "MiB/s" "ssh true ms" "relay CPU s/GiB"
 printf '%s\n' "${rows[@]}"
 echo "(relay CPU: the kennel serve process, or the stock sshd with its reaped per-connection children)"
+
+# Wake latency: a stopped project, from the first SSH packet (`ssh
+# bench@HOST true` through the gateway) to a working shell, beside a plain
+# `start` (the boot alone) for what the gateway adds.
+wake=(); start=()
+for i in 1 2 3; do
+  "$K" exec "stop bench" >/dev/null
+  t0=$(now); kennel true; t1=$(now)
+  wake+=("$(echo "($t1 - $t0) * 1000 / 1" | bc)")
+  "$K" exec "stop bench" >/dev/null
+  t0=$(now); "$K" exec "start bench" >/dev/null; t1=$(now)
+  start+=("$(echo "($t1 - $t0) * 1000 / 1" | bc)")
+done
+echo
+echo "wake of a stopped project (median of 3, ms): ssh through the gateway $(median "${wake[@]}") (${wake[*]}); 'start' alone $(median "${start[@]}") (${start[*]})"
