@@ -195,6 +195,15 @@ impl std::fmt::Debug for HttpsGateway {
     }
 }
 
+/// A task that ends when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Counts a connection against its address while it lives.
 struct ConnSlot {
     inner: Arc<Inner>,
@@ -254,13 +263,14 @@ impl HttpsGateway {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> std::io::Result<()> {
         let tls: tls::GatewayTls = tls.into();
-        if let Some(acme) = tls.acme.clone() {
+        // Renewals run while the gateway does, and end with it.
+        let _renewals = tls.acme.clone().map(|acme| {
             let gate = self.inner.clone();
-            tokio::spawn(acme.maintain(move |name| {
+            AbortOnDrop(tokio::spawn(acme.maintain(move |name| {
                 let gate = gate.clone();
                 async move { gate.may_certify(&name).await }
-            }));
-        }
+            })))
+        });
         tokio::pin!(shutdown);
         loop {
             let (tcp, peer) = tokio::select! {
