@@ -118,6 +118,70 @@ pub struct StackFileError {
 pub struct Stacks {
     pub stacks: Vec<Stack>,
     pub broken: Vec<(String, StackFileError)>,
+    /// Languages Kennel has no stack for, known by their top-level
+    /// markers (`stacks/unsupported.toml`).
+    pub unsupported: Vec<Unsupported>,
+}
+
+/// A language Kennel has no stack for, and the files that name it.
+#[derive(Debug, Clone)]
+pub struct Unsupported {
+    pub name: String,
+    markers: Vec<GlobMatcher>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnsupportedFile {
+    #[serde(default)]
+    language: Vec<UnsupportedEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnsupportedEntry {
+    name: String,
+    markers: Vec<String>,
+}
+
+/// A rule this heavy, matched in the top directory, is a project's own
+/// manifest (Cargo.toml, package.json, go.mod, …).
+const ROOT_MARKER_WEIGHT: f64 = 5.0;
+
+/// Reads `unsupported.toml`; a missing file is none, a broken one is
+/// reported and ignored.
+fn load_unsupported(dir: &Path) -> Vec<Unsupported> {
+    let path = dir.join("unsupported.toml");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Vec::new();
+    };
+    let file: UnsupportedFile = match toml::from_str(&text) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "broken unsupported-languages file");
+            return Vec::new();
+        }
+    };
+    file.language
+        .into_iter()
+        .filter_map(|l| {
+            let markers: Result<Vec<GlobMatcher>, _> = l
+                .markers
+                .iter()
+                .map(|m| Glob::new(m).map(|g| g.compile_matcher()))
+                .collect();
+            match markers {
+                Ok(markers) => Some(Unsupported {
+                    name: l.name,
+                    markers,
+                }),
+                Err(e) => {
+                    tracing::warn!(language = %l.name, error = %e, "bad marker glob");
+                    None
+                }
+            }
+        })
+        .collect()
 }
 
 fn valid_package(p: &str) -> bool {
@@ -263,6 +327,7 @@ impl Stacks {
             ));
             return out;
         };
+        out.unsupported = load_unsupported(dir);
         for f in files {
             match f.text.and_then(|text| parse_stack(&f.path, &f.name, &text)) {
                 Ok(s) => out.stacks.push(s),
@@ -309,7 +374,8 @@ impl Stacks {
 
     /// Detects the stack of the tree at `root`.
     pub fn detect(&self, root: &Path) -> Detection {
-        detect(root, &self.stacks)
+        let d = detect(root, &self.stacks);
+        prefer_top_level(root, d, &self.unsupported)
     }
 }
 
@@ -323,6 +389,9 @@ pub struct Detection {
     pub warnings: Vec<String>,
     /// Every stack's score, highest first.
     pub scores: Vec<(String, f64)>,
+    /// Whether the decision rests on a manifest in the top directory.
+    #[serde(skip)]
+    pub top_level: bool,
 }
 
 impl Detection {
@@ -383,36 +452,50 @@ pub fn detect(root: &Path, stacks: &[Stack]) -> Detection {
             }
         }
     }
-    // (stack index, total score, evidence as (score, path)), best first.
-    let mut scored: Vec<(usize, f64, Evidence)> = Vec::new();
+    // (stack index, total score, evidence as (score, path), whether a
+    // manifest is in the top directory), best first.
+    let mut scored: Vec<(usize, f64, Evidence, bool)> = Vec::new();
     for (si, (stack, rule_hits)) in stacks.iter().zip(hits).enumerate() {
         let mut total = 0.0;
+        let mut top_level = false;
         let mut evidence: Vec<(f64, String)> = Vec::new();
         for ((_, _, rule), mut files) in stack.rules.iter().zip(rule_hits) {
             files.sort_by(|a, b| b.0.total_cmp(&a.0));
             let cap = rule.max_count.map_or(usize::MAX, |c| c as usize);
             let counted: Vec<(f64, String)> = files.into_iter().take(cap).collect();
             total += counted.iter().map(|(s, _)| s).sum::<f64>();
+            top_level |= rule.weight >= ROOT_MARKER_WEIGHT
+                && counted
+                    .iter()
+                    .any(|(_, p)| !p.contains(std::path::MAIN_SEPARATOR));
             evidence.extend(counted);
         }
         evidence.sort_by(|a, b| b.0.total_cmp(&a.0));
-        scored.push((si, total, evidence));
+        scored.push((si, total, evidence, top_level));
     }
-    scored.sort_by(|a, b| b.1.total_cmp(&a.1));
+    // A stack whose manifest is in the top directory comes before one
+    // found only deeper down, however many files those are.
+    scored.sort_by(|a, b| {
+        (b.3 && b.1 > 0.0)
+            .cmp(&(a.3 && a.1 > 0.0))
+            .then(b.1.total_cmp(&a.1))
+    });
     let scores: Vec<(String, f64)> = scored
         .iter()
-        .filter_map(|(si, s, _)| {
+        .filter_map(|(si, s, _, _)| {
             stacks
                 .get(*si)
                 .map(|st| (st.name().to_owned(), (s * 100.0).round() / 100.0))
         })
         .collect();
-    let Some((top_i, top, top_ev)) = scored.first().filter(|(_, s, _)| *s > 0.0) else {
+    let Some((top_i, top, top_ev, top_level)) = scored.first().filter(|(_, s, _, _)| *s > 0.0)
+    else {
         return Detection {
             stack: BASE.into(),
             evidence: Vec::new(),
             warnings: Vec::new(),
             scores,
+            top_level: false,
         };
     };
     let name_of = |i: usize| stacks.get(i).map_or("?", Stack::name).to_owned();
@@ -421,10 +504,15 @@ pub fn detect(root: &Path, stacks: &[Stack]) -> Detection {
     let warnings = scored
         .iter()
         .skip(1)
-        .filter(|(_, s, _)| *s > 0.0 && *s >= top / 4.0)
-        .map(|(i, _, ev)| {
+        .filter(|(_, s, _, _)| *s > 0.0 && (*s >= top / 4.0 || !top_level))
+        .map(|(i, s, ev, _)| {
+            let why = if *s > *top {
+                "is in the top directory"
+            } else {
+                "weighs more"
+            };
             format!(
-                "also found {} ({}); using {stack} because {} weighs more. Pass --stack to choose.",
+                "also found {} ({}); using {stack} because {} {why}. Pass --stack to choose.",
                 name_of(*i),
                 summarize(ev).join(", "),
                 evidence.first().map_or("its markers", String::as_str),
@@ -436,11 +524,62 @@ pub fn detect(root: &Path, stacks: &[Stack]) -> Detection {
         evidence,
         warnings,
         scores,
+        top_level: *top_level,
     }
 }
 
 /// Matched files with their scores.
 type Evidence = Vec<(f64, String)>;
+
+/// A language's marker in the top directory of `root`, if any.
+fn top_level_language<'a>(root: &Path, langs: &'a [Unsupported]) -> Option<(&'a str, String)> {
+    let mut names: Vec<String> = std::fs::read_dir(root)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    langs.iter().find_map(|l| {
+        names
+            .iter()
+            .find(|n| l.markers.iter().any(|m| m.is_match(n.as_str())))
+            .map(|n| (l.name.as_str(), n.clone()))
+    })
+}
+
+/// A top-level marker of a language Kennel has no stack for beats a stack
+/// found only deeper down (a Phoenix app's `assets/package.json` is not a
+/// node project): the project gets `base`, and the warning says why.
+fn prefer_top_level(root: &Path, mut d: Detection, langs: &[Unsupported]) -> Detection {
+    let Some((lang, marker)) = top_level_language(root, langs) else {
+        return d;
+    };
+    if d.stack != BASE && d.top_level {
+        d.warnings.push(format!(
+            "also a {lang} project ({marker}), which Kennel has no stack for."
+        ));
+        return d;
+    }
+    let mut warnings = vec![format!(
+        "{lang} project ({marker}) — Kennel has no {} stack; using base. Pass --stack to choose another.",
+        lang.to_lowercase()
+    )];
+    if d.stack != BASE {
+        warnings.push(format!(
+            "{} was found only deeper in the tree ({}).",
+            d.stack,
+            d.evidence.join(", ")
+        ));
+    }
+    Detection {
+        stack: BASE.into(),
+        evidence: vec![marker],
+        warnings,
+        scores: d.scores,
+        top_level: true,
+    }
+}
 
 /// The three most telling paths, plus how many source files matched.
 fn summarize(ev: &[(f64, String)]) -> Vec<String> {

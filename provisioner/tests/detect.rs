@@ -186,3 +186,79 @@ fn markers_only_under_ignored_dirs_are_base() {
     ]);
     assert_eq!(d.stack, "base", "{d:?}");
 }
+
+#[test]
+fn a_phoenix_app_is_elixir_not_node() {
+    // mix.exs at the top, JavaScript only under assets/.
+    let d = detect(&[
+        "mix.exs",
+        "mix.lock",
+        "lib/app.ex",
+        "lib/app_web/router.ex",
+        "assets/package.json",
+        "assets/package-lock.json",
+        "assets/js/app.js",
+        "assets/js/socket.js",
+        "assets/tailwind.config.js",
+    ]);
+    assert_eq!(d.stack, "base", "{d:?}");
+    assert_eq!(d.evidence, ["mix.exs"]);
+    assert!(
+        d.warnings[0]
+            .starts_with("Elixir project (mix.exs) — Kennel has no elixir stack; using base"),
+        "{:?}",
+        d.warnings
+    );
+    assert!(
+        d.warnings
+            .iter()
+            .any(|w| w.contains("node was found only deeper")),
+        "{:?}",
+        d.warnings
+    );
+}
+
+#[test]
+fn languages_without_a_stack_say_so() {
+    for (file, lang) in [
+        ("composer.json", "PHP"),
+        ("App.csproj", ".NET"),
+        ("stack.yaml", "Haskell"),
+        ("build.zig", "Zig"),
+    ] {
+        let d = detect(&[file, "README.md"]);
+        assert_eq!(d.stack, "base", "{file}: {d:?}");
+        assert!(
+            d.warnings[0].starts_with(&format!("{lang} project ({file})")),
+            "{:?}",
+            d.warnings
+        );
+    }
+}
+
+#[test]
+fn a_top_level_manifest_beats_more_files_deeper_down() {
+    // A Rust project with a large JavaScript docs site under docs/.
+    let mut files = vec!["Cargo.toml", "src/main.rs"];
+    let deep: Vec<String> = (0..30)
+        .map(|i| format!("docs/site/src/page{i}.js"))
+        .collect();
+    files.extend([
+        "docs/site/package.json",
+        "docs/site/package-lock.json",
+        "docs/site/tsconfig.json",
+    ]);
+    files.extend(deep.iter().map(String::as_str));
+    let d = detect(&files);
+    assert_eq!(d.stack, "rust", "{d:?}");
+    assert_eq!(d.evidence[0], "Cargo.toml");
+    // A stack's top-level marker beside one of a language without a stack:
+    // the stack, with a word about the other.
+    let d = detect(&["package.json", "composer.json", "index.js"]);
+    assert_eq!(d.stack, "node", "{d:?}");
+    assert!(
+        d.warnings.iter().any(|w| w.contains("also a PHP project")),
+        "{:?}",
+        d.warnings
+    );
+}
