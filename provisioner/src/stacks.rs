@@ -555,6 +555,11 @@ fn prefer_top_level(root: &Path, mut d: Detection, langs: &[Unsupported]) -> Det
     let Some((lang, marker)) = top_level_language(root, langs) else {
         return d;
     };
+    // A stack that claims the marker itself (one added for that language
+    // before unsupported.toml was updated) is that language's stack.
+    if d.evidence.contains(&marker) {
+        return d;
+    }
     if d.stack != BASE && d.top_level {
         d.warnings.push(format!(
             "also a {lang} project ({marker}), which Kennel has no stack for."
