@@ -80,14 +80,18 @@ impl Gw {
 
     /// Gives the console admin `public` as an SSH key.
     async fn admin_key(&self, public: &str) {
+        self.admin_run(&format!("key add \"{public}\"")).await;
+    }
+
+    /// Runs `line` as the local admin; it must succeed.
+    async fn admin_run(&self, line: &str) {
         let admin = self.exec.local_admin().await.unwrap();
-        let line = format!("key add \"{public}\"");
         let out = self
             .exec
             .execute_as(
                 &Identity::local_console(),
                 Some(admin),
-                kennel_core::parse(&line).unwrap().command,
+                kennel_core::parse(line).unwrap().command,
                 &NoProgress,
             )
             .await;
@@ -603,19 +607,8 @@ async fn ssh_config_prints_a_host_block_per_project_that_ssh_reads() {
     let (key, public) = keygen(gw.dir.path(), "admin");
     gw.admin_key(&public).await;
     for name in ["web", "shop"] {
-        let admin = gw.exec.local_admin().await.unwrap();
-        let out = gw
-            .exec
-            .execute_as(
-                &Identity::local_console(),
-                Some(admin),
-                kennel_core::parse(&format!("new project {name} --stack rust"))
-                    .unwrap()
-                    .command,
-                &NoProgress,
-            )
+        gw.admin_run(&format!("new project {name} --stack rust"))
             .await;
-        assert!(out.is_ok(), "{out:?}");
     }
     let out = gw.ssh(&key, "anyone", &["ssh-config"], None).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));

@@ -32,7 +32,7 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use super::tls::{certified, TlsError};
+use super::tls::{certified, write_private, write_public, TlsError};
 
 /// The ALPN protocol of TLS-ALPN-01 validation (RFC 8737).
 pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
@@ -477,9 +477,8 @@ impl Acme {
         let (cert_path, key_path) = self.paths(stem);
         let held = held_of(&chain, &key.serialize_pem(), &cert_path)?;
         // The key first, so a certificate on disk always has its key.
-        let _ = std::fs::remove_file(&key_path);
         write_private(&key_path, key.serialize_pem().as_bytes())?;
-        write_atomic(&cert_path, chain.as_bytes())?;
+        write_public(&cert_path, chain.as_bytes())?;
         let name = names.last().cloned().unwrap_or_default();
         if let Ok(mut c) = self.certs.write() {
             c.insert(name, held);
@@ -758,26 +757,4 @@ impl ResolvesServerCert for Acme {
         // completes and the browser says which name it expected.
         self.covering(&self.domain).map(|h| h.key)
     }
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), AcmeError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AcmeError> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
 }

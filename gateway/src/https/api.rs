@@ -58,10 +58,8 @@ pub fn signed_message(
     path: &str,
     body: &[u8],
 ) -> String {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(body);
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("kennel-api-v1\n{ts}\n{nonce}\n{host}\n{method} {path}\n{hex}\n")
+    let digest = kennel_core::web::sha256_hex(body);
+    format!("kennel-api-v1\n{ts}\n{nonce}\n{host}\n{method} {path}\n{digest}\n")
 }
 
 impl Inner {

@@ -353,27 +353,37 @@ impl Inner {
         )
     }
 
-    /// `POST /do`: one line from a form, CSRF-checked, run as the user.
-    async fn dash_do(&self, req: Request<Incoming>, user: User) -> Response<Body> {
-        let cookie = Self::cookie(&req).unwrap_or_default();
+    /// A dashboard form's command line, once the form is known to come
+    /// from this dashboard (same origin, the session's CSRF token); with
+    /// the session's CSRF token for the page that answers.
+    #[allow(clippy::result_large_err)] // the error is the answer to send
+    async fn checked_form(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<(String, Option<String>), Response<Body>> {
+        let expected = csrf_of(&Self::cookie(&req).unwrap_or_default());
         let same_origin = self.same_origin(&req);
-        let body = match http_body_util::Limited::new(req.into_body(), 64 * 1024)
+        let body = http_body_util::Limited::new(req.into_body(), 64 * 1024)
             .collect()
             .await
-        {
-            Ok(b) => b.to_bytes(),
-            Err(_) => {
-                return page::status(StatusCode::PAYLOAD_TOO_LARGE, "That form is too large.")
-            }
-        };
+            .map(|b| b.to_bytes())
+            .map_err(|_| page::status(StatusCode::PAYLOAD_TOO_LARGE, "That form is too large."))?;
         let (csrf, line) = form_line(&body);
-        let expected = csrf_of(&cookie);
         if !same_origin || csrf.as_deref() != Some(expected.as_str()) {
-            return page::status(
+            return Err(page::status(
                 StatusCode::FORBIDDEN,
                 "That form did not come from this page (its CSRF token is missing or wrong); reload the dashboard and try again.",
-            );
+            ));
         }
+        Ok((expected, line))
+    }
+
+    /// `POST /do`: one line from a form, CSRF-checked, run as the user.
+    async fn dash_do(&self, req: Request<Incoming>, user: User) -> Response<Body> {
+        let (expected, line) = match self.checked_form(req).await {
+            Ok(f) => f,
+            Err(refused) => return refused,
+        };
         let Some(line) = line.filter(|l| !l.trim().is_empty()) else {
             return self
                 .dashboard(
@@ -416,22 +426,10 @@ impl Inner {
     /// progress step, then the rendered outcome (the new-project form's
     /// script shows it as chat shows its edited message).
     async fn dash_run(&self, req: Request<Incoming>, user: User) -> Response<Body> {
-        let cookie = Self::cookie(&req).unwrap_or_default();
-        let same_origin = self.same_origin(&req);
-        let Ok(body) = http_body_util::Limited::new(req.into_body(), 64 * 1024)
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-        else {
-            return page::status(StatusCode::PAYLOAD_TOO_LARGE, "That form is too large.");
+        let line = match self.checked_form(req).await {
+            Ok((_, line)) => line,
+            Err(refused) => return refused,
         };
-        let (csrf, line) = form_line(&body);
-        if !same_origin || csrf.as_deref() != Some(csrf_of(&cookie).as_str()) {
-            return page::status(
-                StatusCode::FORBIDDEN,
-                "That form did not come from this page; reload the dashboard.",
-            );
-        }
         let Some(line) = line else {
             return page::status(StatusCode::BAD_REQUEST, "Name the project.");
         };

@@ -249,8 +249,7 @@ impl DevCa {
         } else {
             let k = KeyPair::generate().map_err(gen)?;
             let ca = ca_params()?.self_signed(&k).map_err(gen)?;
-            let _ = std::fs::remove_file(&ca_key);
-            write_private(&ca_key, &k.serialize_pem())?;
+            write_private(&ca_key, k.serialize_pem().as_bytes())?;
             std::fs::write(&ca_cert, ca.pem()).map_err(io(&ca_cert))?;
             k
         };
@@ -303,14 +302,34 @@ impl ResolvesServerCert for DevCa {
     }
 }
 
-fn write_private(path: &Path, text: &str) -> Result<(), TlsError> {
+/// Writes a private key file: mode 0600 from the start, written beside
+/// and renamed into place, so a crash never leaves half a key.
+pub(super) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    let tmp = tmp_of(path);
+    let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)
-        .map_err(io(path))?;
-    f.write_all(text.as_bytes()).map_err(io(path))
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// Writes a public file (a certificate) by rename, as [`write_private`].
+pub(super) fn write_public(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
+    let tmp = tmp_of(path);
+    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// `PATH.tmp`, beside `path`.
+fn tmp_of(path: &Path) -> PathBuf {
+    let mut t = path.as_os_str().to_owned();
+    t.push(".tmp");
+    PathBuf::from(t)
 }
