@@ -185,6 +185,14 @@ pub struct VmConfig {
     pub default_owner: String,
     /// Whether guests can reach the internet (runs stacks' first-boot steps).
     pub online: bool,
+    /// How long a running VM may sit idle (no SSH session or forward, no
+    /// HTTPS request or WebSocket, guest CPU under `idle_cpu_percent`)
+    /// before Kennel stops it: `30m`, `2h`, `never`. The next `ssh` or
+    /// HTTPS visit starts it again; `idle NAME ...` sets it per project.
+    pub idle_stop: String,
+    /// Guest CPU use, in percent of one host core, above which a VM with
+    /// nobody connected still counts as in use (a build under `nohup`).
+    pub idle_cpu_percent: u32,
 }
 
 impl Default for Config {
@@ -246,6 +254,8 @@ impl Default for VmConfig {
             stop_timeout_secs: 20,
             default_owner: "1000:1000".into(),
             online: false,
+            idle_stop: "30m".into(),
+            idle_cpu_percent: 5,
         }
     }
 }
@@ -261,6 +271,10 @@ impl Config {
         }
         self.default_owner()?;
         self.default_resources()?;
+        self.idle_stop()?;
+        if !(1..=100).contains(&self.vm.idle_cpu_percent) {
+            bail!("vm.idle_cpu_percent must be 1 to 100 (percent of one host core)");
+        }
         self.admin_identities()?;
         if self.https.domain.is_empty() || self.https.domain.contains(['/', ' ', ':']) {
             bail!("https.domain {:?} is not a domain name", self.https.domain);
@@ -286,6 +300,12 @@ impl Config {
             bail!("{problem}");
         }
         Ok(())
+    }
+
+    /// `vm.idle_stop`, parsed.
+    pub fn idle_stop(&self) -> Result<kennel_core::model::IdleStop> {
+        kennel_core::model::IdleStop::parse(&self.vm.idle_stop)
+            .map_err(|e| anyhow::anyhow!("vm.idle_stop: {e}"))
     }
 
     /// Default VM resources.

@@ -10,6 +10,10 @@ use crate::{console, wiring};
 
 /// How often running projects' VMMs are checked for having died.
 const VM_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often the idle supervisor looks (and samples guest CPU).
+const IDLE_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often idle times are written down for the next daemon.
+const IDLE_PERSIST_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Runs the daemon until a signal arrives.
 pub async fn run(config: &Config) -> Result<()> {
@@ -80,6 +84,18 @@ pub async fn run(config: &Config) -> Result<()> {
             .await;
         })
     };
+    // VMs nobody uses are stopped (vm.idle_stop); their idle times are
+    // written down for the next daemon, last when this one stops.
+    let (stop_idle, idle_stopped) = tokio::sync::oneshot::channel::<()>();
+    let idle_task = {
+        let exec = exec.clone();
+        tokio::spawn(async move {
+            exec.watch_idle(IDLE_CHECK_EVERY, IDLE_PERSIST_EVERY, async move {
+                let _ = idle_stopped.await;
+            })
+            .await;
+        })
+    };
     // The chat bots: each in its own task, stopped with the daemon.
     let (stop_bots, bots_stopped) = tokio::sync::watch::channel(false);
     let bots = crate::bots::start(config, &exec, dir.root(), &bots_stopped);
@@ -103,6 +119,8 @@ pub async fn run(config: &Config) -> Result<()> {
     let _ = stop_bots.send(true);
     let _ = stop_watch.send(());
     let _ = watch_task.await;
+    let _ = stop_idle.send(());
+    let _ = idle_task.await;
     let _ = ssh_task.await;
     for bot in bots {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), bot).await;

@@ -44,6 +44,8 @@ pub fn settings(config: &Config) -> Result<Settings> {
         admins: config.admin_identities()?,
         max_parallel_creates: usize::try_from(config.vm.max_parallel_creates).unwrap_or(1),
         confirm_secs: 300,
+        idle_stop: config.idle_stop()?,
+        idle_cpu_percent: config.vm.idle_cpu_percent,
         ..Settings::default()
     })
 }

@@ -3,7 +3,8 @@
 //! HTTP/2 with curl, a WebSocket (tungstenite) reaches a guest's echo
 //! server, `port` moves a running VM's app at once, another port
 //! of the VM is reached through its sshd for a signed-in user, and a
-//! stopped project wakes on a request.
+//! stopped project wakes on a request, its `.kennel/start` bringing the
+//! app back (scripts wait for it, browsers see the starting page).
 
 #![allow(
     clippy::unwrap_used,
@@ -222,12 +223,47 @@ fn a_guest_app_answers_through_the_https_gateway_and_wakes_on_a_request() {
     // Nothing listens on that port: the gateway says so.
     let (code, _) = curl_signed_in(&k, &jar, "site--3999.localhost", "/");
     assert!(code.starts_with("502"), "{code}");
-    // Stopped: a request wakes it (the server is not started again by
-    // itself, so the app then says it is not answering).
+    // Stopped: a request wakes it. Without a start script nothing starts
+    // the server again, and the gateway says the app is not answering.
+    k.exec_ok("port site 3000");
     k.exec_ok("stop site");
     let (code, body) = curl(&k, host, "/", &[]);
     assert!(code.starts_with("502"), "{code} {body}");
-    let v: serde_json::Value =
-        serde_json::from_str(k.exec_ok("--json status site").trim()).unwrap();
-    assert_eq!(v["project"]["state"], "running", "{v}");
+    assert_eq!(k.state("site").0, "running");
+    // With `.kennel/start`, the guest starts the server at boot, and the
+    // request that woke the VM waits for it: the app's own answer.
+    std::fs::create_dir_all(source.join(".kennel")).unwrap();
+    std::fs::write(
+        source.join(".kennel/start"),
+        "exec node /workspace/server.js 3000\n",
+    )
+    .unwrap();
+    k.exec_ok("stop site");
+    let woke = Instant::now();
+    let (code, body) = curl(&k, host, "/after-wake", &[]);
+    assert!(code.starts_with("200"), "{code} {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["path"], "/after-wake");
+    eprintln!(
+        "wake by an HTTPS request to the app's answer: {:?}",
+        woke.elapsed()
+    );
+    // A browser is shown the starting page until the app answers.
+    k.exec_ok("stop site");
+    let t = Instant::now();
+    let mut pages = 0;
+    let body = loop {
+        let (code, body) = curl(&k, host, "/page", &["-H", "Accept: text/html"]);
+        if code.starts_with("200") {
+            break body;
+        }
+        assert!(
+            code.starts_with("503") && body.contains("Starting site"),
+            "{code} {body}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(90), "still starting");
+        pages += 1;
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    assert!(pages >= 1 && body.contains("/page"), "{pages} {body}");
 }

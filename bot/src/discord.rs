@@ -636,20 +636,45 @@ impl Handler {
                     };
                     let doc = desk::outcome_document(&r, desk.executor());
                     let text = fit(&write_doc(&doc, Format::Markdown));
-                    let sent = match UserId::from(uid).create_dm_channel(&http).await {
-                        Ok(dm) => dm
-                            .send_message(&http, CreateMessage::new().content(text))
-                            .await
-                            .map(|_| ()),
-                        Err(e) => Err(e),
-                    };
-                    if let Err(e) = sent {
+                    if let Err(e) = dm(&http, uid, text).await {
                         tracing::warn!(error = %e, user = uid, "could not DM the requester");
+                    }
+                }
+                Event::IdleStopped {
+                    project,
+                    identities,
+                    after,
+                    ..
+                } => {
+                    // The owner hears of it by DM, on each Discord identity.
+                    let line = kennel_core::idle::idle_notice(&project, after);
+                    for id in identities
+                        .iter()
+                        .filter(|i| i.frontend == Frontend::Discord)
+                    {
+                        let Ok(uid) = id.external_id.parse::<std::num::NonZeroU64>() else {
+                            continue;
+                        };
+                        if let Err(e) = dm(&http, uid, line.clone()).await {
+                            tracing::warn!(error = %e, user = uid, "could not tell the owner of an idle stop");
+                        }
                     }
                 }
             }
         }
     }
+}
+
+/// Sends `text` to a user's DM channel.
+async fn dm(
+    http: &serenity::http::Http,
+    uid: std::num::NonZeroU64,
+    text: String,
+) -> serenity::Result<()> {
+    let dm = UserId::from(uid).create_dm_channel(http).await?;
+    dm.send_message(http, CreateMessage::new().content(text))
+        .await
+        .map(|_| ())
 }
 
 #[async_trait]

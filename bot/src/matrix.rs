@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kennel_core::command::Command;
-use kennel_core::model::{AccessRequest, Frontend, Identity};
+use kennel_core::model::{AccessRequest, Frontend, Identity, IdleStop};
+use kennel_core::names::ProjectName;
 use kennel_core::outcome::Reply;
 use kennel_core::render::{write_doc, Block, Format};
 use kennel_core::Event;
@@ -788,6 +789,12 @@ impl MatrixBot {
             match event {
                 Event::AccessRequested(r) => self.post_request(&r).await,
                 Event::RequestDecided(r) => self.decided(&r).await,
+                Event::IdleStopped {
+                    project,
+                    identities,
+                    after,
+                    ..
+                } => self.idle_stopped(&project, &identities, after).await,
             }
         }
     }
@@ -832,10 +839,7 @@ impl MatrixBot {
         let asked_in = self.lock().asked_in.remove(&r.id);
         let room = match asked_in.and_then(|id| self.client.get_room(&id)) {
             Some(room) => Some(room),
-            None => match self.client.get_dm_room(&user) {
-                Some(room) => Some(room),
-                None => self.client.create_dm(&user).await.ok(),
-            },
+            None => self.dm(&user).await,
         };
         let Some(room) = room else {
             tracing::warn!(user = %user, "no room to tell the requester the outcome");
@@ -844,6 +848,35 @@ impl MatrixBot {
         let doc = desk::outcome_document(r, self.desk.executor());
         if let Err(e) = room.send(Self::html(&doc)).await {
             tracing::warn!(error = %e, user = %user, "could not tell the requester the outcome");
+        }
+    }
+
+    /// The direct-message room with `user`, made if there is none.
+    async fn dm(&self, user: &UserId) -> Option<Room> {
+        match self.client.get_dm_room(user) {
+            Some(room) => Some(room),
+            None => self.client.create_dm(user).await.ok(),
+        }
+    }
+
+    /// Tells an idle-stopped project's owner, by DM, on each Matrix
+    /// identity of theirs.
+    async fn idle_stopped(&self, project: &ProjectName, identities: &[Identity], after: IdleStop) {
+        let line = kennel_core::idle::idle_notice(project, after);
+        for id in identities.iter().filter(|i| i.frontend == Frontend::Matrix) {
+            let Ok(user) = UserId::parse(id.external_id.as_str()) else {
+                continue;
+            };
+            let Some(room) = self.dm(&user).await else {
+                tracing::warn!(user = %user, "no room to tell the owner of an idle stop");
+                continue;
+            };
+            if let Err(e) = room
+                .send(RoomMessageEventContent::notice_plain(line.clone()))
+                .await
+            {
+                tracing::warn!(error = %e, user = %user, "could not tell the owner of an idle stop");
+            }
         }
     }
 }

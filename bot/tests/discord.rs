@@ -341,6 +341,26 @@ async fn discord_bot_against_a_fake_discord() {
         "answered an unaddressed message"
     );
 
+    // Kennel stops the idle project and tells its owner by DM.
+    let from = d.calls().len();
+    let now = std::time::Instant::now();
+    exec.check_idle(now).await.unwrap();
+    let idle = exec
+        .check_idle(now + Duration::from_secs(31 * 60))
+        .await
+        .unwrap();
+    assert_eq!(idle.stopped.len(), 1, "{idle:?}");
+    let (_, dm) = d
+        .wait_call(from, "ann's idle notice", |c| {
+            c.method == "POST" && c.path == format!("/channels/{}/messages", 12 + 7)
+        })
+        .await;
+    assert_eq!(
+        content(&dm),
+        "myapp was stopped after 30m idle; ssh or https wakes it",
+        "{dm:?}"
+    );
+
     // /rm asks with a button; the click destroys.
     let from = d.calls().len();
     let (id, _) = d.slash(&ann, CHANNEL, "rm", &[("name", "myapp")]).await;

@@ -267,6 +267,22 @@ async fn matrix_bot_against_synapse() {
     assert!(edits.len() <= 8, "{edits:#?}");
     assert!(vms.calls().contains(&"create myapp".to_owned()));
 
+    // Kennel stops the idle project and tells its owner in their DM.
+    let now = std::time::Instant::now();
+    exec.check_idle(now).await.unwrap();
+    let idle = exec
+        .check_idle(now + Duration::from_secs(31 * 60))
+        .await
+        .unwrap();
+    assert_eq!(idle.stopped.len(), 1, "{idle:?}");
+    let told = ann
+        .next_from(&bot_id, &ann_dm, "ann told of the idle stop")
+        .await;
+    assert_eq!(
+        told.body, "myapp was stopped after 30m idle; ssh or https wakes it",
+        "{told:?}"
+    );
+
     // 6. Limits: an oversized message is refused politely.
     let r = ann.ask(&bot_id, &ann_dm, &"x".repeat(5000)).await;
     assert!(r.body.contains("up to 4096 bytes"), "{r:?}");

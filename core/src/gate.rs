@@ -1,6 +1,7 @@
 //! What the gateways need from core, and no more: who a key belongs to,
 //! whether a person may enter a project (over SSH or the web), waking a
-//! project's VM, how to reach it, and recording a login.
+//! project's VM, counting it as in use, how to reach it, and recording a
+//! login.
 //!
 //! Gateways hold a [`Gate`] instead of the store and the provisioner's
 //! files: the key and host-key paths are the provisioner's to know, the
@@ -87,6 +88,13 @@ impl Gate {
         progress: &dyn ProgressSink,
     ) -> Result<Woke, CommandError> {
         self.exec.ensure_running(actor, name, progress).await
+    }
+
+    /// Counts `name` as in use while the result lives (a session, a
+    /// forward, a request, a WebSocket): idle stop leaves it running. Take
+    /// it before [`Gate::wake`].
+    pub fn presence(&self, name: &ProjectName) -> crate::idle::Presence {
+        self.exec.presence(name)
     }
 
     /// Where a running project's VM answers, with the keys to reach it;

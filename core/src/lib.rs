@@ -7,7 +7,7 @@
 //! call the front door ([`Executor::front_door`]), and send back the text
 //! it renders, showing [`provision::Progress`] on the way. The VM state
 //! the store records is kept true by [`vmstate`] (reconcile at start, a
-//! watcher for VMs that die).
+//! watcher for VMs that die), and [`idle`] stops VMs nobody uses.
 
 pub mod catalog;
 pub mod command;
@@ -15,6 +15,7 @@ pub mod executor;
 pub mod frontdoor;
 pub mod gate;
 pub mod hostpath;
+pub mod idle;
 pub mod keys;
 pub mod model;
 pub mod names;
@@ -33,6 +34,7 @@ pub use command::{parse, Command, Invocation, ParseError};
 pub use executor::{Event, Executor, Settings};
 pub use frontdoor::{Answered, Style};
 pub use gate::{Gate, VmReach};
+pub use idle::Presence;
 pub use model::{Identity, Role, User};
 pub use outcome::{exit_code, CommandError, Outcome, Reply};
 pub use render::{render, Format};

@@ -218,6 +218,84 @@ pub struct Resources {
     pub disk_mib: u64,
 }
 
+/// When an idle project's VM is stopped by Kennel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum IdleStop {
+    /// Never: the VM runs until someone stops it.
+    Never,
+    /// After this long without a connection or guest CPU use.
+    #[serde(rename = "after")]
+    Secs { secs: u64 },
+}
+
+impl IdleStop {
+    /// The shortest limit: the supervisor looks every few seconds.
+    pub const MIN_SECS: u64 = 10;
+    /// The longest limit short of `never`.
+    pub const MAX_SECS: u64 = 30 * 24 * 3600;
+
+    /// Parses `30m`, `2h`, `1h 30m`, `90s`, or `never` (`off`).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        if t.eq_ignore_ascii_case("never") || t.eq_ignore_ascii_case("off") {
+            return Ok(Self::Never);
+        }
+        let d = humantime::parse_duration(t).map_err(|_| {
+            format!(
+                "'{}' is not a duration; say e.g. 30m, 2h or never",
+                t.chars().take(20).collect::<String>()
+            )
+        })?;
+        let secs = d.as_secs();
+        if !(Self::MIN_SECS..=Self::MAX_SECS).contains(&secs) {
+            return Err(format!(
+                "an idle limit must be from {}s to 30 days, or never",
+                Self::MIN_SECS
+            ));
+        }
+        Ok(Self::Secs { secs })
+    }
+
+    /// The limit as a duration; `None` for never.
+    pub fn duration(self) -> Option<std::time::Duration> {
+        match self {
+            Self::Never => None,
+            Self::Secs { secs } => Some(std::time::Duration::from_secs(secs)),
+        }
+    }
+
+    /// How it is stored: seconds, 0 for never.
+    pub fn to_secs(self) -> u64 {
+        match self {
+            Self::Never => 0,
+            Self::Secs { secs } => secs,
+        }
+    }
+
+    /// Back from the store's seconds.
+    pub fn from_secs(secs: u64) -> Self {
+        if secs == 0 {
+            Self::Never
+        } else {
+            Self::Secs { secs }
+        }
+    }
+}
+
+impl std::fmt::Display for IdleStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Never => f.write_str("never"),
+            Self::Secs { secs } => write!(
+                f,
+                "{}",
+                humantime::format_duration(std::time::Duration::from_secs(*secs))
+            ),
+        }
+    }
+}
+
 /// A project: its source, stack, VM shape and who owns it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Project {
@@ -234,6 +312,8 @@ pub struct Project {
     pub state: ProjectState,
     /// Why Kennel put the project in its state, when it did (not a person).
     pub state_note: Option<String>,
+    /// The project's own idle limit; `None` follows the configured default.
+    pub idle_stop: Option<IdleStop>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }

@@ -54,6 +54,12 @@ pub enum Reply {
         project: Project,
         shares: Vec<Share>,
         vm: Option<VmStatus>,
+        idle: crate::idle::IdleView,
+    },
+    /// A project's idle limit, as set.
+    IdleSet {
+        project: String,
+        idle: crate::idle::IdleView,
     },
     /// A new project, ready.
     Created {

@@ -106,6 +106,7 @@ pub fn authorize(
         | Public { .. }
         | Private { .. }
         | Port { .. }
+        | Idle { .. }
         | Cp { .. }
         | Rename { .. } => {
             match rel {

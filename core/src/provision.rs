@@ -204,6 +204,12 @@ pub trait Provisioner: Send + Sync {
     async fn logs(&self, project: &ProjectName, lines: u32) -> Result<Vec<String>, ProvisionError>;
     /// Deletes a project's source directory on the host (`rm --purge`).
     async fn purge_source(&self, project: &ProjectName, path: &str) -> Result<(), ProvisionError>;
+    /// CPU time the project's VMM process has used so far (user and
+    /// system, all its threads), for telling a busy guest from an idle
+    /// one; `None` when there is no VM or it cannot tell.
+    async fn cpu_time(&self, _project: &ProjectName) -> Option<std::time::Duration> {
+        None
+    }
     /// Whether the project's VMM process is alive, checked cheaply (no
     /// round trip to the guest), for noticing VMs that died; `None` when
     /// there is no VM or it cannot tell.
@@ -329,6 +335,8 @@ pub mod testing {
         /// Where `vm_keys` says each project's keys are
         /// (`<dir>/<project>/id_ed25519`); none when unset.
         pub keys_dir: Mutex<Option<std::path::PathBuf>>,
+        /// What `cpu_time` reports per project (none when unset).
+        pub cpu: Mutex<BTreeMap<String, std::time::Duration>>,
     }
 
     impl RecordingProvisioner {
@@ -477,6 +485,9 @@ pub mod testing {
         async fn purge_source(&self, project: &ProjectName, _: &str) -> Result<(), ProvisionError> {
             self.record("purge", project.as_str());
             Ok(())
+        }
+        async fn cpu_time(&self, project: &ProjectName) -> Option<std::time::Duration> {
+            self.cpu.lock().ok()?.get(project.as_str()).copied()
         }
         async fn vm_alive(&self, project: &ProjectName) -> Option<bool> {
             self.vms

@@ -164,6 +164,26 @@ fn state_text(p: &Project) -> String {
     }
 }
 
+/// `after 30m (the default), idle for 4m` and the like.
+fn idle_text(v: &crate::idle::IdleView) -> String {
+    let mut s = match v.limit {
+        crate::model::IdleStop::Never => "never".to_owned(),
+        l => format!("after {l}"),
+    };
+    if v.default {
+        s.push_str(" (the default)");
+    }
+    match v.idle_secs {
+        Some(0) => s.push_str("; in use now"),
+        Some(secs) => s.push_str(&format!(
+            "; idle for {}",
+            humantime::format_duration(std::time::Duration::from_secs(secs))
+        )),
+        None => {}
+    }
+    s
+}
+
 fn project_rows(ps: &[Project]) -> Vec<Vec<String>> {
     ps.iter()
         .map(|p| {
@@ -288,6 +308,7 @@ pub fn document(r: &Reply) -> Vec<Block> {
             project,
             shares,
             vm,
+            idle,
         } => {
             let mut doc = vec![
                 Block::Title(format!("{} — {}", project.name, state_text(project))),
@@ -306,6 +327,7 @@ pub fn document(r: &Reply) -> Vec<Block> {
                         ],
                         vec!["app port".into(), project.app_port.to_string()],
                         vec!["web".into(), project.visibility.to_string()],
+                        vec!["idle stop".into(), idle_text(idle)],
                         vec![
                             "git".into(),
                             project.git_url.clone().unwrap_or_else(|| "-".into()),
@@ -431,6 +453,15 @@ pub fn document(r: &Reply) -> Vec<Block> {
         } => vec![text(format!(
             "{https_url} now forwards to port {port} in the VM."
         ))],
+        Reply::IdleSet { project, idle } => vec![text(match idle.limit {
+            crate::model::IdleStop::Never => {
+                format!("{project}'s VM is never stopped for idleness; 'stop {project}' stops it.")
+            }
+            l => format!(
+                "{project}'s VM stops after {l} with nobody connected and the guest idle{}; ssh or https wakes it.",
+                if idle.default { " (the default)" } else { "" }
+            ),
+        })],
         Reply::SecretStored { name } => vec![text(format!(
             "Stored secret {name}. Kennel never shows it again; replace it with 'secret set {name} ...' or delete it with 'secret rm {name}'."
         ))],

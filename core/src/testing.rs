@@ -54,6 +54,17 @@ impl World {
             .outcome
     }
 
+    /// A new executor over the same store, provisioner and catalog, as a
+    /// restarted daemon has it: nothing in memory carried over.
+    pub fn restarted(&self) -> Executor {
+        Executor::new(
+            self.store.clone(),
+            self.vms.clone(),
+            self.exec.catalog_arc(),
+            self.exec.settings().clone(),
+        )
+    }
+
     /// Runs one line and renders the answer as plain text.
     pub async fn text(&self, who: &Identity, line: &str) -> String {
         render(&self.run(who, line).await, Format::Plain)

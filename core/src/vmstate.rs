@@ -2,8 +2,8 @@
 //! stopped or woken, and where the store is kept true to the VMs.
 //!
 //! Every caller goes through here: the `start`, `stop` and `restart`
-//! commands, the SSH gateway at each of its entry points, and (to come)
-//! the HTTPS gateway and the idle supervisor. An operation is for an
+//! commands, the SSH gateway at each of its entry points, the HTTPS
+//! gateway, and the idle supervisor ([`crate::idle`]). An operation is for an
 //! [`Actor`], a person or Kennel itself, so a wake needs no command
 //! rights: whoever may *enter* a project (policy's `may_enter`, decided by
 //! the caller) may wake it. Operations on one project are serialized, so
@@ -240,6 +240,12 @@ impl Executor {
             Ok(status) => {
                 self.set_state(&name, ProjectState::Running).await?;
                 self.record_route(&name, &status).await?;
+                // Idle time starts over with every boot.
+                self.activity.started(&name, std::time::Instant::now());
+                let n = name.clone();
+                self.store
+                    .call(move |c| repo::record_idle(c, &[(n, 0)]))
+                    .await?;
                 Ok(status)
             }
             Err(e) => {
@@ -251,7 +257,7 @@ impl Executor {
 
     /// Stops a project's VM, keeping its state and route true. The caller
     /// holds the project's VM lock.
-    async fn halt_vm(
+    pub(crate) async fn halt_vm(
         &self,
         name: &ProjectName,
         progress: &dyn ProgressSink,
@@ -265,6 +271,7 @@ impl Executor {
         match self.vms.stop(name).await {
             Ok(()) => {
                 self.set_state(name, ProjectState::Stopped).await?;
+                self.activity.stopped(name);
                 Ok(())
             }
             Err(e) => {
@@ -367,6 +374,7 @@ impl Executor {
                 })
                 .await?;
             if changed {
+                self.activity.stopped(&p.name);
                 tracing::warn!(project = %p.name, owner = %p.owner, "the VM exited unexpectedly; marked stopped");
                 died.push(p.name);
             }

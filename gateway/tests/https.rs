@@ -589,11 +589,28 @@ async fn websockets_pass_through_and_idle_ones_are_closed() {
         let back = ws.next().await.unwrap().unwrap();
         assert_eq!(back.into_text().unwrap(), format!("hello {i}"));
     }
+    // An open WebSocket keeps the project in use (idle stop).
+    let later = std::time::Instant::now() + Duration::from_secs(3600);
+    let idle = gw.w.exec.check_idle(later).await.unwrap();
+    assert!(idle.stopped.is_empty(), "{idle:?}");
+    let status = gw.w.text(&gw.w.admin, "status web").await;
+    assert!(status.contains("in use now"), "{status}");
     // Silent both ways for longer than the upgrade idle timeout: closed.
     let end = tokio::time::timeout(Duration::from_secs(15), ws.next())
         .await
         .expect("an idle WebSocket is closed");
     assert!(!matches!(end, Some(Ok(ref m)) if m.is_text()), "{end:?}");
+    // Closed, it no longer counts: half an hour later the VM is stopped.
+    let mut stopped = Vec::new();
+    for _ in 0..50 {
+        let at = later + Duration::from_secs(31 * 60);
+        stopped = gw.w.exec.check_idle(at).await.unwrap().stopped;
+        if !stopped.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(stopped.len(), 1, "the closed WebSocket still counts");
     let _ = gw.app;
 }
 

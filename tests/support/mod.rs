@@ -130,7 +130,7 @@ impl Kennel {
     }
 
     /// Starts `kennel serve` with its standard error (the log) going to
-    /// `log` (appended), at `RUST_LOG=info`.
+    /// `log` (appended), at `RUST_LOG=info` (debug for idle stop).
     pub fn start_serve_logged(&mut self, log: &Path) {
         let f = std::fs::OpenOptions::new()
             .create(true)
@@ -139,7 +139,7 @@ impl Kennel {
             .unwrap();
         let child = self
             .cmd()
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,kennel_core::idle=debug")
             .arg("serve")
             .stdout(Stdio::null())
             .stderr(f)
@@ -224,6 +224,87 @@ impl Kennel {
             .args(["-p", port, &format!("dev@{ip}"), command])
             .output()
             .unwrap()
+    }
+
+    /// `ssh -p GATEWAY -i key target command` through the SSH gateway,
+    /// batch mode, host keys not checked; stdin from /dev/null.
+    pub fn gateway_ssh(&self, key: &Path, target: &str, command: &str) -> Command {
+        let mut c = self.in_ns(Path::new("ssh"));
+        c.args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+        ])
+        .args(["-p", &self.ssh_port.to_string(), "-i"])
+        .arg(key)
+        .arg(target)
+        .arg(command)
+        .stdin(Stdio::null());
+        c
+    }
+
+    /// A user key for this test (`<dir>/NAME`, ed25519), added to the
+    /// local admin's account.
+    pub fn admin_key(&self, name: &str) -> PathBuf {
+        let key = self.dir.join(name);
+        assert!(Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&key)
+            .status()
+            .unwrap()
+            .success());
+        let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+        self.exec_ok(&format!("key add \"{}\"", public.trim()));
+        key
+    }
+
+    /// A project's recorded state and note, from `projects --json` (the
+    /// store alone: `status` also asks the VMM and the guest, which costs
+    /// the guest CPU that idle stop would count as use).
+    pub fn state(&self, project: &str) -> (String, Option<String>) {
+        let out = self
+            .cmd()
+            .args(["exec", "--json projects"])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let p = v["projects"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == project))
+            .cloned()
+            .unwrap_or_default();
+        (
+            p["state"].as_str().unwrap_or_default().to_owned(),
+            p["state_note"].as_str().map(str::to_owned),
+        )
+    }
+
+    /// Waits up to `limit` for `project` to be in `state`; how long it took.
+    pub fn wait_state(&self, project: &str, state: &str, limit: Duration) -> Duration {
+        let t = Instant::now();
+        loop {
+            if self.state(project).0 == state {
+                return t.elapsed();
+            }
+            if t.elapsed() >= limit {
+                // The daemon's log, when the test keeps one, says why.
+                let log = std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                panic!(
+                    "{project} not {state} after {limit:?}: {:?}\nthe log's end:\n{}",
+                    self.state(project),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
     }
 
     pub fn ssh_ok(&self, project: &str, command: &str) -> String {

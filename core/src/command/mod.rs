@@ -88,6 +88,12 @@ pub enum Command {
     Private { name: ProjectName },
     /// Sets the port the HTTPS gateway forwards to inside the VM.
     Port { name: ProjectName, port: u16 },
+    /// Sets how long a project's VM may sit idle before Kennel stops it
+    /// (`None`: back to the configured default).
+    Idle {
+        name: ProjectName,
+        limit: Option<crate::model::IdleStop>,
+    },
     /// Lists your SSH keys (an admin may name another user).
     Keys { user: Option<UserName> },
     /// Adds an SSH key to your account (an admin may add one for another user).
@@ -196,6 +202,7 @@ impl Command {
             | Public { name }
             | Private { name }
             | Port { name, .. }
+            | Idle { name, .. }
             | Cp { name, .. }
             | Rename { name, .. } => Some(name),
             NewProject(n) => Some(&n.name),

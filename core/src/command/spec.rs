@@ -377,6 +377,19 @@ pub static SPECS: &[CommandSpec] = &[
         },
     },
     CommandSpec {
+        name: "idle",
+        aliases: &[],
+        args: &[word("name"), word("limit")],
+        flags: &[],
+        summary: "Stop a project's VM after it sits idle this long (30m, 2h, never, default)",
+        build: |m| {
+            Ok(Command::Idle {
+                name: m.req("name", project)?,
+                limit: m.req("limit", idle_limit)?,
+            })
+        },
+    },
+    CommandSpec {
         name: "keys",
         aliases: &[],
         args: &[],
@@ -721,6 +734,12 @@ fn app_port(s: &str) -> Result<u16, String> {
         _ => Err(format!("{} is not a port (1-65535)", q(s))),
     }
 }
+fn idle_limit(s: &str) -> Result<Option<crate::model::IdleStop>, String> {
+    if s.eq_ignore_ascii_case("default") {
+        return Ok(None);
+    }
+    crate::model::IdleStop::parse(s).map(Some)
+}
 fn request_id(s: &str) -> Result<i64, String> {
     let t = s.trim_start_matches('#');
     match t.parse::<i64>() {
@@ -1010,6 +1029,7 @@ pub(super) fn spec_for(c: &Command) -> &'static CommandSpec {
         Command::Public { .. } => "public",
         Command::Private { .. } => "private",
         Command::Port { .. } => "port",
+        Command::Idle { .. } => "idle",
         Command::Keys { .. } => "keys",
         Command::KeyAdd { .. } => "key add",
         Command::KeyRm { .. } => "key rm",
@@ -1146,6 +1166,15 @@ pub(super) fn write_canonical(c: &Command, f: &mut fmt::Formatter<'_>) -> fmt::R
         Command::Port { name, port } => {
             arg(name.as_str())?;
             arg(&port.to_string())?;
+        }
+        Command::Idle { name, limit } => {
+            arg(name.as_str())?;
+            match limit {
+                // Seconds print back exactly; humantime reads them again.
+                Some(crate::model::IdleStop::Secs { secs }) => arg(&format!("{secs}s"))?,
+                Some(crate::model::IdleStop::Never) => arg("never")?,
+                None => arg("default")?,
+            }
         }
         Command::Keys { user } => {
             if let Some(u) = user {

@@ -74,6 +74,12 @@ pub struct Settings {
     pub max_pending_requests: u32,
     /// New access requests per hour, from everyone.
     pub max_requests_per_hour: u32,
+    /// How long a running VM may sit idle before Kennel stops it, unless
+    /// its project says otherwise (`idle NAME ...`).
+    pub idle_stop: crate::model::IdleStop,
+    /// Guest CPU use (the VMM's, in percent of one host core since the
+    /// last look) above which a VM counts as in use with nobody connected.
+    pub idle_cpu_percent: u32,
 }
 
 impl Default for Settings {
@@ -96,6 +102,8 @@ impl Default for Settings {
             confirm_secs: 300,
             max_pending_requests: 20,
             max_requests_per_hour: 30,
+            idle_stop: crate::model::IdleStop::Secs { secs: 30 * 60 },
+            idle_cpu_percent: 5,
         }
     }
 }
@@ -107,6 +115,14 @@ pub enum Event {
     AccessRequested(AccessRequest),
     /// A request was approved or denied: the requester should be told.
     RequestDecided(AccessRequest),
+    /// Kennel stopped an idle project's VM: its owner should be told, in
+    /// the chats `identities` name (see [`crate::idle::idle_notice`]).
+    IdleStopped {
+        project: ProjectName,
+        owner: UserName,
+        identities: Vec<Identity>,
+        after: crate::model::IdleStop,
+    },
 }
 
 /// Runs commands. Cheap to clone; share one per daemon.
@@ -116,12 +132,14 @@ pub struct Executor {
     pub(crate) vms: Arc<dyn Provisioner>,
     catalog: Arc<dyn Catalog>,
     settings: Arc<Settings>,
-    events: broadcast::Sender<Event>,
+    pub(crate) events: broadcast::Sender<Event>,
     /// Limits concurrent creates; `waiting` counts the line.
     creates: Arc<tokio::sync::Semaphore>,
     waiting: Arc<std::sync::atomic::AtomicUsize>,
     /// One lock per project: its VM operations run one at a time.
     vm_locks: Arc<std::sync::Mutex<HashMap<ProjectName, Arc<tokio::sync::Mutex<()>>>>>,
+    /// Who is in which VM, and when each was last used (idle stop).
+    pub(crate) activity: Arc<crate::idle::Activity>,
 }
 
 impl std::fmt::Debug for Executor {
@@ -153,6 +171,7 @@ impl Executor {
             creates,
             waiting: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             vm_locks: Arc::default(),
+            activity: Arc::default(),
         }
     }
 
@@ -165,6 +184,12 @@ impl Executor {
     /// The stacks and templates on offer (for completions in chat).
     pub fn catalog(&self) -> &dyn Catalog {
         self.catalog.as_ref()
+    }
+
+    /// The catalog, shared (for a second executor in tests).
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) fn catalog_arc(&self) -> Arc<dyn Catalog> {
+        self.catalog.clone()
     }
 
     /// The settings in force.
@@ -450,6 +475,7 @@ impl Executor {
                 self.set_visibility(&call, &name, Visibility::Private).await
             }
             Command::Port { name, port } => self.port(&call, &name, port).await,
+            Command::Idle { name, limit } => self.idle_cmd(&call, &name, limit).await,
             Command::Keys { user } => self.keys(&call, user).await,
             Command::KeyAdd { key, label, user } => self.key_add(&call, key, label, user).await,
             Command::KeyRm { fingerprint } => self.key_rm(&call, &fingerprint).await,

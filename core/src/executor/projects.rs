@@ -77,6 +77,7 @@ impl Executor {
             Err(e) => return Err(e.into()),
         };
         Ok(Reply::Status {
+            idle: self.idle_view(&project),
             project,
             shares,
             vm,

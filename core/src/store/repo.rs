@@ -9,8 +9,9 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use super::{classify, StoreError};
 use crate::keys::{Fingerprint, PublicKey};
 use crate::model::{
-    now, AccessRequest, AuditEvent, AuditOutcome, Frontend, Identity, Project, ProjectState, Quota,
-    RequestState, Resources, Role, Share, SshKeyRecord, Usage, User, UserId, Visibility,
+    now, AccessRequest, AuditEvent, AuditOutcome, Frontend, Identity, IdleStop, Project,
+    ProjectState, Quota, RequestState, Resources, Role, Share, SshKeyRecord, Usage, User, UserId,
+    Visibility,
 };
 use crate::names::{ProjectName, UserName};
 
@@ -444,7 +445,7 @@ pub fn decide_request(
 
 const PROJECT_COLS: &str = "p.id, p.name, u.name, p.stack, p.git_url, p.source_path, p.template,
     p.vcpus, p.memory_mib, p.disk_mib, p.app_port, p.visibility, p.state, p.created_at, p.updated_at,
-    p.state_note";
+    p.state_note, p.idle_stop_secs";
 
 fn project_from(r: &Row<'_>) -> rusqlite::Result<Result<Project, StoreError>> {
     let name: String = r.get(1)?;
@@ -460,6 +461,7 @@ fn project_from(r: &Row<'_>) -> rusqlite::Result<Result<Project, StoreError>> {
     };
     let (app_port, created_at, updated_at) = (r.get(10)?, r.get(13)?, r.get(14)?);
     let state_note: Option<String> = r.get(15)?;
+    let idle_stop: Option<u64> = r.get(16)?;
     Ok((|| {
         Ok(Project {
             id,
@@ -474,6 +476,7 @@ fn project_from(r: &Row<'_>) -> rusqlite::Result<Result<Project, StoreError>> {
             visibility: text(visibility)?,
             state: text(state)?,
             state_note,
+            idle_stop: idle_stop.map(IdleStop::from_secs),
             created_at,
             updated_at,
         })
@@ -602,6 +605,41 @@ pub fn set_app_port(conn: &Connection, name: &ProjectName, port: u16) -> Result<
         params![name.as_str(), port, now()],
     )
     .map_err(|e| classify(e, "app port"))?;
+    Ok(())
+}
+
+/// Sets a project's own idle limit (`None`: the configured default).
+pub fn set_idle_stop(
+    conn: &Connection,
+    name: &ProjectName,
+    limit: Option<IdleStop>,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE projects SET idle_stop_secs = ?2, updated_at = ?3 WHERE name = ?1",
+        params![name.as_str(), limit.map(IdleStop::to_secs), now()],
+    )?;
+    Ok(())
+}
+
+/// How long each running project had been idle when last written down.
+pub fn recorded_idle(conn: &Connection) -> Result<Vec<(ProjectName, u64)>, StoreError> {
+    let mut st = conn.prepare("SELECT name, idle_secs FROM projects WHERE state = 'running'")?;
+    let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))?;
+    let mut out = Vec::new();
+    for r in rows {
+        let (n, secs) = r?;
+        out.push((text(n)?, secs));
+    }
+    Ok(out)
+}
+
+/// Writes down how long projects have been idle (0 for one just started).
+/// Leaves `updated_at` alone: this is bookkeeping, not a change.
+pub fn record_idle(conn: &Connection, idle: &[(ProjectName, u64)]) -> Result<(), StoreError> {
+    let mut st = conn.prepare("UPDATE projects SET idle_secs = ?2 WHERE name = ?1")?;
+    for (n, secs) in idle {
+        st.execute(params![n.as_str(), secs])?;
+    }
     Ok(())
 }
 

@@ -33,7 +33,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use kennel_core::model::User;
+use kennel_core::model::{Project, User};
 use kennel_core::names::ProjectName;
 use kennel_core::policy::Entry;
 use kennel_core::provision::NoProgress;
@@ -78,6 +78,10 @@ pub struct HttpsSettings {
     pub upgrade_idle_timeout: Duration,
     /// HTTP API calls per token per minute.
     pub api_per_minute: u32,
+    /// After a wake, how long a project with a `.kennel/start` may take
+    /// for its app to listen: browsers see the starting page meanwhile,
+    /// scripts wait.
+    pub app_start_wait: Duration,
 }
 
 impl Default for HttpsSettings {
@@ -92,6 +96,7 @@ impl Default for HttpsSettings {
             max_h2_streams: 128,
             upgrade_idle_timeout: Duration::from_secs(3600),
             api_per_minute: 120,
+            app_start_wait: Duration::from_secs(30),
         }
     }
 }
@@ -173,6 +178,8 @@ struct Inner {
     sessions: Mutex<HashMap<SessionKey, Cached<Option<User>>>>,
     /// Projects being woken by a browser's visit.
     waking: Arc<Mutex<HashSet<ProjectName>>>,
+    /// Projects woken lately, and when: their apps may still be starting.
+    woken: Arc<Mutex<HashMap<ProjectName, Instant>>>,
     /// Connections into VMs through their sshd, for other ports.
     links: Arc<crate::vmlink::VmLinks>,
     /// Nonces of SSH-signed API requests seen lately, and when.
@@ -246,6 +253,7 @@ impl HttpsGateway {
                 clients: Mutex::new(HashMap::new()),
                 conns: Mutex::new(HashMap::new()),
                 waking: Arc::default(),
+                woken: Arc::default(),
                 decisions: Mutex::new(HashMap::new()),
                 sessions: Mutex::new(HashMap::new()),
                 links,
@@ -634,6 +642,9 @@ impl Inner {
             return self.not_open(&req, user.as_ref());
         };
         let (project, reach) = (&decided.0, &decided.1);
+        // In use until the answer has been sent (idle stop); taken before
+        // a wake, so an idle stop under way cannot race it.
+        let here = self.gate.presence(&project.name);
         let fwd = Forwarded {
             peer: peer.ip(),
             host: host.to_owned(),
@@ -645,7 +656,9 @@ impl Inner {
                     return resp;
                 }
             }
-            return self.forward_tunnel(req, &project.name, port, &fwd).await;
+            return self
+                .forward_tunnel(req, &project.name, port, &fwd, here)
+                .await;
         }
         let woken;
         let addr = match reach {
@@ -658,14 +671,17 @@ impl Inner {
                 Err(resp) => return resp,
             },
         };
+        if let Some(wait) = self.app_starting(&req, project).await {
+            return wait;
+        }
         match own {
             Some(own) => {
-                self.forward_own(req, own, addr, project.app_port, &fwd)
+                self.forward_own(req, own, addr, project.app_port, &fwd, here)
                     .await
             }
             None => {
                 let client = self.client(addr, project.app_port);
-                self.forward(req, &client, addr, &fwd).await
+                self.forward(req, &client, addr, &fwd, here).await
             }
         }
     }
@@ -726,8 +742,13 @@ impl Inner {
         let woke =
             tokio::time::timeout(self.s.wake_wait, self.gate.wake(&actor, name, &NoProgress)).await;
         match woke {
-            Ok(Ok(_)) => match self.gate.reach(name).await {
-                Ok(Some(r)) => Ok(r),
+            Ok(Ok(w)) => match self.gate.reach(name).await {
+                Ok(Some(r)) => {
+                    if matches!(w, kennel_core::Woke::Started(_)) {
+                        note_woken(&self.woken, name);
+                    }
+                    Ok(r)
+                }
                 _ => Err(starting(5)),
             },
             Ok(Err(e)) => {
@@ -741,20 +762,80 @@ impl Inner {
         }
     }
 
+    /// Right after a wake, a project's `.kennel/start` may still be
+    /// starting its app: until the app port answers in the VM (asked
+    /// through the VM's sshd, which says "refused" truly, where a user-mode
+    /// port forward would accept anyway), browsers get the starting page
+    /// again and scripts wait, for up to `app_start_wait` from the wake.
+    /// Projects without a start script, and apps that are up, go on at once.
+    async fn app_starting<B>(&self, req: &Request<B>, p: &Project) -> Option<Response<Body>> {
+        let since = self.woken.lock().ok()?.get(&p.name).copied()?;
+        let forget = || {
+            if let Ok(mut w) = self.woken.lock() {
+                w.remove(&p.name);
+            }
+        };
+        // Looked at without following links (the source is the user's).
+        let start = std::path::Path::new(&p.source_path).join(".kennel/start");
+        if !std::fs::symlink_metadata(&start).is_ok_and(|m| m.is_file()) {
+            forget();
+            return None;
+        }
+        let deadline = since + self.s.app_start_wait;
+        loop {
+            if self.links.open_tcp(&p.name, p.app_port).await.is_ok() {
+                forget();
+                return None;
+            }
+            if Instant::now() >= deadline {
+                forget();
+                return None;
+            }
+            if Self::browser(req) {
+                let mut r = page::html(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("Starting {}…", p.name),
+                    &format!(
+                        "<meta http-equiv=\"refresh\" content=\"2\"><p>The VM of <b>{}</b> is up; its app is starting. This page reloads by itself.</p>",
+                        page::esc(p.name.as_str())
+                    ),
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, http::HeaderValue::from_static("2"));
+                return Some(r);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     fn wake_in_background(&self, name: &ProjectName, actor: Actor) {
         let fresh = self.waking.lock().is_ok_and(|mut w| w.insert(name.clone()));
         if !fresh {
             return;
         }
         let (gate, name, waking) = (self.gate.clone(), name.clone(), self.waking.clone());
+        let woken = self.woken.clone();
         tokio::spawn(async move {
-            if let Err(e) = gate.wake(&actor, &name, &NoProgress).await {
-                tracing::warn!(project = %name, error = %e, "could not wake the VM for a visit");
+            match gate.wake(&actor, &name, &NoProgress).await {
+                Ok(kennel_core::Woke::Started(_)) => note_woken(&woken, &name),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(project = %name, error = %e, "could not wake the VM for a visit")
+                }
             }
             if let Ok(mut w) = waking.lock() {
                 w.remove(&name);
             }
         });
+    }
+}
+
+/// Remembers that `name` was just woken (its app may still be starting).
+fn note_woken(woken: &Mutex<HashMap<ProjectName, Instant>>, name: &ProjectName) {
+    if let Ok(mut w) = woken.lock() {
+        let now = Instant::now();
+        w.retain(|_, at| now.saturating_duration_since(*at) < Duration::from_secs(300));
+        w.insert(name.clone(), now);
     }
 }
 

@@ -15,6 +15,8 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 
+use kennel_core::Presence;
+
 use super::{page, Body, Inner, COOKIE};
 
 /// Headers that describe one hop, never forwarded (RFC 9110 7.6.1).
@@ -196,6 +198,7 @@ impl Inner {
         addr: &str,
         port: u16,
         fwd: &Forwarded,
+        here: Presence,
     ) -> Response<Body> {
         let (up, client_upgrade) = match self.upstream_request(req, None, fwd) {
             Ok(u) => u,
@@ -214,7 +217,7 @@ impl Inner {
             *slot = None;
             match connect_app(addr).await {
                 Ok(s) => *slot = Some((addr.to_owned(), port, s)),
-                Err(e) => return self.relay(Err(e), None, addr),
+                Err(e) => return self.relay(Err(e), None, addr, here),
             }
         }
         let resp = match slot.as_mut() {
@@ -225,7 +228,7 @@ impl Inner {
             *slot = None;
         }
         drop(slot);
-        self.relay(resp, client_upgrade, addr)
+        self.relay(resp, client_upgrade, addr, here)
     }
 
     /// Forwards `req` to the app at `addr` (`host:port`) on a pooled
@@ -236,13 +239,14 @@ impl Inner {
         client: &Client<HttpConnector, Incoming>,
         addr: &str,
         fwd: &Forwarded,
+        here: Presence,
     ) -> Response<Body> {
         let (up, client_upgrade) = match self.upstream_request(req, Some(addr), fwd) {
             Ok(u) => u,
             Err(resp) => return resp,
         };
         let resp = client.request(up).await.map_err(|e| e.to_string());
-        self.relay(resp, client_upgrade, addr)
+        self.relay(resp, client_upgrade, addr, here)
     }
 
     /// Forwards `req` to `port` on the VM's own loopback, through its
@@ -255,6 +259,7 @@ impl Inner {
         name: &kennel_core::names::ProjectName,
         port: u16,
         fwd: &Forwarded,
+        here: Presence,
     ) -> Response<Body> {
         let (up, client_upgrade) = match self.upstream_request(req, None, fwd) {
             Ok(u) => u,
@@ -271,7 +276,7 @@ impl Inner {
             send.send_request(up).await.map_err(|e| e.to_string())
         }
         .await;
-        self.relay(resp, client_upgrade, &what)
+        self.relay(resp, client_upgrade, &what, here)
     }
 
     /// The upstream request, rebuilt from the parsed parts of `req`:
@@ -369,12 +374,15 @@ impl Inner {
     }
 
     /// The app's answer for the client: its headers cleaned, its body
-    /// streamed, an upgrade spliced.
+    /// streamed, an upgrade spliced. `here` is held until the body has
+    /// been sent or the upgraded connection closes: the project is in use
+    /// that long (idle stop).
     fn relay(
         &self,
         resp: Result<Response<Incoming>, String>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         what: &str,
+        here: Presence,
     ) -> Response<Body> {
         let resp = match resp {
             Ok(r) => r,
@@ -392,6 +400,7 @@ impl Inner {
                 let app_upgrade = hyper::upgrade::on(resp);
                 let idle = self.s.upgrade_idle_timeout;
                 tokio::spawn(async move {
+                    let _here = here;
                     let (Ok(client), Ok(app)) = tokio::join!(client_upgrade, app_upgrade) else {
                         return;
                     };
@@ -441,6 +450,10 @@ impl Inner {
             rparts.headers.append(header::SET_COOKIE, c);
         }
         use http_body_util::BodyExt;
-        Response::from_parts(rparts, rbody.boxed())
+        let body = rbody.map_frame(move |frame| {
+            let _held = &here;
+            frame
+        });
+        Response::from_parts(rparts, body.boxed())
     }
 }

@@ -85,6 +85,8 @@ impl Bridge {
             return Some(0);
         }
         let wants_agent = early.iter().any(|o| matches!(o, Op::Agent));
+        // In use from here until the session ends (idle stop).
+        let _here = self.shared.gate.presence(p);
         // A stopped VM is started, with progress on stderr.
         let (tx, mut lines) = mpsc::unbounded_channel();
         let sink = StderrSink(tx);

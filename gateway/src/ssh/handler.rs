@@ -199,10 +199,13 @@ impl russh::server::Handler for Conn {
             // `ssh -L` inside a project: forwarded by the VM's sshd.
             Target::Project(p) if self.refusal.is_none() => {
                 tokio::spawn(async move {
-                    if let Err(e) = shared.wake(&identity, &user, &p, &NoProgress).await {
-                        tracing::warn!(project = %p, error = %e, "cannot start the VM for a forward");
-                        return;
-                    }
+                    let _here = match shared.wake(&identity, &user, &p, &NoProgress).await {
+                        Ok(here) => here,
+                        Err(e) => {
+                            tracing::warn!(project = %p, error = %e, "cannot start the VM for a forward");
+                            return;
+                        }
+                    };
                     let upstream = match shared.upstream(&p).await {
                         Ok(u) => u,
                         Err(e) => {
@@ -230,10 +233,13 @@ impl russh::server::Handler for Conn {
                     return Ok(());
                 }
                 tokio::spawn(async move {
-                    if let Err(e) = shared.wake(&identity, &user, &p, &NoProgress).await {
-                        tracing::info!(project = %p, user = %user.name, error = %e, "refused a jump");
-                        return;
-                    }
+                    let _here = match shared.wake(&identity, &user, &p, &NoProgress).await {
+                        Ok(here) => here,
+                        Err(e) => {
+                            tracing::info!(project = %p, user = %user.name, error = %e, "refused a jump");
+                            return;
+                        }
+                    };
                     let Ok(Some(route)) = shared.gate.reach(&p).await else {
                         return;
                     };
@@ -265,10 +271,13 @@ impl russh::server::Handler for Conn {
         let shared = self.shared.clone();
         let socket_path = socket_path.to_owned();
         tokio::spawn(async move {
-            if let Err(e) = shared.wake(&identity, &user, &p, &NoProgress).await {
-                tracing::warn!(project = %p, error = %e, "cannot start the VM for a forward");
-                return;
-            }
+            let _here = match shared.wake(&identity, &user, &p, &NoProgress).await {
+                Ok(here) => here,
+                Err(e) => {
+                    tracing::warn!(project = %p, error = %e, "cannot start the VM for a forward");
+                    return;
+                }
+            };
             let Ok(upstream) = shared.upstream(&p).await else {
                 return;
             };

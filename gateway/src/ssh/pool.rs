@@ -8,7 +8,7 @@ use kennel_core::model::{Identity, User};
 use kennel_core::names::ProjectName;
 use kennel_core::policy::Entry;
 use kennel_core::provision::ProgressSink;
-use kennel_core::Actor;
+use kennel_core::{Actor, Presence};
 use russh::client;
 
 use super::Shared;
@@ -19,18 +19,21 @@ impl Shared {
     /// entry point (a session, `ssh -L`, a Unix-socket forward, `ssh -J`)
     /// comes here, for a user allowed to enter the project, and goes to
     /// core's VM state service, which starts it if needed (once, however
-    /// many entry points ask at the same time).
+    /// many entry points ask at the same time). The presence it returns
+    /// keeps the project from being stopped for idleness while the
+    /// channel lives: hold it as long as the channel.
     pub(super) async fn wake(
         &self,
         identity: &Identity,
         user: &User,
         p: &ProjectName,
         progress: &dyn ProgressSink,
-    ) -> Result<(), String> {
+    ) -> Result<Presence, String> {
         self.gate
             .may_enter(Some(user), p, Entry::Ssh)
             .await
             .map_err(|e| e.to_string())?;
+        let here = self.gate.presence(p);
         let actor = Actor::User {
             identity: identity.clone(),
             user: user.clone(),
@@ -38,7 +41,7 @@ impl Shared {
         self.gate
             .wake(&actor, p, progress)
             .await
-            .map(|_| ())
+            .map(|_| here)
             .map_err(|e| e.to_string())
     }
 }

@@ -658,6 +658,12 @@ impl Provisioner for LocalProvisioner {
         })
     }
 
+    async fn cpu_time(&self, project: &ProjectName) -> Option<std::time::Duration> {
+        let r = self.record(project.as_str())?;
+        let needle = self.needle(&r.machine);
+        crate::vmm::cpu_time(read_pid(&r.machine.pid_file)?, &needle)
+    }
+
     async fn vm_alive(&self, project: &ProjectName) -> Option<bool> {
         let r = self.record(project.as_str())?;
         let needle = self.needle(&r.machine);

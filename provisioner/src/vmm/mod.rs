@@ -179,6 +179,30 @@ pub fn pid_alive(pid: u32, needle: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// CPU time (user and system, all threads) that `pid` has used, if it is
+/// still the process `needle` names.
+pub fn cpu_time(pid: u32, needle: &str) -> Option<std::time::Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    if !pid_alive(pid, needle) {
+        return None;
+    }
+    ticks_in_stat(&stat).map(|t| {
+        let hz = rustix::param::clock_ticks_per_second().max(1);
+        std::time::Duration::from_millis(t.saturating_mul(1000) / hz)
+    })
+}
+
+/// utime + stime from a /proc/PID/stat line, in clock ticks (fields 14
+/// and 15; counted after the command name, which may hold anything).
+fn ticks_in_stat(stat: &str) -> Option<u64> {
+    let rest = stat.rsplit_once(')')?.1;
+    let mut fields = rest.split_ascii_whitespace();
+    // After ")": state is field 3, so utime (14) is the 12th from here.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime.saturating_add(stime))
+}
+
 /// Waits up to `limit` for `pid` to exit.
 pub async fn wait_exit(pid: u32, needle: &str, limit: std::time::Duration) -> bool {
     let start = std::time::Instant::now();
@@ -195,5 +219,36 @@ pub async fn wait_exit(pid: u32, needle: &str, limit: std::time::Duration) -> bo
 pub fn signal(pid: u32, sig: rustix::process::Signal) {
     if let Some(p) = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap_or(0)) {
         let _ = rustix::process::kill_process(p, sig);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_are_read_past_any_command_name() {
+        // A name with spaces and a ')' of its own, as a guest-named
+        // process could have.
+        let line =
+            "4242 (qemu) x (y) S 1 4242 4242 0 -1 4194560 900 0 0 0 731 269 0 0 20 0 5 0 1000 0 0";
+        assert_eq!(ticks_in_stat(line), Some(1000));
+        assert_eq!(ticks_in_stat("garbage"), None);
+        assert_eq!(ticks_in_stat("1 (x) S 1 2"), None);
+    }
+
+    #[test]
+    fn cpu_time_of_a_live_process_and_of_a_wrong_one() {
+        let me = std::process::id();
+        let exe = std::env::args().next().unwrap();
+        // Burn a little CPU so there is some to see.
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = x.wrapping_add(i ^ (x >> 3));
+        }
+        assert!(x != 1);
+        assert!(cpu_time(me, &exe).is_some());
+        assert_eq!(cpu_time(me, "not-this-process-at-all"), None);
     }
 }
