@@ -5,6 +5,7 @@
 #   direct   straight to the VM's sshd (its forwarded port)
 #   openssh  through a second, stock sshd on the host (`ssh -J`)
 #   kennel   through Kennel's SSH gateway (`ssh PROJECT@HOST`)
+#   kennel_j ProxyJump through the gateway (`ssh -J HOST dev@PROJECT`)
 # Needs root, QEMU, virtiofsd, OpenSSH client and server.
 # Usage: bench/ssh.sh [MiB]   (default 256); BENCH_PROFILE=debug|release
 set -euo pipefail
@@ -72,6 +73,9 @@ O=(-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR
 direct() { ssh "${O[@]}" -i "$pkey" -p "$vport" "dev@$vip" "$@"; }
 openssh() { ssh "${O[@]}" -i "$pkey" -o "ProxyCommand=ssh ${O[*]} -i $work/me -p $rport -W %h:%p root@127.0.0.1" -p "$vport" "dev@$vip" "$@"; }
 kennel() { ssh "${O[@]}" -i me -p "$gport" bench@127.0.0.1 "$@"; }
+# ProxyJump through the gateway: end-to-end to the VM's sshd with the
+# user's own key, the gateway relaying bytes (as the OpenSSH relay does).
+kennel_j() { ssh "${O[@]}" -i me -o "ProxyCommand=ssh ${O[*]} -i $work/me -p $gport -W bench:22 me@127.0.0.1" dev@bench "$@"; }
 
 head -c $((mib << 20)) /dev/urandom > payload
 # utime + stime + the reaped children's cutime + cstime, in ticks.
@@ -81,12 +85,12 @@ now() { date +%s.%N; }
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 rows=()
-for path in direct openssh kennel; do
+for path in direct openssh kennel kennel_j; do
   lat=()
   for i in 1 2 3 4 5; do t0=$(now); $path true; t1=$(now); lat+=("$(echo "($t1 - $t0) * 1000 / 1" | bc)"); done
   relay_pid=""
   case $path in
-    kennel) relay_pid=$serve ;;
+    kennel|kennel_j) relay_pid=$serve ;;
     openssh) relay_pid=$(cat relay.pid) ;;
   esac
   c0=0; [ -n "$relay_pid" ] && c0=$(cpu_of "$relay_pid")
