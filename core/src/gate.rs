@@ -79,6 +79,33 @@ impl Gate {
         found.ok_or_else(|| CommandError::NotFound(format!("there is no project '{name}'")))
     }
 
+    /// For a name that is no project: the closest project `user` may
+    /// enter by SSH (a typo in `ssh demoo@HOST`), if one is close.
+    pub async fn near_project(&self, user: &User, name: &ProjectName) -> Option<ProjectName> {
+        let (id, admin) = (user.id, user.role == crate::model::Role::Admin);
+        let names = self
+            .exec
+            .store
+            .call(move |c| {
+                if admin {
+                    Ok(repo::list_projects(c, None)?
+                        .into_iter()
+                        .map(|p| p.name)
+                        .collect())
+                } else {
+                    repo::ssh_projects_of(c, id)
+                }
+            })
+            .await
+            .ok()?;
+        names
+            .into_iter()
+            .map(|n| (strsim::levenshtein(n.as_str(), name.as_str()), n))
+            .filter(|(d, _)| *d <= 2)
+            .min_by_key(|(d, _)| *d)
+            .map(|(_, n)| n)
+    }
+
     /// Starts `name`'s VM if it is not running (the VM state service), for
     /// someone the caller has let in with [`Gate::may_enter`].
     pub async fn wake(

@@ -8,7 +8,7 @@
 use serde_json::json;
 
 use crate::command::{CommandSpec, SPECS};
-use crate::model::{format_time, AccessRequest, KeyState, Project, Visibility};
+use crate::model::{format_time, AccessRequest, Frontend, KeyState, Project, Visibility};
 use crate::outcome::{CommandError, Connection, Outcome, Reply, UserSummary};
 
 /// Output formats.
@@ -585,10 +585,14 @@ pub fn document(r: &Reply) -> Vec<Block> {
                 format!("Access request #{} for key ", request.id)
             }),
             code(request.fingerprint.as_str()),
-            t(if *new {
-                ". An admin will approve or deny it; you will be told here."
-            } else {
-                " is already pending; an admin will decide it."
+            t(match (*new, request.identity.frontend) {
+                // A chat can reach the requester again; an SSH session
+                // or an HTTP call has ended by the time an admin decides.
+                (true, Frontend::Matrix | Frontend::Discord) => {
+                    ". An admin will approve or deny it; you will be told here.".to_owned()
+                }
+                (true, _) => ". An admin will approve or deny it in chat; then connect again with this key (the command 'whoami' says whether you are in yet).".to_owned(),
+                (false, _) => " is already pending; an admin will decide it.".to_owned(),
             }),
         ])],
         Reply::Requests { requests } if requests.is_empty() => {

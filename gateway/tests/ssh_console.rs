@@ -126,6 +126,26 @@ async fn command_mode_exit_codes_and_json() {
     assert!(text(&out.stdout).contains("Did you mean 'projects'"));
     let out = gw.ssh(&key, "anyone", &["status", "nothere"], None).await;
     assert_eq!(out.status.code(), Some(1), "failures exit 1");
+    // A typo in the project's name is told as such, not as a bad command.
+    let out = gw
+        .ssh(
+            &key,
+            "anyone",
+            &["new", "project", "demo", "--stack", "rust"],
+            None,
+        )
+        .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    let out = gw.ssh(&key, "demoo", &["ls", "/workspace"], None).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("there is no project 'demoo'; did you mean 'demo'?"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A login name far from every project is the console as before.
+    let out = gw.ssh(&key, "zzzzzz", &["ls", "/workspace"], None).await;
+    assert_eq!(out.status.code(), Some(2));
     // The prompt, without a pty: one command per line.
     let out = gw
         .ssh(&key, "anyone", &[], Some("whoami\nstacks\nexit\n"))
@@ -165,7 +185,9 @@ async fn unknown_keys_get_a_message_and_can_request_access() {
         .await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
     assert!(
-        text(&out.stdout).contains("Access request #1 filed"),
+        text(&out.stdout).contains("Access request #1 filed")
+            && text(&out.stdout).contains("then connect again with this key")
+            && !text(&out.stdout).contains("told here"),
         "{}",
         text(&out.stdout)
     );

@@ -87,6 +87,14 @@ impl Bridge {
         match req {
             Some(Op::Exec(line)) => {
                 let (out, code) = self.run_line(String::from_utf8_lossy(&line).trim()).await;
+                // Not a command, from a login name one typo away from a
+                // project: the person meant the project.
+                if code == 2 {
+                    if let Some(hint) = self.near_miss().await {
+                        self.stderr(&format!("{hint}\r\n")).await;
+                        return 1;
+                    }
+                }
                 self.stdout(&format!("{out}\n")).await;
                 code
             }
@@ -103,6 +111,20 @@ impl Bridge {
             }
             _ => 0,
         }
+    }
+
+    /// "there is no project 'demoo'; did you mean 'demo'?" when the login
+    /// name is no project but close to one this user may enter.
+    async fn near_miss(&self) -> Option<String> {
+        let (Some(missing), Who::Known { user, .. }) = (&self.missing, &self.who) else {
+            return None;
+        };
+        let near = self.shared.gate.near_project(user, missing).await?;
+        let s = self.shared.gate.settings();
+        Some(format!(
+            "there is no project '{missing}'; did you mean '{near}'? (ssh {near}@{} -p {})",
+            s.ssh_host, s.ssh_port
+        ))
     }
 
     /// An interactive prompt with line editing and history.

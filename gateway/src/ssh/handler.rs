@@ -59,7 +59,7 @@ impl russh::server::Handler for Conn {
         if let Ok(name) = ProjectName::new(user) {
             match self.shared.gate.project_exists(&name).await {
                 Ok(true) => self.target = Target::Project(name),
-                Ok(false) => {}
+                Ok(false) => self.missing = Some(name),
                 Err(_) => return Ok(Auth::reject()),
             }
         }
@@ -167,6 +167,7 @@ impl russh::server::Handler for Conn {
             ip: self.ip,
             who,
             target: self.target.clone(),
+            missing: self.missing.clone(),
             refusal: self.refusal.clone(),
             client: write,
             session: _session.handle(),

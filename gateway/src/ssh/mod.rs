@@ -264,6 +264,7 @@ impl russh::server::Server for SshGateway {
             too_many,
             who: None,
             target: Target::Console,
+            missing: None,
             refusal: None,
             proven_unknown: None,
             channels: HashMap::new(),
@@ -327,6 +328,9 @@ pub struct Conn {
     too_many: bool,
     who: Option<Who>,
     target: Target,
+    /// The login name, when it looks like a project name but is none (a
+    /// typo in `ssh demoo@HOST`): command mode then says so.
+    missing: Option<ProjectName>,
     /// Why this user may not enter the project they named.
     refusal: Option<String>,
     /// The first unknown key this client proved it holds: declined, so
@@ -381,6 +385,7 @@ struct Bridge {
     ip: Option<IpAddr>,
     who: Who,
     target: Target,
+    missing: Option<ProjectName>,
     refusal: Option<String>,
     client: ChannelWriteHalf<Msg>,
     /// For exit signals and agent channels towards the client.
