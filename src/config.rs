@@ -371,6 +371,20 @@ pub struct Loaded {
     pub file: Option<PathBuf>,
 }
 
+impl Loaded {
+    /// Whether `data_dir` is the built-in default (no file, variable or
+    /// flag set it; the `--data-dir` flag is the caller's to know).
+    pub fn data_dir_is_default(&self) -> bool {
+        matches!(
+            self.figment.find_metadata("data_dir"),
+            None | Some(figment::Metadata {
+                source: Some(figment::Source::Code(_)),
+                ..
+            })
+        )
+    }
+}
+
 /// Finds the config file: the flag, else `./kennel.toml`, else
 /// `$XDG_CONFIG_HOME/kennel/kennel.toml` (or `~/.config/...`), if present.
 fn find_file(flag: Option<&Path>) -> Result<Option<PathBuf>> {

@@ -141,8 +141,12 @@ fn join_words(words: &[String]) -> String {
         .join(" ")
 }
 
+/// Where the installed service keeps its data (`scripts/install.sh`).
+const SERVICE_DATA_DIR: &str = "/var/lib/kennel";
+
 fn exec(
     config: &config::Config,
+    default_dir: bool,
     as_user: Option<String>,
     json: bool,
     words: &[String],
@@ -157,6 +161,52 @@ fn exec(
         outln!("{output}");
         return Ok(exit);
     }
+    // No daemon here. A command that only reads never makes a data
+    // directory to answer from: with no data here, it goes to the
+    // service's daemon, or says where Kennel looked.
+    let parsed = kennel_core::parse(&req.line);
+    let reads_only = parsed.as_ref().map_or(true, |i| i.command.reads_only());
+    if reads_only && !dir.db().exists() {
+        if default_dir {
+            let service = datadir::DataDir::new(std::path::Path::new(SERVICE_DATA_DIR));
+            if let Some((exit, output)) = console::call_daemon(&service.control_socket(), &req)? {
+                eprintln!(
+                    "kennel: answered by the daemon of {} (there is no Kennel data in {})",
+                    service.root().display(),
+                    dir.root().display()
+                );
+                outln!("{output}");
+                return Ok(exit);
+            }
+        }
+        let needs_no_data = match &parsed {
+            Err(_) => true,
+            Ok(i) => matches!(
+                i.command,
+                kennel_core::Command::Help { .. }
+                    | kennel_core::Command::Stacks
+                    | kennel_core::Command::Templates
+            ),
+        };
+        if needs_no_data {
+            let rt = tokio::runtime::Runtime::new()?;
+            let executor = wiring::ephemeral_executor(config)?;
+            let (exit, output) =
+                rt.block_on(console::run(&executor, &req, &console::StderrProgress));
+            outln!("{output}");
+            return Ok(exit);
+        }
+        anyhow::bail!(
+            "no Kennel daemon answers for {} and there is no Kennel data there. Run this where \
+             `kennel serve` keeps its data, pass --data-dir DIR (or set KENNEL_DATA_DIR), \
+             or start one with `kennel serve`",
+            dir.root().display()
+        );
+    }
+    eprintln!(
+        "kennel: no daemon is running for {}; running this in-process",
+        dir.root().display()
+    );
     // No daemon answered: run in-process, owning the data dir meanwhile.
     // If another process holds the data dir, it is a daemon starting up
     // (its socket may be stale from a crash): give it a moment.
@@ -204,7 +254,8 @@ fn real_main() -> Result<i32> {
             words,
         } => {
             init_logging("warn");
-            exec(config, as_user, json, &words)
+            let default_dir = cli.data_dir.is_none() && loaded.data_dir_is_default();
+            exec(config, default_dir, as_user, json, &words)
         }
         Cmd::Doctor { json } => {
             let report = doctor::run(config, &kennel_provisioner::host::Host::real());

@@ -104,14 +104,31 @@ pub fn executor(
             })
         }
     };
-    let catalog = Arc::new(kennel_provisioner::catalog::DirCatalog {
-        stacks: kennel_provisioner::stacks::Stacks::load(&config.images.stacks_dir),
-        templates: kennel_provisioner::templates::Templates::load(&config.images.templates_dir),
-    });
+    let catalog = catalog(config);
     Ok((
         Executor::new(store, vms, catalog, settings(config)?),
         local.ok(),
     ))
+}
+
+/// The stacks and templates the configuration points at.
+fn catalog(config: &Config) -> Arc<kennel_provisioner::catalog::DirCatalog> {
+    Arc::new(kennel_provisioner::catalog::DirCatalog {
+        stacks: kennel_provisioner::stacks::Stacks::load(&config.images.stacks_dir),
+        templates: kennel_provisioner::templates::Templates::load(&config.images.templates_dir),
+    })
+}
+
+/// An executor over an empty in-memory store, without VMs: for answers
+/// that need no data (help, the stacks and templates on offer) where no
+/// data directory exists, so that none is made.
+pub fn ephemeral_executor(config: &Config) -> Result<Executor> {
+    let store = Store::open_in_memory().context("cannot open an in-memory store")?;
+    let catalog = catalog(config);
+    let vms = Arc::new(Unavailable {
+        reason: "no data directory".into(),
+    });
+    Ok(Executor::new(store, vms, catalog, Settings::default()))
 }
 
 /// Adopts VMs that outlived the last daemon and records every VM's state

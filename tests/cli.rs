@@ -33,8 +33,83 @@ fn help_lists_commands() {
 }
 
 #[test]
+fn a_read_only_command_makes_no_data_directory() {
+    let d = tempfile::tempdir().unwrap();
+    kennel(d.path())
+        .args(["exec", "projects"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("no Kennel daemon answers for"))
+        .stderr(predicate::str::contains("--data-dir"));
+    assert!(!d.path().join("kennel-data").exists(), "made a data dir");
+    // Help and usage errors need no data, and make none either.
+    kennel(d.path())
+        .args(["exec", "help"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("new project <name>"));
+    kennel(d.path()).args(["exec", "prjects"]).assert().code(2);
+    assert!(!d.path().join("kennel-data").exists(), "made a data dir");
+}
+
+#[test]
+fn the_cli_reaches_a_daemon_started_elsewhere_by_its_data_dir() {
+    let d = tempfile::tempdir().unwrap();
+    let home = d.path().join("srv");
+    std::fs::create_dir_all(&home).unwrap();
+    let mut serve = StdCommand::new(assert_cmd::cargo::cargo_bin("kennel"))
+        .current_dir(&home)
+        .env_remove("KENNEL_CONFIG")
+        .env("HOME", d.path())
+        .env("KENNEL_VM__BACKEND", "none")
+        .env("KENNEL_SSH__LISTEN", "127.0.0.1:0")
+        .env("KENNEL_HTTPS__LISTEN", "127.0.0.1:0")
+        .arg("serve")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let sock = home.join("kennel-data/control.sock");
+    let t = Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(30), "serve did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let elsewhere = d.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    kennel(&elsewhere)
+        .arg("--data-dir")
+        .arg(home.join("kennel-data"))
+        .args(["exec", "whoami"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("admin"));
+    kennel(&elsewhere)
+        .env("KENNEL_DATA_DIR", home.join("kennel-data"))
+        .args(["exec", "projects"])
+        .assert()
+        .success();
+    assert!(!elsewhere.join("kennel-data").exists());
+    let _ = StdCommand::new("kill")
+        .args(["-TERM", &serve.id().to_string()])
+        .status();
+    let _ = serve.wait();
+}
+
+#[test]
 fn json_projects_on_a_fresh_install() {
     let d = tempfile::tempdir().unwrap();
+    // A command that writes makes the data directory.
+    kennel(d.path())
+        .args([
+            "exec",
+            "key",
+            "add",
+            "ssh-ed25519",
+            "AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl",
+        ])
+        .assert()
+        .success();
     let out = kennel(d.path())
         .args(["exec", "--json", "projects"])
         .assert()
@@ -64,8 +139,8 @@ fn exit_codes_usage_refused_failed() {
         .assert()
         .code(2)
         .stdout(predicate::str::contains("1 to 40 characters"));
-    // A member may not list requests: bootstrap the admin, add a member via a request.
-    kennel(d.path()).args(["exec", "whoami"]).assert().success();
+    // A member may not list requests: the first write makes the data
+    // dir and the local admin; add a member via a request.
     let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl bob@laptop";
     kennel(d.path())
         .args(["exec", "key", "add", key, "--user", "admin"])

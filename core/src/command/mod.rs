@@ -186,6 +186,57 @@ impl Command {
         )
     }
 
+    /// Whether it only reads: the local CLI runs such a command without a
+    /// daemon only on data that exists (it never makes a data directory
+    /// to answer "No projects yet" from it). Listed one by one, so a new
+    /// command is a decision.
+    pub fn reads_only(&self) -> bool {
+        use Command::*;
+        match self {
+            Help { .. }
+            | Whoami
+            | Projects
+            | Status { .. }
+            | Ssh { .. }
+            | Logs { .. }
+            | Keys { .. }
+            | Requests { .. }
+            | Users
+            | Stacks
+            | Templates
+            | Secrets
+            | Sessions
+            | Tokens
+            | SshConfig => true,
+            NewProject(_)
+            | Start { .. }
+            | Stop { .. }
+            | Restart { .. }
+            | Rm { .. }
+            | Share { .. }
+            | Unshare { .. }
+            | Public { .. }
+            | Private { .. }
+            | Port { .. }
+            | Idle { .. }
+            | KeyAdd { .. }
+            | KeyRm { .. }
+            | RequestAccess { .. }
+            | Approve { .. }
+            | Deny { .. }
+            | Yes
+            | Cp { .. }
+            | Rename { .. }
+            | SecretSet { .. }
+            | SecretRm { .. }
+            | DeployKey
+            | Login
+            | Logout
+            | TokenCreate { .. }
+            | TokenRm { .. } => false,
+        }
+    }
+
     /// The project this command is about, if any.
     pub fn project(&self) -> Option<&ProjectName> {
         use Command::*;
