@@ -337,8 +337,12 @@ async fn creates_beyond_the_limit_wait_in_line_and_are_told_so() {
     })
     .await;
     *w.vms.create_delay.lock().unwrap() = std::time::Duration::from_millis(300);
-    let (s1, s2) = (Sink(Mutex::new(vec![])), Sink(Mutex::new(vec![])));
-    let (a, b) = tokio::join!(
+    let (s1, s2, s3) = (
+        Sink(Mutex::new(vec![])),
+        Sink(Mutex::new(vec![])),
+        Sink(Mutex::new(vec![])),
+    );
+    let (a, b, c) = tokio::join!(
         w.exec.front_door(
             &w.admin,
             None,
@@ -357,11 +361,30 @@ async fn creates_beyond_the_limit_wait_in_line_and_are_told_so() {
                     &s2,
                 )
                 .await
+        },
+        async {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            w.exec
+                .front_door(
+                    &w.admin,
+                    None,
+                    "new project q3",
+                    kennel_core::Style::PLAIN,
+                    &s3,
+                )
+                .await
         }
     );
-    assert!(a.outcome.is_ok() && b.outcome.is_ok());
+    assert!(a.outcome.is_ok() && b.outcome.is_ok() && c.outcome.is_ok());
     let second = s2.0.lock().unwrap().join(" | ");
     assert!(second.contains("queued (1 in line"), "{second}");
+    // The third is told its place, and again as the line moves.
+    let third = s3.0.lock().unwrap().join(" | ");
+    let (two, one) = (
+        third.find("queued (2 in line"),
+        third.find("queued (1 in line"),
+    );
+    assert!(two.is_some() && one > two, "{third}");
     assert!(!s1.0.lock().unwrap().join(" ").contains("queued"));
 }
 

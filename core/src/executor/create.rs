@@ -137,26 +137,40 @@ impl Executor {
             .await?
     }
 
-    /// Waits for a free build slot, telling the requester their place in line.
+    /// Waits for a free build slot, telling the requester their place in
+    /// line, and again each time the line moves.
     async fn queue(&self, progress: &dyn ProgressSink) -> tokio::sync::OwnedSemaphorePermit {
-        use std::sync::atomic::Ordering;
         if let Ok(p) = self.creates.clone().try_acquire_owned() {
             return p;
         }
-        let place = self.waiting.fetch_add(1, Ordering::SeqCst) + 1;
-        progress.report(Progress {
-            stage: Stage::Queued,
-            percent: None,
-            detail: Some(format!(
-                "{place} in line; {} project(s) build at once",
-                self.settings.max_parallel_creates
-            )),
-        });
-        let permit = self.creates.clone().acquire_owned().await;
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
-        // The semaphore is never closed.
-        #[allow(clippy::expect_used)]
-        permit.expect("the create semaphore is never closed")
+        let ticket = self.line.join();
+        let mut moved = self.line.moved.subscribe();
+        let acquire = self.creates.clone().acquire_owned();
+        tokio::pin!(acquire);
+        let mut told = 0;
+        loop {
+            let place = self.line.place(ticket.0);
+            if place != told {
+                told = place;
+                progress.report(Progress {
+                    stage: Stage::Queued,
+                    percent: None,
+                    detail: Some(format!(
+                        "{place} in line; {} project(s) build at once",
+                        self.settings.max_parallel_creates
+                    )),
+                });
+            }
+            tokio::select! {
+                permit = &mut acquire => {
+                    drop(ticket);
+                    // The semaphore is never closed.
+                    #[allow(clippy::expect_used)]
+                    return permit.expect("the create semaphore is never closed");
+                }
+                _ = moved.changed() => {}
+            }
+        }
     }
 
     /// Records the outcome of a create: the project runs, or its record goes.
@@ -412,5 +426,44 @@ impl Executor {
             .map_err(|_| refuse(format!("{path} is not")))?;
         root.lookup(&rel).map_err(|e| refuse(e.to_string()))?;
         Ok(())
+    }
+}
+
+/// The creates waiting for a build slot, by ticket (the semaphore admits
+/// them in this order).
+#[derive(Debug, Default)]
+pub(crate) struct Line {
+    next: std::sync::atomic::AtomicU64,
+    waiting: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+    /// Bumped whenever someone leaves the line (admitted or gone).
+    moved: tokio::sync::watch::Sender<u64>,
+}
+
+/// A place in the [`Line`], left when dropped.
+struct Ticket<'a>(u64, &'a Line);
+
+impl Line {
+    fn join(&self) -> Ticket<'_> {
+        let t = self.next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.lock().insert(t);
+        Ticket(t, self)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<u64>> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// 1 for the first in line.
+    fn place(&self, ticket: u64) -> usize {
+        self.lock().range(..ticket).count() + 1
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        self.1.lock().remove(&self.0);
+        self.1.moved.send_modify(|n| *n = n.wrapping_add(1));
     }
 }

@@ -133,9 +133,9 @@ pub struct Executor {
     catalog: Arc<dyn Catalog>,
     settings: Arc<Settings>,
     pub(crate) events: broadcast::Sender<Event>,
-    /// Limits concurrent creates; `waiting` counts the line.
+    /// Limits concurrent creates; `line` is who waits for one.
     creates: Arc<tokio::sync::Semaphore>,
-    waiting: Arc<std::sync::atomic::AtomicUsize>,
+    line: Arc<create::Line>,
     /// One lock per project: its VM operations run one at a time.
     vm_locks: Arc<std::sync::Mutex<HashMap<ProjectName, Arc<tokio::sync::Mutex<()>>>>>,
     /// Who is in which VM, and when each was last used (idle stop).
@@ -169,7 +169,7 @@ impl Executor {
             settings: Arc::new(settings),
             events,
             creates,
-            waiting: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            line: Arc::default(),
             vm_locks: Arc::default(),
             activity: Arc::default(),
         }
