@@ -417,7 +417,7 @@ impl Handler {
                 let Ok(id) = arg.parse::<i64>() else { return };
                 let outcome = self
                     .desk
-                    .run(&who, Command::Approve { id }, &NoProgress)
+                    .run(&who, Command::Approve { id, name: None }, &NoProgress)
                     .await;
                 self.after_decision(ctx, &c, outcome).await;
             }

@@ -729,7 +729,7 @@ impl MatrixBot {
             return;
         };
         let cmd = if approve {
-            Command::Approve { id }
+            Command::Approve { id, name: None }
         } else {
             Command::Deny {
                 id,

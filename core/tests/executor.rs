@@ -770,3 +770,49 @@ async fn a_source_may_not_be_inside_or_around_another_or_behind_a_link() {
         "{o:?}"
     );
 }
+
+#[tokio::test]
+async fn users_from_ssh_requests_are_named_by_their_key_or_by_the_admin() {
+    let w = world().await;
+    let file = |n: u8, comment: &str| {
+        let key = ed25519(n, Some(comment));
+        let who = Identity::new(Frontend::Ssh, format!("SHA256:knock{n}"));
+        let w = &w;
+        async move {
+            let Ok(Reply::RequestFiled { request, .. }) =
+                w.run(&who, &format!("request-access {key}")).await
+            else {
+                panic!()
+            };
+            request.id
+        }
+    };
+    // The key's comment names the user, not its fingerprint.
+    let id = file(21, "bob@laptop").await;
+    let Ok(Reply::Decided {
+        user: Some(name), ..
+    }) = w.run(&w.admin, &format!("approve {id}")).await
+    else {
+        panic!()
+    };
+    assert_eq!(name, "bob");
+    // The admin names one.
+    let id = file(22, "root@build-7").await;
+    let taken = w.run(&w.admin, &format!("approve {id} as bob")).await;
+    assert!(
+        matches!(taken, Err(CommandError::Conflict(ref m)) if m.contains("a user named bob already")),
+        "{taken:?}"
+    );
+    let Ok(Reply::Decided {
+        user: Some(name), ..
+    }) = w.run(&w.admin, &format!("approve {id} as carol")).await
+    else {
+        panic!()
+    };
+    assert_eq!(name, "carol");
+    let bad = w.run(&w.admin, &format!("approve {id} carol")).await;
+    assert!(
+        matches!(bad, Err(CommandError::Usage(ref m)) if m.to_string().contains("approve ID as NAME")),
+        "{bad:?}"
+    );
+}

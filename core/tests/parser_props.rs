@@ -140,7 +140,8 @@ fn first_commands() -> impl Strategy<Value = Command> {
         (key(), prop::option::of(note()))
             .prop_map(|(key, note)| Command::RequestAccess { key, note }),
         any::<bool>().prop_map(|all| Command::Requests { all }),
-        (1i64..=i64::MAX).prop_map(|id| Command::Approve { id }),
+        ((1i64..=i64::MAX), proptest::option::of(user()))
+            .prop_map(|(id, name)| Command::Approve { id, name }),
         (1i64..=i64::MAX, prop::option::of(note()))
             .prop_map(|(id, reason)| Command::Deny { id, reason }),
     ]

@@ -112,7 +112,9 @@ pub enum Command {
     /// Lists access requests: pending ones, or all with `all`. Admins only.
     Requests { all: bool },
     /// Approves a pending access request. Admins only.
-    Approve { id: i64 },
+    /// `as NAME` names the new user (else the key's comment or the chat
+    /// name gives it).
+    Approve { id: i64, name: Option<UserName> },
     /// Denies a pending access request, with an optional reason. Admins only.
     Deny { id: i64, reason: Option<String> },
     /// Lists users. Admins only.

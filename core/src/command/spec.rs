@@ -457,12 +457,20 @@ pub static SPECS: &[CommandSpec] = &[
     CommandSpec {
         name: "approve",
         aliases: &[],
-        args: &[word("id")],
+        args: &[word("id"), opt_rest("as NAME")],
         flags: &[],
-        summary: "Approve an access request (admins)",
+        summary: "Approve an access request (admins); 'as NAME' names a new user",
         build: |m| {
+            let name = match m.text("as NAME") {
+                None => None,
+                Some(t) => match t.split_whitespace().collect::<Vec<_>>().as_slice() {
+                    ["as", n] => Some(user(n)?),
+                    _ => return Err("say 'approve ID' or 'approve ID as NAME'".into()),
+                },
+            };
             Ok(Command::Approve {
                 id: m.req("id", request_id)?,
+                name,
             })
         },
     },
@@ -1202,7 +1210,12 @@ pub(super) fn write_canonical(c: &Command, f: &mut fmt::Formatter<'_>) -> fmt::R
                 f.write_str(" --all")?;
             }
         }
-        Command::Approve { id } => arg(&id.to_string())?,
+        Command::Approve { id, name } => {
+            arg(&id.to_string())?;
+            if let Some(n) = name {
+                write!(f, " as {}", quote(n.as_str()))?;
+            }
+        }
         Command::Deny { id, reason } => {
             arg(&id.to_string())?;
             if let Some(r) = reason {

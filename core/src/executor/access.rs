@@ -249,6 +249,7 @@ impl Executor {
         id: i64,
         state: RequestState,
         reason: Option<String>,
+        name: Option<UserName>,
     ) -> Outcome {
         let me = call.user()?.clone();
         let result = self
@@ -269,7 +270,18 @@ impl Executor {
                     let user = match repo::user_by_identity(tx, &req.identity)? {
                         Some(u) => u,
                         None => {
-                            let name = repo::free_user_name(tx, identity_hint(&req.identity))?;
+                            let name = match &name {
+                                Some(n) if repo::user_by_name(tx, n)?.is_some() => {
+                                    return Ok(Err(CommandError::Conflict(format!(
+                                        "there is a user named {n} already; pick another name, or have {n} add this key with 'key add'"
+                                    ))))
+                                }
+                                Some(n) => n.clone(),
+                                None => repo::free_user_name(
+                                    tx,
+                                    identity_hint(&req.identity, &req.openssh),
+                                )?,
+                            };
                             let u = repo::create_user(tx, &name, Role::Member)?;
                             repo::link_identity(tx, &req.identity, u.id)?;
                             u

@@ -266,7 +266,7 @@ impl Executor {
                     return Ok(None);
                 }
                 write_tx(conn, |tx| {
-                    let name = repo::free_user_name(tx, identity_hint(&who))?;
+                    let name = repo::free_user_name(tx, identity_hint(&who, ""))?;
                     let u = repo::create_user(tx, &name, Role::Admin)?;
                     repo::link_identity(tx, &who, u.id)?;
                     tracing::info!(user = %u.name, identity = %who, "created a configured admin");
@@ -340,7 +340,9 @@ impl Executor {
         detail: Option<String>,
     ) {
         let target = cmd.project().map(|p| p.to_string()).or_else(|| match cmd {
-            Command::Approve { id } | Command::Deny { id, .. } => Some(format!("request #{id}")),
+            Command::Approve { id, .. } | Command::Deny { id, .. } => {
+                Some(format!("request #{id}"))
+            }
             Command::KeyRm { fingerprint } => Some(fingerprint.to_string()),
             Command::KeyAdd { key, .. } | Command::RequestAccess { key, .. } => {
                 Some(key.fingerprint().to_string())
@@ -481,9 +483,13 @@ impl Executor {
             Command::KeyRm { fingerprint } => self.key_rm(&call, &fingerprint).await,
             Command::RequestAccess { key, note } => self.request_access(&call, key, note).await,
             Command::Requests { all } => self.requests(all).await,
-            Command::Approve { id } => self.decide(&call, id, RequestState::Approved, None).await,
+            Command::Approve { id, name } => {
+                self.decide(&call, id, RequestState::Approved, None, name)
+                    .await
+            }
             Command::Deny { id, reason } => {
-                self.decide(&call, id, RequestState::Denied, reason).await
+                self.decide(&call, id, RequestState::Denied, reason, None)
+                    .await
             }
             Command::Users => self.users().await,
             Command::Yes => self.yes(&call).await,
@@ -624,8 +630,19 @@ impl Call<'_> {
 }
 
 /// A user-name hint from an identity: a Matrix localpart, else the id.
-fn identity_hint(who: &Identity) -> &str {
+/// What to name a new user after: a Matrix ID's localpart, a chat ID; for
+/// a key that knocked over SSH, its comment's name (`ann@laptop` → ann),
+/// never its fingerprint.
+fn identity_hint<'a>(who: &'a Identity, openssh: &'a str) -> &'a str {
     let id = who.external_id.as_str();
+    if who.frontend == crate::model::Frontend::Ssh {
+        return openssh
+            .split_whitespace()
+            .nth(2)
+            .and_then(|c| c.split('@').next())
+            .filter(|n| n.chars().any(|c| c.is_ascii_alphanumeric()))
+            .unwrap_or("user");
+    }
     id.strip_prefix('@')
         .and_then(|s| s.split(':').next())
         .unwrap_or(id)
