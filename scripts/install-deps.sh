@@ -57,6 +57,7 @@ checks=(
   "chromedriver|chromium-driver|test"
   "pebble|pebble|test"
   "pebble-challtestsrv|pebble|test"
+  "systemd-analyze|systemd|test"
   "python3|python3|test"
   "fn:have_venv|python3-venv|test"
 )

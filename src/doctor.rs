@@ -207,6 +207,7 @@ pub fn run(config: &Config, host: &Host) -> Report {
         ),
     });
     checks.push(tls_check(config));
+    checks.push(service_check());
     Report { checks, backend }
 }
 
@@ -298,4 +299,38 @@ fn russh_host_key(path: &Path) -> Option<String> {
     kennel_gateway::ssh::host_key(path)
         .ok()
         .map(|k| kennel_gateway::ssh::host_key_fingerprint(&k))
+}
+
+/// Whether Kennel is installed as a systemd service (scripts/install.sh)
+/// and runs. Not being a service is fine (`kennel serve` by hand).
+fn service_check() -> Check {
+    let unit = Path::new("/etc/systemd/system/kennel.service");
+    if !unit.exists() {
+        return check(
+            "service",
+            Status::Ok,
+            "not installed as a service (kennel serve runs by hand)",
+            Some("scripts/install.sh installs kennel.service, /etc/kennel/kennel.toml and /var/lib/kennel"),
+        );
+    }
+    let state = std::process::Command::new("systemctl")
+        .args(["is-active", "kennel.service"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|_| "unknown (no systemctl)".into());
+    if state == "active" {
+        check(
+            "service",
+            Status::Ok,
+            "kennel.service is installed and running",
+            None,
+        )
+    } else {
+        check(
+            "service",
+            Status::Warn,
+            format!("kennel.service is installed but {state}"),
+            Some("systemctl enable --now kennel; journalctl -u kennel says why it stopped"),
+        )
+    }
 }

@@ -221,6 +221,7 @@ fn doctor_reports_every_check() {
         "mmdebstrap",
         "networking",
         "disk space",
+        "service",
     ] {
         assert!(names.contains(&n), "{n} missing from {names:?}");
     }

@@ -218,7 +218,8 @@ fn failed_creates_roll_back_and_say_what_happened() {
         .unwrap()
         .success());
     let full = Kennel::new(&small);
-    full.exec_ok("whoami");
+    // A first write makes the data dir and its store (a read would not).
+    full.exec_ok("secret set warmup 1");
     // Fill it, then leave a sliver: enough for the store, not for a VM.
     let filler = small.join("filler");
     let _ = Command::new("dd")

@@ -103,8 +103,10 @@ impl Bridge {
                 0
             }
             Some(Op::Subsystem(name)) => {
+                let s = self.shared.gate.settings();
                 self.stderr(&format!(
-                    "the {name} subsystem is only available inside a project: ssh PROJECT@HOST\r\n"
+                    "the {name} subsystem is only available inside a project: sftp -P {} PROJECT@{}\r\n",
+                    s.ssh_port, s.ssh_host
                 ))
                 .await;
                 1
