@@ -20,16 +20,7 @@ use std::process::{Command, Output, Stdio};
 use kennel_testkit::require;
 use support::Kennel;
 
-const OPTS: [&str; 8] = [
-    "-o",
-    "StrictHostKeyChecking=no",
-    "-o",
-    "UserKnownHostsFile=/dev/null",
-    "-o",
-    "LogLevel=ERROR",
-    "-o",
-    "BatchMode=yes",
-];
+use support::SSH_OPTS as OPTS;
 
 fn ssh(
     k: &Kennel,

@@ -9,6 +9,18 @@ use std::time::{Duration, Instant};
 
 use kennel_testkit::require;
 
+/// OpenSSH client options for tests: batch mode, host keys not checked.
+pub const SSH_OPTS: [&str; 8] = [
+    "-o",
+    "StrictHostKeyChecking=no",
+    "-o",
+    "UserKnownHostsFile=/dev/null",
+    "-o",
+    "LogLevel=ERROR",
+    "-o",
+    "BatchMode=yes",
+];
+
 pub struct Kennel {
     pub dir: PathBuf,
     bin: PathBuf,
@@ -210,15 +222,8 @@ impl Kennel {
         let addr = self.addr(project);
         let (ip, port) = addr.rsplit_once(':').unwrap();
         self.in_ns(Path::new("ssh"))
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
-            ])
-            .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=20"])
+            .args(SSH_OPTS)
+            .args(["-o", "ConnectTimeout=20"])
             .args(["-o", "IdentitiesOnly=yes", "-i"])
             .arg(key)
             .args(["-p", port, &format!("dev@{ip}"), command])
@@ -230,23 +235,13 @@ impl Kennel {
     /// batch mode, host keys not checked; stdin from /dev/null.
     pub fn gateway_ssh(&self, key: &Path, target: &str, command: &str) -> Command {
         let mut c = self.in_ns(Path::new("ssh"));
-        c.args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "LogLevel=ERROR",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-        ])
-        .args(["-p", &self.ssh_port.to_string(), "-i"])
-        .arg(key)
-        .arg(target)
-        .arg(command)
-        .stdin(Stdio::null());
+        c.args(SSH_OPTS)
+            .args(["-o", "IdentitiesOnly=yes"])
+            .args(["-p", &self.ssh_port.to_string(), "-i"])
+            .arg(key)
+            .arg(target)
+            .arg(command)
+            .stdin(Stdio::null());
         c
     }
 
