@@ -56,6 +56,10 @@ pub enum Reply {
         vm: Option<VmStatus>,
         idle: crate::idle::IdleView,
     },
+    UserRenamed {
+        from: String,
+        to: String,
+    },
     /// A project's idle limit, as set.
     IdleSet {
         project: String,

@@ -115,7 +115,9 @@ pub fn authorize(
                 _ => not_yours(&project),
             }
         }
-        Requests { .. } | Approve { .. } | Deny { .. } | Users => refuse(ADMIN_ONLY),
+        Requests { .. } | Approve { .. } | Deny { .. } | Users | UserRename { .. } => {
+            refuse(ADMIN_ONLY)
+        }
         Help { .. } | Whoami | RequestAccess { .. } | Yes => Ok(()),
     }
 }

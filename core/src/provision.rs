@@ -244,6 +244,15 @@ pub trait Provisioner: Send + Sync {
     async fn rename(&self, from: &ProjectName, to: &ProjectName) -> Result<(), ProvisionError>;
     /// The public half of a user's deploy key for ssh:// clones, made on first use.
     async fn deploy_key(&self, user: &crate::names::UserName) -> Result<String, ProvisionError>;
+    /// A user was renamed: move what is kept under the user's name (the
+    /// deploy key), so the same key serves under the new one.
+    async fn rename_user(
+        &self,
+        _from: &crate::names::UserName,
+        _to: &crate::names::UserName,
+    ) -> Result<(), ProvisionError> {
+        Ok(())
+    }
     /// Replaces the keys allowed into a project's VM (used at its next boot,
     /// and at once if it runs), after access changed.
     async fn sync_keys(

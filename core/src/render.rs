@@ -453,6 +453,9 @@ pub fn document(r: &Reply) -> Vec<Block> {
         } => vec![text(format!(
             "{https_url} now forwards to port {port} in the VM."
         ))],
+        Reply::UserRenamed { from, to } => vec![text(format!(
+            "{from} is now {to}: same keys, projects and shares."
+        ))],
         Reply::IdleSet { project, idle } => vec![text(match idle.limit {
             crate::model::IdleStop::Never => {
                 format!("{project}'s VM is never stopped for idleness; 'stop {project}' stops it.")

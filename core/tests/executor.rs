@@ -815,4 +815,21 @@ async fn users_from_ssh_requests_are_named_by_their_key_or_by_the_admin() {
         matches!(bad, Err(CommandError::Usage(ref m)) if m.to_string().contains("approve ID as NAME")),
         "{bad:?}"
     );
+    // Admins rename users; keys and identities follow.
+    let out = w.text(&w.admin, "user rename bob robert").await;
+    assert!(out.contains("bob is now robert"), "{out}");
+    let keys = w.text(&w.admin, "keys --user robert").await;
+    assert!(keys.contains("SHA256:"), "{keys}");
+    let taken = w.run(&w.admin, "user rename robert carol").await;
+    assert!(matches!(taken, Err(CommandError::Conflict(_))), "{taken:?}");
+    let none = w.run(&w.admin, "user rename nobody x").await;
+    assert!(matches!(none, Err(CommandError::NotFound(_))), "{none:?}");
+    let robert = Identity::new(Frontend::Ssh, "SHA256:knock21");
+    let refused = w.run(&robert, "user rename carol c2").await;
+    assert!(
+        matches!(refused, Err(CommandError::Refused(_))),
+        "{refused:?}"
+    );
+    let who = w.text(&robert, "whoami").await;
+    assert!(who.contains("robert"), "{who}");
 }

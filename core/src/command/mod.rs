@@ -119,6 +119,8 @@ pub enum Command {
     Deny { id: i64, reason: Option<String> },
     /// Lists users. Admins only.
     Users,
+    /// Renames a user. Admins only.
+    UserRename { from: UserName, to: UserName },
     /// Lists the stacks projects can be built on.
     Stacks,
     /// Lists the project templates.
@@ -226,6 +228,7 @@ impl Command {
             | RequestAccess { .. }
             | Approve { .. }
             | Deny { .. }
+            | UserRename { .. }
             | Yes
             | Cp { .. }
             | Rename { .. }
@@ -272,6 +275,7 @@ impl Command {
             | Approve { .. }
             | Deny { .. }
             | Users
+            | UserRename { .. }
             | Stacks
             | Templates
             | Yes

@@ -496,6 +496,19 @@ pub static SPECS: &[CommandSpec] = &[
         build: |_| Ok(Command::Users),
     },
     CommandSpec {
+        name: "user rename",
+        aliases: &[],
+        args: &[word("user"), word("new-name")],
+        flags: &[],
+        summary: "Rename a user (admins)",
+        build: |m| {
+            Ok(Command::UserRename {
+                from: m.req("user", user)?,
+                to: m.req("new-name", user)?,
+            })
+        },
+    },
+    CommandSpec {
         name: "stacks",
         aliases: &[],
         args: &[],
@@ -1046,6 +1059,7 @@ pub(super) fn spec_for(c: &Command) -> &'static CommandSpec {
         Command::Approve { .. } => "approve",
         Command::Deny { .. } => "deny",
         Command::Users => "users",
+        Command::UserRename { .. } => "user rename",
         Command::Stacks => "stacks",
         Command::Templates => "templates",
         Command::Yes => "yes",
@@ -1174,6 +1188,10 @@ pub(super) fn write_canonical(c: &Command, f: &mut fmt::Formatter<'_>) -> fmt::R
         Command::Port { name, port } => {
             arg(name.as_str())?;
             arg(&port.to_string())?;
+        }
+        Command::UserRename { from, to } => {
+            arg(from.as_str())?;
+            arg(to.as_str())?;
         }
         Command::Idle { name, limit } => {
             arg(name.as_str())?;

@@ -31,6 +31,36 @@ impl Executor {
         Ok(Reply::Users { users: out })
     }
 
+    /// `user rename FROM TO`: the name changes, nothing else (identities,
+    /// keys, projects, shares and secrets hang on the user's id); the
+    /// provisioner moves what it keeps by name (the deploy key).
+    pub(super) async fn user_rename(&self, from: &UserName, to: &UserName) -> Outcome {
+        let (a, b) = (from.clone(), to.clone());
+        let renamed = self
+            .store
+            .write(move |tx| {
+                if repo::user_by_name(tx, &b)?.is_some() {
+                    return Ok(Err(CommandError::Conflict(format!(
+                        "there is a user named {b} already; pick another name"
+                    ))));
+                }
+                if repo::user_by_name(tx, &a)?.is_none() {
+                    return Ok(Err(CommandError::NotFound(format!(
+                        "there is no user '{a}'; see 'users'"
+                    ))));
+                }
+                repo::rename_user(tx, &a, &b)?;
+                Ok(Ok(()))
+            })
+            .await?;
+        renamed?;
+        self.vms.rename_user(from, to).await?;
+        Ok(Reply::UserRenamed {
+            from: from.to_string(),
+            to: to.to_string(),
+        })
+    }
+
     pub(super) async fn keys(&self, call: &Call<'_>, target: Option<UserName>) -> Outcome {
         let user = call.user;
         let u = self.target_user(user, target).await?;

@@ -348,6 +348,7 @@ impl Executor {
                 Some(key.fingerprint().to_string())
             }
             Command::Share { user, .. } | Command::Unshare { user, .. } => Some(user.to_string()),
+            Command::UserRename { from, .. } => Some(from.to_string()),
             // The name only: a secret's value never reaches a log.
             Command::SecretSet { name, .. } | Command::SecretRm { name } => Some(name.to_string()),
             Command::TokenRm { label } => Some(label.to_string()),
@@ -492,6 +493,7 @@ impl Executor {
                     .await
             }
             Command::Users => self.users().await,
+            Command::UserRename { from, to } => self.user_rename(&from, &to).await,
             Command::Yes => self.yes(&call).await,
             Command::Cp { name, new_name } => self.cp(&call, &name, &new_name).await,
             Command::Rename { name, new_name } => self.rename(&call, &name, &new_name).await,

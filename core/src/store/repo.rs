@@ -160,6 +160,16 @@ pub fn list_users(conn: &Connection) -> Result<Vec<User>, StoreError> {
 }
 
 /// A free user name derived from `hint` (`ann`, `ann2`, ...).
+/// Renames a user (everything else refers to the id).
+pub fn rename_user(conn: &Connection, from: &UserName, to: &UserName) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE users SET name = ?2 WHERE name = ?1",
+        params![from.as_str(), to.as_str()],
+    )
+    .map_err(|e| classify(e, "user name"))?;
+    Ok(())
+}
+
 pub fn free_user_name(conn: &Connection, hint: &str) -> Result<UserName, StoreError> {
     let base = UserName::derive(hint);
     if user_by_name(conn, &base)?.is_none() {

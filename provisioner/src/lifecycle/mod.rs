@@ -600,6 +600,27 @@ impl Provisioner for LocalProvisioner {
         Ok(())
     }
 
+    async fn rename_user(
+        &self,
+        from: &kennel_core::names::UserName,
+        to: &kennel_core::names::UserName,
+    ) -> Result<(), ProvisionError> {
+        let (old, new) = (
+            self.s.data_dir.join("keys/users").join(from.as_str()),
+            self.s.data_dir.join("keys/users").join(to.as_str()),
+        );
+        // Kennel's own directory (names are validated: no separators).
+        if old.is_dir() && !new.exists() {
+            std::fs::rename(&old, &new).map_err(|e| {
+                failed(
+                    Stage::Validated,
+                    format!("cannot move {}'s deploy key: {e}", from.as_str()),
+                )
+            })?;
+        }
+        Ok(())
+    }
+
     async fn deploy_key(
         &self,
         user: &kennel_core::names::UserName,
