@@ -18,6 +18,10 @@ use crate::store::repo;
 use crate::store::StoreError;
 use crate::vmstate::{Actor, Woke};
 
+/// The script in a project's source that its guest runs at every boot
+/// (images/base/overlay/usr/sbin/kennel-init).
+pub const START_SCRIPT: &str = ".kennel/start";
+
 /// How a gateway reaches a running project's VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmReach {
@@ -104,6 +108,14 @@ impl Gate {
             .filter(|(d, _)| *d <= 2)
             .min_by_key(|(d, _)| *d)
             .map(|(_, n)| n)
+    }
+
+    /// Whether `p`'s guest starts its app at boot: its source has the
+    /// start script the guest's init runs (`.kennel/start`, looked at
+    /// without following links: the source is the user's).
+    pub fn starts_app_on_boot(&self, p: &Project) -> bool {
+        std::fs::symlink_metadata(std::path::Path::new(&p.source_path).join(START_SCRIPT))
+            .is_ok_and(|m| m.is_file())
     }
 
     /// Starts `name`'s VM if it is not running (the VM state service), for

@@ -117,6 +117,11 @@ impl Activity {
         }
     }
 
+    /// Whether `name` has been seen since this daemon started.
+    pub(crate) fn tracks(&self, name: &ProjectName) -> bool {
+        self.lock().contains_key(name)
+    }
+
     /// Presences held for `name` now.
     pub(crate) fn open(&self, name: &ProjectName) -> usize {
         self.lock().get(name).map_or(0, |t| t.open)
@@ -238,10 +243,17 @@ impl Executor {
     /// limit are stopped. The gateways' presences and the VMM's CPU time
     /// decide what counts as use.
     pub async fn check_idle(&self, now: Instant) -> Result<IdleChecked, StoreError> {
-        let (projects, recorded) = self
-            .store
-            .call(|c| Ok((repo::list_projects(c, None)?, repo::recorded_idle(c)?)))
-            .await?;
+        let projects = self.store.call(|c| repo::list_projects(c, None)).await?;
+        // What the last daemon wrote down matters only for projects seen
+        // for the first time (after a restart): read it only then.
+        let unseen = projects
+            .iter()
+            .any(|p| p.state == ProjectState::Running && !self.activity.tracks(&p.name));
+        let recorded = if unseen {
+            self.store.call(|c| repo::recorded_idle(c)).await?
+        } else {
+            Vec::new()
+        };
         let busy = f64::from(self.settings().idle_cpu_percent) / 100.0;
         let mut done = IdleChecked::default();
         for p in projects

@@ -714,27 +714,8 @@ impl Inner {
                 why: "a visitor opened its public web app",
             },
         };
-        let starting = |secs: u64| {
-            let mut r = if Self::browser(req) {
-                page::html(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!("Starting {name}…"),
-                    &format!(
-                        "<meta http-equiv=\"refresh\" content=\"{secs}\"><p>The VM of <b>{}</b> was stopped and is starting now. This page reloads by itself.</p>",
-                        page::esc(name.as_str())
-                    ),
-                )
-            } else {
-                page::status(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!("{name} is starting; try again shortly"),
-                )
-            };
-            if let Ok(v) = http::HeaderValue::from_str(&secs.to_string()) {
-                r.headers_mut().insert(header::RETRY_AFTER, v);
-            }
-            r
-        };
+        let starting =
+            |secs: u64| Self::starting(req, name, secs, "was stopped and is starting now");
         if Self::browser(req) {
             self.wake_in_background(name, actor);
             return Err(starting(2));
@@ -775,9 +756,7 @@ impl Inner {
                 w.remove(&p.name);
             }
         };
-        // Looked at without following links (the source is the user's).
-        let start = std::path::Path::new(&p.source_path).join(".kennel/start");
-        if !std::fs::symlink_metadata(&start).is_ok_and(|m| m.is_file()) {
+        if !self.gate.starts_app_on_boot(p) {
             forget();
             return None;
         }
@@ -792,20 +771,40 @@ impl Inner {
                 return None;
             }
             if Self::browser(req) {
-                let mut r = page::html(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!("Starting {}…", p.name),
-                    &format!(
-                        "<meta http-equiv=\"refresh\" content=\"2\"><p>The VM of <b>{}</b> is up; its app is starting. This page reloads by itself.</p>",
-                        page::esc(p.name.as_str())
-                    ),
-                );
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, http::HeaderValue::from_static("2"));
-                return Some(r);
+                return Some(Self::starting(
+                    req,
+                    &p.name,
+                    2,
+                    "is up; its app is starting",
+                ));
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+    }
+
+    /// 503 with `Retry-After: secs` while `name` starts: for browsers a
+    /// page that reloads itself ("The VM of NAME {what}"), for scripts
+    /// one line.
+    fn starting<B>(req: &Request<B>, name: &ProjectName, secs: u64, what: &str) -> Response<Body> {
+        let mut r = if Self::browser(req) {
+            page::html(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("Starting {name}…"),
+                &format!(
+                    "<meta http-equiv=\"refresh\" content=\"{secs}\"><p>The VM of <b>{}</b> {what}. This page reloads by itself.</p>",
+                    page::esc(name.as_str())
+                ),
+            )
+        } else {
+            page::status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("{name} is starting; try again shortly"),
+            )
+        };
+        if let Ok(v) = http::HeaderValue::from_str(&secs.to_string()) {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        r
     }
 
     fn wake_in_background(&self, name: &ProjectName, actor: Actor) {
