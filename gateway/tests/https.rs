@@ -1203,7 +1203,9 @@ async fn the_dashboard_makes_projects_approves_requests_keeps_keys_and_secrets_a
         let asked = b.source_with("Yes, do it", Duration::from_secs(20));
         assert!(asked.contains("Yes, do it"), "{asked}");
         b.click("button[aria-label=\"confirm\"]");
-        let removed = b.source_with("Done", Duration::from_secs(20));
+        // Wait for the answer to the confirmation, not the question (both
+        // pages say "Done").
+        let removed = b.source_with("fresh is gone", Duration::from_secs(20));
         assert!(!removed.contains("data-state=\"fresh\""), "{removed}");
         (made, approved, keyed, secreted, seen)
     })
