@@ -49,7 +49,7 @@ pub fn start(
                 };
                 if let Err(e) = run.await {
                     tracing::error!(error = %e, "the Matrix bot stopped");
-                    eprintln!("kennel serve: the Matrix bot stopped: {e}");
+                    crate::logging::tell(format_args!("kennel serve: the Matrix bot stopped: {e}"));
                 }
             }));
         }
@@ -68,7 +68,9 @@ pub fn start(
             tasks.push(tokio::spawn(async move {
                 if let Err(e) = kennel_bot::discord::run(cfg, desk, stop).await {
                     tracing::error!(error = %e, "the Discord bot stopped");
-                    eprintln!("kennel serve: the Discord bot stopped: {e}");
+                    crate::logging::tell(format_args!(
+                        "kennel serve: the Discord bot stopped: {e}"
+                    ));
                 }
             }));
         }

@@ -27,6 +27,10 @@ pub struct Config {
     pub projects_root: Option<PathBuf>,
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `kennel=debug`.
     pub log: String,
+    /// `text` (the default) or `json`: one JSON object per line, with the
+    /// fields of the enclosing spans (project, user, session), for log
+    /// shippers.
+    pub log_format: crate::logging::LogFormat,
     /// Identities that are admins from their first message, as
     /// `frontend:id`, e.g. `matrix:@ann:example.org` or `discord:1234`.
     pub admins: Vec<String>,
@@ -201,6 +205,7 @@ impl Default for Config {
             data_dir: PathBuf::from("kennel-data"),
             projects_root: None,
             log: "info".into(),
+            log_format: crate::logging::LogFormat::Text,
             admins: Vec::new(),
             ssh: SshConfig::default(),
             https: HttpsConfig::default(),

@@ -29,12 +29,12 @@ mod console;
 mod datadir;
 mod doctor;
 mod image_cmd;
+mod logging;
 mod serve;
 mod wiring;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 /// Chat-ops for per-project microVMs.
 #[derive(Debug, Parser)]
@@ -112,12 +112,7 @@ enum ImageCmd {
 }
 
 fn init_logging(filter: &str) {
-    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(filter));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    logging::init(filter, logging::LogFormat::Text);
 }
 
 /// Joins words into one command line. One argument is the whole line
@@ -243,7 +238,7 @@ fn real_main() -> Result<i32> {
     let config = &loaded.config;
     match cli.command {
         Cmd::Serve => {
-            init_logging(&config.log);
+            logging::init(&config.log, config.log_format);
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(serve::run(config))?;
             Ok(0)

@@ -100,12 +100,13 @@ pub async fn run(config: &Config) -> Result<()> {
     let (stop_bots, bots_stopped) = tokio::sync::watch::channel(false);
     let bots = crate::bots::start(config, &exec, dir.root(), &bots_stopped);
     let socket = dir.control_socket();
-    eprintln!(
+    tracing::info!(data_dir = %dir.root().display(), socket = %socket.display(), ssh = %ssh_addr, https = %https_addr, "kennel serve ready");
+    crate::logging::tell(format_args!(
         "kennel serve: data in {}, control socket {}, SSH on {ssh_addr}, HTTPS on {https_addr} (https://{})",
         dir.root().display(),
         socket.display(),
         config.https.domain
-    );
+    ));
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let result = tokio::select! {
@@ -126,6 +127,7 @@ pub async fn run(config: &Config) -> Result<()> {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), bot).await;
     }
     let _ = std::fs::remove_file(&socket);
-    eprintln!("kennel serve: stopped");
+    tracing::info!("kennel serve stopped");
+    crate::logging::tell(format_args!("kennel serve: stopped"));
     result
 }

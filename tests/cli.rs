@@ -249,6 +249,8 @@ fn exec_goes_through_a_running_daemon_and_serve_stops_on_sigterm() {
         .env("HOME", d.path())
         .env("KENNEL_SSH__LISTEN", "127.0.0.1:0")
         .env("KENNEL_HTTPS__LISTEN", "127.0.0.1:0")
+        .env("KENNEL_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info,kennel_core::executor=debug")
         .args(["serve"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -288,6 +290,35 @@ fn exec_goes_through_a_running_daemon_and_serve_stops_on_sigterm() {
     let status = daemon.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
     assert!(!sock.exists());
+    // `log_format = "json"`: every stderr line is one JSON object.
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut daemon.0.stderr.take().unwrap(), &mut log).unwrap();
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let ready = events
+        .iter()
+        .find(|e| e["fields"]["message"] == "kennel serve ready")
+        .unwrap_or_else(|| panic!("{log}"));
+    assert_eq!(ready["level"], "INFO");
+    assert!(ready["fields"]["socket"]
+        .as_str()
+        .unwrap()
+        .ends_with("control.sock"));
+    assert!(
+        events
+            .iter()
+            .any(|e| e["fields"]["message"] == "kennel serve stopped"),
+        "{log}"
+    );
+    // A command's events carry its span's fields, for a shipper to index.
+    let done = events
+        .iter()
+        .find(|e| e["fields"]["message"] == "done" && e["span"]["command"] == "whoami")
+        .unwrap_or_else(|| panic!("{log}"));
+    assert_eq!(done["span"]["user"], "admin", "{done}");
+    assert_eq!(done["spans"][0]["name"], "command", "{done}");
 }
 
 #[test]

@@ -315,6 +315,15 @@ async fn paths_stay_under_the_root_and_existing_sources_need_adopt() {
         project.source_path,
         root.path().join("p1").display().to_string()
     );
+    // Once p1 is a project, its name is what is wrong, with or without
+    // --adopt: not "pass --adopt" first and "already exists" after it.
+    for line in ["new project p1", "new project p1 --adopt"] {
+        let o = w.run(&w.admin, line).await;
+        assert!(
+            matches!(o, Err(CommandError::Conflict(ref m)) if m.contains("a project named 'p1' already exists") && !m.contains("--adopt")),
+            "{line}: {o:?}"
+        );
+    }
     let o = w.run(&w.admin, "new project p2 --template nope").await;
     assert!(
         matches!(o, Err(CommandError::NotFound(ref m)) if m.contains("no template")),
