@@ -31,6 +31,7 @@ mod doctor;
 mod image_cmd;
 mod logging;
 mod serve;
+mod stacks_cmd;
 mod wiring;
 
 use anyhow::Result;
@@ -82,6 +83,24 @@ enum Cmd {
     /// Build, list and remove guest images.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Check a repository against the stacks before creating a project.
+    #[command(subcommand)]
+    Stacks(StacksCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum StacksCmd {
+    /// What `new project` would choose for a directory, and why: the stack
+    /// with its evidence and scores, warnings, pinned versions the image
+    /// does not meet, the devcontainer.json and the app port.
+    Detect {
+        /// The top of the repository.
+        #[arg(default_value = ".")]
+        path: PathBuf,
+        /// Answer in JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -260,6 +279,11 @@ fn real_main() -> Result<i32> {
                 out(format_args!("{}", report.to_text()));
             }
             Ok(i32::from(report.failed()))
+        }
+        Cmd::Stacks(StacksCmd::Detect { path, json }) => {
+            init_logging("warn");
+            stacks_cmd::detect(config, &path, json)?;
+            Ok(0)
         }
         Cmd::Image(cmd) => {
             init_logging("warn");

@@ -414,3 +414,79 @@ fn output_to_a_closed_pipe_ends_quietly() {
     );
     assert_ne!(out.status.code(), Some(101), "no panic exit");
 }
+
+#[test]
+fn stacks_detect_explains_a_repository_before_a_project_exists() {
+    let d = tempfile::tempdir().unwrap();
+    let repo = d.path().join("shop");
+    for (f, text) in [
+        ("composer.json", "{}"),
+        ("composer.lock", "{}"),
+        ("artisan", ""),
+        ("package.json", "{}"),
+        ("app/Models/User.php", "<?php"),
+        ("resources/js/app.js", ""),
+        (".nvmrc", "20\n"),
+        (
+            ".devcontainer/devcontainer.json",
+            "{\n  // Laravel\n  \"name\": \"shop\",\n  \"image\": \"php:8.3\",\n  \"postCreateCommand\": [\"composer\", \"install\"],\n  \"forwardPorts\": [8080, 5173,],\n}\n",
+        ),
+    ] {
+        let p = repo.join(f);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+    let stacks = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("stacks");
+    let out = kennel(d.path())
+        .env("KENNEL_IMAGES__STACKS_DIR", &stacks)
+        .args(["stacks", "detect", "--json"])
+        .arg(&repo)
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["stack"], "php", "{v}");
+    assert_eq!(v["evidence"][0], "composer.json", "{v}");
+    assert_eq!(v["app_port"], 8080, "{v}");
+    assert!(
+        v["warnings"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("also found node"),
+        "{v}"
+    );
+    assert!(
+        v["devcontainer"][0]
+            .as_str()
+            .unwrap()
+            .contains("(shop): postCreateCommand once on the first boot"),
+        "{v}"
+    );
+    assert!(
+        v["devcontainer"]
+            .to_string()
+            .contains("image does not apply"),
+        "{v}"
+    );
+    // The node pin is not the php image's concern.
+    assert_eq!(v["pin_warnings"].as_array().unwrap().len(), 0, "{v}");
+    // Text, and a clear refusal for what is not a directory.
+    kennel(d.path())
+        .env("KENNEL_IMAGES__STACKS_DIR", &stacks)
+        .args(["stacks", "detect"])
+        .arg(&repo)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("shop: php (composer.json"))
+        .stdout(predicate::str::contains(
+            "app port: 8080 (.devcontainer/devcontainer.json forwardPorts)",
+        ));
+    kennel(d.path())
+        .args(["stacks", "detect"])
+        .arg(repo.join("artisan"))
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("is not a directory"));
+}

@@ -311,3 +311,91 @@ fn keys_follow_access_and_copies_and_renames_work() {
     k.exec_ok("rm third --yes");
     k.exec_ok("rm orig --yes");
 }
+
+/// A repository's devcontainer.json on a real guest: the create steps run
+/// once, in order, as dev in /workspace, with its remoteEnv; the reply
+/// says how they went and what did not apply; every session (`ssh p@HOST
+/// cmd` and login shells) has the environment; postStartCommand runs at
+/// every boot, and the create steps not again; forwardPorts gives the app
+/// port.
+#[test]
+fn a_devcontainer_json_runs_in_the_guest_and_sets_its_environment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let k = Kennel::new(tmp.path());
+    let src = tmp.path().join("kennel-data/projects/dc");
+    std::fs::create_dir_all(src.join(".devcontainer")).unwrap();
+    std::fs::write(
+        src.join(".devcontainer/devcontainer.json"),
+        r#"{
+  // JSON with comments, as VS Code writes it.
+  "name": "dc test",
+  "image": "mcr.microsoft.com/devcontainers/base:bookworm",
+  "onCreateCommand": "echo on-create as $(id -un) >> .created",
+  "postCreateCommand": ["sh", "-c", "echo \"$GREETING\" > post-create.txt; pwd >> post-create.txt"],
+  "postStartCommand": "date +%s%N >> .started",
+  "forwardPorts": [8123, 9229],
+  "remoteEnv": {
+    "GREETING": "hello from remoteEnv",
+    "PATH": "${containerEnv:PATH}:${containerWorkspaceFolder}/bin",
+  },
+}
+"#,
+    )
+    .unwrap();
+    let out = k.exec_ok("new project dc --adopt --stack base --cpus 1 --memory 512M --disk 2G");
+    assert!(
+        out.contains("devcontainer postCreateCommand finished in"),
+        "{out}"
+    );
+    assert!(out.contains(".devcontainer/devcontainer.json (dc test): onCreateCommand, postCreateCommand once on the first boot; postStartCommand at every boot; GREETING, PATH in every session; app port 8123 (forwardPorts); Kennel uses its own base stack image"), "{out}");
+    assert!(out.contains("image does not apply"), "{out}");
+    assert!(out.contains("other forwardPorts: 9229"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(src.join("post-create.txt")).unwrap(),
+        "hello from remoteEnv\n/workspace\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(src.join(".created")).unwrap(),
+        "on-create as dev\n"
+    );
+    assert!(
+        k.exec_ok("status dc").contains("8123"),
+        "the app port comes from forwardPorts"
+    );
+    let env = k.ssh_ok("dc", "echo \"$GREETING\"; echo \"$PATH\"");
+    assert!(env.starts_with("hello from remoteEnv\n"), "{env}");
+    assert!(
+        env.contains("/usr/bin:/bin:/usr/games:/workspace/bin"),
+        "{env}"
+    );
+    let login = k.ssh_ok("dc", "bash -lc 'echo \"$GREETING $PATH\"'");
+    assert!(
+        login.contains("hello from remoteEnv") && login.contains("/workspace/bin"),
+        "a login shell keeps it: {login}"
+    );
+    let started = |n: usize| {
+        let t = std::time::Instant::now();
+        while std::fs::read_to_string(src.join(".started"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+            < n
+        {
+            assert!(
+                t.elapsed().as_secs() < 60,
+                "postStartCommand did not run {n} times"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    started(1);
+    k.exec_ok("stop dc");
+    k.exec_ok("start dc");
+    started(2);
+    assert_eq!(
+        std::fs::read_to_string(src.join(".created")).unwrap(),
+        "on-create as dev\n",
+        "the create steps ran once"
+    );
+    k.exec_ok("rm dc --yes");
+}

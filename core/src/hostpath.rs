@@ -226,6 +226,41 @@ impl Beneath {
         Ok(non_empty)
     }
 
+    /// Reads the regular file `rel`, at most `limit` bytes, refusing links
+    /// anywhere on the way (so a guest cannot point Kennel at a host file).
+    /// `None` if it does not exist or is not a regular file.
+    pub fn read_file(&self, rel: &Path, limit: u64) -> Result<Option<Vec<u8>>, HostPathError> {
+        let Some(root) = &self.fd else {
+            return Ok(None);
+        };
+        // NONBLOCK: a FIFO planted under the name must not hang the open.
+        let fd = match rustix::fs::openat2(
+            root.as_fd(),
+            rel,
+            OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
+            Mode::empty(),
+            RESOLVE,
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT | Errno::NOTDIR) => return Ok(None),
+            Err(e) => return Err(self.map_errno(rel, e)),
+        };
+        let st = rustix::fs::fstat(&fd).map_err(|e| self.map_errno(rel, e))?;
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+            return Ok(None);
+        }
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(std::fs::File::from(fd), limit),
+            &mut out,
+        )
+        .map_err(|source| HostPathError::Io {
+            path: self.join(rel),
+            source,
+        })?;
+        Ok(Some(out))
+    }
+
     /// Opens the directory `rel` for reading, refusing links on the way.
     pub fn open_dir(&self, rel: &Path) -> Result<OwnedFd, HostPathError> {
         rustix::fs::openat2(
@@ -319,6 +354,43 @@ mod tests {
             b.relative(&d.path().join("root")),
             Err(HostPathError::Outside { .. })
         ));
+    }
+
+    #[test]
+    fn read_file_reads_only_regular_files_reached_without_links() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("src");
+        std::fs::create_dir_all(root.join(".devcontainer")).unwrap();
+        std::fs::write(root.join(".devcontainer/devcontainer.json"), "{}").unwrap();
+        std::fs::write(d.path().join("secret"), "host only").unwrap();
+        symlink(d.path().join("secret"), root.join("link.json")).unwrap();
+        symlink(d.path(), root.join("up")).unwrap();
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            &root.join("fifo"),
+            Mode::from_raw_mode(0o600),
+        )
+        .unwrap();
+        let b = Beneath::open(&root).unwrap();
+        let read = |rel: &str| b.read_file(Path::new(rel), 1 << 20);
+        assert_eq!(
+            read(".devcontainer/devcontainer.json").unwrap().unwrap(),
+            b"{}"
+        );
+        assert!(read("missing.json").unwrap().is_none());
+        assert!(read(".devcontainer/devcontainer.json/x").unwrap().is_none());
+        assert!(
+            read("fifo").unwrap().is_none(),
+            "a FIFO is not read (nor waited on)"
+        );
+        assert!(matches!(read("link.json"), Err(HostPathError::Link { .. })));
+        assert!(matches!(read("up/secret"), Err(HostPathError::Link { .. })));
+        assert_eq!(
+            b.read_file(Path::new(".devcontainer/devcontainer.json"), 1)
+                .unwrap()
+                .unwrap(),
+            b"{"
+        );
     }
 
     #[test]

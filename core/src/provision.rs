@@ -115,6 +115,9 @@ pub struct Created {
     /// What the requester should know (stack evidence, warnings).
     pub notes: Vec<String>,
     pub status: VmStatus,
+    /// The app port, when the provisioner chose another than the request's
+    /// (the detected stack's, or the repository's devcontainer.json's).
+    pub app_port: Option<u16>,
 }
 
 /// What to run for an existing project.
@@ -448,6 +451,7 @@ pub mod testing {
                     .unwrap_or_else(|| format!("/srv/kennel/{p}")),
                 notes: vec!["stack rust (Cargo.toml)".into()],
                 status: self.status_of(p),
+                app_port: None,
             })
         }
         async fn start(

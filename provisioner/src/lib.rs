@@ -13,12 +13,14 @@
 
 pub mod catalog;
 pub mod cgroup;
+pub mod devcontainer;
 pub mod disk;
 pub mod host;
 pub mod image;
 pub mod kernel;
 pub mod lifecycle;
 pub mod net;
+pub mod pins;
 pub mod process;
 pub mod select;
 pub mod source;

@@ -36,6 +36,10 @@ pub struct StackFile {
     pub hints: Vec<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// The image's toolchain versions (`rust = "1.63.0"`), compared with
+    /// the versions a repository pins (`rust-toolchain.toml`, `.nvmrc`, ...).
+    #[serde(default)]
+    pub versions: BTreeMap<String, String>,
     #[serde(default)]
     pub detect: Detect,
     #[serde(default)]
@@ -127,6 +131,11 @@ pub struct Stacks {
 #[derive(Debug, Clone)]
 pub struct Unsupported {
     pub name: String,
+    /// What its stack would be called (`dotnet`); the name in lower case
+    /// if unset.
+    pub stack: Option<String>,
+    /// Why there is no stack, when there is more to say.
+    pub why: Option<String>,
     markers: Vec<GlobMatcher>,
 }
 
@@ -142,6 +151,10 @@ struct UnsupportedFile {
 struct UnsupportedEntry {
     name: String,
     markers: Vec<String>,
+    #[serde(default)]
+    stack: Option<String>,
+    #[serde(default)]
+    why: Option<String>,
 }
 
 /// A rule this heavy, matched in the top directory, is a project's own
@@ -173,6 +186,8 @@ fn load_unsupported(dir: &Path) -> Vec<Unsupported> {
             match markers {
                 Ok(markers) => Some(Unsupported {
                     name: l.name,
+                    stack: l.stack,
+                    why: l.why,
                     markers,
                 }),
                 Err(e) => {
@@ -532,7 +547,10 @@ pub fn detect(root: &Path, stacks: &[Stack]) -> Detection {
 type Evidence = Vec<(f64, String)>;
 
 /// A language's marker in the top directory of `root`, if any.
-fn top_level_language<'a>(root: &Path, langs: &'a [Unsupported]) -> Option<(&'a str, String)> {
+fn top_level_language<'a>(
+    root: &Path,
+    langs: &'a [Unsupported],
+) -> Option<(&'a Unsupported, String)> {
     let mut names: Vec<String> = std::fs::read_dir(root)
         .ok()?
         .filter_map(Result::ok)
@@ -544,7 +562,7 @@ fn top_level_language<'a>(root: &Path, langs: &'a [Unsupported]) -> Option<(&'a 
         names
             .iter()
             .find(|n| l.markers.iter().any(|m| m.is_match(n.as_str())))
-            .map(|n| (l.name.as_str(), n.clone()))
+            .map(|n| (l, n.clone()))
     })
 }
 
@@ -552,9 +570,10 @@ fn top_level_language<'a>(root: &Path, langs: &'a [Unsupported]) -> Option<(&'a 
 /// found only deeper down (a Phoenix app's `assets/package.json` is not a
 /// node project): the project gets `base`, and the warning says why.
 fn prefer_top_level(root: &Path, mut d: Detection, langs: &[Unsupported]) -> Detection {
-    let Some((lang, marker)) = top_level_language(root, langs) else {
+    let Some((language, marker)) = top_level_language(root, langs) else {
         return d;
     };
+    let lang = language.name.as_str();
     // A stack that claims the marker itself (one added for that language
     // before unsupported.toml was updated) is that language's stack.
     if d.evidence.contains(&marker) {
@@ -567,8 +586,9 @@ fn prefer_top_level(root: &Path, mut d: Detection, langs: &[Unsupported]) -> Det
         return d;
     }
     let mut warnings = vec![format!(
-        "{lang} project ({marker}) — Kennel has no {} stack; using base. Pass --stack to choose another.",
-        lang.to_lowercase()
+        "{lang} project ({marker}) — Kennel has no {} stack; using base.{} Pass --stack to choose another.",
+        language.stack.clone().unwrap_or_else(|| lang.to_lowercase()),
+        language.why.as_ref().map(|w| format!(" {w}.")).unwrap_or_default()
     )];
     if d.stack != BASE {
         warnings.push(format!(
@@ -588,9 +608,18 @@ fn prefer_top_level(root: &Path, mut d: Detection, langs: &[Unsupported]) -> Det
 
 /// The three most telling paths, plus how many source files matched.
 fn summarize(ev: &[(f64, String)]) -> Vec<String> {
-    let mut v: Vec<String> = ev.iter().take(3).map(|(_, p)| p.clone()).collect();
-    if ev.len() > 3 {
-        v.push(format!("{} more files", ev.len() - 3));
+    // A file two rules match (mix.exs: `mix.exs` and `*.exs`) is named once.
+    let mut paths: Vec<&str> = Vec::new();
+    for (_, p) in ev {
+        if !paths.contains(&p.as_str()) {
+            paths.push(p);
+        }
+    }
+    let mut v: Vec<String> = paths.iter().take(3).map(|p| (*p).to_owned()).collect();
+    match paths.len().saturating_sub(3) {
+        0 => {}
+        1 => v.push("1 more file".into()),
+        n => v.push(format!("{n} more files")),
     }
     v
 }
@@ -626,7 +655,9 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../stacks");
         let s = Stacks::load(&dir);
         assert!(s.broken.is_empty(), "{:?}", s.broken);
-        for name in ["base", "rust", "node", "go", "python", "ruby", "jvm"] {
+        for name in [
+            "base", "rust", "node", "go", "python", "ruby", "jvm", "elixir", "php",
+        ] {
             assert!(s.get(name).is_some(), "{name}");
         }
     }

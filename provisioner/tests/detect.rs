@@ -193,26 +193,91 @@ fn a_phoenix_app_is_elixir_not_node() {
     let d = detect(&[
         "mix.exs",
         "mix.lock",
+        ".formatter.exs",
         "lib/app.ex",
         "lib/app_web/router.ex",
+        "lib/app_web/components/layouts/root.html.heex",
+        "test/app_test.exs",
         "assets/package.json",
         "assets/package-lock.json",
         "assets/js/app.js",
         "assets/js/socket.js",
         "assets/tailwind.config.js",
+        "deps/phoenix/mix.exs",
+        "_build/dev/lib/app/ebin/app.app",
     ]);
-    assert_eq!(d.stack, "base", "{d:?}");
-    assert_eq!(d.evidence, ["mix.exs"]);
+    assert_eq!(d.stack, "elixir", "{d:?}");
+    assert_eq!(d.evidence[0], "mix.exs");
     assert!(
-        d.warnings[0]
-            .starts_with("Elixir project (mix.exs) — Kennel has no elixir stack; using base"),
+        d.warnings.iter().all(|w| !w.contains("using node")),
         "{:?}",
         d.warnings
     );
+}
+
+#[test]
+fn an_erlang_rebar_project_is_elixir() {
+    let d = detect(&["rebar.config", "src/app.erl", "src/app_sup.erl"]);
+    assert_eq!(d.stack, "elixir", "{d:?}");
+    assert_eq!(d.evidence[0], "rebar.config");
+}
+
+#[test]
+fn a_laravel_app_with_a_node_front_end_is_php() {
+    // composer.json and package.json both at the top (Vite for assets).
+    let d = detect(&[
+        "artisan",
+        "composer.json",
+        "composer.lock",
+        "package.json",
+        "package-lock.json",
+        "vite.config.js",
+        "phpunit.xml",
+        "app/Http/Controllers/Controller.php",
+        "app/Models/User.php",
+        "routes/web.php",
+        "config/app.php",
+        "resources/js/app.js",
+        "resources/js/bootstrap.js",
+        "vendor/laravel/framework/composer.json",
+    ]);
+    assert_eq!(d.stack, "php", "{d:?}");
+    assert_eq!(d.evidence[0], "composer.json");
     assert!(
         d.warnings
             .iter()
-            .any(|w| w.contains("node was found only deeper")),
+            .any(|w| w.starts_with("also found node (package.json")),
+        "{:?}",
+        d.warnings
+    );
+}
+
+#[test]
+fn a_symfony_app_is_php() {
+    let d = detect(&[
+        "composer.json",
+        "symfony.lock",
+        "src/Kernel.php",
+        "public/index.php",
+    ]);
+    assert_eq!(d.stack, "php", "{d:?}");
+}
+
+#[test]
+fn a_dotnet_solution_is_base_and_says_why() {
+    let d = detect(&[
+        "App.sln",
+        "global.json",
+        "src/App/App.csproj",
+        "src/App/Program.cs",
+        "src/App/wwwroot/package.json",
+        "src/App/wwwroot/js/site.js",
+    ]);
+    assert_eq!(d.stack, "base", "{d:?}");
+    assert!(
+        d.warnings[0].starts_with(
+            ".NET project (App.sln) — Kennel has no dotnet stack; using base. Debian has no .NET SDK"
+        ),
         "{:?}",
         d.warnings
     );
@@ -221,10 +286,10 @@ fn a_phoenix_app_is_elixir_not_node() {
 #[test]
 fn languages_without_a_stack_say_so() {
     for (file, lang) in [
-        ("composer.json", "PHP"),
         ("App.csproj", ".NET"),
         ("stack.yaml", "Haskell"),
         ("build.zig", "Zig"),
+        ("deno.json", "Deno"),
     ] {
         let d = detect(&[file, "README.md"]);
         assert_eq!(d.stack, "base", "{file}: {d:?}");
@@ -254,10 +319,10 @@ fn a_top_level_manifest_beats_more_files_deeper_down() {
     assert_eq!(d.evidence[0], "Cargo.toml");
     // A stack's top-level marker beside one of a language without a stack:
     // the stack, with a word about the other.
-    let d = detect(&["package.json", "composer.json", "index.js"]);
+    let d = detect(&["package.json", "build.zig", "index.js"]);
     assert_eq!(d.stack, "node", "{d:?}");
     assert!(
-        d.warnings.iter().any(|w| w.contains("also a PHP project")),
+        d.warnings.iter().any(|w| w.contains("also a Zig project")),
         "{:?}",
         d.warnings
     );

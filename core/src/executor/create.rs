@@ -185,13 +185,14 @@ impl Executor {
             Ok(created) => {
                 self.record_route(&name, &created.status).await?;
                 let (stack, src) = (created.stack.clone(), created.source_path.clone());
+                let port = created.app_port.unwrap_or(reserved.app_port);
                 let n = name.clone();
                 let project = self
                     .store
                     .write(move |tx| {
                         tx.execute(
-                            "UPDATE projects SET stack = ?2, source_path = ?3, state = 'running' WHERE name = ?1",
-                            rusqlite::params![n.as_str(), stack, src],
+                            "UPDATE projects SET stack = ?2, source_path = ?3, app_port = ?4, state = 'running' WHERE name = ?1",
+                            rusqlite::params![n.as_str(), stack, src, port],
                         )?;
                         repo::project_by_name(tx, &n)
                     })

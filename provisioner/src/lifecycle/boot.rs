@@ -4,6 +4,12 @@
 
 use super::*;
 
+/// The devcontainer's create steps and postStartCommand on the config disk.
+const DEVCONTAINER_CREATE: &str = "devcontainer-create.sh";
+const DEVCONTAINER_START: &str = "devcontainer-start.sh";
+/// How long `new project` waits for the devcontainer's create steps.
+const POST_CREATE_WAIT: Duration = Duration::from_secs(600);
+
 impl LocalProvisioner {
     /// Writes the config disk: network, dev's uid, keys, the VM's host key.
     pub(super) async fn write_config(
@@ -42,6 +48,26 @@ impl LocalProvisioner {
         };
         write("env", &env, 0o644)?;
         write("authorized_keys", &keys, 0o644)?;
+        // The repository's devcontainer.json, read again at every boot so
+        // that an edit applies on the next start: the guest's init runs the
+        // create steps once and postStartCommand every time, and gives
+        // every session the environment.
+        let stack_env = Stacks::load(&self.s.stacks_dir)
+            .get(&r.stack)
+            .map(|s| s.file.env.clone())
+            .unwrap_or_default();
+        if let Some(d) = crate::devcontainer::load(&r.source, &stack_env).parsed() {
+            if let Some(script) = d.create_script() {
+                write(DEVCONTAINER_CREATE, &script, 0o644)?;
+            }
+            if let Some(script) = d.start_script() {
+                write(DEVCONTAINER_START, &script, 0o644)?;
+            }
+            if !d.env.is_empty() {
+                write("environment", &d.ssh_environment(), 0o644)?;
+                write("environment.sh", &d.shell_environment(), 0o644)?;
+            }
+        }
         for (f, mode) in [
             ("ssh_host_ed25519_key", 0o600),
             ("ssh_host_ed25519_key.pub", 0o644),
@@ -173,6 +199,47 @@ impl LocalProvisioner {
             "the VM did not become ready within {} s (workspace mounted: {workspace}, sshd listening: {sshd})",
             self.s.boot_timeout.as_secs()
         ))
+    }
+
+    /// Waits for the guest to finish the devcontainer's create steps (its
+    /// init runs them on the first boot) and says how they went.
+    pub(super) async fn wait_post_create(&self, r: &VmRecord) -> String {
+        let start = Instant::now();
+        let log = "/var/log/kennel/post-create.log";
+        while start.elapsed() < POST_CREATE_WAIT {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let Ok(out) = self
+                .ssh_exec(
+                    r,
+                    "cat /var/log/kennel/post-create.status 2>/dev/null || echo running",
+                )
+                .await
+            else {
+                continue;
+            };
+            let status = out.trim();
+            if status == "running" {
+                continue;
+            }
+            let secs = start.elapsed().as_secs();
+            if status == "0" {
+                return format!(
+                    "devcontainer postCreateCommand finished in {secs} s (exit 0); its output is in {log} in the VM"
+                );
+            }
+            let last = self
+                .ssh_exec(r, &format!("tail -n 5 {log}"))
+                .await
+                .unwrap_or_default();
+            return format!(
+                "devcontainer postCreateCommand failed (exit {status}) after {secs} s; the project runs without it. Last lines of {log} in the VM:\n{}",
+                last.trim_end()
+            );
+        }
+        format!(
+            "devcontainer postCreateCommand still runs after {} s; follow it with: tail -f {log} (in the VM)",
+            POST_CREATE_WAIT.as_secs()
+        )
     }
 
     pub(super) async fn graceful_stop(&self, r: &VmRecord) -> Result<(), ProvisionError> {

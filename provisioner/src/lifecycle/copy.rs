@@ -120,6 +120,7 @@ impl LocalProvisioner {
                 source_path: dest_source.display().to_string(),
                 notes: vec![format!("a copy of {from}")],
                 status,
+                app_port: None,
             })
         }
         .await;

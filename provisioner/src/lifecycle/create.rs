@@ -45,16 +45,45 @@ impl LocalProvisioner {
         let source_ms = ms(t_source);
         notes.push(format!("source: {summary}, at {}", source.display()));
         // Stack: asked for, or detected from the tree.
+        let stacks = Stacks::load(&self.s.stacks_dir);
         let stack = match &req.stack {
             Some(s) => s.clone(),
             None => {
-                let stacks = Stacks::load(&self.s.stacks_dir);
                 let d = stacks.detect(&source);
                 notes.push(format!("stack {}", d.summary()));
                 notes.extend(d.warnings.iter().cloned());
                 d.stack
             }
         };
+        let stack_file = stacks.get(&stack).map(|s| s.file.clone());
+        notes.extend(crate::pins::differences(
+            &crate::pins::find(&source),
+            &stack,
+            &stack_file
+                .as_ref()
+                .map(|f| f.versions.clone())
+                .unwrap_or_default(),
+        ));
+        // The repository's devcontainer.json: its first forwarded port is
+        // the app's; a detected stack brings its own default port.
+        let devcontainer = crate::devcontainer::load(
+            &source,
+            &stack_file
+                .as_ref()
+                .map(|f| f.env.clone())
+                .unwrap_or_default(),
+        );
+        notes.extend(devcontainer.notes(&stack));
+        let app_port = devcontainer
+            .parsed()
+            .and_then(|d| d.ports.first().copied())
+            .or_else(|| {
+                req.stack
+                    .is_none()
+                    .then(|| stack_file.as_ref().map(|f| f.app_port))
+                    .flatten()
+            })
+            .unwrap_or(req.app_port);
         step(progress, Stage::Stack, Some(stack.clone()));
         let mut timings = Timings {
             source_ms,
@@ -77,13 +106,13 @@ impl LocalProvisioner {
         }
         std::fs::create_dir_all(&dir).map_err(|e| failed(Stage::Disk, e.to_string()))?;
         // Everything from here on is rolled back on failure.
-        let slot = self.allocate_slot(name, req.app_port, &[]).await?;
+        let slot = self.allocate_slot(name, app_port, &[]).await?;
         let m = self.machine(
             name,
             &k,
             req.resources.vcpus,
             req.resources.memory_mib,
-            net::attach(&self.s.network, slot, req.app_port),
+            net::attach(&self.s.network, slot, app_port),
         );
         let longest = [&m.virtiofs_socket, &m.control_socket]
             .iter()
@@ -134,7 +163,7 @@ impl LocalProvisioner {
             } else {
                 gid
             },
-            app_port: req.app_port,
+            app_port,
             machine: m,
         };
         // Slots are per data directory but addresses per host: another
@@ -154,9 +183,9 @@ impl LocalProvisioner {
                         "the VM's address was taken meanwhile; taking another slot"
                     );
                     taken.push(record.slot);
-                    let slot = self.allocate_slot(name, req.app_port, &taken).await?;
+                    let slot = self.allocate_slot(name, app_port, &taken).await?;
                     record.slot = slot;
-                    record.machine.net = net::attach(&self.s.network, slot, req.app_port);
+                    record.machine.net = net::attach(&self.s.network, slot, app_port);
                 }
                 other => break other?,
             }
@@ -175,11 +204,20 @@ impl LocalProvisioner {
                 Err(e) => format!("post-create failed ({cmd}): {e}"),
             });
         }
+        if devcontainer.parsed().is_some_and(|d| !d.create.is_empty()) {
+            step(
+                progress,
+                Stage::Ready,
+                Some("running the devcontainer.json's postCreateCommand".into()),
+            );
+            notes.push(self.wait_post_create(&record).await);
+        }
         Ok(Created {
             stack,
             source_path: source.display().to_string(),
             notes,
             status,
+            app_port: (app_port != req.app_port).then_some(app_port),
         })
     }
 

@@ -4,6 +4,10 @@ if [ -r /etc/kennel/stack.env ]; then
   . /etc/kennel/stack.env
   set +a
 fi
+# The repository's devcontainer.json remoteEnv/containerEnv.
+if [ -r /etc/kennel/devcontainer.env ]; then
+  . /etc/kennel/devcontainer.env
+fi
 if [ -n "${PS1:-}" ] && [ "$PWD" = "$HOME" ] && [ -d /workspace ]; then
   cd /workspace
 fi
