@@ -342,6 +342,14 @@ fn a_devcontainer_json_runs_in_the_guest_and_sets_its_environment() {
 "#,
     )
     .unwrap();
+    // A person's directory, not root's: dev in the VM takes its owner.
+    for p in [
+        &src,
+        &src.join(".devcontainer"),
+        &src.join(".devcontainer/devcontainer.json"),
+    ] {
+        std::os::unix::fs::chown(p, Some(1000), Some(1000)).unwrap();
+    }
     let out = k.exec_ok("new project dc --adopt --stack base --cpus 1 --memory 512M --disk 2G");
     assert!(
         out.contains("devcontainer postCreateCommand finished in"),

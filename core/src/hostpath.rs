@@ -367,7 +367,7 @@ mod tests {
         symlink(d.path(), root.join("up")).unwrap();
         rustix::fs::mkfifoat(
             rustix::fs::CWD,
-            &root.join("fifo"),
+            root.join("fifo"),
             Mode::from_raw_mode(0o600),
         )
         .unwrap();

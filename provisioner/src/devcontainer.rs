@@ -434,7 +434,7 @@ fn local_port(v: &Value) -> Option<u16> {
             .filter(|p| *p > 0),
         Value::String(s) => {
             let port = match s.rsplit_once(':') {
-                Some((host, port)) if matches!(host, "localhost" | "127.0.0.1" | "0.0.0.0") => port,
+                Some(("localhost" | "127.0.0.1" | "0.0.0.0", port)) => port,
                 Some(_) => return None,
                 None => s.as_str(),
             };

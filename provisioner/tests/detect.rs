@@ -327,3 +327,32 @@ fn a_top_level_manifest_beats_more_files_deeper_down() {
         d.warnings
     );
 }
+
+#[test]
+fn the_docs_list_every_stack_with_its_rules() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let docs = std::fs::read_to_string(root.join("docs/stacks.md")).unwrap();
+    let s = stacks();
+    for st in &s.stacks {
+        assert!(
+            docs.contains(&format!("### {}\n", st.name())),
+            "docs/stacks.md lacks {}",
+            st.name()
+        );
+        for r in &st.file.detect.rules {
+            assert!(
+                docs.contains(&format!("| `{}` | {} |", r.glob, r.weight)),
+                "docs/stacks.md lacks {}'s rule {}",
+                st.name(),
+                r.glob
+            );
+        }
+    }
+    for l in &s.unsupported {
+        assert!(
+            docs.contains(&format!("| {} |", l.name)),
+            "docs/stacks.md lacks {}",
+            l.name
+        );
+    }
+}

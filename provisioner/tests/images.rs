@@ -185,3 +185,49 @@ fn kernel_base_rust_and_node_images() {
         infos.iter().map(|i| &i.id).collect::<Vec<_>>()
     );
 }
+
+/// The version of an installed package, from the image's dpkg status.
+fn package_version(image: &Path, package: &str) -> Option<String> {
+    let status = file(image, "/var/lib/dpkg/status");
+    status
+        .split("\n\n")
+        .find(|p| p.lines().next() == Some(&format!("Package: {package}")))?
+        .lines()
+        .find_map(|l| l.strip_prefix("Version: "))
+        .map(str::to_owned)
+}
+
+#[test]
+fn the_php_image_has_php_and_composer_at_the_versions_its_stack_names() {
+    let (_, infos) = build(&["php"]);
+    let php = infos[0].rootfs();
+    for p in [
+        "/usr/bin/php",
+        "/usr/bin/composer",
+        "/usr/bin/unzip",
+        "/usr/bin/git",
+    ] {
+        assert!(exists(&php, p), "the php image lacks {p}");
+    }
+    assert_eq!(file(&php, "/etc/kennel/stack").trim(), "php");
+    assert!(!exists(&php, "/usr/bin/node"), "no node unless asked for");
+    // The stack file's [versions] (what the reply compares pins with) are
+    // what the image holds.
+    let stack = Stacks::load(&repo().join("stacks"));
+    let versions = &stack.get("php").unwrap().file.versions;
+    let cli = package_version(&php, "php8.2-cli").expect("php8.2-cli installed");
+    assert!(cli.starts_with(&versions["php"]), "{cli} vs {versions:?}");
+    let composer = package_version(&php, "composer").expect("composer installed");
+    assert!(
+        composer.starts_with(&versions["composer"]),
+        "{composer} vs {versions:?}"
+    );
+    for ext in [
+        "php8.2-mbstring",
+        "php8.2-xml",
+        "php8.2-curl",
+        "php8.2-sqlite3",
+    ] {
+        assert!(package_version(&php, ext).is_some(), "{ext}");
+    }
+}
