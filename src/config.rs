@@ -38,10 +38,21 @@ pub struct Config {
     pub https: HttpsConfig,
     pub vm: VmConfig,
     pub images: ImagesConfig,
+    pub git: GitConfig,
     /// The Matrix bot (runs when `matrix.homeserver` is set).
     pub matrix: kennel_bot::config::MatrixConfig,
     /// The Discord bot (runs when `discord.token` is set).
     pub discord: kennel_bot::config::DiscordConfig,
+}
+
+/// Cloning members' `--git` URLs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GitConfig {
+    /// Hosts (as written in URLs: names or addresses) members may clone
+    /// from although they resolve to loopback, link-local or private
+    /// addresses, e.g. an internal GitLab. Admins may clone from anywhere.
+    pub allow_private_hosts: Vec<String>,
 }
 
 /// Stacks, templates and guest images.
@@ -211,6 +222,7 @@ impl Default for Config {
             https: HttpsConfig::default(),
             vm: VmConfig::default(),
             images: ImagesConfig::default(),
+            git: GitConfig::default(),
             matrix: Default::default(),
             discord: Default::default(),
         }

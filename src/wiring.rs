@@ -78,6 +78,7 @@ pub fn provisioner(config: &Config, store: &Store) -> Result<Arc<LocalProvisione
         project_roots: vec![std::path::absolute(config.projects_root()).map_err(|e| e.to_string())?],
         default_owner: config.default_owner().map_err(|e| e.to_string())?,
         online: config.vm.online,
+        git_allow_private_hosts: config.git.allow_private_hosts.clone(),
     };
     Ok(Arc::new(LocalProvisioner::new(
         settings,

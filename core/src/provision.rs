@@ -105,6 +105,10 @@ pub struct CreateRequest {
     /// Author of the initial commit and `user.name`/`user.email` in the repo.
     pub author_name: String,
     pub author_email: String,
+    /// A member's request: every git URL fetched must name a public host
+    /// (not loopback, link-local or the host's networks), and redirects
+    /// are not followed. Admins' clones go anywhere.
+    pub public_hosts_only: bool,
 }
 
 /// A project the provisioner created: what it resolved, and the VM.
@@ -349,6 +353,8 @@ pub mod testing {
         pub keys_dir: Mutex<Option<std::path::PathBuf>>,
         /// What `cpu_time` reports per project (none when unset).
         pub cpu: Mutex<BTreeMap<String, std::time::Duration>>,
+        /// The last create request.
+        pub last_create: Mutex<Option<CreateRequest>>,
     }
 
     impl RecordingProvisioner {
@@ -424,6 +430,9 @@ pub mod testing {
         ) -> Result<Created, ProvisionError> {
             let p = req.project.as_str();
             self.record("create", p);
+            if let Ok(mut last) = self.last_create.lock() {
+                *last = Some(req.clone());
+            }
             let fail = self.fail_next_create.lock().ok().and_then(|mut f| f.take());
             let delay = self.create_delay.lock().map(|d| *d).unwrap_or_default();
             tokio::time::sleep(delay).await;

@@ -138,6 +138,17 @@ async fn members_see_only_their_projects_and_shares() {
     let a = Identity::new(Frontend::Discord, "2001");
     let b = Identity::new(Frontend::Discord, "2002");
     w.run(&a, "new project alpha").await.unwrap();
+    // A member's clones may reach only public hosts; an admin's anywhere.
+    let guarded = |w: &kennel_core::testing::World| {
+        w.vms
+            .last_create
+            .lock()
+            .unwrap()
+            .as_ref()
+            .unwrap()
+            .public_hosts_only
+    };
+    assert!(guarded(&w), "a member's create is guarded");
     assert!(refused(&w.run(&b, "status alpha").await).contains("no project"));
     assert!(refused(&w.run(&b, "status nothere").await).contains("no project"));
     w.run(&a, "share alpha u2002 --web").await.unwrap();
@@ -152,6 +163,8 @@ async fn members_see_only_their_projects_and_shares() {
         panic!()
     };
     assert_eq!(projects.len(), 1);
+    w.run(&w_admin, "new project beta").await.unwrap();
+    assert!(!guarded(&w), "an admin's create is not");
 }
 
 #[tokio::test]

@@ -20,6 +20,7 @@ pub mod image;
 pub mod kernel;
 pub mod lifecycle;
 pub mod net;
+pub mod netguard;
 pub mod pins;
 pub mod process;
 pub mod select;

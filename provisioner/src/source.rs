@@ -29,6 +29,9 @@ pub struct SourcePlan<'a> {
     pub author_email: &'a str,
     /// Owner for what Kennel creates (when it runs as root).
     pub owner: (u32, u32),
+    /// For members: the hosts every URL fetched may name (no private,
+    /// loopback or link-local ones), and no redirects.
+    pub guard: Option<&'a crate::netguard::NetGuard>,
 }
 
 /// What was done.
@@ -127,6 +130,9 @@ fn clone(
         url: url.to_owned(),
         message,
     };
+    if let Some(g) = plan.guard {
+        g.check(url).map_err(fail)?;
+    }
     let mut last = Instant::now()
         .checked_sub(Duration::from_secs(2))
         .unwrap_or_else(Instant::now);
@@ -173,11 +179,15 @@ fn clone(
     });
     let mut fetch = FetchOptions::new();
     fetch.remote_callbacks(callbacks);
+    if plan.guard.is_some() {
+        // A redirect would take the clone to a host never checked.
+        fetch.follow_redirects(git2::RemoteRedirect::None);
+    }
     let repo = RepoBuilder::new()
         .fetch_options(fetch)
         .clone(url, plan.path)
         .map_err(|e| fail(e.message().to_owned()))?;
-    update_submodules(&repo).map_err(|e| fail(format!("submodules: {}", e.message())))?;
+    update_submodules(&repo, plan.guard).map_err(|e| fail(format!("submodules: {e}")))?;
     set_identity(&repo, plan).map_err(|e| fail(e.message().to_owned()))?;
     let head = repo
         .head()
@@ -189,11 +199,25 @@ fn clone(
     })
 }
 
-fn update_submodules(repo: &Repository) -> Result<(), git2::Error> {
-    for mut sub in repo.submodules()? {
-        sub.update(true, None)?;
+fn update_submodules(
+    repo: &Repository,
+    guard: Option<&crate::netguard::NetGuard>,
+) -> Result<(), String> {
+    for mut sub in repo.submodules().map_err(|e| e.message().to_owned())? {
+        let mut opts = git2::SubmoduleUpdateOptions::new();
+        if let Some(g) = guard {
+            // Each submodule is a fetch of its own, from its own URL.
+            let url = sub.url().ok().flatten().unwrap_or_default().to_owned();
+            g.check(&url)
+                .map_err(|e| format!("{} ({url}): {e}", sub.name().unwrap_or("?")))?;
+            let mut fetch = FetchOptions::new();
+            fetch.follow_redirects(git2::RemoteRedirect::None);
+            opts.fetch(fetch);
+        }
+        sub.update(true, Some(&mut opts))
+            .map_err(|e| e.message().to_owned())?;
         if let Ok(inner) = sub.open() {
-            update_submodules(&inner)?;
+            update_submodules(&inner, guard)?;
         }
     }
     Ok(())
@@ -316,6 +340,7 @@ mod tests {
                 rustix::process::geteuid().as_raw(),
                 rustix::process::getegid().as_raw(),
             ),
+            guard: None,
         }
     }
 

@@ -67,6 +67,7 @@ impl Executor {
             git_token: None,
             author_name: user.name.to_string(),
             author_email: self.email_of(who, &user),
+            public_hosts_only: false,
         };
         let result = self.vms.copy(name, &req, progress).await;
         self.finish_create(reserved, result, progress).await
@@ -338,6 +339,7 @@ impl Executor {
             git_token,
             author_name: user.name.to_string(),
             author_email: self.email_of(who, &user),
+            public_hosts_only: !call.is_admin(),
         };
         let result = self.vms.create(&req, progress).await;
         self.finish_create(reserved, result, progress).await

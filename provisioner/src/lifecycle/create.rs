@@ -239,6 +239,9 @@ impl LocalProvisioner {
         let (name, email) = (req.author_name.clone(), req.author_email.clone());
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u8, String)>();
         let root = self.root_for(&path, Stage::Validated)?.root().to_owned();
+        let guard = req.public_hosts_only.then(|| crate::netguard::NetGuard {
+            allowed: self.s.git_allow_private_hosts.clone(),
+        });
         let mut job = tokio::task::spawn_blocking(move || {
             let plan = crate::source::SourcePlan {
                 root: &root,
@@ -251,6 +254,7 @@ impl LocalProvisioner {
                 author_name: &name,
                 author_email: &email,
                 owner,
+                guard: guard.as_ref(),
             };
             crate::source::prepare(&plan, &mut |pct, detail| {
                 let _ = tx.send((pct, detail));

@@ -69,6 +69,9 @@ pub struct Settings {
     pub default_owner: (u32, u32),
     /// Tell guests they can reach the internet (runs first-boot steps).
     pub online: bool,
+    /// Hosts members may clone from although they are private
+    /// (`git.allow_private_hosts`).
+    pub git_allow_private_hosts: Vec<String>,
 }
 
 /// What Kennel remembers about a VM, in `vms/<name>/vm.json`.

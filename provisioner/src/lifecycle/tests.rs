@@ -276,6 +276,7 @@ fn rig() -> Rig {
         project_roots: vec![root.join("projects")],
         default_owner: (uid, gid),
         online: false,
+        git_allow_private_hosts: Vec::new(),
     };
     let store = Store::open_in_memory().unwrap();
     let (vmm, fs, runner) = (
@@ -330,6 +331,7 @@ impl Rig {
             git_token: None,
             author_name: "ann".into(),
             author_email: "ann@example.org".into(),
+            public_hosts_only: false,
         }
     }
 
