@@ -39,10 +39,43 @@ pub struct Config {
     pub vm: VmConfig,
     pub images: ImagesConfig,
     pub git: GitConfig,
+    pub metrics: MetricsConfig,
     /// The Matrix bot (runs when `matrix.homeserver` is set).
     pub matrix: kennel_bot::config::MatrixConfig,
     /// The Discord bot (runs when `discord.token` is set).
     pub discord: kennel_bot::config::DiscordConfig,
+}
+
+/// Prometheus metrics.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where `/metrics` is served (plain HTTP: keep it on loopback or a
+    /// private network). `""` turns metrics off.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+impl MetricsConfig {
+    /// The address, `None` when off.
+    pub fn addr(&self) -> anyhow::Result<Option<std::net::SocketAddr>> {
+        let l = self.listen.trim();
+        if l.is_empty() || l == "off" {
+            return Ok(None);
+        }
+        l.parse().map(Some).map_err(|_| {
+            anyhow::anyhow!(
+                "metrics.listen {l:?} is not an address like 127.0.0.1:9464 (or \"\" for off)"
+            )
+        })
+    }
 }
 
 /// Cloning members' `--git` URLs.
@@ -223,6 +256,7 @@ impl Default for Config {
             vm: VmConfig::default(),
             images: ImagesConfig::default(),
             git: GitConfig::default(),
+            metrics: MetricsConfig::default(),
             matrix: Default::default(),
             discord: Default::default(),
         }

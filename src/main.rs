@@ -30,6 +30,7 @@ mod datadir;
 mod doctor;
 mod image_cmd;
 mod logging;
+mod metrics;
 mod serve;
 mod stacks_cmd;
 mod wiring;

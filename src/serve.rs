@@ -20,6 +20,19 @@ pub async fn run(config: &Config) -> Result<()> {
     let dir = DataDir::new(&config.data_dir);
     let _lock = dir.lock()?;
     let store = wiring::store(&dir)?;
+    // Metrics first, so that start-up (reconcile) is counted too.
+    let metrics_addr = config.metrics.addr()?;
+    if let Err(e) = crate::metrics::install(metrics_addr) {
+        tracing::warn!(error = format!("{e:#}"), "running without metrics");
+    }
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_task = tokio::spawn(crate::metrics::sample(
+        store.clone(),
+        dir.db(),
+        async move {
+            let _ = metrics_stopped.await;
+        },
+    ));
     let (exec, local) = wiring::executor(config, store)?;
     match &local {
         Some(p) => {
@@ -126,6 +139,8 @@ pub async fn run(config: &Config) -> Result<()> {
     for bot in bots {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), bot).await;
     }
+    let _ = stop_metrics.send(());
+    let _ = metrics_task.await;
     let _ = std::fs::remove_file(&socket);
     tracing::info!("kennel serve stopped");
     crate::logging::tell(format_args!("kennel serve: stopped"));

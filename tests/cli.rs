@@ -490,3 +490,78 @@ fn stacks_detect_explains_a_repository_before_a_project_exists() {
         .failure()
         .stderr(predicate::str::contains("is not a directory"));
 }
+
+/// `GET /metrics` over plain HTTP/1.0.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn serve_exports_prometheus_metrics_on_their_own_listener() {
+    let d = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = StdCommand::new(assert_cmd::cargo::cargo_bin("kennel"))
+        .current_dir(d.path())
+        .env("HOME", d.path())
+        .env_remove("KENNEL_CONFIG")
+        .env("KENNEL_VM__BACKEND", "none")
+        .env("KENNEL_SSH__LISTEN", "127.0.0.1:0")
+        .env("KENNEL_HTTPS__LISTEN", "127.0.0.1:0")
+        .env("KENNEL_METRICS__LISTEN", &addr)
+        .env("RUST_LOG", "warn")
+        .args(["serve"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _daemon = Daemon(child);
+    let sock = d.path().join("kennel-data/control.sock");
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the daemon did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    kennel(d.path()).args(["exec", "whoami"]).assert().success();
+    kennel(d.path())
+        .args(["exec", "status nothere"])
+        .assert()
+        .code(1);
+    let m = scrape(&addr);
+    assert!(
+        m.starts_with("HTTP/1.1 200") || m.starts_with("HTTP/1.0 200"),
+        "{m}"
+    );
+    for want in [
+        "# HELP kennel_commands_total",
+        "kennel_commands_total{frontend=\"cli\",command=\"whoami\",outcome=\"ok\"} 1",
+        "kennel_commands_total{frontend=\"cli\",command=\"status\",outcome=\"not_found\"} 1",
+        "kennel_projects{state=\"running\"} 0",
+        "# TYPE kennel_store_bytes gauge",
+    ] {
+        assert!(m.contains(want), "{want} not in:\n{m}");
+    }
+    // A bad address is refused with what to write instead.
+    let d2 = tempfile::tempdir().unwrap();
+    kennel(d2.path())
+        .env("KENNEL_METRICS__LISTEN", "not an address")
+        .args(["serve"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains(
+            "metrics.listen \"not an address\" is not an address",
+        ));
+}

@@ -32,7 +32,14 @@ pub enum Stage {
 
 impl fmt::Display for Stage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = match self {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Stage {
+    /// The stage's name, as progress and metrics show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
             Stage::Validated => "validated",
             Stage::Queued => "queued",
             Stage::Cloning => "cloning",
@@ -43,8 +50,7 @@ impl fmt::Display for Stage {
             Stage::Ready => "ready",
             Stage::Stopping => "stopping",
             Stage::Destroying => "destroying",
-        };
-        f.write_str(s)
+        }
     }
 }
 

@@ -83,7 +83,11 @@ impl client::Handler for Upstream {
         if let Some(client) = &self.agent_to {
             if let Ok(to_client) = client.channel_open_agent().await {
                 reply.accept().await;
-                tokio::spawn(splice(channel.into_stream(), to_client.into_stream()));
+                tokio::spawn(splice(
+                    "agent",
+                    to_client.into_stream(),
+                    channel.into_stream(),
+                ));
             }
         }
         Ok(())

@@ -304,6 +304,20 @@ impl Executor {
         );
         async move {
             let out = self.authorized(who, user.as_ref(), cmd.clone(), progress, 0).await;
+            metrics::counter!(
+                "kennel_commands_total",
+                "frontend" => who.frontend.as_str(),
+                "command" => cmd.name(),
+                "outcome" => match &out {
+                    Ok(_) => "ok",
+                    Err(CommandError::Usage(_)) => "usage",
+                    Err(CommandError::Refused(_)) => "refused",
+                    Err(CommandError::NotFound(_)) => "not_found",
+                    Err(CommandError::Conflict(_)) => "conflict",
+                    Err(_) => "failed",
+                },
+            )
+            .increment(1);
             match &out {
                 Ok(_) => tracing::debug!("done"),
                 Err(CommandError::Usage(_) | CommandError::Refused(_) | CommandError::NotFound(_) | CommandError::Conflict(_)) => {

@@ -448,7 +448,11 @@ impl Inner {
             let (me, own) = (me.clone(), own.clone());
             async move { Ok::<_, Infallible>(me.handle(req, peer, own.as_ref()).await) }
         });
-        if let Err(e) = b.serve_connection_with_upgrades(io, svc).await {
+        metrics::counter!("kennel_https_connections_total").increment(1);
+        metrics::gauge!("kennel_https_connections_open").increment(1.0);
+        let served = b.serve_connection_with_upgrades(io, svc).await;
+        metrics::gauge!("kennel_https_connections_open").decrement(1.0);
+        if let Err(e) = served {
             tracing::debug!(%peer, error = %e, "HTTPS connection ended with an error");
         }
     }
@@ -471,6 +475,11 @@ impl Inner {
             Site::Project { name, .. } => name.to_string(),
             _ => "-".into(),
         };
+        let site_kind = match &site {
+            Site::Kennel => "kennel",
+            Site::Project { .. } => "project",
+            _ => "unknown",
+        };
         let span = tracing::info_span!("https", project = %project, peer = %peer.ip(), user = tracing::field::Empty);
         let resp = tracing::Instrument::instrument(
             async {
@@ -485,6 +494,14 @@ impl Inner {
             span.clone(),
         )
         .await;
+        metrics::counter!(
+            "kennel_https_requests_total",
+            "site" => site_kind,
+            "code" => resp.status().as_str().to_owned(),
+        )
+        .increment(1);
+        metrics::histogram!("kennel_https_request_seconds", "site" => site_kind)
+            .record(started.elapsed().as_secs_f64());
         let bytes = resp
             .headers()
             .get(header::CONTENT_LENGTH)

@@ -114,6 +114,7 @@ impl Bridge {
                 return Some(1);
             }
         };
+        let _open = super::metrics::ChannelGauge::open("session");
         let (mut up_read, up_write) = up.split();
         let client = &self.client;
         let session = &self.session;
@@ -124,9 +125,11 @@ impl Bridge {
             while let Some(msg) = up_read.wait().await {
                 match msg {
                     ChannelMsg::Data { data } => {
+                        super::metrics::bytes(0, data.len() as u64);
                         let _ = client.data_bytes(data.to_vec()).await;
                     }
                     ChannelMsg::ExtendedData { data, ext } => {
+                        super::metrics::bytes(0, data.len() as u64);
                         let _ = client.extended_data_bytes(ext, data.to_vec()).await;
                     }
                     ChannelMsg::ExitStatus { exit_status } => code = Some(exit_status),
@@ -184,7 +187,10 @@ impl Bridge {
                     Op::Shell => up_write.request_shell(false).await,
                     Op::Exec(c) => up_write.exec(false, c).await,
                     Op::Subsystem(s) => up_write.request_subsystem(false, s).await,
-                    Op::Data(d) => up_write.data_bytes(d).await,
+                    Op::Data(d) => {
+                        super::metrics::bytes(d.len() as u64, 0);
+                        up_write.data_bytes(d).await
+                    }
                     Op::Window { cols, rows, px, py } => {
                         up_write.window_change(cols, rows, px, py).await
                     }

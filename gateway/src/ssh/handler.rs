@@ -221,7 +221,7 @@ impl russh::server::Handler for Conn {
                         return;
                     };
                     reply.accept().await;
-                    splice(channel.into_stream(), up.into_stream()).await;
+                    splice("direct-tcpip", channel.into_stream(), up.into_stream()).await;
                 });
             }
             // `ssh -J HOST project`: a raw path to the project's sshd.
@@ -248,7 +248,7 @@ impl russh::server::Handler for Conn {
                         return;
                     };
                     reply.accept().await;
-                    splice(channel.into_stream(), tcp).await;
+                    splice("jump", channel.into_stream(), tcp).await;
                 });
             }
             Target::Project(_) => {}
@@ -286,7 +286,12 @@ impl russh::server::Handler for Conn {
                 return;
             };
             reply.accept().await;
-            splice(channel.into_stream(), up.into_stream()).await;
+            splice(
+                "direct-streamlocal",
+                channel.into_stream(),
+                up.into_stream(),
+            )
+            .await;
         });
         Ok(())
     }

@@ -247,6 +247,7 @@ impl russh::server::Server for SshGateway {
     type Handler = Conn;
 
     fn new_client(&mut self, peer: Option<SocketAddr>) -> Conn {
+        ::metrics::counter!("kennel_ssh_connections_total").increment(1);
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let ip = peer.map(|p| p.ip());
         let mut too_many = false;
@@ -369,13 +370,44 @@ fn unknown_key(settings: &kennel_core::Settings) -> String {
     )
 }
 
-/// Copies both ways until either side ends.
-pub(crate) async fn splice<A, B>(mut a: A, mut b: B)
+/// Copies both ways until either side ends: `a` is the client's channel,
+/// `b` the VM's side. `kind` labels the channel in the metrics.
+pub(crate) async fn splice<A, B>(kind: &'static str, mut a: A, mut b: B)
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+    let _open = metrics::ChannelGauge::open(kind);
+    if let Ok((to_vm, from_vm)) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
+        metrics::bytes(to_vm, from_vm);
+    }
+}
+
+/// The SSH gateway's metrics (docs/operations.md lists them).
+pub(crate) mod metrics {
+    /// Counts a channel into a VM and keeps it in the open gauge while it
+    /// lives.
+    pub(crate) struct ChannelGauge(&'static str);
+
+    impl ChannelGauge {
+        pub(crate) fn open(kind: &'static str) -> Self {
+            ::metrics::counter!("kennel_ssh_channels_total", "kind" => kind).increment(1);
+            ::metrics::gauge!("kennel_ssh_channels_open", "kind" => kind).increment(1.0);
+            Self(kind)
+        }
+    }
+
+    impl Drop for ChannelGauge {
+        fn drop(&mut self) {
+            ::metrics::gauge!("kennel_ssh_channels_open", "kind" => self.0).decrement(1.0);
+        }
+    }
+
+    /// Bytes carried between clients and VMs.
+    pub(crate) fn bytes(to_vm: u64, from_vm: u64) {
+        ::metrics::counter!("kennel_ssh_bytes_total", "direction" => "to_vm").increment(to_vm);
+        ::metrics::counter!("kennel_ssh_bytes_total", "direction" => "from_vm").increment(from_vm);
+    }
 }
 
 /// One client session channel.

@@ -117,11 +117,18 @@ impl LocalProvisioner {
                 &dir.join("virtiofsd.pid"),
             )
             .await
-            .map_err(|e| failed(Stage::Booting, anyhow_chain(&e)))?;
+            .map_err(|e| {
+                metrics::counter!("kennel_boots_total", "outcome" => "failed").increment(1);
+                metrics::counter!("kennel_boot_failures_total", "cause" => "virtiofsd")
+                    .increment(1);
+                failed(Stage::Booting, anyhow_chain(&e))
+            })?;
         let offset = std::fs::metadata(&m.console_log)
             .map(|md| md.len())
             .unwrap_or(0);
         if let Err(e) = self.vmm.boot(m).await {
+            metrics::counter!("kennel_boots_total", "outcome" => "failed").increment(1);
+            metrics::counter!("kennel_boot_failures_total", "cause" => "vmm_start").increment(1);
             Virtiofsd::stop(&dir.join("virtiofsd.pid"), &m.virtiofs_socket).await;
             let err = failed(Stage::Booting, anyhow_chain(&e));
             return Err(match e {
@@ -137,6 +144,7 @@ impl LocalProvisioner {
         timings.spawn_ms = ms(t);
         match self.wait_ready(m, offset).await {
             Ok((boot, sshd)) => {
+                metrics::counter!("kennel_boots_total", "outcome" => "ok").increment(1);
                 timings.boot_ms = boot;
                 timings.sshd_ms = sshd;
                 if let Ok(json) = serde_json::to_vec_pretty(timings) {
@@ -151,6 +159,15 @@ impl LocalProvisioner {
                 })
             }
             Err(why) => {
+                let cause = if why.contains("virtio-fs") {
+                    "workspace"
+                } else if why.contains("VMM exited") {
+                    "vmm_exited"
+                } else {
+                    "timeout"
+                };
+                metrics::counter!("kennel_boots_total", "outcome" => "failed").increment(1);
+                metrics::counter!("kennel_boot_failures_total", "cause" => cause).increment(1);
                 let console = std::fs::read_to_string(&m.console_log).unwrap_or_default();
                 let _ = self.vmm.force_stop(m).await;
                 Virtiofsd::stop(&dir.join("virtiofsd.pid"), &m.virtiofs_socket).await;

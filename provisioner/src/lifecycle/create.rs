@@ -204,6 +204,18 @@ impl LocalProvisioner {
                 Err(e) => format!("post-create failed ({cmd}): {e}"),
             });
         }
+        for (stage, ms) in [
+            ("source", timings.source_ms),
+            ("image", timings.image_ms),
+            ("disk", timings.disk_ms),
+            ("spawn", timings.spawn_ms),
+            ("boot", timings.boot_ms),
+            ("sshd", timings.sshd_ms),
+        ] {
+            #[allow(clippy::cast_precision_loss)] // milliseconds of one create
+            metrics::histogram!("kennel_new_project_stage_seconds", "stage" => stage)
+                .record(ms as f64 / 1000.0);
+        }
         if devcontainer.parsed().is_some_and(|d| !d.create.is_empty()) {
             step(
                 progress,

@@ -464,9 +464,17 @@ impl Provisioner for LocalProvisioner {
         match tracing::Instrument::instrument(self.create_inner(req, progress), span).await {
             Ok(c) => {
                 tracing::info!(project = %name, seconds = started.elapsed().as_secs_f64(), "VM ready");
+                metrics::histogram!("kennel_new_project_seconds")
+                    .record(started.elapsed().as_secs_f64());
                 Ok(c)
             }
             Err(e) => {
+                let stage = match &e {
+                    ProvisionError::Failed { stage, .. } => stage.as_str(),
+                    _ => "other",
+                };
+                metrics::counter!("kennel_new_project_failures_total", "stage" => stage)
+                    .increment(1);
                 let record = self.record(&name);
                 self.teardown(&name, record.as_ref()).await;
                 tracing::error!(project = %name, error = %e, "create failed; rolled back everything but the source");
