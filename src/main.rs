@@ -23,6 +23,7 @@ macro_rules! outln {
 }
 pub(crate) use outln;
 
+mod backup;
 mod bots;
 mod config;
 mod console;
@@ -84,6 +85,17 @@ enum Cmd {
     /// Build, list and remove guest images.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Copy the store (consistently, while the daemon runs) and the keys
+    /// into a new directory.
+    Backup {
+        /// Where to write the backup (a new or empty directory).
+        dir: PathBuf,
+    },
+    /// Restore a backup into a fresh data directory (--data-dir).
+    Restore {
+        /// The backup made by `kennel backup`.
+        dir: PathBuf,
+    },
     /// Check a repository against the stacks before creating a project.
     #[command(subcommand)]
     Stacks(StacksCmd),
@@ -280,6 +292,18 @@ fn real_main() -> Result<i32> {
                 out(format_args!("{}", report.to_text()));
             }
             Ok(i32::from(report.failed()))
+        }
+        Cmd::Backup { dir } => {
+            init_logging("warn");
+            let data = datadir::DataDir::new(&config.data_dir);
+            outln!("{}", backup::backup(&data, &dir)?);
+            Ok(0)
+        }
+        Cmd::Restore { dir } => {
+            init_logging("warn");
+            let data = datadir::DataDir::new(&config.data_dir);
+            outln!("{}", backup::restore(&dir, &data)?);
+            Ok(0)
         }
         Cmd::Stacks(StacksCmd::Detect { path, json }) => {
             init_logging("warn");

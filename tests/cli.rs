@@ -565,3 +565,98 @@ fn serve_exports_prometheus_metrics_on_their_own_listener() {
             "metrics.listen \"not an address\" is not an address",
         ));
 }
+
+#[test]
+fn backup_while_the_daemon_runs_and_restore_into_a_fresh_data_dir() {
+    let d = tempfile::tempdir().unwrap();
+    let child = StdCommand::new(assert_cmd::cargo::cargo_bin("kennel"))
+        .current_dir(d.path())
+        .env("HOME", d.path())
+        .env_remove("KENNEL_CONFIG")
+        .env("KENNEL_VM__BACKEND", "none")
+        .env("KENNEL_SSH__LISTEN", "127.0.0.1:0")
+        .env("KENNEL_HTTPS__LISTEN", "127.0.0.1:0")
+        .env("KENNEL_METRICS__LISTEN", "")
+        .args(["serve"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut daemon = Daemon(child);
+    let sock = d.path().join("kennel-data/control.sock");
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the daemon did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl ann@laptop";
+    kennel(d.path())
+        .args(["exec", "key", "add", key])
+        .assert()
+        .success();
+    let host_key = std::fs::read(d.path().join("kennel-data/keys/ssh_host_ed25519_key")).unwrap();
+    // While the daemon runs (it holds the data-dir lock).
+    let bk = d.path().join("bk");
+    kennel(d.path())
+        .arg("backup")
+        .arg(&bk)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("1 users"));
+    kennel(d.path())
+        .arg("backup")
+        .arg(&bk)
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("is not empty"));
+    StdCommand::new("kill")
+        .args(["-TERM", &daemon.0.id().to_string()])
+        .status()
+        .unwrap();
+    daemon.0.wait().unwrap();
+    // Into a data dir that has a store: refused, nothing touched.
+    kennel(d.path())
+        .arg("restore")
+        .arg(&bk)
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("already holds a store"));
+    // Into a fresh one: the user, the key and the gateway's host key back.
+    let fresh = d.path().join("fresh");
+    kennel(d.path())
+        .args(["--data-dir"])
+        .arg(&fresh)
+        .arg("restore")
+        .arg(&bk)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("Restored the backup"));
+    kennel(d.path())
+        .args(["--data-dir"])
+        .arg(&fresh)
+        .args(["exec", "keys"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("ann@laptop"));
+    assert_eq!(
+        std::fs::read(fresh.join("keys/ssh_host_ed25519_key")).unwrap(),
+        host_key
+    );
+    // A changed file is caught before anything is written.
+    std::fs::write(bk.join("kennel.db"), b"tampered").unwrap();
+    let other = d.path().join("other");
+    kennel(d.path())
+        .args(["--data-dir"])
+        .arg(&other)
+        .arg("restore")
+        .arg(&bk)
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains(
+            "does not match the backup's manifest",
+        ));
+    assert!(!other.join("kennel.db").exists());
+}

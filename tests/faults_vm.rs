@@ -304,3 +304,55 @@ fn a_daemon_killed_during_an_image_build_leaves_no_mounts_or_half_image() {
     );
     assert!(projects(&k).is_empty());
 }
+
+/// A data directory lost and restored from `kennel backup` (taken while
+/// the daemon ran): the project is back in the store with its keys, and
+/// `start` builds it a new VM over the source, which was never touched.
+#[test]
+fn a_restored_data_dir_gets_its_projects_back_and_start_rebuilds_the_vm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut k = Kennel::new(tmp.path());
+    k.start_serve();
+    k.exec_ok(&format!("new project kept {SMALL}"));
+    let data = tmp.path().join("kennel-data");
+    let src = data.join("projects/kept");
+    std::fs::write(src.join("notes.txt"), "mine\n").unwrap();
+    let bk = tmp.path().join("backup");
+    let out = k.cmd().arg("backup").arg(&bk).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("1 projects"),
+        "{out:?}"
+    );
+    k.exec_ok("stop kept");
+    k.kill_serve("-TERM");
+    // The data directory is lost; the projects root (the operator's own
+    // backup) and the shared image cache are put back.
+    let lost = tmp.path().join("lost");
+    std::fs::rename(&data, &lost).unwrap();
+    std::fs::create_dir_all(data.join("projects")).unwrap();
+    std::fs::rename(lost.join("projects/kept"), &src).unwrap();
+    std::os::unix::fs::symlink(
+        std::fs::read_link(lost.join("images")).unwrap(),
+        data.join("images"),
+    )
+    .unwrap();
+    let out = k.cmd().arg("restore").arg(&bk).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    k.start_serve();
+    let (state, _) = k.state("kept");
+    assert_eq!(state, "stopped");
+    let out = k.exec_ok("start kept");
+    assert!(out.contains("kept"), "{out}");
+    assert_eq!(k.ssh_ok("kept", "cat /workspace/notes.txt"), "mine\n");
+    assert!(vm_running(&k, "kept"));
+    std::fs::remove_dir_all(&lost).ok();
+}

@@ -216,10 +216,19 @@ pub enum CommandError {
     #[error("{0}")]
     Provision(#[from] ProvisionError),
     /// The store failed; details go to the log, not the user (exit 1).
-    #[error(
-        "Kennel could not read or write its database; an operator should check the server log"
-    )]
+    #[error("{}", store_message(.0))]
     Store(#[from] StoreError),
+}
+
+/// What a user is told when the store fails: a full disk says so (nothing
+/// of theirs was half-saved); anything else is for the operator's log.
+fn store_message(e: &StoreError) -> &'static str {
+    match e {
+        StoreError::Full => {
+            "Kennel's disk is full, so this change was not saved (nothing else was lost); tell an operator"
+        }
+        _ => "Kennel could not read or write its database; an operator should check the server log",
+    }
 }
 
 impl CommandError {

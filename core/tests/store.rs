@@ -104,3 +104,142 @@ async fn two_concurrent_writers_lose_no_updates() {
         .unwrap();
     assert_eq!(n, 400);
 }
+
+fn users(s: &Store) -> u64 {
+    s.call_blocking(|c| repo::count_users(c)).unwrap()
+}
+
+#[test]
+fn a_damaged_file_is_refused_at_open_and_left_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    // Not a database at all.
+    let db = dir.path().join("garbage.db");
+    std::fs::write(&db, vec![0x5a; 8192]).unwrap();
+    let e = Store::open(&db).unwrap_err();
+    assert!(matches!(e, StoreError::Damaged { .. }), "{e:?}");
+    assert!(e.to_string().contains("kennel restore"), "{e}");
+    assert_eq!(
+        std::fs::read(&db).unwrap(),
+        vec![0x5a; 8192],
+        "nothing was changed"
+    );
+    // A real store whose later pages were overwritten.
+    let db = dir.path().join("kennel.db");
+    let s = Store::open(&db).unwrap();
+    for i in 0..200 {
+        s.call_blocking(move |c| {
+            repo::create_user(c, &UserName::new(&format!("u{i}")).unwrap(), Role::Member)
+        })
+        .unwrap();
+    }
+    s.call_blocking(|c| Ok(c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?))
+        .unwrap();
+    drop(s);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let mut bytes = std::fs::read(&db).unwrap();
+    assert!(bytes.len() > 4 * 4096, "{}", bytes.len());
+    for b in bytes.iter_mut().skip(2 * 4096).take(2 * 4096) {
+        *b = 0xff;
+    }
+    std::fs::write(&db, &bytes).unwrap();
+    let e = Store::open(&db).unwrap_err();
+    assert!(matches!(e, StoreError::Damaged { .. }), "{e:?}");
+}
+
+#[test]
+fn a_full_disk_loses_only_the_change_being_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("kennel.db")).unwrap();
+    s.call_blocking(|c| repo::create_user(c, &UserName::new("ann").unwrap(), Role::Admin))
+        .unwrap();
+    // SQLite reports a full disk when the file may not grow: the same
+    // error a full filesystem gives (SQLITE_FULL).
+    s.call_blocking(|c| {
+        let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        c.pragma_update(None, "max_page_count", pages)?;
+        Ok(())
+    })
+    .unwrap();
+    let mut full = None;
+    for i in 0..500 {
+        match s.call_blocking(move |c| {
+            repo::create_user(c, &UserName::new(&format!("m{i}")).unwrap(), Role::Member)
+        }) {
+            Ok(_) => {}
+            Err(e) => {
+                full = Some(e);
+                break;
+            }
+        }
+    }
+    let e = full.expect("the store never filled up");
+    assert!(matches!(e, StoreError::Full), "{e:?}");
+    let told = kennel_core::outcome::CommandError::from(e).to_string();
+    assert!(
+        told.contains("disk is full") && told.contains("not saved"),
+        "{told}"
+    );
+    let before = users(&s);
+    assert!(before >= 1);
+    // Space again: everything committed is there, and writes work.
+    s.call_blocking(|c| Ok(c.pragma_update(None, "max_page_count", 1_000_000)?))
+        .unwrap();
+    s.call_blocking(|c| repo::create_user(c, &UserName::new("later").unwrap(), Role::Member))
+        .unwrap();
+    assert_eq!(users(&s), before + 1);
+}
+
+#[test]
+fn a_database_locked_by_another_process_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("kennel.db");
+    drop(Store::open(&db).unwrap());
+    // A sqlite3 shell holding an exclusive lock (rollback journal mode, as
+    // a shell that switched it would).
+    let other = rusqlite::Connection::open(&db).unwrap();
+    other
+        .execute_batch("PRAGMA journal_mode = DELETE; BEGIN EXCLUSIVE;")
+        .unwrap();
+    let e = Store::open(&db).unwrap_err();
+    assert!(matches!(e, StoreError::Locked { .. }), "{e:?}");
+    assert!(e.to_string().contains("locked by another process"), "{e}");
+    other.execute_batch("COMMIT").unwrap();
+    drop(other);
+    Store::open(&db).unwrap();
+}
+
+#[test]
+fn an_online_backup_is_consistent_while_a_writer_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("kennel.db");
+    let s = Store::open(&db).unwrap();
+    s.call_blocking(|c| repo::create_user(c, &UserName::new("ann").unwrap(), Role::Admin))
+        .unwrap();
+    let writer = {
+        let s = s.clone();
+        std::thread::spawn(move || {
+            for i in 0..300 {
+                s.call_blocking(move |c| {
+                    repo::create_user(c, &UserName::new(&format!("w{i}")).unwrap(), Role::Member)
+                })
+                .unwrap();
+            }
+        })
+    };
+    let copy = dir.path().join("copy.db");
+    let bytes = store::backup(&db, &copy).unwrap();
+    assert!(bytes > 0);
+    writer.join().unwrap();
+    let restored = Store::open(&copy).unwrap();
+    let n = users(&restored);
+    assert!((1..=301).contains(&n), "{n}");
+    assert!(restored
+        .call_blocking(|c| repo::user_by_name(c, &UserName::new("ann").unwrap()))
+        .unwrap()
+        .is_some());
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&copy).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+}

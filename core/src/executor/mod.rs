@@ -323,7 +323,18 @@ impl Executor {
                 Err(CommandError::Usage(_) | CommandError::Refused(_) | CommandError::NotFound(_) | CommandError::Conflict(_)) => {
                     tracing::debug!(error = %out.as_ref().err().map(|e| crate::redact::redact(&e.to_string()).into_owned()).unwrap_or_default(), "not done")
                 }
-                Err(e) => tracing::error!(error = %crate::redact::redact(&e.to_string()), "command failed"),
+                Err(e) => {
+                    // The whole chain: "database query failed" alone does
+                    // not tell an operator that the disk is full.
+                    let mut chain = e.to_string();
+                    let mut src = std::error::Error::source(e);
+                    while let Some(s) = src {
+                        chain.push_str(": ");
+                        chain.push_str(&s.to_string());
+                        src = s.source();
+                    }
+                    tracing::error!(error = %crate::redact::redact(&chain), "command failed");
+                }
             }
             // Scripts' calls over the HTTP API are all audited, reads too:
             // a token can be lost, and its use is what an operator looks for.

@@ -66,6 +66,12 @@ pub enum StoreError {
     Sqlite(#[source] rusqlite::Error),
     #[error("the store has shut down")]
     Closed,
+    #[error("the disk holding the store is full: this change was not saved (everything saved before is intact); free some space and try again")]
+    Full,
+    #[error("the database at {path} is damaged ({detail}); nothing was changed. Restore it from a backup (kennel restore), or move it aside to start empty")]
+    Damaged { path: PathBuf, detail: String },
+    #[error("the database at {path} is locked by another process (is another kennel, or a sqlite3 shell, holding it?); stop that and try again")]
+    Locked { path: PathBuf },
     #[error("cannot start the store's thread")]
     Thread(#[source] std::io::Error),
 }
@@ -87,6 +93,9 @@ pub fn classify(e: rusqlite::Error, what: &str) -> StoreError {
                 rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY => StoreError::Dangling { what },
                 _ => StoreError::Invalid { what },
             };
+        }
+        if f.code == ErrorCode::DiskFull {
+            return StoreError::Full;
         }
     }
     StoreError::Sqlite(e)
@@ -136,8 +145,10 @@ impl Store {
     }
 
     fn start(mut conn: Connection, path: Option<PathBuf>) -> Result<Self, StoreError> {
-        configure(&conn)?;
-        migrate(&mut conn)?;
+        let at = || path.clone().unwrap_or_else(|| PathBuf::from(":memory:"));
+        configure(&conn).map_err(|e| opening(e, &at()))?;
+        check(&conn).map_err(|e| opening(e, &at()))?;
+        migrate(&mut conn).map_err(|e| opening(e, &at()))?;
         let (jobs, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("kennel-store".into())
@@ -229,6 +240,77 @@ pub fn write_tx<R>(
     let r = f(&tx)?;
     tx.commit()?;
     Ok(r)
+}
+
+/// What went wrong opening a store, in the words an operator needs: a
+/// damaged file or a lock held elsewhere rather than "query failed".
+fn opening(e: StoreError, path: &Path) -> StoreError {
+    let sqlite = match &e {
+        StoreError::Sqlite(s) | StoreError::Migrate { source: s, .. } => s,
+        _ => return e,
+    };
+    match sqlite.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+            StoreError::Locked {
+                path: path.to_owned(),
+            }
+        }
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) => {
+            StoreError::Damaged {
+                path: path.to_owned(),
+                detail: sqlite.to_string(),
+            }
+        }
+        _ => e,
+    }
+}
+
+/// `PRAGMA quick_check`: the file is a database and its pages hang
+/// together. Run at every open, before any migration writes.
+pub fn check(conn: &Connection) -> Result<(), StoreError> {
+    let mut st = conn.prepare("PRAGMA quick_check")?;
+    let problems: Vec<String> = st
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<Result<_, _>>()?;
+    match problems.as_slice() {
+        [ok] if ok == "ok" => Ok(()),
+        _ => Err(StoreError::Damaged {
+            path: conn.path().map(PathBuf::from).unwrap_or_default(),
+            detail: problems.into_iter().take(3).collect::<Vec<_>>().join("; "),
+        }),
+    }
+}
+
+/// Copies the store at `src` into the new file `dest`, consistently, while
+/// a daemon may be writing it (SQLite's online backup: a read-only
+/// connection, page by page, restarting if a write lands meanwhile), then
+/// checks the copy. Returns the copy's size in bytes.
+pub fn backup(src: &Path, dest: &Path) -> Result<u64, StoreError> {
+    let from = Connection::open_with_flags(
+        src,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|source| StoreError::Open {
+        path: src.to_owned(),
+        source,
+    })?;
+    from.busy_timeout(BUSY_TIMEOUT)?;
+    let mut to = Connection::open(dest).map_err(|source| StoreError::Open {
+        path: dest.to_owned(),
+        source,
+    })?;
+    {
+        let b = rusqlite::backup::Backup::new(&from, &mut to)?;
+        b.run_to_completion(256, std::time::Duration::from_millis(5), None)
+            .map_err(|e| opening(StoreError::Sqlite(e), src))?;
+    }
+    check(&to)?;
+    drop(to);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o600));
+    }
+    Ok(std::fs::metadata(dest).map(|m| m.len()).unwrap_or(0))
 }
 
 fn configure(conn: &Connection) -> Result<(), StoreError> {

@@ -89,83 +89,18 @@ impl LocalProvisioner {
             source_ms,
             ..Timings::default()
         };
-        let t = Instant::now();
-        let (k, image) = self.image_for(&stack, progress).await?;
-        timings.image_ms = ms(t);
-        let t = Instant::now();
-
-        let dir = self.vm_dir(name);
-        if dir.exists() {
-            if self.record(name).is_some() {
-                return Err(failed(
-                    Stage::Disk,
-                    format!("{name} already has a VM; destroy it first"),
-                ));
-            }
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-        std::fs::create_dir_all(&dir).map_err(|e| failed(Stage::Disk, e.to_string()))?;
-        // Everything from here on is rolled back on failure.
-        let slot = self.allocate_slot(name, app_port, &[]).await?;
-        let m = self.machine(
-            name,
-            &k,
-            req.resources.vcpus,
-            req.resources.memory_mib,
-            net::attach(&self.s.network, slot, app_port),
-        );
-        let longest = [&m.virtiofs_socket, &m.control_socket]
-            .iter()
-            .map(|p| p.as_os_str().len())
-            .max()
-            .unwrap_or(0);
-        if longest > MAX_SOCKET_PATH {
-            return Err(failed(Stage::Disk, format!("the data directory path is too long for Unix sockets ({longest} > {MAX_SOCKET_PATH} bytes); use a shorter data_dir")));
-        }
-        step(
-            progress,
-            Stage::Disk,
-            Some(format!(
-                "{} MiB copy-on-write over {}",
-                req.resources.disk_mib, image.id
-            )),
-        );
-        let (rootfs, disk_path, size) = (image.rootfs(), m.disk.clone(), req.resources.disk_mib);
-        let (kd, vd, label) = (self.key_dir(name), dir.clone(), format!("kennel-{name}"));
-        self.blocking(Stage::Disk, move |runner| {
-            disk::create_root(runner, &rootfs, &disk_path, size).map_err(|e| e.to_string())?;
-            new_keypairs(runner, &kd, &vd, &label)
-        })
-        .await?;
-        timings.disk_ms = ms(t);
-        let (uid, gid) = owner_of(&source, self.s.default_owner);
-        if uid == 0 {
-            notes.push(format!(
-                "{} belongs to root; files the VM creates there will belong to uid {}",
-                source.display(),
-                self.s.default_owner.0
-            ));
-        }
-        let record = VmRecord {
-            project: name.to_owned(),
-            backend: self.vmm.kind(),
-            image: image.id.clone(),
-            stack: stack.clone(),
-            source: source.clone(),
-            slot,
-            uid: if uid == 0 {
-                self.s.default_owner.0
-            } else {
-                uid
-            },
-            gid: if uid == 0 {
-                self.s.default_owner.1
-            } else {
-                gid
-            },
-            app_port,
-            machine: m,
-        };
+        let (record, root_note) = self
+            .new_machine(
+                name,
+                &stack,
+                &source,
+                req.resources,
+                app_port,
+                progress,
+                &mut timings,
+            )
+            .await?;
+        notes.extend(root_note);
         // Slots are per data directory but addresses per host: another
         // Kennel may have bound ours since we checked. Take another slot.
         let mut record = record;
@@ -231,6 +166,153 @@ impl LocalProvisioner {
             status,
             app_port: (app_port != req.app_port).then_some(app_port),
         })
+    }
+
+    /// A new VM for `name` over `source`: the stack's image, a slot, the
+    /// root disk and keys (a project key already there is kept), and its
+    /// record (not saved yet). Everything it makes is rolled back by the
+    /// caller on failure. Also returns a note when the source is root's.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn new_machine(
+        &self,
+        name: &str,
+        stack: &str,
+        source: &Path,
+        resources: kennel_core::model::Resources,
+        app_port: u16,
+        progress: &dyn ProgressSink,
+        timings: &mut Timings,
+    ) -> Result<(VmRecord, Option<String>), ProvisionError> {
+        let t = Instant::now();
+        let (k, image) = self.image_for(stack, progress).await?;
+        timings.image_ms = ms(t);
+        let t = Instant::now();
+        let dir = self.vm_dir(name);
+        if dir.exists() {
+            if self.record(name).is_some() {
+                return Err(failed(
+                    Stage::Disk,
+                    format!("{name} already has a VM; destroy it first"),
+                ));
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| failed(Stage::Disk, e.to_string()))?;
+        let slot = self.allocate_slot(name, app_port, &[]).await?;
+        let m = self.machine(
+            name,
+            &k,
+            resources.vcpus,
+            resources.memory_mib,
+            net::attach(&self.s.network, slot, app_port),
+        );
+        let longest = [&m.virtiofs_socket, &m.control_socket]
+            .iter()
+            .map(|p| p.as_os_str().len())
+            .max()
+            .unwrap_or(0);
+        if longest > MAX_SOCKET_PATH {
+            return Err(failed(Stage::Disk, format!("the data directory path is too long for Unix sockets ({longest} > {MAX_SOCKET_PATH} bytes); use a shorter data_dir")));
+        }
+        step(
+            progress,
+            Stage::Disk,
+            Some(format!(
+                "{} MiB copy-on-write over {}",
+                resources.disk_mib, image.id
+            )),
+        );
+        let (rootfs, disk_path, size) = (image.rootfs(), m.disk.clone(), resources.disk_mib);
+        let (kd, vd, label) = (self.key_dir(name), dir.clone(), format!("kennel-{name}"));
+        self.blocking(Stage::Disk, move |runner| {
+            disk::create_root(runner, &rootfs, &disk_path, size).map_err(|e| e.to_string())?;
+            new_keypairs(runner, &kd, &vd, &label)
+        })
+        .await?;
+        timings.disk_ms = ms(t);
+        let (uid, gid) = owner_of(source, self.s.default_owner);
+        let note = (uid == 0).then(|| {
+            format!(
+                "{} belongs to root; files the VM creates there will belong to uid {}",
+                source.display(),
+                self.s.default_owner.0
+            )
+        });
+        let (uid, gid) = if uid == 0 {
+            self.s.default_owner
+        } else {
+            (uid, gid)
+        };
+        let record = VmRecord {
+            project: name.to_owned(),
+            backend: self.vmm.kind(),
+            image: image.id.clone(),
+            stack: stack.to_owned(),
+            source: source.to_owned(),
+            slot,
+            uid,
+            gid,
+            app_port,
+            machine: m,
+        };
+        Ok((record, note))
+    }
+
+    /// A project the store knows but whose VM is gone (a data directory
+    /// restored from `kennel backup`, a lost `vms/`): a new VM from its
+    /// stack over the same source, booted. The source is never touched.
+    pub(super) async fn rebuild(
+        &self,
+        spec: &VmSpec,
+        progress: &dyn ProgressSink,
+    ) -> Result<VmStatus, ProvisionError> {
+        let name = spec.project.as_str();
+        let source = PathBuf::from(&spec.source_path);
+        self.check_source(&source, Stage::Validated)?;
+        if !source.is_dir() {
+            return Err(failed(
+                Stage::Validated,
+                format!(
+                    "{name} has no VM and its source {} is gone; restore the source there, or remove the project",
+                    source.display()
+                ),
+            ));
+        }
+        tracing::info!(
+            project = name,
+            "no VM for this project; building one from its stack"
+        );
+        step(
+            progress,
+            Stage::Stack,
+            Some(format!("{} (rebuilding the VM)", spec.stack)),
+        );
+        let mut timings = Timings::default();
+        let built = match self
+            .new_machine(
+                name,
+                &spec.stack,
+                &source,
+                spec.resources,
+                spec.app_port,
+                progress,
+                &mut timings,
+            )
+            .await
+        {
+            Ok((record, _)) => {
+                self.save(&record)?;
+                self.boot(&record, &spec.authorized_keys, progress, &mut timings)
+                    .await
+                    .map_err(ProvisionError::from)
+            }
+            Err(e) => Err(e),
+        };
+        if built.is_err() {
+            let record = self.record(name);
+            self.teardown(name, record.as_ref()).await;
+        }
+        built
     }
 
     /// Clones, creates or adopts the source, reporting clone progress.

@@ -392,7 +392,10 @@ fn new_keypairs(
         key_dir.join("id_ed25519"),
         vm_dir.join("ssh_host_ed25519_key"),
     ] {
-        disk::keygen(runner, &key, label).map_err(|e| e.to_string())?;
+        // A project key restored from a backup stays.
+        if !key.exists() {
+            disk::keygen(runner, &key, label).map_err(|e| e.to_string())?;
+        }
     }
     Ok(())
 }
@@ -490,9 +493,9 @@ impl Provisioner for LocalProvisioner {
     ) -> Result<VmStatus, ProvisionError> {
         let name = spec.project.as_str();
         let _guard = self.lock(name).await;
-        let r = self
-            .record(name)
-            .ok_or_else(|| ProvisionError::NoVm(name.to_owned()))?;
+        let Some(r) = self.record(name) else {
+            return self.rebuild(spec, progress).await;
+        };
         if matches!(
             self.vmm.state(&r.machine).await,
             Ok(VmmState::Running | VmmState::Paused)
