@@ -356,3 +356,63 @@ fn a_restored_data_dir_gets_its_projects_back_and_start_rebuilds_the_vm() {
     assert!(vm_running(&k, "kept"));
     std::fs::remove_dir_all(&lost).ok();
 }
+
+/// The guest is untrusted: virtiofsd runs sandboxed (its own mount
+/// namespace, its root the project's source), so neither `..` at the top
+/// of /workspace, links a guest or a host user plants (absolute or
+/// relative), nor /proc tricks in the guest reach a host file outside the
+/// source.
+#[test]
+fn the_guest_cannot_reach_outside_its_source_through_virtiofs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let k = Kennel::new(tmp.path());
+    k.exec_ok(&format!("new project jail {SMALL}"));
+    let src = tmp.path().join("kennel-data/projects/jail");
+    let secret = tmp.path().join("host-secret.txt");
+    std::fs::write(&secret, "HOST SECRET\n").unwrap();
+    std::os::unix::fs::symlink(&secret, src.join("abs-link")).unwrap();
+    std::os::unix::fs::symlink("../../../host-secret.txt", src.join("rel-link")).unwrap();
+    std::os::unix::fs::symlink("/", src.join("root-link")).unwrap();
+    let script = "
+        cat /workspace/abs-link /workspace/rel-link /workspace/root-link/host-secret.txt 2>/dev/null
+        cat /workspace/../host-secret.txt /workspace/../../host-secret.txt 2>/dev/null
+        ln -s /proc/self/root/ /workspace/proc-root; cat /workspace/proc-root/../host-secret.txt 2>/dev/null
+        cd /workspace && cat ../../../../host-secret.txt 2>/dev/null
+        [ \"$(stat -c %d:%i /workspace/..)\" = \"$(stat -c %d:%i /)\" ] && echo parent-is-guest-root
+        echo done";
+    let out = k.ssh_ok("jail", script);
+    assert!(
+        !out.contains("HOST SECRET"),
+        "a host file leaked into the guest: {out}"
+    );
+    assert!(
+        out.contains("parent-is-guest-root") && out.ends_with("done\n"),
+        "{out}"
+    );
+    // On the host: virtiofsd's root is the source itself.
+    let pid: u32 = std::fs::read_to_string(tmp.path().join("kennel-data/vms/jail/virtiofsd.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let seen: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        seen.iter().any(|n| n == "abs-link"),
+        "virtiofsd's / is the source: {seen:?}"
+    );
+    assert!(
+        !seen.iter().any(|n| n == "etc" || n == "usr"),
+        "virtiofsd sees the host's /: {seen:?}"
+    );
+    let mine = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+    assert_ne!(
+        mine, theirs,
+        "virtiofsd runs in a mount namespace of its own"
+    );
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "HOST SECRET\n");
+    k.exec_ok("rm jail --yes");
+}
