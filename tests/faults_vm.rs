@@ -416,3 +416,40 @@ fn the_guest_cannot_reach_outside_its_source_through_virtiofs() {
     assert_eq!(std::fs::read_to_string(&secret).unwrap(), "HOST SECRET\n");
     k.exec_ok("rm jail --yes");
 }
+
+/// virtiofsd killed under a running project: `status` says the share is
+/// gone and how to heal it, and `restart` does, with the source intact.
+#[test]
+fn a_killed_virtiofsd_is_reported_and_restart_heals_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let k = Kennel::new(tmp.path());
+    k.exec_ok(&format!("new project share {SMALL}"));
+    let src = tmp.path().join("kennel-data/projects/share");
+    std::fs::write(src.join("kept.txt"), "kept\n").unwrap();
+    let pid = std::fs::read_to_string(tmp.path().join("kennel-data/vms/share/virtiofsd.pid"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert!(Command::new("kill")
+        .args(["-KILL", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let t = Instant::now();
+    loop {
+        let st = k.exec_ok("status share");
+        if st.contains("the /workspace share (virtiofsd) has stopped") {
+            assert!(st.contains("'restart share' brings it back"), "{st}");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "status never said so: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    k.exec_ok("restart share");
+    assert!(!k.exec_ok("status share").contains("has stopped"));
+    assert_eq!(k.ssh_ok("share", "cat /workspace/kept.txt"), "kept\n");
+    k.exec_ok("rm share --yes");
+}

@@ -164,6 +164,9 @@ pub struct VmStatus {
     #[serde(default)]
     pub app_addr: Option<String>,
     pub backend: String,
+    /// What is wrong with a VM that runs (its /workspace share gone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
 }
 
 /// The keys of a gateway's connection to a project's VM.
@@ -420,6 +423,7 @@ pub mod testing {
                         .unwrap_or_else(|| "127.0.0.1:10080".to_owned())
                 }),
                 backend: "fake".into(),
+                problems: Vec::new(),
             }
         }
     }

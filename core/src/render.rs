@@ -343,6 +343,7 @@ pub fn document(r: &Reply) -> Vec<Block> {
                     vm.state,
                     if vm.ready { "ready" } else { "not ready" }
                 )));
+                doc.extend(vm.problems.iter().map(|p| text(format!("⚠ {p}"))));
             }
             if !shares.is_empty() {
                 doc.push(text(format!(

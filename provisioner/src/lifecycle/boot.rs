@@ -156,6 +156,7 @@ impl LocalProvisioner {
                     ssh_addr: Some(m.net.ssh_addr()),
                     app_addr: Some(m.net.app_addr(r.app_port)),
                     backend: self.vmm.describe(),
+                    problems: Vec::new(),
                 })
             }
             Err(why) => {
@@ -266,7 +267,13 @@ impl LocalProvisioner {
         if let Some(pid) = read_pid(&m.pid_file).filter(|p| crate::vmm::pid_alive(*p, &needle)) {
             // Ask the guest to power off (no init system to catch ACPI); the
             // connection drops as it does, so the answer does not matter.
-            let _ = self.ssh_exec(r, "sudo /sbin/kennel-shutdown").await;
+            // Bounded: a guest that cannot run it (hung, out of memory)
+            // must not hold the stop forever.
+            let _ = tokio::time::timeout(
+                self.s.stop_timeout,
+                self.ssh_exec(r, "sudo /sbin/kennel-shutdown"),
+            )
+            .await;
             if !crate::vmm::wait_exit(pid, &needle, self.s.stop_timeout).await {
                 tracing::warn!(vm = %r.project, "the guest did not power off in time; forcing it");
             }

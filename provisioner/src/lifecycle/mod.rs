@@ -208,6 +208,14 @@ impl LocalProvisioner {
         self.s.data_dir.join("keys/projects").join(name)
     }
 
+    /// Whether the project's virtiofsd runs (checked by its socket in its
+    /// command line, so a reused pid is not taken for it).
+    fn virtiofsd_alive(&self, r: &VmRecord) -> bool {
+        let pid_file = self.vm_dir(&r.project).join("virtiofsd.pid");
+        let needle = r.machine.virtiofs_socket.display().to_string();
+        read_pid(&pid_file).is_some_and(|p| crate::vmm::pid_alive(p, &needle))
+    }
+
     /// The private key the gateways use to reach a project's VM.
     pub fn project_key(&self, name: &str) -> PathBuf {
         self.key_dir(name).join("id_ed25519")
@@ -530,6 +538,7 @@ impl Provisioner for LocalProvisioner {
                 ssh_addr: None,
                 app_addr: None,
                 backend: self.vmm.describe(),
+                problems: Vec::new(),
             });
         };
         let st = self
@@ -544,12 +553,19 @@ impl Provisioner for LocalProvisioner {
         };
         let ready = state == VmState::Running
             && ssh_banner(&r.machine.net.ssh_addr(), Duration::from_secs(2)).await;
+        let mut problems = Vec::new();
+        if state == VmState::Running && !self.virtiofsd_alive(&r) {
+            problems.push(format!(
+                "the /workspace share (virtiofsd) has stopped: files in /workspace hang or fail in the VM; 'restart {project}' brings it back"
+            ));
+        }
         Ok(VmStatus {
             state,
             ready,
             ssh_addr: Some(r.machine.net.ssh_addr()),
             app_addr: Some(r.machine.net.app_addr(r.app_port)),
             backend: self.vmm.describe(),
+            problems,
         })
     }
 
