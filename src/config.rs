@@ -241,6 +241,10 @@ pub struct VmConfig {
     /// Guest CPU use, in percent of one host core, above which a VM with
     /// nobody connected still counts as in use (a build under `nohup`).
     pub idle_cpu_percent: u32,
+    /// At start, start again the projects that were running when their
+    /// VMs went away (a host restart, a crash), like libvirt's autostart.
+    /// Off: they are shown stopped, and the next ssh or visit wakes them.
+    pub autostart: bool,
 }
 
 impl Default for Config {
@@ -307,6 +311,7 @@ impl Default for VmConfig {
             online: false,
             idle_stop: "30m".into(),
             idle_cpu_percent: 5,
+            autostart: false,
         }
     }
 }

@@ -256,7 +256,8 @@ fn exec(
     let (executor, local) = rt.block_on(async { wiring::executor(config, store) })?;
     let (exit, output) = rt.block_on(async {
         if let Some(p) = &local {
-            wiring::reconcile(&executor, p).await?;
+            // In-process commands never autostart: that is the daemon's.
+            wiring::reconcile(&executor, p, false).await?;
         }
         anyhow::Ok(console::run(&executor, &req, &console::StderrProgress).await)
     })?;

@@ -36,7 +36,7 @@ pub async fn run(config: &Config) -> Result<()> {
     let (exec, local) = wiring::executor(config, store)?;
     match &local {
         Some(p) => {
-            wiring::reconcile(&exec, p).await?;
+            wiring::reconcile(&exec, p, config.vm.autostart).await?;
             tracing::info!(backend = %p.describe(), "provisioner ready");
         }
         None => tracing::warn!("VMs are not available on this host; see `kennel doctor`"),

@@ -134,11 +134,31 @@ pub fn ephemeral_executor(config: &Config) -> Result<Executor> {
 
 /// Adopts VMs that outlived the last daemon and records every VM's state
 /// (the mapping itself is core's: [`Executor::reconcile`]).
-pub async fn reconcile(exec: &Executor, local: &LocalProvisioner) -> Result<()> {
+/// With `autostart`, the projects that were running when their VMs went
+/// away (a host restart) are started again, in the background, one after
+/// another (like libvirt's autostart), as Kennel itself.
+pub async fn reconcile(exec: &Executor, local: &LocalProvisioner, autostart: bool) -> Result<()> {
     let found = local.reconcile().await;
     let done = exec.reconcile(&found).await?;
     if done != kennel_core::vmstate::Reconciled::default() {
         tracing::info!(?done, "reconciled the store with the VMs found");
+    }
+    if autostart && !done.interrupted.is_empty() {
+        let exec = exec.clone();
+        tokio::spawn(async move {
+            let actor = kennel_core::vmstate::Actor::System { why: "autostart" };
+            for name in done.interrupted {
+                match exec
+                    .ensure_running(&actor, &name, &kennel_core::provision::NoProgress)
+                    .await
+                {
+                    Ok(_) => tracing::info!(project = %name, "started again (vm.autostart)"),
+                    Err(e) => {
+                        tracing::warn!(project = %name, error = %e, "could not start again (vm.autostart)")
+                    }
+                }
+            }
+        });
     }
     Ok(())
 }

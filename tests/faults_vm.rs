@@ -453,3 +453,53 @@ fn a_killed_virtiofsd_is_reported_and_restart_heals_it() {
     assert_eq!(k.ssh_ok("share", "cat /workspace/kept.txt"), "kept\n");
     k.exec_ok("rm share --yes");
 }
+
+/// Every VMM, virtiofsd and the daemon gone at once, as after a host
+/// restart.
+fn host_restart(k: &mut Kennel) {
+    k.kill_serve("-KILL");
+    let vms = k.dir.join("kennel-data/vms");
+    for e in std::fs::read_dir(&vms).unwrap().filter_map(Result::ok) {
+        for f in ["vmm.pid", "virtiofsd.pid"] {
+            if let Ok(pid) = std::fs::read_to_string(e.path().join(f)) {
+                let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+/// After a host restart every project shows stopped and starts cleanly;
+/// with `vm.autostart` those that were running start again by themselves,
+/// and those that were stopped stay stopped.
+#[test]
+fn after_a_host_restart_projects_are_stopped_or_autostarted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut k = Kennel::new(tmp.path());
+    k.start_serve();
+    k.exec_ok(&format!("new project up {SMALL}"));
+    k.exec_ok(&format!("new project down {SMALL}"));
+    k.exec_ok("stop down");
+    host_restart(&mut k);
+    k.start_serve();
+    assert_eq!(k.state("up").0, "stopped");
+    assert_eq!(k.state("down").0, "stopped");
+    assert!(!vm_running(&k, "up"));
+    k.exec_ok("start up");
+    assert!(k
+        .ssh_ok("up", "mountpoint -q /workspace && echo ok")
+        .contains("ok"));
+    host_restart(&mut k);
+    k.env.push(("KENNEL_VM__AUTOSTART".into(), "true".into()));
+    k.start_serve();
+    k.wait_state("up", "running", Duration::from_secs(60));
+    assert!(k
+        .ssh_ok("up", "mountpoint -q /workspace && echo ok")
+        .contains("ok"));
+    assert_eq!(
+        k.state("down").0,
+        "stopped",
+        "a stopped project stays stopped"
+    );
+    assert!(!vm_running(&k, "down"));
+}

@@ -69,6 +69,9 @@ pub struct Reconciled {
     pub adopted: Vec<ProjectName>,
     /// Projects whose VM was gone, now stopped.
     pub stopped: Vec<ProjectName>,
+    /// Of those, the ones that were running (or starting) when the VMs
+    /// went away (a host restart, a crash): `vm.autostart` starts them.
+    pub interrupted: Vec<ProjectName>,
     /// Creates cut off by the restart, rolled back (the source is kept).
     pub rolled_back: Vec<ProjectName>,
     /// Other operations cut off (a destroy): marked failed.
@@ -329,6 +332,9 @@ impl Executor {
                     ProjectState::Running | ProjectState::Starting | ProjectState::Stopping,
                 ) => {
                     self.set_state(&name, ProjectState::Stopped).await?;
+                    if p.state != ProjectState::Stopping {
+                        done.interrupted.push(name.clone());
+                    }
                     done.stopped.push(name);
                 }
                 (false, _) => {
