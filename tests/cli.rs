@@ -240,24 +240,24 @@ impl Drop for Daemon {
     }
 }
 
-#[test]
-fn exec_goes_through_a_running_daemon_and_serve_stops_on_sigterm() {
-    let d = tempfile::tempdir().unwrap();
-    let bin = assert_cmd::cargo::cargo_bin("kennel");
-    let child = StdCommand::new(&bin)
-        .current_dir(d.path())
-        .env("HOME", d.path())
+/// `kennel serve` in `d` (loopback ports, no metrics listener unless
+/// `env` asks), once its control socket is open.
+fn serve(d: &std::path::Path, env: &[(&str, &str)], stderr: Stdio) -> Daemon {
+    let child = StdCommand::new(assert_cmd::cargo::cargo_bin("kennel"))
+        .current_dir(d)
+        .env("HOME", d)
+        .env_remove("KENNEL_CONFIG")
         .env("KENNEL_SSH__LISTEN", "127.0.0.1:0")
         .env("KENNEL_HTTPS__LISTEN", "127.0.0.1:0")
-        .env("KENNEL_LOG_FORMAT", "json")
-        .env("RUST_LOG", "info,kennel_core::executor=debug")
-        .args(["serve"])
+        .env("KENNEL_METRICS__LISTEN", "")
+        .envs(env.iter().copied())
+        .arg("serve")
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(stderr)
         .spawn()
         .unwrap();
-    let mut daemon = Daemon(child);
-    let sock = d.path().join("kennel-data/control.sock");
+    let daemon = Daemon(child);
+    let sock = d.join("kennel-data/control.sock");
     let start = Instant::now();
     while !sock.exists() {
         assert!(
@@ -266,6 +266,21 @@ fn exec_goes_through_a_running_daemon_and_serve_stops_on_sigterm() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    daemon
+}
+
+#[test]
+fn exec_goes_through_a_running_daemon_and_serve_stops_on_sigterm() {
+    let d = tempfile::tempdir().unwrap();
+    let mut daemon = serve(
+        d.path(),
+        &[
+            ("KENNEL_LOG_FORMAT", "json"),
+            ("RUST_LOG", "info,kennel_core::executor=debug"),
+        ],
+        Stdio::piped(),
+    );
+    let sock = d.path().join("kennel-data/control.sock");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
@@ -511,30 +526,15 @@ fn serve_exports_prometheus_metrics_on_their_own_listener() {
         .unwrap()
         .port();
     let addr = format!("127.0.0.1:{port}");
-    let child = StdCommand::new(assert_cmd::cargo::cargo_bin("kennel"))
-        .current_dir(d.path())
-        .env("HOME", d.path())
-        .env_remove("KENNEL_CONFIG")
-        .env("KENNEL_VM__BACKEND", "none")
-        .env("KENNEL_SSH__LISTEN", "127.0.0.1:0")
-        .env("KENNEL_HTTPS__LISTEN", "127.0.0.1:0")
-        .env("KENNEL_METRICS__LISTEN", &addr)
-        .env("RUST_LOG", "warn")
-        .args(["serve"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _daemon = Daemon(child);
-    let sock = d.path().join("kennel-data/control.sock");
-    let start = Instant::now();
-    while !sock.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "the daemon did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let _daemon = serve(
+        d.path(),
+        &[
+            ("KENNEL_VM__BACKEND", "none"),
+            ("KENNEL_METRICS__LISTEN", &addr),
+            ("RUST_LOG", "warn"),
+        ],
+        Stdio::null(),
+    );
     kennel(d.path()).args(["exec", "whoami"]).assert().success();
     kennel(d.path())
         .args(["exec", "status nothere"])
@@ -569,29 +569,7 @@ fn serve_exports_prometheus_metrics_on_their_own_listener() {
 #[test]
 fn backup_while_the_daemon_runs_and_restore_into_a_fresh_data_dir() {
     let d = tempfile::tempdir().unwrap();
-    let child = StdCommand::new(assert_cmd::cargo::cargo_bin("kennel"))
-        .current_dir(d.path())
-        .env("HOME", d.path())
-        .env_remove("KENNEL_CONFIG")
-        .env("KENNEL_VM__BACKEND", "none")
-        .env("KENNEL_SSH__LISTEN", "127.0.0.1:0")
-        .env("KENNEL_HTTPS__LISTEN", "127.0.0.1:0")
-        .env("KENNEL_METRICS__LISTEN", "")
-        .args(["serve"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut daemon = Daemon(child);
-    let sock = d.path().join("kennel-data/control.sock");
-    let start = Instant::now();
-    while !sock.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "the daemon did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut daemon = serve(d.path(), &[("KENNEL_VM__BACKEND", "none")], Stdio::null());
     let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl ann@laptop";
     kennel(d.path())
         .args(["exec", "key", "add", key])

@@ -197,6 +197,10 @@ fn a_database_locked_by_another_process_says_so() {
     // A sqlite3 shell holding an exclusive lock (rollback journal mode, as
     // a shell that switched it would).
     let other = rusqlite::Connection::open(&db).unwrap();
+    // The closed store's thread may still be letting go of the file.
+    other
+        .busy_timeout(std::time::Duration::from_secs(10))
+        .unwrap();
     other
         .execute_batch("PRAGMA journal_mode = DELETE; BEGIN EXCLUSIVE;")
         .unwrap();
