@@ -57,9 +57,9 @@ pub fn detect(config: &Config, path: &Path, json: bool) -> Result<()> {
         path,
         &file.as_ref().map(|f| f.env.clone()).unwrap_or_default(),
     );
-    let (app_port, app_port_from) = match dc.parsed().and_then(|d| d.ports.first()) {
+    let (app_port, app_port_from) = match dc.app_port() {
         Some(p) => (
-            *p,
+            p,
             format!(
                 "{} forwardPorts",
                 dc.parsed().map_or("", |d| d.file.as_str())

@@ -114,6 +114,11 @@ impl Found {
         }
     }
 
+    /// The app port the file asks for: the first local `forwardPorts` entry.
+    pub fn app_port(&self) -> Option<u16> {
+        self.parsed().and_then(|d| d.ports.first().copied())
+    }
+
     /// Lines for the requester (none when there is no file).
     pub fn notes(&self, stack: &str) -> Vec<String> {
         match self {

@@ -7,6 +7,12 @@ use super::*;
 /// The devcontainer's create steps and postStartCommand on the config disk.
 const DEVCONTAINER_CREATE: &str = "devcontainer-create.sh";
 const DEVCONTAINER_START: &str = "devcontainer-start.sh";
+/// Counts a failed boot and its cause (docs/operations.md, Metrics).
+fn boot_failed(cause: &'static str) {
+    metrics::counter!("kennel_boots_total", "outcome" => "failed").increment(1);
+    metrics::counter!("kennel_boot_failures_total", "cause" => cause).increment(1);
+}
+
 /// How long `new project` waits for the devcontainer's create steps.
 const POST_CREATE_WAIT: Duration = Duration::from_secs(600);
 
@@ -118,17 +124,14 @@ impl LocalProvisioner {
             )
             .await
             .map_err(|e| {
-                metrics::counter!("kennel_boots_total", "outcome" => "failed").increment(1);
-                metrics::counter!("kennel_boot_failures_total", "cause" => "virtiofsd")
-                    .increment(1);
+                boot_failed("virtiofsd");
                 failed(Stage::Booting, anyhow_chain(&e))
             })?;
         let offset = std::fs::metadata(&m.console_log)
             .map(|md| md.len())
             .unwrap_or(0);
         if let Err(e) = self.vmm.boot(m).await {
-            metrics::counter!("kennel_boots_total", "outcome" => "failed").increment(1);
-            metrics::counter!("kennel_boot_failures_total", "cause" => "vmm_start").increment(1);
+            boot_failed("vmm_start");
             Virtiofsd::stop(&dir.join("virtiofsd.pid"), &m.virtiofs_socket).await;
             let err = failed(Stage::Booting, anyhow_chain(&e));
             return Err(match e {
@@ -167,8 +170,7 @@ impl LocalProvisioner {
                 } else {
                     "timeout"
                 };
-                metrics::counter!("kennel_boots_total", "outcome" => "failed").increment(1);
-                metrics::counter!("kennel_boot_failures_total", "cause" => cause).increment(1);
+                boot_failed(cause);
                 let console = std::fs::read_to_string(&m.console_log).unwrap_or_default();
                 let _ = self.vmm.force_stop(m).await;
                 Virtiofsd::stop(&dir.join("virtiofsd.pid"), &m.virtiofs_socket).await;

@@ -75,8 +75,7 @@ impl LocalProvisioner {
         );
         notes.extend(devcontainer.notes(&stack));
         let app_port = devcontainer
-            .parsed()
-            .and_then(|d| d.ports.first().copied())
+            .app_port()
             .or_else(|| {
                 req.stack
                     .is_none()
