@@ -471,13 +471,31 @@ pub fn load(file_flag: Option<&Path>, data_dir_flag: Option<&Path>) -> Result<Lo
     }
     figment = figment.merge(
         Env::prefixed("KENNEL_")
-            // Not settings: the config file's path, and the test suite's caches.
-            .ignore(&["CONFIG", "TEST_CACHE", "SYNAPSE_VENV"])
+            // Not settings: the config file's path, the test suite's caches
+            // and the crash tests' fault point.
+            .ignore(&["CONFIG", "TEST_CACHE", "SYNAPSE_VENV", "FAULT_HOLD"])
             .split("__"),
     );
     if let Some(d) = data_dir_flag {
         figment = figment.merge(Serialized::global("data_dir", d));
     }
+    let config = extract(&figment)?;
+    Ok(Loaded {
+        config,
+        figment,
+        file,
+    })
+}
+
+/// A configuration from TOML text alone, over the defaults (no file, no
+/// environment): what the config fuzz target and the example's test read.
+#[cfg(any(test, fuzzing))]
+pub fn parse_toml(text: &str) -> Result<Config> {
+    extract(&Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text)))
+}
+
+/// The settings `figment` holds, checked.
+fn extract(figment: &Figment) -> Result<Config> {
     let config: Config = figment.extract().map_err(|e| {
         let mut msg = String::from("invalid configuration");
         for err in e {
@@ -486,12 +504,9 @@ pub fn load(file_flag: Option<&Path>, data_dir_flag: Option<&Path>) -> Result<Lo
         anyhow::anyhow!(msg)
     })?;
     config.validate()?;
-    Ok(Loaded {
-        config,
-        figment,
-        file,
-    })
+    Ok(config)
 }
+
 
 /// `key = value  # source` lines for every setting in force.
 pub fn describe(loaded: &Loaded, data_dir_flag: bool) -> Result<String> {
@@ -556,5 +571,17 @@ fn toml_value(v: &Value) -> String {
             a.iter().map(toml_value).collect::<Vec<_>>().join(", ")
         ),
         Value::Dict(_, _) => "{...}".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_example_configuration_parses_and_bad_text_is_an_error() {
+        let example = include_str!("../docs/kennel.example.toml");
+        assert!(super::parse_toml(example).is_ok());
+        for bad in ["vm = 3", "[ssh]\nlisten = \"nowhere\"", "log = ["] {
+            assert!(super::parse_toml(bad).is_err(), "{bad}");
+        }
     }
 }

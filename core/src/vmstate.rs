@@ -273,6 +273,7 @@ impl Executor {
         });
         match self.vms.stop(name).await {
             Ok(()) => {
+                crate::fault::point("stopping");
                 self.set_state(name, ProjectState::Stopped).await?;
                 self.activity.stopped(name);
                 Ok(())
@@ -299,7 +300,7 @@ impl Executor {
             match (running, p.state) {
                 (_, ProjectState::Creating) => {
                     tracing::warn!(project = %name, source = %p.source_path,
-                        "a create was cut off by a restart; rolling it back (the source is kept)");
+                        "a create was cut off by a restart; rolling it back (a source it finished making is kept)");
                     if let Err(e) = self.vms.destroy(&name).await {
                         tracing::warn!(project = %name, error = %e, "could not remove the half-made VM");
                     }
@@ -324,7 +325,15 @@ impl Executor {
                     done.adopted.push(name);
                 }
                 (false, ProjectState::Destroying) => {
-                    self.set_state(&name, ProjectState::Failed).await?;
+                    let (n, note) = (
+                        name.clone(),
+                        format!("a restart cut off its removal; run 'rm {name}' again to finish it (with --purge if that was asked)"),
+                    );
+                    self.store
+                        .call(move |c| {
+                            repo::set_project_state_noted(c, &n, ProjectState::Failed, Some(&note))
+                        })
+                        .await?;
                     done.failed.push(name);
                 }
                 (

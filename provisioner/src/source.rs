@@ -32,6 +32,70 @@ pub struct SourcePlan<'a> {
     /// For members: the hosts every URL fetched may name (no private,
     /// loopback or link-local ones), and no redirects.
     pub guard: Option<&'a crate::netguard::NetGuard>,
+    /// Where to record what this attempt makes while it makes it (see
+    /// [`Pending`]), so that a daemon killed meanwhile leaves no half-made
+    /// source behind.
+    pub pending: Option<&'a Path>,
+}
+
+/// What a source being made (a clone, a new repository, a copy) has made
+/// so far, kept in a file while it is made. A daemon killed meanwhile
+/// leaves the file, and its next start removes what it names
+/// ([`remove_pending`]). Only what the attempt made is named.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Pending {
+    pub path: PathBuf,
+    /// The directory itself was made (else only what is in it).
+    pub whole: bool,
+}
+
+impl Pending {
+    /// Writes the record to `marker` (whole or not at all).
+    pub fn record(&self, marker: &Path) -> std::io::Result<()> {
+        if let Some(dir) = marker.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = marker.with_extension("tmp");
+        let json = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        std::fs::write(&tmp, json)?;
+        std::fs::rename(&tmp, marker)
+    }
+
+    /// The source is whole (or was removed): forget the record.
+    pub fn clear(marker: &Path) {
+        let _ = std::fs::remove_file(marker);
+    }
+}
+
+/// Removes what the attempt recorded in `marker` made, if it is still
+/// reached beneath one of `roots` without following a link, and the
+/// record. Returns the path removed.
+pub fn remove_pending(marker: &Path, roots: &[PathBuf]) -> Result<PathBuf, String> {
+    let bytes = std::fs::read(marker).map_err(|e| e.to_string())?;
+    let p: Pending = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+    let result = kennel_core::hostpath::check_beneath_any(roots, &p.path)
+        .map_err(|e| e.to_string())
+        .map(|()| {
+            remove_made(&p.path, p.whole);
+            p.path.clone()
+        });
+    Pending::clear(marker);
+    result
+}
+
+/// Removes `path` (`whole`) or what is in it.
+fn remove_made(path: &Path, whole: bool) {
+    if whole {
+        let _ = std::fs::remove_dir_all(path);
+    } else if let Ok(rd) = std::fs::read_dir(path) {
+        for entry in rd.filter_map(Result::ok) {
+            let p = entry.path();
+            let _ = match entry.file_type() {
+                Ok(t) if t.is_dir() => std::fs::remove_dir_all(&p),
+                _ => std::fs::remove_file(&p),
+            };
+        }
+    }
 }
 
 /// What was done.
@@ -89,6 +153,13 @@ pub fn prepare(
     // (one a guest wrote into its own source, say) is refused, and what is
     // made stays root's until the finished tree is handed over.
     let made = root.create_dir_all(&rel)?;
+    let pending = Pending {
+        path: made.first().cloned().unwrap_or_else(|| path.to_owned()),
+        whole: !made.is_empty(),
+    };
+    if let Some(marker) = plan.pending {
+        pending.record(marker).map_err(io(marker))?;
+    }
     let result = match plan.git {
         Some(url) => clone(plan, url, progress),
         None => init(plan),
@@ -98,27 +169,16 @@ pub fn prepare(
         root.check_dir(&rel)?;
         Ok(p)
     });
-    match result {
-        Ok(p) => {
-            give_to_owner(path, plan.owner);
-            Ok(p)
-        }
-        Err(e) => {
-            // Remove only what this attempt made.
-            if let Some(outermost) = made.first() {
-                let _ = std::fs::remove_dir_all(outermost);
-            } else if let Ok(rd) = std::fs::read_dir(path) {
-                for entry in rd.filter_map(Result::ok) {
-                    let p = entry.path();
-                    let _ = match entry.file_type() {
-                        Ok(t) if t.is_dir() => std::fs::remove_dir_all(&p),
-                        _ => std::fs::remove_file(&p),
-                    };
-                }
-            }
-            Err(e)
-        }
+    if result.is_err() {
+        // Remove only what this attempt made.
+        remove_made(&pending.path, pending.whole);
+    } else {
+        give_to_owner(path, plan.owner);
     }
+    if let Some(marker) = plan.pending {
+        Pending::clear(marker);
+    }
+    result
 }
 
 fn clone(
@@ -161,6 +221,7 @@ fn clone(
         ))
     });
     callbacks.transfer_progress(|stats| {
+        kennel_core::fault::point("cloning");
         if last.elapsed() >= Duration::from_secs(1) {
             last = Instant::now();
             let total = stats.total_objects().max(1);
@@ -341,6 +402,7 @@ mod tests {
                 rustix::process::getegid().as_raw(),
             ),
             guard: None,
+            pending: None,
         }
     }
 

@@ -142,6 +142,7 @@ fn members_clone_only_from_public_or_allowed_hosts_submodules_included() {
             author_email: "ann@example.org",
             owner: me,
             guard,
+            pending: None,
         };
         (
             prepare(&plan, &mut |_, _| {}).map_err(|e| e.to_string()),

@@ -184,6 +184,7 @@ impl Executor {
         let name = reserved.name.clone();
         match result {
             Ok(created) => {
+                crate::fault::point("ready");
                 self.record_route(&name, &created.status).await?;
                 let (stack, src) = (created.stack.clone(), created.source_path.clone());
                 let port = created.app_port.unwrap_or(reserved.app_port);
@@ -319,6 +320,7 @@ impl Executor {
                 resources.disk_mib / 1024
             )),
         });
+        crate::fault::point("validated");
         let _permit = self.queue(progress).await;
         let uid = user.id;
         let git_token = self

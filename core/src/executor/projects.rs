@@ -141,6 +141,9 @@ impl Executor {
             Ok::<(), ProvisionError>(())
         }
         .await;
+        if destroyed.is_ok() {
+            crate::fault::point("destroying");
+        }
         if let Err(e) = destroyed {
             // A failed step leaves the project as it was, to be looked at
             // or removed again.
@@ -217,6 +220,7 @@ impl Executor {
             }
             Err(e) => return Err(e.into()),
         }
+        crate::fault::point("renaming");
         if let Err(e) = self.vms.rename(name, new_name).await {
             let (a, b) = (name.clone(), new_name.clone());
             self.store

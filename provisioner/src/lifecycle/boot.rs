@@ -145,6 +145,7 @@ impl LocalProvisioner {
             &[dir.join("vmm.pid"), dir.join("virtiofsd.pid")],
         );
         timings.spawn_ms = ms(t);
+        kennel_core::fault::point("booting");
         match self.wait_ready(m, offset).await {
             Ok((boot, sshd)) => {
                 metrics::counter!("kennel_boots_total", "outcome" => "ok").increment(1);

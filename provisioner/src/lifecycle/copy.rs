@@ -54,7 +54,20 @@ impl LocalProvisioner {
             running
         };
         let _guard = self.lock(&name).await;
+        // Until the copy is a project, a restart removes it.
+        let marker = self.pending_source(&name);
         let result = async {
+            crate::source::Pending {
+                path: dest_source.clone(),
+                whole: true,
+            }
+            .record(&marker)
+            .map_err(|e| {
+                failed(
+                    Stage::Disk,
+                    format!("cannot write {}: {e}", marker.display()),
+                )
+            })?;
             let dir = self.vm_dir(&name);
             std::fs::create_dir_all(&dir).map_err(|e| failed(Stage::Disk, e.to_string()))?;
             let slot = self.allocate_slot(&name, to.app_port, &[]).await?;
@@ -93,6 +106,7 @@ impl LocalProvisioner {
                             .arg(&to_src),
                     )
                     .map_err(|e| e.to_string())?;
+                kennel_core::fault::point("copying");
                 new_keypairs(runner, &kd, &vd, &label)
             })
             .await?;
@@ -130,6 +144,7 @@ impl LocalProvisioner {
             // The copied source is this attempt's own; the original is untouched.
             let _ = std::fs::remove_dir_all(&dest_source);
         }
+        crate::source::Pending::clear(&marker);
         if was_running {
             let _g = self.lock(from.as_str()).await;
             let keys = self.current_keys(from.as_str());
@@ -161,35 +176,13 @@ impl LocalProvisioner {
         if running {
             self.graceful_stop(&r).await?;
         }
-        let (old_dir, new_dir) = (self.vm_dir(from.as_str()), self.vm_dir(to.as_str()));
-        if new_dir.exists() {
+        if self.vm_dir(to.as_str()).exists() {
             return Err(failed(
                 Stage::Validated,
-                format!("{} already exists", new_dir.display()),
+                format!("{} already exists", self.vm_dir(to.as_str()).display()),
             ));
         }
-        let io = |e: std::io::Error| failed(Stage::Disk, e.to_string());
-        std::fs::rename(&old_dir, &new_dir).map_err(io)?;
-        if self.key_dir(from.as_str()).exists() {
-            std::fs::rename(self.key_dir(from.as_str()), self.key_dir(to.as_str())).map_err(io)?;
-        }
-        let k = kernel::KernelSet::open(r.machine.kernel.parent().unwrap_or(Path::new("/")))
-            .ok_or_else(|| failed(Stage::Image, "the VM's kernel is gone"))?;
-        let mut m = self.machine(
-            to.as_str(),
-            &k,
-            r.machine.vcpus,
-            r.machine.memory_mib,
-            r.machine.net.clone(),
-        );
-        m.kernel = r.machine.kernel.clone();
-        m.initramfs = r.machine.initramfs.clone();
-        let record = VmRecord {
-            project: to.to_string(),
-            machine: m,
-            ..r
-        };
-        self.save(&record)?;
+        let record = self.move_vm(from.as_str(), to.as_str(), r)?;
         if running {
             self.boot(
                 &record,
@@ -200,5 +193,44 @@ impl LocalProvisioner {
             .await?;
         }
         Ok(())
+    }
+
+    /// Moves `r`, the VM of `from`, to the name `to`: its directory (unless
+    /// already moved), its keys, and a record whose paths name `to`. Each
+    /// step can be done again, so a rename cut off by a restart is finished
+    /// by [`LocalProvisioner::reconcile`].
+    pub(super) fn move_vm(
+        &self,
+        from: &str,
+        to: &str,
+        r: VmRecord,
+    ) -> Result<VmRecord, ProvisionError> {
+        let (old_dir, new_dir) = (self.vm_dir(from), self.vm_dir(to));
+        let io = |e: std::io::Error| failed(Stage::Disk, e.to_string());
+        if old_dir.exists() {
+            std::fs::rename(&old_dir, &new_dir).map_err(io)?;
+        }
+        kennel_core::fault::point("renaming-vm");
+        if self.key_dir(from).exists() && !self.key_dir(to).exists() {
+            std::fs::rename(self.key_dir(from), self.key_dir(to)).map_err(io)?;
+        }
+        let k = kernel::KernelSet::open(r.machine.kernel.parent().unwrap_or(Path::new("/")))
+            .ok_or_else(|| failed(Stage::Image, "the VM's kernel is gone"))?;
+        let mut m = self.machine(
+            to,
+            &k,
+            r.machine.vcpus,
+            r.machine.memory_mib,
+            r.machine.net.clone(),
+        );
+        m.kernel = r.machine.kernel.clone();
+        m.initramfs = r.machine.initramfs.clone();
+        let record = VmRecord {
+            project: to.to_owned(),
+            machine: m,
+            ..r
+        };
+        self.save(&record)?;
+        Ok(record)
     }
 }

@@ -84,6 +84,7 @@ impl LocalProvisioner {
             })
             .unwrap_or(req.app_port);
         step(progress, Stage::Stack, Some(stack.clone()));
+        kennel_core::fault::point("stack");
         let mut timings = Timings {
             source_ms,
             ..Timings::default()
@@ -228,6 +229,7 @@ impl LocalProvisioner {
             new_keypairs(runner, &kd, &vd, &label)
         })
         .await?;
+        kennel_core::fault::point("disk");
         timings.disk_ms = ms(t);
         let (uid, gid) = owner_of(source, self.s.default_owner);
         let note = (uid == 0).then(|| {
@@ -335,6 +337,7 @@ impl LocalProvisioner {
         let guard = req.public_hosts_only.then(|| crate::netguard::NetGuard {
             allowed: self.s.git_allow_private_hosts.clone(),
         });
+        let marker = self.pending_source(req.project.as_str());
         let mut job = tokio::task::spawn_blocking(move || {
             let plan = crate::source::SourcePlan {
                 root: &root,
@@ -348,6 +351,7 @@ impl LocalProvisioner {
                 author_email: &email,
                 owner,
                 guard: guard.as_ref(),
+                pending: Some(&marker),
             };
             crate::source::prepare(&plan, &mut |pct, detail| {
                 let _ = tx.send((pct, detail));

@@ -16,6 +16,7 @@ impl LocalProvisioner {
             Stage::Image,
             Some(format!("{stack} (built once, then cached)")),
         );
+        kennel_core::fault::point("image");
         // The build runs on a blocking thread and says what it does through
         // a channel; this side passes that on and, while a long step is
         // silent (mmdebstrap installing packages), repeats it with the time

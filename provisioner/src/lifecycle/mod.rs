@@ -204,6 +204,12 @@ impl LocalProvisioner {
         self.s.data_dir.join("vms").join(name)
     }
 
+    /// Where a source being made for `name` is recorded while it is made
+    /// ([`crate::source::Pending`]).
+    fn pending_source(&self, name: &str) -> PathBuf {
+        self.s.data_dir.join("pending-sources").join(name)
+    }
+
     fn key_dir(&self, name: &str) -> PathBuf {
         self.s.data_dir.join("keys/projects").join(name)
     }

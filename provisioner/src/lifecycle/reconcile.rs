@@ -9,6 +9,8 @@ impl LocalProvisioner {
     pub async fn reconcile(&self) -> Vec<(String, bool)> {
         let mut out = Vec::new();
         let vms = self.s.data_dir.join("vms");
+        self.finish_renames().await;
+        self.remove_cut_off_sources();
         let entries: Vec<PathBuf> = std::fs::read_dir(&vms)
             .map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).collect())
             .unwrap_or_default();
@@ -74,6 +76,73 @@ impl LocalProvisioner {
         // mmdebstrap made in them), unless a build is running now.
         Images::new(&self.s.data_dir.join("images")).clean_interrupted();
         out
+    }
+
+    /// Finishes the renames a restart cut off. The store renames a project
+    /// and moves its slot to the new name in one transaction, so the slot
+    /// table says which name owns a VM: a directory `OLD` whose slot now
+    /// belongs to a `NEW` without a directory was cut off before it moved;
+    /// a directory `NEW` whose record still says `OLD`, while it moved.
+    async fn finish_renames(&self) {
+        let Ok(slots) = self.store.call(|c| repo::all_slots(c)).await else {
+            return;
+        };
+        let vms = self.s.data_dir.join("vms");
+        let names: Vec<String> = std::fs::read_dir(&vms)
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for name in names {
+            let Some(r) = self.record(&name) else {
+                continue;
+            };
+            let to = if r.project != name {
+                Some(name.clone())
+            } else if slots.iter().any(|(p, _)| *p == name) {
+                None
+            } else {
+                slots
+                    .iter()
+                    .find(|(p, slot)| *slot == r.slot && !vms.join(p).exists())
+                    .map(|(p, _)| p.clone())
+            };
+            let Some(to) = to else {
+                continue;
+            };
+            let from = r.project.clone();
+            match self.move_vm(&from, &to, r) {
+                Ok(_) => {
+                    tracing::warn!(from = %from, to = %to, "finished a rename that a restart cut off")
+                }
+                Err(e) => {
+                    tracing::warn!(from = %from, to = %to, error = %e, "cannot finish a rename that a restart cut off")
+                }
+            }
+        }
+    }
+
+    /// Removes the sources whose making a restart cut off (a clone, a new
+    /// repository, a copy): only what that attempt made, and only beneath
+    /// a projects root, reached without links.
+    fn remove_cut_off_sources(&self) {
+        let dir = self.s.data_dir.join("pending-sources");
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for e in rd.filter_map(Result::ok) {
+            let marker = e.path();
+            match crate::source::remove_pending(&marker, &self.s.project_roots) {
+                Ok(path) => {
+                    tracing::warn!(project = %e.file_name().to_string_lossy(), path = %path.display(),
+                    "removed a half-made source that a restart cut off")
+                }
+                Err(why) => tracing::warn!(marker = %marker.display(), error = %why,
+                    "cannot remove a half-made source; left as it is"),
+            }
+        }
     }
 
     /// Removes everything of a VM but the source. Best effort: used by

@@ -1,0 +1,312 @@
+//! The daemon killed (`kill -9`) at every step of `new project` and of
+//! `cp`, `rename`, `stop` and `rm`, held there by a fault point (the
+//! `fault-points` feature, which `vm-tests` turns on) so that the kill
+//! lands exactly at that step. After each restart: no orphan VMM,
+//! virtiofsd, TAP, slot, disk, keys or half-made directory; the store says
+//! what is true; sources are intact; the other projects' VMs still run.
+//! `vm-tests` feature; needs what tests/vm.rs needs.
+#![cfg(feature = "vm-tests")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::{vm_running, Kennel};
+
+const SMALL: &str = "--stack base --cpus 1 --memory 512M --disk 2G";
+
+fn git(dir: &Path, args: &[&str]) {
+    let out = Command::new("git")
+        .current_dir(dir)
+        .args(["-c", "user.name=t", "-c", "user.email=t@example.org"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {out:?}");
+}
+
+/// Starts the daemon held at fault point `point`, runs `line` until the
+/// daemon says it holds there, kills the daemon (`kill -9`) and starts it
+/// again without the hold. Returns the progress `line` showed.
+fn kill_at(k: &mut Kennel, log: &Path, point: &str, line: &str) -> String {
+    k.kill_serve("-KILL");
+    k.env.push(("KENNEL_FAULT_HOLD".into(), point.into()));
+    let before = std::fs::read_to_string(log).unwrap_or_default().len();
+    k.start_serve_logged(log);
+    k.env.pop();
+    let mut child = k.exec_spawn(line);
+    let t = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let new = text.get(before..).unwrap_or_default();
+        if new.contains("fault point: holding") && new.contains(&format!("point=\"{point}\"")) {
+            break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("`{line}` ended ({status}) before reaching fault point {point}:\n{new}");
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(180),
+            "`{line}` never reached fault point {point}:\n{new}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    k.kill_serve("-KILL");
+    let out = child.wait_with_output().unwrap();
+    k.start_serve_logged(log);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Processes whose command line names this test's VM directory for `name`.
+fn processes_of(k: &Kennel, name: &str) -> String {
+    let dir = k.dir.join(format!("kennel-data/vms/{name}/"));
+    let out = Command::new("pgrep")
+        .args(["-a", "-f", &dir.display().to_string()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn slots(k: &Kennel) -> Vec<String> {
+    let db = rusqlite::Connection::open_with_flags(
+        k.dir.join("kennel-data/kennel.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let mut q = db.prepare("SELECT project FROM vm_slots").unwrap();
+    q.query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// (state, note) of `name`, or None when the store has no such project.
+fn project(k: &Kennel, name: &str) -> Option<(String, Option<String>)> {
+    let v: serde_json::Value = serde_json::from_str(k.exec_ok("--json projects").trim()).unwrap();
+    v["projects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .map(|p| {
+            (
+                p["state"].as_str().unwrap().to_owned(),
+                p["state_note"].as_str().map(str::to_owned),
+            )
+        })
+}
+
+/// Nothing of `name`'s VM is left: no process, VM directory, keys or slot.
+fn no_vm_left(k: &Kennel, name: &str, at: &str) {
+    let data = k.dir.join("kennel-data");
+    assert_eq!(processes_of(k, name), "", "{at}: processes of {name} left");
+    assert!(
+        !data.join("vms").join(name).exists(),
+        "{at}: vms/{name} left"
+    );
+    assert!(
+        !data.join("keys/projects").join(name).exists(),
+        "{at}: keys/projects/{name} left"
+    );
+    assert!(
+        !slots(k).contains(&name.to_owned()),
+        "{at}: the slot of {name} is still taken"
+    );
+}
+
+/// The witness project still runs and answers, with its file.
+fn witness_answers(k: &Kennel, at: &str) {
+    assert_eq!(
+        project(k, "w").map(|p| p.0),
+        Some("running".into()),
+        "{at}: the witness"
+    );
+    assert_eq!(k.ssh_ok("w", "cat /workspace/w.txt"), "w\n", "{at}");
+}
+
+fn no_taps_left() {
+    let out = Command::new("ip").args(["-o", "link"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    // This test uses user-mode networking: it makes no TAPs at all.
+    assert!(!text.contains(": kt"), "TAPs left: {text}");
+}
+
+#[test]
+fn a_daemon_killed_at_every_step_leaves_no_orphans_and_the_truth() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut k = Kennel::new(tmp.path());
+    let log = tmp.path().join("serve.log");
+    let projects = tmp.path().join("kennel-data/projects");
+    k.start_serve_logged(&log);
+
+    // A repository to clone, with enough history that the clone reports.
+    let repo = tmp.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "-q"]);
+    for i in 0..20 {
+        std::fs::write(repo.join(format!("f{i}.txt")), format!("file {i}\n")).unwrap();
+        git(&repo, &["add", "."]);
+        git(&repo, &["commit", "-q", "-m", &format!("c{i}")]);
+    }
+    let url = format!("file://{}", repo.display());
+
+    // The witness, running, and one to copy and rename, stopped, with a
+    // file on its disk (not in the source) to follow.
+    k.exec_ok(&format!("new project w {SMALL}"));
+    k.ssh_ok("w", "echo w > /workspace/w.txt");
+    k.exec_ok(&format!("new project s {SMALL}"));
+    k.ssh_ok(
+        "s",
+        "echo s > /workspace/s.txt; echo disk > ~/disk.txt; sync",
+    );
+    k.exec_ok("stop s");
+
+    // new project, killed as each stage begins.
+    let stages = [
+        "validated",
+        "cloning",
+        "stack",
+        "image",
+        "disk",
+        "booting",
+        "ready",
+    ];
+    for (i, stage) in stages.iter().enumerate() {
+        let name = format!("n{i}");
+        let at = format!("new project killed at {stage}");
+        let shown = kill_at(
+            &mut k,
+            &log,
+            stage,
+            &format!("new project {name} --git {url} {SMALL}"),
+        );
+        // "ready" holds once the VM is ready, before the store and the
+        // requester are told: the last step shown is the boot.
+        let want = if *stage == "ready" { "booting" } else { stage };
+        assert!(shown.contains(want), "{at}: progress showed {shown}");
+        let src = projects.join(&name);
+        // Never finished from the store's point of view: rolled back.
+        assert_eq!(project(&k, &name), None, "{at}");
+        no_vm_left(&k, &name, &at);
+        // The clone is whole (kept, as a failed create keeps it) or gone;
+        // never half made.
+        if src.exists() {
+            let out = Command::new("git")
+                .args(["-c", "safe.directory=*", "-C"])
+                .arg(&src)
+                .args(["status", "--porcelain"])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success() && out.stdout.is_empty(),
+                "{at}: a half-made clone is left: {out:?}"
+            );
+            assert!(src.join("f19.txt").exists(), "{at}: the clone is not whole");
+        }
+        witness_answers(&k, &at);
+        // The name can be used again at once.
+        if *stage == "ready" {
+            k.exec_ok(&format!("new project {name} --path {name} --adopt {SMALL}"));
+            assert!(k.ssh_ok(&name, "ls /workspace").contains("f19.txt"));
+        }
+    }
+    // The first stages leave no source at all.
+    for i in 0..2 {
+        assert!(!projects.join(format!("n{i}")).exists(), "n{i}");
+    }
+
+    // cp, killed after the disk and source were copied.
+    let at = "cp killed while copying";
+    kill_at(&mut k, &log, "copying", "cp s c");
+    assert_eq!(project(&k, "c"), None, "{at}");
+    no_vm_left(&k, "c", at);
+    assert!(
+        !projects.join("c").exists(),
+        "{at}: a half-made copy is left"
+    );
+    assert_eq!(project(&k, "s").map(|p| p.0), Some("stopped".into()));
+    witness_answers(&k, at);
+
+    // rename, killed after the store was told, before the VM moved.
+    let at = "rename killed before the VM moved";
+    kill_at(&mut k, &log, "renaming", "rename s s2");
+    assert_eq!(project(&k, "s"), None, "{at}");
+    assert_eq!(
+        project(&k, "s2").map(|p| p.0),
+        Some("stopped".into()),
+        "{at}"
+    );
+    no_vm_left(&k, "s", at);
+    k.exec_ok("start s2");
+    assert_eq!(
+        k.ssh_ok("s2", "cat ~/disk.txt /workspace/s.txt"),
+        "disk\ns\n"
+    );
+    witness_answers(&k, at);
+
+    // rename, killed after the VM directory moved, before its record did.
+    let at = "rename killed while the VM moved";
+    kill_at(&mut k, &log, "renaming-vm", "rename s2 s3");
+    assert_eq!(project(&k, "s2"), None, "{at}");
+    assert!(project(&k, "s3").is_some(), "{at}");
+    no_vm_left(&k, "s2", at);
+    k.exec_ok("start s3");
+    assert_eq!(
+        k.ssh_ok("s3", "cat ~/disk.txt /workspace/s.txt"),
+        "disk\ns\n"
+    );
+    witness_answers(&k, at);
+
+    // stop, killed after the VM stopped, before the store was told.
+    let at = "stop killed after the VM stopped";
+    kill_at(&mut k, &log, "stopping", "stop s3");
+    assert_eq!(
+        project(&k, "s3").map(|p| p.0),
+        Some("stopped".into()),
+        "{at}"
+    );
+    assert!(!vm_running(&k, "s3"), "{at}");
+    assert_eq!(processes_of(&k, "s3"), "", "{at}");
+    witness_answers(&k, at);
+
+    // rm, killed after the VM was destroyed, before the store was told.
+    let at = "rm killed after the VM was destroyed";
+    kill_at(&mut k, &log, "destroying", "rm s3 --yes");
+    let (state, note) = project(&k, "s3").expect(at);
+    assert_eq!(state, "failed", "{at}");
+    assert!(
+        note.as_deref().unwrap_or_default().contains("rm s3"),
+        "{at}: the note says what to do: {note:?}"
+    );
+    no_vm_left(&k, "s3", at);
+    k.exec_ok("rm s3 --yes");
+    assert_eq!(project(&k, "s3"), None);
+    // A rename keeps the source where it was.
+    assert!(projects.join("s/s.txt").exists(), "the source is kept");
+    witness_answers(&k, at);
+    no_taps_left();
+
+    // What the restarts did, as the daemon logged it.
+    let logged = std::fs::read_to_string(&log).unwrap();
+    for l in logged
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+    {
+        eprintln!("serve: {l}");
+    }
+    for said in [
+        "removed a half-made source that a restart cut off",
+        "finished a rename that a restart cut off",
+        "a create was cut off by a restart",
+    ] {
+        assert!(logged.contains(said), "the log says {said:?}");
+    }
+}
