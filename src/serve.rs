@@ -15,8 +15,27 @@ const IDLE_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// How often idle times are written down for the next daemon.
 const IDLE_PERSIST_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Raises the soft open-file limit to the hard one. Every SSH session,
+/// HTTPS connection and VM costs descriptors, and the soft limit a service
+/// usually starts with (1,024 under systemd, whose hard limit is 524,288)
+/// would refuse connections long before the hard one.
+fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current == l.maximum {
+        return;
+    }
+    let before = l.current;
+    l.current = l.maximum;
+    match setrlimit(Resource::Nofile, l) {
+        Ok(()) => tracing::debug!(?before, now = ?l.maximum, "raised the open-file limit"),
+        Err(e) => tracing::warn!(error = %e, ?before, "cannot raise the open-file limit"),
+    }
+}
+
 /// Runs the daemon until a signal arrives.
 pub async fn run(config: &Config) -> Result<()> {
+    raise_open_file_limit();
     let dir = DataDir::new(&config.data_dir);
     let _lock = dir.lock()?;
     let store = wiring::store(&dir)?;
