@@ -55,3 +55,8 @@ cargo test --workspace --all-features --locked -- --exact kernel_base_rust_and_n
 
 step "cargo test"
 cargo test --workspace --all-features --locked
+
+# Every fuzz target briefly (bench/fuzz.sh runs them longer); a crash
+# fails the run and leaves its input in fuzz/artifacts/.
+step "fuzz (each target 15 s)"
+./bench/fuzz.sh 15

@@ -507,7 +507,6 @@ fn extract(figment: &Figment) -> Result<Config> {
     Ok(config)
 }
 
-
 /// `key = value  # source` lines for every setting in force.
 pub fn describe(loaded: &Loaded, data_dir_flag: bool) -> Result<String> {
     let value = loaded.figment.find_value("")?;

@@ -19,95 +19,11 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use support::meter::{header, Meter};
 use support::{Kennel, SSH_OPTS};
-
-/// The daemon's CPU time, peak resident memory and peak open descriptors
-/// while a phase runs.
-struct Meter {
-    pid: u32,
-    cpu0: u64,
-    started: Instant,
-    peak_kib: Arc<AtomicU64>,
-    peak_fds: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    sampler: Option<std::thread::JoinHandle<()>>,
-}
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name: state is 3rd; utime 14th, stime 15th.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .skip(1)
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
-        .unwrap_or(0)
-}
-
-impl Meter {
-    fn start(k: &Kennel) -> Self {
-        let pid = k.serve_pid().unwrap();
-        let peak_kib = Arc::new(AtomicU64::new(rss_kib(pid)));
-        let peak_fds = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (p, f, s) = (peak_kib.clone(), peak_fds.clone(), stop.clone());
-        let sampler = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                p.fetch_max(rss_kib(pid), Ordering::Relaxed);
-                let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
-                f.fetch_max(fds as u64, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        });
-        Self {
-            pid,
-            cpu0: cpu_ticks(pid),
-            started: Instant::now(),
-            peak_kib,
-            peak_fds,
-            stop,
-            sampler: Some(sampler),
-        }
-    }
-
-    /// Prints the phase's row: what held, errors, seconds, daemon CPU
-    /// seconds and peak RSS.
-    fn report(mut self, phase: &str, held: &str, errors: usize) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.sampler.take() {
-            t.join().unwrap();
-        }
-        #[allow(clippy::cast_precision_loss)]
-        let cpu = (cpu_ticks(self.pid) - self.cpu0) as f64 / 100.0;
-        eprintln!(
-            "LOAD | {phase:<29} | {held:<34} | {errors:>6} | {:>6.1} | {cpu:>6.2} | {:>7.1} | {:>5} |",
-            self.started.elapsed().as_secs_f64(),
-            self.peak_kib.load(Ordering::Relaxed) as f64 / 1024.0,
-            self.peak_fds.load(Ordering::Relaxed)
-        );
-    }
-}
-
-fn header() {
-    eprintln!(
-        "LOAD | {:<29} | {:<34} | {:>6} | {:>6} | {:>6} | {:>7} | {:>5} |",
-        "phase", "held", "errors", "secs", "cpu s", "rss MiB", "fds"
-    );
-}
 
 fn rounds() -> usize {
     std::env::var("KENNEL_LOAD_ROUNDS")
@@ -189,7 +105,12 @@ fn members(k: &Kennel) -> Vec<PathBuf> {
         // address).
         let out = Command::new("ssh")
             .args(["-b", &format!("127.0.0.{}", 10 + i)])
-            .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+            ])
             .args(["-o", "LogLevel=ERROR", "-o", "IdentitiesOnly=yes"])
             .args(["-p", &k.ssh_port.to_string(), "-i"])
             .arg(&key)
@@ -216,7 +137,7 @@ fn members(k: &Kennel) -> Vec<PathBuf> {
 /// 200 concurrent `ssh HOST whoami`, 20 from each member (each from an
 /// address of their own).
 fn ssh_commands(k: &Kennel, keys: &[PathBuf]) {
-    let m = Meter::start(k);
+    let m = Meter::start(k.serve_pid().unwrap());
     let children: Vec<Child> = (0..200)
         .map(|i| {
             let from = format!("127.0.0.{}", 10 + i % keys.len());
@@ -247,7 +168,7 @@ fn ssh_commands(k: &Kennel, keys: &[PathBuf]) {
 /// prompt, the others are told the limit (before signing in, so OpenSSH
 /// shows it at its default log level).
 fn ssh_over_the_address_limit(k: &Kennel, key: &Path) {
-    let m = Meter::start(k);
+    let m = Meter::start(k.serve_pid().unwrap());
     let mut children: Vec<Child> = (0..100)
         .map(|_| {
             let opts = ["-o", "LogLevel=INFO", "-T"];
@@ -296,7 +217,7 @@ fn open_file_limits(pid: u32) -> (String, String) {
 /// seconds in the guest), each answering with its own number: its owner
 /// from two addresses (50 each).
 fn vm_sessions(k: &Kennel, key: &Path) {
-    let m = Meter::start(k);
+    let m = Meter::start(k.serve_pid().unwrap());
     let children: Vec<Child> = (0..100)
         .map(|i| {
             let from = format!("127.0.0.{}", 30 + i % 2);
@@ -416,7 +337,7 @@ fn https_connections(k: &Kennel) {
         .build()
         .unwrap();
     // 1,000 at once, 250 from each of four addresses.
-    let m = Meter::start(k);
+    let m = Meter::start(k.serve_pid().unwrap());
     let from: Vec<(std::net::IpAddr, usize)> =
         (2..6).map(|last| ([127, 0, 0, last].into(), 250)).collect();
     let (ok, errors) = rt.block_on(https_burst(k, &from));
@@ -428,7 +349,7 @@ fn https_connections(k: &Kennel) {
     assert_eq!(ok, 1000, "{:?}", &errors[..errors.len().min(10)]);
     // One address over its limit (https.max_connections_per_ip, 256):
     // what is over is refused, the rest answered.
-    let m = Meter::start(k);
+    let m = Meter::start(k.serve_pid().unwrap());
     let (ok, errors) = rt.block_on(https_burst(k, &[([127, 0, 0, 6].into(), 300)]));
     m.report(
         "https: 300 from one address",
@@ -448,7 +369,7 @@ fn creates(k: &Kennel, keys: &[PathBuf]) {
     db.busy_timeout(Duration::from_secs(10)).unwrap();
     db.execute("UPDATE quotas SET projects = 1 WHERE role = 'member'", [])
         .unwrap();
-    let m = Meter::start(k);
+    let m = Meter::start(k.serve_pid().unwrap());
     let children: Vec<Child> = (0..20)
         .map(|i| {
             ssh(
@@ -512,10 +433,8 @@ fn the_daemon_holds_under_load() {
     let mut k = Kennel::new(tmp.path());
     let log = tmp.path().join("serve.log");
     // One person may hold 100 sessions (the default allows 64).
-    k.env.push((
-        "KENNEL_SSH__MAX_CONNECTIONS_PER_USER".into(),
-        "128".into(),
-    ));
+    k.env
+        .push(("KENNEL_SSH__MAX_CONNECTIONS_PER_USER".into(), "128".into()));
     // The daemon starts with the soft open-file limit systemd gives a
     // service by default (1,024; the hard limit is higher), as installed.
     fd_limit(Some(1024));

@@ -38,6 +38,23 @@ use tracing::Instrument;
 use crate::config::MatrixConfig;
 use crate::desk::{self, Desk, Parsed};
 
+/// Messages one sync hands over per room. Synapse's default is 10: of a
+/// burst of more between two syncs (a paste, a script, 20 people at once
+/// in a room) all but the last ten would never be seen, nor answered.
+const TIMELINE_PER_SYNC: u32 = 200;
+
+/// The bot's sync: long-polls of 30 s, up to [`TIMELINE_PER_SYNC`]
+/// messages per room at a time.
+fn sync_settings() -> SyncSettings {
+    use matrix_sdk::ruma::api::client::filter::FilterDefinition;
+    use matrix_sdk::ruma::api::client::sync::sync_events::v3::Filter;
+    let mut filter = FilterDefinition::default();
+    filter.room.timeline.limit = Some(TIMELINE_PER_SYNC.into());
+    SyncSettings::default()
+        .timeout(Duration::from_secs(30))
+        .filter(Filter::FilterDefinition(filter))
+}
+
 /// Why the bot could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum MatrixError {
@@ -291,7 +308,7 @@ impl MatrixBot {
         self: Arc<Self>,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), MatrixError> {
-        let settings = SyncSettings::default().timeout(Duration::from_secs(30));
+        let settings = sync_settings();
         // Everything up to now is history: sync once before listening.
         let mut backoff = Duration::from_secs(1);
         let mut token = loop {
@@ -323,6 +340,16 @@ impl MatrixBot {
                     Ok(r) => {
                         token = r.next_batch;
                         backoff = Duration::from_secs(1);
+                        for (room, update) in &r.rooms.joined {
+                            // A room joined in this sync is "limited" too
+                            // (history before the join); a full one is a gap.
+                            if update.timeline.limited
+                                && update.timeline.events.len() >= TIMELINE_PER_SYNC as usize
+                            {
+                                tracing::warn!(%room, limit = TIMELINE_PER_SYNC,
+                                    "more messages arrived in a room than one sync hands over; the older ones were not seen");
+                            }
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, retry_in = ?backoff, "Matrix sync failed");

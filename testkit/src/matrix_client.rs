@@ -44,7 +44,14 @@ pub struct Person {
 }
 
 pub async fn person(hs: &Synapse, name: &str) -> Person {
-    let id = hs.register(name, "secret-pw", false);
+    hs.register(name, "secret-pw", false);
+    signed_in(hs, name).await
+}
+
+/// A person registered already (with [`Synapse::register`] and the
+/// password `secret-pw`), signed in and syncing.
+pub async fn signed_in(hs: &Synapse, name: &str) -> Person {
+    let id = format!("@{name}:{}", crate::synapse::SERVER_NAME);
     let client = Client::builder()
         .homeserver_url(&hs.url)
         .build()
@@ -86,9 +93,18 @@ pub async fn person(hs: &Synapse, name: &str) -> Person {
     let c = client.clone();
     tokio::spawn(async move {
         loop {
-            let _ = c
-                .sync(SyncSettings::default().timeout(Duration::from_secs(5)))
-                .await;
+            // Many messages per sync, as the bot asks too: a burst of
+            // replies must not be cut to the last ten.
+            let mut filter = matrix_sdk::ruma::api::client::filter::FilterDefinition::default();
+            filter.room.timeline.limit = Some(200u32.into());
+            let settings = SyncSettings::default()
+                .timeout(Duration::from_secs(5))
+                .filter(
+                    matrix_sdk::ruma::api::client::sync::sync_events::v3::Filter::FilterDefinition(
+                        filter,
+                    ),
+                );
+            let _ = c.sync(settings).await;
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     });
@@ -166,5 +182,39 @@ impl Person {
             "reply to {text:?}: {reply:?}"
         );
         reply
+    }
+
+    /// The bot's replies in `room` to each of `to`, collected until every
+    /// one has a reply and then `grace` more (to catch a second answer),
+    /// or until `limit`.
+    pub async fn replies(
+        &self,
+        bot: &UserId,
+        room: &RoomId,
+        to: &[OwnedEventId],
+        grace: Duration,
+        limit: Duration,
+    ) -> std::collections::HashMap<OwnedEventId, Vec<String>> {
+        let mut got: std::collections::HashMap<OwnedEventId, Vec<String>> =
+            std::collections::HashMap::new();
+        let mut rx = self.seen.lock().await;
+        let end = tokio::time::Instant::now() + limit;
+        let mut deadline = end;
+        loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(s)) => {
+                    if s.sender != bot || s.room != room || s.replaces.is_some() {
+                        continue;
+                    }
+                    if let Some(id) = s.in_reply_to.filter(|id| to.contains(id)) {
+                        got.entry(id).or_default().push(s.body);
+                        if got.len() == to.len() {
+                            deadline = (tokio::time::Instant::now() + grace).min(end);
+                        }
+                    }
+                }
+                Ok(None) | Err(_) => return got,
+            }
+        }
     }
 }

@@ -3,6 +3,8 @@
 //! run directly or inside a network namespace.
 #![allow(dead_code)]
 
+pub mod meter;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
