@@ -19,19 +19,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{vm_running, Kennel};
+use support::{git, vm_running, Kennel};
 
 const SMALL: &str = "--stack base --cpus 1 --memory 512M --disk 2G";
-
-fn git(dir: &Path, args: &[&str]) {
-    let out = Command::new("git")
-        .current_dir(dir)
-        .args(["-c", "user.name=t", "-c", "user.email=t@example.org"])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "git {args:?}: {out:?}");
-}
 
 /// Starts the daemon held at fault point `point`, runs `line` until the
 /// daemon says it holds there, kills the daemon (`kill -9`) and starts it
@@ -170,16 +160,11 @@ fn a_daemon_killed_at_every_step_leaves_no_orphans_and_the_truth() {
     k.exec_ok("stop s");
 
     // new project, killed as each stage begins.
-    let stages = [
-        "validated",
-        "cloning",
-        "stack",
-        "image",
-        "disk",
-        "booting",
-        "ready",
-    ];
-    for (i, stage) in stages.iter().enumerate() {
+    // The fault points up to "ready" are the stages of `new project`.
+    let stages = kennel_core::fault::POINTS
+        .iter()
+        .take_while(|p| **p != "stopping");
+    for (i, stage) in stages.enumerate() {
         let name = format!("n{i}");
         let at = format!("new project killed at {stage}");
         let shown = kill_at(

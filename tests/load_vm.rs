@@ -146,18 +146,32 @@ fn ssh_commands(k: &Kennel, keys: &[PathBuf]) {
                 .unwrap()
         })
         .collect();
+    all_answer(m, "ssh: 200 command sessions", children, |i, o| {
+        o.status.success() && text(o).contains(&format!("m{}", i % keys.len()))
+    });
+}
+
+/// Waits for every session; each must end as `answered` says (given its
+/// index). Reports the phase on `m`.
+fn all_answer(
+    m: Meter,
+    phase: &str,
+    children: Vec<Child>,
+    answered: impl Fn(usize, &Output) -> bool,
+) {
+    let n = children.len();
     let outs = wait_all(children, Duration::from_secs(300));
     let mut errors = Vec::new();
     for (i, o) in outs.iter().enumerate() {
         match o {
-            Some(o) if o.status.success() && text(o).contains(&format!("m{}", i % keys.len())) => {}
+            Some(o) if answered(i, o) => {}
             Some(o) => errors.push(format!("#{i}: {:?} {}", o.status.code(), text(o))),
             None => errors.push(format!("#{i}: still running after 300 s")),
         }
     }
     m.report(
-        "ssh: 200 command sessions",
-        &format!("{} answered", 200 - errors.len()),
+        phase,
+        &format!("{} answered", n - errors.len()),
         errors.len(),
     );
     assert!(errors.is_empty(), "{errors:#?}");
@@ -226,23 +240,9 @@ fn vm_sessions(k: &Kennel, key: &Path) {
                 .unwrap()
         })
         .collect();
-    let outs = wait_all(children, Duration::from_secs(300));
-    let mut errors = Vec::new();
-    for (i, o) in outs.iter().enumerate() {
-        match o {
-            Some(o)
-                if o.status.success()
-                    && String::from_utf8_lossy(&o.stdout) == format!("s{i}\n") => {}
-            Some(o) => errors.push(format!("#{i}: {:?} {}", o.status.code(), text(o))),
-            None => errors.push(format!("#{i}: still running after 300 s")),
-        }
-    }
-    m.report(
-        "ssh: 100 sessions in one VM",
-        &format!("{} answered", 100 - errors.len()),
-        errors.len(),
-    );
-    assert!(errors.is_empty(), "{errors:#?}");
+    all_answer(m, "ssh: 100 sessions in one VM", children, |i, o| {
+        o.status.success() && String::from_utf8_lossy(&o.stdout) == format!("s{i}\n")
+    });
 }
 
 /// TLS connections to Kennel's own host, `n` from each address in

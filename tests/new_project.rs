@@ -19,28 +19,7 @@ use std::path::Path;
 use std::process::Command;
 
 use kennel_testkit::require;
-use support::{vm_running, Kennel};
-
-fn git(dir: &Path, args: &[&str]) {
-    let out = Command::new("git")
-        .current_dir(dir)
-        .args([
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@example.org",
-            "-c",
-            "protocol.file.allow=always",
-        ])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use support::{git, vm_running, Kennel};
 
 /// A small Rust repository with a submodule, committed with the real git.
 fn rust_fixture(root: &Path) -> String {
