@@ -15,7 +15,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kennel/target}"
 out="$(mktemp)"
 trap 'rm -f "$out"' EXIT
 cd "$repo"
-KENNEL_LOAD_ROUNDS="$rounds" cargo test --quiet --workspace --all-features --locked \
+LOAD_ROUNDS="$rounds" cargo test --quiet --workspace --all-features --locked \
   --test load_vm -- --nocapture >"$out" 2>&1 || { tail -60 "$out" >&2; exit 1; }
 cargo test --quiet --workspace --all-features --locked \
   --test bots_serve -- --nocapture the_matrix_bot >>"$out" 2>&1 || { tail -60 "$out" >&2; exit 1; }

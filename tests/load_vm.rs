@@ -5,7 +5,8 @@
 //! limit); 20 concurrent `new project` from 10 members against their
 //! quota. Each phase prints what held, the errors seen, and the daemon's
 //! CPU and peak RSS during it; `bench/load.sh` runs the phases again with
-//! `KENNEL_LOAD_ROUNDS` and prints the table.
+//! `LOAD_ROUNDS` (not a `KENNEL_` name: those are the daemon's settings,
+//! and it refuses ones it does not know) and prints the table.
 //! `vm-tests` feature; needs what tests/vm.rs needs.
 #![cfg(feature = "vm-tests")]
 #![allow(
@@ -26,7 +27,7 @@ use support::meter::{header, Meter};
 use support::{Kennel, SSH_OPTS};
 
 fn rounds() -> usize {
-    std::env::var("KENNEL_LOAD_ROUNDS")
+    std::env::var("LOAD_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1)
