@@ -325,14 +325,8 @@ impl Executor {
                     done.adopted.push(name);
                 }
                 (false, ProjectState::Destroying) => {
-                    let (n, note) = (
-                        name.clone(),
-                        format!("a restart cut off its removal; run 'rm {name}' again to finish it (with --purge if that was asked)"),
-                    );
-                    self.store
-                        .call(move |c| {
-                            repo::set_project_state_noted(c, &n, ProjectState::Failed, Some(&note))
-                        })
+                    let note = format!("a restart cut off its removal; run 'rm {name}' again to finish it (with --purge if that was asked)");
+                    self.set_state_noted(&name, ProjectState::Failed, Some(note))
                         .await?;
                     done.failed.push(name);
                 }

@@ -551,10 +551,21 @@ impl Executor {
         name: &ProjectName,
         state: ProjectState,
     ) -> Result<(), StoreError> {
+        self.set_state_noted(name, state, None).await
+    }
+
+    /// [`Executor::set_state`] with why Kennel set it (shown beside the
+    /// state until the next change).
+    pub(crate) async fn set_state_noted(
+        &self,
+        name: &ProjectName,
+        state: ProjectState,
+        note: Option<String>,
+    ) -> Result<(), StoreError> {
         let n = name.clone();
         self.store
             .call(move |c| {
-                repo::set_project_state(c, &n, state)?;
+                repo::set_project_state_noted(c, &n, state, note.as_deref())?;
                 if matches!(state, ProjectState::Stopped | ProjectState::Failed) {
                     repo::clear_route(c, &n)?;
                 }
