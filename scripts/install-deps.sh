@@ -50,6 +50,7 @@ checks=(
   "dpkg-deb|dpkg|run test"
   "fn:have_openssl_dev|libssl-dev|run test"
   "pkg-config|pkg-config|run test"
+  "mold|mold|test"
   "git|git|run test"
   "expect|expect|test"
   "curl|curl|test"

@@ -36,10 +36,7 @@ pub fn start(
         #[cfg(feature = "matrix")]
         {
             let cfg = config.matrix.clone();
-            let desk = Arc::new(kennel_bot::desk::Desk::new(
-                exec.clone(),
-                cfg.limits.clone(),
-            ));
+            let desk = Arc::new(kennel_bot::desk::Desk::new(exec.gate(), cfg.limits.clone()));
             let dir = data_dir.join("bot/matrix");
             let stop = stopped(stop.clone());
             tasks.push(tokio::spawn(async move {
@@ -60,10 +57,7 @@ pub fn start(
         #[cfg(feature = "discord")]
         {
             let cfg = config.discord.clone();
-            let desk = Arc::new(kennel_bot::desk::Desk::new(
-                exec.clone(),
-                cfg.limits.clone(),
-            ));
+            let desk = Arc::new(kennel_bot::desk::Desk::new(exec.gate(), cfg.limits.clone()));
             let stop = stopped(stop.clone());
             tasks.push(tokio::spawn(async move {
                 if let Err(e) = kennel_bot::discord::run(cfg, desk, stop).await {

@@ -168,6 +168,25 @@ fn join_words(words: &[String]) -> String {
         .join(" ")
 }
 
+/// No daemon answers for a data dir and it holds no data: the caller is
+/// to point `kennel exec` elsewhere.
+#[derive(Debug)]
+struct NoKennel(PathBuf);
+
+impl std::fmt::Display for NoKennel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "no Kennel daemon answers for {} and there is no Kennel data there. Run this where \
+             `kennel serve` keeps its data, pass --data-dir DIR (or set KENNEL_DATA_DIR), \
+             or start one with `kennel serve`",
+            self.0.display()
+        )
+    }
+}
+
+impl std::error::Error for NoKennel {}
+
 /// Where the installed service keeps its data (`scripts/install.sh`).
 const SERVICE_DATA_DIR: &str = "/var/lib/kennel";
 
@@ -223,12 +242,7 @@ fn exec(
             outln!("{output}");
             return Ok(exit);
         }
-        anyhow::bail!(
-            "no Kennel daemon answers for {} and there is no Kennel data there. Run this where \
-             `kennel serve` keeps its data, pass --data-dir DIR (or set KENNEL_DATA_DIR), \
-             or start one with `kennel serve`",
-            dir.root().display()
-        );
+        return Err(NoKennel(dir.root().to_owned()).into());
     }
     eprintln!(
         "kennel: no daemon is running for {}; running this in-process",
@@ -283,7 +297,27 @@ fn real_main() -> Result<i32> {
         } => {
             init_logging("warn");
             let default_dir = cli.data_dir.is_none() && loaded.data_dir_is_default();
-            exec(config, default_dir, as_user, json, &words)
+            match exec(config, default_dir, as_user, json, &words) {
+                // `--json` means JSON, a failure to reach Kennel too: the
+                // same shape and exit code as any other error.
+                Err(e) => {
+                    let kind = if e.downcast_ref::<NoKennel>().is_some() {
+                        kennel_core::outcome::ErrorKind::NotFound
+                    } else {
+                        kennel_core::outcome::ErrorKind::Unavailable
+                    };
+                    if json {
+                        outln!(
+                            "{}",
+                            serde_json::json!({"ok": false, "error": {"kind": kind, "message": format!("{e:#}")}})
+                        );
+                    } else {
+                        eprintln!("error: {e:#}");
+                    }
+                    Ok(kind.exit_code())
+                }
+                ok => ok,
+            }
         }
         Cmd::Doctor { json } => {
             let report = doctor::run(config, &kennel_provisioner::host::Host::real());

@@ -71,7 +71,7 @@ pub async fn run(config: &Config) -> Result<()> {
             )
         })?;
     let ssh_addr = listener.local_addr()?;
-    let gateway = kennel_gateway::ssh::SshGateway::new(exec.clone(), wiring::ssh_settings(config));
+    let gateway = kennel_gateway::ssh::SshGateway::new(exec.gate(), wiring::ssh_settings(config));
     let links = gateway.links();
     let (stop_ssh, ssh_stopped) = tokio::sync::oneshot::channel::<()>();
     let ssh_task = tokio::spawn(gateway.run(listener, key, async move {
@@ -92,7 +92,7 @@ pub async fn run(config: &Config) -> Result<()> {
     let https_addr = https_listener.local_addr()?;
     // One connection per VM for both gateways.
     let https = kennel_gateway::https::HttpsGateway::with_links(
-        &exec,
+        &exec.gate(),
         kennel_gateway::https::HttpsSettings {
             trusted_proxies: config.https.trusted_proxies.clone(),
             ..Default::default()

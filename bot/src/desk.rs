@@ -12,7 +12,7 @@ use kennel_core::model::{AccessRequest, Identity, RequestState};
 use kennel_core::outcome::Outcome;
 use kennel_core::provision::{Progress, ProgressSink};
 use kennel_core::render::{self, Block, Format, Inline};
-use kennel_core::Executor;
+use kennel_core::Gate;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -98,7 +98,7 @@ pub enum Refusal {
 /// The shared front desk of both bots.
 #[derive(Debug)]
 pub struct Desk {
-    exec: Executor,
+    gate: Gate,
     limits: Limits,
     limiter: RateLimiter,
 }
@@ -113,19 +113,19 @@ pub enum Parsed {
 }
 
 impl Desk {
-    /// A desk in front of `exec`.
-    pub fn new(exec: Executor, limits: Limits) -> Self {
+    /// A desk in front of `gate`.
+    pub fn new(gate: Gate, limits: Limits) -> Self {
         let limiter = RateLimiter::new(limits.commands_per_minute, limits.burst);
         Self {
-            exec,
+            gate,
             limits,
             limiter,
         }
     }
 
-    /// The executor behind the desk.
-    pub fn executor(&self) -> &Executor {
-        &self.exec
+    /// Core, as the bots see it.
+    pub fn gate(&self) -> &Gate {
+        &self.gate
     }
 
     /// The limits in force.
@@ -167,7 +167,7 @@ impl Desk {
             command: cmd,
             json: false,
         };
-        self.exec
+        self.gate
             .answer(who, None, inv, kennel_core::Style::PLAIN, progress)
             .await
             .outcome
@@ -371,15 +371,10 @@ pub fn decision_line(r: &AccessRequest) -> Block {
 }
 
 /// What the requester is told once an admin decided.
-pub fn outcome_document(r: &AccessRequest, exec: &Executor) -> Vec<Block> {
-    let s = exec.settings();
+pub fn outcome_document(r: &AccessRequest, gate: &Gate) -> Vec<Block> {
+    let s = gate.settings();
     match r.state {
         RequestState::Approved => {
-            let port = if s.ssh_port == 22 {
-                String::new()
-            } else {
-                format!(" -p {}", s.ssh_port)
-            };
             let mut doc = vec![
                 Block::Title(format!("Your access request #{} was approved", r.id)),
                 Block::Para(vec![
@@ -388,7 +383,7 @@ pub fn outcome_document(r: &AccessRequest, exec: &Executor) -> Vec<Block> {
                     Inline::Text(" can now log in. Create a project with ".into()),
                     Inline::Code("new project NAME --stack rust".into()),
                     Inline::Text(", then connect with ".into()),
-                    Inline::Code(format!("ssh NAME@{}{port}", s.ssh_host)),
+                    Inline::Code(s.urls().ssh_command("NAME")),
                     Inline::Text(" (editors use the same string). See your projects with ".into()),
                     Inline::Code("projects".into()),
                     Inline::Text(".".into()),
@@ -481,14 +476,14 @@ mod tests {
 
     #[tokio::test]
     async fn admission_refuses_long_messages_and_floods() {
-        let exec = Executor::new(
+        let exec = kennel_core::Executor::new(
             kennel_core::Store::open_in_memory().unwrap(),
             std::sync::Arc::new(kennel_core::provision::testing::RecordingProvisioner::default()),
             std::sync::Arc::new(kennel_core::catalog::StaticCatalog::default()),
             kennel_core::Settings::default(),
         );
         let desk = Desk::new(
-            exec,
+            exec.gate(),
             Limits {
                 burst: 2,
                 max_message_bytes: 100,

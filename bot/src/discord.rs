@@ -368,7 +368,7 @@ impl Handler {
             return;
         };
         let typed = focused.value.to_ascii_lowercase();
-        let catalog = self.desk.executor().catalog();
+        let catalog = self.desk.gate().catalog();
         let names: Vec<(String, String)> = match focused.name {
             "stack" => catalog
                 .stacks()
@@ -425,7 +425,7 @@ impl Handler {
                 let Ok(id) = arg.parse::<i64>() else { return };
                 // Ask policy before showing the form; the deny itself asks again.
                 let deny = Command::Deny { id, reason: None };
-                if self.desk.executor().authorize(&who, &deny).await.is_err() {
+                if self.desk.gate().authorize(&who, &deny).await.is_err() {
                     let _ = c
                         .create_response(
                             &ctx.http,
@@ -597,7 +597,7 @@ impl Handler {
         admin_channel: Option<ChannelId>,
         posted: Arc<Mutex<HashMap<i64, (ChannelId, MessageId)>>>,
     ) {
-        let mut rx = desk.executor().subscribe();
+        let mut rx = desk.gate().subscribe();
         while let Some(event) = desk::next_event(&mut rx).await {
             match event {
                 Event::AccessRequested(r) => {
@@ -634,7 +634,7 @@ impl Handler {
                     let Ok(uid) = r.identity.external_id.parse::<std::num::NonZeroU64>() else {
                         continue;
                     };
-                    let doc = desk::outcome_document(&r, desk.executor());
+                    let doc = desk::outcome_document(&r, desk.gate());
                     let text = fit(&write_doc(&doc, Format::Markdown));
                     if let Err(e) = dm(&http, uid, text).await {
                         tracing::warn!(error = %e, user = uid, "could not DM the requester");

@@ -414,7 +414,7 @@ impl MatrixBot {
 
     fn invite_allowed(&self, inviter: &UserId) -> bool {
         let admin = Identity::new(Frontend::Matrix, inviter.as_str());
-        self.desk.executor().settings().admins.contains(&admin)
+        self.desk.gate().settings().admins.contains(&admin)
             || self
                 .cfg
                 .invite_from
@@ -641,7 +641,7 @@ impl MatrixBot {
                 .await;
             return;
         }
-        let admin = matches!(self.desk.executor().resolve(who).await, Ok(Some(u)) if u.role == kennel_core::Role::Admin);
+        let admin = matches!(self.desk.gate().resolve(who).await, Ok(Some(u)) if u.role == kennel_core::Role::Admin);
         let moderator = matches!(room.get_member(&ev.sender).await, Ok(Some(m)) if m.can_kick());
         if !admin && !moderator {
             self.reply_text(
@@ -811,7 +811,7 @@ impl MatrixBot {
 
     /// Posts access requests to the admin room and tells requesters the outcome.
     async fn forward_events(self: Arc<Self>) {
-        let mut rx = self.desk.executor().subscribe();
+        let mut rx = self.desk.gate().subscribe();
         while let Some(event) = desk::next_event(&mut rx).await {
             match event {
                 Event::AccessRequested(r) => self.post_request(&r).await,
@@ -872,7 +872,7 @@ impl MatrixBot {
             tracing::warn!(user = %user, "no room to tell the requester the outcome");
             return;
         };
-        let doc = desk::outcome_document(r, self.desk.executor());
+        let doc = desk::outcome_document(r, self.desk.gate());
         if let Err(e) = room.send(Self::html(&doc)).await {
             tracing::warn!(error = %e, user = %user, "could not tell the requester the outcome");
         }

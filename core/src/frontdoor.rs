@@ -1,7 +1,9 @@
 //! The front door: the one path from what a person sent to what is sent
-//! back, for every front end (console, SSH, chat, and the HTTP API to
-//! come): parse, choose the format, authorize and run with progress,
-//! render.
+//! back, for every front end (console, SSH, chat, the dashboard and the
+//! HTTP API): parse, choose the format, authorize and run with progress,
+//! render. Front ends other than the console reach it through their
+//! [`crate::Gate`]; an error's kind, exit code and HTTP status come from
+//! [`crate::outcome::ErrorKind`].
 //!
 //! A front end hands over an identity (and, when it has resolved one
 //! already, the user), the line, its own answer format and a progress

@@ -3,9 +3,11 @@
 //! project's VM, counting it as in use, how to reach it, and recording a
 //! login.
 //!
-//! Gateways hold a [`Gate`] instead of the store and the provisioner's
-//! files: the key and host-key paths are the provisioner's to know, the
-//! route is the VM state service's to keep true.
+//! Every front end (the SSH and HTTPS gateways, the chat bots' desk)
+//! holds a [`Gate`] and nothing else of core: not the executor, the store
+//! or the provisioner's files. The key and host-key paths are the
+//! provisioner's to know, the route is the VM state service's to keep
+//! true, and commands go through the front door.
 
 use crate::executor::Executor;
 use crate::keys::Fingerprint;
@@ -203,6 +205,58 @@ impl Gate {
     /// `https://DOMAIN[:PORT]`, Kennel's own host.
     pub fn kennel_url(&self) -> String {
         self.exec.kennel_url()
+    }
+
+    /// Runs a command a front end built itself (an unknown key's
+    /// `request-access`) for `who`, as `user` (`None`: nobody known yet).
+    pub async fn run(
+        &self,
+        who: &Identity,
+        user: Option<User>,
+        cmd: crate::Command,
+        progress: &dyn crate::provision::ProgressSink,
+    ) -> crate::Outcome {
+        self.exec.execute_as(who, user, cmd, progress).await
+    }
+
+    /// The front door for a command a chat bot parsed itself; `user` as
+    /// [`Executor::answer`] takes it (`None`: resolve the identity here).
+    pub async fn answer(
+        &self,
+        who: &Identity,
+        user: Option<Option<User>>,
+        inv: crate::Invocation,
+        style: crate::frontdoor::Style,
+        progress: &dyn crate::provision::ProgressSink,
+    ) -> crate::frontdoor::Answered {
+        self.exec.answer(who, user, inv, style, progress).await
+    }
+
+    /// Whether `who` may run `cmd`, without running it (a chat front end
+    /// deciding whether to show a form first).
+    pub async fn authorize(
+        &self,
+        who: &Identity,
+        cmd: &crate::Command,
+    ) -> Result<(), CommandError> {
+        self.exec.authorize(who, cmd).await
+    }
+
+    /// The user an identity belongs to, if any (configured admins are
+    /// made on first sight).
+    pub async fn resolve(&self, who: &Identity) -> Result<Option<User>, StoreError> {
+        self.exec.resolve(who).await
+    }
+
+    /// The stacks and templates on offer (completions in chat).
+    pub fn catalog(&self) -> &dyn crate::catalog::Catalog {
+        self.exec.catalog()
+    }
+
+    /// Events other front ends must hear about (access requests, idle
+    /// stops).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<crate::Event> {
+        self.exec.subscribe()
     }
 
     pub(crate) fn store(&self) -> &crate::store::Store {

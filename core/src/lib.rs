@@ -28,6 +28,7 @@ pub mod render;
 pub mod store;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod urls;
 pub mod vmstate;
 pub mod web;
 
@@ -40,4 +41,5 @@ pub use model::{Identity, Role, User};
 pub use outcome::{exit_code, CommandError, Outcome, Reply};
 pub use render::{render, Format};
 pub use store::{Store, StoreError};
+pub use urls::Urls;
 pub use vmstate::{Actor, Woke};

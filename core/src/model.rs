@@ -92,7 +92,11 @@ str_enum! {
         Discord => "discord",
         /// An SSH key fingerprint that knocked on the gateway.
         Ssh => "ssh",
+        /// A script with an API token (`/api/v1`): every call is audited.
         Http => "http",
+        /// A person signed in to the dashboard in a browser; the external
+        /// id is the user's name.
+        Web => "web",
         /// Kennel itself: the watcher, the idle supervisor, a wake on a web
         /// visitor's behalf. Never linked to a user; seen in the audit log.
         System => "system",

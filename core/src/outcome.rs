@@ -52,6 +52,8 @@ pub enum Reply {
     },
     Status {
         project: Project,
+        /// How to reach it: the SSH string and the app's URL.
+        connection: Connection,
         shares: Vec<Share>,
         vm: Option<VmStatus>,
         idle: crate::idle::IdleView,
@@ -99,7 +101,7 @@ pub enum Reply {
     Renamed {
         from: String,
         to: String,
-        /// `to@HOST`, what `ssh` takes now.
+        /// `ssh to@HOST[ -p PORT]`, the SSH string from now on.
         ssh: String,
         https_url: String,
     },
@@ -200,24 +202,32 @@ pub enum Reply {
 /// Why a command did not succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
-    /// The line did not parse (exit 2).
+    /// The line did not parse.
     #[error("{0}")]
     Usage(#[from] ParseError),
-    /// Policy said no (exit 1).
+    /// Policy said no.
     #[error("refused: {0}")]
     Refused(String),
-    /// The thing named does not exist (exit 1).
+    /// The thing named does not exist.
     #[error("{0}")]
     NotFound(String),
-    /// The request conflicts with current state (exit 1).
+    /// The request conflicts with current state (a name taken, a project
+    /// busy).
     #[error("{0}")]
     Conflict(String),
-    /// A VM operation failed (exit 1).
-    #[error("{0}")]
-    Provision(#[from] ProvisionError),
-    /// The store failed; details go to the log, not the user (exit 1).
+    /// A VM operation failed: the user's request ([`ProvisionError::Invalid`])
+    /// or the host. The message carries the whole chain, for the user.
+    #[error("{}", crate::outcome::chain(.0))]
+    Provision(#[source] ProvisionError),
+    /// The store failed; details go to the log, not the user.
     #[error("{}", store_message(.0))]
     Store(#[from] StoreError),
+}
+
+impl From<ProvisionError> for CommandError {
+    fn from(e: ProvisionError) -> Self {
+        CommandError::Provision(e)
+    }
 }
 
 /// What a user is told when the store fails: a full disk says so (nothing
@@ -231,34 +241,161 @@ fn store_message(e: &StoreError) -> &'static str {
     }
 }
 
-impl CommandError {
-    /// A stable machine-readable kind for JSON answers.
-    pub fn kind(&self) -> &'static str {
+/// An error and every cause under it, `outer: inner: innermost`.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        // A message that already ends with its cause is not told twice.
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// The classes of failure, decided once for every front end: the `kind`
+/// in JSON answers, the HTTP API's status, the CLI's (and SSH command
+/// mode's) exit code and the metrics' `outcome` label all come from here.
+///
+/// | kind | who is to act | HTTP | exit |
+/// |---|---|---|---|
+/// | `usage` | the caller: the line does not parse | 400 | 2 |
+/// | `unauthorized` | the caller: no or bad credentials (API) | 401 | 3 |
+/// | `refused` | the caller: policy says no | 403 | 3 |
+/// | `not_found` | the caller: no such thing | 404 | 4 |
+/// | `conflict` | the caller: a name taken, a project busy | 409 | 5 |
+/// | `rate_limited` | the caller: too many calls; wait | 429 | 8 |
+/// | `invalid` | the caller: a VM operation cannot be done as asked | 422 | 6 |
+/// | `unavailable` | the operator: no VMs here, the store is down | 503 | 7 |
+/// | `failed` | the operator: a VM operation failed on the host | 500 | 1 |
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    Usage,
+    Unauthorized,
+    Refused,
+    NotFound,
+    Conflict,
+    RateLimited,
+    Invalid,
+    Unavailable,
+    Failed,
+}
+
+impl ErrorKind {
+    /// Every kind, for tables and tests.
+    pub const ALL: [ErrorKind; 9] = [
+        ErrorKind::Usage,
+        ErrorKind::Unauthorized,
+        ErrorKind::Refused,
+        ErrorKind::NotFound,
+        ErrorKind::Conflict,
+        ErrorKind::RateLimited,
+        ErrorKind::Invalid,
+        ErrorKind::Unavailable,
+        ErrorKind::Failed,
+    ];
+
+    /// The stable name in JSON answers and the metrics' label.
+    pub fn as_str(self) -> &'static str {
         match self {
-            CommandError::Usage(_) => "usage",
-            CommandError::Refused(_) => "refused",
-            CommandError::NotFound(_) => "not_found",
-            CommandError::Conflict(_) => "conflict",
-            CommandError::Provision(_) => "provision",
-            CommandError::Store(_) => "internal",
+            ErrorKind::Usage => "usage",
+            ErrorKind::Unauthorized => "unauthorized",
+            ErrorKind::Refused => "refused",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::Invalid => "invalid",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Failed => "failed",
+        }
+    }
+
+    /// The HTTP API's status.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorKind::Usage => 400,
+            ErrorKind::Unauthorized => 401,
+            ErrorKind::Refused => 403,
+            ErrorKind::NotFound => 404,
+            ErrorKind::Conflict => 409,
+            ErrorKind::RateLimited => 429,
+            ErrorKind::Invalid => 422,
+            ErrorKind::Unavailable => 503,
+            ErrorKind::Failed => 500,
+        }
+    }
+
+    /// The exit code of `kennel exec` and of SSH command mode.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            ErrorKind::Failed => 1,
+            ErrorKind::Usage => 2,
+            ErrorKind::Unauthorized | ErrorKind::Refused => 3,
+            ErrorKind::NotFound => 4,
+            ErrorKind::Conflict => 5,
+            ErrorKind::RateLimited => 8,
+            ErrorKind::Invalid => 6,
+            ErrorKind::Unavailable => 7,
+        }
+    }
+
+    /// Whether the caller caused it (and not the host): logged at debug,
+    /// not error.
+    pub fn is_callers(self) -> bool {
+        !matches!(self, ErrorKind::Unavailable | ErrorKind::Failed)
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl CommandError {
+    /// The class of this failure; see [`ErrorKind`].
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            CommandError::Usage(_) => ErrorKind::Usage,
+            CommandError::Refused(_) => ErrorKind::Refused,
+            CommandError::NotFound(_) => ErrorKind::NotFound,
+            CommandError::Conflict(_) => ErrorKind::Conflict,
+            CommandError::Provision(e) => e.kind(),
+            CommandError::Store(_) => ErrorKind::Unavailable,
+        }
+    }
+
+    /// What an operator's log gets: the whole chain, store errors too.
+    pub fn detailed(&self) -> String {
+        match self {
+            CommandError::Store(e) => chain(e),
+            other => other.to_string(),
         }
     }
 }
 
 impl From<crate::policy::Refusal> for CommandError {
     fn from(r: crate::policy::Refusal) -> Self {
-        CommandError::Refused(r.0)
+        match r {
+            crate::policy::Refusal::Denied(why) => CommandError::Refused(why),
+            taken @ crate::policy::Refusal::Taken(_) => CommandError::Conflict(taken.to_string()),
+        }
     }
 }
 
 /// A command's result.
 pub type Outcome = Result<Reply, CommandError>;
 
-/// The process exit code for an outcome: 0 done, 1 refused or failed, 2 usage.
+/// The process exit code for an outcome: 0 done, else its kind's
+/// ([`ErrorKind::exit_code`]).
 pub fn exit_code(o: &Outcome) -> i32 {
     match o {
         Ok(_) => 0,
-        Err(CommandError::Usage(_)) => 2,
-        Err(_) => 1,
+        Err(e) => e.kind().exit_code(),
     }
 }

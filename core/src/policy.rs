@@ -24,10 +24,24 @@ pub enum Relation {
     Missing,
 }
 
-/// A refusal, with the reason shown to the caller.
+/// Why policy said no, with the reason shown to the caller.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Refusal(pub String);
+pub enum Refusal {
+    /// The caller may not do this.
+    #[error("{0}")]
+    Denied(String),
+    /// The name asked for belongs to another project: a conflict with
+    /// what exists (as `rename` into it is), not a lack of rights.
+    #[error("a project named '{0}' already exists; pick another name")]
+    Taken(String),
+}
+
+impl Refusal {
+    /// The reason, as the caller is told it.
+    pub fn reason(&self) -> String {
+        self.to_string()
+    }
+}
 
 const UNKNOWN: &str = "Kennel does not know you yet. Ask for access with 'request-access <your SSH public key> [note]'; an admin will approve or deny it.";
 const ADMIN_ONLY: &str = "only admins may do that";
@@ -41,7 +55,7 @@ pub fn authorize(
     rel: Relation,
 ) -> Result<(), Refusal> {
     use Command::*;
-    let refuse = |r: &str| Err(Refusal(r.to_owned()));
+    let refuse = |r: &str| Err(Refusal::Denied(r.to_owned()));
     // Anyone, known or not.
     // `yes` re-runs the confirmed command through this policy again.
     if matches!(cmd, Help { .. } | Whoami | RequestAccess { .. } | Yes) {
@@ -55,12 +69,12 @@ pub fn authorize(
     }
     // From here on: a member.
     let not_yours = |name: &str| {
-        Err(Refusal(format!(
+        Err(Refusal::Denied(format!(
             "there is no project '{name}' that you own or that is shared with you; see 'projects'"
         )))
     };
     let owner_only = |name: &str| {
-        Err(Refusal(format!(
+        Err(Refusal::Denied(format!(
             "only the owner of '{name}' or an admin may do that"
         )))
     };
@@ -85,9 +99,7 @@ pub fn authorize(
                 "only admins may clone from file:// URLs or host paths; use an https:// or ssh:// URL",
             ),
             (_, Relation::Missing) => Ok(()),
-            _ => Err(Refusal(format!(
-                "a project named '{project}' already exists; pick another name"
-            ))),
+            _ => Err(Refusal::Taken(project.clone())),
         },
         Status { .. } => match rel {
             Relation::Owner | Relation::Shared { .. } => Ok(()),
@@ -95,7 +107,7 @@ pub fn authorize(
         },
         Ssh { .. } | Logs { .. } | Start { .. } | Stop { .. } | Restart { .. } => match rel {
             Relation::Owner | Relation::Shared { ssh: true, .. } => Ok(()),
-            Relation::Shared { .. } => Err(Refusal(format!(
+            Relation::Shared { .. } => Err(Refusal::Denied(format!(
                 "'{project}' is shared with you for the web app only; ask its owner for SSH access"
             ))),
             _ => not_yours(&project),
@@ -163,7 +175,7 @@ pub fn may_enter(
     if allowed {
         return Ok(());
     }
-    Err(Refusal(match (entry, rel) {
+    Err(Refusal::Denied(match (entry, rel) {
         (Entry::Ssh, Relation::Shared { .. }) => format!(
             "'{name}' is shared with you for the web app only; ask its owner for SSH access"
         ),
@@ -178,7 +190,7 @@ pub fn may_enter(
 /// Checks that adding `want` to `usage` stays within `quota`.
 pub fn check_quota(quota: &Quota, usage: &Usage, want: &Resources) -> Result<(), Refusal> {
     let over = |what: &str, limit: String, have: String| {
-        Err(Refusal(format!(
+        Err(Refusal::Denied(format!(
             "this would exceed your {what} quota ({limit}; you use {have}); remove a project or ask an admin"
         )))
     };

@@ -180,15 +180,104 @@ pub struct VmKeys {
     pub host_key: Option<String>,
 }
 
-/// Why a VM operation failed. Messages say what to do next.
+/// What caused a provisioner failure: the backend's own error, kept whole
+/// so the chain reaches the operator's log.
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a VM operation failed: one variant per operation, each with its
+/// cause, and [`ProvisionError::Invalid`] for what the user asked that
+/// cannot be done (their mistake, not the host's). Messages name the
+/// stage and the cause's own message (the text users have always seen);
+/// [`crate::outcome::chain`] adds the causes below it without repeating.
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
     #[error("VMs are not available on this host: {0}")]
     Unavailable(String),
     #[error("project {0} has no VM")]
     NoVm(String),
-    #[error("{stage} failed: {message}")]
-    Failed { stage: Stage, message: String },
+    /// The request cannot be done as asked: a non-empty target directory,
+    /// a URL the guard refuses, an unknown template, a path through a link.
+    #[error("{message}")]
+    Invalid { stage: Stage, message: String },
+    /// Cloning, creating or adopting the source failed on the host.
+    #[error("{stage} failed: {source}")]
+    Source {
+        stage: Stage,
+        #[source]
+        source: Cause,
+    },
+    /// The stack's image could not be built or found.
+    #[error("image failed: {0}")]
+    Image(#[source] Cause),
+    /// The VM's directory, disk, keys or config disk could not be made.
+    #[error("disk failed: {0}")]
+    Disk(#[source] Cause),
+    /// The VMM or virtiofsd did not start, or the guest did not boot.
+    #[error("booting failed: {0}")]
+    Boot(#[source] Cause),
+    /// The guest booted but did not become ready (sshd, the share).
+    #[error("ready failed: {0}")]
+    Ready(#[source] Cause),
+    /// The VM did not stop.
+    #[error("stopping failed: {0}")]
+    Stop(#[source] Cause),
+    /// The VM or a source could not be removed.
+    #[error("destroying failed: {0}")]
+    Destroy(#[source] Cause),
+}
+
+impl ProvisionError {
+    /// A failure at `stage` with `cause`, as the variant for that stage.
+    pub fn at(stage: Stage, cause: impl Into<Cause>) -> Self {
+        let cause = cause.into();
+        match stage {
+            Stage::Validated | Stage::Queued | Stage::Cloning | Stage::Stack => {
+                ProvisionError::Source {
+                    stage,
+                    source: cause,
+                }
+            }
+            Stage::Image => ProvisionError::Image(cause),
+            Stage::Disk => ProvisionError::Disk(cause),
+            Stage::Booting => ProvisionError::Boot(cause),
+            Stage::Ready => ProvisionError::Ready(cause),
+            Stage::Stopping => ProvisionError::Stop(cause),
+            Stage::Destroying => ProvisionError::Destroy(cause),
+        }
+    }
+
+    /// The stage the failure belongs to (metrics' `cause` label), if any.
+    pub fn stage(&self) -> Option<Stage> {
+        match self {
+            ProvisionError::Unavailable(_) | ProvisionError::NoVm(_) => None,
+            ProvisionError::Invalid { stage, .. } | ProvisionError::Source { stage, .. } => {
+                Some(*stage)
+            }
+            ProvisionError::Image(_) => Some(Stage::Image),
+            ProvisionError::Disk(_) => Some(Stage::Disk),
+            ProvisionError::Boot(_) => Some(Stage::Booting),
+            ProvisionError::Ready(_) => Some(Stage::Ready),
+            ProvisionError::Stop(_) => Some(Stage::Stopping),
+            ProvisionError::Destroy(_) => Some(Stage::Destroying),
+        }
+    }
+
+    /// The class of this failure ([`crate::outcome::ErrorKind`]).
+    pub fn kind(&self) -> crate::outcome::ErrorKind {
+        use crate::outcome::ErrorKind;
+        match self {
+            ProvisionError::Unavailable(_) => ErrorKind::Unavailable,
+            ProvisionError::NoVm(_) => ErrorKind::Conflict,
+            ProvisionError::Invalid { .. } => ErrorKind::Invalid,
+            ProvisionError::Source { .. }
+            | ProvisionError::Image(_)
+            | ProvisionError::Disk(_)
+            | ProvisionError::Boot(_)
+            | ProvisionError::Ready(_)
+            | ProvisionError::Stop(_)
+            | ProvisionError::Destroy(_) => ErrorKind::Failed,
+        }
+    }
 }
 
 /// Builds, runs and tears down project VMs.
@@ -348,7 +437,7 @@ pub mod testing {
     pub struct RecordingProvisioner {
         pub calls: Mutex<Vec<String>>,
         vms: Mutex<BTreeMap<String, VmState>>,
-        fail_next_create: Mutex<Option<String>>,
+        fail_next_create: Mutex<Option<(bool, String)>>,
         /// How long each create takes (to test queueing).
         pub create_delay: Mutex<std::time::Duration>,
         /// How long each start takes (to test concurrent wakes).
@@ -364,14 +453,87 @@ pub mod testing {
         pub cpu: Mutex<BTreeMap<String, std::time::Duration>>,
         /// The last create request.
         pub last_create: Mutex<Option<CreateRequest>>,
+        /// How long each stop, destroy, rename and copy takes (to test
+        /// that operations on one VM run one at a time).
+        pub op_delay: Mutex<std::time::Duration>,
+        /// Operations under way, per project.
+        busy: Mutex<BTreeMap<String, Vec<&'static str>>>,
+        /// Operations that began while another ran on the same project
+        /// (`"rename p while start"`): the VM lock should keep this empty.
+        overlaps: Mutex<Vec<String>>,
+    }
+
+    /// One operation under way on some projects; ends when dropped.
+    struct InFlight<'a> {
+        vms: &'a RecordingProvisioner,
+        op: &'static str,
+        projects: Vec<String>,
+    }
+
+    impl Drop for InFlight<'_> {
+        fn drop(&mut self) {
+            if let Ok(mut busy) = self.vms.busy.lock() {
+                for p in &self.projects {
+                    if let Some(ops) = busy.get_mut(p) {
+                        if let Some(i) = ops.iter().position(|o| *o == self.op) {
+                            ops.remove(i);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     impl RecordingProvisioner {
-        /// Makes the next `create` fail at the boot stage with `message`.
+        /// Makes the next `create` fail at the boot stage with `message`
+        /// (the host's failure).
         pub fn fail_next_create(&self, message: &str) {
             if let Ok(mut f) = self.fail_next_create.lock() {
-                *f = Some(message.to_owned());
+                *f = Some((false, message.to_owned()));
             }
+        }
+
+        /// Makes the next `create` refuse what it was asked, as a backend
+        /// refuses a non-empty target directory (the user's mistake).
+        pub fn refuse_next_create(&self, message: &str) {
+            if let Ok(mut f) = self.fail_next_create.lock() {
+                *f = Some((true, message.to_owned()));
+            }
+        }
+
+        /// Operations that overlapped another on the same project.
+        pub fn overlaps(&self) -> Vec<String> {
+            self.overlaps.lock().map(|o| o.clone()).unwrap_or_default()
+        }
+
+        /// Marks `op` under way on `projects`, noting any overlap, and
+        /// waits `delay` (the operation's duration).
+        async fn in_flight(
+            &self,
+            op: &'static str,
+            projects: &[&str],
+            delay: std::time::Duration,
+        ) -> InFlight<'_> {
+            if let (Ok(mut busy), Ok(mut overlaps)) = (self.busy.lock(), self.overlaps.lock()) {
+                for p in projects {
+                    let ops = busy.entry((*p).to_owned()).or_default();
+                    for other in ops.iter() {
+                        overlaps.push(format!("{op} {p} while {other}"));
+                    }
+                    ops.push(op);
+                }
+            }
+            let flight = InFlight {
+                vms: self,
+                op,
+                projects: projects.iter().map(|p| (*p).to_owned()).collect(),
+            };
+            tokio::time::sleep(delay).await;
+            flight
+        }
+
+        fn op_delay(&self) -> std::time::Duration {
+            self.op_delay.lock().map(|d| *d).unwrap_or_default()
         }
 
         /// The calls so far, as `op project` strings.
@@ -455,11 +617,15 @@ pub mod testing {
                 });
                 tokio::time::sleep(pause).await;
             }
-            if let Some(message) = fail {
-                return Err(ProvisionError::Failed {
-                    stage: Stage::Booting,
-                    message,
-                });
+            match fail {
+                Some((true, message)) => {
+                    return Err(ProvisionError::Invalid {
+                        stage: Stage::Validated,
+                        message,
+                    })
+                }
+                Some((false, message)) => return Err(ProvisionError::Boot(message.into())),
+                None => {}
             }
             self.set(p, Some(VmState::Running));
             Ok(Created {
@@ -487,17 +653,23 @@ pub mod testing {
                 detail: Some("recording provisioner".into()),
             });
             let delay = self.start_delay.lock().map(|d| *d).unwrap_or_default();
-            tokio::time::sleep(delay).await;
+            let _op = self.in_flight("start", &[p], delay).await;
             self.set(p, Some(VmState::Running));
             Ok(self.status_of(p))
         }
         async fn stop(&self, project: &ProjectName) -> Result<(), ProvisionError> {
             self.record("stop", project.as_str());
+            let _op = self
+                .in_flight("stop", &[project.as_str()], self.op_delay())
+                .await;
             self.set(project.as_str(), Some(VmState::Stopped));
             Ok(())
         }
         async fn destroy(&self, project: &ProjectName) -> Result<(), ProvisionError> {
             self.record("destroy", project.as_str());
+            let _op = self
+                .in_flight("destroy", &[project.as_str()], self.op_delay())
+                .await;
             self.set(project.as_str(), None);
             Ok(())
         }
@@ -544,10 +716,20 @@ pub mod testing {
             progress: &dyn ProgressSink,
         ) -> Result<Created, ProvisionError> {
             self.record("copy", from.as_str());
+            let _op = self
+                .in_flight(
+                    "copy",
+                    &[from.as_str(), to.project.as_str()],
+                    self.op_delay(),
+                )
+                .await;
             self.create(to, progress).await
         }
         async fn rename(&self, from: &ProjectName, to: &ProjectName) -> Result<(), ProvisionError> {
             self.record("rename", from.as_str());
+            let _op = self
+                .in_flight("rename", &[from.as_str(), to.as_str()], self.op_delay())
+                .await;
             let state = self
                 .vms
                 .lock()
@@ -555,6 +737,16 @@ pub mod testing {
                 .and_then(|mut v| v.remove(from.as_str()));
             self.set(to.as_str(), state);
             Ok(())
+        }
+        async fn set_app_port(
+            &self,
+            project: &ProjectName,
+            _port: u16,
+        ) -> Result<Option<String>, ProvisionError> {
+            let _op = self
+                .in_flight("set_app_port", &[project.as_str()], self.op_delay())
+                .await;
+            Ok(None)
         }
         async fn sync_keys(
             &self,

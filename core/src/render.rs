@@ -306,6 +306,7 @@ pub fn document(r: &Reply) -> Vec<Block> {
         }],
         Reply::Status {
             project,
+            connection,
             shares,
             vm,
             idle,
@@ -326,6 +327,8 @@ pub fn document(r: &Reply) -> Vec<Block> {
                                 .unwrap_or_default(),
                         ],
                         vec!["app port".into(), project.app_port.to_string()],
+                        vec!["app".into(), connection.https_url.clone()],
+                        vec!["ssh".into(), connection.ssh_command.clone()],
                         vec!["web".into(), project.visibility.to_string()],
                         vec!["idle stop".into(), idle_text(idle)],
                         vec![
@@ -417,7 +420,7 @@ pub fn document(r: &Reply) -> Vec<Block> {
             ssh,
             https_url,
         } => vec![text(format!(
-            "{from} is now {to}: ssh {ssh} and {https_url}."
+            "{from} is now {to}: {ssh} and {https_url}."
         ))],
         Reply::Shared {
             project,

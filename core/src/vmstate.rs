@@ -6,8 +6,16 @@
 //! gateway, and the idle supervisor ([`crate::idle`]). An operation is for an
 //! [`Actor`], a person or Kennel itself, so a wake needs no command
 //! rights: whoever may *enter* a project (policy's `may_enter`, decided by
-//! the caller) may wake it. Operations on one project are serialized, so
-//! two entry points waking it at once boot it once.
+//! the caller) may wake it.
+//!
+//! Every operation that changes a project's VM holds that project's VM
+//! lock (`Executor::lock_vm`): start, stop, restart, wake, idle stop, and
+//! in their command families `rm`, `port`, and `rename` and `cp` (which
+//! hold both names' locks, taken in name order). Each checks, locks, and
+//! checks again (`Executor::project_now`), so what waited acts on what the
+//! holder left: two entry points waking a project at once boot it once, an
+//! `rm` after a wake in flight removes the VM the wake booted, and a
+//! `rename` after an idle stop moves a stopped VM.
 //!
 //! Routes stay true: a project whose VM is not running has no route, so
 //! the gateways start it instead of dialling a dead address; an adopted VM

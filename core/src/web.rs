@@ -65,7 +65,7 @@ impl Executor {
             .call(move |c| repo::add_web_link(c, &hash, "login", user.id, &host, expires))
             .await?;
         Ok(Reply::LoginLink {
-            url: format!("{}/login/{token}", self.kennel_url()),
+            url: self.settings().urls().login(&token),
             minutes: LOGIN_LINK_SECS / 60,
         })
     }
@@ -92,11 +92,7 @@ impl Executor {
 
     /// `https://DOMAIN[:PORT]`, Kennel's own host.
     pub fn kennel_url(&self) -> String {
-        let s = self.settings();
-        match s.https_port {
-            443 => format!("https://{}", s.domain),
-            p => format!("https://{}:{p}", s.domain),
-        }
+        self.settings().urls().kennel()
     }
 }
 

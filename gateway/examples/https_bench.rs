@@ -37,7 +37,7 @@ async fn main() {
         .await
         .unwrap();
     println!("ready");
-    HttpsGateway::new(&w.exec, HttpsSettings::default())
+    HttpsGateway::new(&w.exec.gate(), HttpsSettings::default())
         .run(listener, config, std::future::pending())
         .await
         .unwrap();

@@ -6,10 +6,21 @@
 //! - [`kernel`]: Debian's cloud kernel and Kennel's initramfs.
 //! - [`image`]: stack images built with mmdebstrap, cached by content hash.
 //! - [`process`]: external programs behind a fakeable [`process::Runner`].
+//! - [`source`], [`netguard`], [`templates`], [`devcontainer`]: the host
+//!   source (git2 clones guarded to public hosts, new repositories,
+//!   adopted directories) and what it says about itself.
+//! - [`disk`], [`virtiofs`], [`net`], [`cgroup`]: qcow2 disks, virtiofsd,
+//!   TAP/bridge and user-mode networking, the VMs' cgroups.
+//! - [`vmm`]: the Cloud Hypervisor (REST API over a Unix socket) and QEMU
+//!   (QMP; TCG where there is no KVM) backends behind the `Vmm` trait;
+//!   [`select`] picks one for this host.
+//! - [`lifecycle`]: [`lifecycle::LocalProvisioner`], core's
+//!   `kennel_core::provision::Provisioner` on this host: create with
+//!   rollback, boot, stop, copy, rename, destroy, reconcile.
 //!
-//! Disks, the Cloud Hypervisor and QEMU backends, virtiofsd and networking
-//! arrive with their issues, each behind a small trait so the executor's
-//! `kennel_core::provision::Provisioner` can be faked in tests.
+//! Each external program or device sits behind a small trait with a fake
+//! for unit tests; failures come back as core's typed `ProvisionError`
+//! (one variant per operation, `Invalid` for what the user must fix).
 
 pub mod catalog;
 pub mod cgroup;

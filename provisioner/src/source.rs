@@ -110,8 +110,15 @@ pub struct Prepared {
 pub enum SourceError {
     #[error("{0} exists and is not empty; pass --adopt to use it, or pick another --path")]
     NotEmpty(PathBuf),
+    /// `callers`: the URL or the repository is the user's to fix (the
+    /// guard refused the host, the repository or its credentials were
+    /// refused), as against the host's network or disk.
     #[error("cloning {url} failed: {message}")]
-    Clone { url: String, message: String },
+    Clone {
+        url: String,
+        message: String,
+        callers: bool,
+    },
     #[error("setting up the repository in {path} failed: {message}")]
     Init { path: PathBuf, message: String },
     #[error(transparent)]
@@ -122,6 +129,31 @@ pub enum SourceError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl SourceError {
+    /// Whether the user caused this (and can fix it), not the host.
+    pub fn is_callers(&self) -> bool {
+        match self {
+            SourceError::NotEmpty(_) => true,
+            SourceError::Clone { callers, .. } => *callers,
+            SourceError::Path(e) => {
+                !matches!(e, HostPathError::Io { .. } | HostPathError::Root { .. })
+            }
+            SourceError::Init { .. } | SourceError::Io { .. } => false,
+        }
+    }
+}
+
+/// Whether a git error is about what the user named (a missing
+/// repository, refused credentials, an HTTP answer) rather than the
+/// network or the disk.
+fn git_is_callers(e: &git2::Error) -> bool {
+    matches!(e.code(), git2::ErrorCode::Auth | git2::ErrorCode::NotFound)
+        || matches!(
+            e.class(),
+            git2::ErrorClass::Http | git2::ErrorClass::Callback
+        )
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
@@ -186,12 +218,13 @@ fn clone(
     url: &str,
     progress: &mut dyn FnMut(u8, String),
 ) -> Result<Prepared, SourceError> {
-    let fail = |message: String| SourceError::Clone {
+    let fail = |message: String, callers: bool| SourceError::Clone {
         url: url.to_owned(),
         message,
+        callers,
     };
     if let Some(g) = plan.guard {
-        g.check(url).map_err(fail)?;
+        g.check(url).map_err(|m| fail(m, true))?;
     }
     let mut last = Instant::now()
         .checked_sub(Duration::from_secs(2))
@@ -247,9 +280,9 @@ fn clone(
     let repo = RepoBuilder::new()
         .fetch_options(fetch)
         .clone(url, plan.path)
-        .map_err(|e| fail(e.message().to_owned()))?;
-    update_submodules(&repo, plan.guard).map_err(|e| fail(format!("submodules: {e}")))?;
-    set_identity(&repo, plan).map_err(|e| fail(e.message().to_owned()))?;
+        .map_err(|e| fail(e.message().to_owned(), git_is_callers(&e)))?;
+    update_submodules(&repo, plan.guard).map_err(|e| fail(format!("submodules: {e}"), true))?;
+    set_identity(&repo, plan).map_err(|e| fail(e.message().to_owned(), false))?;
     let head = repo
         .head()
         .ok()
@@ -440,6 +473,8 @@ mod tests {
         let missing = format!("file://{}/nope", d.path().display());
         let e = prepare(&plan(&dest, Some(&missing)), &mut |_, _| {}).unwrap_err();
         assert!(e.to_string().starts_with("cloning file://"), "{e}");
+        // A repository that is not there is the user's to fix.
+        assert!(e.is_callers(), "{e:?}");
         assert!(!dest.exists());
         // A directory that existed (empty) stays.
         std::fs::create_dir(&dest).unwrap();
@@ -453,10 +488,9 @@ mod tests {
         let dest = d.path().join("dest");
         std::fs::create_dir(&dest).unwrap();
         std::fs::write(dest.join("mine.txt"), "keep").unwrap();
-        assert!(matches!(
-            prepare(&plan(&dest, None), &mut |_, _| {}),
-            Err(SourceError::NotEmpty(_))
-        ));
+        let e = prepare(&plan(&dest, None), &mut |_, _| {}).unwrap_err();
+        assert!(matches!(e, SourceError::NotEmpty(_)), "{e}");
+        assert!(e.is_callers(), "a non-empty directory is the user's to fix");
         let mut adopt = plan(&dest, None);
         adopt.adopt = true;
         prepare(&adopt, &mut |_, _| {}).unwrap();
@@ -499,6 +533,7 @@ mod tests {
             "{e}"
         );
         assert!(e.to_string().contains("symbolic link"), "{e}");
+        assert!(e.is_callers(), "{e}");
         assert!(!outside.join(".ssh").exists());
         // Adopting through a link is refused too.
         std::fs::write(outside.join("f"), "x").unwrap();

@@ -22,9 +22,13 @@ impl Executor {
         new_name: &ProjectName,
     ) -> Outcome {
         let (who, progress) = (call.who, call.progress);
-        let from = call.project(name)?;
+        call.project(name)?;
         let user = call.user()?.clone();
-        let root = Beneath::open(&self.settings.projects_root).map_err(|e| host_path_failed(&e))?;
+        // The copy reads the source VM's disk: no wake, stop or other copy
+        // of it runs meanwhile, and nothing else makes the new name.
+        let _vms = self.lock_vm_pair(name, new_name).await;
+        let from = self.project_now(name).await?;
+        let root = Beneath::open(&self.settings.projects_root).map_err(host_path_failed)?;
         let rel = PathBuf::from(new_name.as_str());
         let source_path = root.join(&rel);
         match root.lookup(&rel) {
@@ -36,7 +40,7 @@ impl Executor {
                 )))
             }
             Err(e @ (HostPathError::Io { .. } | HostPathError::Root { .. })) => {
-                return Err(host_path_failed(&e))
+                return Err(host_path_failed(e))
             }
             Err(e) => return Err(CommandError::Refused(e.to_string())),
         }
@@ -370,7 +374,7 @@ impl Executor {
                 args.name, args.name
             )));
         }
-        let root = Beneath::open(&self.settings.projects_root).map_err(|e| host_path_failed(&e))?;
+        let root = Beneath::open(&self.settings.projects_root).map_err(host_path_failed)?;
         let rel = match &args.path {
             None => PathBuf::from(args.name.as_str()),
             Some(p) => root.relative(Path::new(p)).map_err(|e| match e {
@@ -404,7 +408,7 @@ impl Executor {
             HostPathError::NotDir(p) => {
                 CommandError::Conflict(format!("{} is not a directory", p.display()))
             }
-            HostPathError::Io { .. } | HostPathError::Root { .. } => host_path_failed(&e),
+            HostPathError::Io { .. } | HostPathError::Root { .. } => host_path_failed(e),
             e => CommandError::Refused(e.to_string()),
         })?;
         if non_empty && !args.adopt {
@@ -419,7 +423,7 @@ impl Executor {
     /// Whether `rm --purge` may delete `path`: inside the projects root,
     /// reached without a link.
     pub(super) fn purgeable(&self, path: &str) -> Result<(), CommandError> {
-        let root = Beneath::open(&self.settings.projects_root).map_err(|e| host_path_failed(&e))?;
+        let root = Beneath::open(&self.settings.projects_root).map_err(host_path_failed)?;
         let refuse = |why: String| {
             CommandError::Refused(format!(
                 "Kennel deletes only sources inside {} ({why}); nothing was changed. Remove the project without --purge, and delete {path} by hand if you mean it",

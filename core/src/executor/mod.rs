@@ -82,6 +82,18 @@ pub struct Settings {
     pub idle_cpu_percent: u32,
 }
 
+impl Settings {
+    /// The addresses replies print, built in one place ([`crate::urls`]).
+    pub fn urls(&self) -> crate::urls::Urls {
+        crate::urls::Urls {
+            ssh_host: self.ssh_host.clone(),
+            ssh_port: self.ssh_port,
+            domain: self.domain.clone(),
+            https_port: self.https_port,
+        }
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Self {
@@ -173,12 +185,6 @@ impl Executor {
             vm_locks: Arc::default(),
             activity: Arc::default(),
         }
-    }
-
-    /// The store, for the daemon's wiring and for tests. Front ends use
-    /// [`Executor::front_door`] and [`Executor::gate`] instead.
-    pub fn store(&self) -> &Store {
-        &self.store
     }
 
     /// The stacks and templates on offer (for completions in chat).
@@ -310,35 +316,24 @@ impl Executor {
                 "command" => cmd.name(),
                 "outcome" => match &out {
                     Ok(_) => "ok",
-                    Err(CommandError::Usage(_)) => "usage",
-                    Err(CommandError::Refused(_)) => "refused",
-                    Err(CommandError::NotFound(_)) => "not_found",
-                    Err(CommandError::Conflict(_)) => "conflict",
-                    Err(_) => "failed",
+                    Err(e) => e.kind().as_str(),
                 },
             )
             .increment(1);
             match &out {
                 Ok(_) => tracing::debug!("done"),
-                Err(CommandError::Usage(_) | CommandError::Refused(_) | CommandError::NotFound(_) | CommandError::Conflict(_)) => {
-                    tracing::debug!(error = %out.as_ref().err().map(|e| crate::redact::redact(&e.to_string()).into_owned()).unwrap_or_default(), "not done")
+                Err(e) if e.kind().is_callers() => {
+                    tracing::debug!(error = %crate::redact::redact(&e.to_string()), "not done");
                 }
                 Err(e) => {
                     // The whole chain: "database query failed" alone does
                     // not tell an operator that the disk is full.
-                    let mut chain = e.to_string();
-                    let mut src = std::error::Error::source(e);
-                    while let Some(s) = src {
-                        chain.push_str(": ");
-                        chain.push_str(&s.to_string());
-                        src = s.source();
-                    }
-                    tracing::error!(error = %crate::redact::redact(&chain), "command failed");
+                    tracing::error!(error = %crate::redact::redact(&e.detailed()), "command failed");
                 }
             }
             // Scripts' calls over the HTTP API are all audited, reads too:
             // a token can be lost, and its use is what an operator looks for.
-            if audited(&cmd) || who.frontend == crate::model::Frontend::Http && !who.external_id.starts_with("web:") {
+            if audited(&cmd) || who.frontend == crate::model::Frontend::Http {
                 let outcome = match &out {
                     Ok(_) => AuditOutcome::Ok,
                     Err(CommandError::Refused(_)) => AuditOutcome::Refused,
@@ -427,6 +422,32 @@ impl Executor {
             locks.entry(name.clone()).or_default().clone()
         };
         m.lock_owned().await
+    }
+
+    /// Holds the VM locks of two projects (`cp`, `rename`), taken in name
+    /// order so that two operations needing the same pair cannot each hold
+    /// one and wait for the other.
+    pub(crate) async fn lock_vm_pair(
+        &self,
+        a: &ProjectName,
+        b: &ProjectName,
+    ) -> [tokio::sync::OwnedMutexGuard<()>; 2] {
+        let (first, second) = if a <= b { (a, b) } else { (b, a) };
+        let one = self.lock_vm(first).await;
+        let two = self.lock_vm(second).await;
+        [one, two]
+    }
+
+    /// The project as the store has it now: after waiting for a VM lock,
+    /// what the holder did (removed or renamed it) is what counts.
+    pub(crate) async fn project_now(&self, name: &ProjectName) -> Result<Project, CommandError> {
+        let n = name.clone();
+        self.store
+            .call(move |c| repo::project_by_name(c, &n))
+            .await?
+            .ok_or_else(|| {
+                CommandError::NotFound(format!("there is no project '{name}'; see 'projects'"))
+            })
     }
 
     pub(crate) async fn relation(
@@ -603,21 +624,12 @@ impl Executor {
     /// How to reach a project: the SSH string and editor links.
     pub fn connection(&self, p: &Project) -> Connection {
         let s = &self.settings;
+        let urls = s.urls();
         let name = p.name.as_str();
-        let port_flag = if s.ssh_port == 22 {
-            String::new()
-        } else {
-            format!(" -p {}", s.ssh_port)
-        };
         let alias = format!("kennel-{name}");
-        let https_port = if s.https_port == 443 {
-            String::new()
-        } else {
-            format!(":{}", s.https_port)
-        };
         Connection {
             project: name.to_owned(),
-            ssh_command: format!("ssh {name}@{}{port_flag}", s.ssh_host),
+            ssh_command: urls.ssh_command(name),
             ssh_config: format!(
                 "Host {alias}\n    HostName {}\n    Port {}\n    User {name}",
                 s.ssh_host, s.ssh_port
@@ -628,7 +640,7 @@ impl Executor {
                 "New SSH connection: user {name}, host {}, port {}, project directory /workspace",
                 s.ssh_host, s.ssh_port
             ),
-            https_url: format!("https://{name}.{}{https_port}", s.domain),
+            https_url: urls.app(&p.name),
             source_path: p.source_path.clone(),
             host_key_fingerprints: s.host_key_fingerprints.clone(),
         }
@@ -690,16 +702,10 @@ fn identity_hint<'a>(who: &'a Identity, openssh: &'a str) -> &'a str {
 pub const MAX_REQUEST_NOTE_CHARS: usize = 500;
 
 /// A host path that could not be looked at (not the user's fault).
-fn host_path_failed(e: &HostPathError) -> CommandError {
-    let mut message = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        message.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    CommandError::Provision(ProvisionError::Failed {
+fn host_path_failed(e: HostPathError) -> CommandError {
+    CommandError::Provision(ProvisionError::Source {
         stage: Stage::Validated,
-        message,
+        source: Box::new(e),
     })
 }
 

@@ -78,6 +78,7 @@ impl Executor {
         };
         Ok(Reply::Status {
             idle: self.idle_view(&project),
+            connection: self.connection(&project),
             project,
             shares,
             vm,
@@ -126,6 +127,10 @@ impl Executor {
         if purge {
             self.purgeable(&project.source_path)?;
         }
+        // Check, lock, check again: a wake or stop in flight finishes
+        // first, and what it left is what is removed.
+        let _vm = self.lock_vm(name).await;
+        let project = self.project_now(name).await?;
         let before = project.state;
         self.set_state(name, ProjectState::Destroying).await?;
         call.progress.report(Progress {
@@ -206,6 +211,10 @@ impl Executor {
         new_name: &ProjectName,
     ) -> Outcome {
         call.project(name)?;
+        // Both names: nothing may boot the old name's VM or make the new
+        // one while the VM moves.
+        let _vms = self.lock_vm_pair(name, new_name).await;
+        self.project_now(name).await?;
         let (a, b) = (name.clone(), new_name.clone());
         match self
             .store
@@ -231,13 +240,13 @@ impl Executor {
         Ok(Reply::Renamed {
             from: name.to_string(),
             to: new_name.to_string(),
-            ssh: format!("{new_name}@{}", self.settings.ssh_host),
-            https_url: format!("https://{new_name}.{}", self.settings.domain),
+            ssh: self.settings.urls().ssh_command(new_name.as_str()),
+            https_url: self.https_url(new_name),
         })
     }
 
-    /// `https://NAME.DOMAIN`, as replies about the web app name it.
+    /// `https://NAME.DOMAIN[:PORT]`, as replies about the web app name it.
     pub(super) fn https_url(&self, name: &ProjectName) -> String {
-        format!("https://{name}.{}", self.settings.domain)
+        self.settings.urls().app(name)
     }
 }

@@ -174,7 +174,7 @@ impl Acme {
         std::fs::create_dir_all(&certs_dir).map_err(io(&certs_dir))?;
         let domain = domain.to_ascii_lowercase();
         let acme = Arc::new_cyclic(|me: &std::sync::Weak<Acme>| {
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
             let config = rustls::ServerConfig::builder_with_provider(provider)
                 .with_protocol_versions(&[&rustls::version::TLS13])
                 .map(|b| {
@@ -409,7 +409,7 @@ impl Acme {
                 roots.add(c).map_err(|e| TlsError::Rustls(e.to_string()))?;
             }
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Rustls(e.to_string()))?
@@ -695,7 +695,7 @@ fn challenge_cert(name: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, AcmeEr
     // Not through `CertifiedKey::from_der`: its check parses the
     // certificate with webpki, which refuses the critical acmeIdentifier
     // extension that this certificate exists to carry.
-    let signer = rustls::crypto::ring::default_provider()
+    let signer = rustls::crypto::aws_lc_rs::default_provider()
         .key_provider
         .load_private_key(key)
         .map_err(|e| TlsError::Rustls(e.to_string()))?;

@@ -29,6 +29,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
 use kennel_core::model::{Frontend, Identity};
+use kennel_core::outcome::ErrorKind;
 use kennel_core::provision::{Progress, ProgressSink};
 use kennel_core::render::Format;
 use kennel_core::Style;
@@ -68,14 +69,13 @@ impl Inner {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/api/v1/openapi.json") => json(StatusCode::OK, openapi().to_string()),
             (&Method::POST, "/api/v1/exec") => self.exec(req).await,
-            (_, "/api/v1/exec") => error(
+            (_, "/api/v1/exec") => error_with(
                 StatusCode::METHOD_NOT_ALLOWED,
-                "usage",
+                ErrorKind::Usage,
                 "POST a command line to /api/v1/exec",
             ),
             _ => error(
-                StatusCode::NOT_FOUND,
-                "not_found",
+                ErrorKind::NotFound,
                 "no such API path; see /api/v1/openapi.json",
             ),
         }
@@ -101,9 +101,9 @@ impl Inner {
         {
             Ok(b) => b.to_bytes(),
             Err(_) => {
-                return error(
+                return error_with(
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    "usage",
+                    ErrorKind::Usage,
                     "a command line is at most 64 KiB",
                 )
             }
@@ -114,14 +114,12 @@ impl Inner {
             (Some(token), _) => match self.gate.api_user(&token).await {
                 Ok(Some((user, label))) => (user, format!("token:{label}")),
                 Ok(None) => return unauthorized("that token is unknown, revoked or expired"),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read API tokens");
-                    return error(StatusCode::SERVICE_UNAVAILABLE, "internal", "Kennel cannot read its database");
-                }
+                Err(e) => return store_failed(e),
             },
             (None, Some(signed)) => match self.verify(&signed, &path, &body).await {
                 Ok(found) => found,
-                Err(why) => return unauthorized(&why),
+                Err(SignedError::Refused(why)) => return unauthorized(&why),
+                Err(SignedError::Store(e)) => return store_failed(e),
             },
             (None, None) => {
                 return unauthorized(
@@ -132,8 +130,7 @@ impl Inner {
         tracing::Span::current().record("user", user.name.as_str());
         if let Some(wait) = self.over_limit(&label, user.id) {
             let mut r = error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
+                ErrorKind::RateLimited,
                 &format!(
                     "more than {} calls a minute with this token; wait {} s",
                     self.s.api_per_minute,
@@ -147,7 +144,7 @@ impl Inner {
         }
         let line = match line_of(&body, is_json) {
             Ok(l) => l,
-            Err(why) => return error(StatusCode::BAD_REQUEST, "usage", why),
+            Err(why) => return error(ErrorKind::Usage, why),
         };
         let who = Identity::new(Frontend::Http, label);
         let style = Style {
@@ -189,19 +186,20 @@ impl Inner {
         s: &Signed,
         path: &str,
         body: &[u8],
-    ) -> Result<(kennel_core::User, String), String> {
+    ) -> Result<(kennel_core::User, String), SignedError> {
         let now = kennel_core::model::now();
         if now.abs_diff(s.ts) > SIGNATURE_WINDOW {
             return Err(format!(
                 "the signed request's timestamp is more than {SIGNATURE_WINDOW} s from Kennel's clock; sign it again"
-            ));
+            )
+            .into());
         }
         let armored = base64_decode(&s.sig)
             .ok_or("X-Kennel-Signature is not base64 of an ssh-keygen -Y sign signature")?;
         let sig = russh::keys::ssh_key::SshSig::from_pem(&armored)
             .map_err(|_| "X-Kennel-Signature is not an SSH signature (ssh-keygen -Y sign)")?;
         if sig.namespace() != SIGNATURE_NAMESPACE {
-            return Err(format!("sign with -n {SIGNATURE_NAMESPACE}"));
+            return Err(format!("sign with -n {SIGNATURE_NAMESPACE}").into());
         }
         let key = russh::keys::ssh_key::PublicKey::from(sig.public_key().clone());
         let fp = kennel_core::keys::Fingerprint::of(&key);
@@ -211,10 +209,7 @@ impl Inner {
         let user = match self.gate.user_by_key(&fp).await {
             Ok(Some(u)) => u,
             Ok(None) => return Err("that key is not an active key of any user".into()),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read keys");
-                return Err("Kennel cannot read its database".into());
-            }
+            Err(e) => return Err(SignedError::Store(e)),
         };
         // Checked last, so only valid signatures take a place.
         let fresh = self.nonces.lock().is_ok_and(|mut seen| {
@@ -323,18 +318,45 @@ fn line_of(body: &[u8], is_json: bool) -> Result<String, &'static str> {
     Ok(line.to_owned())
 }
 
-/// The HTTP status of an outcome's kind.
+/// The HTTP status of an outcome, from core's one mapping.
 fn status_of(outcome: &kennel_core::Outcome) -> StatusCode {
     match outcome {
         Ok(_) => StatusCode::OK,
-        Err(e) => match e.kind() {
-            "usage" => StatusCode::BAD_REQUEST,
-            "refused" => StatusCode::FORBIDDEN,
-            "not_found" => StatusCode::NOT_FOUND,
-            "conflict" => StatusCode::CONFLICT,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        },
+        Err(e) => http_status(e.kind()),
     }
+}
+
+fn http_status(kind: ErrorKind) -> StatusCode {
+    StatusCode::from_u16(kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+/// Why a signed request was not let in.
+#[derive(Debug)]
+enum SignedError {
+    /// The signature, key, time or nonce is not acceptable (401).
+    Refused(String),
+    /// The store could not be read (503, as everywhere).
+    Store(kennel_core::StoreError),
+}
+
+impl From<String> for SignedError {
+    fn from(why: String) -> Self {
+        SignedError::Refused(why)
+    }
+}
+
+impl From<&str> for SignedError {
+    fn from(why: &str) -> Self {
+        SignedError::Refused(why.to_owned())
+    }
+}
+
+/// The store failed while deciding who is calling: 503, as a store
+/// failure answers everywhere, whichever way the caller signed in.
+fn store_failed(e: kennel_core::StoreError) -> Response<Body> {
+    let e = kennel_core::CommandError::Store(e);
+    tracing::error!(error = %e.detailed(), "cannot read who is calling");
+    error(e.kind(), &e.to_string())
 }
 
 fn json(status: StatusCode, text: String) -> Response<Body> {
@@ -353,8 +375,13 @@ fn json(status: StatusCode, text: String) -> Response<Body> {
     r
 }
 
-/// An error in the shape every JSON answer has.
-fn error(status: StatusCode, kind: &str, message: &str) -> Response<Body> {
+/// An error in the shape every JSON answer has, with its kind's status.
+fn error(kind: ErrorKind, message: &str) -> Response<Body> {
+    error_with(http_status(kind), kind, message)
+}
+
+/// An error whose status is more precise than its kind's (405, 413).
+fn error_with(status: StatusCode, kind: ErrorKind, message: &str) -> Response<Body> {
     json(
         status,
         serde_json::json!({"ok": false, "error": {"kind": kind, "message": message}}).to_string(),
@@ -362,7 +389,7 @@ fn error(status: StatusCode, kind: &str, message: &str) -> Response<Body> {
 }
 
 fn unauthorized(message: &str) -> Response<Body> {
-    let mut r = error(StatusCode::UNAUTHORIZED, "unauthorized", message);
+    let mut r = error(ErrorKind::Unauthorized, message);
     r.headers_mut().insert(
         header::WWW_AUTHENTICATE,
         HeaderValue::from_static("Bearer realm=\"kennel\""),
@@ -425,7 +452,7 @@ fn openapi() -> serde_json::Value {
             "error": {
                 "type": "object",
                 "properties": {
-                    "kind": {"type": "string", "enum": ["usage", "refused", "not_found", "conflict", "provision", "internal", "unauthorized", "rate_limited"]},
+                    "kind": {"type": "string", "enum": kennel_core::outcome::ErrorKind::ALL.map(ErrorKind::as_str)},
                     "message": {"type": "string"}
                 }
             }

@@ -37,7 +37,7 @@ use kennel_core::model::{Project, User};
 use kennel_core::names::ProjectName;
 use kennel_core::policy::Entry;
 use kennel_core::provision::NoProgress;
-use kennel_core::{Actor, Executor, Gate};
+use kennel_core::{Actor, Gate};
 
 pub mod acme;
 pub mod api;
@@ -231,22 +231,18 @@ impl Drop for ConnSlot {
 }
 
 impl HttpsGateway {
-    /// A gateway for `exec`'s projects, on the domain and port of its settings.
-    pub fn new(exec: &Executor, s: HttpsSettings) -> Self {
-        Self::with_links(exec, s, crate::vmlink::VmLinks::new(exec.gate()))
+    /// A gateway for `gate`'s projects, on the domain and port of its settings.
+    pub fn new(gate: &Gate, s: HttpsSettings) -> Self {
+        Self::with_links(gate, s, crate::vmlink::VmLinks::new(gate.clone()))
     }
 
     /// A gateway that reaches VMs' other ports through `links` (shared
     /// with the SSH gateway: one connection per VM for both).
-    pub fn with_links(
-        exec: &Executor,
-        s: HttpsSettings,
-        links: Arc<crate::vmlink::VmLinks>,
-    ) -> Self {
-        let settings = exec.settings();
+    pub fn with_links(gate: &Gate, s: HttpsSettings, links: Arc<crate::vmlink::VmLinks>) -> Self {
+        let settings = gate.settings();
         Self {
             inner: Arc::new(Inner {
-                gate: exec.gate(),
+                gate: gate.clone(),
                 domain: settings.domain.to_ascii_lowercase(),
                 https_port: settings.https_port,
                 s,

@@ -1,7 +1,8 @@
 //! Kennel's own host (`https://DOMAIN`): the sign-in confirm page, the
-//! hand-over of a session to a project's host, sign-out. (The dashboard
-//! and API come later.) And the `/__kennel/` paths Kennel keeps on every
-//! project host.
+//! hand-over of a session to a project's host, sign-out (the dashboard is
+//! `dash.rs`, the API `api.rs`). And the `/__kennel/` paths Kennel keeps
+//! on every project host. A signed-in browser acts as
+//! `Frontend::Web`, an API token as `Frontend::Http`.
 
 use std::net::SocketAddr;
 
@@ -268,10 +269,7 @@ impl Inner {
 
     /// `:PORT` in URLs Kennel hands out, or nothing for 443.
     pub(super) fn port_suffix(&self) -> String {
-        match self.https_port {
-            443 => String::new(),
-            p => format!(":{p}"),
-        }
+        kennel_core::urls::https_port_suffix(self.https_port)
     }
 }
 
@@ -285,5 +283,5 @@ fn used_up() -> Response<Body> {
 
 /// How the audit log and the VM state service name a web visitor.
 pub(super) fn web_identity(user: &kennel_core::User) -> Identity {
-    Identity::new(Frontend::Http, format!("web:{}", user.name))
+    Identity::new(Frontend::Web, user.name.as_str())
 }

@@ -16,8 +16,8 @@ impl Bridge {
         let _e = span.enter();
         let code = match (&self.who, self.target.clone(), self.refusal.clone()) {
             (_, _, Some(why)) => {
-                self.stderr(&format!("{why}\r\n")).await;
-                Some(1)
+                self.stderr(&format!("{}\r\n", why.message)).await;
+                Some(u32::try_from(why.kind.exit_code()).unwrap_or(1))
             }
             (Who::Unknown { .. }, _, _) => Some(self.unknown(rx).await),
             (Who::Known { .. }, Target::Console, _) => Some(self.console(rx).await),
@@ -69,7 +69,7 @@ impl Bridge {
     ) -> Option<u32> {
         if let Err(e) = self.shared.gate.may_enter(Some(user), p, Entry::Ssh).await {
             self.stderr(&format!("{e}\r\n")).await;
-            return Some(1);
+            return Some(exit_of(&e));
         }
         // Requests up to the session's own (shell, exec, subsystem) decide
         // the connection: a forwarded agent needs one of its own.
@@ -104,7 +104,7 @@ impl Bridge {
         };
         if let Err(e) = started {
             self.stderr(&format!("cannot start {p}: {e}\r\n")).await;
-            return Some(1);
+            return Some(exit_of(&e));
         }
         let up = match self.open_upstream(p, wants_agent).await {
             Ok(c) => c,
@@ -246,4 +246,10 @@ impl Bridge {
             }
         }
     }
+}
+
+/// The exit status of a session Kennel ended itself, from core's one
+/// mapping ([`kennel_core::outcome::ErrorKind::exit_code`]).
+fn exit_of(e: &kennel_core::CommandError) -> u32 {
+    u32::try_from(e.kind().exit_code()).unwrap_or(1)
 }

@@ -2,6 +2,7 @@
 //! unknown key may do (ask for access).
 
 use kennel_core::command::Command;
+use kennel_core::outcome::ErrorKind;
 use kennel_core::{exit_code, render, Format};
 use tokio::sync::mpsc;
 
@@ -24,7 +25,7 @@ impl Bridge {
                             self.shared.settings.max_requests_per_ip
                         ))
                         .await;
-                        1
+                        exit_of(ErrorKind::RateLimited)
                     }
                     Some(note) => {
                         let cmd = Command::RequestAccess {
@@ -33,8 +34,8 @@ impl Bridge {
                         };
                         let out = self
                             .shared
-                            .exec
-                            .execute_as(identity, None, cmd, &kennel_core::provision::NoProgress)
+                            .gate
+                            .run(identity, None, cmd, &kennel_core::provision::NoProgress)
                             .await;
                         self.stdout(&format!(
                             "{}\r\n",
@@ -44,14 +45,14 @@ impl Bridge {
                         u32::try_from(exit_code(&out)).unwrap_or(1)
                     }
                     None => {
-                        self.stderr(&unknown_key(self.shared.exec.settings())).await;
-                        1
+                        self.stderr(&unknown_key(self.shared.gate.settings())).await;
+                        exit_of(ErrorKind::Refused)
                     }
                 }
             }
             _ => {
-                self.stderr(&unknown_key(self.shared.exec.settings())).await;
-                1
+                self.stderr(&unknown_key(self.shared.gate.settings())).await;
+                exit_of(ErrorKind::Refused)
             }
         }
     }
@@ -64,9 +65,9 @@ impl Bridge {
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let sink = StderrSink(tx);
-        let work = self.shared.exec.front_door(
+        let work = self.shared.gate.front_door(
             identity,
-            Some(Some(user.clone())),
+            user.clone(),
             line,
             kennel_core::Style::PLAIN,
             &sink,
@@ -92,7 +93,7 @@ impl Bridge {
                 if code == 2 {
                     if let Some(hint) = self.near_miss().await {
                         self.stderr(&format!("{hint}\r\n")).await;
-                        return 1;
+                        return exit_of(ErrorKind::NotFound);
                     }
                 }
                 self.stdout(&format!("{out}\n")).await;
@@ -109,7 +110,7 @@ impl Bridge {
                     s.ssh_port, s.ssh_host
                 ))
                 .await;
-                1
+                exit_of(ErrorKind::Usage)
             }
             _ => 0,
         }
@@ -122,10 +123,10 @@ impl Bridge {
             return None;
         };
         let near = self.shared.gate.near_project(user, missing).await?;
-        let s = self.shared.gate.settings();
+        let urls = self.shared.gate.settings().urls();
         Some(format!(
-            "there is no project '{missing}'; did you mean '{near}'? (ssh {near}@{} -p {})",
-            s.ssh_host, s.ssh_port
+            "there is no project '{missing}'; did you mean '{near}'? ({})",
+            urls.ssh_command(near.as_str())
         ))
     }
 
@@ -227,4 +228,9 @@ impl Bridge {
             }
         }
     }
+}
+
+/// The exit status of a session that ended with an error of `kind`.
+fn exit_of(kind: ErrorKind) -> u32 {
+    u32::try_from(kind.exit_code()).unwrap_or(1)
 }

@@ -70,15 +70,21 @@ impl russh::server::Handler for Conn {
                     *n += 1;
                     if *n > self.shared.settings.max_connections_per_user {
                         // Signed in, so the session can say why before it ends.
-                        self.refusal = Some(format!(
-                            "you have too many connections open (the limit is {}); close some and try again",
-                            self.shared.settings.max_connections_per_user
-                        ));
+                        self.refusal = Some(super::Refusal {
+                            kind: kennel_core::outcome::ErrorKind::RateLimited,
+                            message: format!(
+                                "you have too many connections open (the limit is {}); close some and try again",
+                                self.shared.settings.max_connections_per_user
+                            ),
+                        });
                     }
                 }
                 if let Target::Project(p) = &self.target {
                     if let Err(e) = self.shared.gate.may_enter(Some(&u), p, Entry::Ssh).await {
-                        self.refusal = Some(e.to_string());
+                        self.refusal = Some(super::Refusal {
+                            kind: e.kind(),
+                            message: e.to_string(),
+                        });
                     }
                 }
                 self.who = Some(Who::Known { user: u, identity });

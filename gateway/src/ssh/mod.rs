@@ -39,7 +39,7 @@ use kennel_core::keys::PublicKey;
 use kennel_core::model::{Identity, User};
 use kennel_core::names::ProjectName;
 use kennel_core::provision::{Progress, ProgressSink};
-use kennel_core::{Executor, Gate};
+use kennel_core::Gate;
 use russh::keys::{HashAlg, PrivateKey};
 use russh::server::Msg;
 use russh::{ChannelId, ChannelWriteHalf, MethodKind, MethodSet, Pty, Sig};
@@ -155,9 +155,7 @@ struct Counters {
 
 /// Shared by every connection.
 struct Shared {
-    /// Commands go through the front door.
-    exec: Executor,
-    /// Everything else core is asked goes through the gate.
+    /// All of core the gateway sees: commands go through its front door.
     gate: Gate,
     settings: SshSettings,
     counters: Mutex<Counters>,
@@ -179,23 +177,22 @@ impl std::fmt::Debug for SshGateway {
 }
 
 impl SshGateway {
-    /// A gateway running commands through `exec`.
-    pub fn new(exec: Executor, settings: SshSettings) -> Self {
-        let links = crate::vmlink::VmLinks::new(exec.gate());
-        Self::with_links(exec, settings, links)
+    /// A gateway running commands through `gate`.
+    pub fn new(gate: Gate, settings: SshSettings) -> Self {
+        let links = crate::vmlink::VmLinks::new(gate.clone());
+        Self::with_links(gate, settings, links)
     }
 
     /// A gateway whose connections into VMs are `links` (shared with the
     /// HTTPS gateway).
     pub fn with_links(
-        exec: Executor,
+        gate: Gate,
         settings: SshSettings,
         links: Arc<crate::vmlink::VmLinks>,
     ) -> Self {
         Self {
             shared: Arc::new(Shared {
-                gate: exec.gate(),
-                exec,
+                gate,
                 settings,
                 counters: Mutex::new(Counters::default()),
                 links,
@@ -333,7 +330,7 @@ pub struct Conn {
     /// typo in `ssh demoo@HOST`): command mode then says so.
     missing: Option<ProjectName>,
     /// Why this user may not enter the project they named.
-    refusal: Option<String>,
+    refusal: Option<Refusal>,
     /// The first unknown key this client proved it holds: declined, so
     /// the client goes on to its next key; used for the request-access
     /// session only if none of its keys is registered.
@@ -418,7 +415,7 @@ struct Bridge {
     who: Who,
     target: Target,
     missing: Option<ProjectName>,
-    refusal: Option<String>,
+    refusal: Option<Refusal>,
     client: ChannelWriteHalf<Msg>,
     /// For exit signals and agent channels towards the client.
     session: russh::server::Handle,
@@ -433,4 +430,12 @@ impl ProgressSink for StderrSink {
     fn report(&self, p: Progress) {
         let _ = self.0.send(format!("… {p}\r\n"));
     }
+}
+
+/// Why a signed-in session may not go on: told to the client before the
+/// session ends, which exits with the kind's code.
+#[derive(Debug, Clone)]
+struct Refusal {
+    kind: kennel_core::outcome::ErrorKind,
+    message: String,
 }

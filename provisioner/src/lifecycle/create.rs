@@ -17,13 +17,18 @@ impl LocalProvisioner {
                 .ok_or_else(|| failed(Stage::Validated, "no source path was given"))?,
         );
         let templates = crate::templates::Templates::load(&self.s.templates_dir);
-        let template =
-            match &req.template {
-                Some(t) => Some(templates.get(t).cloned().ok_or_else(|| {
-                    failed(Stage::Validated, format!("there is no template '{t}'"))
-                })?),
-                None => None,
-            };
+        let template = match &req.template {
+            Some(t) => Some(
+                templates
+                    .get(t)
+                    .cloned()
+                    .ok_or_else(|| ProvisionError::Invalid {
+                        stage: Stage::Validated,
+                        message: format!("there is no template '{t}'; see 'templates'"),
+                    })?,
+            ),
+            None => None,
+        };
         let mut notes = Vec::new();
         if req.git.is_some() {
             step(progress, Stage::Cloning, req.git.clone());
@@ -373,9 +378,25 @@ impl LocalProvisioner {
                     return done
                         .map_err(|e| failed(stage, e.to_string()))?
                         .map(|p| p.summary)
-                        .map_err(|e| failed(stage, e.to_string()));
+                        .map_err(|e| source_failed(stage, e));
                 }
             }
+        }
+    }
+}
+
+/// A source that could not be prepared: the user's to fix (a non-empty
+/// directory, a refused URL, a path through a link) or the host's.
+fn source_failed(stage: Stage, e: crate::source::SourceError) -> ProvisionError {
+    if e.is_callers() {
+        ProvisionError::Invalid {
+            stage,
+            message: e.to_string(),
+        }
+    } else {
+        ProvisionError::Source {
+            stage,
+            source: Box::new(e),
         }
     }
 }

@@ -128,10 +128,7 @@ impl std::fmt::Debug for LocalProvisioner {
 }
 
 fn failed(stage: Stage, message: impl Into<String>) -> ProvisionError {
-    ProvisionError::Failed {
-        stage,
-        message: message.into(),
-    }
+    ProvisionError::at(stage, message.into())
 }
 
 fn step(progress: &dyn ProgressSink, stage: Stage, detail: impl Into<Option<String>>) {
@@ -486,10 +483,7 @@ impl Provisioner for LocalProvisioner {
                 Ok(c)
             }
             Err(e) => {
-                let stage = match &e {
-                    ProvisionError::Failed { stage, .. } => stage.as_str(),
-                    _ => "other",
-                };
+                let stage = e.stage().map_or("other", Stage::as_str);
                 metrics::counter!("kennel_new_project_failures_total", "stage" => stage)
                     .increment(1);
                 let record = self.record(&name);

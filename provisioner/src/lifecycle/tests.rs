@@ -379,7 +379,7 @@ async fn a_create_that_cannot_clone_leaves_nothing() {
     assert!(
         matches!(
             e,
-            ProvisionError::Failed {
+            ProvisionError::Source {
                 stage: Stage::Cloning,
                 ..
             }
@@ -395,16 +395,7 @@ async fn a_create_whose_image_fails_keeps_only_the_source() {
     let r = rig();
     *r.images.fail.lock().unwrap() = true;
     let e = r.create("noimage").await.unwrap_err();
-    assert!(
-        matches!(
-            e,
-            ProvisionError::Failed {
-                stage: Stage::Image,
-                ..
-            }
-        ),
-        "{e}"
-    );
+    assert!(matches!(e, ProvisionError::Image(_)), "{e}");
     r.assert_rolled_back("noimage").await;
     assert!(
         r.source("noimage").join(".git").is_dir(),
@@ -417,16 +408,7 @@ async fn a_create_whose_disk_fails_is_rolled_back() {
     let r = rig();
     *r.runner.fail.lock().unwrap() = Some("qemu-img create");
     let e = r.create("nodisk").await.unwrap_err();
-    assert!(
-        matches!(
-            e,
-            ProvisionError::Failed {
-                stage: Stage::Disk,
-                ..
-            }
-        ),
-        "{e}"
-    );
+    assert!(matches!(e, ProvisionError::Disk(_)), "{e}");
     r.assert_rolled_back("nodisk").await;
     assert!(r.source("nodisk").is_dir());
 }
@@ -446,16 +428,7 @@ async fn a_create_whose_vmm_fails_is_rolled_back() {
     let r = rig();
     r.vmm.set(Boot::Fails);
     let e = r.create("novmm").await.unwrap_err();
-    assert!(
-        matches!(
-            e,
-            ProvisionError::Failed {
-                stage: Stage::Booting,
-                ..
-            }
-        ),
-        "{e}"
-    );
+    assert!(matches!(e, ProvisionError::Boot(_)), "{e}");
     r.assert_rolled_back("novmm").await;
     assert_eq!(r.vmm.boots().len(), 1, "a plain failure is not retried");
 }

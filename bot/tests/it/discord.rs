@@ -15,7 +15,6 @@
 
 use std::sync::Arc;
 
-mod common;
 use std::time::Duration;
 
 use kennel_bot::config::DiscordConfig;
@@ -80,12 +79,12 @@ async fn discord_bot_against_a_fake_discord() {
     let ann = user(12, "ann", false);
     let carol = user(14, "carol", false);
 
-    let (exec, vms) = common::executor(
+    let (exec, vms) = crate::common::executor(
         Identity::new(Frontend::Discord, "11"),
         Duration::from_millis(500),
     );
     let keys = tempfile::tempdir().unwrap();
-    let ssh_port = common::ssh_gateway(&exec, keys.path()).await;
+    let ssh_port = crate::common::ssh_gateway(&exec, keys.path()).await;
 
     let cfg = DiscordConfig {
         token: Some("test-token".into()),
@@ -99,7 +98,7 @@ async fn discord_bot_against_a_fake_discord() {
         },
     };
     assert_eq!(cfg.problem(), None);
-    let desk = Arc::new(Desk::new(exec.clone(), cfg.limits.clone()));
+    let desk = Arc::new(Desk::new(exec.gate(), cfg.limits.clone()));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let bot = tokio::spawn(kennel_bot::discord::run(cfg, desk, async move {
         let _ = stopped.await;

@@ -77,8 +77,7 @@ async fn access_request_round_trip_then_a_project() {
         "{again:?}"
     );
     let user = w
-        .exec
-        .store()
+        .store
         .call({
             let fp = key.fingerprint().clone();
             move |c| kennel_core::store::repo::user_by_active_key(c, &fp)
@@ -444,8 +443,7 @@ async fn cp_rename_and_secrets() {
         "{message}"
     );
     let audit = w
-        .exec
-        .store()
+        .store
         .call(|c| kennel_core::store::repo::recent_audit(c, 50))
         .await
         .unwrap();
@@ -470,8 +468,7 @@ async fn routes_are_recorded_and_access_changes_reach_running_vms() {
     let name = kennel_core::names::ProjectName::new("routed").unwrap();
     let n = name.clone();
     let route = w
-        .exec
-        .store()
+        .store
         .call(move |c| kennel_core::store::repo::route(c, &n))
         .await
         .unwrap()
@@ -512,8 +509,7 @@ async fn routes_are_recorded_and_access_changes_reach_running_vms() {
     // The route goes with the project.
     w.run(&w.admin, "rm routed --yes").await.unwrap();
     let gone = w
-        .exec
-        .store()
+        .store
         .call(move |c| kennel_core::store::repo::route(c, &name))
         .await
         .unwrap();
@@ -545,7 +541,7 @@ async fn a_vm_that_dies_is_shown_stopped_with_why_and_loses_its_route() {
         shown.contains("stopped (the VM exited unexpectedly"),
         "{shown}"
     );
-    let store = w.exec.store().clone();
+    let store = w.store.clone();
     let route = |s: Store| async move {
         s.call(|c| kennel_core::store::repo::route(c, &"app".parse().unwrap()))
             .await
@@ -573,7 +569,7 @@ async fn reconcile_adopts_with_routes_stops_the_gone_and_rolls_back_cut_off_crea
     for p in ["up", "down", "half"] {
         w.run(&w.admin, &format!("new project {p}")).await.unwrap();
     }
-    let store = w.exec.store().clone();
+    let store = w.store.clone();
     // As a daemon killed mid-create leaves it: state creating, no route.
     store
         .call(|c| {
@@ -682,8 +678,7 @@ async fn credentials_in_git_urls_never_reach_the_store_the_log_or_the_answer() {
     assert!(text.contains("secret set git-token"), "{text}");
     assert!(text.contains("https://git.example.com/repo.git"), "{text}");
     let audit = w
-        .exec
-        .store()
+        .store
         .call(|c| kennel_core::store::repo::recent_audit(c, 50))
         .await
         .unwrap();
@@ -854,4 +849,76 @@ async fn users_from_ssh_requests_are_named_by_their_key_or_by_the_admin() {
     );
     let who = w.text(&robert, "whoami").await;
     assert!(who.contains("robert"), "{who}");
+}
+
+/// Every reply that prints an address prints it whole: with the HTTPS
+/// port when it is not 443 and `-p` when SSH's is not 22.
+#[tokio::test]
+async fn every_reply_with_an_address_keeps_non_default_ports() {
+    let w = world_with(Settings {
+        ssh_host: "kennel.example.org".into(),
+        ssh_port: 2222,
+        domain: "example.org".into(),
+        https_port: 8443,
+        ..Settings::default()
+    })
+    .await;
+    let app = "https://web.example.org:8443";
+    let ssh = "ssh web@kennel.example.org -p 2222";
+    for (line, wants) in [
+        ("new project web --stack rust", vec![app, ssh]),
+        ("ssh web", vec![app, ssh]),
+        ("status web", vec![app]),
+        ("start web", vec![app, ssh]),
+        ("public web", vec![app]),
+        ("private web", vec![app]),
+        ("port web 3000", vec![app]),
+        ("login", vec!["https://example.org:8443/login/"]),
+        (
+            "rename web site",
+            vec![
+                "https://site.example.org:8443",
+                "ssh site@kennel.example.org -p 2222",
+            ],
+        ),
+    ] {
+        let text = w.text(&w.admin, line).await;
+        for want in wants {
+            assert!(text.contains(want), "{line}: no {want} in {text}");
+        }
+    }
+    let Ok(Reply::Connection { connection }) = w.run(&w.admin, "ssh site").await else {
+        panic!()
+    };
+    assert_eq!(connection.https_url, "https://site.example.org:8443");
+    assert_eq!(
+        connection.ssh_command,
+        "ssh site@kennel.example.org -p 2222"
+    );
+    assert!(
+        connection.zed_url.contains(":2222/"),
+        "{}",
+        connection.zed_url
+    );
+    assert!(connection.ssh_config.contains("Port 2222"));
+    // Default ports are left out rather than spelled.
+    let w = world_with(Settings {
+        ssh_host: "kennel.example.org".into(),
+        ssh_port: 22,
+        domain: "example.org".into(),
+        https_port: 443,
+        ..Settings::default()
+    })
+    .await;
+    let text = w.text(&w.admin, "new project web --stack rust").await;
+    assert!(
+        text.contains("https://web.example.org") && !text.contains(":443"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ssh web@kennel.example.org") && !text.contains("-p 22"),
+        "{text}"
+    );
+    let text = w.text(&w.admin, "public web").await;
+    assert!(text.contains("https://web.example.org"), "{text}");
 }

@@ -4,7 +4,7 @@
 //! after two confirmations; a template with its post-create command; and
 //! failures that roll back everything but the source.
 //!
-//! Needs what `tests/vm.rs` needs, plus git. `vm-tests` feature.
+//! Needs what `tests/e2e/vm.rs` needs, plus git. `vm-tests` feature.
 #![cfg(feature = "vm-tests")]
 #![allow(
     clippy::unwrap_used,
@@ -13,13 +13,11 @@
     clippy::indexing_slicing
 )]
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 
+use crate::support::{git, vm_running, Kennel, Steps};
 use kennel_testkit::require;
-use support::{git, vm_running, Kennel};
 
 /// A small Rust repository with a submodule, committed with the real git.
 fn rust_fixture(root: &Path) -> String {
@@ -149,82 +147,92 @@ fn failed_creates_roll_back_and_say_what_happened() {
     let tmp = tempfile::tempdir().unwrap();
     let k = Kennel::new(tmp.path());
 
+    let mut steps = Steps::new("failed_creates_roll_back_and_say_what_happened");
+
     // A git URL that does not exist.
-    let out = k.exec(&format!(
-        "new project nogit --git file://{}/nope.git",
-        tmp.path().display()
-    ));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(
-        text.contains("cloning file://") && text.contains("failed"),
-        "{text}"
-    );
-    assert!(
-        !tmp.path().join("kennel-data/projects/nogit").exists(),
-        "a failed clone leaves no directory"
-    );
-    assert_nothing_left(&k, "nogit");
+    steps.run("A git URL that does not exist", || {
+        let out = k.exec(&format!(
+            "new project nogit --git file://{}/nope.git",
+            tmp.path().display()
+        ));
+        let text = String::from_utf8_lossy(&out.stdout);
+        // The user's to fix, not the host's: `invalid` (exit 6).
+        assert_eq!(out.status.code(), Some(6), "{text}");
+        assert!(
+            text.contains("cloning file://") && text.contains("failed"),
+            "{text}"
+        );
+        assert!(
+            !tmp.path().join("kennel-data/projects/nogit").exists(),
+            "a failed clone leaves no directory"
+        );
+        assert_nothing_left(&k, "nogit");
+    });
 
     // A clone cut off midway: the pack ends half way through.
-    let url = rust_fixture(&tmp.path().join("fixtures"));
-    let repo = tmp.path().join("fixtures/app");
-    git(&repo, &["repack", "-a", "-d", "-q"]);
-    let packs = repo.join(".git/objects/pack");
-    for e in std::fs::read_dir(&packs).unwrap().filter_map(Result::ok) {
-        if e.path().extension().is_some_and(|x| x == "pack") {
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(e.path())
-                .unwrap();
-            let len = f.metadata().unwrap().len();
-            f.set_len(len / 2).unwrap();
+    steps.run("A clone cut off midway", || {
+        let url = rust_fixture(&tmp.path().join("fixtures"));
+        let repo = tmp.path().join("fixtures/app");
+        git(&repo, &["repack", "-a", "-d", "-q"]);
+        let packs = repo.join(".git/objects/pack");
+        for e in std::fs::read_dir(&packs).unwrap().filter_map(Result::ok) {
+            if e.path().extension().is_some_and(|x| x == "pack") {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(e.path())
+                    .unwrap();
+                let len = f.metadata().unwrap().len();
+                f.set_len(len / 2).unwrap();
+            }
         }
-    }
-    let out = k.exec(&format!("new project cut --git {url}"));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(text.contains("cloning"), "{text}");
-    assert_nothing_left(&k, "cut");
+        let out = k.exec(&format!("new project cut --git {url}"));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        assert!(text.contains("cloning"), "{text}");
+        assert_nothing_left(&k, "cut");
+    });
 
     // A full disk in the data dir: a small tmpfs, filled.
-    let small = tmp.path().join("small");
-    std::fs::create_dir_all(&small).unwrap();
-    assert!(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
-        .arg(&small)
-        .status()
-        .unwrap()
-        .success());
-    let full = Kennel::new(&small);
-    // A first write makes the data dir and its store (a read would not).
-    full.exec_ok("secret set warmup 1");
-    // Fill it, then leave a sliver: enough for the store, not for a VM.
-    let filler = small.join("filler");
-    let _ = Command::new("dd")
-        .args(["if=/dev/zero", "bs=1M", "count=64"])
-        .arg(format!("of={}", filler.display()))
-        .output();
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&filler)
-        .unwrap();
-    f.set_len(f.metadata().unwrap().len().saturating_sub(768 * 1024))
-        .unwrap();
-    drop(f);
-    let out = full.exec("new project fulldisk --stack base --memory 512M --disk 2G");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{text}");
-    let lower = text.to_lowercase();
-    assert!(
-        lower.contains("no space left") || lower.contains("disk is full"),
-        "{text}"
-    );
-    assert!(!vm_running(&full, "fulldisk"));
-    let _ = std::fs::remove_file(&filler);
-    assert_nothing_left(&full, "fulldisk");
-    drop(full);
-    let _ = Command::new("umount").arg(&small).status();
+    steps.run("A full disk in the data dir", || {
+        let small = tmp.path().join("small");
+        std::fs::create_dir_all(&small).unwrap();
+        assert!(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+            .arg(&small)
+            .status()
+            .unwrap()
+            .success());
+        let full = Kennel::new(&small);
+        // A first write makes the data dir and its store (a read would not).
+        full.exec_ok("secret set warmup 1");
+        // Fill it, then leave a sliver: enough for the store, not for a VM.
+        let filler = small.join("filler");
+        let _ = Command::new("dd")
+            .args(["if=/dev/zero", "bs=1M", "count=64"])
+            .arg(format!("of={}", filler.display()))
+            .output();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&filler)
+            .unwrap();
+        f.set_len(f.metadata().unwrap().len().saturating_sub(768 * 1024))
+            .unwrap();
+        drop(f);
+        let out = full.exec("new project fulldisk --stack base --memory 512M --disk 2G");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        let lower = text.to_lowercase();
+        assert!(
+            lower.contains("no space left") || lower.contains("disk is full"),
+            "{text}"
+        );
+        assert!(!vm_running(&full, "fulldisk"));
+        let _ = std::fs::remove_file(&filler);
+        assert_nothing_left(&full, "fulldisk");
+        drop(full);
+        let _ = Command::new("umount").arg(&small).status();
+    });
+    steps.finish();
 }
 
 #[test]
@@ -238,57 +246,69 @@ fn keys_follow_access_and_copies_and_renames_work() {
     )
     .unwrap();
 
+    let mut steps = Steps::new("keys_follow_access_and_copies_and_renames_work");
+
     // A key added for the owner is let into the running VM at once;
     // revoked, it is refused at once.
-    let key = tmp.path().join("mine");
-    let kg = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "me@laptop", "-f"])
-        .arg(&key)
-        .status()
-        .unwrap();
-    assert!(kg.success());
-    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
-    let added = k.exec_ok(&format!("key add \"{}\"", public.trim()));
-    let fingerprint = added
-        .split_whitespace()
-        .find(|w| w.starts_with("SHA256:"))
-        .unwrap()
-        .to_owned();
-    let with_my_key = |k: &Kennel| k.ssh_as("orig", &key, "cat /workspace/note.txt");
-    let out = with_my_key(&k);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    k.exec_ok(&format!("key rm {}", fingerprint.trim_end_matches('.')));
-    assert!(
-        !with_my_key(&k).status.success(),
-        "a revoked key still gets in"
+    steps.run(
+        "A key added for the owner is let in at once, refused once revoked",
+        || {
+            let key = tmp.path().join("mine");
+            let kg = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-C", "me@laptop", "-f"])
+                .arg(&key)
+                .status()
+                .unwrap();
+            assert!(kg.success());
+            let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+            let added = k.exec_ok(&format!("key add \"{}\"", public.trim()));
+            let fingerprint = added
+                .split_whitespace()
+                .find(|w| w.starts_with("SHA256:"))
+                .unwrap()
+                .to_owned();
+            let with_my_key = |k: &Kennel| k.ssh_as("orig", &key, "cat /workspace/note.txt");
+            let out = with_my_key(&k);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            k.exec_ok(&format!("key rm {}", fingerprint.trim_end_matches('.')));
+            assert!(
+                !with_my_key(&k).status.success(),
+                "a revoked key still gets in"
+            );
+        },
     );
 
     // cp: a second VM with a copy of the disk and of the source.
-    k.ssh_ok("orig", "echo on-disk > /home/dev/marker");
-    k.exec_ok("cp orig twin");
-    assert_eq!(
-        k.ssh_ok("twin", "cat /home/dev/marker /workspace/note.txt"),
-        "on-disk\noriginal\n"
-    );
-    assert!(tmp
-        .path()
-        .join("kennel-data/projects/twin/note.txt")
-        .exists());
-    assert!(
-        vm_running(&k, "orig"),
-        "the original runs again after the copy"
-    );
+    steps.run("cp", || {
+        k.ssh_ok("orig", "echo on-disk > /home/dev/marker");
+        k.exec_ok("cp orig twin");
+        assert_eq!(
+            k.ssh_ok("twin", "cat /home/dev/marker /workspace/note.txt"),
+            "on-disk\noriginal\n"
+        );
+        assert!(tmp
+            .path()
+            .join("kennel-data/projects/twin/note.txt")
+            .exists());
+        assert!(
+            vm_running(&k, "orig"),
+            "the original runs again after the copy"
+        );
+    });
 
     // rename: the VM follows the name.
-    k.exec_ok("rename twin third");
-    assert!(vm_running(&k, "third") && !vm_running(&k, "twin"));
-    assert_eq!(k.ssh_ok("third", "cat /home/dev/marker"), "on-disk\n");
-    k.exec_ok("rm third --yes");
-    k.exec_ok("rm orig --yes");
+    steps.run("rename", || {
+        k.exec_ok("rename twin third");
+        assert!(vm_running(&k, "third") && !vm_running(&k, "twin"));
+        assert_eq!(k.ssh_ok("third", "cat /home/dev/marker"), "on-disk\n");
+        k.exec_ok("rm third --yes");
+        k.exec_ok("rm orig --yes");
+    });
+    steps.finish();
 }
 
 /// A repository's devcontainer.json on a real guest: the create steps run

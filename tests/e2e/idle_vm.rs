@@ -4,7 +4,7 @@
 //! project start it once; a CPU-busy guest with nobody connected is not
 //! stopped; a daemon restart (even after a long time down) stops nothing
 //! early.
-//! `vm-tests` feature; needs what tests/vm.rs needs.
+//! `vm-tests` feature; needs what tests/e2e/vm.rs needs.
 #![cfg(feature = "vm-tests")]
 #![allow(
     clippy::unwrap_used,
@@ -13,11 +13,9 @@
     clippy::indexing_slicing
 )]
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use support::Kennel;
+use crate::support::{Kennel, Steps};
 
 const LIMIT: Duration = Duration::from_secs(20);
 /// The limit, plus the supervisor's look (5 s), plus a clean shutdown.
@@ -40,70 +38,89 @@ fn idle_vms_stop_by_themselves_and_wake_on_the_next_connection() {
     let key = k.admin_key("me");
     project(&k, "nap");
 
+    let mut steps = Steps::new("idle_vms_stop_by_themselves_and_wake_on_the_next_connection");
+
     // An open session keeps it up well past the limit.
-    let session = Instant::now();
-    let out = k
-        .gateway_ssh(&key, "nap@127.0.0.1", "sleep 35; echo still-here")
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("still-here"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(session.elapsed() > LIMIT + Duration::from_secs(10));
-    assert_eq!(k.state("nap").0, "running");
+    steps.run("An open session keeps it up well past the limit", || {
+        let session = Instant::now();
+        let out = k
+            .gateway_ssh(&key, "nap@127.0.0.1", "sleep 35; echo still-here")
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("still-here"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(session.elapsed() > LIMIT + Duration::from_secs(10));
+        assert_eq!(k.state("nap").0, "running");
+    });
 
     // Then nobody: it stops by itself, not before the limit, and says why.
-    let took = k.wait_state("nap", "stopped", STOPS_WITHIN);
-    assert!(
-        took >= LIMIT - Duration::from_secs(1),
-        "stopped after {took:?}"
+    steps.run(
+        "Then nobody: it stops by itself, not before the limit",
+        || {
+            let took = k.wait_state("nap", "stopped", STOPS_WITHIN);
+            assert!(
+                took >= LIMIT - Duration::from_secs(1),
+                "stopped after {took:?}"
+            );
+            assert_eq!(k.state("nap").1.as_deref(), Some("idle 20s"));
+            assert!(!crate::support::vm_running(&k, "nap"), "the VMM is gone");
+            let list = k.exec_ok("projects");
+            assert!(list.contains("stopped (idle 20s)"), "{list}");
+        },
     );
-    assert_eq!(k.state("nap").1.as_deref(), Some("idle 20s"));
-    assert!(!support::vm_running(&k, "nap"), "the VMM is gone");
-    let list = k.exec_ok("projects");
-    assert!(list.contains("stopped (idle 20s)"), "{list}");
 
     // `ssh nap@HOST true` wakes it.
-    let out = k
-        .gateway_ssh(&key, "nap@127.0.0.1", "true")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(k.state("nap"), ("running".into(), None));
+    steps.run("`ssh nap@HOST true` wakes it", || {
+        let out = k
+            .gateway_ssh(&key, "nap@127.0.0.1", "true")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(k.state("nap"), ("running".into(), None));
+    });
 
     // Stopped again, fifty connections at once start it once.
-    k.wait_state("nap", "stopped", STOPS_WITHIN);
-    let starts = |log: &std::path::Path| {
-        std::fs::read_to_string(log)
-            .unwrap()
-            .matches("starting a stopped VM on entry")
-            .count()
-    };
-    let before = starts(&log);
-    let children: Vec<_> = (0..50)
-        .map(|i| {
-            k.gateway_ssh(&key, "nap@127.0.0.1", &format!("echo {i}"))
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    let mut failed = Vec::new();
-    for (i, c) in children.into_iter().enumerate() {
-        let out = c.wait_with_output().unwrap();
-        if !out.status.success() || String::from_utf8_lossy(&out.stdout).trim() != i.to_string() {
-            failed.push((i, String::from_utf8_lossy(&out.stderr).into_owned()));
-        }
-    }
-    assert!(failed.is_empty(), "{failed:?}");
-    assert_eq!(starts(&log) - before, 1, "one boot for fifty connections");
+    steps.run(
+        "Stopped again, fifty connections at once start it once",
+        || {
+            k.wait_state("nap", "stopped", STOPS_WITHIN);
+            let starts = |log: &std::path::Path| {
+                std::fs::read_to_string(log)
+                    .unwrap()
+                    .matches("starting a stopped VM on entry")
+                    .count()
+            };
+            let before = starts(&log);
+            let children: Vec<_> = (0..50)
+                .map(|i| {
+                    k.gateway_ssh(&key, "nap@127.0.0.1", &format!("echo {i}"))
+                        .stdout(std::process::Stdio::piped())
+                        .stderr(std::process::Stdio::piped())
+                        .spawn()
+                        .unwrap()
+                })
+                .collect();
+            let mut failed = Vec::new();
+            for (i, c) in children.into_iter().enumerate() {
+                let out = c.wait_with_output().unwrap();
+                if !out.status.success()
+                    || String::from_utf8_lossy(&out.stdout).trim() != i.to_string()
+                {
+                    failed.push((i, String::from_utf8_lossy(&out.stderr).into_owned()));
+                }
+            }
+            assert!(failed.is_empty(), "{failed:?}");
+            assert_eq!(starts(&log) - before, 1, "one boot for fifty connections");
+        },
+    );
+    steps.finish();
 }
 
 #[test]
@@ -164,7 +181,7 @@ fn a_daemon_restart_stops_nothing_early() {
     std::thread::sleep(Duration::from_secs(8));
     k.kill_serve("-TERM");
     std::thread::sleep(Duration::from_secs(15));
-    assert!(support::vm_running(&k, "keep"));
+    assert!(crate::support::vm_running(&k, "keep"));
     k.start_serve_logged(&tmp.path().join("serve.log"));
     let restarted = Instant::now();
     // The new daemon goes on from about 8 s idle: 12 s are left. A timer

@@ -19,7 +19,6 @@
 
 use std::sync::Arc;
 
-mod common;
 use std::time::Duration;
 
 use kennel_bot::config::MatrixConfig;
@@ -63,12 +62,12 @@ async fn matrix_bot_against_synapse() {
     let admin_room = group_room(&root, &[&bot_id], "kennel admins").await;
     let old = root.say(&admin_room, "!kennel projects").await;
 
-    let (exec, vms) = common::executor(
+    let (exec, vms) = crate::common::executor(
         Identity::new(Frontend::Matrix, root.id.as_str()),
         Duration::from_millis(700),
     );
     let keys = tempfile::tempdir().unwrap();
-    let ssh_port = common::ssh_gateway(&exec, keys.path()).await;
+    let ssh_port = crate::common::ssh_gateway(&exec, keys.path()).await;
 
     let state = tempfile::tempdir().unwrap();
     let cfg = MatrixConfig {
@@ -87,7 +86,7 @@ async fn matrix_bot_against_synapse() {
         ..MatrixConfig::default()
     };
     assert_eq!(cfg.problem(), None);
-    let desk = Arc::new(Desk::new(exec.clone(), cfg.limits.clone()));
+    let desk = Arc::new(Desk::new(exec.gate(), cfg.limits.clone()));
     let bot = kennel_bot::matrix::connect(cfg.clone(), state.path(), desk.clone())
         .await
         .unwrap();

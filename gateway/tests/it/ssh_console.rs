@@ -1,7 +1,7 @@
 //! The SSH gateway in-process on 127.0.0.1:0, driven by OpenSSH's real
 //! `ssh` client: command mode, exit codes, unknown keys and access
 //! requests, refusals, a store that has gone away, many sessions at once.
-//! (Sessions into real VMs are tested in the root crate's tests/ssh_vm.rs.)
+//! (Sessions into real VMs are tested in the root crate's tests/e2e/ssh_vm.rs.)
 
 #![allow(
     clippy::unwrap_used,
@@ -44,7 +44,7 @@ async fn gateway_with(settings: SshSettings) -> Gw {
     let key = host_key(&dir.path().join("keys/host")).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let gw = SshGateway::new(exec.clone(), settings);
+    let gw = SshGateway::new(exec.gate(), settings);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(gw.run(listener, key, async move {
         let _ = stopped.await;
@@ -125,7 +125,11 @@ async fn command_mode_exit_codes_and_json() {
     assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
     assert!(text(&out.stdout).contains("Did you mean 'projects'"));
     let out = gw.ssh(&key, "anyone", &["status", "nothere"], None).await;
-    assert_eq!(out.status.code(), Some(1), "failures exit 1");
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "a missing project exits 4 (not_found)"
+    );
     // A typo in the project's name is told as such, not as a bad command.
     let out = gw
         .ssh(
@@ -137,7 +141,7 @@ async fn command_mode_exit_codes_and_json() {
         .await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
     let out = gw.ssh(&key, "demoo", &["ls", "/workspace"], None).await;
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(4), "not_found");
     assert!(
         text(&out.stderr).contains("there is no project 'demoo'; did you mean 'demo'?"),
         "{}",
@@ -164,7 +168,7 @@ async fn unknown_keys_get_a_message_and_can_request_access() {
     gw.admin_key(&public).await;
     let (stranger, stranger_pub) = keygen(gw.dir.path(), "stranger");
     let out = gw.ssh(&stranger, "anyone", &["projects"], None).await;
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3), "refused");
     assert!(
         text(&out.stderr).contains("ssh -p 2222 127.0.0.1 request-access"),
         "{}",
@@ -225,7 +229,7 @@ async fn a_member_without_a_share_is_refused_and_a_closed_store_refuses_everyone
         .await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
     let out = gw.ssh(&member, "secret", &["true"], None).await;
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3), "refused");
     assert!(
         text(&out.stderr).contains("no project 'secret' that you own or that is shared"),
         "{}",
@@ -349,7 +353,7 @@ async fn connection_limits_say_which_limit_was_reached() {
     gw.admin_key(&public).await;
     let held = Held::open(gw.port, &key);
     let out = gw.ssh(&key, "anyone", &["whoami"], None).await;
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(8), "rate_limited");
     assert!(
         text(&out.stderr).contains("you have too many connections open (the limit is 1)"),
         "{}",
@@ -366,7 +370,7 @@ async fn access_requests_are_limited_per_address_and_in_size() {
     let out = gw
         .ssh(&k0, "anyone", &["request-access", &note], None)
         .await;
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(3), "refused");
     assert!(
         text(&out.stdout).contains("keep it to 500"),
         "{}",

@@ -14,13 +14,11 @@
     clippy::indexing_slicing
 )]
 
-mod support;
-
 use std::os::unix::fs::MetadataExt;
 use std::process::Command;
 use std::time::Instant;
 
-use support::{vm_running, Kennel, Netns};
+use crate::support::{vm_running, Kennel, Netns, Steps};
 
 #[test]
 fn lifecycle_isolation_and_adoption_on_real_guests() {
@@ -36,80 +34,95 @@ fn lifecycle_isolation_and_adoption_on_real_guests() {
         std::os::unix::fs::chown(p, Some(4242), Some(4242)).unwrap();
     }
 
-    let t = Instant::now();
-    let out = k.exec_ok("new project alpha --adopt --stack base --cpus 1 --memory 512M --disk 4G");
-    eprintln!("new project alpha: {:?}", t.elapsed());
-    assert!(out.contains("ssh alpha@127.0.0.1"), "{out}");
+    let mut steps = Steps::new("lifecycle_isolation_and_adoption_on_real_guests");
+    steps.run("new project alpha adopts it", || {
+        let t = Instant::now();
+        let out =
+            k.exec_ok("new project alpha --adopt --stack base --cpus 1 --memory 512M --disk 4G");
+        eprintln!("new project alpha: {:?}", t.elapsed());
+        assert!(out.contains("ssh alpha@127.0.0.1"), "{out}");
+    });
 
     // In the VM: dev has the source owner's uid; host files are visible;
     // files dev creates belong to that owner on the host.
-    let id = k.ssh_ok("alpha", "id -u; cat /workspace/from-host.txt; echo made-in-vm > /workspace/from-guest.txt; mountpoint /workspace");
-    assert!(id.starts_with("4242\nhello from the host\n"), "{id}");
-    let meta = std::fs::metadata(src.join("from-guest.txt")).unwrap();
-    assert_eq!((meta.uid(), meta.gid()), (4242, 4242));
-    // Edits on the host show at once (no cache).
-    std::fs::write(src.join("from-host.txt"), "edited\n").unwrap();
-    assert_eq!(
-        k.ssh_ok("alpha", "cat /workspace/from-host.txt"),
-        "edited\n"
-    );
+    steps.run("In the VM: dev has the source owner's uid", || {
+        let id = k.ssh_ok("alpha", "id -u; cat /workspace/from-host.txt; echo made-in-vm > /workspace/from-guest.txt; mountpoint /workspace");
+        assert!(id.starts_with("4242\nhello from the host\n"), "{id}");
+        let meta = std::fs::metadata(src.join("from-guest.txt")).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (4242, 4242));
+        // Edits on the host show at once (no cache).
+        std::fs::write(src.join("from-host.txt"), "edited\n").unwrap();
+        assert_eq!(
+            k.ssh_ok("alpha", "cat /workspace/from-host.txt"),
+            "edited\n"
+        );
+    });
 
     // The root disk persists across stop and start.
-    k.ssh_ok("alpha", "echo kept > /home/dev/persist");
-    k.exec_ok("stop alpha");
-    assert!(!vm_running(&k, "alpha"));
-    k.exec_ok("start alpha");
-    assert_eq!(k.ssh_ok("alpha", "cat /home/dev/persist"), "kept\n");
+    steps.run("The root disk persists across stop and start", || {
+        k.ssh_ok("alpha", "echo kept > /home/dev/persist");
+        k.exec_ok("stop alpha");
+        assert!(!vm_running(&k, "alpha"));
+        k.exec_ok("start alpha");
+        assert_eq!(k.ssh_ok("alpha", "cat /home/dev/persist"), "kept\n");
+    });
 
     // A second VM; neither can reach the other.
-    k.exec_ok("new project beta --stack base --cpus 1 --memory 512M --disk 4G");
-    k.ssh_ok("beta", "true");
-    // beta's forwards listen on the host at its own 127.77.x.y only. From alpha,
-    // that address is alpha's own loopback; 10.0.2.2 is the host's
-    // 127.0.0.1; the host's external address does not have them either.
-    let beta = k.addr("beta").replace(':', "/");
-    let port = beta.rsplit('/').next().unwrap().to_owned();
-    let mut targets = vec![beta.clone(), format!("10.0.2.2/{port}")];
-    let host_ips = Command::new("hostname").arg("-I").output().unwrap();
-    if let Some(ip) = String::from_utf8_lossy(&host_ips.stdout)
-        .split_whitespace()
-        .find(|ip| ip.contains('.'))
-    {
-        targets.push(format!("{ip}/{port}"));
-    }
-    for target in &targets {
-        let out = k.ssh(
-            "alpha",
-            &format!("timeout 3 bash -c '</dev/tcp/{target}' && echo REACHED"),
-        );
-        assert!(
-            !String::from_utf8_lossy(&out.stdout).contains("REACHED"),
-            "alpha reached {target}"
-        );
-    }
+    steps.run("A second VM; neither can reach the other", || {
+        k.exec_ok("new project beta --stack base --cpus 1 --memory 512M --disk 4G");
+        k.ssh_ok("beta", "true");
+        // beta's forwards listen on the host at its own 127.77.x.y only. From alpha,
+        // that address is alpha's own loopback; 10.0.2.2 is the host's
+        // 127.0.0.1; the host's external address does not have them either.
+        let beta = k.addr("beta").replace(':', "/");
+        let port = beta.rsplit('/').next().unwrap().to_owned();
+        let mut targets = vec![beta.clone(), format!("10.0.2.2/{port}")];
+        let host_ips = Command::new("hostname").arg("-I").output().unwrap();
+        if let Some(ip) = String::from_utf8_lossy(&host_ips.stdout)
+            .split_whitespace()
+            .find(|ip| ip.contains('.'))
+        {
+            targets.push(format!("{ip}/{port}"));
+        }
+        for target in &targets {
+            let out = k.ssh(
+                "alpha",
+                &format!("timeout 3 bash -c '</dev/tcp/{target}' && echo REACHED"),
+            );
+            assert!(
+                !String::from_utf8_lossy(&out.stdout).contains("REACHED"),
+                "alpha reached {target}"
+            );
+        }
+    });
 
     // Kennel killed outright: the VMs keep running and are adopted.
-    k.kill_serve("-KILL");
-    assert!(vm_running(&k, "alpha") && vm_running(&k, "beta"));
-    k.start_serve();
-    let status = k.exec_ok("--json status alpha");
-    let v: serde_json::Value = serde_json::from_str(status.trim()).unwrap();
-    assert_eq!(v["project"]["state"], "running", "{v}");
-    assert_eq!(v["vm"]["ready"], true, "{v}");
-    assert_eq!(k.ssh_ok("alpha", "cat /home/dev/persist"), "kept\n");
+    steps.run("Kennel killed outright", || {
+        k.kill_serve("-KILL");
+        assert!(vm_running(&k, "alpha") && vm_running(&k, "beta"));
+        k.start_serve();
+        let status = k.exec_ok("--json status alpha");
+        let v: serde_json::Value = serde_json::from_str(status.trim()).unwrap();
+        assert_eq!(v["project"]["state"], "running", "{v}");
+        assert_eq!(v["vm"]["ready"], true, "{v}");
+        assert_eq!(k.ssh_ok("alpha", "cat /home/dev/persist"), "kept\n");
+    });
 
     // Destroy: VM, disk and keys go; the source stays.
-    k.exec_ok("rm alpha --yes");
-    k.exec_ok("rm beta --yes");
-    assert!(!vm_running(&k, "alpha") && !vm_running(&k, "beta"));
-    assert!(std::fs::read_dir(tmp.path().join("kennel-data/vms"))
-        .unwrap()
-        .next()
-        .is_none());
-    assert_eq!(
-        std::fs::read_to_string(src.join("from-guest.txt")).unwrap(),
-        "made-in-vm\n"
-    );
+    steps.run("Destroy", || {
+        k.exec_ok("rm alpha --yes");
+        k.exec_ok("rm beta --yes");
+        assert!(!vm_running(&k, "alpha") && !vm_running(&k, "beta"));
+        assert!(std::fs::read_dir(tmp.path().join("kennel-data/vms"))
+            .unwrap()
+            .next()
+            .is_none());
+        assert_eq!(
+            std::fs::read_to_string(src.join("from-guest.txt")).unwrap(),
+            "made-in-vm\n"
+        );
+    });
+    steps.finish();
 }
 
 #[test]

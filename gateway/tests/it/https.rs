@@ -140,7 +140,7 @@ async fn gateway_with(s: HttpsSettings) -> Gw {
         domain: DOMAIN.into(),
     };
     let config = tls::server_config(&source).unwrap();
-    let gw = HttpsGateway::new(&w.exec, s);
+    let gw = HttpsGateway::new(&w.exec.gate(), s);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(gw.run(listener, config, async move {
         let _ = stopped.await;
@@ -563,7 +563,7 @@ async fn websockets_pass_through_and_idle_ones_are_closed() {
         roots.add(c).unwrap();
     }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .unwrap()
@@ -634,7 +634,7 @@ async fn a_client_that_sends_headers_slowly_is_dropped() {
         roots.add(c).unwrap();
     }
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .unwrap()
@@ -821,6 +821,83 @@ async fn an_api_token_runs_commands_until_revoked_and_errors_have_their_status()
     let (code, _, body) = gw.curl(DOMAIN, "/api/v1/openapi.json", &[ANON]).await;
     assert!(code.starts_with("200"), "{code}");
     assert!(json(&body)["paths"]["/api/v1/exec"]["post"].is_object());
+}
+
+/// One mapping from an error to its status, whoever made the mistake and
+/// however the caller signed in: a caller's mistake is a 4xx, the host's
+/// failure a 5xx, a store that cannot be read 503 for tokens and
+/// signatures alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_answers_each_error_kind_with_its_one_status() {
+    require("ssh-keygen", "openssh-client");
+    let gw = gateway().await;
+    let token = api_token(&gw, &gw.w.admin, "token create ci").await;
+    let (code, body) = api(&gw, &token, "new project web --stack rust", &[]).await;
+    assert_eq!(code, "200", "{body}");
+    // A member asking for a name that is taken: a conflict (409), as
+    // `rename` into a taken name is, not a refusal.
+    let bob = gw.member("43", 7).await;
+    let bobs = api_token(&gw, &bob, "token create laptop").await;
+    for line in ["new project web --stack rust", "rename web other"] {
+        let (code, body) = api(
+            &gw,
+            if line.starts_with("new") {
+                &bobs
+            } else {
+                &token
+            },
+            line,
+            &[],
+        )
+        .await;
+        if line.starts_with("rename") {
+            // The admin's rename into a free name works; into a taken one, 409.
+            assert_eq!(code, "200", "{line}: {body}");
+            continue;
+        }
+        assert_eq!(code, "409", "{line}: {body}");
+        assert_eq!(json(&body)["error"]["kind"], "conflict", "{body}");
+    }
+    gw.w.run(&gw.w.admin, "new project third --stack rust")
+        .await
+        .unwrap();
+    let (code, body) = api(&gw, &token, "rename other third", &[]).await;
+    assert_eq!(code, "409", "{body}");
+    assert_eq!(json(&body)["error"]["kind"], "conflict", "{body}");
+    // The user's own mistake, found by the provisioner (a target directory
+    // that is not empty): 422, never 500.
+    gw.w.vms
+        .refuse_next_create("/srv/x exists and is not empty; pass --adopt to use it");
+    let (code, body) = api(&gw, &token, "new project mistaken --stack rust", &[]).await;
+    assert_eq!(code, "422", "{body}");
+    assert_eq!(json(&body)["error"]["kind"], "invalid", "{body}");
+    assert!(body.contains("not empty"), "{body}");
+    // The host's failure: 500.
+    gw.w.vms.fail_next_create("qemu exited");
+    let (code, body) = api(&gw, &token, "new project broken --stack rust", &[]).await;
+    assert_eq!(code, "500", "{body}");
+    assert_eq!(json(&body)["error"]["kind"], "failed", "{body}");
+    // The store gone: 503, whether the caller holds a token or signs.
+    let (key, public) = kennel_testkit::ssh::keygen(gw.dir.path(), "signer");
+    gw.w.run(&gw.w.admin, &format!("key add \"{public}\""))
+        .await
+        .unwrap();
+    gw.w.store.close();
+    let (code, body) = api(&gw, &token, "whoami", &[]).await;
+    assert_eq!(code, "503", "{body}");
+    assert_eq!(json(&body)["error"]["kind"], "unavailable", "{body}");
+    let now = kennel_core::model::now();
+    let (code, body) = signed_call(
+        &gw,
+        &key,
+        "whoami",
+        now,
+        "nonce-store-0123456789",
+        "kennel-api",
+    )
+    .await;
+    assert_eq!(code, "503", "{body}");
+    assert_eq!(json(&body)["error"]["kind"], "unavailable", "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

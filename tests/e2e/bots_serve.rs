@@ -11,8 +11,6 @@
     clippy::indexing_slicing
 )]
 
-mod support;
-
 use std::process::{Child, Command, Stdio};
 
 #[cfg(feature = "discord")]
@@ -218,7 +216,7 @@ async fn the_matrix_bot_answers_1000_commands_from_50_people_once_each() {
     }
     people.sort_by_key(|p| p.0);
 
-    let meter = support::meter::Meter::start(serve.0.id());
+    let meter = crate::support::meter::Meter::start(serve.0.id());
     let started = Instant::now();
     let mut sending = tokio::task::JoinSet::new();
     for (i, p, dm) in people.clone() {
@@ -293,7 +291,7 @@ async fn the_matrix_bot_answers_1000_commands_from_50_people_once_each() {
     {
         eprintln!("serve: {l}");
     }
-    support::meter::header();
+    crate::support::meter::header();
     meter.report(
         "matrix: 1000 cmds, 50 people",
         &format!("{answered} answered, {limited} rate-limited"),

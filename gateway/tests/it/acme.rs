@@ -44,7 +44,7 @@ async fn gateway(
         domain: DOMAIN.into(),
     })
     .unwrap();
-    let gw = HttpsGateway::new(&w.exec, HttpsSettings::default());
+    let gw = HttpsGateway::new(&w.exec.gate(), HttpsSettings::default());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(gw.run(listener, config, async move {
         let _ = stopped.await;

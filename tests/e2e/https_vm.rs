@@ -5,7 +5,7 @@
 //! of the VM is reached through its sshd for a signed-in user, and a
 //! stopped project wakes on a request, its `.kennel/start` bringing the
 //! app back (scripts wait for it, browsers see the starting page).
-
+#![cfg(feature = "vm-tests")]
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -13,11 +13,9 @@
     clippy::indexing_slicing
 )]
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use support::Kennel;
+use crate::support::Kennel;
 
 /// Echoes the request's headers as JSON.
 const SERVER_JS: &str = r#"

@@ -2,7 +2,7 @@
 //! links a guest or a host user plants on the way to a host path, a daemon
 //! killed (`kill -9`) mid-boot and mid-image-build, a VMM killed under a
 //! running project, credentials in a git URL, a refused purge.
-//! `vm-tests` feature; needs what tests/vm.rs needs.
+//! `vm-tests` feature; needs what tests/e2e/vm.rs needs.
 #![cfg(feature = "vm-tests")]
 #![allow(
     clippy::unwrap_used,
@@ -11,14 +11,12 @@
     clippy::indexing_slicing
 )]
 
-mod support;
-
 use std::io::BufRead;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{vm_running, Kennel};
+use crate::support::{vm_running, Kennel, Steps};
 
 const SMALL: &str = "--stack base --cpus 1 --memory 512M --disk 2G";
 
@@ -104,34 +102,39 @@ fn host_paths_never_follow_links() {
     assert!(!secret.join(".ssh").exists(), "nothing was made outside");
     assert_eq!(std::fs::read_dir(&secret).unwrap().count(), 1);
 
+    let mut steps = Steps::new("host_paths_never_follow_links");
+
     // Swapped in after the check: the source becomes a link while stopped;
     // the next start refuses to share it, and no virtiofsd serves it.
-    k.exec_ok("stop p");
-    std::fs::rename(root.join("p"), tmp.path().join("p-real")).unwrap();
-    std::os::unix::fs::symlink(&secret, root.join("p")).unwrap();
-    refused(&k, "start p", "symbolic link");
-    let serving = Command::new("pgrep")
-        .args(["-f", &format!("virtiofsd.*{}", secret.display())])
-        .output()
-        .unwrap();
-    assert!(
-        !serving.status.success(),
-        "virtiofsd shares the link's target"
-    );
-    // A purge through the link is refused before anything changes.
-    k.exec_ok("rm p --purge --yes");
-    refused(&k, "yes", "nothing was changed");
-    let rows = projects(&k);
-    assert!(
-        rows.iter().any(|(n, s, _)| n == "p" && s != "destroying"),
-        "{rows:?}"
-    );
-    assert!(secret.join("keep.txt").exists());
-    // Put back, it starts again with its files.
-    std::fs::remove_file(root.join("p")).unwrap();
-    std::fs::rename(tmp.path().join("p-real"), root.join("p")).unwrap();
-    k.exec_ok("start p");
-    assert!(k.ssh_ok("p", "ls -la /workspace").contains("evil"));
+    steps.run("Swapped in after the check", || {
+        k.exec_ok("stop p");
+        std::fs::rename(root.join("p"), tmp.path().join("p-real")).unwrap();
+        std::os::unix::fs::symlink(&secret, root.join("p")).unwrap();
+        refused(&k, "start p", "symbolic link");
+        let serving = Command::new("pgrep")
+            .args(["-f", &format!("virtiofsd.*{}", secret.display())])
+            .output()
+            .unwrap();
+        assert!(
+            !serving.status.success(),
+            "virtiofsd shares the link's target"
+        );
+        // A purge through the link is refused before anything changes.
+        k.exec_ok("rm p --purge --yes");
+        refused(&k, "yes", "nothing was changed");
+        let rows = projects(&k);
+        assert!(
+            rows.iter().any(|(n, s, _)| n == "p" && s != "destroying"),
+            "{rows:?}"
+        );
+        assert!(secret.join("keep.txt").exists());
+        // Put back, it starts again with its files.
+        std::fs::remove_file(root.join("p")).unwrap();
+        std::fs::rename(tmp.path().join("p-real"), root.join("p")).unwrap();
+        k.exec_ok("start p");
+        assert!(k.ssh_ok("p", "ls -la /workspace").contains("evil"));
+    });
+    steps.finish();
 }
 
 /// `kill -9` of the daemon while a VM boots, then of a VMM under a running
@@ -148,87 +151,104 @@ fn a_daemon_killed_mid_boot_and_a_killed_vmm_leave_the_truth() {
     k.exec_ok(&format!("new project r {SMALL}"));
     k.ssh_ok("r", "echo kept > /workspace/kept.txt");
 
+    let mut steps = Steps::new("a_daemon_killed_mid_boot_and_a_killed_vmm_leave_the_truth");
+
     // Credentials in a git URL: refused, and never written anywhere.
-    let out = k.exec("new project x --git https://user:s3cr3tpw@127.0.0.1:9/repo.git");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!out.status.success());
-    assert!(
-        said.contains("secret set git-token") && !said.contains("s3cr3tpw"),
-        "{said}"
+    steps.run(
+        "Credentials in a git URL: refused, and never written anywhere",
+        || {
+            let out = k.exec("new project x --git https://user:s3cr3tpw@127.0.0.1:9/repo.git");
+            let said = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(!out.status.success());
+            assert!(
+                said.contains("secret set git-token") && !said.contains("s3cr3tpw"),
+                "{said}"
+            );
+        },
     );
 
     // Killed after "booting": the create is rolled back at restart.
-    let mut child = k.exec_spawn(&format!("new project kb {SMALL}"));
-    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut seen = Vec::new();
-    for line in stderr.lines() {
-        let line = line.unwrap();
-        seen.push(line.clone());
-        if line.contains("booting") {
-            break;
-        }
-    }
-    assert!(seen.iter().any(|l| l.contains("booting")), "{seen:?}");
-    k.kill_serve("-KILL");
-    let _ = child.wait();
-    k.start_serve_logged(&log);
-    let rows = projects(&k);
-    assert!(!rows.iter().any(|(n, ..)| n == "kb"), "{rows:?}");
-    assert!(!vm_running(&k, "kb"), "no VM left of the cut-off create");
-    assert!(
-        tmp.path().join("kennel-data/projects/kb").exists(),
-        "the source is kept"
-    );
-    assert!(!tmp.path().join("kennel-data/vms/kb").exists());
-    // The adopted VM is running and can be entered through the gateway.
-    assert!(
-        rows.iter().any(|(n, s, _)| n == "r" && s == "running"),
-        "{rows:?}"
-    );
-    let out = gateway_ssh(&k, &key, "r@127.0.0.1", "cat /workspace/kept.txt");
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "kept\n",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    steps.run(
+        "Killed after \"booting\": the create is rolled back at restart",
+        || {
+            let mut child = k.exec_spawn(&format!("new project kb {SMALL}"));
+            let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+            let mut seen = Vec::new();
+            for line in stderr.lines() {
+                let line = line.unwrap();
+                seen.push(line.clone());
+                if line.contains("booting") {
+                    break;
+                }
+            }
+            assert!(seen.iter().any(|l| l.contains("booting")), "{seen:?}");
+            k.kill_serve("-KILL");
+            let _ = child.wait();
+            k.start_serve_logged(&log);
+            let rows = projects(&k);
+            assert!(!rows.iter().any(|(n, ..)| n == "kb"), "{rows:?}");
+            assert!(!vm_running(&k, "kb"), "no VM left of the cut-off create");
+            assert!(
+                tmp.path().join("kennel-data/projects/kb").exists(),
+                "the source is kept"
+            );
+            assert!(!tmp.path().join("kennel-data/vms/kb").exists());
+            // The adopted VM is running and can be entered through the gateway.
+            assert!(
+                rows.iter().any(|(n, s, _)| n == "r" && s == "running"),
+                "{rows:?}"
+            );
+            let out = gateway_ssh(&k, &key, "r@127.0.0.1", "cat /workspace/kept.txt");
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                "kept\n",
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        },
     );
 
     // The VMM killed under the running project: shown stopped, saying why.
-    let pid = std::fs::read_to_string(tmp.path().join("kennel-data/vms/r/vmm.pid")).unwrap();
-    assert!(Command::new("kill")
-        .args(["-KILL", pid.trim()])
-        .status()
-        .unwrap()
-        .success());
-    let t = Instant::now();
-    let noticed = loop {
-        let rows = projects(&k);
-        let r = rows.into_iter().find(|(n, ..)| n == "r").unwrap();
-        if r.1 == "stopped" || t.elapsed() > Duration::from_secs(30) {
-            break r;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
-    assert_eq!(noticed.1, "stopped", "{noticed:?}");
-    assert!(noticed.2.unwrap().contains("exited unexpectedly"));
-    // start brings it back, disk and source intact.
-    k.exec_ok("start r");
-    assert_eq!(k.ssh_ok("r", "cat /workspace/kept.txt"), "kept\n");
+    steps.run("The VMM killed under the running project", || {
+        let pid = std::fs::read_to_string(tmp.path().join("kennel-data/vms/r/vmm.pid")).unwrap();
+        assert!(Command::new("kill")
+            .args(["-KILL", pid.trim()])
+            .status()
+            .unwrap()
+            .success());
+        let t = Instant::now();
+        let noticed = loop {
+            let rows = projects(&k);
+            let r = rows.into_iter().find(|(n, ..)| n == "r").unwrap();
+            if r.1 == "stopped" || t.elapsed() > Duration::from_secs(30) {
+                break r;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        assert_eq!(noticed.1, "stopped", "{noticed:?}");
+        assert!(noticed.2.unwrap().contains("exited unexpectedly"));
+        // start brings it back, disk and source intact.
+        k.exec_ok("start r");
+        assert_eq!(k.ssh_ok("r", "cat /workspace/kept.txt"), "kept\n");
+    });
 
     // The log never carried the password.
-    let logged = std::fs::read_to_string(&log).unwrap();
-    assert!(!logged.contains("s3cr3tpw"));
-    for f in ["kennel.db", "kennel.db-wal"] {
-        let bytes = std::fs::read(tmp.path().join("kennel-data").join(f)).unwrap_or_default();
-        assert!(
-            !bytes.windows(8).any(|w| w == b"s3cr3tpw"),
-            "the password is in {f}"
-        );
-    }
+    steps.run("The log never carried the password", || {
+        let logged = std::fs::read_to_string(&log).unwrap();
+        assert!(!logged.contains("s3cr3tpw"));
+        for f in ["kennel.db", "kennel.db-wal"] {
+            let bytes = std::fs::read(tmp.path().join("kennel-data").join(f)).unwrap_or_default();
+            assert!(
+                !bytes.windows(8).any(|w| w == b"s3cr3tpw"),
+                "the password is in {f}"
+            );
+        }
+    });
+    steps.finish();
 }
 
 /// The first project on an empty image store builds the kernel and its

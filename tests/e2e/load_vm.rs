@@ -7,7 +7,7 @@
 //! CPU and peak RSS during it; `bench/load.sh` runs the phases again with
 //! `LOAD_ROUNDS` (not a `KENNEL_` name: those are the daemon's settings,
 //! and it refuses ones it does not know) and prints the table.
-//! `vm-tests` feature; needs what tests/vm.rs needs.
+//! `vm-tests` feature; needs what tests/e2e/vm.rs needs.
 #![cfg(feature = "vm-tests")]
 #![allow(
     clippy::unwrap_used,
@@ -16,15 +16,13 @@
     clippy::indexing_slicing
 )]
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::meter::{header, Meter};
-use support::{Kennel, SSH_OPTS};
+use crate::support::meter::{header, Meter};
+use crate::support::{Kennel, SSH_OPTS};
 
 fn rounds() -> usize {
     std::env::var("LOAD_ROUNDS")

@@ -3,10 +3,9 @@
 //! watches the progress message being edited into the final answer, and
 //! the VM it names answers over SSH with /workspace mounted.
 //!
-//! Needs what `tests/vm.rs` needs plus Synapse (scripts/install-deps.sh
+//! Needs what `tests/e2e/vm.rs` needs plus Synapse (scripts/install-deps.sh
 //! test). Features `vm-tests` and `matrix`.
 #![cfg(all(feature = "vm-tests", feature = "matrix"))]
-#![recursion_limit = "256"]
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -14,12 +13,10 @@
     clippy::indexing_slicing
 )]
 
-mod support;
-
+use crate::support::Kennel;
 use kennel_testkit::matrix_client::person;
 use kennel_testkit::synapse::Synapse;
 use matrix_sdk::ruma::UserId;
-use support::Kennel;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_project_from_matrix_on_a_real_guest() {

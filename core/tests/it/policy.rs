@@ -164,9 +164,9 @@ fn policy_table() {
         assert_eq!(r.is_ok(), allowed, "{who:?} {line} {rel:?}: {r:?}");
         if let Err(e) = r {
             assert!(
-                e.0.contains(word),
+                e.reason().contains(word),
                 "{who:?} {line}: reason {:?} lacks {word:?}",
-                e.0
+                e.reason()
             );
         }
     }
@@ -227,7 +227,7 @@ fn who_may_enter_a_project_over_ssh_and_the_web() {
             "{role:?} {rel:?} {vis:?} {entry:?}: {got:?}"
         );
         if let Err(r) = got {
-            assert!(r.0.contains("app") || role.is_none(), "{r}");
+            assert!(r.reason().contains("app") || role.is_none(), "{r}");
         }
     }
 }

@@ -193,3 +193,138 @@ async fn a_wake_refuses_a_project_being_removed() {
     assert!(matches!(woke, Err(CommandError::Conflict(_))), "{woke:?}");
     assert_eq!(starts(&w, "going"), 0);
 }
+
+/// Waits until the recording provisioner has seen `call`.
+async fn until_called(w: &World, call: &str) {
+    for _ in 0..500 {
+        if w.vms.calls().iter().any(|c| c == call) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("never called: {call}; calls: {:?}", w.vms.calls());
+}
+
+fn position(w: &World, call: &str) -> usize {
+    w.vms
+        .calls()
+        .iter()
+        .position(|c| c == call)
+        .unwrap_or_else(|| panic!("no {call} in {:?}", w.vms.calls()))
+}
+
+async fn state(w: &World, p: &str) -> Option<ProjectState> {
+    let n = name(p);
+    w.store
+        .call(move |c| repo::project_by_name(c, &n))
+        .await
+        .unwrap()
+        .map(|p| p.state)
+}
+
+#[tokio::test]
+async fn an_rm_waits_for_a_wake_in_flight_and_removes_what_it_booted() {
+    let w = World::new().build();
+    stopped_project(&w, "waking").await;
+    *w.vms.start_delay.lock().unwrap() = Duration::from_millis(300);
+    let system = Actor::System {
+        why: "someone ran ssh waking@HOST",
+    };
+    let waking = name("waking");
+    let wake = w.exec.ensure_running(&system, &waking, &NoProgress);
+    let rm = async {
+        until_called(&w, "start waking").await;
+        w.run(&w.admin, "rm waking --yes").await
+    };
+    let (woke, removed) = tokio::join!(wake, rm);
+    assert!(matches!(woke, Ok(Woke::Started(_))), "{woke:?}");
+    assert!(removed.is_ok(), "{removed:?}");
+    assert_eq!(w.vms.overlaps(), Vec::<String>::new());
+    assert!(position(&w, "start waking") < position(&w, "destroy waking"));
+    assert!(!w.vms.has_vm("waking"), "the VM the wake booted is gone");
+    assert_eq!(state(&w, "waking").await, None);
+    // And a wake after the rm finds nothing to boot.
+    let late = w
+        .exec
+        .ensure_running(&system, &name("waking"), &NoProgress)
+        .await;
+    assert!(matches!(late, Err(CommandError::NotFound(_))), "{late:?}");
+}
+
+#[tokio::test]
+async fn a_rename_waits_for_an_idle_stop_and_moves_the_stopped_vm() {
+    let w = World::new().build();
+    w.run(&w.admin, "new project sleepy --stack rust")
+        .await
+        .unwrap();
+    *w.vms.op_delay.lock().unwrap() = Duration::from_millis(300);
+    let idle = Actor::System {
+        why: "idle for 30 minutes",
+    };
+    let sleepy = name("sleepy");
+    let stop = w.exec.stop_vm(&idle, &sleepy, &NoProgress);
+    let rename = async {
+        until_called(&w, "stop sleepy").await;
+        w.run(&w.admin, "rename sleepy dozy").await
+    };
+    let (stopped, renamed) = tokio::join!(stop, rename);
+    assert!(stopped.is_ok(), "{stopped:?}");
+    assert!(renamed.is_ok(), "{renamed:?}");
+    assert_eq!(w.vms.overlaps(), Vec::<String>::new());
+    assert!(position(&w, "stop sleepy") < position(&w, "rename sleepy"));
+    assert_eq!(state(&w, "sleepy").await, None);
+    assert_eq!(state(&w, "dozy").await, Some(ProjectState::Stopped));
+    assert!(w.vms.has_vm("dozy") && !w.vms.has_vm("sleepy"));
+    let status = kennel_core::provision::Provisioner::status(&*w.vms, &name("dozy")).await;
+    assert_eq!(
+        status.map(|s| s.state).ok(),
+        Some(kennel_core::provision::VmState::Stopped)
+    );
+}
+
+#[tokio::test]
+async fn two_copies_of_one_project_run_one_after_the_other() {
+    let w = World::new().build();
+    w.run(&w.admin, "new project orig --stack rust")
+        .await
+        .unwrap();
+    *w.vms.op_delay.lock().unwrap() = Duration::from_millis(200);
+    let (a, b) = tokio::join!(
+        w.run(&w.admin, "cp orig left"),
+        w.run(&w.admin, "cp orig right")
+    );
+    assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
+    assert_eq!(w.vms.overlaps(), Vec::<String>::new());
+    for p in ["orig", "left", "right"] {
+        assert_eq!(state(&w, p).await, Some(ProjectState::Running), "{p}");
+        assert!(w.vms.has_vm(p), "{p}");
+    }
+}
+
+#[tokio::test]
+async fn a_wake_waits_for_a_copy_and_a_port_change_for_a_stop() {
+    let w = World::new().build();
+    stopped_project(&w, "src").await;
+    *w.vms.op_delay.lock().unwrap() = Duration::from_millis(300);
+    let cp = w.run(&w.admin, "cp src dst");
+    let wake = async {
+        until_called(&w, "copy src").await;
+        let system = Actor::System { why: "a visitor" };
+        w.exec
+            .ensure_running(&system, &name("src"), &NoProgress)
+            .await
+    };
+    let (copied, woke) = tokio::join!(cp, wake);
+    assert!(copied.is_ok(), "{copied:?}");
+    assert!(matches!(woke, Ok(Woke::Started(_))), "{woke:?}");
+    assert!(position(&w, "copy src") < position(&w, "start src"));
+    let stop = w.run(&w.admin, "stop src");
+    let port = async {
+        until_called(&w, "stop src").await;
+        w.run(&w.admin, "port src 9000").await
+    };
+    let (stopped, ported) = tokio::join!(stop, port);
+    assert!(stopped.is_ok() && ported.is_ok(), "{stopped:?} {ported:?}");
+    assert_eq!(w.vms.overlaps(), Vec::<String>::new());
+    assert_eq!(state(&w, "src").await, Some(ProjectState::Stopped));
+}

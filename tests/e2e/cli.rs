@@ -38,9 +38,28 @@ fn a_read_only_command_makes_no_data_directory() {
     kennel(d.path())
         .args(["exec", "projects"])
         .assert()
-        .code(1)
+        .code(4)
         .stderr(predicate::str::contains("no Kennel daemon answers for"))
         .stderr(predicate::str::contains("--data-dir"));
+    assert!(!d.path().join("kennel-data").exists(), "made a data dir");
+    // `--json` means JSON, this too: one object with its kind, on stdout.
+    let out = kennel(d.path())
+        .args(["exec", "--json", "projects"])
+        .assert()
+        .code(4)
+        .get_output()
+        .stdout
+        .clone();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["ok"], false, "{v}");
+    assert_eq!(v["error"]["kind"], "not_found", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--data-dir"),
+        "{v}"
+    );
     assert!(!d.path().join("kennel-data").exists(), "made a data dir");
     // Help and usage errors need no data, and make none either.
     kennel(d.path())
@@ -127,7 +146,7 @@ fn json_projects_on_a_fresh_install() {
 }
 
 #[test]
-fn exit_codes_usage_refused_failed() {
+fn exit_codes_follow_the_error_kinds() {
     let d = tempfile::tempdir().unwrap();
     kennel(d.path())
         .args(["exec", "prjects"])
@@ -149,21 +168,21 @@ fn exit_codes_usage_refused_failed() {
     kennel(d.path())
         .args(["exec", "--as", "nobody", "projects"])
         .assert()
-        .code(1)
+        .code(4)
         .stdout(predicate::str::contains("no user 'nobody'"));
     // With VMs off, VM operations say so plainly, and nothing is recorded.
     kennel(d.path())
         .args(["exec", "new project demo"])
         .env("KENNEL_VM__BACKEND", "none")
         .assert()
-        .code(1)
+        .code(7)
         .stdout(predicate::str::contains(
             "VMs are not available on this host",
         ));
     kennel(d.path())
         .args(["exec", "new project demo --stack cobol"])
         .assert()
-        .code(1)
+        .code(4)
         .stdout(predicate::str::contains("there is no stack 'cobol'"));
     kennel(d.path())
         .args(["exec", "--json", "projects"])
@@ -173,7 +192,7 @@ fn exit_codes_usage_refused_failed() {
     kennel(d.path())
         .args(["exec", "--json", "status", "nothere"])
         .assert()
-        .code(1)
+        .code(4)
         .stdout(predicate::str::contains("\"kind\":\"not_found\""));
 }
 
@@ -539,7 +558,7 @@ fn serve_exports_prometheus_metrics_on_their_own_listener() {
     kennel(d.path())
         .args(["exec", "status nothere"])
         .assert()
-        .code(1);
+        .code(4);
     let m = scrape(&addr);
     assert!(
         m.starts_with("HTTP/1.1 200") || m.starts_with("HTTP/1.0 200"),

@@ -4,7 +4,7 @@
 //! lands exactly at that step. After each restart: no orphan VMM,
 //! virtiofsd, TAP, slot, disk, keys or half-made directory; the store says
 //! what is true; sources are intact; the other projects' VMs still run.
-//! `vm-tests` feature; needs what tests/vm.rs needs.
+//! `vm-tests` feature; needs what tests/e2e/vm.rs needs.
 #![cfg(feature = "vm-tests")]
 #![allow(
     clippy::unwrap_used,
@@ -13,13 +13,11 @@
     clippy::indexing_slicing
 )]
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{git, vm_running, Kennel};
+use crate::support::{git, vm_running, Kennel, Steps};
 
 const SMALL: &str = "--stack base --cpus 1 --memory 512M --disk 2G";
 
@@ -159,6 +157,10 @@ fn a_daemon_killed_at_every_step_leaves_no_orphans_and_the_truth() {
     );
     k.exec_ok("stop s");
 
+    // Each kill is a step of its own: one that fails is named, and the
+    // others still run.
+    let mut steps = Steps::new("a_daemon_killed_at_every_step_leaves_no_orphans_and_the_truth");
+
     // new project, killed as each stage begins.
     // The fault points up to "ready" are the stages of `new project`.
     let stages = kennel_core::fault::POINTS
@@ -167,131 +169,159 @@ fn a_daemon_killed_at_every_step_leaves_no_orphans_and_the_truth() {
     for (i, stage) in stages.enumerate() {
         let name = format!("n{i}");
         let at = format!("new project killed at {stage}");
-        let shown = kill_at(
-            &mut k,
-            &log,
-            stage,
-            &format!("new project {name} --git {url} {SMALL}"),
-        );
-        // "ready" holds once the VM is ready, before the store and the
-        // requester are told: the last step shown is the boot.
-        let want = if *stage == "ready" { "booting" } else { stage };
-        assert!(shown.contains(want), "{at}: progress showed {shown}");
-        let src = projects.join(&name);
-        // Never finished from the store's point of view: rolled back.
-        assert_eq!(project(&k, &name), None, "{at}");
-        no_vm_left(&k, &name, &at);
-        // The clone is whole (kept, as a failed create keeps it) or gone;
-        // never half made.
-        if src.exists() {
-            let out = Command::new("git")
-                .args(["-c", "safe.directory=*", "-C"])
-                .arg(&src)
-                .args(["status", "--porcelain"])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success() && out.stdout.is_empty(),
-                "{at}: a half-made clone is left: {out:?}"
+        steps.run(&at.clone(), || {
+            let shown = kill_at(
+                &mut k,
+                &log,
+                stage,
+                &format!("new project {name} --git {url} {SMALL}"),
             );
-            assert!(src.join("f19.txt").exists(), "{at}: the clone is not whole");
-        }
-        witness_answers(&k, &at);
-        // The name can be used again at once.
-        if *stage == "ready" {
-            k.exec_ok(&format!("new project {name} --path {name} --adopt {SMALL}"));
-            assert!(k.ssh_ok(&name, "ls /workspace").contains("f19.txt"));
-        }
+            // "ready" holds once the VM is ready, before the store and the
+            // requester are told: the last step shown is the boot.
+            let want = if *stage == "ready" { "booting" } else { stage };
+            assert!(shown.contains(want), "{at}: progress showed {shown}");
+            let src = projects.join(&name);
+            // Never finished from the store's point of view: rolled back.
+            assert_eq!(project(&k, &name), None, "{at}");
+            no_vm_left(&k, &name, &at);
+            // The clone is whole (kept, as a failed create keeps it) or gone;
+            // never half made.
+            if src.exists() {
+                let out = Command::new("git")
+                    .args(["-c", "safe.directory=*", "-C"])
+                    .arg(&src)
+                    .args(["status", "--porcelain"])
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success() && out.stdout.is_empty(),
+                    "{at}: a half-made clone is left: {out:?}"
+                );
+                assert!(src.join("f19.txt").exists(), "{at}: the clone is not whole");
+            }
+            witness_answers(&k, &at);
+            // The name can be used again at once.
+            if *stage == "ready" {
+                k.exec_ok(&format!("new project {name} --path {name} --adopt {SMALL}"));
+                assert!(k.ssh_ok(&name, "ls /workspace").contains("f19.txt"));
+            }
+        });
     }
-    // The first stages leave no source at all.
-    for i in 0..2 {
-        assert!(!projects.join(format!("n{i}")).exists(), "n{i}");
-    }
+    steps.run("the first stages leave no source at all", || {
+        for i in 0..2 {
+            assert!(!projects.join(format!("n{i}")).exists(), "n{i}");
+        }
+    });
 
     // cp, killed after the disk and source were copied.
-    let at = "cp killed while copying";
-    kill_at(&mut k, &log, "copying", "cp s c");
-    assert_eq!(project(&k, "c"), None, "{at}");
-    no_vm_left(&k, "c", at);
-    assert!(
-        !projects.join("c").exists(),
-        "{at}: a half-made copy is left"
-    );
-    assert_eq!(project(&k, "s").map(|p| p.0), Some("stopped".into()));
-    witness_answers(&k, at);
+    steps.run("cp, killed after the disk and source were copied", || {
+        let at = "cp killed while copying";
+        kill_at(&mut k, &log, "copying", "cp s c");
+        assert_eq!(project(&k, "c"), None, "{at}");
+        no_vm_left(&k, "c", at);
+        assert!(
+            !projects.join("c").exists(),
+            "{at}: a half-made copy is left"
+        );
+        assert_eq!(project(&k, "s").map(|p| p.0), Some("stopped".into()));
+        witness_answers(&k, at);
+    });
 
     // rename, killed after the store was told, before the VM moved.
-    let at = "rename killed before the VM moved";
-    kill_at(&mut k, &log, "renaming", "rename s s2");
-    assert_eq!(project(&k, "s"), None, "{at}");
-    assert_eq!(
-        project(&k, "s2").map(|p| p.0),
-        Some("stopped".into()),
-        "{at}"
+    steps.run(
+        "rename, killed after the store was told, before the VM moved",
+        || {
+            let at = "rename killed before the VM moved";
+            kill_at(&mut k, &log, "renaming", "rename s s2");
+            assert_eq!(project(&k, "s"), None, "{at}");
+            assert_eq!(
+                project(&k, "s2").map(|p| p.0),
+                Some("stopped".into()),
+                "{at}"
+            );
+            no_vm_left(&k, "s", at);
+            k.exec_ok("start s2");
+            assert_eq!(
+                k.ssh_ok("s2", "cat ~/disk.txt /workspace/s.txt"),
+                "disk\ns\n"
+            );
+            witness_answers(&k, at);
+        },
     );
-    no_vm_left(&k, "s", at);
-    k.exec_ok("start s2");
-    assert_eq!(
-        k.ssh_ok("s2", "cat ~/disk.txt /workspace/s.txt"),
-        "disk\ns\n"
-    );
-    witness_answers(&k, at);
 
     // rename, killed after the VM directory moved, before its record did.
-    let at = "rename killed while the VM moved";
-    kill_at(&mut k, &log, "renaming-vm", "rename s2 s3");
-    assert_eq!(project(&k, "s2"), None, "{at}");
-    assert!(project(&k, "s3").is_some(), "{at}");
-    no_vm_left(&k, "s2", at);
-    k.exec_ok("start s3");
-    assert_eq!(
-        k.ssh_ok("s3", "cat ~/disk.txt /workspace/s.txt"),
-        "disk\ns\n"
+    steps.run(
+        "rename, killed after the VM directory moved, before its record did",
+        || {
+            let at = "rename killed while the VM moved";
+            kill_at(&mut k, &log, "renaming-vm", "rename s2 s3");
+            assert_eq!(project(&k, "s2"), None, "{at}");
+            assert!(project(&k, "s3").is_some(), "{at}");
+            no_vm_left(&k, "s2", at);
+            k.exec_ok("start s3");
+            assert_eq!(
+                k.ssh_ok("s3", "cat ~/disk.txt /workspace/s.txt"),
+                "disk\ns\n"
+            );
+            witness_answers(&k, at);
+        },
     );
-    witness_answers(&k, at);
 
     // stop, killed after the VM stopped, before the store was told.
-    let at = "stop killed after the VM stopped";
-    kill_at(&mut k, &log, "stopping", "stop s3");
-    assert_eq!(
-        project(&k, "s3").map(|p| p.0),
-        Some("stopped".into()),
-        "{at}"
+    steps.run(
+        "stop, killed after the VM stopped, before the store was told",
+        || {
+            let at = "stop killed after the VM stopped";
+            kill_at(&mut k, &log, "stopping", "stop s3");
+            assert_eq!(
+                project(&k, "s3").map(|p| p.0),
+                Some("stopped".into()),
+                "{at}"
+            );
+            assert!(!vm_running(&k, "s3"), "{at}");
+            assert_eq!(processes_of(&k, "s3"), "", "{at}");
+            witness_answers(&k, at);
+        },
     );
-    assert!(!vm_running(&k, "s3"), "{at}");
-    assert_eq!(processes_of(&k, "s3"), "", "{at}");
-    witness_answers(&k, at);
 
     // rm, killed after the VM was destroyed, before the store was told.
-    let at = "rm killed after the VM was destroyed";
-    kill_at(&mut k, &log, "destroying", "rm s3 --yes");
-    let (state, note) = project(&k, "s3").expect(at);
-    assert_eq!(state, "failed", "{at}");
-    assert!(
-        note.as_deref().unwrap_or_default().contains("rm s3"),
-        "{at}: the note says what to do: {note:?}"
+    steps.run(
+        "rm, killed after the VM was destroyed, before the store was told",
+        || {
+            let at = "rm killed after the VM was destroyed";
+            kill_at(&mut k, &log, "destroying", "rm s3 --yes");
+            let (state, note) = project(&k, "s3").expect(at);
+            assert_eq!(state, "failed", "{at}");
+            assert!(
+                note.as_deref().unwrap_or_default().contains("rm s3"),
+                "{at}: the note says what to do: {note:?}"
+            );
+            no_vm_left(&k, "s3", at);
+            k.exec_ok("rm s3 --yes");
+            assert_eq!(project(&k, "s3"), None);
+            // A rename keeps the source where it was.
+            assert!(projects.join("s/s.txt").exists(), "the source is kept");
+            witness_answers(&k, at);
+            no_taps_left();
+        },
     );
-    no_vm_left(&k, "s3", at);
-    k.exec_ok("rm s3 --yes");
-    assert_eq!(project(&k, "s3"), None);
-    // A rename keeps the source where it was.
-    assert!(projects.join("s/s.txt").exists(), "the source is kept");
-    witness_answers(&k, at);
-    no_taps_left();
 
     // What the restarts did, as the daemon logged it.
-    let logged = std::fs::read_to_string(&log).unwrap();
-    for l in logged
-        .lines()
-        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-    {
-        eprintln!("serve: {l}");
-    }
-    for said in [
-        "removed a half-made source that a restart cut off",
-        "finished a rename that a restart cut off",
-        "a create was cut off by a restart",
-    ] {
-        assert!(logged.contains(said), "the log says {said:?}");
-    }
+    steps.run("What the restarts did, as the daemon logged it", || {
+        let logged = std::fs::read_to_string(&log).unwrap();
+        for l in logged
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        {
+            eprintln!("serve: {l}");
+        }
+        for said in [
+            "removed a half-made source that a restart cut off",
+            "finished a rename that a restart cut off",
+            "a create was cut off by a restart",
+        ] {
+            assert!(logged.contains(said), "the log says {said:?}");
+        }
+    });
+    steps.finish();
 }

@@ -25,7 +25,7 @@ pub async fn ssh_gateway(exec: &Executor, dir: &Path) -> u16 {
     let port = listener.local_addr().unwrap().port();
     let host_key = kennel_gateway::ssh::host_key(&dir.join("host")).unwrap();
     let gw = kennel_gateway::ssh::SshGateway::new(
-        exec.clone(),
+        exec.gate(),
         kennel_gateway::ssh::SshSettings::default(),
     );
     tokio::spawn(gw.run(listener, host_key, std::future::pending()));

@@ -397,3 +397,81 @@ pub fn git(dir: &Path, args: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The steps of a long scenario on a real guest, which is too dear to boot
+/// again for every check: each step runs even when an earlier one failed,
+/// its failure is named, and [`Steps::finish`] fails the test with every
+/// failed step, so one broken check does not hide the others.
+///
+/// ```text
+/// let mut steps = Steps::new("editors");
+/// steps.run("exit status", || { ... });
+/// steps.run("sftp and scp", || { ... });
+/// steps.finish();
+/// ```
+#[derive(Debug)]
+pub struct Steps {
+    scenario: &'static str,
+    failed: Vec<(String, String)>,
+    ran: usize,
+}
+
+impl Steps {
+    pub fn new(scenario: &'static str) -> Self {
+        Self {
+            scenario,
+            failed: Vec::new(),
+            ran: 0,
+        }
+    }
+
+    /// Runs one step; `None` when it failed (recorded, with its message).
+    pub fn run<T>(&mut self, name: &str, step: impl FnOnce() -> T) -> Option<T> {
+        self.ran += 1;
+        eprintln!("[{}] step {}: {name}", self.scenario, self.ran);
+        let started = Instant::now();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)) {
+            Ok(v) => {
+                eprintln!(
+                    "[{}] step {}: {name}: ok in {:.1} s",
+                    self.scenario,
+                    self.ran,
+                    started.elapsed().as_secs_f64()
+                );
+                Some(v)
+            }
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                    .unwrap_or_else(|| "(no message)".into());
+                eprintln!(
+                    "[{}] step {}: {name}: FAILED: {why}",
+                    self.scenario, self.ran
+                );
+                self.failed.push((name.to_owned(), why));
+                None
+            }
+        }
+    }
+
+    /// Fails the test if any step failed, naming each.
+    pub fn finish(self) {
+        if self.failed.is_empty() {
+            return;
+        }
+        let list: Vec<String> = self
+            .failed
+            .iter()
+            .map(|(name, why)| format!("  - {name}: {why}"))
+            .collect();
+        panic!(
+            "{}: {} of {} steps failed:\n{}",
+            self.scenario,
+            self.failed.len(),
+            self.ran,
+            list.join("\n")
+        );
+    }
+}
