@@ -226,6 +226,16 @@ fn clone(
     if let Some(g) = plan.guard {
         g.check(url).map_err(|m| fail(m, true))?;
     }
+    // A local repository that is not there is the caller's mistake; libgit2
+    // reports it as an OS error, like a disk that failed.
+    if let Some(local) = url.strip_prefix("file://").map(Path::new) {
+        if !local.exists() {
+            return Err(fail(
+                format!("there is no repository at {}", local.display()),
+                true,
+            ));
+        }
+    }
     let mut last = Instant::now()
         .checked_sub(Duration::from_secs(2))
         .unwrap_or_else(Instant::now);
