@@ -74,6 +74,25 @@ impl Urls {
         format!("{name}@{}", self.ssh_host)
     }
 
+    /// `ssh [-p PORT ]HOST COMMAND`: a command of the command language
+    /// over SSH (the console, no project).
+    pub fn ssh_console(&self, command: &str) -> String {
+        let port = match self.ssh_port {
+            22 => String::new(),
+            p => format!("-p {p} "),
+        };
+        format!("ssh {port}{} {command}", self.ssh_host)
+    }
+
+    /// `sftp [-P PORT ]NAME@HOST`: files in and out of a project.
+    pub fn sftp(&self, name: &str) -> String {
+        let port = match self.ssh_port {
+            22 => String::new(),
+            p => format!("-P {p} "),
+        };
+        format!("sftp {port}{}", self.ssh_target(name))
+    }
+
     /// `ssh NAME@HOST[ -p PORT]`, ready to paste.
     pub fn ssh_command(&self, name: &str) -> String {
         let port = match self.ssh_port {
@@ -117,6 +136,18 @@ mod tests {
         assert_eq!(
             odd.ssh_command(n.as_str()),
             "ssh myapp@kennel.example.org -p 2222"
+        );
+        assert_eq!(
+            odd.ssh_console("request-access"),
+            "ssh -p 2222 kennel.example.org request-access"
+        );
+        assert_eq!(
+            std.ssh_console("projects"),
+            "ssh kennel.example.org projects"
+        );
+        assert_eq!(
+            odd.sftp("PROJECT"),
+            "sftp -P 2222 PROJECT@kennel.example.org"
         );
     }
 }

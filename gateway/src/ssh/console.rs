@@ -104,10 +104,10 @@ impl Bridge {
                 0
             }
             Some(Op::Subsystem(name)) => {
-                let s = self.shared.gate.settings();
+                let urls = self.shared.gate.settings().urls();
                 self.stderr(&format!(
-                    "the {name} subsystem is only available inside a project: sftp -P {} PROJECT@{}\r\n",
-                    s.ssh_port, s.ssh_host
+                    "the {name} subsystem is only available inside a project: {}\r\n",
+                    urls.sftp("PROJECT")
                 ))
                 .await;
                 exit_of(ErrorKind::Usage)

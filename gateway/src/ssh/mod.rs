@@ -357,13 +357,11 @@ impl std::fmt::Debug for Conn {
 /// What an unknown key is told: how to ask, with the gateway's real
 /// public address.
 fn unknown_key(settings: &kennel_core::Settings) -> String {
-    let port = match settings.ssh_port {
-        22 => String::new(),
-        p => format!("-p {p} "),
-    };
     format!(
-        "Kennel does not know this SSH key yet.\r\nAsk for access with this same key:\r\n\r\n    ssh {port}{} request-access [a note for the admins]\r\n\r\nAn admin approves or denies it in chat; then connect again.\r\n",
-        settings.ssh_host
+        "Kennel does not know this SSH key yet.\r\nAsk for access with this same key:\r\n\r\n    {}\r\n\r\nAn admin approves or denies it in chat; then connect again.\r\n",
+        settings
+            .urls()
+            .ssh_console("request-access [a note for the admins]")
     )
 }
 

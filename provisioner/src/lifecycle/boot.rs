@@ -90,6 +90,39 @@ impl LocalProvisioner {
     }
 
     /// Starts virtiofsd and the VMM, and waits until the guest is ready.
+    /// Boots `record`, moving it to another slot when its host address
+    /// was taken while it was down: slots are per data directory but
+    /// addresses per host, so another Kennel (or any program) may have
+    /// bound them meanwhile. The record is saved with the slot it got.
+    pub(super) async fn boot_in_a_free_slot(
+        &self,
+        record: &mut VmRecord,
+        authorized_keys: &[String],
+        progress: &dyn ProgressSink,
+        timings: &mut Timings,
+    ) -> Result<VmStatus, ProvisionError> {
+        let mut taken: Vec<u32> = Vec::new();
+        loop {
+            self.save(record)?;
+            match self.boot(record, authorized_keys, progress, timings).await {
+                Err(BootError::AddressInUse(_)) if taken.len() < 5 => {
+                    tracing::warn!(
+                        vm = %record.project,
+                        slot = record.slot,
+                        "the VM's address was taken meanwhile; taking another slot"
+                    );
+                    taken.push(record.slot);
+                    let slot = self
+                        .allocate_slot(&record.project, record.app_port, &taken)
+                        .await?;
+                    record.slot = slot;
+                    record.machine.net = net::attach(&self.s.network, slot, record.app_port);
+                }
+                other => return other.map_err(ProvisionError::from),
+            }
+        }
+    }
+
     pub(super) async fn boot(
         &self,
         r: &VmRecord,

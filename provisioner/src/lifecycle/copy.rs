@@ -120,10 +120,10 @@ impl LocalProvisioner {
                 machine: m,
                 ..src.clone()
             };
-            self.save(&record)?;
+            let mut record = record;
             let status = self
-                .boot(
-                    &record,
+                .boot_in_a_free_slot(
+                    &mut record,
                     &to.authorized_keys,
                     progress,
                     &mut Timings::default(),
@@ -148,8 +148,11 @@ impl LocalProvisioner {
         if was_running {
             let _g = self.lock(from.as_str()).await;
             let keys = self.current_keys(from.as_str());
+            // While it was down for the copy, its address may have been
+            // taken: it moves to a free slot rather than staying down.
+            let mut src = src;
             if let Err(e) = self
-                .boot(&src, &keys, progress, &mut Timings::default())
+                .boot_in_a_free_slot(&mut src, &keys, progress, &mut Timings::default())
                 .await
             {
                 tracing::error!(vm = %from, error = %e, "could not restart the VM after copying it");
@@ -182,10 +185,10 @@ impl LocalProvisioner {
                 format!("{} already exists", self.vm_dir(to.as_str()).display()),
             ));
         }
-        let record = self.move_vm(from.as_str(), to.as_str(), r)?;
+        let mut record = self.move_vm(from.as_str(), to.as_str(), r)?;
         if running {
-            self.boot(
-                &record,
+            self.boot_in_a_free_slot(
+                &mut record,
                 &keys,
                 &kennel_core::provision::NoProgress,
                 &mut Timings::default(),

@@ -107,29 +107,11 @@ impl LocalProvisioner {
             .await?;
         notes.extend(root_note);
         // Slots are per data directory but addresses per host: another
-        // Kennel may have bound ours since we checked. Take another slot.
+        // Kennel may have bound ours since we checked.
         let mut record = record;
-        let mut taken: Vec<u32> = Vec::new();
-        let status = loop {
-            self.save(&record)?;
-            match self
-                .boot(&record, &req.authorized_keys, progress, &mut timings)
-                .await
-            {
-                Err(BootError::AddressInUse(_)) if taken.len() < 5 => {
-                    tracing::warn!(
-                        vm = name,
-                        slot = record.slot,
-                        "the VM's address was taken meanwhile; taking another slot"
-                    );
-                    taken.push(record.slot);
-                    let slot = self.allocate_slot(name, app_port, &taken).await?;
-                    record.slot = slot;
-                    record.machine.net = net::attach(&self.s.network, slot, app_port);
-                }
-                other => break other?,
-            }
-        };
+        let status = self
+            .boot_in_a_free_slot(&mut record, &req.authorized_keys, progress, &mut timings)
+            .await?;
         if let Some(cmd) = template.as_ref().and_then(|t| t.file.post_create.clone()) {
             step(
                 progress,
@@ -306,11 +288,9 @@ impl LocalProvisioner {
             )
             .await
         {
-            Ok((record, _)) => {
-                self.save(&record)?;
-                self.boot(&record, &spec.authorized_keys, progress, &mut timings)
+            Ok((mut record, _)) => {
+                self.boot_in_a_free_slot(&mut record, &spec.authorized_keys, progress, &mut timings)
                     .await
-                    .map_err(ProvisionError::from)
             }
             Err(e) => Err(e),
         };

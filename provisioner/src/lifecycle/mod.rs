@@ -45,7 +45,6 @@ mod reconcile;
 #[cfg(test)]
 mod tests;
 
-use boot::BootError;
 pub use images::{BuiltImages, GuestImages};
 
 /// How the provisioner is set up.
@@ -501,7 +500,7 @@ impl Provisioner for LocalProvisioner {
     ) -> Result<VmStatus, ProvisionError> {
         let name = spec.project.as_str();
         let _guard = self.lock(name).await;
-        let Some(r) = self.record(name) else {
+        let Some(mut r) = self.record(name) else {
             return self.rebuild(spec, progress).await;
         };
         if matches!(
@@ -510,9 +509,13 @@ impl Provisioner for LocalProvisioner {
         ) {
             return self.status(&spec.project).await;
         }
-        self.boot(&r, &spec.authorized_keys, progress, &mut Timings::default())
-            .await
-            .map_err(ProvisionError::from)
+        self.boot_in_a_free_slot(
+            &mut r,
+            &spec.authorized_keys,
+            progress,
+            &mut Timings::default(),
+        )
+        .await
     }
 
     async fn stop(&self, project: &ProjectName) -> Result<(), ProvisionError> {

@@ -379,7 +379,7 @@ async fn a_create_that_cannot_clone_leaves_nothing() {
     assert!(
         matches!(
             e,
-            ProvisionError::Source {
+            ProvisionError::Invalid {
                 stage: Stage::Cloning,
                 ..
             }
@@ -458,6 +458,48 @@ async fn a_taken_address_moves_the_vm_to_other_slots_then_gives_up() {
     addrs.dedup();
     assert_eq!(addrs.len(), 6, "each try on another address: {boots:?}");
     r.assert_rolled_back("crowded").await;
+}
+
+/// While a VM is stopped (by `stop`, or by `cp` copying its disk), another
+/// program may bind its host address: the next start moves it to a free
+/// slot instead of failing.
+#[tokio::test]
+async fn a_stopped_vm_whose_address_was_taken_starts_in_another_slot() {
+    let _turn = ADDRESSES.lock().await;
+    let r = rig();
+    r.create("moved").await.unwrap();
+    let name = ProjectName::new("moved").unwrap();
+    r.p.stop(&name).await.unwrap();
+    let before = r.p.record("moved").unwrap();
+    let squatter = std::net::TcpListener::bind(before.machine.net.ssh_addr()).unwrap();
+    let status =
+        r.p.start(
+            &kennel_core::provision::VmSpec {
+                project: name.clone(),
+                stack: "rust".into(),
+                source_path: r.source("moved").display().to_string(),
+                resources: Resources {
+                    vcpus: before.machine.vcpus,
+                    memory_mib: before.machine.memory_mib,
+                    disk_mib: 1024,
+                },
+                app_port: 8000,
+                authorized_keys: vec![],
+            },
+            &kennel_core::provision::NoProgress,
+        )
+        .await
+        .unwrap();
+    assert!(status.ready, "{status:?}");
+    let after = r.p.record("moved").unwrap();
+    assert_ne!(after.slot, before.slot, "it moved");
+    assert_eq!(
+        status.ssh_addr.as_deref(),
+        Some(after.machine.net.ssh_addr().as_str()),
+        "the route names the new address"
+    );
+    drop(squatter);
+    r.p.destroy(&name).await.unwrap();
 }
 
 #[tokio::test]
