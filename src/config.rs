@@ -40,10 +40,26 @@ pub struct Config {
     pub images: ImagesConfig,
     pub git: GitConfig,
     pub metrics: MetricsConfig,
+    pub checkpoint: CheckpointConfig,
     /// The Matrix bot (runs when `matrix.homeserver` is set).
     pub matrix: kennel_bot::config::MatrixConfig,
     /// The Discord bot (runs when `discord.token` is set).
     pub discord: kennel_bot::config::DiscordConfig,
+}
+
+/// Checkpoints (`checkpoint NAME`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Checkpoints kept per project: past it, the oldest that Kennel took
+    /// itself (before a rollback) are removed; named ones never are.
+    pub keep: u32,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self { keep: 10 }
+    }
 }
 
 /// Prometheus metrics.
@@ -261,6 +277,7 @@ impl Default for Config {
             images: ImagesConfig::default(),
             git: GitConfig::default(),
             metrics: MetricsConfig::default(),
+            checkpoint: CheckpointConfig::default(),
             matrix: Default::default(),
             discord: Default::default(),
         }

@@ -46,6 +46,7 @@ pub fn settings(config: &Config) -> Result<Settings> {
         confirm_secs: 300,
         idle_stop: config.idle_stop()?,
         idle_cpu_percent: config.vm.idle_cpu_percent,
+        checkpoint_keep: config.checkpoint.keep,
         ..Settings::default()
     })
 }

@@ -157,9 +157,19 @@ fn slash_line(cmd: &CommandInteraction) -> String {
                 }
             }
         }
-        "status" | "ssh" | "rm" => {
+        "status" | "ssh" | "rm" | "checkpoints" => {
             if let Some(n) = opt(cmd, "name") {
                 push(&n);
+            }
+        }
+        "checkpoint" | "rollback" => {
+            for o in ["name", "label"] {
+                if let Some(v) = opt(cmd, o) {
+                    push(&v);
+                }
+            }
+            if let Some(n) = opt(cmd, "note") {
+                line.push_str(&format!(" --note {}", quote(&n)));
             }
         }
         "request-access" => {
@@ -218,6 +228,29 @@ fn commands() -> Vec<CreateCommand> {
         CreateCommand::new("rm")
             .description("Destroy a project's VM (its source is kept)")
             .add_option(name("Project name")),
+        CreateCommand::new("checkpoint")
+            .description("Take a checkpoint of a project (disk and source) to roll back to")
+            .add_option(name("Project name"))
+            .add_option(CreateCommandOption::new(
+                CommandOptionType::String,
+                "label",
+                "A label (c1, c2… when omitted)",
+            ))
+            .add_option(CreateCommandOption::new(
+                CommandOptionType::String,
+                "note",
+                "Why, for the list",
+            )),
+        CreateCommand::new("checkpoints")
+            .description("A project's checkpoints")
+            .add_option(name("Project name")),
+        CreateCommand::new("rollback")
+            .description("Put a project back as it was at a checkpoint (asks first)")
+            .add_option(name("Project name"))
+            .add_option(
+                CreateCommandOption::new(CommandOptionType::String, "label", "The checkpoint")
+                    .required(true),
+            ),
         CreateCommand::new("request-access")
             .description("Ask an admin for access with your SSH public key")
             .add_option(
@@ -303,13 +336,24 @@ impl Handler {
         };
         // Help is for everyone; the rest can show keys or private URLs.
         let ephemeral = !matches!(invocation.command, Command::Help { .. });
-        // rm asks first, with a button.
-        if let Command::Rm {
-            name,
-            purge: false,
-            yes: false,
-        } = &invocation.command
-        {
+        // rm and rollback ask first, with a button.
+        let button = match &invocation.command {
+            Command::Rm {
+                name,
+                purge: false,
+                yes: false,
+            } => Some((format!("kennel:rm:{name}"), format!("Destroy {name}"))),
+            Command::Rollback {
+                name,
+                label,
+                yes: false,
+            } => Some((
+                format!("kennel:rollback:{name}@{label}"),
+                format!("Roll {name} back to {label}"),
+            )),
+            _ => None,
+        };
+        if let Some((id, label)) = button {
             let outcome = self
                 .desk
                 .run(&who, invocation.command.clone(), &NoProgress)
@@ -318,11 +362,9 @@ impl Handler {
                 Ok(Reply::Confirm { prompt, .. }) => CreateInteractionResponseMessage::new()
                     .content(fit(prompt))
                     .ephemeral(true)
-                    .components(vec![CreateActionRow::Buttons(vec![CreateButton::new(
-                        format!("kennel:rm:{name}"),
-                    )
-                    .label(format!("Destroy {name}"))
-                    .style(ButtonStyle::Danger)])]),
+                    .components(vec![CreateActionRow::Buttons(vec![CreateButton::new(id)
+                        .label(label)
+                        .style(ButtonStyle::Danger)])]),
                 _ => CreateInteractionResponseMessage::new()
                     .content(markdown(&outcome, false))
                     .ephemeral(true),
@@ -451,14 +493,24 @@ impl Handler {
                     .create_response(&ctx.http, CreateInteractionResponse::Modal(modal))
                     .await;
             }
-            "rm" => {
-                let line = format!("rm {} --yes", quote(arg));
+            "rm" | "rollback" => {
+                let (line, doing) = match (action, arg.split_once('@')) {
+                    ("rollback", Some((name, label))) => (
+                        format!("rollback {} {} --yes", quote(name), quote(label)),
+                        format!("Rolling {name} back to {label} …"),
+                    ),
+                    ("rm", None) => (
+                        format!("rm {} --yes", quote(arg)),
+                        format!("Destroying {arg} …"),
+                    ),
+                    _ => return,
+                };
                 let Parsed::Run { invocation, .. } = self.desk.parse(&line, &[]) else {
                     return;
                 };
                 let update = CreateInteractionResponse::UpdateMessage(
                     CreateInteractionResponseMessage::new()
-                        .content(format!("Destroying {arg} …"))
+                        .content(doing)
                         .components(vec![]),
                 );
                 let _ = c.create_response(&ctx.http, update).await;

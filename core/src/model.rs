@@ -363,6 +363,29 @@ pub struct AuditEvent {
     pub detail: Option<String>,
 }
 
+/// A checkpoint of a project: its VM's disk and its source at one moment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Checkpoint {
+    pub label: String,
+    pub note: Option<String>,
+    /// Why Kennel took it itself (e.g. before a rollback); `None` when a
+    /// person did.
+    pub auto_reason: Option<String>,
+    /// Who took it (`None` for Kennel, or a user since removed).
+    pub taken_by: Option<String>,
+    pub taken_at: Timestamp,
+    /// The source's git HEAD at the time, if it is a repository.
+    pub git_head: Option<String>,
+    /// Bytes of its own: the disk layer (what the VM wrote since the
+    /// checkpoint before) and the source copy.
+    pub disk_bytes: u64,
+    pub source_bytes: u64,
+    /// The project's shape and app port when it was taken (a rollback
+    /// restores them).
+    pub resources: Resources,
+    pub app_port: u16,
+}
+
 /// An HTTP API token, as `tokens` shows it (never the token).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ApiToken {

@@ -194,6 +194,31 @@ pub enum Reply {
     Stacks {
         stacks: Vec<StackInfo>,
     },
+    CheckpointTaken {
+        project: String,
+        checkpoint: crate::model::Checkpoint,
+        /// What it cost (times, bytes, whether the source was reflinked).
+        cost: crate::provision::CheckpointTaken,
+        notes: Vec<String>,
+    },
+    Checkpoints {
+        project: String,
+        checkpoints: Vec<crate::model::Checkpoint>,
+    },
+    RolledBack {
+        project: String,
+        label: String,
+        /// The automatic checkpoint of what was there before: rolling back
+        /// to it undoes the rollback.
+        undo: String,
+        /// Whether the VM was started again.
+        restarted: bool,
+        notes: Vec<String>,
+    },
+    CheckpointRemoved {
+        project: String,
+        label: String,
+    },
     Templates {
         templates: Vec<TemplateInfo>,
     },

@@ -105,7 +105,15 @@ pub fn authorize(
             Relation::Owner | Relation::Shared { .. } => Ok(()),
             _ => not_yours(&project),
         },
-        Ssh { .. } | Logs { .. } | Start { .. } | Stop { .. } | Restart { .. } => match rel {
+        // Who works in the VM may take a checkpoint and see them; rolling
+        // back and removing one are the owner's.
+        Ssh { .. }
+        | Logs { .. }
+        | Start { .. }
+        | Stop { .. }
+        | Restart { .. }
+        | Checkpoint { .. }
+        | Checkpoints { .. } => match rel {
             Relation::Owner | Relation::Shared { ssh: true, .. } => Ok(()),
             Relation::Shared { .. } => Err(Refusal::Denied(format!(
                 "'{project}' is shared with you for the web app only; ask its owner for SSH access"
@@ -120,7 +128,9 @@ pub fn authorize(
         | Port { .. }
         | Idle { .. }
         | Cp { .. }
-        | Rename { .. } => {
+        | Rename { .. }
+        | Rollback { .. }
+        | CheckpointRm { .. } => {
             match rel {
                 Relation::Owner => Ok(()),
                 Relation::Shared { .. } => owner_only(&project),

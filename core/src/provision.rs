@@ -169,6 +169,27 @@ pub struct VmStatus {
     pub problems: Vec<String>,
 }
 
+/// What taking a checkpoint made and cost.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CheckpointTaken {
+    /// Bytes of the disk layer the checkpoint keeps (what the VM wrote
+    /// since the checkpoint before it, or since it was made).
+    pub disk_bytes: u64,
+    /// Bytes and files of the source copy.
+    pub source_bytes: u64,
+    pub source_files: u64,
+    /// Whether the source was copied by reference (reflinks: btrfs, XFS)
+    /// rather than byte by byte.
+    pub reflinked: bool,
+    /// Milliseconds the disk part took, and the source copy.
+    pub disk_ms: u64,
+    pub source_ms: u64,
+    /// Milliseconds the running VM was paused (0 when it was stopped).
+    pub paused_ms: u64,
+    /// The source's git HEAD, if it is a repository.
+    pub git_head: Option<String>,
+}
+
 /// The keys of a gateway's connection to a project's VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmKeys {
@@ -345,6 +366,58 @@ pub trait Provisioner: Send + Sync {
         to: &CreateRequest,
         progress: &dyn ProgressSink,
     ) -> Result<Created, ProvisionError>;
+    /// Takes checkpoint `label` of a project: its disk copy-on-write and
+    /// a copy of its source, at one moment (a running VM is paused for
+    /// it). The caller holds the project's VM lock.
+    async fn checkpoint(
+        &self,
+        project: &ProjectName,
+        _label: &str,
+        _progress: &dyn ProgressSink,
+    ) -> Result<CheckpointTaken, ProvisionError> {
+        Err(ProvisionError::Unavailable(format!(
+            "the {} backend cannot take checkpoints (of {project})",
+            self.backend()
+        )))
+    }
+    /// Puts a stopped VM's disk and its source back as they were at
+    /// checkpoint `label`. All or nothing, also across a crash.
+    async fn restore_checkpoint(
+        &self,
+        project: &ProjectName,
+        _label: &str,
+        _progress: &dyn ProgressSink,
+    ) -> Result<(), ProvisionError> {
+        Err(ProvisionError::Unavailable(format!(
+            "the {} backend cannot roll back {project}",
+            self.backend()
+        )))
+    }
+    /// Removes checkpoint `label`'s files (a disk layer that others still
+    /// read through is merged into them when the VM is next stopped).
+    async fn remove_checkpoint(
+        &self,
+        project: &ProjectName,
+        _label: &str,
+    ) -> Result<(), ProvisionError> {
+        Err(ProvisionError::Unavailable(format!(
+            "the {} backend has no checkpoints of {project}",
+            self.backend()
+        )))
+    }
+    /// Like [`Provisioner::copy`], from checkpoint `label` of `from`.
+    async fn copy_checkpoint(
+        &self,
+        from: &ProjectName,
+        _label: &str,
+        _to: &CreateRequest,
+        _progress: &dyn ProgressSink,
+    ) -> Result<Created, ProvisionError> {
+        Err(ProvisionError::Unavailable(format!(
+            "the {} backend has no checkpoints of {from}",
+            self.backend()
+        )))
+    }
     /// Renames a project's VM (stopped and started again if it ran).
     async fn rename(&self, from: &ProjectName, to: &ProjectName) -> Result<(), ProvisionError>;
     /// The public half of a user's deploy key for ssh:// clones, made on first use.
@@ -716,6 +789,77 @@ pub mod testing {
             progress: &dyn ProgressSink,
         ) -> Result<Created, ProvisionError> {
             self.record("copy", from.as_str());
+            let _op = self
+                .in_flight(
+                    "copy",
+                    &[from.as_str(), to.project.as_str()],
+                    self.op_delay(),
+                )
+                .await;
+            self.create(to, progress).await
+        }
+        async fn checkpoint(
+            &self,
+            project: &ProjectName,
+            label: &str,
+            progress: &dyn ProgressSink,
+        ) -> Result<CheckpointTaken, ProvisionError> {
+            self.record("checkpoint", &format!("{project} {label}"));
+            if !self.has_vm(project.as_str()) {
+                return Err(ProvisionError::NoVm(project.to_string()));
+            }
+            progress.report(Progress {
+                stage: Stage::Disk,
+                percent: None,
+                detail: Some(format!("checkpoint {label}")),
+            });
+            let _op = self
+                .in_flight("checkpoint", &[project.as_str()], self.op_delay())
+                .await;
+            Ok(CheckpointTaken {
+                disk_bytes: 1 << 20,
+                source_bytes: 4096,
+                source_files: 1,
+                ..CheckpointTaken::default()
+            })
+        }
+        async fn restore_checkpoint(
+            &self,
+            project: &ProjectName,
+            label: &str,
+            _progress: &dyn ProgressSink,
+        ) -> Result<(), ProvisionError> {
+            self.record("restore", &format!("{project} {label}"));
+            if self.status_of(project.as_str()).state == VmState::Running {
+                return Err(ProvisionError::Invalid {
+                    stage: Stage::Disk,
+                    message: format!("{project} runs: stop it before rolling back"),
+                });
+            }
+            let _op = self
+                .in_flight("restore", &[project.as_str()], self.op_delay())
+                .await;
+            Ok(())
+        }
+        async fn remove_checkpoint(
+            &self,
+            project: &ProjectName,
+            label: &str,
+        ) -> Result<(), ProvisionError> {
+            self.record("remove_checkpoint", &format!("{project} {label}"));
+            let _op = self
+                .in_flight("remove_checkpoint", &[project.as_str()], self.op_delay())
+                .await;
+            Ok(())
+        }
+        async fn copy_checkpoint(
+            &self,
+            from: &ProjectName,
+            label: &str,
+            to: &CreateRequest,
+            progress: &dyn ProgressSink,
+        ) -> Result<Created, ProvisionError> {
+            self.record("copy_checkpoint", &format!("{from} {label}"));
             let _op = self
                 .in_flight(
                     "copy",

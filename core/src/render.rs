@@ -508,6 +508,98 @@ pub fn document(r: &Reply) -> Vec<Block> {
             code("token create [label]"),
             t("."),
         ])],
+        Reply::CheckpointTaken {
+            project,
+            checkpoint,
+            cost,
+            notes,
+        } => {
+            let source = format!(
+                "source {} in {} files {} ({} ms)",
+                bytes(cost.source_bytes),
+                cost.source_files,
+                if cost.reflinked {
+                    "by reflink"
+                } else {
+                    "copied"
+                },
+                cost.source_ms
+            );
+            let paused = if cost.paused_ms > 0 {
+                format!("; the VM was paused for {} ms", cost.paused_ms)
+            } else {
+                String::new()
+            };
+            let mut v = vec![para(vec![
+                t(format!(
+                    "Checkpoint {} of {project} taken: disk {} ms ({} of its own), {source}{paused}. Roll back to it with ",
+                    checkpoint.label,
+                    cost.disk_ms,
+                    bytes(cost.disk_bytes),
+                )),
+                code(format!("rollback {project} {}", checkpoint.label)),
+                t("; copy it with "),
+                code(format!("cp {project}@{} NEW", checkpoint.label)),
+                t("."),
+            ])];
+            v.extend(notes.iter().map(|n| text(n.clone())));
+            v
+        }
+        Reply::Checkpoints {
+            project,
+            checkpoints,
+        } if checkpoints.is_empty() => vec![para(vec![
+            t(format!("{project} has no checkpoints. Take one with ")),
+            code(format!("checkpoint {project} [label] [--note TEXT]")),
+            t("."),
+        ])],
+        Reply::Checkpoints { checkpoints, .. } => vec![Block::Table {
+            head: ["label", "taken", "by", "note", "git HEAD", "disk", "source"]
+                .map(String::from)
+                .to_vec(),
+            rows: checkpoints
+                .iter()
+                .map(|c| {
+                    vec![
+                        c.label.clone(),
+                        format_time(c.taken_at),
+                        c.taken_by.clone().unwrap_or_else(|| "kennel".into()),
+                        match (&c.note, &c.auto_reason) {
+                            (Some(n), _) => n.clone(),
+                            (None, Some(why)) => format!("(automatic, {why})"),
+                            (None, None) => String::new(),
+                        },
+                        c.git_head
+                            .as_deref()
+                            .map(|h| h.get(..12).unwrap_or(h).to_owned())
+                            .unwrap_or_default(),
+                        bytes(c.disk_bytes),
+                        bytes(c.source_bytes),
+                    ]
+                })
+                .collect(),
+        }],
+        Reply::RolledBack {
+            project,
+            label,
+            undo,
+            restarted,
+            notes,
+        } => {
+            let mut v = vec![para(vec![
+                t(format!(
+                    "{project} is back at checkpoint {label} (disk and source){}. What was there before is checkpoint {undo}; undo with ",
+                    if *restarted { "; its VM runs again" } else { "" }
+                )),
+                code(format!("rollback {project} {undo}")),
+                t("."),
+            ])];
+            v.extend(notes.iter().map(|n| text(n.clone())));
+            v
+        }
+        Reply::CheckpointRemoved { project, label } => {
+            vec![text(format!("Checkpoint {label} of {project} is removed."))]
+        }
         Reply::Tokens { tokens } => vec![Block::Table {
             head: ["label", "made", "last used", "expires"]
                 .map(String::from)
@@ -785,6 +877,25 @@ pub fn escape_html(s: &str) -> String {
         }
     }
     out
+}
+
+/// A byte count for people: `512 B`, `3.2 MiB`, `1.5 GiB`.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let mut v = n as f64 / 1024.0;
+    let mut unit = "KiB";
+    for u in UNITS.iter().skip(1) {
+        if v < 1024.0 {
+            break;
+        }
+        v /= 1024.0;
+        unit = u;
+    }
+    format!("{v:.1} {unit}")
 }
 
 #[cfg(test)]

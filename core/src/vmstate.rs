@@ -232,7 +232,7 @@ impl Executor {
 
     /// Boots a project's VM, keeping its state and route true. The caller
     /// holds the project's VM lock.
-    async fn boot_vm(
+    pub(crate) async fn boot_vm(
         &self,
         project: &Project,
         progress: &dyn ProgressSink,

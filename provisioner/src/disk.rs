@@ -40,6 +40,140 @@ pub fn backing_file(runner: &dyn Runner, disk: &Path) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// What `qemu-img info` says of a disk (read with `-U`: a running VM may
+/// hold it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskInfo {
+    pub virtual_size: u64,
+    /// The backing file as written in the image, if any.
+    pub backing: Option<String>,
+    pub backing_format: Option<String>,
+}
+
+/// Reads a disk's size and backing file.
+pub fn info(runner: &dyn Runner, disk: &Path) -> Result<DiskInfo, String> {
+    let out = runner
+        .run(
+            &Cmd::new("qemu-img")
+                .args(["info", "--output=json", "-U"])
+                .arg(disk),
+        )
+        .map_err(|e| e.to_string())?;
+    let v: serde_json::Value = serde_json::from_str(&out.stdout)
+        .map_err(|e| format!("qemu-img info of {}: {e}", disk.display()))?;
+    let text = |k: &str| v.get(k).and_then(|b| b.as_str()).map(str::to_owned);
+    Ok(DiskInfo {
+        virtual_size: v
+            .get("virtual-size")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| format!("qemu-img info of {} gave no size", disk.display()))?,
+        backing: text("backing-filename"),
+        backing_format: text("backing-filename-format"),
+    })
+}
+
+/// Creates `disk` as an empty qcow2 child of the qcow2 `backing`, of
+/// `size` bytes, without opening `backing` (it may not exist yet, or be
+/// held by a running VM).
+pub fn create_child(
+    runner: &dyn Runner,
+    backing: &Path,
+    disk: &Path,
+    size: u64,
+) -> Result<(), String> {
+    runner
+        .run(
+            &Cmd::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-u", "-b"])
+                .arg(backing)
+                .arg(disk)
+                .arg(size.to_string()),
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Makes `child` read from `backing` (of `format`) instead of its
+/// current backing file, copying into it what differs (a merge of the
+/// layer it skips). Neither may be in use.
+pub fn rebase(
+    runner: &dyn Runner,
+    child: &Path,
+    backing: &str,
+    format: &str,
+) -> Result<(), String> {
+    runner
+        .run(
+            &Cmd::new("qemu-img")
+                .args(["rebase", "-q", "-f", "qcow2", "-F", format, "-b", backing])
+                .arg(child),
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Rewrites the backing file name in `child` to `backing` without
+/// touching data (after the files moved).
+pub fn rename_backing(
+    runner: &dyn Runner,
+    child: &Path,
+    backing: &str,
+    format: &str,
+) -> Result<(), String> {
+    runner
+        .run(
+            &Cmd::new("qemu-img")
+                .args([
+                    "rebase", "-q", "-u", "-f", "qcow2", "-F", format, "-b", backing,
+                ])
+                .arg(child),
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Writes `to` as a standalone qcow2 child of `base` (raw) holding what
+/// the whole chain of `from` holds beyond `base`: a disk that needs none
+/// of `from`'s layers.
+pub fn flatten_onto(runner: &dyn Runner, from: &Path, base: &str, to: &Path) -> Result<(), String> {
+    runner
+        .run(
+            &Cmd::new("qemu-img")
+                .args([
+                    "convert", "-q", "-U", "-O", "qcow2", "-B", base, "-F", "raw",
+                ])
+                .arg(from)
+                .arg(to),
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// The bottom of a disk's backing chain (the stack image).
+pub fn chain_base(runner: &dyn Runner, disk: &Path) -> Result<String, String> {
+    let out = runner
+        .run(
+            &Cmd::new("qemu-img")
+                .args(["info", "--output=json", "-U", "--backing-chain"])
+                .arg(disk),
+        )
+        .map_err(|e| e.to_string())?;
+    let v: serde_json::Value = serde_json::from_str(&out.stdout)
+        .map_err(|e| format!("qemu-img info of {}: {e}", disk.display()))?;
+    v.as_array()
+        .and_then(|chain| chain.last())
+        .and_then(|last| last.get("filename"))
+        .and_then(|f| f.as_str())
+        .map(str::to_owned)
+        .ok_or_else(|| format!("no backing chain for {}", disk.display()))
+}
+
+/// Bytes a file takes on disk (allocated blocks, not its length).
+pub fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).map_or(0, |m| m.blocks().saturating_mul(512))
+}
+
 /// Makes `image` an ext4 filesystem of `size` (e.g. `8M`) labelled `label`
 /// holding the tree at `dir`, owned by root whoever owns the files.
 pub fn mkfs_from_dir(

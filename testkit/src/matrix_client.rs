@@ -16,6 +16,8 @@ use tokio::sync::{mpsc, Mutex};
 use crate::synapse::Synapse;
 
 pub const WAIT: Duration = Duration::from_secs(60);
+const SEND_TIMEOUT: Duration = Duration::from_secs(90);
+const SEND_TRIES: usize = 3;
 
 /// A message as a person's client saw it.
 #[derive(Debug, Clone)]
@@ -126,13 +128,31 @@ impl Person {
         panic!("{} does not know room {id}", self.id);
     }
 
+    /// Sends `text` to `room`. A send the homeserver is slow to answer
+    /// (a loaded Synapse on two cores can take longer than the client's
+    /// default 30 s) is sent again with the same transaction id, which
+    /// the homeserver deduplicates: the message is sent once.
     pub async fn say(&self, room: &RoomId, text: &str) -> OwnedEventId {
         let r = self.room(room).await;
-        r.send(RoomMessageEventContent::text_plain(text))
-            .await
-            .unwrap()
-            .response
-            .event_id
+        let txn = matrix_sdk::ruma::TransactionId::new();
+        let config = matrix_sdk::config::RequestConfig::new().timeout(SEND_TIMEOUT);
+        let mut last = None;
+        for _ in 0..SEND_TRIES {
+            match r
+                .send(RoomMessageEventContent::text_plain(text))
+                .with_transaction_id(txn.clone())
+                .with_request_config(config)
+                .await
+            {
+                Ok(sent) => return sent.response.event_id,
+                Err(e) => last = Some(e),
+            }
+        }
+        panic!(
+            "{} could not send {text:?} in {SEND_TRIES} tries of {SEND_TIMEOUT:?}: {:?}",
+            self.id,
+            last.expect("at least one try")
+        );
     }
 
     /// The next message matching `pred`; others are dropped.

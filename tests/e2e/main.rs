@@ -18,6 +18,7 @@
 mod support;
 
 mod bots_serve;
+mod checkpoint_vm;
 mod cli;
 mod crash_vm;
 mod faults_vm;

@@ -132,8 +132,27 @@ pub enum Command {
     /// its source, as a new project of the caller's.
     Cp {
         name: ProjectName,
+        /// `NAME@LABEL`: a copy of that checkpoint instead of the present.
+        at: Option<SlugName>,
         new_name: ProjectName,
     },
+    /// Takes a checkpoint of a project: its VM's disk and its source.
+    Checkpoint {
+        name: ProjectName,
+        label: Option<SlugName>,
+        note: Option<String>,
+    },
+    /// Lists a project's checkpoints.
+    Checkpoints { name: ProjectName },
+    /// Rolls a project back to a checkpoint (disk and source), asking
+    /// first; the present is checkpointed automatically before.
+    Rollback {
+        name: ProjectName,
+        label: SlugName,
+        yes: bool,
+    },
+    /// Removes a checkpoint.
+    CheckpointRm { name: ProjectName, label: SlugName },
     /// Renames a project; its routes follow.
     Rename {
         name: ProjectName,
@@ -211,8 +230,12 @@ impl Command {
             | Secrets
             | Sessions
             | Tokens
-            | SshConfig => true,
+            | SshConfig
+            | Checkpoints { .. } => true,
             NewProject(_)
+            | Checkpoint { .. }
+            | Rollback { .. }
+            | CheckpointRm { .. }
             | Start { .. }
             | Stop { .. }
             | Restart { .. }
@@ -260,7 +283,11 @@ impl Command {
             | Port { name, .. }
             | Idle { name, .. }
             | Cp { name, .. }
-            | Rename { name, .. } => Some(name),
+            | Rename { name, .. }
+            | Checkpoint { name, .. }
+            | Checkpoints { name }
+            | Rollback { name, .. }
+            | CheckpointRm { name, .. } => Some(name),
             NewProject(n) => Some(&n.name),
             // Listed one by one: a new command that names a project must
             // be added above, or policy would treat it as project-less.

@@ -537,11 +537,66 @@ pub static SPECS: &[CommandSpec] = &[
         aliases: &["copy"],
         args: &[word("name"), word("new-name")],
         flags: &[],
-        summary: "Copy a project: its disk (copy-on-write) and its source",
+        summary: "Copy a project, or one of its checkpoints (NAME@LABEL): disk and source",
         build: |m| {
+            let (name, at) = m.req("name", project_at)?;
             Ok(Command::Cp {
-                name: m.req("name", project)?,
+                name,
+                at,
                 new_name: m.req("new-name", project)?,
+            })
+        },
+    },
+    CommandSpec {
+        name: "checkpoint",
+        aliases: &["snapshot"],
+        args: &[word("name"), opt_word("label")],
+        flags: &[valued("note", "TEXT", "why, for the list (quote it)")],
+        summary: "Take a checkpoint of a project: its disk and its source, to roll back to",
+        build: |m| {
+            Ok(Command::Checkpoint {
+                name: m.req("name", project)?,
+                label: m.arg("label").map(slug).transpose()?,
+                note: m.value("note", note)?,
+            })
+        },
+    },
+    CommandSpec {
+        name: "checkpoints",
+        aliases: &["snapshots"],
+        args: NAME,
+        flags: &[],
+        summary: "List a project's checkpoints",
+        build: |m| {
+            Ok(Command::Checkpoints {
+                name: m.req("name", project)?,
+            })
+        },
+    },
+    CommandSpec {
+        name: "rollback",
+        aliases: &[],
+        args: &[word("name"), word("label")],
+        flags: &[switch("yes", "do not ask for confirmation")],
+        summary: "Put a project's disk and source back as they were at a checkpoint",
+        build: |m| {
+            Ok(Command::Rollback {
+                name: m.req("name", project)?,
+                label: m.req("label", slug)?,
+                yes: m.switch("yes"),
+            })
+        },
+    },
+    CommandSpec {
+        name: "checkpoint rm",
+        aliases: &[],
+        args: &[word("name"), word("label")],
+        flags: &[],
+        summary: "Remove a checkpoint",
+        build: |m| {
+            Ok(Command::CheckpointRm {
+                name: m.req("name", project)?,
+                label: m.req("label", slug)?,
             })
         },
     },
@@ -709,6 +764,25 @@ fn key(s: &str) -> Result<PublicKey, String> {
 }
 fn slug(s: &str) -> Result<SlugName, String> {
     SlugName::new(s)
+}
+/// `NAME` or `NAME@LABEL` (a checkpoint of the project).
+fn project_at(s: &str) -> Result<(ProjectName, Option<SlugName>), String> {
+    match s.split_once('@') {
+        None => Ok((project(s)?, None)),
+        Some((name, label)) => {
+            let label = SlugName::new(label)
+                .map_err(|e| format!("after '@' comes a checkpoint's label: {e}"))?;
+            Ok((project(name)?, Some(label)))
+        }
+    }
+}
+/// A checkpoint's note: one line of text, not too long.
+fn note(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.is_empty() || s.chars().count() > 200 || s.chars().any(char::is_control) {
+        return Err("a note is one line of 1 to 200 characters".into());
+    }
+    Ok(s.to_owned())
 }
 fn path(s: &str) -> Result<String, String> {
     if s.is_empty() || s.chars().any(char::is_control) {
@@ -1064,6 +1138,10 @@ pub(super) fn spec_for(c: &Command) -> &'static CommandSpec {
         Command::Templates => "templates",
         Command::Yes => "yes",
         Command::Cp { .. } => "cp",
+        Command::Checkpoint { .. } => "checkpoint",
+        Command::Checkpoints { .. } => "checkpoints",
+        Command::Rollback { .. } => "rollback",
+        Command::CheckpointRm { .. } => "checkpoint rm",
         Command::Rename { .. } => "rename",
         Command::SecretSet { .. } => "secret set",
         Command::SecretRm { .. } => "secret rm",
@@ -1116,9 +1194,37 @@ pub(super) fn write_canonical(c: &Command, f: &mut fmt::Formatter<'_>) -> fmt::R
             }
         }
         Command::TokenRm { label } => arg(label.as_str())?,
-        Command::Cp { name, new_name } | Command::Rename { name, new_name } => {
+        Command::Cp { name, at, new_name } => {
+            match at {
+                Some(l) => arg(&format!("{name}@{l}"))?,
+                None => arg(name.as_str())?,
+            }
+            arg(new_name.as_str())?;
+        }
+        Command::Rename { name, new_name } => {
             arg(name.as_str())?;
             arg(new_name.as_str())?;
+        }
+        Command::Checkpoint { name, label, note } => {
+            arg(name.as_str())?;
+            if let Some(l) = label {
+                arg(l.as_str())?;
+            }
+            if let Some(n) = note {
+                write!(f, " --note {}", quote(n))?;
+            }
+        }
+        Command::Checkpoints { name } => arg(name.as_str())?,
+        Command::Rollback { name, label, yes } => {
+            arg(name.as_str())?;
+            arg(label.as_str())?;
+            if *yes {
+                f.write_str(" --yes")?;
+            }
+        }
+        Command::CheckpointRm { name, label } => {
+            arg(name.as_str())?;
+            arg(label.as_str())?;
         }
         Command::SecretSet { name, value } => {
             arg(name.as_str())?;

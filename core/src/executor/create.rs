@@ -19,6 +19,7 @@ impl Executor {
         &self,
         call: &Call<'_>,
         name: &ProjectName,
+        at: Option<&crate::command::SlugName>,
         new_name: &ProjectName,
     ) -> Outcome {
         let (who, progress) = (call.who, call.progress);
@@ -27,7 +28,13 @@ impl Executor {
         // The copy reads the source VM's disk: no wake, stop or other copy
         // of it runs meanwhile, and nothing else makes the new name.
         let _vms = self.lock_vm_pair(name, new_name).await;
-        let from = self.project_now(name).await?;
+        let mut from = self.project_now(name).await?;
+        // From a checkpoint: its shape and app port, not today's.
+        if let Some(label) = at {
+            let c = self.existing_checkpoint(name, label.as_str()).await?;
+            from.resources = c.resources;
+            from.app_port = c.app_port;
+        }
         let root = Beneath::open(&self.settings.projects_root).map_err(host_path_failed)?;
         let rel = PathBuf::from(new_name.as_str());
         let source_path = root.join(&rel);
@@ -73,7 +80,14 @@ impl Executor {
             author_email: self.email_of(who, &user),
             public_hosts_only: false,
         };
-        let result = self.vms.copy(name, &req, progress).await;
+        let result = match at {
+            Some(label) => {
+                self.vms
+                    .copy_checkpoint(name, label.as_str(), &req, progress)
+                    .await
+            }
+            None => self.vms.copy(name, &req, progress).await,
+        };
         self.finish_create(reserved, result, progress).await
     }
 

@@ -42,6 +42,7 @@ use crate::store::repo::{self, AuditEntry};
 use crate::store::{write_tx, Store, StoreError};
 
 mod access;
+mod checkpoints;
 mod confirm;
 mod create;
 mod projects;
@@ -80,6 +81,8 @@ pub struct Settings {
     /// Guest CPU use (the VMM's, in percent of one host core since the
     /// last look) above which a VM counts as in use with nobody connected.
     pub idle_cpu_percent: u32,
+    /// Checkpoints kept per project before the oldest automatic ones go.
+    pub checkpoint_keep: u32,
 }
 
 impl Settings {
@@ -116,6 +119,7 @@ impl Default for Settings {
             max_requests_per_hour: 30,
             idle_stop: crate::model::IdleStop::Secs { secs: 30 * 60 },
             idle_cpu_percent: 5,
+            checkpoint_keep: 10,
         }
     }
 }
@@ -541,7 +545,19 @@ impl Executor {
             Command::Users => self.users().await,
             Command::UserRename { from, to } => self.user_rename(&from, &to).await,
             Command::Yes => self.yes(&call).await,
-            Command::Cp { name, new_name } => self.cp(&call, &name, &new_name).await,
+            Command::Cp { name, at, new_name } => {
+                self.cp(&call, &name, at.as_ref(), &new_name).await
+            }
+            Command::Checkpoint { name, label, note } => {
+                self.checkpoint_cmd(&call, &name, label, note).await
+            }
+            Command::Checkpoints { name } => self.checkpoints_cmd(&call, &name).await,
+            Command::Rollback { name, label, yes } => {
+                self.rollback_cmd(&call, &name, &label, yes).await
+            }
+            Command::CheckpointRm { name, label } => {
+                self.checkpoint_rm_cmd(&call, &name, &label).await
+            }
             Command::Rename { name, new_name } => self.rename(&call, &name, &new_name).await,
             Command::SecretSet { name, value } => self.secret_set(&call, &name, value).await,
             Command::SecretRm { name } => self.secret_rm(&call, &name).await,
@@ -729,5 +745,6 @@ fn audited(cmd: &Command) -> bool {
             | Command::Sessions
             | Command::Tokens
             | Command::SshConfig
+            | Command::Checkpoints { .. }
     )
 }

@@ -102,7 +102,17 @@ impl Executor {
         }
         .to_string();
         if !yes {
-            let mut prompt = format!("This destroys the VM and disk of {name}.");
+            let n = name.clone();
+            let checkpoints = self
+                .store
+                .call(move |c| repo::checkpoints_of(c, &n))
+                .await?
+                .len();
+            let mut prompt = match checkpoints {
+                0 => format!("This destroys the VM and disk of {name}."),
+                1 => format!("This destroys the VM and disk of {name}, and its checkpoint."),
+                k => format!("This destroys the VM and disk of {name}, and its {k} checkpoints."),
+            };
             if purge {
                 prompt.push_str(&format!(
                     " It also DELETES the source directory {} on the host.",

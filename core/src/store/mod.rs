@@ -32,6 +32,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (6, include_str!("migrations/0006_web_sessions.sql")),
     (7, include_str!("migrations/0007_api_tokens.sql")),
     (8, include_str!("migrations/0008_idle_stop.sql")),
+    (9, include_str!("migrations/0009_checkpoints.sql")),
 ];
 
 /// How long a writer waits for another to finish before giving up.

@@ -9,9 +9,9 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use super::{classify, StoreError};
 use crate::keys::{Fingerprint, PublicKey};
 use crate::model::{
-    now, AccessRequest, AuditEvent, AuditOutcome, Frontend, Identity, IdleStop, Project,
-    ProjectState, Quota, RequestState, Resources, Role, Share, SshKeyRecord, Usage, User, UserId,
-    Visibility,
+    now, AccessRequest, AuditEvent, AuditOutcome, Checkpoint, Frontend, Identity, IdleStop,
+    Project, ProjectState, Quota, RequestState, Resources, Role, Share, SshKeyRecord, Usage, User,
+    UserId, Visibility,
 };
 use crate::names::{ProjectName, UserName};
 
@@ -618,6 +618,29 @@ pub fn set_app_port(conn: &Connection, name: &ProjectName, port: u16) -> Result<
     Ok(())
 }
 
+/// Sets a project's resources and app port (a rollback restores them).
+pub fn set_shape(
+    conn: &Connection,
+    name: &ProjectName,
+    resources: Resources,
+    app_port: u16,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE projects SET vcpus = ?2, memory_mib = ?3, disk_mib = ?4, app_port = ?5,
+             updated_at = ?6 WHERE name = ?1",
+        params![
+            name.as_str(),
+            resources.vcpus,
+            resources.memory_mib,
+            resources.disk_mib,
+            app_port,
+            now()
+        ],
+    )
+    .map_err(|e| classify(e, "resources"))?;
+    Ok(())
+}
+
 /// Sets a project's own idle limit (`None`: the configured default).
 pub fn set_idle_stop(
     conn: &Connection,
@@ -658,9 +681,10 @@ pub fn delete_project(conn: &Connection, name: &ProjectName) -> Result<bool, Sto
     Ok(conn.execute("DELETE FROM projects WHERE name = ?1", [name.as_str()])? == 1)
 }
 
-/// What a user's projects add up to.
+/// What a user's projects add up to; their checkpoints count as disk.
 pub fn usage_of(conn: &Connection, user: UserId) -> Result<Usage, StoreError> {
-    Ok(conn.query_row(
+    let checkpoints = checkpoint_mib_of(conn, user)?;
+    let mut usage = conn.query_row(
         "SELECT COUNT(*), COALESCE(SUM(vcpus), 0), COALESCE(SUM(memory_mib), 0), COALESCE(SUM(disk_mib), 0)
          FROM projects WHERE owner_id = ?1",
         [user],
@@ -672,7 +696,9 @@ pub fn usage_of(conn: &Connection, user: UserId) -> Result<Usage, StoreError> {
                 disk_mib: r.get(3)?,
             })
         },
-    )?)
+    )?;
+    usage.disk_mib = usage.disk_mib.saturating_add(checkpoints);
+    Ok(usage)
 }
 
 /// Active keys (`type base64`) of everyone with SSH access to a project:
@@ -1369,4 +1395,132 @@ mod tests {
         create_user(&c, &UserName::new("ann").unwrap(), Role::Member).unwrap();
         assert_eq!(free_user_name(&c, "Ann").unwrap().as_str(), "ann2");
     }
+}
+
+// ---------------------------------------------------------------- checkpoints
+
+/// A checkpoint to record (its files are made already).
+#[derive(Debug, Clone)]
+pub struct NewCheckpoint<'a> {
+    pub project: &'a ProjectName,
+    pub label: &'a str,
+    pub note: Option<&'a str>,
+    pub auto_reason: Option<&'a str>,
+    pub taken_by: Option<UserId>,
+    pub git_head: Option<&'a str>,
+    pub disk_bytes: u64,
+    pub source_bytes: u64,
+    pub resources: Resources,
+    pub app_port: u16,
+}
+
+/// Records a checkpoint. A label taken in the project is `AlreadyExists`.
+pub fn insert_checkpoint(conn: &Connection, c: &NewCheckpoint<'_>) -> Result<(), StoreError> {
+    let n = conn
+        .execute(
+            "INSERT INTO checkpoints (project_id, label, note, auto_reason, taken_by, taken_at,
+                 git_head, disk_bytes, source_bytes, vcpus, memory_mib, disk_mib, app_port)
+             SELECT id, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13
+             FROM projects WHERE name = ?1",
+            params![
+                c.project.as_str(),
+                c.label,
+                c.note,
+                c.auto_reason,
+                c.taken_by,
+                now(),
+                c.git_head,
+                i64::try_from(c.disk_bytes).unwrap_or(i64::MAX),
+                i64::try_from(c.source_bytes).unwrap_or(i64::MAX),
+                c.resources.vcpus,
+                c.resources.memory_mib,
+                c.resources.disk_mib,
+                c.app_port,
+            ],
+        )
+        .map_err(|e| classify(e, &format!("checkpoint {}", c.label)))?;
+    if n == 0 {
+        return Err(StoreError::Invalid {
+            what: format!("project {} is gone", c.project),
+        });
+    }
+    Ok(())
+}
+
+const CHECKPOINT_COLS: &str = "c.label, c.note, c.auto_reason, u.name, c.taken_at, c.git_head,
+    c.disk_bytes, c.source_bytes, c.vcpus, c.memory_mib, c.disk_mib, c.app_port";
+
+fn checkpoint_from(r: &Row<'_>) -> rusqlite::Result<Checkpoint> {
+    Ok(Checkpoint {
+        label: r.get(0)?,
+        note: r.get(1)?,
+        auto_reason: r.get(2)?,
+        taken_by: r.get(3)?,
+        taken_at: r.get(4)?,
+        git_head: r.get(5)?,
+        disk_bytes: u64::try_from(r.get::<_, i64>(6)?).unwrap_or(0),
+        source_bytes: u64::try_from(r.get::<_, i64>(7)?).unwrap_or(0),
+        resources: Resources {
+            vcpus: r.get(8)?,
+            memory_mib: r.get(9)?,
+            disk_mib: r.get(10)?,
+        },
+        app_port: r.get(11)?,
+    })
+}
+
+/// A project's checkpoints, oldest first.
+pub fn checkpoints_of(
+    conn: &Connection,
+    project: &ProjectName,
+) -> Result<Vec<Checkpoint>, StoreError> {
+    let mut st = conn.prepare(&format!(
+        "SELECT {CHECKPOINT_COLS} FROM checkpoints c JOIN projects p ON p.id = c.project_id
+         LEFT JOIN users u ON u.id = c.taken_by WHERE p.name = ?1 ORDER BY c.taken_at, c.id"
+    ))?;
+    let rows = st.query_map([project.as_str()], checkpoint_from)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// One checkpoint of a project.
+pub fn checkpoint(
+    conn: &Connection,
+    project: &ProjectName,
+    label: &str,
+) -> Result<Option<Checkpoint>, StoreError> {
+    Ok(conn
+        .query_row(
+            &format!(
+                "SELECT {CHECKPOINT_COLS} FROM checkpoints c JOIN projects p ON p.id = c.project_id
+                 LEFT JOIN users u ON u.id = c.taken_by WHERE p.name = ?1 AND c.label = ?2"
+            ),
+            params![project.as_str(), label],
+            checkpoint_from,
+        )
+        .optional()?)
+}
+
+/// Forgets a checkpoint; whether there was one.
+pub fn delete_checkpoint(
+    conn: &Connection,
+    project: &ProjectName,
+    label: &str,
+) -> Result<bool, StoreError> {
+    Ok(conn.execute(
+        "DELETE FROM checkpoints WHERE label = ?2
+           AND project_id = (SELECT id FROM projects WHERE name = ?1)",
+        params![project.as_str(), label],
+    )? > 0)
+}
+
+/// Bytes a user's checkpoints hold (disk layers and source copies), in MiB
+/// rounded up, for the disk quota.
+pub fn checkpoint_mib_of(conn: &Connection, user: UserId) -> Result<u64, StoreError> {
+    let bytes: i64 = conn.query_row(
+        "SELECT COALESCE(SUM(c.disk_bytes + c.source_bytes), 0) FROM checkpoints c
+         JOIN projects p ON p.id = c.project_id WHERE p.owner_id = ?1",
+        [user],
+        |r| r.get(0),
+    )?;
+    Ok(u64::try_from(bytes).unwrap_or(0).div_ceil(1 << 20))
 }

@@ -8,6 +8,7 @@
     clippy::indexing_slicing
 )]
 
+mod checkpoints;
 mod errors;
 mod executor;
 mod idle;

@@ -52,7 +52,21 @@ fn more_commands() -> impl Strategy<Value = Command> {
         Just(Command::Yes),
         Just(Command::Secrets),
         Just(Command::DeployKey),
-        (project(), project()).prop_map(|(name, new_name)| Command::Cp { name, new_name }),
+        (project(), prop::option::of(slug()), project())
+            .prop_map(|(name, at, new_name)| { Command::Cp { name, at, new_name } }),
+        (
+            project(),
+            prop::option::of(slug()),
+            prop::option::of(note())
+        )
+            .prop_map(|(name, label, note)| Command::Checkpoint { name, label, note }),
+        project().prop_map(|name| Command::Checkpoints { name }),
+        (project(), slug(), any::<bool>()).prop_map(|(name, label, yes)| Command::Rollback {
+            name,
+            label,
+            yes
+        }),
+        (project(), slug()).prop_map(|(name, label)| Command::CheckpointRm { name, label }),
         (project(), project()).prop_map(|(name, new_name)| Command::Rename { name, new_name }),
         (slug(), "[!-~]{1,40}").prop_map(|(name, value)| Command::SecretSet { name, value }),
         slug().prop_map(|name| Command::SecretRm { name }),

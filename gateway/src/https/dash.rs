@@ -321,10 +321,12 @@ impl Inner {
         ]
         .concat();
         let more = format!(
-            "<details><summary>more</summary><form method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><input type=\"hidden\" name=\"form\" value=\"share\"><input type=\"hidden\" name=\"project\" value=\"{n}\"><label>Share with <input type=\"text\" name=\"user\" required style=\"width:8em\" aria-label=\"share {n} with\"></label> <label><input type=\"checkbox\" name=\"ssh\" checked> SSH</label> <label><input type=\"checkbox\" name=\"web\" checked> web</label> <button name=\"verb\" value=\"share\">share</button> <button name=\"verb\" value=\"unshare\">unshare</button></form><form method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><input type=\"hidden\" name=\"form\" value=\"port\"><input type=\"hidden\" name=\"project\" value=\"{n}\"><label>App port <input type=\"number\" name=\"port\" min=\"1\" max=\"65535\" value=\"{port}\" style=\"width:6em\" aria-label=\"app port of {n}\"></label> <button>set</button></form>{rm}{purge}</details>",
+            "<details><summary>more</summary><form method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><input type=\"hidden\" name=\"form\" value=\"share\"><input type=\"hidden\" name=\"project\" value=\"{n}\"><label>Share with <input type=\"text\" name=\"user\" required style=\"width:8em\" aria-label=\"share {n} with\"></label> <label><input type=\"checkbox\" name=\"ssh\" checked> SSH</label> <label><input type=\"checkbox\" name=\"web\" checked> web</label> <button name=\"verb\" value=\"share\">share</button> <button name=\"verb\" value=\"unshare\">unshare</button></form><form method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><input type=\"hidden\" name=\"form\" value=\"port\"><input type=\"hidden\" name=\"project\" value=\"{n}\"><label>App port <input type=\"number\" name=\"port\" min=\"1\" max=\"65535\" value=\"{port}\" style=\"width:6em\" aria-label=\"app port of {n}\"></label> <button>set</button></form><p>Checkpoints: {take} {list}</p><form method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><input type=\"hidden\" name=\"form\" value=\"rollback\"><input type=\"hidden\" name=\"project\" value=\"{n}\"><label>Roll back to <input type=\"text\" name=\"label\" required pattern=\"[a-z][a-z0-9-]*\" style=\"width:8em\" aria-label=\"roll {n} back to\"></label> <button>roll back</button></form>{rm}{purge}</details>",
             c = esc(csrf),
             n = esc(name),
             port = p.app_port,
+            take = button(format!("checkpoint {name}"), "take checkpoint"),
+            list = button(format!("checkpoints {name}"), "list checkpoints"),
             rm = action_button(csrf, &format!("rm {name}"), &format!("remove {name}"), "remove", false),
             purge = action_button(
                 csrf,
@@ -601,6 +603,14 @@ fn form_line(body: &[u8]) -> (Option<String>, Option<String>) {
             }
             _ => None,
         }
+    } else if f.get("form").map(String::as_str) == Some("rollback") {
+        // Asks first: the answer is the question, with its button.
+        match (f.get("project"), f.get("label")) {
+            (Some(p), Some(l)) if !p.is_empty() && !l.is_empty() => {
+                Some(format!("rollback {} {}", q(p), q(l)))
+            }
+            _ => None,
+        }
     } else if f.get("form").map(String::as_str) == Some("secret") {
         match (f.get("secret"), f.get("value")) {
             (Some(n), Some(v)) if !n.is_empty() && !v.is_empty() => {
@@ -678,4 +688,21 @@ pub(super) fn script() -> Response<Body> {
         HeaderValue::from_static("nosniff"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::form_line;
+
+    #[test]
+    fn the_rollback_form_is_one_quoted_line() {
+        let (csrf, line) = form_line(b"csrf=t&form=rollback&project=app&label=c1");
+        assert_eq!(csrf.as_deref(), Some("t"));
+        assert_eq!(line.as_deref(), Some("rollback app c1"));
+        // A field cannot add flags of its own.
+        let (_, line) = form_line(b"csrf=t&form=rollback&project=app&label=c1+--yes");
+        assert_eq!(line.as_deref(), Some("rollback app \"c1 --yes\""));
+        let (_, line) = form_line(b"csrf=t&form=rollback&project=app&label=");
+        assert_eq!(line, None);
+    }
 }

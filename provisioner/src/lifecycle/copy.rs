@@ -7,12 +7,22 @@ impl LocalProvisioner {
     pub(super) async fn copy_inner(
         &self,
         from: &ProjectName,
+        label: Option<&str>,
         to: &CreateRequest,
         progress: &dyn ProgressSink,
     ) -> Result<Created, ProvisionError> {
         let src = self
             .record(from.as_str())
             .ok_or_else(|| ProvisionError::NoVm(from.to_string()))?;
+        // From a checkpoint: its layer and source copy, which nothing
+        // writes, so the original keeps running.
+        let at = label
+            .map(|l| self.checkpoint_files(from.as_str(), l))
+            .transpose()?;
+        let note = match label {
+            Some(l) => format!("a copy of {from} as at checkpoint {l}"),
+            None => format!("a copy of {from}"),
+        };
         let name = to.project.as_str().to_owned();
         let dest_source = PathBuf::from(
             to.path
@@ -37,7 +47,7 @@ impl LocalProvisioner {
             ));
         }
         // A consistent disk needs the VM stopped; it is started again after.
-        let was_running = {
+        let was_running = at.is_none() && {
             let _g = self.lock(from.as_str()).await;
             let running = matches!(
                 self.vmm.state(&src.machine).await,
@@ -85,19 +95,33 @@ impl LocalProvisioner {
                 Stage::Disk,
                 Some(format!("copy-on-write copy of {from}'s disk and source")),
             );
-            let (from_disk, to_disk) = (src.machine.disk.clone(), m.disk.clone());
-            let (from_src, to_src) = (src.source.clone(), dest_source.clone());
+            let (from_disk, from_src) = match &at {
+                Some((layer, source)) => (layer.clone(), source.clone()),
+                None => (src.machine.disk.clone(), src.source.clone()),
+            };
+            let (to_disk, to_src) = (m.disk.clone(), dest_source.clone());
             let (kd, vd, label) = (self.key_dir(&name), dir.clone(), format!("kennel-{name}"));
             self.blocking(Stage::Disk, move |runner| {
-                // --reflink=auto: a copy-on-write clone where the filesystem can.
-                runner
-                    .run(
-                        &Cmd::new("cp")
-                            .args(["--reflink=auto", "--sparse=always"])
-                            .arg(&from_disk)
-                            .arg(&to_disk),
-                    )
-                    .map_err(|e| e.to_string())?;
+                // A disk on checkpoint layers is written out whole over the
+                // stack image, so the copy needs none of them.
+                let on_layers = disk::info(runner, &from_disk)
+                    .ok()
+                    .and_then(|i| i.backing_format)
+                    .is_some_and(|f| f == "qcow2");
+                if on_layers {
+                    let base = disk::chain_base(runner, &from_disk)?;
+                    disk::flatten_onto(runner, &from_disk, &base, &to_disk)?;
+                } else {
+                    // --reflink=auto: a copy-on-write clone where the filesystem can.
+                    runner
+                        .run(
+                            &Cmd::new("cp")
+                                .args(["--reflink=auto", "--sparse=always"])
+                                .arg(&from_disk)
+                                .arg(&to_disk),
+                        )
+                        .map_err(|e| e.to_string())?;
+                }
                 runner
                     .run(
                         &Cmd::new("cp")
@@ -132,7 +156,7 @@ impl LocalProvisioner {
             Ok(Created {
                 stack: record.stack.clone(),
                 source_path: dest_source.display().to_string(),
-                notes: vec![format!("a copy of {from}")],
+                notes: vec![note],
                 status,
                 app_port: None,
             })
@@ -212,6 +236,9 @@ impl LocalProvisioner {
         let io = |e: std::io::Error| failed(Stage::Disk, e.to_string());
         if old_dir.exists() {
             std::fs::rename(&old_dir, &new_dir).map_err(io)?;
+            // Checkpoint layers name their backing files by path.
+            self.repoint_layers(self.runner.as_ref(), &old_dir, &new_dir)
+                .map_err(|e| failed(Stage::Disk, e))?;
         }
         kennel_core::fault::point("renaming-vm");
         if self.key_dir(from).exists() && !self.key_dir(to).exists() {

@@ -38,6 +38,7 @@ use crate::vmm::{read_pid, BackendKind, Machine, NetAttach, Vmm, VmmState};
 use crate::{disk, kernel};
 
 mod boot;
+mod checkpoint;
 mod copy;
 mod create;
 mod images;
@@ -509,6 +510,9 @@ impl Provisioner for LocalProvisioner {
         ) {
             return self.status(&spec.project).await;
         }
+        // A rollback or checkpoint cut off by a crash is finished or
+        // undone, and removed checkpoints' layers merged, before it boots.
+        self.tidy_checkpoints(&r).await?;
         self.boot_in_a_free_slot(
             &mut r,
             &spec.authorized_keys,
@@ -589,7 +593,45 @@ impl Provisioner for LocalProvisioner {
         to: &CreateRequest,
         progress: &dyn ProgressSink,
     ) -> Result<Created, ProvisionError> {
-        self.copy_inner(from, to, progress).await
+        self.copy_inner(from, None, to, progress).await
+    }
+
+    async fn checkpoint(
+        &self,
+        project: &ProjectName,
+        label: &str,
+        progress: &dyn ProgressSink,
+    ) -> Result<kennel_core::provision::CheckpointTaken, ProvisionError> {
+        let span = tracing::info_span!("checkpoint", project = %project, label);
+        tracing::Instrument::instrument(self.checkpoint_inner(project, label, progress), span).await
+    }
+
+    async fn restore_checkpoint(
+        &self,
+        project: &ProjectName,
+        label: &str,
+        progress: &dyn ProgressSink,
+    ) -> Result<(), ProvisionError> {
+        let span = tracing::info_span!("rollback", project = %project, label);
+        tracing::Instrument::instrument(self.restore_inner(project, label, progress), span).await
+    }
+
+    async fn remove_checkpoint(
+        &self,
+        project: &ProjectName,
+        label: &str,
+    ) -> Result<(), ProvisionError> {
+        self.remove_checkpoint_inner(project, label).await
+    }
+
+    async fn copy_checkpoint(
+        &self,
+        from: &ProjectName,
+        label: &str,
+        to: &CreateRequest,
+        progress: &dyn ProgressSink,
+    ) -> Result<Created, ProvisionError> {
+        self.copy_inner(from, Some(label), to, progress).await
     }
 
     async fn rename(&self, from: &ProjectName, to: &ProjectName) -> Result<(), ProvisionError> {

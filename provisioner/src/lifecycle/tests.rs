@@ -215,6 +215,8 @@ impl GuestImages for FakeImages {
 struct KeyRunner {
     calls: Mutex<Vec<String>>,
     fail: Mutex<Option<&'static str>>,
+    /// Runs `qemu-img` and `cp` for real (checkpoint tests on real layers).
+    real_disks: std::sync::atomic::AtomicBool,
 }
 
 impl Runner for KeyRunner {
@@ -229,6 +231,9 @@ impl Runner for KeyRunner {
                     stderr: "failed (fake)".into(),
                 });
             }
+        }
+        if self.real_disks.load(Ordering::SeqCst) && ["qemu-img", "cp"].contains(&&*cmd.program) {
+            return crate::process::SystemRunner.run(cmd);
         }
         if cmd.program == "ssh-keygen" {
             let path = PathBuf::from(cmd.args.last().unwrap());
@@ -581,4 +586,117 @@ async fn reconcile_adopts_the_living_cleans_the_dead_and_removes_the_half_made()
     r.p.destroy(&ProjectName::new("dead").unwrap())
         .await
         .unwrap();
+}
+
+/// Writes `pattern` at the start of a qcow2 disk, or checks it is there.
+fn qemu_io(disk: &Path, op: &str, pattern: u8) -> bool {
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c"])
+        .arg(format!("{op} -P {pattern:#x} 0 64k"))
+        .arg(disk)
+        .output()
+        .expect("qemu-io (Debian's qemu-utils) runs");
+    let said = String::from_utf8_lossy(&out.stdout);
+    out.status.success() && !said.contains("verification failed") && !said.contains("error")
+}
+
+#[tokio::test]
+async fn checkpoints_freeze_restore_and_merge_real_qcow2_layers() {
+    use kennel_core::provision::NoProgress;
+    let _a = ADDRESSES.lock().await;
+    let r = rig();
+    r.runner.real_disks.store(true, Ordering::SeqCst);
+    std::fs::create_dir_all(&r.images.dir).unwrap();
+    std::fs::File::create(r.images.dir.join("rootfs.ext4"))
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    r.create("ck").await.unwrap();
+    let name = ProjectName::new("ck").unwrap();
+    let (vm, src) = (r.dir.path().join("data/vms/ck"), r.source("ck"));
+    let disk = vm.join("disk.qcow2");
+    // This backend cannot switch a running disk: it says what to do.
+    let e = r.p.checkpoint(&name, "c0", &NoProgress).await.unwrap_err();
+    assert!(e.to_string().contains("stop ck first"), "{e}");
+    r.p.stop(&name).await.unwrap();
+
+    assert!(qemu_io(&disk, "write", 0x11));
+    std::fs::write(src.join("a.txt"), "one").unwrap();
+    std::os::unix::fs::symlink("/etc", src.join("out")).unwrap();
+    let cost = r.p.checkpoint(&name, "c1", &NoProgress).await.unwrap();
+    assert!(cost.disk_bytes > 0, "{cost:?}");
+    assert_eq!(cost.paused_ms, 0);
+    assert_eq!(
+        std::fs::read_link(vm.join("checkpoints/c1/source/out")).unwrap(),
+        PathBuf::from("/etc"),
+        "links are copied as links"
+    );
+    // The disk goes on in a new layer: the checkpoint's does not change.
+    assert!(qemu_io(&disk, "write", 0x22));
+    assert!(qemu_io(&vm.join("checkpoints/c1.qcow2"), "read", 0x11));
+    std::fs::write(src.join("a.txt"), "two").unwrap();
+    std::fs::write(src.join("b.txt"), "new").unwrap();
+    r.p.checkpoint(&name, "c2", &NoProgress).await.unwrap();
+
+    r.p.restore_checkpoint(&name, "c1", &NoProgress)
+        .await
+        .unwrap();
+    assert!(qemu_io(&disk, "read", 0x11), "the disk is back");
+    assert_eq!(std::fs::read_to_string(src.join("a.txt")).unwrap(), "one");
+    assert!(!src.join("b.txt").exists());
+    assert!(!vm.join("rollback.json").exists());
+    assert!(!r.dir.path().join("projects/ck.kennel-replaced").exists());
+
+    // c1 removed: two layers read through it (the disk and c2), so it
+    // stays until one goes; c2 removed too, then both are merged away.
+    r.p.remove_checkpoint(&name, "c1").await.unwrap();
+    assert!(vm.join("checkpoints/c1.qcow2").exists());
+    r.p.remove_checkpoint(&name, "c2").await.unwrap();
+    assert!(!vm.join("checkpoints/c2.qcow2").exists());
+    assert!(!vm.join("checkpoints/c1.qcow2").exists());
+    assert!(qemu_io(&disk, "read", 0x11), "merged, the data stays");
+
+    // Cut off mid-rollback after the journal: finished before the boot.
+    // (This store has no rows: tidying also drops c3 as never recorded.)
+    r.p.checkpoint(&name, "c3", &NoProgress).await.unwrap();
+    std::fs::write(src.join("a.txt"), "three").unwrap();
+    let staging = r.dir.path().join("projects/ck.kennel-rollback");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::write(staging.join("a.txt"), "staged").unwrap();
+    std::fs::write(
+        vm.join("rollback.json"),
+        format!(r#"{{"label":"c3","source":"{}"}}"#, src.display()),
+    )
+    .unwrap();
+    let record = r.p.record("ck").unwrap();
+    r.p.tidy_checkpoints(&record).await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(src.join("a.txt")).unwrap(),
+        "staged"
+    );
+    assert!(!staging.exists() && !vm.join("rollback.json").exists());
+    assert!(!vm.join("checkpoints/c3").exists());
+    assert!(!vm.join("checkpoints/c3.qcow2").exists());
+    assert!(qemu_io(&disk, "read", 0x11));
+
+    // Cut off mid-checkpoint after the link: the start finishes it.
+    let next = vm.join("disk.next.qcow2");
+    let layer = vm.join("checkpoints/c4.qcow2");
+    disk::create_child(&crate::process::SystemRunner, &layer, &next, 4 << 30).unwrap();
+    std::fs::hard_link(&disk, &layer).unwrap();
+    r.p.tidy_checkpoints(&record).await.unwrap();
+    assert!(!next.exists());
+    assert!(!layer.exists(), "a layer never recorded is merged away");
+    assert!(qemu_io(&disk, "read", 0x11));
+    r.p.checkpoint(&name, "c5", &NoProgress).await.unwrap();
+
+    // A rename keeps every layer's backing file reachable.
+    let vm2 = r.dir.path().join("data/vms/ck2");
+    std::fs::rename(&vm, &vm2).unwrap();
+    r.p.repoint_layers(&crate::process::SystemRunner, &vm, &vm2)
+        .unwrap();
+    let disk2 = r.dir.path().join("data/vms/ck2/disk.qcow2");
+    assert!(qemu_io(&disk2, "read", 0x11));
+    let info = disk::info(&crate::process::SystemRunner, &disk2).unwrap();
+    assert!(info.backing.unwrap().contains("/vms/ck2/"), "repointed");
 }

@@ -155,6 +155,32 @@ pub trait Vmm: Send + Sync {
     async fn set_app_forward(&self, _m: &Machine, _guest_port: u16) -> Result<(), VmmError> {
         Ok(())
     }
+    /// Whether a running VM's disk can be checkpointed live
+    /// ([`Vmm::switch_disk`]); otherwise the VM must be stopped for it.
+    fn live_checkpoints(&self) -> bool {
+        false
+    }
+    /// Pauses a running guest (its vCPUs stop; devices settle).
+    async fn pause(&self, _m: &Machine) -> Result<(), VmmError> {
+        Err(unsupported(self.describe(), "pause"))
+    }
+    /// Resumes a paused guest.
+    async fn resume(&self, _m: &Machine) -> Result<(), VmmError> {
+        Err(unsupported(self.describe(), "resume"))
+    }
+    /// Makes a running VM write its root disk to `next` from now on: an
+    /// existing qcow2 child of the disk as it is, so what the disk held
+    /// until now stays as it is (a checkpoint's layer).
+    async fn switch_disk(&self, _m: &Machine, _next: &std::path::Path) -> Result<(), VmmError> {
+        Err(unsupported(self.describe(), "a live disk switch"))
+    }
+}
+
+fn unsupported(backend: String, what: &str) -> VmmError {
+    VmmError::Api {
+        endpoint: what.to_owned(),
+        message: format!("{backend} cannot do this"),
+    }
 }
 
 /// Reads a pid file.

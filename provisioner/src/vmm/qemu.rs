@@ -289,6 +289,37 @@ impl Vmm for Qemu {
         })
     }
 
+    fn live_checkpoints(&self) -> bool {
+        true
+    }
+
+    async fn pause(&self, m: &Machine) -> Result<(), VmmError> {
+        self.qmp(m, qapi::qmp::stop {}).await.map(|_| ())
+    }
+
+    async fn resume(&self, m: &Machine) -> Result<(), VmmError> {
+        self.qmp(m, qapi::qmp::cont {}).await.map(|_| ())
+    }
+
+    async fn switch_disk(&self, m: &Machine, next: &std::path::Path) -> Result<(), VmmError> {
+        // `existing`: QEMU opens the child Kennel made (whose header names
+        // the checkpoint's layer as its backing file) and puts the disk's
+        // current node under it, without reading that header's backing.
+        self.qmp(
+            m,
+            qapi::qmp::blockdev_snapshot_sync(qapi::qmp::BlockdevSnapshotSync {
+                device: Some("root".into()),
+                node_name: None,
+                snapshot_file: next.display().to_string(),
+                snapshot_node_name: None,
+                format: Some("qcow2".into()),
+                mode: Some(qapi::qmp::NewImageMode::existing),
+            }),
+        )
+        .await
+        .map(|_| ())
+    }
+
     async fn force_stop(&self, m: &Machine) -> Result<(), VmmError> {
         let needle = format!("kennel-{}", m.name);
         let Some(pid) = read_pid(&m.pid_file).filter(|p| pid_alive(*p, &needle)) else {

@@ -1,0 +1,114 @@
+//! Checkpoints on a real guest (QEMU, TCG here): a live checkpoint of a
+//! running VM, a rollback that brings back both a file in `/workspace`
+//! (the host source) and one in the VM's home (its disk), the automatic
+//! checkpoint that undoes it, `cp NAME@LABEL`, links in the source kept
+//! as links, and a removed checkpoint's layer merged at the next start.
+#![cfg(feature = "vm-tests")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use crate::support::{git, Kennel, Steps};
+
+#[test]
+fn checkpoint_roll_back_undo_and_copy_on_a_real_guest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut k = Kennel::new(tmp.path());
+    k.start_serve();
+    // A repository for a source, with a link that leads out of the root.
+    let src = tmp.path().join("kennel-data/projects/keep");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a.txt"), "one\n").unwrap();
+    std::os::unix::fs::symlink("/etc", src.join("out")).unwrap();
+    git(&src, &["init", "-q", "-b", "main"]);
+    git(&src, &["add", "a.txt"]);
+    git(&src, &["commit", "-q", "-m", "first"]);
+    let head = String::from_utf8(
+        std::process::Command::new("git")
+            .current_dir(&src)
+            .args(["rev-parse", "HEAD"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let data = tmp.path().join("kennel-data");
+
+    let mut steps = Steps::new("checkpoint_roll_back_undo_and_copy_on_a_real_guest");
+    steps.run("new project keep", || {
+        k.exec_ok("new project keep --adopt --stack base --cpus 1 --memory 512M --disk 4G");
+        k.ssh_ok("keep", "echo one > ~/home.txt");
+    });
+    steps.run("a live checkpoint", || {
+        let out = k.exec_ok("checkpoint keep first --note 'both files at one'");
+        assert!(out.contains("Checkpoint first of keep taken"), "{out}");
+        assert!(out.contains("paused for"), "{out}");
+        let list = k.exec_ok("checkpoints keep");
+        assert!(list.contains("both files at one"), "{list}");
+        assert!(list.contains(&head[..12]), "the git HEAD: {list}");
+        // The source copy keeps the link a link.
+        let copied = data.join("vms/keep/checkpoints/first/source/out");
+        assert_eq!(
+            std::fs::read_link(&copied).unwrap(),
+            std::path::PathBuf::from("/etc")
+        );
+    });
+    steps.run("changes after it", || {
+        k.ssh_ok(
+            "keep",
+            "echo two > /workspace/a.txt; echo two > ~/home.txt; echo new > /workspace/new.txt; echo new > ~/new.txt",
+        );
+    });
+    steps.run("rollback to it: disk and source", || {
+        let out = k.exec_ok("rollback keep first --yes");
+        assert!(out.contains("back at checkpoint first"), "{out}");
+        assert!(out.contains("rollback keep auto-1"), "{out}");
+        let seen = k.ssh_ok(
+            "keep",
+            "cat /workspace/a.txt ~/home.txt; ls /workspace/new.txt ~/new.txt 2>&1 | wc -l; test -e ~/new.txt || echo no-home-new",
+        );
+        assert!(seen.starts_with("one\none\n"), "{seen}");
+        assert!(seen.contains("no-home-new"), "{seen}");
+        assert_eq!(std::fs::read_to_string(src.join("a.txt")).unwrap(), "one\n");
+        assert!(!src.join("new.txt").exists());
+        assert_eq!(
+            std::fs::read_link(src.join("out")).unwrap(),
+            std::path::PathBuf::from("/etc")
+        );
+    });
+    steps.run("the automatic checkpoint undoes it", || {
+        k.exec_ok("rollback keep auto-1 --yes");
+        let seen = k.ssh_ok("keep", "cat /workspace/a.txt ~/home.txt ~/new.txt");
+        assert_eq!(seen, "two\ntwo\nnew\n");
+        assert!(src.join("new.txt").exists());
+    });
+    steps.run("cp keep@first", || {
+        let out = k.exec_ok("cp keep@first fork");
+        assert!(out.contains("ssh fork@"), "{out}");
+        let seen = k.ssh_ok("fork", "cat /workspace/a.txt ~/home.txt");
+        assert_eq!(seen, "one\none\n");
+        k.exec_ok("rm fork --yes");
+    });
+    steps.run(
+        "a removed checkpoint's layer is merged at the next start",
+        || {
+            k.exec_ok("checkpoint rm keep first");
+            assert!(!data.join("vms/keep/checkpoints/first").exists());
+            k.exec_ok("stop keep");
+            k.exec_ok("start keep");
+            assert!(!data.join("vms/keep/checkpoints/first.qcow2").exists());
+            let seen = k.ssh_ok("keep", "cat /workspace/a.txt ~/home.txt ~/new.txt");
+            assert_eq!(seen, "two\ntwo\nnew\n");
+        },
+    );
+    steps.run("rename keeps the checkpoints usable", || {
+        k.exec_ok("rename keep kept");
+        k.exec_ok("rollback kept auto-2 --yes");
+        let seen = k.ssh_ok("kept", "cat ~/home.txt");
+        assert_eq!(seen, "one\n");
+    });
+    steps.finish();
+}
