@@ -1,6 +1,7 @@
 //! Fault points: named places where the crash tests hold the daemon so
 //! that `kill -9` lands exactly there (at the start of each stage of
-//! `new project`, between the steps of `rm`, `rename`, `cp` and `stop`).
+//! `new project`, between the steps of `rm`, `rename`, `cp` and `stop`,
+//! and inside `checkpoint` and `rollback`).
 //!
 //! Compiled in only with the `fault-points` feature, which the end-to-end
 //! tests turn on and release builds leave off; without it [`point`] is
@@ -22,6 +23,13 @@ pub const POINTS: &[&str] = &[
     "copying",
     "renaming",
     "renaming-vm",
+    "checkpoint-switched",
+    "checkpoint-files",
+    "checkpoint-taken",
+    "rollback",
+    "rollback-journal",
+    "rollback-disk",
+    "rollback-source",
 ];
 
 /// Holds here until killed when `KENNEL_FAULT_HOLD` names `name` (with the

@@ -102,36 +102,120 @@ fn checkpoint_roll_back_undo_and_copy_on_a_real_guest() {
         assert_eq!(seen, "one\none\n");
         k.exec_ok("rm fork --yes");
     });
-    steps.run("removed checkpoints' layers are merged at the next start", || {
-        // Both are read through (first by auto-1 and auto-2, auto-2 by
-        // nothing since the last rollback) while the VM runs.
-        k.exec_ok("checkpoint rm keep first");
-        k.exec_ok("checkpoint rm keep auto-2");
-        assert!(!data.join("vms/keep/checkpoints/first").exists());
-        k.exec_ok("stop keep");
-        k.exec_ok("start keep");
-        for gone in ["first.qcow2", "auto-2.qcow2"] {
-            assert!(
-                !data.join("vms/keep/checkpoints").join(gone).exists(),
-                "{gone}"
-            );
-        }
-        let seen = k.ssh_ok("keep", "cat /workspace/a.txt ~/home.txt ~/new.txt");
-        assert_eq!(seen, "two\ntwo\nnew\n");
-        let list = k.exec_ok("checkpoints keep");
-        let labels: Vec<&str> = list
-            .lines()
-            .skip(1)
-            .filter_map(|l| l.split_whitespace().next())
-            .collect();
-        assert_eq!(labels, ["auto-1"], "{list}");
-    });
+    steps.run(
+        "removed checkpoints' layers are merged at the next start",
+        || {
+            // Both are read through (first by auto-1 and auto-2, auto-2 by
+            // nothing since the last rollback) while the VM runs.
+            k.exec_ok("checkpoint rm keep first");
+            k.exec_ok("checkpoint rm keep auto-2");
+            assert!(!data.join("vms/keep/checkpoints/first").exists());
+            k.exec_ok("stop keep");
+            k.exec_ok("start keep");
+            for gone in ["first.qcow2", "auto-2.qcow2"] {
+                assert!(
+                    !data.join("vms/keep/checkpoints").join(gone).exists(),
+                    "{gone}"
+                );
+            }
+            let seen = k.ssh_ok("keep", "cat /workspace/a.txt ~/home.txt ~/new.txt");
+            assert_eq!(seen, "two\ntwo\nnew\n");
+            let list = k.exec_ok("checkpoints keep");
+            let labels: Vec<&str> = list
+                .lines()
+                .skip(1)
+                .filter_map(|l| l.split_whitespace().next())
+                .collect();
+            assert_eq!(labels, ["auto-1"], "{list}");
+        },
+    );
     steps.run("rename keeps the checkpoints usable", || {
         k.ssh_ok("keep", "echo three > ~/home.txt");
         k.exec_ok("rename keep kept");
         k.exec_ok("rollback kept auto-1 --yes");
         let seen = k.ssh_ok("kept", "cat ~/home.txt");
         assert_eq!(seen, "two\n");
+    });
+    steps.finish();
+}
+
+/// `kill -9` of the daemon inside `checkpoint` and `rollback`: the
+/// project is as before or as after, never a mix, and a VM paused for the
+/// checkpoint goes on after the restart.
+#[test]
+fn a_daemon_killed_inside_checkpoint_or_rollback_leaves_before_or_after() {
+    use crate::crash_vm::kill_at;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut k = Kennel::new(tmp.path());
+    let log = tmp.path().join("serve.log");
+    k.start_serve_logged(&log);
+    let data = tmp.path().join("kennel-data");
+    let cks = data.join("vms/ck/checkpoints");
+    k.exec_ok("new project ck --stack base --cpus 1 --memory 512M --disk 2G");
+    let write = |k: &Kennel, v: &str| {
+        k.ssh_ok(
+            "ck",
+            &format!("echo {v} > /workspace/f.txt; echo {v} > ~/f.txt; sync"),
+        );
+    };
+    let seen = |k: &Kennel| k.ssh_ok("ck", "cat /workspace/f.txt ~/f.txt");
+    let listed = |k: &Kennel| k.exec_ok("checkpoints ck");
+    write(&k, "a");
+
+    let mut steps =
+        Steps::new("a_daemon_killed_inside_checkpoint_or_rollback_leaves_before_or_after");
+    for (point, label) in [
+        ("checkpoint-switched", "k1"),
+        ("checkpoint-files", "k2"),
+        ("checkpoint-taken", "k3"),
+    ] {
+        steps.run(&format!("checkpoint killed at {point}"), || {
+            kill_at(&mut k, &log, point, &format!("checkpoint ck {label}"));
+            // The paused VM went on; the checkpoint was never taken.
+            assert_eq!(seen(&k), "a\na\n", "{point}");
+            assert!(!listed(&k).contains(label), "{point}");
+            // Its files go before the next boot; the disk is whole.
+            k.exec_ok("stop ck");
+            k.exec_ok("start ck");
+            assert_eq!(seen(&k), "a\na\n", "{point}");
+            assert!(!data.join("vms/ck/disk.next.qcow2").exists(), "{point}");
+            assert!(!cks.join(label).exists(), "{point}");
+            assert!(!cks.join(format!("{label}.qcow2")).exists(), "{point}");
+            // The label is free again.
+            k.exec_ok(&format!("checkpoint ck {label}"));
+            k.exec_ok(&format!("checkpoint rm ck {label}"));
+        });
+    }
+    steps.run("a checkpoint to roll back to", || {
+        k.exec_ok("checkpoint ck good");
+        write(&k, "b");
+    });
+    for (point, after) in [
+        ("rollback", false),
+        ("rollback-journal", true),
+        ("rollback-disk", true),
+        ("rollback-source", true),
+    ] {
+        steps.run(&format!("rollback killed at {point}"), || {
+            kill_at(&mut k, &log, point, "rollback ck good --yes");
+            // Stopped for the rollback; the next start finishes it, or
+            // finds it never began.
+            k.exec_ok("start ck");
+            let want = if after { "a\na\n" } else { "b\nb\n" };
+            assert_eq!(seen(&k), want, "{point}");
+            assert!(!data.join("vms/ck/rollback.json").exists(), "{point}");
+            let projects = data.join("projects");
+            assert!(!projects.join("ck.kennel-rollback").exists(), "{point}");
+            assert!(!projects.join("ck.kennel-replaced").exists(), "{point}");
+            write(&k, "b");
+        });
+    }
+    steps.run("the restarts said what they did", || {
+        let logged = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            logged.contains("resumed a VM that a restart left paused"),
+            "the log says so"
+        );
     });
     steps.finish();
 }

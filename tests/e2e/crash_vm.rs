@@ -24,7 +24,7 @@ const SMALL: &str = "--stack base --cpus 1 --memory 512M --disk 2G";
 /// Starts the daemon held at fault point `point`, runs `line` until the
 /// daemon says it holds there, kills the daemon (`kill -9`) and starts it
 /// again without the hold. Returns the progress `line` showed.
-fn kill_at(k: &mut Kennel, log: &Path, point: &str, line: &str) -> String {
+pub(crate) fn kill_at(k: &mut Kennel, log: &Path, point: &str, line: &str) -> String {
     k.kill_serve("-KILL");
     k.env.push(("KENNEL_FAULT_HOLD".into(), point.into()));
     let before = std::fs::read_to_string(log).unwrap_or_default().len();

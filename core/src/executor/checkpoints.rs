@@ -250,7 +250,7 @@ impl Executor {
     ) -> Result<(Checkpoint, CheckpointTaken), CommandError> {
         let name = &project.name;
         let cost = self.vms.checkpoint(name, label, progress).await?;
-        crate::fault::point("checkpoint-recorded");
+        crate::fault::point("checkpoint-taken");
         let (n, l) = (name.clone(), label.to_owned());
         let (note, why) = (note.map(str::to_owned), auto_reason.map(str::to_owned));
         let (by, resources, app_port) = (by.map(|u| u.id), project.resources, project.app_port);

@@ -24,10 +24,20 @@ impl LocalProvisioner {
                 self.teardown(&name, None).await;
                 continue;
             };
-            let running = matches!(
-                self.vmm.state(&r.machine).await,
-                Ok(VmmState::Running | VmmState::Paused)
-            );
+            let state = self.vmm.state(&r.machine).await;
+            let running = matches!(state, Ok(VmmState::Running | VmmState::Paused));
+            if matches!(state, Ok(VmmState::Paused)) {
+                // Kennel pauses a VM only for a moment (a checkpoint): one
+                // paused now was left so by a restart, and goes on.
+                match self.vmm.resume(&r.machine).await {
+                    Ok(()) => {
+                        tracing::warn!(vm = %name, "resumed a VM that a restart left paused (mid-checkpoint)")
+                    }
+                    Err(e) => {
+                        tracing::error!(vm = %name, error = %e, "could not resume a VM a restart left paused")
+                    }
+                }
+            }
             if running {
                 tracing::info!(vm = %name, "adopted a running VM");
             } else {
