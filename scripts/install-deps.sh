@@ -31,6 +31,7 @@ command -v cargo >/dev/null 2>&1 || {
 checks=(
   "qemu-system-x86_64|qemu-system-x86|run test"
   "qemu-img|qemu-utils|run test"
+  "qemu-io|qemu-utils|test"
   "fn:have_virtiofsd|qemu-system-common|run test"
   "mmdebstrap|mmdebstrap|run test"
   "gpg|gpg|run test"

@@ -380,6 +380,12 @@ pub struct Checkpoint {
     /// checkpoint before) and the source copy.
     pub disk_bytes: u64,
     pub source_bytes: u64,
+    /// Bytes of older checkpoints' disk layers it reads through (shared
+    /// with them), when it was taken.
+    pub disk_shared_bytes: u64,
+    /// Whether the source copy shares its extents with the source
+    /// (reflinks) until either changes.
+    pub source_reflinked: bool,
     /// The project's shape and app port when it was taken (a rollback
     /// restores them).
     pub resources: Resources,

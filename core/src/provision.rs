@@ -175,6 +175,8 @@ pub struct CheckpointTaken {
     /// Bytes of the disk layer the checkpoint keeps (what the VM wrote
     /// since the checkpoint before it, or since it was made).
     pub disk_bytes: u64,
+    /// Bytes of older checkpoints' layers the new one reads through.
+    pub disk_shared_bytes: u64,
     /// Bytes and files of the source copy.
     pub source_bytes: u64,
     pub source_files: u64,

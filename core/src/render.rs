@@ -554,7 +554,16 @@ pub fn document(r: &Reply) -> Vec<Block> {
             t("."),
         ])],
         Reply::Checkpoints { checkpoints, .. } => vec![Block::Table {
-            head: ["label", "taken", "by", "note", "git HEAD", "disk", "source"]
+            head: [
+                "label",
+                "taken",
+                "by",
+                "note",
+                "git HEAD",
+                "disk (own)",
+                "disk (shared)",
+                "source",
+            ]
                 .map(String::from)
                 .to_vec(),
             rows: checkpoints
@@ -574,7 +583,12 @@ pub fn document(r: &Reply) -> Vec<Block> {
                             .map(|h| h.get(..12).unwrap_or(h).to_owned())
                             .unwrap_or_default(),
                         bytes(c.disk_bytes),
-                        bytes(c.source_bytes),
+                        bytes(c.disk_shared_bytes),
+                        if c.source_reflinked {
+                            format!("{} (reflinked)", bytes(c.source_bytes))
+                        } else {
+                            bytes(c.source_bytes)
+                        },
                     ]
                 })
                 .collect(),

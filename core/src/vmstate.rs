@@ -10,8 +10,9 @@
 //!
 //! Every operation that changes a project's VM holds that project's VM
 //! lock (`Executor::lock_vm`): start, stop, restart, wake, idle stop, and
-//! in their command families `rm`, `port`, and `rename` and `cp` (which
-//! hold both names' locks, taken in name order). Each checks, locks, and
+//! in their command families `rm`, `port`, `checkpoint`, `rollback`,
+//! `checkpoint rm`, and `rename` and `cp` (which hold both names' locks,
+//! taken in name order). Each checks, locks, and
 //! checks again (`Executor::project_now`), so what waited acts on what the
 //! holder left: two entry points waking a project at once boot it once, an
 //! `rm` after a wake in flight removes the VM the wake booted, and a

@@ -360,6 +360,52 @@ async fn discord_bot_against_a_fake_discord() {
         "{dm:?}"
     );
 
+    // /checkpoint, then /rollback asks with a button; the click rolls back.
+    let from = d.calls().len();
+    let (_, token) = d
+        .slash(
+            &ann,
+            CHANNEL,
+            "checkpoint",
+            &[("name", "myapp"), ("label", "good"), ("note", "before it")],
+        )
+        .await;
+    let (seen, _) = final_edit(&d, from, &token).await;
+    assert!(
+        seen.last()
+            .unwrap()
+            .contains("Checkpoint good of myapp taken"),
+        "{seen:?}"
+    );
+    let from = d.calls().len();
+    let (id, _) = d
+        .slash(
+            &ann,
+            CHANNEL,
+            "rollback",
+            &[("name", "myapp"), ("label", "good")],
+        )
+        .await;
+    let c = callback(&d, from, id, "the rollback question").await;
+    let button = &c.body["data"]["components"][0]["components"][0];
+    assert_eq!(button["custom_id"], "kennel:rollback:myapp@good", "{c:?}");
+    assert!(content(&c).contains("checkpoint good"), "{c:?}");
+    let question = kennel_testkit::discord_fake::message(
+        778,
+        CHANNEL,
+        user(BOT, "kennel", true),
+        &content(&c),
+        c.body["data"]["components"].clone(),
+    );
+    let from = d.calls().len();
+    let (_, token) = d.click(&ann, &question, "kennel:rollback:myapp@good").await;
+    let (seen, _) = final_edit(&d, from, &token).await;
+    assert!(
+        seen.last().unwrap().contains("back at checkpoint good"),
+        "{seen:?}"
+    );
+    assert!(vms.calls().contains(&"restore myapp good".to_owned()));
+
     // /rm asks with a button; the click destroys.
     let from = d.calls().len();
     let (id, _) = d.slash(&ann, CHANNEL, "rm", &[("name", "myapp")]).await;

@@ -269,6 +269,8 @@ impl Executor {
                         git_head: c.git_head.as_deref(),
                         disk_bytes: c.disk_bytes,
                         source_bytes: c.source_bytes,
+                        disk_shared_bytes: c.disk_shared_bytes,
+                        source_reflinked: c.reflinked,
                         resources,
                         app_port,
                     },

@@ -1410,6 +1410,8 @@ pub struct NewCheckpoint<'a> {
     pub git_head: Option<&'a str>,
     pub disk_bytes: u64,
     pub source_bytes: u64,
+    pub disk_shared_bytes: u64,
+    pub source_reflinked: bool,
     pub resources: Resources,
     pub app_port: u16,
 }
@@ -1419,8 +1421,9 @@ pub fn insert_checkpoint(conn: &Connection, c: &NewCheckpoint<'_>) -> Result<(),
     let n = conn
         .execute(
             "INSERT INTO checkpoints (project_id, label, note, auto_reason, taken_by, taken_at,
-                 git_head, disk_bytes, source_bytes, vcpus, memory_mib, disk_mib, app_port)
-             SELECT id, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13
+                 git_head, disk_bytes, source_bytes, vcpus, memory_mib, disk_mib, app_port,
+                 disk_shared_bytes, source_reflinked)
+             SELECT id, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15
              FROM projects WHERE name = ?1",
             params![
                 c.project.as_str(),
@@ -1436,6 +1439,8 @@ pub fn insert_checkpoint(conn: &Connection, c: &NewCheckpoint<'_>) -> Result<(),
                 c.resources.memory_mib,
                 c.resources.disk_mib,
                 c.app_port,
+                i64::try_from(c.disk_shared_bytes).unwrap_or(i64::MAX),
+                c.source_reflinked,
             ],
         )
         .map_err(|e| classify(e, &format!("checkpoint {}", c.label)))?;
@@ -1448,7 +1453,8 @@ pub fn insert_checkpoint(conn: &Connection, c: &NewCheckpoint<'_>) -> Result<(),
 }
 
 const CHECKPOINT_COLS: &str = "c.label, c.note, c.auto_reason, u.name, c.taken_at, c.git_head,
-    c.disk_bytes, c.source_bytes, c.vcpus, c.memory_mib, c.disk_mib, c.app_port";
+    c.disk_bytes, c.source_bytes, c.vcpus, c.memory_mib, c.disk_mib, c.app_port,
+    c.disk_shared_bytes, c.source_reflinked";
 
 fn checkpoint_from(r: &Row<'_>) -> rusqlite::Result<Checkpoint> {
     Ok(Checkpoint {
@@ -1466,6 +1472,8 @@ fn checkpoint_from(r: &Row<'_>) -> rusqlite::Result<Checkpoint> {
             disk_mib: r.get(10)?,
         },
         app_port: r.get(11)?,
+        disk_shared_bytes: u64::try_from(r.get::<_, i64>(12)?).unwrap_or(0),
+        source_reflinked: r.get(13)?,
     })
 }
 

@@ -1275,6 +1275,23 @@ async fn the_dashboard_makes_projects_approves_requests_keeps_keys_and_secrets_a
         b.eval("document.querySelectorAll('details').forEach((d) => { d.open = true; }); document.querySelector('input[aria-label=\"app port of fresh\"]').value = '9000'; document.querySelector('input[aria-label=\"app port of fresh\"]').form.submit(); return 1;");
         let ported = b.source_with("9000", Duration::from_secs(20));
         assert!(ported.contains("port 9000"), "{ported}");
+        // A checkpoint taken by its button (the answer streams in), then a
+        // rollback to it: the question chat asks, answered by a button.
+        b.eval("document.querySelectorAll('details').forEach((d) => { d.open = true; }); return 1;");
+        b.click("button[aria-label=\"take checkpoint fresh\"]");
+        let t = std::time::Instant::now();
+        let mut taken = String::new();
+        while t.elapsed() < Duration::from_secs(20) && !taken.contains("Checkpoint c1 of fresh taken") {
+            std::thread::sleep(Duration::from_millis(100));
+            taken = b.eval("return document.getElementById('said').textContent;").as_str().unwrap_or("").to_owned();
+        }
+        assert!(taken.contains("Checkpoint c1 of fresh taken"), "{taken}");
+        b.eval("document.querySelectorAll('details').forEach((d) => { d.open = true; }); document.querySelector('input[aria-label=\"roll fresh back to\"]').value = 'c1'; document.querySelector('input[aria-label=\"roll fresh back to\"]').form.submit(); return 1;");
+        let asked = b.source_with("Yes, do it", Duration::from_secs(20));
+        assert!(asked.contains("checkpoint c1"), "{asked}");
+        b.click("button[aria-label=\"confirm\"]");
+        let rolled = b.source_with("back at checkpoint c1", Duration::from_secs(20));
+        assert!(rolled.contains("rollback fresh auto-1"), "{rolled}");
         b.eval("document.querySelectorAll('details').forEach((d) => { d.open = true; }); return 1;");
         b.click("button[aria-label=\"remove fresh\"]");
         let asked = b.source_with("Yes, do it", Duration::from_secs(20));

@@ -168,6 +168,11 @@ impl LocalProvisioner {
             return Err(e);
         }
         cost.disk_bytes = disk::allocated_bytes(&layer);
+        let (l, d) = (layer.clone(), dir.clone());
+        cost.disk_shared_bytes = self
+            .blocking(Stage::Disk, move |runner| Ok(shared_below(runner, &l, &d)))
+            .await
+            .unwrap_or(0);
         let (bytes, files) = tree_size(&kept.join("source"));
         cost.source_bytes = bytes;
         cost.source_files = files;
@@ -575,6 +580,24 @@ fn tree_size(root: &Path) -> (u64, u64) {
         }
     }
     (bytes, files)
+}
+
+/// Bytes of the checkpoint layers (in `dir`) that `layer` reads through.
+fn shared_below(runner: &dyn Runner, layer: &Path, dir: &Path) -> u64 {
+    let mut total = 0u64;
+    let mut at = layer.to_path_buf();
+    for _ in 0..256 {
+        let Some(b) = disk::info(runner, &at).ok().and_then(|i| i.backing) else {
+            break;
+        };
+        let b = PathBuf::from(b);
+        if b.parent() != Some(dir) {
+            break; // the stack image: not a checkpoint's
+        }
+        total = total.saturating_add(disk::allocated_bytes(&b));
+        at = b;
+    }
+    total
 }
 
 /// The commit a source's `.git/HEAD` names, if it is a repository (read

@@ -636,7 +636,12 @@ async fn checkpoints_freeze_restore_and_merge_real_qcow2_layers() {
     assert!(qemu_io(&vm.join("checkpoints/c1.qcow2"), "read", 0x11));
     std::fs::write(src.join("a.txt"), "two").unwrap();
     std::fs::write(src.join("b.txt"), "new").unwrap();
-    r.p.checkpoint(&name, "c2", &NoProgress).await.unwrap();
+    let cost2 = r.p.checkpoint(&name, "c2", &NoProgress).await.unwrap();
+    assert_eq!(
+        cost2.disk_shared_bytes,
+        disk::allocated_bytes(&vm.join("checkpoints/c1.qcow2")),
+        "c2 reads through c1"
+    );
 
     r.p.restore_checkpoint(&name, "c1", &NoProgress)
         .await

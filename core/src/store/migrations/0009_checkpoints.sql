@@ -15,7 +15,12 @@ CREATE TABLE checkpoints (
     taken_at      INTEGER NOT NULL,
     git_head      TEXT,
     disk_bytes    INTEGER NOT NULL CHECK (disk_bytes >= 0),
+    -- Bytes of older checkpoints' layers it reads through, when taken.
+    disk_shared_bytes INTEGER NOT NULL DEFAULT 0 CHECK (disk_shared_bytes >= 0),
     source_bytes  INTEGER NOT NULL CHECK (source_bytes >= 0),
+    -- Copied by reflinks: its extents are shared with the source's until
+    -- either changes.
+    source_reflinked INTEGER NOT NULL DEFAULT 0 CHECK (source_reflinked IN (0, 1)),
     vcpus         INTEGER NOT NULL CHECK (vcpus > 0),
     memory_mib    INTEGER NOT NULL CHECK (memory_mib > 0),
     disk_mib      INTEGER NOT NULL CHECK (disk_mib > 0),
