@@ -806,7 +806,8 @@ mod tests {
             let name = v["name"].as_str().unwrap();
             let line = match name {
                 "new" => "new project a".to_owned(),
-                "status" | "ssh" | "rm" => format!("{name} a"),
+                "status" | "ssh" | "rm" | "checkpoint" | "checkpoints" => format!("{name} a"),
+                "rollback" => "rollback a c1".to_owned(),
                 "request-access" => {
                     format!(
                         "request-access {}",
