@@ -11,15 +11,19 @@
 # "source ... (N ms)"); rollback is timed around the command.
 # Needs root, QEMU, virtiofsd, OpenSSH (scripts/install-deps.sh run); the
 # XFS row needs xfsprogs (mkfs.xfs) and loop devices, else it says so.
-# Usage: bench/checkpoint.sh [GIB...]   (default: 1 4 16)
+# Usage: [BENCH_KENNEL_BIN=path] bench/checkpoint.sh [GIB...]   (default: 1 4 16)
 set -euo pipefail
 sizes=("$@")
 [ ${#sizes[@]} -gt 0 ] || sizes=(1 4 16)
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kennel/target}"
 cache="${KENNEL_TEST_CACHE:-$HOME/.cache/kennel/test-data}"
-(cd "$repo" && cargo build --quiet)
-K="$CARGO_TARGET_DIR/debug/kennel"
+# BENCH_KENNEL_BIN: a kennel binary built already (e.g. the tests' own).
+K="${BENCH_KENNEL_BIN:-}"
+if [ -z "$K" ]; then
+  (cd "$repo" && cargo build --quiet)
+  K="$CARGO_TARGET_DIR/debug/kennel"
+fi
 
 work=$(mktemp -d /tmp/kc.XXXXXX)
 pids=()
@@ -42,7 +46,7 @@ export KENNEL_VM__BACKEND=qemu KENNEL_VM__NETWORK=user RUST_LOG=warn KENNEL_IMAG
 serve_in() {
   mkdir -p "$1/kennel-data" "$cache/images"
   ln -sfn "$cache/images" "$1/kennel-data/images"
-  (cd "$1" && "$K" image build >/dev/null 2>&1)
+  (cd "$1" && "$K" image build >"$1/image-build.log" 2>&1) || { cat "$1/image-build.log"; exit 1; }
   (cd "$1" && exec "$K" serve 2>/dev/null) &
   pids+=($!)
   until python3 -c "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])" "$1/kennel-data/control.sock" 2>/dev/null; do sleep 0.1; done

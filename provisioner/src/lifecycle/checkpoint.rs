@@ -371,6 +371,14 @@ impl LocalProvisioner {
             }
         }
         self.finish_rollback(r).await?;
+        // A rollback cut off before its journal never began: its staged
+        // copy of the source goes.
+        if let Ok(staging) = sibling(&r.source, "kennel-rollback") {
+            if std::fs::symlink_metadata(&staging).is_ok() {
+                tracing::info!(vm = %r.project, "removing the staged source of a rollback that never began");
+                let _ = std::fs::remove_dir_all(&staging);
+            }
+        }
         // Complete files the store has no row for were cut off between the
         // two: the checkpoint was never taken.
         let known: Vec<String> = match ProjectName::new(&r.project) {

@@ -684,6 +684,16 @@ async fn checkpoints_freeze_restore_and_merge_real_qcow2_layers() {
     assert!(!vm.join("checkpoints/c3.qcow2").exists());
     assert!(qemu_io(&disk, "read", 0x11));
 
+    // Cut off while staging a rollback's source (no journal): it never began.
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::write(staging.join("a.txt"), "half").unwrap();
+    r.p.tidy_checkpoints(&record).await.unwrap();
+    assert!(!staging.exists());
+    assert_eq!(
+        std::fs::read_to_string(src.join("a.txt")).unwrap(),
+        "staged"
+    );
+
     // Cut off mid-checkpoint after the link: the start finishes it.
     let next = vm.join("disk.next.qcow2");
     let layer = vm.join("checkpoints/c4.qcow2");
