@@ -79,7 +79,10 @@ EOF
 }
 
 declare -a rows
-row() { rows+=("$(printf '%-44s %10s %10s %12s' "$1" "$2" "$3" "$4")"); }
+row() {
+  rows+=("$(printf '%-44s %10s %10s %12s' "$1" "$2" "$3" "$4")")
+  echo "ROW ${rows[-1]}"
+}
 
 # ---- ext4: the disk part after N GiB, rollback, space after 100 MiB.
 mkdir -p "$work/ext4"
@@ -124,6 +127,9 @@ if command -v mkfs.xfs >/dev/null; then
   mkdir -p "$work/xfs"
   mount -o loop "$work/xfs.img" "$work/xfs"
   mounted="$work/xfs"
+  # One daemon at a time: both would listen on the default ports.
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 1
   serve_in "$work/xfs"
   src_row "$work/xfs" xfs
 else
