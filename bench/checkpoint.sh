@@ -36,7 +36,8 @@ cleanup() {
     done
   done
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  [ -n "$mounted" ] && umount "$mounted" 2>/dev/null || true
+  for p in "${pids[@]}"; do while kill -0 "$p" 2>/dev/null; do sleep 0.2; done; done
+  [ -n "$mounted" ] && { umount "$mounted" 2>/dev/null || umount -l "$mounted"; } || true
   rm -rf "$work"
 }
 trap cleanup EXIT
