@@ -126,6 +126,11 @@ impl Executor {
             self.vms
                 .restore_checkpoint(name, label.as_str(), call.progress)
                 .await?;
+            // The VM keeps its app port in its own record too (for its
+            // next boots): it goes back with the rest.
+            if target.app_port != project.app_port {
+                self.vms.set_app_port(name, target.app_port).await?;
+            }
             let (n, shape) = (name.clone(), target.resources);
             let port = target.app_port;
             self.store

@@ -149,6 +149,26 @@ async fn a_stopped_project_rolls_back_without_starting() {
 }
 
 #[tokio::test]
+async fn the_app_port_goes_back_with_a_rollback() {
+    let w = World::new().build();
+    let a = w.admin.clone();
+    w.run(&a, "new project app").await.unwrap();
+    w.run(&a, "checkpoint app").await.unwrap();
+    w.run(&a, "port app 9000").await.unwrap();
+    w.run(&a, "rollback app c1 --yes").await.unwrap();
+    let Ok(Reply::Status { project, .. }) = w.run(&a, "status app").await else {
+        panic!()
+    };
+    assert_eq!(project.app_port, 8080);
+    // And forward again with the automatic checkpoint.
+    w.run(&a, "rollback app auto-1 --yes").await.unwrap();
+    let Ok(Reply::Status { project, .. }) = w.run(&a, "status app").await else {
+        panic!()
+    };
+    assert_eq!(project.app_port, 9000);
+}
+
+#[tokio::test]
 async fn copies_from_a_checkpoint() {
     let w = World::new().build();
     let a = w.admin.clone();
