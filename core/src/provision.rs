@@ -377,10 +377,10 @@ pub trait Provisioner: Send + Sync {
         _label: &str,
         _progress: &dyn ProgressSink,
     ) -> Result<CheckpointTaken, ProvisionError> {
-        Err(ProvisionError::Unavailable(format!(
-            "the {} backend cannot take checkpoints (of {project})",
-            self.backend()
-        )))
+        Err(no_checkpoints(
+            self.backend(),
+            format!("cannot take checkpoints (of {project})"),
+        ))
     }
     /// Puts a stopped VM's disk and its source back as they were at
     /// checkpoint `label`. All or nothing, also across a crash.
@@ -390,10 +390,10 @@ pub trait Provisioner: Send + Sync {
         _label: &str,
         _progress: &dyn ProgressSink,
     ) -> Result<(), ProvisionError> {
-        Err(ProvisionError::Unavailable(format!(
-            "the {} backend cannot roll back {project}",
-            self.backend()
-        )))
+        Err(no_checkpoints(
+            self.backend(),
+            format!("cannot roll back {project}"),
+        ))
     }
     /// Removes checkpoint `label`'s files (a disk layer that others still
     /// read through is merged into them when the VM is next stopped).
@@ -402,10 +402,10 @@ pub trait Provisioner: Send + Sync {
         project: &ProjectName,
         _label: &str,
     ) -> Result<(), ProvisionError> {
-        Err(ProvisionError::Unavailable(format!(
-            "the {} backend has no checkpoints of {project}",
-            self.backend()
-        )))
+        Err(no_checkpoints(
+            self.backend(),
+            format!("has no checkpoints of {project}"),
+        ))
     }
     /// Like [`Provisioner::copy`], from checkpoint `label` of `from`.
     async fn copy_checkpoint(
@@ -415,10 +415,10 @@ pub trait Provisioner: Send + Sync {
         _to: &CreateRequest,
         _progress: &dyn ProgressSink,
     ) -> Result<Created, ProvisionError> {
-        Err(ProvisionError::Unavailable(format!(
-            "the {} backend has no checkpoints of {from}",
-            self.backend()
-        )))
+        Err(no_checkpoints(
+            self.backend(),
+            format!("has no checkpoints of {from}"),
+        ))
     }
     /// Renames a project's VM (stopped and started again if it ran).
     async fn rename(&self, from: &ProjectName, to: &ProjectName) -> Result<(), ProvisionError>;
@@ -440,6 +440,11 @@ pub trait Provisioner: Send + Sync {
         project: &ProjectName,
         authorized_keys: &[String],
     ) -> Result<(), ProvisionError>;
+}
+
+/// A backend without checkpoints says so, naming itself.
+fn no_checkpoints(backend: String, what: String) -> ProvisionError {
+    ProvisionError::Unavailable(format!("the {backend} backend {what}"))
 }
 
 /// The provisioner of a build or host that cannot run VMs: every call says

@@ -25,21 +25,6 @@ pub fn create_root(
         .map(|_| ())
 }
 
-/// The backing file a qcow2 disk was made from (for image references).
-pub fn backing_file(runner: &dyn Runner, disk: &Path) -> Option<String> {
-    let out = runner
-        .run(
-            &Cmd::new("qemu-img")
-                .args(["info", "--output=json", "-U"])
-                .arg(disk),
-        )
-        .ok()?;
-    let v: serde_json::Value = serde_json::from_str(&out.stdout).ok()?;
-    v.get("backing-filename")
-        .and_then(|b| b.as_str())
-        .map(str::to_owned)
-}
-
 /// What `qemu-img info` says of a disk (read with `-U`: a running VM may
 /// hold it).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,14 +87,7 @@ pub fn rebase(
     backing: &str,
     format: &str,
 ) -> Result<(), String> {
-    runner
-        .run(
-            &Cmd::new("qemu-img")
-                .args(["rebase", "-q", "-f", "qcow2", "-F", format, "-b", backing])
-                .arg(child),
-        )
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    rebase_with(runner, child, backing, format, &[])
 }
 
 /// Rewrites the backing file name in `child` to `backing` without
@@ -120,12 +98,22 @@ pub fn rename_backing(
     backing: &str,
     format: &str,
 ) -> Result<(), String> {
+    rebase_with(runner, child, backing, format, &["-u"])
+}
+
+fn rebase_with(
+    runner: &dyn Runner,
+    child: &Path,
+    backing: &str,
+    format: &str,
+    extra: &[&str],
+) -> Result<(), String> {
     runner
         .run(
             &Cmd::new("qemu-img")
-                .args([
-                    "rebase", "-q", "-u", "-f", "qcow2", "-F", format, "-b", backing,
-                ])
+                .args(["rebase", "-q"])
+                .args(extra)
+                .args(["-f", "qcow2", "-F", format, "-b", backing])
                 .arg(child),
         )
         .map(|_| ())
