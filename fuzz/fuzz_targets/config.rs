@@ -6,6 +6,16 @@
 
 #[path = "../../src/config.rs"]
 mod config;
+
+// The configuration names the provisioner's backend choices; only that
+// plain-data file is compiled in, under the crate name config.rs uses,
+// so this target does not build the provisioner (libgit2, hyper, QMP).
+extern crate self as kennel_provisioner;
+#[path = "../../provisioner/src/choice.rs"]
+mod choice;
+mod select {
+    pub use crate::choice::{BackendChoice, NetworkChoice};
+}
 #[path = "../../src/logging.rs"]
 mod logging;
 

@@ -24,6 +24,7 @@
 
 pub mod catalog;
 pub mod cgroup;
+pub mod choice;
 pub mod devcontainer;
 pub mod disk;
 pub mod host;

@@ -13,27 +13,7 @@ use crate::vmm::ch::CloudHypervisor;
 use crate::vmm::qemu::{Accel, Qemu};
 use crate::vmm::Vmm;
 
-/// `vm.backend` in the configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BackendChoice {
-    /// Cloud Hypervisor where it can run, QEMU otherwise.
-    Auto,
-    Qemu,
-    CloudHypervisor,
-    /// No VMs: chat and admin commands only.
-    None,
-}
-
-/// `vm.network` in the configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NetworkChoice {
-    /// The bridge for Cloud Hypervisor, user mode for QEMU.
-    Auto,
-    User,
-    Bridge,
-}
+pub use crate::choice::{BackendChoice, NetworkChoice};
 
 /// Which VMM a backend setting comes to on a host, and why: the one
 /// decision [`select`] acts on and `kennel doctor` reports.
