@@ -6,8 +6,8 @@
 #                           and the build is a third the time)
 #   FUZZ_TARGETS="parse config"  only these
 #   FUZZ_JOBS=2             run two targets at a time (default 1)
-#   FUZZ_BUILD=dev          an unoptimised build (default release): a
-#                           quarter of the cold build time, for the
+#   FUZZ_BUILD=dev          an unoptimised build (default release):
+#                           quicker to build, slower to run; for the
 #                           test command's short runs
 # cargo-fuzz needs nightly features; on a stable toolchain RUSTC_BOOTSTRAP=1
 # enables them for this build only. Crashes land in fuzz/artifacts/TARGET/.
