@@ -162,6 +162,20 @@ fn slash_line(cmd: &CommandInteraction) -> String {
                 push(&n);
             }
         }
+        "projects" => {
+            if let Some(t) = opt(cmd, "tag") {
+                line.push_str(&format!(" --tag {}", quote(&t)));
+            }
+        }
+        "tag" | "untag" => {
+            if let Some(n) = opt(cmd, "name") {
+                push(&n);
+            }
+            // Several tags in one option, separated by spaces.
+            for t in opt(cmd, "tags").unwrap_or_default().split_whitespace() {
+                push(t);
+            }
+        }
         "checkpoint" | "rollback" => {
             for o in ["name", "label"] {
                 if let Some(v) = opt(cmd, o) {
@@ -218,7 +232,31 @@ fn commands() -> Vec<CreateCommand> {
                 )
                 .set_autocomplete(true),
             ),
-        CreateCommand::new("projects").description("Your projects"),
+        CreateCommand::new("projects")
+            .description("Your projects")
+            .add_option(CreateCommandOption::new(
+                CommandOptionType::String,
+                "tag",
+                "Only those with this tag",
+            )),
+        CreateCommand::new("tag")
+            .description("Tag a project")
+            .add_option(name("Project name"))
+            .add_option(
+                CreateCommandOption::new(
+                    CommandOptionType::String,
+                    "tags",
+                    "One or more tags, separated by spaces",
+                )
+                .required(true),
+            ),
+        CreateCommand::new("untag")
+            .description("Remove tags from a project")
+            .add_option(name("Project name"))
+            .add_option(
+                CreateCommandOption::new(CommandOptionType::String, "tags", "The tags to remove")
+                    .required(true),
+            ),
         CreateCommand::new("status")
             .description("A project's state and VM")
             .add_option(name("Project name")),
@@ -315,6 +353,14 @@ impl Handler {
         )
     }
 
+    /// Notes a requester's Discord username: an approved request's user
+    /// is named after it (`ann`, not `u1000…`). Best effort.
+    async fn remember_name(&self, who: &Identity, name: &str) {
+        if let Err(e) = self.desk.gate().remember_name(who, name).await {
+            tracing::warn!(identity = %who, error = %e, "could not note the requester's Discord name");
+        }
+    }
+
     async fn on_command(&self, ctx: &Context, cmd: CommandInteraction) {
         let who = identity(cmd.user.id);
         let http = ctx.http.clone();
@@ -323,6 +369,9 @@ impl Handler {
                 .create_response(&http, Self::ephemeral(refusal.to_string()))
                 .await;
             return;
+        }
+        if cmd.data.name == "request-access" {
+            self.remember_name(&who, &cmd.user.name).await;
         }
         let line = slash_line(&cmd);
         let (invocation, long) = match self.desk.parse(&line, &[]) {
@@ -605,6 +654,9 @@ impl Handler {
                 .await;
             return;
         }
+        if matches!(invocation.command, Command::RequestAccess { .. }) {
+            self.remember_name(&who, &msg.author.name).await;
+        }
         let json = invocation.json;
         if long {
             let Ok(progress) = msg
@@ -808,6 +860,7 @@ mod tests {
                 "new" => "new project a".to_owned(),
                 "status" | "ssh" | "rm" | "checkpoint" | "checkpoints" => format!("{name} a"),
                 "rollback" => "rollback a c1".to_owned(),
+                "tag" | "untag" => format!("{name} a web team-x"),
                 "request-access" => {
                     format!(
                         "request-access {}",

@@ -59,6 +59,17 @@ impl Gate {
             .await
     }
 
+    /// Notes the name the chat network shows for `who` (a Discord
+    /// username), so a user approved from its request is named after it.
+    /// A front end calls this before an identity's `request-access`.
+    pub async fn remember_name(&self, who: &Identity, name: &str) -> Result<(), StoreError> {
+        let (who, name) = (who.clone(), name.to_owned());
+        self.exec
+            .store
+            .call(move |c| repo::remember_identity_name(c, &who, &name))
+            .await
+    }
+
     /// Whether a project of that name exists.
     pub async fn project_exists(&self, name: &ProjectName) -> Result<bool, StoreError> {
         let n = name.clone();

@@ -318,9 +318,14 @@ pub struct Project {
     pub state_note: Option<String>,
     /// The project's own idle limit; `None` follows the configured default.
     pub idle_stop: Option<IdleStop>,
+    /// Labels the owner gave it (`tag`), sorted.
+    pub tags: Vec<String>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }
+
+/// The most tags one project carries.
+pub const MAX_TAGS: usize = 16;
 
 /// A project shared with a user, for SSH and/or the web app.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

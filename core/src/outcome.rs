@@ -35,6 +35,16 @@ pub struct UserSummary {
     pub active_keys: usize,
 }
 
+/// One user's quota beside what they use (`quota`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QuotaLine {
+    pub user: String,
+    pub quota: crate::model::Quota,
+    /// Which limits are the user's own rather than their role's.
+    pub personal: crate::store::repo::Personal,
+    pub usage: crate::model::Usage,
+}
+
 /// The successful result of a command.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -49,6 +59,13 @@ pub enum Reply {
     },
     Projects {
         projects: Vec<Project>,
+        /// The tag the list was narrowed to (`projects --tag T`).
+        tag: Option<String>,
+    },
+    /// A project's tags after `tag` or `untag`.
+    Tagged {
+        project: String,
+        tags: Vec<String>,
     },
     Status {
         project: Project,
@@ -190,6 +207,12 @@ pub enum Reply {
     },
     Users {
         users: Vec<UserSummary>,
+    },
+    /// Quotas and use: one row per user asked about.
+    Quotas {
+        quotas: Vec<QuotaLine>,
+        /// Whether the command set limits (then one row, the user's).
+        changed: bool,
     },
     Stacks {
         stacks: Vec<StackInfo>,

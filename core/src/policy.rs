@@ -84,9 +84,18 @@ pub fn authorize(
         .unwrap_or_default();
     let someone_else = |u: &Option<UserName>| u.as_ref().is_some_and(|u| Some(u) != me);
     match cmd {
-        Projects | Stacks | Templates | KeyRm { .. } | SecretSet { .. } | SecretRm { .. } | Secrets
+        Projects { .. } | Stacks | Templates | KeyRm { .. } | SecretSet { .. } | SecretRm { .. } | Secrets
         | DeployKey | Login | Logout | Sessions | TokenCreate { .. } | Tokens | TokenRm { .. }
         | SshConfig => Ok(()),
+        Quota { user, change } => {
+            if !change.is_empty() {
+                refuse("only admins may set quotas; 'quota' shows yours")
+            } else if someone_else(user) {
+                refuse("only admins may see another user's quota; 'quota' shows yours")
+            } else {
+                Ok(())
+            }
+        }
         Keys { user } | KeyAdd { user, .. } => {
             if someone_else(user) {
                 refuse("only admins may see or change another user's keys")
@@ -127,6 +136,8 @@ pub fn authorize(
         | Private { .. }
         | Port { .. }
         | Idle { .. }
+        | Tag { .. }
+        | Untag { .. }
         | Cp { .. }
         | Rename { .. }
         | Rollback { .. }

@@ -199,9 +199,36 @@ fn project_rows(ps: &[Project]) -> Vec<Vec<String>> {
                     p.resources.disk_mib / 1024
                 ),
                 p.visibility.to_string(),
+                p.tags.join(" "),
             ]
         })
         .collect()
+}
+
+/// One `quota` row: each column "used / limit", `*` where the limit is
+/// the user's own.
+fn quota_row(q: &crate::outcome::QuotaLine) -> Vec<String> {
+    let cell = |used: String, limit: Option<String>, own: bool| {
+        format!(
+            "{used} / {}{}",
+            limit.unwrap_or_else(|| "unlimited".into()),
+            if own { " *" } else { "" }
+        )
+    };
+    let size = |mib: u64| crate::command::Size { mib }.to_string();
+    let (l, u, p) = (&q.quota, &q.usage, &q.personal);
+    vec![
+        q.user.clone(),
+        l.role.to_string(),
+        cell(
+            u.projects.to_string(),
+            l.projects.map(|n| n.to_string()),
+            p.projects,
+        ),
+        cell(u.vcpus.to_string(), l.vcpus.map(|n| n.to_string()), p.vcpus),
+        cell(size(u.memory_mib), l.memory_mib.map(size), p.memory_mib),
+        cell(size(u.disk_mib), l.disk_mib.map(size), p.disk_mib),
+    ]
 }
 
 fn connection_doc(c: &Connection) -> Vec<Block> {
@@ -293,13 +320,21 @@ pub fn document(r: &Reply) -> Vec<Block> {
                 Block::Code("request-access <your SSH public key> [note]".into()),
             ],
         },
-        Reply::Projects { projects } if projects.is_empty() => vec![para(vec![
+        Reply::Projects {
+            projects,
+            tag: Some(tag),
+        } if projects.is_empty() => vec![para(vec![
+            t(format!("No projects of yours are tagged {tag}; ")),
+            code("projects"),
+            t(" lists them all."),
+        ])],
+        Reply::Projects { projects, .. } if projects.is_empty() => vec![para(vec![
             t("No projects yet. Create one with "),
             code("new project <name>"),
             t("."),
         ])],
-        Reply::Projects { projects } => vec![Block::Table {
-            head: ["name", "state", "stack", "owner", "resources", "web"]
+        Reply::Projects { projects, .. } => vec![Block::Table {
+            head: ["name", "state", "stack", "owner", "resources", "web", "tags"]
                 .map(String::from)
                 .to_vec(),
             rows: project_rows(projects),
@@ -331,6 +366,14 @@ pub fn document(r: &Reply) -> Vec<Block> {
                         vec!["ssh".into(), connection.ssh_command.clone()],
                         vec!["web".into(), project.visibility.to_string()],
                         vec!["idle stop".into(), idle_text(idle)],
+                        vec![
+                            "tags".into(),
+                            if project.tags.is_empty() {
+                                "-".into()
+                            } else {
+                                project.tags.join(" ")
+                            },
+                        ],
                         vec![
                             "git".into(),
                             project.git_url.clone().unwrap_or_else(|| "-".into()),
@@ -457,6 +500,13 @@ pub fn document(r: &Reply) -> Vec<Block> {
         } => vec![text(format!(
             "{https_url} now forwards to port {port} in the VM."
         ))],
+        Reply::Tagged { project, tags } => vec![text(match tags.first() {
+            None => format!("{project} has no tags now; 'tag {project} TAG' adds one."),
+            Some(first) => format!(
+                "{project}'s tags: {}. 'projects --tag {first}' lists the projects with one.",
+                tags.join(", ")
+            ),
+        })],
         Reply::UserRenamed { from, to } => vec![text(format!(
             "{from} is now {to}: same keys, projects and shares."
         ))],
@@ -721,6 +771,29 @@ pub fn document(r: &Reply) -> Vec<Block> {
             }
             vec![para(v)]
         }
+        Reply::Quotas { quotas, changed } => {
+            let mut doc = Vec::new();
+            if *changed {
+                if let Some(q) = quotas.first() {
+                    doc.push(text(format!("{}'s quota is set.", q.user)));
+                }
+            }
+            doc.push(Block::Table {
+                head: ["user", "role", "projects", "vCPUs", "memory", "disk"]
+                    .map(String::from)
+                    .to_vec(),
+                rows: quotas.iter().map(quota_row).collect(),
+            });
+            if quotas.iter().any(|q| {
+                let p = q.personal;
+                p.projects || p.vcpus || p.memory_mib || p.disk_mib
+            }) {
+                doc.push(text(
+                    "* the user's own limit; the others are their role's ('quota USER --cpus default' hands one back).",
+                ));
+            }
+            doc
+        }
         Reply::Users { users } => vec![Block::Table {
             head: ["user", "role", "identities", "keys"]
                 .map(String::from)
@@ -932,7 +1005,10 @@ mod tests {
 
     #[test]
     fn json_has_ok_and_kind() {
-        let o: Outcome = Ok(Reply::Projects { projects: vec![] });
+        let o: Outcome = Ok(Reply::Projects {
+            projects: vec![],
+            tag: None,
+        });
         let v: serde_json::Value = serde_json::from_str(&render(&o, Format::Json)).unwrap();
         assert_eq!(v["ok"], true);
         assert_eq!(v["kind"], "projects");

@@ -65,6 +65,29 @@ impl World {
         )
     }
 
+    /// A member: a Discord user `id` whose access request (with the key
+    /// from `seed`) the admin approved.
+    ///
+    /// # Panics
+    /// When the request or the approval is refused: a test's setup failed.
+    #[allow(clippy::panic)]
+    pub async fn member(&self, id: &str, seed: u8) -> Identity {
+        let who = Identity::new(Frontend::Discord, id);
+        let k = crate::keys::testing::ed25519(seed, None);
+        let Ok(crate::outcome::Reply::RequestFiled { request, .. }) =
+            self.run(&who, &format!("request-access {k}")).await
+        else {
+            panic!("{id}'s access request was not filed");
+        };
+        if let Err(e) = self
+            .run(&self.admin, &format!("approve {}", request.id))
+            .await
+        {
+            panic!("approving {id}: {e}");
+        }
+        who
+    }
+
     /// Runs one line and renders the answer as plain text.
     pub async fn text(&self, who: &Identity, line: &str) -> String {
         render(&self.run(who, line).await, Format::Plain)

@@ -232,6 +232,9 @@ async fn discord_bot_against_a_fake_discord() {
     // The key logs in to the SSH gateway.
     let out = run_ssh(ssh_port, ann_key, "ann".into(), vec!["whoami".into()], None).await;
     assert!(out.status.success(), "{out:?}");
+    // Named after her Discord username, not her id (u12).
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("You are ann (member)"), "{said}");
 
     // Deny with a reason, through the modal.
     let (_, carol_pub) = keygen(keys.path(), "carol");
@@ -405,6 +408,54 @@ async fn discord_bot_against_a_fake_discord() {
         "{seen:?}"
     );
     assert!(vms.calls().contains(&"restore myapp good".to_owned()));
+
+    // /tag, then /projects with that tag lists the project and its tags;
+    // a tag nobody has lists nothing, and says so.
+    let from = d.calls().len();
+    let (_, token) = d
+        .slash(
+            &ann,
+            CHANNEL,
+            "tag",
+            &[("name", "myapp"), ("tags", "web team-x")],
+        )
+        .await;
+    let (seen, _) = final_edit(&d, from, &token).await;
+    assert!(
+        seen.last().unwrap().contains("myapp's tags: team-x, web"),
+        "{seen:?}"
+    );
+    let from = d.calls().len();
+    let (_, token) = d.slash(&ann, CHANNEL, "projects", &[("tag", "web")]).await;
+    let (seen, _) = final_edit(&d, from, &token).await;
+    let listed = seen.last().unwrap();
+    assert!(
+        listed.contains("myapp") && listed.contains("team-x web"),
+        "{seen:?}"
+    );
+    let from = d.calls().len();
+    let (_, token) = d.slash(&ann, CHANNEL, "projects", &[("tag", "api")]).await;
+    let (seen, _) = final_edit(&d, from, &token).await;
+    assert!(
+        seen.last()
+            .unwrap()
+            .contains("No projects of yours are tagged api"),
+        "{seen:?}"
+    );
+    let from = d.calls().len();
+    let (_, token) = d
+        .slash(
+            &ann,
+            CHANNEL,
+            "untag",
+            &[("name", "myapp"), ("tags", "web")],
+        )
+        .await;
+    let (seen, _) = final_edit(&d, from, &token).await;
+    assert!(
+        seen.last().unwrap().contains("myapp's tags: team-x."),
+        "{seen:?}"
+    );
 
     // /rm asks with a button; the click destroys.
     let from = d.calls().len();

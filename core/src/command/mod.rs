@@ -13,7 +13,7 @@ mod values;
 use std::fmt;
 
 pub use spec::{ArgKind, ArgSpec, CommandSpec, FlagSpec, SPECS};
-pub use values::{GitSource, Size, SlugName};
+pub use values::{GitSource, Limit, QuotaChange, Size, SlugName};
 
 use crate::keys::{Fingerprint, PublicKey};
 use crate::names::{ProjectName, UserName};
@@ -52,8 +52,9 @@ pub enum Command {
     /// Creates a project with its VM. Members within quota; admins always.
     /// Boxed because it is much larger than the other variants.
     NewProject(Box<NewProjectArgs>),
-    /// Lists the projects you own or that are shared with you (all, for admins).
-    Projects,
+    /// Lists the projects you own or that are shared with you (all, for
+    /// admins); with a tag, only those carrying it.
+    Projects { tag: Option<SlugName> },
     /// Shows a project's state, resources and addresses.
     Status { name: ProjectName },
     /// Boots a stopped project's VM.
@@ -93,6 +94,23 @@ pub enum Command {
     Idle {
         name: ProjectName,
         limit: Option<crate::model::IdleStop>,
+    },
+    /// Adds tags to a project (`tag NAME TAG...`).
+    Tag {
+        name: ProjectName,
+        tags: Vec<SlugName>,
+    },
+    /// Removes tags from a project.
+    Untag {
+        name: ProjectName,
+        tags: Vec<SlugName>,
+    },
+    /// Shows quotas and what is used of them: everyone's, one user's, or
+    /// (for a member) their own; an admin's change sets a user's own
+    /// limits.
+    Quota {
+        user: Option<UserName>,
+        change: QuotaChange,
     },
     /// Lists your SSH keys (an admin may name another user).
     Keys { user: Option<UserName> },
@@ -218,7 +236,7 @@ impl Command {
         match self {
             Help { .. }
             | Whoami
-            | Projects
+            | Projects { .. }
             | Status { .. }
             | Ssh { .. }
             | Logs { .. }
@@ -232,6 +250,7 @@ impl Command {
             | Tokens
             | SshConfig
             | Checkpoints { .. } => true,
+            Quota { change, .. } => change.is_empty(),
             NewProject(_)
             | Checkpoint { .. }
             | Rollback { .. }
@@ -246,6 +265,8 @@ impl Command {
             | Private { .. }
             | Port { .. }
             | Idle { .. }
+            | Tag { .. }
+            | Untag { .. }
             | KeyAdd { .. }
             | KeyRm { .. }
             | RequestAccess { .. }
@@ -282,6 +303,8 @@ impl Command {
             | Private { name }
             | Port { name, .. }
             | Idle { name, .. }
+            | Tag { name, .. }
+            | Untag { name, .. }
             | Cp { name, .. }
             | Rename { name, .. }
             | Checkpoint { name, .. }
@@ -293,7 +316,8 @@ impl Command {
             // be added above, or policy would treat it as project-less.
             Help { .. }
             | Whoami
-            | Projects
+            | Projects { .. }
+            | Quota { .. }
             | Keys { .. }
             | KeyAdd { .. }
             | KeyRm { .. }

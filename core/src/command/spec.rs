@@ -8,7 +8,7 @@
 use std::fmt;
 
 use super::lex::{quote, Token};
-use super::values::{GitSource, Size, SlugName};
+use super::values::{GitSource, Limit, QuotaChange, Size, SlugName};
 use super::{Command, Invocation, NewProjectArgs, ParseError};
 use crate::keys::{Fingerprint, PublicKey};
 use crate::names::{ProjectName, UserName};
@@ -104,6 +104,13 @@ const fn opt_rest(name: &'static str) -> ArgSpec {
         name,
         kind: ArgKind::Rest,
         required: false,
+    }
+}
+const fn rest(name: &'static str) -> ArgSpec {
+    ArgSpec {
+        name,
+        kind: ArgKind::Rest,
+        required: true,
     }
 }
 const fn pubkey() -> ArgSpec {
@@ -213,9 +220,13 @@ pub static SPECS: &[CommandSpec] = &[
         name: "projects",
         aliases: &["ls"],
         args: &[],
-        flags: &[],
+        flags: &[valued("tag", "TAG", "only those with this tag")],
         summary: "List your projects and those shared with you",
-        build: |_| Ok(Command::Projects),
+        build: |m| {
+            Ok(Command::Projects {
+                tag: m.value("tag", slug)?,
+            })
+        },
     },
     CommandSpec {
         name: "status",
@@ -387,6 +398,57 @@ pub static SPECS: &[CommandSpec] = &[
                 name: m.req("name", project)?,
                 limit: m.req("limit", idle_limit)?,
             })
+        },
+    },
+    CommandSpec {
+        name: "tag",
+        aliases: &[],
+        args: &[word("name"), rest("tags")],
+        flags: &[],
+        summary: "Tag a project (for 'projects --tag'): one or more tags",
+        build: |m| {
+            Ok(Command::Tag {
+                name: m.req("name", project)?,
+                tags: m.req("tags", tags)?,
+            })
+        },
+    },
+    CommandSpec {
+        name: "untag",
+        aliases: &[],
+        args: &[word("name"), rest("tags")],
+        flags: &[],
+        summary: "Remove tags from a project",
+        build: |m| {
+            Ok(Command::Untag {
+                name: m.req("name", project)?,
+                tags: m.req("tags", tags)?,
+            })
+        },
+    },
+    CommandSpec {
+        name: "quota",
+        aliases: &["quotas"],
+        args: &[opt_word("user")],
+        flags: &[
+            valued("projects", "N", "how many projects (or unlimited, default)"),
+            valued("cpus", "N", "vCPUs in all"),
+            valued("memory", "SIZE", "memory in all, e.g. 32G"),
+            valued("disk", "SIZE", "disk in all, checkpoints included"),
+        ],
+        summary: "Show quotas and use; admins set a user's own limits",
+        build: |m| {
+            let change = QuotaChange {
+                projects: m.value("projects", Limit::parse_count)?,
+                vcpus: m.value("cpus", Limit::parse_count)?,
+                memory_mib: m.value("memory", |s| Limit::parse_size(s, 'M'))?,
+                disk_mib: m.value("disk", |s| Limit::parse_size(s, 'G'))?,
+            };
+            let user = m.arg("user").map(user).transpose()?;
+            if user.is_none() && !change.is_empty() {
+                return Err("name the user whose quota to set".into());
+            }
+            Ok(Command::Quota { user, change })
         },
     },
     CommandSpec {
@@ -765,6 +827,26 @@ fn key(s: &str) -> Result<PublicKey, String> {
 fn slug(s: &str) -> Result<SlugName, String> {
     SlugName::new(s)
 }
+/// Tags: slugs separated by spaces, each named once.
+fn tags(s: &str) -> Result<Vec<SlugName>, String> {
+    let mut out: Vec<SlugName> = Vec::new();
+    for w in s.split_whitespace() {
+        let t = slug(w)?;
+        if !out.contains(&t) {
+            out.push(t);
+        }
+    }
+    if out.is_empty() {
+        return Err("name at least one tag".into());
+    }
+    if out.len() > crate::model::MAX_TAGS {
+        return Err(format!(
+            "a project carries at most {} tags",
+            crate::model::MAX_TAGS
+        ));
+    }
+    Ok(out)
+}
 /// `NAME` or `NAME@LABEL` (a checkpoint of the project).
 fn project_at(s: &str) -> Result<(ProjectName, Option<SlugName>), String> {
     match s.split_once('@') {
@@ -1111,7 +1193,10 @@ pub(super) fn spec_for(c: &Command) -> &'static CommandSpec {
         Command::Help { .. } => "help",
         Command::Whoami => "whoami",
         Command::NewProject(_) => "new project",
-        Command::Projects => "projects",
+        Command::Projects { .. } => "projects",
+        Command::Tag { .. } => "tag",
+        Command::Quota { .. } => "quota",
+        Command::Untag { .. } => "untag",
         Command::Status { .. } => "status",
         Command::Start { .. } => "start",
         Command::Stop { .. } => "stop",
@@ -1173,7 +1258,6 @@ pub(super) fn write_canonical(c: &Command, f: &mut fmt::Formatter<'_>) -> fmt::R
             }
         }
         Command::Whoami
-        | Command::Projects
         | Command::Users
         | Command::Stacks
         | Command::Templates
@@ -1194,6 +1278,33 @@ pub(super) fn write_canonical(c: &Command, f: &mut fmt::Formatter<'_>) -> fmt::R
             }
         }
         Command::TokenRm { label } => arg(label.as_str())?,
+        Command::Projects { tag } => {
+            if let Some(t) = tag {
+                write!(f, " --tag {t}")?;
+            }
+        }
+        Command::Quota { user, change } => {
+            if let Some(u) = user {
+                arg(u.as_str())?;
+            }
+            let limits = [
+                ("projects", change.projects, false),
+                ("cpus", change.vcpus, false),
+                ("memory", change.memory_mib, true),
+                ("disk", change.disk_mib, true),
+            ];
+            for (flag, l, size) in limits {
+                if let Some(l) = l {
+                    write!(f, " --{flag} {}", l.word(size))?;
+                }
+            }
+        }
+        Command::Tag { name, tags } | Command::Untag { name, tags } => {
+            arg(name.as_str())?;
+            for t in tags {
+                arg(t.as_str())?;
+            }
+        }
         Command::Cp { name, at, new_name } => {
             match at {
                 Some(l) => arg(&format!("{name}@{l}"))?,
@@ -1492,7 +1603,7 @@ mod tests {
     fn json_and_help_flags_anywhere() {
         let inv = parse("--json projects").unwrap();
         assert!(inv.json);
-        assert_eq!(inv.command, Command::Projects);
+        assert_eq!(inv.command, Command::Projects { tag: None });
         assert_eq!(
             parse("rm --help").unwrap().command,
             Command::Help { topic: Some("rm") }
@@ -1510,7 +1621,10 @@ mod tests {
             }
         );
         assert!(parse("help frobnicate").is_err());
-        assert_eq!(parse("ls").unwrap().command, Command::Projects);
+        assert_eq!(
+            parse("ls").unwrap().command,
+            Command::Projects { tag: None }
+        );
     }
 
     #[test]

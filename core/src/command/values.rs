@@ -93,6 +93,75 @@ impl fmt::Display for SlugName {
     }
 }
 
+/// One limit of a user's own quota, as `quota USER --cpus ...` sets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Limit {
+    /// Back to the role's limit.
+    Default,
+    Unlimited,
+    /// A count (projects, vCPUs) or MiB (memory, disk).
+    At(u64),
+}
+
+impl Limit {
+    /// `default`, `unlimited`, or what `at` reads.
+    fn parse_with(s: &str, at: impl Fn(&str) -> Result<u64, String>) -> Result<Self, String> {
+        match s {
+            "default" => Ok(Self::Default),
+            "unlimited" => Ok(Self::Unlimited),
+            _ => at(s).map(Self::At),
+        }
+    }
+
+    /// A count from 0 to 10,000, `unlimited` or `default`.
+    pub fn parse_count(s: &str) -> Result<Self, String> {
+        Self::parse_with(s, |s| match s.parse::<u64>() {
+            Ok(n @ 0..=10_000) => Ok(n),
+            _ => Err(format!(
+                "{} is not a limit: a whole number from 0 to 10000, unlimited or default",
+                q(s)
+            )),
+        })
+    }
+
+    /// A size (`16G`; a bare number is `unit`), `unlimited` or `default`.
+    pub fn parse_size(s: &str, unit: char) -> Result<Self, String> {
+        Self::parse_with(s, |s| {
+            Size::parse(s, unit)
+                .map(|z| z.mib)
+                .map_err(|e| format!("{e} (or unlimited, or default)"))
+        })
+    }
+
+    /// How the command language writes it; sizes as sizes.
+    pub fn word(&self, size: bool) -> String {
+        match self {
+            Self::Default => "default".into(),
+            Self::Unlimited => "unlimited".into(),
+            Self::At(n) if size => Size { mib: *n }.to_string(),
+            Self::At(n) => n.to_string(),
+        }
+    }
+}
+
+/// What `quota USER --projects N --cpus N --memory SIZE --disk SIZE`
+/// changes: only the limits named.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct QuotaChange {
+    pub projects: Option<Limit>,
+    pub vcpus: Option<Limit>,
+    pub memory_mib: Option<Limit>,
+    pub disk_mib: Option<Limit>,
+}
+
+impl QuotaChange {
+    /// Whether it names no limit (the command only shows).
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 /// Where a project's source comes from, as given to `--git`.
 ///
 /// Only the shape is checked here; whether the requester may use a

@@ -2,10 +2,11 @@
 //! requests and their decisions, and keeping each VM's keys in step.
 
 use super::{identity_hint, Call, Event, Executor, MAX_REQUEST_NOTE_CHARS};
+use crate::command::QuotaChange;
 use crate::keys::{Fingerprint, PublicKey};
 use crate::model::{RequestState, Role, User};
 use crate::names::{ProjectName, UserName};
-use crate::outcome::{CommandError, Outcome, Reply, UserSummary};
+use crate::outcome::{CommandError, Outcome, QuotaLine, Reply, UserSummary};
 use crate::provision::ProvisionError;
 use crate::store::repo;
 use crate::store::StoreError;
@@ -29,6 +30,59 @@ impl Executor {
             out.push(self.summary(u).await?);
         }
         Ok(Reply::Users { users: out })
+    }
+
+    /// `quota [USER] [--projects N] [--cpus N] [--memory SIZE] [--disk
+    /// SIZE]`: without a user, an admin sees everyone's and a member
+    /// their own; a change (admins, policy checked) sets the user's own
+    /// limits, `default` handing one back to the role.
+    pub(super) async fn quota(
+        &self,
+        call: &Call<'_>,
+        user: Option<UserName>,
+        change: QuotaChange,
+    ) -> Outcome {
+        let me = call.user()?.clone();
+        // (The parser wants a user with a change.)
+        let name = match user {
+            Some(u) => Some(u),
+            None if call.is_admin() => None,
+            None => Some(me.name.clone()),
+        };
+        let changed = !change.is_empty();
+        let quotas = self
+            .store
+            .write(move |tx| {
+                let users = match &name {
+                    Some(n) => match repo::user_by_name(tx, n)? {
+                        Some(u) => vec![u],
+                        None => {
+                            return Ok(Err(CommandError::NotFound(format!(
+                                "there is no user '{n}'; see 'users'"
+                            ))))
+                        }
+                    },
+                    None => repo::list_users(tx)?,
+                };
+                if changed {
+                    for u in &users {
+                        repo::set_user_quota(tx, u.id, &change)?;
+                    }
+                }
+                let mut out = Vec::with_capacity(users.len());
+                for u in users {
+                    let (quota, personal) = repo::quota_of(tx, u.id, u.role)?;
+                    out.push(QuotaLine {
+                        usage: repo::usage_of(tx, u.id)?,
+                        user: u.name.to_string(),
+                        quota,
+                        personal,
+                    });
+                }
+                Ok(Ok(out))
+            })
+            .await??;
+        Ok(Reply::Quotas { quotas, changed })
     }
 
     /// `user rename FROM TO`: the name changes, nothing else (identities,
@@ -307,10 +361,17 @@ impl Executor {
                                     ))))
                                 }
                                 Some(n) => n.clone(),
-                                None => repo::free_user_name(
-                                    tx,
-                                    identity_hint(&req.identity, &req.openssh),
-                                )?,
+                                // The chat name its front end saw (a
+                                // Discord username), else from the id.
+                                None => match repo::identity_name(tx, &req.identity)?
+                                    .filter(|n| n.chars().any(|c| c.is_ascii_alphanumeric()))
+                                {
+                                    Some(seen) => repo::free_user_name(tx, &seen)?,
+                                    None => repo::free_user_name(
+                                        tx,
+                                        identity_hint(&req.identity, &req.openssh),
+                                    )?,
+                                },
                             };
                             let u = repo::create_user(tx, &name, Role::Member)?;
                             repo::link_identity(tx, &req.identity, u.id)?;

@@ -226,7 +226,7 @@ impl Executor {
                 let Some(user) = repo::user_by_name(c, &owner)? else {
                     return Ok(None);
                 };
-                let quota = repo::quota_for(c, user.role)?;
+                let (quota, _) = repo::quota_of(c, user.id, user.role)?;
                 let usage = repo::usage_of(c, user.id)?;
                 Ok(quota
                     .disk_mib

@@ -127,7 +127,7 @@ impl Executor {
         );
         self.store
             .write(move |tx| {
-                let quota = repo::quota_for(tx, role)?;
+                let (quota, _) = repo::quota_of(tx, uid, role)?;
                 let usage = repo::usage_of(tx, uid)?;
                 if let Err(r) = policy::check_quota(&quota, &usage, &resources) {
                     return Ok(Err(CommandError::from(r)));

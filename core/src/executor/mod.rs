@@ -507,7 +507,10 @@ impl Executor {
         match cmd {
             Command::Help { topic } => Ok(Reply::Help { topic }),
             Command::Whoami => self.whoami(&call).await,
-            Command::Projects => self.projects(&call).await,
+            Command::Projects { tag } => self.projects(&call, tag).await,
+            Command::Tag { name, tags } => self.tag(&call, &name, tags).await,
+            Command::Quota { user, change } => self.quota(&call, user, change).await,
+            Command::Untag { name, tags } => self.untag(&call, &name, tags).await,
             Command::Status { name } => self.status(&call, &name).await,
             Command::NewProject(args) => self.new_project(&call, *args).await,
             Command::Start { name } => self.start_cmd(&call, &name).await,
@@ -731,7 +734,16 @@ fn audited(cmd: &Command) -> bool {
         cmd,
         Command::Help { .. }
             | Command::Whoami
-            | Command::Projects
+            | Command::Projects { .. }
+            | Command::Quota {
+                change: crate::command::QuotaChange {
+                    projects: None,
+                    vcpus: None,
+                    memory_mib: None,
+                    disk_mib: None
+                },
+                ..
+            }
             | Command::Status { .. }
             | Command::Ssh { .. }
             | Command::Logs { .. }

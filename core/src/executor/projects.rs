@@ -1,8 +1,9 @@
 //! Commands about one project or the list of them: projects, status, rm,
-//! ssh, logs, port, rename.
+//! ssh, logs, port, rename, tag, untag.
 
 use super::{Call, Executor};
-use crate::model::ProjectState;
+use crate::command::SlugName;
+use crate::model::{ProjectState, MAX_TAGS};
 use crate::names::ProjectName;
 use crate::outcome::{CommandError, Outcome, Reply};
 use crate::provision::{Progress, ProvisionError, Stage};
@@ -11,15 +12,90 @@ use crate::store::StoreError;
 
 impl Executor {
     /// The projects the user may see (all of them for admins).
-    pub(super) async fn projects(&self, call: &Call<'_>) -> Outcome {
+    pub(super) async fn projects(&self, call: &Call<'_>, tag: Option<SlugName>) -> Outcome {
         let uid = (!call.is_admin())
             .then(|| call.user.map(|u| u.id))
             .flatten();
+        let tag = tag.map(|t| t.as_str().to_owned());
+        let t = tag.clone();
         let projects = self
             .store
-            .call(move |c| repo::list_projects(c, uid))
+            .call(move |c| repo::list_projects_tagged(c, uid, t.as_deref()))
             .await?;
-        Ok(Reply::Projects { projects })
+        Ok(Reply::Projects { projects, tag })
+    }
+
+    /// `tag NAME TAG...`: adds tags, at most [`MAX_TAGS`] in all.
+    pub(super) async fn tag(
+        &self,
+        call: &Call<'_>,
+        name: &ProjectName,
+        tags: Vec<SlugName>,
+    ) -> Outcome {
+        let p = call.project(name)?;
+        let add: Vec<String> = tags.iter().map(|t| t.as_str().to_owned()).collect();
+        let id = p.id;
+        let after = self
+            .store
+            .call(move |c| {
+                let have = repo::tags_of(c, id)?;
+                let total = have.len() + add.iter().filter(|t| !have.contains(t)).count();
+                if total > MAX_TAGS {
+                    return Ok(Err(total));
+                }
+                let add: Vec<&str> = add.iter().map(String::as_str).collect();
+                repo::add_tags(c, id, &add).map(Ok)
+            })
+            .await?
+            .map_err(|total| {
+                CommandError::Refused(format!(
+                    "a project carries at most {MAX_TAGS} tags ({total} with these); 'untag {name} TAG' removes some"
+                ))
+            })?;
+        Ok(Reply::Tagged {
+            project: name.to_string(),
+            tags: after,
+        })
+    }
+
+    /// `untag NAME TAG...`: removes tags; naming only tags it lacks is
+    /// an error that lists the ones it has.
+    pub(super) async fn untag(
+        &self,
+        call: &Call<'_>,
+        name: &ProjectName,
+        tags: Vec<SlugName>,
+    ) -> Outcome {
+        let id = call.project(name)?.id;
+        let named = tags.len();
+        let (missing, after) = self
+            .store
+            .call(move |c| {
+                let mut missing = Vec::new();
+                for t in &tags {
+                    if !repo::remove_tag(c, id, t.as_str())? {
+                        missing.push(t.to_string());
+                    }
+                }
+                Ok((missing, repo::tags_of(c, id)?))
+            })
+            .await?;
+        // Nothing named was there: say so (some of several is fine).
+        if missing.len() == named {
+            return Err(CommandError::NotFound(format!(
+                "{name} has no tag {}; its tags: {}",
+                missing.join(", "),
+                if after.is_empty() {
+                    "none".to_owned()
+                } else {
+                    after.join(", ")
+                }
+            )));
+        }
+        Ok(Reply::Tagged {
+            project: name.to_string(),
+            tags: after,
+        })
     }
 
     /// `ssh-config`: a `Host kennel-NAME` block (the alias the VS Code

@@ -33,6 +33,9 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (7, include_str!("migrations/0007_api_tokens.sql")),
     (8, include_str!("migrations/0008_idle_stop.sql")),
     (9, include_str!("migrations/0009_checkpoints.sql")),
+    (10, include_str!("migrations/0010_tags.sql")),
+    (11, include_str!("migrations/0011_user_quotas.sql")),
+    (12, include_str!("migrations/0012_identity_names.sql")),
 ];
 
 /// How long a writer waits for another to finish before giving up.

@@ -159,7 +159,36 @@ pub fn list_users(conn: &Connection) -> Result<Vec<User>, StoreError> {
     rows.map(|r| user_from(r?)).collect()
 }
 
-/// A free user name derived from `hint` (`ann`, `ann2`, ...).
+/// The longest chat name kept for an identity.
+const MAX_SEEN_NAME: usize = 64;
+
+/// Notes the name a chat network shows for an identity (kept to
+/// [`MAX_SEEN_NAME`] characters; the last one seen wins).
+pub fn remember_identity_name(
+    conn: &Connection,
+    who: &Identity,
+    name: &str,
+) -> Result<(), StoreError> {
+    let name: String = name.chars().take(MAX_SEEN_NAME).collect();
+    conn.execute(
+        "INSERT INTO identity_names (frontend, external_id, name, seen_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (frontend, external_id) DO UPDATE SET name = ?3, seen_at = ?4",
+        params![who.frontend.as_str(), who.external_id, name, now()],
+    )?;
+    Ok(())
+}
+
+/// The name last seen for an identity, if its front end gave one.
+pub fn identity_name(conn: &Connection, who: &Identity) -> Result<Option<String>, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT name FROM identity_names WHERE frontend = ?1 AND external_id = ?2",
+            params![who.frontend.as_str(), who.external_id],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
 /// Renames a user (everything else refers to the id).
 pub fn rename_user(conn: &Connection, from: &UserName, to: &UserName) -> Result<(), StoreError> {
     conn.execute(
@@ -170,6 +199,7 @@ pub fn rename_user(conn: &Connection, from: &UserName, to: &UserName) -> Result<
     Ok(())
 }
 
+/// A free user name derived from `hint` (`ann`, `ann2`, ...).
 pub fn free_user_name(conn: &Connection, hint: &str) -> Result<UserName, StoreError> {
     let base = UserName::derive(hint);
     if user_by_name(conn, &base)?.is_none() {
@@ -455,7 +485,8 @@ pub fn decide_request(
 
 const PROJECT_COLS: &str = "p.id, p.name, u.name, p.stack, p.git_url, p.source_path, p.template,
     p.vcpus, p.memory_mib, p.disk_mib, p.app_port, p.visibility, p.state, p.created_at, p.updated_at,
-    p.state_note, p.idle_stop_secs";
+    p.state_note, p.idle_stop_secs,
+    (SELECT group_concat(t.tag, ' ') FROM project_tags t WHERE t.project_id = p.id)";
 
 fn project_from(r: &Row<'_>) -> rusqlite::Result<Result<Project, StoreError>> {
     let name: String = r.get(1)?;
@@ -472,6 +503,14 @@ fn project_from(r: &Row<'_>) -> rusqlite::Result<Result<Project, StoreError>> {
     let (app_port, created_at, updated_at) = (r.get(10)?, r.get(13)?, r.get(14)?);
     let state_note: Option<String> = r.get(15)?;
     let idle_stop: Option<u64> = r.get(16)?;
+    let tags: Option<String> = r.get(17)?;
+    let mut tags: Vec<String> = tags
+        .as_deref()
+        .unwrap_or("")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    tags.sort();
     Ok((|| {
         Ok(Project {
             id,
@@ -487,6 +526,7 @@ fn project_from(r: &Row<'_>) -> rusqlite::Result<Result<Project, StoreError>> {
             state: text(state)?,
             state_note,
             idle_stop: idle_stop.map(IdleStop::from_secs),
+            tags,
             created_at,
             updated_at,
         })
@@ -551,14 +591,58 @@ pub fn project_by_name(
 
 /// Projects a user owns or has a share of; every project if `user` is `None`.
 pub fn list_projects(conn: &Connection, user: Option<UserId>) -> Result<Vec<Project>, StoreError> {
+    list_projects_tagged(conn, user, None)
+}
+
+/// [`list_projects`], only those carrying `tag` when one is given.
+pub fn list_projects_tagged(
+    conn: &Connection,
+    user: Option<UserId>,
+    tag: Option<&str>,
+) -> Result<Vec<Project>, StoreError> {
     let mut st = conn.prepare(&format!(
         "SELECT {PROJECT_COLS} FROM projects p JOIN users u ON u.id = p.owner_id
-         WHERE ?1 IS NULL OR p.owner_id = ?1
-            OR EXISTS (SELECT 1 FROM shares s WHERE s.project_id = p.id AND s.user_id = ?1)
+         WHERE (?1 IS NULL OR p.owner_id = ?1
+            OR EXISTS (SELECT 1 FROM shares s WHERE s.project_id = p.id AND s.user_id = ?1))
+           AND (?2 IS NULL
+            OR EXISTS (SELECT 1 FROM project_tags t WHERE t.project_id = p.id AND t.tag = ?2))
          ORDER BY p.name"
     ))?;
-    let rows = st.query_map([user], project_from)?;
+    let rows = st.query_map(params![user, tag], project_from)?;
     rows.map(|r| r?).collect()
+}
+
+// ---------------------------------------------------------------- tags
+
+/// Adds tags to a project (adding one it has is a no-op). Returns its
+/// tags after, sorted.
+pub fn add_tags(conn: &Connection, project: i64, tags: &[&str]) -> Result<Vec<String>, StoreError> {
+    let tx = conn.unchecked_transaction()?;
+    for t in tags {
+        tx.execute(
+            "INSERT OR IGNORE INTO project_tags (project_id, tag) VALUES (?1, ?2)",
+            params![project, t],
+        )?;
+    }
+    let now = tags_of(&tx, project)?;
+    tx.commit()?;
+    Ok(now)
+}
+
+/// Removes a tag; whether the project had it.
+pub fn remove_tag(conn: &Connection, project: i64, tag: &str) -> Result<bool, StoreError> {
+    let n = conn.execute(
+        "DELETE FROM project_tags WHERE project_id = ?1 AND tag = ?2",
+        params![project, tag],
+    )?;
+    Ok(n > 0)
+}
+
+/// A project's tags, sorted.
+pub fn tags_of(conn: &Connection, project: i64) -> Result<Vec<String>, StoreError> {
+    let mut st = conn.prepare("SELECT tag FROM project_tags WHERE project_id = ?1 ORDER BY tag")?;
+    let rows = st.query_map([project], |r| r.get::<_, String>(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// Sets a project's lifecycle state.
@@ -811,6 +895,97 @@ pub fn quota_for(conn: &Connection, role: Role) -> Result<Quota, StoreError> {
             memory_mib: Some(0),
             disk_mib: Some(0),
         }))
+}
+
+/// Which limits of a user's quota are their own (not the role's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Personal {
+    pub projects: bool,
+    pub vcpus: bool,
+    pub memory_mib: bool,
+    pub disk_mib: bool,
+}
+
+/// A user's quota: their role's, with the limits set for them in its
+/// place; and which those are.
+pub fn quota_of(
+    conn: &Connection,
+    user: UserId,
+    role: Role,
+) -> Result<(Quota, Personal), StoreError> {
+    let mut q = quota_for(conn, role)?;
+    let own: Option<[Option<i64>; 4]> = conn
+        .query_row(
+            "SELECT projects, vcpus, memory_mib, disk_mib FROM user_quotas WHERE user_id = ?1",
+            [user],
+            |r| Ok([r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?]),
+        )
+        .optional()?;
+    let mut personal = Personal::default();
+    let Some([projects, vcpus, memory, disk]) = own else {
+        return Ok((q, personal));
+    };
+    // -1 is unlimited; other values were checked when set.
+    let limit = |v: i64| u64::try_from(v).ok();
+    let count = |v: i64| limit(v).map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+    if let Some(v) = projects {
+        (q.projects, personal.projects) = (count(v), true);
+    }
+    if let Some(v) = vcpus {
+        (q.vcpus, personal.vcpus) = (count(v), true);
+    }
+    if let Some(v) = memory {
+        (q.memory_mib, personal.memory_mib) = (limit(v), true);
+    }
+    if let Some(v) = disk {
+        (q.disk_mib, personal.disk_mib) = (limit(v), true);
+    }
+    Ok((q, personal))
+}
+
+/// Sets the limits `change` names for a user (others stay as they are).
+/// Several statements: run it inside a write transaction (`Store::write`).
+pub fn set_user_quota(
+    conn: &Connection,
+    user: UserId,
+    change: &crate::command::QuotaChange,
+) -> Result<(), StoreError> {
+    use crate::command::Limit;
+    // Each named column: NULL (the role's), -1 (unlimited) or the limit.
+    let col = |l: Option<Limit>| -> (bool, Option<i64>) {
+        match l {
+            None => (false, None),
+            Some(Limit::Default) => (true, None),
+            Some(Limit::Unlimited) => (true, Some(-1)),
+            Some(Limit::At(n)) => (true, Some(i64::try_from(n).unwrap_or(i64::MAX))),
+        }
+    };
+    conn.execute(
+        "INSERT OR IGNORE INTO user_quotas (user_id) VALUES (?1)",
+        [user],
+    )?;
+    for (name, l) in [
+        ("projects", change.projects),
+        ("vcpus", change.vcpus),
+        ("memory_mib", change.memory_mib),
+        ("disk_mib", change.disk_mib),
+    ] {
+        let (named, value) = col(l);
+        if named {
+            // The column name is one of the four above, never input.
+            conn.execute(
+                &format!("UPDATE user_quotas SET {name} = ?2 WHERE user_id = ?1"),
+                params![user, value],
+            )?;
+        }
+    }
+    // A row with nothing of its own left goes.
+    conn.execute(
+        "DELETE FROM user_quotas WHERE user_id = ?1 AND projects IS NULL AND vcpus IS NULL
+             AND memory_mib IS NULL AND disk_mib IS NULL",
+        [user],
+    )?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------- VM slots

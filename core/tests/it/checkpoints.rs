@@ -2,24 +2,10 @@
 //! question and its order of work, `cp NAME@LABEL`, pruning, who may do
 //! what, and bad input that changes nothing.
 
-use kennel_core::keys::testing::ed25519;
-use kennel_core::model::{Frontend, Identity, ProjectState};
+use kennel_core::model::ProjectState;
 use kennel_core::outcome::{CommandError, Reply};
 use kennel_core::testing::World;
 use kennel_core::{Outcome, Settings};
-
-async fn member(w: &World, id: &str, seed: u8) -> Identity {
-    let who = Identity::new(Frontend::Discord, id);
-    let k = ed25519(seed, None);
-    let Ok(Reply::RequestFiled { request, .. }) = w.run(&who, &format!("request-access {k}")).await
-    else {
-        panic!()
-    };
-    w.run(&w.admin, &format!("approve {}", request.id))
-        .await
-        .unwrap();
-    who
-}
 
 fn labels(o: &Outcome) -> Vec<String> {
     match o {
@@ -223,9 +209,9 @@ async fn bad_input_changes_nothing() {
 #[tokio::test]
 async fn who_may_do_what() {
     let w = World::new().build();
-    let owner = member(&w, "4001", 41).await;
-    let guest = member(&w, "4002", 42).await;
-    let web_only = member(&w, "4003", 43).await;
+    let owner = w.member("4001", 41).await;
+    let guest = w.member("4002", 42).await;
+    let web_only = w.member("4003", 43).await;
     w.run(&owner, "new project app").await.unwrap();
     w.run(&owner, "share app u4002 --ssh").await.unwrap();
     w.run(&owner, "share app u4003 --web").await.unwrap();
@@ -281,7 +267,7 @@ async fn automatic_checkpoints_are_pruned_first_and_named_ones_never() {
 #[tokio::test]
 async fn checkpoints_count_against_the_disk_quota_and_go_with_the_project() {
     let w = World::new().build();
-    let who = member(&w, "5001", 51).await;
+    let who = w.member("5001", 51).await;
     // Members' default disk quota, filled by the project itself.
     w.run(&who, "new project app").await.unwrap();
     let quota = w

@@ -154,11 +154,11 @@ async fn members_see_only_their_projects_and_shares() {
     w.run(&b, "status alpha").await.unwrap();
     assert!(refused(&w.run(&b, "ssh alpha").await).contains("web app only"));
     assert!(refused(&w.run(&b, "rm alpha --yes").await).contains("only the owner"));
-    let Ok(Reply::Projects { projects }) = w.run(&b, "projects").await else {
+    let Ok(Reply::Projects { projects, .. }) = w.run(&b, "projects").await else {
         panic!()
     };
     assert_eq!(projects.len(), 1);
-    let Ok(Reply::Projects { projects }) = w.run(&w_admin, "projects").await else {
+    let Ok(Reply::Projects { projects, .. }) = w.run(&w_admin, "projects").await else {
         panic!()
     };
     assert_eq!(projects.len(), 1);
@@ -173,7 +173,7 @@ async fn a_failed_create_rolls_back_the_record() {
     let o = w.run(&w.admin, "new project flaky").await;
     assert!(matches!(o, Err(CommandError::Provision(_))), "{o:?}");
     assert!(o.unwrap_err().to_string().contains("never became ready"));
-    let Ok(Reply::Projects { projects }) = w.run(&w.admin, "projects").await else {
+    let Ok(Reply::Projects { projects, .. }) = w.run(&w.admin, "projects").await else {
         panic!()
     };
     assert!(projects.is_empty());
@@ -524,7 +524,7 @@ async fn a_vm_that_dies_is_shown_stopped_with_why_and_loses_its_route() {
     w.vms.crash("app");
     let died = w.exec.check_vms().await.unwrap();
     assert_eq!(died.len(), 1);
-    let Ok(Reply::Projects { projects }) = w.run(&w.admin, "projects").await else {
+    let Ok(Reply::Projects { projects, .. }) = w.run(&w.admin, "projects").await else {
         panic!()
     };
     assert_eq!(projects[0].state, ProjectState::Stopped);
@@ -554,7 +554,7 @@ async fn a_vm_that_dies_is_shown_stopped_with_why_and_loses_its_route() {
     // Noticed once; start brings it back and clears the note.
     assert!(w.exec.check_vms().await.unwrap().is_empty());
     w.run(&w.admin, "start app").await.unwrap();
-    let Ok(Reply::Projects { projects }) = w.run(&w.admin, "projects").await else {
+    let Ok(Reply::Projects { projects, .. }) = w.run(&w.admin, "projects").await else {
         panic!()
     };
     assert_eq!(projects[0].state, ProjectState::Running);
@@ -599,7 +599,7 @@ async fn reconcile_adopts_with_routes_stops_the_gone_and_rolls_back_cut_off_crea
     assert!(down.is_none(), "a gone VM has no route");
     assert!(!w.vms.has_vm("half"), "the half-made VM is removed");
     assert!(w.vms.calls().iter().any(|c| c == "destroy half"));
-    let Ok(Reply::Projects { projects }) = w.run(&w.admin, "projects").await else {
+    let Ok(Reply::Projects { projects, .. }) = w.run(&w.admin, "projects").await else {
         panic!()
     };
     let names: Vec<_> = projects.iter().map(|p| p.name.to_string()).collect();
@@ -683,7 +683,7 @@ async fn credentials_in_git_urls_never_reach_the_store_the_log_or_the_answer() {
         .await
         .unwrap();
     assert!(!format!("{audit:?}").contains("s3cr3tpw"));
-    let Ok(Reply::Projects { projects }) = w.run(&w.admin, "projects").await else {
+    let Ok(Reply::Projects { projects, .. }) = w.run(&w.admin, "projects").await else {
         panic!()
     };
     assert!(projects.is_empty());
@@ -740,7 +740,7 @@ async fn a_refused_purge_changes_nothing() {
     w.run(&w.admin, "rm keep --purge --yes").await.unwrap();
     let o = w.run(&w.admin, "yes").await;
     assert!(refused(&o).contains("nothing was changed"), "{o:?}");
-    let Ok(Reply::Projects { projects }) = w.run(&w.admin, "projects").await else {
+    let Ok(Reply::Projects { projects, .. }) = w.run(&w.admin, "projects").await else {
         panic!()
     };
     assert_eq!(
@@ -921,4 +921,222 @@ async fn every_reply_with_an_address_keeps_non_default_ports() {
     );
     let text = w.text(&w.admin, "public web").await;
     assert!(text.contains("https://web.example.org"), "{text}");
+}
+
+#[tokio::test]
+async fn tags_label_projects_and_narrow_the_list() {
+    let w = world().await;
+    let ann = w.member("6001", 61).await;
+    let bob = w.member("6002", 62).await;
+    w.run(&ann, "new project shop").await.unwrap();
+    w.run(&ann, "new project blog").await.unwrap();
+
+    // Tagging twice or repeating a tag keeps one of each, sorted.
+    let Ok(Reply::Tagged { tags, .. }) = w.run(&ann, "tag shop web team-x web").await else {
+        panic!()
+    };
+    assert_eq!(tags, ["team-x", "web"]);
+    let Ok(Reply::Tagged { tags, .. }) = w.run(&ann, "tag shop web").await else {
+        panic!()
+    };
+    assert_eq!(tags, ["team-x", "web"]);
+    w.run(&ann, "tag blog web").await.unwrap();
+
+    // `projects --tag` narrows the list; the list and status show tags.
+    let names = |o: Outcome| match o {
+        Ok(Reply::Projects { projects, .. }) => projects
+            .iter()
+            .map(|p| (p.name.to_string(), p.tags.join(" ")))
+            .collect::<Vec<_>>(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        names(w.run(&ann, "projects --tag team-x").await),
+        [("shop".to_owned(), "team-x web".to_owned())]
+    );
+    assert_eq!(names(w.run(&ann, "projects --tag web").await).len(), 2);
+    assert!(w
+        .text(&ann, "projects --tag nope")
+        .await
+        .contains("No projects of yours are tagged nope"));
+    assert!(w.text(&ann, "projects").await.contains("team-x web"));
+    assert!(w.text(&ann, "status shop").await.contains("team-x web"));
+    let status = w.run(&ann, "status shop").await;
+    let v = serde_json::from_str::<serde_json::Value>(&kennel_core::render::render(
+        &status,
+        kennel_core::render::Format::Json,
+    ))
+    .unwrap();
+    assert_eq!(v["project"]["tags"], serde_json::json!(["team-x", "web"]));
+
+    // Another member sees no tags of projects not theirs and may not tag
+    // them; a shared user may not either (the owner's labels).
+    assert!(names(w.run(&bob, "projects --tag web").await).is_empty());
+    assert!(refused(&w.run(&bob, "tag shop mine").await).contains("no project"));
+    w.run(&ann, "share shop u6002").await.unwrap();
+    assert_eq!(names(w.run(&bob, "projects --tag web").await).len(), 1);
+    assert!(refused(&w.run(&bob, "untag shop web").await).contains("only the owner"));
+
+    // Bad tags and too many change nothing.
+    for bad in [
+        "tag shop Web",
+        "tag shop 9lives",
+        "tag shop",
+        "projects --tag -x",
+    ] {
+        let o = w.run(&ann, bad).await;
+        assert!(matches!(o, Err(CommandError::Usage(_))), "{bad}: {o:?}");
+    }
+    let many: Vec<String> = (0..15).map(|i| format!("t{i}")).collect();
+    let o = w.run(&ann, &format!("tag shop {}", many.join(" "))).await;
+    assert!(refused(&o).contains("at most 16 tags"), "{o:?}");
+    let Ok(Reply::Tagged { tags, .. }) = w.run(&ann, "tag shop x").await else {
+        panic!()
+    };
+    assert_eq!(tags, ["team-x", "web", "x"]);
+
+    // Untag: some of several is fine; only missing ones is an error.
+    let Ok(Reply::Tagged { tags, .. }) = w.run(&ann, "untag shop x gone").await else {
+        panic!()
+    };
+    assert_eq!(tags, ["team-x", "web"]);
+    let o = w.run(&ann, "untag shop gone").await;
+    assert!(
+        matches!(&o, Err(CommandError::NotFound(m)) if m.contains("its tags: team-x, web")),
+        "{o:?}"
+    );
+
+    // Tags follow a rename and go with rm.
+    w.run(&ann, "rename shop store").await.unwrap();
+    assert_eq!(
+        names(w.run(&ann, "projects --tag team-x").await),
+        [("store".to_owned(), "team-x web".to_owned())]
+    );
+    w.run(&ann, "rm store --yes").await.unwrap();
+    assert!(names(w.run(&ann, "projects --tag team-x").await).is_empty());
+    w.run(&ann, "new project store").await.unwrap();
+    assert!(names(w.run(&ann, "projects --tag team-x").await).is_empty());
+}
+
+#[tokio::test]
+async fn an_admin_sets_a_users_own_quota_and_hands_it_back() {
+    let w = world().await;
+    let ann = w.member("7001", 71).await;
+    let bob = w.member("7002", 72).await;
+    let quotas = |o: Outcome| match o {
+        Ok(Reply::Quotas { quotas, .. }) => quotas,
+        other => panic!("{other:?}"),
+    };
+
+    // Everyone's for an admin; a member sees their own, by default the role's.
+    let all = quotas(w.run(&w.admin, "quota").await);
+    assert!(all.iter().any(|q| q.user == "u7001") && all.iter().any(|q| q.user == "u7002"));
+    let mine = quotas(w.run(&ann, "quota").await);
+    assert_eq!(mine.len(), 1);
+    assert_eq!(
+        (mine[0].quota.projects, mine[0].personal.projects),
+        (Some(5), false)
+    );
+    assert_eq!(mine[0].quota.vcpus, Some(8));
+
+    // One project and 2 vCPUs for ann: her second project is refused.
+    let set = quotas(w.run(&w.admin, "quota u7001 --projects 1 --cpus 2").await);
+    assert_eq!(set[0].quota.projects, Some(1));
+    assert_eq!(set[0].quota.vcpus, Some(2));
+    assert!(set[0].personal.projects && set[0].personal.vcpus && !set[0].personal.disk_mib);
+    w.run(&ann, "new project one").await.unwrap();
+    let o = w.run(&ann, "new project two").await;
+    assert!(refused(&o).contains("project quota (1 projects"), "{o:?}");
+    assert!(w.text(&ann, "quota").await.contains("1 / 1 *"));
+    // Bob keeps the role's.
+    w.run(&bob, "new project b1").await.unwrap();
+    w.run(&bob, "new project b2").await.unwrap();
+
+    // Unlimited, then back to the role's.
+    w.run(
+        &w.admin,
+        "quota u7001 --projects unlimited --cpus unlimited",
+    )
+    .await
+    .unwrap();
+    w.run(&ann, "new project two").await.unwrap();
+    let back = quotas(
+        w.run(&w.admin, "quota u7001 --projects default --cpus default")
+            .await,
+    );
+    assert_eq!(back[0].quota.projects, Some(5));
+    assert!(!back[0].personal.projects && !back[0].personal.vcpus);
+    let mem = quotas(w.run(&w.admin, "quota u7001 --memory 32G --disk 2T").await);
+    assert_eq!(mem[0].quota.memory_mib, Some(32 * 1024));
+    assert_eq!(mem[0].quota.disk_mib, Some(2 * 1024 * 1024));
+
+    // Members may not set quotas or see another's; bad values change nothing.
+    assert!(refused(&w.run(&ann, "quota u7001 --cpus 64").await).contains("only admins"));
+    assert!(refused(&w.run(&ann, "quota u7002").await).contains("only admins"));
+    for bad in [
+        "quota --cpus 4",
+        "quota u7001 --cpus many",
+        "quota u7001 --memory lots",
+        "quota u7001 --projects -1",
+    ] {
+        let o = w.run(&w.admin, bad).await;
+        assert!(matches!(o, Err(CommandError::Usage(_))), "{bad}: {o:?}");
+    }
+    let o = w.run(&w.admin, "quota nobody --cpus 1").await;
+    assert!(matches!(o, Err(CommandError::NotFound(_))), "{o:?}");
+    assert_eq!(
+        quotas(w.run(&ann, "quota").await)[0].quota.memory_mib,
+        Some(32 * 1024)
+    );
+}
+
+#[tokio::test]
+async fn an_approved_user_is_named_after_the_chat_name_their_front_end_saw() {
+    let w = world().await;
+    let gate = w.exec.gate();
+    let name_of = |o: Outcome| match o {
+        Ok(Reply::Decided {
+            user: Some(name), ..
+        }) => name.to_string(),
+        other => panic!("{other:?}"),
+    };
+    let approve = |who: Identity, seed: u8| {
+        let w = &w;
+        async move {
+            let k = ed25519(seed, None);
+            let Ok(Reply::RequestFiled { request, .. }) =
+                w.run(&who, &format!("request-access {k}")).await
+            else {
+                panic!()
+            };
+            w.run(&w.admin, &format!("approve {}", request.id)).await
+        }
+    };
+    // A Discord user whose username Kennel saw is named after it; a
+    // second "ann" gets the next free name; without one, the id.
+    let ann = Identity::new(Frontend::Discord, "100000000000000003");
+    gate.remember_name(&ann, "ann").await.unwrap();
+    assert_eq!(name_of(approve(ann, 81).await), "ann");
+    let other = Identity::new(Frontend::Discord, "100000000000000004");
+    gate.remember_name(&other, "Ann").await.unwrap();
+    assert_eq!(name_of(approve(other, 82).await), "ann2");
+    let quiet = Identity::new(Frontend::Discord, "100000000000000005");
+    assert_eq!(name_of(approve(quiet, 83).await), "u100000000000000005");
+    // A name with nothing usable in it falls back to the id too.
+    let odd = Identity::new(Frontend::Discord, "100000000000000006");
+    gate.remember_name(&odd, "___").await.unwrap();
+    assert_eq!(name_of(approve(odd, 84).await), "u100000000000000006");
+    // An admin's `as NAME` still wins.
+    let named = Identity::new(Frontend::Discord, "100000000000000007");
+    gate.remember_name(&named, "zed").await.unwrap();
+    let k = ed25519(85, None);
+    let Ok(Reply::RequestFiled { request, .. }) =
+        w.run(&named, &format!("request-access {k}")).await
+    else {
+        panic!()
+    };
+    let o = w
+        .run(&w.admin, &format!("approve {} as zoe", request.id))
+        .await;
+    assert_eq!(name_of(o), "zoe");
 }

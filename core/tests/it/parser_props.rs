@@ -8,7 +8,9 @@
     clippy::indexing_slicing
 )]
 
-use kennel_core::command::{parse, Command, GitSource, NewProjectArgs, Size, SlugName};
+use kennel_core::command::{
+    parse, Command, GitSource, Limit, NewProjectArgs, QuotaChange, Size, SlugName,
+};
 use kennel_core::keys::{Fingerprint, PublicKey};
 use kennel_core::names::{ProjectName, UserName};
 use proptest::prelude::*;
@@ -70,7 +72,43 @@ fn more_commands() -> impl Strategy<Value = Command> {
         (project(), project()).prop_map(|(name, new_name)| Command::Rename { name, new_name }),
         (slug(), "[!-~]{1,40}").prop_map(|(name, value)| Command::SecretSet { name, value }),
         slug().prop_map(|name| Command::SecretRm { name }),
+        (project(), tags()).prop_map(|(name, tags)| Command::Tag { name, tags }),
+        (project(), tags()).prop_map(|(name, tags)| Command::Untag { name, tags }),
+        (
+            prop::option::of(user()),
+            prop::option::of(limit(false)),
+            prop::option::of(limit(false)),
+            prop::option::of(limit(true)),
+            prop::option::of(limit(true)),
+        )
+            .prop_map(|(user, projects, vcpus, memory_mib, disk_mib)| {
+                let change = QuotaChange {
+                    projects,
+                    vcpus,
+                    memory_mib,
+                    disk_mib,
+                };
+                // A change names its user.
+                let user =
+                    user.or_else(|| (!change.is_empty()).then(|| UserName::new("ann").unwrap()));
+                Command::Quota { user, change }
+            }),
     ]
+}
+
+/// A quota limit; sizes in MiB from 1.
+fn limit(size: bool) -> impl Strategy<Value = Limit> {
+    let at = if size { 1u64..=1 << 30 } else { 0u64..=10_000 };
+    prop_oneof![
+        Just(Limit::Default),
+        Just(Limit::Unlimited),
+        at.prop_map(Limit::At)
+    ]
+}
+
+/// One to five distinct tags (the parser drops repeats).
+fn tags() -> impl Strategy<Value = Vec<SlugName>> {
+    prop::collection::btree_set(slug(), 1..=5).prop_map(|s| s.into_iter().collect())
 }
 
 fn command() -> impl Strategy<Value = Command> {
@@ -82,7 +120,7 @@ fn first_commands() -> impl Strategy<Value = Command> {
     prop_oneof![
         prop::option::of(prop::sample::select(topics)).prop_map(|topic| Command::Help { topic }),
         Just(Command::Whoami),
-        Just(Command::Projects),
+        prop::option::of(slug()).prop_map(|tag| Command::Projects { tag }),
         Just(Command::Users),
         Just(Command::Stacks),
         Just(Command::Templates),

@@ -106,7 +106,7 @@ impl Inner {
             .front_door(&who, user.clone(), "projects", Style::PLAIN, &NoProgress)
             .await;
         let projects = match answered.outcome {
-            Ok(Reply::Projects { projects }) => projects,
+            Ok(Reply::Projects { projects, .. }) => projects,
             _ => Vec::new(),
         };
         let cookie_csrf = csrf.to_owned();
@@ -321,7 +321,7 @@ impl Inner {
         ]
         .concat();
         let more = format!(
-            "<details><summary>more</summary><form method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><input type=\"hidden\" name=\"form\" value=\"share\"><input type=\"hidden\" name=\"project\" value=\"{n}\"><label>Share with <input type=\"text\" name=\"user\" required style=\"width:8em\" aria-label=\"share {n} with\"></label> <label><input type=\"checkbox\" name=\"ssh\" checked> SSH</label> <label><input type=\"checkbox\" name=\"web\" checked> web</label> <button name=\"verb\" value=\"share\">share</button> <button name=\"verb\" value=\"unshare\">unshare</button></form><form method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><input type=\"hidden\" name=\"form\" value=\"port\"><input type=\"hidden\" name=\"project\" value=\"{n}\"><label>App port <input type=\"number\" name=\"port\" min=\"1\" max=\"65535\" value=\"{port}\" style=\"width:6em\" aria-label=\"app port of {n}\"></label> <button>set</button></form><p>Checkpoints: {take} {list}</p><form method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><input type=\"hidden\" name=\"form\" value=\"rollback\"><input type=\"hidden\" name=\"project\" value=\"{n}\"><label>Roll back to <input type=\"text\" name=\"label\" required pattern=\"[a-z][a-z0-9-]*\" style=\"width:8em\" aria-label=\"roll {n} back to\"></label> <button>roll back</button></form>{rm}{purge}</details>",
+            "<details><summary>more</summary><form method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><input type=\"hidden\" name=\"form\" value=\"share\"><input type=\"hidden\" name=\"project\" value=\"{n}\"><label>Share with <input type=\"text\" name=\"user\" required style=\"width:8em\" aria-label=\"share {n} with\"></label> <label><input type=\"checkbox\" name=\"ssh\" checked> SSH</label> <label><input type=\"checkbox\" name=\"web\" checked> web</label> <button name=\"verb\" value=\"share\">share</button> <button name=\"verb\" value=\"unshare\">unshare</button></form><form method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><input type=\"hidden\" name=\"form\" value=\"port\"><input type=\"hidden\" name=\"project\" value=\"{n}\"><label>App port <input type=\"number\" name=\"port\" min=\"1\" max=\"65535\" value=\"{port}\" style=\"width:6em\" aria-label=\"app port of {n}\"></label> <button>set</button></form><p>Checkpoints: {take} {list}</p><form method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><input type=\"hidden\" name=\"form\" value=\"rollback\"><input type=\"hidden\" name=\"project\" value=\"{n}\"><label>Roll back to <input type=\"text\" name=\"label\" required pattern=\"[a-z][a-z0-9-]*\" style=\"width:8em\" aria-label=\"roll {n} back to\"></label> <button>roll back</button></form><form method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><input type=\"hidden\" name=\"form\" value=\"tags\"><input type=\"hidden\" name=\"project\" value=\"{n}\"><label>Tags <input type=\"text\" name=\"tags\" required pattern=\"[a-z][a-z0-9 -]*\" style=\"width:10em\" aria-label=\"tags of {n}\"></label> <button name=\"verb\" value=\"tag\">tag</button> <button name=\"verb\" value=\"untag\">untag</button></form>{rm}{purge}</details>",
             c = esc(csrf),
             n = esc(name),
             port = p.app_port,
@@ -337,9 +337,18 @@ impl Inner {
             ),
         );
         format!(
-            "<tr><td><b>{n}</b><br><small>{owner}</small></td><td><span class=\"state {st}\" data-state=\"{n}\">{st}</span></td><td>{stack}<br><small>{cpus} CPU, {mem} MiB</small></td><td><code>{ssh}</code> <button type=\"button\" data-copy=\"{ssh}\" aria-label=\"copy the SSH command for {n}\">copy</button><br><a href=\"{vscode}\">Open in VS Code</a> · <small>Zed: <code>{zed}</code></small><details><summary>ssh-config, JetBrains</summary><pre>{cfg}</pre><small>JetBrains Gateway: {jb}</small></details></td><td><a href=\"{app}\">{app}</a><br><small>{vis}, port {port}</small></td><td>{actions}{more}</td></tr>",
+            "<tr><td><b>{n}</b><br><small>{owner}</small>{tags}</td><td><span class=\"state {st}\" data-state=\"{n}\">{st}</span></td><td>{stack}<br><small>{cpus} CPU, {mem} MiB</small></td><td><code>{ssh}</code> <button type=\"button\" data-copy=\"{ssh}\" aria-label=\"copy the SSH command for {n}\">copy</button><br><a href=\"{vscode}\">Open in VS Code</a> · <small>Zed: <code>{zed}</code></small><details><summary>ssh-config, JetBrains</summary><pre>{cfg}</pre><small>JetBrains Gateway: {jb}</small></details></td><td><a href=\"{app}\">{app}</a><br><small>{vis}, port {port}</small></td><td>{actions}{more}</td></tr>",
             n = esc(name),
             owner = esc(p.owner.as_str()),
+            tags = if p.tags.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "<br><small class=\"tags\" aria-label=\"tags of {n}\">{t}</small>",
+                    n = esc(name),
+                    t = esc(&p.tags.join(" "))
+                )
+            },
             st = esc(p.state.as_str()),
             stack = esc(&p.stack),
             cpus = p.resources.vcpus,
@@ -530,7 +539,7 @@ impl Inner {
                     let answered = gate
                         .front_door(&who, user.clone(), "projects", Style::PLAIN, &NoProgress)
                         .await;
-                    if let Ok(Reply::Projects { projects }) = answered.outcome {
+                    if let Ok(Reply::Projects { projects, .. }) = answered.outcome {
                         let states: serde_json::Map<String, serde_json::Value> = projects
                             .iter()
                             .map(|p| (p.name.to_string(), p.state.as_str().into()))
@@ -608,6 +617,24 @@ fn form_line(body: &[u8]) -> (Option<String>, Option<String>) {
         match (f.get("project"), f.get("label")) {
             (Some(p), Some(l)) if !p.is_empty() && !l.is_empty() => {
                 Some(format!("rollback {} {}", q(p), q(l)))
+            }
+            _ => None,
+        }
+    } else if f.get("form").map(String::as_str) == Some("tags") {
+        // Each tag its own word: `tag app web team-x`.
+        match (f.get("project"), f.get("tags")) {
+            (Some(p), Some(t)) if !p.is_empty() && !t.trim().is_empty() => {
+                let verb = if f.get("verb").map(String::as_str) == Some("untag") {
+                    "untag"
+                } else {
+                    "tag"
+                };
+                let mut l = format!("{verb} {}", q(p));
+                for w in t.split_whitespace() {
+                    l.push(' ');
+                    l.push_str(&q(w));
+                }
+                Some(l)
             }
             _ => None,
         }
@@ -693,6 +720,20 @@ pub(super) fn script() -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::form_line;
+
+    #[test]
+    fn the_tags_form_makes_one_word_per_tag() {
+        let (_, line) = form_line(b"csrf=t&form=tags&project=app&tags=web+team-x&verb=tag");
+        assert_eq!(line.as_deref(), Some("tag app web team-x"));
+        let (_, line) = form_line(b"csrf=t&form=tags&project=app&tags=web&verb=untag");
+        assert_eq!(line.as_deref(), Some("untag app web"));
+        // `--yes` typed in the box makes no valid command.
+        let (_, line) = form_line(b"csrf=t&form=tags&project=app&tags=a+--yes");
+        let line = line.unwrap();
+        assert!(kennel_core::parse(&line).is_err(), "{line}");
+        let (_, line) = form_line(b"csrf=t&form=tags&project=app&tags=+");
+        assert_eq!(line, None);
+    }
 
     #[test]
     fn the_rollback_form_is_one_quoted_line() {

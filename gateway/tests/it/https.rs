@@ -1275,6 +1275,16 @@ async fn the_dashboard_makes_projects_approves_requests_keeps_keys_and_secrets_a
         b.eval("document.querySelectorAll('details').forEach((d) => { d.open = true; }); document.querySelector('input[aria-label=\"app port of fresh\"]').value = '9000'; document.querySelector('input[aria-label=\"app port of fresh\"]').form.submit(); return 1;");
         let ported = b.source_with("9000", Duration::from_secs(20));
         assert!(ported.contains("port 9000"), "{ported}");
+        // Tags from the form, then shown under the project's name.
+        b.eval("document.querySelectorAll('details').forEach((d) => { d.open = true; }); document.querySelector('input[aria-label=\"tags of fresh\"]').value = 'web team-x'; document.querySelector('input[aria-label=\"tags of fresh\"]').form.submit(); return 1;");
+        let tagged = b.source_with("tags: team-x, web", Duration::from_secs(20));
+        assert!(tagged.contains("fresh's tags: team-x, web"), "{tagged}");
+        b.goto(&format!("https://{DOMAIN}:{port}/"));
+        let listed = b.source_with("team-x web", Duration::from_secs(20));
+        assert!(
+            listed.contains("aria-label=\"tags of fresh\">team-x web</small>"),
+            "{listed}"
+        );
         // A checkpoint taken by its button (the answer streams in), then a
         // rollback to it: the question chat asks, answered by a button.
         b.eval("document.querySelectorAll('details').forEach((d) => { d.open = true; }); return 1;");
