@@ -37,7 +37,10 @@ if (es) es.onmessage = (e) => {
   const states = JSON.parse(e.data);
   for (const [name, state] of Object.entries(states)) {
     const el = document.querySelector('[data-state="' + CSS.escape(name) + '"]');
-    if (el && el.textContent !== state) { el.textContent = state; el.className = 'state ' + state; }
+    if (el && el.textContent !== state) {
+      el.textContent = state; el.className = 'state ' + state;
+      const row = el.closest('tr'); if (row) row.dataset.rowState = state;
+    }
   }
 };
 // Forms whose answer streams (progress lines, then the answer) into a
@@ -63,7 +66,7 @@ document.addEventListener('click', (e) => {
 });
 "#;
 
-const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:72em;margin:2em auto;padding:0 1em;line-height:1.45}table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.35em .5em;border-bottom:1px solid #ddd;vertical-align:top}code{background:#f2f2f2;padding:0 .3em}pre{background:#f6f6f6;padding:.7em;overflow:auto;white-space:pre-wrap}form.inline{display:inline}button{font-size:.95em;padding:.25em .7em;margin:.1em}.state{font-weight:600}.running{color:#11772d}.stopped,.failed{color:#a33}input[type=text]{font-size:1em;padding:.3em;width:min(40em,100%)}header{display:flex;justify-content:space-between;align-items:center;flex-wrap:wrap}code{overflow-wrap:anywhere}@media(max-width:40em){table,tbody,tr,td{display:block}thead{display:none}tr{border-bottom:1px solid #ccc;padding:.6em 0}td{border:0;padding:.15em 0}}";
+const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:72em;margin:2em auto;padding:0 1em;line-height:1.45}table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.35em .5em;border-bottom:1px solid #ddd;vertical-align:top}code{background:#f2f2f2;padding:0 .3em}pre{background:#f6f6f6;padding:.7em;overflow:auto;white-space:pre-wrap}form.inline{display:inline}button{font-size:.95em;padding:.25em .7em;margin:.1em}.state{font-weight:600}.running{color:#11772d}.stopped,.failed{color:#a33}input[type=text]{font-size:1em;padding:.3em;width:min(40em,100%)}header{display:flex;justify-content:space-between;align-items:center;flex-wrap:wrap}code{overflow-wrap:anywhere}tr.p:not([data-row-state=stopped]):not([data-row-state=failed]) .when-off,tr.p:not([data-row-state=running]):not([data-row-state=starting]) .when-on,tr.p:not([data-row-state=running]) .when-running{display:none}@media(max-width:40em){table,tbody,tr,td{display:block}thead{display:none}tr{border-bottom:1px solid #ccc;padding:.6em 0}td{border:0;padding:.15em 0}}";
 
 /// The CSRF token of a session: derived from its cookie, so it needs no
 /// storage and is useless without the cookie (which other sites cannot
@@ -305,10 +308,13 @@ impl Inner {
         let button = |line: String, label: &str| {
             action_button(csrf, &line, &format!("{label} {name}"), label, true)
         };
+        // Each lifecycle button shows only in the states it applies to
+        // (the stylesheet reads the row's state, which the page keeps live).
+        let when = |class: &str, b: String| format!("<span class=\"{class}\">{b}</span>");
         let actions = [
-            button(format!("start {name}"), "start"),
-            button(format!("stop {name}"), "stop"),
-            button(format!("restart {name}"), "restart"),
+            when("when-off", button(format!("start {name}"), "start")),
+            when("when-on", button(format!("stop {name}"), "stop")),
+            when("when-running", button(format!("restart {name}"), "restart")),
             format!(
                 "<a href=\"/logs?project={n}\" aria-label=\"follow the log of {n}\">log</a> ",
                 n = esc(name)
@@ -337,7 +343,7 @@ impl Inner {
             ),
         );
         format!(
-            "<tr><td><b>{n}</b><br><small>{owner}</small>{tags}</td><td><span class=\"state {st}\" data-state=\"{n}\">{st}</span></td><td>{stack}<br><small>{cpus} CPU, {mem} MiB</small></td><td><code>{ssh}</code> <button type=\"button\" data-copy=\"{ssh}\" aria-label=\"copy the SSH command for {n}\">copy</button><br><a href=\"{vscode}\">Open in VS Code</a> · <small>Zed: <code>{zed}</code></small><details><summary>ssh-config, JetBrains</summary><pre>{cfg}</pre><small>JetBrains Gateway: {jb}</small></details></td><td><a href=\"{app}\">{app}</a><br><small>{vis}, port {port}</small></td><td>{actions}{more}</td></tr>",
+            "<tr class=\"p\" data-row-state=\"{st}\"><td><b>{n}</b><br><small>{owner}</small>{tags}</td><td><span class=\"state {st}\" data-state=\"{n}\">{st}</span></td><td>{stack}<br><small>{cpus} CPU, {mem} MiB</small></td><td><code>{ssh}</code> <button type=\"button\" data-copy=\"{ssh}\" aria-label=\"copy the SSH command for {n}\">copy</button><br><a href=\"{vscode}\">Open in VS Code</a> · <small>Zed: <code>{zed}</code></small><details><summary>ssh-config, JetBrains</summary><pre>{cfg}</pre><small>JetBrains Gateway: {jb}</small></details></td><td><a href=\"{app}\">{app}</a><br><small>{vis}, port {port}</small></td><td>{actions}{more}</td></tr>",
             n = esc(name),
             owner = esc(p.owner.as_str()),
             tags = if p.tags.is_empty() {

@@ -1108,7 +1108,8 @@ async fn the_dashboard_lists_projects_acts_and_updates_live() {
     let (exec, admin) = (gw.w.exec.clone(), gw.w.admin.clone());
     let rt = tokio::runtime::Handle::current();
     let shots = std::env::var_os("KENNEL_SCREENSHOTS").map(std::path::PathBuf::from);
-    let (page, after_stop, after_start, live) = tokio::task::spawn_blocking(move || {
+    let (page, after_stop, after_start, live, running_buttons, stopped_buttons) =
+        tokio::task::spawn_blocking(move || {
         let mut b = kennel_testkit::browser::Browser::start(&format!(
             "MAP *.{DOMAIN} 127.0.0.1, MAP {DOMAIN} 127.0.0.1"
         ));
@@ -1146,8 +1147,25 @@ async fn the_dashboard_lists_projects_acts_and_updates_live() {
             }
             now
         };
+        // Only the buttons that apply show: a running project has stop
+        // and restart, not start; stopped, the other way round.
+        let shown = |b: &mut kennel_testkit::browser::Browser, label: &str| {
+            b.eval(&format!(
+                "return document.querySelector('button[aria-label=\"{label}\"]').checkVisibility();"
+            ))
+        };
+        let running_buttons = [
+            shown(&mut b, "start web"),
+            shown(&mut b, "stop web"),
+            shown(&mut b, "restart web"),
+        ];
         b.click("button[aria-label=\"stop web\"]");
         let after_stop = (said(&mut b), wait_state(&mut b, "stopped"));
+        let stopped_buttons = [
+            shown(&mut b, "start web"),
+            shown(&mut b, "stop web"),
+            shown(&mut b, "restart web"),
+        ];
         b.click("button[aria-label=\"start web\"]");
         let after_start = (said(&mut b), wait_state(&mut b, "running"));
         // Live: a stop from chat shows without a reload.
@@ -1162,7 +1180,7 @@ async fn the_dashboard_lists_projects_acts_and_updates_live() {
             b.resize(390, 844);
             std::fs::write(dir.join("dashboard-phone.png"), b.screenshot()).unwrap();
         }
-        (page, after_stop, after_start, live)
+        (page, after_stop, after_start, live, running_buttons, stopped_buttons)
     })
     .await
     .unwrap();
@@ -1182,6 +1200,16 @@ async fn the_dashboard_lists_projects_acts_and_updates_live() {
     assert!(after_start.0.contains("… booting"), "{after_start:?}");
     assert_eq!(after_start.1, "running");
     assert_eq!(live, "stopped", "the state did not update live");
+    let (t, f) = (
+        serde_json::Value::Bool(true),
+        serde_json::Value::Bool(false),
+    );
+    assert_eq!(
+        running_buttons,
+        [f.clone(), t.clone(), t.clone()],
+        "running"
+    );
+    assert_eq!(stopped_buttons, [t, f.clone(), f], "stopped");
     // A POST without the form's CSRF token is refused, even with the
     // session cookie.
     gw.sign_in(&gw.w.admin).await;
