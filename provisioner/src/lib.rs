@@ -13,10 +13,11 @@
 //!   TAP/bridge and user-mode networking, the VMs' cgroups.
 //! - [`vmm`]: the Cloud Hypervisor (REST API over a Unix socket) and QEMU
 //!   (QMP; TCG where there is no KVM) backends behind the `Vmm` trait;
-//!   [`select`] picks one for this host.
+//!   [`select`] picks one for this host from the configuration's
+//!   [`choice`]s.
 //! - [`lifecycle`]: [`lifecycle::LocalProvisioner`], core's
 //!   `kennel_core::provision::Provisioner` on this host: create with
-//!   rollback, boot, stop, copy, rename, destroy, reconcile.
+//!   rollback, boot, stop, copy, rename, destroy, checkpoints, reconcile.
 //!
 //! Each external program or device sits behind a small trait with a fake
 //! for unit tests; failures come back as core's typed `ProvisionError`
