@@ -7,7 +7,7 @@
 //!   127.77.x.y stay in its own loopback, and 10.0.2.2 reaches only the
 //!   host's 127.0.0.1 (where the gateways listen; see docs/networking.md).
 //! - **Bridge mode** (CAP_NET_ADMIN; QEMU and Cloud Hypervisor): one TAP
-//!   per VM on `kennel0` with 10.90.0.<slot>, bridge ports isolated so VMs
+//!   per VM on `kennel0` with `10.90.0.<slot>`, bridge ports isolated so VMs
 //!   cannot talk to each other, NAT for egress with nftables, and the host
 //!   reaching every VM directly.
 

@@ -2,7 +2,7 @@
 //! `.python-version`, `.tool-versions`, `go.mod`'s `go` line, ...),
 //! compared with the versions its stack's image has (`[versions]` in the
 //! stack file), so the reply can say when they differ. Files are read from
-//! the source without following links, at most [`MAX_BYTES`] each.
+//! the source without following links, at most `MAX_BYTES` (64 KiB) each.
 
 use std::collections::BTreeMap;
 use std::path::Path;
