@@ -361,17 +361,17 @@ impl Executor {
                                     ))))
                                 }
                                 Some(n) => n.clone(),
-                                // The chat name its front end saw (a
-                                // Discord username), else from the id.
-                                None => match repo::identity_name(tx, &req.identity)?
-                                    .filter(|n| n.chars().any(|c| c.is_ascii_alphanumeric()))
-                                {
-                                    Some(seen) => repo::free_user_name(tx, &seen)?,
-                                    None => repo::free_user_name(
+                                None => {
+                                    let seen = repo::identity_name(tx, &req.identity)?;
+                                    repo::free_user_name(
                                         tx,
-                                        identity_hint(&req.identity, &req.openssh),
-                                    )?,
-                                },
+                                        identity_hint(
+                                            &req.identity,
+                                            &req.openssh,
+                                            seen.as_deref(),
+                                        ),
+                                    )?
+                                }
                             };
                             let u = repo::create_user(tx, &name, Role::Member)?;
                             repo::link_identity(tx, &req.identity, u.id)?;

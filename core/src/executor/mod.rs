@@ -276,7 +276,7 @@ impl Executor {
                     return Ok(None);
                 }
                 write_tx(conn, |tx| {
-                    let name = repo::free_user_name(tx, identity_hint(&who, ""))?;
+                    let name = repo::free_user_name(tx, identity_hint(&who, "", None))?;
                     let u = repo::create_user(tx, &name, Role::Admin)?;
                     repo::link_identity(tx, &who, u.id)?;
                     tracing::info!(user = %u.name, identity = %who, "created a configured admin");
@@ -702,14 +702,20 @@ impl Call<'_> {
 /// What to name a new user after: a Matrix ID's localpart, a chat ID; for
 /// a key that knocked over SSH, its comment's name (`ann@laptop` → ann),
 /// never its fingerprint.
-fn identity_hint<'a>(who: &'a Identity, openssh: &'a str) -> &'a str {
+/// A chat name its front end saw (`seen`, a Discord username) comes
+/// first when it has a letter or digit in it.
+fn identity_hint<'a>(who: &'a Identity, openssh: &'a str, seen: Option<&'a str>) -> &'a str {
+    let usable = |n: &&str| n.chars().any(|c| c.is_ascii_alphanumeric());
+    if let Some(seen) = seen.filter(usable) {
+        return seen;
+    }
     let id = who.external_id.as_str();
     if who.frontend == crate::model::Frontend::Ssh {
         return openssh
             .split_whitespace()
             .nth(2)
             .and_then(|c| c.split('@').next())
-            .filter(|n| n.chars().any(|c| c.is_ascii_alphanumeric()))
+            .filter(usable)
             .unwrap_or("user");
     }
     id.strip_prefix('@')
@@ -735,15 +741,6 @@ fn audited(cmd: &Command) -> bool {
         Command::Help { .. }
             | Command::Whoami
             | Command::Projects { .. }
-            | Command::Quota {
-                change: crate::command::QuotaChange {
-                    projects: None,
-                    vcpus: None,
-                    memory_mib: None,
-                    disk_mib: None
-                },
-                ..
-            }
             | Command::Status { .. }
             | Command::Ssh { .. }
             | Command::Logs { .. }
@@ -758,5 +755,5 @@ fn audited(cmd: &Command) -> bool {
             | Command::Tokens
             | Command::SshConfig
             | Command::Checkpoints { .. }
-    )
+    ) && !matches!(cmd, Command::Quota { change, .. } if change.is_empty())
 }
