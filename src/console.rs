@@ -39,7 +39,12 @@ pub struct Request {
 #[serde(rename_all = "snake_case")]
 pub enum Response {
     Progress(Progress),
-    Done { exit: i32, output: String },
+    /// A `run`'s output, as it came (lossy UTF-8).
+    Output(String),
+    Done {
+        exit: i32,
+        output: String,
+    },
 }
 
 /// Runs a console request against an executor, through core's front door.
@@ -89,6 +94,17 @@ impl ProgressSink for StderrProgress {
     fn report(&self, p: Progress) {
         eprintln!("… {p}");
     }
+
+    fn output(&self, bytes: &[u8]) {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(bytes);
+        let _ = out.flush();
+    }
+
+    fn streams_output(&self) -> bool {
+        true
+    }
 }
 
 struct ChannelProgress(mpsc::UnboundedSender<Response>);
@@ -96,6 +112,16 @@ struct ChannelProgress(mpsc::UnboundedSender<Response>);
 impl ProgressSink for ChannelProgress {
     fn report(&self, p: Progress) {
         let _ = self.0.send(Response::Progress(p));
+    }
+
+    fn output(&self, bytes: &[u8]) {
+        let _ = self.0.send(Response::Output(
+            String::from_utf8_lossy(bytes).into_owned(),
+        ));
+    }
+
+    fn streams_output(&self) -> bool {
+        true
     }
 }
 
@@ -164,6 +190,12 @@ pub fn call_daemon(socket: &Path, req: &Request) -> Result<Option<(i32, String)>
     for line in BufReader::new(stream).lines() {
         match serde_json::from_str::<Response>(&line?)? {
             Response::Progress(p) => eprintln!("… {p}"),
+            Response::Output(text) => {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(text.as_bytes());
+                let _ = out.flush();
+            }
             Response::Done { exit, output } => return Ok(Some((exit, output))),
         }
     }

@@ -73,6 +73,8 @@ pub async fn run(config: &Config) -> Result<()> {
     let ssh_addr = listener.local_addr()?;
     let gateway = kennel_gateway::ssh::SshGateway::new(exec.gate(), wiring::ssh_settings(config));
     let links = gateway.links();
+    // `run` reaches VMs through the same connections.
+    exec.set_guest_shell(links.clone());
     let (stop_ssh, ssh_stopped) = tokio::sync::oneshot::channel::<()>();
     let ssh_task = tokio::spawn(gateway.run(listener, key, async move {
         let _ = ssh_stopped.await;

@@ -15,6 +15,7 @@ pub mod executor;
 pub mod fault;
 pub mod frontdoor;
 pub mod gate;
+pub mod guest;
 pub mod hostpath;
 pub mod idle;
 pub mod keys;

@@ -142,6 +142,48 @@ pub enum Reply {
         https_url: String,
         port: u16,
     },
+    /// `resize`: the resources before and after, and what took effect
+    /// at once.
+    Resized {
+        project: String,
+        before: crate::model::Resources,
+        after: crate::model::Resources,
+        /// The disk grew on the running VM (its filesystem too).
+        disk_now: bool,
+        /// CPUs or memory changed and wait for the next start.
+        restart_needed: bool,
+        /// Whether the VM runs (so `restart` is what applies the rest).
+        running: bool,
+    },
+    /// `run`: how the command ended, and its output's last lines.
+    Ran {
+        project: String,
+        /// The command as given, quoted back.
+        command: String,
+        /// As a shell reports it: the status, 128 + the signal's number
+        /// when a signal ended it, 124 when the time limit did.
+        exit_code: i32,
+        /// The signal that ended it, if one did (`TERM`, `KILL`).
+        signal: Option<String>,
+        timed_out: bool,
+        /// Stopped by `run stop`.
+        stopped: bool,
+        /// Its output's last lines (all of it went out as it came, where
+        /// the front end streams).
+        tail: Vec<String>,
+        /// Lines before the tail were left out.
+        cut: bool,
+        /// All the output went to the asker as it came (SSH, the API,
+        /// the console): text answers leave the tail out.
+        streamed: bool,
+        output_bytes: u64,
+        elapsed_ms: u64,
+    },
+    /// `run stop`: how many commands were told to stop.
+    RunStopped {
+        project: String,
+        count: usize,
+    },
     SecretStored {
         name: String,
     },
@@ -270,6 +312,9 @@ pub enum CommandError {
     /// The store failed; details go to the log, not the user.
     #[error("{}", store_message(.0))]
     Store(#[from] StoreError),
+    /// A command could not be run in a VM (`run`).
+    #[error("{0}")]
+    Guest(#[from] crate::guest::GuestError),
 }
 
 impl From<ProvisionError> for CommandError {
@@ -415,6 +460,12 @@ impl CommandError {
             CommandError::Conflict(_) => ErrorKind::Conflict,
             CommandError::Provision(e) => e.kind(),
             CommandError::Store(_) => ErrorKind::Unavailable,
+            CommandError::Guest(e) => match e {
+                crate::guest::GuestError::Unavailable(_) => ErrorKind::Unavailable,
+                crate::guest::GuestError::Invalid(_) => ErrorKind::Usage,
+                crate::guest::GuestError::Unreachable { .. }
+                | crate::guest::GuestError::Lost { .. } => ErrorKind::Failed,
+            },
         }
     }
 
@@ -443,6 +494,8 @@ pub type Outcome = Result<Reply, CommandError>;
 /// ([`ErrorKind::exit_code`]).
 pub fn exit_code(o: &Outcome) -> i32 {
     match o {
+        // `run`: the command's own, as a shell gives it.
+        Ok(Reply::Ran { exit_code, .. }) => *exit_code,
         Ok(_) => 0,
         Err(e) => e.kind().exit_code(),
     }

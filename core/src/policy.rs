@@ -122,7 +122,9 @@ pub fn authorize(
         | Stop { .. }
         | Restart { .. }
         | Checkpoint { .. }
-        | Checkpoints { .. } => match rel {
+        | Checkpoints { .. }
+        | Run { .. }
+        | RunStop { .. } => match rel {
             Relation::Owner | Relation::Shared { ssh: true, .. } => Ok(()),
             Relation::Shared { .. } => Err(Refusal::Denied(format!(
                 "'{project}' is shared with you for the web app only; ask its owner for SSH access"
@@ -141,6 +143,7 @@ pub fn authorize(
         | Cp { .. }
         | Rename { .. }
         | Rollback { .. }
+        | Resize { .. }
         | CheckpointRm { .. } => {
             match rel {
                 Relation::Owner => Ok(()),

@@ -80,6 +80,16 @@ impl fmt::Display for Progress {
 pub trait ProgressSink: Send + Sync {
     /// Reports one step. Must not block; sinks rate-limit themselves.
     fn report(&self, p: Progress);
+    /// Output of a command `run` runs in a VM, as it comes (stdout and
+    /// stderr together). Front ends that stream (SSH, the API, the
+    /// console) pass all of it on; chat shows the last lines. Must not
+    /// block.
+    fn output(&self, _bytes: &[u8]) {}
+    /// Whether [`ProgressSink::output`] reaches the asker whole (so the
+    /// answer need not repeat its last lines).
+    fn streams_output(&self) -> bool {
+        false
+    }
 }
 
 /// A sink that drops everything (for callers that only want the result).
@@ -303,6 +313,18 @@ impl ProvisionError {
     }
 }
 
+/// What [`Provisioner::resize`] did at once on a running VM (all false
+/// for a stopped one: everything applies at its next start).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResizedVm {
+    /// The disk grew, and the guest's filesystem with it.
+    pub disk_now: bool,
+    /// The guest has the new number of CPUs.
+    pub cpus_now: bool,
+    /// The guest has the new memory size.
+    pub memory_now: bool,
+}
+
 /// Builds, runs and tears down project VMs.
 #[async_trait]
 pub trait Provisioner: Send + Sync {
@@ -419,6 +441,20 @@ pub trait Provisioner: Send + Sync {
             self.backend(),
             format!("has no checkpoints of {from}"),
         ))
+    }
+    /// Gives a project's VM new resources (the caller holds its VM lock
+    /// and checked the quota; the disk never shrinks): kept for its next
+    /// boots, and at once on a running VM where the backend can. Says
+    /// what took effect at once.
+    async fn resize(
+        &self,
+        project: &ProjectName,
+        _to: &Resources,
+    ) -> Result<ResizedVm, ProvisionError> {
+        Err(ProvisionError::Unavailable(format!(
+            "{} cannot resize VMs (of {project})",
+            self.backend()
+        )))
     }
     /// Renames a project's VM (stopped and started again if it ran).
     async fn rename(&self, from: &ProjectName, to: &ProjectName) -> Result<(), ProvisionError>;
@@ -898,6 +934,22 @@ pub mod testing {
                 .in_flight("set_app_port", &[project.as_str()], self.op_delay())
                 .await;
             Ok(None)
+        }
+        async fn resize(
+            &self,
+            project: &ProjectName,
+            to: &Resources,
+        ) -> Result<ResizedVm, ProvisionError> {
+            self.record(
+                "resize",
+                &format!("{project} {} {} {}", to.vcpus, to.memory_mib, to.disk_mib),
+            );
+            // A running VM's disk grows at once, as QEMU's does.
+            let running = self.status_of(project.as_str()).state == VmState::Running;
+            Ok(ResizedVm {
+                disk_now: running,
+                ..ResizedVm::default()
+            })
         }
         async fn sync_keys(
             &self,

@@ -500,6 +500,110 @@ pub fn document(r: &Reply) -> Vec<Block> {
         } => vec![text(format!(
             "{https_url} now forwards to port {port} in the VM."
         ))],
+        Reply::Resized {
+            project,
+            before,
+            after,
+            disk_now,
+            restart_needed,
+            running,
+        } => {
+            let size = |mib: u64| crate::command::Size { mib }.to_string();
+            let mut changes = Vec::new();
+            if before.vcpus != after.vcpus {
+                changes.push(format!("{} → {} vCPUs", before.vcpus, after.vcpus));
+            }
+            if before.memory_mib != after.memory_mib {
+                changes.push(format!(
+                    "memory {} → {}",
+                    size(before.memory_mib),
+                    size(after.memory_mib)
+                ));
+            }
+            if before.disk_mib != after.disk_mib {
+                changes.push(format!(
+                    "disk {} → {}",
+                    size(before.disk_mib),
+                    size(after.disk_mib)
+                ));
+            }
+            if changes.is_empty() {
+                return vec![text(format!(
+                    "{project} has those resources already: {} vCPUs, {} memory, {} disk.",
+                    after.vcpus,
+                    size(after.memory_mib),
+                    size(after.disk_mib)
+                ))];
+            }
+            let mut doc = vec![text(format!("{project}: {}.", changes.join(", ")))];
+            if before.disk_mib != after.disk_mib {
+                doc.push(text(if *disk_now {
+                    "The disk grew at once, and the filesystem with it."
+                } else {
+                    "The disk grows when the VM next starts."
+                }));
+            }
+            if *restart_needed {
+                doc.push(if *running {
+                    para(vec![
+                        t("CPUs and memory take effect at the next start: "),
+                        code(format!("restart {project}")),
+                    ])
+                } else {
+                    text("CPUs and memory take effect when the VM next starts.")
+                });
+            }
+            doc
+        }
+        Reply::Ran {
+            project,
+            command,
+            exit_code,
+            signal,
+            timed_out,
+            stopped,
+            tail,
+            cut,
+            streamed,
+            output_bytes,
+            elapsed_ms,
+        } => {
+            #[allow(clippy::cast_precision_loss)]
+            let secs = *elapsed_ms as f64 / 1000.0;
+            let how = if *timed_out {
+                format!(" hit its time limit and was stopped after {secs:.1} s (exit {exit_code}).")
+            } else if *stopped {
+                format!(" was stopped by 'run stop' after {secs:.1} s (exit {exit_code}).")
+            } else if let Some(sig) = signal {
+                format!(" was ended by signal {sig} after {secs:.1} s (exit {exit_code}).")
+            } else {
+                format!(" exited with {exit_code} after {secs:.1} s.")
+            };
+            let mut doc = vec![para(vec![
+                code(command.clone()),
+                t(format!(" in {project}{how}")),
+            ])];
+            if *streamed {
+                // The asker saw all of it as it came.
+            } else if tail.is_empty() {
+                doc.push(text("It printed nothing."));
+            } else {
+                if *cut {
+                    doc.push(text(format!(
+                        "The last {} lines of {} of output:",
+                        tail.len(),
+                        bytes(*output_bytes)
+                    )));
+                }
+                doc.push(Block::Code(tail.join("\n")));
+            }
+            doc
+        }
+        Reply::RunStopped { project, count } => vec![text(match count {
+            0 => format!("Nothing that 'run' started runs in {project} now."),
+            1 => format!("Stopping the command 'run' started in {project}."),
+            n => format!("Stopping the {n} commands 'run' started in {project}."),
+        })],
         Reply::Tagged { project, tags } => vec![text(match tags.first() {
             None => format!("{project} has no tags now; 'tag {project} TAG' adds one."),
             Some(first) => format!(

@@ -25,6 +25,20 @@ pub fn create_root(
         .map(|_| ())
 }
 
+/// Grows a (stopped VM's) disk to `bytes`; the guest's init grows its
+/// filesystem at the next boot.
+pub fn grow(runner: &dyn Runner, disk: &Path, bytes: u64) -> Result<(), String> {
+    runner
+        .run(
+            &Cmd::new("qemu-img")
+                .args(["resize", "-q", "-f", "qcow2"])
+                .arg(disk)
+                .arg(bytes.to_string()),
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 /// What `qemu-img info` says of a disk (read with `-U`: a running VM may
 /// hold it).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -212,6 +212,63 @@ async fn backend_boots_reports_and_force_stops_a_vmm_process() {
     );
 }
 
+/// `resize`: the disk through `vm.resize-disk`, CPUs through `vm.resize`
+/// only within the `max_vcpus` the VM booted with, memory never (Kennel
+/// boots without a hotplug size) — bodies exactly as the spec has them.
+async fn resize_uses_resize_disk_and_resize_where_they_apply() {
+    let d = tempfile::tempdir().unwrap();
+    let m = machine(d.path(), tap());
+    let double = ChDouble::start(&m.control_socket).await.unwrap();
+    let _vfs = fake_virtiofsd(&m.virtiofs_socket);
+    let c = ChClient::new(&m.control_socket);
+    c.create(&vm_config(&m).unwrap()).await.unwrap();
+    c.boot().await.unwrap();
+    let ch = CloudHypervisor {
+        binary: PathBuf::from("/nonexistent"),
+    };
+    ch.grow_disk(&m, 30 << 30).await.unwrap();
+    assert_eq!(double.disk_size("root").await, Some(30 << 30));
+    // Fewer CPUs fit under max_vcpus; more, or more memory, wait.
+    assert_eq!(ch.resize_live(&m, 1, 512).await.unwrap(), (true, true));
+    assert_eq!(ch.resize_live(&m, 4, 1024).await.unwrap(), (false, false));
+    let reqs = double.requests().await;
+    let bodies: Vec<(String, serde_json::Value)> = reqs
+        .iter()
+        .filter(|r| r.endpoint.starts_with("vm.resize"))
+        .map(|r| (r.endpoint.clone(), r.body.clone().unwrap()))
+        .collect();
+    assert_eq!(
+        bodies,
+        vec![
+            (
+                "vm.resize-disk".to_owned(),
+                serde_json::json!({"id": "root", "desired_size": 30i64 << 30})
+            ),
+            (
+                "vm.resize".to_owned(),
+                serde_json::json!({"desired_vcpus": 1})
+            ),
+        ]
+    );
+    // What the double refuses, as a real CH does.
+    let e = c
+        .resize(&VmResize {
+            desired_vcpus: Some(8),
+            ..VmResize::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(api_status(&e).0, 500);
+    let e = c
+        .resize_disk(&kennel_provisioner::vmm::ch::types::VmResizeDisk {
+            id: Some("nope".into()),
+            desired_size: Some(1 << 30),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(api_status(&e).0, 404);
+}
+
 async fn user_networking_and_missing_shared_memory_are_refused() {
     let d = tempfile::tempdir().unwrap();
     let user = machine(
@@ -274,6 +331,10 @@ fn main() {
         (
             "backend_boots_reports_and_force_stops_a_vmm_process",
             || Box::pin(backend_boots_reports_and_force_stops_a_vmm_process()),
+        ),
+        (
+            "resize_uses_resize_disk_and_resize_where_they_apply",
+            || Box::pin(resize_uses_resize_disk_and_resize_where_they_apply()),
         ),
         (
             "user_networking_and_missing_shared_memory_are_refused",

@@ -60,6 +60,8 @@ struct Inner {
     requests: Vec<Recorded>,
     trapped: bool,
     snapshots: Vec<String>,
+    /// Disk sizes `vm.resize-disk` set, by disk id.
+    disk_sizes: std::collections::HashMap<String, i64>,
 }
 
 /// A running double.
@@ -300,6 +302,7 @@ impl ChDouble {
                 requests: Vec::new(),
                 trapped: false,
                 snapshots: Vec::new(),
+                disk_sizes: std::collections::HashMap::new(),
             })),
             stop: Arc::new(tokio::sync::watch::channel(false).0),
             trap_delay,
@@ -347,6 +350,11 @@ impl ChDouble {
     /// The VM's state.
     pub async fn state(&self) -> State {
         self.inner.lock().await.state
+    }
+
+    /// The size `vm.resize-disk` last gave a disk.
+    pub async fn disk_size(&self, id: &str) -> Option<i64> {
+        self.inner.lock().await.disk_sizes.get(id).copied()
     }
 
     /// Whether a `vm.boot` ever hit the missing virtio-fs socket trap.
@@ -515,9 +523,40 @@ impl ChDouble {
                 if b.get("desired_vcpus").is_some_and(|v| v.as_i64().is_none_or(|n| n < 1)) {
                     return err(StatusCode::BAD_REQUEST, &["Error from API", "desired_vcpus must be >= 1"]);
                 }
-                if s.config.is_none() {
+                let Some(cfg) = s.config.as_ref() else {
                     return err(StatusCode::NOT_FOUND, &["Error from API", "VM is not created"]);
+                };
+                // A real CH hot-plugs CPUs only up to the max_vcpus it
+                // booted with, and memory only into its hotplug_size.
+                let max = cfg.pointer("/cpus/max_vcpus").and_then(Value::as_i64).unwrap_or(1);
+                if b.get("desired_vcpus").and_then(Value::as_i64).is_some_and(|n| n > max) {
+                    return err(StatusCode::INTERNAL_SERVER_ERROR, &["Error from API", "The VM could not be resized", "Error resizing VM", "Request to hot plug more vCPUs than allowed max"]);
                 }
+                let size = cfg.pointer("/memory/size").and_then(Value::as_i64).unwrap_or(0);
+                let hotplug = cfg.pointer("/memory/hotplug_size").and_then(Value::as_i64).unwrap_or(0);
+                if b.get("desired_ram").and_then(Value::as_i64).is_some_and(|r| r != size && (hotplug == 0 || r > size + hotplug)) {
+                    return err(StatusCode::INTERNAL_SERVER_ERROR, &["Error from API", "The VM could not be resized", "Error resizing VM", "Memory hotplug is not enabled or the size exceeds it"]);
+                }
+                ok()
+            }),
+            "vm.resize-disk" => expect(&Method::PUT).unwrap_or_else(|| {
+                let Some(b) = body.as_ref().and_then(Value::as_object) else {
+                    return err(StatusCode::BAD_REQUEST, &["Error from API", "VmResizeDisk must be an object"]);
+                };
+                let (Some(id), Some(size)) = (b.get("id").and_then(Value::as_str), b.get("desired_size").and_then(Value::as_i64)) else {
+                    return err(StatusCode::BAD_REQUEST, &["Error from API", "id and desired_size are required"]);
+                };
+                let Some(cfg) = s.config.as_ref() else {
+                    return err(StatusCode::NOT_FOUND, &["Error from API", "The disk could not be resized", "VM is not created"]);
+                };
+                let disks = cfg.get("disks").and_then(Value::as_array).cloned().unwrap_or_default();
+                if !disks.iter().any(|d| d.get("id").and_then(Value::as_str) == Some(id)) {
+                    return err(StatusCode::NOT_FOUND, &["Error from API", "The disk could not be resized", &format!("No disk with id {id}")]);
+                }
+                if size <= 0 || size % 512 != 0 {
+                    return err(StatusCode::INTERNAL_SERVER_ERROR, &["Error from API", "The disk could not be resized", "Size must be a positive multiple of 512 bytes"]);
+                }
+                s.disk_sizes.insert(id.to_owned(), size);
                 ok()
             }),
             "vm.snapshot" => expect(&Method::PUT).unwrap_or_else(|| {

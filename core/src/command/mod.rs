@@ -105,6 +105,27 @@ pub enum Command {
         name: ProjectName,
         tags: Vec<SlugName>,
     },
+    /// Changes a project's CPUs, memory or disk, within its owner's quota.
+    /// The disk only grows: at once where the VM runs and its backend can
+    /// (the guest's filesystem grows with it), else at the next start;
+    /// CPUs and memory take effect at the next start.
+    Resize {
+        name: ProjectName,
+        cpus: Option<u32>,
+        memory: Option<Size>,
+        disk: Option<Size>,
+    },
+    /// Runs one command in a project's VM as `dev` in `/workspace`, its
+    /// words passed as given (no shell unless it is `sh -c ...`), streaming
+    /// its output; the answer carries its exit code. A stopped VM is woken.
+    Run {
+        name: ProjectName,
+        argv: Vec<String>,
+        /// Seconds it may run before Kennel stops it.
+        timeout_secs: u64,
+    },
+    /// Stops the commands `run` is running in a project's VM.
+    RunStop { name: ProjectName },
     /// Shows quotas and what is used of them: everyone's, one user's, or
     /// (for a member) their own; an admin's change sets a user's own
     /// limits.
@@ -252,6 +273,9 @@ impl Command {
             | Checkpoints { .. } => true,
             Quota { change, .. } => change.is_empty(),
             NewProject(_)
+            | Resize { .. }
+            | Run { .. }
+            | RunStop { .. }
             | Checkpoint { .. }
             | Rollback { .. }
             | CheckpointRm { .. }
@@ -310,7 +334,10 @@ impl Command {
             | Checkpoint { name, .. }
             | Checkpoints { name }
             | Rollback { name, .. }
-            | CheckpointRm { name, .. } => Some(name),
+            | CheckpointRm { name, .. }
+            | Resize { name, .. }
+            | Run { name, .. }
+            | RunStop { name } => Some(name),
             NewProject(n) => Some(&n.name),
             // Listed one by one: a new command that names a project must
             // be added above, or policy would treat it as project-less.
@@ -438,6 +465,13 @@ pub fn parse_addressed(text: &str, extra_prefixes: &[&str]) -> Result<Invocation
 
 impl fmt::Display for Invocation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.json && matches!(self.command, Command::Run { .. }) {
+            // After `run NAME`, every word is the command's own: `--json`
+            // goes before them.
+            let line = self.command.to_string();
+            let rest = line.strip_prefix(self.command.name()).unwrap_or(&line);
+            return write!(f, "{} --json{rest}", self.command.name());
+        }
         write!(f, "{}", self.command)?;
         if self.json {
             write!(f, " --json")?;

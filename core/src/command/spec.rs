@@ -22,6 +22,10 @@ pub enum ArgKind {
     PublicKey,
     /// Everything that is left, joined by single spaces (notes, reasons).
     Rest,
+    /// Another program's command line (`run NAME COMMAND...`): every word
+    /// that is left, as given. Kennel's own options (`--json` too) count
+    /// only before it.
+    Argv,
 }
 
 /// A positional argument.
@@ -64,22 +68,34 @@ impl CommandSpec {
     /// The usage line, e.g. `rm <name> [--purge] [--yes]`.
     pub fn usage(&self) -> String {
         let mut s = self.name.to_owned();
+        let flags = |s: &mut String| {
+            for fl in self.flags {
+                match fl.value {
+                    Some(v) => s.push_str(&format!(" [--{} {v}]", fl.name)),
+                    None => s.push_str(&format!(" [--{}]", fl.name)),
+                }
+            }
+        };
+        let mut flags_written = false;
         for a in self.args {
             let body = match a.kind {
-                ArgKind::Rest => format!("{}...", a.name),
+                ArgKind::Rest | ArgKind::Argv => format!("{}...", a.name),
                 _ => a.name.to_owned(),
             };
+            // Options go before another program's words, which take all
+            // that follows.
+            if a.kind == ArgKind::Argv {
+                flags(&mut s);
+                flags_written = true;
+            }
             if a.required {
                 s.push_str(&format!(" <{body}>"));
             } else {
                 s.push_str(&format!(" [{body}]"));
             }
         }
-        for fl in self.flags {
-            match fl.value {
-                Some(v) => s.push_str(&format!(" [--{} {v}]", fl.name)),
-                None => s.push_str(&format!(" [--{}]", fl.name)),
-            }
+        if !flags_written {
+            flags(&mut s);
         }
         s
     }
@@ -113,6 +129,13 @@ const fn rest(name: &'static str) -> ArgSpec {
         required: true,
     }
 }
+const fn argv(name: &'static str) -> ArgSpec {
+    ArgSpec {
+        name,
+        kind: ArgKind::Argv,
+        required: true,
+    }
+}
 const fn pubkey() -> ArgSpec {
     ArgSpec {
         name: "ssh-public-key",
@@ -136,6 +159,10 @@ const fn valued(name: &'static str, value: &'static str, help: &'static str) -> 
 }
 
 const NAME: &[ArgSpec] = &[word("name")];
+/// How long `run` lets a command run when not told.
+pub const DEFAULT_RUN_TIMEOUT_SECS: u64 = 600;
+/// The longest `--timeout` of `run`.
+pub const MAX_RUN_TIMEOUT_SECS: u64 = 24 * 3600;
 const USER_FLAG: FlagSpec = valued("user", "USER", "another user's (admins only)");
 /// Lines of console log `logs` shows when not told.
 pub const DEFAULT_LOG_LINES: u32 = 50;
@@ -423,6 +450,77 @@ pub static SPECS: &[CommandSpec] = &[
             Ok(Command::Untag {
                 name: m.req("name", project)?,
                 tags: m.req("tags", tags)?,
+            })
+        },
+    },
+    CommandSpec {
+        name: "resize",
+        aliases: &[],
+        args: NAME,
+        flags: &[
+            valued("cpus", "N", "virtual CPUs (1-64), from the next start"),
+            valued("memory", "SIZE", "guest memory, from the next start"),
+            valued(
+                "disk",
+                "SIZE",
+                "root disk size (grows only; at once while it runs)",
+            ),
+        ],
+        summary: "Change a project's CPUs, memory or disk, within your quota",
+        build: |m| {
+            let (cpus, memory, disk) = (
+                m.value("cpus", cpus)?,
+                m.value("memory", memory)?,
+                m.value("disk", disk)?,
+            );
+            if cpus.is_none() && memory.is_none() && disk.is_none() {
+                return Err("say what to change: --cpus, --memory or --disk".into());
+            }
+            Ok(Command::Resize {
+                name: m.req("name", project)?,
+                cpus,
+                memory,
+                disk,
+            })
+        },
+    },
+    CommandSpec {
+        name: "run",
+        aliases: &[],
+        args: &[word("name"), argv("command")],
+        flags: &[valued(
+            "timeout",
+            "DURATION",
+            "stop it after this long (default 10m; up to 24h)",
+        )],
+        summary: "Run a command in a project's VM, as dev in /workspace; its words go as given (options for Kennel come before them)",
+        build: |m| {
+            let timeout_secs = match m.value("timeout", duration)? {
+                Some(s) if s > MAX_RUN_TIMEOUT_SECS => {
+                    return Err("--timeout is at most 24h".into())
+                }
+                Some(s) => s,
+                None => DEFAULT_RUN_TIMEOUT_SECS,
+            };
+            if m.argv.is_empty() {
+                return Err("missing <command>".into());
+            }
+            Ok(Command::Run {
+                name: m.req("name", project)?,
+                argv: m.argv.clone(),
+                timeout_secs,
+            })
+        },
+    },
+    CommandSpec {
+        name: "run stop",
+        aliases: &[],
+        args: NAME,
+        flags: &[],
+        summary: "Stop what 'run' is running in a project's VM",
+        build: |m| {
+            Ok(Command::RunStop {
+                name: m.req("name", project)?,
             })
         },
     },
@@ -937,6 +1035,8 @@ pub(super) fn q(s: &str) -> String {
 pub(super) struct Matched {
     args: Vec<(&'static str, String)>,
     flags: Vec<(&'static str, Option<String>)>,
+    /// The words of an [`ArgKind::Argv`] argument.
+    argv: Vec<String>,
 }
 
 impl Matched {
@@ -1022,13 +1122,83 @@ fn suggest_flag(spec: &CommandSpec, name: &str) -> Option<&'static str> {
 /// Whether the tokens carry `--json` (unquoted, before a `--`): the rule
 /// [`parse_tokens`] applies.
 pub(super) fn asks_json(tokens: &[Token]) -> bool {
+    let own = argv_start(tokens).unwrap_or(tokens.len());
     tokens
+        .get(..own)
+        .unwrap_or(tokens)
         .iter()
         .take_while(|t| t.quoted || t.text != "--")
         .any(|t| !t.quoted && t.text == "--json")
 }
 
-pub(super) fn parse_tokens(tokens: Vec<Token>) -> Result<Invocation, ParseError> {
+/// Whether a word is one of the options every command takes.
+fn global_option(t: &Token) -> bool {
+    !t.quoted && matches!(t.text.as_str(), "--json" | "--help" | "-h")
+}
+
+/// The spec the command words at the start of `tokens` name (skipping
+/// the options every command takes), and how many tokens it used.
+fn command_of(tokens: &[Token]) -> Option<(&'static CommandSpec, usize)> {
+    let skip = tokens.iter().take_while(|t| global_option(t)).count();
+    let w1 = tokens.get(skip)?.text.to_ascii_lowercase();
+    if let Some(w2) = tokens.get(skip + 1) {
+        let two = format!("{w1} {}", w2.text.to_ascii_lowercase());
+        if let Some(s) = by_name(&two).filter(|s| s.name.contains(' ')) {
+            return Some((s, skip + 2));
+        }
+    }
+    SPECS
+        .iter()
+        .find(|s| !s.name.contains(' ') && (s.name == w1 || s.aliases.contains(&w1.as_str())))
+        .map(|s| (s, skip + 1))
+}
+
+/// Where the words of another program's command line begin, for a
+/// command that takes one ([`ArgKind::Argv`]): after its own words,
+/// arguments and options (and a `--` that ends them). From there on
+/// every token is that program's, as given.
+fn argv_start(tokens: &[Token]) -> Option<usize> {
+    let (spec, used) = command_of(tokens)?;
+    if !spec.args.iter().any(|a| a.kind == ArgKind::Argv) {
+        return None;
+    }
+    let before = spec.args.iter().filter(|a| a.kind != ArgKind::Argv).count();
+    let mut seen = 0;
+    let mut i = used;
+    while let Some(t) = tokens.get(i) {
+        if seen == before && (t.quoted || !t.text.starts_with('-') || t.text == "-") {
+            return Some(i);
+        }
+        if !t.quoted && t.text == "--" {
+            return (seen == before).then_some(i + 1);
+        }
+        if global_option(t) {
+            i += 1;
+            continue;
+        }
+        if !t.quoted && t.text.starts_with("--") {
+            let body = t.text.get(2..).unwrap_or_default();
+            let takes_value = spec
+                .flags
+                .iter()
+                .any(|f| f.name == body && f.value.is_some());
+            i += if takes_value { 2 } else { 1 };
+            continue;
+        }
+        seen += 1;
+        i += 1;
+    }
+    Some(tokens.len())
+}
+
+pub(super) fn parse_tokens(mut tokens: Vec<Token>) -> Result<Invocation, ParseError> {
+    // Another program's words are taken as given: quoted, they are
+    // never Kennel's options.
+    if let Some(start) = argv_start(&tokens) {
+        for t in tokens.iter_mut().skip(start) {
+            t.quoted = true;
+        }
+    }
     let mut json = false;
     let mut help = false;
     let mut rest: Vec<Token> = Vec::with_capacity(tokens.len());
@@ -1156,6 +1326,11 @@ fn match_words(spec: &'static CommandSpec, words: &[Token]) -> Result<Matched, S
                 let all: Vec<String> = pos.by_ref().collect();
                 (!all.is_empty()).then(|| all.join(" "))
             }
+            ArgKind::Argv => {
+                m.argv = pos.by_ref().collect();
+                // Checked by the builder, which names what is missing.
+                continue;
+            }
             ArgKind::PublicKey => match pos.next() {
                 Some(k) if k.contains(' ') => Some(k),
                 Some(kind) => {
@@ -1197,6 +1372,9 @@ pub(super) fn spec_for(c: &Command) -> &'static CommandSpec {
         Command::Tag { .. } => "tag",
         Command::Quota { .. } => "quota",
         Command::Untag { .. } => "untag",
+        Command::Resize { .. } => "resize",
+        Command::Run { .. } => "run",
+        Command::RunStop { .. } => "run stop",
         Command::Status { .. } => "status",
         Command::Start { .. } => "start",
         Command::Stop { .. } => "stop",
@@ -1325,7 +1503,39 @@ pub(super) fn write_canonical(c: &Command, f: &mut fmt::Formatter<'_>) -> fmt::R
                 write!(f, " --note {}", quote(n))?;
             }
         }
-        Command::Checkpoints { name } => arg(name.as_str())?,
+        Command::Checkpoints { name } | Command::RunStop { name } => arg(name.as_str())?,
+        Command::Resize {
+            name,
+            cpus,
+            memory,
+            disk,
+        } => {
+            arg(name.as_str())?;
+            if let Some(c) = cpus {
+                write!(f, " --cpus {c}")?;
+            }
+            if let Some(m) = memory {
+                write!(f, " --memory {m}")?;
+            }
+            if let Some(d) = disk {
+                write!(f, " --disk {d}")?;
+            }
+        }
+        Command::Run {
+            name,
+            argv,
+            timeout_secs,
+        } => {
+            write!(f, " {}", quote(name.as_str()))?;
+            if *timeout_secs != DEFAULT_RUN_TIMEOUT_SECS {
+                write!(f, " --timeout {timeout_secs}s")?;
+            }
+            // A first word that looks like an option is quoted by
+            // `quote`, so it cannot be taken for one of Kennel's.
+            for w in argv {
+                write!(f, " {}", quote(w))?;
+            }
+        }
         Command::Rollback { name, label, yes } => {
             arg(name.as_str())?;
             arg(label.as_str())?;
@@ -1597,6 +1807,55 @@ mod tests {
         assert!(!wants_json("deny 3 -- --json is a reason"));
         assert!(!wants_json("request-access \"--json\""));
         assert!(!wants_json("projects"));
+    }
+
+    #[test]
+    fn run_takes_the_command_as_given_and_its_own_options_before_it() {
+        let argv = |line: &str| match parse(line).unwrap().command {
+            Command::Run {
+                argv, timeout_secs, ..
+            } => (argv, timeout_secs),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            argv("run myapp cargo test --release -h --json"),
+            (
+                vec!["cargo", "test", "--release", "-h", "--json"]
+                    .into_iter()
+                    .map(String::from)
+                    .collect(),
+                DEFAULT_RUN_TIMEOUT_SECS
+            )
+        );
+        assert!(!parse("run myapp ls --json").unwrap().json);
+        assert!(parse("run --json myapp ls").unwrap().json);
+        assert!(!super::super::wants_json("run myapp ls --json"));
+        let (a, t) = argv("run myapp --timeout 5m sh -c 'make && make test'");
+        assert_eq!(a, ["sh", "-c", "make && make test"]);
+        assert_eq!(t, 300);
+        assert_eq!(argv("run myapp -- --version").0, ["--version"]);
+        assert_eq!(
+            parse("run stop myapp").unwrap().command,
+            Command::RunStop {
+                name: crate::names::ProjectName::new("myapp").unwrap()
+            }
+        );
+        let e = parse("run myapp").unwrap_err().to_string();
+        assert!(e.contains("missing <command>"), "{e}");
+        let e = parse("run myapp --timeout 2d ls").unwrap_err().to_string();
+        assert!(e.contains("at most 24h"), "{e}");
+        assert_eq!(
+            by_name("run").unwrap().usage(),
+            "run <name> [--timeout DURATION] <command...>"
+        );
+    }
+
+    #[test]
+    fn resize_needs_something_to_change() {
+        let e = parse("resize myapp").unwrap_err().to_string();
+        assert!(e.contains("--cpus, --memory or --disk"), "{e}");
+        let c = parse("resize myapp --disk 30 --cpus 4").unwrap().command;
+        assert_eq!(c.to_string(), "resize myapp --cpus 4 --disk 30G");
     }
 
     #[test]

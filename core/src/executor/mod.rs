@@ -18,6 +18,7 @@
 //! | `access.rs` | whoami, users, keys, key add/rm, request-access, requests, approve, deny |
 //! | `secrets.rs` | secret set/rm, secrets, deploy-key |
 //! | `confirm.rs` | yes (and the questions it answers) |
+//! | `run.rs` | resize, run, run stop |
 //! | [`crate::vmstate`] | start, stop, restart: the VM state service |
 
 use std::collections::HashMap;
@@ -46,6 +47,7 @@ mod checkpoints;
 mod confirm;
 mod create;
 mod projects;
+mod run;
 mod secrets;
 mod sharing;
 
@@ -156,6 +158,10 @@ pub struct Executor {
     vm_locks: Arc<std::sync::Mutex<HashMap<ProjectName, Arc<tokio::sync::Mutex<()>>>>>,
     /// Who is in which VM, and when each was last used (idle stop).
     pub(crate) activity: Arc<crate::idle::Activity>,
+    /// The way into VMs `run` uses, once the SSH gateway is wired.
+    guest: Arc<std::sync::OnceLock<Arc<dyn crate::guest::GuestShell>>>,
+    /// What `run` runs now, for `run stop`.
+    running: Arc<crate::guest::Running>,
 }
 
 impl std::fmt::Debug for Executor {
@@ -188,6 +194,8 @@ impl Executor {
             line: Arc::default(),
             vm_locks: Arc::default(),
             activity: Arc::default(),
+            guest: Arc::default(),
+            running: Arc::default(),
         }
     }
 
@@ -531,6 +539,18 @@ impl Executor {
                 self.set_visibility(&call, &name, Visibility::Private).await
             }
             Command::Port { name, port } => self.port(&call, &name, port).await,
+            Command::Resize {
+                name,
+                cpus,
+                memory,
+                disk,
+            } => self.resize(&call, &name, cpus, memory, disk).await,
+            Command::Run {
+                name,
+                argv,
+                timeout_secs,
+            } => self.run_cmd(&call, &name, argv, timeout_secs).await,
+            Command::RunStop { name } => self.run_stop(&call, &name),
             Command::Idle { name, limit } => self.idle_cmd(&call, &name, limit).await,
             Command::Keys { user } => self.keys(&call, user).await,
             Command::KeyAdd { key, label, user } => self.key_add(&call, key, label, user).await,

@@ -1140,3 +1140,160 @@ async fn an_approved_user_is_named_after_the_chat_name_their_front_end_saw() {
         .await;
     assert_eq!(name_of(o), "zoe");
 }
+
+/// The name Kennel gave `who`.
+async fn name_of(w: &World, who: &Identity) -> String {
+    match w.run(who, "whoami").await {
+        Ok(Reply::Whoami { user: Some(u), .. }) => u.user.name.to_string(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn resize_grows_within_the_owners_quota_and_never_shrinks_a_disk() {
+    let w = world().await;
+    let ann = w.member("3001", 31).await;
+    let name = name_of(&w, &ann).await;
+    w.run(&w.admin, &format!("quota {name} --cpus 6 --disk 60G"))
+        .await
+        .unwrap();
+    w.run(&ann, "new project app --stack rust --cpus 2 --disk 20G")
+        .await
+        .unwrap();
+    // The disk grows at once on the running VM; CPUs wait for a restart.
+    let Ok(Reply::Resized {
+        before,
+        after,
+        disk_now: true,
+        restart_needed: true,
+        running: true,
+        ..
+    }) = w.run(&ann, "resize app --cpus 4 --disk 30G").await
+    else {
+        panic!()
+    };
+    assert_eq!((before.vcpus, after.vcpus), (2, 4));
+    assert_eq!(after.disk_mib, 30 * 1024);
+    assert!(w
+        .vms
+        .calls()
+        .contains(&format!("resize app 4 {} {}", after.memory_mib, 30 * 1024)));
+    // This project counts at its new size, not twice.
+    let e = w.run(&ann, "resize app --cpus 7").await.unwrap_err();
+    assert!(e.to_string().contains("vCPU quota"), "{e}");
+    assert!(w.run(&ann, "resize app --cpus 6").await.is_ok());
+    // Shrinking is refused with the reason; nothing changed.
+    let e = w.run(&ann, "resize app --disk 10G").await.unwrap_err();
+    assert!(e.to_string().contains("disks only grow"), "{e}");
+    assert_eq!(e.kind().as_str(), "invalid");
+    // Someone it is shared with may not resize it.
+    let bob = w.member("3002", 32).await;
+    let bob_name = name_of(&w, &bob).await;
+    w.run(&ann, &format!("share app {bob_name}")).await.unwrap();
+    assert!(refused(&w.run(&bob, "resize app --cpus 1").await).contains("owner"));
+}
+
+/// A guest that prints what it was asked to run, then ends as told.
+#[derive(Debug, Default)]
+struct FakeGuest;
+
+#[async_trait::async_trait]
+impl kennel_core::guest::GuestShell for FakeGuest {
+    async fn run(
+        &self,
+        _project: &kennel_core::names::ProjectName,
+        job: &kennel_core::guest::GuestJob,
+        out: &dyn kennel_core::guest::OutputSink,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<kennel_core::guest::RunEnd, kennel_core::guest::GuestError> {
+        use kennel_core::guest::RunEnd;
+        for w in &job.argv {
+            out.output(format!("{w}\n").as_bytes());
+        }
+        match job.argv.first().map(String::as_str) {
+            Some("false") => Ok(RunEnd::Exited(1)),
+            Some("sleep") => {
+                let _ = stop.changed().await;
+                Ok(RunEnd::Signalled("TERM".into()))
+            }
+            _ => Ok(RunEnd::Exited(0)),
+        }
+    }
+}
+
+#[tokio::test]
+async fn run_streams_output_answers_the_exit_code_and_run_stop_ends_it() {
+    let w = world().await;
+    let ann = w.member("3101", 41).await;
+    // No way into VMs wired: said so.
+    assert!(refused(&w.run(&ann, "run app ls").await).contains("no project 'app'"));
+    w.run(&ann, "new project app --stack rust").await.unwrap();
+    let e = w.run(&ann, "run app ls").await.unwrap_err();
+    assert_eq!(e.kind().as_str(), "unavailable", "{e}");
+    w.exec.set_guest_shell(std::sync::Arc::new(FakeGuest));
+
+    // A stopped VM is woken first.
+    w.run(&ann, "stop app").await.unwrap();
+    let out = w.run(&ann, "run app false --verbose").await;
+    assert_eq!(kennel_core::exit_code(&out), 1);
+    let Ok(Reply::Ran {
+        tail,
+        timed_out: false,
+        stopped: false,
+        ..
+    }) = &out
+    else {
+        panic!("{out:?}")
+    };
+    assert_eq!(tail, &["false", "--verbose"]);
+    assert!(
+        w.vms
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("start app"))
+            .count()
+            >= 1
+    );
+    let text = kennel_core::render(&out, kennel_core::Format::Plain);
+    assert!(text.contains("exited with 1"), "{text}");
+
+    // `run stop` ends what runs, from another front end.
+    let exec = w.exec.clone();
+    let who = ann.clone();
+    let long = tokio::spawn(async move {
+        exec.front_door(
+            &who,
+            None,
+            "run app sleep 100",
+            kennel_core::Style::PLAIN,
+            &NoProgress,
+        )
+        .await
+        .outcome
+    });
+    let mut stopped = 0;
+    for _ in 0..100 {
+        if let Ok(Reply::RunStopped { count, .. }) = w.run(&ann, "run stop app").await {
+            stopped = count;
+            if count > 0 {
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(stopped, 1);
+    let out = long.await.unwrap();
+    assert_eq!(kennel_core::exit_code(&out), 143);
+    assert!(
+        matches!(out, Ok(Reply::Ran { stopped: true, .. })),
+        "{out:?}"
+    );
+
+    // Whoever may not enter by SSH may not run.
+    let bob = w.member("3102", 42).await;
+    let bob_name = name_of(&w, &bob).await;
+    w.run(&ann, &format!("share app {bob_name} --web"))
+        .await
+        .unwrap();
+    assert!(refused(&w.run(&bob, "run app ls").await).contains("web app only"));
+}

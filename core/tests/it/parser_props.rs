@@ -72,6 +72,32 @@ fn more_commands() -> impl Strategy<Value = Command> {
         (project(), project()).prop_map(|(name, new_name)| Command::Rename { name, new_name }),
         (slug(), "[!-~]{1,40}").prop_map(|(name, value)| Command::SecretSet { name, value }),
         slug().prop_map(|name| Command::SecretRm { name }),
+        (
+            project(),
+            prop::option::of(1u32..=64),
+            prop::option::of(size(256)),
+            prop::option::of(size(1024))
+        )
+            .prop_filter_map("changes something", |(name, cpus, memory, disk)| {
+                (cpus.is_some() || memory.is_some() || disk.is_some()).then_some(Command::Resize {
+                    name,
+                    cpus,
+                    memory,
+                    disk,
+                })
+            }),
+        (
+            // `run stop X` is the command that stops runs.
+            project().prop_filter("not 'stop'", |p| p.as_str() != "stop"),
+            prop::collection::vec("[!-~][ -~]{0,11}", 1..6),
+            prop::option::of(1u64..=86_400)
+        )
+            .prop_map(|(name, argv, timeout)| Command::Run {
+                name,
+                argv,
+                timeout_secs: timeout.unwrap_or(600),
+            }),
+        project().prop_map(|name| Command::RunStop { name }),
         (project(), tags()).prop_map(|(name, tags)| Command::Tag { name, tags }),
         (project(), tags()).prop_map(|(name, tags)| Command::Untag { name, tags }),
         (

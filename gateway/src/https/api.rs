@@ -166,10 +166,10 @@ impl Inner {
         }
         // Progress lines as they come, then the outcome; the status is 200
         // (sent before the outcome is known) and the last line says.
-        let (tx, rx) = mpsc::channel::<Bytes>(64);
+        let (tx, rx) = mpsc::channel::<Bytes>(1024);
         let gate = self.gate.clone();
         tokio::spawn(async move {
-            let sink = LineSink(tx.clone());
+            let sink = LineSink::new(tx.clone());
             let answered = gate.front_door(&who, user, &line, style, &sink).await;
             let mut last = answered.text.trim_end().to_owned();
             last.push('\n');
@@ -399,13 +399,75 @@ fn unauthorized(message: &str) -> Response<Body> {
 
 /// Sends each progress step as one NDJSON line (dropped if the client is
 /// slower than 64 lines behind: progress is advisory).
-struct LineSink(mpsc::Sender<Bytes>);
+/// A `run`'s output goes as `{"output": TEXT}` lines, in order; should
+/// the client fall 1024 lines behind, what does not fit is left out and
+/// a `{"notice": ...}` line says so.
+struct LineSink {
+    tx: mpsc::Sender<Bytes>,
+    /// The start of a character split across two chunks of output.
+    carry: std::sync::Mutex<Vec<u8>>,
+    dropped: std::sync::atomic::AtomicBool,
+}
+
+impl LineSink {
+    fn new(tx: mpsc::Sender<Bytes>) -> Self {
+        Self {
+            tx,
+            carry: std::sync::Mutex::default(),
+            dropped: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
 
 impl ProgressSink for LineSink {
     fn report(&self, p: Progress) {
         let mut line = serde_json::json!({ "progress": p }).to_string();
         line.push('\n');
-        let _ = self.0.try_send(Bytes::from(line));
+        let _ = self.tx.try_send(Bytes::from(line));
+    }
+
+    fn output(&self, bytes: &[u8]) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let text = {
+            let mut carry = self
+                .carry
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            carry.extend_from_slice(bytes);
+            let whole = match std::str::from_utf8(&carry) {
+                Ok(_) => carry.len(),
+                // An incomplete last character waits for the next chunk.
+                Err(e) if e.error_len().is_none() => e.valid_up_to(),
+                Err(_) => carry.len(),
+            };
+            let rest = carry.split_off(whole);
+            let text = String::from_utf8_lossy(&carry).into_owned();
+            *carry = rest;
+            text
+        };
+        if text.is_empty() {
+            return;
+        }
+        if self.dropped.load(Relaxed) {
+            let notice = "{\"notice\":\"output was left out here: the client reads slower than the command writes\"}\n";
+            if self
+                .tx
+                .try_send(Bytes::from_static(notice.as_bytes()))
+                .is_err()
+            {
+                return;
+            }
+            self.dropped.store(false, Relaxed);
+        }
+        let mut line = serde_json::json!({ "output": text }).to_string();
+        line.push('\n');
+        if self.tx.try_send(Bytes::from(line)).is_err() {
+            self.dropped.store(true, Relaxed);
+        }
+    }
+
+    fn streams_output(&self) -> bool {
+        true
     }
 }
 
@@ -489,7 +551,7 @@ fn openapi() -> serde_json::Value {
                     },
                     "responses": {
                         "200": {
-                            "description": "done; with `Accept: application/x-ndjson`, progress lines (`{\"progress\": {\"stage\", \"percent\", \"detail\"}}`) and then the outcome, always 200",
+                            "description": "done; with `Accept: application/x-ndjson`, progress lines (`{\"progress\": {\"stage\", \"percent\", \"detail\"}}`), a `run`'s output as it comes (`{\"output\": TEXT}`), and then the outcome, always 200",
                             "content": {
                                 "application/json": {"schema": {"$ref": "#/components/schemas/Outcome"}},
                                 "application/x-ndjson": {"schema": {"type": "string"}}

@@ -8,7 +8,7 @@ use kennel_core::Actor;
 use russh::{client, Channel, ChannelMsg};
 use tokio::sync::mpsc;
 
-use super::{Bridge, Op, StderrSink, Target, Who};
+use super::{Bridge, Op, Said, StderrSink, Target, Who};
 
 impl Bridge {
     pub(super) async fn run(self, rx: mpsc::Receiver<Op>) {
@@ -88,8 +88,7 @@ impl Bridge {
         // In use from here until the session ends (idle stop).
         let _here = self.shared.gate.presence(p);
         // A stopped VM is started, with progress on stderr.
-        let (tx, mut lines) = mpsc::unbounded_channel();
-        let sink = StderrSink(tx);
+        let (sink, mut lines) = StderrSink::new();
         let actor = Actor::User {
             identity: identity.clone(),
             user: user.clone(),
@@ -98,7 +97,9 @@ impl Bridge {
         tokio::pin!(start);
         let started = loop {
             tokio::select! {
-                Some(l) = lines.recv() => self.stderr(&l).await,
+                Some(said) = lines.recv() => if let Said::Progress(l) = said {
+                    self.stderr(&l).await;
+                },
                 o = &mut start => break o,
             }
         };

@@ -6,7 +6,7 @@ use kennel_core::outcome::ErrorKind;
 use kennel_core::{exit_code, render, Format};
 use tokio::sync::mpsc;
 
-use super::{unknown_key, Bridge, Op, StderrSink, Who};
+use super::{unknown_key, Bridge, Op, Said, StderrSink, Who};
 
 impl Bridge {
     /// An unknown key: only `request-access [note]`.
@@ -63,8 +63,7 @@ impl Bridge {
         let Who::Known { user, identity } = &self.who else {
             return (String::new(), 1);
         };
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let sink = StderrSink(tx);
+        let (sink, mut rx) = StderrSink::new();
         let work = self.shared.gate.front_door(
             identity,
             user.clone(),
@@ -75,7 +74,12 @@ impl Bridge {
         tokio::pin!(work);
         let answered = loop {
             tokio::select! {
-                Some(line) = rx.recv() => self.stderr(&line).await,
+                Some(said) = rx.recv() => match said {
+                    Said::Progress(line) => self.stderr(&line).await,
+                    Said::Output(bytes) => {
+                        let _ = self.client.data_bytes(bytes).await;
+                    }
+                },
                 a = &mut work => break a,
             }
         };

@@ -421,12 +421,79 @@ struct Bridge {
     span: tracing::Span,
 }
 
-/// Progress lines on the client's stderr.
-struct StderrSink(mpsc::UnboundedSender<String>);
+/// What a command says while it runs: progress for the client's
+/// stderr, a `run`'s output for its stdout.
+enum Said {
+    Progress(String),
+    Output(Vec<u8>),
+}
+
+/// The most of a `run`'s output waiting for a slow client; past it, the
+/// client is told that some was left out.
+const MAX_QUEUED_OUTPUT: usize = 8 << 20;
+
+/// Progress lines on the client's stderr, `run` output on its stdout.
+struct StderrSink {
+    tx: mpsc::UnboundedSender<Said>,
+    /// Output bytes sent and not yet written to the client.
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+    dropped: std::sync::atomic::AtomicBool,
+}
+
+impl StderrSink {
+    fn new() -> (Self, SaidRx) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        (
+            Self {
+                tx,
+                queued: queued.clone(),
+                dropped: std::sync::atomic::AtomicBool::new(false),
+            },
+            SaidRx { rx, queued },
+        )
+    }
+}
+
+/// The client's side of a [`StderrSink`].
+struct SaidRx {
+    rx: mpsc::UnboundedReceiver<Said>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl SaidRx {
+    async fn recv(&mut self) -> Option<Said> {
+        let said = self.rx.recv().await?;
+        if let Said::Output(b) = &said {
+            self.queued
+                .fetch_sub(b.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+        Some(said)
+    }
+}
 
 impl ProgressSink for StderrSink {
     fn report(&self, p: Progress) {
-        let _ = self.0.send(format!("… {p}\r\n"));
+        let _ = self.tx.send(Said::Progress(format!("… {p}\r\n")));
+    }
+
+    fn output(&self, bytes: &[u8]) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.queued.load(Relaxed) > MAX_QUEUED_OUTPUT {
+            if !self.dropped.swap(true, Relaxed) {
+                let _ = self.tx.send(Said::Progress(
+                    "… output left out here: the command writes faster than this connection reads\r\n".into(),
+                ));
+            }
+            return;
+        }
+        self.dropped.store(false, Relaxed);
+        self.queued.fetch_add(bytes.len(), Relaxed);
+        let _ = self.tx.send(Said::Output(bytes.to_vec()));
+    }
+
+    fn streams_output(&self) -> bool {
+        true
     }
 }
 

@@ -43,6 +43,7 @@ mod copy;
 mod create;
 mod images;
 mod reconcile;
+mod resize;
 #[cfg(test)]
 mod tests;
 
@@ -714,6 +715,14 @@ impl Provisioner for LocalProvisioner {
         std::fs::read_to_string(key.with_extension("pub"))
             .map(|s| s.trim().to_owned())
             .map_err(|e| failed(Stage::Validated, e.to_string()))
+    }
+
+    async fn resize(
+        &self,
+        project: &ProjectName,
+        to: &kennel_core::model::Resources,
+    ) -> Result<kennel_core::provision::ResizedVm, ProvisionError> {
+        self.resize_vm(project, to).await
     }
 
     async fn set_app_port(

@@ -174,6 +174,21 @@ pub trait Vmm: Send + Sync {
     async fn switch_disk(&self, _m: &Machine, _next: &std::path::Path) -> Result<(), VmmError> {
         Err(unsupported(self.describe(), "a live disk switch"))
     }
+    /// Grows a running VM's root disk to `bytes` (the guest sees the new
+    /// size; its filesystem is grown by the caller).
+    async fn grow_disk(&self, _m: &Machine, _bytes: u64) -> Result<(), VmmError> {
+        Err(unsupported(self.describe(), "a live disk resize"))
+    }
+    /// Gives a running VM `vcpus` CPUs and `memory_mib` of memory where
+    /// it can without a restart; says which of the two took effect.
+    async fn resize_live(
+        &self,
+        _m: &Machine,
+        _vcpus: u32,
+        _memory_mib: u64,
+    ) -> Result<(bool, bool), VmmError> {
+        Ok((false, false))
+    }
 }
 
 fn unsupported(backend: String, what: &str) -> VmmError {

@@ -320,6 +320,19 @@ impl Vmm for Qemu {
         .map(|_| ())
     }
 
+    async fn grow_disk(&self, m: &Machine, bytes: u64) -> Result<(), VmmError> {
+        self.qmp(
+            m,
+            qapi::qmp::block_resize {
+                device: Some("root".into()),
+                node_name: None,
+                size: i64::try_from(bytes).unwrap_or(i64::MAX),
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
     async fn force_stop(&self, m: &Machine) -> Result<(), VmmError> {
         let needle = format!("kennel-{}", m.name);
         let Some(pid) = read_pid(&m.pid_file).filter(|p| pid_alive(*p, &needle)) else {

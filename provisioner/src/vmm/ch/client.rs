@@ -18,7 +18,9 @@ use hyperlocal::{UnixClientExt, UnixConnector, Uri};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::types::{RestoreConfig, VmConfig, VmInfo, VmResize, VmSnapshotConfig, VmmPingResponse};
+use super::types::{
+    RestoreConfig, VmConfig, VmInfo, VmResize, VmResizeDisk, VmSnapshotConfig, VmmPingResponse,
+};
 
 /// Why an API call failed.
 #[derive(Debug, thiserror::Error)]
@@ -221,6 +223,10 @@ impl ChClient {
     /// `PUT /vm.resize`.
     pub async fn resize(&self, r: &VmResize) -> Result<(), ChApiError> {
         self.put("vm.resize", Some(r)).await
+    }
+    /// `PUT /vm.resize-disk`.
+    pub async fn resize_disk(&self, r: &VmResizeDisk) -> Result<(), ChApiError> {
+        self.put("vm.resize-disk", Some(r)).await
     }
     /// `PUT /vm.snapshot` (the VM must be paused).
     pub async fn snapshot(&self, s: &VmSnapshotConfig) -> Result<(), ChApiError> {

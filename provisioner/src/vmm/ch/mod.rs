@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use self::client::{ChApiError, ChClient};
 use self::types::{
     ConsoleConfig, ConsoleMode, CpusConfig, DiskConfig, FsConfig, ImageType, MemoryConfig,
-    NetConfig, PayloadConfig, RngConfig, VmConfig, VmState,
+    NetConfig, PayloadConfig, RngConfig, VmConfig, VmResize, VmResizeDisk, VmState,
 };
 use super::{
     pid_alive, read_pid, signal, wait_exit, BackendKind, Machine, NetAttach, Vmm, VmmError,
@@ -221,6 +221,51 @@ impl Vmm for CloudHypervisor {
             Err(e) if e.status() == Some(404) => Ok(VmmState::Stopped),
             Err(e) => Err(e.into()),
         }
+    }
+
+    async fn grow_disk(&self, m: &Machine, bytes: u64) -> Result<(), VmmError> {
+        Self::client(m)
+            .resize_disk(&VmResizeDisk {
+                id: Some("root".into()),
+                desired_size: Some(i64::try_from(bytes).unwrap_or(i64::MAX)),
+            })
+            .await
+            .map_err(Into::into)
+    }
+
+    /// `vm.resize` where the VM was booted to allow it: CPUs up to the
+    /// `max_vcpus` it booted with, memory within its hotplug size (Kennel
+    /// boots without, so memory waits for the next start).
+    async fn resize_live(
+        &self,
+        m: &Machine,
+        vcpus: u32,
+        memory_mib: u64,
+    ) -> Result<(bool, bool), VmmError> {
+        let client = Self::client(m);
+        let info = client.info().await?;
+        let (boot, max) = info
+            .config
+            .cpus
+            .as_ref()
+            .map_or((0, 0), |c| (c.boot_vcpus, c.max_vcpus));
+        let mem = info.config.memory.as_ref();
+        let size = mem.map_or(0, |m| m.size);
+        let ceiling = size.saturating_add(mem.and_then(|m| m.hotplug_size).unwrap_or(0));
+        let want_ram = i64::try_from(memory_mib).unwrap_or(i64::MAX / (1 << 20)) << 20;
+        let cpus = vcpus != boot && vcpus <= max;
+        let ram = want_ram > size && want_ram <= ceiling;
+        if !cpus && !ram {
+            return Ok((vcpus == boot, want_ram == size));
+        }
+        client
+            .resize(&VmResize {
+                desired_vcpus: cpus.then_some(vcpus),
+                desired_ram: ram.then_some(want_ram),
+                desired_balloon: None,
+            })
+            .await?;
+        Ok((cpus || vcpus == boot, ram || want_ram == size))
     }
 
     async fn force_stop(&self, m: &Machine) -> Result<(), VmmError> {

@@ -190,6 +190,17 @@ pub struct VmResize {
     pub desired_balloon: Option<i64>,
 }
 
+/// `VmResizeDisk`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmResizeDisk {
+    /// The disk's identifier (`root`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// In bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_size: Option<i64>,
+}
+
 /// `VmSnapshotConfig`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSnapshotConfig {
