@@ -28,5 +28,6 @@ mod install;
 mod load_vm;
 mod matrix_vm;
 mod new_project;
+mod run_vm;
 mod ssh_vm;
 mod vm;

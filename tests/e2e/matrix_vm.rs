@@ -1,7 +1,8 @@
 //! The whole path from Matrix to a real guest: `kennel serve` with its
 //! Matrix bot logged in to a real Synapse, a person DMs `new project`,
 //! watches the progress message being edited into the final answer, and
-//! the VM it names answers over SSH with /workspace mounted.
+//! the VM it names answers over SSH with /workspace mounted, and `run`
+//! in it answers in the chat with the output and the exit code.
 //!
 //! Needs what `tests/e2e/vm.rs` needs plus Synapse (scripts/install-deps.sh
 //! test). Features `vm-tests` and `matrix`.
@@ -68,6 +69,18 @@ async fn new_project_from_matrix_on_a_real_guest() {
     .await
     .unwrap();
     assert!(out.0.contains("mounted"), "{}", out.0);
+
+    // `run` from the chat: the output's last lines and the exit code.
+    let asked = ann
+        .say(&dm, "run hello sh -c 'echo hi-from-the-guest; exit 3'")
+        .await;
+    let answer = ann
+        .wait_for("the run's answer", |s| {
+            s.sender == bot && s.body.contains("exited with 3")
+        })
+        .await;
+    assert!(answer.body.contains("hi-from-the-guest"), "{}", answer.body);
+    let _ = asked;
     drop(out.1);
     drop(hs);
 }

@@ -53,6 +53,19 @@ fn signal_number(name: &str) -> i32 {
     }
 }
 
+/// A word of a command as a shell would take it back: bare when plain,
+/// else in single quotes.
+fn shown(w: &str) -> String {
+    let plain = !w.is_empty()
+        && w.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+    if plain {
+        w.to_owned()
+    } else {
+        format!("'{}'", w.replace('\'', "'\\''"))
+    }
+}
+
 impl Executor {
     /// `resize NAME [--cpus N] [--memory SIZE] [--disk SIZE]`.
     pub(super) async fn resize(
@@ -200,11 +213,7 @@ impl Executor {
         let (tail, cut) = tail.finish();
         Ok(Reply::Ran {
             project: name.to_string(),
-            command: argv
-                .iter()
-                .map(|w| crate::command::lex::quote(w))
-                .collect::<Vec<_>>()
-                .join(" "),
+            command: argv.iter().map(|w| shown(w)).collect::<Vec<_>>().join(" "),
             exit_code: if timed_out { 124 } else { exit_code },
             signal,
             timed_out,
@@ -236,6 +245,14 @@ impl Executor {
 #[cfg(test)]
 mod tests {
     use super::signal_number;
+
+    #[test]
+    fn commands_show_as_a_shell_reads_them() {
+        assert_eq!(super::shown("--release"), "--release");
+        assert_eq!(super::shown("a b"), "'a b'");
+        assert_eq!(super::shown("it's"), "'it'\\''s'");
+        assert_eq!(super::shown(""), "''");
+    }
 
     #[test]
     fn signals_count_as_shells_count_them() {
