@@ -38,7 +38,7 @@ pub struct VmReach {
 /// Core as a gateway sees it. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Gate {
-    exec: Executor,
+    pub(crate) exec: Executor,
 }
 
 impl Executor {

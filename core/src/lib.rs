@@ -24,6 +24,7 @@ pub mod names;
 pub mod outcome;
 pub mod policy;
 pub mod provision;
+pub mod qr;
 pub mod redact;
 pub mod render;
 pub mod store;

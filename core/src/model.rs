@@ -406,6 +406,34 @@ pub struct ApiToken {
     pub last_used_at: Option<Timestamp>,
 }
 
+/// A share link of a project, as `shares` shows it (never its token).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ShareLink {
+    pub id: i64,
+    /// `None`: the project's app (its main host).
+    pub port: Option<u16>,
+    pub note: Option<String>,
+    pub created_by: Option<UserName>,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+    /// When a browser redeemed it (it works once).
+    pub redeemed_at: Option<Timestamp>,
+    pub last_used_at: Option<Timestamp>,
+    /// Pages opened through it.
+    pub visits: u64,
+}
+
+/// The most live share links one project may have.
+pub const MAX_LINKS_PER_PROJECT: u32 = 20;
+
+/// Who a share link's session lets in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkVisitor {
+    pub link_id: i64,
+    pub project: ProjectName,
+    pub port: Option<u16>,
+}
+
 /// A signed-in browser, as `sessions` shows it (never its token).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct WebSession {

@@ -179,6 +179,25 @@ pub enum Reply {
         output_bytes: u64,
         elapsed_ms: u64,
     },
+    /// `share NAME --link`: the link, shown this once.
+    LinkCreated {
+        project: String,
+        id: i64,
+        url: String,
+        port: Option<u16>,
+        expires_at: crate::model::Timestamp,
+        note: Option<String>,
+    },
+    LinkRevoked {
+        project: String,
+        id: i64,
+    },
+    /// `shares NAME`.
+    Shares {
+        project: String,
+        users: Vec<Share>,
+        links: Vec<crate::model::ShareLink>,
+    },
     /// `run stop`: how many commands were told to stop.
     RunStopped {
         project: String,

@@ -144,6 +144,9 @@ pub fn authorize(
         | Rename { .. }
         | Rollback { .. }
         | Resize { .. }
+        | ShareLink { .. }
+        | Shares { .. }
+        | UnshareLink { .. }
         | CheckpointRm { .. } => {
             match rel {
                 Relation::Owner => Ok(()),

@@ -40,6 +40,8 @@ pub enum Block {
     },
     Code(String),
     Bullets(Vec<Vec<Inline>>),
+    /// Shown in terminals only (plain text): a QR code drawn in text.
+    Terminal(String),
 }
 
 fn t(s: impl Into<String>) -> Inline {
@@ -599,6 +601,92 @@ pub fn document(r: &Reply) -> Vec<Block> {
             }
             doc
         }
+        Reply::LinkCreated {
+            project,
+            id,
+            url,
+            port,
+            expires_at,
+            note,
+        } => {
+            let what = match port {
+                Some(p) => format!("{project}'s port {p}"),
+                None => format!("{project}'s web app"),
+            };
+            let mut doc = vec![
+                text(format!(
+                    "Share link {id}{}: whoever opens it first gets {what} (nothing else) until {}. It works once; send it to one person. Shown this once:",
+                    note.as_ref().map(|n| format!(" ({n})")).unwrap_or_default(),
+                    format_time(*expires_at)
+                )),
+                Block::Code(url.clone()),
+            ];
+            if let Some(qr) = crate::qr::text(url) {
+                doc.push(Block::Terminal(qr));
+            }
+            doc.push(para(vec![
+                t("Revoke it (and end the session it started) with "),
+                code(format!("unshare {project} {id}")),
+                t("."),
+            ]));
+            doc
+        }
+        Reply::LinkRevoked { project, id } => vec![text(format!(
+            "Share link {id} of {project} is revoked; a browser that used it is signed out."
+        ))],
+        Reply::Shares {
+            project,
+            users,
+            links,
+        } => {
+            let mut doc = Vec::new();
+            if users.is_empty() {
+                doc.push(text(format!("{project} is shared with no user.")));
+            } else {
+                doc.push(Block::Table {
+                    head: ["user", "ssh", "web"].map(String::from).to_vec(),
+                    rows: users
+                        .iter()
+                        .map(|s| {
+                            let yes = |b: bool| if b { "yes" } else { "-" }.to_owned();
+                            vec![s.user.to_string(), yes(s.ssh), yes(s.web)]
+                        })
+                        .collect(),
+                });
+            }
+            if links.is_empty() {
+                doc.push(para(vec![
+                    t("No live share links. "),
+                    code(format!("share {project} --link")),
+                    t(" makes one."),
+                ]));
+            } else {
+                doc.push(Block::Table {
+                    head: ["link", "port", "note", "by", "expires", "used", "visits"]
+                        .map(String::from)
+                        .to_vec(),
+                    rows: links
+                        .iter()
+                        .map(|l| {
+                            vec![
+                                l.id.to_string(),
+                                l.port.map_or_else(|| "app".into(), |p| p.to_string()),
+                                l.note.clone().unwrap_or_else(|| "-".into()),
+                                l.created_by
+                                    .as_ref()
+                                    .map_or_else(|| "-".into(), ToString::to_string),
+                                format_time(l.expires_at),
+                                l.last_used_at
+                                    .or(l.redeemed_at)
+                                    .map_or_else(|| "not yet".into(), format_time),
+                                l.visits.to_string(),
+                            ]
+                        })
+                        .collect(),
+                });
+            }
+            doc
+        }
         Reply::RunStopped { project, count } => vec![text(match count {
             0 => format!("Nothing that 'run' started runs in {project} now."),
             1 => format!("Stopping the command 'run' started in {project}."),
@@ -949,7 +1037,11 @@ pub fn document(r: &Reply) -> Vec<Block> {
 
 /// Writes a document in a text format (JSON is rendered from the reply).
 pub fn write_doc(doc: &[Block], f: Format) -> String {
-    let parts: Vec<String> = doc.iter().map(|b| write_block(b, f)).collect();
+    let parts: Vec<String> = doc
+        .iter()
+        .filter(|b| f == Format::Plain || !matches!(b, Block::Terminal(_)))
+        .map(|b| write_block(b, f))
+        .collect();
     match f {
         Format::Html => parts.concat(),
         _ => parts.join("\n"),
@@ -1051,6 +1143,7 @@ fn write_block(b: &Block, f: Format) -> String {
             .collect::<Vec<_>>()
             .join("\n"),
         (_, Block::Table { head, rows }) => aligned(head, rows),
+        (_, Block::Terminal(s)) => s.clone(),
     }
 }
 

@@ -63,6 +63,15 @@ impl Urls {
         )
     }
 
+    /// A share link: redeemed on the project's (port's) own host.
+    pub fn share_link(&self, name: &ProjectName, port: Option<u16>, token: &str) -> String {
+        format!(
+            "https://{}{}/__kennel/link/{token}",
+            self.app_host(name.as_str(), port),
+            https_port_suffix(self.https_port)
+        )
+    }
+
     /// A one-time sign-in link for `token`.
     pub fn login(&self, token: &str) -> String {
         format!("{}/login/{token}", self.kennel())

@@ -3,7 +3,7 @@
 //! VM's pinned host key).
 //!
 //! The command's words travel as one exec request that the guest's shell
-//! reads: each word is single-quoted (`shlex`), so it arrives as given,
+//! reads: each word is quoted (`shell-words`), so it arrives as given,
 //! whatever it holds. The guest's coreutils `timeout` bounds it (TERM,
 //! then KILL 5 s later), so a time limit holds even if Kennel goes away;
 //! `run stop` and a caller who leaves send that `timeout` a TERM over a
@@ -27,8 +27,12 @@ const PID_MARK: &[u8] = b"\x1ekennel-run ";
 /// (PATH from profiles, quietly), `/workspace`, the pid, then the command
 /// under `timeout`.
 pub fn command_line(job: &GuestJob) -> Result<String, GuestError> {
-    let words = shlex::try_join(job.argv.iter().map(String::as_str))
-        .map_err(|_| GuestError::Invalid("a word of the command holds a NUL byte".into()))?;
+    if job.argv.iter().any(|w| w.contains('\0')) {
+        return Err(GuestError::Invalid(
+            "a word of the command holds a NUL byte".into(),
+        ));
+    }
+    let words = shell_words::join(&job.argv);
     Ok(format!(
         ". /etc/profile >/dev/null 2>&1; [ -r \"$HOME/.profile\" ] && . \"$HOME/.profile\" >/dev/null 2>&1; \
          cd /workspace || exit 125; printf '\\036kennel-run %s\\n' \"$$\" >&2; \

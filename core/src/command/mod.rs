@@ -83,6 +83,18 @@ pub enum Command {
     },
     /// Removes a user's share of a project.
     Unshare { name: ProjectName, user: UserName },
+    /// Makes a one-use link to a project's web app (or one port of it)
+    /// for someone without an account.
+    ShareLink {
+        name: ProjectName,
+        port: Option<u16>,
+        expires_secs: u64,
+        note: Option<String>,
+    },
+    /// Lists a project's shares with users and its live share links.
+    Shares { name: ProjectName },
+    /// Revokes a share link; sessions it started end at once.
+    UnshareLink { name: ProjectName, id: i64 },
     /// Makes a project's web app reachable by anyone with the URL.
     Public { name: ProjectName },
     /// Makes a project's web app reachable only by its owner and shares (the default).
@@ -244,7 +256,10 @@ impl Command {
     pub fn private(&self) -> bool {
         matches!(
             self,
-            Command::Login | Command::TokenCreate { .. } | Command::RequestAccess { .. }
+            Command::Login
+                | Command::TokenCreate { .. }
+                | Command::RequestAccess { .. }
+                | Command::ShareLink { .. }
         )
     }
 
@@ -270,9 +285,12 @@ impl Command {
             | Sessions
             | Tokens
             | SshConfig
+            | Shares { .. }
             | Checkpoints { .. } => true,
             Quota { change, .. } => change.is_empty(),
             NewProject(_)
+            | ShareLink { .. }
+            | UnshareLink { .. }
             | Resize { .. }
             | Run { .. }
             | RunStop { .. }
@@ -336,6 +354,9 @@ impl Command {
             | Rollback { name, .. }
             | CheckpointRm { name, .. }
             | Resize { name, .. }
+            | ShareLink { name, .. }
+            | Shares { name }
+            | UnshareLink { name, .. }
             | Run { name, .. }
             | RunStop { name } => Some(name),
             NewProject(n) => Some(&n.name),

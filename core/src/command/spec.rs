@@ -159,6 +159,10 @@ const fn valued(name: &'static str, value: &'static str, help: &'static str) -> 
 }
 
 const NAME: &[ArgSpec] = &[word("name")];
+/// How long a share link works when not told.
+pub const DEFAULT_LINK_SECS: u64 = 7 * 86_400;
+/// The longest `--expires` of a share link.
+pub const MAX_LINK_SECS: u64 = 90 * 86_400;
 /// How long `run` lets a command run when not told.
 pub const DEFAULT_RUN_TIMEOUT_SECS: u64 = 600;
 /// The longest `--timeout` of `run`.
@@ -348,19 +352,70 @@ pub static SPECS: &[CommandSpec] = &[
     CommandSpec {
         name: "share",
         aliases: &[],
-        args: &[word("name"), word("user")],
+        args: &[word("name"), opt_word("user")],
         flags: &[
             switch("ssh", "share SSH access"),
             switch("web", "share the web app"),
+            switch(
+                "link",
+                "a one-use link for someone without an account (no user)",
+            ),
+            valued("port", "P", "the link opens this port's site only"),
+            valued(
+                "expires",
+                "DURATION",
+                "the link works this long (default 7d, at most 90d)",
+            ),
+            valued("note", "TEXT", "who the link is for, shown in 'shares'"),
         ],
-        summary: "Share a project with a user (SSH and web unless one is named)",
+        summary: "Share a project with a user (SSH and web unless one is named), or by a one-use link (--link)",
         build: |m| {
+            let name = m.req("name", project)?;
+            if m.switch("link") {
+                if m.arg("user").is_some() {
+                    return Err("a link is for someone without an account: give no user with --link, or share with the user without it".into());
+                }
+                if m.switch("ssh") || m.switch("web") {
+                    return Err("a link opens the web app only; --ssh and --web are for users".into());
+                }
+                let expires_secs = match m.value("expires", duration)? {
+                    Some(s) if s > MAX_LINK_SECS => {
+                        return Err("--expires is at most 90d".into())
+                    }
+                    Some(s) => s,
+                    None => DEFAULT_LINK_SECS,
+                };
+                return Ok(Command::ShareLink {
+                    name,
+                    port: m.value("port", app_port)?,
+                    expires_secs,
+                    note: m.value("note", note)?,
+                });
+            }
+            if ["port", "expires", "note"]
+                .iter()
+                .any(|f| m.flags.iter().any(|(n, _)| n == f))
+            {
+                return Err("--port, --expires and --note are for links: add --link".into());
+            }
             let (ssh, web) = (m.switch("ssh"), m.switch("web"));
             Ok(Command::Share {
-                name: m.req("name", project)?,
+                name,
                 user: m.req("user", user)?,
                 ssh: ssh || !web,
                 web: web || !ssh,
+            })
+        },
+    },
+    CommandSpec {
+        name: "shares",
+        aliases: &[],
+        args: NAME,
+        flags: &[],
+        summary: "List who a project is shared with, and its share links",
+        build: |m| {
+            Ok(Command::Shares {
+                name: m.req("name", project)?,
             })
         },
     },
@@ -369,10 +424,19 @@ pub static SPECS: &[CommandSpec] = &[
         aliases: &[],
         args: &[word("name"), word("user")],
         flags: &[],
-        summary: "Stop sharing a project with a user",
+        summary: "Stop sharing a project with a user, or revoke a share link by its id",
         build: |m| {
+            let name = m.req("name", project)?;
+            let who = m.arg("user").unwrap_or_default();
+            let digits = who.trim_start_matches('#');
+            if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+                return Ok(Command::UnshareLink {
+                    name,
+                    id: request_id(digits)?,
+                });
+            }
             Ok(Command::Unshare {
-                name: m.req("name", project)?,
+                name,
                 user: m.req("user", user)?,
             })
         },
@@ -1383,7 +1447,9 @@ pub(super) fn spec_for(c: &Command) -> &'static CommandSpec {
         Command::Ssh { .. } => "ssh",
         Command::Logs { .. } => "logs",
         Command::Share { .. } => "share",
-        Command::Unshare { .. } => "unshare",
+        Command::Unshare { .. } | Command::UnshareLink { .. } => "unshare",
+        Command::ShareLink { .. } => "share",
+        Command::Shares { .. } => "shares",
         Command::Public { .. } => "public",
         Command::Private { .. } => "private",
         Command::Port { .. } => "port",
@@ -1611,6 +1677,28 @@ pub(super) fn write_canonical(c: &Command, f: &mut fmt::Formatter<'_>) -> fmt::R
         Command::Unshare { name, user } => {
             arg(name.as_str())?;
             arg(user.as_str())?;
+        }
+        Command::UnshareLink { name, id } => {
+            arg(name.as_str())?;
+            arg(&id.to_string())?;
+        }
+        Command::Shares { name } => arg(name.as_str())?,
+        Command::ShareLink {
+            name,
+            port,
+            expires_secs,
+            note,
+        } => {
+            write!(f, " {} --link", quote(name.as_str()))?;
+            if let Some(p) = port {
+                write!(f, " --port {p}")?;
+            }
+            if *expires_secs != DEFAULT_LINK_SECS {
+                write!(f, " --expires {expires_secs}s")?;
+            }
+            if let Some(n) = note {
+                write!(f, " --note {}", quote(n))?;
+            }
         }
         Command::Port { name, port } => {
             arg(name.as_str())?;

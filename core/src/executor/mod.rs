@@ -15,6 +15,7 @@
 //! | `projects.rs` | projects, status, rm, ssh, logs, port, rename |
 //! | `create.rs` | new project, cp |
 //! | `sharing.rs` | share, unshare, public, private |
+//! | `links.rs` | share --link, shares, unshare ID (and the gateway's side of links) |
 //! | `access.rs` | whoami, users, keys, key add/rm, request-access, requests, approve, deny |
 //! | `secrets.rs` | secret set/rm, secrets, deploy-key |
 //! | `confirm.rs` | yes (and the questions it answers) |
@@ -46,6 +47,7 @@ mod access;
 mod checkpoints;
 mod confirm;
 mod create;
+pub mod links;
 mod projects;
 mod run;
 mod secrets;
@@ -534,6 +536,17 @@ impl Executor {
                 web,
             } => self.share(&call, &name, &user, ssh, web).await,
             Command::Unshare { name, user } => self.unshare(&call, &name, &user).await,
+            Command::ShareLink {
+                name,
+                port,
+                expires_secs,
+                note,
+            } => {
+                self.share_link(&call, &name, port, expires_secs, note)
+                    .await
+            }
+            Command::Shares { name } => self.shares_cmd(&call, &name).await,
+            Command::UnshareLink { name, id } => self.unshare_link(&call, &name, id).await,
             Command::Public { name } => self.set_visibility(&call, &name, Visibility::Public).await,
             Command::Private { name } => {
                 self.set_visibility(&call, &name, Visibility::Private).await
@@ -774,6 +787,7 @@ fn audited(cmd: &Command) -> bool {
             | Command::Sessions
             | Command::Tokens
             | Command::SshConfig
+            | Command::Shares { .. }
             | Command::Checkpoints { .. }
     ) && !matches!(cmd, Command::Quota { change, .. } if change.is_empty())
 }

@@ -1707,3 +1707,167 @@ pub fn checkpoint_mib_of(conn: &Connection, user: UserId) -> Result<u64, StoreEr
     )?;
     Ok(u64::try_from(bytes).unwrap_or(0).div_ceil(1 << 20))
 }
+
+/// How many live (unrevoked, unexpired, unredeemed) links a project has.
+pub fn live_link_count(conn: &Connection, project: &ProjectName) -> Result<u32, StoreError> {
+    Ok(conn.query_row(
+        "SELECT COUNT(*) FROM share_links l JOIN projects p ON p.id = l.project_id
+         WHERE p.name = ?1 AND l.revoked_at IS NULL AND l.expires_at > ?2",
+        params![project.as_str(), now()],
+        |r| r.get(0),
+    )?)
+}
+
+/// Stores a new share link of a project by its token's hash; its id.
+pub fn add_share_link(
+    conn: &Connection,
+    project: &ProjectName,
+    token_hash: &str,
+    port: Option<u16>,
+    note: Option<&str>,
+    by: Option<UserId>,
+    expires_at: i64,
+) -> Result<i64, StoreError> {
+    conn.execute(
+        "INSERT INTO share_links (project_id, token_hash, port, note, created_by, created_at, expires_at)
+         SELECT id, ?2, ?3, ?4, ?5, ?6, ?7 FROM projects WHERE name = ?1",
+        params![project.as_str(), token_hash, port, note, by, now(), expires_at],
+    )?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// A project's links that still work or were redeemed and live on
+/// (unrevoked, unexpired), newest first.
+pub fn share_links_of(
+    conn: &Connection,
+    project: &ProjectName,
+) -> Result<Vec<crate::model::ShareLink>, StoreError> {
+    let mut st = conn.prepare(
+        "SELECT l.id, l.port, l.note, u.name, l.created_at, l.expires_at, l.redeemed_at,
+                l.last_used_at, l.visits
+         FROM share_links l JOIN projects p ON p.id = l.project_id
+         LEFT JOIN users u ON u.id = l.created_by
+         WHERE p.name = ?1 AND l.revoked_at IS NULL AND l.expires_at > ?2 ORDER BY l.id DESC",
+    )?;
+    let rows = st.query_map(params![project.as_str(), now()], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, Option<u16>>(1)?,
+            r.get::<_, Option<String>>(2)?,
+            r.get::<_, Option<String>>(3)?,
+            (r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?),
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, port, note, by, (created_at, expires_at, redeemed_at, last_used_at, visits)) =
+            row?;
+        out.push(crate::model::ShareLink {
+            id,
+            port,
+            note,
+            created_by: by.map(text).transpose()?,
+            created_at,
+            expires_at,
+            redeemed_at,
+            last_used_at,
+            visits,
+        });
+    }
+    Ok(out)
+}
+
+/// Revokes a project's link; whether there was a live one.
+pub fn revoke_share_link(
+    conn: &Connection,
+    project: &ProjectName,
+    id: i64,
+) -> Result<bool, StoreError> {
+    Ok(conn.execute(
+        "UPDATE share_links SET revoked_at = ?3 WHERE id = ?2 AND revoked_at IS NULL
+         AND project_id = (SELECT id FROM projects WHERE name = ?1)",
+        params![project.as_str(), id, now()],
+    )? > 0)
+}
+
+/// The project and port of a live, unredeemed link (`redeem`: marking it
+/// redeemed, so it works once).
+pub fn share_link_target(
+    conn: &Connection,
+    token_hash: &str,
+    redeem: bool,
+) -> Result<Option<crate::model::LinkVisitor>, StoreError> {
+    let found: Option<(i64, String, Option<u16>)> = conn
+        .query_row(
+            "SELECT l.id, p.name, l.port FROM share_links l JOIN projects p ON p.id = l.project_id
+             WHERE l.token_hash = ?1 AND l.revoked_at IS NULL AND l.redeemed_at IS NULL
+             AND l.expires_at > ?2",
+            params![token_hash, now()],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let Some((link_id, name, port)) = found else {
+        return Ok(None);
+    };
+    if redeem
+        && conn.execute(
+            "UPDATE share_links SET redeemed_at = ?2 WHERE id = ?1 AND redeemed_at IS NULL",
+            params![link_id, now()],
+        )? == 0
+    {
+        return Ok(None);
+    }
+    Ok(Some(crate::model::LinkVisitor {
+        link_id,
+        project: text(name)?,
+        port,
+    }))
+}
+
+/// Starts a session of a redeemed link.
+pub fn add_link_session(
+    conn: &Connection,
+    token_hash: &str,
+    link_id: i64,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO link_sessions (token_hash, link_id, created_at) VALUES (?1, ?2, ?3)",
+        params![token_hash, link_id, now()],
+    )?;
+    Ok(())
+}
+
+/// Who a link session lets in, while its link is neither revoked nor
+/// expired.
+pub fn link_session_visitor(
+    conn: &Connection,
+    token_hash: &str,
+) -> Result<Option<crate::model::LinkVisitor>, StoreError> {
+    let found: Option<(i64, String, Option<u16>)> = conn
+        .query_row(
+            "SELECT l.id, p.name, l.port FROM link_sessions s
+             JOIN share_links l ON l.id = s.link_id JOIN projects p ON p.id = l.project_id
+             WHERE s.token_hash = ?1 AND l.revoked_at IS NULL AND l.expires_at > ?2",
+            params![token_hash, now()],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    found
+        .map(|(link_id, name, port)| {
+            Ok(crate::model::LinkVisitor {
+                link_id,
+                project: text(name)?,
+                port,
+            })
+        })
+        .transpose()
+}
+
+/// Counts a page opened through a link.
+pub fn link_visited(conn: &Connection, link_id: i64) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE share_links SET visits = visits + 1, last_used_at = ?2 WHERE id = ?1",
+        params![link_id, now()],
+    )?;
+    Ok(())
+}

@@ -56,6 +56,8 @@ pub type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
 
 /// The session cookie, host-only by its `__Host-` prefix.
 pub const COOKIE: &str = "__Host-kennel";
+/// The cookie of a share link's session (host-only, like [`COOKIE`]).
+pub const LINK_COOKIE: &str = "__Host-kennel-link";
 
 /// Limits of the gateway.
 #[derive(Debug, Clone)]
@@ -561,6 +563,40 @@ impl Inner {
         }
     }
 
+    /// The link session cookie's value, if the request carries one.
+    fn link_cookie<B>(req: &Request<B>) -> Option<String> {
+        req.headers()
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|c| c.trim().split_once('='))
+            .find(|(k, _)| *k == LINK_COOKIE)
+            .map(|(_, v)| v.trim().to_owned())
+    }
+
+    /// Whom a share link's session lets in here, with where its app
+    /// answers.
+    async fn link_entry<B>(
+        &self,
+        req: &Request<B>,
+        name: &ProjectName,
+        port: Option<u16>,
+    ) -> Option<(kennel_core::model::LinkVisitor, Decided)> {
+        let session = Self::link_cookie(req)?;
+        match self.gate.link_entry(&session, name, port).await {
+            Ok(Some((v, p))) => {
+                let reach = self.gate.reach(&p.name).await.ok()?;
+                Some((v, Arc::new((p, reach))))
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read link sessions; treating the visitor as signed out");
+                None
+            }
+        }
+    }
+
     /// Whether `user` may enter `name` by `entry` (core's decision), and
     /// where its app answers; `None` when not.
     async fn decide(
@@ -640,7 +676,7 @@ impl Inner {
         own: Option<&proxy::OwnUpstream>,
     ) -> Response<Body> {
         if req.uri().path().starts_with("/__kennel/") {
-            return self.project_kennel_path(req, host).await;
+            return self.project_kennel_path(req, host, &name, port).await;
         }
         let user = self.session_user(&req, host).await;
         if let Some(u) = &user {
@@ -651,8 +687,21 @@ impl Inner {
         } else {
             Entry::Web
         };
-        let Some(decided) = self.decide(user.as_ref(), &name, entry).await else {
-            return self.not_open(&req, user.as_ref());
+        let decided = match self.decide(user.as_ref(), &name, entry).await {
+            Some(d) => d,
+            // A share link's visitor: this project and port only, while
+            // the link lives (checked on every request, never cached).
+            None => match self.link_entry(&req, &name, port).await {
+                Some((visitor, d)) => {
+                    tracing::Span::current()
+                        .record("user", format!("link:{}", visitor.link_id).as_str());
+                    if Self::browser(&req) {
+                        self.gate.link_visited(&visitor, req.uri().path()).await;
+                    }
+                    d
+                }
+                None => return self.not_open(&req, user.as_ref()),
+            },
         };
         let (project, reach) = (&decided.0, &decided.1);
         // In use until the answer has been sent (idle stop); taken before

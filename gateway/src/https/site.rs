@@ -202,7 +202,13 @@ impl Inner {
         &self,
         req: Request<Incoming>,
         host: &str,
+        name: &kennel_core::names::ProjectName,
+        port: Option<u16>,
     ) -> Response<Body> {
+        let path = req.uri().path().to_owned();
+        if let Some(token) = path.strip_prefix("/__kennel/link/") {
+            return self.share_link(&req, token, name, port).await;
+        }
         match (req.method().clone(), req.uri().path()) {
             (Method::GET, "/__kennel/handoff") => {
                 let to = query(&req, "to")
@@ -237,6 +243,64 @@ impl Inner {
                 self.sign_out(&req, "/").await
             }
             _ => page::status(StatusCode::NOT_FOUND, "Not found."),
+        }
+    }
+
+    /// `/__kennel/link/TOKEN` on a project's (port's) host: GET asks (a
+    /// chat preview or a scanner must not use the link up), POST redeems
+    /// it and starts the link's session. A link that does not work here
+    /// (used, revoked, expired, another project's) answers as an unknown
+    /// site does.
+    async fn share_link(
+        &self,
+        req: &Request<Incoming>,
+        token: &str,
+        name: &kennel_core::names::ProjectName,
+        port: Option<u16>,
+    ) -> Response<Body> {
+        match *req.method() {
+            Method::GET => match self.gate.peek_link(token, name, port).await {
+                Ok(Some(_)) => page::html(
+                    StatusCode::OK,
+                    "Open a shared site",
+                    &format!(
+                        "<p>Someone shared <b>{}</b> with you. This link works once, in one browser: open the site in this one?</p><form method=\"post\"><button>Open {}</button></form>",
+                        page::esc(name.as_str()),
+                        page::esc(name.as_str())
+                    ),
+                ),
+                _ => self.not_open(req, None),
+            },
+            Method::POST => {
+                if !self.same_origin(req) {
+                    return page::status(
+                        StatusCode::FORBIDDEN,
+                        "That form came from another site.",
+                    );
+                }
+                match self.gate.redeem_link(token, name, port).await {
+                    Ok(Some(s)) => {
+                        let mut r = page::redirect(StatusCode::SEE_OTHER, "/");
+                        if let Ok(c) = HeaderValue::from_str(&format!(
+                            "{}={}; Path=/; Secure; HttpOnly; SameSite=Lax",
+                            super::LINK_COOKIE,
+                            s.token
+                        )) {
+                            r.headers_mut().insert(header::SET_COOKIE, c);
+                        }
+                        r
+                    }
+                    Ok(None) => self.not_open(req, None),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot redeem a share link");
+                        page::status(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "Kennel cannot open this link right now.",
+                        )
+                    }
+                }
+            }
+            _ => page::status(StatusCode::METHOD_NOT_ALLOWED, "GET or POST."),
         }
     }
 

@@ -741,6 +741,217 @@ async fn a_browser_signs_in_from_a_chat_link_and_reaches_the_private_app() {
     );
 }
 
+// ------------------------------------------------------------ share links
+
+/// A share link of `project` made by the admin: its id and URL.
+async fn share_link(gw: &Gw, line: &str) -> (i64, String) {
+    match gw.w.run(&gw.w.admin, line).await {
+        Ok(Reply::LinkCreated { id, url, .. }) => (id, url),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The path of a URL on the gateway (after `:PORT`).
+fn path_of(gw: &Gw, url: &str) -> String {
+    url.split_once(&format!(":{}", gw.port))
+        .unwrap()
+        .1
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_link_opens_one_project_once_until_revoked() {
+    let gw = gateway().await;
+    gw.project("web").await;
+    gw.project("other").await;
+    let (id, url) = share_link(&gw, "share web --link --note for-carol").await;
+    assert!(
+        url.starts_with(&format!("https://web.{DOMAIN}:{}/__kennel/link/", gw.port)),
+        "{url}"
+    );
+    let path = path_of(&gw, &url);
+    let token = path.rsplit('/').next().unwrap().to_owned();
+    // Stored hashed: the token itself is nowhere in the store.
+    let db =
+        gw.w.store
+            .call(|c| {
+                let mut st = c.prepare("SELECT token_hash FROM share_links")?;
+                let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await
+            .unwrap();
+    assert!(!db.iter().any(|h| h == &token), "{db:?}");
+
+    // Unknown alike: the link on another project's host is refused (and
+    // not used up); a made-up token too.
+    let (unknown, _, unknown_body) = gw.curl(&format!("nosuch.{DOMAIN}"), "/", &[ANON]).await;
+    for host in [format!("other.{DOMAIN}"), format!("web--8080.{DOMAIN}")] {
+        let (code, _, body) = gw.curl(&host, &path, &[ANON, "-X", "POST"]).await;
+        assert_eq!((code, body), (unknown.clone(), unknown_body.clone()));
+    }
+    let made_up = format!("/__kennel/link/{}", "0".repeat(64));
+    let (code, _, _) = gw.curl(&format!("web.{DOMAIN}"), &made_up, &[ANON]).await;
+    assert_eq!(code, unknown);
+
+    // GET asks (a chat preview cannot use it up); POST redeems it.
+    let (code, _, body) = gw.curl(&format!("web.{DOMAIN}"), &path, &[]).await;
+    assert!(
+        code.starts_with("200") && body.contains("Open web"),
+        "{code} {body}"
+    );
+    let (code, head, _) = gw
+        .curl(&format!("web.{DOMAIN}"), &path, &["-X", "POST"])
+        .await;
+    assert!(code.starts_with("303"), "{code} {head}");
+    let cookie = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .starts_with("set-cookie: __host-kennel-link=")
+                .then(|| l.to_owned())
+        })
+        .unwrap_or_else(|| panic!("{head}"));
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("Secure") && !cookie.contains("Domain"),
+        "{cookie}"
+    );
+    let session = cookie
+        .split_once('=')
+        .unwrap()
+        .1
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    // In: the app, as an anonymous visitor; the cookie never reaches it.
+    let html = ["-H", "Accept: text/html"];
+    let (code, _, body) = gw.curl(&format!("web.{DOMAIN}"), "/page", &html).await;
+    assert!(code.starts_with("200"), "{code} {body}");
+    assert!(json(&body).get("x-kennel-user").is_none(), "{body}");
+    assert!(!body.contains("__Host-kennel"), "{body}");
+    // Nothing else: another project, another port, Kennel's dashboard.
+    let with = format!("Cookie: __Host-kennel-link={session}");
+    for host in [format!("other.{DOMAIN}"), format!("web--8080.{DOMAIN}")] {
+        let (code, _, _) = gw.curl(&host, "/", &[ANON, "-H", &with]).await;
+        assert!(code.starts_with("401"), "{host}: {code}");
+    }
+    let (code, _, body) = gw.curl(DOMAIN, "/", &[ANON, "-H", &with]).await;
+    assert!(
+        code.starts_with("200") && body.contains("To sign in"),
+        "{code} {body}"
+    );
+    // Used once: the same URL in another browser answers as unknown.
+    let (code, _, _) = gw.curl(&format!("web.{DOMAIN}"), &path, &[ANON]).await;
+    assert_eq!(code, unknown);
+
+    // `shares` lists it with its visit; every visit is audited.
+    let text = gw.w.text(&gw.w.admin, "shares web").await;
+    assert!(
+        text.contains("for-carol") && text.contains(&id.to_string()),
+        "{text}"
+    );
+    let Ok(Reply::Shares { links, .. }) = gw.w.run(&gw.w.admin, "shares web").await else {
+        panic!()
+    };
+    assert_eq!(links.first().map(|l| l.visits), Some(1), "{links:?}");
+    gw.audited(|e| e.action == "link redeemed" && e.target.as_deref() == Some("web"))
+        .await;
+    gw.audited(|e| e.action == "link visit" && e.detail.as_deref() == Some("/page"))
+        .await;
+
+    // Revoked: the live session ends at once.
+    gw.w.run(&gw.w.admin, &format!("unshare web {id}"))
+        .await
+        .unwrap();
+    let (code, _, _) = gw.curl(&format!("web.{DOMAIN}"), "/page", &[]).await;
+    assert_eq!(code, unknown);
+    assert!(gw
+        .w
+        .run(&gw.w.admin, &format!("unshare web {id}"))
+        .await
+        .is_err());
+
+    // Expired: unknown alike.
+    let (_, url) = share_link(&gw, "share web --link --expires 1s").await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (code, _, _) = gw
+        .curl(&format!("web.{DOMAIN}"), &path_of(&gw, &url), &[ANON])
+        .await;
+    assert_eq!(code, unknown);
+
+    // A port's link opens that port's site only.
+    let (_, url) = share_link(&gw, "share web --link --port 8080").await;
+    assert!(url.contains(&format!("web--8080.{DOMAIN}")), "{url}");
+
+    // Only the owner (or an admin) makes links; a member has a limit.
+    let bob = gw.member("77", 7).await;
+    let bob_name = gw.user(&bob).await.name;
+    gw.w.run(&gw.w.admin, &format!("share web {bob_name}"))
+        .await
+        .unwrap();
+    assert!(gw.w.run(&bob, "share web --link").await.is_err());
+    for _ in 0..20 {
+        let _ = gw.w.run(&gw.w.admin, "share other --link").await;
+    }
+    let e =
+        gw.w.run(&gw.w.admin, "share other --link")
+            .await
+            .unwrap_err();
+    assert!(e.to_string().contains("its limit"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_opens_a_share_link_sees_only_that_app_and_is_out_once_revoked() {
+    let gw = gateway().await;
+    gw.project("web").await;
+    gw.project("other").await;
+    let (id, link) = share_link(&gw, "share web --link").await;
+    let port = gw.port;
+    let (b, seen) = tokio::task::spawn_blocking(move || {
+        let mut b = kennel_testkit::browser::Browser::start(&format!(
+            "MAP *.{DOMAIN} 127.0.0.1, MAP {DOMAIN} 127.0.0.1"
+        ));
+        b.goto(&link);
+        assert!(b.source().contains("Open web"), "{}", b.source());
+        b.click("button");
+        let app = b.source_with("\"path\":\"/\"", Duration::from_secs(20));
+        let cookies = b.eval("return document.cookie;");
+        // No dashboard, no other project.
+        b.goto(&format!("https://{DOMAIN}:{port}/"));
+        let kennel = b.source();
+        b.goto(&format!("https://other.{DOMAIN}:{port}/"));
+        let other = b.source();
+        b.goto(&format!("https://web.{DOMAIN}:{port}/again"));
+        let again = b.source();
+        (b, (app, cookies, kennel, other, again))
+    })
+    .await
+    .unwrap();
+    let (app, cookies, kennel, other, again) = seen;
+    assert!(app.contains("\"path\":\"/\""), "{app}");
+    assert!(
+        !cookies.as_str().unwrap_or("").contains("kennel"),
+        "{cookies}"
+    );
+    assert!(kennel.contains("To sign in"), "{kennel}");
+    assert!(!other.contains("\"path\""), "{other}");
+    assert!(again.contains("\"path\":\"/again\""), "{again}");
+    // Revoked: the next page is the sign-in page, not the app.
+    gw.w.run(&gw.w.admin, &format!("unshare web {id}"))
+        .await
+        .unwrap();
+    let after = tokio::task::spawn_blocking(move || {
+        let mut b = b;
+        b.goto(&format!("https://web.{DOMAIN}:{port}/after"));
+        b.source()
+    })
+    .await
+    .unwrap();
+    assert!(!after.contains("\"path\""), "{after}");
+    assert!(after.contains("login"), "{after}");
+}
+
 // ------------------------------------------------------------ the HTTP API
 
 /// A new API token of `who`'s.
