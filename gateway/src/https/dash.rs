@@ -39,7 +39,7 @@ if (es) es.onmessage = (e) => {
     const el = document.querySelector('[data-state="' + CSS.escape(name) + '"]');
     if (el && el.textContent !== state) {
       el.textContent = state; el.className = 'state ' + state;
-      const row = el.closest('tr'); if (row) row.dataset.rowState = state;
+      const card = el.closest('.p'); if (card) card.dataset.rowState = state;
     }
   }
 };
@@ -66,7 +66,7 @@ document.addEventListener('click', (e) => {
 });
 "#;
 
-const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:72em;margin:2em auto;padding:0 1em;line-height:1.45}table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.35em .5em;border-bottom:1px solid #ddd;vertical-align:top}code{background:#f2f2f2;padding:0 .3em}pre{background:#f6f6f6;padding:.7em;overflow:auto;white-space:pre-wrap}form.inline{display:inline}button{font-size:.95em;padding:.25em .7em;margin:.1em}.state{font-weight:600}.running{color:#11772d}.stopped,.failed{color:#a33}input[type=text]{font-size:1em;padding:.3em;width:min(40em,100%)}header{display:flex;justify-content:space-between;align-items:center;flex-wrap:wrap}code{overflow-wrap:anywhere}tr.p:not([data-row-state=stopped]):not([data-row-state=failed]) .when-off,tr.p:not([data-row-state=running]):not([data-row-state=starting]) .when-on,tr.p:not([data-row-state=running]) .when-running{display:none}@media(max-width:40em){table,tbody,tr,td{display:block}thead{display:none}tr{border-bottom:1px solid #ccc;padding:.6em 0}td{border:0;padding:.15em 0}}";
+const STYLE: &str = include_str!("static/dash.css");
 
 /// The CSRF token of a session: derived from its cookie, so it needs no
 /// storage and is useless without the cookie (which other sites cannot
@@ -85,7 +85,7 @@ impl Inner {
     ) -> Result<Response<Body>, Request<Incoming>> {
         let csrf = csrf_of(&Self::cookie(&req).unwrap_or_default());
         match (req.method(), req.uri().path()) {
-            (&Method::GET, "/") => Ok(self.dashboard(&user, &csrf, None, None).await),
+            (&Method::GET, "/") => Ok(self.dashboard(&user, &csrf, None, None, None).await),
             (&Method::POST, "/do") => Ok(self.dash_do(req, user).await),
             (&Method::POST, "/run") => Ok(self.dash_run(req, user).await),
             (&Method::GET, "/events") => Ok(self.events(user)),
@@ -102,6 +102,7 @@ impl Inner {
         csrf: &str,
         said: Option<(bool, String)>,
         confirm: Option<String>,
+        qr: Option<String>,
     ) -> Response<Body> {
         let who = site::web_identity(user);
         let answered = self
@@ -114,15 +115,16 @@ impl Inner {
         };
         let cookie_csrf = csrf.to_owned();
         let mut html = format!(
-            "<header><p>You are signed in as <b>{}</b> ({})</p><form method=\"post\" action=\"/logout\"><button>Sign out</button></form></header>",
+            "<header class=\"top\"><h1>Kennel</h1><p>You are signed in as <b>{}</b> ({})</p><form method=\"post\" action=\"/logout\"><button>Sign out</button></form></header><main>",
             esc(user.name.as_str()),
             esc(user.role.as_str())
         );
         if let Some((ok, text)) = said {
             html.push_str(&format!(
-                "<section aria-live=\"polite\"><h2>{}</h2><pre>{}</pre>",
+                "<section class=\"said\" aria-live=\"polite\"><h2>{}</h2><pre>{}</pre>{}",
                 if ok { "Done" } else { "Not done" },
-                esc(&text)
+                esc(&text),
+                qr.map(|png| format!("<img class=\"qr\" alt=\"QR code of the link\" src=\"data:image/png;base64,{png}\">")).unwrap_or_default()
             ));
             if let Some(confirm) = confirm {
                 html.push_str(&format!(
@@ -139,14 +141,15 @@ impl Inner {
                 "<p>No projects yet. Make one below: <code>new project NAME --git URL</code>.</p>",
             );
         } else {
-            html.push_str("<table><thead><tr><th>Project</th><th>State</th><th>Stack</th><th>Reach it</th><th>App</th><th>Actions</th></tr></thead><tbody>");
+            html.push_str("<div class=\"projects\">");
             for p in &projects {
-                html.push_str(&self.project_row(p, &cookie_csrf));
+                let links = self.links_of(user, p).await;
+                html.push_str(&self.project_row(p, &cookie_csrf, &links));
             }
-            html.push_str("</tbody></table>");
+            html.push_str("</div>");
         }
         html.push_str(&format!(
-            "<h2>New project</h2><form id=\"new\" method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><label>Name <input type=\"text\" name=\"name\" required pattern=\"[a-z][a-z0-9-]*\" style=\"width:12em\"></label> <label>Stack <input type=\"text\" name=\"stack\" placeholder=\"detect\" style=\"width:8em\"></label> <label>Git URL <input type=\"text\" name=\"git\" placeholder=\"optional\" style=\"width:20em\"></label> <label>Template <input type=\"text\" name=\"template\" placeholder=\"optional\" style=\"width:8em\"></label> <label>CPUs <input type=\"number\" name=\"cpus\" min=\"1\" max=\"64\" placeholder=\"default\" style=\"width:5em\"></label> <label>Memory <input type=\"text\" name=\"memory\" placeholder=\"e.g. 2G\" style=\"width:5em\"></label> <label>Disk <input type=\"text\" name=\"disk\" placeholder=\"e.g. 10G\" style=\"width:5em\"></label> <button>Create</button></form><pre id=\"progress\" aria-live=\"polite\" hidden></pre>",
+            "<h2>New project</h2><form id=\"new\" method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><label>Name <input type=\"text\" name=\"name\" required pattern=\"[a-z][a-z0-9-]*\" class=\"w-m\"></label> <label>Stack <input type=\"text\" name=\"stack\" placeholder=\"detect\" class=\"w-m\"></label> <label>Git URL <input type=\"text\" name=\"git\" placeholder=\"optional\" class=\"w-l\"></label> <label>Template <input type=\"text\" name=\"template\" placeholder=\"optional\" class=\"w-m\"></label> <label>CPUs <input type=\"number\" name=\"cpus\" min=\"1\" max=\"64\" placeholder=\"default\" class=\"w-s\"></label> <label>Memory <input type=\"text\" name=\"memory\" placeholder=\"e.g. 2G\" class=\"w-s\"></label> <label>Disk <input type=\"text\" name=\"disk\" placeholder=\"e.g. 10G\" class=\"w-s\"></label> <button>Create</button></form><pre id=\"progress\" aria-live=\"polite\" hidden></pre>",
             c = esc(&cookie_csrf)
         ));
         html.push_str(&self.keys_and_secrets(user, &cookie_csrf).await);
@@ -154,16 +157,10 @@ impl Inner {
             html.push_str(&self.requests_panel(user, &cookie_csrf).await);
         }
         html.push_str(&format!(
-            "<h2>Run a command</h2><p>Any line you would send the bot: <code>share NAME USER --web</code>, <code>port NAME 8080</code>, <code>keys</code>, <code>key add …</code>, <code>secrets</code>, <code>requests</code>, <code>approve ID</code>, <code>rm NAME</code> then <code>yes</code>, <code>help</code>.</p><form method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><label for=\"line\">Command</label><br><input type=\"text\" id=\"line\" name=\"line\" autocomplete=\"off\" required> <button>Run</button></form>",
+            "<h2>Run a command</h2><p>Any line you would send the bot: <code>share NAME USER --web</code>, <code>port NAME 8080</code>, <code>keys</code>, <code>key add …</code>, <code>secrets</code>, <code>requests</code>, <code>approve ID</code>, <code>rm NAME</code> then <code>yes</code>, <code>help</code>.</p><form method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><label for=\"line\">Command</label><br><input type=\"text\" class=\"w-xl\" id=\"line\" name=\"line\" autocomplete=\"off\" required> <button>Run</button></form></main>",
             c = esc(&cookie_csrf)
         ));
-        let mut r = page::html_with(
-            StatusCode::OK,
-            "Kennel",
-            &html,
-            STYLE,
-            Some("/static/dash.js"),
-        );
+        let mut r = page::dashboard(StatusCode::OK, "Kennel", &html);
         r.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         r
@@ -211,7 +208,7 @@ impl Inner {
             html.push_str("</tbody></table>");
         }
         html.push_str(&format!(
-            "<form method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><input type=\"hidden\" name=\"form\" value=\"key\"><label>Public key <input type=\"text\" name=\"key\" placeholder=\"ssh-ed25519 AAAA… you@laptop\" required></label> <label>Label <input type=\"text\" name=\"label\" style=\"width:10em\"></label> <button>Add key</button></form>",
+            "<form method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><input type=\"hidden\" name=\"form\" value=\"key\"><label>Public key <input type=\"text\" name=\"key\" placeholder=\"ssh-ed25519 AAAA… you@laptop\" required></label> <label>Label <input type=\"text\" name=\"label\" class=\"w-m\"></label> <button>Add key</button></form>",
             c = esc(csrf)
         ));
         html.push_str("<h2>Secrets</h2><p>Values are never shown again.</p>");
@@ -228,7 +225,7 @@ impl Inner {
             html.push_str("</ul>");
         }
         html.push_str(&format!(
-            "<form method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><input type=\"hidden\" name=\"form\" value=\"secret\"><label>Name <input type=\"text\" name=\"secret\" placeholder=\"git-token\" required style=\"width:10em\"></label> <label>Value <input type=\"password\" name=\"value\" required autocomplete=\"off\" style=\"width:16em\"></label> <button>Set secret</button></form>",
+            "<form method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><input type=\"hidden\" name=\"form\" value=\"secret\"><label>Name <input type=\"text\" name=\"secret\" placeholder=\"git-token\" required class=\"w-m\"></label> <label>Value <input type=\"password\" name=\"value\" required autocomplete=\"off\" class=\"w-l\"></label> <button>Set secret</button></form>",
             c = esc(csrf)
         ));
         html
@@ -281,7 +278,7 @@ impl Inner {
                     esc(csrf),
                     esc(&line),
                     if reason {
-                        format!("<input type=\"text\" name=\"reason\" placeholder=\"reason (optional)\" aria-label=\"reason for denying request {}\" style=\"width:12em\"> ", r.id)
+                        format!("<input type=\"text\" name=\"reason\" placeholder=\"reason (optional)\" aria-label=\"reason for denying request {}\" class=\"w-m\"> ", r.id)
                     } else {
                         String::new()
                     },
@@ -302,14 +299,38 @@ impl Inner {
         html
     }
 
-    fn project_row(&self, p: &Project, csrf: &str) -> String {
+    /// A project's live share links (for its owner and admins; others
+    /// see none).
+    async fn links_of(&self, user: &User, p: &Project) -> Vec<kennel_core::model::ShareLink> {
+        if user.role.as_str() != "admin" && p.owner != user.name {
+            return Vec::new();
+        }
+        let who = site::web_identity(user);
+        let line = format!("shares {}", p.name);
+        match self
+            .gate
+            .front_door(&who, user.clone(), &line, Style::PLAIN, &NoProgress)
+            .await
+            .outcome
+        {
+            Ok(Reply::Shares { links, .. }) => links,
+            _ => Vec::new(),
+        }
+    }
+
+    fn project_row(
+        &self,
+        p: &Project,
+        csrf: &str,
+        links: &[kennel_core::model::ShareLink],
+    ) -> String {
         let c = self.gate.connection(p);
         let name = p.name.as_str();
         let button = |line: String, label: &str| {
             action_button(csrf, &line, &format!("{label} {name}"), label, true)
         };
         // Each lifecycle button shows only in the states it applies to
-        // (the stylesheet reads the row's state, which the page keeps live).
+        // (the stylesheet reads the card's state, which the page keeps live).
         let when = |class: &str, b: String| format!("<span class=\"{class}\">{b}</span>");
         let actions = [
             when("when-off", button(format!("start {name}"), "start")),
@@ -326,32 +347,118 @@ impl Inner {
             },
         ]
         .concat();
-        let more = format!(
-            "<details><summary>more</summary><form method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><input type=\"hidden\" name=\"form\" value=\"share\"><input type=\"hidden\" name=\"project\" value=\"{n}\"><label>Share with <input type=\"text\" name=\"user\" required style=\"width:8em\" aria-label=\"share {n} with\"></label> <label><input type=\"checkbox\" name=\"ssh\" checked> SSH</label> <label><input type=\"checkbox\" name=\"web\" checked> web</label> <button name=\"verb\" value=\"share\">share</button> <button name=\"verb\" value=\"unshare\">unshare</button></form><form method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><input type=\"hidden\" name=\"form\" value=\"port\"><input type=\"hidden\" name=\"project\" value=\"{n}\"><label>App port <input type=\"number\" name=\"port\" min=\"1\" max=\"65535\" value=\"{port}\" style=\"width:6em\" aria-label=\"app port of {n}\"></label> <button>set</button></form><p>Checkpoints: {take} {list}</p><form method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><input type=\"hidden\" name=\"form\" value=\"rollback\"><input type=\"hidden\" name=\"project\" value=\"{n}\"><label>Roll back to <input type=\"text\" name=\"label\" required pattern=\"[a-z][a-z0-9-]*\" style=\"width:8em\" aria-label=\"roll {n} back to\"></label> <button>roll back</button></form><form method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><input type=\"hidden\" name=\"form\" value=\"tags\"><input type=\"hidden\" name=\"project\" value=\"{n}\"><label>Tags <input type=\"text\" name=\"tags\" required pattern=\"[a-z][a-z0-9 -]*\" style=\"width:10em\" aria-label=\"tags of {n}\"></label> <button name=\"verb\" value=\"tag\">tag</button> <button name=\"verb\" value=\"untag\">untag</button></form>{rm}{purge}</details>",
-            c = esc(csrf),
-            n = esc(name),
-            port = p.app_port,
-            take = button(format!("checkpoint {name}"), "take checkpoint"),
-            list = button(format!("checkpoints {name}"), "list checkpoints"),
-            rm = action_button(csrf, &format!("rm {name}"), &format!("remove {name}"), "remove", false),
-            purge = action_button(
-                csrf,
-                &format!("rm {name} --purge"),
-                &format!("remove {name} and its source"),
-                "remove with its source",
-                false
+        // One form per thing to change; `form` names how `form_line` makes
+        // its command line.
+        let form = |kind: &str, stream: bool, legend: &str, fields: &str| {
+            format!(
+                "<fieldset><legend>{legend}</legend><form method=\"post\" action=\"/do\"{s}><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><input type=\"hidden\" name=\"form\" value=\"{kind}\"><input type=\"hidden\" name=\"project\" value=\"{n}\">{fields}</form></fieldset>",
+                s = if stream { " data-stream=\"1\"" } else { "" },
+                c = esc(csrf),
+                n = esc(name),
+            )
+        };
+        let n = esc(name);
+        let mut link_rows = String::new();
+        for l in links {
+            link_rows.push_str(&format!(
+                "<li>#{id} {what}{note} · {visits} visits · until {until} {revoke}</li>",
+                id = l.id,
+                what = l
+                    .port
+                    .map_or_else(|| "app".to_owned(), |p| format!("port {p}")),
+                note = l
+                    .note
+                    .as_ref()
+                    .map(|t| format!(" ({})", esc(t)))
+                    .unwrap_or_default(),
+                visits = l.visits,
+                until = esc(&kennel_core::model::format_time(l.expires_at)),
+                revoke = action_button(
+                    csrf,
+                    &format!("unshare {name} {}", l.id),
+                    &format!("revoke link {} of {name}", l.id),
+                    "revoke",
+                    false
+                ),
+            ));
+        }
+        let more = [
+            form(
+                "run",
+                true,
+                "Run a command in the VM",
+                &format!("<input type=\"text\" class=\"w-l\" name=\"command\" required placeholder=\"cargo test\" aria-label=\"command to run in {n}\"> <span class=\"run\"><button aria-label=\"run in {n}\">run</button></span> {stop}", stop = button(format!("run stop {name}"), "stop what runs in")),
             ),
-        );
+            form(
+                "share",
+                false,
+                "Share",
+                &format!("<label>With <input type=\"text\" name=\"user\" required class=\"w-m\" aria-label=\"share {n} with\"></label> <label><input type=\"checkbox\" name=\"ssh\" checked> SSH</label> <label><input type=\"checkbox\" name=\"web\" checked> web</label> <button name=\"verb\" value=\"share\">share</button> <button name=\"verb\" value=\"unshare\">unshare</button>"),
+            ),
+            form(
+                "link",
+                false,
+                "Share by a one-use link",
+                &format!("<label>Port <input type=\"number\" name=\"port\" min=\"1\" max=\"65535\" placeholder=\"app\" class=\"w-s\" aria-label=\"link port of {n}\"></label> <label>For <input type=\"text\" name=\"expires\" placeholder=\"7d\" class=\"w-s\" aria-label=\"link expiry of {n}\"></label> <label>Note <input type=\"text\" name=\"note\" class=\"w-m\" aria-label=\"link note of {n}\"></label> <button aria-label=\"make a link to {n}\">make link</button>"),
+            ) + &if link_rows.is_empty() {
+                String::new()
+            } else {
+                format!("<ul class=\"links\" aria-label=\"share links of {n}\">{link_rows}</ul>")
+            },
+            form(
+                "resize",
+                false,
+                "Resources",
+                &format!("<label>CPUs <input type=\"number\" name=\"cpus\" min=\"1\" max=\"64\" value=\"{cpus}\" class=\"w-s\" aria-label=\"CPUs of {n}\"></label> <label>Memory <input type=\"text\" name=\"memory\" value=\"{mem}\" class=\"w-s\" aria-label=\"memory of {n}\"></label> <label>Disk <input type=\"text\" name=\"disk\" value=\"{disk}\" class=\"w-s\" aria-label=\"disk of {n}\"></label> <button aria-label=\"resize {n}\">resize</button>",
+                    cpus = p.resources.vcpus,
+                    mem = kennel_core::command::Size { mib: p.resources.memory_mib },
+                    disk = kennel_core::command::Size { mib: p.resources.disk_mib },
+                ),
+            ),
+            form(
+                "port",
+                false,
+                "App port",
+                &format!("<input type=\"number\" name=\"port\" min=\"1\" max=\"65535\" value=\"{port}\" class=\"w-s\" aria-label=\"app port of {n}\"> <button>set</button>", port = p.app_port),
+            ),
+            format!(
+                "<fieldset><legend>Checkpoints</legend>{take} {list}</fieldset>",
+                take = button(format!("checkpoint {name}"), "take checkpoint"),
+                list = button(format!("checkpoints {name}"), "list checkpoints"),
+            ),
+            form(
+                "rollback",
+                false,
+                "Roll back",
+                &format!("<label>To <input type=\"text\" name=\"label\" required pattern=\"[a-z][a-z0-9-]*\" class=\"w-m\" aria-label=\"roll {n} back to\"></label> <button>roll back</button>"),
+            ),
+            form(
+                "tags",
+                false,
+                "Tags",
+                &format!("<input type=\"text\" name=\"tags\" required pattern=\"[a-z][a-z0-9 -]*\" class=\"w-m\" aria-label=\"tags of {n}\"> <button name=\"verb\" value=\"tag\">tag</button> <button name=\"verb\" value=\"untag\">untag</button>"),
+            ),
+            format!(
+                "<fieldset><legend>Remove</legend>{rm}{purge}</fieldset>",
+                rm = action_button(csrf, &format!("rm {name}"), &format!("remove {name}"), "remove", false),
+                purge = action_button(
+                    csrf,
+                    &format!("rm {name} --purge"),
+                    &format!("remove {name} and its source"),
+                    "remove with its source",
+                    false
+                ),
+            ),
+        ]
+        .concat();
         format!(
-            "<tr class=\"p\" data-row-state=\"{st}\"><td><b>{n}</b><br><small>{owner}</small>{tags}</td><td><span class=\"state {st}\" data-state=\"{n}\">{st}</span></td><td>{stack}<br><small>{cpus} CPU, {mem} MiB</small></td><td><code>{ssh}</code> <button type=\"button\" data-copy=\"{ssh}\" aria-label=\"copy the SSH command for {n}\">copy</button><br><a href=\"{vscode}\">Open in VS Code</a> · <small>Zed: <code>{zed}</code></small><details><summary>ssh-config, JetBrains</summary><pre>{cfg}</pre><small>JetBrains Gateway: {jb}</small></details></td><td><a href=\"{app}\">{app}</a><br><small>{vis}, port {port}</small></td><td>{actions}{more}</td></tr>",
-            n = esc(name),
+            "<article class=\"p\" data-row-state=\"{st}\"><header><h3>{n}</h3><span class=\"state {st}\" data-state=\"{n}\">{st}</span>{tags}</header><p class=\"meta\"><small>{owner} · {stack} · {cpus} CPU, {mem} MiB, {disk} disk · {vis}, port {port}</small></p><p class=\"reach\"><code>{ssh}</code> <button type=\"button\" data-copy=\"{ssh}\" aria-label=\"copy the SSH command for {n}\">copy</button><br><a href=\"{vscode}\">Open in VS Code</a> · <a href=\"{app}\">{app}</a></p><div class=\"actions\">{actions}</div><details><summary>Editors: Zed, ssh-config, JetBrains</summary><p><small>Zed: <code>{zed}</code></small></p><pre>{cfg}</pre><small>JetBrains Gateway: {jb}</small></details><details><summary>more</summary>{more}</details></article>",
             owner = esc(p.owner.as_str()),
             tags = if p.tags.is_empty() {
                 String::new()
             } else {
                 format!(
-                    "<br><small class=\"tags\" aria-label=\"tags of {n}\">{t}</small>",
-                    n = esc(name),
+                    "<small class=\"tags\" aria-label=\"tags of {n}\">{t}</small>",
                     t = esc(&p.tags.join(" "))
                 )
             },
@@ -359,6 +466,7 @@ impl Inner {
             stack = esc(&p.stack),
             cpus = p.resources.vcpus,
             mem = p.resources.memory_mib,
+            disk = kennel_core::command::Size { mib: p.resources.disk_mib },
             ssh = esc(&c.ssh_command),
             vscode = esc(&c.vscode_url),
             zed = esc(&c.zed_url),
@@ -408,6 +516,7 @@ impl Inner {
                     &expected,
                     Some((false, "Type a command.".into())),
                     None,
+                    None,
                 )
                 .await;
         };
@@ -430,11 +539,17 @@ impl Inner {
             Ok(Reply::Confirm { confirm_with, .. }) => Some(confirm_with.clone()),
             _ => None,
         };
+        // A new share link: its QR code, for a phone to scan.
+        let qr = match &answered.outcome {
+            Ok(Reply::LinkCreated { url, .. }) => qr_png(url),
+            _ => None,
+        };
         self.dashboard(
             &user,
             &expected,
             Some((answered.outcome.is_ok(), answered.text)),
             confirm,
+            qr,
         )
         .await
     }
@@ -483,17 +598,11 @@ impl Inner {
             );
         };
         let html = format!(
-            "<p><a href=\"/\">Back to projects</a> · signed in as <b>{}</b></p><h2>Log of {n}</h2><pre id=\"log\" data-project=\"{n}\" aria-live=\"polite\">…</pre>",
+            "<header class=\"top\"><h1>Kennel</h1><p><a href=\"/\">Back to projects</a> · signed in as <b>{}</b></p></header><main><h2>Log of {n}</h2><pre id=\"log\" data-project=\"{n}\" aria-live=\"polite\">…</pre></main>",
             esc(user.name.as_str()),
             n = esc(name.as_str())
         );
-        page::html_with(
-            StatusCode::OK,
-            "Kennel",
-            &html,
-            STYLE,
-            Some("/static/dash.js"),
-        )
+        page::dashboard(StatusCode::OK, "Kennel", &html)
     }
 
     /// `GET /logtail?project=NAME`: `logs NAME` as the user, sent again
@@ -644,6 +753,42 @@ fn form_line(body: &[u8]) -> (Option<String>, Option<String>) {
             }
             _ => None,
         }
+    } else if f.get("form").map(String::as_str) == Some("run") {
+        // The command as typed: everything after the name is its own.
+        match (f.get("project"), f.get("command")) {
+            (Some(p), Some(c)) if !p.is_empty() && !c.is_empty() => {
+                Some(format!("run {} {c}", q(p)))
+            }
+            _ => None,
+        }
+    } else if f.get("form").map(String::as_str) == Some("link") {
+        f.get("project").filter(|p| !p.is_empty()).map(|p| {
+            let mut l = format!("share {} --link", q(p));
+            for (field, flag) in [
+                ("port", "--port"),
+                ("expires", "--expires"),
+                ("note", "--note"),
+            ] {
+                if let Some(v) = f.get(field).filter(|v| !v.is_empty()) {
+                    l.push_str(&format!(" {flag} {}", q(v)));
+                }
+            }
+            l
+        })
+    } else if f.get("form").map(String::as_str) == Some("resize") {
+        f.get("project").filter(|p| !p.is_empty()).map(|p| {
+            let mut l = format!("resize {}", q(p));
+            for (field, flag) in [
+                ("cpus", "--cpus"),
+                ("memory", "--memory"),
+                ("disk", "--disk"),
+            ] {
+                if let Some(v) = f.get(field).filter(|v| !v.is_empty()) {
+                    l.push_str(&format!(" {flag} {}", q(v)));
+                }
+            }
+            l
+        })
     } else if f.get("form").map(String::as_str) == Some("secret") {
         match (f.get("secret"), f.get("value")) {
             (Some(n), Some(v)) if !n.is_empty() && !v.is_empty() => {
@@ -705,6 +850,60 @@ impl kennel_core::provision::ProgressSink for TextSink {
     fn report(&self, p: kennel_core::provision::Progress) {
         let _ = self.0.try_send(Bytes::from(format!("… {p}\n")));
     }
+
+    /// A `run`'s output, as it comes (the page decodes it as a stream,
+    /// so a character split across chunks arrives whole).
+    fn output(&self, bytes: &[u8]) {
+        let _ = self.0.try_send(Bytes::copy_from_slice(bytes));
+    }
+
+    fn streams_output(&self) -> bool {
+        true
+    }
+}
+
+/// A QR code of `data` as a PNG (one pixel per module, a 4-module quiet
+/// zone; the page scales it up), base64 for a `data:` URL.
+fn qr_png(data: &str) -> Option<String> {
+    use base64::Engine;
+    let (width, dark) = kennel_core::qr::modules(data)?;
+    let quiet = 4;
+    let side = width + 2 * quiet;
+    let mut pixels = vec![255u8; side * side];
+    for (i, d) in dark.iter().enumerate() {
+        if *d {
+            let (x, y) = (i % width + quiet, i / width + quiet);
+            if let Some(px) = pixels.get_mut(y * side + x) {
+                *px = 0;
+            }
+        }
+    }
+    let mut out = Vec::new();
+    {
+        let side = u32::try_from(side).ok()?;
+        let mut enc = png::Encoder::new(&mut out, side, side);
+        enc.set_color(png::ColorType::Grayscale);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut w = enc.write_header().ok()?;
+        w.write_image_data(&pixels).ok()?;
+    }
+    Some(base64::engine::general_purpose::STANDARD.encode(out))
+}
+
+/// `/static/dash.css`.
+pub(super) fn stylesheet() -> Response<Body> {
+    let mut r = Response::new(page::full(STYLE));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/css; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    r
 }
 
 /// `/static/dash.js`.

@@ -69,6 +69,33 @@ pub fn html_with(
     r
 }
 
+/// The dashboard's page: its own stylesheet and script from Kennel's host
+/// (`/static/dash.css`, `/static/dash.js`), nothing inline but `data:`
+/// images (share links' QR codes); `body` brings its own header.
+pub fn dashboard(status: StatusCode, title: &str, body: &str) -> Response<Body> {
+    let doc = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{t}</title><link rel=\"stylesheet\" href=\"/static/dash.css\"><script src=\"/static/dash.js\" defer></script></head><body>{body}</body></html>",
+        t = esc(title)
+    );
+    let mut r = Response::new(full(doc));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    h.insert("referrer-policy", HeaderValue::from_static("same-origin"));
+    r
+}
+
 /// A short plain-text answer (for scripts, and errors).
 pub fn status(status: StatusCode, text: &str) -> Response<Body> {
     let mut r = Response::new(full(format!("{text}\n")));

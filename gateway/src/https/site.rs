@@ -73,6 +73,7 @@ impl Inner {
         match (req.method().clone(), path.as_str()) {
             (Method::GET, "/healthz") => page::status(StatusCode::OK, "ok"),
             (Method::GET, "/static/dash.js") => super::dash::script(),
+            (Method::GET, "/static/dash.css") => super::dash::stylesheet(),
             (_, p) if p.starts_with("/api/") => self.api(req).await,
             (Method::GET, "/")
             | (Method::POST, "/do")

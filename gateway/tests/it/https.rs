@@ -1388,6 +1388,7 @@ async fn the_dashboard_lists_projects_acts_and_updates_live() {
         });
         let live = wait_state(&mut b, "stopped");
         if let Some(dir) = &shots {
+            b.eval("document.getElementById('said').hidden = true; window.scrollTo(0, 0); return 1;");
             b.resize(390, 844);
             std::fs::write(dir.join("dashboard-phone.png"), b.screenshot()).unwrap();
         }
@@ -1438,6 +1439,96 @@ async fn the_dashboard_lists_projects_acts_and_updates_live() {
         "stopped",
         "the forged POST did nothing"
     );
+}
+
+/// A guest that answers `run` by printing its words (and exits 3 for
+/// `false`).
+#[derive(Debug)]
+struct EchoGuest;
+
+#[async_trait::async_trait]
+impl kennel_core::guest::GuestShell for EchoGuest {
+    async fn run(
+        &self,
+        _project: &kennel_core::names::ProjectName,
+        job: &kennel_core::guest::GuestJob,
+        out: &dyn kennel_core::guest::OutputSink,
+        _stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<kennel_core::guest::RunEnd, kennel_core::guest::GuestError> {
+        out.output(format!("guest says: {}\n", job.argv.join(" ")).as_bytes());
+        Ok(kennel_core::guest::RunEnd::Exited(
+            if job.argv.first().map(String::as_str) == Some("false") {
+                3
+            } else {
+                0
+            },
+        ))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_runs_commands_resizes_and_shares_by_link_with_a_qr_code() {
+    let gw = gateway().await;
+    gw.project("web").await;
+    gw.w.exec.set_guest_shell(Arc::new(EchoGuest));
+    let link = gw.login_link(&gw.w.admin).await;
+    let port = gw.port;
+    let seen = tokio::task::spawn_blocking(move || {
+        let mut b = kennel_testkit::browser::Browser::start(&format!(
+            "MAP *.{DOMAIN} 127.0.0.1, MAP {DOMAIN} 127.0.0.1"
+        ));
+        b.goto(&link);
+        b.click("button");
+        b.source_with("data-state=\"web\"", Duration::from_secs(20));
+        // The page's own stylesheet applies (no inline styles under its CSP).
+        let styled = b.eval("return getComputedStyle(document.querySelector('.p')).borderRadius;");
+        let open = "document.querySelectorAll('details').forEach((d) => { d.open = true; });";
+        // run: the output streams into the page, then the exit code.
+        b.eval(&format!("{open} document.querySelector('input[aria-label=\"command to run in web\"]').value = 'false --flag \"two words\"'; return 1;"));
+        b.click("button[aria-label=\"run in web\"]");
+        let t = std::time::Instant::now();
+        let mut ran = String::new();
+        while t.elapsed() < Duration::from_secs(20) {
+            let v = b.eval("const p = document.getElementById('said'); return [p.dataset.done || '', p.textContent];");
+            if v[0] == "yes" {
+                ran = v[1].as_str().unwrap_or("").to_owned();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // resize from its form.
+        b.eval(&format!("{open} document.querySelector('input[aria-label=\"CPUs of web\"]').value = '4'; document.querySelector('input[aria-label=\"disk of web\"]').form.submit(); return 1;"));
+        let resized = b.source_with("vCPUs", Duration::from_secs(20));
+        // A share link: the URL and its QR code, listed with a revoke button.
+        b.eval(&format!("{open} document.querySelector('input[aria-label=\"link note of web\"]').value = 'for carol'; document.querySelector('input[aria-label=\"link note of web\"]').form.submit(); return 1;"));
+        let linked = b.source_with("Share link", Duration::from_secs(20));
+        let qr = b.eval("const i = document.querySelector('img.qr'); return i ? [i.complete, i.naturalWidth] : null;");
+        b.goto(&format!("https://{DOMAIN}:{port}/"));
+        b.eval(&format!("{open} return 1;"));
+        let listed = b.source();
+        b.click("button[aria-label^=\"revoke link\"]");
+        let revoked = b.source_with("is revoked", Duration::from_secs(20));
+        (styled, ran, resized, linked, qr, listed, revoked)
+    })
+    .await
+    .unwrap();
+    let (styled, ran, resized, linked, qr, listed, revoked) = seen;
+    assert_eq!(styled, "10px", "the stylesheet did not apply");
+    assert!(ran.contains("guest says: false --flag two words"), "{ran}");
+    assert!(ran.contains("exited with 3"), "{ran}");
+    assert!(resized.contains("2 → 4 vCPUs"), "{resized}");
+    assert!(
+        linked.contains(&format!("https://web.{DOMAIN}:{port}/__kennel/link/")),
+        "{linked}"
+    );
+    assert_eq!(qr[0], true, "{qr}");
+    assert!(qr[1].as_u64().unwrap_or(0) > 20, "{qr}");
+    assert!(listed.contains("(for carol)"), "{listed}");
+    assert!(revoked.contains("is revoked"), "{revoked}");
+    let Ok(Reply::Shares { links, .. }) = gw.w.run(&gw.w.admin, "shares web").await else {
+        panic!()
+    };
+    assert!(links.is_empty(), "{links:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
