@@ -184,6 +184,12 @@ pub struct HttpsConfig {
     /// Certificates from an ACME CA (Let's Encrypt) instead of files or
     /// the development CA.
     pub acme: Option<AcmeConfig>,
+    /// Kennel's public addresses: a custom domain's A/AAAA record may
+    /// point at one (besides the addresses `domain` resolves to).
+    pub public_addresses: Vec<std::net::IpAddr>,
+    /// The DNS server (`host:port`) custom domains are checked with;
+    /// default: the system's (`/etc/resolv.conf`).
+    pub resolver: Option<SocketAddr>,
 }
 
 /// `[https.acme]`: certificates from an ACME CA, per host by TLS-ALPN-01
@@ -309,6 +315,8 @@ impl Default for HttpsConfig {
             key: None,
             trusted_proxies: Vec::new(),
             acme: None,
+            public_addresses: Vec::new(),
+            resolver: None,
         }
     }
 }

@@ -75,6 +75,10 @@ pub async fn run(config: &Config) -> Result<()> {
     let links = gateway.links();
     // `run` reaches VMs through the same connections.
     exec.set_guest_shell(links.clone());
+    match kennel_gateway::dns::HickoryDns::new(config.https.resolver) {
+        Ok(dns) => exec.set_dns(std::sync::Arc::new(dns)),
+        Err(e) => tracing::warn!(error = %e, "no DNS resolver: custom domains cannot be checked"),
+    }
     let (stop_ssh, ssh_stopped) = tokio::sync::oneshot::channel::<()>();
     let ssh_task = tokio::spawn(gateway.run(listener, key, async move {
         let _ = ssh_stopped.await;

@@ -47,6 +47,7 @@ pub fn settings(config: &Config) -> Result<Settings> {
         idle_stop: config.idle_stop()?,
         idle_cpu_percent: config.vm.idle_cpu_percent,
         checkpoint_keep: config.checkpoint.keep,
+        public_addresses: config.https.public_addresses.clone(),
         ..Settings::default()
     })
 }

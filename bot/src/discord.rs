@@ -720,6 +720,15 @@ impl Handler {
                         }
                     }
                 }
+                Event::AdminNotice(text) => {
+                    let Some(ch) = admin_channel else { continue };
+                    if let Err(e) = ch
+                        .send_message(&http, CreateMessage::new().content(fit(&text)))
+                        .await
+                    {
+                        tracing::warn!(error = %e, "could not tell the admins");
+                    }
+                }
                 Event::RequestDecided(r) => {
                     // Show the decision wherever it was made (a click, Matrix, SSH).
                     let at = posted.lock().ok().and_then(|p| p.get(&r.id).copied());

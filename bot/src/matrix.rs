@@ -816,6 +816,14 @@ impl MatrixBot {
             match event {
                 Event::AccessRequested(r) => self.post_request(&r).await,
                 Event::RequestDecided(r) => self.decided(&r).await,
+                Event::AdminNotice(text) => {
+                    if let Some(room) = self.admin_room() {
+                        if let Err(e) = room.send(RoomMessageEventContent::notice_plain(text)).await
+                        {
+                            tracing::warn!(error = %e, "could not tell the admins");
+                        }
+                    }
+                }
                 Event::IdleStopped {
                     project,
                     identities,

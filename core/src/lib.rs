@@ -11,6 +11,7 @@
 
 pub mod catalog;
 pub mod command;
+pub mod dns;
 pub mod executor;
 pub mod fault;
 pub mod frontdoor;

@@ -423,6 +423,20 @@ pub struct ShareLink {
     pub visits: u64,
 }
 
+/// A custom domain of a project (`domains`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CustomDomain {
+    pub host: String,
+    pub project: ProjectName,
+    /// `pending` (waiting for an admin) or `active` (served).
+    pub state: String,
+    pub requested_by: Option<UserName>,
+    pub created_at: Timestamp,
+}
+
+/// The most custom domains one project may have.
+pub const MAX_DOMAINS_PER_PROJECT: u32 = 10;
+
 /// The most live share links one project may have.
 pub const MAX_LINKS_PER_PROJECT: u32 = 20;
 

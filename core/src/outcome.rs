@@ -192,6 +192,25 @@ pub enum Reply {
         project: String,
         id: i64,
     },
+    /// `domain add`: served now, or waiting for an admin.
+    DomainAdded {
+        project: String,
+        host: String,
+        url: String,
+        pending: bool,
+    },
+    DomainApproved {
+        project: String,
+        host: String,
+        url: String,
+    },
+    DomainRemoved {
+        project: String,
+        host: String,
+    },
+    Domains {
+        domains: Vec<crate::model::CustomDomain>,
+    },
     /// `shares NAME`.
     Shares {
         project: String,

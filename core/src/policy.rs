@@ -145,6 +145,9 @@ pub fn authorize(
         | Rollback { .. }
         | Resize { .. }
         | ShareLink { .. }
+        | DomainAdd { .. }
+        | DomainRm { .. }
+        | Domains { name: Some(_) }
         | Shares { .. }
         | UnshareLink { .. }
         | CheckpointRm { .. } => {
@@ -154,7 +157,13 @@ pub fn authorize(
                 _ => not_yours(&project),
             }
         }
-        Requests { .. } | Approve { .. } | Deny { .. } | Users | UserRename { .. } => {
+        Domains { name: None } => Ok(()),
+        Requests { .. }
+        | Approve { .. }
+        | Deny { .. }
+        | Users
+        | UserRename { .. }
+        | DomainApprove { .. } => {
             refuse(ADMIN_ONLY)
         }
         Help { .. } | Whoami | RequestAccess { .. } | Yes => Ok(()),

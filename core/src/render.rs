@@ -631,6 +631,51 @@ pub fn document(r: &Reply) -> Vec<Block> {
             ]));
             doc
         }
+        Reply::DomainAdded {
+            project,
+            url,
+            pending: false,
+            ..
+        } => vec![text(format!(
+            "{project} is served at {url} now; its certificate comes at the first visit."
+        ))],
+        Reply::DomainAdded {
+            project,
+            host,
+            pending: true,
+            ..
+        } => vec![text(format!(
+            "{host} points here. An admin has been asked to approve serving {project} there; 'domains {project}' shows when it is."
+        ))],
+        Reply::DomainApproved { project, url, .. } => {
+            vec![text(format!("{project} is served at {url} now."))]
+        }
+        Reply::DomainRemoved { project, host } => vec![text(format!(
+            "{project} is no longer served at {host}."
+        ))],
+        Reply::Domains { domains } if domains.is_empty() => vec![para(vec![
+            t("No custom domains. "),
+            code("domain add NAME app.example.com"),
+            t(" adds one."),
+        ])],
+        Reply::Domains { domains } => vec![Block::Table {
+            head: ["host", "project", "state", "asked by"]
+                .map(String::from)
+                .to_vec(),
+            rows: domains
+                .iter()
+                .map(|d| {
+                    vec![
+                        d.host.clone(),
+                        d.project.to_string(),
+                        d.state.clone(),
+                        d.requested_by
+                            .as_ref()
+                            .map_or_else(|| "-".into(), ToString::to_string),
+                    ]
+                })
+                .collect(),
+        }],
         Reply::LinkRevoked { project, id } => vec![text(format!(
             "Share link {id} of {project} is revoked; a browser that used it is signed out."
         ))],

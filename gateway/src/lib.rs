@@ -7,6 +7,7 @@
 //! entry decision, routes, waking a stopped VM through the VM state
 //! service) and run commands through core's front door.
 
+pub mod dns;
 pub mod guestrun;
 pub mod https;
 pub mod ssh;

@@ -91,6 +91,15 @@ pub enum Command {
         expires_secs: u64,
         note: Option<String>,
     },
+    /// Serves a project's app at a host name of the caller's own, once its
+    /// DNS points here (and, for members, an admin approved it).
+    DomainAdd { name: ProjectName, host: String },
+    /// Stops serving a project at a custom domain.
+    DomainRm { name: ProjectName, host: String },
+    /// Approves a member's custom domain. Admins only.
+    DomainApprove { host: String },
+    /// Lists custom domains: a project's, or all you may see.
+    Domains { name: Option<ProjectName> },
     /// Lists a project's shares with users and its live share links.
     Shares { name: ProjectName },
     /// Revokes a share link; sessions it started end at once.
@@ -286,9 +295,13 @@ impl Command {
             | Tokens
             | SshConfig
             | Shares { .. }
+            | Domains { .. }
             | Checkpoints { .. } => true,
             Quota { change, .. } => change.is_empty(),
             NewProject(_)
+            | DomainAdd { .. }
+            | DomainRm { .. }
+            | DomainApprove { .. }
             | ShareLink { .. }
             | UnshareLink { .. }
             | Resize { .. }
@@ -355,17 +368,21 @@ impl Command {
             | CheckpointRm { name, .. }
             | Resize { name, .. }
             | ShareLink { name, .. }
+            | DomainAdd { name, .. }
+            | DomainRm { name, .. }
             | Shares { name }
             | UnshareLink { name, .. }
             | Run { name, .. }
             | RunStop { name } => Some(name),
             NewProject(n) => Some(&n.name),
+            Domains { name } => name.as_ref(),
             // Listed one by one: a new command that names a project must
             // be added above, or policy would treat it as project-less.
             Help { .. }
             | Whoami
             | Projects { .. }
             | Quota { .. }
+            | DomainApprove { .. }
             | Keys { .. }
             | KeyAdd { .. }
             | KeyRm { .. }

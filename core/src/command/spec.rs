@@ -408,6 +408,56 @@ pub static SPECS: &[CommandSpec] = &[
         },
     },
     CommandSpec {
+        name: "domain add",
+        aliases: &[],
+        args: &[word("name"), word("host")],
+        flags: &[],
+        summary: "Serve a project's app at a host name of yours (its DNS must point here; members wait for an admin)",
+        build: |m| {
+            Ok(Command::DomainAdd {
+                name: m.req("name", project)?,
+                host: m.req("host", crate::dns::custom_host)?,
+            })
+        },
+    },
+    CommandSpec {
+        name: "domain rm",
+        aliases: &[],
+        args: &[word("name"), word("host")],
+        flags: &[],
+        summary: "Stop serving a project at a custom domain",
+        build: |m| {
+            Ok(Command::DomainRm {
+                name: m.req("name", project)?,
+                host: m.req("host", crate::dns::custom_host)?,
+            })
+        },
+    },
+    CommandSpec {
+        name: "domain approve",
+        aliases: &[],
+        args: &[word("host")],
+        flags: &[],
+        summary: "Approve a member's custom domain (admins)",
+        build: |m| {
+            Ok(Command::DomainApprove {
+                host: m.req("host", crate::dns::custom_host)?,
+            })
+        },
+    },
+    CommandSpec {
+        name: "domains",
+        aliases: &[],
+        args: &[opt_word("name")],
+        flags: &[],
+        summary: "List custom domains: a project's, or all of yours",
+        build: |m| {
+            Ok(Command::Domains {
+                name: m.arg("name").map(project).transpose()?,
+            })
+        },
+    },
+    CommandSpec {
         name: "shares",
         aliases: &[],
         args: NAME,
@@ -1450,6 +1500,10 @@ pub(super) fn spec_for(c: &Command) -> &'static CommandSpec {
         Command::Unshare { .. } | Command::UnshareLink { .. } => "unshare",
         Command::ShareLink { .. } => "share",
         Command::Shares { .. } => "shares",
+        Command::DomainAdd { .. } => "domain add",
+        Command::DomainRm { .. } => "domain rm",
+        Command::DomainApprove { .. } => "domain approve",
+        Command::Domains { .. } => "domains",
         Command::Public { .. } => "public",
         Command::Private { .. } => "private",
         Command::Port { .. } => "port",
@@ -1683,6 +1737,16 @@ pub(super) fn write_canonical(c: &Command, f: &mut fmt::Formatter<'_>) -> fmt::R
             arg(&id.to_string())?;
         }
         Command::Shares { name } => arg(name.as_str())?,
+        Command::DomainAdd { name, host } | Command::DomainRm { name, host } => {
+            arg(name.as_str())?;
+            arg(host)?;
+        }
+        Command::DomainApprove { host } => arg(host)?,
+        Command::Domains { name } => {
+            if let Some(n) = name {
+                arg(n.as_str())?;
+            }
+        }
         Command::ShareLink {
             name,
             port,

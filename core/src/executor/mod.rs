@@ -47,6 +47,7 @@ mod access;
 mod checkpoints;
 mod confirm;
 mod create;
+mod domains;
 pub mod links;
 mod projects;
 mod run;
@@ -87,6 +88,9 @@ pub struct Settings {
     pub idle_cpu_percent: u32,
     /// Checkpoints kept per project before the oldest automatic ones go.
     pub checkpoint_keep: u32,
+    /// Kennel's public addresses: a custom domain's A/AAAA record may
+    /// point at one (besides those its own host name resolves to).
+    pub public_addresses: Vec<std::net::IpAddr>,
 }
 
 impl Settings {
@@ -124,6 +128,7 @@ impl Default for Settings {
             idle_stop: crate::model::IdleStop::Secs { secs: 30 * 60 },
             idle_cpu_percent: 5,
             checkpoint_keep: 10,
+            public_addresses: Vec::new(),
         }
     }
 }
@@ -135,6 +140,9 @@ pub enum Event {
     AccessRequested(AccessRequest),
     /// A request was approved or denied: the requester should be told.
     RequestDecided(AccessRequest),
+    /// Something admins should see and act on (a custom domain waiting
+    /// for approval), said once in the admins' rooms.
+    AdminNotice(String),
     /// Kennel stopped an idle project's VM: its owner should be told, in
     /// the chats `identities` name (see [`crate::idle::idle_notice`]).
     IdleStopped {
@@ -164,6 +172,8 @@ pub struct Executor {
     guest: Arc<std::sync::OnceLock<Arc<dyn crate::guest::GuestShell>>>,
     /// What `run` runs now, for `run stop`.
     running: Arc<crate::guest::Running>,
+    /// The resolver custom domains are checked with, once wired.
+    dns: Arc<std::sync::OnceLock<Arc<dyn crate::dns::Dns>>>,
 }
 
 impl std::fmt::Debug for Executor {
@@ -198,6 +208,7 @@ impl Executor {
             activity: Arc::default(),
             guest: Arc::default(),
             running: Arc::default(),
+            dns: Arc::default(),
         }
     }
 
@@ -386,6 +397,7 @@ impl Executor {
             // The name only: a secret's value never reaches a log.
             Command::SecretSet { name, .. } | Command::SecretRm { name } => Some(name.to_string()),
             Command::TokenRm { label } => Some(label.to_string()),
+            Command::DomainApprove { host } => Some(host.clone()),
             Command::TokenCreate { label, .. } => label.as_ref().map(ToString::to_string),
             _ => None,
         });
@@ -546,6 +558,10 @@ impl Executor {
                     .await
             }
             Command::Shares { name } => self.shares_cmd(&call, &name).await,
+            Command::DomainAdd { name, host } => self.domain_add(&call, &name, &host).await,
+            Command::DomainRm { name, host } => self.domain_rm(&call, &name, &host).await,
+            Command::DomainApprove { host } => self.domain_approve(&call, &host).await,
+            Command::Domains { name } => self.domains_cmd(&call, name.as_ref()).await,
             Command::UnshareLink { name, id } => self.unshare_link(&call, &name, id).await,
             Command::Public { name } => self.set_visibility(&call, &name, Visibility::Public).await,
             Command::Private { name } => {
@@ -788,6 +804,7 @@ fn audited(cmd: &Command) -> bool {
             | Command::Tokens
             | Command::SshConfig
             | Command::Shares { .. }
+            | Command::Domains { .. }
             | Command::Checkpoints { .. }
     ) && !matches!(cmd, Command::Quota { change, .. } if change.is_empty())
 }

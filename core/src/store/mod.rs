@@ -37,6 +37,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (11, include_str!("migrations/0011_user_quotas.sql")),
     (12, include_str!("migrations/0012_identity_names.sql")),
     (13, include_str!("migrations/0013_share_links.sql")),
+    (14, include_str!("migrations/0014_custom_domains.sql")),
 ];
 
 /// How long a writer waits for another to finish before giving up.

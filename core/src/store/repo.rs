@@ -1871,3 +1871,111 @@ pub fn link_visited(conn: &Connection, link_id: i64) -> Result<(), StoreError> {
     )?;
     Ok(())
 }
+
+/// Records a custom domain of a project; a host another project has is
+/// [`StoreError::AlreadyExists`].
+pub fn add_domain(
+    conn: &Connection,
+    project: &ProjectName,
+    host: &str,
+    active: bool,
+    by: Option<UserId>,
+) -> Result<(), StoreError> {
+    let t = now();
+    conn.execute(
+        "INSERT INTO custom_domains (host, project_id, state, requested_by, created_at, approved_by, approved_at)
+         SELECT ?2, id, ?3, ?4, ?5, CASE WHEN ?3 = 'active' THEN ?4 END, CASE WHEN ?3 = 'active' THEN ?5 END
+         FROM projects WHERE name = ?1",
+        params![
+            project.as_str(),
+            host,
+            if active { "active" } else { "pending" },
+            by,
+            t
+        ],
+    )
+    .map_err(|e| classify(e, "custom domain"))?;
+    Ok(())
+}
+
+/// How many custom domains a project has.
+pub fn domain_count(conn: &Connection, project: &ProjectName) -> Result<u32, StoreError> {
+    Ok(conn.query_row(
+        "SELECT COUNT(*) FROM custom_domains d JOIN projects p ON p.id = d.project_id WHERE p.name = ?1",
+        [project.as_str()],
+        |r| r.get(0),
+    )?)
+}
+
+/// Custom domains: of one project, or (`None`) of every project.
+pub fn domains(
+    conn: &Connection,
+    project: Option<&ProjectName>,
+) -> Result<Vec<crate::model::CustomDomain>, StoreError> {
+    let mut st = conn.prepare(
+        "SELECT d.host, p.name, d.state, u.name, d.created_at
+         FROM custom_domains d JOIN projects p ON p.id = d.project_id
+         LEFT JOIN users u ON u.id = d.requested_by
+         WHERE ?1 IS NULL OR p.name = ?1 ORDER BY p.name, d.host",
+    )?;
+    let rows = st.query_map([project.map(ProjectName::as_str)], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, Option<String>>(3)?,
+            r.get::<_, i64>(4)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (host, name, state, by, created_at) = row?;
+        out.push(crate::model::CustomDomain {
+            host,
+            project: text(name)?,
+            state,
+            requested_by: by.map(text).transpose()?,
+            created_at,
+        });
+    }
+    Ok(out)
+}
+
+/// The project and state of a custom domain.
+pub fn domain(conn: &Connection, host: &str) -> Result<Option<(ProjectName, String)>, StoreError> {
+    let found: Option<(String, String)> = conn
+        .query_row(
+            "SELECT p.name, d.state FROM custom_domains d JOIN projects p ON p.id = d.project_id
+             WHERE d.host = ?1",
+            [host],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    found.map(|(n, s)| Ok((text(n)?, s))).transpose()
+}
+
+/// Approves a pending custom domain; whether there was one.
+pub fn approve_domain(
+    conn: &Connection,
+    host: &str,
+    by: Option<UserId>,
+) -> Result<bool, StoreError> {
+    Ok(conn.execute(
+        "UPDATE custom_domains SET state = 'active', approved_by = ?2, approved_at = ?3
+         WHERE host = ?1 AND state = 'pending'",
+        params![host, by, now()],
+    )? > 0)
+}
+
+/// Removes a project's custom domain; whether it had it.
+pub fn remove_domain(
+    conn: &Connection,
+    project: &ProjectName,
+    host: &str,
+) -> Result<bool, StoreError> {
+    Ok(conn.execute(
+        "DELETE FROM custom_domains WHERE host = ?2
+         AND project_id = (SELECT id FROM projects WHERE name = ?1)",
+        params![project.as_str(), host],
+    )? > 0)
+}

@@ -1297,3 +1297,153 @@ async fn run_streams_output_answers_the_exit_code_and_run_stop_ends_it() {
         .unwrap();
     assert!(refused(&w.run(&bob, "run app ls").await).contains("web app only"));
 }
+
+#[tokio::test]
+async fn custom_domains_need_their_dns_pointing_here_and_members_need_an_admin() {
+    use kennel_core::dns::{testing::FakeDns, DnsAnswer};
+    let w = World::new()
+        .settings(Settings {
+            public_addresses: vec!["203.0.113.7".parse().unwrap()],
+            ..Settings::default()
+        })
+        .build();
+    w.run(&w.admin, "new project web --stack rust")
+        .await
+        .unwrap();
+    // No resolver wired: said so.
+    let e = w
+        .run(&w.admin, "domain add web app.example.com")
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind().as_str(), "unavailable", "{e}");
+    let dns = std::sync::Arc::new(FakeDns::default());
+    w.exec.set_dns(dns.clone());
+    let mut events = w.exec.subscribe();
+    // No record: the exact record to add.
+    let e = w
+        .run(&w.admin, "domain add web App.Example.com.")
+        .await
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("`app.example.com. CNAME web.localhost.`"),
+        "{msg}"
+    );
+    assert!(msg.contains("`app.example.com. A 203.0.113.7`"), "{msg}");
+    assert_eq!(e.kind().as_str(), "invalid");
+    // Pointing elsewhere: said where.
+    dns.set(
+        "app.example.com",
+        DnsAnswer {
+            cname: None,
+            addrs: vec!["198.51.100.1".parse().unwrap()],
+        },
+    );
+    let e = w
+        .run(&w.admin, "domain add web app.example.com")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("points to 198.51.100.1 now"), "{e}");
+    // Kennel's own names are never custom domains.
+    let e = w
+        .run(&w.admin, "domain add web shop.localhost")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("Kennel's own names"), "{e}");
+    // A CNAME to the project's host: an admin's is served at once.
+    dns.set(
+        "app.example.com",
+        DnsAnswer {
+            cname: Some("web.localhost".into()),
+            addrs: vec![],
+        },
+    );
+    let Ok(Reply::DomainAdded {
+        pending: false,
+        url,
+        ..
+    }) = w.run(&w.admin, "domain add web app.example.com").await
+    else {
+        panic!()
+    };
+    assert_eq!(url, "https://app.example.com:8443");
+    let gate = w.exec.gate();
+    assert_eq!(
+        gate.custom_domain("app.example.com")
+            .await
+            .unwrap()
+            .map(|p| p.to_string()),
+        Some("web".into())
+    );
+    // One project per host.
+    w.run(&w.admin, "new project shop --stack rust")
+        .await
+        .unwrap();
+    let e = w
+        .run(&w.admin, "domain add shop app.example.com")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("belongs to another project"), "{e}");
+
+    // A member's, by an A record to Kennel's address: waits for an admin,
+    // who hears of it.
+    let ann = w.member("3201", 51).await;
+    w.run(&ann, "new project blog --stack rust").await.unwrap();
+    dns.set(
+        "blog.example.org",
+        DnsAnswer {
+            cname: None,
+            addrs: vec!["203.0.113.7".parse().unwrap()],
+        },
+    );
+    let Ok(Reply::DomainAdded { pending: true, .. }) =
+        w.run(&ann, "domain add blog blog.example.org").await
+    else {
+        panic!()
+    };
+    let notice = loop {
+        match events.recv().await.unwrap() {
+            kennel_core::Event::AdminNotice(t) => break t,
+            _ => continue,
+        }
+    };
+    assert!(
+        notice.contains("domain approve blog.example.org"),
+        "{notice}"
+    );
+    assert_eq!(gate.custom_domain("blog.example.org").await.unwrap(), None);
+    assert!(refused(&w.run(&ann, "domain approve blog.example.org").await).contains("admins"));
+    // The member sees their own; an admin, all.
+    let Ok(Reply::Domains { domains }) = w.run(&ann, "domains").await else {
+        panic!()
+    };
+    assert_eq!(
+        domains.iter().map(|d| d.host.as_str()).collect::<Vec<_>>(),
+        ["blog.example.org"]
+    );
+    let Ok(Reply::Domains { domains }) = w.run(&w.admin, "domains").await else {
+        panic!()
+    };
+    assert_eq!(domains.len(), 2);
+    w.run(&w.admin, "domain approve blog.example.org")
+        .await
+        .unwrap();
+    assert!(gate
+        .custom_domain("blog.example.org")
+        .await
+        .unwrap()
+        .is_some());
+    // Not on someone else's project; removed by its owner.
+    assert!(
+        refused(&w.run(&ann, "domain add web other.example.org").await)
+            .contains("no project 'web'")
+    );
+    w.run(&ann, "domain rm blog blog.example.org")
+        .await
+        .unwrap();
+    assert_eq!(gate.custom_domain("blog.example.org").await.unwrap(), None);
+    assert!(w
+        .run(&ann, "domain rm blog blog.example.org")
+        .await
+        .is_err());
+}

@@ -98,6 +98,24 @@ fn more_commands() -> impl Strategy<Value = Command> {
                 timeout_secs: timeout.unwrap_or(600),
             }),
         project().prop_map(|name| Command::RunStop { name }),
+        (
+            project(),
+            prop::option::of((1u16..=65535).prop_filter("not sshd", |p| *p != 22)),
+            prop::option::of(1u64..=90 * 86_400),
+            prop::option::of(note())
+        )
+            .prop_map(|(name, port, expires, note)| Command::ShareLink {
+                name,
+                port,
+                expires_secs: expires.unwrap_or(7 * 86_400),
+                note,
+            }),
+        project().prop_map(|name| Command::Shares { name }),
+        (project(), 1i64..=i64::MAX).prop_map(|(name, id)| Command::UnshareLink { name, id }),
+        (project(), host()).prop_map(|(name, host)| Command::DomainAdd { name, host }),
+        (project(), host()).prop_map(|(name, host)| Command::DomainRm { name, host }),
+        host().prop_map(|host| Command::DomainApprove { host }),
+        prop::option::of(project()).prop_map(|name| Command::Domains { name }),
         (project(), tags()).prop_map(|(name, tags)| Command::Tag { name, tags }),
         (project(), tags()).prop_map(|(name, tags)| Command::Untag { name, tags }),
         (
@@ -120,6 +138,11 @@ fn more_commands() -> impl Strategy<Value = Command> {
                 Command::Quota { user, change }
             }),
     ]
+}
+
+/// A custom domain's host name.
+fn host() -> impl Strategy<Value = String> {
+    "[a-z][a-z0-9-]{0,10}[a-z0-9]\\.[a-z]{2,6}"
 }
 
 /// A quota limit; sizes in MiB from 1.

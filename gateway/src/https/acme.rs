@@ -215,6 +215,12 @@ impl Acme {
         self.s.dns_hook.is_some()
     }
 
+    /// Whether `name` is Kennel's domain or under it (not a custom domain).
+    fn under_domain(&self, name: &str) -> bool {
+        let name = name.trim_start_matches("*.");
+        name == self.domain || name.ends_with(&format!(".{}", self.domain))
+    }
+
     fn load_all(&self, dir: &Path) {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return;
@@ -289,7 +295,9 @@ impl Acme {
     /// the wildcard by DNS-01 when a hook is configured. The caller has
     /// checked that `name` is one Kennel serves.
     pub async fn obtain(&self, name: &str) -> Result<(), AcmeError> {
-        let names = if self.wildcard() {
+        // The wildcard covers Kennel's names; a custom domain gets a
+        // certificate of its own, by TLS-ALPN-01.
+        let names = if self.wildcard() && self.under_domain(name) {
             vec![self.domain.clone(), format!("*.{}", self.domain)]
         } else {
             vec![name.to_owned()]
@@ -516,7 +524,7 @@ impl Acme {
                 }
             }
             let name = a.identifier().to_string();
-            let kind = if self.wildcard() {
+            let kind = if self.wildcard() && self.under_domain(&name) {
                 ChallengeType::Dns01
             } else {
                 ChallengeType::TlsAlpn01

@@ -178,6 +178,8 @@ struct Inner {
     /// requests cost no round trip to the store.
     decisions: Mutex<HashMap<DecisionKey, Cached<Option<Decided>>>>,
     sessions: Mutex<HashMap<SessionKey, Cached<Option<User>>>>,
+    /// Custom domains: the project each host serves (or none).
+    domains: Mutex<HashMap<String, Cached<Option<ProjectName>>>>,
     /// Projects being woken by a browser's visit.
     waking: Arc<Mutex<HashSet<ProjectName>>>,
     /// Projects woken lately, and when: their apps may still be starting.
@@ -254,6 +256,7 @@ impl HttpsGateway {
                 woken: Arc::default(),
                 decisions: Mutex::new(HashMap::new()),
                 sessions: Mutex::new(HashMap::new()),
+                domains: Mutex::new(HashMap::new()),
                 links,
                 api_calls: Mutex::new(HashMap::new()),
                 nonces: Mutex::new(HashMap::new()),
@@ -378,11 +381,42 @@ impl Inner {
         start.into_stream(tls.config.clone()).await.map(Some)
     }
 
-    /// Whether Kennel would serve `name`: its own host, or a project's
-    /// (another port too) that is in the store. Only such names are sent
-    /// to the ACME CA.
+    /// What a host name is: Kennel's, a project's under the domain, or a
+    /// project's approved custom domain (its app); else nothing served.
+    async fn site_of(&self, host: &str) -> Site {
+        match route::classify(host, &self.domain) {
+            Site::Unknown => match self.custom_project(host).await {
+                Some(name) => Site::Project { name, port: None },
+                None => Site::Unknown,
+            },
+            site => site,
+        }
+    }
+
+    /// The project an approved custom domain serves.
+    async fn custom_project(&self, host: &str) -> Option<ProjectName> {
+        let changes = self.gate.changes();
+        let key = host.to_owned();
+        if let Some(p) = cached(&self.domains, &key, changes) {
+            return p;
+        }
+        match self.gate.custom_domain(host).await {
+            Ok(p) => {
+                remember(&self.domains, key, changes, p.clone());
+                p
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read custom domains");
+                None
+            }
+        }
+    }
+
+    /// Whether Kennel would serve `name`: its own host, a project's
+    /// (another port too) that is in the store, or an approved custom
+    /// domain. Only such names are sent to the ACME CA.
     async fn may_certify(&self, name: &str) -> bool {
-        match route::classify(name, &self.domain) {
+        match self.site_of(name).await {
             Site::Kennel => true,
             Site::Project { name, .. } => self.gate.project_exists(&name).await.unwrap_or(false),
             Site::Unknown => false,
@@ -466,9 +500,10 @@ impl Inner {
         let started = Instant::now();
         let (method, path) = (req.method().clone(), req.uri().path().to_owned());
         let host = route::host_of(&req);
-        let site = host
-            .as_deref()
-            .map_or(Site::Unknown, |h| route::classify(h, &self.domain));
+        let site = match host.as_deref() {
+            None => Site::Unknown,
+            Some(h) => self.site_of(h).await,
+        };
         let project = match &site {
             Site::Project { name, .. } => name.to_string(),
             _ => "-".into(),

@@ -163,7 +163,7 @@ impl Inner {
                 SIGN_IN_HOW,
             );
         };
-        let (name, entry) = match route::classify(&target, &self.domain) {
+        let (name, entry) = match self.site_of(&target).await {
             Site::Project { name, port: None } => (name, Entry::Web),
             Site::Project {
                 name,
