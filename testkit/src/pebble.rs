@@ -22,6 +22,8 @@ pub struct Pebble {
     management: u16,
     /// challtestsrv's management API (`/set-txt`, `/clear-txt`).
     pub dns_management: String,
+    /// challtestsrv's DNS server (UDP and TCP).
+    pub dns: std::net::SocketAddr,
     children: Vec<Child>,
 }
 
@@ -112,6 +114,7 @@ impl Pebble {
             api_roots,
             management,
             dns_management: format!("http://127.0.0.1:{dns_mgmt}"),
+            dns: std::net::SocketAddr::from(([127, 0, 0, 1], dns)),
             children: vec![dns_srv, server],
             dir,
         };

@@ -187,6 +187,99 @@ async fn tls_alpn_certificates_for_projects_only_kept_and_renewed() {
     );
 }
 
+/// Sends challtestsrv a management call (`/add-a`, `/set-default-ipv4`).
+async fn dns_set(pebble: &Pebble, path: &str, body: serde_json::Value) {
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--fail", "--data"])
+        .arg(body.to_string())
+        .arg(format!("{}{path}", pebble.dns_management))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{path}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_domain_is_checked_in_dns_then_certified_and_served() {
+    require("curl", "curl");
+    let listener = listen(0).await;
+    let port = listener.local_addr().unwrap().port();
+    let pebble = Pebble::start(port);
+    // Only the names given below resolve.
+    dns_set(&pebble, "/set-default-ipv4", serde_json::json!({"ip": ""})).await;
+    for host in [DOMAIN.to_owned(), format!("web.{DOMAIN}")] {
+        dns_set(
+            &pebble,
+            "/add-a",
+            serde_json::json!({"host": format!("{host}."), "addresses": ["127.0.0.1"]}),
+        )
+        .await;
+    }
+    let w = world(port);
+    w.run(&w.admin, "new project web --stack rust")
+        .await
+        .unwrap();
+    w.exec.set_dns(std::sync::Arc::new(
+        kennel_gateway::dns::HickoryDns::new(Some(pebble.dns)).unwrap(),
+    ));
+    // No record yet: the one to add, said exactly.
+    let e = w
+        .run(&w.admin, "domain add web shop.example.net")
+        .await
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&format!("`shop.example.net. CNAME web.{DOMAIN}.`")),
+        "{msg}"
+    );
+    assert!(msg.contains("`shop.example.net. A 127.0.0.1`"), "{msg}");
+    // An A record to Kennel's address: served, and certified by the CA
+    // at the first visit (TLS-ALPN-01, on the gateway's own port).
+    dns_set(
+        &pebble,
+        "/add-a",
+        serde_json::json!({"host": "shop.example.net.", "addresses": ["127.0.0.1"]}),
+    )
+    .await;
+    w.run(&w.admin, "domain add web shop.example.net")
+        .await
+        .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let acme_dir = data.path().join("acme");
+    let _stop = gateway(&w, listener, settings(&pebble, &acme_dir)).await;
+    let root = pebble.issuing_root();
+    assert_eq!(
+        curl(&root, port, "shop.example.net", "/").await,
+        Ok("401".into()),
+        "{}",
+        pebble.log()
+    );
+    assert!(acme_dir.join("certs/shop.example.net.pem").exists());
+    // Removed: no longer served (a name Kennel does not serve gets no
+    // certificate of its own, and nothing else is ordered for it).
+    w.run(&w.admin, "domain rm web shop.example.net")
+        .await
+        .unwrap();
+    dns_set(
+        &pebble,
+        "/add-a",
+        serde_json::json!({"host": "other.example.net.", "addresses": ["127.0.0.1"]}),
+    )
+    .await;
+    // (curl: 60, a certificate for another name; 35, none at all.)
+    let other = curl(&root, port, "other.example.net", "/").await;
+    assert!(matches!(other, Err(35 | 60)), "{other:?}");
+    assert!(
+        !pebble.log().contains("other.example.net"),
+        "{}",
+        pebble.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns01_wildcard_through_the_hook() {
     require("curl", "curl");

@@ -188,6 +188,8 @@ impl Gw {
             format!("other.{DOMAIN}"),
             format!("nosuch.{DOMAIN}"),
             format!("web--8080.{DOMAIN}"),
+            "app.example.com".to_owned(),
+            "nosuch.example.com".to_owned(),
         ] {
             args.push("--resolve".into());
             args.push(format!("{h}:{}:127.0.0.1", self.port));
@@ -950,6 +952,65 @@ async fn a_browser_opens_a_share_link_sees_only_that_app_and_is_out_once_revoked
     .unwrap();
     assert!(!after.contains("\"path\""), "{after}");
     assert!(after.contains("login"), "{after}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_domain_serves_the_app_with_its_own_sign_in_until_removed() {
+    use kennel_core::dns::{testing::FakeDns, DnsAnswer};
+    let gw = gateway().await;
+    gw.project("web").await;
+    let dns = Arc::new(FakeDns::default());
+    dns.set(
+        "app.example.com",
+        DnsAnswer {
+            cname: Some(format!("web.{DOMAIN}")),
+            addrs: vec![],
+        },
+    );
+    gw.w.exec.set_dns(dns);
+    // Not served before it is added: as any unknown name.
+    let (unknown, _, _) = gw.curl("nosuch.example.com", "/", &[ANON, "-k"]).await;
+    let (code, _, _) = gw.curl("app.example.com", "/", &[ANON, "-k"]).await;
+    assert_eq!(code, unknown);
+    gw.w.run(&gw.w.admin, "domain add web app.example.com")
+        .await
+        .unwrap();
+    // Private: a visitor is sent to sign in, for that host.
+    let html = ["-k", "-H", "Accept: text/html"];
+    let (code, head, _) = gw.curl("app.example.com", "/x?y=1", &html).await;
+    assert!(code.starts_with("302"), "{code} {head}");
+    assert!(
+        location(&head).contains("/auth?host=app.example.com&to=/x%3Fy%3D1"),
+        "{head}"
+    );
+    // Signed in at Kennel's host: handed over to the custom domain with a
+    // cookie of its own, and in.
+    gw.sign_in(&gw.w.admin).await;
+    let me = gw.user(&gw.w.admin).await.name.to_string();
+    let (code, _, body) = gw
+        .curl(
+            "app.example.com",
+            "/x?y=1",
+            &["-k", "-L", "-H", "Accept: text/html"],
+        )
+        .await;
+    assert!(code.starts_with("200"), "{code} {body}");
+    assert_eq!(json(&body)["x-kennel-user"], me.as_str());
+    assert_eq!(json(&body)["path"], "/x?y=1");
+    let jar = std::fs::read_to_string(gw.dir.path().join("cookies")).unwrap();
+    assert!(
+        jar.lines().any(|l| l
+            .trim_start_matches("#HttpOnly_")
+            .starts_with("app.example.com\t")
+            && l.contains("__Host-kennel")),
+        "{jar}"
+    );
+    // Removed: unknown again.
+    gw.w.run(&gw.w.admin, "domain rm web app.example.com")
+        .await
+        .unwrap();
+    let (code, _, _) = gw.curl("app.example.com", "/", &[ANON, "-k"]).await;
+    assert_eq!(code, unknown);
 }
 
 // ------------------------------------------------------------ the HTTP API
