@@ -144,7 +144,8 @@ impl Inner {
             html.push_str("<div class=\"projects\">");
             for p in &projects {
                 let links = self.links_of(user, p).await;
-                html.push_str(&self.project_row(p, &cookie_csrf, &links));
+                let domains = self.domains_of(user, p).await;
+                html.push_str(&self.project_row(p, &cookie_csrf, &links, &domains));
             }
             html.push_str("</div>");
         }
@@ -299,6 +300,24 @@ impl Inner {
         html
     }
 
+    /// A project's custom domains (for its owner and admins).
+    async fn domains_of(&self, user: &User, p: &Project) -> Vec<kennel_core::model::CustomDomain> {
+        if user.role.as_str() != "admin" && p.owner != user.name {
+            return Vec::new();
+        }
+        let who = site::web_identity(user);
+        let line = format!("domains {}", p.name);
+        match self
+            .gate
+            .front_door(&who, user.clone(), &line, Style::PLAIN, &NoProgress)
+            .await
+            .outcome
+        {
+            Ok(Reply::Domains { domains }) => domains,
+            _ => Vec::new(),
+        }
+    }
+
     /// A project's live share links (for its owner and admins; others
     /// see none).
     async fn links_of(&self, user: &User, p: &Project) -> Vec<kennel_core::model::ShareLink> {
@@ -323,6 +342,7 @@ impl Inner {
         p: &Project,
         csrf: &str,
         links: &[kennel_core::model::ShareLink],
+        domains: &[kennel_core::model::CustomDomain],
     ) -> String {
         let c = self.gate.connection(p);
         let name = p.name.as_str();
@@ -404,6 +424,38 @@ impl Inner {
                 String::new()
             } else {
                 format!("<ul class=\"links\" aria-label=\"share links of {n}\">{link_rows}</ul>")
+            },
+            form(
+                "domain",
+                false,
+                "Custom domain",
+                &format!("<input type=\"text\" name=\"host\" required placeholder=\"app.example.com\" class=\"w-m\" aria-label=\"custom domain of {n}\"> <button aria-label=\"add the domain to {n}\">add</button>"),
+            ) + &if domains.is_empty() {
+                String::new()
+            } else {
+                let mut l = format!("<ul class=\"domains\" aria-label=\"custom domains of {n}\">");
+                for d in domains {
+                    let url = format!(
+                        "https://{}{}",
+                        d.host,
+                        kennel_core::urls::https_port_suffix(self.https_port)
+                    );
+                    l.push_str(&format!(
+                        "<li><a href=\"{u}\">{h}</a> · {st} {rm}</li>",
+                        u = esc(&url),
+                        h = esc(&d.host),
+                        st = esc(&d.state),
+                        rm = action_button(
+                            csrf,
+                            &format!("domain rm {name} {}", d.host),
+                            &format!("remove the domain {} of {name}", d.host),
+                            "remove",
+                            false
+                        ),
+                    ));
+                }
+                l.push_str("</ul>");
+                l
             },
             form(
                 "resize",
@@ -775,6 +827,13 @@ fn form_line(body: &[u8]) -> (Option<String>, Option<String>) {
             }
             l
         })
+    } else if f.get("form").map(String::as_str) == Some("domain") {
+        match (f.get("project"), f.get("host")) {
+            (Some(p), Some(h)) if !p.is_empty() && !h.is_empty() => {
+                Some(format!("domain add {} {}", q(p), q(h)))
+            }
+            _ => None,
+        }
     } else if f.get("form").map(String::as_str) == Some("resize") {
         f.get("project").filter(|p| !p.is_empty()).map(|p| {
             let mut l = format!("resize {}", q(p));

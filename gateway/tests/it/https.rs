@@ -1532,6 +1532,15 @@ async fn the_dashboard_runs_commands_resizes_and_shares_by_link_with_a_qr_code()
     let gw = gateway().await;
     gw.project("web").await;
     gw.w.exec.set_guest_shell(Arc::new(EchoGuest));
+    let dns = Arc::new(kennel_core::dns::testing::FakeDns::default());
+    dns.set(
+        "app.example.com",
+        kennel_core::dns::DnsAnswer {
+            cname: Some(format!("web.{DOMAIN}")),
+            addrs: vec![],
+        },
+    );
+    gw.w.exec.set_dns(dns);
     let link = gw.login_link(&gw.w.admin).await;
     let port = gw.port;
     let seen = tokio::task::spawn_blocking(move || {
@@ -1569,11 +1578,31 @@ async fn the_dashboard_runs_commands_resizes_and_shares_by_link_with_a_qr_code()
         let listed = b.source();
         b.click("button[aria-label^=\"revoke link\"]");
         let revoked = b.source_with("is revoked", Duration::from_secs(20));
-        (styled, ran, resized, linked, qr, listed, revoked)
+        // A custom domain: added from its form, listed, removed.
+        b.eval(&format!("{open} document.querySelector('input[aria-label=\"custom domain of web\"]').value = 'app.example.com'; document.querySelector('input[aria-label=\"custom domain of web\"]').form.submit(); return 1;"));
+        let domained = b.source_with("is served at", Duration::from_secs(20));
+        b.eval(&format!("{open} return 1;"));
+        let domain_listed = b.source();
+        b.click("button[aria-label=\"remove the domain app.example.com of web\"]");
+        let undomained = b.source_with("no longer served", Duration::from_secs(20));
+        (styled, ran, resized, linked, qr, listed, revoked, (domained, domain_listed, undomained))
     })
     .await
     .unwrap();
-    let (styled, ran, resized, linked, qr, listed, revoked) = seen;
+    let (styled, ran, resized, linked, qr, listed, revoked, (domained, domain_listed, undomained)) =
+        seen;
+    assert!(
+        domained.contains(&format!("web is served at https://app.example.com:{port}")),
+        "{domained}"
+    );
+    assert!(
+        domain_listed.contains("aria-label=\"custom domains of web\""),
+        "{domain_listed}"
+    );
+    assert!(
+        undomained.contains("web is no longer served at app.example.com"),
+        "{undomained}"
+    );
     assert_eq!(styled, "10px", "the stylesheet did not apply");
     assert!(ran.contains("guest says: false --flag two words"), "{ran}");
     assert!(ran.contains("exited with 3"), "{ran}");
