@@ -192,6 +192,14 @@ pub fn prepare(
     if let Some(marker) = plan.pending {
         pending.record(marker).map_err(io(marker))?;
     }
+    // An existing empty directory (`--adopt`, or made by its owner) keeps
+    // its owner. libgit2 makes no repository in a directory that another
+    // user owns, so while Kennel (root) fills it, the directory is
+    // Kennel's; it is given back below either way.
+    let kept = existed.then(|| dir_owner(path)).flatten();
+    if kept.is_some() && rustix::process::geteuid().is_root() {
+        std::os::unix::fs::lchown(path, Some(0), Some(0)).map_err(io(path))?;
+    }
     let result = match plan.git {
         Some(url) => clone(plan, url, progress),
         None => init(plan),
@@ -204,8 +212,11 @@ pub fn prepare(
     if result.is_err() {
         // Remove only what this attempt made.
         remove_made(&pending.path, pending.whole);
+        if let Some((uid, gid)) = kept {
+            let _ = std::os::unix::fs::lchown(path, Some(uid), Some(gid));
+        }
     } else {
-        give_to_owner(path, plan.owner);
+        give_to_owner(path, kept.unwrap_or(plan.owner));
     }
     if let Some(marker) = plan.pending {
         Pending::clear(marker);
@@ -398,6 +409,15 @@ pub fn copy_tree(from: &Path, to: &Path) -> Result<(), SourceError> {
     Ok(())
 }
 
+/// The owner of a directory that is not root's (its link not followed).
+fn dir_owner(path: &Path) -> Option<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .filter(|m| m.is_dir() && m.uid() != 0)
+        .map(|m| (m.uid(), m.gid()))
+}
+
 /// Gives everything under `path` to `owner` when Kennel runs as root, so
 /// the guest's `dev` (renumbered to that owner) can work on it.
 fn give_to_owner(path: &Path, owner: (u32, u32)) {
@@ -490,6 +510,27 @@ mod tests {
         std::fs::create_dir(&dest).unwrap();
         prepare(&plan(&dest, Some(&missing)), &mut |_, _| {}).unwrap_err();
         assert!(dest.exists());
+    }
+
+    #[test]
+    fn an_empty_directory_of_another_user_gets_a_repository_and_keeps_its_owner() {
+        use std::os::unix::fs::MetadataExt;
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "this test gives a directory to another user: run it as root (CI does)"
+        );
+        let d = tempfile::tempdir().unwrap();
+        let dest = d.path().join("dest");
+        std::fs::create_dir(&dest).unwrap();
+        std::os::unix::fs::chown(&dest, Some(4242), Some(4343)).unwrap();
+        let mut p = plan(&dest, None);
+        p.owner = (1000, 1000);
+        let done = prepare(&p, &mut |_, _| {}).unwrap();
+        assert!(done.summary.contains("initial commit"), "{}", done.summary);
+        for f in [dest.clone(), dest.join(".git"), dest.join(".git/HEAD")] {
+            let m = std::fs::symlink_metadata(&f).unwrap();
+            assert_eq!((m.uid(), m.gid()), (4242, 4343), "{}", f.display());
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
-use crate::support::{git, Kennel, Steps};
+use crate::support::{Kennel, Steps};
 
 /// `POST /api/v1/exec` with a bearer token; the body and the HTTP code.
 fn api(k: &Kennel, token: &str, line: &str, stream: bool) -> (String, String) {
@@ -62,12 +62,9 @@ fn resize_and_run_on_a_real_guest() {
     let src = tmp.path().join("kennel-data/projects/box");
     let mut steps = Steps::new("resize_and_run_on_a_real_guest");
     steps.run("new project box", || {
+        // An empty directory a host user made: Kennel fills it with a
+        // repository, and it stays theirs.
         std::fs::create_dir_all(&src).unwrap();
-        std::fs::write(src.join("README"), "box\n").unwrap();
-        git(&src, &["init", "-q", "-b", "main"]);
-        git(&src, &["add", "README"]);
-        git(&src, &["commit", "-q", "-m", "first"]);
-        // Owned by a host user, as sources are.
         let chown = std::process::Command::new("chown")
             .args(["-hR", "4242:4242"])
             .arg(&src)
@@ -75,6 +72,7 @@ fn resize_and_run_on_a_real_guest() {
             .unwrap();
         assert!(chown.success());
         k.exec_ok("new project box --adopt --stack base --cpus 1 --memory 512M --disk 3G");
+        assert_eq!(std::fs::metadata(src.join(".git")).unwrap().uid(), 4242);
     });
     steps.run(
         "run from the CLI: exit codes, words as given, /workspace",
@@ -149,6 +147,51 @@ fn resize_and_run_on_a_real_guest() {
         let out = child.wait_with_output().unwrap();
         assert_ne!(out.status.code(), Some(0), "{out:?}");
         assert!(t.elapsed() < Duration::from_secs(60));
+    });
+    steps.run("a caller who goes away stops it", || {
+        let sleeping = || {
+            let out = k.exec("run box sh -c 'cat /proc/[0-9]*/comm 2>/dev/null | grep -cx sleep'");
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .next()
+                .and_then(|l| l.trim().parse::<u32>().ok())
+                .unwrap_or(99)
+        };
+        // curl gives up after 8 s of a streamed `run`.
+        let ca = k.dir.join("kennel-data/tls/dev-ca/ca.pem");
+        let curl = std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "8", "--cacert"])
+            .arg(&ca)
+            .arg("--resolve")
+            .arg(format!("localhost:{}:127.0.0.1", k.https_port))
+            .arg("-H")
+            .arg(format!("Authorization: Bearer {token}"))
+            .args([
+                "-H",
+                "Accept: application/x-ndjson",
+                "--data-binary",
+                "run box sleep 120",
+            ])
+            .arg(format!("https://localhost:{}/api/v1/exec", k.https_port))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        while sleeping() != 1 {
+            assert!(
+                t.elapsed() < Duration::from_secs(8),
+                "the command never ran"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let out = curl.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(28), "curl timed out: {out:?}");
+        // The command in the VM ends with it.
+        let t = Instant::now();
+        while sleeping() != 0 {
+            assert!(t.elapsed() < Duration::from_secs(30), "sleep still runs");
+            std::thread::sleep(Duration::from_millis(500));
+        }
     });
     steps.run("the disk grows on the running VM", || {
         let before = root_mib(&k);

@@ -168,9 +168,24 @@ impl Inner {
         // (sent before the outcome is known) and the last line says.
         let (tx, rx) = mpsc::channel::<Bytes>(1024);
         let gate = self.gate.clone();
+        // A `run` ends with its caller: when the client goes away, the
+        // command in the VM is stopped (other commands finish, as they
+        // would in chat).
+        let ends_with_caller = matches!(
+            kennel_core::parse(&line).map(|i| i.command),
+            Ok(kennel_core::Command::Run { .. })
+        );
         tokio::spawn(async move {
             let sink = LineSink::new(tx.clone());
-            let answered = gate.front_door(&who, user, &line, style, &sink).await;
+            let work = gate.front_door(&who, user, &line, style, &sink);
+            let answered = if ends_with_caller {
+                tokio::select! {
+                    a = work => a,
+                    () = tx.closed() => return,
+                }
+            } else {
+                work.await
+            };
             let mut last = answered.text.trim_end().to_owned();
             last.push('\n');
             let _ = tx.send(Bytes::from(last)).await;
