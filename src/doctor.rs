@@ -176,6 +176,22 @@ pub fn run(config: &Config, host: &Host) -> Report {
             Some("run kennel serve as root or grant CAP_NET_ADMIN for bridged networking"),
         )
     });
+    // Whether guests are kept off the host's own services (loaded, as
+    // `kennel serve` loads it).
+    checks.push(match host.which("nft", &["/usr/sbin/nft", "/sbin/nft"]) {
+        Some(_) if rustix::process::geteuid().is_root() => check(
+            "host guard",
+            Status::Ok,
+            "guests reach Kennel's gateways on this host and none of its other services (nftables, loaded by kennel serve)",
+            None,
+        ),
+        _ => check(
+            "host guard",
+            Status::Warn,
+            "guests in user-mode networking can reach every service on this host's loopback (10.0.2.2) and addresses",
+            Some("run kennel serve as root with nftables installed (apt-get install nftables)"),
+        ),
+    });
     for (name, addr) in [
         ("ssh port", config.ssh.listen),
         ("https port", config.https.listen),

@@ -61,12 +61,27 @@ pub fn store(dir: &DataDir) -> Result<Store> {
 /// The provisioner for this host, or why there is none.
 pub fn provisioner(config: &Config, store: &Store) -> Result<Arc<LocalProvisioner>, String> {
     let host = Host::real();
-    let (vmm, network) =
-        select(config.vm.backend, config.vm.network, &host).map_err(|e| e.to_string())?;
+    let data_dir = std::path::absolute(&config.data_dir).map_err(|e| e.to_string())?;
+    // Guests reach Kennel's gateways on the host, and no other service of
+    // the host's (docs/networking.md).
+    let _ = std::fs::create_dir_all(&data_dir);
+    let guard = kennel_provisioner::hostguard::install(
+        &SystemRunner,
+        &data_dir,
+        &[config.ssh.listen.port(), config.https.listen.port()],
+    );
+    let guest_gid = match guard {
+        Ok(gid) => Some(gid),
+        Err(e) => {
+            tracing::warn!(error = %e, "guests can reach services on this host's loopback (10.0.2.2) and addresses");
+            None
+        }
+    };
+    let (vmm, network) = select(config.vm.backend, config.vm.network, &host, guest_gid)
+        .map_err(|e| e.to_string())?;
     let virtiofsd = Virtiofsd::detect(&host).ok_or(
         "no virtiofsd on this host: apt-get install qemu-system-common, or cargo install virtiofsd",
     )?;
-    let data_dir = std::path::absolute(&config.data_dir).map_err(|e| e.to_string())?;
     let settings = ProvisionerSettings {
         data_dir,
         stacks_dir: config.images.stacks_dir.clone(),

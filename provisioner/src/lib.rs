@@ -29,6 +29,7 @@ pub mod choice;
 pub mod devcontainer;
 pub mod disk;
 pub mod host;
+pub mod hostguard;
 pub mod image;
 pub mod kernel;
 pub mod lifecycle;

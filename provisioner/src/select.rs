@@ -75,6 +75,7 @@ pub fn select(
     backend: BackendChoice,
     network: NetworkChoice,
     host: &Host,
+    guest_gid: Option<u32>,
 ) -> Result<(Arc<dyn Vmm>, NetworkMode), SelectError> {
     if backend == BackendChoice::None {
         return Err(SelectError::Disabled);
@@ -88,6 +89,7 @@ pub fn select(
                 .which("qemu-system-x86_64", &[])
                 .ok_or(SelectError::NoQemu)?,
             accel: if d.kvm { Accel::Kvm } else { Accel::Tcg },
+            guest_gid,
         }),
     };
     let mode = match (network, d.cloud_hypervisor) {
@@ -146,7 +148,7 @@ mod tests {
         ));
         assert!(!decide(BackendChoice::Qemu, &h).unwrap().cloud_hypervisor);
         assert!(matches!(
-            select(BackendChoice::None, NetworkChoice::Auto, &h),
+            select(BackendChoice::None, NetworkChoice::Auto, &h, None),
             Err(SelectError::Disabled)
         ));
     }

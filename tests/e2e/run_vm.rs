@@ -3,7 +3,8 @@
 //! restart seen by `nproc` and `/proc/meminfo`; `run` from the CLI (exit
 //! codes, the words as given, files owned by the source's owner), from
 //! the HTTP API streamed (NDJSON output lines) and not, a time-out, and
-//! `run stop`.
+//! `run stop`; and the host guard: a guest reaches Kennel's gateways on
+//! the host and none of its other services.
 #![cfg(feature = "vm-tests")]
 #![allow(
     clippy::unwrap_used,
@@ -193,6 +194,33 @@ fn resize_and_run_on_a_real_guest() {
             std::thread::sleep(Duration::from_millis(500));
         }
     });
+    steps.run(
+        "the host's own services are out of the guest's reach",
+        || {
+            // A service on the host's loopback, and one on all its addresses.
+            let lo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let any = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+            let reach = |port: u16| {
+                k.exec(&format!(
+                    "run box --timeout 20s bash -c 'exec 3<>/dev/tcp/10.0.2.2/{port}'"
+                ))
+                .status
+                .code()
+            };
+            for port in [
+                lo.local_addr().unwrap().port(),
+                any.local_addr().unwrap().port(),
+            ] {
+                let t = Instant::now();
+                assert_eq!(reach(port), Some(1), "port {port} was reachable");
+                // Refused at once (a reset), not left to time out.
+                assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+            }
+            // Kennel's own gateways stay reachable.
+            assert_eq!(reach(k.https_port), Some(0));
+            assert_eq!(reach(k.ssh_port), Some(0));
+        },
+    );
     steps.run("the disk grows on the running VM", || {
         let before = root_mib(&k);
         let out = k.exec_ok("resize box --disk 4G");

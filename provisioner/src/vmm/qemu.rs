@@ -31,6 +31,9 @@ pub enum Accel {
 pub struct Qemu {
     pub binary: PathBuf,
     pub accel: Accel,
+    /// The group QEMU runs in, which the host guard's rules name
+    /// ([`crate::hostguard`]); `None`: unguarded.
+    pub guest_gid: Option<u32>,
 }
 
 /// The guest network user-mode networking presents.
@@ -196,19 +199,22 @@ impl Vmm for Qemu {
         let program = self.binary.display().to_string();
         // -daemonize: the parent returns once the VM is set up (or failed),
         // and the daemon is nobody's child, so it outlives Kennel.
-        let out = tokio::process::Command::new(&self.binary)
-            .args(self.argv(m))
+        let mut cmd = tokio::process::Command::new(&self.binary);
+        cmd.args(self.argv(m))
             .arg("-daemonize")
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(std::process::Stdio::piped())
-            .process_group(0)
-            .output()
-            .await
-            .map_err(|source| VmmError::Spawn {
-                program: program.clone(),
-                source,
-            })?;
+            .process_group(0);
+        if let Some(gid) = self.guest_gid {
+            // Its sockets carry this group: the host guard keeps what the
+            // guest connects to off the host's own services.
+            cmd.gid(gid);
+        }
+        let out = cmd.output().await.map_err(|source| VmmError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         if !stderr.is_empty() {
             use std::io::Write;
@@ -386,6 +392,7 @@ mod tests {
         let q = Qemu {
             binary: "qemu-system-x86_64".into(),
             accel: Accel::Tcg,
+            guest_gid: None,
         };
         let s = joined(
             &q,
@@ -430,6 +437,7 @@ mod tests {
         let q = Qemu {
             binary: "qemu-system-x86_64".into(),
             accel: Accel::Kvm,
+            guest_gid: None,
         };
         let s = joined(
             &q,

@@ -325,6 +325,16 @@ impl Drop for Kennel {
             }
         }
         self.kill_serve("-TERM");
+        // Its host guard's table (nothing else of this test uses it now).
+        let gid = kennel_provisioner::hostguard::guest_gid(&self.dir.join("kennel-data"));
+        let _ = Command::new("nft")
+            .args([
+                "delete",
+                "table",
+                "inet",
+                &kennel_provisioner::hostguard::table(gid),
+            ])
+            .output();
     }
 }
 

@@ -1,0 +1,108 @@
+//! Keeps guests off the host's own services.
+//!
+//! In QEMU's user-mode networking a guest reaches the host's loopback at
+//! `10.0.2.2`: every service bound to `127.0.0.1` (Kennel's metrics, a
+//! database, Synapse, an admin UI) and, through the host's other
+//! addresses, everything listening there. What a guest connects to, QEMU
+//! connects to from the host, so the rule sits on QEMU's own traffic:
+//! Kennel starts QEMU with a group of its own ([`guest_gid`], one per data
+//! directory, so two Kennels on a host keep their rules apart), and an
+//! nftables table drops new connections from sockets of that group to any
+//! of the host's local addresses, except Kennel's gateways (and DNS, which
+//! QEMU forwards to the host's resolver, possibly on loopback). Replies on
+//! connections the host opened to the VM (its forwarded sshd and app) are
+//! established traffic and pass. Outbound traffic to other hosts is not
+//! touched (that is the egress policy's).
+//!
+//! Needs root (to load the table and to start QEMU in that group); without
+//! it Kennel runs unguarded and says so (`kennel doctor`, the log).
+
+use std::path::Path;
+
+use crate::process::{Cmd, Runner};
+
+/// The group QEMU runs in for the Kennel whose data directory is
+/// `data_dir`: `0x4b00_0000` plus 16 bits of a hash of its path.
+pub fn guest_gid(data_dir: &Path) -> u32 {
+    // FNV-1a: stable across runs and builds (not a security boundary).
+    let mut h: u32 = 0x811c_9dc5;
+    for b in data_dir.as_os_str().as_encoded_bytes() {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    0x4b00_0000 | (h & 0xffff)
+}
+
+/// The nftables table name for `gid`.
+pub fn table(gid: u32) -> String {
+    format!("kennel_guard_{gid:x}")
+}
+
+/// The nft script: the table made anew, allowing `tcp_ports` (Kennel's
+/// gateways) and DNS on the host's addresses, refusing the rest at once
+/// (a reset, so nothing in the guest waits for a timeout).
+pub fn script(gid: u32, tcp_ports: &[u16]) -> String {
+    let t = table(gid);
+    let mut ports: Vec<String> = tcp_ports.iter().map(ToString::to_string).collect();
+    ports.sort();
+    ports.dedup();
+    let allow = if ports.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "    meta skgid {gid} fib daddr type local tcp dport {{ {} }} accept\n",
+            ports.join(", ")
+        )
+    };
+    format!(
+        "table inet {t}\ndelete table inet {t}\ntable inet {t} {{\n  chain output {{\n    type filter hook output priority filter; policy accept;\n    ct state established,related accept\n    meta skgid {gid} fib daddr type local meta l4proto {{ tcp, udp }} th dport 53 accept\n{allow}    meta skgid {gid} fib daddr type local meta l4proto tcp reject with tcp reset\n    meta skgid {gid} fib daddr type local drop\n  }}\n}}\n"
+    )
+}
+
+/// Loads the guard for the Kennel of `data_dir` (written to
+/// `<data_dir>/host-guard.nft` first, for operators to read); returns the
+/// group QEMU must run in. `Err` says why there is none.
+pub fn install(runner: &dyn Runner, data_dir: &Path, tcp_ports: &[u16]) -> Result<u32, String> {
+    if !rustix::process::geteuid().is_root() {
+        return Err("Kennel does not run as root, so it cannot load nftables rules".into());
+    }
+    let gid = guest_gid(data_dir);
+    let file = data_dir.join("host-guard.nft");
+    std::fs::write(&file, script(gid, tcp_ports))
+        .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+    runner
+        .run(&Cmd::new("nft").arg("-f").arg(&file))
+        .map_err(|e| format!("nft could not load {}: {e}", file.display()))?;
+    Ok(gid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_group_per_data_dir_and_the_rule_names_it() {
+        let a = guest_gid(Path::new("/var/lib/kennel"));
+        let b = guest_gid(Path::new("/srv/other-kennel"));
+        assert_ne!(a, b);
+        assert_eq!(a >> 16, 0x4b00);
+        assert_eq!(a, guest_gid(Path::new("/var/lib/kennel")));
+        let s = script(a, &[8443, 2222, 2222]);
+        assert!(
+            s.contains(&format!(
+                "meta skgid {a} fib daddr type local tcp dport {{ 2222, 8443 }} accept"
+            )),
+            "{s}"
+        );
+        assert!(s.contains("ct state established,related accept"), "{s}");
+        assert!(s.contains("reject with tcp reset"), "{s}");
+        assert!(
+            s.starts_with(&format!(
+                "table inet {}\ndelete table inet {}\n",
+                table(a),
+                table(a)
+            )),
+            "{s}"
+        );
+    }
+}
