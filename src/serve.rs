@@ -55,6 +55,13 @@ pub async fn run(config: &Config) -> Result<()> {
     let (exec, local) = wiring::executor(config, store)?;
     match &local {
         Some(p) => {
+            // VMs adopted below are guarded from now on too (new ones
+            // load the guard before they boot).
+            let has_vms =
+                std::fs::read_dir(dir.root().join("vms")).is_ok_and(|mut d| d.next().is_some());
+            if has_vms {
+                p.guard_host().await;
+            }
             wiring::reconcile(&exec, p, config.vm.autostart).await?;
             tracing::info!(backend = %p.describe(), "provisioner ready");
         }

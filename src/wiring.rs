@@ -63,20 +63,15 @@ pub fn provisioner(config: &Config, store: &Store) -> Result<Arc<LocalProvisione
     let host = Host::real();
     let data_dir = std::path::absolute(&config.data_dir).map_err(|e| e.to_string())?;
     // Guests reach Kennel's gateways on the host, and no other service of
-    // the host's (docs/networking.md).
-    let _ = std::fs::create_dir_all(&data_dir);
-    let guard = kennel_provisioner::hostguard::install(
-        &SystemRunner,
-        &data_dir,
-        &[config.ssh.listen.port(), config.https.listen.port()],
-    );
-    let guest_gid = match guard {
-        Ok(gid) => Some(gid),
-        Err(e) => {
-            tracing::warn!(error = %e, "guests can reach services on this host's loopback (10.0.2.2) and addresses");
-            None
-        }
-    };
+    // the host's (docs/networking.md): QEMU runs in a group of its own
+    // (only root may start it so), whose rules load before the first boot.
+    let host_guard = rustix::process::geteuid().is_root().then(|| {
+        (
+            kennel_provisioner::hostguard::guest_gid(&data_dir),
+            vec![config.ssh.listen.port(), config.https.listen.port()],
+        )
+    });
+    let guest_gid = host_guard.as_ref().map(|(gid, _)| *gid);
     let (vmm, network) = select(config.vm.backend, config.vm.network, &host, guest_gid)
         .map_err(|e| e.to_string())?;
     let virtiofsd = Virtiofsd::detect(&host).ok_or(
@@ -96,6 +91,7 @@ pub fn provisioner(config: &Config, store: &Store) -> Result<Arc<LocalProvisione
         default_owner: config.default_owner().map_err(|e| e.to_string())?,
         online: config.vm.online,
         git_allow_private_hosts: config.git.allow_private_hosts.clone(),
+        host_guard,
     };
     Ok(Arc::new(LocalProvisioner::new(
         settings,

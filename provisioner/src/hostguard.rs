@@ -67,6 +67,8 @@ pub fn install(runner: &dyn Runner, data_dir: &Path, tcp_ports: &[u16]) -> Resul
         return Err("Kennel does not run as root, so it cannot load nftables rules".into());
     }
     let gid = guest_gid(data_dir);
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| format!("cannot make {}: {e}", data_dir.display()))?;
     let file = data_dir.join("host-guard.nft");
     std::fs::write(&file, script(gid, tcp_ports))
         .map_err(|e| format!("cannot write {}: {e}", file.display()))?;

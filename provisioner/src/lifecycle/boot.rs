@@ -163,6 +163,7 @@ impl LocalProvisioner {
         let offset = std::fs::metadata(&m.console_log)
             .map(|md| md.len())
             .unwrap_or(0);
+        self.guard_host().await;
         if let Err(e) = self.vmm.boot(m).await {
             boot_failed("vmm_start");
             Virtiofsd::stop(&dir.join("virtiofsd.pid"), &m.virtiofs_socket).await;

@@ -73,6 +73,10 @@ pub struct Settings {
     /// Hosts members may clone from although they are private
     /// (`git.allow_private_hosts`).
     pub git_allow_private_hosts: Vec<String>,
+    /// Keep guests off the host's own services: QEMU's group and the
+    /// host's ports guests may reach (Kennel's gateways); loaded before
+    /// the first boot ([`crate::hostguard`]). `None`: unguarded.
+    pub host_guard: Option<(u32, Vec<u16>)>,
 }
 
 /// What Kennel remembers about a VM, in `vms/<name>/vm.json`.
@@ -117,6 +121,9 @@ pub struct LocalProvisioner {
     store: Store,
     runner: Arc<dyn Runner>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Whether the host guard was loaded (once per process, before the
+    /// first boot).
+    guard_loaded: tokio::sync::OnceCell<()>,
 }
 
 impl std::fmt::Debug for LocalProvisioner {
@@ -183,6 +190,7 @@ impl LocalProvisioner {
             store,
             runner,
             locks: Mutex::new(HashMap::new()),
+            guard_loaded: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -196,6 +204,29 @@ impl LocalProvisioner {
     /// The backend's description.
     pub fn describe(&self) -> String {
         self.vmm.describe()
+    }
+
+    /// Loads the host guard if it is configured and not loaded yet; a
+    /// failure is logged, and the VM boots unguarded.
+    pub async fn guard_host(&self) {
+        let Some((_, ports)) = self.s.host_guard.clone() else {
+            return;
+        };
+        self.guard_loaded
+            .get_or_init(|| async {
+                let dir = self.s.data_dir.clone();
+                let runner = self.runner.clone();
+                let loaded = tokio::task::spawn_blocking(move || {
+                    crate::hostguard::install(runner.as_ref(), &dir, &ports)
+                })
+                .await;
+                match loaded {
+                    Ok(Ok(gid)) => tracing::info!(gid, "guests are kept off the host's own services"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "guests can reach services on this host's loopback (10.0.2.2) and addresses"),
+                    Err(e) => tracing::warn!(error = %e, "could not load the host guard"),
+                }
+            })
+            .await;
     }
 
     fn vm_dir(&self, name: &str) -> PathBuf {

@@ -282,6 +282,7 @@ fn rig() -> Rig {
         default_owner: (uid, gid),
         online: false,
         git_allow_private_hosts: Vec::new(),
+        host_guard: None,
     };
     let store = Store::open_in_memory().unwrap();
     let (vmm, fs, runner) = (
