@@ -139,6 +139,8 @@ fn slash_line(cmd: &CommandInteraction) -> String {
     let mut line = match cmd.data.name.as_str() {
         "new" => "new project".to_owned(),
         "request-access" => "request-access".to_owned(),
+        "link" => "share".to_owned(),
+        "domain" => "domain add".to_owned(),
         other => other.to_owned(),
     };
     let mut push = |s: &str| {
@@ -184,6 +186,39 @@ fn slash_line(cmd: &CommandInteraction) -> String {
             }
             if let Some(n) = opt(cmd, "note") {
                 line.push_str(&format!(" --note {}", quote(&n)));
+            }
+        }
+        "run" => {
+            if let Some(n) = opt(cmd, "name") {
+                push(&n);
+            }
+            if let Some(t) = opt(cmd, "timeout") {
+                line.push_str(&format!(" --timeout {}", quote(&t)));
+            }
+            // The command as typed: its words are its own.
+            if let Some(c) = opt(cmd, "command") {
+                line.push(' ');
+                line.push_str(&c);
+            }
+        }
+        "resize" | "link" => {
+            if let Some(n) = opt(cmd, "name") {
+                push(&n);
+            }
+            if cmd.data.name == "link" {
+                line.push_str(" --link");
+            }
+            for flag in ["cpus", "memory", "disk", "port", "expires", "note"] {
+                if let Some(v) = opt(cmd, flag) {
+                    line.push_str(&format!(" --{flag} {}", quote(&v)));
+                }
+            }
+        }
+        "domain" => {
+            for o in ["name", "host"] {
+                if let Some(v) = opt(cmd, o) {
+                    push(&v);
+                }
             }
         }
         "request-access" => {
@@ -288,6 +323,69 @@ fn commands() -> Vec<CreateCommand> {
             .add_option(
                 CreateCommandOption::new(CommandOptionType::String, "label", "The checkpoint")
                     .required(true),
+            ),
+        CreateCommand::new("run")
+            .description("Run a command in a project's VM (as dev, in /workspace)")
+            .add_option(name("Project name"))
+            .add_option(
+                CreateCommandOption::new(
+                    CommandOptionType::String,
+                    "command",
+                    "The command, e.g. cargo test --release",
+                )
+                .required(true),
+            )
+            .add_option(CreateCommandOption::new(
+                CommandOptionType::String,
+                "timeout",
+                "Stop it after this long (default 10m)",
+            )),
+        CreateCommand::new("resize")
+            .description("Change a project's CPUs, memory or disk (disks only grow)")
+            .add_option(name("Project name"))
+            .add_option(CreateCommandOption::new(
+                CommandOptionType::String,
+                "cpus",
+                "Virtual CPUs",
+            ))
+            .add_option(CreateCommandOption::new(
+                CommandOptionType::String,
+                "memory",
+                "Memory, e.g. 4G",
+            ))
+            .add_option(CreateCommandOption::new(
+                CommandOptionType::String,
+                "disk",
+                "Disk, e.g. 30G",
+            )),
+        CreateCommand::new("link")
+            .description("A one-use link to a project's web app for someone without an account")
+            .add_option(name("Project name"))
+            .add_option(CreateCommandOption::new(
+                CommandOptionType::String,
+                "port",
+                "Only this port's site",
+            ))
+            .add_option(CreateCommandOption::new(
+                CommandOptionType::String,
+                "expires",
+                "How long it works (default 7d)",
+            ))
+            .add_option(CreateCommandOption::new(
+                CommandOptionType::String,
+                "note",
+                "Who it is for",
+            )),
+        CreateCommand::new("domain")
+            .description("Serve a project's app at a host name of yours (its DNS must point here)")
+            .add_option(name("Project name"))
+            .add_option(
+                CreateCommandOption::new(
+                    CommandOptionType::String,
+                    "host",
+                    "The host name, e.g. app.example.com",
+                )
+                .required(true),
             ),
         CreateCommand::new("request-access")
             .description("Ask an admin for access with your SSH public key")
@@ -870,6 +968,10 @@ mod tests {
                 "status" | "ssh" | "rm" | "checkpoint" | "checkpoints" => format!("{name} a"),
                 "rollback" => "rollback a c1".to_owned(),
                 "tag" | "untag" => format!("{name} a web team-x"),
+                "run" => "run a ls".to_owned(),
+                "resize" => "resize a --cpus 2".to_owned(),
+                "link" => "share a --link".to_owned(),
+                "domain" => "domain add a app.example.com".to_owned(),
                 "request-access" => {
                     format!(
                         "request-access {}",

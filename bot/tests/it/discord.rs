@@ -457,6 +457,34 @@ async fn discord_bot_against_a_fake_discord() {
         "{seen:?}"
     );
 
+    // /run runs the command as typed (its words its own) and answers
+    // with the output and the exit code; /link answers with the link.
+    exec.set_guest_shell(Arc::new(EchoGuest));
+    let from = d.calls().len();
+    let (_, token) = d
+        .slash(
+            &ann,
+            CHANNEL,
+            "run",
+            &[("name", "myapp"), ("command", "echo hi --there")],
+        )
+        .await;
+    let (seen, _) = final_edit(&d, from, &token).await;
+    let ran = seen.last().unwrap();
+    assert!(ran.contains("guest says: echo hi --there"), "{seen:?}");
+    assert!(ran.contains("exited with 0"), "{seen:?}");
+    let from = d.calls().len();
+    let (_, token) = d
+        .slash(
+            &ann,
+            CHANNEL,
+            "link",
+            &[("name", "myapp"), ("note", "for carol")],
+        )
+        .await;
+    let (seen, _) = final_edit(&d, from, &token).await;
+    assert!(seen.last().unwrap().contains("/__kennel/link/"), "{seen:?}");
+
     // /rm asks with a button; the click destroys.
     let from = d.calls().len();
     let (id, _) = d.slash(&ann, CHANNEL, "rm", &[("name", "myapp")]).await;
@@ -483,4 +511,22 @@ async fn discord_bot_against_a_fake_discord() {
         .unwrap()
         .unwrap()
         .unwrap();
+}
+
+/// A guest that answers `run` by printing its words.
+#[derive(Debug)]
+struct EchoGuest;
+
+#[async_trait::async_trait]
+impl kennel_core::guest::GuestShell for EchoGuest {
+    async fn run(
+        &self,
+        _project: &kennel_core::names::ProjectName,
+        job: &kennel_core::guest::GuestJob,
+        out: &dyn kennel_core::guest::OutputSink,
+        _stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<kennel_core::guest::RunEnd, kennel_core::guest::GuestError> {
+        out.output(format!("guest says: {}\n", job.argv.join(" ")).as_bytes());
+        Ok(kennel_core::guest::RunEnd::Exited(0))
+    }
 }
