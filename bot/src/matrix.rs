@@ -38,6 +38,9 @@ use tracing::Instrument;
 use crate::config::MatrixConfig;
 use crate::desk::{self, Desk, Parsed};
 
+/// The file name of a share link's QR code image.
+pub const QR_FILE: &str = "kennel-link-qr.png";
+
 /// Messages one sync hands over per room. Synapse's default is 10: of a
 /// burst of more between two syncs (a paste, a script, 20 people at once
 /// in a room) all but the last ten would never be seen, nor answered.
@@ -625,6 +628,28 @@ impl MatrixBot {
             self.lock()
                 .asked_in
                 .insert(request.id, room.room_id().to_owned());
+        }
+        // A share link: its QR code too, for a phone to scan.
+        if let Ok(Reply::LinkCreated { url, .. }) = &outcome {
+            self.send_qr(&room, url).await;
+        }
+    }
+
+    /// Posts a QR code of `url` as an image.
+    async fn send_qr(&self, room: &Room, url: &str) {
+        let Some(png) = kennel_core::qr::png(url, 6) else {
+            return;
+        };
+        let sent = room
+            .send_attachment(
+                QR_FILE,
+                &mime::IMAGE_PNG,
+                png,
+                matrix_sdk::attachment::AttachmentConfig::new(),
+            )
+            .await;
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, "could not post the link's QR code");
         }
     }
 

@@ -28,6 +28,39 @@ pub fn modules(data: &str) -> Option<(usize, Vec<bool>)> {
     Some((width, dark))
 }
 
+/// A QR code of `data` as a PNG: `scale` pixels per module, a 4-module
+/// quiet zone, black on white.
+pub fn png(data: &str, scale: usize) -> Option<Vec<u8>> {
+    let (width, dark) = modules(data)?;
+    let scale = scale.max(1);
+    let quiet = 4;
+    let side = (width + 2 * quiet) * scale;
+    let mut pixels = vec![255u8; side * side];
+    for (i, d) in dark.iter().enumerate() {
+        if !*d {
+            continue;
+        }
+        let (mx, my) = (i % width + quiet, i / width + quiet);
+        for y in my * scale..(my + 1) * scale {
+            for x in mx * scale..(mx + 1) * scale {
+                if let Some(px) = pixels.get_mut(y * side + x) {
+                    *px = 0;
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    {
+        let side = u32::try_from(side).ok()?;
+        let mut enc = ::png::Encoder::new(&mut out, side, side);
+        enc.set_color(::png::ColorType::Grayscale);
+        enc.set_depth(::png::BitDepth::Eight);
+        let mut w = enc.write_header().ok()?;
+        w.write_image_data(&pixels).ok()?;
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -41,5 +74,7 @@ mod tests {
         let t = super::text(&url).unwrap();
         assert!(t.lines().count() > w / 2);
         assert!(super::text(&"x".repeat(10_000)).is_none());
+        let png = super::png(&url, 4).unwrap();
+        assert_eq!(png.get(1..4), Some(&b"PNG"[..]));
     }
 }

@@ -2,7 +2,8 @@
 //! Matrix bot logged in to a real Synapse, a person DMs `new project`,
 //! watches the progress message being edited into the final answer, and
 //! the VM it names answers over SSH with /workspace mounted, and `run`
-//! in it answers in the chat with the output and the exit code.
+//! in it answers in the chat with the output and the exit code, and a
+//! share link comes with its QR code as an image.
 //!
 //! Needs what `tests/e2e/vm.rs` needs plus Synapse (scripts/install-deps.sh
 //! test). Features `vm-tests` and `matrix`.
@@ -81,6 +82,23 @@ async fn new_project_from_matrix_on_a_real_guest() {
         .await;
     assert!(answer.body.contains("hi-from-the-guest"), "{}", answer.body);
     let _ = asked;
+
+    // A share link in the DM: the URL, then its QR code as an image.
+    ann.say(&dm, "share hello --link --note for-carol").await;
+    let link = ann
+        .wait_for("the share link", |s| {
+            s.sender == bot && s.body.contains("/__kennel/link/")
+        })
+        .await;
+    assert!(
+        link.body.contains("https://hello.localhost:"),
+        "{}",
+        link.body
+    );
+    ann.wait_for("the link's QR code", |s| {
+        s.sender == bot && s.body == kennel_bot::matrix::QR_FILE
+    })
+    .await;
     drop(out.1);
     drop(hs);
 }

@@ -921,32 +921,11 @@ impl kennel_core::provision::ProgressSink for TextSink {
     }
 }
 
-/// A QR code of `data` as a PNG (one pixel per module, a 4-module quiet
-/// zone; the page scales it up), base64 for a `data:` URL.
+/// A QR code of `data` as a PNG (one pixel per module; the page scales
+/// it up), base64 for a `data:` URL.
 fn qr_png(data: &str) -> Option<String> {
     use base64::Engine;
-    let (width, dark) = kennel_core::qr::modules(data)?;
-    let quiet = 4;
-    let side = width + 2 * quiet;
-    let mut pixels = vec![255u8; side * side];
-    for (i, d) in dark.iter().enumerate() {
-        if *d {
-            let (x, y) = (i % width + quiet, i / width + quiet);
-            if let Some(px) = pixels.get_mut(y * side + x) {
-                *px = 0;
-            }
-        }
-    }
-    let mut out = Vec::new();
-    {
-        let side = u32::try_from(side).ok()?;
-        let mut enc = png::Encoder::new(&mut out, side, side);
-        enc.set_color(png::ColorType::Grayscale);
-        enc.set_depth(png::BitDepth::Eight);
-        let mut w = enc.write_header().ok()?;
-        w.write_image_data(&pixels).ok()?;
-    }
-    Some(base64::engine::general_purpose::STANDARD.encode(out))
+    kennel_core::qr::png(data, 1).map(|png| base64::engine::general_purpose::STANDARD.encode(png))
 }
 
 /// `/static/dash.css`.
