@@ -86,17 +86,32 @@ pub fn guest_config(a: &NetAttach) -> (String, String, String) {
     }
 }
 
-/// The nftables ruleset for the bridge: NAT out, no routing between VMs.
-pub fn nft_ruleset(b: &Bridge) -> String {
+/// The nftables ruleset for the bridge: NAT out, no routing between VMs,
+/// and guests kept off the host's own services: from the bridge, only
+/// Kennel's gateways (`host_ports`) and DNS on the host's addresses, and
+/// replies to what the host opened (its SSH into the VMs).
+pub fn nft_ruleset(b: &Bridge, host_ports: &[u16]) -> String {
+    let mut ports: Vec<String> = host_ports.iter().map(ToString::to_string).collect();
+    ports.sort();
+    ports.dedup();
+    let allow = if ports.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "    iifname \"{n}\" tcp dport {{ {} }} accept\n",
+            ports.join(", "),
+            n = b.name
+        )
+    };
     format!(
-        "table inet kennel {{}}\ndelete table inet kennel\ntable inet kennel {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    ip saddr {p}.0/24 oifname != \"{n}\" masquerade\n  }}\n  chain forward {{\n    type filter hook forward priority filter; policy accept;\n    iifname \"{n}\" oifname \"{n}\" drop\n  }}\n}}\n",
+        "table inet kennel {{}}\ndelete table inet kennel\ntable inet kennel {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    ip saddr {p}.0/24 oifname != \"{n}\" masquerade\n  }}\n  chain forward {{\n    type filter hook forward priority filter; policy accept;\n    iifname \"{n}\" oifname \"{n}\" drop\n  }}\n  chain input {{\n    type filter hook input priority filter; policy accept;\n    iifname \"{n}\" ct state established,related accept\n    iifname \"{n}\" meta l4proto {{ tcp, udp }} th dport 53 accept\n{allow}    iifname \"{n}\" meta l4proto tcp reject with tcp reset\n    iifname \"{n}\" drop\n  }}\n}}\n",
         p = b.prefix,
         n = b.name
     )
 }
 
 /// Creates the bridge (idempotent) and installs the nftables rules.
-pub fn ensure_bridge(runner: &dyn Runner, b: &Bridge) -> Result<(), RunError> {
+pub fn ensure_bridge(runner: &dyn Runner, b: &Bridge, host_ports: &[u16]) -> Result<(), RunError> {
     let exists = runner
         .run(&Cmd::new("ip").args(["link", "show", "dev", &b.name]))
         .is_ok();
@@ -113,7 +128,7 @@ pub fn ensure_bridge(runner: &dyn Runner, b: &Bridge) -> Result<(), RunError> {
     runner.run(&Cmd::new("ip").args(["link", "set", "dev", &b.name, "up"]))?;
     runner.run(&Cmd::new("sysctl").args(["-q", "-w", "net.ipv4.ip_forward=1"]))?;
     let rules = std::env::temp_dir().join(format!("kennel-nft-{}.conf", std::process::id()));
-    std::fs::write(&rules, nft_ruleset(b)).map_err(|source| RunError::Spawn {
+    std::fs::write(&rules, nft_ruleset(b, host_ports)).map_err(|source| RunError::Spawn {
         program: "nft".into(),
         source,
     })?;
@@ -175,7 +190,15 @@ mod tests {
             calls.contains("bridge link set dev kt7 isolated on"),
             "{calls}"
         );
-        assert!(nft_ruleset(&Bridge::default())
-            .contains("iifname \"kennel0\" oifname \"kennel0\" drop"));
+        let rules = nft_ruleset(&Bridge::default(), &[8443, 2222]);
+        assert!(rules.contains("iifname \"kennel0\" oifname \"kennel0\" drop"));
+        assert!(
+            rules.contains("iifname \"kennel0\" tcp dport { 2222, 8443 } accept"),
+            "{rules}"
+        );
+        assert!(
+            rules.contains("iifname \"kennel0\" ct state established,related accept"),
+            "{rules}"
+        );
     }
 }

@@ -180,6 +180,33 @@ fn bridge_mode_isolates_vms_in_a_namespace() {
         !String::from_utf8_lossy(&out.stdout).contains("REACHED"),
         "bra reached brb"
     );
+    // The host's own services are out of reach from the bridge, but for
+    // Kennel's gateways: a listener on another port, and one on the
+    // HTTPS gateway's port, both on all the host's addresses.
+    let listen = |port: u16| {
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0, "python3", "-c"])
+            .arg(format!(
+                "import socket, time\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('0.0.0.0', {port}))\ns.listen()\ntime.sleep(60)"
+            ))
+            .spawn()
+            .unwrap()
+    };
+    let mut other = listen(17777);
+    let mut gateway = listen(k.https_port);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let reach = |port: u16| {
+        let out = k.ssh(
+            "bra",
+            &format!("timeout 3 bash -c '</dev/tcp/10.90.0.1/{port}' && echo REACHED"),
+        );
+        String::from_utf8_lossy(&out.stdout).contains("REACHED")
+    };
+    let (to_other, to_gateway) = (reach(17777), reach(k.https_port));
+    let _ = (other.kill(), gateway.kill());
+    let _ = (other.wait(), gateway.wait());
+    assert!(!to_other, "a guest reached a host service on the bridge");
+    assert!(to_gateway, "a guest could not reach Kennel's HTTPS gateway");
     let links = Command::new("ip")
         .args(["netns", "exec", &ns.0, "bridge", "-d", "link"])
         .output()

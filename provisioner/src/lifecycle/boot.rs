@@ -137,8 +137,14 @@ impl LocalProvisioner {
         if let NetAttach::Tap { tap, .. } = &m.net {
             if let NetworkMode::Bridge(b) = &self.s.network {
                 let (b, tap) = (b.clone(), tap.clone());
+                let ports = self
+                    .s
+                    .host_guard
+                    .as_ref()
+                    .map(|(_, p)| p.clone())
+                    .unwrap_or_default();
                 self.blocking(Stage::Booting, move |runner| {
-                    net::ensure_bridge(runner, &b).map_err(|e| e.to_string())?;
+                    net::ensure_bridge(runner, &b, &ports).map_err(|e| e.to_string())?;
                     net::create_tap(runner, &b, &tap).map_err(|e| e.to_string())
                 })
                 .await?;
