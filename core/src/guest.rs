@@ -74,7 +74,7 @@ type Switch = (u64, watch::Sender<bool>);
 /// The commands running now, per project, each with its stop switch.
 #[derive(Debug, Default)]
 pub(crate) struct Running {
-    next: Mutex<u64>,
+    next: std::sync::atomic::AtomicU64,
     by_project: Mutex<HashMap<ProjectName, Vec<Switch>>>,
 }
 
@@ -90,14 +90,7 @@ pub(crate) struct RunTicket<'a> {
 impl Running {
     /// Records a run in `project`.
     pub(crate) fn enter(&self, project: &ProjectName) -> RunTicket<'_> {
-        let id = {
-            let mut n = self
-                .next
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            *n += 1;
-            *n
-        };
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (tx, rx) = watch::channel(false);
         self.by_project
             .lock()
@@ -192,6 +185,33 @@ impl Tail {
             self.keep(line);
         }
         (self.lines.into(), self.cut)
+    }
+}
+
+/// A guest for tests of the front ends: prints `guest says: WORDS`, and
+/// exits 3 for `false`, 0 otherwise.
+#[cfg(any(test, feature = "testing"))]
+#[derive(Debug, Default)]
+pub struct EchoGuest;
+
+#[cfg(any(test, feature = "testing"))]
+#[async_trait]
+impl GuestShell for EchoGuest {
+    async fn run(
+        &self,
+        _project: &ProjectName,
+        job: &GuestJob,
+        out: &dyn OutputSink,
+        _stop: watch::Receiver<bool>,
+    ) -> Result<RunEnd, GuestError> {
+        out.output(format!("guest says: {}\n", job.argv.join(" ")).as_bytes());
+        Ok(RunEnd::Exited(
+            if job.argv.first().map(String::as_str) == Some("false") {
+                3
+            } else {
+                0
+            },
+        ))
     }
 }
 

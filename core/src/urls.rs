@@ -63,6 +63,11 @@ impl Urls {
         )
     }
 
+    /// `https://HOST[:PORT]`: a project's app at a custom domain.
+    pub fn custom_domain(&self, host: &str) -> String {
+        format!("https://{host}{}", https_port_suffix(self.https_port))
+    }
+
     /// A share link: redeemed on the project's (port's) own host.
     pub fn share_link(&self, name: &ProjectName, port: Option<u16>, token: &str) -> String {
         format!(

@@ -43,20 +43,24 @@ pub fn table(gid: u32) -> String {
 /// (a reset, so nothing in the guest waits for a timeout).
 pub fn script(gid: u32, tcp_ports: &[u16]) -> String {
     let t = table(gid);
-    let mut ports: Vec<String> = tcp_ports.iter().map(ToString::to_string).collect();
-    ports.sort();
-    ports.dedup();
-    let allow = if ports.is_empty() {
-        String::new()
-    } else {
-        format!(
-            "    meta skgid {gid} fib daddr type local tcp dport {{ {} }} accept\n",
-            ports.join(", ")
-        )
-    };
+    let allow = port_set(tcp_ports)
+        .map(|set| format!("    meta skgid {gid} fib daddr type local tcp dport {set} accept\n"))
+        .unwrap_or_default();
     format!(
         "table inet {t}\ndelete table inet {t}\ntable inet {t} {{\n  chain output {{\n    type filter hook output priority filter; policy accept;\n    ct state established,related accept\n    meta skgid {gid} fib daddr type local meta l4proto {{ tcp, udp }} th dport 53 accept\n{allow}    meta skgid {gid} fib daddr type local meta l4proto tcp reject with tcp reset\n    meta skgid {gid} fib daddr type local drop\n  }}\n}}\n"
     )
+}
+
+/// Ports as an nft set (`{ 2222, 8443 }`), sorted, each once; `None`
+/// for none.
+pub fn port_set(ports: &[u16]) -> Option<String> {
+    let mut ports = ports.to_vec();
+    ports.sort_unstable();
+    ports.dedup();
+    (!ports.is_empty()).then(|| {
+        let list: Vec<String> = ports.iter().map(ToString::to_string).collect();
+        format!("{{ {} }}", list.join(", "))
+    })
 }
 
 /// Loads the guard for the Kennel of `data_dir` (written to

@@ -91,18 +91,9 @@ pub fn guest_config(a: &NetAttach) -> (String, String, String) {
 /// Kennel's gateways (`host_ports`) and DNS on the host's addresses, and
 /// replies to what the host opened (its SSH into the VMs).
 pub fn nft_ruleset(b: &Bridge, host_ports: &[u16]) -> String {
-    let mut ports: Vec<String> = host_ports.iter().map(ToString::to_string).collect();
-    ports.sort();
-    ports.dedup();
-    let allow = if ports.is_empty() {
-        String::new()
-    } else {
-        format!(
-            "    iifname \"{n}\" tcp dport {{ {} }} accept\n",
-            ports.join(", "),
-            n = b.name
-        )
-    };
+    let allow = crate::hostguard::port_set(host_ports)
+        .map(|set| format!("    iifname \"{}\" tcp dport {set} accept\n", b.name))
+        .unwrap_or_default();
     format!(
         "table inet kennel {{}}\ndelete table inet kennel\ntable inet kennel {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    ip saddr {p}.0/24 oifname != \"{n}\" masquerade\n  }}\n  chain forward {{\n    type filter hook forward priority filter; policy accept;\n    iifname \"{n}\" oifname \"{n}\" drop\n  }}\n  chain input {{\n    type filter hook input priority filter; policy accept;\n    iifname \"{n}\" ct state established,related accept\n    iifname \"{n}\" meta l4proto {{ tcp, udp }} th dport 53 accept\n{allow}    iifname \"{n}\" meta l4proto tcp reject with tcp reset\n    iifname \"{n}\" drop\n  }}\n}}\n",
         p = b.prefix,

@@ -459,7 +459,7 @@ async fn discord_bot_against_a_fake_discord() {
 
     // /run runs the command as typed (its words its own) and answers
     // with the output and the exit code; /link answers with the link.
-    exec.set_guest_shell(Arc::new(EchoGuest));
+    exec.set_guest_shell(Arc::new(kennel_core::guest::EchoGuest));
     let from = d.calls().len();
     let (_, token) = d
         .slash(
@@ -511,22 +511,4 @@ async fn discord_bot_against_a_fake_discord() {
         .unwrap()
         .unwrap()
         .unwrap();
-}
-
-/// A guest that answers `run` by printing its words.
-#[derive(Debug)]
-struct EchoGuest;
-
-#[async_trait::async_trait]
-impl kennel_core::guest::GuestShell for EchoGuest {
-    async fn run(
-        &self,
-        _project: &kennel_core::names::ProjectName,
-        job: &kennel_core::guest::GuestJob,
-        out: &dyn kennel_core::guest::OutputSink,
-        _stop: tokio::sync::watch::Receiver<bool>,
-    ) -> Result<kennel_core::guest::RunEnd, kennel_core::guest::GuestError> {
-        out.output(format!("guest says: {}\n", job.argv.join(" ")).as_bytes());
-        Ok(kennel_core::guest::RunEnd::Exited(0))
-    }
 }

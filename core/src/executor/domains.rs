@@ -21,13 +21,6 @@ impl Executor {
         let _ = self.dns.set(dns);
     }
 
-    fn domain_url(&self, host: &str) -> String {
-        format!(
-            "https://{host}{}",
-            crate::urls::https_port_suffix(self.settings().https_port)
-        )
-    }
-
     /// `domain add NAME HOST`.
     pub(super) async fn domain_add(
         &self,
@@ -103,7 +96,7 @@ impl Executor {
         Ok(Reply::DomainAdded {
             project: name.to_string(),
             host: host.to_owned(),
-            url: self.domain_url(host),
+            url: self.settings().urls().custom_domain(host),
             pending: !admin,
         })
     }
@@ -124,7 +117,7 @@ impl Executor {
             (Some((project, _)), true) => Ok(Reply::DomainApproved {
                 project: project.to_string(),
                 host: host.to_owned(),
-                url: self.domain_url(host),
+                url: self.settings().urls().custom_domain(host),
             }),
             (Some((project, _)), false) => Err(CommandError::Conflict(format!(
                 "{host} is approved already; {project} is served there"

@@ -143,8 +143,20 @@ impl Inner {
         } else {
             html.push_str("<div class=\"projects\">");
             for p in &projects {
-                let links = self.links_of(user, p).await;
-                let domains = self.domains_of(user, p).await;
+                let links = match self
+                    .owners_view(user, p, format!("shares {}", p.name))
+                    .await
+                {
+                    Some(Reply::Shares { links, .. }) => links,
+                    _ => Vec::new(),
+                };
+                let domains = match self
+                    .owners_view(user, p, format!("domains {}", p.name))
+                    .await
+                {
+                    Some(Reply::Domains { domains }) => domains,
+                    _ => Vec::new(),
+                };
                 html.push_str(&self.project_row(p, &cookie_csrf, &links, &domains));
             }
             html.push_str("</div>");
@@ -300,41 +312,18 @@ impl Inner {
         html
     }
 
-    /// A project's custom domains (for its owner and admins).
-    async fn domains_of(&self, user: &User, p: &Project) -> Vec<kennel_core::model::CustomDomain> {
+    /// What `line` answers about `p` for its owner or an admin (share
+    /// links, custom domains); `None` for others, who see neither.
+    async fn owners_view(&self, user: &User, p: &Project, line: String) -> Option<Reply> {
         if user.role.as_str() != "admin" && p.owner != user.name {
-            return Vec::new();
+            return None;
         }
         let who = site::web_identity(user);
-        let line = format!("domains {}", p.name);
-        match self
-            .gate
+        self.gate
             .front_door(&who, user.clone(), &line, Style::PLAIN, &NoProgress)
             .await
             .outcome
-        {
-            Ok(Reply::Domains { domains }) => domains,
-            _ => Vec::new(),
-        }
-    }
-
-    /// A project's live share links (for its owner and admins; others
-    /// see none).
-    async fn links_of(&self, user: &User, p: &Project) -> Vec<kennel_core::model::ShareLink> {
-        if user.role.as_str() != "admin" && p.owner != user.name {
-            return Vec::new();
-        }
-        let who = site::web_identity(user);
-        let line = format!("shares {}", p.name);
-        match self
-            .gate
-            .front_door(&who, user.clone(), &line, Style::PLAIN, &NoProgress)
-            .await
-            .outcome
-        {
-            Ok(Reply::Shares { links, .. }) => links,
-            _ => Vec::new(),
-        }
+            .ok()
     }
 
     fn project_row(
@@ -435,11 +424,7 @@ impl Inner {
             } else {
                 let mut l = format!("<ul class=\"domains\" aria-label=\"custom domains of {n}\">");
                 for d in domains {
-                    let url = format!(
-                        "https://{}{}",
-                        d.host,
-                        kennel_core::urls::https_port_suffix(self.https_port)
-                    );
+                    let url = self.gate.settings().urls().custom_domain(&d.host);
                     l.push_str(&format!(
                         "<li><a href=\"{u}\">{h}</a> · {st} {rm}</li>",
                         u = esc(&url),

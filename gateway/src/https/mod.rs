@@ -556,14 +556,7 @@ impl Inner {
 
     /// The session cookie's value, if the request carries one.
     fn cookie<B>(req: &Request<B>) -> Option<String> {
-        req.headers()
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|c| c.trim().split_once('='))
-            .find(|(k, _)| *k == COOKIE)
-            .map(|(_, v)| v.trim().to_owned())
+        cookie_named(req, COOKIE)
     }
 
     /// Whether a person with a browser asked (else: a script, an API
@@ -600,14 +593,7 @@ impl Inner {
 
     /// The link session cookie's value, if the request carries one.
     fn link_cookie<B>(req: &Request<B>) -> Option<String> {
-        req.headers()
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|c| c.trim().split_once('='))
-            .find(|(k, _)| *k == LINK_COOKIE)
-            .map(|(_, v)| v.trim().to_owned())
+        cookie_named(req, LINK_COOKIE)
     }
 
     /// Whom a share link's session lets in here, with where its app
@@ -927,6 +913,18 @@ impl Inner {
 }
 
 /// Remembers that `name` was just woken (its app may still be starting).
+/// The value of cookie `name`, if the request carries it.
+fn cookie_named<B>(req: &Request<B>, name: &str) -> Option<String> {
+    req.headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim().to_owned())
+}
+
 fn note_woken(woken: &Mutex<HashMap<ProjectName, Instant>>, name: &ProjectName) {
     if let Ok(mut w) = woken.lock() {
         let now = Instant::now();

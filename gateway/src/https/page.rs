@@ -45,6 +45,20 @@ pub fn html_with(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width\"><title>{t}</title><style>{style}</style>{script_tag}</head><body><h1>{t}</h1>{body}</body></html>",
         t = esc(title)
     );
+    // Nothing from elsewhere; the page's own script only where it has one.
+    html_response(
+        status,
+        doc,
+        if script.is_some() {
+            "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+        } else {
+            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+        },
+    )
+}
+
+/// An HTML document with Kennel's headers and `csp`.
+fn html_response(status: StatusCode, doc: String, csp: &'static str) -> Response<Body> {
     let mut r = Response::new(full(doc));
     *r.status_mut() = status;
     let h = r.headers_mut();
@@ -54,15 +68,7 @@ pub fn html_with(
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
-    // Nothing from elsewhere; the page's own script only where it has one.
-    h.insert(
-        "content-security-policy",
-        HeaderValue::from_static(if script.is_some() {
-            "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
-        } else {
-            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
-        }),
-    );
+    h.insert("content-security-policy", HeaderValue::from_static(csp));
     // Same-origin: a sign-in link's token never leaves in a Referer, and
     // forms still carry their Origin (with no-referrer it is "null").
     h.insert("referrer-policy", HeaderValue::from_static("same-origin"));
@@ -77,23 +83,11 @@ pub fn dashboard(status: StatusCode, title: &str, body: &str) -> Response<Body> 
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{t}</title><link rel=\"stylesheet\" href=\"/static/dash.css\"><script src=\"/static/dash.js\" defer></script></head><body>{body}</body></html>",
         t = esc(title)
     );
-    let mut r = Response::new(full(doc));
-    *r.status_mut() = status;
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
-    h.insert(
-        "content-security-policy",
-        HeaderValue::from_static(
-            "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-        ),
-    );
-    h.insert("referrer-policy", HeaderValue::from_static("same-origin"));
-    r
+    html_response(
+        status,
+        doc,
+        "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    )
 }
 
 /// A short plain-text answer (for scripts, and errors).

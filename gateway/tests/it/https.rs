@@ -1502,36 +1502,12 @@ async fn the_dashboard_lists_projects_acts_and_updates_live() {
     );
 }
 
-/// A guest that answers `run` by printing its words (and exits 3 for
-/// `false`).
-#[derive(Debug)]
-struct EchoGuest;
-
-#[async_trait::async_trait]
-impl kennel_core::guest::GuestShell for EchoGuest {
-    async fn run(
-        &self,
-        _project: &kennel_core::names::ProjectName,
-        job: &kennel_core::guest::GuestJob,
-        out: &dyn kennel_core::guest::OutputSink,
-        _stop: tokio::sync::watch::Receiver<bool>,
-    ) -> Result<kennel_core::guest::RunEnd, kennel_core::guest::GuestError> {
-        out.output(format!("guest says: {}\n", job.argv.join(" ")).as_bytes());
-        Ok(kennel_core::guest::RunEnd::Exited(
-            if job.argv.first().map(String::as_str) == Some("false") {
-                3
-            } else {
-                0
-            },
-        ))
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_runs_commands_resizes_and_shares_by_link_with_a_qr_code() {
     let gw = gateway().await;
     gw.project("web").await;
-    gw.w.exec.set_guest_shell(Arc::new(EchoGuest));
+    gw.w.exec
+        .set_guest_shell(Arc::new(kennel_core::guest::EchoGuest));
     let dns = Arc::new(kennel_core::dns::testing::FakeDns::default());
     dns.set(
         "app.example.com",
