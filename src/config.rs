@@ -114,8 +114,11 @@ pub struct ImagesConfig {
     pub templates_dir: PathBuf,
     /// The base image recipe (recipe.toml, customize.sh, overlay/).
     pub recipe_dir: PathBuf,
-    /// apt sources for images: a sources.list or deb822 .sources file.
-    pub apt_sources: PathBuf,
+    /// apt sources for images: a sources.list or deb822 .sources file
+    /// naming the suite the recipe builds. Default: the recipe's own
+    /// `debian.sources` (Debian 13 from deb.debian.org), whatever the host
+    /// itself runs; set it to use a local mirror.
+    pub apt_sources: Option<PathBuf>,
     /// Downloaded packages kept between image builds; empty to disable.
     pub apt_cache: Option<PathBuf>,
 }
@@ -126,18 +129,22 @@ const SOURCE_DIR: &str = env!("CARGO_MANIFEST_DIR");
 impl Default for ImagesConfig {
     fn default() -> Self {
         let src = Path::new(SOURCE_DIR);
-        let deb822 = Path::new("/etc/apt/sources.list.d/debian.sources");
         Self {
             stacks_dir: src.join("stacks"),
             templates_dir: src.join("templates"),
             recipe_dir: src.join("images/base"),
-            apt_sources: if deb822.exists() {
-                deb822.to_owned()
-            } else {
-                PathBuf::from("/etc/apt/sources.list")
-            },
+            apt_sources: None,
             apt_cache: std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kennel/apt")),
         }
+    }
+}
+
+impl ImagesConfig {
+    /// The apt sources images are built from.
+    pub fn apt_sources(&self) -> PathBuf {
+        self.apt_sources
+            .clone()
+            .unwrap_or_else(|| self.recipe_dir.join("debian.sources"))
     }
 }
 

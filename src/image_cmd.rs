@@ -65,11 +65,14 @@ pub fn build(config: &Config, only: Option<&str>, all: bool) -> Result<()> {
             k.manifest.modules.len()
         ),
     );
+    let apt_sources = config.images.apt_sources();
+    let modules = k.module_tree();
     let env = BuildEnv {
         recipe: &recipe,
         kernel: &k.manifest,
-        apt_sources: &config.images.apt_sources,
+        apt_sources: &apt_sources,
         apt_cache: config.images.apt_cache.as_deref(),
+        modules: modules.as_deref(),
     };
     let mut failed = Vec::new();
     for stack in wanted {

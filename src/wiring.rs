@@ -82,7 +82,7 @@ pub fn provisioner(config: &Config, store: &Store) -> Result<Arc<LocalProvisione
         stacks_dir: config.images.stacks_dir.clone(),
         templates_dir: config.images.templates_dir.clone(),
         recipe_dir: config.images.recipe_dir.clone(),
-        apt_sources: config.images.apt_sources.clone(),
+        apt_sources: config.images.apt_sources(),
         apt_cache: config.images.apt_cache.clone(),
         network,
         boot_timeout: Duration::from_secs(config.vm.boot_timeout_secs),

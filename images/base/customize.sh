@@ -2,7 +2,9 @@
 # mmdebstrap customize hook for Kennel images. $1 is the root of the image.
 # Environment (set by Kennel): KENNEL_RECIPE (this folder), KENNEL_STACK,
 # KENNEL_STACK_ENV (a file of KEY='value' lines), KENNEL_FIRST_BOOT (a file,
-# possibly empty).
+# possibly empty), KENNEL_MODULES (the guest kernel's module tree, a folder
+# holding lib/modules/<release>), KENNEL_IMAGE_STEPS (a file of shell lines
+# the stack runs in the image as root, possibly empty).
 set -eu
 root="$1"
 
@@ -12,7 +14,7 @@ cp -R --no-preserve=ownership "$KENNEL_RECIPE/overlay/." "$root/"
 # The dev user: uid/gid 1000 (renumbered at boot to match the owner of the
 # host source directory), passwordless sudo, no password at all ('*' is
 # "no password" rather than "locked", which sshd with UsePAM no refuses).
-chroot "$root" useradd --create-home --uid 1000 --user-group --shell /bin/bash --groups sudo dev
+chroot "$root" useradd --create-home --uid 1000 --user-group --shell /bin/bash --groups sudo,docker dev
 chroot "$root" usermod -p '*' dev
 printf 'dev ALL=(ALL) NOPASSWD:ALL\n' > "$root/etc/sudoers.d/dev"
 chmod 0440 "$root/etc/sudoers.d/dev"
@@ -24,12 +26,47 @@ rm -f "$root"/etc/ssh/ssh_host_*
 printf 'kennel\n' > "$root/etc/hostname"
 : > "$root/etc/machine-id"
 
+# The guest kernel's modules (Docker's overlay, bridge, veth, netfilter
+# are modules of the cloud kernel), with their index.
+if [ -n "${KENNEL_MODULES:-}" ] && [ -d "$KENNEL_MODULES/lib/modules" ]; then
+  cp -a "$KENNEL_MODULES/lib/modules/." "$root/usr/lib/modules/"
+  for r in "$KENNEL_MODULES"/lib/modules/*; do chroot "$root" depmod -a "$(basename "$r")"; done
+fi
+
+# systemd: Kennel's units on, what makes no sense in a VM off (apt's
+# daily timers, gettys other than the serial console, the first-boot
+# wizard), Docker on its socket only. sshd's config is checked here,
+# once, instead of at every boot.
+chroot "$root" systemctl enable kennel-init.service kennel-ready.service \
+  kennel-start.service kennel-devcontainer.service kennel-first-boot.service
+chroot "$root" systemctl disable docker.service containerd.service 2>/dev/null || true
+chroot "$root" systemctl enable docker.socket
+chroot "$root" systemctl mask apt-daily.timer apt-daily-upgrade.timer \
+  getty@tty1.service systemd-firstboot.service e2scrub_all.timer e2scrub_reap.service
+ssh-keygen -q -t ed25519 -N '' -f "$root/etc/ssh/kennel-check-key"
+chroot "$root" /usr/sbin/sshd -t -h /etc/ssh/kennel-check-key
+rm -f "$root/etc/ssh/kennel-check-key" "$root/etc/ssh/kennel-check-key.pub"
+
 # The stack.
 install -d "$root/etc/kennel"
 printf '%s\n' "$KENNEL_STACK" > "$root/etc/kennel/stack"
 cp "$KENNEL_STACK_ENV" "$root/etc/kennel/stack.env"
 if [ -s "$KENNEL_FIRST_BOOT" ]; then
   install -m 0755 "$KENNEL_FIRST_BOOT" "$root/etc/kennel/first-boot.sh"
+fi
+
+# The stack's own image steps (e.g. language servers from the npm
+# registry), with the network the build has.
+# The build host's CA bundle is trusted for these steps only (a host may
+# reach registries through a proxy of its own); it is not kept.
+if [ -s "${KENNEL_IMAGE_STEPS:-}" ]; then
+  cp "$KENNEL_IMAGE_STEPS" "$root/tmp/kennel-image-steps.sh"
+  cp /etc/ssl/certs/ca-certificates.crt "$root/tmp/kennel-build-ca.crt"
+  chroot "$root" env HOME=/root NODE_EXTRA_CA_CERTS=/tmp/kennel-build-ca.crt \
+    SSL_CERT_FILE=/tmp/kennel-build-ca.crt PIP_CERT=/tmp/kennel-build-ca.crt \
+    npm_config_cafile=/tmp/kennel-build-ca.crt \
+    /bin/sh -e /tmp/kennel-image-steps.sh
+  rm -rf "$root/tmp/kennel-image-steps.sh" "$root/tmp/kennel-build-ca.crt" "$root/root/.npm"
 fi
 
 printf 'LANG=C.UTF-8\n' > "$root/etc/default/locale"

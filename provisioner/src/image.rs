@@ -149,7 +149,7 @@ impl ImageInfo {
 /// The version of this builder's behaviour. Bump it whenever a change to
 /// the code below changes what an image contains, so cached images built
 /// the old way are not taken for new ones.
-const BUILDER_VERSION: &[u8] = b"kennel-image-v2";
+const BUILDER_VERSION: &[u8] = b"kennel-image-v3";
 
 /// The content hash of an image: builder version, recipe, stack file, kernel.
 pub fn content_hash(recipe: &Recipe, stack: &Stack, kernel: &KernelManifest) -> String {
@@ -172,8 +172,12 @@ pub struct BuildEnv<'a> {
     pub kernel: &'a KernelManifest,
     /// apt sources for the image (a sources.list or deb822 file).
     pub apt_sources: &'a Path,
-    /// Where downloaded .debs are kept between builds, if anywhere.
+    /// Where downloaded .debs are kept between builds, if anywhere (one
+    /// folder per suite inside it).
     pub apt_cache: Option<&'a Path>,
+    /// The guest kernel's module tree ([`crate::kernel::KernelSet::module_tree`]),
+    /// copied into the image.
+    pub modules: Option<&'a Path>,
 }
 
 /// The image store: `<data_dir>/images`.
@@ -461,6 +465,13 @@ fn build(
         .map(|f| format!("#!/bin/sh\nset -e\n{}\n", f.script))
         .unwrap_or_default();
     std::fs::write(&first_boot, fb).map_err(io(&first_boot))?;
+    let image_steps = work.join("image-steps.sh");
+    let steps: String = [&base.file.image_steps, &stack.file.image_steps]
+        .into_iter()
+        .flatten()
+        .map(|s| format!("{s}\n"))
+        .collect();
+    std::fs::write(&image_steps, steps).map_err(io(&image_steps))?;
 
     let root = work.join("root");
     let mut cmd = Cmd::new("mmdebstrap")
@@ -476,7 +487,11 @@ fn build(
     for x in &recipe.file.dpkg_include {
         cmd = cmd.arg(format!("--dpkgopt=path-include={x}"));
     }
-    if let Some(cache) = env.apt_cache {
+    let cache = env.apt_cache.map(|c| c.join(&recipe.file.suite));
+    if let Some(cache) = &cache {
+        if !safe_for_hooks(cache) {
+            return Err(ImageError::UnsafePath(cache.clone()));
+        }
         std::fs::create_dir_all(cache).map_err(io(cache))?;
         // Reuse downloaded packages between builds (mmdebstrap's own recipe).
         cmd = cmd
@@ -495,7 +510,11 @@ fn build(
         .env("KENNEL_RECIPE", &recipe.dir.to_string_lossy())
         .env("KENNEL_STACK", stack.name())
         .env("KENNEL_STACK_ENV", &stack_env.to_string_lossy())
-        .env("KENNEL_FIRST_BOOT", &first_boot.to_string_lossy());
+        .env("KENNEL_FIRST_BOOT", &first_boot.to_string_lossy())
+        .env("KENNEL_IMAGE_STEPS", &image_steps.to_string_lossy());
+    if let Some(m) = env.modules {
+        cmd = cmd.env("KENNEL_MODULES", &m.to_string_lossy());
+    }
     step(&format!(
         "mmdebstrap {} with {} packages",
         recipe.file.suite,
@@ -652,6 +671,7 @@ mod tests {
             kernel_release: "6.1.0-x".into(),
             busybox_version: "1".into(),
             modules: vec![],
+            module_tree: false,
             sha256: BTreeMap::new(),
         }
     }
@@ -719,6 +739,7 @@ mod tests {
             kernel: &m,
             apt_sources: &sources,
             apt_cache: None,
+            modules: None,
         };
         let e = images
             .ensure(

@@ -76,6 +76,11 @@ pub struct KernelManifest {
     pub busybox_version: String,
     /// Modules in the initramfs, in load order.
     pub modules: Vec<String>,
+    /// The whole module tree is kept beside the kernel (`modules/`) and
+    /// copied into every image, so the guest loads what it needs (Docker's
+    /// overlay, bridge, veth, netfilter) with modprobe.
+    #[serde(default)]
+    pub module_tree: bool,
     /// File name → SHA-256 (hex).
     pub sha256: BTreeMap<String, String>,
 }
@@ -105,6 +110,13 @@ impl KernelSet {
         self.dir.join("initramfs.cpio")
     }
 
+    /// The kernel's module tree: a folder holding `lib/modules/<release>`,
+    /// if this set keeps one.
+    pub fn module_tree(&self) -> Option<PathBuf> {
+        let p = self.dir.join("modules");
+        (self.manifest.module_tree && p.is_dir()).then_some(p)
+    }
+
     /// Reads artefacts from a directory with a manifest.
     pub fn open(dir: &Path) -> Option<Self> {
         let m = std::fs::read(dir.join("manifest.json")).ok()?;
@@ -115,13 +127,16 @@ impl KernelSet {
         })
     }
 
-    /// The newest kernel set under `images_dir`, if any was built.
+    /// The newest kernel set under `images_dir` that keeps its module
+    /// tree, if any was built (older sets, without one, make images in
+    /// which Docker cannot load its modules).
     pub fn latest(images_dir: &Path) -> Option<Self> {
         let mut sets: Vec<Self> = std::fs::read_dir(images_dir)
             .ok()?
             .filter_map(Result::ok)
             .filter(|e| e.file_name().to_string_lossy().starts_with("kernel-"))
             .filter_map(|e| Self::open(&e.path()))
+            .filter(|k| k.manifest.module_tree)
             .collect();
         sets.sort_by(|a, b| a.dir.cmp(&b.dir));
         sets.pop()
@@ -170,8 +185,9 @@ pub fn ensure(
 ) -> Result<KernelSet, KernelError> {
     step("resolving the cloud kernel package");
     let (package, version) = resolve(runner)?;
+    // "-mods": sets that keep the module tree (older ones did not).
     let name = format!(
-        "kernel-{}-{}",
+        "kernel-{}-{}-mods",
         package.trim_start_matches("linux-image-"),
         version.replace(['/', ':'], "_")
     );
@@ -267,6 +283,9 @@ fn build(
     let initramfs = staging.join("initramfs.cpio");
     write_initramfs(&initramfs, &busybox, &index, &order)?;
     std::fs::copy(&vmlinuz, staging.join("vmlinuz")).map_err(io(&vmlinuz))?;
+    let tree = staging.join("modules/lib/modules");
+    std::fs::create_dir_all(&tree).map_err(io(&tree))?;
+    std::fs::rename(&mod_root, tree.join(&release)).map_err(io(&mod_root))?;
     let mut sha256 = BTreeMap::new();
     for f in ["vmlinuz", "initramfs.cpio"] {
         let p = staging.join(f);
@@ -279,6 +298,7 @@ fn build(
         kernel_release: release,
         busybox_version,
         modules: order,
+        module_tree: true,
         sha256,
     };
     let mpath = staging.join("manifest.json");
@@ -374,9 +394,12 @@ pub fn load_order(
 /// The initramfs's `/init`: load modules, mount the root disk, switch to it.
 ///
 /// Kernel command line: `root=` (default `/dev/vda`), `kennel.init=` (what
-/// to run on the root, default `/usr/bin/tini -- /sbin/kennel-init`).
+/// to run on the root, default `/sbin/init`, or `/usr/bin/tini --
+/// /sbin/kennel-init` on a root without one).
 pub const INIT_SCRIPT: &str = r#"#!/bin/busybox sh
-# Kennel initramfs: load virtio modules, mount the root disk, switch_root.
+# Kennel initramfs: load virtio modules, mount the root disk, switch_root
+# to its init: systemd (/sbin/init), or tini and kennel-init on images
+# made before systemd was their PID 1.
 B=/bin/busybox
 $B mount -t proc proc /proc
 $B mount -t sysfs sysfs /sys
@@ -402,6 +425,9 @@ $B mount --move /dev /newroot/dev
 $B umount /proc /sys
 if [ -n "$init" ]; then
   exec $B switch_root /newroot "$init"
+fi
+if [ -x /newroot/sbin/init ] || [ -L /newroot/sbin/init ]; then
+  exec $B switch_root /newroot /sbin/init
 fi
 exec $B switch_root /newroot /usr/bin/tini -- /sbin/kennel-init
 "#;

@@ -40,6 +40,14 @@ pub struct StackFile {
     /// the versions a repository pins (`rust-toolchain.toml`, `.nvmrc`, ...).
     #[serde(default)]
     pub versions: BTreeMap<String, String>,
+    /// For each `versions` entry, the command (run as `dev` in the guest)
+    /// whose output names that version: the image tests run every one.
+    #[serde(default)]
+    pub version_commands: BTreeMap<String, String>,
+    /// Shell lines run as root in the image while it is built, with the
+    /// build's network (e.g. a language server from the npm registry).
+    #[serde(default)]
+    pub image_steps: Option<String>,
     #[serde(default)]
     pub detect: Detect,
     #[serde(default)]

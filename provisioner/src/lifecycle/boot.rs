@@ -240,7 +240,9 @@ impl LocalProvisioner {
                 return Err("the guest could not mount /workspace (virtio-fs)".into());
             }
             workspace |= text.contains("kennel-init: workspace mounted");
-            sshd |= text.contains("Server listening on");
+            // systemd guests say "ready" once ssh.service (Type=notify)
+            // listens; images from before systemd had sshd say so itself.
+            sshd |= text.contains("kennel-init: ready") || text.contains("Server listening on");
             if workspace && sshd {
                 let seen = *listening.get_or_insert_with(Instant::now);
                 if ssh_banner(&m.net.ssh_addr(), Duration::from_secs(5)).await {
@@ -308,7 +310,8 @@ impl LocalProvisioner {
         let dir = self.vm_dir(&r.project);
         let needle = self.needle(m);
         if let Some(pid) = read_pid(&m.pid_file).filter(|p| crate::vmm::pid_alive(*p, &needle)) {
-            // Ask the guest to power off (no init system to catch ACPI); the
+            // Ask the guest to power off (through systemd, with /workspace
+            // detached first so a dead virtiofsd cannot hang it); the
             // connection drops as it does, so the answer does not matter.
             // Bounded: a guest that cannot run it (hung, out of memory)
             // must not hold the stop forever.

@@ -99,11 +99,13 @@ impl GuestImages for BuiltImages {
                 .map_err(|e| anyhow_chain(&e))?,
         };
         let recipe = Recipe::load(&self.recipe_dir).map_err(|e| e.to_string())?;
+        let modules = k.module_tree();
         let env = BuildEnv {
             recipe: &recipe,
             kernel: &k.manifest,
             apt_sources: &self.apt_sources,
             apt_cache: self.apt_cache.as_deref(),
+            modules: modules.as_deref(),
         };
         let what = format!("building the {stack} image");
         let (info, _) = images

@@ -191,6 +191,7 @@ impl GuestImages for FakeImages {
                 kernel_release: "6.1.0-fake".into(),
                 busybox_version: "1".into(),
                 modules: vec![],
+                module_tree: false,
                 sha256: Default::default(),
             },
         };

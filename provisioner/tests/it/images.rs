@@ -63,20 +63,18 @@ fn build(stacks: &[&str]) -> (KernelSet, Vec<ImageInfo>) {
     let k = kernel::ensure(images.dir(), &runner, &mut |s| eprintln!("kernel: {s}")).unwrap();
     let all = Stacks::load(&repo().join("stacks"));
     let recipe = Recipe::load(&repo().join("images/base")).unwrap();
-    let sources = [
-        "/etc/apt/sources.list.d/debian.sources",
-        "/etc/apt/sources.list",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
-    .expect("no apt sources on this host");
+    // The recipe's own archive (Debian 13), as `kennel` uses by default.
+    let sources = repo().join("images/base/debian.sources");
     let apt_cache = cache().join("apt");
+    let modules = k
+        .module_tree()
+        .expect("the kernel set keeps its module tree");
     let env = BuildEnv {
         recipe: &recipe,
         kernel: &k.manifest,
         apt_sources: &sources,
         apt_cache: Some(&apt_cache),
+        modules: Some(&modules),
     };
     let base = all.get("base").unwrap();
     let infos = stacks
