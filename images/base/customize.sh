@@ -70,5 +70,7 @@ if [ -s "${KENNEL_IMAGE_STEPS:-}" ]; then
 fi
 
 printf 'LANG=C.UTF-8\n' > "$root/etc/default/locale"
-printf '/dev/vda / ext4 rw,noatime 0 1\n' > "$root/etc/fstab"
+# No fsck pass: the root is mounted by the initramfs, and a pass would
+# make boot wait for udev to announce /dev/vda.
+printf '/dev/vda / ext4 rw,noatime 0 0\n' > "$root/etc/fstab"
 rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin

@@ -7,7 +7,10 @@
 //! `postCreateCommand` once on the first boot, `postStartCommand` at every
 //! boot, run in the VM as `dev` in /workspace), `forwardPorts` (the first
 //! local one is the app port), `containerEnv` and `remoteEnv` (every
-//! session's environment) and `name`. The file is the guest's to write, so
+//! session's environment), `dockerComposeFile` (the file's other services
+//! start with Docker Compose in the VM at every boot; `service`, the one an
+//! editor would attach to, is the VM itself) and `name`. The file is the
+//! guest's to write, so
 //! it is read without following links, at most [`MAX_BYTES`], and nothing
 //! in it ever runs on the host (`initializeCommand` included).
 
@@ -43,6 +46,9 @@ struct File {
     remote_env: Option<BTreeMap<String, Option<String>>>,
     remote_user: Option<String>,
     container_user: Option<String>,
+    docker_compose_file: Option<Value>,
+    service: Option<String>,
+    run_services: Option<Vec<String>>,
     #[serde(flatten)]
     rest: BTreeMap<String, Value>,
 }
@@ -54,9 +60,6 @@ const NOT_MAPPED: &[&str] = &[
     "dockerFile",
     "dockerfile",
     "context",
-    "dockerComposeFile",
-    "service",
-    "runServices",
     "features",
     "overrideFeatureInstallOrder",
     "mounts",
@@ -88,8 +91,21 @@ pub struct DevContainer {
     /// Session environment: `containerEnv`, then `remoteEnv` over it, with
     /// `${...}` references resolved.
     pub env: BTreeMap<String, String>,
+    /// `dockerComposeFile`: the services Compose starts in the VM.
+    pub compose: Option<Compose>,
     /// What did not apply or was dropped, for the reply.
     pub notes: Vec<String>,
+}
+
+/// A devcontainer.json's Compose setup.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Compose {
+    /// The files, relative to /workspace, in order (later ones override).
+    pub files: Vec<String>,
+    /// The primary service: the VM itself, never started as a container.
+    pub service: Option<String>,
+    /// `runServices`: only these start (default: every other service).
+    pub run_services: Option<Vec<String>>,
 }
 
 /// The outcome of looking for a devcontainer.json.
@@ -269,6 +285,19 @@ pub fn parse(file: &str, text: &str, known: &BTreeMap<String, String>) -> Found 
             d.env.insert(k, value);
         }
     }
+    if let Some(v) = &f.docker_compose_file {
+        match compose_files(file, v) {
+            Ok(files) if files.is_empty() => {}
+            Ok(files) => {
+                d.compose = Some(Compose {
+                    files,
+                    service: f.service.clone().filter(|s| !s.trim().is_empty()),
+                    run_services: f.run_services.clone(),
+                })
+            }
+            Err(e) => d.notes.push(format!("dockerComposeFile ignored: {e}")),
+        }
+    }
     if let Some(u) = f.remote_user.or(f.container_user).filter(|u| u != "dev") {
         d.notes.push(format!("sessions run as dev, not {u}"));
     }
@@ -309,6 +338,40 @@ impl DevContainer {
         self.post_start
             .as_ref()
             .map(|s| format!("#!/bin/sh\n# postStartCommand from devcontainer.json; every boot, as dev, in /workspace.\n{s}\n"))
+    }
+
+    /// The script run at every boot before the create steps: `docker
+    /// compose up` of every service but the primary one (or those of
+    /// `runServices`), from the folder of the devcontainer.json as other
+    /// tools do, without building or pulling what is not there.
+    pub fn compose_script(&self) -> Option<String> {
+        let c = self.compose.as_ref()?;
+        let files: String = c
+            .files
+            .iter()
+            .map(|f| format!(" -f {}", sh_quote(&format!("/workspace/{f}"))))
+            .collect();
+        let select = match &c.run_services {
+            Some(list) => format!(
+                "services={}",
+                sh_quote(
+                    &list
+                        .iter()
+                        .filter(|s| Some(s.as_str()) != c.service.as_deref())
+                        .map(String::as_str)
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                )
+            ),
+            None => format!(
+                "all=$(docker compose{files} config --services)\nservices=$(printf '%s\\n' \"$all\" | grep -vxF -e {} || true)",
+                sh_quote(c.service.as_deref().unwrap_or(""))
+            ),
+        };
+        Some(format!(
+            "#!/bin/sh\n# dockerComposeFile from devcontainer.json: its services but the VM's own ({}), every boot, as dev.\nset -e\n{select}\nif [ -z \"$services\" ]; then echo 'no services to start'; exit 0; fi\n# shellcheck disable=SC2086\nexec docker compose{files} up --detach --no-deps --no-build --pull never $services\n",
+            c.service.as_deref().unwrap_or("none named")
+        ))
     }
 
     /// `~/.ssh/environment` lines (sshd: `NAME=value`, no quoting).
@@ -353,6 +416,13 @@ impl DevContainer {
         if let Some(p) = self.ports.first() {
             parts.push(format!("app port {p} (forwardPorts)"));
         }
+        if let Some(c) = &self.compose {
+            parts.push(format!(
+                "Compose services from {} at every boot ({} is this VM; containers reach it and you reach them on their published ports)",
+                c.files.join(", "),
+                c.service.as_deref().unwrap_or("no service")
+            ));
+        }
         out.push(format!(
             "{}{}: {}; Kennel uses its own {stack} stack image",
             self.file,
@@ -385,6 +455,38 @@ impl DevContainer {
 /// A lifecycle command as one shell script: a string as is (sh -c), an
 /// array as one command without a shell, an object as its commands run in
 /// parallel, the script failing if any fails.
+/// `dockerComposeFile` (a path or a list, relative to the folder of the
+/// devcontainer.json `file`) as paths relative to the source, which must
+/// stay inside it.
+fn compose_files(file: &str, v: &Value) -> Result<Vec<String>, String> {
+    let list: Vec<&str> = match v {
+        Value::String(s) => vec![s.as_str()],
+        Value::Array(a) => a
+            .iter()
+            .map(|x| x.as_str().ok_or("entries must be paths"))
+            .collect::<Result<_, _>>()?,
+        _ => return Err("must be a path or a list of paths".into()),
+    };
+    let dir = Path::new(file).parent().unwrap_or(Path::new(""));
+    list.into_iter()
+        .map(|f| {
+            let mut parts: Vec<String> = Vec::new();
+            for c in dir.join(f).components() {
+                match c {
+                    std::path::Component::Normal(n) => parts.push(n.to_string_lossy().into_owned()),
+                    std::path::Component::CurDir => {}
+                    std::path::Component::ParentDir if parts.pop().is_some() => {}
+                    _ => return Err(format!("{f:?} is outside the repository")),
+                }
+            }
+            if parts.is_empty() || f.contains(['\n', '\r', '\0']) {
+                return Err(format!("{f:?} is not a file in the repository"));
+            }
+            Ok(parts.join("/"))
+        })
+        .collect()
+}
+
 fn script(v: &Value) -> Result<Option<String>, String> {
     match v {
         Value::Null => Ok(None),
@@ -639,5 +741,49 @@ mod tests {
         )
         .unwrap();
         assert_eq!(load(&src, &BTreeMap::new()).parsed().unwrap().ports, [8080]);
+    }
+
+    #[test]
+    fn compose_files_start_every_service_but_the_vms_own() {
+        let d = parsed(
+            r#"{ "dockerComposeFile": ["../compose.yaml", "compose.dev.yaml"], "service": "app" }"#,
+        );
+        let c = d.compose.clone().unwrap();
+        assert_eq!(c.files, ["compose.yaml", ".devcontainer/compose.dev.yaml"]);
+        assert_eq!(c.service.as_deref(), Some("app"));
+        let script = d.compose_script().unwrap();
+        assert!(
+            script.contains("docker compose -f '/workspace/compose.yaml' -f '/workspace/.devcontainer/compose.dev.yaml' config --services"),
+            "{script}"
+        );
+        assert!(script.contains("grep -vxF -e 'app'"), "{script}");
+        assert!(script.contains("up --detach --no-deps --no-build --pull never $services"));
+        assert!(d
+            .describe("node")
+            .iter()
+            .any(|l| l.contains("Compose services from compose.yaml")));
+        assert!(
+            !d.notes.iter().any(|n| n.contains("dockerComposeFile")),
+            "{:?}",
+            d.notes
+        );
+
+        let d = parsed(
+            r#"{ "dockerComposeFile": "c.yml", "service": "app", "runServices": ["db", "app", "it's"] }"#,
+        );
+        let script = d.compose_script().unwrap();
+        assert!(script.contains("services='db it'\\''s'"), "{script}");
+
+        for bad in [r#""/etc/compose.yaml""#, r#""../../x.yaml""#, "3", r#"[1]"#] {
+            let d = parsed(&format!(r#"{{ "dockerComposeFile": {bad} }}"#));
+            assert!(d.compose.is_none(), "{bad}");
+            assert!(
+                d.notes
+                    .iter()
+                    .any(|n| n.starts_with("dockerComposeFile ignored")),
+                "{bad}: {:?}",
+                d.notes
+            );
+        }
     }
 }

@@ -22,6 +22,7 @@ mod checkpoint_vm;
 mod cli;
 mod crash_vm;
 mod faults_vm;
+mod guest_vm;
 mod https_vm;
 mod idle_vm;
 mod install;

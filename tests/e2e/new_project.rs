@@ -52,6 +52,50 @@ fn rust_fixture(root: &Path) -> String {
     format!("file://{}", app.display())
 }
 
+/// A crate on edition 2024 (Rust 1.85 or later) whose one dependency is
+/// vendored (`.cargo/config.toml` replaces crates.io with `vendor/`), so
+/// it builds with `--offline` and no registry.
+fn edition_2024_crate(dir: &Path) {
+    let sum = "6b86b273ff34fce19d6b804eff5a3f5747ada4eaa22f1d49c01e52ddb7875b4b";
+    std::fs::create_dir_all(dir.join("src")).unwrap();
+    std::fs::create_dir_all(dir.join(".cargo")).unwrap();
+    std::fs::create_dir_all(dir.join("vendor/answer/src")).unwrap();
+    let files = [
+        (
+            "Cargo.toml",
+            "[package]\nname = \"e2024\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\n[dependencies]\nanswer = \"1\"\n".to_owned(),
+        ),
+        (
+            "Cargo.lock",
+            format!("version = 4\n\n[[package]]\nname = \"answer\"\nversion = \"1.0.0\"\nsource = \"registry+https://github.com/rust-lang/crates.io-index\"\nchecksum = \"{sum}\"\n\n[[package]]\nname = \"e2024\"\nversion = \"0.1.0\"\ndependencies = [\n \"answer\",\n]\n"),
+        ),
+        (
+            ".cargo/config.toml",
+            "[source.crates-io]\nreplace-with = \"vendored\"\n\n[source.vendored]\ndirectory = \"vendor\"\n".to_owned(),
+        ),
+        (
+            // `gen` is a keyword from edition 2024 on: r#gen proves the edition.
+            "src/main.rs",
+            "fn main() {\n    let r#gen = answer::answer();\n    println!(\"2024 says {gen}\", gen = r#gen);\n}\n".to_owned(),
+        ),
+        (
+            "vendor/answer/Cargo.toml",
+            "[package]\nname = \"answer\"\nversion = \"1.0.0\"\nedition = \"2021\"\n".to_owned(),
+        ),
+        (
+            "vendor/answer/src/lib.rs",
+            "pub fn answer() -> u32 {\n    42\n}\n".to_owned(),
+        ),
+        (
+            "vendor/answer/.cargo-checksum.json",
+            format!("{{\"files\":{{}},\"package\":\"{sum}\"}}"),
+        ),
+    ];
+    for (name, text) in files {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+}
+
 #[test]
 fn a_cloned_rust_project_builds_in_its_vm() {
     let tmp = tempfile::tempdir().unwrap();
@@ -76,6 +120,16 @@ fn a_cloned_rust_project_builds_in_its_vm() {
     let v = k.ssh_ok("demo", "cargo --version; cat /workspace/vendor/lib/README; git -C /workspace log --oneline | wc -l");
     assert!(v.starts_with("cargo "), "{v}");
     assert!(v.contains("a submodule"), "{v}");
+
+    // Today's Rust: an edition-2024 crate with a vendored dependency
+    // builds offline in the VM, and the language server answers.
+    edition_2024_crate(&src.join("e2024"));
+    let out = k.ssh_ok(
+        "demo",
+        "cd /workspace/e2024 && cargo build --offline --quiet 2>&1 && ./target/debug/e2024 && rust-analyzer --version",
+    );
+    assert!(out.contains("2024 says 42"), "{out}");
+    assert!(out.contains("rust-analyzer 1."), "{out}");
     std::fs::write(
         src.join("src/main.rs"),
         "fn main() { println!(\"edited on the host\"); }\n",

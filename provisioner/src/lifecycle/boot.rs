@@ -7,6 +7,7 @@ use super::*;
 /// The devcontainer's create steps and postStartCommand on the config disk.
 const DEVCONTAINER_CREATE: &str = "devcontainer-create.sh";
 const DEVCONTAINER_START: &str = "devcontainer-start.sh";
+const DEVCONTAINER_COMPOSE: &str = "devcontainer-compose.sh";
 /// Counts a failed boot and its cause (docs/operations.md, Metrics).
 fn boot_failed(cause: &'static str) {
     metrics::counter!("kennel_boots_total", "outcome" => "failed").increment(1);
@@ -68,6 +69,9 @@ impl LocalProvisioner {
             }
             if let Some(script) = d.start_script() {
                 write(DEVCONTAINER_START, &script, 0o644)?;
+            }
+            if let Some(script) = d.compose_script() {
+                write(DEVCONTAINER_COMPOSE, &script, 0o644)?;
             }
             if !d.env.is_empty() {
                 write("environment", &d.ssh_environment(), 0o644)?;

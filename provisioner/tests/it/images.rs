@@ -137,14 +137,44 @@ fn kernel_base_rust_and_node_images() {
     let base = infos[0].rootfs();
     for p in [
         "/usr/sbin/sshd",
-        "/usr/bin/tini",
+        "/usr/lib/systemd/systemd",
+        "/usr/bin/docker",
+        "/usr/libexec/docker/cli-plugins/docker-compose",
         "/usr/bin/git",
         "/usr/bin/sudo",
         "/usr/bin/curl",
         "/bin/mount",
+        "/etc/systemd/system/kennel-init.service",
+        // systemd's own units for Kennel's steps, enabled at build.
+        "/etc/systemd/system/sysinit.target.wants/kennel-init.service",
+        "/etc/systemd/system/multi-user.target.wants/kennel-ready.service",
+        "/etc/systemd/system/sockets.target.wants/docker.socket",
     ] {
         assert!(exists(&base, p), "base lacks {p}");
     }
+    // Docker starts on its socket, not at boot; apt's timers are off.
+    assert!(!exists(
+        &base,
+        "/etc/systemd/system/multi-user.target.wants/docker.service"
+    ));
+    assert!(debugfs(&base, "stat /etc/systemd/system/apt-daily.timer").contains("Type: symlink"));
+    // The kernel's whole module tree, indexed: Docker's modules load.
+    let release = &k.manifest.kernel_release;
+    let dep = file(&base, &format!("/usr/lib/modules/{release}/modules.dep"));
+    for m in ["overlay.ko", "veth.ko", "br_netfilter.ko", "nf_tables.ko"] {
+        assert!(dep.contains(m), "modules.dep lacks {m}");
+    }
+    assert!(
+        file(&base, "/etc/group").contains("docker:x:"),
+        "dev may use docker"
+    );
+    let docker_group = file(&base, "/etc/group");
+    assert!(
+        docker_group
+            .lines()
+            .any(|l| l.starts_with("docker:") && l.ends_with(":dev")),
+        "{docker_group}"
+    );
     let init = debugfs(&base, "stat /usr/sbin/kennel-init");
     assert!(
         init.contains("Mode:  0755") && init.contains("User:     0"),
@@ -195,6 +225,83 @@ fn package_version(image: &Path, package: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// Runs `command` as dev with a login shell in a throwaway copy of the
+/// image (its ext4 read-only, a tmpfs over it), in a mount and PID
+/// namespace of its own so nothing stays mounted. Returns (ok, output).
+fn run_in(image: &Path, command: &str) -> (bool, String) {
+    let work = tempfile::tempdir().unwrap();
+    let script = r#"set -e
+img=$1 t=$2
+mkdir -p "$t/lower" "$t/rw" "$t/root"
+mount -o loop,ro,noload "$img" "$t/lower"
+mount -t tmpfs tmpfs "$t/rw"
+mkdir -p "$t/rw/u" "$t/rw/w"
+mount -t overlay overlay -o "lowerdir=$t/lower,upperdir=$t/rw/u,workdir=$t/rw/w" "$t/root"
+mount -t proc proc "$t/root/proc"
+mount --rbind /dev "$t/root/dev"
+mount -t sysfs sysfs "$t/root/sys"
+cp /etc/resolv.conf "$t/root/etc/resolv.conf" 2>/dev/null || true
+exec chroot "$t/root" /bin/su - dev -c "$3"
+"#;
+    let out = Command::new("unshare")
+        .args(["--mount", "--pid", "--fork", "--propagation", "private"])
+        .args(["sh", "-c", script, "sh"])
+        .arg(image)
+        .arg(work.path())
+        .arg(command)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Every stack's image holds the toolchain and language server versions
+/// its stack file names: each `[versions]` entry has a command, which
+/// answers in the image with that version.
+#[test]
+fn every_stack_image_holds_the_versions_its_stack_file_names() {
+    require("unshare", "util-linux");
+    let all = Stacks::load(&repo().join("stacks"));
+    let names: Vec<&str> = all.stacks.iter().map(|s| s.name()).collect();
+    assert!(names.len() >= 9, "{names:?}");
+    let (_, infos) = build(&names);
+    let mut failures = Vec::new();
+    for (name, info) in names.iter().zip(&infos) {
+        let stack = all.get(name).unwrap();
+        let versions = &stack.file.versions;
+        assert!(
+            name == &"base" || !versions.is_empty(),
+            "{name} names no versions"
+        );
+        for (tool, want) in versions {
+            let Some(cmd) = stack.file.version_commands.get(tool) else {
+                failures.push(format!("{name}: no version_commands entry for {tool}"));
+                continue;
+            };
+            let (ok, out) = run_in(&info.rootfs(), cmd);
+            eprintln!("{name}: {cmd} -> {}", out.trim());
+            if !ok || !out.contains(want.as_str()) {
+                failures.push(format!(
+                    "{name}: `{cmd}` should name {tool} {want}: {}",
+                    out.trim()
+                ));
+            }
+        }
+        for tool in stack.file.version_commands.keys() {
+            if !versions.contains_key(tool) {
+                failures.push(format!(
+                    "{name}: version_commands.{tool} has no [versions] entry"
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 #[test]
 fn the_php_image_has_php_and_composer_at_the_versions_its_stack_names() {
     let (_, infos) = build(&["php"]);
@@ -213,7 +320,7 @@ fn the_php_image_has_php_and_composer_at_the_versions_its_stack_names() {
     // what the image holds.
     let stack = Stacks::load(&repo().join("stacks"));
     let versions = &stack.get("php").unwrap().file.versions;
-    let cli = package_version(&php, "php8.2-cli").expect("php8.2-cli installed");
+    let cli = package_version(&php, "php8.4-cli").expect("php8.4-cli installed");
     assert!(cli.starts_with(&versions["php"]), "{cli} vs {versions:?}");
     let composer = package_version(&php, "composer").expect("composer installed");
     assert!(
@@ -221,10 +328,10 @@ fn the_php_image_has_php_and_composer_at_the_versions_its_stack_names() {
         "{composer} vs {versions:?}"
     );
     for ext in [
-        "php8.2-mbstring",
-        "php8.2-xml",
-        "php8.2-curl",
-        "php8.2-sqlite3",
+        "php8.4-mbstring",
+        "php8.4-xml",
+        "php8.4-curl",
+        "php8.4-sqlite3",
     ] {
         assert!(package_version(&php, ext).is_some(), "{ext}");
     }
