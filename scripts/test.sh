@@ -70,14 +70,17 @@ fuzz_log="$(mktemp)"
 FUZZ_BUILD=dev setsid ./bench/fuzz.sh 0 >"$fuzz_log" 2>&1 &
 fuzz_build=$!
 
-# The guest kernel and the base, rust and node images, built once into the
-# test cache before the tests that boot guests, with their progress shown
-# here. Each test still builds what it lacks on its own (with progress), so
+# The guest kernel and every stack's image, built once into the test
+# cache before the tests that boot guests (not beside them: two cores),
+# with their progress shown here, and each stack's versions checked.
+# Each test still builds what it lacks on its own (with progress), so
 # none depends on this step or on another test having run first.
 # (Selected by test name rather than `--test it`: the same target
 # selection as the compile above, so nothing is built again.)
-step "guest images (kernel, base, rust, node)"
-cargo test --workspace --all-features --locked -- --exact images::kernel_base_rust_and_node_images --nocapture
+step "guest images (kernel, every stack)"
+cargo test --workspace --all-features --locked -- --exact \
+  images::kernel_base_rust_and_node_images \
+  images::every_stack_image_holds_the_versions_its_stack_file_names --nocapture --test-threads=1
 
 # Every test binary runs even when one fails (--no-fail-fast); cargo
 # names each failed binary at the end, and each binary its failed tests.

@@ -481,6 +481,10 @@ fn build(
     // Packages such as openjdk register man-page alternatives in their
     // postinst; with man pages excluded, the directory must still exist.
     cmd = cmd.arg("--essential-hook=mkdir -p \"$1\"/usr/share/man/man1");
+    // No fsync per unpacked file while building (the image is written
+    // out by mkfs afterwards); customize.sh drops the option again, so
+    // apt in the VM syncs as usual.
+    cmd = cmd.arg("--dpkgopt=force-unsafe-io");
     for x in &recipe.file.dpkg_exclude {
         cmd = cmd.arg(format!("--dpkgopt=path-exclude={x}"));
     }

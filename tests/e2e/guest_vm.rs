@@ -3,8 +3,8 @@
 //! with no registry (an image imported from the guest's own files, `docker
 //! run`, a two-service `docker compose up` whose published port answers
 //! through the HTTPS gateway); a devcontainer.json's `dockerComposeFile`
-//! brings its other service up at boot; a stop goes through systemd, also
-//! with the virtio-fs share killed first.
+//! brings its other service up at boot; a stop goes through systemd, and
+//! with the virtio-fs share killed first the guest still powers itself off.
 //!
 //! Needs what `tests/e2e/vm.rs` needs. `vm-tests` feature.
 #![cfg(feature = "vm-tests")]
@@ -276,7 +276,6 @@ fn systemd_docker_and_compose_in_a_real_guest() {
         "with virtiofsd killed first, the shutdown still completes",
         || {
             k.exec_ok("start box");
-            arm_stop_mark(&k, "box", "kennel-test-stopped-again");
             let before = console(tmp.path(), "box")
                 .matches("reboot: Power down")
                 .count();
@@ -291,8 +290,10 @@ fn systemd_docker_and_compose_in_a_real_guest() {
                 .success());
             k.exec_ok("stop box");
             let c = console(tmp.path(), "box");
+            // Releasing a share whose daemon is gone would wait forever:
+            // the guest flushes its root and powers off at once instead.
             assert!(
-                c.contains("kennel-test-stopped-again"),
+                c.contains("kennel-shutdown: /workspace does not answer"),
                 "{}",
                 &c[c.len().saturating_sub(2000)..]
             );
