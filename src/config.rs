@@ -255,7 +255,8 @@ pub struct VmConfig {
     pub network: NetworkChoice,
     /// Seconds a VM may take to become ready (sshd and /workspace).
     pub boot_timeout_secs: u64,
-    /// Seconds a graceful stop may take before the VM is forced off.
+    /// Seconds a graceful stop may take before the VM is forced off
+    /// (systemd stops the guest's services; Docker gives a container 10 s).
     pub stop_timeout_secs: u64,
     /// `uid:gid` given to project sources Kennel creates as root, and to the
     /// guest's `dev` when a source belongs to root.
@@ -338,7 +339,7 @@ impl Default for VmConfig {
             max_parallel_creates: 2,
             network: NetworkChoice::Auto,
             boot_timeout_secs: 120,
-            stop_timeout_secs: 20,
+            stop_timeout_secs: 30,
             default_owner: "1000:1000".into(),
             online: false,
             idle_stop: "30m".into(),

@@ -485,3 +485,28 @@ impl Steps {
         );
     }
 }
+
+/// `curl` to `https://HOST:PORT/PATH` on the test's HTTPS gateway (its dev
+/// CA trusted, HOST resolved to loopback) with `extra` arguments.
+/// Returns ("CODE VERSION", body), and prints both.
+pub fn curl(k: &Kennel, host: &str, path: &str, extra: &[&str]) -> (String, String) {
+    kennel_testkit::require("curl", "curl");
+    let ca = k.dir.join("kennel-data/tls/dev-ca/ca.pem");
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "120", "--cacert"])
+        .arg(&ca)
+        .arg("--resolve")
+        .arg(format!("{host}:{}:127.0.0.1", k.https_port))
+        .args(["-w", "\n%{http_code} %{http_version}"])
+        .args(extra)
+        .arg(format!("https://{host}:{}{path}", k.https_port))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
+    eprintln!(
+        "curl {host}{path} -> {code}\n{body}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (code.to_owned(), body.to_owned())
+}
