@@ -280,14 +280,14 @@ impl Images {
             }
         }
         std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
-        // One build at a time per image store: concurrent mmdebstrap runs
-        // would race on the shared package cache, and whoever waited finds
-        // the image the other just built.
-        let lock_path = self.dir.join(".build.lock");
+        // One build at a time per image: whoever waited finds the image the
+        // other just built. Different images build side by side (they
+        // share the package cache only through atomic renames).
+        let lock_path = build_lock(&self.dir, &id);
         let _lock = match try_lock_file(&lock_path) {
             Some(l) => l,
             None => {
-                step("waiting for another image build to finish");
+                step("waiting for another build of this image to finish");
                 lock_file(&lock_path).map_err(io(&self.dir))?
             }
         };
@@ -335,21 +335,26 @@ impl Images {
     /// build is running now: another process may share the store. Returns
     /// the directories removed.
     pub fn clean_interrupted(&self) -> Vec<PathBuf> {
-        let idle = (
-            try_lock_file(&self.dir.join(".build.lock")),
-            try_lock_file(&self.dir.join(".kernel.lock")),
-        );
-        let (Some(_b), Some(_k)) = idle else {
-            return Vec::new();
-        };
         let Ok(rd) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
         };
         let mut removed = Vec::new();
         for e in rd.filter_map(Result::ok) {
-            if !e.file_name().to_string_lossy().starts_with(".tmp-") {
+            let name = e.file_name().to_string_lossy().into_owned();
+            // `.tmp-<id>-<pid>` (or `.tmp-kernel-…-<pid>`): left alone
+            // while a build of that image (or a kernel build) holds its lock.
+            let Some(rest) = name.strip_prefix(".tmp-") else {
                 continue;
-            }
+            };
+            let lock = if rest.starts_with("kernel-") {
+                self.dir.join(".kernel.lock")
+            } else {
+                let id = rest.rsplit_once('-').map_or(rest, |(id, _)| id);
+                build_lock(&self.dir, id)
+            };
+            let Some(_idle) = try_lock_file(&lock) else {
+                continue;
+            };
             let path = e.path();
             match remove_work_dir(&path) {
                 Ok(unmounted) => {
@@ -498,11 +503,16 @@ fn build(
         }
         std::fs::create_dir_all(cache).map_err(io(cache))?;
         // Reuse downloaded packages between builds (mmdebstrap's own recipe).
+        // What this build downloaded goes to its own folder first and into
+        // the cache afterwards, file by file with a rename, so builds side
+        // by side never see a half-written package.
+        let debs = work.join("debs");
+        std::fs::create_dir_all(&debs).map_err(io(&debs))?;
         cmd = cmd
                 .arg("--skip=download/empty")
                 .arg("--essential-hook=mkdir -p \"$1\"/var/cache/apt/archives")
                 .arg(format!("--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives && cp -a {}/. \"$1\"/var/cache/apt/archives/", cache.display()))
-                .arg(format!("--customize-hook=sync-out /var/cache/apt/archives {}", cache.display()));
+                .arg(format!("--customize-hook=sync-out /var/cache/apt/archives {}", debs.display()));
     }
     let hook = recipe.dir.join("customize.sh");
     cmd = cmd
@@ -536,6 +546,9 @@ fn build(
             step: "mmdebstrap",
             source,
         })?;
+    if let Some(cache) = &cache {
+        merge_debs(&work.join("debs"), cache);
+    }
 
     // Size: what the tree holds, plus a quarter and 256 MiB of room,
     // rounded up to 64 MiB. VM disks are larger; the guest grows it.
@@ -625,6 +638,37 @@ impl Images {
 
 /// Takes an exclusive lock on `path` (made if missing), waiting for it;
 /// released when the returned file is dropped.
+/// The lock a build of image `id` holds in the store `dir`.
+fn build_lock(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!(".build-{id}.lock"))
+}
+
+/// Moves the packages a build downloaded into the shared cache: each new
+/// one is copied under a temporary name, then renamed (a package's file
+/// name is its name, version and architecture: the same name is the same
+/// file). Best effort: a package not cached is downloaded again next time.
+fn merge_debs(from: &Path, cache: &Path) {
+    let Ok(rd) = std::fs::read_dir(from) else {
+        return;
+    };
+    for e in rd.filter_map(Result::ok) {
+        let name = e.file_name();
+        let dest = cache.join(&name);
+        if !name.to_string_lossy().ends_with(".deb") || dest.exists() {
+            continue;
+        }
+        let part = cache.join(format!(
+            "{}.part-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        if std::fs::copy(e.path(), &part).is_ok() && std::fs::rename(&part, &dest).is_ok() {
+            continue;
+        }
+        let _ = std::fs::remove_file(&part);
+    }
+}
+
 pub fn lock_file(path: &Path) -> std::io::Result<std::fs::File> {
     let f = std::fs::File::options()
         .create(true)

@@ -126,7 +126,9 @@ fn a_cloned_rust_project_builds_in_its_vm() {
     edition_2024_crate(&src.join("e2024"));
     let out = k.ssh_ok(
         "demo",
-        "cd /workspace/e2024 && cargo build --offline --quiet 2>&1 && ./target/debug/e2024 && rust-analyzer --version",
+        // (Its files were written by this test as root: the build goes to
+        // dev's home.)
+        "cd /workspace/e2024 && CARGO_TARGET_DIR=$HOME/e2024-target cargo build --offline --quiet 2>&1 && $HOME/e2024-target/debug/e2024 && rust-analyzer --version",
     );
     assert!(out.contains("2024 says 42"), "{out}");
     assert!(out.contains("rust-analyzer 1."), "{out}");

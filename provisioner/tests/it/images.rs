@@ -77,22 +77,34 @@ fn build(stacks: &[&str]) -> (KernelSet, Vec<ImageInfo>) {
         modules: Some(&modules),
     };
     let base = all.get("base").unwrap();
-    let infos = stacks
-        .iter()
-        .map(|name| {
-            let (info, built) = images
-                .ensure(&env, base, all.get(name).unwrap(), &runner, &mut |s| {
-                    eprintln!("{name}: {s}")
-                })
-                .unwrap();
-            eprintln!(
-                "{name}: {} {} MiB built={built} in {:.1}s",
-                info.id,
-                info.size_bytes >> 20,
-                info.build_seconds
-            );
-            info
-        })
+    // Two builds side by side: mmdebstrap is mostly one process waiting on
+    // dpkg or the disk, and the test command builds every stack here.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let slots: Vec<std::sync::Mutex<Option<ImageInfo>>> =
+        stacks.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..2 {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Some(name) = stacks.get(i) else { break };
+                let (info, built) = images
+                    .ensure(&env, base, all.get(name).unwrap(), &runner, &mut |s| {
+                        eprintln!("{name}: {s}")
+                    })
+                    .unwrap();
+                eprintln!(
+                    "{name}: {} {} MiB built={built} in {:.1}s",
+                    info.id,
+                    info.size_bytes >> 20,
+                    info.build_seconds
+                );
+                *slots[i].lock().unwrap() = Some(info);
+            });
+        }
+    });
+    let infos = slots
+        .into_iter()
+        .map(|s| s.into_inner().unwrap().expect("every stack was built"))
         .collect();
     (k, infos)
 }
