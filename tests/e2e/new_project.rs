@@ -94,6 +94,17 @@ fn edition_2024_crate(dir: &Path) {
     for (name, text) in files {
         std::fs::write(dir.join(name), text).unwrap();
     }
+    // Owned like the rest of the source (dev in the VM), not by this test's
+    // root: cargo writes target/ and may rewrite Cargo.lock.
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(dir.parent().unwrap()).unwrap();
+    let status = Command::new("chown")
+        .arg("-R")
+        .arg(format!("{}:{}", owner.uid(), owner.gid()))
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(status.success());
 }
 
 #[test]
@@ -126,9 +137,7 @@ fn a_cloned_rust_project_builds_in_its_vm() {
     edition_2024_crate(&src.join("e2024"));
     let out = k.ssh_ok(
         "demo",
-        // (Its files were written by this test as root: the build goes to
-        // dev's home.)
-        "cd /workspace/e2024 && CARGO_TARGET_DIR=$HOME/e2024-target cargo build --offline --quiet 2>&1 && $HOME/e2024-target/debug/e2024 && rust-analyzer --version",
+        "cd /workspace/e2024 && cargo build --offline --quiet 2>&1 && ./target/debug/e2024 && rust-analyzer --version",
     );
     assert!(out.contains("2024 says 42"), "{out}");
     assert!(out.contains("rust-analyzer 1."), "{out}");
