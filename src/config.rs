@@ -41,6 +41,8 @@ pub struct Config {
     pub git: GitConfig,
     pub metrics: MetricsConfig,
     pub checkpoint: CheckpointConfig,
+    /// The LLM gateway of the metadata service VMs reach.
+    pub llm: LlmConfig,
     /// The Matrix bot (runs when `matrix.homeserver` is set).
     pub matrix: kennel_bot::config::MatrixConfig,
     /// The Discord bot (runs when `discord.token` is set).
@@ -60,6 +62,66 @@ impl Default for CheckpointConfig {
     fn default() -> Self {
         Self { keep: 10 }
     }
+}
+
+/// The LLM gateway (`http://metadata.kennel.internal/llm/…` in VMs): where
+/// requests go and the limits per user. An owner's own key (`secret set
+/// openai-api-key …`) goes to `openai_url`/`anthropic_url`; without one,
+/// the first backend of the API the owner may use answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LlmConfig {
+    /// Requests per user in any minute; 0: no limit.
+    pub requests_per_minute: u32,
+    /// Tokens per user per UTC day (from the answers' usage); 0: no limit.
+    pub tokens_per_day: u64,
+    /// Where owners' own OpenAI keys go (the API base, `/v1` included).
+    pub openai_url: String,
+    /// Where owners' own Anthropic keys go.
+    pub anthropic_url: String,
+    /// The largest request body forwarded, in MiB.
+    pub max_body_mib: u64,
+    /// Until a backend's answer starts.
+    pub answer_timeout_secs: u64,
+    /// The longest pause inside a streamed answer.
+    pub idle_timeout_secs: u64,
+    /// `/kennel/v1/notify` lines per project per minute.
+    pub notify_per_minute: u32,
+    /// Backends the operator runs or pays for, by name.
+    pub backends: std::collections::BTreeMap<String, LlmBackendConfig>,
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        Self {
+            requests_per_minute: 60,
+            tokens_per_day: 2_000_000,
+            openai_url: "https://api.openai.com/v1".into(),
+            anthropic_url: "https://api.anthropic.com/v1".into(),
+            max_body_mib: 4,
+            answer_timeout_secs: 300,
+            idle_timeout_secs: 300,
+            notify_per_minute: 6,
+            backends: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+/// One operator backend (`[llm.backends.NAME]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmBackendConfig {
+    /// `openai` (any compatible server: vLLM, Ollama's `/v1`) or `anthropic`.
+    pub api: String,
+    /// The API base, `/v1` included, e.g. `http://127.0.0.1:11434/v1`.
+    pub url: String,
+    /// A file holding the key (read at start, never logged); none for a
+    /// server that needs no key.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Users who may use it (by name); empty: everyone.
+    #[serde(default)]
+    pub users: Vec<String>,
 }
 
 /// Prometheus metrics.
@@ -292,6 +354,7 @@ impl Default for Config {
             git: GitConfig::default(),
             metrics: MetricsConfig::default(),
             checkpoint: CheckpointConfig::default(),
+            llm: LlmConfig::default(),
             matrix: Default::default(),
             discord: Default::default(),
         }

@@ -117,6 +117,15 @@ pub async fn run(config: &Config) -> Result<()> {
         let _ = https_stopped.await;
     }));
     tracing::info!(addr = %https_addr, domain = %config.https.domain, "HTTPS gateway listening");
+    // The metadata service: one socket per project, which its VM's
+    // forward leads to (the LLM gateway, /kennel/v1).
+    let meta =
+        kennel_gateway::meta::MetaService::new(exec.gate(), wiring::meta_settings(config, &dir)?)
+            .map_err(|e| anyhow::anyhow!("cannot set up the metadata service: {e}"))?;
+    let (stop_meta, meta_stopped) = tokio::sync::oneshot::channel::<()>();
+    let meta_task = tokio::spawn(meta.run(async move {
+        let _ = meta_stopped.await;
+    }));
     // VMs that die under a running project (a killed VMM, a guest panic)
     // are noticed within a few seconds and shown stopped, saying why.
     let (stop_watch, watch_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -162,6 +171,8 @@ pub async fn run(config: &Config) -> Result<()> {
     let _ = stop_ssh.send(());
     let _ = stop_https.send(());
     let _ = https_task.await;
+    let _ = stop_meta.send(());
+    let _ = meta_task.await;
     let _ = stop_bots.send(true);
     let _ = stop_watch.send(());
     let _ = watch_task.await;

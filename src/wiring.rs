@@ -47,8 +47,59 @@ pub fn settings(config: &Config) -> Result<Settings> {
         idle_stop: config.idle_stop()?,
         idle_cpu_percent: config.vm.idle_cpu_percent,
         checkpoint_keep: config.checkpoint.keep,
+        llm_requests_per_minute: config.llm.requests_per_minute,
+        llm_tokens_per_day: config.llm.tokens_per_day,
         public_addresses: config.https.public_addresses.clone(),
         ..Settings::default()
+    })
+}
+
+/// The metadata service's settings: sockets under the data dir, the
+/// `[llm]` section with each backend's key read from its file.
+pub fn meta_settings(config: &Config, dir: &DataDir) -> Result<kennel_gateway::meta::MetaSettings> {
+    use kennel_core::llm::Provider;
+    let l = &config.llm;
+    let url = |what: &str, u: &str| -> Result<String> {
+        kennel_gateway::meta::base_url(u)
+            .ok_or_else(|| anyhow::anyhow!("{what} {u:?} is not an http:// or https:// URL"))
+    };
+    let mut backends = Vec::new();
+    for (name, b) in &l.backends {
+        let provider = Provider::parse(&b.api).ok_or_else(|| {
+            anyhow::anyhow!(
+                "llm.backends.{name}.api is {:?}: say \"openai\" or \"anthropic\"",
+                b.api
+            )
+        })?;
+        let key = match &b.key_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .with_context(|| {
+                        format!("cannot read llm.backends.{name}.key_file {}", p.display())
+                    })?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        backends.push(kennel_gateway::meta::Backend {
+            name: name.clone(),
+            provider,
+            url: url(&format!("llm.backends.{name}.url"), &b.url)?,
+            key,
+            users: b.users.clone(),
+        });
+    }
+    Ok(kennel_gateway::meta::MetaSettings {
+        dir: dir.root().join("meta"),
+        openai_url: url("llm.openai_url", &l.openai_url)?,
+        anthropic_url: url("llm.anthropic_url", &l.anthropic_url)?,
+        backends,
+        max_body: usize::try_from(l.max_body_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
+        connect_timeout: std::time::Duration::from_secs(10),
+        answer_timeout: std::time::Duration::from_secs(l.answer_timeout_secs.max(1)),
+        idle_timeout: std::time::Duration::from_secs(l.idle_timeout_secs.max(1)),
+        notify_per_minute: l.notify_per_minute,
     })
 }
 

@@ -857,21 +857,35 @@ impl Handler {
                     after,
                     ..
                 } => {
-                    // The owner hears of it by DM, on each Discord identity.
                     let line = kennel_core::idle::idle_notice(&project, after);
-                    for id in identities
-                        .iter()
-                        .filter(|i| i.frontend == Frontend::Discord)
-                    {
-                        let Ok(uid) = id.external_id.parse::<std::num::NonZeroU64>() else {
-                            continue;
-                        };
-                        if let Err(e) = dm(&http, uid, line.clone()).await {
-                            tracing::warn!(error = %e, user = uid, "could not tell the owner of an idle stop");
-                        }
-                    }
+                    tell_owner(&http, &identities, line).await;
+                }
+                Event::ProjectNotice {
+                    project,
+                    identities,
+                    text,
+                    ..
+                } => {
+                    let line = kennel_core::llm::notice_line(&project, &text);
+                    tell_owner(&http, &identities, line).await;
                 }
             }
+        }
+    }
+}
+
+/// Says `line` by DM to each Discord identity of a project's owner (an
+/// idle stop, a line from the VM).
+async fn tell_owner(http: &serenity::http::Http, identities: &[Identity], line: String) {
+    for id in identities
+        .iter()
+        .filter(|i| i.frontend == Frontend::Discord)
+    {
+        let Ok(uid) = id.external_id.parse::<std::num::NonZeroU64>() else {
+            continue;
+        };
+        if let Err(e) = dm(http, uid, line.clone()).await {
+            tracing::warn!(error = %e, user = uid, "could not tell a project's owner");
         }
     }
 }

@@ -14,8 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kennel_core::command::Command;
-use kennel_core::model::{AccessRequest, Frontend, Identity, IdleStop};
-use kennel_core::names::ProjectName;
+use kennel_core::model::{AccessRequest, Frontend, Identity};
 use kennel_core::outcome::Reply;
 use kennel_core::render::{write_doc, Block, Format};
 use kennel_core::Event;
@@ -854,7 +853,19 @@ impl MatrixBot {
                     identities,
                     after,
                     ..
-                } => self.idle_stopped(&project, &identities, after).await,
+                } => {
+                    let line = kennel_core::idle::idle_notice(&project, after);
+                    self.tell_owner(&identities, line).await;
+                }
+                Event::ProjectNotice {
+                    project,
+                    identities,
+                    text,
+                    ..
+                } => {
+                    let line = kennel_core::llm::notice_line(&project, &text);
+                    self.tell_owner(&identities, line).await;
+                }
             }
         }
     }
@@ -921,21 +932,22 @@ impl MatrixBot {
 
     /// Tells an idle-stopped project's owner, by DM, on each Matrix
     /// identity of theirs.
-    async fn idle_stopped(&self, project: &ProjectName, identities: &[Identity], after: IdleStop) {
-        let line = kennel_core::idle::idle_notice(project, after);
+    /// Says `line` in the DM of each Matrix identity of a project's owner
+    /// (an idle stop, a line from the VM).
+    async fn tell_owner(&self, identities: &[Identity], line: String) {
         for id in identities.iter().filter(|i| i.frontend == Frontend::Matrix) {
             let Ok(user) = UserId::parse(id.external_id.as_str()) else {
                 continue;
             };
             let Some(room) = self.dm(&user).await else {
-                tracing::warn!(user = %user, "no room to tell the owner of an idle stop");
+                tracing::warn!(user = %user, "no room to tell a project's owner");
                 continue;
             };
             if let Err(e) = room
                 .send(RoomMessageEventContent::notice_plain(line.clone()))
                 .await
             {
-                tracing::warn!(error = %e, user = %user, "could not tell the owner of an idle stop");
+                tracing::warn!(error = %e, user = %user, "could not tell a project's owner");
             }
         }
     }

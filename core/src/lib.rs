@@ -20,6 +20,7 @@ pub mod guest;
 pub mod hostpath;
 pub mod idle;
 pub mod keys;
+pub mod llm;
 pub mod model;
 pub mod names;
 pub mod outcome;

@@ -232,6 +232,15 @@ pub enum Reply {
     Secrets {
         names: Vec<String>,
     },
+    /// A user's LLM gateway use today and the limits (0: none).
+    LlmUsage {
+        user: crate::names::UserName,
+        day: String,
+        requests: u64,
+        tokens: u64,
+        requests_per_minute: u32,
+        tokens_per_day: u64,
+    },
     /// The user's public deploy key, to add to a git host.
     DeployKey {
         public_key: String,

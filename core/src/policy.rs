@@ -87,6 +87,13 @@ pub fn authorize(
         Projects { .. } | Stacks | Templates | KeyRm { .. } | SecretSet { .. } | SecretRm { .. } | Secrets
         | DeployKey | Login | Logout | Sessions | TokenCreate { .. } | Tokens | TokenRm { .. }
         | SshConfig => Ok(()),
+        LlmUsage { user } => {
+            if someone_else(user) {
+                refuse("only admins may see another user's LLM use; 'llm usage' shows yours")
+            } else {
+                Ok(())
+            }
+        }
         Quota { user, change } => {
             if !change.is_empty() {
                 refuse("only admins may set quotas; 'quota' shows yours")

@@ -764,6 +764,27 @@ pub fn document(r: &Reply) -> Vec<Block> {
             "You have no secrets. 'secret set git-token <token>' stores a token for https:// clones.",
         )],
         Reply::Secrets { names } => vec![text(format!("Your secrets: {}", names.join(", ")))],
+        Reply::LlmUsage {
+            user,
+            day,
+            requests,
+            tokens,
+            requests_per_minute,
+            tokens_per_day,
+        } => {
+            let limit = |n: u64| {
+                if n == 0 {
+                    "no limit".to_owned()
+                } else {
+                    n.to_string()
+                }
+            };
+            vec![text(format!(
+                "{user}'s LLM use on {day} (UTC): {requests} requests, {tokens} tokens of {} a day; at most {} requests a minute.",
+                limit(*tokens_per_day),
+                limit(u64::from(*requests_per_minute)),
+            ))]
+        }
         Reply::LoginLink { url, minutes } => vec![
             text(format!(
                 "Open this link within {minutes} minutes to sign your browser in (it works once; do not share it):"

@@ -10,6 +10,7 @@
 pub mod dns;
 pub mod guestrun;
 pub mod https;
+pub mod meta;
 pub mod ssh;
 pub mod vmlink;
 pub use russh::keys::PrivateKey as HostKey;

@@ -10,6 +10,8 @@ root="$1"
 
 # Kennel's guest files, owned by root whoever checked the recipe out.
 cp -R --no-preserve=ownership "$KENNEL_RECIPE/overlay/." "$root/"
+# The metadata service's environment for PAM sessions (su, sudo -i) too.
+grep -v '^#' "$root/etc/kennel/metadata.env" >> "$root/etc/environment"
 
 # The dev user: uid/gid 1000 (renumbered at boot to match the owner of the
 # host source directory), passwordless sudo, the journal (adm,

@@ -224,6 +224,9 @@ pub enum Command {
     SecretRm { name: SlugName },
     /// Lists the names of the caller's secrets (never their values).
     Secrets,
+    /// The day's LLM gateway use of a user (yourself by default) and the
+    /// limits that apply.
+    LlmUsage { user: Option<UserName> },
     /// Shows the public half of the caller's deploy key for ssh:// clones,
     /// making one on first use.
     DeployKey,
@@ -291,6 +294,7 @@ impl Command {
             | Stacks
             | Templates
             | Secrets
+            | LlmUsage { .. }
             | Sessions
             | Tokens
             | SshConfig
@@ -398,6 +402,7 @@ impl Command {
             | SecretSet { .. }
             | SecretRm { .. }
             | Secrets
+            | LlmUsage { .. }
             | DeployKey
             | Login
             | Logout

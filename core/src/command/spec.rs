@@ -921,6 +921,18 @@ pub static SPECS: &[CommandSpec] = &[
         build: |_| Ok(Command::Secrets),
     },
     CommandSpec {
+        name: "llm usage",
+        aliases: &[],
+        args: &[opt_word("user")],
+        flags: &[],
+        summary: "Show today's LLM gateway use (requests, tokens) and your limits",
+        build: |m| {
+            Ok(Command::LlmUsage {
+                user: m.arg("user").map(user).transpose()?,
+            })
+        },
+    },
+    CommandSpec {
         name: "deploy-key",
         aliases: &[],
         args: &[],
@@ -1529,6 +1541,7 @@ pub(super) fn spec_for(c: &Command) -> &'static CommandSpec {
         Command::SecretSet { .. } => "secret set",
         Command::SecretRm { .. } => "secret rm",
         Command::Secrets => "secrets",
+        Command::LlmUsage { .. } => "llm usage",
         Command::DeployKey => "deploy-key",
         Command::Login => "login",
         Command::Logout => "logout",
@@ -1672,6 +1685,11 @@ pub(super) fn write_canonical(c: &Command, f: &mut fmt::Formatter<'_>) -> fmt::R
             arg(value)?;
         }
         Command::SecretRm { name } => arg(name.as_str())?,
+        Command::LlmUsage { user } => {
+            if let Some(u) = user {
+                arg(u.as_str())?;
+            }
+        }
         Command::NewProject(n) => {
             arg(n.name.as_str())?;
             let opts: [(&str, Option<String>); 7] = [

@@ -88,6 +88,10 @@ pub struct Settings {
     pub idle_cpu_percent: u32,
     /// Checkpoints kept per project before the oldest automatic ones go.
     pub checkpoint_keep: u32,
+    /// The LLM gateway's limits per user: requests in any minute and
+    /// tokens per (UTC) day; 0 is no limit.
+    pub llm_requests_per_minute: u32,
+    pub llm_tokens_per_day: u64,
     /// Kennel's public addresses: a custom domain's A/AAAA record may
     /// point at one (besides those its own host name resolves to).
     pub public_addresses: Vec<std::net::IpAddr>,
@@ -128,6 +132,8 @@ impl Default for Settings {
             idle_stop: crate::model::IdleStop::Secs { secs: 30 * 60 },
             idle_cpu_percent: 5,
             checkpoint_keep: 10,
+            llm_requests_per_minute: 60,
+            llm_tokens_per_day: 2_000_000,
             public_addresses: Vec::new(),
         }
     }
@@ -150,6 +156,14 @@ pub enum Event {
         owner: UserName,
         identities: Vec<Identity>,
         after: crate::model::IdleStop,
+    },
+    /// A line a project's VM sent its owner (`/kennel/v1/notify`), for the
+    /// chats `identities` name.
+    ProjectNotice {
+        project: ProjectName,
+        owner: UserName,
+        identities: Vec<Identity>,
+        text: String,
     },
 }
 
@@ -614,6 +628,7 @@ impl Executor {
             Command::SecretSet { name, value } => self.secret_set(&call, &name, value).await,
             Command::SecretRm { name } => self.secret_rm(&call, &name).await,
             Command::Secrets => self.secrets(&call).await,
+            Command::LlmUsage { user } => self.llm_usage(&call, user.as_ref()).await,
             Command::DeployKey => self.deploy_key(&call).await,
             Command::Login => self.login(&call).await,
             Command::Logout => self.logout(&call).await,
@@ -800,6 +815,7 @@ fn audited(cmd: &Command) -> bool {
             | Command::Templates
             | Command::Yes
             | Command::Secrets
+            | Command::LlmUsage { .. }
             | Command::Sessions
             | Command::Tokens
             | Command::SshConfig

@@ -38,6 +38,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (12, include_str!("migrations/0012_identity_names.sql")),
     (13, include_str!("migrations/0013_share_links.sql")),
     (14, include_str!("migrations/0014_custom_domains.sql")),
+    (15, include_str!("migrations/0015_llm_usage.sql")),
 ];
 
 /// How long a writer waits for another to finish before giving up.

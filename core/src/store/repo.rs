@@ -1129,6 +1129,38 @@ pub fn secret_names(conn: &Connection, user: UserId) -> Result<Vec<String>, Stor
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+// ---------------------------------------------------------------- LLM use
+
+/// Adds one request and `tokens` to `user`'s count for `day`; returns the
+/// day's totals after it.
+pub fn add_llm_use(
+    conn: &Connection,
+    user: UserId,
+    day: &str,
+    tokens: u64,
+) -> Result<(u64, u64), StoreError> {
+    let tokens = i64::try_from(tokens).unwrap_or(i64::MAX);
+    conn.execute(
+        "INSERT INTO llm_usage (user_id, day, requests, tokens) VALUES (?1, ?2, 1, ?3)
+         ON CONFLICT (user_id, day) DO UPDATE SET requests = requests + 1, tokens = tokens + excluded.tokens",
+        params![user, day, tokens],
+    )?;
+    llm_use(conn, user, day)
+}
+
+/// `user`'s (requests, tokens) on `day`.
+pub fn llm_use(conn: &Connection, user: UserId, day: &str) -> Result<(u64, u64), StoreError> {
+    let row: Option<(i64, i64)> = conn
+        .query_row(
+            "SELECT requests, tokens FROM llm_usage WHERE user_id = ?1 AND day = ?2",
+            params![user, day],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let (r, t) = row.unwrap_or((0, 0));
+    Ok((r.max(0).unsigned_abs(), t.max(0).unsigned_abs()))
+}
+
 /// Renames a project (its row; shares and slots follow by id or name).
 pub fn rename_project(
     conn: &Connection,

@@ -48,7 +48,13 @@ pub mod route;
 mod site;
 pub mod tls;
 
+pub(crate) use proxy::strip_hop_by_hop;
 use proxy::Forwarded;
+
+/// A whole body of bytes.
+pub(crate) fn full_body(b: impl Into<Bytes>) -> Body {
+    page::full(b)
+}
 use route::Site;
 
 /// What Kennel's pages and the proxy answer with.

@@ -128,7 +128,7 @@ pub struct Forwarded {
 }
 
 /// Removes hop-by-hop headers and those `Connection` names.
-fn strip_hop_by_hop(h: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()

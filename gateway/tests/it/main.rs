@@ -9,4 +9,5 @@
 
 mod acme;
 mod https;
+mod meta;
 mod ssh_console;

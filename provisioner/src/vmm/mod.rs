@@ -99,6 +99,11 @@ pub struct Machine {
     /// The VMM's own stderr/stdout.
     pub vmm_log: PathBuf,
     pub net: NetAttach,
+    /// The project's socket of Kennel's metadata service (LLM gateway,
+    /// `/kennel/v1`), where the guest's connections to the metadata
+    /// address are forwarded: the socket, not the guest, says which VM
+    /// asks.
+    pub metadata_socket: PathBuf,
 }
 
 /// What a backend says about its VM.

@@ -1,4 +1,9 @@
 # Kennel: the stack's environment, and start in the project.
+if [ -r /etc/kennel/metadata.env ]; then
+  set -a
+  . /etc/kennel/metadata.env
+  set +a
+fi
 if [ -r /etc/kennel/stack.env ]; then
   set -a
   . /etc/kennel/stack.env

@@ -1,0 +1,250 @@
+//! Core's side of the metadata service (the LLM gateway and
+//! `/kennel/v1/*`, served by the gateway crate to VMs only): who a VM is,
+//! the owner's keys, the day's use against the limits, a record of each
+//! request, and a line from a VM to its owner's chat.
+//!
+//! Which VM asks is the gateway's to know from the network path (a per-VM
+//! socket); from then on it is a project name, and everything here is
+//! about that project's owner.
+
+use crate::executor::{Call, Event, Executor};
+use crate::gate::Gate;
+use crate::model::{AuditOutcome, Frontend, Identity, Project, User, UserId};
+use crate::names::{ProjectName, UserName};
+use crate::outcome::{CommandError, Outcome, Reply};
+use crate::store::repo;
+use crate::store::StoreError;
+
+/// The API families the gateway speaks, each with the owner's secret that
+/// holds its key (`secret set openai-api-key …`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Provider {
+    /// OpenAI's API and every server compatible with it (vLLM, Ollama's
+    /// `/v1`, LiteLLM).
+    OpenAi,
+    /// Anthropic's Messages API.
+    Anthropic,
+}
+
+impl Provider {
+    /// Its path segment (`/llm/openai/v1/…`) and configuration spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::OpenAi => "openai",
+            Provider::Anthropic => "anthropic",
+        }
+    }
+
+    /// The user secret holding the owner's own key.
+    pub fn secret_name(self) -> &'static str {
+        match self {
+            Provider::OpenAi => "openai-api-key",
+            Provider::Anthropic => "anthropic-api-key",
+        }
+    }
+
+    /// From a path segment.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "openai" => Some(Provider::OpenAi),
+            "anthropic" => Some(Provider::Anthropic),
+            _ => None,
+        }
+    }
+}
+
+/// A project's VM as the metadata service sees it.
+#[derive(Debug, Clone)]
+pub struct VmWho {
+    pub project: Project,
+    pub owner: User,
+}
+
+impl VmWho {
+    /// How the audit log names the VM acting (no person is behind it).
+    pub fn identity(&self) -> Identity {
+        Identity::new(Frontend::System, format!("vm:{}", self.project.name))
+    }
+}
+
+/// One user's LLM use on one (UTC) day.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LlmDay {
+    pub requests: u64,
+    pub tokens: u64,
+}
+
+/// What one forwarded request came to, for the audit log and the counts.
+/// Never the prompt or the answer.
+#[derive(Debug, Clone, Default)]
+pub struct LlmRecord {
+    /// `openai` (the owner's key) or an operator backend's name.
+    pub backend: String,
+    pub model: Option<String>,
+    pub tokens: u64,
+    /// The upstream's status, or the gateway's own (429, 502, 504).
+    pub status: u16,
+    pub ms: u64,
+}
+
+/// Today's date in UTC, the key of the day counts.
+pub fn today() -> String {
+    let d = time::OffsetDateTime::now_utc().date();
+    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
+}
+
+impl Gate {
+    /// The project `name` and its owner; `None` when there is no such
+    /// project (removed while its VM was still asking).
+    pub async fn vm_who(&self, name: &ProjectName) -> Result<Option<VmWho>, StoreError> {
+        let n = name.clone();
+        self.exec
+            .store
+            .call(move |c| {
+                let Some(project) = repo::project_by_name(c, &n)? else {
+                    return Ok(None);
+                };
+                Ok(repo::user_by_name(c, &project.owner)?.map(|owner| VmWho { project, owner }))
+            })
+            .await
+    }
+
+    /// Every project's name (the metadata service keeps a socket each).
+    pub async fn project_names(&self) -> Result<Vec<ProjectName>, StoreError> {
+        self.exec
+            .store
+            .call(|c| {
+                Ok(repo::list_projects(c, None)?
+                    .into_iter()
+                    .map(|p| p.name)
+                    .collect())
+            })
+            .await
+    }
+
+    /// The owner's own key for `provider`, read on the host for the
+    /// upstream request only.
+    pub async fn llm_key(
+        &self,
+        user: UserId,
+        provider: Provider,
+    ) -> Result<Option<String>, StoreError> {
+        self.exec
+            .store
+            .call(move |c| repo::secret(c, user, provider.secret_name()))
+            .await
+    }
+
+    /// `user`'s use today.
+    pub async fn llm_day(&self, user: UserId) -> Result<LlmDay, StoreError> {
+        let day = today();
+        let (requests, tokens) = self
+            .exec
+            .store
+            .call(move |c| repo::llm_use(c, user, &day))
+            .await?;
+        Ok(LlmDay { requests, tokens })
+    }
+
+    /// Counts one request of `who`'s owner and writes its audit line.
+    pub async fn llm_record(&self, who: &VmWho, r: &LlmRecord) {
+        let (uid, day, tokens) = (who.owner.id, today(), r.tokens);
+        if let Err(e) = self
+            .exec
+            .store
+            .call(move |c| repo::add_llm_use(c, uid, &day, tokens))
+            .await
+        {
+            tracing::warn!(error = %e, "could not count LLM use");
+        }
+        let outcome = if r.status < 400 {
+            AuditOutcome::Ok
+        } else if r.status == 429 {
+            AuditOutcome::Refused
+        } else {
+            AuditOutcome::Failed
+        };
+        let detail = format!(
+            "backend={} model={} tokens={} status={} ms={}",
+            r.backend,
+            r.model.as_deref().unwrap_or("-"),
+            r.tokens,
+            r.status,
+            r.ms
+        );
+        self.exec
+            .audit_entry(
+                &who.identity(),
+                Some(&who.owner),
+                "llm request",
+                Some(who.project.name.to_string()),
+                outcome,
+                Some(detail),
+            )
+            .await;
+    }
+
+    /// Posts `text` (one line, already checked) to the chats of `who`'s
+    /// owner, as the bots do for an idle stop.
+    pub async fn notify_owner(&self, who: &VmWho, text: &str) {
+        let uid = who.owner.id;
+        let identities = self
+            .exec
+            .store
+            .call(move |c| repo::identities_of(c, uid))
+            .await
+            .unwrap_or_default();
+        self.exec
+            .audit_entry(
+                &who.identity(),
+                Some(&who.owner),
+                "notify",
+                Some(who.project.name.to_string()),
+                AuditOutcome::Ok,
+                None,
+            )
+            .await;
+        let _ = self.exec.events.send(Event::ProjectNotice {
+            project: who.project.name.clone(),
+            owner: who.owner.name.clone(),
+            identities,
+            text: text.to_owned(),
+        });
+    }
+}
+
+impl Executor {
+    pub(crate) async fn llm_usage(&self, call: &Call<'_>, user: Option<&UserName>) -> Outcome {
+        let me = call.user()?.clone();
+        let target = match user {
+            None => me,
+            Some(n) if *n == me.name => me,
+            Some(n) => {
+                let n2 = n.clone();
+                self.store
+                    .call(move |c| repo::user_by_name(c, &n2))
+                    .await?
+                    .ok_or_else(|| CommandError::NotFound(format!("there is no user '{n}'")))?
+            }
+        };
+        let day = self.gate().llm_day(target.id).await?;
+        let s = self.settings();
+        Ok(Reply::LlmUsage {
+            user: target.name,
+            day: today(),
+            requests: day.requests,
+            tokens: day.tokens,
+            requests_per_minute: s.llm_requests_per_minute,
+            tokens_per_day: s.llm_tokens_per_day,
+        })
+    }
+}
+
+/// The most characters of one line a VM may send its owner.
+pub const NOTICE_MAX_CHARS: usize = 500;
+
+/// How a line from a VM reads in its owner's chat: the project first, so
+/// a VM cannot pass its words off as Kennel's.
+pub fn notice_line(project: &ProjectName, text: &str) -> String {
+    format!("[{project}] {text}")
+}

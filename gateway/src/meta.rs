@@ -1,0 +1,840 @@
+//! The metadata service: plain HTTP that only project VMs reach, with the
+//! LLM gateway (`/llm/openai/v1/…`, `/llm/anthropic/v1/…`) and
+//! `/kennel/v1/me`, `/kennel/v1/notify`.
+//!
+//! **Which VM asks** comes from the path the connection took, never from
+//! the request: each project has its own Unix socket (`DIR/NAME.sock`),
+//! and the VMM forwards the guest's connections to the metadata address
+//! into its own project's socket only (QEMU user networking: a `guestfwd`
+//! per VM). A guest can send any bytes it likes; it cannot choose the
+//! socket.
+//!
+//! **Keys stay on the host.** An LLM request is forwarded with the
+//! credential added here: the owner's own key (`secret set
+//! openai-api-key …`) or an operator backend the owner may use. The
+//! guest's own `Authorization`/`x-api-key` (a placeholder) is dropped.
+//! Answers stream through chunk by chunk; a client that goes away drops
+//! the upstream request with it.
+//!
+//! **Limits and records**: requests per minute per user (here, in memory)
+//! and tokens per day (core's count, from the answers' `usage`, streamed
+//! ones included), a 429 that names the limit; one audit line per request
+//! (no prompt, no answer) and metrics.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::future::Future as _;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use kennel_core::llm::{LlmRecord, Provider, VmWho, NOTICE_MAX_CHARS};
+use kennel_core::model::UserId;
+use kennel_core::names::ProjectName;
+use kennel_core::Gate;
+use tokio::net::UnixListener;
+use tracing::Instrument as _;
+
+use crate::https::Body;
+
+/// The metadata service's address inside a VM on QEMU user networking
+/// (guest side of the `guestfwd`; the images name it
+/// `metadata.kennel.internal`).
+pub const USER_NET_ADDR: &str = "10.0.2.100";
+
+/// An LLM server the operator configured (`[llm.backends.NAME]`).
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub name: String,
+    pub provider: Provider,
+    /// The API base, `…/v1` included (`http://127.0.0.1:11434/v1`).
+    pub url: String,
+    /// Read from the configured key file at start; `None` for a server
+    /// that wants none (a local Ollama).
+    pub key: Option<String>,
+    /// Who may use it; empty is everyone.
+    pub users: Vec<String>,
+}
+
+/// How the service behaves.
+#[derive(Debug, Clone)]
+pub struct MetaSettings {
+    /// Where the per-project sockets live.
+    pub dir: PathBuf,
+    /// The API bases the owners' own keys go to.
+    pub openai_url: String,
+    pub anthropic_url: String,
+    pub backends: Vec<Backend>,
+    /// The largest request body forwarded.
+    pub max_body: usize,
+    pub connect_timeout: Duration,
+    /// Until the upstream's answer starts (headers).
+    pub answer_timeout: Duration,
+    /// The longest pause between two chunks of an answer.
+    pub idle_timeout: Duration,
+    /// `/kennel/v1/notify` lines per project per minute.
+    pub notify_per_minute: u32,
+}
+
+impl Default for MetaSettings {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("kennel-data/meta"),
+            openai_url: "https://api.openai.com/v1".into(),
+            anthropic_url: "https://api.anthropic.com/v1".into(),
+            backends: Vec::new(),
+            max_body: 4 << 20,
+            connect_timeout: Duration::from_secs(10),
+            answer_timeout: Duration::from_secs(300),
+            idle_timeout: Duration::from_secs(300),
+            notify_per_minute: 6,
+        }
+    }
+}
+
+type Upstream = Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+>;
+
+/// The service: shared by every project's listener. Cheap to clone.
+#[derive(Clone)]
+pub struct MetaService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    gate: Gate,
+    s: MetaSettings,
+    client: Upstream,
+    /// Request times of each user in the last minute.
+    minute: Mutex<HashMap<UserId, VecDeque<Instant>>>,
+    /// Notify times of each project in the last minute.
+    notices: Mutex<HashMap<String, VecDeque<Instant>>>,
+}
+
+impl std::fmt::Debug for MetaService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetaService")
+            .field("dir", &self.inner.s.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether one more event fits in a per-minute window (and records it).
+fn admit<K: std::hash::Hash + Eq>(
+    map: &Mutex<HashMap<K, VecDeque<Instant>>>,
+    key: K,
+    per_minute: u32,
+) -> bool {
+    if per_minute == 0 {
+        return true;
+    }
+    let Ok(mut m) = map.lock() else {
+        return false;
+    };
+    let now = Instant::now();
+    let q = m.entry(key).or_default();
+    while q
+        .front()
+        .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
+    {
+        q.pop_front();
+    }
+    if q.len() >= per_minute as usize {
+        return false;
+    }
+    q.push_back(now);
+    true
+}
+
+impl MetaService {
+    /// Fails only when the TLS library offers no safe protocol version.
+    pub fn new(gate: Gate, s: MetaSettings) -> Result<Self, rustls::Error> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_native_certs::load_native_certs().certs {
+            let _ = roots.add(c);
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(s.connect_timeout));
+        http.set_nodelay(true);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(https);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                gate,
+                s,
+                client,
+                minute: Mutex::default(),
+                notices: Mutex::default(),
+            }),
+        })
+    }
+
+    /// The socket of `project`'s VM.
+    pub fn socket_of(dir: &Path, project: &ProjectName) -> PathBuf {
+        dir.join(format!("{project}.sock"))
+    }
+
+    /// Keeps one listening socket per project in the settings' directory
+    /// until `shutdown`: made for new projects, removed with theirs.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> std::io::Result<()> {
+        let dir = self.inner.s.dir.clone();
+        std::fs::create_dir_all(&dir)?;
+        set_mode(&dir, 0o700)?;
+        let mut live: HashMap<ProjectName, tokio::task::JoinHandle<()>> = HashMap::new();
+        let mut seen = u64::MAX;
+        let lap = async {
+            loop {
+                let changes = self.inner.gate.changes();
+                if changes != seen {
+                    seen = changes;
+                    match self.inner.gate.project_names().await {
+                        Ok(names) => self.reconcile(&dir, &names, &mut live),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "metadata service: cannot list projects")
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        };
+        tokio::select! {
+            () = lap => {}
+            () = shutdown => {}
+        }
+        for (_, t) in live.drain() {
+            t.abort();
+        }
+        Ok(())
+    }
+
+    fn reconcile(
+        &self,
+        dir: &Path,
+        names: &[ProjectName],
+        live: &mut HashMap<ProjectName, tokio::task::JoinHandle<()>>,
+    ) {
+        live.retain(|n, t| {
+            let keep = names.contains(n) && !t.is_finished();
+            if !keep {
+                t.abort();
+                let _ = std::fs::remove_file(Self::socket_of(dir, n));
+            }
+            keep
+        });
+        for n in names {
+            if live.contains_key(n) {
+                continue;
+            }
+            let path = Self::socket_of(dir, n);
+            let _ = std::fs::remove_file(&path);
+            match UnixListener::bind(&path) {
+                Ok(l) => {
+                    let _ = set_mode(&path, 0o600);
+                    live.insert(n.clone(), tokio::spawn(self.clone().listen(n.clone(), l)));
+                }
+                Err(e) => {
+                    tracing::warn!(project = %n, path = %path.display(), error = %e, "metadata service: cannot listen");
+                }
+            }
+        }
+    }
+
+    async fn listen(self, project: ProjectName, l: UnixListener) {
+        loop {
+            match l.accept().await {
+                Ok((s, _)) => {
+                    let me = self.clone();
+                    let p = project.clone();
+                    tokio::spawn(async move { me.serve(p, s).await });
+                }
+                Err(e) => {
+                    tracing::warn!(project = %project, error = %e, "metadata service: accept failed");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
+    /// Serves one connection that came from `project`'s VM.
+    pub async fn serve<S>(self, project: ProjectName, io: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let me = self.clone();
+            let p = project.clone();
+            let span = tracing::info_span!("meta", project = %p);
+            async move { Ok::<_, Infallible>(me.handle(&p, req).await) }.instrument(span)
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
+            .serve_connection(TokioIo::new(io), svc)
+            .await;
+    }
+
+    async fn handle(&self, project: &ProjectName, req: Request<Incoming>) -> Response<Body> {
+        let who = match self.inner.gate.vm_who(project).await {
+            Ok(Some(w)) => w,
+            Ok(None) => return plain(StatusCode::NOT_FOUND, "this VM's project is gone"),
+            Err(e) => {
+                tracing::warn!(error = %e, "metadata service: store");
+                return plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Kennel cannot read its store; try again",
+                );
+            }
+        };
+        let path = req.uri().path().to_owned();
+        let parts: Vec<&str> = path.trim_start_matches('/').splitn(4, '/').collect();
+        match parts.as_slice() {
+            ["kennel", "v1", "me"] if req.method() == Method::GET => json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "project": who.project.name.as_str(),
+                    "owner": who.owner.name.as_str(),
+                    "stack": who.project.stack,
+                }),
+            ),
+            ["kennel", "v1", "notify"] if req.method() == Method::POST => {
+                self.notify(&who, req).await
+            }
+            ["llm", provider, "v1", rest] => match Provider::parse(provider) {
+                Some(p) => self.llm(&who, p, rest, req).await,
+                None => not_found(&path),
+            },
+            _ => not_found(&path),
+        }
+    }
+
+    async fn notify(&self, who: &VmWho, req: Request<Incoming>) -> Response<Body> {
+        let body = match Limited::new(req.into_body(), 4096).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                return plain(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "a notice is one line of text",
+                )
+            }
+        };
+        let text = String::from_utf8_lossy(&body);
+        let line = text.trim();
+        if line.is_empty()
+            || line.chars().count() > NOTICE_MAX_CHARS
+            || line.chars().any(char::is_control)
+        {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                &format!("a notice is one line of 1 to {NOTICE_MAX_CHARS} characters"),
+            );
+        }
+        if !admit(
+            &self.inner.notices,
+            who.project.name.to_string(),
+            self.inner.s.notify_per_minute,
+        ) {
+            return plain(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!(
+                    "at most {} notices a minute per project",
+                    self.inner.s.notify_per_minute
+                ),
+            );
+        }
+        self.inner.gate.notify_owner(who, line).await;
+        plain(StatusCode::ACCEPTED, "sent")
+    }
+
+    /// Where `who`'s request for `provider` goes, with the credential.
+    async fn upstream_for(
+        &self,
+        who: &VmWho,
+        provider: Provider,
+    ) -> Result<(String, String, Option<String>), Response<Body>> {
+        match self.inner.gate.llm_key(who.owner.id, provider).await {
+            Ok(Some(key)) => {
+                let url = match provider {
+                    Provider::OpenAi => &self.inner.s.openai_url,
+                    Provider::Anthropic => &self.inner.s.anthropic_url,
+                };
+                return Ok((provider.as_str().to_owned(), url.clone(), Some(key)));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "metadata service: store");
+                return Err(plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Kennel cannot read its store; try again",
+                ));
+            }
+        }
+        let owner = who.owner.name.as_str();
+        self.inner
+            .s
+            .backends
+            .iter()
+            .find(|b| {
+                b.provider == provider
+                    && (b.users.is_empty() || b.users.iter().any(|u| u == owner))
+            })
+            .map(|b| (b.name.clone(), b.url.clone(), b.key.clone()))
+            .ok_or_else(|| {
+                plain(
+                    StatusCode::FORBIDDEN,
+                    &format!(
+                        "no LLM is configured for you: `secret set {} KEY` in chat, or ask an admin for a backend",
+                        provider.secret_name()
+                    ),
+                )
+            })
+    }
+
+    async fn llm(
+        &self,
+        who: &VmWho,
+        provider: Provider,
+        rest: &str,
+        req: Request<Incoming>,
+    ) -> Response<Body> {
+        let started = Instant::now();
+        let s = self.inner.gate.settings();
+        let (rpm, tpd) = (s.llm_requests_per_minute, s.llm_tokens_per_day);
+        let mut record = LlmRecord {
+            backend: "-".into(),
+            ..LlmRecord::default()
+        };
+        let early = async {
+            if !admit(&self.inner.minute, who.owner.id, rpm) {
+                return Err((
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "limit reached: {rpm} LLM requests a minute for {}; wait a minute",
+                        who.owner.name
+                    ),
+                ));
+            }
+            if tpd > 0 {
+                match self.inner.gate.llm_day(who.owner.id).await {
+                    Ok(d) if d.tokens >= tpd => {
+                        return Err((
+                            StatusCode::TOO_MANY_REQUESTS,
+                            format!(
+                                "limit reached: {tpd} LLM tokens a day for {} ({} used today, UTC); 'llm usage' in chat shows it",
+                                who.owner.name, d.tokens
+                            ),
+                        ))
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        return Err((
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "Kennel cannot read its store; try again".to_owned(),
+                        ))
+                    }
+                }
+            }
+            Ok(())
+        };
+        if let Err((status, msg)) = early.await {
+            record.status = status.as_u16();
+            record.ms = elapsed_ms(started);
+            self.inner.gate.llm_record(who, &record).await;
+            return llm_error(status, &msg);
+        }
+        let (backend, base, key) = match self.upstream_for(who, provider).await {
+            Ok(u) => u,
+            Err(resp) => return resp,
+        };
+        record.backend = backend.clone();
+        let (mut parts, body) = req.into_parts();
+        let body = match Limited::new(body, self.inner.s.max_body).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                return llm_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!("the request is larger than {} bytes", self.inner.s.max_body),
+                )
+            }
+        };
+        let body = prepare_body(provider, rest, body, &mut record);
+        let query = parts
+            .uri
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
+        let url = format!("{}/{rest}{query}", base.trim_end_matches('/'));
+        let Ok(uri) = url.parse::<Uri>() else {
+            return llm_error(StatusCode::BAD_REQUEST, "that path cannot be forwarded");
+        };
+        let mut headers = std::mem::take(&mut parts.headers);
+        crate::https::strip_hop_by_hop(&mut headers);
+        for h in [
+            header::HOST,
+            header::AUTHORIZATION,
+            header::COOKIE,
+            header::CONTENT_LENGTH,
+            // Answers come back as they are, so their usage can be read.
+            header::ACCEPT_ENCODING,
+        ] {
+            headers.remove(h);
+        }
+        headers.remove("x-api-key");
+        headers.remove(header::PROXY_AUTHORIZATION);
+        if let Some(k) = &key {
+            let (name, value) = match provider {
+                Provider::OpenAi => (header::AUTHORIZATION, format!("Bearer {k}")),
+                Provider::Anthropic => (header::HeaderName::from_static("x-api-key"), k.clone()),
+            };
+            match HeaderValue::from_str(&value) {
+                Ok(mut v) => {
+                    v.set_sensitive(true);
+                    headers.insert(name, v);
+                }
+                Err(_) => {
+                    return llm_error(
+                        StatusCode::BAD_GATEWAY,
+                        "the stored key has characters no HTTP header may carry; set it again",
+                    )
+                }
+            }
+        }
+        let mut up = Request::new(Full::new(body));
+        *up.method_mut() = parts.method;
+        *up.uri_mut() = uri;
+        *up.headers_mut() = headers;
+        let host = up.uri().host().unwrap_or("?").to_owned();
+        let answer =
+            tokio::time::timeout(self.inner.s.answer_timeout, self.inner.client.request(up)).await;
+        let resp = match answer {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::warn!(backend = %backend, host = %host, error = %e, "LLM backend unreachable");
+                record.status = 502;
+                record.ms = elapsed_ms(started);
+                self.inner.gate.llm_record(who, &record).await;
+                metric(&record);
+                return llm_error(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("the LLM backend '{backend}' ({host}) is not answering"),
+                );
+            }
+            Err(_) => {
+                record.status = 504;
+                record.ms = elapsed_ms(started);
+                self.inner.gate.llm_record(who, &record).await;
+                metric(&record);
+                return llm_error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    &format!(
+                        "the LLM backend '{backend}' ({host}) did not answer within {} s",
+                        self.inner.s.answer_timeout.as_secs()
+                    ),
+                );
+            }
+        };
+        record.status = resp.status().as_u16();
+        let (mut rparts, incoming) = resp.into_parts();
+        crate::https::strip_hop_by_hop(&mut rparts.headers);
+        let sse = rparts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let counted = Counted {
+            inner: incoming,
+            tally: Tally::new(sse),
+            idle: Box::pin(tokio::time::sleep(self.inner.s.idle_timeout)),
+            idle_for: self.inner.s.idle_timeout,
+            end: Some(End {
+                gate: self.inner.gate.clone(),
+                who: who.clone(),
+                record,
+                started,
+            }),
+        };
+        Response::from_parts(rparts, counted.boxed())
+    }
+}
+
+/// `u` as an API base (`http(s)://host[:port][/path]`, no query), without
+/// a trailing slash; `None` if it is not one.
+pub fn base_url(u: &str) -> Option<String> {
+    let p = u.parse::<Uri>().ok()?;
+    let ok = matches!(p.scheme_str(), Some("http" | "https"))
+        && p.host().is_some_and(|h| !h.is_empty())
+        && p.query().is_none();
+    ok.then(|| u.trim_end_matches('/').to_owned())
+}
+
+fn set_mode(p: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+}
+
+fn elapsed_ms(t: Instant) -> u64 {
+    u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+fn metric(r: &LlmRecord) {
+    ::metrics::counter!("kennel_llm_requests_total", "backend" => r.backend.clone(), "status" => r.status.to_string())
+        .increment(1);
+    ::metrics::counter!("kennel_llm_tokens_total", "backend" => r.backend.clone())
+        .increment(r.tokens);
+    #[allow(clippy::cast_precision_loss)]
+    ::metrics::histogram!("kennel_llm_request_seconds", "backend" => r.backend.clone())
+        .record(r.ms as f64 / 1000.0);
+}
+
+/// Reads the model and streaming flag from a JSON request, and asks an
+/// OpenAI-style stream for its usage (so streamed tokens count too).
+fn prepare_body(provider: Provider, rest: &str, body: Bytes, record: &mut LlmRecord) -> Bytes {
+    let Ok(serde_json::Value::Object(mut v)) = serde_json::from_slice::<serde_json::Value>(&body)
+    else {
+        return body;
+    };
+    record.model = v
+        .get("model")
+        .and_then(|m| m.as_str())
+        .map(|m| m.chars().take(100).collect());
+    let streams = v.get("stream").and_then(serde_json::Value::as_bool) == Some(true);
+    if provider == Provider::OpenAi && streams && rest.ends_with("chat/completions") {
+        let opts = v
+            .entry("stream_options")
+            .or_insert_with(|| serde_json::json!({}));
+        if let Some(o) = opts.as_object_mut() {
+            if !o.contains_key("include_usage") {
+                o.insert("include_usage".into(), serde_json::Value::Bool(true));
+                return serde_json::to_vec(&v).map(Bytes::from).unwrap_or(body);
+            }
+        }
+    }
+    body
+}
+
+/// Token counts seen in an answer: OpenAI's `usage.total_tokens` (or
+/// prompt + completion), Anthropic's `input_tokens` + `output_tokens`
+/// (in `message_start` and the cumulative `message_delta`).
+#[derive(Debug, Default)]
+struct Tally {
+    sse: bool,
+    /// A line not yet ended (SSE), or the whole body (JSON), capped.
+    buf: Vec<u8>,
+    total: u64,
+    input: u64,
+    output: u64,
+}
+
+/// The most of an answer kept to read its usage from.
+const TALLY_CAP: usize = 1 << 20;
+
+impl Tally {
+    fn new(sse: bool) -> Self {
+        Self {
+            sse,
+            ..Self::default()
+        }
+    }
+
+    fn feed(&mut self, chunk: &[u8]) {
+        if !self.sse {
+            if self.buf.len() + chunk.len() <= TALLY_CAP {
+                self.buf.extend_from_slice(chunk);
+            }
+            return;
+        }
+        let mut rest = chunk;
+        while let Some(i) = rest.iter().position(|b| *b == b'\n') {
+            let (line, after) = rest.split_at(i);
+            if self.buf.is_empty() {
+                self.line(line);
+            } else {
+                let mut l = std::mem::take(&mut self.buf);
+                l.extend_from_slice(line);
+                self.line(&l);
+            }
+            rest = after.get(1..).unwrap_or_default();
+        }
+        if self.buf.len() + rest.len() <= TALLY_CAP {
+            self.buf.extend_from_slice(rest);
+        }
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        let Some(data) = line.strip_prefix(b"data:") else {
+            return;
+        };
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data.trim_ascii()) {
+            self.json(&v);
+        }
+    }
+
+    fn json(&mut self, v: &serde_json::Value) {
+        let usages = [
+            v.get("usage"),
+            v.get("message").and_then(|m| m.get("usage")),
+            v.get("response").and_then(|m| m.get("usage")),
+        ];
+        for u in usages.into_iter().flatten() {
+            let n = |k: &str| u.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+            self.total = self.total.max(n("total_tokens"));
+            self.input = self.input.max(n("input_tokens")).max(n("prompt_tokens"));
+            self.output = self
+                .output
+                .max(n("output_tokens"))
+                .max(n("completion_tokens"));
+        }
+    }
+
+    fn tokens(&mut self) -> u64 {
+        if !self.sse && !self.buf.is_empty() {
+            let buf = std::mem::take(&mut self.buf);
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&buf) {
+                self.json(&v);
+            }
+        }
+        self.total.max(self.input.saturating_add(self.output))
+    }
+}
+
+/// What is recorded when an answer ends (or its client goes away).
+struct End {
+    gate: Gate,
+    who: VmWho,
+    record: LlmRecord,
+    started: Instant,
+}
+
+/// An answer passed through chunk by chunk, its usage read on the way.
+/// Dropping it (the VM's client went away) drops the upstream request.
+struct Counted {
+    inner: Incoming,
+    tally: Tally,
+    idle: Pin<Box<tokio::time::Sleep>>,
+    idle_for: Duration,
+    end: Option<End>,
+}
+
+impl Counted {
+    fn finish(&mut self) {
+        if let Some(mut end) = self.end.take() {
+            end.record.tokens = self.tally.tokens();
+            end.record.ms = elapsed_ms(end.started);
+            metric(&end.record);
+            tokio::spawn(async move { end.gate.llm_record(&end.who, &end.record).await });
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let me = &mut *self;
+        match Pin::new(&mut me.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    me.tally.feed(d);
+                }
+                let deadline = tokio::time::Instant::now() + me.idle_for;
+                me.idle.as_mut().reset(deadline);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                me.finish();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                me.finish();
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Pending => {
+                if me.idle.as_mut().poll(cx).is_ready() {
+                    // The upstream stalled: end the answer here.
+                    tracing::warn!("LLM backend stalled mid-answer; ending it");
+                    me.finish();
+                    return Poll::Ready(None);
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn plain(status: StatusCode, msg: &str) -> Response<Body> {
+    let mut r = Response::new(crate::https::full_body(format!("{msg}\n")));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(crate::https::full_body(v.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// An error an SDK shows: OpenAI's and Anthropic's shape alike
+/// (`{"error": {"message": …}}`).
+fn llm_error(status: StatusCode, msg: &str) -> Response<Body> {
+    json(
+        status,
+        &serde_json::json!({"error": {"type": "kennel", "message": msg}}),
+    )
+}
+
+fn not_found(path: &str) -> Response<Body> {
+    plain(
+        StatusCode::NOT_FOUND,
+        &format!(
+            "no route {path}: the metadata service has /llm/openai/v1/…, /llm/anthropic/v1/…, /kennel/v1/me and /kennel/v1/notify"
+        ),
+    )
+}
