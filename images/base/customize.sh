@@ -62,30 +62,16 @@ chroot "$root" systemctl mask kmod-static-nodes.service systemd-sysusers.service
   sys-fs-fuse-connections.mount dev-hugepages.mount systemd-remount-fs.service \
   proc-sys-fs-binfmt_misc.automount systemd-binfmt.service
 # Kennel's readiness first: what a login does not need waits until sshd
-# listens (ordering only; each still runs at every boot), and until the
-# boot is over it runs at idle CPU weight, so the first sessions come
-# first. Under emulation a VM has one slow CPU, and these would otherwise
-# share it with the path to sshd and the first `ssh` (measured:
-# docs/guest.md, "Boot time"). After the boot the weights are the usual.
-later_idle='[Unit]\nAfter=kennel-ready.service\n[Service]\nStartupCPUWeight=idle\n'
+# listens (ordering only; each still runs at every boot). Under emulation
+# a VM has one slow CPU, and these would otherwise share it with the path
+# to sshd (measured: docs/guest.md, "Boot time").
 for u in systemd-journald.service systemd-journal-flush.service \
   systemd-udevd.service systemd-udev-trigger.service \
   systemd-udev-load-credentials.service systemd-sysctl.service \
   systemd-modules-load.service systemd-random-seed.service \
-  systemd-tmpfiles-setup.service; do
-  install -d "$root/etc/systemd/system/$u.d"
-  printf "$later_idle" > "$root/etc/systemd/system/$u.d/kennel-later.conf"
-done
-for u in run-lock.mount dev-mqueue.mount; do
+  systemd-tmpfiles-setup.service run-lock.mount dev-mqueue.mount; do
   install -d "$root/etc/systemd/system/$u.d"
   printf '[Unit]\nAfter=kennel-ready.service\n' > "$root/etc/systemd/system/$u.d/kennel-later.conf"
-done
-# Started after sysinit (so after the units above) and idle until the boot
-# is over for the same reason.
-for u in systemd-logind.service dbus.service systemd-user-sessions.service \
-  kennel-grow-root.service; do
-  install -d "$root/etc/systemd/system/$u.d"
-  printf '[Service]\nStartupCPUWeight=idle\n' > "$root/etc/systemd/system/$u.d/kennel-later.conf"
 done
 # sshd's own host key step: kennel-init installs the VM's key.
 chroot "$root" systemctl mask sshd-keygen.service
