@@ -43,6 +43,8 @@ pub struct Config {
     pub checkpoint: CheckpointConfig,
     /// The LLM gateway of the metadata service VMs reach.
     pub llm: LlmConfig,
+    /// Coding agents `agent NAME TASK` may run in a project's VM, by name.
+    pub agents: std::collections::BTreeMap<String, AgentConfig>,
     /// The Matrix bot (runs when `matrix.homeserver` is set).
     pub matrix: kennel_bot::config::MatrixConfig,
     /// The Discord bot (runs when `discord.token` is set).
@@ -105,6 +107,19 @@ impl Default for LlmConfig {
             backends: std::collections::BTreeMap::new(),
         }
     }
+}
+
+/// One agent (`[agents.NAME]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The program and its arguments, run as `dev` in `/workspace`;
+    /// `{task}` in a word is replaced by the task (still one argument).
+    pub command: Vec<String>,
+    /// The agent `agent NAME TASK` runs when the project has no
+    /// `.kennel/agent` and none is named (else the first by name).
+    #[serde(default)]
+    pub default: bool,
 }
 
 /// One operator backend (`[llm.backends.NAME]`).
@@ -355,6 +370,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             checkpoint: CheckpointConfig::default(),
             llm: LlmConfig::default(),
+            agents: std::collections::BTreeMap::new(),
             matrix: Default::default(),
             discord: Default::default(),
         }

@@ -49,9 +49,30 @@ pub fn settings(config: &Config) -> Result<Settings> {
         checkpoint_keep: config.checkpoint.keep,
         llm_requests_per_minute: config.llm.requests_per_minute,
         llm_tokens_per_day: config.llm.tokens_per_day,
+        agents: agents(config)?,
         public_addresses: config.https.public_addresses.clone(),
         ..Settings::default()
     })
+}
+
+/// The configured agents, the default first.
+fn agents(config: &Config) -> Result<Vec<(String, Vec<String>)>> {
+    let mut out = Vec::new();
+    for (name, a) in &config.agents {
+        if kennel_core::command::SlugName::new(name).is_err() {
+            anyhow::bail!("agents.{name}: an agent's name is lowercase letters, digits and dashes");
+        }
+        if a.command.first().is_none_or(|p| p.trim().is_empty()) {
+            anyhow::bail!("agents.{name}.command is empty: give the program and its arguments, with \"{{task}}\" where the task goes");
+        }
+        let entry = (name.clone(), a.command.clone());
+        if a.default {
+            out.insert(0, entry);
+        } else {
+            out.push(entry);
+        }
+    }
+    Ok(out)
 }
 
 /// The metadata service's settings: sockets under the data dir, the

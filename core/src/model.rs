@@ -368,6 +368,23 @@ pub struct AuditEvent {
     pub detail: Option<String>,
 }
 
+/// One `agent` run of a project.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AgentRun {
+    pub id: i64,
+    pub user: Option<UserName>,
+    pub agent: String,
+    pub task: String,
+    /// The checkpoint taken before it (`rollback NAME LABEL` undoes it).
+    pub checkpoint: String,
+    pub started_at: Timestamp,
+    pub ended_at: Option<Timestamp>,
+    pub exit_code: Option<i32>,
+    pub tokens: Option<u64>,
+    /// `git diff --stat`'s last line (files changed, insertions, deletions).
+    pub diffstat: Option<String>,
+}
+
 /// A checkpoint of a project: its VM's disk and its source at one moment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Checkpoint {

@@ -222,6 +222,36 @@ pub enum Reply {
         project: String,
         count: usize,
     },
+    /// `agent`: how the run ended, what it changed, and the way back.
+    AgentRan {
+        project: String,
+        agent: String,
+        /// The checkpoint taken before it.
+        checkpoint: String,
+        exit_code: i32,
+        signal: Option<String>,
+        timed_out: bool,
+        /// Stopped by `agent stop`.
+        stopped: bool,
+        elapsed_ms: u64,
+        /// LLM tokens the owner used meanwhile (through the gateway).
+        tokens: u64,
+        /// `git diff --stat HEAD` in the VM afterwards (empty: no change
+        /// or no git repository).
+        diffstat: Vec<String>,
+        tail: Vec<String>,
+        cut: bool,
+        streamed: bool,
+        output_bytes: u64,
+    },
+    AgentStopped {
+        project: String,
+        was_running: bool,
+    },
+    AgentRuns {
+        project: String,
+        runs: Vec<crate::model::AgentRun>,
+    },
     SecretStored {
         name: String,
     },
@@ -542,7 +572,7 @@ pub type Outcome = Result<Reply, CommandError>;
 pub fn exit_code(o: &Outcome) -> i32 {
     match o {
         // `run`: the command's own, as a shell gives it.
-        Ok(Reply::Ran { exit_code, .. }) => *exit_code,
+        Ok(Reply::Ran { exit_code, .. } | Reply::AgentRan { exit_code, .. }) => *exit_code,
         Ok(_) => 0,
         Err(e) => e.kind().exit_code(),
     }

@@ -131,7 +131,10 @@ pub fn authorize(
         | Checkpoint { .. }
         | Checkpoints { .. }
         | Run { .. }
-        | RunStop { .. } => match rel {
+        | RunStop { .. }
+        | Agent { .. }
+        | AgentStop { .. }
+        | Agents { .. } => match rel {
             Relation::Owner | Relation::Shared { ssh: true, .. } => Ok(()),
             Relation::Shared { .. } => Err(Refusal::Denied(format!(
                 "'{project}' is shared with you for the web app only; ask its owner for SSH access"

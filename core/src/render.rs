@@ -732,6 +732,98 @@ pub fn document(r: &Reply) -> Vec<Block> {
             }
             doc
         }
+        Reply::AgentRan {
+            project,
+            agent,
+            checkpoint,
+            exit_code,
+            signal,
+            timed_out,
+            stopped,
+            elapsed_ms,
+            tokens,
+            diffstat,
+            tail,
+            cut,
+            streamed,
+            output_bytes,
+        } => {
+            #[allow(clippy::cast_precision_loss)]
+            let secs = *elapsed_ms as f64 / 1000.0;
+            let how = if *timed_out {
+                format!("hit its time limit and was stopped after {secs:.1} s")
+            } else if *stopped {
+                format!("was stopped by 'agent stop' after {secs:.1} s")
+            } else if let Some(sig) = signal {
+                format!("was ended by signal {sig} after {secs:.1} s (exit {exit_code})")
+            } else if *exit_code == 0 {
+                format!("finished in {secs:.1} s")
+            } else {
+                format!("exited with {exit_code} after {secs:.1} s")
+            };
+            let mut doc = vec![text(format!(
+                "Agent {agent} in {project} {how}; {tokens} LLM tokens."
+            ))];
+            if !*streamed && !tail.is_empty() {
+                if *cut {
+                    doc.push(text(format!(
+                        "The last {} lines of {} of output:",
+                        tail.len(),
+                        bytes(*output_bytes)
+                    )));
+                }
+                doc.push(Block::Code(tail.join("\n")));
+            }
+            if diffstat.is_empty() {
+                doc.push(text("The source has no changes against git HEAD (or is no git repository)."));
+            } else {
+                doc.push(text("What changed (git diff --stat):"));
+                doc.push(Block::Code(diffstat.join("\n")));
+            }
+            doc.push(para(vec![
+                t("Keep it, or undo it with "),
+                code(format!("rollback {project} {checkpoint}")),
+                t(format!(" (the checkpoint {checkpoint} was taken before the run).")),
+            ]));
+            doc
+        }
+        Reply::AgentStopped {
+            project,
+            was_running,
+        } => vec![text(if *was_running {
+            format!("Stopping the agent in {project}.")
+        } else {
+            format!("No agent runs in {project} now.")
+        })],
+        Reply::AgentRuns { project, runs } if runs.is_empty() => vec![para(vec![
+            t(format!("{project} has had no agent runs. Start one with ")),
+            code(format!("agent {project} TASK")),
+            t("."),
+        ])],
+        Reply::AgentRuns { runs, .. } => vec![Block::Table {
+            head: ["started", "by", "agent", "task", "result", "tokens", "changes", "undo with"]
+                .map(String::from)
+                .to_vec(),
+            rows: runs
+                .iter()
+                .map(|r| {
+                    vec![
+                        format_time(r.started_at),
+                        r.user.as_ref().map_or_else(|| "-".into(), ToString::to_string),
+                        r.agent.clone(),
+                        r.task.chars().take(60).collect(),
+                        match (r.ended_at, r.exit_code) {
+                            (None, _) => "running".into(),
+                            (Some(_), Some(c)) => format!("exit {c}"),
+                            (Some(_), None) => "?".into(),
+                        },
+                        r.tokens.map(|t| t.to_string()).unwrap_or_default(),
+                        r.diffstat.clone().unwrap_or_default(),
+                        r.checkpoint.clone(),
+                    ]
+                })
+                .collect(),
+        }],
         Reply::RunStopped { project, count } => vec![text(match count {
             0 => format!("Nothing that 'run' started runs in {project} now."),
             1 => format!("Stopping the command 'run' started in {project}."),

@@ -15,9 +15,7 @@
     clippy::indexing_slicing
 )]
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::support::{curl, Kennel, Steps};
@@ -65,54 +63,14 @@ for a in $(/usr/bin/busybox --list); do [ \"$a\" = busybox ] || ln -s busybox /t
 for l in $(ldd /usr/bin/busybox | grep -o '/[^ ]*'); do cp --parents \"$l\" /tmp/bb/; done; \
 tar -C /tmp/bb -c . | docker import - kennel-test/bb >/dev/null; docker image ls --format '{{.Repository}}' kennel-test/bb";
 
-/// The owner's key the LLM gateway adds on the host; it must appear
-/// nowhere in the VM.
-const OWNER_KEY: &str = "sk-e2e-owner-4b1d7c0ffee";
-
-/// What the upstream received: (`authorization`, body) per request.
-type Seen = Arc<Mutex<Vec<(String, String)>>>;
-
-/// An OpenAI-compatible upstream on the host's loopback that records the
-/// `authorization` header and body of each request and answers with a
-/// completion of 12 tokens.
-fn llm_upstream() -> (u16, Seen) {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let seen: Seen = Arc::default();
-    let s2 = seen.clone();
-    std::thread::spawn(move || {
-        for conn in l.incoming() {
-            let Ok(mut c) = conn else { return };
-            let mut r = BufReader::new(c.try_clone().unwrap());
-            let (mut auth, mut len) = (String::new(), 0usize);
-            loop {
-                let mut line = String::new();
-                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                let lower = line.to_ascii_lowercase();
-                if let Some(v) = lower.strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-                if lower.starts_with("authorization:") {
-                    auth = line["authorization:".len()..].trim().to_owned();
-                }
-            }
-            let mut body = vec![0u8; len];
-            let _ = r.read_exact(&mut body);
-            s2.lock()
-                .unwrap()
-                .push((auth, String::from_utf8_lossy(&body).into_owned()));
-            let answer = r#"{"choices":[{"message":{"role":"assistant","content":"hello from upstream"}}],"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}"#;
-            let _ = write!(
-                c,
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
-                answer.len()
-            );
-        }
-    });
-    (port, seen)
-}
+/// The project's own agent: a script given the task as its one argument,
+/// which edits the source.
+const AGENT: &str = r#"#!/bin/sh
+set -eu
+echo "agent: task is $1"
+printf '%s\n' "$1" > agent-note.txt
+echo "agent: wrote agent-note.txt"
+"#;
 
 /// Retries `f` until it returns `Some`, for up to `limit`.
 fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
@@ -148,11 +106,6 @@ fn systemd_docker_and_compose_in_a_real_guest() {
     kennel_testkit::require("curl", "curl");
     let tmp = tempfile::tempdir().unwrap();
     let mut k = Kennel::new(tmp.path());
-    let (llm_port, llm_seen) = llm_upstream();
-    k.env.push((
-        "KENNEL_LLM__OPENAI_URL".into(),
-        format!("http://127.0.0.1:{llm_port}/v1"),
-    ));
     k.start_serve();
     let src = tmp.path().join("kennel-data/projects/box");
     std::fs::create_dir_all(src.join(".devcontainer")).unwrap();
@@ -160,6 +113,13 @@ fn systemd_docker_and_compose_in_a_real_guest() {
     std::fs::write(src.join(".devcontainer/devcontainer.json"), DEVCONTAINER).unwrap();
     std::fs::write(src.join(".devcontainer/compose.yaml"), DEVCONTAINER_COMPOSE).unwrap();
     std::fs::write(src.join("two/compose.yaml"), COMPOSE).unwrap();
+    std::fs::create_dir_all(src.join(".kennel")).unwrap();
+    std::fs::write(src.join(".kennel/agent"), AGENT).unwrap();
+    std::fs::set_permissions(
+        src.join(".kennel/agent"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let mut steps = Steps::new("systemd_docker_and_compose_in_a_real_guest");
 
     steps.run(
@@ -240,42 +200,25 @@ fn systemd_docker_and_compose_in_a_real_guest() {
     });
 
     steps.run(
-        "the LLM gateway from inside the VM: the owner's key is added on the host",
+        "an agent run: checkpoint, the project's agent through the gateway, the summary, rollback",
         || {
-            k.exec_ok(&format!("secret set openai-api-key {OWNER_KEY}"));
-            let out = k.ssh_ok(
-                "box",
-                "curl -sS --max-time 30 -H 'content-type: application/json' \
-                 -d '{\"model\":\"e2e-model\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}' \
-                 \"$OPENAI_BASE_URL/chat/completions\"",
+            let out = k.exec_ok("agent box write the note");
+            assert!(out.contains("agent: task is write the note"), "{out}");
+            assert!(out.contains("Agent .kennel/agent in box finished"), "{out}");
+            assert!(out.contains("rollback box agent-1"), "{out}");
+            // The file the agent wrote is in the source on the host.
+            let note = std::fs::read_to_string(src.join("agent-note.txt")).unwrap();
+            assert_eq!(note.trim(), "write the note");
+            let runs = k.exec_ok("agents box");
+            assert!(
+                runs.contains("write the note") && runs.contains("agent-1"),
+                "{runs}"
             );
-            assert!(out.contains("hello from upstream"), "{out}");
-            let seen = llm_seen.lock().unwrap().clone();
-            assert_eq!(seen.len(), 1, "{seen:?}");
-            assert_eq!(seen[0].0, format!("Bearer {OWNER_KEY}"));
-            assert!(seen[0].1.contains("e2e-model"), "{seen:?}");
-            // Which VM this is, from the network path.
-            let me = k.ssh_ok("box", "curl -sS --max-time 10 \"$KENNEL_METADATA_URL/kennel/v1/me\"");
-            let me: serde_json::Value = serde_json::from_str(me.trim()).unwrap();
-            assert_eq!(me["project"], "box", "{me}");
-            // Services get the gateway's environment too.
-            let svc = k.ssh_ok(
-                "box",
-                "sudo systemd-run --quiet --wait --pipe printenv OPENAI_BASE_URL ANTHROPIC_BASE_URL",
-            );
-            assert!(svc.contains("http://metadata.kennel.internal/llm/openai/v1"), "{svc}");
-            assert!(svc.contains("http://metadata.kennel.internal/llm/anthropic"), "{svc}");
-            // The key is nowhere in the VM: not the environment, not a file.
-            let found = k.ssh_ok(
-                "box",
-                &format!(
-                    "env | grep -c {OWNER_KEY} || true; \
-                     sudo grep -rIl --exclude-dir=proc {OWNER_KEY} /etc /home /run /tmp /var/log 2>/dev/null || true"
-                ),
-            );
-            assert_eq!(found.trim(), "0", "{found}");
-            let usage = k.exec_ok("llm usage");
-            assert!(usage.contains("1 requests, 12 tokens"), "{usage}");
+            // Undo it: the source is as it was before the run.
+            k.exec_ok("rollback box agent-1 --yes");
+            assert!(!src.join("agent-note.txt").exists());
+            assert!(src.join(".kennel/agent").exists());
+            k.wait_state("box", "running", Duration::from_secs(120));
         },
     );
 

@@ -147,6 +147,19 @@ pub enum Command {
     },
     /// Stops the commands `run` is running in a project's VM.
     RunStop { name: ProjectName },
+    /// Runs a coding agent in a project's VM on `task`, after a checkpoint.
+    Agent {
+        name: ProjectName,
+        /// An operator agent (`[agents.NAME]`); none: the project's
+        /// `.kennel/agent`, else the first configured.
+        with: Option<SlugName>,
+        task: String,
+        timeout_secs: u64,
+    },
+    /// Stops a project's agent run.
+    AgentStop { name: ProjectName },
+    /// A project's agent runs.
+    Agents { name: ProjectName },
     /// Shows quotas and what is used of them: everyone's, one user's, or
     /// (for a member) their own; an admin's change sets a user's own
     /// limits.
@@ -300,7 +313,8 @@ impl Command {
             | SshConfig
             | Shares { .. }
             | Domains { .. }
-            | Checkpoints { .. } => true,
+            | Checkpoints { .. }
+            | Agents { .. } => true,
             Quota { change, .. } => change.is_empty(),
             NewProject(_)
             | DomainAdd { .. }
@@ -311,6 +325,8 @@ impl Command {
             | Resize { .. }
             | Run { .. }
             | RunStop { .. }
+            | Agent { .. }
+            | AgentStop { .. }
             | Checkpoint { .. }
             | Rollback { .. }
             | CheckpointRm { .. }
@@ -377,7 +393,10 @@ impl Command {
             | Shares { name }
             | UnshareLink { name, .. }
             | Run { name, .. }
-            | RunStop { name } => Some(name),
+            | RunStop { name }
+            | Agent { name, .. }
+            | AgentStop { name }
+            | Agents { name } => Some(name),
             NewProject(n) => Some(&n.name),
             Domains { name } => name.as_ref(),
             // Listed one by one: a new command that names a project must

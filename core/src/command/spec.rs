@@ -167,6 +167,10 @@ pub const MAX_LINK_SECS: u64 = 90 * 86_400;
 pub const DEFAULT_RUN_TIMEOUT_SECS: u64 = 600;
 /// The longest `--timeout` of `run`.
 pub const MAX_RUN_TIMEOUT_SECS: u64 = 24 * 3600;
+/// How long `agent` lets an agent run when not told.
+pub const DEFAULT_AGENT_TIMEOUT_SECS: u64 = 3600;
+/// The longest task `agent` passes on.
+pub const MAX_TASK_CHARS: usize = 4000;
 const USER_FLAG: FlagSpec = valued("user", "USER", "another user's (admins only)");
 /// Lines of console log `logs` shows when not told.
 pub const DEFAULT_LOG_LINES: u32 = 50;
@@ -634,6 +638,62 @@ pub static SPECS: &[CommandSpec] = &[
         summary: "Stop what 'run' is running in a project's VM",
         build: |m| {
             Ok(Command::RunStop {
+                name: m.req("name", project)?,
+            })
+        },
+    },
+    CommandSpec {
+        name: "agent",
+        aliases: &[],
+        args: &[word("name"), argv("task")],
+        flags: &[
+            valued("with", "AGENT", "an agent the operator configured (default: the project's .kennel/agent, else the first configured)"),
+            valued("timeout", "DURATION", "stop it after this long (default 1h; up to 24h)"),
+        ],
+        summary: "Run a coding agent on a task in a project's VM, after a checkpoint to roll back to",
+        build: |m| {
+            let timeout_secs = match m.value("timeout", duration)? {
+                Some(s) if s > MAX_RUN_TIMEOUT_SECS => {
+                    return Err("--timeout is at most 24h".into())
+                }
+                Some(s) => s,
+                None => DEFAULT_AGENT_TIMEOUT_SECS,
+            };
+            let task = m.argv.join(" ");
+            if task.trim().is_empty() {
+                return Err("missing <task>: say what the agent should do".into());
+            }
+            if task.chars().count() > MAX_TASK_CHARS || task.contains('\0') {
+                return Err(format!("a task is at most {MAX_TASK_CHARS} characters"));
+            }
+            Ok(Command::Agent {
+                name: m.req("name", project)?,
+                with: m.value("with", slug)?,
+                task,
+                timeout_secs,
+            })
+        },
+    },
+    CommandSpec {
+        name: "agent stop",
+        aliases: &[],
+        args: NAME,
+        flags: &[],
+        summary: "Stop a project's agent run",
+        build: |m| {
+            Ok(Command::AgentStop {
+                name: m.req("name", project)?,
+            })
+        },
+    },
+    CommandSpec {
+        name: "agents",
+        aliases: &[],
+        args: NAME,
+        flags: &[],
+        summary: "A project's agent runs: when, who, task, result, the checkpoint before each",
+        build: |m| {
+            Ok(Command::Agents {
                 name: m.req("name", project)?,
             })
         },
@@ -1501,6 +1561,9 @@ pub(super) fn spec_for(c: &Command) -> &'static CommandSpec {
         Command::Resize { .. } => "resize",
         Command::Run { .. } => "run",
         Command::RunStop { .. } => "run stop",
+        Command::Agent { .. } => "agent",
+        Command::AgentStop { .. } => "agent stop",
+        Command::Agents { .. } => "agents",
         Command::Status { .. } => "status",
         Command::Start { .. } => "start",
         Command::Stop { .. } => "stop",
@@ -1636,7 +1699,27 @@ pub(super) fn write_canonical(c: &Command, f: &mut fmt::Formatter<'_>) -> fmt::R
                 write!(f, " --note {}", quote(n))?;
             }
         }
-        Command::Checkpoints { name } | Command::RunStop { name } => arg(name.as_str())?,
+        Command::Checkpoints { name }
+        | Command::RunStop { name }
+        | Command::AgentStop { name }
+        | Command::Agents { name } => arg(name.as_str())?,
+        Command::Agent {
+            name,
+            with,
+            task,
+            timeout_secs,
+        } => {
+            write!(f, " {}", quote(name.as_str()))?;
+            if let Some(w) = with {
+                write!(f, " --with {w}")?;
+            }
+            if *timeout_secs != DEFAULT_AGENT_TIMEOUT_SECS {
+                write!(f, " --timeout {timeout_secs}s")?;
+            }
+            for w in task.split(' ') {
+                write!(f, " {}", quote(w))?;
+            }
+        }
         Command::Resize {
             name,
             cpus,

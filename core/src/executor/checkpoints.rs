@@ -202,7 +202,11 @@ impl Executor {
     }
 
     /// The first free label `PREFIX1`, `PREFIX2`, ... of a project.
-    async fn free_label(&self, name: &ProjectName, prefix: &str) -> Result<String, CommandError> {
+    pub(super) async fn free_label(
+        &self,
+        name: &ProjectName,
+        prefix: &str,
+    ) -> Result<String, CommandError> {
         let n = name.clone();
         let taken: Vec<String> = self
             .store
@@ -218,7 +222,10 @@ impl Executor {
     }
 
     /// The owner's usage, checkpoints included, must leave room.
-    async fn check_checkpoint_quota(&self, project: &Project) -> Result<(), CommandError> {
+    pub(super) async fn check_checkpoint_quota(
+        &self,
+        project: &Project,
+    ) -> Result<(), CommandError> {
         let owner = project.owner.clone();
         let over = self
             .store
@@ -244,7 +251,7 @@ impl Executor {
     }
 
     /// Takes the checkpoint's files, then records it.
-    async fn take_checkpoint(
+    pub(super) async fn take_checkpoint(
         &self,
         project: &Project,
         label: &str,

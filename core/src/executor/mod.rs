@@ -44,6 +44,7 @@ use crate::store::repo::{self, AuditEntry};
 use crate::store::{write_tx, Store, StoreError};
 
 mod access;
+pub mod agents;
 mod checkpoints;
 mod confirm;
 mod create;
@@ -92,6 +93,9 @@ pub struct Settings {
     /// tokens per (UTC) day; 0 is no limit.
     pub llm_requests_per_minute: u32,
     pub llm_tokens_per_day: u64,
+    /// The agents the operator configured (`[agents.NAME] command`), in
+    /// order: the first is the default; `{task}` in a word is the task.
+    pub agents: Vec<(String, Vec<String>)>,
     /// Kennel's public addresses: a custom domain's A/AAAA record may
     /// point at one (besides those its own host name resolves to).
     pub public_addresses: Vec<std::net::IpAddr>,
@@ -134,6 +138,7 @@ impl Default for Settings {
             checkpoint_keep: 10,
             llm_requests_per_minute: 60,
             llm_tokens_per_day: 2_000_000,
+            agents: Vec::new(),
             public_addresses: Vec::new(),
         }
     }
@@ -186,6 +191,8 @@ pub struct Executor {
     guest: Arc<std::sync::OnceLock<Arc<dyn crate::guest::GuestShell>>>,
     /// What `run` runs now, for `run stop`.
     running: Arc<crate::guest::Running>,
+    /// The agent runs going now (`agent`, `agent stop`).
+    agent_runs: Arc<agents::AgentRuns>,
     /// The resolver custom domains are checked with, once wired.
     dns: Arc<std::sync::OnceLock<Arc<dyn crate::dns::Dns>>>,
 }
@@ -222,6 +229,7 @@ impl Executor {
             activity: Arc::default(),
             guest: Arc::default(),
             running: Arc::default(),
+            agent_runs: Arc::default(),
             dns: Arc::default(),
         }
     }
@@ -594,6 +602,17 @@ impl Executor {
                 timeout_secs,
             } => self.run_cmd(&call, &name, argv, timeout_secs).await,
             Command::RunStop { name } => self.run_stop(&call, &name),
+            Command::Agent {
+                name,
+                with,
+                task,
+                timeout_secs,
+            } => {
+                self.agent_cmd(&call, &name, with.as_ref(), &task, timeout_secs)
+                    .await
+            }
+            Command::AgentStop { name } => self.agent_stop(&call, &name),
+            Command::Agents { name } => self.agents_cmd(&call, &name).await,
             Command::Idle { name, limit } => self.idle_cmd(&call, &name, limit).await,
             Command::Keys { user } => self.keys(&call, user).await,
             Command::KeyAdd { key, label, user } => self.key_add(&call, key, label, user).await,
@@ -822,5 +841,6 @@ fn audited(cmd: &Command) -> bool {
             | Command::Shares { .. }
             | Command::Domains { .. }
             | Command::Checkpoints { .. }
+            | Command::Agents { .. }
     ) && !matches!(cmd, Command::Quota { change, .. } if change.is_empty())
 }

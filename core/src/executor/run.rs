@@ -34,7 +34,7 @@ impl OutputSink for Collect<'_> {
 
 /// A signal's number from the name sshd reports (`TERM`), as shells
 /// count exit codes (128 + it); 0 when unknown.
-fn signal_number(name: &str) -> i32 {
+pub(super) fn signal_number(name: &str) -> i32 {
     match name.trim_start_matches("SIG") {
         "HUP" => 1,
         "INT" => 2,

@@ -1129,6 +1129,87 @@ pub fn secret_names(conn: &Connection, user: UserId) -> Result<Vec<String>, Stor
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+// ---------------------------------------------------------------- agent runs
+
+/// Records an agent run as it starts; its id.
+pub fn insert_agent_run(
+    conn: &Connection,
+    project: &ProjectName,
+    user: Option<UserId>,
+    agent: &str,
+    task: &str,
+    checkpoint: &str,
+) -> Result<i64, StoreError> {
+    conn.execute(
+        "INSERT INTO agent_runs (project_id, user_id, agent, task, checkpoint, started_at)
+         SELECT id, ?2, ?3, ?4, ?5, ?6 FROM projects WHERE name = ?1",
+        params![project.as_str(), user, agent, task, checkpoint, now()],
+    )?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// Records how an agent run ended.
+pub fn finish_agent_run(
+    conn: &Connection,
+    id: i64,
+    exit_code: i32,
+    tokens: u64,
+    diffstat: Option<&str>,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE agent_runs SET ended_at = ?2, exit_code = ?3, tokens = ?4, diffstat = ?5 WHERE id = ?1",
+        params![id, now(), exit_code, i64::try_from(tokens).unwrap_or(i64::MAX), diffstat],
+    )?;
+    Ok(())
+}
+
+/// A project's agent runs, newest first (at most `limit`).
+pub fn agent_runs_of(
+    conn: &Connection,
+    project: &ProjectName,
+    limit: u32,
+) -> Result<Vec<crate::model::AgentRun>, StoreError> {
+    let mut st = conn.prepare(
+        "SELECT a.id, u.name, a.agent, a.task, a.checkpoint, a.started_at, a.ended_at,
+                a.exit_code, a.tokens, a.diffstat
+         FROM agent_runs a JOIN projects p ON p.id = a.project_id
+         LEFT JOIN users u ON u.id = a.user_id
+         WHERE p.name = ?1 ORDER BY a.id DESC LIMIT ?2",
+    )?;
+    let rows = st.query_map(params![project.as_str(), limit], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, Option<String>>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, String>(4)?,
+            r.get::<_, i64>(5)?,
+            r.get::<_, Option<i64>>(6)?,
+            r.get::<_, Option<i32>>(7)?,
+            r.get::<_, Option<i64>>(8)?,
+            r.get::<_, Option<String>>(9)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, user, agent, task, checkpoint, started_at, ended_at, exit_code, tokens, diffstat) =
+            row?;
+        out.push(crate::model::AgentRun {
+            id,
+            user: user.map(text::<UserName, _>).transpose()?,
+            agent,
+            task,
+            checkpoint,
+            started_at,
+            ended_at,
+            exit_code,
+            tokens: tokens.map(|t| t.max(0).unsigned_abs()),
+            diffstat,
+        });
+    }
+    Ok(out)
+}
+
 // ---------------------------------------------------------------- LLM use
 
 /// Adds one request and `tokens` to `user`'s count for `day`; returns the

@@ -8,6 +8,7 @@
     clippy::indexing_slicing
 )]
 
+mod agents;
 mod checkpoints;
 mod errors;
 mod executor;
