@@ -136,6 +136,46 @@ impl Drop for RunTicket<'_> {
     }
 }
 
+/// A command's output as it comes: its tail kept for the answer, and all
+/// of it passed on to `progress` when there is one.
+pub(crate) struct TailSink<'a> {
+    progress: Option<&'a dyn crate::provision::ProgressSink>,
+    tail: Mutex<Tail>,
+}
+
+impl<'a> TailSink<'a> {
+    pub(crate) fn new(progress: Option<&'a dyn crate::provision::ProgressSink>) -> Self {
+        Self {
+            progress,
+            tail: Mutex::new(Tail::default()),
+        }
+    }
+
+    /// The kept lines, whether lines before them were left out, and the
+    /// bytes seen in all.
+    pub(crate) fn finish(self) -> (Vec<String>, bool, u64) {
+        let t = self
+            .tail
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let total = t.total;
+        let (lines, cut) = t.finish();
+        (lines, cut, total)
+    }
+}
+
+impl OutputSink for TailSink<'_> {
+    fn output(&self, bytes: &[u8]) {
+        self.tail
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(bytes);
+        if let Some(p) = self.progress {
+            p.output(bytes);
+        }
+    }
+}
+
 /// The last lines of a command's output, bounded in lines and bytes, for
 /// the answer (chat shows these; SSH and the API stream all of it).
 #[derive(Debug, Default)]

@@ -56,6 +56,24 @@ fn strong(s: impl Into<String>) -> Inline {
 fn para(v: Vec<Inline>) -> Block {
     Block::Para(v)
 }
+/// A command's last lines, for front ends that did not stream them (the
+/// asker saw all of it as it came otherwise).
+fn output_tail(tail: &[String], cut: bool, streamed: bool, output_bytes: u64) -> Vec<Block> {
+    if streamed || tail.is_empty() {
+        return Vec::new();
+    }
+    let mut doc = Vec::new();
+    if cut {
+        doc.push(text(format!(
+            "The last {} lines of {} of output:",
+            tail.len(),
+            bytes(output_bytes)
+        )));
+    }
+    doc.push(Block::Code(tail.join("\n")));
+    doc
+}
+
 fn text(s: impl Into<String>) -> Block {
     Block::Para(vec![t(s)])
 }
@@ -585,20 +603,10 @@ pub fn document(r: &Reply) -> Vec<Block> {
                 code(command.clone()),
                 t(format!(" in {project}{how}")),
             ])];
-            if *streamed {
-                // The asker saw all of it as it came.
-            } else if tail.is_empty() {
+            if !*streamed && tail.is_empty() {
                 doc.push(text("It printed nothing."));
-            } else {
-                if *cut {
-                    doc.push(text(format!(
-                        "The last {} lines of {} of output:",
-                        tail.len(),
-                        bytes(*output_bytes)
-                    )));
-                }
-                doc.push(Block::Code(tail.join("\n")));
             }
+            doc.extend(output_tail(tail, *cut, *streamed, *output_bytes));
             doc
         }
         Reply::LinkCreated {
@@ -764,16 +772,7 @@ pub fn document(r: &Reply) -> Vec<Block> {
             let mut doc = vec![text(format!(
                 "Agent {agent} in {project} {how}; {tokens} LLM tokens."
             ))];
-            if !*streamed && !tail.is_empty() {
-                if *cut {
-                    doc.push(text(format!(
-                        "The last {} lines of {} of output:",
-                        tail.len(),
-                        bytes(*output_bytes)
-                    )));
-                }
-                doc.push(Block::Code(tail.join("\n")));
-            }
+            doc.extend(output_tail(tail, *cut, *streamed, *output_bytes));
             if diffstat.is_empty() {
                 doc.push(text("The source has no changes against git HEAD (or is no git repository)."));
             } else {

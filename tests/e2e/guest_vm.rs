@@ -120,6 +120,14 @@ fn systemd_docker_and_compose_in_a_real_guest() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
+    // The source is a host user's, so `dev` (renumbered to that user) may
+    // write in it.
+    let chown = std::process::Command::new("chown")
+        .args(["-hR", "4242:4242"])
+        .arg(&src)
+        .status()
+        .unwrap();
+    assert!(chown.success());
     let mut steps = Steps::new("systemd_docker_and_compose_in_a_real_guest");
 
     steps.run(
@@ -200,7 +208,7 @@ fn systemd_docker_and_compose_in_a_real_guest() {
     });
 
     steps.run(
-        "an agent run: checkpoint, the project's agent through the gateway, the summary, rollback",
+        "an agent run: checkpoint, the project's .kennel/agent, the summary, rollback",
         || {
             let out = k.exec_ok("agent box write the note");
             assert!(out.contains("agent: task is write the note"), "{out}");

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use super::{Call, Executor};
 use crate::command::SlugName;
-use crate::guest::{GuestError, GuestJob, OutputSink, RunEnd, Tail};
+use crate::guest::{GuestError, GuestJob, RunEnd, TailSink};
 use crate::model::{Project, UserId};
 use crate::names::ProjectName;
 use crate::outcome::{CommandError, Outcome, Reply};
@@ -86,36 +86,6 @@ impl AgentRuns {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         m.get(project).is_some_and(|(_, tx)| tx.send(true).is_ok())
-    }
-}
-
-/// Output kept as it comes, sent on to the asker too when `progress` is.
-struct Keep<'a> {
-    progress: Option<&'a dyn crate::provision::ProgressSink>,
-    tail: Mutex<Tail>,
-}
-
-impl OutputSink for Keep<'_> {
-    fn output(&self, bytes: &[u8]) {
-        self.tail
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(bytes);
-        if let Some(p) = self.progress {
-            p.output(bytes);
-        }
-    }
-}
-
-impl Keep<'_> {
-    fn lines(self) -> (Vec<String>, bool, u64) {
-        let t = self
-            .tail
-            .into_inner()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let total = t.total;
-        let (lines, cut) = t.finish();
-        (lines, cut, total)
     }
 }
 
@@ -243,10 +213,7 @@ impl Executor {
             .map_or(user.id, |w| w.owner.id);
         let tokens_before = gate.llm_day(owner_id).await.map(|d| d.tokens).unwrap_or(0);
         tracing::info!(agent = %agent, label = %label, "agent run");
-        let out = Keep {
-            progress: Some(call.progress),
-            tail: Mutex::new(Tail::default()),
-        };
+        let out = TailSink::new(Some(call.progress));
         let started = Instant::now();
         let timeout = Duration::from_secs(timeout_secs);
         let job = GuestJob { argv, timeout };
@@ -263,10 +230,7 @@ impl Executor {
             && matches!(exit_code, 124 | 137);
         // What changed in the source, asked in the VM (never on the host:
         // a repository's config can name programs to run).
-        let stat = Keep {
-            progress: None,
-            tail: Mutex::new(Tail::default()),
-        };
+        let stat = TailSink::new(None);
         let diff_job = GuestJob {
             argv: ["git", "-c", "core.quotepath=off", "diff", "--stat", "HEAD"]
                 .map(String::from)
@@ -276,7 +240,7 @@ impl Executor {
         let diff_end = shell
             .run(name, &diff_job, &stat, watch::channel(false).1)
             .await;
-        let (diff_lines, _, _) = stat.lines();
+        let (diff_lines, _, _) = stat.finish();
         let diffstat = match diff_end {
             Ok(RunEnd::Exited(0)) => diff_lines,
             _ => Vec::new(),
@@ -295,7 +259,7 @@ impl Executor {
             .await?;
         drop(slot);
         end?;
-        let (tail, cut, output_bytes) = out.lines();
+        let (tail, cut, output_bytes) = out.finish();
         Ok(Reply::AgentRan {
             project: name.to_string(),
             agent,

@@ -1,36 +1,18 @@
 //! `resize`, `run` and `run stop`: changing a project's VM and running
 //! a command in it.
 
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::{Call, Executor};
 use crate::command::Size;
-use crate::guest::{GuestError, GuestJob, OutputSink, RunEnd, Tail};
+use crate::guest::{GuestError, GuestJob, RunEnd, TailSink};
 use crate::model::{ProjectState, Resources};
 use crate::names::ProjectName;
 use crate::outcome::{CommandError, Outcome, Reply};
 use crate::policy;
-use crate::provision::{ProgressSink, ProvisionError, Stage};
+use crate::provision::{ProvisionError, Stage};
 use crate::store::repo;
 use crate::vmstate::Actor;
-
-/// A run's output: all of it to the asker as it comes, the last lines
-/// kept for the answer.
-struct Collect<'a> {
-    progress: &'a dyn ProgressSink,
-    tail: Mutex<Tail>,
-}
-
-impl OutputSink for Collect<'_> {
-    fn output(&self, bytes: &[u8]) {
-        self.tail
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(bytes);
-        self.progress.output(bytes);
-    }
-}
 
 /// A signal's number from the name sshd reports (`TERM`), as shells
 /// count exit codes (128 + it); 0 when unknown.
@@ -187,10 +169,7 @@ impl Executor {
             argv: argv.clone(),
             timeout,
         };
-        let out = Collect {
-            progress: call.progress,
-            tail: Mutex::new(Tail::default()),
-        };
+        let out = TailSink::new(Some(call.progress));
         let started = Instant::now();
         tracing::info!(program = argv.first().map_or("", String::as_str), "run");
         let end = shell.run(name, &job, &out, ticket.stop.clone()).await?;
@@ -205,12 +184,7 @@ impl Executor {
         let timed_out = !stopped
             && elapsed + Duration::from_millis(500) >= timeout
             && matches!(exit_code, 124 | 137);
-        let tail = out
-            .tail
-            .into_inner()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let total = tail.total;
-        let (tail, cut) = tail.finish();
+        let (tail, cut, total) = out.finish();
         Ok(Reply::Ran {
             project: name.to_string(),
             command: argv.iter().map(|w| shown(w)).collect::<Vec<_>>().join(" "),
