@@ -160,6 +160,12 @@ fn a_guest_app_answers_through_the_https_gateway_and_wakes_on_a_request() {
         3000
     );
     // `port` on the running VM: the next request goes to the new port.
+    // The second server may still be starting under TCG (on a loaded
+    // host, seconds after the first answers): wait until it listens.
+    k.ssh_ok(
+        "site",
+        "for i in $(seq 1 120); do curl -s -o /dev/null http://127.0.0.1:3001/ && exit 0; sleep 0.5; done; cat /tmp/server-3001.log; exit 1",
+    );
     k.exec_ok("port site 3001");
     let (code, body) = curl(&k, host, "/three", &[]);
     assert!(code.starts_with("200"), "{code} {body}");
