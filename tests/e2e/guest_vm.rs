@@ -272,7 +272,9 @@ fn systemd_docker_and_compose_in_a_real_guest() {
                 k.ssh_ok("box", "cat /var/log/kennel/compose.log")
             );
             k.exec_ok("restart box");
-            let ps = eventually(Duration::from_secs(120), "the cache service runs", || {
+            // Docker starts on first use after the boot; on a loaded host
+            // under TCG that and Compose take minutes.
+            let ps = eventually(Duration::from_secs(300), "the cache service runs", || {
                 let ps = k.ssh_ok("box", "docker ps --format '{{.Names}}' 2>/dev/null || true");
                 ps.contains("cache").then_some(ps)
             });

@@ -104,7 +104,7 @@ impl Default for HttpsSettings {
             max_h2_streams: 128,
             upgrade_idle_timeout: Duration::from_secs(3600),
             api_per_minute: 120,
-            app_start_wait: Duration::from_secs(60),
+            app_start_wait: Duration::from_secs(120),
         }
     }
 }
