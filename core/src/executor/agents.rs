@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use super::{Call, Executor};
 use crate::command::SlugName;
-use crate::guest::{GuestError, GuestJob, RunEnd, TailSink};
+use crate::guest::{GuestJob, RunEnd, TailSink};
 use crate::model::{Project, UserId};
 use crate::names::ProjectName;
 use crate::outcome::{CommandError, Outcome, Reply};
@@ -157,10 +157,7 @@ impl Executor {
     ) -> Outcome {
         call.project(name)?;
         let user = call.user()?.clone();
-        let shell =
-            self.guest.get().cloned().ok_or_else(|| {
-                GuestError::Unavailable("no SSH gateway runs to reach them".into())
-            })?;
+        let shell = self.guest_shell()?;
         let project = self.project_now(name).await?;
         let (agent, argv) = self.agent_argv(&project, with, task)?;
         let slot = self.agent_runs.begin(name, user.id)?;
@@ -220,14 +217,10 @@ impl Executor {
         let end = shell.run(name, &job, &out, slot.stop.clone()).await;
         let elapsed = started.elapsed();
         let stopped = *slot.stop.borrow();
-        let (exit_code, signal) = match &end {
-            Ok(RunEnd::Exited(c)) => (*c, None),
-            Ok(RunEnd::Signalled(s)) => (128 + super::run::signal_number(s), Some(s.clone())),
-            Err(_) => (-1, None),
+        let (exit_code, signal, timed_out) = match &end {
+            Ok(e) => super::run::ended(e, elapsed, timeout, stopped),
+            Err(_) => (-1, None, false),
         };
-        let timed_out = !stopped
-            && elapsed + Duration::from_millis(500) >= timeout
-            && matches!(exit_code, 124 | 137);
         // What changed in the source, asked in the VM (never on the host:
         // a repository's config can name programs to run).
         let stat = TailSink::new(None);

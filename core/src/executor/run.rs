@@ -16,7 +16,7 @@ use crate::vmstate::Actor;
 
 /// A signal's number from the name sshd reports (`TERM`), as shells
 /// count exit codes (128 + it); 0 when unknown.
-pub(super) fn signal_number(name: &str) -> i32 {
+fn signal_number(name: &str) -> i32 {
     match name.trim_start_matches("SIG") {
         "HUP" => 1,
         "INT" => 2,
@@ -33,6 +33,26 @@ pub(super) fn signal_number(name: &str) -> i32 {
         "TERM" => 15,
         _ => 0,
     }
+}
+
+/// How a command in the guest ended, as a shell counts it: the exit code
+/// (128 + the signal's number for a signal), the signal, and whether the
+/// time limit ended it (`timeout` in the guest answers 124, or 137 when
+/// it had to KILL).
+pub(super) fn ended(
+    end: &RunEnd,
+    elapsed: Duration,
+    timeout: Duration,
+    stopped: bool,
+) -> (i32, Option<String>, bool) {
+    let (exit_code, signal) = match end {
+        RunEnd::Exited(c) => (*c, None),
+        RunEnd::Signalled(s) => (128 + signal_number(s), Some(s.clone())),
+    };
+    let timed_out = !stopped
+        && elapsed + Duration::from_millis(500) >= timeout
+        && matches!(exit_code, 124 | 137);
+    (exit_code, signal, timed_out)
 }
 
 /// A word of a command as a shell would take it back: bare when plain,
@@ -152,10 +172,7 @@ impl Executor {
     ) -> Outcome {
         call.project(name)?;
         let user = call.user()?.clone();
-        let shell =
-            self.guest.get().cloned().ok_or_else(|| {
-                GuestError::Unavailable("no SSH gateway runs to reach them".into())
-            })?;
+        let shell = self.guest_shell()?;
         // The command counts as use: idle stop leaves the VM running.
         let _in_use = self.presence(name);
         let actor = Actor::User {
@@ -176,14 +193,7 @@ impl Executor {
         let elapsed = started.elapsed();
         let stopped = *ticket.stop.borrow();
         drop(ticket);
-        let (exit_code, signal) = match end {
-            RunEnd::Exited(c) => (c, None),
-            RunEnd::Signalled(s) => (128 + signal_number(&s), Some(s)),
-        };
-        // `timeout` in the guest answers 124 (137 when it had to KILL).
-        let timed_out = !stopped
-            && elapsed + Duration::from_millis(500) >= timeout
-            && matches!(exit_code, 124 | 137);
+        let (exit_code, signal, timed_out) = ended(&end, elapsed, timeout, stopped);
         let (tail, cut, total) = out.finish();
         Ok(Reply::Ran {
             project: name.to_string(),
@@ -198,6 +208,16 @@ impl Executor {
             output_bytes: total,
             elapsed_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
         })
+    }
+
+    /// The way into VMs, once the SSH gateway is wired.
+    pub(super) fn guest_shell(
+        &self,
+    ) -> Result<std::sync::Arc<dyn crate::guest::GuestShell>, GuestError> {
+        self.guest
+            .get()
+            .cloned()
+            .ok_or_else(|| GuestError::Unavailable("no SSH gateway runs to reach them".into()))
     }
 
     /// `run stop NAME`.
