@@ -224,7 +224,7 @@ fn a_daemon_killed_mid_boot_and_a_killed_vmm_leave_the_truth() {
         let noticed = loop {
             let rows = projects(&k);
             let r = rows.into_iter().find(|(n, ..)| n == "r").unwrap();
-            if r.1 == "stopped" || t.elapsed() > Duration::from_secs(30) {
+            if r.1 == "stopped" || t.elapsed() > Duration::from_secs(120) {
                 break r;
             }
             std::thread::sleep(Duration::from_millis(500));
@@ -295,7 +295,7 @@ fn a_daemon_killed_during_an_image_build_leaves_no_mounts_or_half_image() {
         .success()
     {
         assert!(
-            t.elapsed() < Duration::from_secs(60),
+            t.elapsed() < Duration::from_secs(180),
             "the image build outlived the daemon"
         );
         std::thread::sleep(Duration::from_millis(200));
@@ -463,7 +463,7 @@ fn a_killed_virtiofsd_is_reported_and_restart_heals_it() {
             break;
         }
         assert!(
-            t.elapsed() < Duration::from_secs(10),
+            t.elapsed() < Duration::from_secs(60),
             "status never said so: {st}"
         );
         std::thread::sleep(Duration::from_millis(300));
@@ -512,7 +512,7 @@ fn after_a_host_restart_projects_are_stopped_or_autostarted() {
     host_restart(&mut k);
     k.env.push(("KENNEL_VM__AUTOSTART".into(), "true".into()));
     k.start_serve();
-    k.wait_state("up", "running", Duration::from_secs(60));
+    k.wait_state("up", "running", Duration::from_secs(300));
     assert!(k
         .ssh_ok("up", "mountpoint -q /workspace && echo ok")
         .contains("ok"));

@@ -182,12 +182,12 @@ fn systemd_docker_and_compose_in_a_real_guest() {
 
     steps.run("systemd-run starts a unit; journalctl reads it", || {
         k.ssh_ok("box", "sudo systemd-run --quiet --unit=kennel-test-sleeper sh -c 'echo sleeper started; exec sleep 600'");
-        let state = eventually(Duration::from_secs(20), "the unit is active", || {
+        let state = eventually(Duration::from_secs(90), "the unit is active", || {
             let s = k.ssh_ok("box", "systemctl is-active kennel-test-sleeper || true");
             (s.trim() == "active").then_some(s)
         });
         assert_eq!(state.trim(), "active");
-        eventually(Duration::from_secs(20), "its output in the journal", || {
+        eventually(Duration::from_secs(90), "its output in the journal", || {
             // `dev` reads the system journal without sudo (adm,
             // systemd-journal), as on a machine of one's own.
             k.ssh_ok("box", "journalctl -u kennel-test-sleeper --no-pager -o cat || true")
@@ -226,7 +226,7 @@ fn systemd_docker_and_compose_in_a_real_guest() {
             k.exec_ok("rollback box agent-1 --yes");
             assert!(!src.join("agent-note.txt").exists());
             assert!(src.join(".kennel/agent").exists());
-            k.wait_state("box", "running", Duration::from_secs(120));
+            k.wait_state("box", "running", Duration::from_secs(300));
         },
     );
 
@@ -251,7 +251,7 @@ fn systemd_docker_and_compose_in_a_real_guest() {
             );
             k.exec_ok("port box 8081");
             k.exec_ok("public box");
-            let body = eventually(Duration::from_secs(90), "the compose app answers", || {
+            let body = eventually(Duration::from_secs(240), "the compose app answers", || {
                 let (code, body) = curl(&k, "box.localhost", "/", &[]);
                 code.starts_with("200").then_some(body)
             });
@@ -284,7 +284,7 @@ fn systemd_docker_and_compose_in_a_real_guest() {
                 "cat /var/log/kennel/compose.status /var/log/kennel/compose.log",
             );
             assert!(log.starts_with('0'), "{log}");
-            let body = eventually(Duration::from_secs(60), "the cache answers", || {
+            let body = eventually(Duration::from_secs(180), "the cache answers", || {
                 let b = k.ssh_ok("box", "curl -s localhost:8082/ || true");
                 b.contains("cache up").then_some(b)
             });

@@ -170,7 +170,7 @@ impl Kennel {
         let t = Instant::now();
         while std::os::unix::net::UnixStream::connect(&sock).is_err() {
             assert!(
-                t.elapsed() < Duration::from_secs(30),
+                t.elapsed() < Duration::from_secs(120),
                 "kennel serve did not start"
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -225,7 +225,7 @@ impl Kennel {
         let (ip, port) = addr.rsplit_once(':').unwrap();
         self.in_ns(Path::new("ssh"))
             .args(SSH_OPTS)
-            .args(["-o", "ConnectTimeout=20"])
+            .args(["-o", "ConnectTimeout=60"])
             .args(["-o", "IdentitiesOnly=yes", "-i"])
             .arg(key)
             .args(["-p", port, &format!("dev@{ip}"), command])
@@ -493,7 +493,7 @@ pub fn curl(k: &Kennel, host: &str, path: &str, extra: &[&str]) -> (String, Stri
     kennel_testkit::require("curl", "curl");
     let ca = k.dir.join("kennel-data/tls/dev-ca/ca.pem");
     let out = std::process::Command::new("curl")
-        .args(["-sS", "--max-time", "120", "--cacert"])
+        .args(["-sS", "--max-time", "240", "--cacert"])
         .arg(&ca)
         .arg("--resolve")
         .arg(format!("{host}:{}:127.0.0.1", k.https_port))
