@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::host::Host;
-use crate::vmm::{pid_alive, read_pid, signal, wait_exit};
+use crate::vmm::{pid_alive, pids_with, read_pid, signal, wait_exit};
 
 /// Which virtiofsd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,7 +144,9 @@ impl Virtiofsd {
             let path = path.to_owned();
             move |source| VirtiofsError::Io { path, source }
         };
-        let _ = std::fs::remove_file(socket);
+        // One left from before (its VMM killed, it still winding down)
+        // holds the socket's lock: the new one would fail to start.
+        Self::stop(pid_file, socket).await;
         let logf = std::fs::File::options()
             .create(true)
             .append(true)
@@ -182,12 +184,23 @@ impl Virtiofsd {
 
     /// Stops a virtiofsd recorded in `pid_file` for `socket`, if it runs.
     pub async fn stop(pid_file: &Path, socket: &Path) {
-        let needle = socket.display().to_string();
+        // The recorded process and any it forked: QEMU's C virtiofsd runs
+        // its sandbox in a child, which holds the socket's lock and can
+        // outlive a killed parent. Both name the socket.
+        let needle = format!("--socket-path={}", socket.display());
+        let mut pids = pids_with(&needle);
         if let Some(pid) = read_pid(pid_file).filter(|p| pid_alive(*p, &needle)) {
-            signal(pid, rustix::process::Signal::TERM);
-            if !wait_exit(pid, &needle, Duration::from_secs(3)).await {
-                signal(pid, rustix::process::Signal::KILL);
-                wait_exit(pid, &needle, Duration::from_secs(2)).await;
+            if !pids.contains(&pid) {
+                pids.push(pid);
+            }
+        }
+        for sig in [rustix::process::Signal::TERM, rustix::process::Signal::KILL] {
+            pids.retain(|p| pid_alive(*p, &needle));
+            for p in &pids {
+                signal(*p, sig);
+            }
+            for p in &pids {
+                wait_exit(*p, &needle, Duration::from_secs(3)).await;
             }
         }
         let _ = std::fs::remove_file(pid_file);

@@ -99,7 +99,7 @@ impl Default for HttpsSettings {
             max_connections_per_ip: 256,
             handshake_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(15),
-            wake_wait: Duration::from_secs(60),
+            wake_wait: Duration::from_secs(120),
             max_header_bytes: 64 * 1024,
             max_h2_streams: 128,
             upgrade_idle_timeout: Duration::from_secs(3600),

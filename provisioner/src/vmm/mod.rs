@@ -99,11 +99,6 @@ pub struct Machine {
     /// The VMM's own stderr/stdout.
     pub vmm_log: PathBuf,
     pub net: NetAttach,
-    /// The project's socket of Kennel's metadata service (LLM gateway,
-    /// `/kennel/v1`), where the guest's connections to the metadata
-    /// address are forwarded: the socket, not the guest, says which VM
-    /// asks.
-    pub metadata_socket: PathBuf,
 }
 
 /// What a backend says about its VM.
@@ -259,6 +254,18 @@ pub async fn wait_exit(pid: u32, needle: &str, limit: std::time::Duration) -> bo
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     !pid_alive(pid, needle)
+}
+
+/// Every live process whose command line contains `needle`.
+pub fn pids_with(needle: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|p| pid_alive(*p, needle))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Sends a signal to a process (no-op if it is gone).
