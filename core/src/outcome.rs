@@ -234,7 +234,7 @@ pub enum Reply {
         /// Stopped by `agent stop`.
         stopped: bool,
         elapsed_ms: u64,
-        /// LLM tokens the owner used meanwhile (through the gateway).
+        /// LLM tokens the project's VM used while it ran (through the gateway).
         tokens: u64,
         /// `git diff --stat HEAD` in the VM afterwards (empty: no change
         /// or no git repository).

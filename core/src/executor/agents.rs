@@ -202,13 +202,6 @@ impl Executor {
             .store
             .call(move |c| repo::insert_agent_run(c, &n, Some(uid), &a, &t, &l))
             .await?;
-        let gate = self.gate();
-        let owner_id = self
-            .gate()
-            .vm_who(name)
-            .await?
-            .map_or(user.id, |w| w.owner.id);
-        let tokens_before = gate.llm_day(owner_id).await.map(|d| d.tokens).unwrap_or(0);
         tracing::info!(agent = %agent, label = %label, "agent run");
         let out = TailSink::new(Some(call.progress));
         let started = Instant::now();
@@ -240,15 +233,10 @@ impl Executor {
         };
         // Counts land as answers end; a moment for the last one.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let tokens = gate
-            .llm_day(owner_id)
-            .await
-            .map(|d| d.tokens.saturating_sub(tokens_before))
-            .unwrap_or(0);
         let summary = diffstat.last().cloned();
-        let s2 = summary.clone();
-        self.store
-            .call(move |c| repo::finish_agent_run(c, run_id, exit_code, tokens, s2.as_deref()))
+        let tokens = self
+            .store
+            .call(move |c| repo::finish_agent_run(c, run_id, exit_code, summary.as_deref()))
             .await?;
         drop(slot);
         end?;

@@ -1141,24 +1141,46 @@ pub fn insert_agent_run(
     checkpoint: &str,
 ) -> Result<i64, StoreError> {
     conn.execute(
-        "INSERT INTO agent_runs (project_id, user_id, agent, task, checkpoint, started_at)
-         SELECT id, ?2, ?3, ?4, ?5, ?6 FROM projects WHERE name = ?1",
+        "INSERT INTO agent_runs (project_id, user_id, agent, task, checkpoint, started_at, tokens)
+         SELECT id, ?2, ?3, ?4, ?5, ?6, 0 FROM projects WHERE name = ?1",
         params![project.as_str(), user, agent, task, checkpoint, now()],
     )?;
     Ok(conn.last_insert_rowid())
 }
 
-/// Records how an agent run ended.
+/// Records how an agent run ended; the LLM tokens its project used
+/// while it ran ([`add_agent_tokens`]).
 pub fn finish_agent_run(
     conn: &Connection,
     id: i64,
     exit_code: i32,
-    tokens: u64,
     diffstat: Option<&str>,
+) -> Result<u64, StoreError> {
+    conn.execute(
+        "UPDATE agent_runs SET ended_at = ?2, exit_code = ?3, diffstat = ?4 WHERE id = ?1",
+        params![id, now(), exit_code, diffstat],
+    )?;
+    let tokens: Option<i64> = conn
+        .query_row("SELECT tokens FROM agent_runs WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .optional()?
+        .flatten();
+    Ok(tokens.unwrap_or(0).max(0).unsigned_abs())
+}
+
+/// Adds `tokens` (an LLM answer from `project`'s VM) to the project's
+/// agent run, if one runs: what the run's summary reports, whoever else
+/// the owner's LLM use came from meanwhile.
+pub fn add_agent_tokens(
+    conn: &Connection,
+    project: &ProjectName,
+    tokens: u64,
 ) -> Result<(), StoreError> {
     conn.execute(
-        "UPDATE agent_runs SET ended_at = ?2, exit_code = ?3, tokens = ?4, diffstat = ?5 WHERE id = ?1",
-        params![id, now(), exit_code, i64::try_from(tokens).unwrap_or(i64::MAX), diffstat],
+        "UPDATE agent_runs SET tokens = COALESCE(tokens, 0) + ?2
+         WHERE ended_at IS NULL AND project_id = (SELECT id FROM projects WHERE name = ?1)",
+        params![project.as_str(), i64::try_from(tokens).unwrap_or(i64::MAX)],
     )?;
     Ok(())
 }
@@ -1659,6 +1681,47 @@ mod tests {
         let r = request_by_id(&c, r1.id).unwrap().unwrap();
         assert_eq!(r.state, RequestState::Denied);
         assert_eq!(r.decided_by.unwrap().as_str(), "ann");
+    }
+
+    #[test]
+    fn an_agent_run_counts_its_own_projects_llm_tokens_only() {
+        let c = conn();
+        let ann = create_user(&c, &UserName::new("ann").unwrap(), Role::Member).unwrap();
+        let project = |n: &str| {
+            let name = ProjectName::new(n).unwrap();
+            insert_project(
+                &c,
+                &NewProjectRow {
+                    name: &name,
+                    owner: ann.id,
+                    stack: "base",
+                    git_url: None,
+                    source_path: "/src",
+                    template: None,
+                    resources: Resources {
+                        vcpus: 1,
+                        memory_mib: 512,
+                        disk_mib: 2048,
+                    },
+                    app_port: 3000,
+                    state: ProjectState::Running,
+                },
+            )
+            .unwrap()
+            .name
+        };
+        let (app, other) = (project("app"), project("other"));
+        // Before the run: not counted.
+        add_agent_tokens(&c, &app, 5).unwrap();
+        let run = insert_agent_run(&c, &app, Some(ann.id), "a", "task", "agent-1").unwrap();
+        add_agent_tokens(&c, &app, 30).unwrap();
+        // The same owner's other project meanwhile: not this run's.
+        add_agent_tokens(&c, &other, 1000).unwrap();
+        add_agent_tokens(&c, &app, 12).unwrap();
+        assert_eq!(finish_agent_run(&c, run, 0, None).unwrap(), 42);
+        // After it ended: not counted either.
+        add_agent_tokens(&c, &app, 7).unwrap();
+        assert_eq!(agent_runs_of(&c, &app, 5).unwrap()[0].tokens, Some(42));
     }
 
     #[test]
