@@ -33,9 +33,6 @@ checks=(
   "qemu-img|qemu-utils|run test"
   "qemu-io|qemu-utils|test"
   "fn:have_virtiofsd|qemu-system-common|run test"
-  # Carries a VM's connections to the metadata service (LLM gateway) into
-  # its project's socket (QEMU user networking's guestfwd).
-  "socat|socat|run test"
   "mmdebstrap|mmdebstrap|run test"
   # Guest images are Debian 13 (images/base/debian.sources): an older
   # keyring lacks its keys, and installing the package upgrades it.

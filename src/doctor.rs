@@ -152,14 +152,6 @@ pub fn run(config: &Config, host: &Host) -> Report {
         true,
         "apt-get install qemu-system-common (ships /usr/lib/qemu/virtiofsd), or cargo install virtiofsd",
     ));
-    // Optional: without it, QEMU VMs have no metadata service (LLM gateway).
-    checks.push(binary(
-        host,
-        "socat",
-        &[],
-        false,
-        "apt-get install socat (QEMU VMs reach the metadata service and LLM gateway through it)",
-    ));
     checks.push(binary(
         host,
         "mmdebstrap",

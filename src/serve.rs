@@ -117,13 +117,15 @@ pub async fn run(config: &Config) -> Result<()> {
         let _ = https_stopped.await;
     }));
     tracing::info!(addr = %https_addr, domain = %config.https.domain, "HTTPS gateway listening");
-    // The metadata service: one socket per project, which its VM's
-    // forward leads to (the LLM gateway, /kennel/v1).
+    // The metadata service (the LLM gateway, /kennel/v1): a link into each
+    // running VM that carries its guest's connections back here, and a
+    // socket per project.
     let meta =
         kennel_gateway::meta::MetaService::new(exec.gate(), wiring::meta_settings(config, &dir)?)
             .map_err(|e| anyhow::anyhow!("cannot set up the metadata service: {e}"))?;
     let (stop_meta, meta_stopped) = tokio::sync::oneshot::channel::<()>();
-    let meta_task = tokio::spawn(meta.run(async move {
+    let meta_links = kennel_gateway::vmlink::VmLinks::new(exec.gate());
+    let meta_task = tokio::spawn(meta.run(Some(meta_links), async move {
         let _ = meta_stopped.await;
     }));
     // VMs that die under a running project (a killed VMM, a guest panic)

@@ -109,14 +109,15 @@ impl Gate {
             .await
     }
 
-    /// Every project's name (the metadata service keeps a socket each).
-    pub async fn project_names(&self) -> Result<Vec<ProjectName>, StoreError> {
+    /// Every project's name, and whether its VM runs (the metadata
+    /// service keeps a socket for each, and a link into each running VM).
+    pub async fn project_names(&self) -> Result<Vec<(ProjectName, bool)>, StoreError> {
         self.exec
             .store
             .call(|c| {
                 Ok(repo::list_projects(c, None)?
                     .into_iter()
-                    .map(|p| p.name)
+                    .map(|p| (p.name, p.state == crate::model::ProjectState::Running))
                     .collect())
             })
             .await
@@ -149,10 +150,14 @@ impl Gate {
     /// Counts one request of `who`'s owner and writes its audit line.
     pub async fn llm_record(&self, who: &VmWho, r: &LlmRecord) {
         let (uid, day, tokens) = (who.owner.id, today(), r.tokens);
+        let project = who.project.name.clone();
         if let Err(e) = self
             .exec
             .store
-            .call(move |c| repo::add_llm_use(c, uid, &day, tokens))
+            .call(move |c| {
+                repo::add_llm_use(c, uid, &day, tokens)?;
+                repo::add_agent_tokens(c, &project, tokens)
+            })
             .await
         {
             tracing::warn!(error = %e, "could not count LLM use");

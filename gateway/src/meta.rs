@@ -3,11 +3,16 @@
 //! `/kennel/v1/me`, `/kennel/v1/notify`.
 //!
 //! **Which VM asks** comes from the path the connection took, never from
-//! the request: each project has its own Unix socket (`DIR/NAME.sock`),
-//! and the VMM forwards the guest's connections to the metadata address
-//! into its own project's socket only (QEMU user networking: a `guestfwd`
-//! per VM). A guest can send any bytes it likes; it cannot choose the
-//! socket.
+//! the request. Each running VM has a link of its own: an SSH connection
+//! from Kennel to that VM's sshd (pinned to its host key) that asked it
+//! for a `streamlocal-forward` at [`GUEST_METADATA_SOCKET`]; in the guest,
+//! `169.254.169.254:80` (`metadata.kennel.internal`) leads to that socket,
+//! and every connection to it comes back over that VM's link only. This
+//! needs nothing of the VMM or the network mode (QEMU user networking,
+//! TAP, Cloud Hypervisor alike) and no host port a guest could reach. Each
+//! project also has a Unix socket on the host (`DIR/NAME.sock`, 0600),
+//! served the same way, for carriers that end in a socket (vsock) and for
+//! tests. A guest can send any bytes it likes; it cannot choose its link.
 //!
 //! **Keys stay on the host.** An LLM request is forwarded with the
 //! credential added here: the owner's own key (`secret set
@@ -44,11 +49,12 @@ use tokio::net::UnixListener;
 use tracing::Instrument as _;
 
 use crate::https::Body;
+use crate::vmlink::{MetaServe, VmLinks, GUEST_METADATA_SOCKET};
 
-/// The metadata service's address inside a VM on QEMU user networking
-/// (guest side of the `guestfwd`; the images name it
-/// `metadata.kennel.internal`).
-pub const USER_NET_ADDR: &str = "10.0.2.100";
+/// The metadata service's address inside every VM (on the guest's
+/// loopback, where `kennel-metadata.socket` listens on port 80; the images
+/// name it `metadata.kennel.internal`).
+pub const GUEST_ADDR: &str = "169.254.169.254";
 
 /// An LLM server the operator configured (`[llm.backends.NAME]`).
 #[derive(Debug, Clone)]
@@ -156,6 +162,16 @@ fn admit<K: std::hash::Hash + Eq>(
     true
 }
 
+type Tasks = HashMap<ProjectName, tokio::task::JoinHandle<()>>;
+
+/// What [`MetaService::run`] keeps going: a listener per project, a link
+/// per running VM.
+#[derive(Default)]
+struct Live {
+    sockets: Tasks,
+    links: Tasks,
+}
+
 impl MetaService {
     /// Fails only when the TLS library offers no safe protocol version.
     pub fn new(gate: Gate, s: MetaSettings) -> Result<Self, rustls::Error> {
@@ -197,13 +213,18 @@ impl MetaService {
         dir.join(format!("{project}.sock"))
     }
 
-    /// Keeps one listening socket per project in the settings' directory
-    /// until `shutdown`: made for new projects, removed with theirs.
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> std::io::Result<()> {
+    /// Until `shutdown`: keeps one listening socket per project in the
+    /// settings' directory (made for new projects, removed with theirs)
+    /// and, with `links`, a metadata link into each running VM.
+    pub async fn run(
+        self,
+        links: Option<Arc<VmLinks>>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> std::io::Result<()> {
         let dir = self.inner.s.dir.clone();
         std::fs::create_dir_all(&dir)?;
         set_mode(&dir, 0o700)?;
-        let mut live: HashMap<ProjectName, tokio::task::JoinHandle<()>> = HashMap::new();
+        let mut live = Live::default();
         let mut seen = u64::MAX;
         let lap = async {
             loop {
@@ -211,7 +232,12 @@ impl MetaService {
                 if changes != seen {
                     seen = changes;
                     match self.inner.gate.project_names().await {
-                        Ok(names) => self.reconcile(&dir, &names, &mut live),
+                        Ok(names) => {
+                            self.reconcile(&dir, &names, &mut live.sockets);
+                            if let Some(links) = &links {
+                                self.relink(links, &names, &mut live.links);
+                            }
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "metadata service: cannot list projects")
                         }
@@ -224,27 +250,68 @@ impl MetaService {
             () = lap => {}
             () = shutdown => {}
         }
-        for (_, t) in live.drain() {
+        for (_, t) in live.sockets.drain().chain(live.links.drain()) {
             t.abort();
         }
         Ok(())
     }
 
-    fn reconcile(
-        &self,
-        dir: &Path,
-        names: &[ProjectName],
-        live: &mut HashMap<ProjectName, tokio::task::JoinHandle<()>>,
-    ) {
+    /// A link for each running VM that has none (or whose task ended),
+    /// none for the others.
+    fn relink(&self, links: &Arc<VmLinks>, names: &[(ProjectName, bool)], live: &mut Tasks) {
         live.retain(|n, t| {
-            let keep = names.contains(n) && !t.is_finished();
+            let keep = names.iter().any(|(m, running)| m == n && *running) && !t.is_finished();
+            if !keep {
+                t.abort();
+            }
+            keep
+        });
+        for (n, running) in names {
+            if *running && !live.contains_key(n) {
+                let task = self.clone().keep_link(links.clone(), n.clone());
+                live.insert(n.clone(), tokio::spawn(task));
+            }
+        }
+    }
+
+    /// Keeps `project`'s metadata link up, made again whenever it drops,
+    /// until the task is aborted (the VM stopped).
+    async fn keep_link(self, links: Arc<VmLinks>, project: ProjectName) {
+        let me = self.clone();
+        let p = project.clone();
+        let serve: MetaServe = Arc::new(move |stream| {
+            tokio::spawn(me.clone().serve(p.clone(), stream));
+        });
+        let mut pause = Duration::from_millis(250);
+        loop {
+            match links.metadata_link(&project, serve.clone()).await {
+                Ok(link) => {
+                    tracing::info!(project = %project, guest = GUEST_METADATA_SOCKET, "metadata link up");
+                    pause = Duration::from_millis(250);
+                    while !link.is_closed() {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    tracing::info!(project = %project, "metadata link closed; making it again");
+                }
+                Err(e) => {
+                    tracing::debug!(project = %project, error = %e, "metadata link: not yet");
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    fn reconcile(&self, dir: &Path, names: &[(ProjectName, bool)], live: &mut Tasks) {
+        live.retain(|n, t| {
+            let keep = names.iter().any(|(m, _)| m == n) && !t.is_finished();
             if !keep {
                 t.abort();
                 let _ = std::fs::remove_file(Self::socket_of(dir, n));
             }
             keep
         });
-        for n in names {
+        for (n, _) in names {
             if live.contains_key(n) {
                 continue;
             }

@@ -3,7 +3,9 @@
 //! per project, each behind its own lock, so a VM that does not answer
 //! holds up only what goes into that project. The SSH gateway opens its
 //! sessions and forwards on them; the HTTPS gateway reaches a VM's other
-//! ports through them.
+//! ports through them. The metadata service keeps a link of its own into
+//! each running VM ([`VmLinks::metadata_link`]), which carries the guest's
+//! connections to Kennel back out to the host.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -43,17 +45,30 @@ impl VmLinks {
     }
 }
 
+/// Where, in the guest, a VM's link to Kennel's metadata service listens:
+/// the VM's sshd makes this socket (a `streamlocal-forward`, as
+/// `ssh -R /path:…` would) and carries each connection to it back over the
+/// link. The images' `kennel-metadata.socket` (169.254.169.254:80) leads
+/// there; the directory belongs to `dev` (made by kennel-init).
+pub const GUEST_METADATA_SOCKET: &str = "/run/kennel/meta/metadata.sock";
+
+/// Serves a connection the guest made to the metadata service.
+pub type MetaServe = Arc<dyn Fn(russh::ChannelStream<client::Msg>) + Send + Sync>;
+
 /// The gateway's client side towards a VM: trusts only the VM's own host key.
 pub struct Upstream {
     host_key: Option<russh::keys::PublicKey>,
     /// The client whose agent this connection relays, if any.
     agent_to: Option<russh::server::Handle>,
+    /// What serves the guest's metadata connections, on a metadata link.
+    meta: Option<MetaServe>,
 }
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upstream")
             .field("agent", &self.agent_to.is_some())
+            .field("metadata", &self.meta.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -92,6 +107,26 @@ impl client::Handler for Upstream {
         }
         Ok(())
     }
+
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        channel: Channel<client::Msg>,
+        socket_path: &str,
+        reply: russh::client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        // Only the one socket this link asked for, and only on a metadata
+        // link; anything else is refused (dropping `reply` refuses).
+        if let Some(serve) = self
+            .meta
+            .as_ref()
+            .filter(|_| socket_path == GUEST_METADATA_SOCKET)
+        {
+            reply.accept().await;
+            serve(channel.into_stream());
+        }
+        Ok(())
+    }
 }
 
 /// Why the VM could not be reached.
@@ -107,6 +142,8 @@ pub enum UpstreamError {
     Refused,
     #[error("nothing in the VM answers on port {port}: {message}")]
     Port { port: u16, message: String },
+    #[error("the VM's sshd refused the metadata forward to {GUEST_METADATA_SOCKET}: {0}")]
+    Forward(String),
 }
 
 impl VmLinks {
@@ -138,6 +175,33 @@ impl VmLinks {
         p: &ProjectName,
         agent_to: Option<russh::server::Handle>,
     ) -> Result<client::Handle<Upstream>, UpstreamError> {
+        self.connect_as(p, agent_to, None).await
+    }
+
+    /// A link that carries the guest's connections to the metadata service
+    /// (made at [`GUEST_METADATA_SOCKET`] in the VM) to `serve`. The link
+    /// is the VM's identity: it goes to that VM's sshd, pinned to its host
+    /// key, so whatever arrives on it came from that VM. Kept open by the
+    /// caller for as long as the VM runs.
+    pub async fn metadata_link(
+        &self,
+        p: &ProjectName,
+        serve: MetaServe,
+    ) -> Result<client::Handle<Upstream>, UpstreamError> {
+        let handle = self.connect_as(p, None, Some(serve)).await?;
+        handle
+            .streamlocal_forward(GUEST_METADATA_SOCKET)
+            .await
+            .map_err(|e| UpstreamError::Forward(e.to_string()))?;
+        Ok(handle)
+    }
+
+    async fn connect_as(
+        &self,
+        p: &ProjectName,
+        agent_to: Option<russh::server::Handle>,
+        meta: Option<MetaServe>,
+    ) -> Result<client::Handle<Upstream>, UpstreamError> {
         let route = self
             .gate
             .reach(p)
@@ -162,7 +226,11 @@ impl VmLinks {
         let connect = client::connect(
             config,
             route.ssh_addr.as_str(),
-            Upstream { host_key, agent_to },
+            Upstream {
+                host_key,
+                agent_to,
+                meta,
+            },
         );
         let mut handle = tokio::time::timeout(Duration::from_secs(20), connect)
             .await

@@ -44,7 +44,7 @@ fi
 # once, instead of at every boot.
 chroot "$root" systemctl enable kennel-init.service kennel-ready.service \
   kennel-start.service kennel-devcontainer.service kennel-first-boot.service \
-  kennel-grow-root.service
+  kennel-grow-root.service kennel-metadata.socket
 chroot "$root" systemctl disable docker.service containerd.service 2>/dev/null || true
 chroot "$root" systemctl enable docker.socket
 chroot "$root" systemctl mask apt-daily.timer apt-daily-upgrade.timer \

@@ -69,15 +69,6 @@ pub fn attach(mode: &NetworkMode, slot: u32, guest_app_port: u16) -> NetAttach {
     }
 }
 
-/// Where the guest reaches Kennel's metadata service: on user networking
-/// the `guestfwd` address; a TAP has none yet.
-pub fn metadata_ip(a: &NetAttach) -> Option<&'static str> {
-    match a {
-        NetAttach::User { .. } => Some(crate::vmm::qemu::USER_NET_METADATA),
-        NetAttach::Tap { .. } => None,
-    }
-}
-
 /// The guest's side, for the config disk: (address/prefix, gateway, dns).
 pub fn guest_config(a: &NetAttach) -> (String, String, String) {
     match a {

@@ -90,7 +90,6 @@ pub fn select(
                 .ok_or(SelectError::NoQemu)?,
             accel: if d.kvm { Accel::Kvm } else { Accel::Tcg },
             guest_gid,
-            socat: host.which("socat", &[]),
         }),
     };
     let mode = match (network, d.cloud_hypervisor) {

@@ -37,7 +37,6 @@ fn machine(dir: &Path, net: NetAttach) -> Machine {
         pid_file: dir.join("vmm.pid"),
         vmm_log: dir.join("vmm.log"),
         net,
-        metadata_socket: dir.join("meta.sock"),
     }
 }
 

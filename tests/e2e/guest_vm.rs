@@ -64,13 +64,21 @@ for l in $(ldd /usr/bin/busybox | grep -o '/[^ ]*'); do cp --parents \"$l\" /tmp
 tar -C /tmp/bb -c . | docker import - kennel-test/bb >/dev/null; docker image ls --format '{{.Repository}}' kennel-test/bb";
 
 /// The project's own agent: a script given the task as its one argument,
-/// which edits the source.
+/// which asks the LLM (Kennel's gateway, through the environment every
+/// SDK reads) what to write and edits the source with the answer.
 const AGENT: &str = r#"#!/bin/sh
 set -eu
 echo "agent: task is $1"
-printf '%s\n' "$1" > agent-note.txt
+answer=$(curl -sS --fail -m 60 "$OPENAI_BASE_URL/chat/completions" \
+  -H "authorization: Bearer $OPENAI_API_KEY" -H 'content-type: application/json' \
+  -d "{\"model\":\"kennel-test\",\"messages\":[{\"role\":\"user\",\"content\":\"$1\"}]}")
+printf '%s\n' "$answer" | sed -n 's/.*"content":"\([^"]*\)".*/\1/p' > agent-note.txt
 echo "agent: wrote agent-note.txt"
 "#;
+
+/// The owner's own LLM key in the test: it reaches the upstream and
+/// nothing in the VM.
+const OWNER_KEY: &str = "sk-kennel-test-owner-0451";
 
 /// Retries `f` until it returns `Some`, for up to `limit`.
 fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
@@ -106,6 +114,11 @@ fn systemd_docker_and_compose_in_a_real_guest() {
     kennel_testkit::require("curl", "curl");
     let tmp = tempfile::tempdir().unwrap();
     let mut k = Kennel::new(tmp.path());
+    let llm = crate::support::llm_upstream();
+    k.env.push((
+        "KENNEL_LLM__OPENAI_URL".into(),
+        format!("http://127.0.0.1:{}/v1", llm.port),
+    ));
     k.start_serve();
     let src = tmp.path().join("kennel-data/projects/box");
     std::fs::create_dir_all(src.join(".devcontainer")).unwrap();
@@ -208,15 +221,59 @@ fn systemd_docker_and_compose_in_a_real_guest() {
     });
 
     steps.run(
-        "an agent run: checkpoint, the project's .kennel/agent, the summary, rollback",
+        "the LLM gateway from inside the VM: the owner's key upstream, never in the VM",
+        || {
+            k.exec_ok(&format!("secret set openai-api-key {OWNER_KEY}"));
+            // The VM's link to the metadata service comes up within
+            // seconds of the VM running.
+            let me = eventually(Duration::from_secs(90), "/kennel/v1/me answers", || {
+                let out = k.ssh("box", "curl -sS -m 20 http://metadata.kennel.internal/kennel/v1/me");
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                text.contains("\"project\"").then_some(text)
+            });
+            let me: serde_json::Value = serde_json::from_str(me.trim()).unwrap();
+            assert_eq!(me["project"], "box", "{me}");
+            let out = k.ssh_ok(
+                "box",
+                r#"curl -sS --fail -m 60 "$OPENAI_BASE_URL/chat/completions" -H "authorization: Bearer $OPENAI_API_KEY" -H 'content-type: application/json' -d '{"model":"m","messages":[{"role":"user","content":"hello gateway"}]}'"#,
+            );
+            let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+            assert_eq!(v["choices"][0]["message"]["content"], "HELLO GATEWAY", "{v}");
+            // Upstream: the owner's key, not the guest's placeholder.
+            let seen = llm.seen.lock().unwrap().clone();
+            let last = seen.last().unwrap().to_ascii_lowercase();
+            assert!(
+                last.contains(&format!("authorization: bearer {OWNER_KEY}")),
+                "{last}"
+            );
+            assert!(!last.contains("kennel-metadata"), "{last}");
+            // And the key is nowhere in the VM: not in a session's
+            // environment, a service's, or a file Kennel could have put
+            // it in.
+            let found = k.ssh_ok(
+                "box",
+                &format!(
+                    "(env; sudo cat /proc/1/environ; sudo grep -rl {OWNER_KEY} /etc /home /run /workspace /tmp 2>/dev/null) | grep -c {OWNER_KEY} || true"
+                ),
+            );
+            assert_eq!(found.trim(), "0", "{found}");
+            let usage = k.exec_ok("llm usage");
+            assert!(usage.contains("1 requests, 30 tokens"), "{usage}");
+        },
+    );
+
+    steps.run(
+        "an agent run: checkpoint, the project's .kennel/agent through the LLM gateway, the summary, rollback",
         || {
             let out = k.exec_ok("agent box write the note");
             assert!(out.contains("agent: task is write the note"), "{out}");
             assert!(out.contains("Agent .kennel/agent in box finished"), "{out}");
+            assert!(out.contains("; 30 LLM tokens."), "{out}");
             assert!(out.contains("rollback box agent-1"), "{out}");
-            // The file the agent wrote is in the source on the host.
+            // The file the agent wrote, from the LLM's answer, is in the
+            // source on the host.
             let note = std::fs::read_to_string(src.join("agent-note.txt")).unwrap();
-            assert_eq!(note.trim(), "write the note");
+            assert_eq!(note.trim(), "WRITE THE NOTE");
             let runs = k.exec_ok("agents box");
             assert!(
                 runs.contains("write the note") && runs.contains("agent-1"),

@@ -229,7 +229,7 @@ async fn meta(tokens_per_day: u64, requests_per_minute: u32) -> Meta {
     )
     .unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(svc.run(async move {
+    tokio::spawn(svc.run(None, async move {
         let _ = stopped.await;
     }));
     let m = Meta {

@@ -30,12 +30,11 @@ impl LocalProvisioner {
         std::fs::create_dir_all(&cfg).map_err(|e| failed(Stage::Disk, e.to_string()))?;
         let (ip, gw, dns) = net::guest_config(&r.machine.net);
         let env = format!(
-            "KENNEL_HOSTNAME={}\nKENNEL_IP={ip}\nKENNEL_GATEWAY={gw}\nKENNEL_DNS={dns}\nKENNEL_DEV_UID={}\nKENNEL_DEV_GID={}\nKENNEL_ONLINE={}\nKENNEL_METADATA_IP={}\n",
+            "KENNEL_HOSTNAME={}\nKENNEL_IP={ip}\nKENNEL_GATEWAY={gw}\nKENNEL_DNS={dns}\nKENNEL_DEV_UID={}\nKENNEL_DEV_GID={}\nKENNEL_ONLINE={}\n",
             r.project,
             r.uid,
             r.gid,
             u8::from(self.s.online),
-            net::metadata_ip(&r.machine.net).unwrap_or_default(),
         );
         let project_pub =
             std::fs::read_to_string(self.project_key(&r.project).with_extension("pub"))

@@ -166,12 +166,6 @@ fn free_mib(dir: &Path) -> Option<u64> {
 /// Unix socket paths must fit in `sun_path` (108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
-/// Where the daemon's metadata service listens for `name`'s VM
-/// (`DATA/meta/NAME.sock`; the gateway crate's `meta` module binds it).
-pub fn metadata_socket(data_dir: &std::path::Path, name: &str) -> PathBuf {
-    data_dir.join("meta").join(format!("{name}.sock"))
-}
-
 /// The guest kernel's command line. `lsm=` is the cloud kernel's default
 /// list without the BPF LSM: systemd would attach a BPF program at every
 /// boot for a feature no Kennel unit uses (1.4 s under emulation,
@@ -339,7 +333,6 @@ impl LocalProvisioner {
             pid_file: dir.join("vmm.pid"),
             vmm_log: dir.join("vmm.log"),
             net,
-            metadata_socket: metadata_socket(&self.s.data_dir, name),
         }
     }
 

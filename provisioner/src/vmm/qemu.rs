@@ -34,40 +34,12 @@ pub struct Qemu {
     /// The group QEMU runs in, which the host guard's rules name
     /// ([`crate::hostguard`]); `None`: unguarded.
     pub guest_gid: Option<u32>,
-    /// `socat`, which carries each guest connection to the metadata
-    /// address into the project's metadata socket; `None`: VMs have no
-    /// metadata service.
-    pub socat: Option<PathBuf>,
 }
 
 /// The guest network user-mode networking presents.
 pub const USER_NET: &str = "10.0.2.0/24";
 
-/// The metadata service's address on the user network, as the guest
-/// sees it (`metadata.kennel.internal` in the images' `/etc/hosts`).
-pub const USER_NET_METADATA: &str = "10.0.2.100";
-
 impl Qemu {
-    /// The `guestfwd` rule that carries the guest's connections to the
-    /// metadata address (port 80) into `m`'s own metadata socket, one
-    /// `socat` per connection (QEMU's chardev forward carries one
-    /// connection only). `None` without socat, or for a socket path the
-    /// rule cannot carry (QEMU splits options at commas; socat addresses
-    /// at colons).
-    fn metadata_forward(&self, m: &Machine) -> Option<String> {
-        let socat = self.socat.as_ref()?.to_str()?;
-        let path = m.metadata_socket.to_str()?;
-        let unsafe_char =
-            |c: char| matches!(c, ',' | ':' | '\'' | '"' | '\\' | '!') || c.is_whitespace();
-        if path.chars().any(unsafe_char) || socat.chars().any(unsafe_char) {
-            tracing::warn!(path, "the metadata socket's path cannot be put in a QEMU forward; this VM has no metadata service");
-            return None;
-        }
-        Some(format!(
-            "tcp:{USER_NET_METADATA}:80-cmd:{socat} STDIO UNIX-CONNECT:{path}"
-        ))
-    }
-
     /// The command line for `m` (without `-daemonize`), in order.
     pub fn argv(&self, m: &Machine) -> Vec<OsString> {
         let mut a: Vec<OsString> = Vec::new();
@@ -139,14 +111,9 @@ impl Qemu {
                 app_port,
                 guest_app_port,
             } => {
-                let mut netdev = format!(
-                    "user,id=n0,net={USER_NET},hostfwd=tcp:{host_ip}:{ssh_port}-:22,hostfwd=tcp:{host_ip}:{app_port}-:{guest_app_port}"
-                );
-                if let Some(fwd) = self.metadata_forward(m) {
-                    netdev.push_str(",guestfwd=");
-                    netdev.push_str(&fwd);
-                }
-                push(netdev)
+push(format!(
+                "user,id=n0,net={USER_NET},hostfwd=tcp:{host_ip}:{ssh_port}-:22,hostfwd=tcp:{host_ip}:{app_port}-:{guest_app_port}"
+            ))
             }
             NetAttach::Tap { tap, .. } => {
                 push(format!("tap,id=n0,ifname={tap},script=no,downscript=no"))
@@ -413,7 +380,6 @@ mod tests {
             pid_file: "/v/vmm.pid".into(),
             vmm_log: "/v/vmm.log".into(),
             net,
-            metadata_socket: "/d/meta/demo.sock".into(),
         }
     }
 
@@ -431,7 +397,6 @@ mod tests {
             binary: "qemu-system-x86_64".into(),
             accel: Accel::Tcg,
             guest_gid: None,
-            socat: Some("/usr/bin/socat".into()),
         };
         let s = joined(
             &q,
@@ -467,21 +432,9 @@ mod tests {
             "{s}"
         );
         assert!(s.ends_with("-pidfile /v/vmm.pid"), "{s}");
-        // The metadata address leads into this VM's own socket only.
-        assert!(
-            s.contains(",guestfwd=tcp:10.0.2.100:80-cmd:/usr/bin/socat STDIO UNIX-CONNECT:/d/meta/demo.sock"),
-            "{s}"
-        );
-        // A path the rule cannot carry gives no forward rather than a
-        // broken one.
-        let mut odd = machine(NetAttach::User {
-            host_ip: "127.77.0.2".into(),
-            ssh_port: 10022,
-            app_port: 18080,
-            guest_app_port: 8080,
-        });
-        odd.metadata_socket = "/d/a,b/meta/demo.sock".into();
-        assert!(!joined(&q, &odd).contains("guestfwd"));
+        // Nothing of the host is forwarded into the guest (the metadata
+        // service comes in over the VM's SSH link instead).
+        assert!(!s.contains("guestfwd"), "{s}");
         // The root disk comes first so it is /dev/vda.
         assert!(s.find("id=root").unwrap() < s.find("id=cfg").unwrap());
     }
@@ -492,7 +445,6 @@ mod tests {
             binary: "qemu-system-x86_64".into(),
             accel: Accel::Kvm,
             guest_gid: None,
-            socat: Some("/usr/bin/socat".into()),
         };
         let s = joined(
             &q,

@@ -493,7 +493,7 @@ pub fn curl(k: &Kennel, host: &str, path: &str, extra: &[&str]) -> (String, Stri
     kennel_testkit::require("curl", "curl");
     let ca = k.dir.join("kennel-data/tls/dev-ca/ca.pem");
     let out = std::process::Command::new("curl")
-        .args(["-sS", "--max-time", "240", "--cacert"])
+        .args(["-sS", "--max-time", "300", "--cacert"])
         .arg(&ca)
         .arg("--resolve")
         .arg(format!("{host}:{}:127.0.0.1", k.https_port))
@@ -509,4 +509,62 @@ pub fn curl(k: &Kennel, host: &str, path: &str, extra: &[&str]) -> (String, Stri
         String::from_utf8_lossy(&out.stderr)
     );
     (code.to_owned(), body.to_owned())
+}
+
+/// An OpenAI-compatible upstream for the LLM gateway, written for the
+/// tests: answers every `POST …/chat/completions` with the last user
+/// message's text, upper-cased, and a `usage` of 30 tokens; keeps each
+/// request it received (head and body).
+pub struct LlmUpstream {
+    pub port: u16,
+    pub seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+pub fn llm_upstream() -> LlmUpstream {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut head = String::new();
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                head.push_str(&line);
+            }
+            let mut body = vec![0u8; len];
+            let _ = r.read_exact(&mut body);
+            let body = String::from_utf8_lossy(&body).into_owned();
+            let asked: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            let text = asked["messages"]
+                .as_array()
+                .and_then(|m| m.last())
+                .and_then(|m| m["content"].as_str())
+                .unwrap_or_default()
+                .to_uppercase();
+            record.lock().unwrap().push(format!("{head}\n{body}"));
+            let answer = serde_json::json!({
+                "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30},
+            })
+            .to_string();
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                answer.len()
+            );
+        }
+    });
+    LlmUpstream { port, seen }
 }
