@@ -914,14 +914,17 @@ pub mod testing {
         }
         async fn rename(&self, from: &ProjectName, to: &ProjectName) -> Result<(), ProvisionError> {
             self.record("rename", from.as_str());
-            let _op = self
-                .in_flight("rename", &[from.as_str(), to.as_str()], self.op_delay())
-                .await;
+            // As the real one: the VM is moved stopped, under its new
+            // name, and started again.
             let state = self
                 .vms
                 .lock()
                 .ok()
                 .and_then(|mut v| v.remove(from.as_str()));
+            self.set(to.as_str(), state.map(|_| VmState::Stopped));
+            let _op = self
+                .in_flight("rename", &[from.as_str(), to.as_str()], self.op_delay())
+                .await;
             self.set(to.as_str(), state);
             Ok(())
         }

@@ -361,7 +361,8 @@ impl Executor {
 
     /// Looks once at every project recorded as running and marks those
     /// whose VMM is gone as stopped, saying why. Projects in the middle of
-    /// an operation (starting, stopping, ...) are left to that operation.
+    /// an operation (starting, stopping, renaming: their VM lock is held)
+    /// are left to that operation.
     pub async fn check_vms(&self) -> Result<Vec<ProjectName>, StoreError> {
         let projects = self.store.call(|c| repo::list_projects(c, None)).await?;
         let mut died = Vec::new();
@@ -369,6 +370,11 @@ impl Executor {
             .into_iter()
             .filter(|p| p.state == ProjectState::Running)
         {
+            // Not while an operation holds the VM (a rename, say, stops and
+            // starts it under the new name the store already shows).
+            let Some(_held) = self.try_lock_vm(&p.name) else {
+                continue;
+            };
             if self.vms.vm_alive(&p.name).await != Some(false) {
                 continue;
             }

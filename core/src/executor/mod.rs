@@ -472,6 +472,22 @@ impl Executor {
         m.lock_owned().await
     }
 
+    /// The VM lock of `name` if nobody holds it now (the VM watcher: a
+    /// VM in the middle of an operation is that operation's business).
+    pub(crate) fn try_lock_vm(
+        &self,
+        name: &ProjectName,
+    ) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        let m = {
+            let mut locks = self
+                .vm_locks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            locks.entry(name.clone()).or_default().clone()
+        };
+        m.try_lock_owned().ok()
+    }
+
     /// Holds the VM locks of two projects (`cp`, `rename`), taken in name
     /// order so that two operations needing the same pair cannot each hold
     /// one and wait for the other.

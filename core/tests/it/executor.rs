@@ -517,6 +517,38 @@ async fn routes_are_recorded_and_access_changes_reach_running_vms() {
 }
 
 #[tokio::test]
+async fn the_vm_watcher_leaves_a_vm_in_the_middle_of_a_rename_alone() {
+    let w = world().await;
+    w.run(&w.admin, "new project app").await.unwrap();
+    // The store shows the new name running while the VM is moved (stopped,
+    // then started again under it).
+    *w.vms.op_delay.lock().unwrap() = std::time::Duration::from_millis(400);
+    let exec = w.exec.clone();
+    let admin = w.admin.clone();
+    let rename = tokio::spawn(async move {
+        let out = exec
+            .front_door(
+                &admin,
+                None,
+                "rename app moved",
+                kennel_core::Style::PLAIN,
+                &NoProgress,
+            )
+            .await;
+        kennel_core::render(&out.outcome, kennel_core::Format::Plain)
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    assert!(w.exec.check_vms().await.unwrap().is_empty());
+    let said = rename.await.unwrap();
+    assert!(said.contains("app is now moved"), "{said}");
+    let Ok(Reply::Projects { projects, .. }) = w.run(&w.admin, "projects").await else {
+        panic!()
+    };
+    assert_eq!(projects[0].state, ProjectState::Running);
+    assert!(w.exec.check_vms().await.unwrap().is_empty());
+}
+
+#[tokio::test]
 async fn a_vm_that_dies_is_shown_stopped_with_why_and_loses_its_route() {
     let w = world().await;
     w.run(&w.admin, "new project app").await.unwrap();

@@ -361,7 +361,7 @@ impl LocalProvisioner {
                             "-o",
                             "BatchMode=yes",
                             "-o",
-                            "ConnectTimeout=10",
+                            "ConnectTimeout=30",
                             "-o",
                             "StrictHostKeyChecking=yes",
                         ])
