@@ -462,14 +462,16 @@ impl Executor {
 
     /// Holds `name`'s VM lock: one VM operation per project at a time.
     pub(crate) async fn lock_vm(&self, name: &ProjectName) -> tokio::sync::OwnedMutexGuard<()> {
-        let m = {
-            let mut locks = self
-                .vm_locks
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            locks.entry(name.clone()).or_default().clone()
-        };
-        m.lock_owned().await
+        self.vm_lock(name).lock_owned().await
+    }
+
+    /// `name`'s VM lock, made on first use.
+    fn vm_lock(&self, name: &ProjectName) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .vm_locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        locks.entry(name.clone()).or_default().clone()
     }
 
     /// The VM lock of `name` if nobody holds it now (the VM watcher: a
@@ -478,14 +480,7 @@ impl Executor {
         &self,
         name: &ProjectName,
     ) -> Option<tokio::sync::OwnedMutexGuard<()>> {
-        let m = {
-            let mut locks = self
-                .vm_locks
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            locks.entry(name.clone()).or_default().clone()
-        };
-        m.try_lock_owned().ok()
+        self.vm_lock(name).try_lock_owned().ok()
     }
 
     /// Holds the VM locks of two projects (`cp`, `rename`), taken in name
