@@ -109,6 +109,29 @@ impl Default for LlmConfig {
     }
 }
 
+/// The agents Kennel knows without configuration: gptme, which the
+/// python stack's image carries, on the OpenAI-compatible route of the
+/// LLM gateway (a model name every such server answers to is the
+/// operator's to set: `[agents.gptme] command = [..., "--model",
+/// "openai/MODEL", "{task}"]`, or `local/MODEL` for Ollama's).
+fn default_agents() -> std::collections::BTreeMap<String, AgentConfig> {
+    let command = [
+        "gptme",
+        "--non-interactive",
+        "--no-confirm",
+        "--model",
+        "openai/gpt-4o",
+        "{task}",
+    ];
+    std::collections::BTreeMap::from([(
+        "gptme".to_owned(),
+        AgentConfig {
+            command: command.map(String::from).to_vec(),
+            default: false,
+        },
+    )])
+}
+
 /// One agent (`[agents.NAME]`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -274,6 +297,14 @@ pub struct HttpsConfig {
     /// The DNS server (`host:port`) custom domains are checked with;
     /// default: the system's (`/etc/resolv.conf`).
     pub resolver: Option<SocketAddr>,
+    /// Seconds a script's request for a stopped project waits for the VM
+    /// to start before a 503 (browsers get a page that reloads itself).
+    /// Raise it on hosts without KVM, where boots are slower.
+    pub wake_wait_secs: u64,
+    /// Seconds after a wake that a project with `.kennel/start` may take
+    /// for its app to listen: browsers see the starting page meanwhile,
+    /// scripts wait.
+    pub app_start_wait_secs: u64,
 }
 
 /// `[https.acme]`: certificates from an ACME CA, per host by TLS-ALPN-01
@@ -370,7 +401,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             checkpoint: CheckpointConfig::default(),
             llm: LlmConfig::default(),
-            agents: std::collections::BTreeMap::new(),
+            agents: default_agents(),
             matrix: Default::default(),
             discord: Default::default(),
         }
@@ -404,6 +435,8 @@ impl Default for HttpsConfig {
             acme: None,
             public_addresses: Vec::new(),
             resolver: None,
+            wake_wait_secs: 120,
+            app_start_wait_secs: 120,
         }
     }
 }

@@ -108,6 +108,8 @@ pub async fn run(config: &Config) -> Result<()> {
         &exec.gate(),
         kennel_gateway::https::HttpsSettings {
             trusted_proxies: config.https.trusted_proxies.clone(),
+            wake_wait: std::time::Duration::from_secs(config.https.wake_wait_secs),
+            app_start_wait: std::time::Duration::from_secs(config.https.app_start_wait_secs),
             ..Default::default()
         },
         links,

@@ -26,7 +26,7 @@ use matrix_sdk::ruma::events::room::encrypted::OriginalSyncRoomEncryptedEvent;
 use matrix_sdk::ruma::events::room::member::{MembershipState, StrippedRoomMemberEvent};
 use matrix_sdk::ruma::events::room::message::{
     AddMentions, ForwardThread, MessageType, OriginalSyncRoomMessageEvent, Relation,
-    ReplacementMetadata, RoomMessageEventContent,
+    ReplacementMetadata, ReplyWithinThread, RoomMessageEventContent,
 };
 use matrix_sdk::ruma::{
     MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomOrAliasId, UserId,
@@ -583,6 +583,9 @@ impl MatrixBot {
             return;
         }
         let json = invocation.json;
+        // An agent's run (minutes of progress, then its summary) goes in a
+        // thread under the message that asked, not over the room.
+        let threaded = matches!(invocation.command, Command::Agent { .. });
         let outcome = if long {
             // The progress message appears with the first step (after
             // policy passed), and is edited from then on.
@@ -597,7 +600,7 @@ impl MatrixBot {
                         let mut id = m.lock().await;
                         let content = Self::html(&steps.document());
                         match id.as_ref() {
-                            None => *id = bot.reply_content(&r, &e, content).await,
+                            None => *id = bot.answer(&r, &e, content, threaded).await,
                             Some(first) => bot.edit(&r, first, content).await,
                         }
                     }
@@ -607,7 +610,7 @@ impl MatrixBot {
             match message.lock().await.as_ref() {
                 Some(id) => self.edit(&room, id, content).await,
                 None => {
-                    self.reply_content(&room, &ev, content).await;
+                    self.answer(&room, &ev, content, threaded).await;
                 }
             }
             outcome
@@ -715,6 +718,28 @@ impl MatrixBot {
         let content = content.make_replacement(ReplacementMetadata::new(id.clone(), None));
         if let Err(e) = room.send(content).await {
             tracing::warn!(room = %room.room_id(), error = %e, "could not edit a message");
+        }
+    }
+
+    /// Sends `content` as a reply to `ev`: in a thread rooted at `ev` when
+    /// `threaded` (or in the thread `ev` was in), else as a plain reply.
+    async fn answer(
+        &self,
+        room: &Room,
+        ev: &OriginalSyncRoomMessageEvent,
+        content: RoomMessageEventContent,
+        threaded: bool,
+    ) -> Option<OwnedEventId> {
+        if !threaded {
+            return self.reply_content(room, ev, content).await;
+        }
+        let content = content.make_for_thread(ev, ReplyWithinThread::Yes, AddMentions::No);
+        match room.send(content).await {
+            Ok(r) => Some(r.response.event_id),
+            Err(e) => {
+                tracing::warn!(room = %room.room_id(), error = %e, "could not send a reply");
+                None
+            }
         }
     }
 

@@ -773,6 +773,11 @@ pub fn document(r: &Reply) -> Vec<Block> {
                 "Agent {agent} in {project} {how}; {tokens} LLM tokens."
             ))];
             doc.extend(output_tail(tail, *cut, *streamed, *output_bytes));
+            if *exit_code == 127 && !*timed_out && !*stopped && signal.is_none() {
+                doc.push(text(format!(
+                    "127 is the shell's \"command not found\": {agent} may not be in this VM's image (gptme comes with the python stack's). Install it in the VM, add an executable .kennel/agent to the source, or ask an admin for an [agents.NAME] entry."
+                )));
+            }
             if diffstat.is_empty() {
                 doc.push(text("The source has no changes against git HEAD (or is no git repository)."));
             } else {

@@ -45,6 +45,14 @@ impl VmLinks {
     }
 }
 
+/// How long connecting to a VM's sshd (TCP, key exchange) may take.
+/// Right after boot a guest under emulation shares its one slow CPU
+/// with the units that wait for readiness (udev, journald), and
+/// sshd starts a process per connection: on a loaded host without KVM
+/// that took over 20 s, so the limit is generous; a VM that is down
+/// fails at once (connection refused), not after it.
+const CONNECT_LIMIT: Duration = Duration::from_secs(60);
+
 /// Where, in the guest, a VM's link to Kennel's metadata service listens:
 /// the VM's sshd makes this socket (a `streamlocal-forward`, as
 /// `ssh -R /path:…` would) and carries each connection to it back over the
@@ -232,7 +240,7 @@ impl VmLinks {
                 meta,
             },
         );
-        let mut handle = tokio::time::timeout(Duration::from_secs(20), connect)
+        let mut handle = tokio::time::timeout(CONNECT_LIMIT, connect)
             .await
             .map_err(|_| UpstreamError::Connect {
                 addr: route.ssh_addr.clone(),

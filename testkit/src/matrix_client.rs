@@ -29,6 +29,8 @@ pub struct Seen {
     /// For an edit: the message it replaces (and `body` is the new text).
     pub replaces: Option<OwnedEventId>,
     pub in_reply_to: Option<OwnedEventId>,
+    /// For a message in a thread: the thread's root.
+    pub thread: Option<OwnedEventId>,
 }
 
 impl std::fmt::Debug for Person {
@@ -82,6 +84,10 @@ pub async fn signed_in(hs: &Synapse, name: &str) -> Person {
                 Some(Relation::Thread(t)) => t.in_reply_to.as_ref().map(|r| r.event_id.clone()),
                 _ => None,
             };
+            let thread = match &ev.content.relates_to {
+                Some(Relation::Thread(t)) => Some(t.event_id.clone()),
+                _ => None,
+            };
             let _ = tx.send(Seen {
                 room: room.room_id().to_owned(),
                 sender: ev.sender.clone(),
@@ -89,6 +95,7 @@ pub async fn signed_in(hs: &Synapse, name: &str) -> Person {
                 body,
                 replaces,
                 in_reply_to,
+                thread,
             });
         }
     });
@@ -157,14 +164,25 @@ impl Person {
 
     /// The next message matching `pred`; others are dropped.
     pub async fn wait_for(&self, what: &str, pred: impl Fn(&Seen) -> bool) -> Seen {
+        self.wait_within(WAIT, what, pred).await
+    }
+
+    /// [`Self::wait_for`] with a limit of its own (a step in a guest under
+    /// emulation may take minutes).
+    pub async fn wait_within(
+        &self,
+        limit: Duration,
+        what: &str,
+        pred: impl Fn(&Seen) -> bool,
+    ) -> Seen {
         let mut rx = self.seen.lock().await;
-        let deadline = tokio::time::Instant::now() + WAIT;
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(s)) if pred(&s) => return s,
                 Ok(Some(_)) => {}
                 Ok(None) => panic!("sync ended while waiting for {what}"),
-                Err(_) => panic!("{} waited {WAIT:?} for {what}", self.id),
+                Err(_) => panic!("{} waited {limit:?} for {what}", self.id),
             }
         }
     }

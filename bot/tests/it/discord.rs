@@ -363,6 +363,23 @@ async fn discord_bot_against_a_fake_discord() {
         "{dm:?}"
     );
 
+    // A line a script in the VM posts to the metadata service
+    // (`/kennel/v1/notify`): to the owner by DM.
+    let from = d.calls().len();
+    let gate = exec.gate();
+    let who = gate
+        .vm_who(&kennel_core::names::ProjectName::new("myapp").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    gate.notify_owner(&who, "tests are green").await;
+    let (_, dm) = d
+        .wait_call(from, "ann's notice from the VM", |c| {
+            c.method == "POST" && c.path == format!("/channels/{}/messages", 12 + 7)
+        })
+        .await;
+    assert_eq!(content(&dm), "[myapp] tests are green", "{dm:?}");
+
     // /checkpoint, then /rollback asks with a button; the click rolls back.
     let from = d.calls().len();
     let (_, token) = d

@@ -109,6 +109,10 @@ impl Kennel {
                 format!("127.0.0.1:{}", self.https_port),
             )
             .env("KENNEL_IMAGES__APT_CACHE", cache.join("apt"))
+            // Three guests boot at once under TCG on two cores here: a
+            // wake and an app's start may take minutes, not the default 2.
+            .env("KENNEL_HTTPS__WAKE_WAIT_SECS", "300")
+            .env("KENNEL_HTTPS__APP_START_WAIT_SECS", "300")
             .env("RUST_LOG", "warn");
         c.envs(self.env.iter().map(|(k, v)| (k, v)));
         c
@@ -521,6 +525,14 @@ pub struct LlmUpstream {
 }
 
 pub fn llm_upstream() -> LlmUpstream {
+    llm_upstream_scripted(Vec::new())
+}
+
+/// [`llm_upstream`] that answers the Nth chat completion with `script[N]`
+/// (the last one again after the end), streamed as server-sent events when
+/// the request asks for a stream, as a real agent CLI does; other routes
+/// (the Responses API) get a 404. An empty script echoes upper-cased.
+pub fn llm_upstream_scripted(script: Vec<String>) -> LlmUpstream {
     use std::io::{BufRead, BufReader, Read, Write};
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
@@ -546,17 +558,56 @@ pub fn llm_upstream() -> LlmUpstream {
             let _ = r.read_exact(&mut body);
             let body = String::from_utf8_lossy(&body).into_owned();
             let asked: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-            let text = asked["messages"]
-                .as_array()
-                .and_then(|m| m.last())
-                .and_then(|m| m["content"].as_str())
-                .unwrap_or_default()
-                .to_uppercase();
-            record.lock().unwrap().push(format!("{head}\n{body}"));
+            let n = {
+                let mut seen = record.lock().unwrap();
+                seen.push(format!("{head}\n{body}"));
+                seen.iter()
+                    .filter(|r| r.contains("/chat/completions "))
+                    .count()
+            };
+            if !head.contains("/chat/completions ") {
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+                );
+                continue;
+            }
+            let text = match script.get(n.saturating_sub(1)).or(script.last()) {
+                Some(t) => t.clone(),
+                None => asked["messages"]
+                    .as_array()
+                    .and_then(|m| m.last())
+                    .and_then(|m| m["content"].as_str())
+                    .unwrap_or_default()
+                    .to_uppercase(),
+            };
+            let usage = serde_json::json!({"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30});
+            if asked["stream"] == serde_json::json!(true) {
+                let chunk = |delta: serde_json::Value, finish: serde_json::Value| {
+                    serde_json::json!({
+                        "id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                    })
+                };
+                let mut events = vec![
+                    chunk(serde_json::json!({"role": "assistant", "content": text}), serde_json::Value::Null),
+                    chunk(serde_json::json!({}), serde_json::json!("stop")),
+                    serde_json::json!({"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [], "usage": usage}),
+                ]
+                .into_iter()
+                .map(|e| format!("data: {e}\n\n"))
+                .collect::<String>();
+                events.push_str("data: [DONE]\n\n");
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n{events}"
+                );
+                continue;
+            }
             let answer = serde_json::json!({
                 "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
-                "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30},
+                "usage": usage,
             })
             .to_string();
             let _ = write!(
