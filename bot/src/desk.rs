@@ -215,6 +215,7 @@ pub fn is_long(cmd: &Command) -> bool {
             | Command::Stop { .. }
             | Command::Restart { .. }
             | Command::Rm { yes: true, .. }
+            | Command::Agent { .. }
     )
 }
 
@@ -225,7 +226,14 @@ pub struct Steps {
     /// What is being done, e.g. `new project myapp`.
     pub title: String,
     steps: Vec<Progress>,
+    /// The last lines of a command's output in the VM (`agent`), the
+    /// line being written last.
+    tail: Vec<String>,
 }
+
+/// Output lines a progress message shows, and characters per line.
+const TAIL_LINES: usize = 6;
+const TAIL_LINE_CHARS: usize = 160;
 
 impl Steps {
     /// No steps yet.
@@ -233,6 +241,47 @@ impl Steps {
         Self {
             title: title.into(),
             steps: Vec::new(),
+            tail: Vec::new(),
+        }
+    }
+
+    /// Adds output as it came: lines kept to the last few, terminal
+    /// control (colours, a carriage return's redraw) dropped.
+    pub fn output(&mut self, bytes: &[u8]) {
+        let text = String::from_utf8_lossy(bytes);
+        let mut escape = false;
+        for c in text.chars() {
+            if escape {
+                // An escape sequence ends at its final letter (a title's
+                // at a bell).
+                escape = !c.is_ascii_alphabetic() && c != '~' && c != '\u{7}';
+                continue;
+            }
+            match c {
+                '\u{1b}' => escape = true,
+                '\n' => {
+                    if self.tail.len() >= TAIL_LINES {
+                        self.tail.remove(0);
+                    }
+                    self.tail.push(String::new());
+                }
+                '\r' => {
+                    if let Some(l) = self.tail.last_mut() {
+                        l.clear();
+                    }
+                }
+                c if c.is_control() => {}
+                c => {
+                    if self.tail.is_empty() {
+                        self.tail.push(String::new());
+                    }
+                    if let Some(l) = self.tail.last_mut() {
+                        if l.chars().count() < TAIL_LINE_CHARS {
+                            l.push(c);
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -256,10 +305,25 @@ impl Steps {
             line.push_str("starting");
         }
         line.push_str(" …");
-        vec![Block::Para(vec![
+        let mut doc = vec![Block::Para(vec![
             Inline::Strong(format!("⏳ {}", self.title)),
             Inline::Text(format!(": {line}")),
-        ])]
+        ])];
+        let shown: Vec<&str> = self
+            .tail
+            .iter()
+            .map(|l| l.trim_end())
+            .skip_while(|l| l.is_empty())
+            .collect();
+        let shown = shown
+            .iter()
+            .rposition(|l| !l.is_empty())
+            .and_then(|end| shown.get(..=end))
+            .unwrap_or_default();
+        if !shown.is_empty() {
+            doc.push(Block::Code(shown.join("\n")));
+        }
+        doc
     }
 
     /// The steps in a format.
@@ -268,15 +332,26 @@ impl Steps {
     }
 }
 
+/// What a [`Tracker`] passes on: a step, or output from the VM.
+#[derive(Debug)]
+enum Tracked {
+    Step(Progress),
+    Output(Vec<u8>),
+}
+
 /// The [`ProgressSink`] half of [`track`].
 #[derive(Debug, Clone)]
 pub struct Tracker {
-    tx: mpsc::UnboundedSender<Progress>,
+    tx: mpsc::UnboundedSender<Tracked>,
 }
 
 impl ProgressSink for Tracker {
     fn report(&self, p: Progress) {
-        let _ = self.tx.send(p);
+        let _ = self.tx.send(Tracked::Step(p));
+    }
+
+    fn output(&self, bytes: &[u8]) {
+        let _ = self.tx.send(Tracked::Output(bytes.to_vec()));
     }
 }
 
@@ -293,7 +368,7 @@ where
     F: FnMut(Steps) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send,
 {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Progress>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Tracked>();
     let mut steps = Steps::new(title);
     let task = tokio::spawn(async move {
         let mut last_edit: Option<Instant> = None;
@@ -306,7 +381,8 @@ where
             };
             tokio::select! {
                 p = rx.recv() => match p {
-                    Some(p) => { steps.push(p); dirty = true; }
+                    Some(Tracked::Step(p)) => { steps.push(p); dirty = true; }
+                    Some(Tracked::Output(b)) => { steps.output(&b); dirty = true; }
                     None => break,
                 },
                 () = tokio::time::sleep(wait), if dirty => {
@@ -416,6 +492,20 @@ pub fn outcome_document(r: &AccessRequest, gate: &Gate) -> Vec<Block> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_shows_the_last_output_lines_without_terminal_control() {
+        let mut s = Steps::new("agent app fix it");
+        s.output(b"\x1b[1mone\x1b[0m\ntwo\nthr");
+        s.output(b"ee\nfour\rFOUR\n5\n6\n7\n8");
+        let text = s.render(Format::Plain);
+        assert!(!text.contains("one") && !text.contains("two"), "{text}");
+        assert!(text.contains("three\nFOUR\n5\n6\n7\n8"), "{text}");
+        assert!(!text.contains('\u{1b}'), "{text}");
+        let mut quiet = Steps::new("new project app");
+        quiet.output(b"\n\n");
+        assert!(!quiet.render(Format::Plain).contains('\n'), "{quiet:?}");
+    }
     use kennel_core::provision::Stage;
 
     fn p(stage: Stage, percent: Option<u8>) -> Progress {

@@ -120,7 +120,9 @@ async fn new_project_from_matrix_on_a_real_guest() {
     std::fs::write(src.join("hello.txt"), "the original\n").unwrap();
     let git = |args: &[&str]| {
         let out = std::process::Command::new("git")
-            .args(["-c", "user.name=t", "-c", "user.email=t@example.com", "-C"])
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+            // The source belongs to the VM's user, not the test's.
+            .args(["-c", "safe.directory=*", "-C"])
             .arg(&src)
             .args(args)
             .output()
@@ -129,6 +131,15 @@ async fn new_project_from_matrix_on_a_real_guest() {
     };
     git(&["add", "hello.txt"]);
     git(&["commit", "-q", "-m", "hello"]);
+    // What the test wrote as root belongs to the source's owner, as a
+    // person's own edits would.
+    let owned = std::process::Command::new("chown")
+        .args(["-R", "--reference"])
+        .arg(&src)
+        .arg(&src)
+        .status()
+        .unwrap();
+    assert!(owned.success());
     ann.ask(&bot, &dm, &format!("secret set openai-api-key {ANN_KEY}"))
         .await;
     let asked = ann
@@ -153,7 +164,17 @@ async fn new_project_from_matrix_on_a_real_guest() {
             .await;
         edits.push(e.body);
     }
-    let summary = edits.last().unwrap();
+    let summary = edits.last().unwrap().clone();
+    let (state, k) = tokio::task::spawn_blocking(move || {
+        let out = k.ssh_ok(
+            "hello",
+            "cd /workspace; id; git status --short; git diff --stat HEAD; ls -la; cat hello.txt",
+        );
+        (out, k)
+    })
+    .await
+    .unwrap();
+    eprintln!("the source in the VM after the run:\n{state}");
     assert!(edits.len() >= 2, "progress before the summary: {edits:#?}");
     assert!(summary.contains("finished in"), "{edits:#?}");
     assert!(summary.contains("hello.txt"), "the diffstat: {summary}");
