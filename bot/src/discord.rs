@@ -188,6 +188,21 @@ fn slash_line(cmd: &CommandInteraction) -> String {
                 line.push_str(&format!(" --note {}", quote(&n)));
             }
         }
+        "agent" => {
+            if let Some(n) = opt(cmd, "name") {
+                push(&n);
+            }
+            for flag in ["with", "timeout"] {
+                if let Some(v) = opt(cmd, flag) {
+                    line.push_str(&format!(" --{flag} {}", quote(&v)));
+                }
+            }
+            // The task as typed: it goes to the agent as one argument.
+            if let Some(t) = opt(cmd, "task") {
+                line.push(' ');
+                line.push_str(&t);
+            }
+        }
         "run" => {
             if let Some(n) = opt(cmd, "name") {
                 push(&n);
@@ -340,6 +355,27 @@ fn commands() -> Vec<CreateCommand> {
                 "timeout",
                 "Stop it after this long (default 10m)",
             )),
+        CreateCommand::new("agent")
+            .description("Run a coding agent on a task in a project's VM (a checkpoint first)")
+            .add_option(name("Project name"))
+            .add_option(
+                CreateCommandOption::new(
+                    CommandOptionType::String,
+                    "task",
+                    "What the agent should do, e.g. fix the failing test",
+                )
+                .required(true),
+            )
+            .add_option(CreateCommandOption::new(
+                CommandOptionType::String,
+                "with",
+                "An agent the operator configured (default: .kennel/agent, else theirs)",
+            ))
+            .add_option(CreateCommandOption::new(
+                CommandOptionType::String,
+                "timeout",
+                "Stop it after this long (default 1h)",
+            )),
         CreateCommand::new("resize")
             .description("Change a project's CPUs, memory or disk (disks only grow)")
             .add_option(name("Project name"))
@@ -410,6 +446,19 @@ fn commands() -> Vec<CreateCommand> {
                 "A command to explain",
             )),
     ]
+}
+
+/// The two ways on after an agent's run: keep what it did, or roll the
+/// project back to the checkpoint taken before it.
+fn agent_buttons(project: &str, checkpoint: &str) -> Vec<CreateActionRow> {
+    vec![CreateActionRow::Buttons(vec![
+        CreateButton::new(format!("kennel:keep:{project}@{checkpoint}"))
+            .label("Keep it")
+            .style(ButtonStyle::Success),
+        CreateButton::new(format!("kennel:undo:{project}@{checkpoint}"))
+            .label(format!("Roll back to {checkpoint}"))
+            .style(ButtonStyle::Danger),
+    ])]
 }
 
 fn decision_buttons(id: i64, disabled: bool) -> Vec<CreateActionRow> {
@@ -546,7 +595,15 @@ impl Handler {
         } else {
             self.desk.run(&who, invocation.command, &NoProgress).await
         };
-        let edit = EditInteractionResponse::new().content(markdown(&outcome, invocation.json));
+        let mut edit = EditInteractionResponse::new().content(markdown(&outcome, invocation.json));
+        if let Ok(Reply::AgentRan {
+            project,
+            checkpoint,
+            ..
+        }) = &outcome
+        {
+            edit = edit.components(agent_buttons(project, checkpoint));
+        }
         if let Err(e) = cmd.edit_response(&http, edit).await {
             tracing::warn!(error = %e, "could not send the answer");
         }
@@ -638,6 +695,39 @@ impl Handler {
                 )]);
                 let _ = c
                     .create_response(&ctx.http, CreateInteractionResponse::Modal(modal))
+                    .await;
+            }
+            "keep" | "undo" => {
+                let Some((name, label)) = arg.split_once('@') else {
+                    return;
+                };
+                // Policy first: only whoever may roll back decides.
+                let line = format!("rollback {} {} --yes", quote(name), quote(label));
+                let Parsed::Run { invocation, .. } = self.desk.parse(&line, &[]) else {
+                    return;
+                };
+                if let Err(e) = self.desk.gate().authorize(&who, &invocation.command).await {
+                    let _ = c
+                        .create_response(&ctx.http, Self::ephemeral(format!("refused: {e}")))
+                        .await;
+                    return;
+                }
+                // The summary stays; its buttons go.
+                let update = CreateInteractionResponse::UpdateMessage(
+                    CreateInteractionResponseMessage::new().components(vec![]),
+                );
+                let _ = c.create_response(&ctx.http, update).await;
+                let said = if action == "keep" {
+                    format!("Kept: {name} goes on from what the agent did ({label} stays, to roll back to later).")
+                } else {
+                    let outcome = self.desk.run(&who, invocation.command, &NoProgress).await;
+                    markdown(&outcome, false)
+                };
+                let _ = c
+                    .create_followup(
+                        &ctx.http,
+                        serenity::all::CreateInteractionResponseFollowup::new().content(fit(&said)),
+                    )
                     .await;
             }
             "rm" | "rollback" => {
@@ -983,6 +1073,7 @@ mod tests {
                 "rollback" => "rollback a c1".to_owned(),
                 "tag" | "untag" => format!("{name} a web team-x"),
                 "run" => "run a ls".to_owned(),
+                "agent" => "agent a fix the test".to_owned(),
                 "resize" => "resize a --cpus 2".to_owned(),
                 "link" => "share a --link".to_owned(),
                 "domain" => "domain add a app.example.com".to_owned(),

@@ -490,6 +490,52 @@ async fn discord_bot_against_a_fake_discord() {
     let ran = seen.last().unwrap();
     assert!(ran.contains("guest says: echo hi --there"), "{seen:?}");
     assert!(ran.contains("exited with 0"), "{seen:?}");
+    // /agent: a checkpoint, the agent's run with its output as progress,
+    // and the summary with two buttons; "Roll back" puts the project back
+    // and says so below the summary, which stays.
+    let from = d.calls().len();
+    let (_, token) = d
+        .slash(
+            &ann,
+            CHANNEL,
+            "agent",
+            &[("name", "myapp"), ("task", "fix \"the\" test")],
+        )
+        .await;
+    let (seen, next) = final_edit(&d, from, &token).await;
+    let summary = seen.last().unwrap();
+    assert!(
+        summary.contains("guest says: agent-cli fix \"the\" test"),
+        "{seen:?}"
+    );
+    assert!(summary.contains("rollback myapp agent-1"), "{seen:?}");
+    let last = d.calls()[next - 1].clone();
+    let buttons = &last.body["components"][0]["components"];
+    assert_eq!(buttons[0]["custom_id"], "kennel:keep:myapp@agent-1", "{last:?}");
+    assert_eq!(buttons[1]["custom_id"], "kennel:undo:myapp@agent-1", "{last:?}");
+    let ran = kennel_testkit::discord_fake::message(
+        781,
+        CHANNEL,
+        user(BOT, "kennel", true),
+        summary,
+        last.body["components"].clone(),
+    );
+    let from = d.calls().len();
+    let (id, token) = d.click(&ann, &ran, "kennel:undo:myapp@agent-1").await;
+    let c = callback(&d, from, id, "the click's update").await;
+    assert_eq!(c.body["type"], 7, "an update of the summary: {c:?}");
+    assert_eq!(c.body["data"]["components"], serde_json::json!([]), "{c:?}");
+    assert!(c.body["data"]["content"].is_null(), "the summary stays: {c:?}");
+    let (_, back) = d
+        .wait_call(from, "the rollback's answer below the summary", |c| {
+            c.method == "POST" && c.path == format!("/webhooks/{APP}/{token}")
+        })
+        .await;
+    assert!(
+        content(&back).contains("myapp is back at checkpoint agent-1"),
+        "{back:?}"
+    );
+
     let from = d.calls().len();
     let (_, token) = d
         .slash(

@@ -15,7 +15,16 @@ use kennel_core::Executor;
 /// An executor whose `admin` is a configured admin; each create step
 /// pauses `stage_delay` so progress edits can be watched.
 pub fn executor(admin: Identity, stage_delay: Duration) -> (Executor, Arc<RecordingProvisioner>) {
-    let w = World::new().admin(admin).stage_delay(stage_delay).build();
+    // An agent the operator configured, for `agent` over a guest that echoes.
+    let settings = kennel_core::Settings {
+        agents: vec![("echo".into(), vec!["agent-cli".into(), "{task}".into()])],
+        ..Default::default()
+    };
+    let w = World::new()
+        .admin(admin)
+        .settings(settings)
+        .stage_delay(stage_delay)
+        .build();
     (w.exec, w.vms)
 }
 
