@@ -123,19 +123,6 @@ impl Gate {
             .await
     }
 
-    /// The owner's own key for `provider`, read on the host for the
-    /// upstream request only.
-    pub async fn llm_key(
-        &self,
-        user: UserId,
-        provider: Provider,
-    ) -> Result<Option<String>, StoreError> {
-        self.exec
-            .store
-            .call(move |c| repo::secret(c, user, provider.secret_name()))
-            .await
-    }
-
     /// `user`'s use today.
     pub async fn llm_day(&self, user: UserId) -> Result<LlmDay, StoreError> {
         let day = today();
@@ -147,21 +134,37 @@ impl Gate {
         Ok(LlmDay { requests, tokens })
     }
 
-    /// Counts one request of `who`'s owner and writes its audit line.
+    /// The owner's own key for `provider` (read on the host for the
+    /// upstream request only) and, when `with_day`, their use today: one
+    /// read of the store per request.
+    pub async fn llm_key_and_day(
+        &self,
+        user: UserId,
+        provider: Provider,
+        with_day: bool,
+    ) -> Result<(Option<String>, Option<LlmDay>), StoreError> {
+        let day = today();
+        self.exec
+            .store
+            .call(move |c| {
+                let key = repo::secret(c, user, provider.secret_name())?;
+                let used = if with_day {
+                    let (requests, tokens) = repo::llm_use(c, user, &day)?;
+                    Some(LlmDay { requests, tokens })
+                } else {
+                    None
+                };
+                Ok((key, used))
+            })
+            .await
+    }
+
+    /// Counts one request of `who`'s owner (the day's use, the running
+    /// agent's tokens) and writes its audit line, in one transaction.
     pub async fn llm_record(&self, who: &VmWho, r: &LlmRecord) {
         let (uid, day, tokens) = (who.owner.id, today(), r.tokens);
         let project = who.project.name.clone();
-        if let Err(e) = self
-            .exec
-            .store
-            .call(move |c| {
-                repo::add_llm_use(c, uid, &day, tokens)?;
-                repo::add_agent_tokens(c, &project, tokens)
-            })
-            .await
-        {
-            tracing::warn!(error = %e, "could not count LLM use");
-        }
+        let identity = who.identity();
         let outcome = if r.status < 400 {
             AuditOutcome::Ok
         } else if r.status == 429 {
@@ -177,16 +180,31 @@ impl Gate {
             r.status,
             r.ms
         );
-        self.exec
-            .audit_entry(
-                &who.identity(),
-                Some(&who.owner),
-                "llm request",
-                Some(who.project.name.to_string()),
-                outcome,
-                Some(detail),
-            )
+        let written = self
+            .exec
+            .store
+            .call(move |c| {
+                let tx = c.transaction()?;
+                repo::add_llm_use(&tx, uid, &day, tokens)?;
+                repo::add_agent_tokens(&tx, &project, tokens)?;
+                repo::audit(
+                    &tx,
+                    &repo::AuditEntry {
+                        user: Some(uid),
+                        identity: &identity,
+                        action: "llm request",
+                        target: Some(project.as_str()),
+                        outcome,
+                        detail: Some(&detail),
+                    },
+                )?;
+                tx.commit()?;
+                Ok(())
+            })
             .await;
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "could not count LLM use");
+        }
     }
 
     /// Posts `text` (one line, already checked) to the chats of `who`'s

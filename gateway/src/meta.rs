@@ -435,28 +435,21 @@ impl MetaService {
         plain(StatusCode::ACCEPTED, "sent")
     }
 
-    /// Where `who`'s request for `provider` goes, with the credential.
-    async fn upstream_for(
+    /// Where `who`'s request for `provider` goes, with the credential:
+    /// the owner's own key (`own_key`), else an operator backend they may
+    /// use.
+    fn upstream_for(
         &self,
         who: &VmWho,
         provider: Provider,
-    ) -> Result<(String, String, Option<String>), Response<Body>> {
-        match self.inner.gate.llm_key(who.owner.id, provider).await {
-            Ok(Some(key)) => {
-                let url = match provider {
-                    Provider::OpenAi => &self.inner.s.openai_url,
-                    Provider::Anthropic => &self.inner.s.anthropic_url,
-                };
-                return Ok((provider.as_str().to_owned(), url.clone(), Some(key)));
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "metadata service: store");
-                return Err(plain(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "Kennel cannot read its store; try again",
-                ));
-            }
+        own_key: Option<String>,
+    ) -> Result<(String, String, Option<String>), Box<Response<Body>>> {
+        if let Some(key) = own_key {
+            let url = match provider {
+                Provider::OpenAi => &self.inner.s.openai_url,
+                Provider::Anthropic => &self.inner.s.anthropic_url,
+            };
+            return Ok((provider.as_str().to_owned(), url.clone(), Some(key)));
         }
         let owner = who.owner.name.as_str();
         self.inner
@@ -469,13 +462,13 @@ impl MetaService {
             })
             .map(|b| (b.name.clone(), b.url.clone(), b.key.clone()))
             .ok_or_else(|| {
-                plain(
+                Box::new(plain(
                     StatusCode::FORBIDDEN,
                     &format!(
                         "no LLM is configured for you: `secret set {} KEY` in chat, or ask an admin for a backend",
                         provider.secret_name()
                     ),
-                )
+                ))
             })
     }
 
@@ -493,6 +486,8 @@ impl MetaService {
             backend: "-".into(),
             ..LlmRecord::default()
         };
+        // The minute's limit, then one read: the owner's key and the day's
+        // use.
         let early = async {
             if !admit(&self.inner.minute, who.owner.id, rpm) {
                 return Err((
@@ -503,37 +498,41 @@ impl MetaService {
                     ),
                 ));
             }
-            if tpd > 0 {
-                match self.inner.gate.llm_day(who.owner.id).await {
-                    Ok(d) if d.tokens >= tpd => {
-                        return Err((
-                            StatusCode::TOO_MANY_REQUESTS,
-                            format!(
-                                "limit reached: {tpd} LLM tokens a day for {} ({} used today, UTC); 'llm usage' in chat shows it",
-                                who.owner.name, d.tokens
-                            ),
-                        ))
-                    }
-                    Ok(_) => {}
-                    Err(_) => {
-                        return Err((
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "Kennel cannot read its store; try again".to_owned(),
-                        ))
-                    }
-                }
+            let (key, used) = self
+                .inner
+                .gate
+                .llm_key_and_day(who.owner.id, provider, tpd > 0)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "metadata service: store");
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "Kennel cannot read its store; try again".to_owned(),
+                    )
+                })?;
+            if let Some(d) = used.filter(|d| d.tokens >= tpd) {
+                return Err((
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "limit reached: {tpd} LLM tokens a day for {} ({} used today, UTC); 'llm usage' in chat shows it",
+                        who.owner.name, d.tokens
+                    ),
+                ));
             }
-            Ok(())
+            Ok(key)
         };
-        if let Err((status, msg)) = early.await {
-            record.status = status.as_u16();
-            record.ms = elapsed_ms(started);
-            self.inner.gate.llm_record(who, &record).await;
-            return llm_error(status, &msg);
-        }
-        let (backend, base, key) = match self.upstream_for(who, provider).await {
+        let own_key = match early.await {
+            Ok(k) => k,
+            Err((status, msg)) => {
+                record.status = status.as_u16();
+                record.ms = elapsed_ms(started);
+                self.inner.gate.llm_record(who, &record).await;
+                return llm_error(status, &msg);
+            }
+        };
+        let (backend, base, key) = match self.upstream_for(who, provider, own_key) {
             Ok(u) => u,
-            Err(resp) => return resp,
+            Err(resp) => return *resp,
         };
         record.backend = backend.clone();
         let (mut parts, body) = req.into_parts();
