@@ -110,7 +110,9 @@ impl Kennel {
             )
             .env("KENNEL_IMAGES__APT_CACHE", cache.join("apt"))
             // Three guests boot at once under TCG on two cores here: a
-            // wake and an app's start may take minutes, not the default 2.
+            // boot (one with an app starting beside sshd took over 120 s),
+            // a wake and an app's start may take minutes, not the default 2.
+            .env("KENNEL_VM__BOOT_TIMEOUT_SECS", "300")
             .env("KENNEL_HTTPS__WAKE_WAIT_SECS", "300")
             .env("KENNEL_HTTPS__APP_START_WAIT_SECS", "300")
             .env("RUST_LOG", "warn");
