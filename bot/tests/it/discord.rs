@@ -511,8 +511,14 @@ async fn discord_bot_against_a_fake_discord() {
     assert!(summary.contains("rollback myapp agent-1"), "{seen:?}");
     let last = d.calls()[next - 1].clone();
     let buttons = &last.body["components"][0]["components"];
-    assert_eq!(buttons[0]["custom_id"], "kennel:keep:myapp@agent-1", "{last:?}");
-    assert_eq!(buttons[1]["custom_id"], "kennel:undo:myapp@agent-1", "{last:?}");
+    assert_eq!(
+        buttons[0]["custom_id"], "kennel:keep:myapp@agent-1",
+        "{last:?}"
+    );
+    assert_eq!(
+        buttons[1]["custom_id"], "kennel:undo:myapp@agent-1",
+        "{last:?}"
+    );
     let ran = kennel_testkit::discord_fake::message(
         781,
         CHANNEL,
@@ -525,7 +531,10 @@ async fn discord_bot_against_a_fake_discord() {
     let c = callback(&d, from, id, "the click's update").await;
     assert_eq!(c.body["type"], 7, "an update of the summary: {c:?}");
     assert_eq!(c.body["data"]["components"], serde_json::json!([]), "{c:?}");
-    assert!(c.body["data"]["content"].is_null(), "the summary stays: {c:?}");
+    assert!(
+        c.body["data"]["content"].is_null(),
+        "the summary stays: {c:?}"
+    );
     let (_, back) = d
         .wait_call(from, "the rollback's answer below the summary", |c| {
             c.method == "POST" && c.path == format!("/webhooks/{APP}/{token}")
