@@ -197,10 +197,11 @@ fn slash_line(cmd: &CommandInteraction) -> String {
                     line.push_str(&format!(" --{flag} {}", quote(&v)));
                 }
             }
-            // The task as typed: it goes to the agent as one argument.
+            // The task, quoted: the text of the field reaches the agent
+            // as it was typed, quotes and all, as one argument.
             if let Some(t) = opt(cmd, "task") {
                 line.push(' ');
-                line.push_str(&t);
+                line.push_str(&quote(&t));
             }
         }
         "run" => {
