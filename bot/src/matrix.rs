@@ -722,7 +722,7 @@ impl MatrixBot {
     }
 
     /// Sends `content` as a reply to `ev`: in a thread rooted at `ev` when
-    /// `threaded` (or in the thread `ev` was in), else as a plain reply.
+    /// `threaded`, else as [`Self::reply_content`] does.
     async fn answer(
         &self,
         room: &Room,
@@ -730,10 +730,11 @@ impl MatrixBot {
         content: RoomMessageEventContent,
         threaded: bool,
     ) -> Option<OwnedEventId> {
-        if !threaded {
-            return self.reply_content(room, ev, content).await;
-        }
-        let content = content.make_for_thread(ev, ReplyWithinThread::Yes, AddMentions::No);
+        let content = if threaded {
+            content.make_for_thread(ev, ReplyWithinThread::Yes, AddMentions::No)
+        } else {
+            content.make_reply_to(ev, ForwardThread::Yes, AddMentions::No)
+        };
         match room.send(content).await {
             Ok(r) => Some(r.response.event_id),
             Err(e) => {
@@ -750,14 +751,7 @@ impl MatrixBot {
         ev: &OriginalSyncRoomMessageEvent,
         content: RoomMessageEventContent,
     ) -> Option<OwnedEventId> {
-        let content = content.make_reply_to(ev, ForwardThread::Yes, AddMentions::No);
-        match room.send(content).await {
-            Ok(r) => Some(r.response.event_id),
-            Err(e) => {
-                tracing::warn!(room = %room.room_id(), error = %e, "could not send a reply");
-                None
-            }
-        }
+        self.answer(room, ev, content, false).await
     }
 
     async fn on_reaction(self: Arc<Self>, ev: OriginalSyncReactionEvent, room: Room) {
