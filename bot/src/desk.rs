@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use kennel_core::command::{self, Command, Invocation};
+use kennel_core::guest::Tail;
 use kennel_core::model::{AccessRequest, Identity, RequestState};
 use kennel_core::outcome::Outcome;
 use kennel_core::provision::{Progress, ProgressSink};
@@ -226,14 +227,13 @@ pub struct Steps {
     /// What is being done, e.g. `new project myapp`.
     pub title: String,
     steps: Vec<Progress>,
-    /// The last lines of a command's output in the VM (`agent`), the
-    /// line being written last.
-    tail: Vec<String>,
+    /// The last lines of a command's output in the VM (`agent`), as
+    /// answers show them (core's [`Tail`]).
+    tail: Tail,
 }
 
-/// Output lines a progress message shows, and characters per line.
+/// Output lines a progress message shows.
 const TAIL_LINES: usize = 6;
-const TAIL_LINE_CHARS: usize = 160;
 
 impl Steps {
     /// No steps yet.
@@ -241,48 +241,13 @@ impl Steps {
         Self {
             title: title.into(),
             steps: Vec::new(),
-            tail: Vec::new(),
+            tail: Tail::new(TAIL_LINES),
         }
     }
 
-    /// Adds output as it came: lines kept to the last few, terminal
-    /// control (colours, a carriage return's redraw) dropped.
+    /// Adds output as it came.
     pub fn output(&mut self, bytes: &[u8]) {
-        let text = String::from_utf8_lossy(bytes);
-        let mut escape = false;
-        for c in text.chars() {
-            if escape {
-                // An escape sequence ends at its final letter (a title's
-                // at a bell).
-                escape = !c.is_ascii_alphabetic() && c != '~' && c != '\u{7}';
-                continue;
-            }
-            match c {
-                '\u{1b}' => escape = true,
-                '\n' => {
-                    if self.tail.len() >= TAIL_LINES {
-                        self.tail.remove(0);
-                    }
-                    self.tail.push(String::new());
-                }
-                '\r' => {
-                    if let Some(l) = self.tail.last_mut() {
-                        l.clear();
-                    }
-                }
-                c if c.is_control() => {}
-                c => {
-                    if self.tail.is_empty() {
-                        self.tail.push(String::new());
-                    }
-                    if let Some(l) = self.tail.last_mut() {
-                        if l.chars().count() < TAIL_LINE_CHARS {
-                            l.push(c);
-                        }
-                    }
-                }
-            }
-        }
+        self.tail.push(bytes);
     }
 
     /// Records a step; a step of the stage already showing replaces it.
@@ -309,8 +274,8 @@ impl Steps {
             Inline::Strong(format!("⏳ {}", self.title)),
             Inline::Text(format!(": {line}")),
         ])];
-        let shown: Vec<&str> = self
-            .tail
+        let now = self.tail.lines_now();
+        let shown: Vec<&str> = now
             .iter()
             .map(|l| l.trim_end())
             .skip_while(|l| l.is_empty())

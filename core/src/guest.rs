@@ -177,15 +177,17 @@ impl OutputSink for TailSink<'_> {
 }
 
 /// The last lines of a command's output, bounded in lines and bytes, for
-/// the answer (chat shows these; SSH and the API stream all of it).
-#[derive(Debug, Default)]
-pub(crate) struct Tail {
+/// the answer (chat shows these; SSH and the API stream all of it) and for
+/// a chat's progress message: terminal control dropped, secrets redacted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tail {
     lines: std::collections::VecDeque<String>,
     partial: Vec<u8>,
     /// Bytes seen in all.
     pub total: u64,
     /// Whether lines were dropped from the front.
     pub cut: bool,
+    max_lines: usize,
 }
 
 /// Lines of output an answer keeps.
@@ -193,8 +195,25 @@ pub const TAIL_LINES: usize = 30;
 /// The longest line an answer keeps (longer ones are cut).
 const TAIL_LINE_BYTES: usize = 400;
 
+impl Default for Tail {
+    fn default() -> Self {
+        Self::new(TAIL_LINES)
+    }
+}
+
 impl Tail {
-    pub(crate) fn push(&mut self, bytes: &[u8]) {
+    /// A tail that keeps the last `max_lines` lines.
+    pub fn new(max_lines: usize) -> Self {
+        Self {
+            lines: std::collections::VecDeque::new(),
+            partial: Vec::new(),
+            total: 0,
+            cut: false,
+            max_lines,
+        }
+    }
+
+    pub fn push(&mut self, bytes: &[u8]) {
         self.total = self.total.saturating_add(bytes.len() as u64);
         for &b in bytes {
             if b == b'\n' {
@@ -206,20 +225,47 @@ impl Tail {
         }
     }
 
-    fn keep(&mut self, line: Vec<u8>) {
-        let text = String::from_utf8_lossy(&line);
-        // Progress bars redraw with '\r': the last drawing is the line.
+    /// A line as shown: the last drawing of a '\r' redraw (progress
+    /// bars), without colours or other terminal control, secrets redacted.
+    fn clean(line: &[u8]) -> String {
+        let text = String::from_utf8_lossy(line);
         let text = text.rsplit('\r').find(|s| !s.is_empty()).unwrap_or("");
-        self.lines
-            .push_back(crate::redact::redact(text).into_owned());
-        if self.lines.len() > TAIL_LINES {
+        let mut plain = String::with_capacity(text.len());
+        let mut escape = false;
+        for c in text.chars() {
+            if escape {
+                // An escape sequence ends at its final letter (a title's
+                // at a bell).
+                escape = !c.is_ascii_alphabetic() && c != '~' && c != '\u{7}';
+            } else if c == '\u{1b}' {
+                escape = true;
+            } else if !c.is_control() || c == '\t' {
+                plain.push(c);
+            }
+        }
+        crate::redact::redact(&plain).into_owned()
+    }
+
+    fn keep(&mut self, line: Vec<u8>) {
+        self.lines.push_back(Self::clean(&line));
+        if self.lines.len() > self.max_lines {
             self.lines.pop_front();
             self.cut = true;
         }
     }
 
+    /// The last lines as they stand, the one being written included.
+    pub fn lines_now(&self) -> Vec<String> {
+        let mut all: Vec<String> = self.lines.iter().cloned().collect();
+        if !self.partial.is_empty() {
+            all.push(Self::clean(&self.partial));
+        }
+        let skip = all.len().saturating_sub(self.max_lines);
+        all.split_off(skip)
+    }
+
     /// The kept lines, an unfinished last line included.
-    pub(crate) fn finish(mut self) -> (Vec<String>, bool) {
+    pub fn finish(mut self) -> (Vec<String>, bool) {
         if !self.partial.is_empty() {
             let line = std::mem::take(&mut self.partial);
             self.keep(line);
