@@ -6,7 +6,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
-use super::{classify, StoreError};
+use super::{classify, Cached, StoreError};
 use crate::keys::{Fingerprint, PublicKey};
 use crate::model::{
     now, AccessRequest, AuditEvent, AuditOutcome, Checkpoint, Frontend, Identity, IdleStop,
@@ -54,13 +54,13 @@ fn user_from((id, name, role, created_at): (i64, String, String, i64)) -> Result
 
 /// How many users exist (zero on a fresh install).
 pub fn count_users(conn: &Connection) -> Result<u64, StoreError> {
-    Ok(conn.query_row("SELECT COUNT(*) FROM users", [], |r| r.get(0))?)
+    Ok(conn.row("SELECT COUNT(*) FROM users", [], |r| r.get(0))?)
 }
 
 /// Creates a user. Fails with `AlreadyExists` if the name is taken.
 pub fn create_user(conn: &Connection, name: &UserName, role: Role) -> Result<User, StoreError> {
     let at = now();
-    conn.execute(
+    conn.exec(
         "INSERT INTO users (name, role, created_at) VALUES (?1, ?2, ?3)",
         params![name.as_str(), role.as_str(), at],
     )
@@ -75,7 +75,7 @@ pub fn create_user(conn: &Connection, name: &UserName, role: Role) -> Result<Use
 
 /// Looks a user up by name.
 pub fn user_by_name(conn: &Connection, name: &UserName) -> Result<Option<User>, StoreError> {
-    conn.query_row(
+    conn.row(
         &format!("SELECT {USER_COLS} FROM users u WHERE u.name = ?1"),
         [name.as_str()],
         user_row,
@@ -87,7 +87,7 @@ pub fn user_by_name(conn: &Connection, name: &UserName) -> Result<Option<User>, 
 
 /// Looks a user up by id.
 pub fn user_by_id(conn: &Connection, id: UserId) -> Result<Option<User>, StoreError> {
-    conn.query_row(
+    conn.row(
         &format!("SELECT {USER_COLS} FROM users u WHERE u.id = ?1"),
         [id],
         user_row,
@@ -99,7 +99,7 @@ pub fn user_by_id(conn: &Connection, id: UserId) -> Result<Option<User>, StoreEr
 
 /// The user an identity is linked to, if any.
 pub fn user_by_identity(conn: &Connection, who: &Identity) -> Result<Option<User>, StoreError> {
-    conn.query_row(
+    conn.row(
         &format!(
             "SELECT {USER_COLS} FROM users u JOIN identities i ON i.user_id = u.id
              WHERE i.frontend = ?1 AND i.external_id = ?2"
@@ -114,7 +114,7 @@ pub fn user_by_identity(conn: &Connection, who: &Identity) -> Result<Option<User
 
 /// The user owning an active key with this fingerprint (SSH login).
 pub fn user_by_active_key(conn: &Connection, fp: &Fingerprint) -> Result<Option<User>, StoreError> {
-    conn.query_row(
+    conn.row(
         &format!(
             "SELECT {USER_COLS} FROM users u JOIN ssh_keys k ON k.user_id = u.id
              WHERE k.fingerprint = ?1 AND k.state = 'active'"
@@ -129,7 +129,7 @@ pub fn user_by_active_key(conn: &Connection, fp: &Fingerprint) -> Result<Option<
 
 /// Links an identity to a user. Fails with `AlreadyExists` if linked already.
 pub fn link_identity(conn: &Connection, who: &Identity, user: UserId) -> Result<(), StoreError> {
-    conn.execute(
+    conn.exec(
         "INSERT INTO identities (frontend, external_id, user_id, created_at) VALUES (?1, ?2, ?3, ?4)",
         params![who.frontend.as_str(), who.external_id, user, now()],
     )
@@ -139,7 +139,7 @@ pub fn link_identity(conn: &Connection, who: &Identity, user: UserId) -> Result<
 
 /// Identities linked to a user.
 pub fn identities_of(conn: &Connection, user: UserId) -> Result<Vec<Identity>, StoreError> {
-    let mut st = conn.prepare(
+    let mut st = conn.prepare_cached(
         "SELECT frontend, external_id FROM identities WHERE user_id = ?1 ORDER BY frontend, external_id",
     )?;
     let rows = st.query_map([user], |r| {
@@ -154,7 +154,8 @@ pub fn identities_of(conn: &Connection, user: UserId) -> Result<Vec<Identity>, S
 
 /// Every user, by name.
 pub fn list_users(conn: &Connection) -> Result<Vec<User>, StoreError> {
-    let mut st = conn.prepare(&format!("SELECT {USER_COLS} FROM users u ORDER BY u.name"))?;
+    let mut st =
+        conn.prepare_cached(&format!("SELECT {USER_COLS} FROM users u ORDER BY u.name"))?;
     let rows = st.query_map([], user_row)?;
     rows.map(|r| user_from(r?)).collect()
 }
@@ -170,7 +171,7 @@ pub fn remember_identity_name(
     name: &str,
 ) -> Result<(), StoreError> {
     let name: String = name.chars().take(MAX_SEEN_NAME).collect();
-    conn.execute(
+    conn.exec(
         "INSERT INTO identity_names (frontend, external_id, name, seen_at) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (frontend, external_id) DO UPDATE SET name = ?3, seen_at = ?4",
         params![who.frontend.as_str(), who.external_id, name, now()],
@@ -181,7 +182,7 @@ pub fn remember_identity_name(
 /// The name last seen for an identity, if its front end gave one.
 pub fn identity_name(conn: &Connection, who: &Identity) -> Result<Option<String>, StoreError> {
     Ok(conn
-        .query_row(
+        .row(
             "SELECT name FROM identity_names WHERE frontend = ?1 AND external_id = ?2",
             params![who.frontend.as_str(), who.external_id],
             |r| r.get(0),
@@ -191,7 +192,7 @@ pub fn identity_name(conn: &Connection, who: &Identity) -> Result<Option<String>
 
 /// Renames a user (everything else refers to the id).
 pub fn rename_user(conn: &Connection, from: &UserName, to: &UserName) -> Result<(), StoreError> {
-    conn.execute(
+    conn.exec(
         "UPDATE users SET name = ?2 WHERE name = ?1",
         params![from.as_str(), to.as_str()],
     )
@@ -273,13 +274,13 @@ pub fn add_key(
     label: Option<&str>,
 ) -> Result<SshKeyRecord, StoreError> {
     let label = label.or(key.comment());
-    let changed = conn.execute(
+    let changed = conn.exec(
         "UPDATE ssh_keys SET state = 'active', revoked_at = NULL, label = COALESCE(?3, label)
          WHERE fingerprint = ?1 AND user_id = ?2",
         params![key.fingerprint().as_str(), user, label],
     )?;
     if changed == 0 {
-        conn.execute(
+        conn.exec(
             "INSERT INTO ssh_keys (user_id, fingerprint, algorithm, openssh, label, state, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, 'active', ?6)",
             params![
@@ -303,7 +304,7 @@ pub fn key_by_fingerprint(
     conn: &Connection,
     fp: &Fingerprint,
 ) -> Result<Option<SshKeyRecord>, StoreError> {
-    conn.query_row(
+    conn.row(
         &format!(
             "SELECT {KEY_COLS} FROM ssh_keys k JOIN users u ON u.id = k.user_id WHERE k.fingerprint = ?1"
         ),
@@ -317,7 +318,7 @@ pub fn key_by_fingerprint(
 
 /// A user's keys, active first.
 pub fn keys_of(conn: &Connection, user: UserId) -> Result<Vec<SshKeyRecord>, StoreError> {
-    let mut st = conn.prepare(&format!(
+    let mut st = conn.prepare_cached(&format!(
         "SELECT {KEY_COLS} FROM ssh_keys k JOIN users u ON u.id = k.user_id
          WHERE k.user_id = ?1 ORDER BY k.state, k.created_at, k.id"
     ))?;
@@ -327,7 +328,7 @@ pub fn keys_of(conn: &Connection, user: UserId) -> Result<Vec<SshKeyRecord>, Sto
 
 /// Revokes a key. Returns it, or `None` if no such key exists.
 pub fn revoke_key(conn: &Connection, fp: &Fingerprint) -> Result<Option<SshKeyRecord>, StoreError> {
-    conn.execute(
+    conn.exec(
         "UPDATE ssh_keys SET state = 'revoked', revoked_at = ?2 WHERE fingerprint = ?1 AND state = 'active'",
         params![fp.as_str(), now()],
     )?;
@@ -380,17 +381,17 @@ pub fn request_counts(
     fingerprint: &Fingerprint,
     window_secs: i64,
 ) -> Result<(u32, u32, bool), StoreError> {
-    let pending: u32 = conn.query_row(
+    let pending: u32 = conn.row(
         "SELECT count(*) FROM access_requests WHERE state = 'pending'",
         [],
         |r| r.get(0),
     )?;
-    let recent: u32 = conn.query_row(
+    let recent: u32 = conn.row(
         "SELECT count(*) FROM access_requests WHERE created_at > ?1",
         [now() - window_secs],
         |r| r.get(0),
     )?;
-    let mine: bool = conn.query_row(
+    let mine: bool = conn.row(
         "SELECT EXISTS (SELECT 1 FROM access_requests WHERE fingerprint = ?1 AND state = 'pending')",
         [fingerprint.as_str()],
         |r| r.get(0),
@@ -408,7 +409,7 @@ pub fn file_request(
     note: Option<&str>,
 ) -> Result<(AccessRequest, bool), StoreError> {
     let existing: Option<i64> = conn
-        .query_row(
+        .row(
             "SELECT id FROM access_requests WHERE fingerprint = ?1 AND state = 'pending'",
             [key.fingerprint().as_str()],
             |r| r.get(0),
@@ -417,7 +418,7 @@ pub fn file_request(
     let (id, new) = match existing {
         Some(id) => (id, false),
         None => {
-            conn.execute(
+            conn.exec(
                 "INSERT INTO access_requests (frontend, external_id, user_id, fingerprint, algorithm,
                      openssh, note, state, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8)",
@@ -443,7 +444,7 @@ pub fn file_request(
 
 /// One request by id.
 pub fn request_by_id(conn: &Connection, id: i64) -> Result<Option<AccessRequest>, StoreError> {
-    conn.query_row(
+    conn.row(
         &format!("SELECT {REQ_COLS} FROM {REQ_FROM} WHERE r.id = ?1"),
         [id],
         req_from,
@@ -455,7 +456,7 @@ pub fn request_by_id(conn: &Connection, id: i64) -> Result<Option<AccessRequest>
 /// Requests, newest first; pending only unless `all`.
 pub fn list_requests(conn: &Connection, all: bool) -> Result<Vec<AccessRequest>, StoreError> {
     let filter = if all { "" } else { "WHERE r.state = 'pending'" };
-    let mut st = conn.prepare(&format!(
+    let mut st = conn.prepare_cached(&format!(
         "SELECT {REQ_COLS} FROM {REQ_FROM} {filter} ORDER BY r.id DESC LIMIT 200"
     ))?;
     let rows = st.query_map([], req_from)?;
@@ -472,7 +473,7 @@ pub fn decide_request(
     reason: Option<&str>,
     user: Option<UserId>,
 ) -> Result<bool, StoreError> {
-    let n = conn.execute(
+    let n = conn.exec(
         "UPDATE access_requests SET state = ?2, decided_by = ?3, decided_at = ?4, reason = ?5,
              user_id = COALESCE(?6, user_id)
          WHERE id = ?1 AND state = 'pending'",
@@ -550,7 +551,7 @@ pub struct NewProjectRow<'a> {
 /// Inserts a project. A taken name is `AlreadyExists`.
 pub fn insert_project(conn: &Connection, p: &NewProjectRow<'_>) -> Result<Project, StoreError> {
     let at = now();
-    conn.execute(
+    conn.exec(
         "INSERT INTO projects (name, owner_id, stack, git_url, source_path, template, vcpus,
              memory_mib, disk_mib, app_port, visibility, state, created_at, updated_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'private', ?11, ?12, ?12)",
@@ -580,7 +581,7 @@ pub fn project_by_name(
     conn: &Connection,
     name: &ProjectName,
 ) -> Result<Option<Project>, StoreError> {
-    conn.query_row(
+    conn.row(
         &format!("SELECT {PROJECT_COLS} FROM projects p JOIN users u ON u.id = p.owner_id WHERE p.name = ?1"),
         [name.as_str()],
         project_from,
@@ -600,7 +601,7 @@ pub fn list_projects_tagged(
     user: Option<UserId>,
     tag: Option<&str>,
 ) -> Result<Vec<Project>, StoreError> {
-    let mut st = conn.prepare(&format!(
+    let mut st = conn.prepare_cached(&format!(
         "SELECT {PROJECT_COLS} FROM projects p JOIN users u ON u.id = p.owner_id
          WHERE (?1 IS NULL OR p.owner_id = ?1
             OR EXISTS (SELECT 1 FROM shares s WHERE s.project_id = p.id AND s.user_id = ?1))
@@ -619,7 +620,7 @@ pub fn list_projects_tagged(
 pub fn add_tags(conn: &Connection, project: i64, tags: &[&str]) -> Result<Vec<String>, StoreError> {
     let tx = conn.unchecked_transaction()?;
     for t in tags {
-        tx.execute(
+        tx.exec(
             "INSERT OR IGNORE INTO project_tags (project_id, tag) VALUES (?1, ?2)",
             params![project, t],
         )?;
@@ -631,7 +632,7 @@ pub fn add_tags(conn: &Connection, project: i64, tags: &[&str]) -> Result<Vec<St
 
 /// Removes a tag; whether the project had it.
 pub fn remove_tag(conn: &Connection, project: i64, tag: &str) -> Result<bool, StoreError> {
-    let n = conn.execute(
+    let n = conn.exec(
         "DELETE FROM project_tags WHERE project_id = ?1 AND tag = ?2",
         params![project, tag],
     )?;
@@ -640,7 +641,8 @@ pub fn remove_tag(conn: &Connection, project: i64, tag: &str) -> Result<bool, St
 
 /// A project's tags, sorted.
 pub fn tags_of(conn: &Connection, project: i64) -> Result<Vec<String>, StoreError> {
-    let mut st = conn.prepare("SELECT tag FROM project_tags WHERE project_id = ?1 ORDER BY tag")?;
+    let mut st =
+        conn.prepare_cached("SELECT tag FROM project_tags WHERE project_id = ?1 ORDER BY tag")?;
     let rows = st.query_map([project], |r| r.get::<_, String>(0))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
@@ -662,7 +664,7 @@ pub fn set_project_state_noted(
     state: ProjectState,
     note: Option<&str>,
 ) -> Result<(), StoreError> {
-    conn.execute(
+    conn.exec(
         "UPDATE projects SET state = ?2, state_note = ?3, updated_at = ?4 WHERE name = ?1",
         params![name.as_str(), state.as_str(), note, now()],
     )?;
@@ -672,7 +674,7 @@ pub fn set_project_state_noted(
 /// Forgets where a project's VM answered (it stopped): the gateways then
 /// know to start it rather than dial a dead address.
 pub fn clear_route(conn: &Connection, project: &ProjectName) -> Result<(), StoreError> {
-    conn.execute(
+    conn.exec(
         "DELETE FROM routes WHERE project_id = (SELECT id FROM projects WHERE name = ?1)",
         [project.as_str()],
     )?;
@@ -685,7 +687,7 @@ pub fn set_visibility(
     name: &ProjectName,
     v: Visibility,
 ) -> Result<(), StoreError> {
-    conn.execute(
+    conn.exec(
         "UPDATE projects SET visibility = ?2, updated_at = ?3 WHERE name = ?1",
         params![name.as_str(), v.as_str(), now()],
     )?;
@@ -694,7 +696,7 @@ pub fn set_visibility(
 
 /// Sets a project's app port.
 pub fn set_app_port(conn: &Connection, name: &ProjectName, port: u16) -> Result<(), StoreError> {
-    conn.execute(
+    conn.exec(
         "UPDATE projects SET app_port = ?2, updated_at = ?3 WHERE name = ?1",
         params![name.as_str(), port, now()],
     )
@@ -709,7 +711,7 @@ pub fn set_shape(
     resources: Resources,
     app_port: u16,
 ) -> Result<(), StoreError> {
-    conn.execute(
+    conn.exec(
         "UPDATE projects SET vcpus = ?2, memory_mib = ?3, disk_mib = ?4, app_port = ?5,
              updated_at = ?6 WHERE name = ?1",
         params![
@@ -731,7 +733,7 @@ pub fn set_idle_stop(
     name: &ProjectName,
     limit: Option<IdleStop>,
 ) -> Result<(), StoreError> {
-    conn.execute(
+    conn.exec(
         "UPDATE projects SET idle_stop_secs = ?2, updated_at = ?3 WHERE name = ?1",
         params![name.as_str(), limit.map(IdleStop::to_secs), now()],
     )?;
@@ -740,7 +742,8 @@ pub fn set_idle_stop(
 
 /// How long each running project had been idle when last written down.
 pub fn recorded_idle(conn: &Connection) -> Result<Vec<(ProjectName, u64)>, StoreError> {
-    let mut st = conn.prepare("SELECT name, idle_secs FROM projects WHERE state = 'running'")?;
+    let mut st =
+        conn.prepare_cached("SELECT name, idle_secs FROM projects WHERE state = 'running'")?;
     let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))?;
     let mut out = Vec::new();
     for r in rows {
@@ -753,7 +756,7 @@ pub fn recorded_idle(conn: &Connection) -> Result<Vec<(ProjectName, u64)>, Store
 /// Writes down how long projects have been idle (0 for one just started).
 /// Leaves `updated_at` alone: this is bookkeeping, not a change.
 pub fn record_idle(conn: &Connection, idle: &[(ProjectName, u64)]) -> Result<(), StoreError> {
-    let mut st = conn.prepare("UPDATE projects SET idle_secs = ?2 WHERE name = ?1")?;
+    let mut st = conn.prepare_cached("UPDATE projects SET idle_secs = ?2 WHERE name = ?1")?;
     for (n, secs) in idle {
         st.execute(params![n.as_str(), secs])?;
     }
@@ -762,13 +765,13 @@ pub fn record_idle(conn: &Connection, idle: &[(ProjectName, u64)]) -> Result<(),
 
 /// Deletes a project row (and its shares).
 pub fn delete_project(conn: &Connection, name: &ProjectName) -> Result<bool, StoreError> {
-    Ok(conn.execute("DELETE FROM projects WHERE name = ?1", [name.as_str()])? == 1)
+    Ok(conn.exec("DELETE FROM projects WHERE name = ?1", [name.as_str()])? == 1)
 }
 
 /// What a user's projects add up to; their checkpoints count as disk.
 pub fn usage_of(conn: &Connection, user: UserId) -> Result<Usage, StoreError> {
     let checkpoints = checkpoint_mib_of(conn, user)?;
-    let mut usage = conn.query_row(
+    let mut usage = conn.row(
         "SELECT COUNT(*), COALESCE(SUM(vcpus), 0), COALESCE(SUM(memory_mib), 0), COALESCE(SUM(disk_mib), 0)
          FROM projects WHERE owner_id = ?1",
         [user],
@@ -791,7 +794,7 @@ pub fn ssh_keys_for_project(
     conn: &Connection,
     project: &ProjectName,
 ) -> Result<Vec<String>, StoreError> {
-    let mut st = conn.prepare(
+    let mut st = conn.prepare_cached(
         "SELECT k.openssh FROM ssh_keys k JOIN projects p ON p.name = ?1
          WHERE k.state = 'active' AND (k.user_id = p.owner_id OR EXISTS (
              SELECT 1 FROM shares s WHERE s.project_id = p.id AND s.user_id = k.user_id AND s.ssh = 1))
@@ -811,7 +814,7 @@ pub fn upsert_share(
     ssh: bool,
     web: bool,
 ) -> Result<(), StoreError> {
-    conn.execute(
+    conn.exec(
         "INSERT INTO shares (project_id, user_id, ssh, web) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (project_id, user_id) DO UPDATE SET ssh = excluded.ssh, web = excluded.web",
         params![project, user, ssh, web],
@@ -822,7 +825,7 @@ pub fn upsert_share(
 
 /// Removes a share; `false` if there was none.
 pub fn remove_share(conn: &Connection, project: i64, user: UserId) -> Result<bool, StoreError> {
-    Ok(conn.execute(
+    Ok(conn.exec(
         "DELETE FROM shares WHERE project_id = ?1 AND user_id = ?2",
         params![project, user],
     )? == 1)
@@ -835,7 +838,7 @@ pub fn share_of(
     user: UserId,
 ) -> Result<Option<(bool, bool)>, StoreError> {
     Ok(conn
-        .query_row(
+        .row(
             "SELECT ssh, web FROM shares WHERE project_id = ?1 AND user_id = ?2",
             params![project, user],
             |r| Ok((r.get(0)?, r.get(1)?)),
@@ -845,7 +848,7 @@ pub fn share_of(
 
 /// Everyone a project is shared with.
 pub fn shares_of(conn: &Connection, project: &ProjectName) -> Result<Vec<Share>, StoreError> {
-    let mut st = conn.prepare(
+    let mut st = conn.prepare_cached(
         "SELECT p.name, u.name, s.ssh, s.web FROM shares s JOIN projects p ON p.id = s.project_id
          JOIN users u ON u.id = s.user_id WHERE p.name = ?1 ORDER BY u.name",
     )?;
@@ -874,7 +877,7 @@ pub fn shares_of(conn: &Connection, project: &ProjectName) -> Result<Vec<Share>,
 /// The quota of a role.
 pub fn quota_for(conn: &Connection, role: Role) -> Result<Quota, StoreError> {
     Ok(conn
-        .query_row(
+        .row(
             "SELECT projects, vcpus, memory_mib, disk_mib FROM quotas WHERE role = ?1",
             [role.as_str()],
             |r| {
@@ -915,7 +918,7 @@ pub fn quota_of(
 ) -> Result<(Quota, Personal), StoreError> {
     let mut q = quota_for(conn, role)?;
     let own: Option<[Option<i64>; 4]> = conn
-        .query_row(
+        .row(
             "SELECT projects, vcpus, memory_mib, disk_mib FROM user_quotas WHERE user_id = ?1",
             [user],
             |r| Ok([r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?]),
@@ -960,7 +963,7 @@ pub fn set_user_quota(
             Some(Limit::At(n)) => (true, Some(i64::try_from(n).unwrap_or(i64::MAX))),
         }
     };
-    conn.execute(
+    conn.exec(
         "INSERT OR IGNORE INTO user_quotas (user_id) VALUES (?1)",
         [user],
     )?;
@@ -973,14 +976,14 @@ pub fn set_user_quota(
         let (named, value) = col(l);
         if named {
             // The column name is one of the four above, never input.
-            conn.execute(
+            conn.exec(
                 &format!("UPDATE user_quotas SET {name} = ?2 WHERE user_id = ?1"),
                 params![user, value],
             )?;
         }
     }
     // A row with nothing of its own left goes.
-    conn.execute(
+    conn.exec(
         "DELETE FROM user_quotas WHERE user_id = ?1 AND projects IS NULL AND vcpus IS NULL
              AND memory_mib IS NULL AND disk_mib IS NULL",
         [user],
@@ -1005,7 +1008,7 @@ pub fn allocate_slot(
         release_slot(conn, project)?;
     }
     let taken: Vec<u32> = {
-        let mut st = conn.prepare("SELECT slot FROM vm_slots ORDER BY slot")?;
+        let mut st = conn.prepare_cached("SELECT slot FROM vm_slots ORDER BY slot")?;
         let rows = st.query_map([], |r| r.get(0))?;
         rows.collect::<Result<_, _>>()?
     };
@@ -1014,7 +1017,7 @@ pub fn allocate_slot(
         .ok_or_else(|| StoreError::Invalid {
             what: format!("every VM slot up to {max} is taken"),
         })?;
-    conn.execute(
+    conn.exec(
         "INSERT INTO vm_slots (project, slot, created_at) VALUES (?1, ?2, ?3)",
         params![project, slot, now()],
     )
@@ -1025,7 +1028,7 @@ pub fn allocate_slot(
 /// The project's slot, if it holds one.
 pub fn slot_of(conn: &Connection, project: &str) -> Result<Option<u32>, StoreError> {
     Ok(conn
-        .query_row(
+        .row(
             "SELECT slot FROM vm_slots WHERE project = ?1",
             [project],
             |r| r.get(0),
@@ -1035,13 +1038,13 @@ pub fn slot_of(conn: &Connection, project: &str) -> Result<Option<u32>, StoreErr
 
 /// Releases the project's slot.
 pub fn release_slot(conn: &Connection, project: &str) -> Result<(), StoreError> {
-    conn.execute("DELETE FROM vm_slots WHERE project = ?1", [project])?;
+    conn.exec("DELETE FROM vm_slots WHERE project = ?1", [project])?;
     Ok(())
 }
 
 /// Every (project, slot).
 pub fn all_slots(conn: &Connection) -> Result<Vec<(String, u32)>, StoreError> {
-    let mut st = conn.prepare("SELECT project, slot FROM vm_slots ORDER BY slot")?;
+    let mut st = conn.prepare_cached("SELECT project, slot FROM vm_slots ORDER BY slot")?;
     let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
@@ -1056,7 +1059,7 @@ pub fn set_confirmation(
     step: u32,
     expires_at: i64,
 ) -> Result<(), StoreError> {
-    conn.execute(
+    conn.exec(
         "INSERT INTO confirmations (frontend, external_id, command, step, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (frontend, external_id) DO UPDATE SET command = excluded.command, step = excluded.step,
              expires_at = excluded.expires_at",
@@ -1071,13 +1074,13 @@ pub fn take_confirmation(
     who: &Identity,
 ) -> Result<Option<(String, u32)>, StoreError> {
     let row: Option<(String, u32, i64)> = conn
-        .query_row(
+        .row(
             "SELECT command, step, expires_at FROM confirmations WHERE frontend = ?1 AND external_id = ?2",
             params![who.frontend.as_str(), who.external_id],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .optional()?;
-    conn.execute(
+    conn.exec(
         "DELETE FROM confirmations WHERE frontend = ?1 AND external_id = ?2",
         params![who.frontend.as_str(), who.external_id],
     )?;
@@ -1095,7 +1098,7 @@ pub fn set_secret(
     name: &str,
     value: &str,
 ) -> Result<(), StoreError> {
-    conn.execute(
+    conn.exec(
         "INSERT INTO secrets (user_id, name, value, updated_at) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (user_id, name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
         params![user, name, value, now()],
@@ -1106,7 +1109,7 @@ pub fn set_secret(
 /// A user's secret.
 pub fn secret(conn: &Connection, user: UserId, name: &str) -> Result<Option<String>, StoreError> {
     Ok(conn
-        .query_row(
+        .row(
             "SELECT value FROM secrets WHERE user_id = ?1 AND name = ?2",
             params![user, name],
             |r| r.get(0),
@@ -1116,7 +1119,7 @@ pub fn secret(conn: &Connection, user: UserId, name: &str) -> Result<Option<Stri
 
 /// Deletes a user's secret; `false` if there was none.
 pub fn remove_secret(conn: &Connection, user: UserId, name: &str) -> Result<bool, StoreError> {
-    Ok(conn.execute(
+    Ok(conn.exec(
         "DELETE FROM secrets WHERE user_id = ?1 AND name = ?2",
         params![user, name],
     )? == 1)
@@ -1124,7 +1127,8 @@ pub fn remove_secret(conn: &Connection, user: UserId, name: &str) -> Result<bool
 
 /// The names of a user's secrets.
 pub fn secret_names(conn: &Connection, user: UserId) -> Result<Vec<String>, StoreError> {
-    let mut st = conn.prepare("SELECT name FROM secrets WHERE user_id = ?1 ORDER BY name")?;
+    let mut st =
+        conn.prepare_cached("SELECT name FROM secrets WHERE user_id = ?1 ORDER BY name")?;
     let rows = st.query_map([user], |r| r.get(0))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
@@ -1140,7 +1144,7 @@ pub fn insert_agent_run(
     task: &str,
     checkpoint: &str,
 ) -> Result<i64, StoreError> {
-    conn.execute(
+    conn.exec(
         "INSERT INTO agent_runs (project_id, user_id, agent, task, checkpoint, started_at, tokens)
          SELECT id, ?2, ?3, ?4, ?5, ?6, 0 FROM projects WHERE name = ?1",
         params![project.as_str(), user, agent, task, checkpoint, now()],
@@ -1156,12 +1160,12 @@ pub fn finish_agent_run(
     exit_code: i32,
     diffstat: Option<&str>,
 ) -> Result<u64, StoreError> {
-    conn.execute(
+    conn.exec(
         "UPDATE agent_runs SET ended_at = ?2, exit_code = ?3, diffstat = ?4 WHERE id = ?1",
         params![id, now(), exit_code, diffstat],
     )?;
     let tokens: Option<i64> = conn
-        .query_row("SELECT tokens FROM agent_runs WHERE id = ?1", [id], |r| {
+        .row("SELECT tokens FROM agent_runs WHERE id = ?1", [id], |r| {
             r.get(0)
         })
         .optional()?
@@ -1177,7 +1181,7 @@ pub fn add_agent_tokens(
     project: &ProjectName,
     tokens: u64,
 ) -> Result<(), StoreError> {
-    conn.execute(
+    conn.exec(
         "UPDATE agent_runs SET tokens = COALESCE(tokens, 0) + ?2
          WHERE ended_at IS NULL AND project_id = (SELECT id FROM projects WHERE name = ?1)",
         params![project.as_str(), i64::try_from(tokens).unwrap_or(i64::MAX)],
@@ -1191,7 +1195,7 @@ pub fn agent_runs_of(
     project: &ProjectName,
     limit: u32,
 ) -> Result<Vec<crate::model::AgentRun>, StoreError> {
-    let mut st = conn.prepare(
+    let mut st = conn.prepare_cached(
         "SELECT a.id, u.name, a.agent, a.task, a.checkpoint, a.started_at, a.ended_at,
                 a.exit_code, a.tokens, a.diffstat
          FROM agent_runs a JOIN projects p ON p.id = a.project_id
@@ -1243,7 +1247,7 @@ pub fn add_llm_use(
     tokens: u64,
 ) -> Result<(u64, u64), StoreError> {
     let tokens = i64::try_from(tokens).unwrap_or(i64::MAX);
-    conn.execute(
+    conn.exec(
         "INSERT INTO llm_usage (user_id, day, requests, tokens) VALUES (?1, ?2, 1, ?3)
          ON CONFLICT (user_id, day) DO UPDATE SET requests = requests + 1, tokens = tokens + excluded.tokens",
         params![user, day, tokens],
@@ -1254,7 +1258,7 @@ pub fn add_llm_use(
 /// `user`'s (requests, tokens) on `day`.
 pub fn llm_use(conn: &Connection, user: UserId, day: &str) -> Result<(u64, u64), StoreError> {
     let row: Option<(i64, i64)> = conn
-        .query_row(
+        .row(
             "SELECT requests, tokens FROM llm_usage WHERE user_id = ?1 AND day = ?2",
             params![user, day],
             |r| Ok((r.get(0)?, r.get(1)?)),
@@ -1270,12 +1274,12 @@ pub fn rename_project(
     from: &ProjectName,
     to: &ProjectName,
 ) -> Result<(), StoreError> {
-    conn.execute(
+    conn.exec(
         "UPDATE projects SET name = ?2, updated_at = ?3 WHERE name = ?1",
         params![from.as_str(), to.as_str(), now()],
     )
     .map_err(|e| classify(e, &format!("project {to}")))?;
-    conn.execute(
+    conn.exec(
         "UPDATE vm_slots SET project = ?2 WHERE project = ?1",
         params![from.as_str(), to.as_str()],
     )?;
@@ -1288,7 +1292,7 @@ pub fn set_source_path(
     name: &ProjectName,
     path: &str,
 ) -> Result<(), StoreError> {
-    conn.execute(
+    conn.exec(
         "UPDATE projects SET source_path = ?2, updated_at = ?3 WHERE name = ?1",
         params![name.as_str(), path, now()],
     )?;
@@ -1313,7 +1317,7 @@ pub fn set_route(
     ssh_addr: &str,
     app_addr: &str,
 ) -> Result<(), StoreError> {
-    conn.execute(
+    conn.exec(
         "INSERT INTO routes (project_id, ssh_addr, app_addr, updated_at)
          SELECT id, ?2, ?3, ?4 FROM projects WHERE name = ?1
          ON CONFLICT (project_id) DO UPDATE SET ssh_addr = excluded.ssh_addr, app_addr = excluded.app_addr,
@@ -1325,7 +1329,7 @@ pub fn set_route(
 
 /// The route of a project, if its VM was ever ready.
 pub fn route(conn: &Connection, project: &ProjectName) -> Result<Option<Route>, StoreError> {
-    conn.query_row(
+    conn.row(
         "SELECT p.name, r.ssh_addr, r.app_addr, p.visibility FROM routes r JOIN projects p ON p.id = r.project_id
          WHERE p.name = ?1",
         [project.as_str()],
@@ -1345,7 +1349,7 @@ pub fn route(conn: &Connection, project: &ProjectName) -> Result<Option<Route>, 
 
 /// Projects a user reaches over SSH (owned, or shared for SSH).
 pub fn ssh_projects_of(conn: &Connection, user: UserId) -> Result<Vec<ProjectName>, StoreError> {
-    let mut st = conn.prepare(
+    let mut st = conn.prepare_cached(
         "SELECT p.name FROM projects p WHERE p.owner_id = ?1
          OR EXISTS (SELECT 1 FROM shares s WHERE s.project_id = p.id AND s.user_id = ?1 AND s.ssh = 1)
          ORDER BY p.name",
@@ -1369,7 +1373,7 @@ pub struct AuditEntry<'a> {
 
 /// Appends to the audit log.
 pub fn audit(conn: &Connection, e: &AuditEntry<'_>) -> Result<(), StoreError> {
-    conn.execute(
+    conn.exec(
         "INSERT INTO audit (at, user_id, identity, action, target, outcome, detail)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![
@@ -1387,7 +1391,7 @@ pub fn audit(conn: &Connection, e: &AuditEntry<'_>) -> Result<(), StoreError> {
 
 /// The newest audit entries, newest first.
 pub fn recent_audit(conn: &Connection, limit: u32) -> Result<Vec<AuditEvent>, StoreError> {
-    let mut st = conn.prepare(
+    let mut st = conn.prepare_cached(
         "SELECT a.id, a.at, u.name, a.identity, a.action, a.target, a.outcome, a.detail
          FROM audit a LEFT JOIN users u ON u.id = a.user_id ORDER BY a.id DESC LIMIT ?1",
     )?;
@@ -1428,7 +1432,7 @@ pub fn add_web_link(
     host: &str,
     expires_at: i64,
 ) -> Result<(), StoreError> {
-    conn.execute(
+    conn.exec(
         "INSERT INTO web_links (token_hash, kind, user_id, host, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![token_hash, kind, user, host, now(), expires_at],
     )?;
@@ -1445,7 +1449,7 @@ pub fn web_link_user(
     consume: bool,
 ) -> Result<Option<User>, StoreError> {
     let uid: Option<UserId> = conn
-        .query_row(
+        .row(
             "SELECT user_id FROM web_links WHERE token_hash = ?1 AND kind = ?2 AND host = ?3
              AND used_at IS NULL AND expires_at > ?4",
             params![token_hash, kind, host, now()],
@@ -1456,7 +1460,7 @@ pub fn web_link_user(
         return Ok(None);
     };
     if consume {
-        let n = conn.execute(
+        let n = conn.exec(
             "UPDATE web_links SET used_at = ?2 WHERE token_hash = ?1 AND used_at IS NULL",
             params![token_hash, now()],
         )?;
@@ -1476,7 +1480,7 @@ pub fn add_web_session(
     expires_at: i64,
 ) -> Result<(), StoreError> {
     let t = now();
-    conn.execute(
+    conn.exec(
         "INSERT INTO web_sessions (token_hash, user_id, host, created_at, expires_at, last_seen_at) VALUES (?1, ?2, ?3, ?4, ?5, ?4)",
         params![token_hash, user, host, t, expires_at],
     )?;
@@ -1490,7 +1494,7 @@ pub fn web_session_user(
     host: &str,
 ) -> Result<Option<User>, StoreError> {
     let uid: Option<UserId> = conn
-        .query_row(
+        .row(
             "SELECT user_id FROM web_sessions WHERE token_hash = ?1 AND host = ?2
              AND revoked_at IS NULL AND expires_at > ?3",
             params![token_hash, host, now()],
@@ -1501,7 +1505,7 @@ pub fn web_session_user(
         Some(uid) => {
             // At most once a minute, so reading sessions rarely writes.
             let t = now();
-            conn.execute(
+            conn.exec(
                 "UPDATE web_sessions SET last_seen_at = ?2 WHERE token_hash = ?1 AND last_seen_at < ?2 - 60",
                 params![token_hash, t],
             )?;
@@ -1513,7 +1517,7 @@ pub fn web_session_user(
 
 /// Ends one session (web sign-out).
 pub fn revoke_web_session(conn: &Connection, token_hash: &str) -> Result<bool, StoreError> {
-    Ok(conn.execute(
+    Ok(conn.exec(
         "UPDATE web_sessions SET revoked_at = ?2 WHERE token_hash = ?1 AND revoked_at IS NULL",
         params![token_hash, now()],
     )? > 0)
@@ -1521,7 +1525,7 @@ pub fn revoke_web_session(conn: &Connection, token_hash: &str) -> Result<bool, S
 
 /// Ends every session of a user (`logout`); returns how many.
 pub fn revoke_web_sessions_of(conn: &Connection, user: UserId) -> Result<usize, StoreError> {
-    Ok(conn.execute(
+    Ok(conn.exec(
         "UPDATE web_sessions SET revoked_at = ?2 WHERE user_id = ?1 AND revoked_at IS NULL AND expires_at > ?2",
         params![user, now()],
     )?)
@@ -1532,7 +1536,7 @@ pub fn web_sessions_of(
     conn: &Connection,
     user: UserId,
 ) -> Result<Vec<crate::model::WebSession>, StoreError> {
-    let mut st = conn.prepare(
+    let mut st = conn.prepare_cached(
         "SELECT host, created_at, last_seen_at, expires_at FROM web_sessions
          WHERE user_id = ?1 AND revoked_at IS NULL AND expires_at > ?2 ORDER BY last_seen_at DESC",
     )?;
@@ -1557,7 +1561,7 @@ pub fn add_api_token(
     expires_at: Option<i64>,
 ) -> Result<crate::model::ApiToken, StoreError> {
     let t = now();
-    let r = conn.execute(
+    let r = conn.exec(
         "INSERT INTO api_tokens (token_hash, user_id, label, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![token_hash, user, label, t, expires_at],
     );
@@ -1584,7 +1588,7 @@ pub fn api_tokens_of(
     conn: &Connection,
     user: UserId,
 ) -> Result<Vec<crate::model::ApiToken>, StoreError> {
-    let mut st = conn.prepare(
+    let mut st = conn.prepare_cached(
         "SELECT label, created_at, expires_at, last_used_at FROM api_tokens
          WHERE user_id = ?1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?2)
          ORDER BY created_at",
@@ -1602,7 +1606,7 @@ pub fn api_tokens_of(
 
 /// Revokes a user's live token by label; whether one was.
 pub fn revoke_api_token(conn: &Connection, user: UserId, label: &str) -> Result<bool, StoreError> {
-    Ok(conn.execute(
+    Ok(conn.exec(
         "UPDATE api_tokens SET revoked_at = ?3 WHERE user_id = ?1 AND label = ?2 AND revoked_at IS NULL",
         params![user, label, now()],
     )? > 0)
@@ -1614,7 +1618,7 @@ pub fn api_token_user(
     token_hash: &str,
 ) -> Result<Option<(User, String)>, StoreError> {
     let found: Option<(UserId, String)> = conn
-        .query_row(
+        .row(
             "SELECT user_id, label FROM api_tokens WHERE token_hash = ?1
              AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?2)",
             params![token_hash, now()],
@@ -1625,7 +1629,7 @@ pub fn api_token_user(
         return Ok(None);
     };
     // At most once a minute, so reading tokens rarely writes.
-    conn.execute(
+    conn.exec(
         "UPDATE api_tokens SET last_used_at = ?2 WHERE token_hash = ?1 AND (last_used_at IS NULL OR last_used_at < ?2 - 60)",
         params![token_hash, now()],
     )?;
@@ -1770,7 +1774,7 @@ pub struct NewCheckpoint<'a> {
 /// Records a checkpoint. A label taken in the project is `AlreadyExists`.
 pub fn insert_checkpoint(conn: &Connection, c: &NewCheckpoint<'_>) -> Result<(), StoreError> {
     let n = conn
-        .execute(
+        .exec(
             "INSERT INTO checkpoints (project_id, label, note, auto_reason, taken_by, taken_at,
                  git_head, disk_bytes, source_bytes, vcpus, memory_mib, disk_mib, app_port,
                  disk_shared_bytes, source_reflinked)
@@ -1833,7 +1837,7 @@ pub fn checkpoints_of(
     conn: &Connection,
     project: &ProjectName,
 ) -> Result<Vec<Checkpoint>, StoreError> {
-    let mut st = conn.prepare(&format!(
+    let mut st = conn.prepare_cached(&format!(
         "SELECT {CHECKPOINT_COLS} FROM checkpoints c JOIN projects p ON p.id = c.project_id
          LEFT JOIN users u ON u.id = c.taken_by WHERE p.name = ?1 ORDER BY c.taken_at, c.id"
     ))?;
@@ -1848,7 +1852,7 @@ pub fn checkpoint(
     label: &str,
 ) -> Result<Option<Checkpoint>, StoreError> {
     Ok(conn
-        .query_row(
+        .row(
             &format!(
                 "SELECT {CHECKPOINT_COLS} FROM checkpoints c JOIN projects p ON p.id = c.project_id
                  LEFT JOIN users u ON u.id = c.taken_by WHERE p.name = ?1 AND c.label = ?2"
@@ -1865,7 +1869,7 @@ pub fn delete_checkpoint(
     project: &ProjectName,
     label: &str,
 ) -> Result<bool, StoreError> {
-    Ok(conn.execute(
+    Ok(conn.exec(
         "DELETE FROM checkpoints WHERE label = ?2
            AND project_id = (SELECT id FROM projects WHERE name = ?1)",
         params![project.as_str(), label],
@@ -1875,7 +1879,7 @@ pub fn delete_checkpoint(
 /// Bytes a user's checkpoints hold (disk layers and source copies), in MiB
 /// rounded up, for the disk quota.
 pub fn checkpoint_mib_of(conn: &Connection, user: UserId) -> Result<u64, StoreError> {
-    let bytes: i64 = conn.query_row(
+    let bytes: i64 = conn.row(
         "SELECT COALESCE(SUM(c.disk_bytes + c.source_bytes), 0) FROM checkpoints c
          JOIN projects p ON p.id = c.project_id WHERE p.owner_id = ?1",
         [user],
@@ -1886,7 +1890,7 @@ pub fn checkpoint_mib_of(conn: &Connection, user: UserId) -> Result<u64, StoreEr
 
 /// How many live (unrevoked, unexpired, unredeemed) links a project has.
 pub fn live_link_count(conn: &Connection, project: &ProjectName) -> Result<u32, StoreError> {
-    Ok(conn.query_row(
+    Ok(conn.row(
         "SELECT COUNT(*) FROM share_links l JOIN projects p ON p.id = l.project_id
          WHERE p.name = ?1 AND l.revoked_at IS NULL AND l.expires_at > ?2",
         params![project.as_str(), now()],
@@ -1904,7 +1908,7 @@ pub fn add_share_link(
     by: Option<UserId>,
     expires_at: i64,
 ) -> Result<i64, StoreError> {
-    conn.execute(
+    conn.exec(
         "INSERT INTO share_links (project_id, token_hash, port, note, created_by, created_at, expires_at)
          SELECT id, ?2, ?3, ?4, ?5, ?6, ?7 FROM projects WHERE name = ?1",
         params![project.as_str(), token_hash, port, note, by, now(), expires_at],
@@ -1918,7 +1922,7 @@ pub fn share_links_of(
     conn: &Connection,
     project: &ProjectName,
 ) -> Result<Vec<crate::model::ShareLink>, StoreError> {
-    let mut st = conn.prepare(
+    let mut st = conn.prepare_cached(
         "SELECT l.id, l.port, l.note, u.name, l.created_at, l.expires_at, l.redeemed_at,
                 l.last_used_at, l.visits
          FROM share_links l JOIN projects p ON p.id = l.project_id
@@ -1959,7 +1963,7 @@ pub fn revoke_share_link(
     project: &ProjectName,
     id: i64,
 ) -> Result<bool, StoreError> {
-    Ok(conn.execute(
+    Ok(conn.exec(
         "UPDATE share_links SET revoked_at = ?3 WHERE id = ?2 AND revoked_at IS NULL
          AND project_id = (SELECT id FROM projects WHERE name = ?1)",
         params![project.as_str(), id, now()],
@@ -1974,7 +1978,7 @@ pub fn share_link_target(
     redeem: bool,
 ) -> Result<Option<crate::model::LinkVisitor>, StoreError> {
     let found: Option<(i64, String, Option<u16>)> = conn
-        .query_row(
+        .row(
             "SELECT l.id, p.name, l.port FROM share_links l JOIN projects p ON p.id = l.project_id
              WHERE l.token_hash = ?1 AND l.revoked_at IS NULL AND l.redeemed_at IS NULL
              AND l.expires_at > ?2",
@@ -1986,7 +1990,7 @@ pub fn share_link_target(
         return Ok(None);
     };
     if redeem
-        && conn.execute(
+        && conn.exec(
             "UPDATE share_links SET redeemed_at = ?2 WHERE id = ?1 AND redeemed_at IS NULL",
             params![link_id, now()],
         )? == 0
@@ -2006,7 +2010,7 @@ pub fn add_link_session(
     token_hash: &str,
     link_id: i64,
 ) -> Result<(), StoreError> {
-    conn.execute(
+    conn.exec(
         "INSERT INTO link_sessions (token_hash, link_id, created_at) VALUES (?1, ?2, ?3)",
         params![token_hash, link_id, now()],
     )?;
@@ -2020,7 +2024,7 @@ pub fn link_session_visitor(
     token_hash: &str,
 ) -> Result<Option<crate::model::LinkVisitor>, StoreError> {
     let found: Option<(i64, String, Option<u16>)> = conn
-        .query_row(
+        .row(
             "SELECT l.id, p.name, l.port FROM link_sessions s
              JOIN share_links l ON l.id = s.link_id JOIN projects p ON p.id = l.project_id
              WHERE s.token_hash = ?1 AND l.revoked_at IS NULL AND l.expires_at > ?2",
@@ -2041,7 +2045,7 @@ pub fn link_session_visitor(
 
 /// Counts a page opened through a link.
 pub fn link_visited(conn: &Connection, link_id: i64) -> Result<(), StoreError> {
-    conn.execute(
+    conn.exec(
         "UPDATE share_links SET visits = visits + 1, last_used_at = ?2 WHERE id = ?1",
         params![link_id, now()],
     )?;
@@ -2058,7 +2062,7 @@ pub fn add_domain(
     by: Option<UserId>,
 ) -> Result<(), StoreError> {
     let t = now();
-    conn.execute(
+    conn.exec(
         "INSERT INTO custom_domains (host, project_id, state, requested_by, created_at, approved_by, approved_at)
          SELECT ?2, id, ?3, ?4, ?5, CASE WHEN ?3 = 'active' THEN ?4 END, CASE WHEN ?3 = 'active' THEN ?5 END
          FROM projects WHERE name = ?1",
@@ -2076,7 +2080,7 @@ pub fn add_domain(
 
 /// How many custom domains a project has.
 pub fn domain_count(conn: &Connection, project: &ProjectName) -> Result<u32, StoreError> {
-    Ok(conn.query_row(
+    Ok(conn.row(
         "SELECT COUNT(*) FROM custom_domains d JOIN projects p ON p.id = d.project_id WHERE p.name = ?1",
         [project.as_str()],
         |r| r.get(0),
@@ -2088,7 +2092,7 @@ pub fn domains(
     conn: &Connection,
     project: Option<&ProjectName>,
 ) -> Result<Vec<crate::model::CustomDomain>, StoreError> {
-    let mut st = conn.prepare(
+    let mut st = conn.prepare_cached(
         "SELECT d.host, p.name, d.state, u.name, d.created_at
          FROM custom_domains d JOIN projects p ON p.id = d.project_id
          LEFT JOIN users u ON u.id = d.requested_by
@@ -2120,7 +2124,7 @@ pub fn domains(
 /// The project and state of a custom domain.
 pub fn domain(conn: &Connection, host: &str) -> Result<Option<(ProjectName, String)>, StoreError> {
     let found: Option<(String, String)> = conn
-        .query_row(
+        .row(
             "SELECT p.name, d.state FROM custom_domains d JOIN projects p ON p.id = d.project_id
              WHERE d.host = ?1",
             [host],
@@ -2136,7 +2140,7 @@ pub fn approve_domain(
     host: &str,
     by: Option<UserId>,
 ) -> Result<bool, StoreError> {
-    Ok(conn.execute(
+    Ok(conn.exec(
         "UPDATE custom_domains SET state = 'active', approved_by = ?2, approved_at = ?3
          WHERE host = ?1 AND state = 'pending'",
         params![host, by, now()],
@@ -2149,7 +2153,7 @@ pub fn remove_domain(
     project: &ProjectName,
     host: &str,
 ) -> Result<bool, StoreError> {
-    Ok(conn.execute(
+    Ok(conn.exec(
         "DELETE FROM custom_domains WHERE host = ?2
          AND project_id = (SELECT id FROM projects WHERE name = ?1)",
         params![project.as_str(), host],
