@@ -8,6 +8,8 @@
 # requests, time to the first streamed chunk, N concurrent streams (CPU of
 # the upstream and of the gateway, the gateway's RSS).
 # Usage: bench/llm.sh [requests] [concurrent streams]   (default 2000 50)
+#   LLM_BENCH_WRAP="valgrind --tool=callgrind" runs the gateway under a
+#   profiler (its output lands in the working directory).
 #   The upstream and the gateway are pinned to CPU 0, the client to CPU 1
 #   (taskset), where the host has two.
 set -euo pipefail

@@ -67,6 +67,26 @@ impl VmWho {
     }
 }
 
+/// What one LLM request needs to know, read at once
+/// ([`Gate::llm_context`]).
+pub struct LlmContext {
+    pub who: VmWho,
+    /// The owner's own key for the provider asked for.
+    pub key: Option<String>,
+    /// The owner's use today, when a daily limit applies.
+    pub used: Option<LlmDay>,
+}
+
+impl std::fmt::Debug for LlmContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlmContext")
+            .field("who", &self.who)
+            .field("key", &self.key.as_ref().map(|_| "<redacted>"))
+            .field("used", &self.used)
+            .finish()
+    }
+}
+
 /// One user's LLM use on one (UTC) day.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LlmDay {
@@ -134,27 +154,38 @@ impl Gate {
         Ok(LlmDay { requests, tokens })
     }
 
-    /// The owner's own key for `provider` (read on the host for the
-    /// upstream request only) and, when `with_day`, their use today: one
-    /// read of the store per request.
-    pub async fn llm_key_and_day(
+    /// For one LLM request from project `name`'s VM, in one read of the
+    /// store: the project and its owner (`None` when the project is gone),
+    /// the owner's own key for `provider` (read on the host for the
+    /// upstream request only) and, when `with_day`, their use today.
+    pub async fn llm_context(
         &self,
-        user: UserId,
+        name: &ProjectName,
         provider: Provider,
         with_day: bool,
-    ) -> Result<(Option<String>, Option<LlmDay>), StoreError> {
-        let day = today();
+    ) -> Result<Option<LlmContext>, StoreError> {
+        let (n, day) = (name.clone(), today());
         self.exec
             .store
             .call(move |c| {
-                let key = repo::secret(c, user, provider.secret_name())?;
+                let Some(project) = repo::project_by_name(c, &n)? else {
+                    return Ok(None);
+                };
+                let Some(owner) = repo::user_by_name(c, &project.owner)? else {
+                    return Ok(None);
+                };
+                let key = repo::secret(c, owner.id, provider.secret_name())?;
                 let used = if with_day {
-                    let (requests, tokens) = repo::llm_use(c, user, &day)?;
+                    let (requests, tokens) = repo::llm_use(c, owner.id, &day)?;
                     Some(LlmDay { requests, tokens })
                 } else {
                     None
                 };
-                Ok((key, used))
+                Ok(Some(LlmContext {
+                    who: VmWho { project, owner },
+                    key,
+                    used,
+                }))
             })
             .await
     }

@@ -271,11 +271,23 @@ fn usage(pid: u32) -> (f64, u64) {
 
 fn spawn(args: &[&str]) -> (Child, String) {
     use std::io::BufRead;
-    let mut c = Command::new(std::env::current_exe().unwrap())
-        .args(args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let exe = std::env::current_exe().unwrap();
+    // LLM_BENCH_WRAP="valgrind --tool=callgrind" profiles the gateway.
+    let wrap: Vec<String> = match std::env::var("LLM_BENCH_WRAP") {
+        Ok(w) if args.first() == Some(&"gateway") => {
+            w.split_whitespace().map(str::to_owned).collect()
+        }
+        _ => Vec::new(),
+    };
+    let mut cmd = match wrap.split_first() {
+        Some((prog, rest)) => {
+            let mut c = Command::new(prog);
+            c.args(rest).arg(&exe);
+            c
+        }
+        None => Command::new(&exe),
+    };
+    let mut c = cmd.args(args).stdout(Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
     std::io::BufReader::new(c.stdout.as_mut().unwrap())
         .read_line(&mut line)
@@ -364,6 +376,11 @@ async fn bench(requests: usize, streams: usize) {
         d.8 .0 / requests as f64,
         g.8 .1 / requests as f64
     );
+    if std::env::var_os("LLM_BENCH_WRAP").is_some() {
+        // A profiler writes its data on a clean signal, not on SIGKILL.
+        let _ = Command::new("kill").arg(gw.id().to_string()).status();
+        let _ = gw.wait();
+    }
     let _ = gw.kill();
     let _ = up.kill();
     let _ = std::fs::remove_dir_all(&dir);

@@ -364,19 +364,19 @@ impl MetaService {
     }
 
     async fn handle(&self, project: &ProjectName, req: Request<Incoming>) -> Response<Body> {
-        let who = match self.inner.gate.vm_who(project).await {
-            Ok(Some(w)) => w,
-            Ok(None) => return plain(StatusCode::NOT_FOUND, "this VM's project is gone"),
-            Err(e) => {
-                tracing::warn!(error = %e, "metadata service: store");
-                return plain(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "Kennel cannot read its store; try again",
-                );
-            }
-        };
         let path = req.uri().path().to_owned();
         let parts: Vec<&str> = path.trim_start_matches('/').splitn(4, '/').collect();
+        if let ["llm", provider, "v1", rest] = parts.as_slice() {
+            return match Provider::parse(provider) {
+                Some(p) => self.llm(project, p, rest, req).await,
+                None => not_found(&path),
+            };
+        }
+        let who = match self.inner.gate.vm_who(project).await {
+            Ok(Some(w)) => w,
+            Ok(None) => return gone(),
+            Err(e) => return store_down(&e),
+        };
         match parts.as_slice() {
             ["kennel", "v1", "me"] if req.method() == Method::GET => json(
                 StatusCode::OK,
@@ -389,10 +389,6 @@ impl MetaService {
             ["kennel", "v1", "notify"] if req.method() == Method::POST => {
                 self.notify(&who, req).await
             }
-            ["llm", provider, "v1", rest] => match Provider::parse(provider) {
-                Some(p) => self.llm(&who, p, rest, req).await,
-                None => not_found(&path),
-            },
             _ => not_found(&path),
         }
     }
@@ -474,7 +470,7 @@ impl MetaService {
 
     async fn llm(
         &self,
-        who: &VmWho,
+        project: &ProjectName,
         provider: Provider,
         rest: &str,
         req: Request<Incoming>,
@@ -486,50 +482,37 @@ impl MetaService {
             backend: "-".into(),
             ..LlmRecord::default()
         };
-        // The minute's limit, then one read: the owner's key and the day's
-        // use.
-        let early = async {
-            if !admit(&self.inner.minute, who.owner.id, rpm) {
-                return Err((
-                    StatusCode::TOO_MANY_REQUESTS,
-                    format!(
-                        "limit reached: {rpm} LLM requests a minute for {}; wait a minute",
-                        who.owner.name
-                    ),
-                ));
-            }
-            let (key, used) = self
-                .inner
-                .gate
-                .llm_key_and_day(who.owner.id, provider, tpd > 0)
-                .await
-                .map_err(|e| {
-                    tracing::warn!(error = %e, "metadata service: store");
-                    (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "Kennel cannot read its store; try again".to_owned(),
-                    )
-                })?;
-            if let Some(d) = used.filter(|d| d.tokens >= tpd) {
-                return Err((
-                    StatusCode::TOO_MANY_REQUESTS,
-                    format!(
-                        "limit reached: {tpd} LLM tokens a day for {} ({} used today, UTC); 'llm usage' in chat shows it",
-                        who.owner.name, d.tokens
-                    ),
-                ));
-            }
-            Ok(key)
+        // One read: the project's owner, their key and the day's use.
+        let ctx = match self
+            .inner
+            .gate
+            .llm_context(project, provider, tpd > 0)
+            .await
+        {
+            Ok(Some(c)) => c,
+            Ok(None) => return gone(),
+            Err(e) => return store_down(&e),
         };
-        let own_key = match early.await {
-            Ok(k) => k,
-            Err((status, msg)) => {
-                record.status = status.as_u16();
-                record.ms = elapsed_ms(started);
-                self.inner.gate.llm_record(who, &record).await;
-                return llm_error(status, &msg);
-            }
+        let (who, own_key) = (&ctx.who, ctx.key);
+        let refused = if !admit(&self.inner.minute, who.owner.id, rpm) {
+            Some(format!(
+                "limit reached: {rpm} LLM requests a minute for {}; wait a minute",
+                who.owner.name
+            ))
+        } else {
+            ctx.used.filter(|d| d.tokens >= tpd).map(|d| {
+                format!(
+                    "limit reached: {tpd} LLM tokens a day for {} ({} used today, UTC); 'llm usage' in chat shows it",
+                    who.owner.name, d.tokens
+                )
+            })
         };
+        if let Some(msg) = refused {
+            record.status = StatusCode::TOO_MANY_REQUESTS.as_u16();
+            record.ms = elapsed_ms(started);
+            self.inner.gate.llm_record(who, &record).await;
+            return llm_error(StatusCode::TOO_MANY_REQUESTS, &msg);
+        }
         let (backend, base, key) = match self.upstream_for(who, provider, own_key) {
             Ok(u) => u,
             Err(resp) => return *resp,
@@ -674,30 +657,130 @@ fn metric(r: &LlmRecord) {
         .record(r.ms as f64 / 1000.0);
 }
 
+/// A JSON value that should be a string, a bool or a count; anything
+/// else is ignored rather than failing the whole read.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Loose<'a> {
+    Str(#[serde(borrow)] std::borrow::Cow<'a, str>),
+    Bool(bool),
+    Count(u64),
+    Other(serde::de::IgnoredAny),
+}
+
+/// The fields of a request the gateway reads; the rest is skipped, not
+/// built into a tree (a coding agent's request is mostly its prompt).
+#[derive(serde::Deserialize)]
+struct Asked<'a> {
+    #[serde(borrow, default)]
+    model: Option<Loose<'a>>,
+    #[serde(default)]
+    stream: Option<Loose<'a>>,
+    /// Present at all (even `null`).
+    #[serde(default, deserialize_with = "present")]
+    stream_options: bool,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    <serde::de::IgnoredAny as serde::Deserialize>::deserialize(d).map(|_| true)
+}
+
 /// Reads the model and streaming flag from a JSON request, and asks an
 /// OpenAI-style stream for its usage (so streamed tokens count too).
 fn prepare_body(provider: Provider, rest: &str, body: Bytes, record: &mut LlmRecord) -> Bytes {
+    // Objects only (serde would read a struct from an array too).
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return body;
+    }
+    let Ok(asked) = serde_json::from_slice::<Asked<'_>>(&body) else {
+        return body;
+    };
+    if let Some(Loose::Str(m)) = &asked.model {
+        record.model = Some(m.chars().take(100).collect());
+    }
+    let streams = matches!(asked.stream, Some(Loose::Bool(true)));
+    if provider != Provider::OpenAi || !streams || !rest.ends_with("chat/completions") {
+        return body;
+    }
+    if !asked.stream_options {
+        // The key is absent: put it first, without rebuilding the body.
+        let at = body.len() - body.trim_ascii_start().len() + 1;
+        let mut out = Vec::with_capacity(body.len() + 48);
+        out.extend_from_slice(body.get(..at).unwrap_or_default());
+        out.extend_from_slice(br#""stream_options":{"include_usage":true},"#);
+        out.extend_from_slice(body.get(at..).unwrap_or_default());
+        return Bytes::from(out);
+    }
+    // Options given: add `include_usage` unless they say it already.
     let Ok(serde_json::Value::Object(mut v)) = serde_json::from_slice::<serde_json::Value>(&body)
     else {
         return body;
     };
-    record.model = v
-        .get("model")
-        .and_then(|m| m.as_str())
-        .map(|m| m.chars().take(100).collect());
-    let streams = v.get("stream").and_then(serde_json::Value::as_bool) == Some(true);
-    if provider == Provider::OpenAi && streams && rest.ends_with("chat/completions") {
-        let opts = v
-            .entry("stream_options")
-            .or_insert_with(|| serde_json::json!({}));
-        if let Some(o) = opts.as_object_mut() {
-            if !o.contains_key("include_usage") {
-                o.insert("include_usage".into(), serde_json::Value::Bool(true));
-                return serde_json::to_vec(&v).map(Bytes::from).unwrap_or(body);
-            }
+    if let Some(o) = v
+        .get_mut("stream_options")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        if !o.contains_key("include_usage") {
+            o.insert("include_usage".into(), serde_json::Value::Bool(true));
+            return serde_json::to_vec(&v).map(Bytes::from).unwrap_or(body);
         }
     }
     body
+}
+
+/// Where answers carry their usage: at the top (OpenAI), in `message`
+/// (Anthropic's `message_start`) or in `response` (OpenAI's Responses
+/// stream). Read without building a tree; other fields are skipped.
+#[derive(serde::Deserialize)]
+struct Answered<'a> {
+    #[serde(borrow, default)]
+    usage: Option<Usage<'a>>,
+    #[serde(borrow, default)]
+    message: Option<Nested<'a>>,
+    #[serde(borrow, default)]
+    response: Option<Nested<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Nested<'a> {
+    WithUsage {
+        #[serde(borrow)]
+        usage: Usage<'a>,
+    },
+    Other(serde::de::IgnoredAny),
+}
+
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Usage<'a> {
+    Counts {
+        #[serde(borrow, default)]
+        total_tokens: Option<Loose<'a>>,
+        #[serde(borrow, default)]
+        input_tokens: Option<Loose<'a>>,
+        #[serde(borrow, default)]
+        prompt_tokens: Option<Loose<'a>>,
+        #[serde(borrow, default)]
+        output_tokens: Option<Loose<'a>>,
+        #[serde(borrow, default)]
+        completion_tokens: Option<Loose<'a>>,
+    },
+    Other(serde::de::IgnoredAny),
+}
+
+fn nested_usage(n: Option<Nested<'_>>) -> Option<Usage<'_>> {
+    match n {
+        Some(Nested::WithUsage { usage }) => Some(usage),
+        _ => None,
+    }
+}
+
+fn count(v: Option<&Loose<'_>>) -> u64 {
+    match v {
+        Some(Loose::Count(n)) => *n,
+        _ => 0,
+    }
 }
 
 /// Token counts seen in an answer: OpenAI's `usage.total_tokens` (or
@@ -712,6 +795,9 @@ struct Tally {
     input: u64,
     output: u64,
 }
+
+/// What an event must contain for its usage to be read.
+const USAGE: &[u8] = b"\"usage\"";
 
 /// The most of an answer kept to read its usage from.
 const TALLY_CAP: usize = 1 << 20;
@@ -752,34 +838,46 @@ impl Tally {
         let Some(data) = line.strip_prefix(b"data:") else {
             return;
         };
-        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data.trim_ascii()) {
-            self.json(&v);
+        // Most events are tokens of text: only those naming a usage are read.
+        if data.windows(USAGE.len()).any(|w| w == USAGE) {
+            self.json(data.trim_ascii());
         }
     }
 
-    fn json(&mut self, v: &serde_json::Value) {
-        let usages = [
-            v.get("usage"),
-            v.get("message").and_then(|m| m.get("usage")),
-            v.get("response").and_then(|m| m.get("usage")),
-        ];
-        for u in usages.into_iter().flatten() {
-            let n = |k: &str| u.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
-            self.total = self.total.max(n("total_tokens"));
-            self.input = self.input.max(n("input_tokens")).max(n("prompt_tokens"));
+    fn json(&mut self, text: &[u8]) {
+        let Ok(a) = serde_json::from_slice::<Answered<'_>>(text) else {
+            return;
+        };
+        for u in [a.usage, nested_usage(a.message), nested_usage(a.response)]
+            .into_iter()
+            .flatten()
+        {
+            let Usage::Counts {
+                total_tokens,
+                input_tokens,
+                prompt_tokens,
+                output_tokens,
+                completion_tokens,
+            } = u
+            else {
+                continue;
+            };
+            self.total = self.total.max(count(total_tokens.as_ref()));
+            self.input = self
+                .input
+                .max(count(input_tokens.as_ref()))
+                .max(count(prompt_tokens.as_ref()));
             self.output = self
                 .output
-                .max(n("output_tokens"))
-                .max(n("completion_tokens"));
+                .max(count(output_tokens.as_ref()))
+                .max(count(completion_tokens.as_ref()));
         }
     }
 
     fn tokens(&mut self) -> u64 {
         if !self.sse && !self.buf.is_empty() {
             let buf = std::mem::take(&mut self.buf);
-            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&buf) {
-                self.json(&v);
-            }
+            self.json(&buf);
         }
         self.total.max(self.input.saturating_add(self.output))
     }
@@ -889,6 +987,20 @@ fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
 
 /// An error an SDK shows: OpenAI's and Anthropic's shape alike
 /// (`{"error": {"message": …}}`).
+/// The answer when the asking VM's project was removed.
+fn gone() -> Response<Body> {
+    plain(StatusCode::NOT_FOUND, "this VM's project is gone")
+}
+
+/// The answer when the store cannot be read.
+fn store_down(e: &kennel_core::StoreError) -> Response<Body> {
+    tracing::warn!(error = %e, "metadata service: store");
+    plain(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Kennel cannot read its store; try again",
+    )
+}
+
 fn llm_error(status: StatusCode, msg: &str) -> Response<Body> {
     json(
         status,
@@ -903,4 +1015,111 @@ fn not_found(path: &str) -> Response<Body> {
             "no route {path}: the metadata service has /llm/openai/v1/…, /llm/anthropic/v1/…, /kennel/v1/me and /kennel/v1/notify"
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+
+    use super::*;
+
+    fn prepared(provider: Provider, rest: &str, body: &str) -> (String, Option<String>) {
+        let mut r = LlmRecord::default();
+        let out = prepare_body(provider, rest, Bytes::from(body.to_owned()), &mut r);
+        (String::from_utf8(out.to_vec()).unwrap(), r.model)
+    }
+
+    #[test]
+    fn a_stream_asks_for_its_usage_and_keeps_everything_else() {
+        let body =
+            r#" {"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"h\u00e9"}]}"#;
+        let (out, model) = prepared(Provider::OpenAi, "chat/completions", body);
+        assert_eq!(model.as_deref(), Some("gpt-4o"));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["messages"][0]["content"], "hé");
+        assert_eq!(v["stream"], true);
+        // Options given without it: added; given with it: left as sent.
+        let (out, _) = prepared(
+            Provider::OpenAi,
+            "chat/completions",
+            r#"{"stream":true,"stream_options":{"x":1}}"#,
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            v["stream_options"],
+            serde_json::json!({"x":1,"include_usage":true})
+        );
+        for untouched in [
+            r#"{"stream":true,"stream_options":{"include_usage":false}}"#,
+            r#"{"stream":true,"stream_options":null}"#,
+            r#"{"stream":false,"model":"m"}"#,
+            r#"{"stream":"yes"}"#,
+            r#"[true, "m"]"#,
+            "not json",
+            "",
+        ] {
+            assert_eq!(
+                prepared(Provider::OpenAi, "chat/completions", untouched).0,
+                untouched
+            );
+        }
+        let anthropic = r#"{"model":"claude","stream":true}"#;
+        assert_eq!(
+            prepared(Provider::Anthropic, "messages", anthropic),
+            (anthropic.to_owned(), Some("claude".to_owned()))
+        );
+        // A model that is not a string is not recorded; the body passes.
+        assert_eq!(
+            prepared(Provider::OpenAi, "embeddings", r#"{"model":{"a":1}}"#).1,
+            None
+        );
+    }
+
+    fn tally(sse: bool, chunks: &[&str]) -> u64 {
+        let mut t = Tally::new(sse);
+        for c in chunks {
+            t.feed(c.as_bytes());
+        }
+        t.tokens()
+    }
+
+    #[test]
+    fn usage_is_read_from_every_shape_of_answer() {
+        // OpenAI, streamed: the last event before [DONE], split mid-line.
+        let openai = [
+            "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,",
+            "\"completion_tokens\":5,\"total_tokens\":12}}\n\ndata: [DONE]\n\n",
+        ];
+        assert_eq!(tally(true, &openai), 12);
+        // Anthropic: input in message_start, output growing in message_delta.
+        let anthropic = [
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"usage\":{\"input_tokens\":10,\"output_tokens\":1}}}\n\n",
+            "event: ping\ndata: {\"type\":\"ping\"}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\n\n",
+        ];
+        assert_eq!(tally(true, &anthropic), 25);
+        // A whole JSON answer, in pieces.
+        assert_eq!(
+            tally(
+                false,
+                &[
+                    "{\"id\":\"x\",\"usage\":{\"prompt_tokens\":3,",
+                    "\"completion_tokens\":4}}"
+                ]
+            ),
+            7
+        );
+        // Odd shapes count what they can and never fail the answer.
+        assert_eq!(
+            tally(true, &["data: {\"message\":\"text\",\"usage\":{\"total_tokens\":2.5,\"prompt_tokens\":4}}\n"]),
+            4
+        );
+        assert_eq!(
+            tally(true, &["data: {\"usage\":null}\n", "data: {\"usage\":\n"]),
+            0
+        );
+        assert_eq!(tally(false, &["not json"]), 0);
+    }
 }
