@@ -361,8 +361,10 @@ pub struct VmConfig {
     pub max_parallel_creates: u32,
     /// `auto` (bridge for Cloud Hypervisor, user mode for QEMU), `user` or `bridge`.
     pub network: NetworkChoice,
-    /// Seconds a VM may take to become ready (sshd and /workspace).
-    pub boot_timeout_secs: u64,
+    /// Seconds a VM may take to become ready (sshd and /workspace); unset,
+    /// 120 where the CPU is virtualised (KVM) and 300 where it is emulated
+    /// (QEMU's TCG runs a guest several times slower).
+    pub boot_timeout_secs: Option<u64>,
     /// Seconds a graceful stop may take before the VM is forced off
     /// (systemd stops the guest's services; Docker gives a container 10 s).
     pub stop_timeout_secs: u64,
@@ -450,7 +452,7 @@ impl Default for VmConfig {
             default_disk: "20G".into(),
             max_parallel_creates: 2,
             network: NetworkChoice::Auto,
-            boot_timeout_secs: 120,
+            boot_timeout_secs: None,
             stop_timeout_secs: 30,
             default_owner: "1000:1000".into(),
             online: false,

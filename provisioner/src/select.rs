@@ -154,6 +154,18 @@ mod tests {
     }
 
     #[test]
+    fn qemu_without_kvm_says_its_guests_are_emulated() {
+        for kvm in [false, true] {
+            let (d, h) = host(false, kvm);
+            let qemu = d.path().join("bin/qemu-system-x86_64");
+            std::fs::write(&qemu, "").unwrap();
+            std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let (vmm, _) = select(BackendChoice::Auto, NetworkChoice::User, &h, None).unwrap();
+            assert_eq!(vmm.emulated(), !kvm, "{}", vmm.describe());
+        }
+    }
+
+    #[test]
     fn settings_read_as_the_config_writes_them() {
         let b: BackendChoice = serde_json::from_str("\"cloud-hypervisor\"").unwrap();
         assert_eq!(b, BackendChoice::CloudHypervisor);

@@ -365,7 +365,7 @@ fn the_annotated_example_config_is_valid() {
         .arg("config")
         .assert()
         .success()
-        .stdout(predicate::str::contains("vm.boot_timeout_secs = 120"));
+        .stdout(predicate::str::contains("vm.stop_timeout_secs = 30"));
 }
 
 #[test]

@@ -142,6 +142,11 @@ pub trait Vmm: Send + Sync {
     fn kind(&self) -> BackendKind;
     /// A description for logs and `doctor` (e.g. `qemu (tcg)`).
     fn describe(&self) -> String;
+    /// Whether the guest's CPU is emulated rather than virtualised (QEMU
+    /// without KVM): everything in the guest takes several times longer.
+    fn emulated(&self) -> bool {
+        false
+    }
     /// Starts the VMM process for `m` and boots the guest. The virtio-fs
     /// socket must already exist. Returns the VMM's pid.
     async fn boot(&self, m: &Machine) -> Result<u32, VmmError>;

@@ -186,6 +186,10 @@ impl Vmm for Qemu {
         BackendKind::Qemu
     }
 
+    fn emulated(&self) -> bool {
+        self.accel == Accel::Tcg
+    }
+
     fn describe(&self) -> String {
         match self.accel {
             Accel::Kvm => "qemu (kvm)".into(),
