@@ -443,6 +443,15 @@ impl Default for HttpsConfig {
     }
 }
 
+impl VmConfig {
+    /// How long a VM may take to become ready: the configured limit, or
+    /// 120 s where the CPU is virtualised and 300 s where it is emulated.
+    pub fn boot_timeout(&self, emulated: bool) -> std::time::Duration {
+        let default = if emulated { 300 } else { 120 };
+        std::time::Duration::from_secs(self.boot_timeout_secs.unwrap_or(default))
+    }
+}
+
 impl Default for VmConfig {
     fn default() -> Self {
         Self {
@@ -722,6 +731,15 @@ fn toml_value(v: &Value) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_boot_limit_follows_the_cpu_unless_set() {
+        let mut vm = super::VmConfig::default();
+        assert_eq!(vm.boot_timeout(false).as_secs(), 120);
+        assert_eq!(vm.boot_timeout(true).as_secs(), 300);
+        vm.boot_timeout_secs = Some(45);
+        assert_eq!(vm.boot_timeout(true).as_secs(), 45);
+    }
+
     #[test]
     fn the_example_configuration_parses_and_bad_text_is_an_error() {
         let example = include_str!("../docs/kennel.example.toml");

@@ -157,12 +157,7 @@ pub fn provisioner(config: &Config, store: &Store) -> Result<Arc<LocalProvisione
         apt_sources: config.images.apt_sources(),
         apt_cache: config.images.apt_cache.clone(),
         network,
-        boot_timeout: Duration::from_secs(
-            config
-                .vm
-                .boot_timeout_secs
-                .unwrap_or(if vmm.emulated() { 300 } else { 120 }),
-        ),
+        boot_timeout: config.vm.boot_timeout(vmm.emulated()),
         stop_timeout: Duration::from_secs(config.vm.stop_timeout_secs),
         project_roots: vec![std::path::absolute(config.projects_root()).map_err(|e| e.to_string())?],
         default_owner: config.default_owner().map_err(|e| e.to_string())?,

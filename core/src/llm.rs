@@ -113,20 +113,20 @@ pub fn today() -> String {
     format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
 }
 
+/// The project `name` and its owner, read on the store's connection.
+fn read_vm_who(c: &rusqlite::Connection, name: &ProjectName) -> Result<Option<VmWho>, StoreError> {
+    let Some(project) = repo::project_by_name(c, name)? else {
+        return Ok(None);
+    };
+    Ok(repo::user_by_name(c, &project.owner)?.map(|owner| VmWho { project, owner }))
+}
+
 impl Gate {
     /// The project `name` and its owner; `None` when there is no such
     /// project (removed while its VM was still asking).
     pub async fn vm_who(&self, name: &ProjectName) -> Result<Option<VmWho>, StoreError> {
         let n = name.clone();
-        self.exec
-            .store
-            .call(move |c| {
-                let Some(project) = repo::project_by_name(c, &n)? else {
-                    return Ok(None);
-                };
-                Ok(repo::user_by_name(c, &project.owner)?.map(|owner| VmWho { project, owner }))
-            })
-            .await
+        self.exec.store.call(move |c| read_vm_who(c, &n)).await
     }
 
     /// Every project's name, and whether its VM runs (the metadata
@@ -168,24 +168,18 @@ impl Gate {
         self.exec
             .store
             .call(move |c| {
-                let Some(project) = repo::project_by_name(c, &n)? else {
+                let Some(who) = read_vm_who(c, &n)? else {
                     return Ok(None);
                 };
-                let Some(owner) = repo::user_by_name(c, &project.owner)? else {
-                    return Ok(None);
-                };
-                let key = repo::secret(c, owner.id, provider.secret_name())?;
+                let owner = who.owner.id;
+                let key = repo::secret(c, owner, provider.secret_name())?;
                 let used = if with_day {
-                    let (requests, tokens) = repo::llm_use(c, owner.id, &day)?;
+                    let (requests, tokens) = repo::llm_use(c, owner, &day)?;
                     Some(LlmDay { requests, tokens })
                 } else {
                     None
                 };
-                Ok(Some(LlmContext {
-                    who: VmWho { project, owner },
-                    key,
-                    used,
-                }))
+                Ok(Some(LlmContext { who, key, used }))
             })
             .await
     }
