@@ -31,6 +31,7 @@ pub mod disk;
 pub mod host;
 pub mod hostguard;
 pub mod image;
+pub mod incus;
 pub mod kernel;
 pub mod lifecycle;
 pub mod net;

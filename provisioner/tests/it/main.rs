@@ -12,3 +12,4 @@
 mod detect;
 mod git_guard;
 mod images;
+mod incus_client;

@@ -1,0 +1,356 @@
+//! The parts of the Incus REST API (`/1.0`) that Kennel reads and sends,
+//! as typed serde structures.
+//!
+//! Shapes measured against a real Incus 6.0 daemon (the answers the
+//! client's tests replay were recorded from it): every answer is an
+//! envelope whose `type` is `sync` (the result in `metadata`), `async`
+//! (an operation to wait for) or `error` (`error_code`, `error`). Unknown
+//! fields are ignored: newer servers add many.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Every answer's outer shape.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Envelope {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub status_code: u16,
+    #[serde(default)]
+    pub error_code: u16,
+    #[serde(default)]
+    pub error: String,
+    /// For `async`: the operation's URL (`/1.0/operations/UUID`).
+    #[serde(default)]
+    pub operation: String,
+    #[serde(default)]
+    pub metadata: serde_json::Value,
+}
+
+/// A background operation (`/1.0/operations/UUID`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Operation {
+    pub id: String,
+    #[serde(default)]
+    pub description: String,
+    /// `Running`, `Success`, `Failure`, `Cancelled`.
+    #[serde(default)]
+    pub status: String,
+    #[serde(default)]
+    pub status_code: u16,
+    #[serde(default)]
+    pub metadata: serde_json::Value,
+    /// Why it failed, when it did.
+    #[serde(default)]
+    pub err: String,
+    /// The cluster member it runs on (`none` outside a cluster).
+    #[serde(default)]
+    pub location: String,
+}
+
+/// `GET /1.0`: the server and what it can do.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Server {
+    #[serde(default)]
+    pub api_extensions: Vec<String>,
+    /// `trusted` when Kennel's certificate (or the Unix socket) is.
+    #[serde(default)]
+    pub auth: String,
+    pub environment: Environment,
+}
+
+/// The `environment` part of [`Server`].
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Environment {
+    #[serde(default)]
+    pub server_name: String,
+    #[serde(default)]
+    pub server_version: String,
+    #[serde(default)]
+    pub server_clustered: bool,
+    /// The instance drivers, `lxc | qemu` when both work.
+    #[serde(default)]
+    pub driver: String,
+    /// The server's certificate (PEM), which a remote client pins.
+    #[serde(default)]
+    pub certificate: String,
+}
+
+/// A cluster member (`GET /1.0/cluster/members?recursion=1`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub server_name: String,
+    #[serde(default)]
+    pub url: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// `Online`, `Offline`, `Evacuated`, `Blocked`.
+    #[serde(default)]
+    pub status: String,
+    #[serde(default)]
+    pub message: String,
+}
+
+impl Member {
+    /// Whether the member takes instances.
+    pub fn online(&self) -> bool {
+        self.status.eq_ignore_ascii_case("online")
+    }
+}
+
+/// Which kind of instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InstanceType {
+    Container,
+    VirtualMachine,
+}
+
+impl std::fmt::Display for InstanceType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            InstanceType::Container => "container",
+            InstanceType::VirtualMachine => "virtual-machine",
+        })
+    }
+}
+
+/// A device: its type and options, all strings (`{"type": "disk", …}`).
+pub type Device = BTreeMap<String, String>;
+
+/// `POST /1.0/instances`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InstancesPost {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: InstanceType,
+    pub source: InstanceSource,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub devices: BTreeMap<String, Device>,
+    /// Profiles applied in order (Incus's `default` unless empty is
+    /// wanted, which an explicit empty list says).
+    pub profiles: Vec<String>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// Start it once created.
+    pub start: bool,
+}
+
+/// Where a new instance's root filesystem comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InstanceSource {
+    /// `image` (or `none`).
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub fingerprint: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub alias: String,
+}
+
+impl InstanceSource {
+    /// A local image by its fingerprint.
+    pub fn image(fingerprint: &str) -> Self {
+        Self {
+            kind: "image".to_owned(),
+            fingerprint: fingerprint.to_owned(),
+            alias: String::new(),
+        }
+    }
+}
+
+/// `GET /1.0/instances/NAME`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Instance {
+    pub name: String,
+    /// `Running`, `Stopped`, `Frozen`, `Error`, …
+    #[serde(default)]
+    pub status: String,
+    #[serde(rename = "type", default)]
+    pub kind: String,
+    /// The member it lives on (`none` outside a cluster).
+    #[serde(default)]
+    pub location: String,
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+    #[serde(default)]
+    pub devices: BTreeMap<String, Device>,
+}
+
+/// `GET /1.0/instances/NAME/state`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct InstanceState {
+    #[serde(default)]
+    pub status: String,
+    #[serde(default)]
+    pub status_code: u16,
+    #[serde(default)]
+    pub network: Option<BTreeMap<String, NetworkState>>,
+    #[serde(default)]
+    pub cpu: Option<CpuState>,
+    #[serde(default)]
+    pub memory: Option<MemoryState>,
+    #[serde(default)]
+    pub pid: i64,
+}
+
+impl InstanceState {
+    /// Whether the instance runs.
+    pub fn running(&self) -> bool {
+        self.status.eq_ignore_ascii_case("running")
+    }
+
+    /// The first global IPv4 address of `iface`, if it has one yet.
+    pub fn ipv4(&self, iface: &str) -> Option<std::net::Ipv4Addr> {
+        self.network
+            .as_ref()?
+            .get(iface)?
+            .addresses
+            .iter()
+            .filter(|a| a.family == "inet" && a.scope == "global")
+            .find_map(|a| a.address.parse().ok())
+    }
+}
+
+/// One interface in [`InstanceState::network`].
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct NetworkState {
+    #[serde(default)]
+    pub addresses: Vec<Address>,
+    #[serde(default)]
+    pub host_name: String,
+}
+
+/// One address of an interface.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Address {
+    #[serde(default)]
+    pub family: String,
+    #[serde(default)]
+    pub address: String,
+    #[serde(default)]
+    pub scope: String,
+}
+
+/// CPU use of an instance, nanoseconds.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+pub struct CpuState {
+    #[serde(default)]
+    pub usage: u64,
+}
+
+/// Memory use of an instance, bytes.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+pub struct MemoryState {
+    #[serde(default)]
+    pub usage: u64,
+}
+
+/// What `PUT /1.0/instances/NAME/state` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateAction {
+    Start,
+    Stop,
+    Restart,
+    Freeze,
+    Unfreeze,
+}
+
+/// `PUT /1.0/instances/NAME/state`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatePut {
+    pub action: StateAction,
+    /// Seconds to wait for a clean stop before failing (-1: Incus's
+    /// default).
+    pub timeout: i64,
+    pub force: bool,
+}
+
+/// `POST /1.0/cluster/members/NAME/state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberAction {
+    Evacuate,
+    Restore,
+}
+
+/// An image (`GET /1.0/images/FINGERPRINT`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Image {
+    pub fingerprint: String,
+    #[serde(default)]
+    pub size: u64,
+    #[serde(rename = "type", default)]
+    pub kind: String,
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+/// An image alias (`GET /1.0/images/aliases/NAME`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ImageAlias {
+    pub name: String,
+    /// The image's fingerprint.
+    pub target: String,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn an_instance_post_is_what_the_api_takes() {
+        let post = InstancesPost {
+            name: "myapp".into(),
+            kind: InstanceType::VirtualMachine,
+            source: InstanceSource::image("abc"),
+            config: BTreeMap::from([("limits.cpu".into(), "2".into())]),
+            devices: BTreeMap::new(),
+            profiles: vec!["default".into()],
+            description: String::new(),
+            start: true,
+        };
+        let v = serde_json::to_value(&post).unwrap();
+        assert_eq!(v["type"], "virtual-machine");
+        assert_eq!(
+            v["source"],
+            serde_json::json!({"type": "image", "fingerprint": "abc"})
+        );
+        assert!(v.get("devices").is_none() && v.get("description").is_none());
+        assert_eq!(
+            serde_json::to_value(StatePut {
+                action: StateAction::Stop,
+                timeout: 30,
+                force: false
+            })
+            .unwrap(),
+            serde_json::json!({"action": "stop", "timeout": 30, "force": false})
+        );
+    }
+
+    #[test]
+    fn an_address_is_the_first_global_ipv4() {
+        let s: InstanceState = serde_json::from_value(serde_json::json!({
+            "status": "Running",
+            "network": {"eth0": {"addresses": [
+                {"family": "inet6", "address": "fe80::1", "scope": "link"},
+                {"family": "inet", "address": "10.1.2.3", "scope": "global"}
+            ]}, "lo": {"addresses": [{"family": "inet", "address": "127.0.0.1", "scope": "local"}]}}
+        }))
+        .unwrap();
+        assert!(s.running());
+        assert_eq!(s.ipv4("eth0"), Some("10.1.2.3".parse().unwrap()));
+        assert_eq!(s.ipv4("lo"), None);
+        // A stopped instance's state has `network: null`.
+        let s: InstanceState =
+            serde_json::from_value(serde_json::json!({"status": "Stopped", "network": null}))
+                .unwrap();
+        assert_eq!(s.ipv4("eth0"), None);
+    }
+}
