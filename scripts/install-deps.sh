@@ -65,6 +65,13 @@ checks=(
   "pebble-challtestsrv|pebble|test"
   "systemd-analyze|systemd|test"
   "python3|python3|test"
+  # The Incus backend's tests run a real Incus daemon (containers), from
+  # bookworm-backports on Debian 12 (below); its bridge serves DHCP with
+  # dnsmasq. The client test's image is a static busybox.
+  "/usr/libexec/incus/incusd|incus-base|test"
+  "incus|incus-base|test"
+  "dnsmasq|dnsmasq-base|test"
+  "fn:have_static_busybox|busybox-static|test"
   "fn:have_venv|python3-venv|test"
 )
 
@@ -75,6 +82,25 @@ have_virtiofsd() {
 }
 have_openssl_dev() { pkg-config --exists openssl 2>/dev/null; }
 have_venv() { python3 -c 'import venv, ensurepip' >/dev/null 2>&1; }
+have_static_busybox() { [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1; }
+
+# Debian 12 has Incus only in bookworm-backports. Its own source list, at
+# the archive's default priority for backports (100: below every
+# installed or bookworm package, so nothing else, QEMU above all, is ever
+# upgraded from it), and only incus-base asked for from there by name.
+backports_list=/etc/apt/sources.list.d/kennel-bookworm-backports.sources
+codename() { . /etc/os-release 2>/dev/null && echo "${VERSION_CODENAME:-}"; }
+add_backports() {
+  [ -e "$backports_list" ] && return 0
+  as_root tee "$backports_list" >/dev/null <<'LIST'
+# Added by Kennel's scripts/install-deps.sh for incus-base (tests only).
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+LIST
+}
 
 present() {
   case "$1" in
@@ -118,6 +144,10 @@ if ((${#missing[@]})); then
   declare -A want=()
   for m in "${missing[@]}"; do want[${m#*|}]=1; done
   pkgs=("${!want[@]}")
+  if [[ -n "${want[incus-base]:-}" && "$(codename)" == bookworm ]]; then
+    add_backports
+    pkgs=("${pkgs[@]/#incus-base/incus-base/bookworm-backports}")
+  fi
   as_root apt-get update -qq
   apt_opts=(-y -qq --no-install-recommends)
   # qemu-system-x86 pins qemu-system-common to its own version, and a
@@ -170,5 +200,9 @@ if ((${#still[@]})); then
   echo "prerequisites still missing after installing:" >&2
   for m in "${still[@]}"; do echo "  ${m%%|*} (from ${m#*|})" >&2; done
   exit 1
+fi
+if [ "$mode" = test ]; then
+  # Installing Incus must not have changed the QEMU the code runs.
+  qemu-system-x86_64 --version | head -1
 fi
 echo "prerequisites ok (${mode}): every binary and path checked is present"

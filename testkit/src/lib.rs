@@ -14,6 +14,7 @@ pub mod browser;
 pub mod ch_double;
 #[cfg(feature = "discord")]
 pub mod discord_fake;
+pub mod incus;
 #[cfg(feature = "matrix")]
 pub mod matrix_client;
 pub mod pebble;

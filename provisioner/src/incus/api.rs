@@ -58,6 +58,8 @@ pub struct Server {
     /// `trusted` when Kennel's certificate (or the Unix socket) is.
     #[serde(default)]
     pub auth: String,
+    /// Empty for an untrusted client.
+    #[serde(default)]
     pub environment: Environment,
 }
 

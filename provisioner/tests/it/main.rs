@@ -13,3 +13,5 @@ mod detect;
 mod git_guard;
 mod images;
 mod incus_client;
+#[cfg(feature = "incus-tests")]
+mod incus_real;
