@@ -22,31 +22,14 @@ impl IncusDaemon {
     /// Starts a daemon and initialises it (bridge, storage pool, the
     /// default profile with both).
     pub fn start() -> IncusDaemon {
-        assert!(
-            Path::new(INCUSD).is_file(),
-            "{INCUSD} is missing: install incus-base (on Debian 12 from bookworm-backports; scripts/install-deps.sh test does this)"
-        );
-        crate::require("incus", "incus-base");
-        crate::require("dnsmasq", "dnsmasq-base");
-        assert!(
-            rustix::process::geteuid().is_root(),
-            "a real Incus daemon needs root: run the tests as root (scripts/test.sh)"
-        );
+        prerequisites();
         // Under /var/tmp, not /tmp: incusd mounts into its directory and
         // some hosts mount /tmp noexec/nosuid.
         let dir = tempfile::Builder::new()
             .prefix("kennel-incus-")
             .tempdir_in("/var/tmp")
             .unwrap();
-        let log = std::fs::File::create(dir.path().join("incusd.log")).unwrap();
-        let child = Command::new(INCUSD)
-            .args(["--group", "root"])
-            .env("INCUS_DIR", dir.path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let child = spawn_incusd(dir.path(), None);
         let (bridge, subnet) = free_bridge();
         let d = IncusDaemon {
             dir,
@@ -93,18 +76,7 @@ impl IncusDaemon {
 
     /// Runs the `incus` client with `stdin`.
     pub fn incus_stdin(&self, args: &[&str], stdin: &[u8]) -> Output {
-        use std::io::Write;
-        let mut c = Command::new("incus")
-            .args(args)
-            .env("INCUS_DIR", self.dir.path())
-            .env("INCUS_CONF", self.dir.path().join("client"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let _ = c.stdin.take().unwrap().write_all(stdin);
-        c.wait_with_output().unwrap()
+        incus_at(self.dir.path(), args, stdin)
     }
 
     /// Listens on HTTPS at `127.0.0.1:port` too and trusts the client
@@ -145,22 +117,91 @@ impl Drop for IncusDaemon {
         let _ = self.incus(&["admin", "shutdown", "--timeout", "20"]);
         let _ = self.child.kill();
         let _ = self.child.wait();
+        kill_mentioning(self.dir.path());
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge])
             .stderr(Stdio::null())
             .status();
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        let dir = self.dir.path().to_string_lossy().into_owned();
-        let mut under: Vec<&str> = mounts
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(1))
-            .filter(|m| m.starts_with(&dir))
-            .collect();
-        under.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in under {
-            let _ = Command::new("umount").args(["-l", m]).status();
-        }
+        unmount_under(self.dir.path());
     }
+}
+
+fn prerequisites() {
+    assert!(
+        Path::new(INCUSD).is_file(),
+        "{INCUSD} is missing: install incus-base (on Debian 12 from bookworm-backports; scripts/install-deps.sh test does this)"
+    );
+    crate::require("incus", "incus-base");
+    crate::require("dnsmasq", "dnsmasq-base");
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "a real Incus daemon needs root: run the tests as root (scripts/test.sh)"
+    );
+}
+
+/// Starts `incusd` on `dir` (in network namespace `netns`), logging to
+/// `dir/incusd.log`.
+fn spawn_incusd(dir: &Path, netns: Option<&str>) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("incusd.log"))
+        .unwrap();
+    let mut cmd = match netns {
+        // `ip netns exec` execs incusd: the child's pid is incusd's.
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, INCUSD]);
+            c
+        }
+        None => Command::new(INCUSD),
+    };
+    cmd.args(["--group", "root"])
+        .env("INCUS_DIR", dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+/// Runs the `incus` client against the daemon of `dir`.
+fn incus_at(dir: &Path, args: &[&str], stdin: &[u8]) -> Output {
+    use std::io::Write;
+    let mut c = Command::new("incus")
+        .args(args)
+        .env("INCUS_DIR", dir)
+        .env("INCUS_CONF", dir.join("client"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _ = c.stdin.take().unwrap().write_all(stdin);
+    c.wait_with_output().unwrap()
+}
+
+/// Unmounts (lazily) everything mounted under `dir`, deepest first.
+fn unmount_under(dir: &Path) {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let dir = dir.to_string_lossy().into_owned();
+    let mut under: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|m| m.starts_with(&dir))
+        .collect();
+    under.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in under {
+        let _ = Command::new("umount").args(["-l", m]).status();
+    }
+}
+
+/// Ends every process whose command line mentions `dir` (the dnsmasq of
+/// a daemon's bridge outlives a killed daemon).
+fn kill_mentioning(dir: &Path) {
+    let _ = Command::new("pkill")
+        .args(["-KILL", "-f", &dir.to_string_lossy()])
+        .status();
 }
 
 /// A bridge name and a 10.x.y /24 that no interface or route uses yet.
@@ -197,4 +238,201 @@ fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
+}
+
+/// A cluster of Incus members, each in a network namespace of its own
+/// (`10.x.y.11`, `.12`, … on a host bridge at `10.x.y.1`), formed with
+/// join tokens like a real one. Members can be killed and revived.
+#[derive(Debug)]
+pub struct IncusCluster {
+    root: tempfile::TempDir,
+    bridge: String,
+    subnet: String,
+    members: Vec<ClusterMember>,
+}
+
+#[derive(Debug)]
+struct ClusterMember {
+    name: String,
+    netns: String,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl IncusCluster {
+    /// Starts `n` members and forms the cluster: a `dir` pool and a
+    /// bridge for instances on every member, heartbeats that call a
+    /// member offline after 11 s (Incus's least).
+    pub fn start(n: usize) -> IncusCluster {
+        prerequisites();
+        let root = tempfile::Builder::new()
+            .prefix("kennel-incus-cluster-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let (bridge, subnet) = free_bridge();
+        run("ip", &["link", "add", &bridge, "type", "bridge"]);
+        run(
+            "ip",
+            &["addr", "add", &format!("{subnet}.1/24"), "dev", &bridge],
+        );
+        run("ip", &["link", "set", &bridge, "up"]);
+        let mut c = IncusCluster {
+            root,
+            bridge,
+            subnet,
+            members: Vec::new(),
+        };
+        for i in 0..n {
+            let name = format!("m{}", i + 1);
+            let netns = format!("{}-{name}", c.bridge);
+            let veth = format!("{}v{i}", c.bridge);
+            run("ip", &["netns", "add", &netns]);
+            run(
+                "ip",
+                &[
+                    "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns,
+                ],
+            );
+            run("ip", &["link", "set", &veth, "master", &c.bridge, "up"]);
+            let addr = format!("{}/24", c.address(i));
+            run("ip", &["-n", &netns, "addr", "add", &addr, "dev", "eth0"]);
+            run("ip", &["-n", &netns, "link", "set", "eth0", "up"]);
+            run("ip", &["-n", &netns, "link", "set", "lo", "up"]);
+            let dir = c.root.path().join(&name);
+            std::fs::create_dir_all(&dir).unwrap();
+            let child = spawn_incusd(&dir, Some(&netns));
+            c.members.push(ClusterMember {
+                name,
+                netns,
+                dir,
+                child: Some(child),
+            });
+        }
+        for i in 0..n {
+            c.wait_ready(i);
+            // Listening first, on its own: changing the address restarts
+            // the listeners and may cut the answer short (seen on 6.0).
+            let listen = format!("{}:8443", c.address(i));
+            let _ = c.incus(i, &["config", "set", "core.https_address", &listen], b"");
+            let out = c.incus(i, &["config", "get", "core.https_address"], b"");
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout).trim(),
+                listen,
+                "{}",
+                c.log(i)
+            );
+        }
+        let first = "config: {}\ncluster:\n  server_name: m1\n  enabled: true\nstorage_pools:\n- name: default\n  driver: dir\nnetworks:\n- name: kbr\n  type: bridge\n  config:\n    ipv4.address: 10.250.0.1/24\n    ipv4.nat: \"false\"\n    ipv6.address: none\nprofiles:\n- name: default\n  devices:\n    root: {path: /, pool: default, type: disk}\n    eth0: {name: eth0, network: kbr, type: nic}\n";
+        let out = c.incus(0, &["admin", "init", "--preseed"], first.as_bytes());
+        assert!(out.status.success(), "m1: {}", text(&out));
+        let out = c.incus(
+            0,
+            &["config", "set", "cluster.offline_threshold", "11"],
+            b"",
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        for i in 1..n {
+            let name = c.members[i].name.clone();
+            let out = c.incus(0, &["cluster", "add", &name, "--quiet"], b"");
+            assert!(out.status.success(), "{}", text(&out));
+            let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            let join = format!(
+                "cluster:\n  enabled: true\n  server_name: {name}\n  server_address: {}:8443\n  cluster_token: {token}\n  member_config:\n  - entity: storage-pool\n    name: default\n    key: source\n    value: \"\"\n",
+                c.address(i)
+            );
+            let out = c.incus(i, &["admin", "init", "--preseed"], join.as_bytes());
+            assert!(out.status.success(), "{name}: {}\n{}", text(&out), c.log(i));
+        }
+        c
+    }
+
+    /// Member `i`'s name (`m1`, `m2`, …).
+    pub fn name(&self, i: usize) -> &str {
+        &self.members[i].name
+    }
+
+    /// Member `i`'s address on the host bridge.
+    pub fn address(&self, i: usize) -> String {
+        format!("{}.{}", self.subnet, 11 + i)
+    }
+
+    /// Member `i`'s Unix socket (any member answers for the cluster).
+    pub fn socket(&self, i: usize) -> PathBuf {
+        self.members[i].dir.join("unix.socket")
+    }
+
+    /// Runs the `incus` client against member `i`.
+    pub fn incus(&self, i: usize, args: &[&str], stdin: &[u8]) -> Output {
+        incus_at(&self.members[i].dir, args, stdin)
+    }
+
+    /// Member `i`'s daemon log.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.members[i].dir.join("incusd.log")).unwrap_or_default()
+    }
+
+    fn wait_ready(&self, i: usize) {
+        let out = self.incus(i, &["admin", "waitready", "--timeout", "60"], b"");
+        assert!(
+            out.status.success(),
+            "{} did not start: {}",
+            self.name(i),
+            self.log(i)
+        );
+    }
+
+    /// Kills member `i`'s daemon outright (its instances keep running,
+    /// as when a host's daemon dies).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts member `i`'s daemon again.
+    pub fn revive(&mut self, i: usize) {
+        assert!(self.members[i].child.is_none(), "{} runs", self.name(i));
+        let m = &self.members[i];
+        let child = spawn_incusd(&m.dir, Some(&m.netns));
+        self.members[i].child = Some(child);
+        self.wait_ready(i);
+    }
+}
+
+impl Drop for IncusCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            if self.members[i].child.is_none() {
+                let m = &self.members[i];
+                self.members[i].child = Some(spawn_incusd(&m.dir, Some(&m.netns)));
+            }
+        }
+        for i in 0..self.members.len() {
+            let _ = self.incus(i, &["admin", "waitready", "--timeout", "20"], b"");
+        }
+        let _ = self.incus(0, &["stop", "--all", "--force"], b"");
+        for i in 0..self.members.len() {
+            let _ = self.incus(i, &["admin", "shutdown", "--timeout", "10"], b"");
+        }
+        for m in &mut self.members {
+            if let Some(mut child) = m.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        kill_mentioning(self.root.path());
+        for m in &self.members {
+            let _ = Command::new("ip").args(["netns", "del", &m.netns]).status();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
+        unmount_under(self.root.path());
+    }
+}
+
+fn run(program: &str, args: &[&str]) {
+    let out = Command::new(program).args(args).output().unwrap();
+    assert!(out.status.success(), "{program} {args:?}: {}", text(&out));
 }

@@ -9,7 +9,18 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// A field Incus sends as `null` as often as it leaves it out (an
+/// instance on an offline member comes with `"config": null`): the
+/// type's default either way.
+fn nullable<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
 
 /// Every answer's outer shape.
 #[derive(Debug, Clone, Deserialize)]
@@ -20,10 +31,10 @@ pub struct Envelope {
     pub status_code: u16,
     #[serde(default)]
     pub error_code: u16,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub error: String,
     /// For `async`: the operation's URL (`/1.0/operations/UUID`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub operation: String,
     #[serde(default)]
     pub metadata: serde_json::Value,
@@ -33,30 +44,30 @@ pub struct Envelope {
 #[derive(Debug, Clone, Deserialize)]
 pub struct Operation {
     pub id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub description: String,
     /// `Running`, `Success`, `Failure`, `Cancelled`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub status: String,
     #[serde(default)]
     pub status_code: u16,
     #[serde(default)]
     pub metadata: serde_json::Value,
     /// Why it failed, when it did.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub err: String,
     /// The cluster member it runs on (`none` outside a cluster).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub location: String,
 }
 
 /// `GET /1.0`: the server and what it can do.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Server {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub api_extensions: Vec<String>,
     /// `trusted` when Kennel's certificate (or the Unix socket) is.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub auth: String,
     /// Empty for an untrusted client.
     #[serde(default)]
@@ -66,17 +77,17 @@ pub struct Server {
 /// The `environment` part of [`Server`].
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct Environment {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub server_name: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub server_version: String,
     #[serde(default)]
     pub server_clustered: bool,
     /// The instance drivers, `lxc | qemu` when both work.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub driver: String,
     /// The server's certificate (PEM), which a remote client pins.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub certificate: String,
 }
 
@@ -84,14 +95,14 @@ pub struct Environment {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     pub server_name: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub url: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub roles: Vec<String>,
     /// `Online`, `Offline`, `Evacuated`, `Blocked`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub status: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub message: String,
 }
 
@@ -170,23 +181,23 @@ impl InstanceSource {
 pub struct Instance {
     pub name: String,
     /// `Running`, `Stopped`, `Frozen`, `Error`, …
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub status: String,
-    #[serde(rename = "type", default)]
+    #[serde(rename = "type", default, deserialize_with = "nullable")]
     pub kind: String,
     /// The member it lives on (`none` outside a cluster).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub location: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub config: BTreeMap<String, String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub devices: BTreeMap<String, Device>,
 }
 
 /// `GET /1.0/instances/NAME/state`.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct InstanceState {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub status: String,
     #[serde(default)]
     pub status_code: u16,
@@ -221,35 +232,36 @@ impl InstanceState {
 /// One interface in [`InstanceState::network`].
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct NetworkState {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub addresses: Vec<Address>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub host_name: String,
 }
 
 /// One address of an interface.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct Address {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub family: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub address: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub scope: String,
 }
 
-/// CPU use of an instance, nanoseconds.
+/// CPU use of an instance, nanoseconds (-1 when Incus cannot tell yet,
+/// as right after a move).
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
 pub struct CpuState {
     #[serde(default)]
-    pub usage: u64,
+    pub usage: i64,
 }
 
-/// Memory use of an instance, bytes.
+/// Memory use of an instance, bytes (-1 when unknown).
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
 pub struct MemoryState {
     #[serde(default)]
-    pub usage: u64,
+    pub usage: i64,
 }
 
 /// What `PUT /1.0/instances/NAME/state` asks for.
@@ -287,9 +299,9 @@ pub struct Image {
     pub fingerprint: String,
     #[serde(default)]
     pub size: u64,
-    #[serde(rename = "type", default)]
+    #[serde(rename = "type", default, deserialize_with = "nullable")]
     pub kind: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub properties: BTreeMap<String, String>,
 }
 
@@ -354,5 +366,18 @@ mod tests {
             serde_json::from_value(serde_json::json!({"status": "Stopped", "network": null}))
                 .unwrap();
         assert_eq!(s.ipv4("eth0"), None);
+    }
+
+    #[test]
+    fn an_instance_on_an_offline_member_reads() {
+        // As Incus 6.0 lists an instance whose member is offline.
+        let i: Instance = serde_json::from_value(serde_json::json!({
+            "architecture": "", "config": null, "devices": null, "profiles": null,
+            "name": "x1", "status": "Error", "status_code": 112,
+            "location": "m2", "type": "container", "project": "default"
+        }))
+        .unwrap();
+        assert_eq!((i.name.as_str(), i.location.as_str()), ("x1", "m2"));
+        assert!(i.config.is_empty() && i.devices.is_empty());
     }
 }

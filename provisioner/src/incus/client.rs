@@ -423,7 +423,10 @@ impl IncusClient {
         what: &str,
         limit: Duration,
     ) -> Result<Operation, IncusError> {
-        let id = op.rsplit('/').next().unwrap_or(op);
+        // A forwarded request's operation URL carries `?project=…` (seen
+        // in a cluster): the id is the last path segment.
+        let path = op.split('?').next().unwrap_or(op);
+        let id = path.rsplit('/').next().unwrap_or(path);
         let started = Instant::now();
         loop {
             let left = limit.saturating_sub(started.elapsed());
@@ -454,7 +457,10 @@ impl IncusClient {
                         seconds: limit.as_secs(),
                     })
                 }
-                _ => {}
+                // In a cluster, a member may answer the wait for an
+                // operation running on another at once, still running
+                // (seen on Incus 6.0): don't spin on it.
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         }
     }
@@ -531,11 +537,51 @@ impl IncusClient {
 
     /// An instance's runtime state.
     pub async fn instance_state(&self, name: &str) -> Result<InstanceState, IncusError> {
-        self.get(
-            &self.uri(&format!("/1.0/instances/{}/state", seg(name)), &[]),
-            &format!("instance {name}"),
-        )
-        .await
+        let r = self
+            .get(
+                &self.uri(&format!("/1.0/instances/{}/state", seg(name)), &[]),
+                &format!("instance {name}"),
+            )
+            .await;
+        self.explain(name, r).await
+    }
+
+    /// An error about instance `name` as the member holding it explains
+    /// it: when that member is not online, [`IncusError::MemberOffline`]
+    /// (Incus itself only says "Server isn't ready yet" then).
+    async fn explain<T>(&self, name: &str, r: Result<T, IncusError>) -> Result<T, IncusError> {
+        let e = match r {
+            Ok(v) => return Ok(v),
+            // What a member that does not answer looks like from another:
+            // "not ready", or a forwarded request that fails or hangs.
+            Err(e @ IncusError::Api { .. }) if e.to_string().contains("isn't ready") => e,
+            Err(e @ (IncusError::Timeout { .. } | IncusError::Http { .. })) => e,
+            Err(e) => return Err(e),
+        };
+        match self.location(name).await {
+            Some(member) => match self.member(&member).await {
+                Ok(m) if !m.online() => Err(IncusError::MemberOffline { member }),
+                _ => Err(e),
+            },
+            None => Err(e),
+        }
+    }
+
+    /// The cluster member instance `name` lives on (`None` outside a
+    /// cluster or when it cannot tell). Read from the instance list,
+    /// which answers even when that member does not.
+    pub async fn location(&self, name: &str) -> Option<String> {
+        let all: Vec<Instance> = self
+            .get(
+                &self.uri("/1.0/instances", &[("recursion", "1")]),
+                "instances",
+            )
+            .await
+            .ok()?;
+        all.into_iter()
+            .find(|i| i.name == name)
+            .map(|i| i.location)
+            .filter(|l| !l.is_empty() && l != "none")
     }
 
     /// Creates an instance (on member `target`, or where Incus places
@@ -572,15 +618,17 @@ impl IncusClient {
             force,
         };
         let json = Self::encode(&what, &put)?;
-        self.operate(
-            Method::PUT,
-            &uri,
-            Some(json),
-            &what,
-            timeout + Duration::from_secs(30),
-        )
-        .await
-        .map(drop)
+        let r = self
+            .operate(
+                Method::PUT,
+                &uri,
+                Some(json),
+                &what,
+                timeout + Duration::from_secs(30),
+            )
+            .await
+            .map(drop);
+        self.explain(name, r).await
     }
 
     /// Deletes a (stopped) instance and its root disk.

@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kennel_provisioner::incus::api::{InstanceSource, InstanceType, InstancesPost, StateAction};
+use kennel_provisioner::incus::api::{
+    InstanceSource, InstanceType, InstancesPost, MemberAction, StateAction,
+};
 use kennel_provisioner::incus::{IncusClient, IncusError};
 use kennel_testkit::incus::IncusDaemon;
 
@@ -206,4 +208,135 @@ async fn a_remote_daemon_over_https_with_a_client_certificate() {
     assert_eq!(c.server().await.unwrap().auth, "untrusted");
     let e = c.instances().await.unwrap_err();
     assert!(matches!(e, IncusError::Api { status: 403, .. }), "{e}");
+}
+
+/// Where each instance lives.
+async fn locations(c: &IncusClient) -> BTreeMap<String, String> {
+    c.instances()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| (i.name, i.location))
+        .collect()
+}
+
+async fn member_status(c: &IncusClient, name: &str) -> String {
+    c.member(name).await.unwrap().status
+}
+
+/// Polls member `name` until its status is `want`, for up to a minute.
+async fn until_status(c: &IncusClient, name: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if member_status(c, name).await == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} never became {want}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_places_moves_evacuates_and_outlives_a_dead_member() {
+    let mut cluster = kennel_testkit::incus::IncusCluster::start(3);
+    let dir = tempfile::tempdir().unwrap();
+    let c = IncusClient::unix(&cluster.socket(0), "default");
+    assert!(c.server().await.unwrap().environment.server_clustered);
+    let members = c.members().await.unwrap();
+    assert_eq!(
+        members
+            .iter()
+            .map(|m| (m.server_name.as_str(), m.online()))
+            .collect::<Vec<_>>(),
+        [("m1", true), ("m2", true), ("m3", true)],
+    );
+    let fp = c
+        .import_image(&busybox_image(dir.path()), LONG)
+        .await
+        .unwrap();
+
+    // Placement is Incus's: three instances land on three members.
+    for n in ["a", "b", "c"] {
+        c.create_instance(&post(n, &fp), None, LONG).await.unwrap();
+    }
+    let at = locations(&c).await;
+    let used: std::collections::BTreeSet<_> = at.values().collect();
+    assert_eq!(used.len(), 3, "{at:?}");
+
+    // `--host`: on the member asked for; `move`: a stopped one elsewhere.
+    c.create_instance(&post("d", &fp), Some("m2"), LONG)
+        .await
+        .unwrap();
+    assert_eq!(locations(&c).await["d"], "m2");
+    c.change_state("d", StateAction::Stop, true, Duration::from_secs(30))
+        .await
+        .unwrap();
+    c.move_instance("d", "m3", LONG).await.unwrap();
+    assert_eq!(locations(&c).await["d"], "m3");
+    let e = c.move_instance("d", "m9", LONG).await.unwrap_err();
+    assert!(!e.is_not_found() || e.to_string().contains("m9"), "{e}");
+
+    // Evacuate m2: what ran there runs elsewhere; restore brings it back.
+    let on_m2: Vec<String> = locations(&c)
+        .await
+        .into_iter()
+        .filter(|(_, l)| l == "m2")
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(on_m2.len(), 1, "{on_m2:?}");
+    c.member_state("m2", MemberAction::Evacuate, LONG)
+        .await
+        .unwrap();
+    assert_eq!(member_status(&c, "m2").await, "Evacuated");
+    let after = locations(&c).await;
+    assert_ne!(after[&on_m2[0]], "m2", "{after:?}");
+    assert!(c.instance_state(&on_m2[0]).await.unwrap().running());
+    c.member_state("m2", MemberAction::Restore, LONG)
+        .await
+        .unwrap();
+    assert_eq!(member_status(&c, "m2").await, "Online");
+    assert_eq!(locations(&c).await[&on_m2[0]], "m2");
+
+    // A member dies: its instances are reported on an offline host, and
+    // a start fails at once saying so; it comes back by itself.
+    let on_m3: String = locations(&c)
+        .await
+        .into_iter()
+        .find(|(n, l)| l == "m3" && n != "d")
+        .map(|(n, _)| n)
+        .unwrap();
+    cluster.kill(2);
+    until_status(&c, "m3", "Offline").await;
+    let e = c.instance_state(&on_m3).await.unwrap_err();
+    assert!(
+        matches!(&e, IncusError::MemberOffline { member } if member == "m3"),
+        "{e}"
+    );
+    assert_eq!(e.to_string(), "host m3 is offline");
+    let started = Instant::now();
+    let e = c
+        .change_state("d", StateAction::Start, false, Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(matches!(&e, IncusError::MemberOffline { .. }), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // The rest of the cluster goes on.
+    let on_m1 = locations(&c)
+        .await
+        .into_iter()
+        .find(|(_, l)| l == "m1")
+        .unwrap()
+        .0;
+    assert!(c.instance_state(&on_m1).await.unwrap().running());
+
+    cluster.revive(2);
+    until_status(&c, "m3", "Online").await;
+    assert!(c.instance_state(&on_m3).await.unwrap().running());
+    c.change_state("d", StateAction::Start, false, Duration::ZERO)
+        .await
+        .unwrap();
 }
