@@ -124,6 +124,15 @@ pub fn classify(what: &str, code: u16, message: &str) -> IncusError {
     }
 }
 
+/// One request, before it is sent.
+struct Outgoing<'a> {
+    method: Method,
+    uri: &'a str,
+    body: Body,
+    content_type: &'a str,
+    headers: &'a [(&'a str, String)],
+}
+
 /// Where the daemon is.
 #[derive(Clone)]
 enum Endpoint {
@@ -286,13 +295,17 @@ impl IncusClient {
     /// Sends one request; the answer's status and body.
     async fn send(
         &self,
-        method: Method,
-        path_and_query: &str,
-        body: Body,
-        content_type: &str,
+        out: Outgoing<'_>,
         what: &str,
         deadline: Duration,
     ) -> Result<(u16, Bytes), IncusError> {
+        let Outgoing {
+            method,
+            uri: path_and_query,
+            body,
+            content_type,
+            headers,
+        } = out;
         let connect = |source| IncusError::Connect {
             address: self.address(),
             source,
@@ -301,17 +314,19 @@ impl IncusClient {
             Endpoint::Unix(_) => "incus",
             Endpoint::Https { authority, .. } => authority.as_str(),
         };
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method)
             .uri(path_and_query)
             .header("host", host)
             .header("content-type", content_type)
-            .header("user-agent", "kennel")
-            .body(body)
-            .map_err(|e| IncusError::Decode {
-                what: what.to_owned(),
-                detail: format!("cannot build the request: {e}"),
-            })?;
+            .header("user-agent", "kennel");
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        let req = req.body(body).map_err(|e| IncusError::Decode {
+            what: what.to_owned(),
+            detail: format!("cannot build the request: {e}"),
+        })?;
         let fut = async {
             match &self.endpoint {
                 Endpoint::Unix(socket) => {
@@ -376,7 +391,17 @@ impl IncusClient {
             .map_err(|never| match never {})
             .boxed_unsync();
         let (status, bytes) = self
-            .send(method, uri, body, "application/json", what, deadline)
+            .send(
+                Outgoing {
+                    method,
+                    uri,
+                    body,
+                    content_type: "application/json",
+                    headers: &[],
+                },
+                what,
+                deadline,
+            )
             .await?;
         envelope(what, status, &bytes)
     }
@@ -736,10 +761,13 @@ impl IncusClient {
         let started = Instant::now();
         let (status, bytes) = self
             .send(
-                Method::POST,
-                &self.uri("/1.0/images", &[]),
-                body,
-                "application/octet-stream",
+                Outgoing {
+                    method: Method::POST,
+                    uri: &self.uri("/1.0/images", &[]),
+                    body,
+                    content_type: "application/octet-stream",
+                    headers: &[],
+                },
                 &what,
                 limit,
             )
@@ -786,6 +814,118 @@ impl IncusClient {
         )
         .await
         .map(drop)
+    }
+}
+
+impl IncusClient {
+    /// Writes a file into an instance (a stopped container too), owned by
+    /// `uid`:`gid` with `mode`, making it anew. Parent directories must
+    /// exist in the instance.
+    pub async fn push_file(
+        &self,
+        instance: &str,
+        path: &str,
+        content: Vec<u8>,
+        (uid, gid, mode): (u32, u32, u32),
+    ) -> Result<(), IncusError> {
+        let what = format!("file {path} in instance {instance}");
+        let uri = self.uri(
+            &format!("/1.0/instances/{}/files", seg(instance)),
+            &[("path", path)],
+        );
+        let body = Full::new(Bytes::from(content))
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        let headers = [
+            ("x-incus-uid", uid.to_string()),
+            ("x-incus-gid", gid.to_string()),
+            ("x-incus-mode", format!("{mode:04o}")),
+            ("x-incus-type", "file".to_owned()),
+            ("x-incus-write", "overwrite".to_owned()),
+        ];
+        let (status, bytes) = self
+            .send(
+                Outgoing {
+                    method: Method::POST,
+                    uri: &uri,
+                    body,
+                    content_type: "application/octet-stream",
+                    headers: &headers,
+                },
+                &what,
+                self.timeout,
+            )
+            .await?;
+        envelope(&what, status, &bytes).map(drop)
+    }
+
+    /// Makes a directory in an instance (nothing when it exists).
+    pub async fn push_dir(
+        &self,
+        instance: &str,
+        path: &str,
+        (uid, gid, mode): (u32, u32, u32),
+    ) -> Result<(), IncusError> {
+        let what = format!("directory {path} in instance {instance}");
+        let uri = self.uri(
+            &format!("/1.0/instances/{}/files", seg(instance)),
+            &[("path", path)],
+        );
+        let headers = [
+            ("x-incus-uid", uid.to_string()),
+            ("x-incus-gid", gid.to_string()),
+            ("x-incus-mode", format!("{mode:04o}")),
+            ("x-incus-type", "directory".to_owned()),
+        ];
+        let body = Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        let (status, bytes) = self
+            .send(
+                Outgoing {
+                    method: Method::POST,
+                    uri: &uri,
+                    body,
+                    content_type: "application/octet-stream",
+                    headers: &headers,
+                },
+                &what,
+                self.timeout,
+            )
+            .await?;
+        match envelope(&what, status, &bytes) {
+            Err(IncusError::Exists { .. }) => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
+    /// Reads a file from an instance.
+    pub async fn pull_file(&self, instance: &str, path: &str) -> Result<Vec<u8>, IncusError> {
+        let what = format!("file {path} in instance {instance}");
+        let uri = self.uri(
+            &format!("/1.0/instances/{}/files", seg(instance)),
+            &[("path", path)],
+        );
+        let body = Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        let (status, bytes) = self
+            .send(
+                Outgoing {
+                    method: Method::GET,
+                    uri: &uri,
+                    body,
+                    content_type: "application/json",
+                    headers: &[],
+                },
+                &what,
+                self.timeout,
+            )
+            .await?;
+        if status >= 400 {
+            return envelope(&what, status, &bytes).map(|_| Vec::new());
+        }
+        Ok(bytes.to_vec())
     }
 }
 

@@ -5,5 +5,7 @@
 
 pub mod api;
 pub mod client;
+pub mod image;
+pub mod spec;
 
 pub use client::{IncusClient, IncusError};

@@ -49,7 +49,7 @@ fn cache() -> PathBuf {
 }
 
 /// Builds (or finds) the kernel and the images of `stacks`.
-fn build(stacks: &[&str]) -> (KernelSet, Vec<ImageInfo>) {
+pub(crate) fn build(stacks: &[&str]) -> (KernelSet, Vec<ImageInfo>) {
     assert!(
         rustix::process::geteuid().is_root(),
         "image tests need root (mmdebstrap --mode=root); run scripts/test.sh as root"

@@ -13,5 +13,7 @@ mod detect;
 mod git_guard;
 mod images;
 mod incus_client;
+#[cfg(all(feature = "incus-tests", feature = "image-tests"))]
+mod incus_guest;
 #[cfg(feature = "incus-tests")]
 mod incus_real;
