@@ -37,6 +37,8 @@ pub struct Config {
     pub ssh: SshConfig,
     pub https: HttpsConfig,
     pub vm: VmConfig,
+    /// The Incus server or cluster projects run on (`vm.backend = "incus"`).
+    pub incus: IncusConfig,
     pub images: ImagesConfig,
     pub git: GitConfig,
     pub metrics: MetricsConfig,
@@ -351,8 +353,9 @@ impl Default for AcmeConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct VmConfig {
-    /// `auto`, `qemu`, `cloud-hypervisor`, or `none` (no VMs: chat and
-    /// admin commands only).
+    /// `auto`, `qemu`, `cloud-hypervisor`, `incus` (projects on the Incus
+    /// server or cluster of `[incus]`), or `none` (no VMs: chat and admin
+    /// commands only).
     pub backend: BackendChoice,
     pub default_cpus: u32,
     pub default_memory: String,
@@ -398,6 +401,7 @@ impl Default for Config {
             ssh: SshConfig::default(),
             https: HttpsConfig::default(),
             vm: VmConfig::default(),
+            incus: IncusConfig::default(),
             images: ImagesConfig::default(),
             git: GitConfig::default(),
             metrics: MetricsConfig::default(),
@@ -440,6 +444,71 @@ impl Default for HttpsConfig {
             wake_wait_secs: 120,
             app_start_wait_secs: 120,
         }
+    }
+}
+
+/// The Incus server or cluster of `vm.backend = "incus"` (docs/incus.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IncusConfig {
+    /// The daemon's Unix socket (a server on this host), or
+    /// `https://HOST:8443` (a remote server or cluster, with the three
+    /// certificate files below).
+    pub address: String,
+    /// Kennel's client certificate and key (PEM), trusted by the cluster
+    /// (`incus config trust add-certificate`), for `https://` addresses.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// The server's certificate (PEM), pinned: Incus's are self-signed.
+    pub server_cert: Option<PathBuf>,
+    /// The Incus project Kennel's instances live in.
+    pub project: String,
+    pub storage_pool: String,
+    pub network: String,
+    /// `container` or `virtual-machine` (VMs need KVM on the members).
+    pub instance_type: kennel_provisioner::select::InstanceType,
+    /// Where each instance's SSH and app proxies listen on its member: an
+    /// address only Kennel reaches (loopback for a server on this host).
+    pub listen_address: std::net::IpAddr,
+    /// The member ports those proxies take, `FIRST-LAST`.
+    pub ports: String,
+}
+
+impl Default for IncusConfig {
+    fn default() -> Self {
+        Self {
+            address: "/var/lib/incus/unix.socket".into(),
+            client_cert: None,
+            client_key: None,
+            server_cert: None,
+            project: "default".into(),
+            storage_pool: "default".into(),
+            network: "incusbr0".into(),
+            instance_type: kennel_provisioner::select::InstanceType::Container,
+            listen_address: std::net::IpAddr::from([127, 0, 0, 1]),
+            ports: "40000-40999".into(),
+        }
+    }
+}
+
+impl IncusConfig {
+    /// `ports` as a range, or what is wrong with it.
+    pub fn port_range(&self) -> Result<(u16, u16), String> {
+        let bad = || {
+            format!(
+                "incus.ports is {:?}: give FIRST-LAST, e.g. \"40000-40999\"",
+                self.ports
+            )
+        };
+        let (a, b) = self.ports.split_once('-').ok_or_else(bad)?;
+        let (a, b): (u16, u16) = (
+            a.trim().parse().map_err(|_| bad())?,
+            b.trim().parse().map_err(|_| bad())?,
+        );
+        if a == 0 || b <= a {
+            return Err(bad());
+        }
+        Ok((a, b))
     }
 }
 

@@ -111,8 +111,14 @@ pub fn run(config: &Config, host: &Host) -> Report {
     // The same decision `kennel serve` acts on.
     let (use_ch, backend) = match kennel_provisioner::select::decide(config.vm.backend, host) {
         Ok(d) if d.cloud_hypervisor => (true, format!("cloud-hypervisor ({})", d.why)),
-        Ok(d) if config.vm.backend == kennel_provisioner::select::BackendChoice::None => {
-            (false, format!("none ({})", d.why))
+        Ok(d)
+            if matches!(
+                config.vm.backend,
+                kennel_provisioner::select::BackendChoice::None
+                    | kennel_provisioner::select::BackendChoice::Incus
+            ) =>
+        {
+            (false, format!("none on this host ({})", d.why))
         }
         Ok(d) => (
             false,

@@ -59,8 +59,8 @@ pub async fn run(config: &Config) -> Result<()> {
             // load the guard before they boot).
             let has_vms =
                 std::fs::read_dir(dir.root().join("vms")).is_ok_and(|mut d| d.next().is_some());
-            if has_vms {
-                p.guard_host().await;
+            if let (true, wiring::Backend::Local(local)) = (has_vms, p) {
+                local.guard_host().await;
             }
             wiring::reconcile(&exec, p, config.vm.autostart).await?;
             tracing::info!(backend = %p.describe(), "provisioner ready");

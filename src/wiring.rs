@@ -8,7 +8,10 @@ use std::time::Duration;
 use kennel_core::provision::{Provisioner, Unavailable};
 use kennel_core::{Executor, Settings, Store};
 use kennel_provisioner::host::Host;
-use kennel_provisioner::lifecycle::{LocalProvisioner, Settings as ProvisionerSettings};
+use kennel_provisioner::incus::IncusClient;
+use kennel_provisioner::lifecycle::{
+    IncusProvisioner, IncusSettings, LocalProvisioner, Settings as ProvisionerSettings,
+};
 use kennel_provisioner::process::SystemRunner;
 use kennel_provisioner::select::select;
 use kennel_provisioner::virtiofs::Virtiofsd;
@@ -130,8 +133,116 @@ pub fn store(dir: &DataDir) -> Result<Store> {
         .with_context(|| format!("cannot open the store in {}", dir.root().display()))
 }
 
+/// The provisioner this host runs projects with.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// VMs on this host (QEMU or Cloud Hypervisor).
+    Local(Arc<LocalProvisioner>),
+    /// Instances of an Incus server or cluster.
+    Incus(Arc<IncusProvisioner>),
+}
+
+impl Backend {
+    /// The backend's description, for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Backend::Local(p) => p.describe(),
+            Backend::Incus(p) => p.describe(),
+        }
+    }
+
+    /// The projects' VMs found and whether each runs.
+    pub async fn found(&self) -> Vec<(String, bool)> {
+        match self {
+            Backend::Local(p) => p.reconcile().await,
+            Backend::Incus(p) => p.reconcile().await,
+        }
+    }
+
+    fn provisioner(&self) -> Arc<dyn Provisioner> {
+        match self {
+            Backend::Local(p) => p.clone(),
+            Backend::Incus(p) => p.clone(),
+        }
+    }
+}
+
+/// Kennel's host-side settings for either backend.
+fn provisioner_settings(
+    config: &Config,
+    network: kennel_provisioner::net::NetworkMode,
+    boot_timeout: Duration,
+    host_guard: Option<(u32, Vec<u16>)>,
+) -> Result<ProvisionerSettings, String> {
+    let data_dir = std::path::absolute(&config.data_dir).map_err(|e| e.to_string())?;
+    Ok(ProvisionerSettings {
+        data_dir,
+        stacks_dir: config.images.stacks_dir.clone(),
+        templates_dir: config.images.templates_dir.clone(),
+        recipe_dir: config.images.recipe_dir.clone(),
+        apt_sources: config.images.apt_sources(),
+        apt_cache: config.images.apt_cache.clone(),
+        network,
+        boot_timeout,
+        stop_timeout: Duration::from_secs(config.vm.stop_timeout_secs),
+        project_roots: vec![std::path::absolute(config.projects_root()).map_err(|e| e.to_string())?],
+        default_owner: config.default_owner().map_err(|e| e.to_string())?,
+        online: config.vm.online,
+        git_allow_private_hosts: config.git.allow_private_hosts.clone(),
+        host_guard,
+    })
+}
+
+/// The Incus client of `[incus]`.
+pub fn incus_client(c: &crate::config::IncusConfig) -> Result<IncusClient, String> {
+    if c.address.starts_with("https://") {
+        let read = |what: &str, p: &Option<std::path::PathBuf>| -> Result<Vec<u8>, String> {
+            let p = p.as_ref().ok_or_else(|| {
+                format!("incus.address is {} but incus.{what} is not set", c.address)
+            })?;
+            std::fs::read(p).map_err(|e| format!("cannot read incus.{what} {}: {e}", p.display()))
+        };
+        IncusClient::https(
+            &c.address,
+            &read("client_cert", &c.client_cert)?,
+            &read("client_key", &c.client_key)?,
+            &read("server_cert", &c.server_cert)?,
+            &c.project,
+        )
+        .map_err(|e| e.to_string())
+    } else {
+        let path = c.address.strip_prefix("unix:").unwrap_or(&c.address);
+        Ok(IncusClient::unix(std::path::Path::new(path), &c.project))
+    }
+}
+
 /// The provisioner for this host, or why there is none.
-pub fn provisioner(config: &Config, store: &Store) -> Result<Arc<LocalProvisioner>, String> {
+pub fn provisioner(config: &Config, store: &Store) -> Result<Backend, String> {
+    if config.vm.backend == kennel_provisioner::select::BackendChoice::Incus {
+        let client = incus_client(&config.incus)?;
+        let settings = provisioner_settings(
+            config,
+            kennel_provisioner::net::NetworkMode::User,
+            config.vm.boot_timeout(false),
+            None,
+        )?;
+        let set = IncusSettings {
+            placement: kennel_provisioner::incus::spec::Placement {
+                instance_type: config.incus.instance_type,
+                storage_pool: config.incus.storage_pool.clone(),
+                network: config.incus.network.clone(),
+            },
+            listen: config.incus.listen_address,
+            ports: config.incus.port_range()?,
+        };
+        return Ok(Backend::Incus(Arc::new(IncusProvisioner::new(
+            settings,
+            store.clone(),
+            Arc::new(SystemRunner),
+            client,
+            set,
+        ))));
+    }
     let host = Host::real();
     let data_dir = std::path::absolute(&config.data_dir).map_err(|e| e.to_string())?;
     // Guests reach Kennel's gateways on the host, and no other service of
@@ -149,40 +260,27 @@ pub fn provisioner(config: &Config, store: &Store) -> Result<Arc<LocalProvisione
     let virtiofsd = Virtiofsd::detect(&host).ok_or(
         "no virtiofsd on this host: apt-get install qemu-system-common, or cargo install virtiofsd",
     )?;
-    let settings = ProvisionerSettings {
-        data_dir,
-        stacks_dir: config.images.stacks_dir.clone(),
-        templates_dir: config.images.templates_dir.clone(),
-        recipe_dir: config.images.recipe_dir.clone(),
-        apt_sources: config.images.apt_sources(),
-        apt_cache: config.images.apt_cache.clone(),
+    let settings = provisioner_settings(
+        config,
         network,
-        boot_timeout: config.vm.boot_timeout(vmm.emulated()),
-        stop_timeout: Duration::from_secs(config.vm.stop_timeout_secs),
-        project_roots: vec![std::path::absolute(config.projects_root()).map_err(|e| e.to_string())?],
-        default_owner: config.default_owner().map_err(|e| e.to_string())?,
-        online: config.vm.online,
-        git_allow_private_hosts: config.git.allow_private_hosts.clone(),
+        config.vm.boot_timeout(vmm.emulated()),
         host_guard,
-    };
-    Ok(Arc::new(LocalProvisioner::new(
+    )?;
+    Ok(Backend::Local(Arc::new(LocalProvisioner::new(
         settings,
         vmm,
         Arc::new(virtiofsd),
         store.clone(),
         Arc::new(SystemRunner),
-    )))
+    ))))
 }
 
 /// The executor, with the provisioner this host can run (or one that
 /// says why VMs are unavailable), and that provisioner.
-pub fn executor(
-    config: &Config,
-    store: Store,
-) -> Result<(Executor, Option<Arc<LocalProvisioner>>)> {
-    let local = provisioner(config, &store);
-    let vms: Arc<dyn Provisioner> = match &local {
-        Ok(p) => p.clone(),
+pub fn executor(config: &Config, store: Store) -> Result<(Executor, Option<Backend>)> {
+    let backend = provisioner(config, &store);
+    let vms: Arc<dyn Provisioner> = match &backend {
+        Ok(b) => b.provisioner(),
         Err(reason) => {
             tracing::warn!(%reason, "VMs are not available");
             Arc::new(Unavailable {
@@ -193,7 +291,7 @@ pub fn executor(
     let catalog = catalog(config);
     Ok((
         Executor::new(store, vms, catalog, settings(config)?),
-        local.ok(),
+        backend.ok(),
     ))
 }
 
@@ -222,8 +320,8 @@ pub fn ephemeral_executor(config: &Config) -> Result<Executor> {
 /// With `autostart`, the projects that were running when their VMs went
 /// away (a host restart) are started again, in the background, one after
 /// another (like libvirt's autostart), as Kennel itself.
-pub async fn reconcile(exec: &Executor, local: &LocalProvisioner, autostart: bool) -> Result<()> {
-    let found = local.reconcile().await;
+pub async fn reconcile(exec: &Executor, backend: &Backend, autostart: bool) -> Result<()> {
+    let found = backend.found().await;
     let done = exec.reconcile(&found).await?;
     if done != kennel_core::vmstate::Reconciled::default() {
         tracing::info!(?done, "reconciled the store with the VMs found");

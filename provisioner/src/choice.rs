@@ -10,6 +10,8 @@ pub enum BackendChoice {
     Auto,
     Qemu,
     CloudHypervisor,
+    /// Instances of an Incus server or cluster (`[incus]`).
+    Incus,
     /// No VMs: chat and admin commands only.
     None,
 }
@@ -22,4 +24,21 @@ pub enum NetworkChoice {
     Auto,
     User,
     Bridge,
+}
+
+/// `incus.instance_type`: which kind of Incus instance a project is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InstanceType {
+    Container,
+    VirtualMachine,
+}
+
+impl std::fmt::Display for InstanceType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            InstanceType::Container => "container",
+            InstanceType::VirtualMachine => "virtual-machine",
+        })
+    }
 }

@@ -13,7 +13,7 @@ use crate::vmm::ch::CloudHypervisor;
 use crate::vmm::qemu::{Accel, Qemu};
 use crate::vmm::Vmm;
 
-pub use crate::choice::{BackendChoice, NetworkChoice};
+pub use crate::choice::{BackendChoice, InstanceType, NetworkChoice};
 
 /// Which VMM a backend setting comes to on a host, and why: the one
 /// decision [`select`] acts on and `kennel doctor` reports.
@@ -44,6 +44,7 @@ pub fn decide(backend: BackendChoice, host: &Host) -> Result<Decision, SelectErr
         BackendChoice::CloudHypervisor => (true, "configured"),
         BackendChoice::Qemu => (false, "configured"),
         BackendChoice::None => (false, "vm.backend is \"none\": no VMs"),
+        BackendChoice::Incus => (false, "vm.backend is \"incus\": projects run on Incus"),
         BackendChoice::Auto => match (ch, kvm) {
             (true, true) => (true, "auto: binary present and KVM runs guests"),
             (false, _) => (false, "auto: no cloud-hypervisor binary"),
@@ -68,6 +69,8 @@ pub enum SelectError {
     NoBridge,
     #[error("vm.backend is \"none\" in the configuration")]
     Disabled,
+    #[error("vm.backend is \"incus\": projects run on the Incus server of [incus], not on a VMM of this host")]
+    Incus,
 }
 
 /// The backend and network mode for `backend`/`network` settings on `host`.
@@ -79,6 +82,9 @@ pub fn select(
 ) -> Result<(Arc<dyn Vmm>, NetworkMode), SelectError> {
     if backend == BackendChoice::None {
         return Err(SelectError::Disabled);
+    }
+    if backend == BackendChoice::Incus {
+        return Err(SelectError::Incus);
     }
     let d = decide(backend, host)?;
     let ch = host.which("cloud-hypervisor", &[]);

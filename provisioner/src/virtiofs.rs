@@ -42,6 +42,26 @@ pub trait FsDaemon: Send + Sync {
     ) -> Result<u32, VirtiofsError>;
 }
 
+/// No shares from this host: its projects run on Incus, which shares
+/// their sources itself.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Elsewhere;
+
+#[async_trait::async_trait]
+impl FsDaemon for Elsewhere {
+    async fn start(
+        &self,
+        _socket: &Path,
+        _source: &Path,
+        log: &Path,
+        _pid_file: &Path,
+    ) -> Result<u32, VirtiofsError> {
+        Err(VirtiofsError::Exited {
+            log: format!("projects run on Incus, not here ({})", log.display()),
+        })
+    }
+}
+
 #[async_trait::async_trait]
 impl FsDaemon for Virtiofsd {
     async fn start(

@@ -113,22 +113,7 @@ impl Member {
     }
 }
 
-/// Which kind of instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum InstanceType {
-    Container,
-    VirtualMachine,
-}
-
-impl std::fmt::Display for InstanceType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            InstanceType::Container => "container",
-            InstanceType::VirtualMachine => "virtual-machine",
-        })
-    }
-}
+pub use crate::choice::InstanceType;
 
 /// A device: its type and options, all strings (`{"type": "disk", …}`).
 pub type Device = BTreeMap<String, String>;

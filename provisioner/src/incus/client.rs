@@ -899,6 +899,33 @@ impl IncusClient {
         }
     }
 
+    /// The instance's console log (a container's: what its init and
+    /// Kennel's boot steps wrote to /dev/console).
+    pub async fn console_log(&self, instance: &str) -> Result<String, IncusError> {
+        let what = format!("console of instance {instance}");
+        let uri = self.uri(&format!("/1.0/instances/{}/console", seg(instance)), &[]);
+        let body = Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        let (status, bytes) = self
+            .send(
+                Outgoing {
+                    method: Method::GET,
+                    uri: &uri,
+                    body,
+                    content_type: "application/json",
+                    headers: &[],
+                },
+                &what,
+                self.timeout,
+            )
+            .await?;
+        if status >= 400 {
+            return envelope(&what, status, &bytes).map(|_| String::new());
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
     /// Reads a file from an instance.
     pub async fn pull_file(&self, instance: &str, path: &str) -> Result<Vec<u8>, IncusError> {
         let what = format!("file {path} in instance {instance}");

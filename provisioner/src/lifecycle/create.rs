@@ -4,6 +4,17 @@
 
 use super::*;
 
+/// A new project resolved ([`LocalProvisioner::resolve`]).
+pub(super) struct Resolved {
+    pub source: PathBuf,
+    pub template: Option<crate::templates::Template>,
+    pub notes: Vec<String>,
+    pub stack: String,
+    pub app_port: u16,
+    pub devcontainer: crate::devcontainer::Found,
+    pub source_ms: u64,
+}
+
 impl LocalProvisioner {
     pub(super) async fn create_inner(
         &self,
@@ -11,6 +22,90 @@ impl LocalProvisioner {
         progress: &dyn ProgressSink,
     ) -> Result<Created, ProvisionError> {
         let name = req.project.as_str();
+        let Resolved {
+            source,
+            template,
+            mut notes,
+            stack,
+            app_port,
+            devcontainer,
+            source_ms,
+        } = self.resolve(req, progress).await?;
+        kennel_core::fault::point("stack");
+        let mut timings = Timings {
+            source_ms,
+            ..Timings::default()
+        };
+        let (record, root_note) = self
+            .new_machine(
+                name,
+                &stack,
+                &source,
+                req.resources,
+                app_port,
+                progress,
+                &mut timings,
+            )
+            .await?;
+        notes.extend(root_note);
+        // Slots are per data directory but addresses per host: another
+        // Kennel may have bound ours since we checked.
+        let mut record = record;
+        let status = self
+            .boot_in_a_free_slot(&mut record, &req.authorized_keys, progress, &mut timings)
+            .await?;
+        if let Some(cmd) = template.as_ref().and_then(|t| t.file.post_create.clone()) {
+            step(
+                progress,
+                Stage::Ready,
+                Some("running the template's post-create command".into()),
+            );
+            let out = self
+                .ssh_exec(&record, &format!("cd /workspace && {cmd}"))
+                .await;
+            notes.push(match out {
+                Ok(_) => format!("post-create ran: {cmd}"),
+                Err(e) => format!("post-create failed ({cmd}): {e}"),
+            });
+        }
+        for (stage, ms) in [
+            ("source", timings.source_ms),
+            ("image", timings.image_ms),
+            ("disk", timings.disk_ms),
+            ("spawn", timings.spawn_ms),
+            ("boot", timings.boot_ms),
+            ("sshd", timings.sshd_ms),
+        ] {
+            #[allow(clippy::cast_precision_loss)] // milliseconds of one create
+            metrics::histogram!("kennel_new_project_stage_seconds", "stage" => stage)
+                .record(ms as f64 / 1000.0);
+        }
+        if devcontainer.parsed().is_some_and(|d| !d.create.is_empty()) {
+            step(
+                progress,
+                Stage::Ready,
+                Some("running the devcontainer.json's postCreateCommand".into()),
+            );
+            notes.push(self.wait_post_create(&record).await);
+        }
+        Ok(Created {
+            stack,
+            source_path: source.display().to_string(),
+            notes,
+            status,
+            app_port: (app_port != req.app_port).then_some(app_port),
+        })
+    }
+
+    /// What a new project will be, before any VM: its source (cloned,
+    /// made from a template or adopted), its stack (asked for or
+    /// detected), its app port, its devcontainer.json, and the notes for
+    /// the person who asked. Shared by every backend.
+    pub(super) async fn resolve(
+        &self,
+        req: &CreateRequest,
+        progress: &dyn ProgressSink,
+    ) -> Result<Resolved, ProvisionError> {
         let source = PathBuf::from(
             req.path
                 .clone()
@@ -89,69 +184,14 @@ impl LocalProvisioner {
             })
             .unwrap_or(req.app_port);
         step(progress, Stage::Stack, Some(stack.clone()));
-        kennel_core::fault::point("stack");
-        let mut timings = Timings {
-            source_ms,
-            ..Timings::default()
-        };
-        let (record, root_note) = self
-            .new_machine(
-                name,
-                &stack,
-                &source,
-                req.resources,
-                app_port,
-                progress,
-                &mut timings,
-            )
-            .await?;
-        notes.extend(root_note);
-        // Slots are per data directory but addresses per host: another
-        // Kennel may have bound ours since we checked.
-        let mut record = record;
-        let status = self
-            .boot_in_a_free_slot(&mut record, &req.authorized_keys, progress, &mut timings)
-            .await?;
-        if let Some(cmd) = template.as_ref().and_then(|t| t.file.post_create.clone()) {
-            step(
-                progress,
-                Stage::Ready,
-                Some("running the template's post-create command".into()),
-            );
-            let out = self
-                .ssh_exec(&record, &format!("cd /workspace && {cmd}"))
-                .await;
-            notes.push(match out {
-                Ok(_) => format!("post-create ran: {cmd}"),
-                Err(e) => format!("post-create failed ({cmd}): {e}"),
-            });
-        }
-        for (stage, ms) in [
-            ("source", timings.source_ms),
-            ("image", timings.image_ms),
-            ("disk", timings.disk_ms),
-            ("spawn", timings.spawn_ms),
-            ("boot", timings.boot_ms),
-            ("sshd", timings.sshd_ms),
-        ] {
-            #[allow(clippy::cast_precision_loss)] // milliseconds of one create
-            metrics::histogram!("kennel_new_project_stage_seconds", "stage" => stage)
-                .record(ms as f64 / 1000.0);
-        }
-        if devcontainer.parsed().is_some_and(|d| !d.create.is_empty()) {
-            step(
-                progress,
-                Stage::Ready,
-                Some("running the devcontainer.json's postCreateCommand".into()),
-            );
-            notes.push(self.wait_post_create(&record).await);
-        }
-        Ok(Created {
-            stack,
-            source_path: source.display().to_string(),
+        Ok(Resolved {
+            source,
+            template,
             notes,
-            status,
-            app_port: (app_port != req.app_port).then_some(app_port),
+            stack,
+            app_port,
+            devcontainer,
+            source_ms,
         })
     }
 

@@ -42,12 +42,14 @@ mod checkpoint;
 mod copy;
 mod create;
 mod images;
+mod incus;
 mod reconcile;
 mod resize;
 #[cfg(test)]
 mod tests;
 
 pub use images::{BuiltImages, GuestImages};
+pub use incus::{IncusProvisioner, IncusSettings};
 
 /// How the provisioner is set up.
 #[derive(Debug, Clone)]
@@ -316,7 +318,7 @@ impl LocalProvisioner {
         let dir = self.vm_dir(name);
         let control = match self.vmm.kind() {
             BackendKind::CloudHypervisor => "api.sock",
-            BackendKind::Qemu => "qmp.sock",
+            BackendKind::Qemu | BackendKind::Incus => "qmp.sock",
         };
         Machine {
             name: name.to_owned(),
@@ -424,7 +426,7 @@ impl LocalProvisioner {
     /// with a recycled pid.
     fn needle(&self, m: &Machine) -> String {
         match self.vmm.kind() {
-            BackendKind::Qemu => format!("kennel-{}", m.name),
+            BackendKind::Qemu | BackendKind::Incus => format!("kennel-{}", m.name),
             BackendKind::CloudHypervisor => m.control_socket.display().to_string(),
         }
     }

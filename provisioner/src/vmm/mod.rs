@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 pub enum BackendKind {
     CloudHypervisor,
     Qemu,
+    /// Instances of an Incus server or cluster ([`crate::incus`]).
+    Incus,
 }
 
 impl std::fmt::Display for BackendKind {
@@ -26,6 +28,7 @@ impl std::fmt::Display for BackendKind {
         f.write_str(match self {
             BackendKind::CloudHypervisor => "cloud-hypervisor",
             BackendKind::Qemu => "qemu",
+            BackendKind::Incus => "incus",
         })
     }
 }
@@ -193,6 +196,34 @@ pub trait Vmm: Send + Sync {
         _memory_mib: u64,
     ) -> Result<(bool, bool), VmmError> {
         Ok((false, false))
+    }
+}
+
+/// The VMM of a host whose projects run elsewhere (on Incus): Kennel's
+/// host side only prepares sources, images and keys there, and nothing
+/// may start a VM on it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Elsewhere;
+
+#[async_trait]
+impl Vmm for Elsewhere {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Incus
+    }
+    fn describe(&self) -> String {
+        "incus".into()
+    }
+    async fn boot(&self, m: &Machine) -> Result<u32, VmmError> {
+        Err(unsupported(
+            format!("this host (projects run on Incus; not {})", m.name),
+            "boot",
+        ))
+    }
+    async fn state(&self, _m: &Machine) -> Result<VmmState, VmmError> {
+        Ok(VmmState::Gone)
+    }
+    async fn force_stop(&self, _m: &Machine) -> Result<(), VmmError> {
+        Ok(())
     }
 }
 

@@ -1,0 +1,669 @@
+//! Projects as instances of an Incus server or cluster
+//! ([`IncusProvisioner`], `vm.backend = "incus"`).
+//!
+//! Kennel's host still does what only it can: the source (cloned with the
+//! same guard, or made from a template), the stack, the image (built by
+//! the same recipe, then imported into Incus once), the project's keys,
+//! purges. Incus does the rest: the instance and its root disk, its
+//! network, `/workspace`, and the proxies by which Kennel's gateways reach
+//! its sshd and app. What Kennel remembers of an instance lives on it, as
+//! `user.kennel.*` keys, so Incus's state is the truth after a restart.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use kennel_core::provision::VmKeys;
+
+use super::*;
+use crate::incus::api::{Instance, InstanceType, StateAction};
+use crate::incus::spec::{self, Placement, ProjectInstance, Workspace};
+use crate::incus::{image as incus_image, IncusClient, IncusError};
+
+/// The `[incus]` settings the provisioner runs with.
+#[derive(Debug, Clone)]
+pub struct IncusSettings {
+    pub placement: Placement,
+    /// Where the proxies listen on the member: an address only Kennel
+    /// reaches (loopback when Incus runs on Kennel's own host).
+    pub listen: IpAddr,
+    /// The member ports projects' proxies take, inclusive.
+    pub ports: (u16, u16),
+}
+
+/// The provisioner of projects on Incus.
+pub struct IncusProvisioner {
+    host: LocalProvisioner,
+    client: IncusClient,
+    set: IncusSettings,
+}
+
+impl std::fmt::Debug for IncusProvisioner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IncusProvisioner")
+            .field("incus", &self.client.address())
+            .field("placement", &self.set.placement)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Kennel's labels on an instance (`user.kennel.<key>`).
+const STACK: &str = "stack";
+const SOURCE: &str = "source";
+const IMAGE: &str = "image";
+const UID: &str = "uid";
+const GID: &str = "gid";
+const SSH_PORT: &str = "ssh_port";
+const APP_PORT: &str = "app_port";
+const GUEST_APP_PORT: &str = "guest_app_port";
+
+fn label<'a>(i: &'a Instance, key: &str) -> Option<&'a str> {
+    i.config
+        .get(&format!("user.kennel.{key}"))
+        .map(String::as_str)
+}
+
+fn label_num<T: std::str::FromStr>(i: &Instance, key: &str) -> Option<T> {
+    label(i, key)?.parse().ok()
+}
+
+/// An Incus failure at `stage`, its message whole.
+fn incus_failed(stage: Stage, e: IncusError) -> ProvisionError {
+    ProvisionError::at(stage, e)
+}
+
+impl IncusProvisioner {
+    /// A provisioner over `client`, with Kennel's host-side settings `s`.
+    pub fn new(
+        s: Settings,
+        store: Store,
+        runner: Arc<dyn Runner>,
+        client: IncusClient,
+        set: IncusSettings,
+    ) -> Self {
+        let host = LocalProvisioner::new(
+            s,
+            Arc::new(crate::vmm::Elsewhere),
+            Arc::new(crate::virtiofs::Elsewhere),
+            store,
+            runner,
+        );
+        Self { host, client, set }
+    }
+
+    /// Takes kernels and images from `images` instead of building them.
+    #[must_use]
+    pub fn with_images(mut self, images: Arc<dyn GuestImages>) -> Self {
+        self.host = self.host.with_images(images);
+        self
+    }
+
+    /// The backend's description.
+    pub fn describe(&self) -> String {
+        format!(
+            "incus ({}s, pool {}, network {}) at {}",
+            self.set.placement.instance_type,
+            self.set.placement.storage_pool,
+            self.set.placement.network,
+            self.client.address()
+        )
+    }
+
+    /// The Incus client (for `doctor` and the cluster commands).
+    pub fn client(&self) -> &IncusClient {
+        &self.client
+    }
+
+    /// Kennel's instances and whether each runs, from Incus itself.
+    pub async fn reconcile(&self) -> Vec<(String, bool)> {
+        match self.client.instances().await {
+            Ok(all) => all
+                .into_iter()
+                .filter(|i| label(i, STACK).is_some())
+                .map(|i| {
+                    let running = i.status.eq_ignore_ascii_case("running");
+                    (i.name, running)
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list Incus instances");
+                Vec::new()
+            }
+        }
+    }
+
+    fn addr(&self, port: u16) -> String {
+        std::net::SocketAddr::new(self.set.listen, port).to_string()
+    }
+
+    /// Two member ports no instance of Kennel's holds (and, where the
+    /// proxies listen on this host, nothing else binds).
+    async fn free_ports(&self) -> Result<(u16, u16), ProvisionError> {
+        let all = self
+            .client
+            .instances()
+            .await
+            .map_err(|e| incus_failed(Stage::Disk, e))?;
+        let taken: std::collections::BTreeSet<u16> = all
+            .iter()
+            .flat_map(|i| [label_num(i, SSH_PORT), label_num(i, APP_PORT)])
+            .flatten()
+            .collect();
+        let local = self.set.listen.is_loopback();
+        let mut free = (self.set.ports.0..=self.set.ports.1).filter(|p| {
+            !taken.contains(p)
+                && (!local || std::net::TcpListener::bind((self.set.listen, *p)).is_ok())
+        });
+        match (free.next(), free.next()) {
+            (Some(a), Some(b)) => Ok((a, b)),
+            _ => Err(failed(
+                Stage::Disk,
+                format!(
+                    "no free ports left in incus.ports {}-{}; widen the range",
+                    self.set.ports.0, self.set.ports.1
+                ),
+            )),
+        }
+    }
+
+    /// Writes the guest's config files (Kennel's KENNELCFG contract) into
+    /// the instance; the keys into `dev`'s account too when it runs.
+    async fn push_config(
+        &self,
+        name: &str,
+        (uid, gid): (u32, u32),
+        user_keys: &[String],
+        running: bool,
+    ) -> Result<(), IncusError> {
+        let root = (0, 0, 0o600);
+        let project_pub =
+            std::fs::read_to_string(self.host.project_key(name).with_extension("pub"))
+                .unwrap_or_default();
+        let mut keys = user_keys.join("\n");
+        keys.push('\n');
+        keys.push_str(project_pub.trim());
+        keys.push('\n');
+        if running {
+            self.client
+                .push_file(
+                    name,
+                    "/home/dev/.ssh/authorized_keys",
+                    keys.clone().into_bytes(),
+                    (uid, gid, 0o600),
+                )
+                .await?;
+        }
+        self.client
+            .push_dir(name, spec::CONFIG_DIR, (0, 0, 0o700))
+            .await?;
+        let host_key = self.host.key_dir(name).join("ssh_host_ed25519_key");
+        let mut files = vec![
+            (
+                "env",
+                spec::guest_env(name, uid, gid, self.host.s.online).into_bytes(),
+            ),
+            ("authorized_keys", keys.into_bytes()),
+        ];
+        if let (Ok(k), Ok(p)) = (
+            std::fs::read(&host_key),
+            std::fs::read(host_key.with_extension("pub")),
+        ) {
+            files.push(("ssh_host_ed25519_key", k));
+            files.push(("ssh_host_ed25519_key.pub", p));
+        }
+        for (file, content) in files {
+            self.client
+                .push_file(name, &format!("{}/{file}", spec::CONFIG_DIR), content, root)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Starts `name` and waits for its sshd behind the proxy.
+    async fn boot(
+        &self,
+        i: &Instance,
+        progress: &dyn ProgressSink,
+    ) -> Result<VmStatus, ProvisionError> {
+        let name = i.name.as_str();
+        step(
+            progress,
+            Stage::Booting,
+            Some(format!("starting {name} on Incus")),
+        );
+        match self
+            .client
+            .change_state(name, StateAction::Start, false, Duration::ZERO)
+            .await
+        {
+            Ok(()) | Err(IncusError::AlreadyRunning { .. }) => {}
+            Err(e) => return Err(incus_failed(Stage::Booting, e)),
+        }
+        let ssh = self.addr(label_num(i, SSH_PORT).unwrap_or(0));
+        let started = Instant::now();
+        while !ssh_banner(&ssh, Duration::from_secs(2)).await {
+            if started.elapsed() > self.host.s.boot_timeout {
+                return Err(failed(
+                    Stage::Ready,
+                    format!(
+                        "{name} started but its sshd did not answer at {ssh} within {} s; see `logs {name}`",
+                        self.host.s.boot_timeout.as_secs()
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        step(
+            progress,
+            Stage::Ready,
+            Some(format!("sshd answers at {ssh}")),
+        );
+        self.status_of(i).await
+    }
+
+    async fn status_of(&self, i: &Instance) -> Result<VmStatus, ProvisionError> {
+        let ssh = self.addr(label_num(i, SSH_PORT).unwrap_or(0));
+        let app = self.addr(label_num(i, APP_PORT).unwrap_or(0));
+        let mut problems = Vec::new();
+        let state = match self.client.instance_state(&i.name).await {
+            Ok(st) if st.running() => VmState::Running,
+            Ok(st) if st.status.eq_ignore_ascii_case("frozen") => VmState::Paused,
+            Ok(_) => VmState::Stopped,
+            Err(e @ IncusError::MemberOffline { .. }) => {
+                problems.push(e.to_string());
+                VmState::Stopped
+            }
+            Err(e) => return Err(incus_failed(Stage::Ready, e)),
+        };
+        let ready = state == VmState::Running && ssh_banner(&ssh, Duration::from_secs(2)).await;
+        Ok(VmStatus {
+            state,
+            ready,
+            ssh_addr: Some(ssh),
+            app_addr: Some(app),
+            backend: self.backend(),
+            problems,
+        })
+    }
+
+    async fn instance(&self, name: &str) -> Result<Instance, ProvisionError> {
+        match self.client.instance(name).await {
+            Ok(Some(i)) => Ok(i),
+            Ok(None) => Err(ProvisionError::NoVm(name.to_owned())),
+            Err(e) => Err(incus_failed(Stage::Booting, e)),
+        }
+    }
+
+    async fn create_instance(
+        &self,
+        req: &CreateRequest,
+        progress: &dyn ProgressSink,
+    ) -> Result<Created, ProvisionError> {
+        let name = req.project.as_str();
+        let super::create::Resolved {
+            source,
+            mut notes,
+            stack,
+            app_port,
+            template,
+            ..
+        } = self.host.resolve(req, progress).await?;
+        step(progress, Stage::Stack, Some(stack.clone()));
+        let (_kernel, image) = self.host.image_for(&stack, progress).await?;
+        let work = self.host.s.data_dir.join("tmp");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let mut say = move |s: &str| {
+            let _ = tx.send(s.to_owned());
+        };
+        let import = incus_image::ensure(
+            &self.client,
+            self.host.runner.clone(),
+            &image,
+            &work,
+            &mut say,
+        );
+        tokio::pin!(import);
+        let fingerprint = loop {
+            tokio::select! {
+                r = &mut import => break r.map_err(|e| ProvisionError::Image(Box::new(e)))?,
+                Some(m) = rx.recv() => step(progress, Stage::Image, Some(m)),
+            }
+        };
+        let (kd, label_text) = (self.host.key_dir(name), format!("kennel-{name}"));
+        let kd2 = kd.clone();
+        self.host
+            .blocking(Stage::Disk, move |runner| {
+                new_keypairs(runner, &kd2, &kd2, &label_text)
+            })
+            .await?;
+        let (uid, gid) = owner_of(&source, self.host.s.default_owner);
+        if uid == 0 {
+            notes.push(format!(
+                "{} belongs to root; files the project creates there will belong to uid {}",
+                source.display(),
+                self.host.s.default_owner.0
+            ));
+        }
+        let (uid, gid) = if uid == 0 {
+            self.host.s.default_owner
+        } else {
+            (uid, gid)
+        };
+        let (ssh_port, host_app_port) = self.free_ports().await?;
+        let labels = BTreeMap::from([
+            (STACK.to_owned(), stack.clone()),
+            (SOURCE.to_owned(), source.display().to_string()),
+            (IMAGE.to_owned(), image.id.clone()),
+            (UID.to_owned(), uid.to_string()),
+            (GID.to_owned(), gid.to_string()),
+            (SSH_PORT.to_owned(), ssh_port.to_string()),
+            (APP_PORT.to_owned(), host_app_port.to_string()),
+            (GUEST_APP_PORT.to_owned(), app_port.to_string()),
+        ]);
+        let post = spec::instance_post(
+            &self.set.placement,
+            &ProjectInstance {
+                name: name.to_owned(),
+                image: fingerprint,
+                vcpus: req.resources.vcpus,
+                memory_mib: req.resources.memory_mib,
+                disk_gib: req.resources.disk_mib.div_ceil(1024),
+                workspace: Workspace::HostPath(source.display().to_string()),
+                listen: self.set.listen,
+                ssh_port,
+                app_port: host_app_port,
+                guest_app_port: app_port,
+                guest_ip: None,
+                labels,
+            },
+        );
+        step(
+            progress,
+            Stage::Disk,
+            Some(format!(
+                "an Incus {} from {}",
+                self.set.placement.instance_type, image.id
+            )),
+        );
+        self.client
+            .create_instance(&post, None, Duration::from_secs(600))
+            .await
+            .map_err(|e| incus_failed(Stage::Disk, e))?;
+        self.push_config(name, (uid, gid), &req.authorized_keys, false)
+            .await
+            .map_err(|e| incus_failed(Stage::Disk, e))?;
+        let i = self.instance(name).await?;
+        let status = self.boot(&i, progress).await?;
+        if template
+            .as_ref()
+            .and_then(|t| t.file.post_create.as_ref())
+            .is_some()
+        {
+            notes.push(
+                "the template's post-create command is not run on Incus yet; run it over SSH"
+                    .into(),
+            );
+        }
+        Ok(Created {
+            stack,
+            source_path: source.display().to_string(),
+            notes,
+            status,
+            app_port: (app_port != req.app_port).then_some(app_port),
+        })
+    }
+
+    /// Stops and deletes instance `name` (nothing when it is gone).
+    async fn remove(&self, name: &str) -> Result<(), IncusError> {
+        match self
+            .client
+            .change_state(name, StateAction::Stop, true, Duration::from_secs(30))
+            .await
+        {
+            Ok(()) | Err(IncusError::NotRunning { .. } | IncusError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        match self
+            .client
+            .delete_instance(name, Duration::from_secs(300))
+            .await
+        {
+            Ok(()) | Err(IncusError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[async_trait]
+impl Provisioner for IncusProvisioner {
+    fn backend(&self) -> String {
+        match self.set.placement.instance_type {
+            InstanceType::Container => "incus-container".into(),
+            InstanceType::VirtualMachine => "incus-vm".into(),
+        }
+    }
+
+    async fn create(
+        &self,
+        req: &CreateRequest,
+        progress: &dyn ProgressSink,
+    ) -> Result<Created, ProvisionError> {
+        let name = req.project.as_str();
+        let _g = self.host.lock(name).await;
+        if matches!(self.client.instance(name).await, Ok(Some(_))) {
+            return Err(failed(
+                Stage::Disk,
+                format!("{name} already has an Incus instance; remove it first"),
+            ));
+        }
+        let r = self.create_instance(req, progress).await;
+        if r.is_err() {
+            // Everything but the source goes.
+            if let Err(e) = self.remove(name).await {
+                tracing::warn!(project = name, error = %e, "could not remove a failed create's instance");
+            }
+            let _ = std::fs::remove_dir_all(self.host.key_dir(name));
+        }
+        r
+    }
+
+    async fn start(
+        &self,
+        spec: &VmSpec,
+        progress: &dyn ProgressSink,
+    ) -> Result<VmStatus, ProvisionError> {
+        let name = spec.project.as_str();
+        let _g = self.host.lock(name).await;
+        let i = self.instance(name).await?;
+        let owner = (
+            label_num(&i, UID).unwrap_or(self.host.s.default_owner.0),
+            label_num(&i, GID).unwrap_or(self.host.s.default_owner.1),
+        );
+        let running = i.status.eq_ignore_ascii_case("running");
+        if let Err(e) = self
+            .push_config(name, owner, &spec.authorized_keys, running)
+            .await
+        {
+            // An offline member: say so at once instead of hanging.
+            if let IncusError::MemberOffline { .. } = e {
+                return Err(ProvisionError::Unavailable(e.to_string()));
+            }
+            tracing::warn!(project = name, error = %e, "could not refresh the guest's keys");
+        }
+        self.boot(&i, progress).await.map_err(|e| match e {
+            ProvisionError::Boot(cause) if cause.to_string().contains("is offline") => {
+                ProvisionError::Unavailable(cause.to_string())
+            }
+            other => other,
+        })
+    }
+
+    async fn stop(&self, project: &ProjectName) -> Result<(), ProvisionError> {
+        let name = project.as_str();
+        let _g = self.host.lock(name).await;
+        let clean = self
+            .client
+            .change_state(name, StateAction::Stop, false, self.host.s.stop_timeout)
+            .await;
+        match clean {
+            Ok(()) | Err(IncusError::NotRunning { .. }) => Ok(()),
+            Err(IncusError::NotFound { .. }) => Err(ProvisionError::NoVm(name.to_owned())),
+            Err(e @ IncusError::MemberOffline { .. }) => {
+                Err(ProvisionError::Unavailable(e.to_string()))
+            }
+            Err(e) => {
+                tracing::warn!(project = name, error = %e, "clean stop failed; forcing");
+                match self
+                    .client
+                    .change_state(name, StateAction::Stop, true, Duration::from_secs(30))
+                    .await
+                {
+                    Ok(()) | Err(IncusError::NotRunning { .. }) => Ok(()),
+                    Err(e) => Err(incus_failed(Stage::Stopping, e)),
+                }
+            }
+        }
+    }
+
+    async fn destroy(&self, project: &ProjectName) -> Result<(), ProvisionError> {
+        let name = project.as_str();
+        let _g = self.host.lock(name).await;
+        self.remove(name)
+            .await
+            .map_err(|e| incus_failed(Stage::Destroying, e))?;
+        let _ = std::fs::remove_dir_all(self.host.key_dir(name));
+        Ok(())
+    }
+
+    async fn status(&self, project: &ProjectName) -> Result<VmStatus, ProvisionError> {
+        match self.client.instance(project.as_str()).await {
+            Ok(Some(i)) => self.status_of(&i).await,
+            Ok(None) => Ok(VmStatus {
+                state: VmState::Missing,
+                ready: false,
+                ssh_addr: None,
+                app_addr: None,
+                backend: self.backend(),
+                problems: Vec::new(),
+            }),
+            Err(e) => Err(incus_failed(Stage::Ready, e)),
+        }
+    }
+
+    async fn logs(&self, project: &ProjectName, lines: u32) -> Result<Vec<String>, ProvisionError> {
+        let log = self
+            .client
+            .console_log(project.as_str())
+            .await
+            .map_err(|e| incus_failed(Stage::Ready, e))?;
+        let all: Vec<String> = log.lines().map(str::to_owned).collect();
+        let skip = all
+            .len()
+            .saturating_sub(usize::try_from(lines).unwrap_or(usize::MAX));
+        Ok(all.into_iter().skip(skip).collect())
+    }
+
+    async fn purge_source(&self, project: &ProjectName, path: &str) -> Result<(), ProvisionError> {
+        self.host.purge_source(project, path).await
+    }
+
+    async fn cpu_time(&self, project: &ProjectName) -> Option<Duration> {
+        let st = self.client.instance_state(project.as_str()).await.ok()?;
+        let ns = u64::try_from(st.cpu?.usage).ok()?;
+        Some(Duration::from_nanos(ns))
+    }
+
+    async fn vm_alive(&self, project: &ProjectName) -> Option<bool> {
+        match self.client.instance_state(project.as_str()).await {
+            Ok(st) => Some(st.running()),
+            Err(IncusError::NotFound { .. }) => Some(false),
+            Err(_) => None,
+        }
+    }
+
+    fn vm_keys(&self, project: &ProjectName) -> Option<VmKeys> {
+        let dir = self.host.key_dir(project.as_str());
+        let client_key = dir.join("id_ed25519");
+        client_key.exists().then(|| VmKeys {
+            host_key: std::fs::read_to_string(dir.join("ssh_host_ed25519_key.pub"))
+                .ok()
+                .map(|s| s.trim().to_owned()),
+            client_key,
+        })
+    }
+
+    async fn copy(
+        &self,
+        from: &ProjectName,
+        _to: &CreateRequest,
+        _progress: &dyn ProgressSink,
+    ) -> Result<Created, ProvisionError> {
+        Err(ProvisionError::Unavailable(format!(
+            "the incus backend cannot copy projects yet (of {from})"
+        )))
+    }
+
+    async fn rename(&self, from: &ProjectName, to: &ProjectName) -> Result<(), ProvisionError> {
+        let (a, b) = (from.as_str(), to.as_str());
+        let _g = self.host.lock(a).await;
+        let i = self.instance(a).await?;
+        let running = i.status.eq_ignore_ascii_case("running");
+        if running {
+            self.client
+                .change_state(a, StateAction::Stop, false, self.host.s.stop_timeout)
+                .await
+                .map_err(|e| incus_failed(Stage::Stopping, e))?;
+        }
+        self.client
+            .rename_instance(a, b, Duration::from_secs(120))
+            .await
+            .map_err(|e| incus_failed(Stage::Disk, e))?;
+        let (old, new) = (self.host.key_dir(a), self.host.key_dir(b));
+        if old.exists() {
+            std::fs::rename(&old, &new).map_err(|e| failed(Stage::Disk, e.to_string()))?;
+        }
+        if running {
+            let i = self.instance(b).await?;
+            self.boot(&i, &NoProgressSink).await?;
+        }
+        Ok(())
+    }
+
+    async fn deploy_key(
+        &self,
+        user: &kennel_core::names::UserName,
+    ) -> Result<String, ProvisionError> {
+        self.host.deploy_key(user).await
+    }
+
+    async fn rename_user(
+        &self,
+        from: &kennel_core::names::UserName,
+        to: &kennel_core::names::UserName,
+    ) -> Result<(), ProvisionError> {
+        self.host.rename_user(from, to).await
+    }
+
+    async fn sync_keys(
+        &self,
+        project: &ProjectName,
+        authorized_keys: &[String],
+    ) -> Result<(), ProvisionError> {
+        let name = project.as_str();
+        let i = self.instance(name).await?;
+        let owner = (
+            label_num(&i, UID).unwrap_or(self.host.s.default_owner.0),
+            label_num(&i, GID).unwrap_or(self.host.s.default_owner.1),
+        );
+        let running = i.status.eq_ignore_ascii_case("running");
+        self.push_config(name, owner, authorized_keys, running)
+            .await
+            .map_err(|e| incus_failed(Stage::Ready, e))
+    }
+}
+
+/// A sink for steps nobody waits on.
+struct NoProgressSink;
+
+impl ProgressSink for NoProgressSink {
+    fn report(&self, _: Progress) {}
+}

@@ -1,0 +1,150 @@
+//! `vm.backend = "incus"` end to end: a real Incus daemon of the test's
+//! own (testkit), Kennel's base image imported into it, and Kennel's own
+//! front door and gateways: `new project` with progress, `ssh
+//! PROJECT@HOST` through the SSH gateway (the guest's pinned host key),
+//! `/workspace` ownership both ways, the app over HTTPS, stop and a wake
+//! by SSH, a daemon restart (Incus's state is the truth), rename, `rm`.
+//! `vm-tests` feature; needs root, incus-base and what tests/e2e/vm.rs
+//! needs.
+#![cfg(feature = "vm-tests")]
+
+use std::os::unix::fs::MetadataExt;
+use std::process::Stdio;
+use std::time::Duration;
+
+use kennel_testkit::incus::IncusDaemon;
+
+use crate::support::{curl, Kennel};
+
+fn ok(out: std::process::Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_project_lives_on_incus_through_kennels_gateways() {
+    let daemon = IncusDaemon::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut k = Kennel::new(tmp.path());
+    let first = 41000 + (std::process::id() % 500) as u16 * 2;
+    k.env.extend([
+        ("KENNEL_VM__BACKEND".to_owned(), "incus".to_owned()),
+        (
+            "KENNEL_INCUS__ADDRESS".to_owned(),
+            daemon.socket().display().to_string(),
+        ),
+        (
+            "KENNEL_INCUS__NETWORK".to_owned(),
+            daemon.bridge().to_owned(),
+        ),
+        (
+            "KENNEL_INCUS__PORTS".to_owned(),
+            format!("{first}-{}", first + 40),
+        ),
+    ]);
+    k.start_serve_logged(&tmp.path().join("serve.log"));
+    let key = k.admin_key("me");
+
+    let out = k.exec_ok("new project demo");
+    assert!(out.contains("ssh demo@"), "{out}");
+    let status = k.exec_ok("--json status demo");
+    let v: serde_json::Value = serde_json::from_str(status.trim()).unwrap();
+    assert_eq!(v["vm"]["backend"], "incus-container", "{status}");
+    assert_eq!(v["vm"]["state"], "running", "{status}");
+    let listed = ok(
+        daemon.incus(&["list", "-f", "csv", "-c", "ns"]),
+        "incus list",
+    );
+    assert!(listed.contains("demo,RUNNING"), "{listed}");
+
+    // Through the SSH gateway, as the host owner of the source.
+    let src = tmp.path().join("kennel-data/projects/demo");
+    let owner = std::fs::metadata(&src).unwrap();
+    let out = ok(
+        k.gateway_ssh(
+            &key,
+            "demo@127.0.0.1",
+            "id -u; hostname; echo hi > /workspace/from-guest",
+        )
+        .output()
+        .unwrap(),
+        "ssh demo",
+    );
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [owner.uid().to_string().as_str(), "demo"]
+    );
+    let made = std::fs::metadata(src.join("from-guest")).unwrap();
+    assert_eq!((made.uid(), made.gid()), (owner.uid(), owner.gid()));
+
+    // The app, over HTTPS (made public for curl).
+    let app_port = v["project"]["app_port"].as_u64().unwrap();
+    std::fs::write(src.join("index.html"), "hello from incus\n").unwrap();
+    let mut serve = k
+        .gateway_ssh(
+            &key,
+            "demo@127.0.0.1",
+            &format!("cd /workspace && exec busybox httpd -f -p {app_port}"),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    k.exec_ok("public demo");
+    let mut body = String::new();
+    for _ in 0..60 {
+        let (code, b) = curl(&k, "demo.localhost", "/index.html", &[]);
+        if code.starts_with("200") {
+            body = b;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(body.trim(), "hello from incus", "the app never answered");
+    let _ = serve.kill();
+    let _ = serve.wait();
+
+    // Stop; an SSH session wakes it.
+    k.exec_ok("stop demo");
+    k.wait_state("demo", "stopped", Duration::from_secs(60));
+    let listed = ok(
+        daemon.incus(&["list", "-f", "csv", "-c", "ns"]),
+        "incus list",
+    );
+    assert!(listed.contains("demo,STOPPED"), "{listed}");
+    let out = ok(
+        k.gateway_ssh(&key, "demo@127.0.0.1", "cat /workspace/from-guest")
+            .output()
+            .unwrap(),
+        "ssh demo (wake)",
+    );
+    assert_eq!(out.trim(), "hi");
+    k.wait_state("demo", "running", Duration::from_secs(60));
+
+    // A restart of Kennel: Incus says what runs.
+    k.kill_serve("-TERM");
+    k.start_serve_logged(&tmp.path().join("serve.log"));
+    k.wait_state("demo", "running", Duration::from_secs(60));
+
+    // Rename, then remove (the source stays without a purge).
+    k.exec_ok("rename demo demo2");
+    let out = ok(
+        k.gateway_ssh(&key, "demo2@127.0.0.1", "hostname")
+            .output()
+            .unwrap(),
+        "ssh demo2",
+    );
+    assert!(!out.trim().is_empty());
+    k.exec_ok("rm demo2");
+    k.exec_ok("yes");
+    let listed = ok(
+        daemon.incus(&["list", "-f", "csv", "-c", "n"]),
+        "incus list",
+    );
+    assert!(!listed.contains("demo"), "{listed}");
+}
