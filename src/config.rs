@@ -810,6 +810,27 @@ mod tests {
     }
 
     #[test]
+    fn incus_ports_are_a_range_or_a_clear_error() {
+        let mut c = super::IncusConfig::default();
+        assert_eq!(c.port_range(), Ok((40000, 40999)));
+        for bad in ["40000", "x-y", "0-10", "500-400", "1-70000"] {
+            c.ports = bad.into();
+            let e = c.port_range().unwrap_err();
+            assert!(e.contains("FIRST-LAST"), "{bad}: {e}");
+        }
+        let parsed = super::parse_toml(
+            "[vm]\nbackend = \"incus\"\n[incus]\ninstance_type = \"virtual-machine\"\nlisten_address = \"10.8.0.2\"",
+        )
+        .unwrap();
+        assert_eq!(parsed.vm.backend, super::BackendChoice::Incus);
+        assert_eq!(
+            parsed.incus.instance_type,
+            kennel_provisioner::select::InstanceType::VirtualMachine
+        );
+        assert!(super::parse_toml("[incus]\ninstance_type = \"pod\"").is_err());
+    }
+
+    #[test]
     fn the_example_configuration_parses_and_bad_text_is_an_error() {
         let example = include_str!("../docs/kennel.example.toml");
         assert!(super::parse_toml(example).is_ok());

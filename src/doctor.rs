@@ -230,7 +230,85 @@ pub fn run(config: &Config, host: &Host) -> Report {
     });
     checks.push(tls_check(config));
     checks.push(service_check());
+    if config.vm.backend == kennel_provisioner::select::BackendChoice::Incus {
+        checks.extend(incus_checks(config));
+    }
     Report { checks, backend }
+}
+
+/// `vm.backend = "incus"`: the server answers and trusts Kennel, its
+/// members are online, the pool and network of `[incus]` exist, and it
+/// can run the configured kind of instance.
+fn incus_checks(config: &Config) -> Vec<Check> {
+    let c = &config.incus;
+    let client = match crate::wiring::incus_client(c) {
+        Ok(client) => client,
+        Err(e) => {
+            return vec![check(
+                "incus",
+                Status::Missing,
+                e,
+                Some("fix [incus] in the configuration (docs/incus.md)"),
+            )]
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return vec![check("incus", Status::Missing, e.to_string(), None)],
+    };
+    rt.block_on(async {
+        let mut out = Vec::new();
+        let server = match client.server().await {
+            Ok(s) => s,
+            Err(e) => {
+                out.push(check("incus", Status::Missing, e.to_string(), Some("start incusd, or point incus.address at it (docs/incus.md)")));
+                return out;
+            }
+        };
+        if server.auth != "trusted" {
+            out.push(check("incus", Status::Missing, format!("{} does not trust Kennel's client certificate", client.address()), Some("on a member: incus config trust add-certificate <incus.client_cert>")));
+            return out;
+        }
+        let env = &server.environment;
+        out.push(check("incus", Status::Ok, format!("Incus {} at {} (driver {})", env.server_version, client.address(), env.driver), None));
+        let wants = match c.instance_type {
+            kennel_provisioner::select::InstanceType::Container => "lxc",
+            kennel_provisioner::select::InstanceType::VirtualMachine => "qemu",
+        };
+        if !env.driver.split('|').any(|d| d.trim() == wants) {
+            out.push(check("incus type", Status::Missing, format!("incus.instance_type is {} but the server's drivers are {:?}", c.instance_type, env.driver), Some("VMs need KVM on the members; otherwise set incus.instance_type = \"container\"")));
+        }
+        match client.members().await {
+            Ok(ms) if ms.is_empty() => out.push(check("incus cluster", Status::Ok, "a single server (not clustered)", None)),
+            Ok(ms) => {
+                let down: Vec<String> = ms.iter().filter(|m| !m.online()).map(|m| format!("{} ({})", m.server_name, m.status)).collect();
+                out.push(if down.is_empty() {
+                    check("incus cluster", Status::Ok, format!("{} members, all online", ms.len()), None)
+                } else {
+                    check("incus cluster", Status::Warn, format!("{} members; not online: {}", ms.len(), down.join(", ")), None)
+                });
+            }
+            Err(e) => out.push(check("incus cluster", Status::Warn, e.to_string(), None)),
+        }
+        for (name, found, fix) in [
+            ("incus pool", client.has_storage_pool(&c.storage_pool).await, "create it (incus storage create) or set incus.storage_pool"),
+            ("incus network", client.has_network(&c.network).await, "create it (incus network create) or set incus.network"),
+        ] {
+            let what = if name == "incus pool" { &c.storage_pool } else { &c.network };
+            out.push(match found {
+                Ok(true) => check(name, Status::Ok, what.clone(), None),
+                Ok(false) => check(name, Status::Missing, format!("{what} does not exist"), Some(fix)),
+                Err(e) => check(name, Status::Warn, e.to_string(), None),
+            });
+        }
+        if let Err(e) = c.port_range() {
+            out.push(check("incus ports", Status::Missing, e, None));
+        }
+        out
+    })
 }
 
 /// Where the HTTPS certificate comes from, and whether it loads.

@@ -509,6 +509,35 @@ impl IncusClient {
         }
     }
 
+    /// Whether storage pool `name` exists.
+    pub async fn has_storage_pool(&self, name: &str) -> Result<bool, IncusError> {
+        self.exists(
+            &format!("/1.0/storage-pools/{}", seg(name)),
+            &format!("storage pool {name}"),
+        )
+        .await
+    }
+
+    /// Whether network `name` exists.
+    pub async fn has_network(&self, name: &str) -> Result<bool, IncusError> {
+        self.exists(
+            &format!("/1.0/networks/{}", seg(name)),
+            &format!("network {name}"),
+        )
+        .await
+    }
+
+    async fn exists(&self, path: &str, what: &str) -> Result<bool, IncusError> {
+        match self
+            .get::<serde_json::Value>(&self.uri(path, &[]), what)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// One member.
     pub async fn member(&self, name: &str) -> Result<Member, IncusError> {
         self.get(
@@ -829,10 +858,6 @@ impl IncusClient {
         (uid, gid, mode): (u32, u32, u32),
     ) -> Result<(), IncusError> {
         let what = format!("file {path} in instance {instance}");
-        let uri = self.uri(
-            &format!("/1.0/instances/{}/files", seg(instance)),
-            &[("path", path)],
-        );
         let body = Full::new(Bytes::from(content))
             .map_err(|never| match never {})
             .boxed_unsync();
@@ -843,20 +868,9 @@ impl IncusClient {
             ("x-incus-type", "file".to_owned()),
             ("x-incus-write", "overwrite".to_owned()),
         ];
-        let (status, bytes) = self
-            .send(
-                Outgoing {
-                    method: Method::POST,
-                    uri: &uri,
-                    body,
-                    content_type: "application/octet-stream",
-                    headers: &headers,
-                },
-                &what,
-                self.timeout,
-            )
-            .await?;
-        envelope(&what, status, &bytes).map(drop)
+        self.post_file(instance, path, body, &headers, &what)
+            .await
+            .map(drop)
     }
 
     /// Makes a directory in an instance (nothing when it exists).
@@ -867,33 +881,16 @@ impl IncusClient {
         (uid, gid, mode): (u32, u32, u32),
     ) -> Result<(), IncusError> {
         let what = format!("directory {path} in instance {instance}");
-        let uri = self.uri(
-            &format!("/1.0/instances/{}/files", seg(instance)),
-            &[("path", path)],
-        );
         let headers = [
             ("x-incus-uid", uid.to_string()),
             ("x-incus-gid", gid.to_string()),
             ("x-incus-mode", format!("{mode:04o}")),
             ("x-incus-type", "directory".to_owned()),
         ];
-        let body = Full::new(Bytes::new())
-            .map_err(|never| match never {})
-            .boxed_unsync();
-        let (status, bytes) = self
-            .send(
-                Outgoing {
-                    method: Method::POST,
-                    uri: &uri,
-                    body,
-                    content_type: "application/octet-stream",
-                    headers: &headers,
-                },
-                &what,
-                self.timeout,
-            )
-            .await?;
-        match envelope(&what, status, &bytes) {
+        match self
+            .post_file(instance, path, empty(), &headers, &what)
+            .await
+        {
             Err(IncusError::Exists { .. }) => Ok(()),
             other => other.map(drop),
         }
@@ -904,25 +901,7 @@ impl IncusClient {
     pub async fn console_log(&self, instance: &str) -> Result<String, IncusError> {
         let what = format!("console of instance {instance}");
         let uri = self.uri(&format!("/1.0/instances/{}/console", seg(instance)), &[]);
-        let body = Full::new(Bytes::new())
-            .map_err(|never| match never {})
-            .boxed_unsync();
-        let (status, bytes) = self
-            .send(
-                Outgoing {
-                    method: Method::GET,
-                    uri: &uri,
-                    body,
-                    content_type: "application/json",
-                    headers: &[],
-                },
-                &what,
-                self.timeout,
-            )
-            .await?;
-        if status >= 400 {
-            return envelope(&what, status, &bytes).map(|_| String::new());
-        }
+        let bytes = self.get_raw(&uri, &what).await?;
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
@@ -933,27 +912,65 @@ impl IncusClient {
             &format!("/1.0/instances/{}/files", seg(instance)),
             &[("path", path)],
         );
-        let body = Full::new(Bytes::new())
-            .map_err(|never| match never {})
-            .boxed_unsync();
+        Ok(self.get_raw(&uri, &what).await?.to_vec())
+    }
+
+    /// A `GET` whose success is raw bytes, not an envelope.
+    async fn get_raw(&self, uri: &str, what: &str) -> Result<Bytes, IncusError> {
         let (status, bytes) = self
             .send(
                 Outgoing {
                     method: Method::GET,
-                    uri: &uri,
-                    body,
+                    uri,
+                    body: empty(),
                     content_type: "application/json",
                     headers: &[],
                 },
-                &what,
+                what,
                 self.timeout,
             )
             .await?;
         if status >= 400 {
-            return envelope(&what, status, &bytes).map(|_| Vec::new());
+            envelope(what, status, &bytes)?;
         }
-        Ok(bytes.to_vec())
+        Ok(bytes)
     }
+
+    /// `POST …/files?path=` with `body` and Incus's file headers.
+    async fn post_file(
+        &self,
+        instance: &str,
+        path: &str,
+        body: Body,
+        headers: &[(&str, String)],
+        what: &str,
+    ) -> Result<Envelope, IncusError> {
+        let uri = self.uri(
+            &format!("/1.0/instances/{}/files", seg(instance)),
+            &[("path", path)],
+        );
+        let (status, bytes) = self
+            .send(
+                Outgoing {
+                    method: Method::POST,
+                    uri: &uri,
+                    body,
+                    content_type: "application/octet-stream",
+                    headers,
+                },
+                what,
+                self.timeout,
+            )
+            .await?;
+        envelope(what, status, &bytes)
+    }
+}
+
+/// An empty request body.
+fn empty() -> Body {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 /// Reads an answer's envelope; an `error` one (or an HTTP error status)
