@@ -82,32 +82,54 @@ fn a_project_lives_on_incus_through_kennels_gateways() {
     let made = std::fs::metadata(src.join("from-guest")).unwrap();
     assert_eq!((made.uid(), made.gid()), (owner.uid(), owner.gid()));
 
-    // The app, over HTTPS (made public for curl).
+    // The app, over HTTPS (made public for curl): started by the
+    // project's .kennel/start at boot, so an HTTPS visit to the stopped
+    // project wakes it and finds it serving.
     let app_port = v["project"]["app_port"].as_u64().unwrap();
     std::fs::write(src.join("index.html"), "hello from incus\n").unwrap();
+    std::fs::create_dir_all(src.join(".kennel")).unwrap();
+    std::fs::write(
+        src.join(".kennel/start"),
+        format!("exec busybox httpd -f -p {app_port} -h /workspace\n"),
+    )
+    .unwrap();
+    k.exec_ok("public demo");
+    k.exec_ok("stop demo");
+    k.wait_state("demo", "stopped", Duration::from_secs(60));
+    let get = |path: &str| -> (String, String) {
+        for _ in 0..120 {
+            let (code, body) = curl(&k, "demo.localhost", path, &[]);
+            if code.starts_with("200") {
+                return (code, body);
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        panic!("the app never answered {path}");
+    };
+    let (_, body) = get("/index.html");
+    assert_eq!(body.trim(), "hello from incus");
+    assert_eq!(k.state("demo").0, "running");
+
+    // Another app port, live.
+    k.exec_ok("port demo 9090");
     let mut serve = k
         .gateway_ssh(
             &key,
             "demo@127.0.0.1",
-            &format!("cd /workspace && exec busybox httpd -f -p {app_port}"),
+            "cd /workspace && exec busybox httpd -f -p 9090",
         )
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    k.exec_ok("public demo");
-    let mut body = String::new();
-    for _ in 0..60 {
-        let (code, b) = curl(&k, "demo.localhost", "/index.html", &[]);
-        if code.starts_with("200") {
-            body = b;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    assert_eq!(body.trim(), "hello from incus", "the app never answered");
+    let (_, body) = get("/index.html");
+    assert_eq!(body.trim(), "hello from incus");
     let _ = serve.kill();
     let _ = serve.wait();
+
+    // The guest's console, as `logs` shows it.
+    let logs = k.exec_ok("logs demo");
+    assert!(logs.contains("kennel-init"), "{logs}");
 
     // Stop; an SSH session wakes it.
     k.exec_ok("stop demo");

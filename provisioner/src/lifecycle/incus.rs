@@ -580,6 +580,34 @@ impl Provisioner for IncusProvisioner {
         }
     }
 
+    async fn set_app_port(
+        &self,
+        project: &ProjectName,
+        port: u16,
+    ) -> Result<Option<String>, ProvisionError> {
+        let name = project.as_str();
+        let _g = self.host.lock(name).await;
+        let i = self.instance(name).await?;
+        self.client
+            .update_instance(name, |inst| {
+                if let Some(d) = inst.pointer_mut("/devices/kennel-app") {
+                    // The same guest address (loopback, or a VM's own),
+                    // another port.
+                    let old = d["connect"].as_str().unwrap_or("tcp:127.0.0.1:0");
+                    let host = old.rsplit_once(':').map_or("tcp:127.0.0.1", |(h, _)| h);
+                    d["connect"] = serde_json::Value::String(format!("{host}:{port}"));
+                }
+                if let Some(c) = inst.get_mut("config") {
+                    c[format!("user.kennel.{GUEST_APP_PORT}")] =
+                        serde_json::Value::String(port.to_string());
+                }
+            })
+            .await
+            .map_err(|e| incus_failed(Stage::Ready, e))?;
+        let running = i.status.eq_ignore_ascii_case("running");
+        Ok(running.then(|| self.addr(label_num(&i, APP_PORT).unwrap_or(0))))
+    }
+
     fn vm_keys(&self, project: &ProjectName) -> Option<VmKeys> {
         let dir = self.host.key_dir(project.as_str());
         let client_key = dir.join("id_ed25519");
