@@ -111,14 +111,15 @@ pub fn run(config: &Config, host: &Host) -> Report {
     // The same decision `kennel serve` acts on.
     let (use_ch, backend) = match kennel_provisioner::select::decide(config.vm.backend, host) {
         Ok(d) if d.cloud_hypervisor => (true, format!("cloud-hypervisor ({})", d.why)),
-        Ok(d)
-            if matches!(
-                config.vm.backend,
-                kennel_provisioner::select::BackendChoice::None
-                    | kennel_provisioner::select::BackendChoice::Incus
-            ) =>
-        {
-            (false, format!("none on this host ({})", d.why))
+        Ok(_) if config.vm.backend == kennel_provisioner::select::BackendChoice::Incus => (
+            false,
+            format!(
+                "incus ({}s at {})",
+                config.incus.instance_type, config.incus.address
+            ),
+        ),
+        Ok(d) if config.vm.backend == kennel_provisioner::select::BackendChoice::None => {
+            (false, format!("none ({})", d.why))
         }
         Ok(d) => (
             false,
@@ -137,25 +138,28 @@ pub fn run(config: &Config, host: &Host) -> Report {
         use_ch,
         "install cloud-hypervisor from its upstream release on KVM hosts (it is not in Debian's archive); set vm.backend = \"qemu\" otherwise",
     ));
+    // Projects on Incus need no VMM on this host (images are still built
+    // here: mmdebstrap and mkfs.ext4 stay required).
+    let on_incus = config.vm.backend == kennel_provisioner::select::BackendChoice::Incus;
     checks.push(binary(
         host,
         "qemu-system-x86_64",
         &[],
-        !use_ch,
+        !use_ch && !on_incus,
         "apt-get install qemu-system-x86",
     ));
     checks.push(binary(
         host,
         "qemu-img",
         &[],
-        true,
+        !on_incus,
         "apt-get install qemu-utils",
     ));
     checks.push(binary(
         host,
         "virtiofsd",
         &["/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"],
-        true,
+        !on_incus,
         "apt-get install qemu-system-common (ships /usr/lib/qemu/virtiofsd), or cargo install virtiofsd",
     ));
     checks.push(binary(
