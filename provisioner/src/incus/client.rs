@@ -443,6 +443,18 @@ impl IncusClient {
         decode(what, env.metadata)
     }
 
+    /// [`Self::get`], `None` for what does not exist.
+    async fn get_opt<T: DeserializeOwned>(
+        &self,
+        uri: &str,
+        what: &str,
+    ) -> Result<Option<T>, IncusError> {
+        match self.get(uri, what).await {
+            Err(e) if e.is_not_found() => Ok(None),
+            other => other.map(Some),
+        }
+    }
+
     /// A call that may start a background operation, waited for until
     /// `deadline` from now; its final state.
     async fn operate(
@@ -599,16 +611,11 @@ impl IncusClient {
 
     /// One instance, `None` when there is none by that name.
     pub async fn instance(&self, name: &str) -> Result<Option<Instance>, IncusError> {
-        match self
-            .get(
-                &self.uri(&format!("/1.0/instances/{}", seg(name)), &[]),
-                &format!("instance {name}"),
-            )
-            .await
-        {
-            Err(e) if e.is_not_found() => Ok(None),
-            other => other.map(Some),
-        }
+        self.get_opt(
+            &self.uri(&format!("/1.0/instances/{}", seg(name)), &[]),
+            &format!("instance {name}"),
+        )
+        .await
     }
 
     /// An instance's runtime state.
@@ -823,30 +830,20 @@ impl IncusClient {
 
     /// The image an alias points at, `None` when there is no such alias.
     pub async fn image_alias(&self, alias: &str) -> Result<Option<ImageAlias>, IncusError> {
-        match self
-            .get(
-                &self.uri(&format!("/1.0/images/aliases/{}", seg(alias)), &[]),
-                &format!("image alias {alias}"),
-            )
-            .await
-        {
-            Err(e) if e.is_not_found() => Ok(None),
-            other => other.map(Some),
-        }
+        self.get_opt(
+            &self.uri(&format!("/1.0/images/aliases/{}", seg(alias)), &[]),
+            &format!("image alias {alias}"),
+        )
+        .await
     }
 
     /// One image by fingerprint.
     pub async fn image(&self, fingerprint: &str) -> Result<Option<Image>, IncusError> {
-        match self
-            .get(
-                &self.uri(&format!("/1.0/images/{}", seg(fingerprint)), &[]),
-                &format!("image {fingerprint}"),
-            )
-            .await
-        {
-            Err(e) if e.is_not_found() => Ok(None),
-            other => other.map(Some),
-        }
+        self.get_opt(
+            &self.uri(&format!("/1.0/images/{}", seg(fingerprint)), &[]),
+            &format!("image {fingerprint}"),
+        )
+        .await
     }
 
     /// Imports a unified image tarball (`metadata.yaml` and `rootfs/`,
