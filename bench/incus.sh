@@ -16,6 +16,8 @@ cache="${KENNEL_TEST_CACHE:-$HOME/.cache/kennel/test-data}"
 K="$CARGO_TARGET_DIR/debug/kennel"
 
 work=$(mktemp -d /var/tmp/kincus.XXXXXX)
+# LXC wants every directory above a container's root reachable by it.
+chmod 755 "$work"
 bridge="kb$$"
 pids=()
 cleanup() {
@@ -25,6 +27,7 @@ cleanup() {
   pkill -KILL -f "$work" 2>/dev/null || true
   ip link del "$bridge" 2>/dev/null || true
   grep "$work" /proc/mounts | awk '{print $2}' | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+  [ -n "${KEEP:-}" ] && { echo "kept $work" >&2; return; }
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -48,19 +51,29 @@ requests() { grep -c 'Handling API request' "$work/incusd.log" || true; }
 start_kennel() { # NAME BACKEND SSH_PORT HTTPS_PORT
   mkdir -p "$work/$1/kennel-data"
   ln -s "$cache/images" "$work/$1/kennel-data/images"
-  (cd "$work/$1" && env KENNEL_VM__BACKEND="$2" KENNEL_VM__NETWORK=user RUST_LOG=warn \
+  (cd "$work/$1" && exec env KENNEL_VM__BACKEND="$2" KENNEL_VM__NETWORK=user RUST_LOG=warn \
     KENNEL_IMAGES__APT_CACHE="$cache/apt" KENNEL_SSH__LISTEN="127.0.0.1:$3" \
     KENNEL_HTTPS__LISTEN="127.0.0.1:$4" KENNEL_INCUS__ADDRESS="$work/incus/unix.socket" \
     KENNEL_INCUS__NETWORK="$bridge" KENNEL_INCUS__PORTS="46000-46100" \
     KENNEL_VM__BOOT_TIMEOUT_SECS=300 "$K" serve 2>"$work/$1.log") &
   pids+=($!)
-  until python3 -c "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])" "$work/$1/kennel-data/control.sock" 2>/dev/null; do sleep 0.1; done
+  until python3 -c "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])" "$work/$1/kennel-data/control.sock" 2>/dev/null; do
+    if ! kill -0 "${pids[-1]}" 2>/dev/null; then echo "kennel serve ($1) did not start:" >&2; tail -3 "$work/$1.log" >&2; exit 1; fi
+    sleep 0.1
+  done
 }
 mkdir -p "$cache/images"
 start_kennel qemu qemu 46201 46202
 start_kennel incus incus 46203 46204
 
-kx() { (cd "$work/$1" && "$K" exec "$2"); }
+kx() { # BACKEND LINE: the answer on stdout; on failure, all of it on stderr
+  local out
+  if ! out=$(cd "$work/$1" && "$K" exec "$2" 2>&1); then
+    printf '%s: `%s` failed:\n%s\n' "$1" "$2" "$out" >&2
+    return 1
+  fi
+  printf '%s\n' "$out" | grep -v '^… '
+}
 now() { date +%s.%N; }
 ms() { echo "($2 - $1) * 1000 / 1" | bc; }
 sshq() { # BACKEND PROJECT
