@@ -161,7 +161,7 @@ fn a_project_lives_on_incus_through_kennels_gateways() {
             .unwrap(),
         "ssh demo2",
     );
-    assert!(!out.trim().is_empty());
+    assert_eq!(out.trim(), "demo2", "the guest keeps its old name");
     k.exec_ok("rm demo2");
     k.exec_ok("yes");
     let listed = ok(

@@ -192,9 +192,6 @@ impl IncusProvisioner {
                 )
                 .await?;
         }
-        self.client
-            .push_dir(name, spec::CONFIG_DIR, (0, 0, 0o700))
-            .await?;
         let host_key = self.host.key_dir(name).join("ssh_host_ed25519_key");
         let mut files = vec![
             (
@@ -210,12 +207,54 @@ impl IncusProvisioner {
             files.push(("ssh_host_ed25519_key", k));
             files.push(("ssh_host_ed25519_key.pub", p));
         }
+        // What was written last is remembered beside the project's keys:
+        // a start with nothing changed writes nothing (5 API calls less).
+        let digest = {
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            for (file, content) in &files {
+                h.update(file.as_bytes());
+                h.update((content.len() as u64).to_le_bytes());
+                h.update(content);
+            }
+            hex::encode(h.finalize())
+        };
+        let written = self.host.key_dir(name).join("incus-config.sha256");
+        if std::fs::read_to_string(&written).is_ok_and(|d| d.trim() == digest) {
+            return Ok(());
+        }
+        self.client
+            .push_dir(name, spec::CONFIG_DIR, (0, 0, 0o700))
+            .await?;
         for (file, content) in files {
             self.client
                 .push_file(name, &format!("{}/{file}", spec::CONFIG_DIR), content, root)
                 .await?;
         }
+        if let Err(e) = std::fs::write(&written, format!("{digest}\n")) {
+            tracing::warn!(project = name, error = %e, "cannot remember the guest config written");
+        }
         Ok(())
+    }
+
+    /// The user keys the guest was last given (its config's
+    /// `authorized_keys` without the project key).
+    async fn user_keys_in(&self, name: &str) -> Vec<String> {
+        let project = std::fs::read_to_string(self.host.project_key(name).with_extension("pub"))
+            .unwrap_or_default();
+        let path = format!("{}/authorized_keys", spec::CONFIG_DIR);
+        match self.client.pull_file(name, &path).await {
+            Ok(bytes) => String::from_utf8_lossy(&bytes)
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && *l != project.trim())
+                .map(str::to_owned)
+                .collect(),
+            Err(e) => {
+                tracing::warn!(project = name, error = %e, "cannot read the guest's keys");
+                Vec::new()
+            }
+        }
     }
 
     /// Starts `name` and waits for its sshd behind the proxy.
@@ -649,8 +688,18 @@ impl Provisioner for IncusProvisioner {
         if old.exists() {
             std::fs::rename(&old, &new).map_err(|e| failed(Stage::Disk, e.to_string()))?;
         }
+        // The guest's name is in its env: written anew (for its next boot
+        // if it was stopped), the keys as they were.
+        let i = self.instance(b).await?;
+        let owner = (
+            label_num(&i, UID).unwrap_or(self.host.s.default_owner.0),
+            label_num(&i, GID).unwrap_or(self.host.s.default_owner.1),
+        );
+        let keys = self.user_keys_in(b).await;
+        self.push_config(b, owner, &keys, false)
+            .await
+            .map_err(|e| incus_failed(Stage::Disk, e))?;
         if running {
-            let i = self.instance(b).await?;
             self.boot(&i, &NoProgressSink).await?;
         }
         Ok(())
