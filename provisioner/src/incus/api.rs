@@ -179,6 +179,13 @@ pub struct Instance {
     pub devices: BTreeMap<String, Device>,
 }
 
+impl Instance {
+    /// Whether it runs, as listed.
+    pub fn running(&self) -> bool {
+        self.status.eq_ignore_ascii_case("running")
+    }
+}
+
 /// `GET /1.0/instances/NAME/state`.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct InstanceState {

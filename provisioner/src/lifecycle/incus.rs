@@ -120,7 +120,7 @@ impl IncusProvisioner {
                 .into_iter()
                 .filter(|i| label(i, STACK).is_some())
                 .map(|i| {
-                    let running = i.status.eq_ignore_ascii_case("running");
+                    let running = i.running();
                     (i.name, running)
                 })
                 .collect(),
@@ -235,6 +235,15 @@ impl IncusProvisioner {
             tracing::warn!(project = name, error = %e, "cannot remember the guest config written");
         }
         Ok(())
+    }
+
+    /// The uid and gid the guest's `dev` has (the source owner's).
+    fn owner(&self, i: &Instance) -> (u32, u32) {
+        let (uid, gid) = self.host.s.default_owner;
+        (
+            label_num(i, UID).unwrap_or(uid),
+            label_num(i, GID).unwrap_or(gid),
+        )
     }
 
     /// The user keys the guest was last given (its config's
@@ -513,11 +522,8 @@ impl Provisioner for IncusProvisioner {
         let name = spec.project.as_str();
         let _g = self.host.lock(name).await;
         let i = self.instance(name).await?;
-        let owner = (
-            label_num(&i, UID).unwrap_or(self.host.s.default_owner.0),
-            label_num(&i, GID).unwrap_or(self.host.s.default_owner.1),
-        );
-        let running = i.status.eq_ignore_ascii_case("running");
+        let owner = self.owner(&i);
+        let running = i.running();
         if let Err(e) = self
             .push_config(name, owner, &spec.authorized_keys, running)
             .await
@@ -643,7 +649,7 @@ impl Provisioner for IncusProvisioner {
             })
             .await
             .map_err(|e| incus_failed(Stage::Ready, e))?;
-        let running = i.status.eq_ignore_ascii_case("running");
+        let running = i.running();
         Ok(running.then(|| self.addr(label_num(&i, APP_PORT).unwrap_or(0))))
     }
 
@@ -673,7 +679,7 @@ impl Provisioner for IncusProvisioner {
         let (a, b) = (from.as_str(), to.as_str());
         let _g = self.host.lock(a).await;
         let i = self.instance(a).await?;
-        let running = i.status.eq_ignore_ascii_case("running");
+        let running = i.running();
         if running {
             self.client
                 .change_state(a, StateAction::Stop, false, self.host.s.stop_timeout)
@@ -691,10 +697,7 @@ impl Provisioner for IncusProvisioner {
         // The guest's name is in its env: written anew (for its next boot
         // if it was stopped), the keys as they were.
         let i = self.instance(b).await?;
-        let owner = (
-            label_num(&i, UID).unwrap_or(self.host.s.default_owner.0),
-            label_num(&i, GID).unwrap_or(self.host.s.default_owner.1),
-        );
+        let owner = self.owner(&i);
         let keys = self.user_keys_in(b).await;
         self.push_config(b, owner, &keys, false)
             .await
@@ -727,11 +730,8 @@ impl Provisioner for IncusProvisioner {
     ) -> Result<(), ProvisionError> {
         let name = project.as_str();
         let i = self.instance(name).await?;
-        let owner = (
-            label_num(&i, UID).unwrap_or(self.host.s.default_owner.0),
-            label_num(&i, GID).unwrap_or(self.host.s.default_owner.1),
-        );
-        let running = i.status.eq_ignore_ascii_case("running");
+        let owner = self.owner(&i);
+        let running = i.running();
         self.push_config(name, owner, authorized_keys, running)
             .await
             .map_err(|e| incus_failed(Stage::Ready, e))
