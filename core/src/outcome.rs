@@ -45,6 +45,16 @@ pub struct QuotaLine {
     pub usage: crate::model::Usage,
 }
 
+/// One project moved between hosts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Moved {
+    pub project: String,
+    pub from: String,
+    pub to: String,
+    /// Whether it runs again (it ran before the move).
+    pub running: bool,
+}
+
 /// The successful result of a command.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -335,6 +345,22 @@ pub enum Reply {
     },
     Stacks {
         stacks: Vec<StackInfo>,
+    },
+    /// The hosts projects run on (`hosts`).
+    Hosts {
+        hosts: Vec<crate::provision::HostInfo>,
+    },
+    /// A project on another host (`move`).
+    Moved {
+        moved: Moved,
+    },
+    /// A host emptied (`evacuate`) or back with its projects (`restore`).
+    HostEvacuated {
+        host: String,
+        moved: Vec<Moved>,
+        /// Projects that could not move, and why.
+        failed: Vec<(String, String)>,
+        restored: bool,
     },
     CheckpointTaken {
         project: String,

@@ -111,6 +111,9 @@ pub fn authorize(
             }
         }
         NewProject(n) => match (&n.git, rel) {
+            _ if n.host.is_some() => {
+                refuse("only admins may choose a project's host (--host); leave it out and Kennel places it")
+            }
             (Some(g), _) if g.is_local() => refuse(
                 "only admins may clone from file:// URLs or host paths; use an https:// or ssh:// URL",
             ),
@@ -173,7 +176,11 @@ pub fn authorize(
         | Deny { .. }
         | Users
         | UserRename { .. }
-        | DomainApprove { .. } => {
+        | DomainApprove { .. }
+        | Hosts
+        | Move { .. }
+        | Evacuate { .. }
+        | Restore { .. } => {
             refuse(ADMIN_ONLY)
         }
         Help { .. } | Whoami | RequestAccess { .. } | Yes => Ok(()),

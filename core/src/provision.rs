@@ -125,6 +125,44 @@ pub struct CreateRequest {
     /// (not loopback, link-local or the host's networks), and redirects
     /// are not followed. Admins' clones go anywhere.
     pub public_hosts_only: bool,
+    /// The host to make the VM on (`--host`, backends with several);
+    /// `None`: where the backend places it.
+    pub host: Option<String>,
+}
+
+/// One host of a backend with several (`hosts`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HostInfo {
+    pub name: String,
+    /// `online`, `offline`, `evacuated`, `blocked`, as the engine says.
+    pub status: String,
+    /// What the engine says about that state, if anything.
+    pub message: String,
+    /// The 1-minute load average, when the host answers.
+    pub load: Option<f64>,
+    /// Memory in use and in all, MiB, when the host answers.
+    pub memory_used_mib: Option<u64>,
+    pub memory_total_mib: Option<u64>,
+    /// Kennel's projects on it, by name.
+    pub projects: Vec<String>,
+}
+
+impl HostInfo {
+    /// Whether the host takes and runs projects.
+    pub fn online(&self) -> bool {
+        self.status == "online"
+    }
+}
+
+/// Where a project's VM lives, on a backend with several hosts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmPlace {
+    pub project: String,
+    pub host: String,
+    /// Whether that host answers.
+    pub online: bool,
+    /// The host `evacuate` moved it from, until `restore` moves it back.
+    pub evacuated_from: Option<String>,
 }
 
 /// A project the provisioner created: what it resolved, and the VM.
@@ -226,8 +264,15 @@ pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub enum ProvisionError {
     #[error("VMs are not available on this host: {0}")]
     Unavailable(String),
+    /// The backend cannot do this at all (a cluster command on one host).
+    #[error("{0}")]
+    Unsupported(String),
     #[error("project {0} has no VM")]
     NoVm(String),
+    /// The host the VM lives on does not answer: nothing can be done to
+    /// the VM until it does (or an admin moves it).
+    #[error("host {host} is offline; {project} comes back with it, or an admin can 'move {project} HOST' it elsewhere once it is stopped")]
+    HostOffline { project: String, host: String },
     /// The request cannot be done as asked: a non-empty target directory,
     /// a URL the guard refuses, an unknown template, a path through a link.
     #[error("{message}")]
@@ -282,7 +327,10 @@ impl ProvisionError {
     /// The stage the failure belongs to (metrics' `cause` label), if any.
     pub fn stage(&self) -> Option<Stage> {
         match self {
-            ProvisionError::Unavailable(_) | ProvisionError::NoVm(_) => None,
+            ProvisionError::Unavailable(_)
+            | ProvisionError::Unsupported(_)
+            | ProvisionError::NoVm(_)
+            | ProvisionError::HostOffline { .. } => None,
             ProvisionError::Invalid { stage, .. } | ProvisionError::Source { stage, .. } => {
                 Some(*stage)
             }
@@ -299,8 +347,10 @@ impl ProvisionError {
     pub fn kind(&self) -> crate::outcome::ErrorKind {
         use crate::outcome::ErrorKind;
         match self {
-            ProvisionError::Unavailable(_) => ErrorKind::Unavailable,
-            ProvisionError::NoVm(_) => ErrorKind::Conflict,
+            ProvisionError::Unavailable(_) | ProvisionError::Unsupported(_) => {
+                ErrorKind::Unavailable
+            }
+            ProvisionError::NoVm(_) | ProvisionError::HostOffline { .. } => ErrorKind::Conflict,
             ProvisionError::Invalid { .. } => ErrorKind::Invalid,
             ProvisionError::Source { .. }
             | ProvisionError::Image(_)
@@ -476,6 +526,46 @@ pub trait Provisioner: Send + Sync {
         project: &ProjectName,
         authorized_keys: &[String],
     ) -> Result<(), ProvisionError>;
+    /// The hosts projects run on, with their state, load and projects
+    /// (`hosts`). Backends with one host say they have no others.
+    async fn hosts(&self) -> Result<Vec<HostInfo>, ProvisionError> {
+        Err(one_host(self.backend()))
+    }
+    /// Where each project's VM lives; empty on a backend with one host.
+    /// Cheap enough for every `projects` listing (one or two requests).
+    async fn placements(&self) -> Vec<VmPlace> {
+        Vec::new()
+    }
+    /// Moves a stopped project's VM (its disk, addresses, keys) to host
+    /// `to`, or, when `None`, to the online host with the fewest of
+    /// Kennel's VMs other than the one it is on. `evacuated_from` marks it
+    /// as moved off that host by `evacuate` (`restore` brings it back); a
+    /// move without it clears the mark. Returns the host it is on now.
+    async fn move_vm(
+        &self,
+        _project: &ProjectName,
+        _to: Option<&str>,
+        _evacuated_from: Option<&str>,
+    ) -> Result<String, ProvisionError> {
+        Err(one_host(self.backend()))
+    }
+    /// Marks a host as evacuated (nothing new is placed there, and what
+    /// is not Kennel's moves as the engine decides) or, with `false`, as
+    /// back in service.
+    async fn set_host_evacuated(
+        &self,
+        _host: &str,
+        _evacuated: bool,
+    ) -> Result<(), ProvisionError> {
+        Err(one_host(self.backend()))
+    }
+}
+
+/// What a backend with one host says to the cluster commands.
+pub(crate) fn one_host(backend: String) -> ProvisionError {
+    ProvisionError::Unsupported(format!(
+        "the {backend} backend runs every project on this one host; hosts, --host, move, evacuate and restore need vm.backend = \"incus\" (docs/incus.md)"
+    ))
 }
 
 /// A backend without checkpoints says so, naming itself.
@@ -577,6 +667,11 @@ pub mod testing {
         /// Operations that began while another ran on the same project
         /// (`"rename p while start"`): the VM lock should keep this empty.
         overlaps: Mutex<Vec<String>>,
+        /// Hosts, for the cluster commands (none: one host, and they say
+        /// so): name → (online, evacuated).
+        pub hosts: Mutex<BTreeMap<String, (bool, bool)>>,
+        /// Where each VM is: project → (host, evacuated from).
+        pub placed: Mutex<BTreeMap<String, (String, Option<String>)>>,
     }
 
     /// One operation under way on some projects; ends when dropped.
@@ -650,6 +745,56 @@ pub mod testing {
 
         fn op_delay(&self) -> std::time::Duration {
             self.op_delay.lock().map(|d| *d).unwrap_or_default()
+        }
+
+        /// Gives the fake hosts (all online, in service).
+        pub fn with_hosts(&self, names: &[&str]) {
+            if let Ok(mut h) = self.hosts.lock() {
+                for n in names {
+                    h.insert((*n).to_owned(), (true, false));
+                }
+            }
+        }
+
+        /// A host stops answering, or answers again.
+        pub fn set_online(&self, host: &str, online: bool) {
+            if let Ok(mut h) = self.hosts.lock() {
+                if let Some(e) = h.get_mut(host) {
+                    e.0 = online;
+                }
+            }
+        }
+
+        /// The host `project` is on, if the fake has hosts.
+        pub fn host_of(&self, project: &str) -> Option<String> {
+            self.placed.lock().ok()?.get(project).map(|p| p.0.clone())
+        }
+
+        fn place(&self, project: &str, want: Option<&str>) -> Result<(), ProvisionError> {
+            let (Ok(hosts), Ok(mut placed)) = (self.hosts.lock(), self.placed.lock()) else {
+                return Ok(());
+            };
+            if hosts.is_empty() {
+                return Ok(());
+            }
+            let host = match want {
+                Some(h) if hosts.contains_key(h) => h.to_owned(),
+                Some(h) => return Err(ProvisionError::Unavailable(format!("no host {h}"))),
+                None => hosts
+                    .iter()
+                    .filter(|(_, (on, evac))| *on && !*evac)
+                    .min_by_key(|(h, _)| placed.values().filter(|p| &p.0 == *h).count())
+                    .map(|(h, _)| h.clone())
+                    .unwrap_or_default(),
+            };
+            placed.insert(project.to_owned(), (host, None));
+            Ok(())
+        }
+
+        fn offline_host(&self, project: &str) -> Option<String> {
+            let host = self.host_of(project)?;
+            let online = self.hosts.lock().ok()?.get(&host).is_some_and(|h| h.0);
+            (!online).then_some(host)
         }
 
         /// The calls so far, as `op project` strings.
@@ -743,6 +888,7 @@ pub mod testing {
                 Some((false, message)) => return Err(ProvisionError::Boot(message.into())),
                 None => {}
             }
+            self.place(p, req.host.as_deref())?;
             self.set(p, Some(VmState::Running));
             Ok(Created {
                 stack: req.stack.clone().unwrap_or_else(|| "rust".into()),
@@ -762,6 +908,12 @@ pub mod testing {
         ) -> Result<VmStatus, ProvisionError> {
             let p = spec.project.as_str();
             self.record("start", p);
+            if let Some(host) = self.offline_host(p) {
+                return Err(ProvisionError::HostOffline {
+                    project: p.to_owned(),
+                    host,
+                });
+            }
             // As the real backends do.
             progress.report(Progress {
                 stage: Stage::Booting,
@@ -808,6 +960,98 @@ pub mod testing {
         }
         async fn cpu_time(&self, project: &ProjectName) -> Option<std::time::Duration> {
             self.cpu.lock().ok()?.get(project.as_str()).copied()
+        }
+        async fn hosts(&self) -> Result<Vec<HostInfo>, ProvisionError> {
+            let (hosts, placed) = match (self.hosts.lock(), self.placed.lock()) {
+                (Ok(h), Ok(p)) => (h.clone(), p.clone()),
+                _ => return Ok(Vec::new()),
+            };
+            if hosts.is_empty() {
+                return Err(super::one_host(self.backend()));
+            }
+            Ok(hosts
+                .into_iter()
+                .map(|(name, (online, evacuated))| HostInfo {
+                    projects: placed
+                        .iter()
+                        .filter(|(_, (h, _))| *h == name)
+                        .map(|(p, _)| p.clone())
+                        .collect(),
+                    name,
+                    status: match (online, evacuated) {
+                        (false, _) => "offline",
+                        (true, true) => "evacuated",
+                        (true, false) => "online",
+                    }
+                    .into(),
+                    message: String::new(),
+                    load: online.then_some(0.5),
+                    memory_used_mib: None,
+                    memory_total_mib: None,
+                })
+                .collect())
+        }
+        async fn placements(&self) -> Vec<VmPlace> {
+            let (hosts, placed) = match (self.hosts.lock(), self.placed.lock()) {
+                (Ok(h), Ok(p)) => (h.clone(), p.clone()),
+                _ => return Vec::new(),
+            };
+            placed
+                .into_iter()
+                .map(|(project, (host, evacuated_from))| VmPlace {
+                    online: hosts.get(&host).is_some_and(|h| h.0),
+                    project,
+                    host,
+                    evacuated_from,
+                })
+                .collect()
+        }
+        async fn move_vm(
+            &self,
+            project: &ProjectName,
+            to: Option<&str>,
+            evacuated_from: Option<&str>,
+        ) -> Result<String, ProvisionError> {
+            self.record("move", project.as_str());
+            let from = self.host_of(project.as_str()).unwrap_or_default();
+            let (Ok(hosts), Ok(mut placed)) = (self.hosts.lock(), self.placed.lock()) else {
+                return Err(ProvisionError::Unavailable("poisoned".into()));
+            };
+            if hosts.is_empty() {
+                return Err(super::one_host(self.backend()));
+            }
+            let to = match to {
+                Some(t) if hosts.get(t).is_some_and(|h| h.0) => t.to_owned(),
+                Some(t) => {
+                    return Err(ProvisionError::Unavailable(format!(
+                        "host {t} cannot take it"
+                    )))
+                }
+                None => hosts
+                    .iter()
+                    .filter(|(h, (on, evac))| *on && !*evac && **h != from)
+                    .min_by_key(|(h, _)| placed.values().filter(|p| &p.0 == *h).count())
+                    .map(|(h, _)| h.clone())
+                    .ok_or_else(|| ProvisionError::Unavailable("no other host".into()))?,
+            };
+            placed.insert(
+                project.to_string(),
+                (to.clone(), evacuated_from.map(str::to_owned)),
+            );
+            Ok(to)
+        }
+        async fn set_host_evacuated(
+            &self,
+            host: &str,
+            evacuated: bool,
+        ) -> Result<(), ProvisionError> {
+            self.record(if evacuated { "evacuate" } else { "restore" }, host);
+            if let Ok(mut h) = self.hosts.lock() {
+                if let Some(e) = h.get_mut(host) {
+                    e.1 = evacuated;
+                }
+            }
+            Ok(())
         }
         async fn vm_alive(&self, project: &ProjectName) -> Option<bool> {
             self.vms

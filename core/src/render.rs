@@ -1154,6 +1154,53 @@ pub fn document(r: &Reply) -> Vec<Block> {
                 .to_vec(),
             rows: users.iter().map(user_line).collect(),
         }],
+        Reply::Hosts { hosts } => vec![Block::Table {
+            head: ["host", "state", "load", "memory", "projects"]
+                .map(String::from)
+                .to_vec(),
+            rows: hosts
+                .iter()
+                .map(|h| {
+                    let mut state = h.status.clone();
+                    if !h.message.is_empty() && !h.online() {
+                        state = format!("{state} ({})", h.message);
+                    }
+                    vec![
+                        h.name.clone(),
+                        state,
+                        h.load.map_or_else(|| "-".into(), |l| format!("{l:.2}")),
+                        match (h.memory_used_mib, h.memory_total_mib) {
+                            (Some(u), Some(t)) => format!("{u} / {t} MiB"),
+                            _ => "-".into(),
+                        },
+                        if h.projects.is_empty() {
+                            "-".into()
+                        } else {
+                            h.projects.join(" ")
+                        },
+                    ]
+                })
+                .collect(),
+        }],
+        Reply::Moved { moved } => vec![text(moved_line(moved))],
+        Reply::HostEvacuated {
+            host,
+            moved,
+            failed,
+            restored,
+        } => {
+            let mut doc = vec![text(match (restored, moved.len()) {
+                (false, 0) => format!("{host} is evacuated; none of Kennel's projects were on it."),
+                (false, n) => format!("{host} is evacuated; {n} project(s) moved off it:"),
+                (true, 0) => format!("{host} is back in service; no projects were waiting to go home."),
+                (true, n) => format!("{host} is back in service; {n} project(s) moved home:"),
+            })];
+            doc.extend(moved.iter().map(|m| text(format!("- {}", moved_line(m)))));
+            doc.extend(failed.iter().map(|(p, why)| {
+                text(format!("- {p} did not move: {why}"))
+            }));
+            doc
+        }
         Reply::Stacks { stacks } if stacks.is_empty() => vec![text(
             "No stacks are installed; see 'kennel image build' in the operator docs.",
         )],
@@ -1384,4 +1431,19 @@ mod tests {
             assert!(s.contains(&spec.usage()), "{}", spec.name);
         }
     }
+}
+
+/// `myapp moved from m1 to m2 and runs again.`
+fn moved_line(m: &crate::outcome::Moved) -> String {
+    format!(
+        "{} moved from {} to {}{}",
+        m.project,
+        if m.from.is_empty() { "?" } else { &m.from },
+        m.to,
+        if m.running {
+            " and runs again."
+        } else {
+            " (stopped, as it was)."
+        }
+    )
 }

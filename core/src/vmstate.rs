@@ -260,6 +260,13 @@ impl Executor {
                     .await?;
                 Ok(status)
             }
+            // Nothing happened to the VM: it is as it was, on a host that
+            // does not answer (`projects` says so while it does not); it
+            // starts when the host is back.
+            Err(e @ crate::provision::ProvisionError::HostOffline { .. }) => {
+                self.set_state(&name, ProjectState::Stopped).await?;
+                Err(e.into())
+            }
             Err(e) => {
                 self.set_state(&name, ProjectState::Failed).await?;
                 Err(e.into())

@@ -13,7 +13,7 @@ mod values;
 use std::fmt;
 
 pub use spec::{ArgKind, ArgSpec, CommandSpec, FlagSpec, SPECS};
-pub use values::{GitSource, Limit, QuotaChange, Size, SlugName};
+pub use values::{GitSource, HostName, Limit, QuotaChange, Size, SlugName};
 
 use crate::keys::{Fingerprint, PublicKey};
 use crate::names::{ProjectName, UserName};
@@ -39,6 +39,8 @@ pub struct NewProjectArgs {
     pub disk: Option<Size>,
     /// Use an existing non-empty directory as the source.
     pub adopt: bool,
+    /// The host to make it on (admins, backends with several hosts).
+    pub host: Option<HostName>,
 }
 
 /// Every command Kennel understands. Each variant's doc says when it is valid;
@@ -52,6 +54,15 @@ pub enum Command {
     /// Creates a project with its VM. Members within quota; admins always.
     /// Boxed because it is much larger than the other variants.
     NewProject(Box<NewProjectArgs>),
+    /// Lists the hosts projects run on: state, load, projects. Admins.
+    Hosts,
+    /// Moves a project's VM to another host (stopped for the move and
+    /// started again if it ran). Admins.
+    Move { name: ProjectName, host: HostName },
+    /// Moves every project off a host and takes it out of placement. Admins.
+    Evacuate { host: HostName },
+    /// Puts an evacuated host back and moves its projects home. Admins.
+    Restore { host: HostName },
     /// Lists the projects you own or that are shared with you (all, for
     /// admins); with a tag, only those carrying it.
     Projects { tag: Option<SlugName> },
@@ -314,9 +325,13 @@ impl Command {
             | Shares { .. }
             | Domains { .. }
             | Checkpoints { .. }
+            | Hosts
             | Agents { .. } => true,
             Quota { change, .. } => change.is_empty(),
             NewProject(_)
+            | Move { .. }
+            | Evacuate { .. }
+            | Restore { .. }
             | DomainAdd { .. }
             | DomainRm { .. }
             | DomainApprove { .. }
@@ -396,7 +411,8 @@ impl Command {
             | RunStop { name }
             | Agent { name, .. }
             | AgentStop { name }
-            | Agents { name } => Some(name),
+            | Agents { name }
+            | Move { name, .. } => Some(name),
             NewProject(n) => Some(&n.name),
             Domains { name } => name.as_ref(),
             // Listed one by one: a new command that names a project must
@@ -429,6 +445,9 @@ impl Command {
             | TokenCreate { .. }
             | Tokens
             | TokenRm { .. }
+            | Hosts
+            | Evacuate { .. }
+            | Restore { .. }
             | SshConfig => None,
         }
     }

@@ -8,7 +8,7 @@
 use std::fmt;
 
 use super::lex::{quote, Token};
-use super::values::{GitSource, Limit, QuotaChange, Size, SlugName};
+use super::values::{GitSource, HostName, Limit, QuotaChange, Size, SlugName};
 use super::{Command, Invocation, NewProjectArgs, ParseError};
 use crate::keys::{Fingerprint, PublicKey};
 use crate::names::{ProjectName, UserName};
@@ -235,6 +235,11 @@ pub static SPECS: &[CommandSpec] = &[
                 "root disk size, e.g. 20G (bare numbers are GiB)",
             ),
             switch("adopt", "use an existing non-empty --path as the source"),
+            valued(
+                "host",
+                "HOST",
+                "the host to make it on (admins; see 'hosts')",
+            ),
         ],
         summary: "Create a project: source, stack, VM and SSH access",
         build: |m| {
@@ -248,7 +253,53 @@ pub static SPECS: &[CommandSpec] = &[
                 memory: m.value("memory", memory)?,
                 disk: m.value("disk", disk)?,
                 adopt: m.switch("adopt"),
+                host: m.value("host", HostName::new)?,
             })))
+        },
+    },
+    CommandSpec {
+        name: "hosts",
+        aliases: &[],
+        args: &[],
+        flags: &[],
+        summary: "List the hosts projects run on: state, load, projects (admins)",
+        build: |_| Ok(Command::Hosts),
+    },
+    CommandSpec {
+        name: "move",
+        aliases: &[],
+        args: &[word("name"), word("host")],
+        flags: &[],
+        summary: "Move a project's VM to another host (admins)",
+        build: |m| {
+            Ok(Command::Move {
+                name: m.req("name", project)?,
+                host: m.req("host", HostName::new)?,
+            })
+        },
+    },
+    CommandSpec {
+        name: "evacuate",
+        aliases: &[],
+        args: &[word("host")],
+        flags: &[],
+        summary: "Move every project off a host and stop placing new ones there (admins)",
+        build: |m| {
+            Ok(Command::Evacuate {
+                host: m.req("host", HostName::new)?,
+            })
+        },
+    },
+    CommandSpec {
+        name: "restore",
+        aliases: &[],
+        args: &[word("host")],
+        flags: &[],
+        summary: "Put an evacuated host back and move its projects home (admins)",
+        build: |m| {
+            Ok(Command::Restore {
+                host: m.req("host", HostName::new)?,
+            })
         },
     },
     CommandSpec {
@@ -1554,6 +1605,10 @@ pub(super) fn spec_for(c: &Command) -> &'static CommandSpec {
         Command::Help { .. } => "help",
         Command::Whoami => "whoami",
         Command::NewProject(_) => "new project",
+        Command::Hosts => "hosts",
+        Command::Move { .. } => "move",
+        Command::Evacuate { .. } => "evacuate",
+        Command::Restore { .. } => "restore",
         Command::Projects { .. } => "projects",
         Command::Tag { .. } => "tag",
         Command::Quota { .. } => "quota",
@@ -1642,7 +1697,13 @@ pub(super) fn write_canonical(c: &Command, f: &mut fmt::Formatter<'_>) -> fmt::R
         | Command::Logout
         | Command::Sessions
         | Command::Tokens
+        | Command::Hosts
         | Command::SshConfig => {}
+        Command::Move { name, host } => {
+            arg(name.as_str())?;
+            arg(host.as_str())?;
+        }
+        Command::Evacuate { host } | Command::Restore { host } => arg(host.as_str())?,
         Command::TokenCreate { label, expires } => {
             if let Some(l) = label {
                 arg(l.as_str())?;
@@ -1775,7 +1836,7 @@ pub(super) fn write_canonical(c: &Command, f: &mut fmt::Formatter<'_>) -> fmt::R
         }
         Command::NewProject(n) => {
             arg(n.name.as_str())?;
-            let opts: [(&str, Option<String>); 7] = [
+            let opts: [(&str, Option<String>); 8] = [
                 ("stack", n.stack.as_ref().map(ToString::to_string)),
                 ("git", n.git.as_ref().map(ToString::to_string)),
                 ("path", n.path.clone()),
@@ -1783,6 +1844,7 @@ pub(super) fn write_canonical(c: &Command, f: &mut fmt::Formatter<'_>) -> fmt::R
                 ("cpus", n.cpus.map(|c| c.to_string())),
                 ("memory", n.memory.map(|s| s.to_string())),
                 ("disk", n.disk.map(|s| s.to_string())),
+                ("host", n.host.as_ref().map(ToString::to_string)),
             ];
             for (flag, v) in opts {
                 if let Some(v) = v {

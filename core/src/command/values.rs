@@ -93,6 +93,43 @@ impl fmt::Display for SlugName {
     }
 }
 
+/// A host of a backend with several (an Incus cluster member's name):
+/// letters, digits, `.`, `-` and `_`, up to 63, starting with a letter
+/// or digit.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct HostName(String);
+
+impl HostName {
+    /// Validates a host name.
+    pub fn new(s: &str) -> Result<Self, String> {
+        let ok = !s.is_empty()
+            && s.len() <= 63
+            && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(format!(
+                "{} is not a host name: use letters, digits, '.', '-' and '_' (see 'hosts')",
+                q(s)
+            ))
+        }
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for HostName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// One limit of a user's own quota, as `quota USER --cpus ...` sets it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

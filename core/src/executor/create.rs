@@ -79,6 +79,7 @@ impl Executor {
             author_name: user.name.to_string(),
             author_email: self.email_of(who, &user),
             public_hosts_only: false,
+            host: None,
         };
         let result = match at {
             Some(label) => {
@@ -241,6 +242,9 @@ impl Executor {
     pub(super) async fn new_project(&self, call: &Call<'_>, args: NewProjectArgs) -> Outcome {
         let (who, progress) = (call.who, call.progress);
         let user = call.user()?.clone();
+        if let Some(h) = &args.host {
+            self.online_host(h).await?;
+        }
         let d = self.settings.default_resources;
         let resources = Resources {
             vcpus: args.cpus.unwrap_or(d.vcpus),
@@ -360,6 +364,7 @@ impl Executor {
             author_name: user.name.to_string(),
             author_email: self.email_of(who, &user),
             public_hosts_only: !call.is_admin(),
+            host: args.host.map(|h| h.to_string()),
         };
         let result = self.vms.create(&req, progress).await;
         self.finish_create(reserved, result, progress).await

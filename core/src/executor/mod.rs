@@ -49,6 +49,7 @@ mod checkpoints;
 mod confirm;
 mod create;
 mod domains;
+mod hosts;
 pub mod links;
 mod projects;
 mod run;
@@ -420,6 +421,7 @@ impl Executor {
             Command::SecretSet { name, .. } | Command::SecretRm { name } => Some(name.to_string()),
             Command::TokenRm { label } => Some(label.to_string()),
             Command::DomainApprove { host } => Some(host.clone()),
+            Command::Evacuate { host } | Command::Restore { host } => Some(host.to_string()),
             Command::TokenCreate { label, .. } => label.as_ref().map(ToString::to_string),
             _ => None,
         });
@@ -669,6 +671,10 @@ impl Executor {
             Command::Tokens => self.tokens(&call).await,
             Command::TokenRm { label } => self.token_rm(&call, &label).await,
             Command::SshConfig => self.ssh_config(&call).await,
+            Command::Hosts => self.hosts_cmd().await,
+            Command::Move { name, host } => self.move_cmd(&call, &name, &host).await,
+            Command::Evacuate { host } => self.evacuate_cmd(&call, &host).await,
+            Command::Restore { host } => self.restore_cmd(&call, &host).await,
             Command::Stacks => Ok(Reply::Stacks {
                 stacks: self.catalog.stacks(),
             }),

@@ -18,10 +18,14 @@ impl Executor {
             .flatten();
         let tag = tag.map(|t| t.as_str().to_owned());
         let t = tag.clone();
-        let projects = self
+        let mut projects = self
             .store
             .call(move |c| repo::list_projects_tagged(c, uid, t.as_deref()))
             .await?;
+        let places = self.vms.placements().await;
+        for p in &mut projects {
+            offline_note(p, &places);
+        }
         Ok(Reply::Projects { projects, tag })
     }
 
@@ -144,7 +148,8 @@ impl Executor {
     }
 
     pub(super) async fn status(&self, call: &Call<'_>, name: &ProjectName) -> Outcome {
-        let project = call.project(name)?;
+        let mut project = call.project(name)?;
+        offline_note(&mut project, &self.vms.placements().await);
         let n = name.clone();
         let shares = self.store.call(move |c| repo::shares_of(c, &n)).await?;
         let vm = match self.vms.status(name).await {
@@ -334,5 +339,16 @@ impl Executor {
     /// `https://NAME.DOMAIN[:PORT]`, as replies about the web app name it.
     pub(super) fn https_url(&self, name: &ProjectName) -> String {
         self.settings.urls().app(name)
+    }
+}
+
+/// A project whose host does not answer says so beside its state (the
+/// store's state is what it was when the host was last heard from).
+fn offline_note(p: &mut crate::model::Project, places: &[crate::provision::VmPlace]) {
+    if let Some(place) = places
+        .iter()
+        .find(|v| v.project == p.name.as_str() && !v.online)
+    {
+        p.state_note = Some(format!("host {} is offline", place.host));
     }
 }

@@ -12,6 +12,7 @@ mod agents;
 mod checkpoints;
 mod errors;
 mod executor;
+mod hosts;
 mod idle;
 mod parser_props;
 mod policy;

@@ -9,7 +9,7 @@
 )]
 
 use kennel_core::command::{
-    parse, Command, GitSource, Limit, NewProjectArgs, QuotaChange, Size, SlugName,
+    parse, Command, GitSource, HostName, Limit, NewProjectArgs, QuotaChange, Size, SlugName,
 };
 use kennel_core::keys::{Fingerprint, PublicKey};
 use kennel_core::names::{ProjectName, UserName};
@@ -173,6 +173,17 @@ fn first_commands() -> impl Strategy<Value = Command> {
         Just(Command::Users),
         Just(Command::Stacks),
         Just(Command::Templates),
+        Just(Command::Hosts),
+        (project(), "[a-z0-9][a-z0-9.-]{0,20}").prop_map(|(name, h)| Command::Move {
+            name,
+            host: HostName::new(&h).unwrap()
+        }),
+        "[a-zA-Z0-9][a-zA-Z0-9_-]{0,20}".prop_map(|h| Command::Evacuate {
+            host: HostName::new(&h).unwrap()
+        }),
+        "[a-z0-9][a-z0-9_-]{0,20}".prop_map(|h| Command::Restore {
+            host: HostName::new(&h).unwrap()
+        }),
         (
             project(),
             prop::option::of(slug()),
@@ -185,10 +196,14 @@ fn first_commands() -> impl Strategy<Value = Command> {
             prop::option::of(slug()),
             prop::option::of(1u32..=64),
             prop::option::of(size(256)),
-            (prop::option::of(size(1024)), any::<bool>()),
+            (
+                prop::option::of(size(1024)),
+                any::<bool>(),
+                prop::option::of("[a-z0-9][a-z0-9._-]{0,20}")
+            ),
         )
             .prop_map(
-                |(name, stack, git, path, template, cpus, memory, (disk, adopt))| {
+                |(name, stack, git, path, template, cpus, memory, (disk, adopt, host))| {
                     Command::NewProject(Box::new(NewProjectArgs {
                         name,
                         stack,
@@ -199,6 +214,7 @@ fn first_commands() -> impl Strategy<Value = Command> {
                         memory,
                         disk,
                         adopt,
+                        host: host.and_then(|h| HostName::new(&h).ok()),
                     }))
                 }
             ),

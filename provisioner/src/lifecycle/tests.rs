@@ -339,6 +339,7 @@ impl Rig {
             author_name: "ann".into(),
             author_email: "ann@example.org".into(),
             public_hosts_only: false,
+            host: None,
         }
     }
 
