@@ -468,8 +468,9 @@ pub struct IncusConfig {
     /// `container` or `virtual-machine` (VMs need KVM on the members).
     pub instance_type: kennel_provisioner::select::InstanceType,
     /// Where each instance's SSH and app proxies listen on its member: an
-    /// address only Kennel reaches (loopback for a server on this host).
-    pub listen_address: std::net::IpAddr,
+    /// address only Kennel reaches (loopback for a server on this host),
+    /// or `member`: each member's own cluster address.
+    pub listen_address: String,
     /// The member ports those proxies take, `FIRST-LAST`.
     pub ports: String,
 }
@@ -485,13 +486,18 @@ impl Default for IncusConfig {
             storage_pool: "default".into(),
             network: "incusbr0".into(),
             instance_type: kennel_provisioner::select::InstanceType::Container,
-            listen_address: std::net::IpAddr::from([127, 0, 0, 1]),
+            listen_address: "127.0.0.1".into(),
             ports: "40000-40999".into(),
         }
     }
 }
 
 impl IncusConfig {
+    /// `listen_address` read, or what is wrong with it.
+    pub fn listen(&self) -> Result<kennel_provisioner::lifecycle::Listen, String> {
+        self.listen_address.parse()
+    }
+
     /// `ports` as a range, or what is wrong with it.
     pub fn port_range(&self) -> Result<(u16, u16), String> {
         let bad = || {
@@ -828,6 +834,19 @@ mod tests {
             kennel_provisioner::select::InstanceType::VirtualMachine
         );
         assert!(super::parse_toml("[incus]\ninstance_type = \"pod\"").is_err());
+        assert_eq!(
+            parsed.incus.listen(),
+            Ok(kennel_provisioner::lifecycle::Listen::At(
+                "10.8.0.2".parse().unwrap()
+            ))
+        );
+        c.listen_address = "member".into();
+        assert_eq!(
+            c.listen(),
+            Ok(kennel_provisioner::lifecycle::Listen::Member)
+        );
+        c.listen_address = "somewhere".into();
+        assert!(c.listen().unwrap_err().contains("\"member\""));
     }
 
     #[test]

@@ -311,6 +311,9 @@ fn incus_checks(config: &Config) -> Vec<Check> {
         if let Err(e) = c.port_range() {
             out.push(check("incus ports", Status::Missing, e, None));
         }
+        if let Err(e) = c.listen() {
+            out.push(check("incus listen", Status::Missing, e, None));
+        }
         out
     })
 }

@@ -232,7 +232,7 @@ pub fn provisioner(config: &Config, store: &Store) -> Result<Backend, String> {
                 storage_pool: config.incus.storage_pool.clone(),
                 network: config.incus.network.clone(),
             },
-            listen: config.incus.listen_address,
+            listen: config.incus.listen()?,
             ports: config.incus.port_range()?,
         };
         return Ok(Backend::Incus(Arc::new(IncusProvisioner::new(

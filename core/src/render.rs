@@ -1391,6 +1391,21 @@ fn bytes(n: u64) -> String {
     format!("{v:.1} {unit}")
 }
 
+/// `myapp moved from m1 to m2 and runs again.`
+fn moved_line(m: &crate::outcome::Moved) -> String {
+    format!(
+        "{} moved from {} to {}{}",
+        m.project,
+        if m.from.is_empty() { "?" } else { &m.from },
+        m.to,
+        if m.running {
+            " and runs again."
+        } else {
+            " (stopped, as it was)."
+        }
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1431,19 +1446,4 @@ mod tests {
             assert!(s.contains(&spec.usage()), "{}", spec.name);
         }
     }
-}
-
-/// `myapp moved from m1 to m2 and runs again.`
-fn moved_line(m: &crate::outcome::Moved) -> String {
-    format!(
-        "{} moved from {} to {}{}",
-        m.project,
-        if m.from.is_empty() { "?" } else { &m.from },
-        m.to,
-        if m.running {
-            " and runs again."
-        } else {
-            " (stopped, as it was)."
-        }
-    )
 }

@@ -148,21 +148,72 @@ fn spawn_incusd(dir: &Path, netns: Option<&str>) -> Child {
         .open(dir.join("incusd.log"))
         .unwrap();
     let mut cmd = match netns {
-        // `ip netns exec` execs incusd: the child's pid is incusd's.
+        // `ip netns exec` execs (through sh) incusd: the child's pid is
+        // incusd's. It mounts a fresh sysfs (so /sys/class/net is the
+        // namespace's), which hides the cgroup mounts under it: without
+        // them LXC cannot set limits ("Failed to setup cgroup limits"),
+        // so they are mounted again as this host has them.
         Some(ns) => {
             let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, INCUSD]);
+            c.args([
+                "netns",
+                "exec",
+                ns,
+                "sh",
+                "-c",
+                &cgroup_mounts_then_exec(),
+                INCUSD,
+            ]);
             c
         }
         None => Command::new(INCUSD),
     };
-    cmd.args(["--group", "root"])
-        .env("INCUS_DIR", dir)
+    if netns.is_none() {
+        cmd.args(["--group", "root"]);
+    }
+    cmd.env("INCUS_DIR", dir)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
         .unwrap()
+}
+
+/// A shell script that mounts the cgroup filesystems this host has under
+/// `/sys/fs/cgroup` (v1, hybrid or v2 alike, read from its mount table)
+/// and then execs `$0` with `--group root`.
+fn cgroup_mounts_then_exec() -> String {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut script = String::from("set -e\n");
+    for line in mounts.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let [source, target, fstype, options, ..] = f.as_slice() else {
+            continue;
+        };
+        if !(target.starts_with("/sys/fs/cgroup")
+            && matches!(*fstype, "tmpfs" | "cgroup" | "cgroup2"))
+        {
+            continue;
+        }
+        // The tmpfs holding the hierarchies is often read-only: the
+        // directories for them are made in it first.
+        let options = if *fstype == "tmpfs" {
+            options
+                .split(',')
+                .map(|o| if o == "ro" { "rw" } else { o })
+                .collect::<Vec<_>>()
+                .join(",")
+        } else {
+            (*options).to_owned()
+        };
+        // Mount table fields have no spaces or quotes (they are escaped
+        // as octal): safe inside single quotes.
+        script.push_str(&format!(
+            "mkdir -p '{target}'; mount -t '{fstype}' -o '{options}' '{source}' '{target}'\n"
+        ));
+    }
+    script.push_str("exec \"$0\" --group root\n");
+    script
 }
 
 /// Runs the `incus` client against the daemon of `dir`.

@@ -25,6 +25,7 @@ mod faults_vm;
 mod guest_vm;
 mod https_vm;
 mod idle_vm;
+mod incus_cluster_vm;
 mod incus_vm;
 mod install;
 mod load_vm;

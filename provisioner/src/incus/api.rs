@@ -113,6 +113,44 @@ impl Member {
     }
 }
 
+impl Member {
+    /// The address the member answers the cluster on (its `url`'s host),
+    /// where the proxies of Kennel's instances on it listen when
+    /// `incus.listen_address = "member"`.
+    pub fn address(&self) -> Option<std::net::IpAddr> {
+        let rest = self
+            .url
+            .split_once("://")
+            .map_or(self.url.as_str(), |(_, r)| r);
+        let host = rest.split('/').next().unwrap_or_default();
+        // `[v6]:port` or `v4:port`.
+        let host = match host.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or_default(),
+            None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+        };
+        host.parse().ok()
+    }
+}
+
+/// `GET /1.0/cluster/members/NAME/state`: what the member's host has.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct MemberState {
+    #[serde(default)]
+    pub sysinfo: SysInfo,
+}
+
+/// A member's load and memory.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SysInfo {
+    #[serde(default, deserialize_with = "nullable")]
+    pub load_averages: Vec<f64>,
+    /// Bytes.
+    #[serde(default)]
+    pub total_ram: u64,
+    #[serde(default)]
+    pub free_ram: u64,
+}
+
 pub use crate::choice::InstanceType;
 
 /// A device: its type and options, all strings (`{"type": "disk", …}`).

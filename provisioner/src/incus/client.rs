@@ -29,7 +29,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::api::{
     Envelope, Image, ImageAlias, Instance, InstanceState, InstancesPost, Member, MemberAction,
-    Operation, Server, StateAction, StatePut,
+    MemberState, Operation, Server, StateAction, StatePut,
 };
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -576,6 +576,15 @@ impl IncusClient {
     pub async fn member(&self, name: &str) -> Result<Member, IncusError> {
         self.get(
             &self.uri(&format!("/1.0/cluster/members/{}", seg(name)), &[]),
+            &format!("host {name}"),
+        )
+        .await
+    }
+
+    /// A member's load and memory (it must answer).
+    pub async fn member_sysinfo(&self, name: &str) -> Result<MemberState, IncusError> {
+        self.get(
+            &self.uri(&format!("/1.0/cluster/members/{}/state", seg(name)), &[]),
             &format!("host {name}"),
         )
         .await

@@ -77,6 +77,10 @@ pub fn instance_post(place: &Placement, p: &ProjectInstance) -> InstancesPost {
         // Docker and systemd's sandboxing in the guest.
         config.insert("security.nesting".to_owned(), "true".to_owned());
     }
+    // An evacuated member stops Kennel's instances instead of moving
+    // them: Kennel moves them itself (`evacuate`), so their proxies
+    // follow them to the member they land on.
+    config.insert("cluster.evacuate".to_owned(), "stop".to_owned());
     for (k, v) in &p.labels {
         config.insert(format!("user.kennel.{k}"), v.clone());
     }

@@ -12,20 +12,44 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use kennel_core::provision::VmKeys;
+use kennel_core::provision::{HostInfo, VmKeys, VmPlace};
 
 use super::*;
-use crate::incus::api::{Instance, InstanceType, StateAction};
+use crate::incus::api::{Instance, InstanceType, MemberAction, StateAction};
 use crate::incus::spec::{self, Placement, ProjectInstance, Workspace};
 use crate::incus::{image as incus_image, IncusClient, IncusError};
+
+/// Where the proxies of an instance listen on its member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    /// One address on every member: loopback for an Incus on Kennel's own
+    /// host, or an address every member has on a private network.
+    At(IpAddr),
+    /// Each member's own cluster address (its `url`'s host), re-read
+    /// when an instance moves: members reachable only by each other and
+    /// Kennel (docs/incus.md).
+    Member,
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "member" {
+            return Ok(Listen::Member);
+        }
+        s.parse()
+            .map(Listen::At)
+            .map_err(|_| format!("incus.listen_address is {s:?}: give an IP address or \"member\""))
+    }
+}
 
 /// The `[incus]` settings the provisioner runs with.
 #[derive(Debug, Clone)]
 pub struct IncusSettings {
     pub placement: Placement,
     /// Where the proxies listen on the member: an address only Kennel
-    /// reaches (loopback when Incus runs on Kennel's own host).
-    pub listen: IpAddr,
+    /// reaches.
+    pub listen: Listen,
     /// The member ports projects' proxies take, inclusive.
     pub ports: (u16, u16),
 }
@@ -35,6 +59,9 @@ pub struct IncusProvisioner {
     host: LocalProvisioner,
     client: IncusClient,
     set: IncusSettings,
+    /// Members' addresses, by name (`Listen::Member`), read when one is
+    /// not known yet.
+    members: std::sync::Mutex<BTreeMap<String, IpAddr>>,
 }
 
 impl std::fmt::Debug for IncusProvisioner {
@@ -55,11 +82,20 @@ const GID: &str = "gid";
 const SSH_PORT: &str = "ssh_port";
 const APP_PORT: &str = "app_port";
 const GUEST_APP_PORT: &str = "guest_app_port";
+/// The member `evacuate` moved it off (until `restore`).
+const EVACUATED_FROM: &str = "evacuated_from";
 
 fn label<'a>(i: &'a Instance, key: &str) -> Option<&'a str> {
     i.config
         .get(&format!("user.kennel.{key}"))
         .map(String::as_str)
+}
+
+/// Whether instance `i` may be one of Kennel's: it carries Kennel's
+/// labels, or its member does not answer (Incus lists such an instance
+/// without its config, so its labels cannot be read).
+fn maybe_kennels(i: &Instance) -> bool {
+    label(i, STACK).is_some() || i.config.is_empty()
 }
 
 fn label_num<T: std::str::FromStr>(i: &Instance, key: &str) -> Option<T> {
@@ -87,7 +123,12 @@ impl IncusProvisioner {
             store,
             runner,
         );
-        Self { host, client, set }
+        Self {
+            host,
+            client,
+            set,
+            members: std::sync::Mutex::default(),
+        }
     }
 
     /// Takes kernels and images from `images` instead of building them.
@@ -131,8 +172,101 @@ impl IncusProvisioner {
         }
     }
 
-    fn addr(&self, port: u16) -> String {
-        std::net::SocketAddr::new(self.set.listen, port).to_string()
+    /// The address the proxies listen on for an instance on `member`.
+    async fn listen_ip(&self, member: &str) -> IpAddr {
+        let loopback = IpAddr::from([127, 0, 0, 1]);
+        let Listen::At(ip) = self.set.listen else {
+            let known = |m: &str| self.members.lock().ok().and_then(|c| c.get(m).copied());
+            if let Some(ip) = known(member) {
+                return ip;
+            }
+            match self.client.members().await {
+                Ok(all) => {
+                    if let Ok(mut c) = self.members.lock() {
+                        for m in all {
+                            if let Some(ip) = m.address() {
+                                c.insert(m.server_name, ip);
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read the cluster's members"),
+            }
+            return known(member).unwrap_or_else(|| {
+                tracing::warn!(member, "no address known for this member; using loopback");
+                loopback
+            });
+        };
+        ip
+    }
+
+    /// The SSH and app addresses of instance `i`'s proxies.
+    async fn addrs(&self, i: &Instance) -> (String, String) {
+        let ip = self.listen_ip(&i.location).await;
+        let at = |key| std::net::SocketAddr::new(ip, label_num(i, key).unwrap_or(0)).to_string();
+        (at(SSH_PORT), at(APP_PORT))
+    }
+
+    /// Points instance `name`'s proxies at `ip` (the member it is on
+    /// now) and sets or clears its evacuation mark, in one write.
+    async fn retarget(
+        &self,
+        name: &str,
+        ip: Option<IpAddr>,
+        evacuated_from: Option<&str>,
+    ) -> Result<(), IncusError> {
+        self.client
+            .update_instance(name, |inst| {
+                if let Some(ip) = ip {
+                    for dev in ["kennel-ssh", "kennel-app"] {
+                        if let Some(d) = inst.pointer_mut(&format!("/devices/{dev}")) {
+                            let old = d["listen"].as_str().unwrap_or("tcp:0.0.0.0:0");
+                            let port: u16 = old
+                                .rsplit_once(':')
+                                .and_then(|(_, p)| p.parse().ok())
+                                .unwrap_or(0);
+                            d["listen"] = serde_json::Value::String(format!(
+                                "tcp:{}",
+                                std::net::SocketAddr::new(ip, port)
+                            ));
+                        }
+                    }
+                }
+                if let Some(serde_json::Value::Object(c)) = inst.get_mut("config") {
+                    let key = format!("user.kennel.{EVACUATED_FROM}");
+                    match evacuated_from {
+                        Some(m) => {
+                            c.insert(key, serde_json::Value::String(m.to_owned()));
+                        }
+                        None => {
+                            c.remove(&key);
+                        }
+                    }
+                }
+            })
+            .await
+    }
+
+    /// What an Incus failure about instance `name` means for Kennel: a
+    /// member that does not answer is [`ProvisionError::HostOffline`]
+    /// (told at once), the rest a failure at `stage`.
+    async fn explain(&self, name: &str, stage: Stage, e: IncusError) -> ProvisionError {
+        let offline = |host: String| ProvisionError::HostOffline {
+            project: name.to_owned(),
+            host,
+        };
+        match e {
+            IncusError::MemberOffline { member } => offline(member),
+            IncusError::NotFound { .. } => ProvisionError::NoVm(name.to_owned()),
+            e => {
+                if let Some(member) = self.client.location(name).await {
+                    if matches!(self.client.member(&member).await, Ok(m) if !m.online()) {
+                        return offline(member);
+                    }
+                }
+                incus_failed(stage, e)
+            }
+        }
     }
 
     /// Two member ports no instance of Kennel's holds (and, where the
@@ -148,10 +282,13 @@ impl IncusProvisioner {
             .flat_map(|i| [label_num(i, SSH_PORT), label_num(i, APP_PORT)])
             .flatten()
             .collect();
-        let local = self.set.listen.is_loopback();
+        let local = match self.set.listen {
+            Listen::At(ip) if ip.is_loopback() => Some(ip),
+            _ => None,
+        };
         let mut free = (self.set.ports.0..=self.set.ports.1).filter(|p| {
             !taken.contains(p)
-                && (!local || std::net::TcpListener::bind((self.set.listen, *p)).is_ok())
+                && local.is_none_or(|ip| std::net::TcpListener::bind((ip, *p)).is_ok())
         });
         match (free.next(), free.next()) {
             (Some(a), Some(b)) => Ok((a, b)),
@@ -284,9 +421,9 @@ impl IncusProvisioner {
             .await
         {
             Ok(()) | Err(IncusError::AlreadyRunning { .. }) => {}
-            Err(e) => return Err(incus_failed(Stage::Booting, e)),
+            Err(e) => return Err(self.explain(name, Stage::Booting, e).await),
         }
-        let ssh = self.addr(label_num(i, SSH_PORT).unwrap_or(0));
+        let (ssh, _) = self.addrs(i).await;
         let started = Instant::now();
         while !ssh_banner(&ssh, Duration::from_secs(2)).await {
             if started.elapsed() > self.host.s.boot_timeout {
@@ -309,8 +446,7 @@ impl IncusProvisioner {
     }
 
     async fn status_of(&self, i: &Instance) -> Result<VmStatus, ProvisionError> {
-        let ssh = self.addr(label_num(i, SSH_PORT).unwrap_or(0));
-        let app = self.addr(label_num(i, APP_PORT).unwrap_or(0));
+        let (ssh, app) = self.addrs(i).await;
         let mut problems = Vec::new();
         let state = match self.client.instance_state(&i.name).await {
             Ok(st) if st.running() => VmState::Running,
@@ -337,8 +473,58 @@ impl IncusProvisioner {
         match self.client.instance(name).await {
             Ok(Some(i)) => Ok(i),
             Ok(None) => Err(ProvisionError::NoVm(name.to_owned())),
-            Err(e) => Err(incus_failed(Stage::Booting, e)),
+            Err(e) => Err(self.explain(name, Stage::Booting, e).await),
         }
+    }
+
+    /// Waits (up to 30 s) for the member holding `name` to answer: one
+    /// the cluster calls online again may still be starting (Incus says
+    /// "Server isn't ready yet" then), while one that is offline is
+    /// [`ProvisionError::HostOffline`] at once.
+    async fn member_ready(&self, name: &str) -> Result<(), ProvisionError> {
+        let started = Instant::now();
+        loop {
+            match self.client.instance_state(name).await {
+                Ok(_) => return Ok(()),
+                Err(e)
+                    if e.to_string().contains("isn't ready")
+                        && started.elapsed() < Duration::from_secs(30) =>
+                {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(self.explain(name, Stage::Booting, e).await),
+            }
+        }
+    }
+
+    /// The online member with the fewest of Kennel's instances, other
+    /// than `not` (where `move` without a host and `evacuate` send one).
+    async fn least_busy(&self, not: &str) -> Result<String, ProvisionError> {
+        let members = self
+            .client
+            .members()
+            .await
+            .map_err(|e| incus_failed(Stage::Disk, e))?;
+        let all = self
+            .client
+            .instances()
+            .await
+            .map_err(|e| incus_failed(Stage::Disk, e))?;
+        members
+            .into_iter()
+            .filter(|m| m.online() && m.server_name != not)
+            .min_by_key(|m| {
+                all.iter()
+                    .filter(|i| label(i, STACK).is_some() && i.location == m.server_name)
+                    .count()
+            })
+            .map(|m| m.server_name)
+            .ok_or_else(|| {
+                failed(
+                    Stage::Disk,
+                    format!("no other online host to move to (besides {not}); see 'hosts'"),
+                )
+            })
     }
 
     async fn create_instance(
@@ -416,7 +602,11 @@ impl IncusProvisioner {
                 memory_mib: req.resources.memory_mib,
                 disk_gib: req.resources.disk_mib.div_ceil(1024),
                 workspace: Workspace::HostPath(source.display().to_string()),
-                listen: self.set.listen,
+                // Member: set to the member's address once Incus placed it.
+                listen: match self.set.listen {
+                    Listen::At(ip) => ip,
+                    Listen::Member => IpAddr::from([0, 0, 0, 0]),
+                },
                 ssh_port,
                 app_port: host_app_port,
                 guest_app_port: app_port,
@@ -433,9 +623,16 @@ impl IncusProvisioner {
             )),
         );
         self.client
-            .create_instance(&post, None, Duration::from_secs(600))
+            .create_instance(&post, req.host.as_deref(), Duration::from_secs(600))
             .await
             .map_err(|e| incus_failed(Stage::Disk, e))?;
+        if self.set.listen == Listen::Member {
+            let member = self.client.location(name).await.unwrap_or_default();
+            let ip = self.listen_ip(&member).await;
+            self.retarget(name, Some(ip), None)
+                .await
+                .map_err(|e| incus_failed(Stage::Disk, e))?;
+        }
         self.push_config(name, (uid, gid), &req.authorized_keys, false)
             .await
             .map_err(|e| incus_failed(Stage::Disk, e))?;
@@ -521,6 +718,7 @@ impl Provisioner for IncusProvisioner {
     ) -> Result<VmStatus, ProvisionError> {
         let name = spec.project.as_str();
         let _g = self.host.lock(name).await;
+        self.member_ready(name).await?;
         let i = self.instance(name).await?;
         let owner = self.owner(&i);
         let running = i.running();
@@ -529,17 +727,13 @@ impl Provisioner for IncusProvisioner {
             .await
         {
             // An offline member: say so at once instead of hanging.
-            if let IncusError::MemberOffline { .. } = e {
-                return Err(ProvisionError::Unavailable(e.to_string()));
+            let e = self.explain(name, Stage::Booting, e).await;
+            if let ProvisionError::HostOffline { .. } = e {
+                return Err(e);
             }
             tracing::warn!(project = name, error = %e, "could not refresh the guest's keys");
         }
-        self.boot(&i, progress).await.map_err(|e| match e {
-            ProvisionError::Boot(cause) if cause.to_string().contains("is offline") => {
-                ProvisionError::Unavailable(cause.to_string())
-            }
-            other => other,
-        })
+        self.boot(&i, progress).await
     }
 
     async fn stop(&self, project: &ProjectName) -> Result<(), ProvisionError> {
@@ -553,7 +747,7 @@ impl Provisioner for IncusProvisioner {
             Ok(()) | Err(IncusError::NotRunning { .. }) => Ok(()),
             Err(IncusError::NotFound { .. }) => Err(ProvisionError::NoVm(name.to_owned())),
             Err(e @ IncusError::MemberOffline { .. }) => {
-                Err(ProvisionError::Unavailable(e.to_string()))
+                Err(self.explain(name, Stage::Stopping, e).await)
             }
             Err(e) => {
                 tracing::warn!(project = name, error = %e, "clean stop failed; forcing");
@@ -582,6 +776,19 @@ impl Provisioner for IncusProvisioner {
     async fn status(&self, project: &ProjectName) -> Result<VmStatus, ProvisionError> {
         match self.client.instance(project.as_str()).await {
             Ok(Some(i)) => self.status_of(&i).await,
+            Err(e) if !e.is_not_found() => {
+                match self.explain(project.as_str(), Stage::Ready, e).await {
+                    ProvisionError::HostOffline { host, .. } => Ok(VmStatus {
+                        state: VmState::Stopped,
+                        ready: false,
+                        ssh_addr: None,
+                        app_addr: None,
+                        backend: self.backend(),
+                        problems: vec![format!("host {host} is offline")],
+                    }),
+                    e => Err(e),
+                }
+            }
             Ok(None) => Ok(VmStatus {
                 state: VmState::Missing,
                 ready: false,
@@ -649,8 +856,10 @@ impl Provisioner for IncusProvisioner {
             })
             .await
             .map_err(|e| incus_failed(Stage::Ready, e))?;
-        let running = i.running();
-        Ok(running.then(|| self.addr(label_num(&i, APP_PORT).unwrap_or(0))))
+        if !i.running() {
+            return Ok(None);
+        }
+        Ok(Some(self.addrs(&i).await.1))
     }
 
     fn vm_keys(&self, project: &ProjectName) -> Option<VmKeys> {
@@ -735,6 +944,119 @@ impl Provisioner for IncusProvisioner {
         self.push_config(name, owner, authorized_keys, running)
             .await
             .map_err(|e| incus_failed(Stage::Ready, e))
+    }
+
+    async fn hosts(&self) -> Result<Vec<HostInfo>, ProvisionError> {
+        let unavailable = |e: IncusError| ProvisionError::Unavailable(e.to_string());
+        let members = self.client.members().await.map_err(unavailable)?;
+        if members.is_empty() {
+            return Err(ProvisionError::Unsupported(format!(
+                "Incus at {} is one server, not a cluster: every project runs on it",
+                self.client.address()
+            )));
+        }
+        let all = self.client.instances().await.map_err(unavailable)?;
+        let mut hosts = Vec::with_capacity(members.len());
+        for m in members {
+            let sys = if m.online() {
+                self.client
+                    .member_sysinfo(&m.server_name)
+                    .await
+                    .ok()
+                    .map(|st| st.sysinfo)
+            } else {
+                None
+            };
+            let mib = |b: u64| b / (1024 * 1024);
+            hosts.push(HostInfo {
+                projects: all
+                    .iter()
+                    .filter(|i| maybe_kennels(i) && i.location == m.server_name)
+                    .map(|i| i.name.clone())
+                    .collect(),
+                status: m.status.to_ascii_lowercase(),
+                message: m.message,
+                load: sys.as_ref().and_then(|s| s.load_averages.first().copied()),
+                memory_used_mib: sys
+                    .as_ref()
+                    .filter(|s| s.total_ram > 0)
+                    .map(|s| mib(s.total_ram.saturating_sub(s.free_ram))),
+                memory_total_mib: sys
+                    .as_ref()
+                    .filter(|s| s.total_ram > 0)
+                    .map(|s| mib(s.total_ram)),
+                name: m.server_name,
+            });
+        }
+        Ok(hosts)
+    }
+
+    async fn placements(&self) -> Vec<VmPlace> {
+        let (members, all) = match (self.client.members().await, self.client.instances().await) {
+            (Ok(m), Ok(a)) if !m.is_empty() => (m, a),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "cannot read where projects are");
+                return Vec::new();
+            }
+            _ => return Vec::new(),
+        };
+        all.iter()
+            .filter(|i| maybe_kennels(i))
+            .map(|i| VmPlace {
+                project: i.name.clone(),
+                host: i.location.clone(),
+                // An evacuated member still answers.
+                online: members.iter().any(|m| {
+                    m.server_name == i.location && !m.status.eq_ignore_ascii_case("offline")
+                }),
+                evacuated_from: label(i, EVACUATED_FROM).map(str::to_owned),
+            })
+            .collect()
+    }
+
+    async fn move_vm(
+        &self,
+        project: &ProjectName,
+        to: Option<&str>,
+        evacuated_from: Option<&str>,
+    ) -> Result<String, ProvisionError> {
+        let name = project.as_str();
+        let _g = self.host.lock(name).await;
+        let i = self.instance(name).await?;
+        if i.running() {
+            return Err(failed(
+                Stage::Disk,
+                format!("{name} runs; stop it before it moves"),
+            ));
+        }
+        let target = match to {
+            Some(t) => t.to_owned(),
+            None => self.least_busy(&i.location).await?,
+        };
+        self.client
+            .move_instance(name, &target, Duration::from_secs(1800))
+            .await
+            .map_err(|e| incus_failed(Stage::Disk, e))?;
+        let ip = match self.set.listen {
+            Listen::Member => Some(self.listen_ip(&target).await),
+            Listen::At(_) => None,
+        };
+        self.retarget(name, ip, evacuated_from)
+            .await
+            .map_err(|e| incus_failed(Stage::Disk, e))?;
+        Ok(target)
+    }
+
+    async fn set_host_evacuated(&self, host: &str, evacuated: bool) -> Result<(), ProvisionError> {
+        let action = if evacuated {
+            MemberAction::Evacuate
+        } else {
+            MemberAction::Restore
+        };
+        self.client
+            .member_state(host, action, Duration::from_secs(1800))
+            .await
+            .map_err(|e| incus_failed(Stage::Disk, e))
     }
 }
 

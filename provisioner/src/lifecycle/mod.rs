@@ -49,7 +49,7 @@ mod resize;
 mod tests;
 
 pub use images::{BuiltImages, GuestImages};
-pub use incus::{IncusProvisioner, IncusSettings};
+pub use incus::{IncusProvisioner, IncusSettings, Listen};
 
 /// How the provisioner is set up.
 #[derive(Debug, Clone)]

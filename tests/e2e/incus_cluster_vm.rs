@@ -1,0 +1,183 @@
+//! Projects on a three-member Incus cluster (testkit: members in network
+//! namespaces of their own, formed with join tokens), driven by Kennel's
+//! own commands: `hosts`, placement spread by Incus, `new project
+//! --host`, `move` (SSH follows the project to its new member's address),
+//! `evacuate` and `restore`, and a member whose daemon dies: the project
+//! shows "host H is offline", a start is refused at once with that, and
+//! all is well again when the member is back.
+//! `vm-tests` feature; needs root, incus-base and Kennel's base image.
+#![cfg(feature = "vm-tests")]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use kennel_testkit::incus::IncusCluster;
+
+use crate::support::Kennel;
+
+/// Each Kennel project's member, from `hosts --json`.
+fn placement(k: &Kennel) -> BTreeMap<String, String> {
+    let out = k.exec_ok("--json hosts");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let mut at = BTreeMap::new();
+    for h in v["hosts"].as_array().unwrap() {
+        for p in h["projects"].as_array().unwrap() {
+            at.insert(
+                p.as_str().unwrap().to_owned(),
+                h["name"].as_str().unwrap().to_owned(),
+            );
+        }
+    }
+    at
+}
+
+fn host_status(k: &Kennel, host: &str) -> String {
+    let out = k.exec_ok("--json hosts");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    v["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == host)
+        .map(|h| h["status"].as_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+/// `hostname` in `project` through Kennel's SSH gateway.
+fn hostname(k: &Kennel, key: &std::path::Path, project: &str) -> String {
+    let out = k
+        .gateway_ssh(key, &format!("{project}@127.0.0.1"), "hostname")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ssh {project}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn projects_spread_move_evacuate_and_outlive_a_dead_member() {
+    let mut cluster = IncusCluster::start(3);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut k = Kennel::new(tmp.path());
+    let first = 43000 + (std::process::id() % 500) as u16 * 2;
+    k.env.extend([
+        ("KENNEL_VM__BACKEND".to_owned(), "incus".to_owned()),
+        (
+            "KENNEL_INCUS__ADDRESS".to_owned(),
+            cluster.socket(0).display().to_string(),
+        ),
+        ("KENNEL_INCUS__NETWORK".to_owned(), "kbr".to_owned()),
+        (
+            "KENNEL_INCUS__LISTEN_ADDRESS".to_owned(),
+            "member".to_owned(),
+        ),
+        (
+            "KENNEL_INCUS__PORTS".to_owned(),
+            format!("{first}-{}", first + 40),
+        ),
+    ]);
+    k.start_serve_logged(&tmp.path().join("serve.log"));
+    let key = k.admin_key("me");
+
+    let hosts = k.exec_ok("hosts");
+    for m in ["m1", "m2", "m3"] {
+        assert!(hosts.contains(m), "{hosts}");
+    }
+    assert_eq!(host_status(&k, "m1"), "online");
+
+    // Incus places: three projects, three members. `--host` chooses.
+    for p in ["a", "b", "c"] {
+        k.exec_ok(&format!("new project {p}"));
+    }
+    let at = placement(&k);
+    let used: std::collections::BTreeSet<&String> = at.values().collect();
+    assert_eq!(used.len(), 3, "{at:?}");
+    k.exec_ok("new project d --host m2");
+    assert_eq!(placement(&k)["d"], "m2");
+    // Through the gateway, to the proxy on m2's own address.
+    assert_eq!(hostname(&k, &key, "d"), "d");
+    let status = k.exec_ok("--json status d");
+    assert!(
+        status.contains(&format!("{}:", cluster.address(1))),
+        "{status}"
+    );
+
+    // move: stopped, moved, running again, reached on m3's address.
+    let out = k.exec_ok("move d m3");
+    assert!(out.contains("from m2 to m3"), "{out}");
+    assert_eq!(placement(&k)["d"], "m3");
+    assert_eq!(k.state("d").0, "running");
+    assert_eq!(hostname(&k, &key, "d"), "d");
+    let e = k.exec("move d m9");
+    assert!(!e.status.success());
+    assert!(
+        String::from_utf8_lossy(&e.stdout).contains("m1, m2, m3")
+            || String::from_utf8_lossy(&e.stderr).contains("m1, m2, m3")
+    );
+
+    // evacuate m1: what ran there runs elsewhere; restore brings it home.
+    let on_m1: Vec<String> = placement(&k)
+        .into_iter()
+        .filter(|(_, h)| h == "m1")
+        .map(|(p, _)| p)
+        .collect();
+    assert!(!on_m1.is_empty());
+    let out = k.exec_ok("evacuate m1");
+    assert!(out.contains("m1 is evacuated"), "{out}");
+    assert_eq!(host_status(&k, "m1"), "evacuated");
+    for p in &on_m1 {
+        assert_ne!(placement(&k)[p], "m1");
+        assert_eq!(k.state(p).0, "running");
+        assert_eq!(&hostname(&k, &key, p), p);
+    }
+    let out = k.exec_ok("restore m1");
+    assert!(out.contains("back in service"), "{out}");
+    assert_eq!(host_status(&k, "m1"), "online");
+    for p in &on_m1 {
+        assert_eq!(placement(&k)[p], "m1");
+        assert_eq!(&hostname(&k, &key, p), p);
+    }
+
+    // m3's daemon dies with d stopped on it: shown offline, a start is
+    // refused at once, saying why; the others go on.
+    k.exec_ok("stop d");
+    cluster.kill(2);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while host_status(&k, "m3") != "offline" {
+        assert!(Instant::now() < deadline, "m3 never offline");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let (state, note) = k.state("d");
+    assert_eq!(state, "stopped");
+    assert_eq!(note.as_deref(), Some("host m3 is offline"));
+    let t = Instant::now();
+    let out = k.exec("start d");
+    assert!(!out.status.success());
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("host m3 is offline"), "{said}");
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    assert_eq!(k.state("d").0, "stopped");
+    let other = on_m1.first().unwrap();
+    assert_eq!(&hostname(&k, &key, other), other);
+
+    cluster.revive(2);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while host_status(&k, "m3") != "online" {
+        assert!(Instant::now() < deadline, "m3 never back");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert_eq!(k.state("d").1, None);
+    k.exec_ok("start d");
+    assert_eq!(hostname(&k, &key, "d"), "d");
+    for p in ["a", "b", "c", "d"] {
+        k.exec_ok(&format!("rm {p}"));
+        k.exec_ok("yes");
+    }
+}
