@@ -335,7 +335,19 @@ async fn a_cluster_places_moves_evacuates_and_outlives_a_dead_member() {
 
     cluster.revive(2);
     until_status(&c, "m3", "Online").await;
-    assert!(c.instance_state(&on_m3).await.unwrap().running());
+    // Online to the cluster may come a moment before the member answers
+    // forwarded requests ("Server isn't ready yet").
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let st = loop {
+        match c.instance_state(&on_m3).await {
+            Ok(st) => break st,
+            Err(e) if e.to_string().contains("isn't ready") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert!(st.running());
     c.change_state("d", StateAction::Start, false, Duration::ZERO)
         .await
         .unwrap();
