@@ -17,3 +17,4 @@ mod incus_client;
 mod incus_guest;
 #[cfg(feature = "incus-tests")]
 mod incus_real;
+mod incus_schema;
