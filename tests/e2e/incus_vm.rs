@@ -3,7 +3,9 @@
 //! front door and gateways: `new project` with progress, `ssh
 //! PROJECT@HOST` through the SSH gateway (the guest's pinned host key),
 //! `/workspace` ownership both ways, the app over HTTPS, stop and a wake
-//! by SSH, a daemon restart (Incus's state is the truth), rename, `rm`.
+//! by SSH, checkpoints (Incus snapshots) and rollbacks, keys synced into
+//! the running guest, a daemon restart (Incus's state is the truth),
+//! rename, idle stop, `rm`.
 //! `vm-tests` feature; needs root, incus-base and what tests/e2e/vm.rs
 //! needs.
 #![cfg(feature = "vm-tests")]
@@ -131,6 +133,103 @@ fn a_project_lives_on_incus_through_kennels_gateways() {
     let logs = k.exec_ok("logs demo");
     assert!(logs.contains("kennel-init"), "{logs}");
 
+    // Checkpoints: an Incus snapshot of the disk (the instance frozen
+    // meanwhile) and a copy of the source, rolled back together.
+    let sh = |command: &str| {
+        ok(
+            k.gateway_ssh(&key, "demo@127.0.0.1", command)
+                .output()
+                .unwrap(),
+            command,
+        )
+    };
+    sh("echo one > /workspace/note; echo one > ~/marker");
+    let out = k.exec_ok("checkpoint demo first");
+    assert!(out.contains("first"), "{out}");
+    sh("echo two > /workspace/note; echo two > ~/marker");
+    let out = k.exec_ok("rollback demo first --yes");
+    assert!(out.contains("back at checkpoint first"), "{out}");
+    assert_eq!(sh("cat /workspace/note ~/marker"), "one\none\n");
+    assert_eq!(std::fs::read_to_string(src.join("note")).unwrap(), "one\n");
+    let snaps = ok(
+        daemon.incus(&["snapshot", "list", "demo", "-f", "csv", "-c", "n"]),
+        "incus snapshot list",
+    );
+    assert!(
+        snaps.contains("kennel-first") && snaps.contains("kennel-auto-1"),
+        "{snaps}"
+    );
+    // The automatic checkpoint undoes the rollback.
+    k.exec_ok("rollback demo auto-1 --yes");
+    assert_eq!(sh("cat /workspace/note ~/marker"), "two\ntwo\n");
+    // cp: of the running project now, and of a checkpoint; each its own
+    // instance, name, keys and source copy.
+    k.exec_ok("cp demo democp");
+    let sh_in = |project: &str, command: &str| {
+        ok(
+            k.gateway_ssh(&key, &format!("{project}@127.0.0.1"), command)
+                .output()
+                .unwrap(),
+            command,
+        )
+    };
+    assert_eq!(
+        sh_in("democp", "hostname; cat /workspace/note ~/marker"),
+        "democp\ntwo\ntwo\n"
+    );
+    assert_eq!(
+        sh("cat /workspace/note").trim(),
+        "two",
+        "the original runs on"
+    );
+    k.exec_ok("cp demo@first demofirst");
+    assert_eq!(
+        sh_in("demofirst", "cat /workspace/note ~/marker"),
+        "one\none\n"
+    );
+    assert!(tmp
+        .path()
+        .join("kennel-data/projects/demofirst/note")
+        .exists());
+    for p in ["democp", "demofirst"] {
+        k.exec_ok(&format!("rm {p}"));
+        k.exec_ok("yes");
+    }
+    k.exec_ok("checkpoint rm demo first");
+    let snaps = ok(
+        daemon.incus(&["snapshot", "list", "demo", "-f", "csv", "-c", "n"]),
+        "incus snapshot list",
+    );
+    assert!(!snaps.contains("kennel-first"), "{snaps}");
+
+    // Resize: CPUs and memory on the running container at once.
+    assert_eq!(sh("nproc").trim(), "2");
+    let out = k.exec_ok("resize demo --cpus 1 --memory 1G");
+    assert!(
+        out.contains("2 → 1 vCPUs") && !out.contains("restart demo"),
+        "{out}"
+    );
+    assert_eq!(sh("nproc").trim(), "1");
+    let memory = ok(
+        daemon.incus(&["config", "get", "demo", "limits.memory"]),
+        "incus config get",
+    );
+    assert_eq!(memory.trim(), "1024MiB");
+
+    // A key added while the guest runs reaches its authorized_keys at
+    // once (the jump path logs in with the person's own key).
+    let second = k.admin_key("second");
+    let public = std::fs::read_to_string(second.with_extension("pub")).unwrap();
+    let b64 = public.split_whitespace().nth(1).unwrap().to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !sh("cat ~/.ssh/authorized_keys").contains(&b64) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new key never reached the guest"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
     // Stop; an SSH session wakes it.
     k.exec_ok("stop demo");
     k.wait_state("demo", "stopped", Duration::from_secs(60));
@@ -162,6 +261,18 @@ fn a_project_lives_on_incus_through_kennels_gateways() {
         "ssh demo2",
     );
     assert_eq!(out.trim(), "demo2", "the guest keeps its old name");
+    // Idle stop: nobody connected and the guest idle (its CPU time read
+    // from Incus), so it stops by itself and says why.
+    let out = k.exec_ok("idle demo2 20s");
+    assert!(out.contains("stops after 20s"), "{out}");
+    k.wait_state("demo2", "stopped", Duration::from_secs(120));
+    assert_eq!(k.state("demo2").1.as_deref(), Some("idle 20s"));
+    let listed = ok(
+        daemon.incus(&["list", "-f", "csv", "-c", "ns"]),
+        "incus list",
+    );
+    assert!(listed.contains("demo2,STOPPED"), "{listed}");
+
     k.exec_ok("rm demo2");
     k.exec_ok("yes");
     let listed = ok(

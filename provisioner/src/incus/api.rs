@@ -186,6 +186,12 @@ pub struct InstanceSource {
     pub fingerprint: String,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub alias: String,
+    /// The instance (or `instance/snapshot`) a copy is made from.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub source: String,
+    /// A copy without the source's snapshots.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub instance_only: bool,
 }
 
 impl InstanceSource {
@@ -195,6 +201,20 @@ impl InstanceSource {
             kind: "image".to_owned(),
             fingerprint: fingerprint.to_owned(),
             alias: String::new(),
+            source: String::new(),
+            instance_only: false,
+        }
+    }
+
+    /// A copy of instance `of` (`NAME` or `NAME/SNAPSHOT`), without its
+    /// snapshots.
+    pub fn copy_of(of: &str) -> Self {
+        Self {
+            kind: "copy".to_owned(),
+            fingerprint: String::new(),
+            alias: String::new(),
+            source: of.to_owned(),
+            instance_only: true,
         }
     }
 }

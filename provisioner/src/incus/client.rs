@@ -780,6 +780,69 @@ impl IncusClient {
             .map(drop)
     }
 
+    /// Takes snapshot `snap` of instance `name` (its root disk; a running
+    /// instance's as it is, crash-consistent unless it is frozen).
+    pub async fn create_snapshot(
+        &self,
+        name: &str,
+        snap: &str,
+        limit: Duration,
+    ) -> Result<(), IncusError> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            name: &'a str,
+            stateful: bool,
+        }
+        let what = format!("snapshot {snap} of {name}");
+        let uri = self.uri(&format!("/1.0/instances/{}/snapshots", seg(name)), &[]);
+        let json = Self::encode(
+            &what,
+            &Body {
+                name: snap,
+                stateful: false,
+            },
+        )?;
+        self.operate(Method::POST, &uri, Some(json), &what, limit)
+            .await
+            .map(drop)
+    }
+
+    /// Puts a stopped instance's root disk back as it was at `snap`.
+    pub async fn restore_snapshot(
+        &self,
+        name: &str,
+        snap: &str,
+        limit: Duration,
+    ) -> Result<(), IncusError> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            restore: &'a str,
+        }
+        let what = format!("snapshot {snap} of {name}");
+        let uri = self.uri(&format!("/1.0/instances/{}", seg(name)), &[]);
+        let json = Self::encode(&what, &Body { restore: snap })?;
+        self.operate(Method::PUT, &uri, Some(json), &what, limit)
+            .await
+            .map(drop)
+    }
+
+    /// Deletes snapshot `snap` of instance `name`.
+    pub async fn delete_snapshot(
+        &self,
+        name: &str,
+        snap: &str,
+        limit: Duration,
+    ) -> Result<(), IncusError> {
+        let what = format!("snapshot {snap} of {name}");
+        let uri = self.uri(
+            &format!("/1.0/instances/{}/snapshots/{}", seg(name), seg(snap)),
+            &[],
+        );
+        self.operate(Method::DELETE, &uri, None, &what, limit)
+            .await
+            .map(drop)
+    }
+
     /// Changes an instance's configuration: `change` edits its config
     /// and devices as Incus gives them (JSON), and the whole is written
     /// back with `PUT`, guarded by the ETag read (so a change made in

@@ -65,11 +65,8 @@ pub struct ProjectInstance {
 pub fn instance_post(place: &Placement, p: &ProjectInstance) -> InstancesPost {
     let vm = place.instance_type == InstanceType::VirtualMachine;
     let mut config = BTreeMap::new();
-    config.insert("limits.cpu".to_owned(), p.vcpus.max(1).to_string());
-    config.insert(
-        "limits.memory".to_owned(),
-        format!("{}MiB", p.memory_mib.max(128)),
-    );
+    config.insert("limits.cpu".to_owned(), limits_cpu(p.vcpus));
+    config.insert("limits.memory".to_owned(), limits_memory(p.memory_mib));
     if vm {
         // Kennel's config files reach a VM through the agent.
         config.insert("security.secureboot".to_owned(), "false".to_owned());
@@ -91,7 +88,7 @@ pub fn instance_post(place: &Placement, p: &ProjectInstance) -> InstancesPost {
             ("type", "disk"),
             ("path", "/"),
             ("pool", &place.storage_pool),
-            ("size", &format!("{}GiB", p.disk_gib.max(1))),
+            ("size", &disk_size(p.disk_gib)),
         ]),
     );
     let mut nic = device(&[
@@ -154,6 +151,21 @@ pub fn instance_post(place: &Placement, p: &ProjectInstance) -> InstancesPost {
         description: format!("Kennel project {}", p.name),
         start: false,
     }
+}
+
+/// `limits.cpu` for `vcpus` (a count: Incus spreads them).
+pub fn limits_cpu(vcpus: u32) -> String {
+    vcpus.max(1).to_string()
+}
+
+/// `limits.memory` for `mib`.
+pub fn limits_memory(mib: u64) -> String {
+    format!("{}MiB", mib.max(128))
+}
+
+/// The root disk's `size` for `gib`.
+pub fn disk_size(gib: u64) -> String {
+    format!("{}GiB", gib.max(1))
 }
 
 fn device(pairs: &[(&str, &str)]) -> Device {

@@ -523,7 +523,7 @@ impl LocalProvisioner {
 }
 
 /// A label as the command language allows it (and never a path).
-fn check_label(label: &str) -> Result<(), ProvisionError> {
+pub(super) fn check_label(label: &str) -> Result<(), ProvisionError> {
     let ok = !label.is_empty()
         && label.len() <= 32
         && label
@@ -542,7 +542,7 @@ fn check_label(label: &str) -> Result<(), ProvisionError> {
 
 /// `<path>.<suffix>` beside `path` (a project name has no dot, so this
 /// never names another project's source).
-fn sibling(path: &Path, suffix: &str) -> Result<PathBuf, ProvisionError> {
+pub(super) fn sibling(path: &Path, suffix: &str) -> Result<PathBuf, ProvisionError> {
     let file = path
         .file_name()
         .ok_or_else(|| failed(Stage::Disk, format!("{} has no name", path.display())))?;
@@ -555,7 +555,7 @@ fn sibling(path: &Path, suffix: &str) -> Result<PathBuf, ProvisionError> {
 /// Copies the tree `from` to the new path `to`, links as links, owners
 /// and modes kept: by reflink if the filesystem can (true), else byte by
 /// byte.
-fn copy_tree(runner: &dyn Runner, from: &Path, to: &Path) -> Result<bool, String> {
+pub(super) fn copy_tree(runner: &dyn Runner, from: &Path, to: &Path) -> Result<bool, String> {
     let cp = |how: &str| {
         runner.run(
             &Cmd::new("cp")
@@ -573,7 +573,7 @@ fn copy_tree(runner: &dyn Runner, from: &Path, to: &Path) -> Result<bool, String
 }
 
 /// Bytes (allocated) and files in a tree, links not followed.
-fn tree_size(root: &Path) -> (u64, u64) {
+pub(super) fn tree_size(root: &Path) -> (u64, u64) {
     let (mut bytes, mut files) = (0u64, 0u64);
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -613,7 +613,7 @@ fn shared_below(runner: &dyn Runner, layer: &Path, dir: &Path) -> u64 {
 
 /// The commit a source's `.git/HEAD` names, if it is a repository (read
 /// from the copy, validated as a hex object id: nothing else is shown).
-fn git_head(source: &Path) -> Option<String> {
+pub(super) fn git_head(source: &Path) -> Option<String> {
     let git = source.join(".git");
     if !std::fs::symlink_metadata(&git).ok()?.is_dir() {
         return None;

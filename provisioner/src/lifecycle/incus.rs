@@ -12,8 +12,9 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use kennel_core::provision::{HostInfo, VmKeys, VmPlace};
+use kennel_core::provision::{CheckpointTaken, HostInfo, ResizedVm, VmKeys, VmPlace};
 
+use super::checkpoint;
 use super::*;
 use crate::incus::api::{Instance, InstanceType, MemberAction, StateAction};
 use crate::incus::spec::{self, Placement, ProjectInstance, Workspace};
@@ -100,6 +101,11 @@ fn maybe_kennels(i: &Instance) -> bool {
 
 fn label_num<T: std::str::FromStr>(i: &Instance, key: &str) -> Option<T> {
     label(i, key)?.parse().ok()
+}
+
+/// The Incus snapshot that holds checkpoint `label`'s disk.
+fn snapshot(label: &str) -> String {
+    format!("kennel-{label}")
 }
 
 /// An Incus failure at `stage`, its message whole.
@@ -657,6 +663,345 @@ impl IncusProvisioner {
         })
     }
 
+    /// Where checkpoint `label`'s copy of the source is kept (beside the
+    /// project's keys, on Kennel's host).
+    fn kept(&self, name: &str, label: &str) -> PathBuf {
+        self.host.key_dir(name).join("checkpoints").join(label)
+    }
+
+    /// The project's source on Kennel's host, checked as every use of it
+    /// is (no links on the way).
+    fn source_of(&self, i: &Instance) -> Result<PathBuf, ProvisionError> {
+        let source = PathBuf::from(label(i, SOURCE).unwrap_or_default());
+        self.host.check_source(&source, Stage::Disk)?;
+        Ok(source)
+    }
+
+    async fn checkpoint_inner(
+        &self,
+        name: &str,
+        label: &str,
+        progress: &dyn ProgressSink,
+    ) -> Result<CheckpointTaken, ProvisionError> {
+        checkpoint::check_label(label)?;
+        let _g = self.host.lock(name).await;
+        let i = self.instance(name).await?;
+        let source = self.source_of(&i)?;
+        let kept = self.kept(name, label);
+        if kept.exists() {
+            return Err(ProvisionError::Invalid {
+                stage: Stage::Disk,
+                message: format!("{name} has a checkpoint '{label}' already"),
+            });
+        }
+        let dir = kept.with_file_name(format!(".partial-{label}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| failed(Stage::Disk, e.to_string()))?;
+        // A running instance is frozen for both parts, so the disk and
+        // the source are of one moment.
+        let running = i.running();
+        if running {
+            self.client
+                .change_state(name, StateAction::Freeze, false, Duration::ZERO)
+                .await
+                .map_err(|e| incus_failed(Stage::Disk, e))?;
+        }
+        let frozen_at = Instant::now();
+        let mut cost = CheckpointTaken::default();
+        let made = async {
+            step(
+                progress,
+                Stage::Disk,
+                Some(format!("checkpoint {label}: copying the source")),
+            );
+            let t = Instant::now();
+            let (from, to) = (source.clone(), dir.join("source"));
+            cost.reflinked = self
+                .host
+                .blocking(Stage::Disk, move |runner| {
+                    checkpoint::copy_tree(runner, &from, &to)
+                })
+                .await?;
+            cost.source_ms = ms(t);
+            step(
+                progress,
+                Stage::Disk,
+                Some(format!("checkpoint {label}: an Incus snapshot of the disk")),
+            );
+            let t = Instant::now();
+            self.client
+                .create_snapshot(name, &snapshot(label), Duration::from_secs(1800))
+                .await
+                .map_err(|e| incus_failed(Stage::Disk, e))?;
+            cost.disk_ms = ms(t);
+            std::fs::rename(&dir, &kept).map_err(|e| failed(Stage::Disk, e.to_string()))
+        }
+        .await;
+        if running {
+            if let Err(e) = self
+                .client
+                .change_state(name, StateAction::Unfreeze, false, Duration::ZERO)
+                .await
+            {
+                tracing::error!(project = name, error = %e, "could not unfreeze the instance after a checkpoint");
+            }
+            cost.paused_ms = ms(frozen_at);
+        }
+        if let Err(e) = made {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        let (bytes, files) = checkpoint::tree_size(&kept.join("source"));
+        cost.source_bytes = bytes;
+        cost.source_files = files;
+        cost.git_head = checkpoint::git_head(&kept.join("source"));
+        Ok(cost)
+    }
+
+    async fn rollback_inner(
+        &self,
+        name: &str,
+        label: &str,
+        progress: &dyn ProgressSink,
+    ) -> Result<(), ProvisionError> {
+        checkpoint::check_label(label)?;
+        let _g = self.host.lock(name).await;
+        let i = self.instance(name).await?;
+        if i.running() {
+            return Err(ProvisionError::Invalid {
+                stage: Stage::Disk,
+                message: format!("{name} runs; stop it before rolling back"),
+            });
+        }
+        let kept = self.kept(name, label);
+        if !kept.join("source").is_dir() {
+            return Err(ProvisionError::Invalid {
+                stage: Stage::Disk,
+                message: format!("the files of checkpoint '{label}' of {name} are missing"),
+            });
+        }
+        let source = self.source_of(&i)?;
+        step(
+            progress,
+            Stage::Disk,
+            Some(format!("rollback to {label}: copying the source back")),
+        );
+        let staging = checkpoint::sibling(&source, "kennel-rollback")?;
+        let (from, to) = (kept.join("source"), staging.clone());
+        self.host
+            .blocking(Stage::Disk, move |runner| {
+                let _ = std::fs::remove_dir_all(&to);
+                checkpoint::copy_tree(runner, &from, &to).map(drop)
+            })
+            .await?;
+        step(
+            progress,
+            Stage::Disk,
+            Some(format!("rollback to {label}: the disk (Incus snapshot)")),
+        );
+        // The disk first: a failure there leaves the source untouched.
+        if let Err(e) = self
+            .client
+            .restore_snapshot(name, &snapshot(label), Duration::from_secs(1800))
+            .await
+        {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(incus_failed(Stage::Disk, e));
+        }
+        let replaced = checkpoint::sibling(&source, "kennel-replaced")?;
+        self.host
+            .blocking(Stage::Disk, move |_| {
+                let _ = std::fs::remove_dir_all(&replaced);
+                std::fs::rename(&source, &replaced).map_err(|e| e.to_string())?;
+                std::fs::rename(&staging, &source).map_err(|e| e.to_string())?;
+                std::fs::remove_dir_all(&replaced).map_err(|e| e.to_string())
+            })
+            .await
+    }
+
+    /// `cp`: a copy of `from`'s instance (as at checkpoint `label`, or
+    /// now: a running one is frozen meanwhile, so its disk and source
+    /// are of one moment) with its own keys, ports and source copy.
+    async fn copy_inner(
+        &self,
+        from: &str,
+        label: Option<&str>,
+        to: &CreateRequest,
+        progress: &dyn ProgressSink,
+    ) -> Result<Created, ProvisionError> {
+        let src = self.instance(from).await?;
+        let from_source = match label {
+            Some(l) => {
+                checkpoint::check_label(l)?;
+                let kept = self.kept(from, l).join("source");
+                if !kept.is_dir() {
+                    return Err(ProvisionError::Invalid {
+                        stage: Stage::Validated,
+                        message: format!("the files of checkpoint '{l}' of {from} are missing"),
+                    });
+                }
+                kept
+            }
+            None => self.source_of(&src)?,
+        };
+        let name = to.project.as_str();
+        let dest = PathBuf::from(
+            to.path
+                .clone()
+                .ok_or_else(|| failed(Stage::Validated, "no source path was given"))?,
+        );
+        let root = self.host.root_for(&dest, Stage::Validated)?;
+        let rel = root
+            .relative(&dest)
+            .map_err(|e| failed(Stage::Validated, e.to_string()))?;
+        if root
+            .lookup(&rel)
+            .map_err(|e| failed(Stage::Validated, e.to_string()))?
+            .is_some()
+        {
+            return Err(failed(
+                Stage::Validated,
+                format!("{} already exists", dest.display()),
+            ));
+        }
+        let _g = self.host.lock(name).await;
+        // Until the copy is a project, a restart removes its source.
+        let marker = self.host.pending_source(name);
+        crate::source::Pending {
+            path: dest.clone(),
+            whole: true,
+        }
+        .record(&marker)
+        .map_err(|e| {
+            failed(
+                Stage::Disk,
+                format!("cannot write {}: {e}", marker.display()),
+            )
+        })?;
+        let result = self
+            .copy_instance(&src, label, &from_source, &dest, to, progress)
+            .await;
+        if result.is_err() {
+            if let Err(e) = self.remove(name).await {
+                tracing::warn!(project = name, error = %e, "could not remove a failed copy's instance");
+            }
+            let _ = std::fs::remove_dir_all(self.host.key_dir(name));
+            // The copied source is this attempt's own; the original is untouched.
+            let _ = std::fs::remove_dir_all(&dest);
+        }
+        crate::source::Pending::clear(&marker);
+        result
+    }
+
+    async fn copy_instance(
+        &self,
+        src: &Instance,
+        at: Option<&str>,
+        from_source: &Path,
+        dest: &Path,
+        to: &CreateRequest,
+        progress: &dyn ProgressSink,
+    ) -> Result<Created, ProvisionError> {
+        let (from, name) = (src.name.as_str(), to.project.as_str());
+        let freeze = at.is_none() && src.running();
+        if freeze {
+            self.client
+                .change_state(from, StateAction::Freeze, false, Duration::ZERO)
+                .await
+                .map_err(|e| incus_failed(Stage::Disk, e))?;
+        }
+        step(
+            progress,
+            Stage::Disk,
+            Some(format!("a copy of {from}'s disk (Incus) and source")),
+        );
+        let (ssh_port, app_port) = self.free_ports().await?;
+        let guest_app_port = label_num(src, GUEST_APP_PORT).unwrap_or(to.app_port);
+        let (uid, gid) = self.owner(src);
+        let mut labels: BTreeMap<String, String> = src
+            .config
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("user.kennel.")?.to_owned(), v.clone())))
+            .filter(|(k, _)| k != EVACUATED_FROM)
+            .collect();
+        labels.insert(SOURCE.to_owned(), dest.display().to_string());
+        labels.insert(SSH_PORT.to_owned(), ssh_port.to_string());
+        labels.insert(APP_PORT.to_owned(), app_port.to_string());
+        let mut post = spec::instance_post(
+            &self.set.placement,
+            &ProjectInstance {
+                name: name.to_owned(),
+                image: String::new(),
+                vcpus: to.resources.vcpus,
+                memory_mib: to.resources.memory_mib,
+                disk_gib: to.resources.disk_mib.div_ceil(1024),
+                workspace: Workspace::HostPath(dest.display().to_string()),
+                listen: match self.set.listen {
+                    Listen::At(ip) => ip,
+                    Listen::Member => self.listen_ip(&src.location).await,
+                },
+                ssh_port,
+                app_port,
+                guest_app_port,
+                guest_ip: None,
+                labels,
+            },
+        );
+        post.source = crate::incus::api::InstanceSource::copy_of(&match at {
+            Some(l) => format!("{from}/{}", snapshot(l)),
+            None => from.to_owned(),
+        });
+        let (f, d) = (from_source.to_path_buf(), dest.to_path_buf());
+        let copied = async {
+            self.host
+                .blocking(Stage::Disk, move |runner| {
+                    checkpoint::copy_tree(runner, &f, &d).map(drop)
+                })
+                .await?;
+            // On the source's member: a copy on a member's own pool is
+            // made there (a move can take it elsewhere).
+            let target = (!src.location.is_empty() && src.location != "none")
+                .then_some(src.location.as_str());
+            self.client
+                .create_instance(&post, target, Duration::from_secs(1800))
+                .await
+                .map_err(|e| incus_failed(Stage::Disk, e))
+        }
+        .await;
+        if freeze {
+            if let Err(e) = self
+                .client
+                .change_state(from, StateAction::Unfreeze, false, Duration::ZERO)
+                .await
+            {
+                tracing::error!(project = from, error = %e, "could not unfreeze the instance after copying it");
+            }
+        }
+        copied?;
+        let (kd, key_label) = (self.host.key_dir(name), format!("kennel-{name}"));
+        let kd2 = kd.clone();
+        self.host
+            .blocking(Stage::Disk, move |runner| {
+                new_keypairs(runner, &kd2, &kd2, &key_label)
+            })
+            .await?;
+        self.push_config(name, (uid, gid), &to.authorized_keys, false)
+            .await
+            .map_err(|e| incus_failed(Stage::Disk, e))?;
+        let i = self.instance(name).await?;
+        let status = self.boot(&i, progress).await?;
+        Ok(Created {
+            stack: label(&i, STACK).unwrap_or_default().to_owned(),
+            source_path: dest.display().to_string(),
+            notes: vec![match at {
+                Some(l) => format!("a copy of {from} as at checkpoint {l}"),
+                None => format!("a copy of {from}"),
+            }],
+            status,
+            app_port: None,
+        })
+    }
+
     /// Stops and deletes instance `name` (nothing when it is gone).
     async fn remove(&self, name: &str) -> Result<(), IncusError> {
         match self
@@ -876,12 +1221,21 @@ impl Provisioner for IncusProvisioner {
     async fn copy(
         &self,
         from: &ProjectName,
-        _to: &CreateRequest,
-        _progress: &dyn ProgressSink,
+        to: &CreateRequest,
+        progress: &dyn ProgressSink,
     ) -> Result<Created, ProvisionError> {
-        Err(ProvisionError::Unavailable(format!(
-            "the incus backend cannot copy projects yet (of {from})"
-        )))
+        self.copy_inner(from.as_str(), None, to, progress).await
+    }
+
+    async fn copy_checkpoint(
+        &self,
+        from: &ProjectName,
+        label: &str,
+        to: &CreateRequest,
+        progress: &dyn ProgressSink,
+    ) -> Result<Created, ProvisionError> {
+        self.copy_inner(from.as_str(), Some(label), to, progress)
+            .await
     }
 
     async fn rename(&self, from: &ProjectName, to: &ProjectName) -> Result<(), ProvisionError> {
@@ -944,6 +1298,91 @@ impl Provisioner for IncusProvisioner {
         self.push_config(name, owner, authorized_keys, running)
             .await
             .map_err(|e| incus_failed(Stage::Ready, e))
+    }
+
+    async fn checkpoint(
+        &self,
+        project: &ProjectName,
+        label: &str,
+        progress: &dyn ProgressSink,
+    ) -> Result<CheckpointTaken, ProvisionError> {
+        let span = tracing::info_span!("checkpoint", project = %project, label);
+        tracing::Instrument::instrument(
+            self.checkpoint_inner(project.as_str(), label, progress),
+            span,
+        )
+        .await
+    }
+
+    async fn restore_checkpoint(
+        &self,
+        project: &ProjectName,
+        label: &str,
+        progress: &dyn ProgressSink,
+    ) -> Result<(), ProvisionError> {
+        let span = tracing::info_span!("rollback", project = %project, label);
+        tracing::Instrument::instrument(
+            self.rollback_inner(project.as_str(), label, progress),
+            span,
+        )
+        .await
+    }
+
+    async fn remove_checkpoint(
+        &self,
+        project: &ProjectName,
+        label: &str,
+    ) -> Result<(), ProvisionError> {
+        let name = project.as_str();
+        checkpoint::check_label(label)?;
+        let _g = self.host.lock(name).await;
+        match self
+            .client
+            .delete_snapshot(name, &snapshot(label), Duration::from_secs(600))
+            .await
+        {
+            Ok(()) | Err(IncusError::NotFound { .. }) => {}
+            Err(e) => return Err(incus_failed(Stage::Disk, e)),
+        }
+        let kept = self.kept(name, label);
+        if kept.exists() {
+            std::fs::remove_dir_all(&kept).map_err(|e| failed(Stage::Disk, e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    async fn resize(
+        &self,
+        project: &ProjectName,
+        to: &kennel_core::model::Resources,
+    ) -> Result<ResizedVm, ProvisionError> {
+        let name = project.as_str();
+        let _g = self.host.lock(name).await;
+        let i = self.instance(name).await?;
+        let running = i.running();
+        self.client
+            .update_instance(name, |inst| {
+                if let Some(serde_json::Value::Object(c)) = inst.get_mut("config") {
+                    c.insert("limits.cpu".into(), spec::limits_cpu(to.vcpus).into());
+                    c.insert(
+                        "limits.memory".into(),
+                        spec::limits_memory(to.memory_mib).into(),
+                    );
+                }
+                if let Some(d) = inst.pointer_mut("/devices/root") {
+                    d["size"] = spec::disk_size(to.disk_mib.div_ceil(1024)).into();
+                }
+            })
+            .await
+            .map_err(|e| incus_failed(Stage::Disk, e))?;
+        // Incus applies all three to a running container at once; a VM
+        // takes CPUs and a larger disk live, its memory at the next boot.
+        let vm = self.set.placement.instance_type == InstanceType::VirtualMachine;
+        Ok(ResizedVm {
+            disk_now: running,
+            cpus_now: running,
+            memory_now: running && !vm,
+        })
     }
 
     async fn hosts(&self) -> Result<Vec<HostInfo>, ProvisionError> {

@@ -420,7 +420,7 @@ impl LocalProvisioner {
     /// still reached beneath its root without a link on the way: the
     /// guests of other projects, or people on the host, may have swapped
     /// one in since it was created.
-    fn check_source(&self, path: &Path, stage: Stage) -> Result<(), ProvisionError> {
+    pub(super) fn check_source(&self, path: &Path, stage: Stage) -> Result<(), ProvisionError> {
         kennel_core::hostpath::check_beneath_any(&self.s.project_roots, path)
             .map_err(|e| failed(stage, format!("the project's source cannot be shared: {e}")))
     }
