@@ -494,7 +494,7 @@ impl Default for IncusConfig {
 
 impl IncusConfig {
     /// `listen_address` read, or what is wrong with it.
-    pub fn listen(&self) -> Result<kennel_provisioner::lifecycle::Listen, String> {
+    pub fn listen(&self) -> Result<kennel_provisioner::select::Listen, String> {
         self.listen_address.parse()
     }
 
@@ -836,15 +836,12 @@ mod tests {
         assert!(super::parse_toml("[incus]\ninstance_type = \"pod\"").is_err());
         assert_eq!(
             parsed.incus.listen(),
-            Ok(kennel_provisioner::lifecycle::Listen::At(
+            Ok(kennel_provisioner::select::Listen::At(
                 "10.8.0.2".parse().unwrap()
             ))
         );
         c.listen_address = "member".into();
-        assert_eq!(
-            c.listen(),
-            Ok(kennel_provisioner::lifecycle::Listen::Member)
-        );
+        assert_eq!(c.listen(), Ok(kennel_provisioner::select::Listen::Member));
         c.listen_address = "somewhere".into();
         assert!(c.listen().unwrap_err().contains("\"member\""));
     }

@@ -42,3 +42,27 @@ impl std::fmt::Display for InstanceType {
         })
     }
 }
+
+/// Where the proxies of an instance listen on its member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    /// One address on every member: loopback for an Incus on Kennel's own
+    /// host, or an address every member has on a private network.
+    At(std::net::IpAddr),
+    /// Each member's own cluster address (its `url`'s host), re-read
+    /// when an instance moves: members reachable only by each other and
+    /// Kennel (docs/incus.md).
+    Member,
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "member" {
+            return Ok(Listen::Member);
+        }
+        s.parse()
+            .map(Listen::At)
+            .map_err(|_| format!("incus.listen_address is {s:?}: give an IP address or \"member\""))
+    }
+}
