@@ -142,6 +142,21 @@ pub async fn run(config: &Config) -> Result<()> {
             .await;
         })
     };
+    // On Incus, its event stream keeps Kennel's picture of which
+    // instances run, so the watcher above asks Incus nothing per project.
+    let (stop_events, events_stopped) = tokio::sync::oneshot::channel::<()>();
+    let events_task = match &local {
+        Some(wiring::Backend::Incus(p)) => {
+            let p = p.clone();
+            Some(tokio::spawn(async move {
+                p.watch_events(async move {
+                    let _ = events_stopped.await;
+                })
+                .await;
+            }))
+        }
+        _ => None,
+    };
     // VMs nobody uses are stopped (vm.idle_stop); their idle times are
     // written down for the next daemon, last when this one stops.
     let (stop_idle, idle_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -180,6 +195,10 @@ pub async fn run(config: &Config) -> Result<()> {
     let _ = stop_bots.send(true);
     let _ = stop_watch.send(());
     let _ = watch_task.await;
+    let _ = stop_events.send(());
+    if let Some(t) = events_task {
+        let _ = t.await;
+    }
     let _ = stop_idle.send(());
     let _ = idle_task.await;
     let _ = ssh_task.await;

@@ -28,6 +28,10 @@ fn ok(out: std::process::Output, what: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+fn serve_log(tmp: &tempfile::TempDir) -> String {
+    std::fs::read_to_string(tmp.path().join("serve.log")).unwrap_or_default()
+}
+
 #[test]
 fn a_project_lives_on_incus_through_kennels_gateways() {
     let daemon = IncusDaemon::start();
@@ -246,6 +250,16 @@ fn a_project_lives_on_incus_through_kennels_gateways() {
     );
     assert_eq!(out.trim(), "hi");
     k.wait_state("demo", "running", Duration::from_secs(60));
+
+    // Stopped behind Kennel's back (an operator's `incus stop`): Incus's
+    // event says so, and Kennel shows it stopped, saying why.
+    ok(daemon.incus(&["stop", "demo", "--force"]), "incus stop");
+    k.wait_state("demo", "stopped", Duration::from_secs(20));
+    assert!(
+        serve_log(&tmp).contains("following Incus's events"),
+        "the event stream was not followed"
+    );
+    k.exec_ok("start demo");
 
     // A restart of Kennel: Incus says what runs.
     k.kill_serve("-TERM");

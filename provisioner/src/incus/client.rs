@@ -34,6 +34,10 @@ use super::api::{
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
+/// A byte stream to the daemon: a Unix socket or TLS over TCP.
+pub(super) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
 /// Why an Incus call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum IncusError {
@@ -383,8 +387,40 @@ impl IncusClient {
             })?
     }
 
+    /// A fresh connection to the daemon (the events WebSocket runs on
+    /// one of its own), and the `host` header requests on it carry.
+    pub(super) async fn connect_io(&self) -> Result<(Box<dyn Io>, String), IncusError> {
+        let connect = |source| IncusError::Connect {
+            address: self.address(),
+            source,
+        };
+        match &self.endpoint {
+            Endpoint::Unix(socket) => {
+                let s = tokio::net::UnixStream::connect(socket)
+                    .await
+                    .map_err(connect)?;
+                Ok((Box::new(s), "incus".to_owned()))
+            }
+            Endpoint::Https {
+                authority,
+                server_name,
+                tls,
+            } => {
+                let tcp = tokio::net::TcpStream::connect(authority.as_str())
+                    .await
+                    .map_err(connect)?;
+                let _ = tcp.set_nodelay(true);
+                let s = tokio_rustls::TlsConnector::from(tls.clone())
+                    .connect(server_name.clone(), tcp)
+                    .await
+                    .map_err(connect)?;
+                Ok((Box::new(s), authority.clone()))
+            }
+        }
+    }
+
     /// `path` with the project (and `extra` query pairs) added.
-    fn uri(&self, path: &str, extra: &[(&str, &str)]) -> String {
+    pub(super) fn uri(&self, path: &str, extra: &[(&str, &str)]) -> String {
         let mut uri = format!(
             "{path}{}project={}",
             if path.contains('?') { '&' } else { '?' },

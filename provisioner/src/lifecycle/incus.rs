@@ -41,6 +41,10 @@ pub struct IncusProvisioner {
     /// Members' addresses, by name (`Listen::Member`), read when one is
     /// not known yet.
     members: std::sync::Mutex<BTreeMap<String, IpAddr>>,
+    /// Which instances run, kept by [`IncusProvisioner::watch_events`]
+    /// while Incus's event stream is open (`None` otherwise: then each
+    /// question is a request).
+    running: std::sync::Mutex<Option<BTreeMap<String, Option<bool>>>>,
 }
 
 impl std::fmt::Debug for IncusProvisioner {
@@ -112,6 +116,84 @@ impl IncusProvisioner {
             client,
             set,
             members: std::sync::Mutex::default(),
+            running: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Follows Incus's lifecycle events until `shutdown`: while the
+    /// stream is open, whether an instance runs is known here (the VM
+    /// watcher asks every 2 s about every running project; without this,
+    /// each of those is a request to Incus). The picture is read anew
+    /// after every instance event and every reconnect, so a missed event
+    /// costs nothing but a moment.
+    pub async fn watch_events(&self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            let stream = tokio::select! {
+                () = &mut shutdown => return,
+                s = self.client.events() => s,
+            };
+            match stream {
+                Ok(mut events) => {
+                    tracing::info!("following Incus's events");
+                    self.refresh_running().await;
+                    loop {
+                        let event = tokio::select! {
+                            () = &mut shutdown => {
+                                self.set_running(None);
+                                return;
+                            }
+                            e = events.next() => e,
+                        };
+                        match event {
+                            Some(e) if e.instance().is_some() => {
+                                tracing::debug!(action = %e.action, source = %e.source, "Incus event");
+                                self.refresh_running().await;
+                            }
+                            Some(_) => {}
+                            None => break,
+                        }
+                    }
+                    tracing::warn!(
+                        "Incus's event stream ended; asking Incus directly until it is back"
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot follow Incus's events; asking Incus directly")
+                }
+            }
+            self.set_running(None);
+            tokio::select! {
+                () = &mut shutdown => return,
+                () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+        }
+    }
+
+    /// Reads which instances run (one request).
+    async fn refresh_running(&self) {
+        match self.client.instances().await {
+            Ok(all) => self.set_running(Some(
+                all.into_iter()
+                    .map(|i| {
+                        // Listed without its config, in state Error: its
+                        // member does not answer, so nobody can tell.
+                        let known = !(i.config.is_empty() && i.status == "Error");
+                        let running = known.then(|| i.running());
+                        (i.name, running)
+                    })
+                    .collect(),
+            )),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list Incus instances");
+                self.set_running(None);
+            }
+        }
+    }
+
+    fn set_running(&self, to: Option<BTreeMap<String, Option<bool>>>) {
+        if let Ok(mut r) = self.running.lock() {
+            *r = to;
         }
     }
 
@@ -1148,6 +1230,13 @@ impl Provisioner for IncusProvisioner {
     }
 
     async fn vm_alive(&self, project: &ProjectName) -> Option<bool> {
+        // From the events' picture while it is kept: gone is not running.
+        if let Some(known) = self.running.lock().ok().and_then(|r| {
+            r.as_ref()
+                .map(|r| r.get(project.as_str()).copied().unwrap_or(Some(false)))
+        }) {
+            return known;
+        }
         match self.client.instance_state(project.as_str()).await {
             Ok(st) => Some(st.running()),
             Err(IncusError::NotFound { .. }) => Some(false),
