@@ -5,7 +5,7 @@
 //! `/workspace` ownership both ways, the app over HTTPS, stop and a wake
 //! by SSH, checkpoints (Incus snapshots) and rollbacks, keys synced into
 //! the running guest, a daemon restart (Incus's state is the truth),
-//! rename, idle stop, `rm`.
+//! rename, a template's post-create command, idle stop, `rm`.
 //! `vm-tests` feature; needs root, incus-base and what tests/e2e/vm.rs
 //! needs.
 #![cfg(feature = "vm-tests")]
@@ -275,6 +275,17 @@ fn a_project_lives_on_incus_through_kennels_gateways() {
         "ssh demo2",
     );
     assert_eq!(out.trim(), "demo2", "the guest keeps its old name");
+    // A template's post-create command runs in the guest, as dev, in
+    // /workspace (python-web: a venv and a compile check).
+    let out = k.exec_ok("new project py --template python-web");
+    assert!(out.contains("post-create ran"), "{out}");
+    let log = tmp
+        .path()
+        .join("kennel-data/projects/py/.kennel-post-create.log");
+    assert_eq!(std::fs::read_to_string(&log).unwrap().trim(), "ok");
+    k.exec_ok("rm py");
+    k.exec_ok("yes");
+
     // Idle stop: nobody connected and the guest idle (its CPU time read
     // from Incus), so it stops by itself and says why.
     let out = k.exec_ok("idle demo2 20s");

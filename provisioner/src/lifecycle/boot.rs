@@ -342,13 +342,25 @@ impl LocalProvisioner {
     /// Runs a command in a VM as `dev` over SSH, with the project key and
     /// the VM's pinned host key.
     pub(super) async fn ssh_exec(&self, r: &VmRecord, command: &str) -> Result<String, String> {
-        let dir = self.vm_dir(&r.project);
-        let key = self.project_key(&r.project);
         let addr = r.machine.net.ssh_addr();
+        self.ssh_exec_at(&self.vm_dir(&r.project), &r.project, &addr, command)
+            .await
+    }
+
+    /// [`Self::ssh_exec`] for the guest of `project` whose sshd answers
+    /// at `addr`, with its host key kept in `dir`.
+    pub(super) async fn ssh_exec_at(
+        &self,
+        dir: &Path,
+        project: &str,
+        addr: &str,
+        command: &str,
+    ) -> Result<String, String> {
+        let key = self.project_key(project);
         let host_pub =
             std::fs::read_to_string(dir.join("ssh_host_ed25519_key.pub")).unwrap_or_default();
         let known = dir.join("known_hosts");
-        let (host, port) = addr.rsplit_once(':').unwrap_or((addr.as_str(), "22"));
+        let (host, port) = addr.rsplit_once(':').unwrap_or((addr, "22"));
         std::fs::write(&known, format!("[{host}]:{port} {}\n", host_pub.trim()))
             .map_err(|e| e.to_string())?;
         let (host, port, command) = (host.to_owned(), port.to_owned(), command.to_owned());

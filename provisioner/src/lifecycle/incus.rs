@@ -704,15 +704,26 @@ impl IncusProvisioner {
             .map_err(|e| incus_failed(Stage::Disk, e))?;
         let i = self.instance(name).await?;
         let status = self.boot(&i, progress).await?;
-        if template
-            .as_ref()
-            .and_then(|t| t.file.post_create.as_ref())
-            .is_some()
-        {
-            notes.push(
-                "the template's post-create command is not run on Incus yet; run it over SSH"
-                    .into(),
+        if let Some(cmd) = template.as_ref().and_then(|t| t.file.post_create.clone()) {
+            step(
+                progress,
+                Stage::Ready,
+                Some("running the template's post-create command".into()),
             );
+            let (ssh, _) = self.addrs(&i).await;
+            let out = self
+                .host
+                .ssh_exec_at(
+                    &self.host.key_dir(name),
+                    name,
+                    &ssh,
+                    &format!("cd /workspace && {cmd}"),
+                )
+                .await;
+            notes.push(match out {
+                Ok(_) => format!("post-create ran: {cmd}"),
+                Err(e) => format!("post-create failed ({cmd}): {e}"),
+            });
         }
         Ok(Created {
             stack,
