@@ -24,28 +24,10 @@ impl LocalProvisioner {
             None => format!("a copy of {from}"),
         };
         let name = to.project.as_str().to_owned();
-        let dest_source = PathBuf::from(
-            to.path
-                .clone()
-                .ok_or_else(|| failed(Stage::Validated, "no source path was given"))?,
-        );
         // Both ends beneath a root, no link on the way; the copy itself
         // (cp -a) copies links as links.
         self.check_source(&src.source, Stage::Validated)?;
-        let root = self.root_for(&dest_source, Stage::Validated)?;
-        let rel = root
-            .relative(&dest_source)
-            .map_err(|e| failed(Stage::Validated, e.to_string()))?;
-        if root
-            .lookup(&rel)
-            .map_err(|e| failed(Stage::Validated, e.to_string()))?
-            .is_some()
-        {
-            return Err(failed(
-                Stage::Validated,
-                format!("{} already exists", dest_source.display()),
-            ));
-        }
+        let dest_source = self.copy_destination(to)?;
         // A consistent disk needs the VM stopped; it is started again after.
         let was_running = at.is_none() && {
             let _g = self.lock(from.as_str()).await;
@@ -183,6 +165,31 @@ impl LocalProvisioner {
             }
         }
         result
+    }
+
+    /// Where a copy's source goes (`to.path`): beneath a projects root,
+    /// reached without links, and not there yet.
+    pub(super) fn copy_destination(&self, to: &CreateRequest) -> Result<PathBuf, ProvisionError> {
+        let dest = PathBuf::from(
+            to.path
+                .clone()
+                .ok_or_else(|| failed(Stage::Validated, "no source path was given"))?,
+        );
+        let root = self.root_for(&dest, Stage::Validated)?;
+        let rel = root
+            .relative(&dest)
+            .map_err(|e| failed(Stage::Validated, e.to_string()))?;
+        if root
+            .lookup(&rel)
+            .map_err(|e| failed(Stage::Validated, e.to_string()))?
+            .is_some()
+        {
+            return Err(failed(
+                Stage::Validated,
+                format!("{} already exists", dest.display()),
+            ));
+        }
+        Ok(dest)
     }
 
     pub(super) async fn rename_inner(

@@ -916,25 +916,7 @@ impl IncusProvisioner {
             None => self.source_of(&src)?,
         };
         let name = to.project.as_str();
-        let dest = PathBuf::from(
-            to.path
-                .clone()
-                .ok_or_else(|| failed(Stage::Validated, "no source path was given"))?,
-        );
-        let root = self.host.root_for(&dest, Stage::Validated)?;
-        let rel = root
-            .relative(&dest)
-            .map_err(|e| failed(Stage::Validated, e.to_string()))?;
-        if root
-            .lookup(&rel)
-            .map_err(|e| failed(Stage::Validated, e.to_string()))?
-            .is_some()
-        {
-            return Err(failed(
-                Stage::Validated,
-                format!("{} already exists", dest.display()),
-            ));
-        }
+        let dest = self.host.copy_destination(to)?;
         let _g = self.host.lock(name).await;
         // Until the copy is a project, a restart removes its source.
         let marker = self.host.pending_source(name);
