@@ -1491,13 +1491,21 @@ impl Provisioner for IncusProvisioner {
     }
 
     async fn placements(&self) -> Vec<VmPlace> {
-        let (members, all) = match (self.client.members().await, self.client.instances().await) {
-            (Ok(m), Ok(a)) if !m.is_empty() => (m, a),
-            (Err(e), _) | (_, Err(e)) => {
+        // One server: every project is on it (one request, not two).
+        let members = match self.client.members().await {
+            Ok(m) if m.is_empty() => return Vec::new(),
+            Ok(m) => m,
+            Err(e) => {
                 tracing::warn!(error = %e, "cannot read where projects are");
                 return Vec::new();
             }
-            _ => return Vec::new(),
+        };
+        let all = match self.client.instances().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read where projects are");
+                return Vec::new();
+            }
         };
         all.iter()
             .filter(|i| maybe_kennels(i))
