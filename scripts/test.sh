@@ -29,12 +29,25 @@ step() {
   printf '\n== %s (at %d s)\n' "$*" $((SECONDS - started))
 }
 fuzz_build=""
+# Every test's output is also kept here, so the end of the run can repeat
+# why each failed test failed: a long log is often shown only in part.
+test_log="$(mktemp)"
+failures() {
+  [ -s "$test_log" ] || return 0
+  grep -q "panicked at" "$test_log" || return 0
+  printf '\n== why tests failed (each panic, first lines)\n'
+  awk '/panicked at/ { n = 10 }
+       n > 0 { if ($0 ~ /^note: run with/) { n = 0; next } print; n-- }' \
+    "$test_log" | head -n 80
+}
 report() {
   # A run that stops early leaves no fuzz build behind it.
   if [ -n "$fuzz_build" ]; then
     kill -- "-$fuzz_build" 2>/dev/null || kill "$fuzz_build" 2>/dev/null || true
   fi
   step "done"
+  failures
+  rm -f "$test_log"
   printf '\n== phases\n'
   printf '%s\n' "${timings[@]}"
   printf '%-28s %5d s\n' "total" $((SECONDS - started))
@@ -97,10 +110,10 @@ for t in "${load_tests[@]}"; do skip+=(--skip "$t"); done
 failed=0
 step "cargo test"
 cargo test --workspace --all-features --locked --no-fail-fast -- \
-  --test-threads=3 "${skip[@]}" || failed=1
+  --test-threads=3 "${skip[@]}" 2>&1 | tee -a "$test_log" || failed=1
 step "cargo test (load tests)"
 cargo test --workspace --all-features --locked --no-fail-fast --test e2e -- \
-  --test-threads=2 "${load_tests[@]}" || failed=1
+  --test-threads=2 "${load_tests[@]}" 2>&1 | tee -a "$test_log" || failed=1
 if [ "$failed" != 0 ]; then
   echo "some tests failed (see above)" >&2
   exit 1

@@ -473,6 +473,11 @@ pub struct IncusConfig {
     pub listen_address: String,
     /// The member ports those proxies take, `FIRST-LAST`.
     pub ports: String,
+    /// Where a project's source lives: `volume` (a custom storage volume
+    /// on its member: a cluster), `host` (the project's directory on
+    /// Kennel's host: a server on this host), or `auto` (a volume when
+    /// the server is a cluster).
+    pub workspace: kennel_provisioner::select::WorkspaceChoice,
 }
 
 impl Default for IncusConfig {
@@ -488,6 +493,7 @@ impl Default for IncusConfig {
             instance_type: kennel_provisioner::select::InstanceType::Container,
             listen_address: "127.0.0.1".into(),
             ports: "40000-40999".into(),
+            workspace: kennel_provisioner::select::WorkspaceChoice::Auto,
         }
     }
 }

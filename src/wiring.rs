@@ -234,6 +234,7 @@ pub fn provisioner(config: &Config, store: &Store) -> Result<Backend, String> {
             },
             listen: config.incus.listen()?,
             ports: config.incus.port_range()?,
+            workspace: config.incus.workspace,
         };
         return Ok(Backend::Incus(Arc::new(IncusProvisioner::new(
             settings,

@@ -526,6 +526,12 @@ pub trait Provisioner: Send + Sync {
         project: &ProjectName,
         authorized_keys: &[String],
     ) -> Result<(), ProvisionError>;
+    /// Whether a project's source is a directory on Kennel's host shared
+    /// into its VM (`new project --path`, `--adopt`): `Err` saying where
+    /// sources live instead (a storage volume on a cluster member).
+    async fn host_sources(&self) -> Result<(), String> {
+        Ok(())
+    }
     /// The hosts projects run on, with their state, load and projects
     /// (`hosts`). Backends with one host say they have no others.
     async fn hosts(&self) -> Result<Vec<HostInfo>, ProvisionError> {
@@ -960,6 +966,15 @@ pub mod testing {
         }
         async fn cpu_time(&self, project: &ProjectName) -> Option<std::time::Duration> {
             self.cpu.lock().ok()?.get(project.as_str()).copied()
+        }
+        async fn host_sources(&self) -> Result<(), String> {
+            // With hosts, like a cluster: sources live in volumes.
+            match self.hosts.lock() {
+                Ok(h) if !h.is_empty() => {
+                    Err("projects' sources live in storage volumes on the cluster's hosts".into())
+                }
+                _ => Ok(()),
+            }
         }
         async fn hosts(&self) -> Result<Vec<HostInfo>, ProvisionError> {
             let (hosts, placed) = match (self.hosts.lock(), self.placed.lock()) {

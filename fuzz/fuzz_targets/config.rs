@@ -14,7 +14,7 @@ extern crate self as kennel_provisioner;
 #[path = "../../provisioner/src/choice.rs"]
 mod choice;
 mod select {
-    pub use crate::choice::{BackendChoice, InstanceType, Listen, NetworkChoice};
+    pub use crate::choice::{BackendChoice, InstanceType, Listen, NetworkChoice, WorkspaceChoice};
 }
 #[path = "../../src/logging.rs"]
 mod logging;

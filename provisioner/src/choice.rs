@@ -43,6 +43,22 @@ impl std::fmt::Display for InstanceType {
     }
 }
 
+/// `incus.workspace`: where a project's source lives on Incus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkspaceChoice {
+    /// A volume on a cluster, the host's directory on a single server.
+    Auto,
+    /// The project's directory on Kennel's host, shared like a bind
+    /// mount (an Incus server on Kennel's own host, or storage that
+    /// every member mounts at the same path).
+    Host,
+    /// A custom storage volume on the instance's member: the source
+    /// moves, copies and snapshots with the instance (`--path` is then
+    /// refused: there is no host directory to share).
+    Volume,
+}
+
 /// Where the proxies of an instance listen on its member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Listen {

@@ -15,6 +15,8 @@ pub struct Cmd {
     pub args: Vec<OsString>,
     pub cwd: Option<PathBuf>,
     pub env: Vec<(String, String)>,
+    /// A file its standard input reads (none: empty input).
+    pub stdin: Option<PathBuf>,
 }
 
 impl Cmd {
@@ -25,7 +27,21 @@ impl Cmd {
             args: Vec::new(),
             cwd: None,
             env: Vec::new(),
+            stdin: None,
         }
+    }
+
+    /// Reads standard input from `file`.
+    #[must_use]
+    pub fn stdin_file(self, file: &Path) -> Self {
+        self.with_stdin(Some(file))
+    }
+
+    /// Reads standard input from `file`, if there is one.
+    #[must_use]
+    pub fn with_stdin(mut self, file: Option<&Path>) -> Self {
+        self.stdin = file.map(Path::to_owned);
+        self
     }
 
     /// Adds one argument.
@@ -73,6 +89,13 @@ pub enum RunError {
     #[error("cannot start {program}; is it installed? (kennel doctor says how)")]
     Spawn {
         program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read {path} as the input of {program}: {source}")]
+    Input {
+        program: String,
+        path: PathBuf,
         #[source]
         source: std::io::Error,
     },
@@ -148,6 +171,20 @@ impl SystemRunner {
         c
     }
 
+    /// The standard input `cmd` asks for: its file, or nothing.
+    fn stdin_of(cmd: &Cmd) -> Result<std::process::Stdio, RunError> {
+        match &cmd.stdin {
+            None => Ok(std::process::Stdio::null()),
+            Some(path) => std::fs::File::open(path)
+                .map(std::process::Stdio::from)
+                .map_err(|source| RunError::Input {
+                    program: cmd.program.clone(),
+                    path: path.clone(),
+                    source,
+                }),
+        }
+    }
+
     fn finish(
         cmd: &Cmd,
         status: std::process::ExitStatus,
@@ -169,6 +206,7 @@ impl Runner for SystemRunner {
     fn run(&self, cmd: &Cmd) -> Result<Output, RunError> {
         tracing::debug!(command = %cmd.display(), "running");
         let out = Self::command(cmd)
+            .stdin(Self::stdin_of(cmd)?)
             .output()
             .map_err(|source| RunError::Spawn {
                 program: cmd.program.clone(),
@@ -188,7 +226,7 @@ impl Runner for SystemRunner {
             source,
         };
         let mut child = Self::command(cmd)
-            .stdin(Stdio::null())
+            .stdin(Self::stdin_of(cmd)?)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -245,5 +283,35 @@ impl Runner for FakeRunner {
             }),
             None => Ok(Output::default()),
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_reads_its_input_file_and_a_missing_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.txt");
+        std::fs::write(&input, "from a file\n").unwrap();
+        let out = SystemRunner
+            .run(&Cmd::new("cat").stdin_file(&input))
+            .unwrap();
+        assert_eq!(out.stdout, "from a file\n");
+        let mut lines = Vec::new();
+        let out = SystemRunner
+            .run_lines(&Cmd::new("cat").stdin_file(&input), &mut |l| {
+                lines.push(l.to_owned());
+            })
+            .unwrap();
+        assert_eq!(out.stdout, "from a file\n");
+        // No input file: empty input, never the daemon's own.
+        assert_eq!(SystemRunner.run(&Cmd::new("cat")).unwrap().stdout, "");
+        let e = SystemRunner
+            .run(&Cmd::new("cat").stdin_file(&dir.path().join("gone")))
+            .unwrap_err();
+        assert!(e.to_string().contains("gone"), "{e}");
     }
 }

@@ -13,7 +13,7 @@ use crate::vmm::ch::CloudHypervisor;
 use crate::vmm::qemu::{Accel, Qemu};
 use crate::vmm::Vmm;
 
-pub use crate::choice::{BackendChoice, InstanceType, Listen, NetworkChoice};
+pub use crate::choice::{BackendChoice, InstanceType, Listen, NetworkChoice, WorkspaceChoice};
 
 /// Which VMM a backend setting comes to on a host, and why: the one
 /// decision [`select`] acts on and `kennel doctor` reports.

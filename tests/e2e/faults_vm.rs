@@ -290,6 +290,7 @@ fn a_daemon_killed_during_an_image_build_leaves_no_mounts_or_half_image() {
     let needle = format!("{}/.tmp-", images.display());
     while Command::new("pgrep")
         .args(["-f", &needle])
+        .stdout(std::process::Stdio::null())
         .status()
         .unwrap()
         .success()

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use kennel_testkit::incus::IncusCluster;
 
-use crate::support::Kennel;
+use crate::support::{git, Kennel};
 
 /// Each Kennel project's member, from `hosts --json`.
 fn placement(k: &Kennel) -> BTreeMap<String, String> {
@@ -43,10 +43,49 @@ fn host_status(k: &Kennel, host: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Kennel's source volumes (custom volumes, not their snapshots), each
+/// with its member, as Incus lists them.
+fn volumes(cluster: &IncusCluster) -> Vec<(String, String)> {
+    let out = cluster.incus(
+        0,
+        &[
+            "storage", "volume", "list", "default", "-f", "csv", "-c", "ntL",
+        ],
+        b"",
+    );
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            match f.as_slice() {
+                [n, "custom", at] if n.starts_with("kennel-src-") => {
+                    Some(((*n).to_owned(), (*at).to_owned()))
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// What a command said, on either stream.
+fn said(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// `hostname` in `project` through Kennel's SSH gateway.
 fn hostname(k: &Kennel, key: &std::path::Path, project: &str) -> String {
+    sh(k, key, project, "hostname").trim().to_owned()
+}
+
+/// `command` in `project` through Kennel's SSH gateway; its output.
+fn sh(k: &Kennel, key: &std::path::Path, project: &str, command: &str) -> String {
     let out = k
-        .gateway_ssh(key, &format!("{project}@127.0.0.1"), "hostname")
+        .gateway_ssh(key, &format!("{project}@127.0.0.1"), command)
         .output()
         .unwrap();
     assert!(
@@ -54,7 +93,7 @@ fn hostname(k: &Kennel, key: &std::path::Path, project: &str) -> String {
         "ssh {project}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
@@ -95,10 +134,45 @@ fn projects_spread_move_evacuate_and_outlive_a_dead_member() {
     let at = placement(&k);
     let used: std::collections::BTreeSet<&String> = at.values().collect();
     assert_eq!(used.len(), 3, "{at:?}");
-    k.exec_ok("new project d --host m2");
+    // The source: cloned on Kennel's host, copied into a storage volume
+    // on the project's member, owned by the guest's dev both ways.
+    let repo = tmp.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "-q"]);
+    std::fs::write(repo.join("hello.txt"), "hello\n").unwrap();
+    git(&repo, &["add", "."]);
+    git(&repo, &["commit", "-q", "-m", "first"]);
+    let out = k.exec_ok(&format!(
+        "new project d --host m2 --git file://{}",
+        repo.display()
+    ));
+    assert!(out.contains("storage volume kennel-src-d"), "{out}");
     assert_eq!(placement(&k)["d"], "m2");
     // Through the gateway, to the proxy on m2's own address.
     assert_eq!(hostname(&k, &key, "d"), "d");
+    assert_eq!(
+        sh(
+            &k,
+            &key,
+            "d",
+            "cat /workspace/hello.txt; echo mine > /workspace/mine.txt; stat -c %U /workspace /workspace/hello.txt /workspace/mine.txt; git -C /workspace log --format=%s"
+        ),
+        "hello\ndev\ndev\ndev\nfirst\n"
+    );
+    assert!(
+        volumes(&cluster).contains(&("kennel-src-d".into(), "m2".into())),
+        "{:?}",
+        volumes(&cluster)
+    );
+    // No host directory to share here.
+    let e = k.exec("new project e --path e");
+    assert!(!e.status.success());
+    assert!(said(&e).contains("storage volumes"), "{e:?}");
+    // A checkpoint holds the volume too.
+    k.exec_ok("checkpoint d first");
+    sh(&k, &key, "d", "echo later > /workspace/mine.txt");
+    k.exec_ok("rollback d first --yes");
+    assert_eq!(sh(&k, &key, "d", "cat /workspace/mine.txt"), "mine\n");
     let status = k.exec_ok("--json status d");
     assert!(
         status.contains(&format!("{}:", cluster.address(1))),
@@ -111,6 +185,26 @@ fn projects_spread_move_evacuate_and_outlive_a_dead_member() {
     assert_eq!(placement(&k)["d"], "m3");
     assert_eq!(k.state("d").0, "running");
     assert_eq!(hostname(&k, &key, "d"), "d");
+    // Its volume went with it (none left behind), checkpoint and all.
+    assert_eq!(sh(&k, &key, "d", "cat /workspace/mine.txt"), "mine\n");
+    let of_d: Vec<_> = volumes(&cluster)
+        .into_iter()
+        .filter(|(n, _)| n == "kennel-src-d")
+        .collect();
+    assert_eq!(of_d, [("kennel-src-d".into(), "m3".into())]);
+    // cp: a volume of its own, beside it; a purge deletes it.
+    k.exec_ok("cp d@first dcopy");
+    assert_eq!(placement(&k)["dcopy"], "m3");
+    assert_eq!(sh(&k, &key, "dcopy", "cat /workspace/mine.txt"), "mine\n");
+    k.exec_ok("rm dcopy --purge --yes");
+    k.exec_ok("yes");
+    assert!(
+        !volumes(&cluster)
+            .iter()
+            .any(|(n, _)| n == "kennel-src-dcopy"),
+        "{:?}",
+        volumes(&cluster)
+    );
     let e = k.exec("move d m9");
     assert!(!e.status.success());
     assert!(
@@ -156,12 +250,7 @@ fn projects_spread_move_evacuate_and_outlive_a_dead_member() {
     let t = Instant::now();
     let out = k.exec("start d");
     assert!(!out.status.success());
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(said.contains("host m3 is offline"), "{said}");
+    assert!(said(&out).contains("host m3 is offline"), "{out:?}");
     assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
     assert_eq!(k.state("d").0, "stopped");
     let other = on_m1.first().unwrap();
@@ -176,8 +265,29 @@ fn projects_spread_move_evacuate_and_outlive_a_dead_member() {
     assert_eq!(k.state("d").1, None);
     k.exec_ok("start d");
     assert_eq!(hostname(&k, &key, "d"), "d");
-    for p in ["a", "b", "c", "d"] {
+
+    // rename: the volume takes the new name. rm keeps it (a source is
+    // deleted only by a purge), and a new project of that name is told.
+    k.exec_ok("rename d dd");
+    assert_eq!(sh(&k, &key, "dd", "cat /workspace/mine.txt"), "mine\n");
+    for p in ["a", "b", "c", "dd"] {
         k.exec_ok(&format!("rm {p}"));
         k.exec_ok("yes");
     }
+    let left: Vec<String> = volumes(&cluster).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        left,
+        [
+            "kennel-src-a",
+            "kennel-src-b",
+            "kennel-src-c",
+            "kennel-src-dd"
+        ],
+    );
+    let e = k.exec("new project dd");
+    assert!(!e.status.success());
+    assert!(
+        said(&e).contains("left from an earlier project dd"),
+        "{e:?}"
+    );
 }

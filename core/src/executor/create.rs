@@ -393,6 +393,13 @@ impl Executor {
                 args.name, args.name
             )));
         }
+        if args.path.is_some() || args.adopt {
+            self.vms.host_sources().await.map_err(|why| {
+                CommandError::Refused(format!(
+                    "--path and --adopt share a directory of this host, and {why}; leave them out (the source comes from --git, a template or an empty start)"
+                ))
+            })?;
+        }
         let root = Beneath::open(&self.settings.projects_root).map_err(host_path_failed)?;
         let rel = match &args.path {
             None => PathBuf::from(args.name.as_str()),

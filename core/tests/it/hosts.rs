@@ -70,6 +70,19 @@ async fn admins_place_move_evacuate_and_restore() {
         .await
         .unwrap();
     assert_eq!(w.vms.host_of("d").as_deref(), Some("m2"));
+    // Sources live in volumes there: no host directory to share, and
+    // nothing is made for the attempt.
+    for line in [
+        "new project e --stack rust --path e",
+        "new project e --stack rust --adopt",
+    ] {
+        let e = w.run(&w.admin, line).await.unwrap_err();
+        assert!(
+            matches!(&e, CommandError::Refused(m) if m.contains("storage volumes") && m.contains("--path")),
+            "{line}: {e}"
+        );
+    }
+    assert!(w.vms.host_of("e").is_none());
     let used: std::collections::BTreeSet<_> =
         ["a", "b", "c"].iter().map(|p| w.vms.host_of(p)).collect();
     assert_eq!(used.len(), 3);

@@ -244,6 +244,18 @@ impl Instance {
     }
 }
 
+/// One storage volume, as `GET /1.0/storage-pools/POOL/volumes/custom?recursion=1`
+/// lists it (a snapshot's name is `VOLUME/SNAPSHOT`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct StorageVolume {
+    pub name: String,
+    /// The member that holds it on a local pool (`none` otherwise).
+    #[serde(default, deserialize_with = "nullable")]
+    pub location: String,
+    #[serde(default, deserialize_with = "nullable")]
+    pub used_by: Vec<String>,
+}
+
 /// `GET /1.0/instances/NAME/state`.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct InstanceState {

@@ -29,7 +29,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::api::{
     Envelope, Image, ImageAlias, Instance, InstanceState, InstancesPost, Member, MemberAction,
-    MemberState, Operation, Server, StateAction, StatePut,
+    MemberState, Operation, Server, StateAction, StatePut, StorageVolume,
 };
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -934,6 +934,172 @@ impl IncusClient {
                 .await?;
         }
         Ok(())
+    }
+
+    /// `/1.0/storage-pools/POOL/volumes/custom[/NAME[/REST]]` with
+    /// `?target=MEMBER` when a member is named (volumes of a local pool
+    /// live on one member; a cluster needs to be told which).
+    fn volume_uri(&self, pool: &str, name: Option<&str>, rest: &str, at: Option<&str>) -> String {
+        let mut path = format!("/1.0/storage-pools/{}/volumes/custom", seg(pool));
+        if let Some(n) = name {
+            path.push('/');
+            path.push_str(&seg(n));
+        }
+        path.push_str(rest);
+        let extra: Vec<(&str, &str)> = at.map(|t| ("target", t)).into_iter().collect();
+        self.uri(&path, &extra)
+    }
+
+    /// The custom volumes of `pool` (with their snapshots, as
+    /// `VOLUME/SNAPSHOT`), on every member.
+    pub async fn volumes(&self, pool: &str) -> Result<Vec<StorageVolume>, IncusError> {
+        let path = format!("/1.0/storage-pools/{}/volumes/custom", seg(pool));
+        self.get(&self.uri(&path, &[("recursion", "1")]), "storage volumes")
+            .await
+    }
+
+    /// Where custom volume `name` of `pool` lives: `Some("")` outside a
+    /// cluster (or on shared storage), `None` when there is none.
+    pub async fn volume_location(
+        &self,
+        pool: &str,
+        name: &str,
+    ) -> Result<Option<String>, IncusError> {
+        Ok(self
+            .volumes(pool)
+            .await?
+            .into_iter()
+            .find(|v| v.name == name)
+            .map(|v| {
+                if v.location == "none" {
+                    String::new()
+                } else {
+                    v.location
+                }
+            }))
+    }
+
+    /// Makes an empty filesystem volume `name` in `pool` (on member
+    /// `at`), or a copy of `from` (`VOLUME` or `VOLUME/SNAPSHOT`, with
+    /// the member it is on) with its snapshots.
+    pub async fn create_volume(
+        &self,
+        pool: &str,
+        name: &str,
+        from: Option<(&str, &str)>,
+        at: Option<&str>,
+        limit: Duration,
+    ) -> Result<(), IncusError> {
+        #[derive(Serialize)]
+        struct Source<'a> {
+            #[serde(rename = "type")]
+            kind: &'a str,
+            pool: &'a str,
+            name: &'a str,
+            #[serde(skip_serializing_if = "str::is_empty")]
+            location: &'a str,
+        }
+        #[derive(Serialize)]
+        struct Body<'a> {
+            name: &'a str,
+            #[serde(rename = "type")]
+            kind: &'a str,
+            content_type: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            source: Option<Source<'a>>,
+        }
+        let what = format!("storage volume {name}");
+        let body = Body {
+            name,
+            kind: "custom",
+            content_type: "filesystem",
+            source: from.map(|(name, location)| Source {
+                kind: "copy",
+                pool,
+                name,
+                location,
+            }),
+        };
+        let json = Self::encode(&what, &body)?;
+        let uri = self.volume_uri(pool, None, "", at);
+        self.operate(Method::POST, &uri, Some(json), &what, limit)
+            .await
+            .map(drop)
+    }
+
+    /// Deletes custom volume `name` (on member `at`); its snapshots go
+    /// with it. Fails while an instance uses it.
+    pub async fn delete_volume(
+        &self,
+        pool: &str,
+        name: &str,
+        at: Option<&str>,
+        limit: Duration,
+    ) -> Result<(), IncusError> {
+        let what = format!("storage volume {name}");
+        let uri = self.volume_uri(pool, Some(name), "", at);
+        self.operate(Method::DELETE, &uri, None, &what, limit)
+            .await
+            .map(drop)
+    }
+
+    /// Takes snapshot `snap` of custom volume `name` (on member `at`).
+    pub async fn snapshot_volume(
+        &self,
+        pool: &str,
+        name: &str,
+        snap: &str,
+        at: Option<&str>,
+        limit: Duration,
+    ) -> Result<(), IncusError> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            name: &'a str,
+        }
+        let what = format!("snapshot {snap} of storage volume {name}");
+        let json = Self::encode(&what, &Body { name: snap })?;
+        let uri = self.volume_uri(pool, Some(name), "/snapshots", at);
+        self.operate(Method::POST, &uri, Some(json), &what, limit)
+            .await
+            .map(drop)
+    }
+
+    /// Puts custom volume `name` (on member `at`) back as it was at
+    /// snapshot `snap`; no running instance may use it.
+    pub async fn restore_volume(
+        &self,
+        pool: &str,
+        name: &str,
+        snap: &str,
+        at: Option<&str>,
+        limit: Duration,
+    ) -> Result<(), IncusError> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            restore: &'a str,
+        }
+        let what = format!("snapshot {snap} of storage volume {name}");
+        let json = Self::encode(&what, &Body { restore: snap })?;
+        let uri = self.volume_uri(pool, Some(name), "", at);
+        self.operate(Method::PUT, &uri, Some(json), &what, limit)
+            .await
+            .map(drop)
+    }
+
+    /// Deletes snapshot `snap` of custom volume `name` (on member `at`).
+    pub async fn delete_volume_snapshot(
+        &self,
+        pool: &str,
+        name: &str,
+        snap: &str,
+        at: Option<&str>,
+        limit: Duration,
+    ) -> Result<(), IncusError> {
+        let what = format!("snapshot {snap} of storage volume {name}");
+        let uri = self.volume_uri(pool, Some(name), &format!("/snapshots/{}", seg(snap)), at);
+        self.operate(Method::DELETE, &uri, None, &what, limit)
+            .await
+            .map(drop)
     }
 
     /// The image an alias points at, `None` when there is no such alias.

@@ -31,6 +31,34 @@ pub enum Workspace {
     /// A custom volume of the storage pool (a cluster: the source lives
     /// where the instance does).
     Volume(String),
+    /// None yet: a volume is made on the member Incus places the
+    /// instance on, then attached ([`workspace_device`]).
+    Later,
+}
+
+/// The `/workspace` disk device for `ws` (none for [`Workspace::Later`]).
+pub fn workspace_device(place: &Placement, ws: &Workspace) -> Option<Device> {
+    let mut workspace = match ws {
+        Workspace::HostPath(path) => {
+            let mut d = device(&[("type", "disk"), ("source", path)]);
+            if place.instance_type == InstanceType::Container {
+                // An idmapped mount: a file of host uid N is uid N in
+                // the guest and back, as with Kennel's virtio-fs share.
+                d.insert("shift".to_owned(), "true".to_owned());
+            }
+            d
+        }
+        // Incus maps a custom volume into a container by itself (and
+        // refuses `shift` on one).
+        Workspace::Volume(volume) => device(&[
+            ("type", "disk"),
+            ("pool", &place.storage_pool),
+            ("source", volume),
+        ]),
+        Workspace::Later => return None,
+    };
+    workspace.insert("path".to_owned(), "/workspace".to_owned());
+    Some(workspace)
 }
 
 /// One project's instance.
@@ -100,21 +128,9 @@ pub fn instance_post(place: &Placement, p: &ProjectInstance) -> InstancesPost {
         nic.insert("ipv4.address".to_owned(), ip.to_string());
     }
     devices.insert("eth0".to_owned(), nic);
-    let mut workspace = match &p.workspace {
-        Workspace::HostPath(path) => device(&[("type", "disk"), ("source", path)]),
-        Workspace::Volume(volume) => device(&[
-            ("type", "disk"),
-            ("pool", &place.storage_pool),
-            ("source", volume),
-        ]),
-    };
-    workspace.insert("path".to_owned(), "/workspace".to_owned());
-    if !vm {
-        // An idmapped mount: a file of host uid N is uid N in the guest
-        // and back, as with Kennel's virtio-fs share.
-        workspace.insert("shift".to_owned(), "true".to_owned());
+    if let Some(workspace) = workspace_device(place, &p.workspace) {
+        devices.insert("workspace".to_owned(), workspace);
     }
-    devices.insert("workspace".to_owned(), workspace);
     // Gateways reach the guest on the member's own address; the member
     // relays to the guest's loopback (containers) or, for VMs, NATs to
     // the guest's address.
@@ -255,6 +271,30 @@ mod tests {
         assert_eq!(v["devices"]["kennel-ssh"]["connect"], "tcp:10.9.0.7:22");
         assert_eq!(v["devices"]["eth0"]["ipv4.address"], "10.9.0.7");
         assert!(v["config"].get("security.nesting").is_none());
+    }
+
+    #[test]
+    fn a_containers_volume_is_mapped_by_incus_and_later_means_none_yet() {
+        let place = Placement {
+            instance_type: InstanceType::Container,
+            storage_pool: "default".into(),
+            network: "incusbr0".into(),
+        };
+        let post = instance_post(
+            &place,
+            &project(Workspace::Volume("kennel-src-myapp".into())),
+        );
+        let v = serde_json::to_value(&post).unwrap();
+        // Incus refuses `shift` on a custom volume: it maps it itself.
+        assert_eq!(
+            v["devices"]["workspace"],
+            serde_json::json!({"type": "disk", "pool": "default", "source": "kennel-src-myapp", "path": "/workspace"})
+        );
+        let post = instance_post(&place, &project(Workspace::Later));
+        let v = serde_json::to_value(&post).unwrap();
+        assert!(v["devices"].get("workspace").is_none(), "{v}");
+        assert!(v["devices"].get("root").is_some());
+        assert_eq!(workspace_device(&place, &Workspace::Later), None);
     }
 
     #[test]

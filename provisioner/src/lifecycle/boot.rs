@@ -356,6 +356,19 @@ impl LocalProvisioner {
         addr: &str,
         command: &str,
     ) -> Result<String, String> {
+        self.ssh_exec_with(dir, project, addr, command, None).await
+    }
+
+    /// [`Self::ssh_exec_at`] with `input` (a file) as the command's
+    /// standard input.
+    pub(super) async fn ssh_exec_with(
+        &self,
+        dir: &Path,
+        project: &str,
+        addr: &str,
+        command: &str,
+        input: Option<PathBuf>,
+    ) -> Result<String, String> {
         let key = self.project_key(project);
         let host_pub =
             std::fs::read_to_string(dir.join("ssh_host_ed25519_key.pub")).unwrap_or_default();
@@ -381,7 +394,8 @@ impl LocalProvisioner {
                         .arg(format!("UserKnownHostsFile={}", known.display()))
                         .arg("-i")
                         .arg(&key)
-                        .args(["-p", &port, &format!("dev@{host}"), &command]),
+                        .args(["-p", &port, &format!("dev@{host}"), &command])
+                        .with_stdin(input.as_deref()),
                 )
                 .map(|o| o.stdout)
                 .map_err(|e| e.to_string())

@@ -20,7 +20,10 @@ use crate::incus::api::{Instance, InstanceType, MemberAction, StateAction};
 use crate::incus::spec::{self, Placement, ProjectInstance, Workspace};
 use crate::incus::{image as incus_image, IncusClient, IncusError};
 
-pub use crate::choice::Listen;
+pub use crate::choice::{Listen, WorkspaceChoice};
+
+mod volume;
+use volume::{member_of, volume_of, VOLUME};
 
 /// The `[incus]` settings the provisioner runs with.
 #[derive(Debug, Clone)]
@@ -31,6 +34,8 @@ pub struct IncusSettings {
     pub listen: Listen,
     /// The member ports projects' proxies take, inclusive.
     pub ports: (u16, u16),
+    /// Where new projects' sources live.
+    pub workspace: WorkspaceChoice,
 }
 
 /// The provisioner of projects on Incus.
@@ -45,6 +50,8 @@ pub struct IncusProvisioner {
     /// while Incus's event stream is open (`None` otherwise: then each
     /// question is a request).
     running: std::sync::Mutex<Option<BTreeMap<String, Option<bool>>>>,
+    /// Whether Incus is a cluster, once asked (`workspace = "auto"`).
+    clustered: std::sync::Mutex<Option<bool>>,
 }
 
 impl std::fmt::Debug for IncusProvisioner {
@@ -117,6 +124,7 @@ impl IncusProvisioner {
             set,
             members: std::sync::Mutex::default(),
             running: std::sync::Mutex::default(),
+            clustered: std::sync::Mutex::default(),
         }
     }
 
@@ -649,6 +657,7 @@ impl IncusProvisioner {
             (uid, gid)
         };
         let (ssh_port, host_app_port) = self.free_ports().await?;
+        let in_volume = self.volumes().await?;
         let labels = BTreeMap::from([
             (STACK.to_owned(), stack.clone()),
             (SOURCE.to_owned(), source.display().to_string()),
@@ -667,7 +676,11 @@ impl IncusProvisioner {
                 vcpus: req.resources.vcpus,
                 memory_mib: req.resources.memory_mib,
                 disk_gib: req.resources.disk_mib.div_ceil(1024),
-                workspace: Workspace::HostPath(source.display().to_string()),
+                workspace: if in_volume {
+                    Workspace::Later
+                } else {
+                    Workspace::HostPath(source.display().to_string())
+                },
                 // Member: set to the member's address once Incus placed it.
                 listen: match self.set.listen {
                     Listen::At(ip) => ip,
@@ -699,11 +712,23 @@ impl IncusProvisioner {
                 .await
                 .map_err(|e| incus_failed(Stage::Disk, e))?;
         }
+        if in_volume {
+            let volume = self.attach_new_volume(name).await?;
+            notes.push(format!(
+                "the source lives in storage volume {volume} (pool {}) beside the instance; {} is the tree it started from",
+                self.set.placement.storage_pool,
+                source.display()
+            ));
+        }
         self.push_config(name, (uid, gid), &req.authorized_keys, false)
             .await
             .map_err(|e| incus_failed(Stage::Disk, e))?;
         let i = self.instance(name).await?;
         let status = self.boot(&i, progress).await?;
+        if in_volume {
+            let (ssh, _) = self.addrs(&i).await;
+            self.fill_volume(name, &ssh, &source, progress).await?;
+        }
         if let Some(cmd) = template.as_ref().and_then(|t| t.file.post_create.clone()) {
             step(
                 progress,
@@ -757,7 +782,11 @@ impl IncusProvisioner {
         checkpoint::check_label(label)?;
         let _g = self.host.lock(name).await;
         let i = self.instance(name).await?;
-        let source = self.source_of(&i)?;
+        let volume = volume_of(&i).map(str::to_owned);
+        let source = match volume {
+            Some(_) => None,
+            None => Some(self.source_of(&i)?),
+        };
         let kept = self.kept(name, label);
         if kept.exists() {
             return Err(ProvisionError::Invalid {
@@ -780,19 +809,31 @@ impl IncusProvisioner {
         let frozen_at = Instant::now();
         let mut cost = CheckpointTaken::default();
         let made = async {
-            step(
-                progress,
-                Stage::Disk,
-                Some(format!("checkpoint {label}: copying the source")),
-            );
             let t = Instant::now();
-            let (from, to) = (source.clone(), dir.join("source"));
-            cost.reflinked = self
-                .host
-                .blocking(Stage::Disk, move |runner| {
-                    checkpoint::copy_tree(runner, &from, &to)
-                })
-                .await?;
+            if let Some(source) = &source {
+                step(
+                    progress,
+                    Stage::Disk,
+                    Some(format!("checkpoint {label}: copying the source")),
+                );
+                let (from, to) = (source.clone(), dir.join("source"));
+                cost.reflinked = self
+                    .host
+                    .blocking(Stage::Disk, move |runner| {
+                        checkpoint::copy_tree(runner, &from, &to)
+                    })
+                    .await?;
+            }
+            if let Some(v) = &volume {
+                step(
+                    progress,
+                    Stage::Disk,
+                    Some(format!(
+                        "checkpoint {label}: an Incus snapshot of the source volume"
+                    )),
+                );
+                self.volume_snapshot(&i, v, &snapshot(label), false).await?;
+            }
             cost.source_ms = ms(t);
             step(
                 progress,
@@ -800,10 +841,16 @@ impl IncusProvisioner {
                 Some(format!("checkpoint {label}: an Incus snapshot of the disk")),
             );
             let t = Instant::now();
-            self.client
+            if let Err(e) = self
+                .client
                 .create_snapshot(name, &snapshot(label), Duration::from_secs(1800))
                 .await
-                .map_err(|e| incus_failed(Stage::Disk, e))?;
+            {
+                if let Some(v) = &volume {
+                    let _ = self.delete_volume_snapshot(&i, v, &snapshot(label)).await;
+                }
+                return Err(incus_failed(Stage::Disk, e));
+            }
             cost.disk_ms = ms(t);
             std::fs::rename(&dir, &kept).map_err(|e| failed(Stage::Disk, e.to_string()))
         }
@@ -845,11 +892,26 @@ impl IncusProvisioner {
             });
         }
         let kept = self.kept(name, label);
-        if !kept.join("source").is_dir() {
+        let volume = volume_of(&i).map(str::to_owned);
+        if !kept.join("source").is_dir() && (volume.is_none() || !kept.is_dir()) {
             return Err(ProvisionError::Invalid {
                 stage: Stage::Disk,
                 message: format!("the files of checkpoint '{label}' of {name} are missing"),
             });
+        }
+        if let Some(v) = volume {
+            step(
+                progress,
+                Stage::Disk,
+                Some(format!(
+                    "rollback to {label}: the disk and the source volume (Incus snapshots)"
+                )),
+            );
+            self.client
+                .restore_snapshot(name, &snapshot(label), Duration::from_secs(1800))
+                .await
+                .map_err(|e| incus_failed(Stage::Disk, e))?;
+            return self.volume_snapshot(&i, &v, &snapshot(label), true).await;
         }
         let source = self.source_of(&i)?;
         step(
@@ -901,7 +963,20 @@ impl IncusProvisioner {
         progress: &dyn ProgressSink,
     ) -> Result<Created, ProvisionError> {
         let src = self.instance(from).await?;
+        let in_volume = volume_of(&src).is_some();
         let from_source = match label {
+            // A volume's copy comes from Incus (its snapshot, or itself).
+            Some(l) if in_volume => {
+                checkpoint::check_label(l)?;
+                if !self.kept(from, l).is_dir() {
+                    return Err(ProvisionError::Invalid {
+                        stage: Stage::Validated,
+                        message: format!("{from} has no checkpoint '{l}'"),
+                    });
+                }
+                PathBuf::new()
+            }
+            None if in_volume => PathBuf::new(),
             Some(l) => {
                 checkpoint::check_label(l)?;
                 let kept = self.kept(from, l).join("source");
@@ -917,6 +992,9 @@ impl IncusProvisioner {
         };
         let name = to.project.as_str();
         let dest = self.host.copy_destination(to)?;
+        if in_volume {
+            self.no_volume_left(name).await?;
+        }
         let _g = self.host.lock(name).await;
         // Until the copy is a project, a restart removes its source.
         let marker = self.host.pending_source(name);
@@ -941,6 +1019,11 @@ impl IncusProvisioner {
             let _ = std::fs::remove_dir_all(self.host.key_dir(name));
             // The copied source is this attempt's own; the original is untouched.
             let _ = std::fs::remove_dir_all(&dest);
+            if in_volume {
+                if let Err(e) = self.delete_volume_of(name).await {
+                    tracing::warn!(project = name, error = %e, "could not remove a failed copy's volume");
+                }
+            }
         }
         crate::source::Pending::clear(&marker);
         result
@@ -978,6 +1061,15 @@ impl IncusProvisioner {
             .filter(|(k, _)| k != EVACUATED_FROM)
             .collect();
         labels.insert(SOURCE.to_owned(), dest.display().to_string());
+        let src_volume = volume_of(src).map(str::to_owned);
+        let workspace = match &src_volume {
+            Some(_) => {
+                let v = volume::volume_name(name);
+                labels.insert(VOLUME.to_owned(), v.clone());
+                Workspace::Volume(v)
+            }
+            None => Workspace::HostPath(dest.display().to_string()),
+        };
         labels.insert(SSH_PORT.to_owned(), ssh_port.to_string());
         labels.insert(APP_PORT.to_owned(), app_port.to_string());
         let mut post = spec::instance_post(
@@ -988,7 +1080,7 @@ impl IncusProvisioner {
                 vcpus: to.resources.vcpus,
                 memory_mib: to.resources.memory_mib,
                 disk_gib: to.resources.disk_mib.div_ceil(1024),
-                workspace: Workspace::HostPath(dest.display().to_string()),
+                workspace,
                 listen: match self.set.listen {
                     Listen::At(ip) => ip,
                     Listen::Member => self.listen_ip(&src.location).await,
@@ -1006,11 +1098,19 @@ impl IncusProvisioner {
         });
         let (f, d) = (from_source.to_path_buf(), dest.to_path_buf());
         let copied = async {
-            self.host
-                .blocking(Stage::Disk, move |runner| {
-                    checkpoint::copy_tree(runner, &f, &d).map(drop)
-                })
-                .await?;
+            match &src_volume {
+                Some(v) => {
+                    self.copy_volume(src, v, at.map(snapshot).as_deref(), name)
+                        .await?;
+                }
+                None => {
+                    self.host
+                        .blocking(Stage::Disk, move |runner| {
+                            checkpoint::copy_tree(runner, &f, &d).map(drop)
+                        })
+                        .await?;
+                }
+            }
             // On the source's member: a copy on a member's own pool is
             // made there (a move can take it elsewhere).
             let target = (!src.location.is_empty() && src.location != "none")
@@ -1098,11 +1198,21 @@ impl Provisioner for IncusProvisioner {
                 format!("{name} already has an Incus instance; remove it first"),
             ));
         }
+        let in_volume = self.volumes().await?;
+        if in_volume {
+            self.no_volume_left(name).await?;
+        }
         let r = self.create_instance(req, progress).await;
         if r.is_err() {
-            // Everything but the source goes.
+            // Everything but the source goes (on Kennel's host: a source
+            // volume is this attempt's own copy of it).
             if let Err(e) = self.remove(name).await {
                 tracing::warn!(project = name, error = %e, "could not remove a failed create's instance");
+            }
+            if in_volume {
+                if let Err(e) = self.delete_volume_of(name).await {
+                    tracing::warn!(project = name, error = %e, "could not remove a failed create's volume");
+                }
             }
             let _ = std::fs::remove_dir_all(self.host.key_dir(name));
         }
@@ -1213,7 +1323,19 @@ impl Provisioner for IncusProvisioner {
     }
 
     async fn purge_source(&self, project: &ProjectName, path: &str) -> Result<(), ProvisionError> {
+        self.delete_volume_of(project.as_str()).await?;
         self.host.purge_source(project, path).await
+    }
+
+    async fn host_sources(&self) -> Result<(), String> {
+        match self.volumes().await {
+            Ok(false) => Ok(()),
+            Ok(true) => Err(format!(
+                "projects' sources live in storage volumes of pool {} on their Incus member (incus.workspace)",
+                self.set.placement.storage_pool
+            )),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     async fn cpu_time(&self, project: &ProjectName) -> Option<Duration> {
@@ -1320,6 +1442,11 @@ impl Provisioner for IncusProvisioner {
         // The guest's name is in its env: written anew (for its next boot
         // if it was stopped), the keys as they were.
         let i = self.instance(b).await?;
+        // Its source volume takes the new name too (the old one is then
+        // free for a new project).
+        if let Some(v) = volume_of(&i).map(str::to_owned) {
+            self.rename_volume(&i, &v, b).await?;
+        }
         let owner = self.owner(&i);
         let keys = self.user_keys_in(b).await;
         self.push_config(b, owner, &keys, false)
@@ -1403,6 +1530,11 @@ impl Provisioner for IncusProvisioner {
         {
             Ok(()) | Err(IncusError::NotFound { .. }) => {}
             Err(e) => return Err(incus_failed(Stage::Disk, e)),
+        }
+        if let Ok(i) = self.instance(name).await {
+            if let Some(v) = volume_of(&i) {
+                self.delete_volume_snapshot(&i, v, &snapshot(label)).await?;
+            }
         }
         let kept = self.kept(name, label);
         if kept.exists() {
@@ -1540,10 +1672,25 @@ impl Provisioner for IncusProvisioner {
             Some(t) => t.to_owned(),
             None => self.least_busy(&i.location).await?,
         };
-        self.client
+        // A source volume goes first (copied, with its snapshots), so the
+        // instance finds it where it lands; the side it is not on then
+        // loses its copy.
+        let volume = volume_of(&i).map(str::to_owned);
+        if let Some(v) = &volume {
+            self.volume_to(&i, v, &target).await?;
+        }
+        let moved = self
+            .client
             .move_instance(name, &target, Duration::from_secs(1800))
             .await
-            .map_err(|e| incus_failed(Stage::Disk, e))?;
+            .map_err(|e| incus_failed(Stage::Disk, e));
+        if let Some(v) = &volume {
+            let from = member_of(&i).unwrap_or_default();
+            if let Err(e) = self.volume_moved(v, from, &target, moved.is_ok()).await {
+                tracing::warn!(project = name, volume = v, error = %e, "could not delete the copy of the source volume left behind");
+            }
+        }
+        moved?;
         let ip = match self.set.listen {
             Listen::Member => Some(self.listen_ip(&target).await),
             Listen::At(_) => None,
