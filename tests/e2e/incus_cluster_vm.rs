@@ -140,6 +140,14 @@ fn projects_spread_move_evacuate_and_outlive_a_dead_member() {
     std::fs::create_dir_all(&repo).unwrap();
     git(&repo, &["init", "-q"]);
     std::fs::write(repo.join("hello.txt"), "hello\n").unwrap();
+    // Its devcontainer.json's create step runs once the volume holds the
+    // source (it reads a file of it).
+    std::fs::create_dir_all(repo.join(".devcontainer")).unwrap();
+    std::fs::write(
+        repo.join(".devcontainer/devcontainer.json"),
+        r#"{ "postCreateCommand": "cat hello.txt > created.txt", "remoteEnv": { "GREETING": "hi" } }"#,
+    )
+    .unwrap();
     git(&repo, &["add", "."]);
     git(&repo, &["commit", "-q", "-m", "first"]);
     let out = k.exec_ok(&format!(
@@ -147,6 +155,10 @@ fn projects_spread_move_evacuate_and_outlive_a_dead_member() {
         repo.display()
     ));
     assert!(out.contains("storage volume kennel-src-d"), "{out}");
+    assert!(
+        out.contains("devcontainer postCreateCommand finished"),
+        "{out}"
+    );
     assert_eq!(placement(&k)["d"], "m2");
     // Through the gateway, to the proxy on m2's own address.
     assert_eq!(hostname(&k, &key, "d"), "d");
@@ -155,9 +167,9 @@ fn projects_spread_move_evacuate_and_outlive_a_dead_member() {
             &k,
             &key,
             "d",
-            "cat /workspace/hello.txt; echo mine > /workspace/mine.txt; stat -c %U /workspace /workspace/hello.txt /workspace/mine.txt; git -C /workspace log --format=%s"
+            "cat /workspace/hello.txt; echo mine > /workspace/mine.txt; stat -c %U /workspace /workspace/hello.txt /workspace/mine.txt; git -C /workspace log --format=%s; cat /workspace/created.txt; echo $GREETING"
         ),
-        "hello\ndev\ndev\ndev\nfirst\n"
+        "hello\ndev\ndev\ndev\nfirst\nhello\nhi\n"
     );
     assert!(
         volumes(&cluster).contains(&("kennel-src-d".into(), "m2".into())),
@@ -180,7 +192,25 @@ fn projects_spread_move_evacuate_and_outlive_a_dead_member() {
     );
 
     // move: stopped, moved, running again, reached on m3's address.
-    let out = k.exec_ok("move d m3");
+    let moved = k.exec("move d m3");
+    if !moved.status.success() {
+        let log = std::fs::read_to_string(tmp.path().join("serve.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        let members: Vec<String> = (0..3)
+            .map(|i| {
+                let l = cluster.log(i);
+                let t: Vec<&str> = l.lines().rev().take(15).collect();
+                t.into_iter().rev().collect::<Vec<_>>().join("\n")
+            })
+            .collect();
+        panic!(
+            "move d m3: {}\nthe daemon's log:\n{}\nthe members' logs:\n{}",
+            said(&moved),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+            members.join("\n---\n")
+        );
+    }
+    let out = String::from_utf8_lossy(&moved.stdout).into_owned();
     assert!(out.contains("from m2 to m3"), "{out}");
     assert_eq!(placement(&k)["d"], "m3");
     assert_eq!(k.state("d").0, "running");

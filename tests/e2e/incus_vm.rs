@@ -229,7 +229,7 @@ fn a_project_lives_on_incus_through_kennels_gateways() {
     let second = k.admin_key("second");
     let public = std::fs::read_to_string(second.with_extension("pub")).unwrap();
     let b64 = public.split_whitespace().nth(1).unwrap().to_owned();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while !sh("cat ~/.ssh/authorized_keys").contains(&b64) {
         assert!(
             std::time::Instant::now() < deadline,
@@ -258,7 +258,7 @@ fn a_project_lives_on_incus_through_kennels_gateways() {
     // Stopped behind Kennel's back (an operator's `incus stop`): Incus's
     // event says so, and Kennel shows it stopped, saying why.
     ok(daemon.incus(&["stop", "demo", "--force"]), "incus stop");
-    k.wait_state("demo", "stopped", Duration::from_secs(20));
+    k.wait_state("demo", "stopped", Duration::from_secs(60));
     assert!(
         serve_log(&tmp).contains("following Incus's events"),
         "the event stream was not followed"

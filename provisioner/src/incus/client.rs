@@ -1043,45 +1043,31 @@ impl IncusClient {
             .map(drop)
     }
 
-    /// Takes snapshot `snap` of custom volume `name` (on member `at`).
-    pub async fn snapshot_volume(
+    /// Takes snapshot `snap` of custom volume `name` (on member `at`),
+    /// or, `restore`, puts the volume back as it was at `snap` (no
+    /// running instance may use it then).
+    pub async fn volume_snapshot(
         &self,
         pool: &str,
         name: &str,
         snap: &str,
+        restore: bool,
         at: Option<&str>,
         limit: Duration,
     ) -> Result<(), IncusError> {
-        #[derive(Serialize)]
-        struct Body<'a> {
-            name: &'a str,
-        }
         let what = format!("snapshot {snap} of storage volume {name}");
-        let json = Self::encode(&what, &Body { name: snap })?;
-        let uri = self.volume_uri(pool, Some(name), "/snapshots", at);
-        self.operate(Method::POST, &uri, Some(json), &what, limit)
-            .await
-            .map(drop)
-    }
-
-    /// Puts custom volume `name` (on member `at`) back as it was at
-    /// snapshot `snap`; no running instance may use it.
-    pub async fn restore_volume(
-        &self,
-        pool: &str,
-        name: &str,
-        snap: &str,
-        at: Option<&str>,
-        limit: Duration,
-    ) -> Result<(), IncusError> {
-        #[derive(Serialize)]
-        struct Body<'a> {
-            restore: &'a str,
-        }
-        let what = format!("snapshot {snap} of storage volume {name}");
-        let json = Self::encode(&what, &Body { restore: snap })?;
-        let uri = self.volume_uri(pool, Some(name), "", at);
-        self.operate(Method::PUT, &uri, Some(json), &what, limit)
+        let (method, rest, body) = if restore {
+            (Method::PUT, "", serde_json::json!({ "restore": snap }))
+        } else {
+            (
+                Method::POST,
+                "/snapshots",
+                serde_json::json!({ "name": snap }),
+            )
+        };
+        let json = Self::encode(&what, &body)?;
+        let uri = self.volume_uri(pool, Some(name), rest, at);
+        self.operate(method, &uri, Some(json), &what, limit)
             .await
             .map(drop)
     }

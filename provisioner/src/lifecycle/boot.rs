@@ -18,6 +18,41 @@ fn boot_failed(cause: &'static str) {
 const POST_CREATE_WAIT: Duration = Duration::from_secs(600);
 
 impl LocalProvisioner {
+    /// The guest config files for the devcontainer.json in `source` (none
+    /// without one). Read again at every boot so that an edit applies on
+    /// the next start: the guest's init runs the create steps once and
+    /// postStartCommand every time, and gives every session the
+    /// environment.
+    pub(super) fn devcontainer_files(
+        &self,
+        source: &Path,
+        stack: &str,
+    ) -> Vec<(&'static str, String)> {
+        let stack_env = Stacks::load(&self.s.stacks_dir)
+            .get(stack)
+            .map(|s| s.file.env.clone())
+            .unwrap_or_default();
+        let found = crate::devcontainer::load(source, &stack_env);
+        let Some(d) = found.parsed() else {
+            return Vec::new();
+        };
+        let mut files = Vec::new();
+        for (file, script) in [
+            (DEVCONTAINER_CREATE, d.create_script()),
+            (DEVCONTAINER_START, d.start_script()),
+            (DEVCONTAINER_COMPOSE, d.compose_script()),
+        ] {
+            if let Some(script) = script {
+                files.push((file, script));
+            }
+        }
+        if !d.env.is_empty() {
+            files.push(("environment", d.ssh_environment()));
+            files.push(("environment.sh", d.shell_environment()));
+        }
+        files
+    }
+
     /// Writes the config disk: network, dev's uid, keys, the VM's host key.
     pub(super) async fn write_config(
         &self,
@@ -55,28 +90,8 @@ impl LocalProvisioner {
         };
         write("env", &env, 0o644)?;
         write("authorized_keys", &keys, 0o644)?;
-        // The repository's devcontainer.json, read again at every boot so
-        // that an edit applies on the next start: the guest's init runs the
-        // create steps once and postStartCommand every time, and gives
-        // every session the environment.
-        let stack_env = Stacks::load(&self.s.stacks_dir)
-            .get(&r.stack)
-            .map(|s| s.file.env.clone())
-            .unwrap_or_default();
-        if let Some(d) = crate::devcontainer::load(&r.source, &stack_env).parsed() {
-            if let Some(script) = d.create_script() {
-                write(DEVCONTAINER_CREATE, &script, 0o644)?;
-            }
-            if let Some(script) = d.start_script() {
-                write(DEVCONTAINER_START, &script, 0o644)?;
-            }
-            if let Some(script) = d.compose_script() {
-                write(DEVCONTAINER_COMPOSE, &script, 0o644)?;
-            }
-            if !d.env.is_empty() {
-                write("environment", &d.ssh_environment(), 0o644)?;
-                write("environment.sh", &d.shell_environment(), 0o644)?;
-            }
+        for (file, text) in self.devcontainer_files(&r.source, &r.stack) {
+            write(file, &text, 0o644)?;
         }
         for (f, mode) in [
             ("ssh_host_ed25519_key", 0o600),
@@ -271,42 +286,7 @@ impl LocalProvisioner {
     /// Waits for the guest to finish the devcontainer's create steps (its
     /// init runs them on the first boot) and says how they went.
     pub(super) async fn wait_post_create(&self, r: &VmRecord) -> String {
-        let start = Instant::now();
-        let log = "/var/log/kennel/post-create.log";
-        while start.elapsed() < POST_CREATE_WAIT {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let Ok(out) = self
-                .ssh_exec(
-                    r,
-                    "cat /var/log/kennel/post-create.status 2>/dev/null || echo running",
-                )
-                .await
-            else {
-                continue;
-            };
-            let status = out.trim();
-            if status == "running" {
-                continue;
-            }
-            let secs = start.elapsed().as_secs();
-            if status == "0" {
-                return format!(
-                    "devcontainer postCreateCommand finished in {secs} s (exit 0); its output is in {log} in the VM"
-                );
-            }
-            let last = self
-                .ssh_exec(r, &format!("tail -n 5 {log}"))
-                .await
-                .unwrap_or_default();
-            return format!(
-                "devcontainer postCreateCommand failed (exit {status}) after {secs} s; the project runs without it. Last lines of {log} in the VM:\n{}",
-                last.trim_end()
-            );
-        }
-        format!(
-            "devcontainer postCreateCommand still runs after {} s; follow it with: tail -f {log} (in the VM)",
-            POST_CREATE_WAIT.as_secs()
-        )
+        wait_post_create_by(|command| async move { self.ssh_exec(r, &command).await }).await
     }
 
     pub(super) async fn graceful_stop(&self, r: &VmRecord) -> Result<(), ProvisionError> {
@@ -403,6 +383,45 @@ impl LocalProvisioner {
         .await
         .map_err(|e| e.to_string())?
     }
+}
+
+/// Waits for a guest to finish the devcontainer's create steps (its init
+/// runs them on the first boot), asking it with `exec` (a command over
+/// SSH), and says how they went.
+pub(super) async fn wait_post_create_by<F, Fut>(exec: F) -> String
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Result<String, String>>,
+{
+    let start = Instant::now();
+    let log = "/var/log/kennel/post-create.log";
+    while start.elapsed() < POST_CREATE_WAIT {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Ok(out) =
+            exec("cat /var/log/kennel/post-create.status 2>/dev/null || echo running".into()).await
+        else {
+            continue;
+        };
+        let status = out.trim();
+        if status == "running" {
+            continue;
+        }
+        let secs = start.elapsed().as_secs();
+        if status == "0" {
+            return format!(
+                "devcontainer postCreateCommand finished in {secs} s (exit 0); its output is in {log} in the VM"
+            );
+        }
+        let last = exec(format!("tail -n 5 {log}")).await.unwrap_or_default();
+        return format!(
+            "devcontainer postCreateCommand failed (exit {status}) after {secs} s; the project runs without it. Last lines of {log} in the VM:\n{}",
+            last.trim_end()
+        );
+    }
+    format!(
+        "devcontainer postCreateCommand still runs after {} s; follow it with: tail -f {log} (in the VM)",
+        POST_CREATE_WAIT.as_secs()
+    )
 }
 
 /// Why a boot failed, as far as the caller acts on it.

@@ -384,6 +384,7 @@ impl IncusProvisioner {
         (uid, gid): (u32, u32),
         user_keys: &[String],
         running: bool,
+        devcontainer: Vec<(&'static str, String)>,
     ) -> Result<(), IncusError> {
         let root = (0, 0, 0o600);
         let project_pub =
@@ -418,6 +419,7 @@ impl IncusProvisioner {
             files.push(("ssh_host_ed25519_key", k));
             files.push(("ssh_host_ed25519_key.pub", p));
         }
+        files.extend(devcontainer.into_iter().map(|(f, t)| (f, t.into_bytes())));
         // What was written last is remembered beside the project's keys:
         // a start with nothing changed writes nothing (5 API calls less).
         let digest = {
@@ -446,6 +448,15 @@ impl IncusProvisioner {
             tracing::warn!(project = name, error = %e, "cannot remember the guest config written");
         }
         Ok(())
+    }
+
+    /// The guest config files for the devcontainer.json of instance `i`'s
+    /// source on Kennel's host (with a volume: the tree it started from).
+    fn devcontainer_of(&self, i: &Instance) -> Vec<(&'static str, String)> {
+        self.host.devcontainer_files(
+            Path::new(label(i, SOURCE).unwrap_or_default()),
+            label(i, STACK).unwrap_or_default(),
+        )
     }
 
     /// The uid and gid the guest's `dev` has (the source owner's).
@@ -720,14 +731,56 @@ impl IncusProvisioner {
                 source.display()
             ));
         }
-        self.push_config(name, (uid, gid), &req.authorized_keys, false)
+        // The devcontainer.json's steps run on the first boot, on the
+        // source: with a volume, that is the boot after it was filled.
+        let devcontainer = self.host.devcontainer_files(&source, &stack);
+        let first = if in_volume {
+            Vec::new()
+        } else {
+            devcontainer.clone()
+        };
+        self.push_config(name, (uid, gid), &req.authorized_keys, false, first)
             .await
             .map_err(|e| incus_failed(Stage::Disk, e))?;
         let i = self.instance(name).await?;
-        let status = self.boot(&i, progress).await?;
+        let mut status = self.boot(&i, progress).await?;
+        let (ssh, _) = self.addrs(&i).await;
         if in_volume {
-            let (ssh, _) = self.addrs(&i).await;
             self.fill_volume(name, &ssh, &source, progress).await?;
+            if !devcontainer.is_empty() {
+                self.client
+                    .change_state(name, StateAction::Stop, false, self.host.s.stop_timeout)
+                    .await
+                    .map_err(|e| incus_failed(Stage::Ready, e))?;
+                self.push_config(
+                    name,
+                    (uid, gid),
+                    &req.authorized_keys,
+                    false,
+                    devcontainer.clone(),
+                )
+                .await
+                .map_err(|e| incus_failed(Stage::Ready, e))?;
+                status = self.boot(&i, progress).await?;
+            }
+        }
+        if devcontainer
+            .iter()
+            .any(|(f, _)| *f == "devcontainer-create.sh")
+        {
+            step(
+                progress,
+                Stage::Ready,
+                Some("running the devcontainer.json's postCreateCommand".into()),
+            );
+            let dir = self.host.key_dir(name);
+            notes.push(
+                super::boot::wait_post_create_by(|command| {
+                    let (dir, ssh) = (&dir, &ssh);
+                    async move { self.host.ssh_exec_at(dir, name, ssh, &command).await }
+                })
+                .await,
+            );
         }
         if let Some(cmd) = template.as_ref().and_then(|t| t.file.post_create.clone()) {
             step(
@@ -1138,9 +1191,15 @@ impl IncusProvisioner {
                 new_keypairs(runner, &kd2, &kd2, &key_label)
             })
             .await?;
-        self.push_config(name, (uid, gid), &to.authorized_keys, false)
-            .await
-            .map_err(|e| incus_failed(Stage::Disk, e))?;
+        self.push_config(
+            name,
+            (uid, gid),
+            &to.authorized_keys,
+            false,
+            self.devcontainer_of(src),
+        )
+        .await
+        .map_err(|e| incus_failed(Stage::Disk, e))?;
         let i = self.instance(name).await?;
         let status = self.boot(&i, progress).await?;
         Ok(Created {
@@ -1231,7 +1290,13 @@ impl Provisioner for IncusProvisioner {
         let owner = self.owner(&i);
         let running = i.running();
         if let Err(e) = self
-            .push_config(name, owner, &spec.authorized_keys, running)
+            .push_config(
+                name,
+                owner,
+                &spec.authorized_keys,
+                running,
+                self.devcontainer_of(&i),
+            )
             .await
         {
             // An offline member: say so at once instead of hanging.
@@ -1449,7 +1514,7 @@ impl Provisioner for IncusProvisioner {
         }
         let owner = self.owner(&i);
         let keys = self.user_keys_in(b).await;
-        self.push_config(b, owner, &keys, false)
+        self.push_config(b, owner, &keys, false, self.devcontainer_of(&i))
             .await
             .map_err(|e| incus_failed(Stage::Disk, e))?;
         if running {
@@ -1482,9 +1547,15 @@ impl Provisioner for IncusProvisioner {
         let i = self.instance(name).await?;
         let owner = self.owner(&i);
         let running = i.running();
-        self.push_config(name, owner, authorized_keys, running)
-            .await
-            .map_err(|e| incus_failed(Stage::Ready, e))
+        self.push_config(
+            name,
+            owner,
+            authorized_keys,
+            running,
+            self.devcontainer_of(&i),
+        )
+        .await
+        .map_err(|e| incus_failed(Stage::Ready, e))
     }
 
     async fn checkpoint(
@@ -1676,21 +1747,35 @@ impl Provisioner for IncusProvisioner {
         // instance finds it where it lands; the side it is not on then
         // loses its copy.
         let volume = volume_of(&i).map(str::to_owned);
-        if let Some(v) = &volume {
-            self.volume_to(&i, v, &target).await?;
-        }
-        let moved = self
-            .client
-            .move_instance(name, &target, Duration::from_secs(1800))
-            .await
-            .map_err(|e| incus_failed(Stage::Disk, e));
-        if let Some(v) = &volume {
-            let from = member_of(&i).unwrap_or_default();
-            if let Err(e) = self.volume_moved(v, from, &target, moved.is_ok()).await {
-                tracing::warn!(project = name, volume = v, error = %e, "could not delete the copy of the source volume left behind");
+        // A migration between members that Incus cuts off by its own
+        // deadline (seen on a loaded host: "context deadline exceeded")
+        // leaves the instance where it was: tried once more.
+        for attempt in 1..=2 {
+            if let Some(v) = &volume {
+                self.volume_to(&i, v, &target).await?;
+            }
+            let moved = self
+                .client
+                .move_instance(name, &target, Duration::from_secs(1800))
+                .await;
+            if let Some(v) = &volume {
+                let from = member_of(&i).unwrap_or_default();
+                if let Err(e) = self.volume_moved(v, from, &target, moved.is_ok()).await {
+                    tracing::warn!(project = name, volume = v, error = %e, "could not delete the copy of the source volume left behind");
+                }
+            }
+            match moved {
+                Ok(()) => break,
+                Err(e)
+                    if attempt == 1
+                        && e.to_string().contains("deadline exceeded")
+                        && self.client.location(name).await.as_deref() == member_of(&i) =>
+                {
+                    tracing::warn!(project = name, error = %e, "Incus cut the move off; trying once more");
+                }
+                Err(e) => return Err(incus_failed(Stage::Disk, e)),
             }
         }
-        moved?;
         let ip = match self.set.listen {
             Listen::Member => Some(self.listen_ip(&target).await),
             Listen::At(_) => None,

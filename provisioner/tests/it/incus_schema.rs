@@ -173,15 +173,17 @@ fn the_vm_kennel_asks_for_is_one_incus_describes() {
 
 #[test]
 fn the_container_kennel_asks_for_is_one_incus_describes() {
-    let ct = post(
-        InstanceType::Container,
-        &project(
-            Workspace::HostPath("/srv/kennel/projects/myapp".into()),
-            None,
-        ),
-    );
-    let found = problems(&ct, false);
-    assert!(found.is_empty(), "{found:#?}");
+    // Its source shared from the host, in a volume, or (made first, a
+    // volume attached once placed) none yet.
+    for ws in [
+        Workspace::HostPath("/srv/kennel/projects/myapp".into()),
+        Workspace::Volume("kennel-src-myapp".into()),
+        Workspace::Later,
+    ] {
+        let ct = post(InstanceType::Container, &project(ws.clone(), None));
+        let found = problems(&ct, false);
+        assert!(found.is_empty(), "{ws:?}: {found:#?}");
+    }
 }
 
 #[test]

@@ -215,15 +215,10 @@ impl IncusProvisioner {
     ) -> Result<(), ProvisionError> {
         let pool = &self.set.placement.storage_pool;
         let at = member_of(i);
-        let r = if restore {
-            self.client
-                .restore_volume(pool, volume, snap, at, LONG)
-                .await
-        } else {
-            self.client
-                .snapshot_volume(pool, volume, snap, at, LONG)
-                .await
-        };
+        let r = self
+            .client
+            .volume_snapshot(pool, volume, snap, restore, at, LONG)
+            .await;
         r.map_err(|e| incus_failed(Stage::Disk, e))
     }
 
