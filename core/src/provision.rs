@@ -526,6 +526,12 @@ pub trait Provisioner: Send + Sync {
         project: &ProjectName,
         authorized_keys: &[String],
     ) -> Result<(), ProvisionError>;
+    /// Where a project's source lives besides its directory on Kennel's
+    /// host, named for a person (`storage volume kennel-src-NAME (pool
+    /// default)`), for `rm`'s prompts; `None` when that directory is all.
+    async fn source_elsewhere(&self, _project: &ProjectName) -> Option<String> {
+        None
+    }
     /// Whether a project's source is a directory on Kennel's host shared
     /// into its VM (`new project --path`, `--adopt`): `Err` saying where
     /// sources live instead (a storage volume on a cluster member).
@@ -966,6 +972,12 @@ pub mod testing {
         }
         async fn cpu_time(&self, project: &ProjectName) -> Option<std::time::Duration> {
             self.cpu.lock().ok()?.get(project.as_str()).copied()
+        }
+        async fn source_elsewhere(&self, project: &ProjectName) -> Option<String> {
+            self.host_sources()
+                .await
+                .err()
+                .map(|_| format!("storage volume kennel-src-{project}"))
         }
         async fn host_sources(&self) -> Result<(), String> {
             // With hosts, like a cluster: sources live in volumes.

@@ -226,7 +226,11 @@ fn projects_spread_move_evacuate_and_outlive_a_dead_member() {
     k.exec_ok("cp d@first dcopy");
     assert_eq!(placement(&k)["dcopy"], "m3");
     assert_eq!(sh(&k, &key, "dcopy", "cat /workspace/mine.txt"), "mine\n");
-    k.exec_ok("rm dcopy --purge --yes");
+    let out = k.exec_ok("rm dcopy --purge --yes");
+    assert!(
+        out.contains("DELETES") && out.contains("storage volume kennel-src-dcopy (pool default)"),
+        "{out}"
+    );
     k.exec_ok("yes");
     assert!(
         !volumes(&cluster)

@@ -182,6 +182,11 @@ impl Executor {
             yes: true,
         }
         .to_string();
+        // A source kept elsewhere too (a storage volume on a cluster).
+        let also = match self.vms.source_elsewhere(name).await {
+            Some(place) => format!(" and {place}"),
+            None => String::new(),
+        };
         if !yes {
             let n = name.clone();
             let checkpoints = self
@@ -196,11 +201,15 @@ impl Executor {
             };
             if purge {
                 prompt.push_str(&format!(
-                    " It also DELETES the source directory {} on the host.",
+                    " It also DELETES the source directory {} on the host{also}.",
                     project.source_path
                 ));
             } else {
-                prompt.push_str(&format!(" The source at {} is kept.", project.source_path));
+                prompt.push_str(&format!(
+                    " The source at {}{also} {} kept.",
+                    project.source_path,
+                    if also.is_empty() { "is" } else { "are" }
+                ));
             }
             return self.ask(call.who, prompt, &again, 1).await;
         }
@@ -208,7 +217,7 @@ impl Executor {
         // naming them, even after --yes.
         if purge && call.confirmed < 2 {
             let prompt = format!(
-                "Last check: this permanently DELETES {} and everything in it, together with the VM of {name}.",
+                "Last check: this permanently DELETES {}{also} and everything in it, together with the VM of {name}.",
                 project.source_path
             );
             return self.ask(call.who, prompt, &again, 2).await;

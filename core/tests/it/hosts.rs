@@ -83,6 +83,21 @@ async fn admins_place_move_evacuate_and_restore() {
         );
     }
     assert!(w.vms.host_of("e").is_none());
+    // rm names the volume: kept, or deleted by a purge.
+    let Ok(Reply::Confirm { prompt, .. }) = w.run(&w.admin, "rm d").await else {
+        panic!("rm asks first")
+    };
+    assert!(
+        prompt.contains("and storage volume kennel-src-d are kept"),
+        "{prompt}"
+    );
+    let Ok(Reply::Confirm { prompt, .. }) = w.run(&w.admin, "rm d --purge").await else {
+        panic!("rm asks first")
+    };
+    assert!(
+        prompt.contains("on the host and storage volume kennel-src-d."),
+        "{prompt}"
+    );
     let used: std::collections::BTreeSet<_> =
         ["a", "b", "c"].iter().map(|p| w.vms.host_of(p)).collect();
     assert_eq!(used.len(), 3);

@@ -1392,6 +1392,16 @@ impl Provisioner for IncusProvisioner {
         self.host.purge_source(project, path).await
     }
 
+    async fn source_elsewhere(&self, project: &ProjectName) -> Option<String> {
+        let i = self.client.instance(project.as_str()).await.ok()??;
+        volume_of(&i).map(|v| {
+            format!(
+                "storage volume {v} (pool {})",
+                self.set.placement.storage_pool
+            )
+        })
+    }
+
     async fn host_sources(&self) -> Result<(), String> {
         match self.volumes().await {
             Ok(false) => Ok(()),
