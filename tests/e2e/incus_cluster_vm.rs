@@ -215,6 +215,9 @@ fn projects_spread_move_evacuate_and_outlive_a_dead_member() {
     assert_eq!(placement(&k)["d"], "m3");
     assert_eq!(k.state("d").0, "running");
     assert_eq!(hostname(&k, &key, "d"), "d");
+    // Still dev's to write (the copy kept the id map its files are
+    // stored under).
+    sh(&k, &key, "d", "touch /workspace/after-move");
     // Its volume went with it (none left behind), checkpoint and all.
     assert_eq!(sh(&k, &key, "d", "cat /workspace/mine.txt"), "mine\n");
     let of_d: Vec<_> = volumes(&cluster)
@@ -303,6 +306,11 @@ fn projects_spread_move_evacuate_and_outlive_a_dead_member() {
     // rename: the volume takes the new name. rm keeps it (a source is
     // deleted only by a purge), and a new project of that name is told.
     k.exec_ok("rename d dd");
+    assert_eq!(sh(&k, &key, "dd", "cat /workspace/mine.txt"), "mine\n");
+    // A checkpoint from before the move and the rename still rolls back
+    // (its disk's config names the member and the volume as they were).
+    sh(&k, &key, "dd", "echo renamed > /workspace/mine.txt");
+    k.exec_ok("rollback dd first --yes");
     assert_eq!(sh(&k, &key, "dd", "cat /workspace/mine.txt"), "mine\n");
     for p in ["a", "b", "c", "dd"] {
         k.exec_ok(&format!("rm {p}"));

@@ -254,6 +254,8 @@ pub struct StorageVolume {
     pub location: String,
     #[serde(default, deserialize_with = "nullable")]
     pub used_by: Vec<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub config: BTreeMap<String, String>,
 }
 
 /// `GET /1.0/instances/NAME/state`.

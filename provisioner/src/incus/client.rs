@@ -9,6 +9,7 @@
 //! operation's own message (measured on Incus 6.0), which becomes a typed
 //! [`IncusError`] the same way a refused request does.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -1005,14 +1006,32 @@ impl IncusClient {
             #[serde(rename = "type")]
             kind: &'a str,
             content_type: &'a str,
+            #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+            config: BTreeMap<String, String>,
             #[serde(skip_serializing_if = "Option::is_none")]
             source: Option<Source<'a>>,
         }
         let what = format!("storage volume {name}");
+        // A copy takes its source's config, as Incus's own client sends
+        // it: with it the id map the files are stored under
+        // (`volatile.idmap.last`); without it, a copy attached to a
+        // container showed its files as nobody's.
+        let config = match from {
+            Some((source, location)) => {
+                let base = source.split('/').next().unwrap_or(source);
+                let at = (!location.is_empty()).then_some(location);
+                let v: StorageVolume = self
+                    .get(&self.volume_uri(pool, Some(base), "", at), &what)
+                    .await?;
+                v.config
+            }
+            None => BTreeMap::new(),
+        };
         let body = Body {
             name,
             kind: "custom",
             content_type: "filesystem",
+            config,
             source: from.map(|(name, location)| Source {
                 kind: "copy",
                 pool,

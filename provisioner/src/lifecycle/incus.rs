@@ -321,6 +321,23 @@ impl IncusProvisioner {
             .await
     }
 
+    /// After instance `i`'s disk went back to a snapshot, whose config is
+    /// that of the checkpoint's moment: its proxies listen where it is
+    /// now (it may have moved since) and `/workspace` is its volume as
+    /// named now (it may have been renamed since).
+    async fn after_restore(&self, i: &Instance) -> Result<(), ProvisionError> {
+        if self.set.listen == Listen::Member {
+            let ip = self.listen_ip(&i.location).await;
+            self.retarget(&i.name, Some(ip), label(i, EVACUATED_FROM))
+                .await
+                .map_err(|e| incus_failed(Stage::Disk, e))?;
+        }
+        if let Some(v) = volume_of(i) {
+            self.repoint_volume(&i.name, v).await?;
+        }
+        Ok(())
+    }
+
     /// What an Incus failure about instance `name` means for Kennel: a
     /// member that does not answer is [`ProvisionError::HostOffline`]
     /// (told at once), the rest a failure at `stage`.
@@ -964,6 +981,7 @@ impl IncusProvisioner {
                 .restore_snapshot(name, &snapshot(label), Duration::from_secs(1800))
                 .await
                 .map_err(|e| incus_failed(Stage::Disk, e))?;
+            self.after_restore(&i).await?;
             return self.volume_snapshot(&i, &v, &snapshot(label), true).await;
         }
         let source = self.source_of(&i)?;
@@ -994,6 +1012,7 @@ impl IncusProvisioner {
             let _ = std::fs::remove_dir_all(&staging);
             return Err(incus_failed(Stage::Disk, e));
         }
+        self.after_restore(&i).await?;
         let replaced = checkpoint::sibling(&source, "kennel-replaced")?;
         self.host
             .blocking(Stage::Disk, move |_| {

@@ -183,6 +183,25 @@ impl IncusProvisioner {
         })
     }
 
+    /// Points stopped instance `name`'s `/workspace` (and its label) at
+    /// `volume`: after its disk went back to a snapshot, whose config
+    /// may name the volume as it was called then (before a rename).
+    pub(super) async fn repoint_volume(
+        &self,
+        name: &str,
+        volume: &str,
+    ) -> Result<(), ProvisionError> {
+        let device = spec::workspace_device(
+            &self.set.placement,
+            &spec::Workspace::Volume(volume.to_owned()),
+        );
+        let (key, v) = (format!("user.kennel.{VOLUME}"), volume.to_owned());
+        self.client
+            .update_instance(name, move |put| set_workspace(put, device, key, v))
+            .await
+            .map_err(|e| incus_failed(Stage::Disk, e))
+    }
+
     /// Deletes project `project`'s source volume (and its snapshots),
     /// wherever it is; nothing when there is none.
     pub(super) async fn delete_volume_of(&self, project: &str) -> Result<(), ProvisionError> {
