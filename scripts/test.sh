@@ -105,8 +105,13 @@ cargo test --workspace --all-features --locked -- --exact \
 # beside each other (each has its own daemon) but not beside guests
 # booting under TCG on two cores, where they would time out.
 load_tests=(load_vm:: bots_serve::the_matrix_bot_answers_1000)
+# The three-member Incus cluster test runs alone at the end: Incus 6.0
+# cuts a move between members off by its own deadlines ("context
+# deadline exceeded") when two cores are also emulating guests for
+# other tests (seen in 1 of 3 full runs; never alone).
+alone=(incus_cluster_vm::)
 skip=()
-for t in "${load_tests[@]}"; do skip+=(--skip "$t"); done
+for t in "${load_tests[@]}" "${alone[@]}"; do skip+=(--skip "$t"); done
 failed=0
 step "cargo test"
 cargo test --workspace --all-features --locked --no-fail-fast -- \
@@ -114,6 +119,9 @@ cargo test --workspace --all-features --locked --no-fail-fast -- \
 step "cargo test (load tests)"
 cargo test --workspace --all-features --locked --no-fail-fast --test e2e -- \
   --test-threads=2 "${load_tests[@]}" 2>&1 | tee -a "$test_log" || failed=1
+step "cargo test (Incus cluster, alone)"
+cargo test --workspace --all-features --locked --no-fail-fast --test e2e -- \
+  --test-threads=1 "${alone[@]}" 2>&1 | tee -a "$test_log" || failed=1
 if [ "$failed" != 0 ]; then
   echo "some tests failed (see above)" >&2
   exit 1
