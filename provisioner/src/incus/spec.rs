@@ -222,13 +222,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_container_shares_the_host_source_shifted_and_proxies_to_loopback() {
-        let place = Placement {
+    /// Containers in the `default` pool on `incusbr0`.
+    fn container_place() -> Placement {
+        Placement {
             instance_type: InstanceType::Container,
             storage_pool: "default".into(),
             network: "incusbr0".into(),
-        };
+        }
+    }
+
+    #[test]
+    fn a_container_shares_the_host_source_shifted_and_proxies_to_loopback() {
+        let place = container_place();
         let post = instance_post(
             &place,
             &project(Workspace::HostPath("/srv/src/myapp".into())),
@@ -275,11 +280,7 @@ mod tests {
 
     #[test]
     fn a_containers_volume_is_mapped_by_incus_and_later_means_none_yet() {
-        let place = Placement {
-            instance_type: InstanceType::Container,
-            storage_pool: "default".into(),
-            network: "incusbr0".into(),
-        };
+        let place = container_place();
         let post = instance_post(
             &place,
             &project(Workspace::Volume("kennel-src-myapp".into())),
