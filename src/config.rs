@@ -388,6 +388,11 @@ pub struct VmConfig {
     /// VMs went away (a host restart, a crash), like libvirt's autostart.
     /// Off: they are shown stopped, and the next ssh or visit wakes them.
     pub autostart: bool,
+    /// Who new projects' VMs may reach: `open` (anything the host reaches,
+    /// the default) or `closed` (only what each project's list allows;
+    /// new names are asked about in chat). `egress NAME ...` sets it per
+    /// project.
+    pub egress: String,
 }
 
 impl Default for Config {
@@ -549,6 +554,7 @@ impl Default for VmConfig {
             idle_stop: "30m".into(),
             idle_cpu_percent: 5,
             autostart: false,
+            egress: "open".into(),
         }
     }
 }
@@ -565,6 +571,7 @@ impl Config {
         self.default_owner()?;
         self.default_resources()?;
         self.idle_stop()?;
+        self.egress()?;
         if !(1..=100).contains(&self.vm.idle_cpu_percent) {
             bail!("vm.idle_cpu_percent must be 1 to 100 (percent of one host core)");
         }
@@ -593,6 +600,14 @@ impl Config {
             bail!("{problem}");
         }
         Ok(())
+    }
+
+    /// `vm.egress`, parsed.
+    pub fn egress(&self) -> Result<kennel_core::egress::EgressMode> {
+        self.vm
+            .egress
+            .parse()
+            .map_err(|e| anyhow::anyhow!("vm.egress: {e}"))
     }
 
     /// `vm.idle_stop`, parsed.

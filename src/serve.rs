@@ -157,6 +157,12 @@ pub async fn run(config: &Config) -> Result<()> {
         }
         _ => None,
     };
+    // Egress policies reach the provisioner (VMs found running keep
+    // theirs), and closed projects' asks reach their owners.
+    let egress_task = {
+        let exec = exec.clone();
+        tokio::spawn(async move { exec.watch_egress().await })
+    };
     // VMs nobody uses are stopped (vm.idle_stop); their idle times are
     // written down for the next daemon, last when this one stops.
     let (stop_idle, idle_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -201,6 +207,7 @@ pub async fn run(config: &Config) -> Result<()> {
     }
     let _ = stop_idle.send(());
     let _ = idle_task.await;
+    egress_task.abort();
     let _ = ssh_task.await;
     for bot in bots {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), bot).await;

@@ -48,6 +48,7 @@ pub fn settings(config: &Config) -> Result<Settings> {
         max_parallel_creates: usize::try_from(config.vm.max_parallel_creates).unwrap_or(1),
         confirm_secs: 300,
         idle_stop: config.idle_stop()?,
+        egress: config.egress()?,
         idle_cpu_percent: config.vm.idle_cpu_percent,
         checkpoint_keep: config.checkpoint.keep,
         llm_requests_per_minute: config.llm.requests_per_minute,

@@ -960,6 +960,15 @@ impl Handler {
                     let line = kennel_core::llm::notice_line(&project, &text);
                     tell_owner(&http, &identities, line).await;
                 }
+                Event::EgressAsked {
+                    project,
+                    identities,
+                    dest,
+                    ..
+                } => {
+                    let line = kennel_core::executor::egress::ask_line(&project, &dest);
+                    tell_owner(&http, &identities, line).await;
+                }
             }
         }
     }

@@ -885,6 +885,15 @@ impl MatrixBot {
                     let line = kennel_core::llm::notice_line(&project, &text);
                     self.tell_owner(&identities, line).await;
                 }
+                Event::EgressAsked {
+                    project,
+                    identities,
+                    dest,
+                    ..
+                } => {
+                    let line = kennel_core::executor::egress::ask_line(&project, &dest);
+                    self.tell_owner(&identities, line).await;
+                }
             }
         }
     }

@@ -12,6 +12,7 @@
 pub mod catalog;
 pub mod command;
 pub mod dns;
+pub mod egress;
 pub mod executor;
 pub mod fault;
 pub mod frontdoor;

@@ -84,10 +84,17 @@ pub enum Reply {
         shares: Vec<Share>,
         vm: Option<VmStatus>,
         idle: crate::idle::IdleView,
+        egress: crate::executor::egress::EgressView,
     },
     UserRenamed {
         from: String,
         to: String,
+    },
+    /// A project's egress policy (`changed`: as just set).
+    Egress {
+        project: String,
+        egress: crate::executor::egress::EgressView,
+        changed: bool,
     },
     /// A project's idle limit, as set.
     IdleSet {

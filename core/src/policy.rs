@@ -151,6 +151,7 @@ pub fn authorize(
         | Private { .. }
         | Port { .. }
         | Idle { .. }
+        | Egress { .. }
         | Tag { .. }
         | Untag { .. }
         | Cp { .. }

@@ -532,6 +532,36 @@ pub trait Provisioner: Send + Sync {
     async fn source_elsewhere(&self, _project: &ProjectName) -> Option<String> {
         None
     }
+    /// Whether this backend can enforce `policy`: an open one always; a
+    /// closed one only where Kennel controls the VM's network (`Err` says
+    /// why not, for the person who asked).
+    fn egress_supported(&self, policy: &crate::egress::EgressPolicy) -> Result<(), String> {
+        match policy.mode {
+            crate::egress::EgressMode::Open => Ok(()),
+            crate::egress::EgressMode::Closed => Err(format!(
+                "the {} backend does not enforce egress policies yet; projects on it stay open",
+                self.backend()
+            )),
+        }
+    }
+
+    /// Sets a project's egress policy: applied now where its VM runs, and
+    /// at each boot.
+    async fn set_egress(
+        &self,
+        _project: &ProjectName,
+        _policy: &crate::egress::EgressPolicy,
+    ) -> Result<(), ProvisionError> {
+        Ok(())
+    }
+
+    /// Where the asks of closed projects' VMs arrive (taken once, by the
+    /// daemon); `None` for a backend that raises none.
+    fn egress_asks(
+        &self,
+    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<crate::egress::EgressAsked>> {
+        None
+    }
     /// Whether a project's source is a directory on Kennel's host shared
     /// into its VM (`new project --path`, `--adopt`): `Err` saying where
     /// sources live instead (a storage volume on a cluster member).
@@ -684,6 +714,8 @@ pub mod testing {
         pub hosts: Mutex<BTreeMap<String, (bool, bool)>>,
         /// Where each VM is: project → (host, evacuated from).
         pub placed: Mutex<BTreeMap<String, (String, Option<String>)>>,
+        /// The egress policy each project was given last.
+        pub egress: Mutex<BTreeMap<String, crate::egress::EgressPolicy>>,
     }
 
     /// One operation under way on some projects; ends when dropped.
@@ -972,6 +1004,19 @@ pub mod testing {
         }
         async fn cpu_time(&self, project: &ProjectName) -> Option<std::time::Duration> {
             self.cpu.lock().ok()?.get(project.as_str()).copied()
+        }
+        fn egress_supported(&self, _: &crate::egress::EgressPolicy) -> Result<(), String> {
+            Ok(())
+        }
+        async fn set_egress(
+            &self,
+            project: &ProjectName,
+            policy: &crate::egress::EgressPolicy,
+        ) -> Result<(), ProvisionError> {
+            if let Ok(mut e) = self.egress.lock() {
+                e.insert(project.to_string(), policy.clone());
+            }
+            Ok(())
         }
         async fn source_elsewhere(&self, project: &ProjectName) -> Option<String> {
             self.host_sources()

@@ -184,6 +184,22 @@ fn state_text(p: &Project) -> String {
     }
 }
 
+/// `closed (the default): 3 rules, 1 asked` and the like.
+fn egress_text(v: &crate::executor::egress::EgressView) -> String {
+    let mut s = v.mode.to_string();
+    if v.default {
+        s.push_str(" (the default)");
+    }
+    let n = v.rules.len();
+    if n > 0 {
+        s.push_str(&format!(": {n} rule{}", if n == 1 { "" } else { "s" }));
+    }
+    if !v.asked.is_empty() {
+        s.push_str(&format!(", {} asked", v.asked.len()));
+    }
+    s
+}
+
 /// `after 30m (the default), idle for 4m` and the like.
 fn idle_text(v: &crate::idle::IdleView) -> String {
     let mut s = match v.limit {
@@ -365,6 +381,7 @@ pub fn document(r: &Reply) -> Vec<Block> {
             shares,
             vm,
             idle,
+            egress,
         } => {
             let mut doc = vec![
                 Block::Title(format!("{} — {}", project.name, state_text(project))),
@@ -386,6 +403,7 @@ pub fn document(r: &Reply) -> Vec<Block> {
                         vec!["ssh".into(), connection.ssh_command.clone()],
                         vec!["web".into(), project.visibility.to_string()],
                         vec!["idle stop".into(), idle_text(idle)],
+                        vec!["egress".into(), egress_text(egress)],
                         vec![
                             "tags".into(),
                             if project.tags.is_empty() {
@@ -843,6 +861,54 @@ pub fn document(r: &Reply) -> Vec<Block> {
         Reply::UserRenamed { from, to } => vec![text(format!(
             "{from} is now {to}: same keys, projects and shares."
         ))],
+        Reply::Egress {
+            project,
+            egress,
+            changed,
+        } => {
+            use crate::egress::{EgressMode, Verdict};
+            let mode = match (egress.mode, egress.default) {
+                (EgressMode::Open, d) => format!(
+                    "{project}'s VM may reach anything this host reaches{}; 'egress {project} closed' keeps it to its list.",
+                    if d { " (open, the default)" } else { " (open)" }
+                ),
+                (EgressMode::Closed, d) => format!(
+                    "{project}'s VM reaches only what its list allows{}, and Kennel's own services; a new name it tries is asked about here.",
+                    if d { " (closed, the default)" } else { " (closed)" }
+                ),
+            };
+            let mut doc = vec![text(if *changed {
+                format!("Done. {mode}")
+            } else {
+                mode
+            })];
+            if !egress.rules.is_empty() {
+                doc.push(Block::Table {
+                    head: ["destination", "rule", "until"].map(String::from).to_vec(),
+                    rows: egress
+                        .rules
+                        .iter()
+                        .map(|r| {
+                            vec![
+                                r.dest.clone(),
+                                match r.verdict {
+                                    Verdict::Allow => "allow".into(),
+                                    Verdict::Deny => "deny".into(),
+                                },
+                                r.expires_at.map_or_else(|| "-".into(), format_time),
+                            ]
+                        })
+                        .collect(),
+                });
+            }
+            if !egress.asked.is_empty() {
+                doc.push(text(format!(
+                    "Asked, not decided yet: {}. 'egress {project} allow DEST' or 'egress {project} deny DEST' decides.",
+                    egress.asked.join(", ")
+                )));
+            }
+            doc
+        }
         Reply::IdleSet { project, idle } => vec![text(match idle.limit {
             crate::model::IdleStop::Never => {
                 format!("{project}'s VM is never stopped for idleness; 'stop {project}' stops it.")

@@ -239,6 +239,8 @@ impl Executor {
         progress: &dyn ProgressSink,
     ) -> Result<VmStatus, CommandError> {
         let name = project.name.clone();
+        // The egress policy is in place before the guest runs.
+        self.arm_egress(project).await?;
         self.set_state(&name, ProjectState::Starting).await?;
         let spec = VmSpec {
             project: name.clone(),

@@ -5,9 +5,11 @@
 //! database, Synapse, an admin UI) and, through the host's other
 //! addresses, everything listening there. What a guest connects to, QEMU
 //! connects to from the host, so the rule sits on QEMU's own traffic:
-//! Kennel starts QEMU with a group of its own ([`guest_gid`], one per data
-//! directory, so two Kennels on a host keep their rules apart), and an
-//! nftables table drops new connections from sockets of that group to any
+//! Kennel starts each VM's QEMU with a group of its own ([`vm_gid`]: a
+//! range per data directory ([`guest_gid`]), so two Kennels on a host keep
+//! their rules apart, and a number per VM within it, which its egress
+//! policy matches), and an nftables table drops new connections from
+//! sockets of that range to any
 //! of the host's local addresses, except Kennel's gateways (and DNS, which
 //! QEMU forwards to the host's resolver, possibly on loopback). Replies on
 //! connections the host opened to the VM (its forwarded sshd and app) are
@@ -21,8 +23,9 @@ use std::path::Path;
 
 use crate::process::{Cmd, Runner};
 
-/// The group QEMU runs in for the Kennel whose data directory is
-/// `data_dir`: `0x4b00_0000` plus 16 bits of a hash of its path.
+/// The first of the groups QEMU runs in for the Kennel whose data
+/// directory is `data_dir`: `0x4b00_0000` plus 8 bits of a hash of its
+/// path, shifted past a VM's slot (16 bits).
 pub fn guest_gid(data_dir: &Path) -> u32 {
     // FNV-1a: stable across runs and builds (not a security boundary).
     let mut h: u32 = 0x811c_9dc5;
@@ -30,7 +33,18 @@ pub fn guest_gid(data_dir: &Path) -> u32 {
         h ^= u32::from(*b);
         h = h.wrapping_mul(0x0100_0193);
     }
-    0x4b00_0000 | (h & 0xffff)
+    0x4b00_0000 | ((h & 0xff) << 16)
+}
+
+/// The group of the VM in `slot` of the Kennel whose range starts at
+/// `base` ([`guest_gid`]).
+pub fn vm_gid(base: u32, slot: u32) -> u32 {
+    base | (slot & 0xffff)
+}
+
+/// The range of groups from `base`, as nftables writes it.
+fn gid_range(base: u32) -> String {
+    format!("{base}-{}", base | 0xffff)
 }
 
 /// The nftables table name for `gid`.
@@ -43,11 +57,12 @@ pub fn table(gid: u32) -> String {
 /// (a reset, so nothing in the guest waits for a timeout).
 pub fn script(gid: u32, tcp_ports: &[u16]) -> String {
     let t = table(gid);
+    let gids = gid_range(gid);
     let allow = port_set(tcp_ports)
-        .map(|set| format!("    meta skgid {gid} fib daddr type local tcp dport {set} accept\n"))
+        .map(|set| format!("    meta skgid {gids} fib daddr type local tcp dport {set} accept\n"))
         .unwrap_or_default();
     format!(
-        "table inet {t}\ndelete table inet {t}\ntable inet {t} {{\n  chain output {{\n    type filter hook output priority filter; policy accept;\n    ct state established,related accept\n    meta skgid {gid} fib daddr type local meta l4proto {{ tcp, udp }} th dport 53 accept\n{allow}    meta skgid {gid} fib daddr type local meta l4proto tcp reject with tcp reset\n    meta skgid {gid} fib daddr type local drop\n  }}\n}}\n"
+        "table inet {t}\ndelete table inet {t}\ntable inet {t} {{\n  chain output {{\n    type filter hook output priority filter; policy accept;\n    ct state established,related accept\n    meta skgid {gids} fib daddr type local meta l4proto {{ tcp, udp }} th dport 53 accept\n{allow}    meta skgid {gids} fib daddr type local meta l4proto tcp reject with tcp reset\n    meta skgid {gids} fib daddr type local drop\n  }}\n}}\n"
     )
 }
 
@@ -91,12 +106,15 @@ mod tests {
         let a = guest_gid(Path::new("/var/lib/kennel"));
         let b = guest_gid(Path::new("/srv/other-kennel"));
         assert_ne!(a, b);
-        assert_eq!(a >> 16, 0x4b00);
+        assert_eq!(a >> 24, 0x4b);
+        assert_eq!(a & 0xffff, 0);
         assert_eq!(a, guest_gid(Path::new("/var/lib/kennel")));
+        assert_eq!(vm_gid(a, 2), a + 2);
         let s = script(a, &[8443, 2222, 2222]);
         assert!(
             s.contains(&format!(
-                "meta skgid {a} fib daddr type local tcp dport {{ 2222, 8443 }} accept"
+                "meta skgid {a}-{} fib daddr type local tcp dport {{ 2222, 8443 }} accept",
+                a + 0xffff
             )),
             "{s}"
         );

@@ -28,6 +28,7 @@ pub mod cgroup;
 pub mod choice;
 pub mod devcontainer;
 pub mod disk;
+pub mod egress;
 pub mod host;
 pub mod hostguard;
 pub mod image;

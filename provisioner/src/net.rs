@@ -50,6 +50,14 @@ pub fn user_host_ip(slot: u32) -> String {
     format!("127.77.{}.{}", (slot >> 8) & 0xff, slot & 0xff)
 }
 
+/// The slot of a user-mode loopback address (`127.77.x.y`), the inverse
+/// of [`user_host_ip`].
+pub fn user_slot(host_ip: &str) -> Option<u32> {
+    let ip: std::net::Ipv4Addr = host_ip.parse().ok()?;
+    let [a, b, x, y] = ip.octets();
+    ((a, b) == (127, 77)).then(|| (u32::from(x) << 8) | u32::from(y))
+}
+
 /// The attachment of the VM in `slot`.
 pub fn attach(mode: &NetworkMode, slot: u32, guest_app_port: u16) -> NetAttach {
     match mode {

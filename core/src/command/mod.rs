@@ -18,6 +18,22 @@ pub use values::{GitSource, HostName, Limit, QuotaChange, Size, SlugName};
 use crate::keys::{Fingerprint, PublicKey};
 use crate::names::{ProjectName, UserName};
 
+/// A change to a project's egress policy (`egress NAME ACTION ...`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EgressChange {
+    /// `open`, `closed`, or `default` (`None`: vm.egress).
+    Mode(Option<crate::egress::EgressMode>),
+    /// `allow DEST...`; `once`: for an hour (`allow-once`).
+    Allow {
+        dests: Vec<crate::egress::Destination>,
+        once: bool,
+    },
+    /// `deny DEST...`: refused, and remembered.
+    Deny(Vec<crate::egress::Destination>),
+    /// `forget DEST...`: off the list (asked about again).
+    Forget(Vec<crate::egress::Destination>),
+}
+
 /// A parsed command line: what to do, and how to answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Invocation {
@@ -126,6 +142,11 @@ pub enum Command {
     Idle {
         name: ProjectName,
         limit: Option<crate::model::IdleStop>,
+    },
+    /// Shows a project's egress policy (`change: None`) or changes it.
+    Egress {
+        name: ProjectName,
+        change: Option<EgressChange>,
     },
     /// Adds tags to a project (`tag NAME TAG...`).
     Tag {
@@ -326,8 +347,12 @@ impl Command {
             | Domains { .. }
             | Checkpoints { .. }
             | Hosts
-            | Agents { .. } => true,
+            | Agents { .. }
+            | Egress { change: None, .. } => true,
             Quota { change, .. } => change.is_empty(),
+            Egress {
+                change: Some(_), ..
+            } => false,
             NewProject(_)
             | Move { .. }
             | Evacuate { .. }
@@ -393,6 +418,7 @@ impl Command {
             | Private { name }
             | Port { name, .. }
             | Idle { name, .. }
+            | Egress { name, .. }
             | Tag { name, .. }
             | Untag { name, .. }
             | Cp { name, .. }

@@ -597,6 +597,19 @@ pub static SPECS: &[CommandSpec] = &[
         },
     },
     CommandSpec {
+        name: "egress",
+        aliases: &[],
+        args: &[word("name"), opt_word("action"), opt_rest("destinations")],
+        flags: &[],
+        summary: "Show who a project's VM may reach, or change it: open, closed, default, allow DEST..., allow-once DEST..., deny DEST..., forget DEST... (DEST: name, *.name, address or block, :PORT or not)",
+        build: |m| {
+            Ok(Command::Egress {
+                name: m.req("name", project)?,
+                change: egress_change(m.arg("action"), m.arg("destinations"))?,
+            })
+        },
+    },
+    CommandSpec {
         name: "tag",
         aliases: &[],
         args: &[word("name"), rest("tags")],
@@ -1162,6 +1175,67 @@ fn key(s: &str) -> Result<PublicKey, String> {
 fn slug(s: &str) -> Result<SlugName, String> {
     SlugName::new(s)
 }
+/// `egress NAME [ACTION [DEST...]]`.
+fn egress_change(
+    action: Option<&str>,
+    dests: Option<&str>,
+) -> Result<Option<super::EgressChange>, String> {
+    use super::EgressChange;
+    use crate::egress::{DestHost, Destination, EgressMode};
+    let Some(action) = action else {
+        return Ok(None);
+    };
+    let list = || -> Result<Vec<Destination>, String> {
+        let mut out: Vec<Destination> = Vec::new();
+        for w in dests.unwrap_or_default().split_whitespace() {
+            let d = Destination::parse(w)?;
+            if !out.contains(&d) {
+                out.push(d);
+            }
+        }
+        if out.is_empty() {
+            return Err(format!("'{action}' needs one or more destinations: a name (api.example.com, *.example.com), an address or a block (203.0.113.0/24), with :PORT or not"));
+        }
+        if out.len() > 32 {
+            return Err("give at most 32 destinations at once".into());
+        }
+        Ok(out)
+    };
+    let mode = |m: Option<EgressMode>| {
+        if dests.is_some() {
+            return Err(format!("'{action}' takes no destinations"));
+        }
+        Ok(Some(EgressChange::Mode(m)))
+    };
+    match action {
+        "open" => mode(Some(EgressMode::Open)),
+        "closed" | "close" => mode(Some(EgressMode::Closed)),
+        "default" => mode(None),
+        "allow" => Ok(Some(EgressChange::Allow {
+            dests: list()?,
+            once: false,
+        })),
+        "allow-once" => Ok(Some(EgressChange::Allow {
+            dests: list()?,
+            once: true,
+        })),
+        "deny" => {
+            let l = list()?;
+            if let Some(d) = l
+                .iter()
+                .find(|d| matches!(d.host, DestHost::Name(_)) && d.port.is_some())
+            {
+                return Err(format!("a name is denied whole: deny {} without :PORT, or allow only the ports it may use", match &d.host { DestHost::Name(n) => n.as_str(), DestHost::Net { .. } => "" }));
+            }
+            Ok(Some(EgressChange::Deny(l)))
+        }
+        "forget" => Ok(Some(EgressChange::Forget(list()?))),
+        other => Err(format!(
+            "egress takes open, closed, default, allow, allow-once, deny or forget, not '{other}'"
+        )),
+    }
+}
+
 /// Tags: slugs separated by spaces, each named once.
 fn tags(s: &str) -> Result<Vec<SlugName>, String> {
     let mut out: Vec<SlugName> = Vec::new();
@@ -1611,6 +1685,7 @@ pub(super) fn spec_for(c: &Command) -> &'static CommandSpec {
         Command::Restore { .. } => "restore",
         Command::Projects { .. } => "projects",
         Command::Tag { .. } => "tag",
+        Command::Egress { .. } => "egress",
         Command::Quota { .. } => "quota",
         Command::Untag { .. } => "untag",
         Command::Resize { .. } => "resize",
@@ -1732,6 +1807,25 @@ pub(super) fn write_canonical(c: &Command, f: &mut fmt::Formatter<'_>) -> fmt::R
                 if let Some(l) = l {
                     write!(f, " --{flag} {}", l.word(size))?;
                 }
+            }
+        }
+        Command::Egress { name, change } => {
+            use super::EgressChange;
+            arg(name.as_str())?;
+            let (action, dests) = match change {
+                None => (None, &[][..]),
+                Some(EgressChange::Mode(None)) => (Some("default"), &[][..]),
+                Some(EgressChange::Mode(Some(m))) => (Some(m.as_str()), &[][..]),
+                Some(EgressChange::Allow { dests, once: false }) => (Some("allow"), &dests[..]),
+                Some(EgressChange::Allow { dests, once: true }) => (Some("allow-once"), &dests[..]),
+                Some(EgressChange::Deny(d)) => (Some("deny"), &d[..]),
+                Some(EgressChange::Forget(d)) => (Some("forget"), &d[..]),
+            };
+            if let Some(a) = action {
+                arg(a)?;
+            }
+            for d in dests {
+                arg(&d.to_string())?;
             }
         }
         Command::Tag { name, tags } | Command::Untag { name, tags } => {

@@ -81,13 +81,16 @@ impl Executor {
             public_hosts_only: false,
             host: None,
         };
-        let result = match at {
-            Some(label) => {
-                self.vms
-                    .copy_checkpoint(name, label.as_str(), &req, progress)
-                    .await
-            }
-            None => self.vms.copy(name, &req, progress).await,
+        let result = match self.arm_egress(&reserved).await {
+            Err(e) => Err(ProvisionError::Unsupported(e.to_string())),
+            Ok(()) => match at {
+                Some(label) => {
+                    self.vms
+                        .copy_checkpoint(name, label.as_str(), &req, progress)
+                        .await
+                }
+                None => self.vms.copy(name, &req, progress).await,
+            },
         };
         self.finish_create(reserved, result, progress).await
     }
@@ -366,7 +369,10 @@ impl Executor {
             public_hosts_only: !call.is_admin(),
             host: args.host.map(|h| h.to_string()),
         };
-        let result = self.vms.create(&req, progress).await;
+        let result = match self.arm_egress(&reserved).await {
+            Ok(()) => self.vms.create(&req, progress).await,
+            Err(e) => Err(ProvisionError::Unsupported(e.to_string())),
+        };
         self.finish_create(reserved, result, progress).await
     }
 

@@ -49,6 +49,7 @@ mod checkpoints;
 mod confirm;
 mod create;
 mod domains;
+pub mod egress;
 mod hosts;
 pub mod links;
 mod projects;
@@ -100,6 +101,10 @@ pub struct Settings {
     /// Kennel's public addresses: a custom domain's A/AAAA record may
     /// point at one (besides those its own host name resolves to).
     pub public_addresses: Vec<std::net::IpAddr>,
+    /// The egress mode of projects that name none (`vm.egress`).
+    pub egress: crate::egress::EgressMode,
+    /// Egress asks said to a project's owner per hour, at most.
+    pub egress_asks_per_hour: u32,
 }
 
 impl Settings {
@@ -141,6 +146,8 @@ impl Default for Settings {
             llm_tokens_per_day: 2_000_000,
             agents: Vec::new(),
             public_addresses: Vec::new(),
+            egress: crate::egress::EgressMode::Open,
+            egress_asks_per_hour: 10,
         }
     }
 }
@@ -170,6 +177,14 @@ pub enum Event {
         owner: UserName,
         identities: Vec<Identity>,
         text: String,
+    },
+    /// A closed project's VM tried a destination nobody decided on: its
+    /// owner should be asked, in the chats `identities` name.
+    EgressAsked {
+        project: ProjectName,
+        owner: UserName,
+        identities: Vec<Identity>,
+        dest: String,
     },
 }
 
@@ -566,6 +581,7 @@ impl Executor {
             Command::Whoami => self.whoami(&call).await,
             Command::Projects { tag } => self.projects(&call, tag).await,
             Command::Tag { name, tags } => self.tag(&call, &name, tags).await,
+            Command::Egress { name, change } => self.egress_cmd(&call, &name, change).await,
             Command::Quota { user, change } => self.quota(&call, user, change).await,
             Command::Untag { name, tags } => self.untag(&call, &name, tags).await,
             Command::Status { name } => self.status(&call, &name).await,

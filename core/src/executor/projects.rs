@@ -159,6 +159,7 @@ impl Executor {
         };
         Ok(Reply::Status {
             idle: self.idle_view(&project),
+            egress: self.egress_view(&project).await?,
             connection: self.connection(&project),
             project,
             shares,

@@ -40,6 +40,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
     (14, include_str!("migrations/0014_custom_domains.sql")),
     (15, include_str!("migrations/0015_llm_usage.sql")),
     (16, include_str!("migrations/0016_agent_runs.sql")),
+    (17, include_str!("migrations/0017_egress.sql")),
 ];
 
 /// How long a writer waits for another to finish before giving up.

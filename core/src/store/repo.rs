@@ -2159,3 +2159,131 @@ pub fn remove_domain(
         params![project.as_str(), host],
     )? > 0)
 }
+
+/// A project's egress: its own mode (`None`: the default), its rules and
+/// the destinations asked about (with when), oldest first.
+pub type EgressRows = (
+    Option<crate::egress::EgressMode>,
+    Vec<crate::egress::EgressRule>,
+    Vec<(String, i64)>,
+);
+
+/// The egress of project `id`.
+pub fn egress_of(conn: &Connection, id: i64) -> Result<EgressRows, StoreError> {
+    use crate::egress::{Destination, EgressRule, Verdict};
+    let mode: Option<String> =
+        conn.row("SELECT egress FROM projects WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })?;
+    let mode = mode
+        .map(|m| m.parse::<crate::egress::EgressMode>())
+        .transpose()
+        .map_err(|what| StoreError::Invalid { what })?;
+    let mut st = conn.prepare_cached(
+        "SELECT dest, verdict, expires_at FROM egress_rules WHERE project_id = ?1 ORDER BY id",
+    )?;
+    let rows = st.query_map([id], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, Option<i64>>(2)?,
+        ))
+    })?;
+    let mut rules = Vec::new();
+    for row in rows {
+        let (dest, verdict, expires_at) = row?;
+        let dest = Destination::parse(&dest).map_err(|what| StoreError::Invalid { what })?;
+        let verdict = if verdict == "deny" {
+            Verdict::Deny
+        } else {
+            Verdict::Allow
+        };
+        rules.push(EgressRule {
+            dest,
+            verdict,
+            expires_at,
+        });
+    }
+    let mut st = conn.prepare_cached(
+        "SELECT dest, asked_at FROM egress_asks WHERE project_id = ?1 ORDER BY asked_at, id",
+    )?;
+    let asks = st
+        .query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok((mode, rules, asks))
+}
+
+/// Sets project `id`'s own egress mode (`None`: follow the default).
+pub fn set_egress_mode(
+    conn: &Connection,
+    id: i64,
+    mode: Option<crate::egress::EgressMode>,
+) -> Result<(), StoreError> {
+    conn.exec(
+        "UPDATE projects SET egress = ?2, updated_at = ?3 WHERE id = ?1",
+        params![id, mode.map(crate::egress::EgressMode::as_str), now()],
+    )?;
+    Ok(())
+}
+
+/// Puts a rule on project `id`'s list (replacing one for the same
+/// destination) and drops the ask about it, if any.
+pub fn put_egress_rule(
+    conn: &Connection,
+    id: i64,
+    rule: &crate::egress::EgressRule,
+    by: Option<UserId>,
+) -> Result<(), StoreError> {
+    let dest = rule.dest.to_string();
+    conn.exec(
+        "INSERT INTO egress_rules (project_id, dest, verdict, expires_at, created_by, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (project_id, dest) DO UPDATE SET verdict = excluded.verdict,
+           expires_at = excluded.expires_at, created_by = excluded.created_by,
+           created_at = excluded.created_at",
+        params![id, dest, rule.verdict.as_str(), rule.expires_at, by, now()],
+    )?;
+    conn.exec(
+        "DELETE FROM egress_asks WHERE project_id = ?1 AND dest = ?2",
+        params![id, dest],
+    )?;
+    Ok(())
+}
+
+/// Takes the rule for `dest` off project `id`'s list; whether there was one.
+pub fn remove_egress_rule(conn: &Connection, id: i64, dest: &str) -> Result<bool, StoreError> {
+    let n = conn.exec(
+        "DELETE FROM egress_rules WHERE project_id = ?1 AND dest = ?2",
+        params![id, dest],
+    )?;
+    conn.exec(
+        "DELETE FROM egress_asks WHERE project_id = ?1 AND dest = ?2",
+        params![id, dest],
+    )?;
+    Ok(n > 0)
+}
+
+/// Files an ask about `dest` for project `id`, unless it was asked
+/// already or `per_hour` asks were filed for it in the last hour; whether
+/// this one is new (and should be said).
+pub fn file_egress_ask(
+    conn: &Connection,
+    id: i64,
+    dest: &str,
+    per_hour: u32,
+) -> Result<bool, StoreError> {
+    let t = now();
+    let recent: u32 = conn.row(
+        "SELECT count(*) FROM egress_asks WHERE project_id = ?1 AND asked_at > ?2",
+        params![id, t - 3600],
+        |r| r.get(0),
+    )?;
+    if recent >= per_hour {
+        return Ok(false);
+    }
+    let n = conn.exec(
+        "INSERT OR IGNORE INTO egress_asks (project_id, dest, asked_at) VALUES (?1, ?2, ?3)",
+        params![id, dest, t],
+    )?;
+    Ok(n > 0)
+}

@@ -10,6 +10,7 @@
 
 mod agents;
 mod checkpoints;
+mod egress;
 mod errors;
 mod executor;
 mod hosts;

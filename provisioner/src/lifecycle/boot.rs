@@ -189,6 +189,11 @@ impl LocalProvisioner {
             .map(|md| md.len())
             .unwrap_or(0);
         self.guard_host().await;
+        if let Err(e) = self.arm_egress(&r.project, m).await {
+            boot_failed("egress");
+            Virtiofsd::stop(&dir.join("virtiofsd.pid"), &m.virtiofs_socket).await;
+            return Err(BootError::Failed(failed(Stage::Booting, e)));
+        }
         if let Err(e) = self.vmm.boot(m).await {
             boot_failed("vmm_start");
             Virtiofsd::stop(&dir.join("virtiofsd.pid"), &m.virtiofs_socket).await;

@@ -126,6 +126,8 @@ pub struct LocalProvisioner {
     /// Whether the host guard was loaded (once per process, before the
     /// first boot).
     guard_loaded: tokio::sync::OnceCell<()>,
+    /// Closed projects' egress rules and resolvers.
+    egress: Arc<crate::egress::Egress>,
 }
 
 impl std::fmt::Debug for LocalProvisioner {
@@ -194,12 +196,19 @@ impl LocalProvisioner {
             apt_sources: s.apt_sources.clone(),
             apt_cache: s.apt_cache.clone(),
         });
+        let egress = crate::egress::Egress::new(
+            runner.clone(),
+            s.data_dir.clone(),
+            s.host_guard.as_ref().map(|(gid, _)| *gid),
+            matches!(s.network, NetworkMode::User),
+        );
         Self {
             s,
             vmm,
             virtiofsd,
             images,
             store,
+            egress,
             runner,
             locks: Mutex::new(HashMap::new()),
             guard_loaded: tokio::sync::OnceCell::new(),
@@ -239,6 +248,30 @@ impl LocalProvisioner {
                 }
             })
             .await;
+    }
+
+    /// Puts project `name`'s egress policy in place for its VM `m`, before
+    /// QEMU starts (or for one found running): `Err` when a closed policy
+    /// cannot be enforced for it.
+    pub(crate) async fn arm_egress(&self, name: &str, m: &Machine) -> Result<(), String> {
+        let project = ProjectName::new(name).map_err(|e| e.to_string())?;
+        let base = self.s.host_guard.as_ref().map(|(gid, _)| *gid);
+        match (&m.net, base) {
+            (NetAttach::User { host_ip, .. }, Some(base)) => {
+                let slot = net::user_slot(host_ip)
+                    .ok_or_else(|| format!("{host_ip} is not a VM's loopback address"))?;
+                let dns = host_ip
+                    .parse()
+                    .map_err(|_| format!("{host_ip} is not an address"))?;
+                self.egress
+                    .arm(&project, crate::hostguard::vm_gid(base, slot), dns)
+                    .await
+            }
+            _ => {
+                self.egress.disarm(&project).await;
+                self.egress.supported(&self.egress.policy_of(name))
+            }
+        }
     }
 
     fn vm_dir(&self, name: &str) -> PathBuf {
@@ -571,14 +604,51 @@ impl Provisioner for LocalProvisioner {
         let r = self
             .record(project.as_str())
             .ok_or_else(|| ProvisionError::NoVm(project.to_string()))?;
-        self.graceful_stop(&r).await
+        let out = self.graceful_stop(&r).await;
+        self.egress.disarm(project).await;
+        out
     }
 
     async fn destroy(&self, project: &ProjectName) -> Result<(), ProvisionError> {
         let _guard = self.lock(project.as_str()).await;
         let record = self.record(project.as_str());
         self.teardown(project.as_str(), record.as_ref()).await;
+        self.egress.disarm(project).await;
         Ok(())
+    }
+
+    fn egress_supported(&self, policy: &kennel_core::egress::EgressPolicy) -> Result<(), String> {
+        self.egress.supported(policy)
+    }
+
+    async fn set_egress(
+        &self,
+        project: &ProjectName,
+        policy: &kennel_core::egress::EgressPolicy,
+    ) -> Result<(), ProvisionError> {
+        let refused = |e: String| ProvisionError::Unsupported(e);
+        self.egress.set(project, policy).await.map_err(refused)?;
+        // A VM that runs open and turns closed, or that Kennel found
+        // running when it started, gets its rules now.
+        if policy.mode == kennel_core::egress::EgressMode::Closed && !self.egress.armed(project) {
+            if let Some(r) = self.record(project.as_str()) {
+                if matches!(
+                    self.vmm.state(&r.machine).await,
+                    Ok(VmmState::Running | VmmState::Paused)
+                ) {
+                    self.arm_egress(project.as_str(), &r.machine)
+                        .await
+                        .map_err(refused)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn egress_asks(
+        &self,
+    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<kennel_core::egress::EgressAsked>> {
+        self.egress.take_asks()
     }
 
     async fn status(&self, project: &ProjectName) -> Result<VmStatus, ProvisionError> {

@@ -214,9 +214,15 @@ impl Vmm for Qemu {
             .stdout(log.try_clone()?)
             .stderr(std::process::Stdio::piped())
             .process_group(0);
-        if let Some(gid) = self.guest_gid {
+        if let Some(base) = self.guest_gid {
             // Its sockets carry this group: the host guard keeps what the
-            // guest connects to off the host's own services.
+            // guest connects to off the host's own services, and the VM's
+            // egress policy matches its own.
+            let gid = match &m.net {
+                NetAttach::User { host_ip, .. } => crate::net::user_slot(host_ip)
+                    .map_or(base, |slot| crate::hostguard::vm_gid(base, slot)),
+                NetAttach::Tap { .. } => base,
+            };
             cmd.gid(gid);
         }
         let out = cmd.output().await.map_err(|source| VmmError::Spawn {
