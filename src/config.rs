@@ -393,6 +393,8 @@ pub struct VmConfig {
     /// new names are asked about in chat). `egress NAME ...` sets it per
     /// project.
     pub egress: String,
+    /// How long `egress NAME allow-once DEST` lets DEST through: `1h`.
+    pub egress_once: String,
 }
 
 impl Default for Config {
@@ -555,6 +557,7 @@ impl Default for VmConfig {
             idle_cpu_percent: 5,
             autostart: false,
             egress: "open".into(),
+            egress_once: "1h".into(),
         }
     }
 }
@@ -572,6 +575,7 @@ impl Config {
         self.default_resources()?;
         self.idle_stop()?;
         self.egress()?;
+        self.egress_once_secs()?;
         if !(1..=100).contains(&self.vm.idle_cpu_percent) {
             bail!("vm.idle_cpu_percent must be 1 to 100 (percent of one host core)");
         }
@@ -608,6 +612,17 @@ impl Config {
             .egress
             .parse()
             .map_err(|e| anyhow::anyhow!("vm.egress: {e}"))
+    }
+
+    /// `vm.egress_once`, in seconds (1 second to 30 days).
+    pub fn egress_once_secs(&self) -> Result<i64> {
+        let d = humantime::parse_duration(&self.vm.egress_once)
+            .map_err(|e| anyhow::anyhow!("vm.egress_once: {e} (write 1h, 30m, 10s)"))?;
+        let secs = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+        if !(1..=30 * 86_400).contains(&secs) {
+            bail!("vm.egress_once must be 1s to 30d");
+        }
+        Ok(secs)
     }
 
     /// `vm.idle_stop`, parsed.

@@ -49,6 +49,7 @@ pub fn settings(config: &Config) -> Result<Settings> {
         confirm_secs: 300,
         idle_stop: config.idle_stop()?,
         egress: config.egress()?,
+        egress_once_secs: config.egress_once_secs()?,
         idle_cpu_percent: config.vm.idle_cpu_percent,
         checkpoint_keep: config.checkpoint.keep,
         llm_requests_per_minute: config.llm.requests_per_minute,

@@ -20,7 +20,7 @@ use std::str::FromStr;
 
 use serde::Serialize;
 
-/// How long `allow-once` lasts.
+/// How long `allow-once` lasts unless configured (`vm.egress_once`).
 pub const ONCE_SECS: i64 = 3600;
 /// The most rules one project holds.
 pub const MAX_RULES: usize = 256;

@@ -21,6 +21,7 @@ mod bots_serve;
 mod checkpoint_vm;
 mod cli;
 mod crash_vm;
+mod egress_vm;
 mod faults_vm;
 mod guest_vm;
 mod https_vm;

@@ -7,7 +7,6 @@ use super::{Call, Event, Executor};
 use crate::command::EgressChange;
 use crate::egress::{
     public, DestHost, EgressAsked, EgressMode, EgressPolicy, EgressRule, Verdict, MAX_RULES,
-    ONCE_SECS,
 };
 use crate::model::{now, Project, Role};
 use crate::names::ProjectName;
@@ -103,6 +102,7 @@ impl Executor {
         };
         let t = now();
         let by = call.user.map(|u| u.id);
+        let once_secs = self.settings.egress_once_secs;
         let id = project.id;
         // Members may not open private ranges or this host's addresses.
         if let EgressChange::Allow { dests, .. } = &change {
@@ -144,7 +144,7 @@ impl Executor {
                             let rule = EgressRule {
                                 dest: d.clone(),
                                 verdict: Verdict::Allow,
-                                expires_at: once.then_some(t + ONCE_SECS),
+                                expires_at: once.then_some(t + once_secs),
                             };
                             repo::put_egress_rule(tx, id, &rule, by)?;
                         }
@@ -267,6 +267,6 @@ impl Executor {
 /// The line an owner gets when their closed project's VM tried `dest`.
 pub fn ask_line(project: &ProjectName, dest: &str) -> String {
     format!(
-        "{project} tried to reach {dest}, which its egress policy does not allow yet. Nothing gets through until you answer: 'egress {project} allow {dest}', 'egress {project} allow-once {dest}' (an hour) or 'egress {project} deny {dest}'."
+        "{project} tried to reach {dest}, which its egress policy does not allow yet. Nothing gets through until you answer: 'egress {project} allow {dest}', 'egress {project} allow-once {dest}' (for a while) or 'egress {project} deny {dest}'."
     )
 }

@@ -105,6 +105,8 @@ pub struct Settings {
     pub egress: crate::egress::EgressMode,
     /// Egress asks said to a project's owner per hour, at most.
     pub egress_asks_per_hour: u32,
+    /// How long `egress NAME allow-once` lasts, in seconds.
+    pub egress_once_secs: i64,
 }
 
 impl Settings {
@@ -148,6 +150,7 @@ impl Default for Settings {
             public_addresses: Vec::new(),
             egress: crate::egress::EgressMode::Open,
             egress_asks_per_hour: 10,
+            egress_once_secs: crate::egress::ONCE_SECS,
         }
     }
 }
