@@ -29,6 +29,8 @@ fuzz_target!(|data: &[u8]| {
         // What parsed also answers the questions the daemon asks of it.
         let _ = c.metrics.addr();
         let _ = c.idle_stop();
+        let _ = c.egress();
+        let _ = c.egress_once_secs();
         let _ = c.default_resources();
         let _ = c.default_owner();
         let _ = c.admin_identities();
