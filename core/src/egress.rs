@@ -342,8 +342,15 @@ pub struct EgressAsked {
     pub dest: String,
 }
 
-/// Whether a member may allow `ip` (public, not this host's).
+/// Whether a member may allow `ip`: not in a private, loopback,
+/// link-local or other non-public range ([`private_kind`]).
 pub fn public(ip: IpAddr) -> bool {
+    private_kind(ip).is_none()
+}
+
+/// What kind of non-public address `ip` is (for messages), or `None` for
+/// a public one. This host's own public addresses are not known here.
+pub fn private_kind(ip: IpAddr) -> Option<&'static str> {
     let ip = match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
@@ -351,23 +358,37 @@ pub fn public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
             let [a, b, ..] = v4.octets();
-            !(v4.is_loopback()
-                || v4.is_unspecified()
-                || a == 0
-                || v4.is_link_local()
-                || v4.is_private()
-                || (a == 100 && (64..128).contains(&b))
-                || v4.is_multicast()
-                || v4.is_broadcast()
-                || a >= 240)
+            if v4.is_loopback() {
+                Some("loopback")
+            } else if v4.is_unspecified() || a == 0 {
+                Some("this host")
+            } else if v4.is_link_local() {
+                Some("link-local, where cloud metadata services live")
+            } else if v4.is_private() {
+                Some("a private network")
+            } else if a == 100 && (64..128).contains(&b) {
+                Some("carrier-grade NAT")
+            } else if v4.is_multicast() || v4.is_broadcast() || a >= 240 {
+                Some("not a unicast address")
+            } else {
+                None
+            }
         }
         IpAddr::V6(v6) => {
             let first = v6.segments().first().copied().unwrap_or_default();
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || first & 0xffc0 == 0xfe80
-                || first & 0xfe00 == 0xfc00
-                || v6.is_multicast())
+            if v6.is_loopback() {
+                Some("loopback")
+            } else if v6.is_unspecified() {
+                Some("this host")
+            } else if first & 0xffc0 == 0xfe80 {
+                Some("link-local")
+            } else if first & 0xfe00 == 0xfc00 {
+                Some("a private network")
+            } else if v6.is_multicast() {
+                Some("not a unicast address")
+            } else {
+                None
+            }
         }
     }
 }

@@ -101,43 +101,8 @@ pub fn private(ip: IpAddr) -> Option<&'static str> {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
     };
-    let why = match ip {
-        IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
-            if v4.is_loopback() {
-                Some("loopback")
-            } else if v4.is_unspecified() || a == 0 {
-                Some("this host")
-            } else if v4.is_link_local() {
-                Some("link-local, where cloud metadata services live")
-            } else if v4.is_private() {
-                Some("a private network")
-            } else if a == 100 && (64..128).contains(&b) {
-                Some("carrier-grade NAT")
-            } else if v4.is_multicast() || v4.is_broadcast() || a >= 240 {
-                Some("not a unicast address")
-            } else {
-                None
-            }
-        }
-        IpAddr::V6(v6) => {
-            let first = v6.segments().first().copied().unwrap_or_default();
-            if v6.is_loopback() {
-                Some("loopback")
-            } else if v6.is_unspecified() {
-                Some("this host")
-            } else if first & 0xffc0 == 0xfe80 {
-                Some("link-local")
-            } else if first & 0xfe00 == 0xfc00 {
-                Some("a private network")
-            } else if v6.is_multicast() {
-                Some("not a unicast address")
-            } else {
-                None
-            }
-        }
-    };
-    why.or_else(|| is_own(ip).then_some("an address of this host"))
+    kennel_core::egress::private_kind(ip)
+        .or_else(|| is_own(ip).then_some("an address of this host"))
 }
 
 /// Whether `ip` is assigned to this host: only then can a socket bind it.
