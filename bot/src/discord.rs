@@ -462,6 +462,27 @@ fn agent_buttons(project: &str, checkpoint: &str) -> Vec<CreateActionRow> {
     ])]
 }
 
+/// The answers to an egress ask: allow, allow once, deny (none when the
+/// destination is too long for Discord's 100-character button ids; the
+/// message names the commands anyway).
+fn egress_buttons(project: &str, dest: &str) -> Vec<CreateActionRow> {
+    let id = |verb: &str| format!("kennel:egress:{verb} {project} {dest}");
+    if id("allow-once").len() > 100 {
+        return Vec::new();
+    }
+    vec![CreateActionRow::Buttons(vec![
+        CreateButton::new(id("allow"))
+            .label("Allow")
+            .style(ButtonStyle::Success),
+        CreateButton::new(id("allow-once"))
+            .label("Allow once")
+            .style(ButtonStyle::Primary),
+        CreateButton::new(id("deny"))
+            .label("Deny")
+            .style(ButtonStyle::Danger),
+    ])]
+}
+
 fn decision_buttons(id: i64, disabled: bool) -> Vec<CreateActionRow> {
     vec![CreateActionRow::Buttons(vec![
         CreateButton::new(format!("kennel:approve:{id}"))
@@ -697,6 +718,40 @@ impl Handler {
                 let _ = c
                     .create_response(&ctx.http, CreateInteractionResponse::Modal(modal))
                     .await;
+            }
+            "egress" => {
+                let words: Vec<&str> = arg.split(' ').collect();
+                let [verb @ ("allow" | "allow-once" | "deny"), name, dest] = words[..] else {
+                    return;
+                };
+                let line = format!("egress {} {verb} {}", quote(name), quote(dest));
+                let Parsed::Run { invocation, .. } = self.desk.parse(&line, &[]) else {
+                    return;
+                };
+                let outcome = self.desk.run(&who, invocation.command, &NoProgress).await;
+                // Done: the ask shows who answered what, its buttons go;
+                // refused: the clicker alone learns why.
+                let response = match &outcome {
+                    Ok(_) => {
+                        let said = match verb {
+                            "allow" => "allowed",
+                            "allow-once" => "allowed for a while",
+                            _ => "denied",
+                        };
+                        CreateInteractionResponse::UpdateMessage(
+                            CreateInteractionResponseMessage::new()
+                                .content(fit(&format!(
+                                    "{}\n→ {dest} {said} by <@{}>.",
+                                    c.message.content, c.user.id
+                                )))
+                                .components(vec![]),
+                        )
+                    }
+                    Err(_) => Self::ephemeral(markdown(&outcome, false)),
+                };
+                if let Err(e) = c.create_response(&ctx.http, response).await {
+                    tracing::warn!(error = %e, "could not answer a button click");
+                }
             }
             "keep" | "undo" => {
                 let Some((name, label)) = arg.split_once('@') else {
@@ -938,7 +993,7 @@ impl Handler {
                     };
                     let doc = desk::outcome_document(&r, desk.gate());
                     let text = fit(&write_doc(&doc, Format::Markdown));
-                    if let Err(e) = dm(&http, uid, text).await {
+                    if let Err(e) = dm(&http, uid, text, Vec::new()).await {
                         tracing::warn!(error = %e, user = uid, "could not DM the requester");
                     }
                 }
@@ -967,7 +1022,8 @@ impl Handler {
                     ..
                 } => {
                     let line = kennel_core::executor::egress::ask_line(&project, &dest);
-                    tell_owner(&http, &identities, line).await;
+                    let buttons = egress_buttons(project.as_str(), &dest);
+                    tell_owner_with(&http, &identities, line, buttons).await;
                 }
             }
         }
@@ -977,6 +1033,16 @@ impl Handler {
 /// Says `line` by DM to each Discord identity of a project's owner (an
 /// idle stop, a line from the VM).
 async fn tell_owner(http: &serenity::http::Http, identities: &[Identity], line: String) {
+    tell_owner_with(http, identities, line, Vec::new()).await;
+}
+
+/// [`tell_owner`], with buttons under the message.
+async fn tell_owner_with(
+    http: &serenity::http::Http,
+    identities: &[Identity],
+    line: String,
+    buttons: Vec<CreateActionRow>,
+) {
     for id in identities
         .iter()
         .filter(|i| i.frontend == Frontend::Discord)
@@ -984,7 +1050,7 @@ async fn tell_owner(http: &serenity::http::Http, identities: &[Identity], line: 
         let Ok(uid) = id.external_id.parse::<std::num::NonZeroU64>() else {
             continue;
         };
-        if let Err(e) = dm(http, uid, line.clone()).await {
+        if let Err(e) = dm(http, uid, line.clone(), buttons.clone()).await {
             tracing::warn!(error = %e, user = uid, "could not tell a project's owner");
         }
     }
@@ -995,9 +1061,10 @@ async fn dm(
     http: &serenity::http::Http,
     uid: std::num::NonZeroU64,
     text: String,
+    buttons: Vec<CreateActionRow>,
 ) -> serenity::Result<()> {
     let dm = UserId::from(uid).create_dm_channel(http).await?;
-    dm.send_message(http, CreateMessage::new().content(text))
+    dm.send_message(http, CreateMessage::new().content(text).components(buttons))
         .await
         .map(|_| ())
 }

@@ -81,6 +81,8 @@ struct Posted {
     asked_in: HashMap<i64, OwnedRoomId>,
     /// Rooms told once that a message could not be decrypted.
     warned_undecryptable: HashSet<OwnedRoomId>,
+    /// Egress asks posted to owners: message → (project, destination).
+    egress_asks: HashMap<OwnedEventId, (String, String)>,
 }
 
 /// A running Matrix bot.
@@ -97,6 +99,7 @@ pub struct MatrixBot {
 
 const REACT_APPROVE: &[&str] = &["👍", "👍️", "✅", "+1"];
 const REACT_DENY: &[&str] = &["👎", "👎️", "❌", "-1"];
+const REACT_ONCE: &[&str] = &["⏳", "⌛", "🕐", "1️⃣"];
 
 fn store_err(path: &Path, e: impl std::fmt::Display) -> MatrixError {
     MatrixError::Store {
@@ -755,9 +758,13 @@ impl MatrixBot {
     }
 
     async fn on_reaction(self: Arc<Self>, ev: OriginalSyncReactionEvent, room: Room) {
-        if ev.sender == self.own
-            || self.admin_room.get().map(|r| r.as_ref()) != Some(room.room_id())
-        {
+        if ev.sender == self.own {
+            return;
+        }
+        if self.on_egress_reaction(&ev, &room).await {
+            return;
+        }
+        if self.admin_room.get().map(|r| r.as_ref()) != Some(room.room_id()) {
             return;
         }
         if let Some(joined) = self.joined_at(&room).await {
@@ -827,6 +834,73 @@ impl MatrixBot {
         }
     }
 
+    /// A reaction to an egress ask (✅ allow, ⏳ allow once, ❌ deny),
+    /// acted on as whoever reacted; `false` when it was not one.
+    async fn on_egress_reaction(&self, ev: &OriginalSyncReactionEvent, room: &Room) -> bool {
+        let target = ev.content.relates_to.event_id.clone();
+        let known = self.lock().egress_asks.get(&target).cloned();
+        let ask = match known {
+            Some(a) => Some(a),
+            // Posted before a restart: read the ask from the message.
+            None => match room.event(&target, None).await {
+                Ok(te) => te
+                    .raw()
+                    .deserialize_as::<serde_json::Value>()
+                    .ok()
+                    .filter(|v| v.get("sender").and_then(|s| s.as_str()) == Some(self.own.as_str()))
+                    .and_then(|v| {
+                        let body = v.get("content")?.get("body")?.as_str()?.to_owned();
+                        kennel_core::executor::egress::ask_in(&body)
+                            .map(|(p, d)| (p.to_string(), d))
+                    }),
+                Err(_) => None,
+            },
+        };
+        let Some((project, dest)) = ask else {
+            return false;
+        };
+        let key = ev.content.relates_to.key.as_str();
+        let verb = if REACT_APPROVE.contains(&key) {
+            "allow"
+        } else if REACT_ONCE.contains(&key) {
+            "allow-once"
+        } else if REACT_DENY.contains(&key) {
+            "deny"
+        } else {
+            return true;
+        };
+        let line = format!("egress {project} {verb} {dest}");
+        let who = Identity::new(Frontend::Matrix, ev.sender.as_str());
+        let outcome = match kennel_core::command::parse(&line) {
+            Ok(inv) => {
+                self.desk
+                    .run(&who, inv.command, &kennel_core::provision::NoProgress)
+                    .await
+            }
+            Err(e) => Err(e.into()),
+        };
+        let said = match &outcome {
+            Ok(_) => format!(
+                "{dest} {} for {project} by {}.",
+                match verb {
+                    "allow" => "allowed",
+                    "allow-once" => "allowed for a while",
+                    _ => "denied",
+                },
+                ev.sender
+            ),
+            Err(_) => format!(
+                "{}: {}",
+                ev.sender,
+                kennel_core::render::render_as(&outcome, false, Format::Plain)
+            ),
+        };
+        if let Err(e) = room.send(RoomMessageEventContent::notice_plain(said)).await {
+            tracing::warn!(error = %e, "could not answer a reaction to an egress ask");
+        }
+        true
+    }
+
     async fn on_undecryptable(self: Arc<Self>, ev: OriginalSyncRoomEncryptedEvent, room: Room) {
         if ev.sender == self.own {
             return;
@@ -874,7 +948,7 @@ impl MatrixBot {
                     ..
                 } => {
                     let line = kennel_core::idle::idle_notice(&project, after);
-                    self.tell_owner(&identities, line).await;
+                    let _ = self.tell_owner(&identities, line).await;
                 }
                 Event::ProjectNotice {
                     project,
@@ -883,7 +957,7 @@ impl MatrixBot {
                     ..
                 } => {
                     let line = kennel_core::llm::notice_line(&project, &text);
-                    self.tell_owner(&identities, line).await;
+                    let _ = self.tell_owner(&identities, line).await;
                 }
                 Event::EgressAsked {
                     project,
@@ -891,8 +965,16 @@ impl MatrixBot {
                     dest,
                     ..
                 } => {
-                    let line = kennel_core::executor::egress::ask_line(&project, &dest);
-                    self.tell_owner(&identities, line).await;
+                    let line = format!(
+                        "{} React ✅ to allow, ⏳ to allow once, ❌ to deny.",
+                        kennel_core::executor::egress::ask_line(&project, &dest)
+                    );
+                    let posted = self.tell_owner(&identities, line).await;
+                    let mut p = self.lock();
+                    for event in posted {
+                        p.egress_asks
+                            .insert(event, (project.to_string(), dest.clone()));
+                    }
                 }
             }
         }
@@ -962,7 +1044,9 @@ impl MatrixBot {
     /// identity of theirs.
     /// Says `line` in the DM of each Matrix identity of a project's owner
     /// (an idle stop, a line from the VM).
-    async fn tell_owner(&self, identities: &[Identity], line: String) {
+    /// Says `line` to the owner in a direct message; the messages sent.
+    async fn tell_owner(&self, identities: &[Identity], line: String) -> Vec<OwnedEventId> {
+        let mut sent = Vec::new();
         for id in identities.iter().filter(|i| i.frontend == Frontend::Matrix) {
             let Ok(user) = UserId::parse(id.external_id.as_str()) else {
                 continue;
@@ -971,13 +1055,17 @@ impl MatrixBot {
                 tracing::warn!(user = %user, "no room to tell a project's owner");
                 continue;
             };
-            if let Err(e) = room
+            match room
                 .send(RoomMessageEventContent::notice_plain(line.clone()))
                 .await
             {
-                tracing::warn!(error = %e, user = %user, "could not tell a project's owner");
+                Ok(r) => sent.push(r.response.event_id),
+                Err(e) => {
+                    tracing::warn!(error = %e, user = %user, "could not tell a project's owner")
+                }
             }
         }
+        sent
     }
 }
 

@@ -27,13 +27,25 @@ use crate::process::{Cmd, Runner};
 /// directory is `data_dir`: `0x4b00_0000` plus 8 bits of a hash of its
 /// path, shifted past a VM's slot (16 bits).
 pub fn guest_gid(data_dir: &Path) -> u32 {
-    // FNV-1a: stable across runs and builds (not a security boundary).
+    0x4b00_0000 | ((path_hash(data_dir) & 0xff) << 16)
+}
+
+/// The one group every VM's QEMU ran in before each had its own (16 bits
+/// of the same hash): VMs started by an older Kennel keep it until they
+/// restart, so the guard covers it too.
+fn legacy_gid(data_dir: &Path) -> u32 {
+    0x4b00_0000 | (path_hash(data_dir) & 0xffff)
+}
+
+/// FNV-1a of a path: stable across runs and builds (not a security
+/// boundary).
+fn path_hash(p: &Path) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
-    for b in data_dir.as_os_str().as_encoded_bytes() {
+    for b in p.as_os_str().as_encoded_bytes() {
         h ^= u32::from(*b);
         h = h.wrapping_mul(0x0100_0193);
     }
-    0x4b00_0000 | ((h & 0xff) << 16)
+    h
 }
 
 /// The group of the VM in `slot` of the Kennel whose range starts at
@@ -42,9 +54,13 @@ pub fn vm_gid(base: u32, slot: u32) -> u32 {
     base | (slot & 0xffff)
 }
 
-/// The range of groups from `base`, as nftables writes it.
-fn gid_range(base: u32) -> String {
-    format!("{base}-{}", base | 0xffff)
+/// The groups of `base`'s range and the `legacy` one, as an nftables set.
+fn gid_set(base: u32, legacy: u32) -> String {
+    if legacy & 0xffff_0000 == base {
+        format!("{base}-{}", base | 0xffff)
+    } else {
+        format!("{{ {legacy}, {base}-{} }}", base | 0xffff)
+    }
 }
 
 /// The nftables table name for `gid`.
@@ -55,9 +71,9 @@ pub fn table(gid: u32) -> String {
 /// The nft script: the table made anew, allowing `tcp_ports` (Kennel's
 /// gateways) and DNS on the host's addresses, refusing the rest at once
 /// (a reset, so nothing in the guest waits for a timeout).
-pub fn script(gid: u32, tcp_ports: &[u16]) -> String {
+pub fn script(gid: u32, legacy: u32, tcp_ports: &[u16]) -> String {
     let t = table(gid);
-    let gids = gid_range(gid);
+    let gids = gid_set(gid, legacy);
     let allow = port_set(tcp_ports)
         .map(|set| format!("    meta skgid {gids} fib daddr type local tcp dport {set} accept\n"))
         .unwrap_or_default();
@@ -89,7 +105,7 @@ pub fn install(runner: &dyn Runner, data_dir: &Path, tcp_ports: &[u16]) -> Resul
     std::fs::create_dir_all(data_dir)
         .map_err(|e| format!("cannot make {}: {e}", data_dir.display()))?;
     let file = data_dir.join("host-guard.nft");
-    std::fs::write(&file, script(gid, tcp_ports))
+    std::fs::write(&file, script(gid, legacy_gid(data_dir), tcp_ports))
         .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
     runner
         .run(&Cmd::new("nft").arg("-f").arg(&file))
@@ -110,10 +126,11 @@ mod tests {
         assert_eq!(a & 0xffff, 0);
         assert_eq!(a, guest_gid(Path::new("/var/lib/kennel")));
         assert_eq!(vm_gid(a, 2), a + 2);
-        let s = script(a, &[8443, 2222, 2222]);
+        let legacy = legacy_gid(Path::new("/var/lib/kennel"));
+        let s = script(a, legacy, &[8443, 2222, 2222]);
         assert!(
             s.contains(&format!(
-                "meta skgid {a}-{} fib daddr type local tcp dport {{ 2222, 8443 }} accept",
+                "meta skgid {{ {legacy}, {a}-{} }} fib daddr type local tcp dport {{ 2222, 8443 }} accept",
                 a + 0xffff
             )),
             "{s}"

@@ -380,6 +380,76 @@ async fn discord_bot_against_a_fake_discord() {
         .await;
     assert_eq!(content(&dm), "[myapp] tests are green", "{dm:?}");
 
+    // A closed project's VM asked for a name nobody decided on: its owner
+    // is asked by DM, with buttons; someone else's click is refused, the
+    // owner's allows it (the message says so, its buttons go).
+    let from = d.calls().len();
+    exec.egress_asked(kennel_core::egress::EgressAsked {
+        project: kennel_core::names::ProjectName::new("myapp").unwrap(),
+        dest: "api.example.com".into(),
+    })
+    .await;
+    let (_, ask) = d
+        .wait_call(from, "ann's egress ask", |c| {
+            c.method == "POST"
+                && c.path == format!("/channels/{}/messages", 12 + 7)
+                && content(c).contains("tried to reach")
+        })
+        .await;
+    assert!(
+        content(&ask).contains("myapp tried to reach api.example.com"),
+        "{ask:?}"
+    );
+    let buttons = &ask.body["components"][0]["components"];
+    assert_eq!(
+        buttons[0]["custom_id"], "kennel:egress:allow myapp api.example.com",
+        "{ask:?}"
+    );
+    assert_eq!(
+        buttons[1]["custom_id"],
+        "kennel:egress:allow-once myapp api.example.com"
+    );
+    assert_eq!(
+        buttons[2]["custom_id"],
+        "kennel:egress:deny myapp api.example.com"
+    );
+    let ask_msg = kennel_testkit::discord_fake::message(
+        779,
+        12 + 7,
+        user(BOT, "kennel", true),
+        &content(&ask),
+        ask.body["components"].clone(),
+    );
+    let from = d.calls().len();
+    let (id, _) = d
+        .click(
+            &carol,
+            &ask_msg,
+            "kennel:egress:allow myapp api.example.com",
+        )
+        .await;
+    let c = callback(&d, from, id, "carol's click on ann's ask").await;
+    assert_eq!(c.body["data"]["flags"], 64, "{c:?}");
+    let (id, _) = d
+        .click(&ann, &ask_msg, "kennel:egress:allow myapp api.example.com")
+        .await;
+    let c = callback(&d, from, id, "ann's allow").await;
+    assert_eq!(c.body["type"], 7, "{c:?}");
+    assert!(
+        content(&c).contains("api.example.com allowed by <@12>"),
+        "{c:?}"
+    );
+    assert_eq!(c.body["data"]["components"], serde_json::json!([]), "{c:?}");
+    let allowed = vms.egress.lock().unwrap().get("myapp").cloned().unwrap();
+    assert!(
+        allowed
+            .rules
+            .iter()
+            .any(|r| r.dest.to_string() == "api.example.com"
+                && r.verdict == kennel_core::egress::Verdict::Allow),
+        "{allowed:?}"
+    );
+
     // /checkpoint, then /rollback asks with a button; the click rolls back.
     let from = d.calls().len();
     let (_, token) = d

@@ -282,6 +282,47 @@ async fn matrix_bot_against_synapse() {
         "{told:?}"
     );
 
+    // A closed project's VM asked for a name nobody decided on: its owner
+    // is asked in their DM; a ⏳ reaction allows it for a while, and the
+    // bot says so in the room.
+    exec.egress_asked(kennel_core::egress::EgressAsked {
+        project: kennel_core::names::ProjectName::new("myapp").unwrap(),
+        dest: "api.example.com".into(),
+    })
+    .await;
+    let ask = ann
+        .next_from(&bot_id, &ann_dm, "ann asked about an egress destination")
+        .await;
+    assert!(
+        ask.body.contains("myapp tried to reach api.example.com")
+            && ask.body.contains("React ✅ to allow, ⏳ to allow once"),
+        "{ask:?}"
+    );
+    ann.room(&ann_dm)
+        .await
+        .send(ReactionEventContent::new(Annotation::new(
+            ask.id.clone(),
+            "⏳".into(),
+        )))
+        .await
+        .unwrap();
+    let said = ann
+        .next_from(&bot_id, &ann_dm, "the answer to ann's reaction")
+        .await;
+    assert!(
+        said.body
+            .contains("api.example.com allowed for a while for myapp by @ann"),
+        "{said:?}"
+    );
+    let policy = vms.egress.lock().unwrap().get("myapp").cloned().unwrap();
+    assert!(
+        policy
+            .rules
+            .iter()
+            .any(|r| r.dest.to_string() == "api.example.com" && r.expires_at.is_some()),
+        "{policy:?}"
+    );
+
     // 6. Limits: an oversized message is refused politely.
     let r = ann.ask(&bot_id, &ann_dm, &"x".repeat(5000)).await;
     assert!(r.body.contains("up to 4096 bytes"), "{r:?}");

@@ -270,3 +270,30 @@ pub fn ask_line(project: &ProjectName, dest: &str) -> String {
         "{project} tried to reach {dest}, which its egress policy does not allow yet. Nothing gets through until you answer: 'egress {project} allow {dest}', 'egress {project} allow-once {dest}' (for a while) or 'egress {project} deny {dest}'."
     )
 }
+
+/// The project and destination of a line [`ask_line`] wrote (a chat
+/// message read back after a restart, to act on a reaction to it).
+pub fn ask_in(line: &str) -> Option<(ProjectName, String)> {
+    let (project, rest) = line.split_once(" tried to reach ")?;
+    let (dest, _) = rest.split_once(", which its egress policy")?;
+    let project = ProjectName::new(project).ok()?;
+    crate::egress::Destination::parse(dest).ok()?;
+    Some((project, dest.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ask_line_reads_back() {
+        let p = ProjectName::new("app").unwrap();
+        let line = ask_line(&p, "api.example.com:443");
+        assert_eq!(ask_in(&line), Some((p, "api.example.com:443".into())));
+        assert_eq!(
+            ask_in("app tried to reach x y, which its egress policy"),
+            None
+        );
+        assert_eq!(ask_in("hello"), None);
+    }
+}
