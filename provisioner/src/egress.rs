@@ -55,9 +55,93 @@ const MAX_SECS: u64 = 86_400;
 /// Records one answer carries at most.
 const MAX_RECORDS: usize = 32;
 
-/// The nftables table of the VM whose QEMU runs in group `gid`.
-pub fn table(gid: u32) -> String {
-    format!("kennel_egress_{gid:x}")
+/// Whose packets a closed VM's rules match, and where its resolver
+/// listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carrier {
+    /// QEMU's user-mode networking: the sockets of the VM's QEMU (its own
+    /// group); the resolver on the VM's loopback address, port 53.
+    Group { gid: u32, dns: Ipv4Addr },
+    /// A TAP on Kennel's bridge: packets from the guest's address (which
+    /// a bridge-family rule keeps honest); the resolver on the bridge's
+    /// address, a port of the VM's own.
+    Tap {
+        slot: u32,
+        tap: [u8; 15],
+        guest: Ipv4Addr,
+        gateway: Ipv4Addr,
+    },
+}
+
+/// The resolvers of bridged VMs listen on the bridge's address at this
+/// port plus the VM's slot.
+pub const TAP_DNS_BASE: u16 = 40_000;
+
+impl Carrier {
+    /// The bridged VM in `slot` on TAP `tap`, `None` for a slot or name
+    /// that does not fit.
+    pub fn tap(slot: u32, tap: &str, guest: Ipv4Addr, gateway: Ipv4Addr) -> Option<Self> {
+        let bytes = tap.as_bytes();
+        if bytes.is_empty() || bytes.len() > 15 || !bytes.iter().all(u8::is_ascii_alphanumeric) {
+            return None;
+        }
+        u16::try_from(slot).ok()?.checked_add(TAP_DNS_BASE)?;
+        let mut name = [0u8; 15];
+        name.get_mut(..bytes.len())?.copy_from_slice(bytes);
+        Some(Self::Tap {
+            slot,
+            tap: name,
+            guest,
+            gateway,
+        })
+    }
+
+    /// The nftables table(s) of the VM.
+    pub fn table(&self) -> String {
+        match self {
+            Self::Group { gid, .. } => format!("kennel_egress_{gid:x}"),
+            Self::Tap { slot, .. } => format!("kennel_egress_b{slot}"),
+        }
+    }
+
+    /// Where its resolver listens.
+    pub fn resolver(&self) -> (Ipv4Addr, u16) {
+        match *self {
+            Self::Group { dns, .. } => (dns, 53),
+            Self::Tap { slot, gateway, .. } => (
+                gateway,
+                u16::try_from(slot)
+                    .ok()
+                    .and_then(|s| s.checked_add(TAP_DNS_BASE))
+                    .unwrap_or(TAP_DNS_BASE),
+            ),
+        }
+    }
+
+    fn tap_name(&self) -> String {
+        match self {
+            Self::Tap { tap, .. } => String::from_utf8_lossy(tap)
+                .trim_end_matches('\0')
+                .to_owned(),
+            Self::Group { .. } => String::new(),
+        }
+    }
+
+    /// The match for the VM's packets.
+    fn matches(&self) -> String {
+        match self {
+            Self::Group { gid, .. } => format!("meta skgid {gid}"),
+            Self::Tap { guest, .. } => format!("ip saddr {guest}"),
+        }
+    }
+
+    /// The hooks its DNS redirect and its filter sit on.
+    fn hooks(&self) -> (&'static str, &'static str) {
+        match self {
+            Self::Group { .. } => ("output", "output"),
+            Self::Tap { .. } => ("prerouting", "forward"),
+        }
+    }
 }
 
 /// An address allowed until some time, on one port or any.
@@ -68,7 +152,7 @@ pub struct Handed {
 }
 
 /// The rules of chain `vm`: what a closed VM may reach.
-pub fn vm_rules(policy: &EgressPolicy, dns: Ipv4Addr) -> String {
+pub fn vm_rules(policy: &EgressPolicy, (dns, port): (Ipv4Addr, u16)) -> String {
     let mut r = String::new();
     let mut line = |s: &str| {
         r.push_str("    ");
@@ -77,7 +161,7 @@ pub fn vm_rules(policy: &EgressPolicy, dns: Ipv4Addr) -> String {
     };
     line("ct state established,related accept");
     line(&format!(
-        "meta nfproto ipv4 ip daddr {dns} meta l4proto {{ tcp, udp }} th dport 53 accept"
+        "meta nfproto ipv4 ip daddr {dns} meta l4proto {{ tcp, udp }} th dport {port} accept"
     ));
     // Any other DNS (IPv6, a server the NAT rule missed) is refused.
     line("meta l4proto { tcp, udp } th dport 53 jump deny");
@@ -137,19 +221,24 @@ pub fn elements(t: &str, handed: &[(Handed, u64)]) -> String {
 
 /// The whole script for a VM: its table made anew (`fresh`), or its
 /// rules and sets replaced, then `handed` put back.
-pub fn script(
-    gid: u32,
-    dns: Ipv4Addr,
-    policy: &EgressPolicy,
-    fresh: bool,
-    handed: &[(Handed, u64)],
-) -> String {
-    let t = table(gid);
+pub fn script(c: &Carrier, policy: &EgressPolicy, fresh: bool, handed: &[(Handed, u64)]) -> String {
+    let t = c.table();
+    let m = c.matches();
+    let (nat_hook, filter_hook) = c.hooks();
+    let (dns, port) = c.resolver();
     let mut s = String::new();
     if fresh {
         s.push_str(&format!(
-            "table inet {t}\ndelete table inet {t}\ntable inet {t} {{\n  set a4 {{ type ipv4_addr; flags timeout; }}\n  set a6 {{ type ipv6_addr; flags timeout; }}\n  set p4 {{ type ipv4_addr . inet_service; flags timeout; }}\n  set p6 {{ type ipv6_addr . inet_service; flags timeout; }}\n  counter denied {{ }}\n  chain dns {{\n    type nat hook output priority -100; policy accept;\n    meta skgid {gid} meta nfproto ipv4 meta l4proto {{ tcp, udp }} th dport 53 dnat ip to {dns}:53\n  }}\n  chain deny {{\n    counter name denied\n    meta l4proto tcp reject with tcp reset\n    reject with icmpx admin-prohibited\n  }}\n  chain vm {{\n  }}\n  chain out {{\n    type filter hook output priority filter; policy accept;\n    meta skgid {gid} jump vm\n  }}\n}}\n"
+            "table inet {t}\ndelete table inet {t}\ntable inet {t} {{\n  set a4 {{ type ipv4_addr; flags timeout; }}\n  set a6 {{ type ipv6_addr; flags timeout; }}\n  set p4 {{ type ipv4_addr . inet_service; flags timeout; }}\n  set p6 {{ type ipv6_addr . inet_service; flags timeout; }}\n  counter denied {{ }}\n  chain dns {{\n    type nat hook {nat_hook} priority -100; policy accept;\n    {m} meta nfproto ipv4 meta l4proto {{ tcp, udp }} th dport 53 dnat ip to {dns}:{port}\n  }}\n  chain deny {{\n    counter name denied\n    meta l4proto tcp reject with tcp reset\n    reject with icmpx admin-prohibited\n  }}\n  chain vm {{\n  }}\n  chain out {{\n    type filter hook {filter_hook} priority filter; policy accept;\n    {m} jump vm\n  }}\n}}\n"
         ));
+        if let Carrier::Tap { guest, .. } = c {
+            // The guest's address is who it is: a guest that sends as
+            // another (or over IPv6) is dropped at its TAP.
+            let tap = c.tap_name();
+            s.push_str(&format!(
+                "table bridge {t}\ndelete table bridge {t}\ntable bridge {t} {{\n  chain pre {{\n    type filter hook prerouting priority -200; policy accept;\n    iifname \"{tap}\" ether type ip ip saddr != {guest} drop\n    iifname \"{tap}\" ether type arp arp saddr ip != {guest} drop\n    iifname \"{tap}\" ether type ip6 drop\n  }}\n}}\n"
+            ));
+        }
     } else {
         s.push_str(&format!("flush chain inet {t} vm\n"));
         for set in ["a4", "a6", "p4", "p6"] {
@@ -158,7 +247,7 @@ pub fn script(
     }
     s.push_str(&format!(
         "table inet {t} {{\n  chain vm {{\n{}  }}\n}}\n",
-        vm_rules(policy, dns)
+        vm_rules(policy, (dns, port))
     ));
     s.push_str(&elements(&t, handed));
     s
@@ -167,8 +256,7 @@ pub fn script(
 /// What a closed VM has: its table, resolver and what it handed out.
 struct Vm {
     project: ProjectName,
-    gid: u32,
-    dns: Ipv4Addr,
+    carrier: Carrier,
     state: Mutex<VmState>,
 }
 
@@ -205,8 +293,6 @@ pub struct Egress {
     dir: PathBuf,
     /// The host guard's group range (`None`: no root, nothing enforced).
     base_gid: Option<u32>,
-    /// Whether VMs use user-mode networking (the only mode enforced yet).
-    user_mode: bool,
     policies: Mutex<HashMap<String, EgressPolicy>>,
     vms: Mutex<HashMap<String, Arc<Vm>>>,
     asks: mpsc::UnboundedSender<EgressAsked>,
@@ -224,18 +310,12 @@ impl std::fmt::Debug for Egress {
 }
 
 impl Egress {
-    pub fn new(
-        runner: Arc<dyn Runner>,
-        data_dir: PathBuf,
-        base_gid: Option<u32>,
-        user_mode: bool,
-    ) -> Arc<Self> {
+    pub fn new(runner: Arc<dyn Runner>, data_dir: PathBuf, base_gid: Option<u32>) -> Arc<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
         Arc::new(Self {
             runner,
             dir: data_dir.join("egress"),
             base_gid,
-            user_mode,
             policies: Mutex::default(),
             vms: Mutex::default(),
             asks: tx,
@@ -249,9 +329,6 @@ impl Egress {
     pub fn supported(&self, policy: &EgressPolicy) -> Result<(), String> {
         if policy.mode == EgressMode::Open {
             return Ok(());
-        }
-        if !self.user_mode {
-            return Err("closed egress is enforced for QEMU's user-mode networking (vm.network = \"user\") so far; with bridge networking projects stay open".into());
         }
         if self.base_gid.is_none() {
             return Err("closed egress needs Kennel to run as root (it loads nftables rules and starts QEMU in a group of its own); run 'kennel serve' as root".into());
@@ -301,20 +378,19 @@ impl Egress {
         }
     }
 
-    /// Before `project`'s QEMU starts in group `gid`, with `dns` its
-    /// loopback address: a closed policy gets its table and resolver; an
-    /// open one none. `Err` fails the boot (nothing runs unguarded).
+    /// Before `project`'s VM starts, with `carrier` its packets' mark: a
+    /// closed policy gets its table and resolver; an open one none. `Err`
+    /// fails the boot (nothing runs unguarded).
     pub async fn arm(
         self: &Arc<Self>,
         project: &ProjectName,
-        gid: u32,
-        dns: Ipv4Addr,
+        carrier: Carrier,
     ) -> Result<(), String> {
         self.disarm(project).await;
         // Another project's VM held this slot before (its VM gone).
         let stale: Vec<ProjectName> = lock(&self.vms)
             .values()
-            .filter(|v| v.gid == gid)
+            .filter(|v| v.carrier.table() == carrier.table())
             .map(|v| v.project.clone())
             .collect();
         for p in stale {
@@ -325,16 +401,16 @@ impl Egress {
             return Ok(());
         }
         self.supported(&policy)?;
-        let udp = tokio::net::UdpSocket::bind((dns, 53))
+        let (dns, port) = carrier.resolver();
+        let udp = tokio::net::UdpSocket::bind((dns, port))
             .await
-            .map_err(|e| format!("cannot start the VM's resolver on {dns}:53: {e}"))?;
-        let tcp = tokio::net::TcpListener::bind((dns, 53))
+            .map_err(|e| format!("cannot start the VM's resolver on {dns}:{port}: {e}"))?;
+        let tcp = tokio::net::TcpListener::bind((dns, port))
             .await
-            .map_err(|e| format!("cannot start the VM's resolver on {dns}:53/tcp: {e}"))?;
+            .map_err(|e| format!("cannot start the VM's resolver on {dns}:{port}/tcp: {e}"))?;
         let vm = Arc::new(Vm {
             project: project.clone(),
-            gid,
-            dns,
+            carrier,
             state: Mutex::new(VmState {
                 policy: policy.clone(),
                 names: HashMap::new(),
@@ -353,7 +429,7 @@ impl Egress {
         lock(&vm.state).tasks = tasks;
         lock(&self.vms).insert(project.to_string(), vm);
         self.watch_counters().await;
-        tracing::info!(project = %project, gid, "egress closed: table and resolver in place");
+        tracing::info!(project = %project, table = %carrier.table(), "egress closed: table and resolver in place");
         Ok(())
     }
 
@@ -370,8 +446,11 @@ impl Egress {
                     t.abort();
                 }
             }
-            let t = table(vm.gid);
+            let t = vm.carrier.table();
             let _ = self.nft_line(format!("delete table inet {t}")).await;
+            if matches!(vm.carrier, Carrier::Tap { .. }) {
+                let _ = self.nft_line(format!("delete table bridge {t}")).await;
+            }
         }
     }
 
@@ -434,7 +513,7 @@ impl Egress {
             st.handed = handed;
             keep
         };
-        let text = script(vm.gid, vm.dns, &policy, fresh, &keep);
+        let text = script(&vm.carrier, &policy, fresh, &keep);
         self.nft_file(&vm.project, text).await
     }
 
@@ -518,7 +597,7 @@ impl Egress {
                         let Some(me) = me.upgrade() else { return };
                         let vms: Vec<Arc<Vm>> = lock(&me.vms).values().cloned().collect();
                         for vm in vms {
-                            if let Some(n) = me.denied(vm.gid).await {
+                            if let Some(n) = me.denied(&vm.carrier.table()).await {
                                 metrics::counter!("kennel_egress_denied_total", "project" => vm.project.to_string())
                                     .absolute(n);
                             }
@@ -529,10 +608,10 @@ impl Egress {
             .await;
     }
 
-    /// Connections refused so far to the VM of group `gid`.
-    pub async fn denied(&self, gid: u32) -> Option<u64> {
+    /// Connections refused so far by table `t`.
+    pub async fn denied(&self, t: &str) -> Option<u64> {
         let runner = self.runner.clone();
-        let t = table(gid);
+        let t = t.to_owned();
         let out = tokio::task::spawn_blocking(move || {
             runner.run(&Cmd::new("nft").args(["-j", "list", "counter", "inet", &t, "denied"]))
         })
@@ -676,7 +755,7 @@ impl Egress {
         if add.is_empty() && refresh.is_empty() {
             return;
         }
-        let t = table(vm.gid);
+        let t = vm.carrier.table();
         let mut text = String::new();
         for (h, _) in &refresh {
             text.push_str(
@@ -791,8 +870,11 @@ mod tests {
 
     #[test]
     fn a_closed_vm_gets_its_dns_redirected_and_its_list_as_rules() {
-        let dns: Ipv4Addr = "127.77.0.2".parse().unwrap();
-        let s = script(0x4b12_0002, dns, &policy(), true, &[]);
+        let c = Carrier::Group {
+            gid: 0x4b12_0002,
+            dns: "127.77.0.2".parse().unwrap(),
+        };
+        let s = script(&c, &policy(), true, &[]);
         assert!(
             s.starts_with(
                 "table inet kennel_egress_4b120002\ndelete table inet kennel_egress_4b120002\n"
@@ -816,7 +898,34 @@ mod tests {
         assert!(deny < allow && allow < sets, "{s}");
         let mut admin = policy();
         admin.private_ok = true;
-        assert!(!script(2, dns, &admin, false, &[]).contains("10.0.0.0/8"));
+        assert!(!script(&c, &admin, false, &[]).contains("10.0.0.0/8"));
+        // A bridged VM: by its address, on the forward path, its resolver
+        // on the bridge's address, its TAP kept to that address.
+        let b = Carrier::tap(
+            7,
+            "kt7",
+            "10.90.0.7".parse().unwrap(),
+            "10.90.0.1".parse().unwrap(),
+        )
+        .unwrap();
+        let s = script(&b, &policy(), true, &[]);
+        assert!(s.contains("type nat hook prerouting priority -100"), "{s}");
+        assert!(s.contains("ip saddr 10.90.0.7 meta nfproto ipv4 meta l4proto { tcp, udp } th dport 53 dnat ip to 10.90.0.1:40007"), "{s}");
+        assert!(
+            s.contains("type filter hook forward priority filter"),
+            "{s}"
+        );
+        assert!(
+            s.contains("iifname \"kt7\" ether type ip ip saddr != 10.90.0.7 drop"),
+            "{s}"
+        );
+        assert!(Carrier::tap(
+            7,
+            "kt7; drop",
+            "10.90.0.7".parse().unwrap(),
+            "10.90.0.1".parse().unwrap()
+        )
+        .is_none());
     }
 
     #[test]
@@ -838,13 +947,11 @@ mod tests {
             s,
             "add element inet t a4 { 198.18.0.2 timeout 60s }\nadd element inet t p4 { 198.18.0.2 . 443 timeout 60s }\nadd element inet t a6 { 2001:2::2 timeout 90s }\nadd element inet t p6 { 2001:2::2 . 80 timeout 90s }\n"
         );
-        let again = script(
-            2,
-            "127.77.0.2".parse().unwrap(),
-            &policy(),
-            false,
-            &[(h("198.18.0.2", None), 5)],
-        );
+        let c = Carrier::Group {
+            gid: 2,
+            dns: "127.77.0.2".parse().unwrap(),
+        };
+        let again = script(&c, &policy(), false, &[(h("198.18.0.2", None), 5)]);
         assert!(
             again.starts_with(
                 "flush chain inet kennel_egress_2 vm\nflush set inet kennel_egress_2 a4\n"

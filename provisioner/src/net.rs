@@ -103,7 +103,7 @@ pub fn nft_ruleset(b: &Bridge, host_ports: &[u16]) -> String {
         .map(|set| format!("    iifname \"{}\" tcp dport {set} accept\n", b.name))
         .unwrap_or_default();
     format!(
-        "table inet kennel {{}}\ndelete table inet kennel\ntable inet kennel {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    ip saddr {p}.0/24 oifname != \"{n}\" masquerade\n  }}\n  chain forward {{\n    type filter hook forward priority filter; policy accept;\n    iifname \"{n}\" oifname \"{n}\" drop\n  }}\n  chain input {{\n    type filter hook input priority filter; policy accept;\n    iifname \"{n}\" ct state established,related accept\n    iifname \"{n}\" meta l4proto {{ tcp, udp }} th dport 53 accept\n{allow}    iifname \"{n}\" meta l4proto tcp reject with tcp reset\n    iifname \"{n}\" drop\n  }}\n}}\n",
+        "table inet kennel {{}}\ndelete table inet kennel\ntable inet kennel {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    ip saddr {p}.0/24 oifname != \"{n}\" masquerade\n  }}\n  chain forward {{\n    type filter hook forward priority filter; policy accept;\n    iifname \"{n}\" oifname \"{n}\" drop\n  }}\n  chain input {{\n    type filter hook input priority filter; policy accept;\n    iifname \"{n}\" ct state established,related accept\n    iifname \"{n}\" meta l4proto {{ tcp, udp }} th dport 53 accept\n    iifname \"{n}\" ct status dnat accept\n{allow}    iifname \"{n}\" meta l4proto tcp reject with tcp reset\n    iifname \"{n}\" drop\n  }}\n}}\n",
         p = b.prefix,
         n = b.name
     )

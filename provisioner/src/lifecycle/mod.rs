@@ -200,7 +200,6 @@ impl LocalProvisioner {
             runner.clone(),
             s.data_dir.clone(),
             s.host_guard.as_ref().map(|(gid, _)| *gid),
-            matches!(s.network, NetworkMode::User),
         );
         Self {
             s,
@@ -256,18 +255,50 @@ impl LocalProvisioner {
     pub(crate) async fn arm_egress(&self, name: &str, m: &Machine) -> Result<(), String> {
         let project = ProjectName::new(name).map_err(|e| e.to_string())?;
         let base = self.s.host_guard.as_ref().map(|(gid, _)| *gid);
-        match (&m.net, base) {
+        let carrier = match (&m.net, base) {
             (NetAttach::User { host_ip, .. }, Some(base)) => {
                 let slot = net::user_slot(host_ip)
                     .ok_or_else(|| format!("{host_ip} is not a VM's loopback address"))?;
                 let dns = host_ip
                     .parse()
                     .map_err(|_| format!("{host_ip} is not an address"))?;
-                self.egress
-                    .arm(&project, crate::hostguard::vm_gid(base, slot), dns)
-                    .await
+                Some(crate::egress::Carrier::Group {
+                    gid: crate::hostguard::vm_gid(base, slot),
+                    dns,
+                })
             }
-            _ => {
+            (
+                NetAttach::Tap {
+                    tap,
+                    guest_ip,
+                    gateway,
+                    ..
+                },
+                Some(_),
+            ) => {
+                let slot = tap
+                    .strip_prefix("kt")
+                    .and_then(|s| s.parse::<u32>().ok())
+                    .ok_or_else(|| format!("{tap} is not a VM's TAP"))?;
+                let (guest, gw) = (
+                    guest_ip
+                        .parse()
+                        .map_err(|_| format!("{guest_ip} is not an address"))?,
+                    gateway
+                        .parse()
+                        .map_err(|_| format!("{gateway} is not an address"))?,
+                );
+                Some(
+                    crate::egress::Carrier::tap(slot, tap, guest, gw).ok_or_else(|| {
+                        format!("{tap} (slot {slot}) cannot carry an egress policy")
+                    })?,
+                )
+            }
+            _ => None,
+        };
+        match carrier {
+            Some(c) => self.egress.arm(&project, c).await,
+            None => {
                 self.egress.disarm(&project).await;
                 self.egress.supported(&self.egress.policy_of(name))
             }
