@@ -787,20 +787,11 @@ impl MatrixBot {
         let id = match known {
             Some(id) => Some(id),
             // Posted before a restart: read the request id from the message.
-            None => match room.event(&target, None).await {
-                Ok(te) => te
-                    .raw()
-                    .deserialize_as::<serde_json::Value>()
-                    .ok()
-                    .filter(|v| v.get("sender").and_then(|s| s.as_str()) == Some(self.own.as_str()))
-                    .and_then(|v| {
-                        v.get("content")?
-                            .get("body")?
-                            .as_str()
-                            .and_then(request_id_in)
-                    }),
-                Err(_) => None,
-            },
+            None => self
+                .own_message_body(&room, &target)
+                .await
+                .as_deref()
+                .and_then(request_id_in),
         };
         let Some(id) = id else {
             return;
@@ -834,6 +825,26 @@ impl MatrixBot {
         }
     }
 
+    /// The text of a message this bot sent, read from the room (for a
+    /// reaction to something posted before a restart).
+    async fn own_message_body(
+        &self,
+        room: &Room,
+        event: &matrix_sdk::ruma::EventId,
+    ) -> Option<String> {
+        let v = room
+            .event(event, None)
+            .await
+            .ok()?
+            .raw()
+            .deserialize_as::<serde_json::Value>()
+            .ok()?;
+        if v.get("sender").and_then(|s| s.as_str()) != Some(self.own.as_str()) {
+            return None;
+        }
+        Some(v.get("content")?.get("body")?.as_str()?.to_owned())
+    }
+
     /// A reaction to an egress ask (✅ allow, ⏳ allow once, ❌ deny),
     /// acted on as whoever reacted; `false` when it was not one.
     async fn on_egress_reaction(&self, ev: &OriginalSyncReactionEvent, room: &Room) -> bool {
@@ -842,19 +853,11 @@ impl MatrixBot {
         let ask = match known {
             Some(a) => Some(a),
             // Posted before a restart: read the ask from the message.
-            None => match room.event(&target, None).await {
-                Ok(te) => te
-                    .raw()
-                    .deserialize_as::<serde_json::Value>()
-                    .ok()
-                    .filter(|v| v.get("sender").and_then(|s| s.as_str()) == Some(self.own.as_str()))
-                    .and_then(|v| {
-                        let body = v.get("content")?.get("body")?.as_str()?.to_owned();
-                        kennel_core::executor::egress::ask_in(&body)
-                            .map(|(p, d)| (p.to_string(), d))
-                    }),
-                Err(_) => None,
-            },
+            None => self
+                .own_message_body(room, &target)
+                .await
+                .and_then(|body| kennel_core::executor::egress::ask_in(&body))
+                .map(|(p, d)| (p.to_string(), d)),
         };
         let Some((project, dest)) = ask else {
             return false;
