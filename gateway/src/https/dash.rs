@@ -160,6 +160,7 @@ impl Inner {
                 html.push_str(&self.project_row(p, &cookie_csrf, &links, &domains));
             }
             html.push_str("</div>");
+            html.push_str(&self.egress_asks(user, &projects, &cookie_csrf).await);
         }
         html.push_str(&format!(
             "<h2>New project</h2><form id=\"new\" method=\"post\" action=\"/do\"><input type=\"hidden\" name=\"csrf\" value=\"{c}\"><label>Name <input type=\"text\" name=\"name\" required pattern=\"[a-z][a-z0-9-]*\" class=\"w-m\"></label> <label>Stack <input type=\"text\" name=\"stack\" placeholder=\"detect\" class=\"w-m\"></label> <label>Git URL <input type=\"text\" name=\"git\" placeholder=\"optional\" class=\"w-l\"></label> <label>Template <input type=\"text\" name=\"template\" placeholder=\"optional\" class=\"w-m\"></label> <label>CPUs <input type=\"number\" name=\"cpus\" min=\"1\" max=\"64\" placeholder=\"default\" class=\"w-s\"></label> <label>Memory <input type=\"text\" name=\"memory\" placeholder=\"e.g. 2G\" class=\"w-s\"></label> <label>Disk <input type=\"text\" name=\"disk\" placeholder=\"e.g. 10G\" class=\"w-s\"></label> <button>Create</button></form><pre id=\"progress\" aria-live=\"polite\" hidden></pre>",
@@ -310,6 +311,43 @@ impl Inner {
         }
         html.push_str("</tbody></table>");
         html
+    }
+
+    /// What closed projects' VMs tried that nobody decided on, with the
+    /// three answers as buttons; empty when there is none.
+    async fn egress_asks(&self, user: &User, projects: &[Project], csrf: &str) -> String {
+        let mut items = String::new();
+        for p in projects {
+            let Some(Reply::Egress { egress, .. }) = self
+                .owners_view(user, p, format!("egress {}", p.name))
+                .await
+            else {
+                continue;
+            };
+            for d in &egress.asked {
+                let button = |verb: &str, label: &str| {
+                    action_button(
+                        csrf,
+                        &format!("egress {} {verb} {d}", p.name),
+                        &format!("{verb} {d} for {}", p.name),
+                        label,
+                        false,
+                    )
+                };
+                items.push_str(&format!(
+                    "<li><b>{}</b> tried to reach <code>{}</code> {}{}{}</li>",
+                    esc(p.name.as_str()),
+                    esc(d),
+                    button("allow", "Allow"),
+                    button("allow-once", "Allow once"),
+                    button("deny", "Deny"),
+                ));
+            }
+        }
+        if items.is_empty() {
+            return items;
+        }
+        format!("<h2>Egress asks</h2><p>Closed projects' VMs tried these; nothing gets through until you answer.</p><ul class=\"asks\">{items}</ul>")
     }
 
     /// What `line` answers about `p` for its owner or an admin (share

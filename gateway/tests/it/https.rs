@@ -1519,6 +1519,13 @@ async fn the_dashboard_runs_commands_resizes_and_shares_by_link_with_a_qr_code()
     gw.w.exec.set_dns(dns);
     let link = gw.login_link(&gw.w.admin).await;
     let port = gw.port;
+    // A closed project's VM asked for a name (shown on the dashboard).
+    gw.w.exec
+        .egress_asked(kennel_core::egress::EgressAsked {
+            project: kennel_core::names::ProjectName::new("web").unwrap(),
+            dest: "api.example.com".into(),
+        })
+        .await;
     let seen = tokio::task::spawn_blocking(move || {
         let mut b = kennel_testkit::browser::Browser::start(&format!(
             "MAP *.{DOMAIN} 127.0.0.1, MAP {DOMAIN} 127.0.0.1"
@@ -1561,12 +1568,38 @@ async fn the_dashboard_runs_commands_resizes_and_shares_by_link_with_a_qr_code()
         let domain_listed = b.source();
         b.click("button[aria-label=\"remove the domain app.example.com of web\"]");
         let undomained = b.source_with("no longer served", Duration::from_secs(20));
-        (styled, ran, resized, linked, qr, listed, revoked, (domained, domain_listed, undomained))
+        // An egress ask: listed with its answers; Allow decides it.
+        b.goto(&format!("https://{DOMAIN}:{port}/"));
+        let asks = b.source_with("Egress asks", Duration::from_secs(20));
+        b.click("button[aria-label=\"allow api.example.com for web\"]");
+        let allowed = b.source_with("Done", Duration::from_secs(20));
+        (styled, ran, resized, linked, qr, listed, revoked, (domained, domain_listed, undomained, asks, allowed))
     })
     .await
     .unwrap();
-    let (styled, ran, resized, linked, qr, listed, revoked, (domained, domain_listed, undomained)) =
-        seen;
+    let (
+        styled,
+        ran,
+        resized,
+        linked,
+        qr,
+        listed,
+        revoked,
+        (domained, domain_listed, undomained, asks, allowed),
+    ) = seen;
+    assert!(
+        asks.contains("tried to reach <code>api.example.com</code>"),
+        "{asks}"
+    );
+    assert!(allowed.contains("api.example.com"), "{allowed}");
+    let Ok(Reply::Egress { egress, .. }) = gw.w.run(&gw.w.admin, "egress web").await else {
+        panic!()
+    };
+    assert!(egress.asked.is_empty(), "{egress:?}");
+    assert!(
+        egress.rules.iter().any(|r| r.dest == "api.example.com"),
+        "{egress:?}"
+    );
     assert!(
         domained.contains(&format!("web is served at https://app.example.com:{port}")),
         "{domained}"
