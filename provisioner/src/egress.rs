@@ -54,6 +54,12 @@ const MIN_SECS: u64 = 30;
 const MAX_SECS: u64 = 86_400;
 /// Records one answer carries at most.
 const MAX_RECORDS: usize = 32;
+/// Names one VM may be asked about per boot (a guest asking for random
+/// names grows nothing past it).
+const MAX_ASKED: usize = 256;
+/// Queries one VM's resolver works on at once; more are dropped (the
+/// guest asks again).
+const MAX_IN_FLIGHT: usize = 64;
 
 /// Whose packets a closed VM's rules match, and where its resolver
 /// listens.
@@ -657,7 +663,10 @@ impl Egress {
             NameJudgement::Denied => resp.metadata.response_code = ResponseCode::NXDomain,
             NameJudgement::Unknown => {
                 resp.metadata.response_code = ResponseCode::Refused;
-                let new = lock(&vm.state).asked.insert(name.clone());
+                let new = {
+                    let mut st = lock(&vm.state);
+                    st.asked.len() < MAX_ASKED && st.asked.insert(name.clone())
+                };
                 if new && kennel_core::egress::name(&name).is_ok() {
                     let _ = self.asks.send(EgressAsked {
                         project: vm.project.clone(),
@@ -794,6 +803,7 @@ fn ip_of(r: &Record) -> Option<IpAddr> {
 
 async fn serve_udp(me: Arc<Egress>, vm: Arc<Vm>, sock: Arc<tokio::net::UdpSocket>) {
     let mut buf = vec![0u8; 4096];
+    let busy = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     loop {
         let (n, peer) = match sock.recv_from(&mut buf).await {
             Ok(x) => x,
@@ -802,9 +812,13 @@ async fn serve_udp(me: Arc<Egress>, vm: Arc<Vm>, sock: Arc<tokio::net::UdpSocket
                 continue;
             }
         };
+        let Ok(permit) = busy.clone().try_acquire_owned() else {
+            continue;
+        };
         let query = buf.get(..n).map(<[u8]>::to_vec).unwrap_or_default();
         let (me, vm, sock) = (me.clone(), vm.clone(), sock.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             if let Some(resp) = me.answer(&vm, &query).await {
                 let _ = sock.send_to(&resp, peer).await;
             }
@@ -813,12 +827,17 @@ async fn serve_udp(me: Arc<Egress>, vm: Arc<Vm>, sock: Arc<tokio::net::UdpSocket
 }
 
 async fn serve_tcp(me: Arc<Egress>, vm: Arc<Vm>, listener: tokio::net::TcpListener) {
+    let busy = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     loop {
         let Ok((mut conn, _)) = listener.accept().await else {
             continue;
         };
+        let Ok(permit) = busy.clone().try_acquire_owned() else {
+            continue;
+        };
         let (me, vm) = (me.clone(), vm.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             loop {
                 let mut len = [0u8; 2];
                 let read =

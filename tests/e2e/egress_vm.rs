@@ -287,6 +287,22 @@ fn scenario(network: &'static str) {
         k.exec_ok("egress eg")
             .contains("Asked, not decided yet: api.world.test")
     });
+    // The refusals are counted, per project, in Kennel's metrics.
+    eventually(
+        Duration::from_secs(40),
+        "denied connections in the metrics",
+        || {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &kns.0, "curl", "-sS", "-m", "5"])
+                .arg("http://127.0.0.1:9464/metrics")
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).lines().any(|l| {
+                l.starts_with("kennel_egress_denied_total{project=\"eg\"}")
+                    && l.rsplit(' ').next().and_then(|n| n.parse::<f64>().ok()) > Some(0.0)
+            })
+        },
+    );
 
     // Allowed: exactly that name.
     k.exec_ok("egress eg allow api.world.test");
