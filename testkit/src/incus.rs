@@ -44,8 +44,24 @@ impl IncusDaemon {
             b = d.bridge,
             s = d.subnet
         );
-        let out = d.incus_stdin(&["admin", "init", "--preseed"], preseed.as_bytes());
-        assert!(out.status.success(), "incus admin init: {}", text(&out));
+        // Creating the bridge, incusd reads every interface of the host;
+        // another test's daemon deleting a container's veth meanwhile
+        // fails it ("ip -d -j link show vethX: Device does not exist").
+        // Incus reverts the half-made network: the same preseed again.
+        let mut attempt = 0;
+        loop {
+            let out = d.incus_stdin(&["admin", "init", "--preseed"], preseed.as_bytes());
+            if out.status.success() {
+                break;
+            }
+            let why = text(&out);
+            attempt += 1;
+            assert!(
+                attempt < 5 && vanished_interface(&why),
+                "incus admin init: {why}"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
         d
     }
 
@@ -281,6 +297,12 @@ fn free_bridge() -> (String, String) {
         }
     }
     panic!("no free 10.x.y.0/24 for a test bridge");
+}
+
+/// Whether incusd failed because an interface went away while it looked
+/// at it (a race with another daemon on the same host, not a fault).
+fn vanished_interface(why: &str) -> bool {
+    why.contains("link show") && why.contains("does not exist")
 }
 
 fn text(o: &Output) -> String {
