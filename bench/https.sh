@@ -10,6 +10,9 @@
 # hitting the backend directly (wrk), the proxy's CPU ms per 10k requests
 # and its RSS. Installs nginx, wrk and h2load (nghttp2-client) if missing.
 # Usage: bench/https.sh [seconds per run]   (default 10)
+#   BENCH_BEFORE=PATH also runs an older build of the gateway example
+#   (a copy of target/release/examples/https_bench) beside this one, on
+#   the same backend and CPU, as "before" rows: before/after in one run.
 #   BENCH_PERF=1 also profiles the gateway (perf, Debian linux-perf) on
 #   the tiny HTTP/1.1 run and prints where its CPU goes.
 set -euo pipefail
@@ -39,7 +42,7 @@ cleanup() {
 }
 trap cleanup EXIT
 free() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-bport=$(free); nport=$(free); kport=$(free)
+bport=$(free); nport=$(free); kport=$(free); oport=$(free)
 mkdir -p "$work/www"
 printf 'ok\n' >"$work/www/tiny"
 head -c $((1 << 20)) /dev/zero >"$work/www/big"
@@ -97,6 +100,13 @@ taskset -c 0 "$GW" "127.0.0.1:$bport" "$kport" bench.test "$work/ca" >"$work/gw.
 gw=$!
 pids+=("$gw")
 until grep -q ready "$work/gw.log" 2>/dev/null; do sleep 0.1; done
+old=
+if [ -n "${BENCH_BEFORE:-}" ]; then
+  taskset -c 0 "$BENCH_BEFORE" "127.0.0.1:$bport" "$oport" bench.test "$work/ca-before" >"$work/old.log" 2>&1 &
+  old=$!
+  pids+=("$old")
+  until grep -q ready "$work/old.log" 2>/dev/null; do sleep 0.1; done
+fi
 sleep 0.3
 nginx_worker=$(pgrep -P "$(cat "$work/nginx.pid")" | head -1)
 [ "$(curl -s -o /dev/null -w "%{size_download}" "http://127.0.0.1:$bport/big")" = 1048576 ] || { echo "the backend does not serve /big" >&2; exit 1; }
@@ -146,13 +156,18 @@ for size in tiny big; do
     if [ "$proto" = h1 ]; then
       read -r nrps np50 np99 ncpu nsys <<<"$(run "https://127.0.0.1:$nport/$size" "$nginx_worker" h1)"
       read -r krps kp50 kp99 kcpu ksys <<<"$(run "https://127.0.0.1:$kport/$size" "$gw" h1)"
+      if [ -n "$old" ]; then read -r orps op50 op99 ocpu osys <<<"$(run "https://127.0.0.1:$oport/$size" "$old" h1)"; fi
     else
       read -r nrps np50 np99 ncpu nsys <<<"$(run "https://127.0.0.1:$nport/$size" "$nginx_worker" h2)"
       read -r krps kp50 kp99 kcpu ksys <<<"$(run "https://app.bench.test:$kport/$size" "$gw" h2 "127.0.0.1:$kport")"
+      if [ -n "$old" ]; then read -r orps op50 op99 ocpu osys <<<"$(run "https://app.bench.test:$oport/$size" "$old" h2 "127.0.0.1:$oport")"; fi
     fi
-    ratio=$(awk -v k="$krps" -v n="$nrps" 'BEGIN {if (n>0) printf "%.2f", k/n; else print "-"}')
+    ratio() { awk -v k="$1" -v n="$nrps" 'BEGIN {if (n>0) printf "%.2f", k/n; else print "-"}'; }
     row nginx "$proto" "$size" "$nrps" 1.00 "$np50" "$np99" "$ncpu" "$nsys" "$(rss_kib "$nginx_worker")"
-    row kennel "$proto" "$size" "$krps" "$ratio" "$kp50" "$kp99" "$kcpu" "$ksys" "$(rss_kib "$gw")"
+    row kennel "$proto" "$size" "$krps" "$(ratio "$krps")" "$kp50" "$kp99" "$kcpu" "$ksys" "$(rss_kib "$gw")"
+    if [ -n "$old" ]; then
+      row before "$proto" "$size" "$orps" "$(ratio "$orps")" "$op50" "$op99" "$ocpu" "$osys" "$(rss_kib "$old")"
+    fi
   done
 done
 echo "(proxies, and the backend nginx, pinned to CPU 0; wrk and h2load to CPU 1. p50/p99 from wrk; h2load reports no percentiles.)"

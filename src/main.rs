@@ -4,6 +4,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// mimalloc, not glibc's malloc: the gateways allocate per request and per
+/// packet on many tasks; bench/https.sh and bench/load.sh measure both.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Writes to standard output. A reader that went away (`kennel exec help |
 /// head -1`) ends the program quietly, as it does any Unix filter, instead
 /// of the panic `println!` gives on a broken pipe.

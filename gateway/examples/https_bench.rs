@@ -10,6 +10,9 @@ use kennel_core::testing::World;
 use kennel_core::Settings;
 use kennel_gateway::https::{tls, HttpsGateway, HttpsSettings};
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 // One worker thread, as nginx runs one worker process here: both are pinned
 // to one CPU.
 #[tokio::main(flavor = "current_thread")]
