@@ -87,9 +87,15 @@ impl Activity {
     /// Runs `f` on `name`'s track (made if new) and marks it used at `at`.
     fn with(&self, name: &ProjectName, at: Instant, f: impl FnOnce(&mut Track)) {
         let mut map = self.lock();
-        let t = map.entry(name.clone()).or_insert_with(|| Track::fresh(at));
-        f(t);
-        t.last = t.last.max(at);
+        // Found by reference first: no copy of the name on the way of
+        // every request and packet (this runs twice per HTTPS request).
+        if !map.contains_key(name) {
+            map.insert(name.clone(), Track::fresh(at));
+        }
+        if let Some(t) = map.get_mut(name) {
+            f(t);
+            t.last = t.last.max(at);
+        }
     }
 
     pub(crate) fn enter(self: &Arc<Self>, name: &ProjectName) -> Presence {

@@ -30,8 +30,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use kennel_core::model::{Project, User};
 use kennel_core::names::ProjectName;
@@ -109,8 +107,11 @@ impl Default for HttpsSettings {
     }
 }
 
-/// Who asks to enter which project, how.
-type DecisionKey = (Option<kennel_core::model::UserId>, ProjectName, Entry);
+/// Who asks to enter a project, how (the project is the outer key: looked
+/// up by reference, with no copy of its name per request).
+type DecisionKey = (Option<kennel_core::model::UserId>, Entry);
+/// Decisions per project.
+type Decisions = HashMap<ProjectName, HashMap<DecisionKey, Cached<Option<Decided>>>>;
 /// A session cookie's value and the host it was sent to.
 type SessionKey = (String, String);
 /// The project (may be entered) and where its app answers, if running.
@@ -118,9 +119,6 @@ type Decided = Arc<(kennel_core::model::Project, Option<kennel_core::VmReach>)>;
 
 /// The most an upstream connection's read buffer grows to.
 pub(crate) const UPSTREAM_BUF: usize = 256 * 1024;
-
-/// A keep-alive pool to one app.
-type AppClient = Client<HttpConnector, Incoming>;
 
 /// A cached answer and the store's change count it was read at.
 #[derive(Debug, Clone)]
@@ -141,10 +139,14 @@ fn cached<K: std::hash::Hash + Eq, T: Clone>(
     k: &K,
     changes: u64,
 ) -> Option<T> {
-    let m = m.lock().ok()?;
-    m.get(k)
-        .filter(|c| c.changes == changes && c.at.elapsed() < CACHE_FOR)
-        .map(|c| c.value.clone())
+    m.lock().ok()?.get(k)?.fresh(changes)
+}
+
+impl<T: Clone> Cached<T> {
+    /// The value, if the store has not changed since and it is recent.
+    fn fresh(&self, changes: u64) -> Option<T> {
+        (self.changes == changes && self.at.elapsed() < CACHE_FOR).then(|| self.value.clone())
+    }
 }
 
 fn remember<K: std::hash::Hash + Eq, T>(
@@ -174,15 +176,11 @@ struct Inner {
     s: HttpsSettings,
     domain: String,
     https_port: u16,
-    /// Keep-alive pools to apps, one per app address and its app port:
-    /// when `port` moves an app, connections to the old port are not
-    /// reused.
-    clients: Mutex<HashMap<String, (u16, AppClient)>>,
     conns: Mutex<HashMap<IpAddr, usize>>,
     /// Entry decisions (with the route), and sessions: kept while the
     /// store has not changed, and for at most [`CACHE_FOR`], so most
     /// requests cost no round trip to the store.
-    decisions: Mutex<HashMap<DecisionKey, Cached<Option<Decided>>>>,
+    decisions: Mutex<Decisions>,
     sessions: Mutex<HashMap<SessionKey, Cached<Option<User>>>>,
     /// Custom domains: the project each host serves (or none).
     domains: Mutex<HashMap<String, Cached<Option<ProjectName>>>>,
@@ -256,7 +254,6 @@ impl HttpsGateway {
                 domain: settings.domain.to_ascii_lowercase(),
                 https_port: settings.https_port,
                 s,
-                clients: Mutex::new(HashMap::new()),
                 conns: Mutex::new(HashMap::new()),
                 waking: Arc::default(),
                 woken: Arc::default(),
@@ -429,35 +426,6 @@ impl Inner {
         }
     }
 
-    /// The pooled client for an app at `addr` on `port`.
-    fn client(&self, addr: &str, port: u16) -> Client<HttpConnector, Incoming> {
-        let mut clients = self
-            .clients
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Looked up by `&str`: no allocation on the way of every request.
-        if let Some((p, c)) = clients.get(addr) {
-            if *p == port {
-                return c.clone();
-            }
-        }
-        // The app moved (or is new): its old pool goes.
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(10)));
-        let c = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(64)
-            // Bodies stream through; a large read buffer per connection
-            // only holds memory (128 streams of 1 MiB: tens of MiB).
-            .http1_max_buf_size(UPSTREAM_BUF)
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .build(http);
-        clients.insert(addr.to_owned(), (port, c.clone()));
-        c
-    }
-
     async fn serve<I>(self: Arc<Self>, io: I, peer: SocketAddr, h2: bool)
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -478,13 +446,18 @@ impl Inner {
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20));
         let me = self.clone();
-        // HTTP/1.1 requests on one connection come one at a time, so the
-        // connection keeps its own to the app (no pool on the way of each
-        // request); HTTP/2's concurrent streams share the pool.
-        let own: Option<proxy::OwnUpstream> = (!h2).then(Default::default);
+        // The connection keeps its own connections to the app (no pool
+        // shared by every client on the way of each request): HTTP/1.1's
+        // requests come one at a time, over one; HTTP/2's streams get one
+        // each.
+        let own = if h2 {
+            proxy::Own::Many(Default::default())
+        } else {
+            proxy::Own::One(Default::default())
+        };
         let svc = hyper::service::service_fn(move |req| {
             let (me, own) = (me.clone(), own.clone());
-            async move { Ok::<_, Infallible>(me.handle(req, peer, own.as_ref()).await) }
+            async move { Ok::<_, Infallible>(me.handle(req, peer, &own).await) }
         });
         metrics::counter!("kennel_https_connections_total").increment(1);
         metrics::gauge!("kennel_https_connections_open").increment(1.0);
@@ -501,23 +474,20 @@ impl Inner {
         self: Arc<Self>,
         req: Request<Incoming>,
         peer: SocketAddr,
-        own: Option<&proxy::OwnUpstream>,
+        own: &proxy::Own,
     ) -> Response<Body> {
         let started = Instant::now();
-        let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+        // The URI is shared bytes: kept for the log line at no copy.
+        let (method, uri) = (req.method().clone(), req.uri().clone());
         let host = route::host_of(&req);
         let site = match host.as_deref() {
             None => Site::Unknown,
             Some(h) => self.site_of(h).await,
         };
-        let project = match &site {
-            Site::Project { name, .. } => name.to_string(),
-            _ => "-".into(),
-        };
-        let site_kind = match &site {
-            Site::Kennel => "kennel",
-            Site::Project { .. } => "project",
-            _ => "unknown",
+        let (site_kind, project): (_, &(dyn std::fmt::Display + Sync)) = match &site {
+            Site::Kennel => ("kennel", &"-"),
+            Site::Project { name, .. } => ("project", name),
+            _ => ("unknown", &"-"),
         };
         let span = tracing::info_span!("https", project = %project, peer = %peer.ip(), user = tracing::field::Empty);
         let resp = tracing::Instrument::instrument(
@@ -533,27 +503,27 @@ impl Inner {
             span.clone(),
         )
         .await;
+        let took = started.elapsed();
         metrics::counter!(
             "kennel_https_requests_total",
             "site" => site_kind,
-            "code" => resp.status().as_str().to_owned(),
+            "code" => code_label(resp.status()),
         )
         .increment(1);
         metrics::histogram!("kennel_https_request_seconds", "site" => site_kind)
-            .record(started.elapsed().as_secs_f64());
-        let bytes = resp
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-")
-            .to_owned();
+            .record(took.as_secs_f64());
         span.in_scope(|| {
+            let bytes = resp
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
             tracing::info!(
                 %method,
-                path = %kennel_core::redact::excerpt(&path),
+                path = %kennel_core::redact::excerpt(uri.path()),
                 status = resp.status().as_u16(),
                 bytes = %bytes,
-                ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
                 "request"
             );
         });
@@ -633,8 +603,11 @@ impl Inner {
         entry: Entry,
     ) -> Option<Decided> {
         let changes = self.gate.changes();
-        let key = (user.map(|u| u.id), name.clone(), entry);
-        if let Some(d) = cached(&self.decisions, &key, changes) {
+        let key = (user.map(|u| u.id), entry);
+        let known = self.decisions.lock().ok().and_then(|m| {
+            m.get(name)?.get(&key)?.fresh(changes)
+        });
+        if let Some(d) = known {
             return d;
         }
         let decided = match self.gate.may_enter(user, name, entry).await {
@@ -645,7 +618,19 @@ impl Inner {
             Err(kennel_core::CommandError::Store(_)) => return None,
             Err(_) => None,
         };
-        remember(&self.decisions, key, changes, decided.clone());
+        if let Ok(mut m) = self.decisions.lock() {
+            if m.values().map(HashMap::len).sum::<usize>() >= CACHE_MAX {
+                m.clear();
+            }
+            m.entry(name.clone()).or_default().insert(
+                key,
+                Cached {
+                    changes,
+                    at: Instant::now(),
+                    value: decided.clone(),
+                },
+            );
+        }
         decided
     }
 
@@ -700,7 +685,7 @@ impl Inner {
         host: &str,
         name: ProjectName,
         port: Option<u16>,
-        own: Option<&proxy::OwnUpstream>,
+        own: &proxy::Own,
     ) -> Response<Body> {
         if req.uri().path().starts_with("/__kennel/") {
             return self.project_kennel_path(req, host, &name, port).await;
@@ -764,13 +749,13 @@ impl Inner {
             return wait;
         }
         match own {
-            Some(own) => {
+            proxy::Own::One(own) => {
                 self.forward_own(req, own, addr, project.app_port, &fwd, here)
                     .await
             }
-            None => {
-                let client = self.client(addr, project.app_port);
-                self.forward(req, &client, addr, &fwd, here).await
+            proxy::Own::Many(own) => {
+                self.forward_many(req, own, addr, project.app_port, &fwd, here)
+                    .await
             }
         }
     }
@@ -937,6 +922,28 @@ fn note_woken(woken: &Mutex<HashMap<ProjectName, Instant>>, name: &ProjectName) 
         w.retain(|_, at| now.saturating_duration_since(*at) < Duration::from_secs(300));
         w.insert(name.clone(), now);
     }
+}
+
+/// A status code as a metrics label: the common ones without a copy.
+fn code_label(status: StatusCode) -> metrics::SharedString {
+    let common = match status.as_u16() {
+        200 => "200",
+        204 => "204",
+        206 => "206",
+        301 => "301",
+        302 => "302",
+        303 => "303",
+        304 => "304",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        _ => return metrics::SharedString::from(status.as_str().to_owned()),
+    };
+    metrics::SharedString::const_str(common)
 }
 
 /// Percent-encodes a query value.

@@ -12,25 +12,29 @@ use std::task::{Context, Poll};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 
 use kennel_core::Presence;
 
 use super::{page, Body, Inner, COOKIE};
 
 /// Headers that describe one hop, never forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_KENNEL_USER: HeaderName = HeaderName::from_static("x-kennel-user");
+const X_KENNEL_EMAIL: HeaderName = HeaderName::from_static("x-kennel-email");
 
 /// A new HTTP/1.1 connection to the app at `addr`, driven by a task of
 /// its own (upgrades included).
@@ -129,6 +133,11 @@ pub struct Forwarded {
 
 /// Removes hop-by-hop headers and those `Connection` names.
 pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most requests and answers carry none: one look at the few names
+    // present instead of nine lookups.
+    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -139,8 +148,8 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
     for n in named {
         h.remove(n);
     }
-    for n in HOP_BY_HOP {
-        h.remove(*n);
+    for n in &HOP_BY_HOP {
+        h.remove(n);
     }
 }
 
@@ -162,6 +171,9 @@ fn upgrade_of<B>(req: &Request<B>) -> Option<HeaderValue> {
 
 /// The `Cookie` header without Kennel's own cookies.
 fn without_kennel_cookies(h: &mut HeaderMap) {
+    if !h.contains_key(header::COOKIE) {
+        return;
+    }
     let kept: Vec<String> = h
         .get_all(header::COOKIE)
         .iter()
@@ -187,6 +199,21 @@ type Upstream = (Request<Incoming>, Option<hyper::upgrade::OnUpgrade>);
 pub(super) type OwnUpstream = Arc<tokio::sync::Mutex<Option<(String, u16, SendRequest)>>>;
 type SendRequest = hyper::client::conn::http1::SendRequest<Incoming>;
 
+/// An HTTP/2 client connection's own connections to its app: one per
+/// stream in flight, kept for the streams after it. No pool shared by
+/// every client on the way of each request; all close with the client's
+/// connection.
+pub(super) type OwnUpstreams = Arc<std::sync::Mutex<Vec<(String, u16, SendRequest)>>>;
+
+/// Where a client connection's requests go to the app.
+#[derive(Clone)]
+pub(super) enum Own {
+    /// HTTP/1.1: one request at a time, one connection.
+    One(OwnUpstream),
+    /// HTTP/2: concurrent streams, a connection each.
+    Many(OwnUpstreams),
+}
+
 impl Inner {
     /// Forwards `req` to the app at `addr` on the client connection's own
     /// connection to it (made, or made again when the app moved or the
@@ -200,7 +227,7 @@ impl Inner {
         fwd: &Forwarded,
         here: Presence,
     ) -> Response<Body> {
-        let (up, client_upgrade) = match self.upstream_request(req, None, fwd) {
+        let (up, client_upgrade) = match self.upstream_request(req, fwd) {
             Ok(u) => u,
             Err(resp) => return resp,
         };
@@ -208,9 +235,13 @@ impl Inner {
         let mut reuse = false;
         if let Some((a, p, send)) = slot.as_mut() {
             if a == addr && *p == port {
-                // Ready once the last response's end has been read.
-                let ready = tokio::time::timeout(std::time::Duration::from_secs(1), send.ready());
-                reuse = matches!(ready.await, Ok(Ok(())));
+                // Ready once the last response's end has been read: most
+                // often already (no timer armed then).
+                reuse = send.is_ready() || {
+                    let ready =
+                        tokio::time::timeout(std::time::Duration::from_secs(1), send.ready());
+                    matches!(ready.await, Ok(Ok(())))
+                };
             }
         }
         if !reuse {
@@ -231,21 +262,45 @@ impl Inner {
         self.relay(resp, client_upgrade, addr, here)
     }
 
-    /// Forwards `req` to the app at `addr` (`host:port`) on a pooled
-    /// connection.
-    pub(super) async fn forward(
+    /// Forwards `req` (an HTTP/2 stream) to the app at `addr` on one of
+    /// the client connection's idle connections to it, or a new one; kept
+    /// afterwards (up to one per stream the client may open at once).
+    pub(super) async fn forward_many(
         &self,
         req: Request<Incoming>,
-        client: &Client<HttpConnector, Incoming>,
+        own: &OwnUpstreams,
         addr: &str,
+        port: u16,
         fwd: &Forwarded,
         here: Presence,
     ) -> Response<Body> {
-        let (up, client_upgrade) = match self.upstream_request(req, Some(addr), fwd) {
+        let (up, client_upgrade) = match self.upstream_request(req, fwd) {
             Ok(u) => u,
             Err(resp) => return resp,
         };
-        let resp = client.request(up).await.map_err(|e| e.to_string());
+        let idle = own.lock().ok().and_then(|mut conns| {
+            // Those to where the app was (it moved), and closed ones, go.
+            conns.retain(|(a, p, send)| a == addr && *p == port && !send.is_closed());
+            let i = conns.iter().position(|(_, _, send)| send.is_ready())?;
+            Some(conns.swap_remove(i).2)
+        });
+        let mut send = match idle {
+            Some(send) => send,
+            None => match connect_app(addr).await {
+                Ok(send) => send,
+                Err(e) => return self.relay(Err(e), None, addr, here),
+            },
+        };
+        let resp = send.send_request(up).await.map_err(|e| e.to_string());
+        if resp.is_ok() {
+            // Busy until this answer's body has been read; then ready for
+            // another stream.
+            if let Ok(mut conns) = own.lock() {
+                if conns.len() < self.s.max_h2_streams as usize {
+                    conns.push((addr.to_owned(), port, send));
+                }
+            }
+        }
         self.relay(resp, client_upgrade, addr, here)
     }
 
@@ -261,7 +316,7 @@ impl Inner {
         fwd: &Forwarded,
         here: Presence,
     ) -> Response<Body> {
-        let (up, client_upgrade) = match self.upstream_request(req, None, fwd) {
+        let (up, client_upgrade) = match self.upstream_request(req, fwd) {
             Ok(u) => u,
             Err(resp) => return resp,
         };
@@ -279,29 +334,34 @@ impl Inner {
         self.relay(resp, client_upgrade, &what, here)
     }
 
-    /// The upstream request, rebuilt from the parsed parts of `req`:
-    /// absolute (`http://ADDR/path`, for the pool) when `addr` is given,
-    /// else in origin form.
+    /// The upstream request, rebuilt from the parsed parts of `req`, in
+    /// origin form.
     // The error is the answer to send, made once per refused request.
     #[allow(clippy::result_large_err)]
     fn upstream_request(
         &self,
         mut req: Request<Incoming>,
-        addr: Option<&str>,
         fwd: &Forwarded,
     ) -> Result<Upstream, Response<Body>> {
         let upgrade = upgrade_of(&req);
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or("/", http::uri::PathAndQuery::as_str);
-        let uri = match addr {
-            Some(a) => format!("http://{a}{path}").parse::<http::Uri>(),
-            None => path.parse::<http::Uri>(),
+        // HTTP/1.1's requests are in origin form already: kept as they
+        // are; HTTP/2's lose their scheme and authority.
+        let uri = if parts.uri.scheme().is_none() && parts.uri.authority().is_none() {
+            Some(parts.uri)
+        } else {
+                let mut p = http::uri::Parts::default();
+                p.path_and_query = Some(
+                    parts
+                        .uri
+                        .path_and_query()
+                        .cloned()
+                        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+                );
+                http::Uri::from_parts(p).ok()
         };
-        let Ok(uri) = uri else {
+        let Some(uri) = uri else {
             return Err(page::status(
                 StatusCode::BAD_REQUEST,
                 "That address is not valid.",
@@ -311,46 +371,48 @@ impl Inner {
         strip_hop_by_hop(&mut h);
         without_kennel_cookies(&mut h);
         // Only Kennel says who the visitor is.
-        let kennel: Vec<HeaderName> = h
-            .keys()
-            .filter(|k| k.as_str().starts_with("x-kennel-"))
-            .cloned()
-            .collect();
-        for k in kennel {
-            h.remove(k);
+        if h.keys().any(|k| k.as_str().starts_with("x-kennel-")) {
+            let kennel: Vec<HeaderName> = h
+                .keys()
+                .filter(|k| k.as_str().starts_with("x-kennel-"))
+                .cloned()
+                .collect();
+            for k in kennel {
+                h.remove(k);
+            }
         }
         let trusted = self.s.trusted_proxies.contains(&fwd.peer);
         let xff = match (
             trusted,
-            h.get("x-forwarded-for").and_then(|v| v.to_str().ok()),
+            h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()),
         ) {
             (true, Some(prev)) => format!("{prev}, {}", fwd.peer),
             _ => fwd.peer.to_string(),
         };
         if !trusted {
-            h.remove("x-forwarded-proto");
-            h.remove("x-forwarded-host");
-            h.remove("forwarded");
+            h.remove(&X_FORWARDED_PROTO);
+            h.remove(&X_FORWARDED_HOST);
+            h.remove(header::FORWARDED);
         }
-        let set = |h: &mut HeaderMap, k: &'static str, v: &str| {
+        let set = |h: &mut HeaderMap, k: HeaderName, v: &str| {
             if let Ok(v) = HeaderValue::from_str(v) {
                 h.insert(k, v);
             }
         };
-        set(&mut h, "x-forwarded-for", &xff);
-        if !trusted || !h.contains_key("x-forwarded-proto") {
-            set(&mut h, "x-forwarded-proto", "https");
+        set(&mut h, X_FORWARDED_FOR, &xff);
+        if !trusted || !h.contains_key(&X_FORWARDED_PROTO) {
+            h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
         }
-        if !trusted || !h.contains_key("x-forwarded-host") {
-            set(&mut h, "x-forwarded-host", &fwd.host);
+        if !trusted || !h.contains_key(&X_FORWARDED_HOST) {
+            set(&mut h, X_FORWARDED_HOST, &fwd.host);
         }
         // The app sees the name the visitor used (HTTP/2 has no Host).
         let host_value = format!("{}{}", fwd.host, self.port_suffix());
-        set(&mut h, "host", &host_value);
+        set(&mut h, header::HOST, &host_value);
         if let Some((user, email)) = &fwd.user {
-            set(&mut h, "x-kennel-user", user);
+            set(&mut h, X_KENNEL_USER, user);
             if let Some(e) = email {
-                set(&mut h, "x-kennel-email", e);
+                set(&mut h, X_KENNEL_EMAIL, e);
             }
         }
         if let Some(u) = &upgrade {
@@ -435,19 +497,22 @@ impl Inner {
         let (mut rparts, rbody) = resp.into_parts();
         strip_hop_by_hop(&mut rparts.headers);
         // The app may not set (or clear) Kennel's session cookie.
-        let cookies: Vec<HeaderValue> = rparts
-            .headers
-            .get_all(header::SET_COOKIE)
-            .iter()
-            .filter(|v| {
-                v.to_str()
-                    .map_or(true, |s| !s.trim_start().starts_with(COOKIE))
-            })
-            .cloned()
-            .collect();
-        rparts.headers.remove(header::SET_COOKIE);
-        for c in cookies {
-            rparts.headers.append(header::SET_COOKIE, c);
+        let kennels = |v: &HeaderValue| {
+            v.to_str()
+                .is_ok_and(|s| s.trim_start().starts_with(COOKIE))
+        };
+        if rparts.headers.get_all(header::SET_COOKIE).iter().any(kennels) {
+            let cookies: Vec<HeaderValue> = rparts
+                .headers
+                .get_all(header::SET_COOKIE)
+                .iter()
+                .filter(|v| !kennels(v))
+                .cloned()
+                .collect();
+            rparts.headers.remove(header::SET_COOKIE);
+            for c in cookies {
+                rparts.headers.append(header::SET_COOKIE, c);
+            }
         }
         use http_body_util::BodyExt;
         let body = rbody.map_frame(move |frame| {
