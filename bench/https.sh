@@ -13,7 +13,7 @@
 #   BENCH_BEFORE=PATH also runs an older build of the gateway example
 #   (a copy of target/release/examples/https_bench) beside this one, on
 #   the same backend and CPU, as "before" rows: before/after in one run.
-#   BENCH_PERF=1 also profiles the gateway (perf, Debian linux-perf) on
+#   BENCH_PERF=1 (or dwarf, with callers) also profiles the gateway (perf, Debian linux-perf) on
 #   the tiny HTTP/1.1 run and prints where its CPU goes.
 set -euo pipefail
 secs="${1:-10}"
@@ -171,9 +171,12 @@ for size in tiny big; do
   done
 done
 echo "(proxies, and the backend nginx, pinned to CPU 0; wrk and h2load to CPU 1. p50/p99 from wrk; h2load reports no percentiles.)"
-if [ "${BENCH_PERF:-}" = 1 ]; then
+if [ -n "${BENCH_PERF:-}" ]; then
   command -v perf >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends linux-perf >/dev/null
-  perf record -q -g -o "$work/perf.data" -p "$gw" -- sleep "$secs" >/dev/null 2>&1 &
+  # BENCH_PERF=dwarf: call graphs unwound from the stack (callers of
+  # memmove, malloc and the like), at a higher cost per sample.
+  cg=(-g); [ "$BENCH_PERF" = dwarf ] && cg=(--call-graph dwarf,16384)
+  perf record -q "${cg[@]}" -o "$work/perf.data" -p "$gw" -- sleep "$secs" >/dev/null 2>&1 &
   rec=$!
   taskset -c 1 wrk -t1 -c32 -d"${secs}s" -H "Host: app.bench.test" "https://127.0.0.1:$kport/tiny" >/dev/null
   wait "$rec" || true
@@ -181,4 +184,11 @@ if [ "${BENCH_PERF:-}" = 1 ]; then
   cp "$work/perf.data" "${TMPDIR:-/tmp}/kennel-https-perf.data"
   perf report -i "$work/perf.data" --no-children --sort dso,symbol --stdio 2>/dev/null | grep -E '^ +[0-9]' | head -40 || true
   echo "(perf data kept in ${TMPDIR:-/tmp}/kennel-https-perf.data)"
+  perf record -q -g -o "$work/nginx.data" -p "$nginx_worker" -- sleep "$secs" >/dev/null 2>&1 &
+  rec=$!
+  taskset -c 1 wrk -t1 -c32 -d"${secs}s" -H "Host: app.bench.test" "https://127.0.0.1:$nport/tiny" >/dev/null
+  wait "$rec" || true
+  cp "$work/nginx.data" "${TMPDIR:-/tmp}/nginx-https-perf.data"
+  echo; echo "nginx's, the same way (kept in ${TMPDIR:-/tmp}/nginx-https-perf.data):"
+  perf report -i "$work/nginx.data" --no-children --sort dso,symbol --stdio 2>/dev/null | grep -E '^ +[0-9]' | head -40 || true
 fi

@@ -403,7 +403,7 @@ impl Inner {
         if let Some(p) = cached(&self.domains, &key, changes) {
             return p;
         }
-        match self.gate.custom_domain(host).await {
+        match Box::pin(self.gate.custom_domain(host)).await {
             Ok(p) => {
                 remember(&self.domains, key, changes, p.clone());
                 p
@@ -493,7 +493,10 @@ impl Inner {
         let resp = tracing::Instrument::instrument(
             async {
                 match (site, host) {
-                    (Site::Kennel, _) => self.kennel_site(req, peer).await,
+                    // Boxed: Kennel's own pages, the API and the rarer
+                    // paths below make large futures, which would
+                    // otherwise be copied with every app request's.
+                    (Site::Kennel, _) => Box::pin(self.kennel_site(req, peer)).await,
                     (Site::Project { name, port }, Some(host)) => {
                         self.project_site(req, peer, &host, name, port, own).await
                     }
@@ -555,7 +558,7 @@ impl Inner {
         if let Some(u) = cached(&self.sessions, &key, changes) {
             return u;
         }
-        match self.gate.session_user(&key.0, host).await {
+        match Box::pin(self.gate.session_user(&key.0, host)).await {
             Ok(u) => {
                 remember(&self.sessions, key, changes, u.clone());
                 u
@@ -604,14 +607,16 @@ impl Inner {
     ) -> Option<Decided> {
         let changes = self.gate.changes();
         let key = (user.map(|u| u.id), entry);
-        let known = self.decisions.lock().ok().and_then(|m| {
-            m.get(name)?.get(&key)?.fresh(changes)
-        });
+        let known = self
+            .decisions
+            .lock()
+            .ok()
+            .and_then(|m| m.get(name)?.get(&key)?.fresh(changes));
         if let Some(d) = known {
             return d;
         }
-        let decided = match self.gate.may_enter(user, name, entry).await {
-            Ok(p) => match self.gate.reach(&p.name).await {
+        let decided = match Box::pin(self.gate.may_enter(user, name, entry)).await {
+            Ok(p) => match Box::pin(self.gate.reach(&p.name)).await {
                 Ok(r) => Some(Arc::new((p, r))),
                 Err(_) => return None,
             },
@@ -688,7 +693,7 @@ impl Inner {
         own: &proxy::Own,
     ) -> Response<Body> {
         if req.uri().path().starts_with("/__kennel/") {
-            return self.project_kennel_path(req, host, &name, port).await;
+            return Box::pin(self.project_kennel_path(req, host, &name, port)).await;
         }
         let user = self.session_user(&req, host).await;
         if let Some(u) = &user {
@@ -703,12 +708,12 @@ impl Inner {
             Some(d) => d,
             // A share link's visitor: this project and port only, while
             // the link lives (checked on every request, never cached).
-            None => match self.link_entry(&req, &name, port).await {
+            None => match Box::pin(self.link_entry(&req, &name, port)).await {
                 Some((visitor, d)) => {
                     tracing::Span::current()
                         .record("user", format!("link:{}", visitor.link_id).as_str());
                     if Self::browser(&req) {
-                        self.gate.link_visited(&visitor, req.uri().path()).await;
+                        Box::pin(self.gate.link_visited(&visitor, req.uri().path())).await;
                     }
                     d
                 }
@@ -726,18 +731,18 @@ impl Inner {
         };
         if let Some(port) = port {
             if reach.is_none() {
-                if let Err(resp) = self.reach_or_wake(&req, &project.name, user.as_ref()).await {
+                if let Err(resp) =
+                    Box::pin(self.reach_or_wake(&req, &project.name, user.as_ref())).await
+                {
                     return resp;
                 }
             }
-            return self
-                .forward_tunnel(req, &project.name, port, &fwd, here)
-                .await;
+            return Box::pin(self.forward_tunnel(req, &project.name, port, &fwd, here)).await;
         }
         let woken;
         let addr = match reach {
             Some(r) => r.app_addr.as_str(),
-            None => match self.reach_or_wake(&req, &project.name, user.as_ref()).await {
+            None => match Box::pin(self.reach_or_wake(&req, &project.name, user.as_ref())).await {
                 Ok(r) => {
                     woken = r.app_addr;
                     woken.as_str()
@@ -745,8 +750,10 @@ impl Inner {
                 Err(resp) => return resp,
             },
         };
-        if let Some(wait) = self.app_starting(&req, project).await {
-            return wait;
+        if self.just_woken(&project.name) {
+            if let Some(wait) = Box::pin(self.app_starting(&req, project)).await {
+                return wait;
+            }
         }
         match own {
             proxy::Own::One(own) => {
@@ -823,6 +830,11 @@ impl Inner {
     /// port forward would accept anyway), browsers get the starting page
     /// again and scripts wait, for up to `app_start_wait` from the wake.
     /// Projects without a start script, and apps that are up, go on at once.
+    /// Whether `name` was woken lately (its app may be starting).
+    fn just_woken(&self, name: &ProjectName) -> bool {
+        self.woken.lock().is_ok_and(|w| w.contains_key(name))
+    }
+
     async fn app_starting<B>(&self, req: &Request<B>, p: &Project) -> Option<Response<Body>> {
         let since = self.woken.lock().ok()?.get(&p.name).copied()?;
         let forget = || {

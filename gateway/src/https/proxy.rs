@@ -246,7 +246,7 @@ impl Inner {
         }
         if !reuse {
             *slot = None;
-            match connect_app(addr).await {
+            match Box::pin(connect_app(addr)).await {
                 Ok(s) => *slot = Some((addr.to_owned(), port, s)),
                 Err(e) => return self.relay(Err(e), None, addr, here),
             }
@@ -286,7 +286,7 @@ impl Inner {
         });
         let mut send = match idle {
             Some(send) => send,
-            None => match connect_app(addr).await {
+            None => match Box::pin(connect_app(addr)).await {
                 Ok(send) => send,
                 Err(e) => return self.relay(Err(e), None, addr, here),
             },
@@ -351,15 +351,15 @@ impl Inner {
         let uri = if parts.uri.scheme().is_none() && parts.uri.authority().is_none() {
             Some(parts.uri)
         } else {
-                let mut p = http::uri::Parts::default();
-                p.path_and_query = Some(
-                    parts
-                        .uri
-                        .path_and_query()
-                        .cloned()
-                        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-                );
-                http::Uri::from_parts(p).ok()
+            let mut p = http::uri::Parts::default();
+            p.path_and_query = Some(
+                parts
+                    .uri
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+            );
+            http::Uri::from_parts(p).ok()
         };
         let Some(uri) = uri else {
             return Err(page::status(
@@ -497,11 +497,14 @@ impl Inner {
         let (mut rparts, rbody) = resp.into_parts();
         strip_hop_by_hop(&mut rparts.headers);
         // The app may not set (or clear) Kennel's session cookie.
-        let kennels = |v: &HeaderValue| {
-            v.to_str()
-                .is_ok_and(|s| s.trim_start().starts_with(COOKIE))
-        };
-        if rparts.headers.get_all(header::SET_COOKIE).iter().any(kennels) {
+        let kennels =
+            |v: &HeaderValue| v.to_str().is_ok_and(|s| s.trim_start().starts_with(COOKIE));
+        if rparts
+            .headers
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .any(kennels)
+        {
             let cookies: Vec<HeaderValue> = rparts
                 .headers
                 .get_all(header::SET_COOKIE)
