@@ -726,8 +726,8 @@ impl Inner {
         let here = self.gate.presence(&project.name);
         let fwd = Forwarded {
             peer: peer.ip(),
-            host: host.to_owned(),
-            user: user.clone().map(|u| (u.name.to_string(), None)),
+            host,
+            user: user.as_ref().map(|u| u.name.as_str()),
         };
         if let Some(port) = port {
             if reach.is_none() {

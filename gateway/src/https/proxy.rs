@@ -34,7 +34,6 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_KENNEL_USER: HeaderName = HeaderName::from_static("x-kennel-user");
-const X_KENNEL_EMAIL: HeaderName = HeaderName::from_static("x-kennel-email");
 
 /// A new HTTP/1.1 connection to the app at `addr`, driven by a task of
 /// its own (upgrades included).
@@ -125,17 +124,34 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
 
 /// Who the request is for, as the app is told.
 #[derive(Debug, Clone)]
-pub struct Forwarded {
+pub struct Forwarded<'a> {
     pub peer: IpAddr,
-    pub host: String,
-    pub user: Option<(String, Option<String>)>,
+    /// The host name the visitor used.
+    pub host: &'a str,
+    pub user: Option<&'a str>,
+}
+
+/// Whether a header describes one hop only.
+fn hop_by_hop(k: &HeaderName) -> bool {
+    matches!(
+        k.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
 }
 
 /// Removes hop-by-hop headers and those `Connection` names.
 pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
     // Most requests and answers carry none: one look at the few names
     // present instead of nine lookups.
-    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+    if !h.keys().any(hop_by_hop) {
         return;
     }
     let named: Vec<HeaderName> = h
@@ -224,7 +240,7 @@ impl Inner {
         own: &OwnUpstream,
         addr: &str,
         port: u16,
-        fwd: &Forwarded,
+        fwd: &Forwarded<'_>,
         here: Presence,
     ) -> Response<Body> {
         let (up, client_upgrade) = match self.upstream_request(req, fwd) {
@@ -271,7 +287,7 @@ impl Inner {
         own: &OwnUpstreams,
         addr: &str,
         port: u16,
-        fwd: &Forwarded,
+        fwd: &Forwarded<'_>,
         here: Presence,
     ) -> Response<Body> {
         let (up, client_upgrade) = match self.upstream_request(req, fwd) {
@@ -313,7 +329,7 @@ impl Inner {
         req: Request<Incoming>,
         name: &kennel_core::names::ProjectName,
         port: u16,
-        fwd: &Forwarded,
+        fwd: &Forwarded<'_>,
         here: Presence,
     ) -> Response<Body> {
         let (up, client_upgrade) = match self.upstream_request(req, fwd) {
@@ -341,7 +357,7 @@ impl Inner {
     fn upstream_request(
         &self,
         mut req: Request<Incoming>,
-        fwd: &Forwarded,
+        fwd: &Forwarded<'_>,
     ) -> Result<Upstream, Response<Body>> {
         let upgrade = upgrade_of(&req);
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
@@ -404,16 +420,20 @@ impl Inner {
             h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
         }
         if !trusted || !h.contains_key(&X_FORWARDED_HOST) {
-            set(&mut h, X_FORWARDED_HOST, &fwd.host);
+            set(&mut h, X_FORWARDED_HOST, fwd.host);
         }
         // The app sees the name the visitor used (HTTP/2 has no Host).
-        let host_value = format!("{}{}", fwd.host, self.port_suffix());
-        set(&mut h, header::HOST, &host_value);
-        if let Some((user, email)) = &fwd.user {
+        if self.https_port == 443 {
+            set(&mut h, header::HOST, fwd.host);
+        } else {
+            set(
+                &mut h,
+                header::HOST,
+                &format!("{}:{}", fwd.host, self.https_port),
+            );
+        }
+        if let Some(user) = fwd.user {
             set(&mut h, X_KENNEL_USER, user);
-            if let Some(e) = email {
-                set(&mut h, X_KENNEL_EMAIL, e);
-            }
         }
         if let Some(u) = &upgrade {
             h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
