@@ -37,7 +37,7 @@ const X_KENNEL_USER: HeaderName = HeaderName::from_static("x-kennel-user");
 
 /// A new HTTP/1.1 connection to the app at `addr`, driven by a task of
 /// its own (upgrades included).
-async fn connect_app(addr: &str) -> Result<SendRequest, String> {
+async fn connect_app(addr: &str, buf: usize) -> Result<SendRequest, String> {
     let tcp = tokio::time::timeout(
         std::time::Duration::from_secs(10),
         tokio::net::TcpStream::connect(addr),
@@ -46,17 +46,17 @@ async fn connect_app(addr: &str) -> Result<SendRequest, String> {
     .map_err(|_| "connecting timed out".to_owned())?
     .map_err(|e| e.to_string())?;
     let _ = tcp.set_nodelay(true);
-    http1_over(tcp).await
+    http1_over(tcp, buf).await
 }
 
 /// An HTTP/1.1 client connection over `io` (TCP, or a channel through the
 /// VM's sshd), driven by a task of its own, upgrades included.
-async fn http1_over<I>(io: I) -> Result<SendRequest, String>
+async fn http1_over<I>(io: I, buf: usize) -> Result<SendRequest, String>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (send, conn) = hyper::client::conn::http1::Builder::new()
-        .max_buf_size(super::UPSTREAM_BUF)
+        .max_buf_size(buf)
         .handshake(hyper_util::rt::TokioIo::new(io))
         .await
         .map_err(|e| e.to_string())?;
@@ -262,7 +262,7 @@ impl Inner {
         }
         if !reuse {
             *slot = None;
-            match Box::pin(connect_app(addr)).await {
+            match Box::pin(connect_app(addr, super::UPSTREAM_BUF)).await {
                 Ok(s) => *slot = Some((addr.to_owned(), port, s)),
                 Err(e) => return self.relay(Err(e), None, addr, here),
             }
@@ -302,7 +302,7 @@ impl Inner {
         });
         let mut send = match idle {
             Some(send) => send,
-            None => match Box::pin(connect_app(addr)).await {
+            None => match Box::pin(connect_app(addr, super::UPSTREAM_STREAM_BUF)).await {
                 Ok(send) => send,
                 Err(e) => return self.relay(Err(e), None, addr, here),
             },
@@ -343,7 +343,7 @@ impl Inner {
                 .open_tcp(name, port)
                 .await
                 .map_err(|e| e.to_string())?;
-            let mut send = http1_over(stream).await?;
+            let mut send = http1_over(stream, super::UPSTREAM_BUF).await?;
             send.send_request(up).await.map_err(|e| e.to_string())
         }
         .await;
