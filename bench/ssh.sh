@@ -8,6 +8,8 @@
 #   kennel_j ProxyJump through the gateway (`ssh -J HOST dev@PROJECT`)
 # Needs root, QEMU, virtiofsd, OpenSSH client and server.
 # Usage: bench/ssh.sh [MiB]   (default 256); BENCH_PROFILE=debug|release
+# Each upload runs BENCH_REPEATS times (default 3): medians, and the
+# spread of the relay's CPU.
 set -euo pipefail
 mib="${1:-256}"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -15,13 +17,19 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kennel/target}"
 cache="${KENNEL_TEST_CACHE:-$HOME/.cache/kennel/test-data}"
 # A release build, as people run Kennel (BENCH_PROFILE=debug for the
 # test build: its unoptimised relay costs about twice the CPU).
+# BENCH_KENNEL=PATH runs that build instead (a copy of an older one:
+# before/after).
 profile="${BENCH_PROFILE:-release}"
-if [ "$profile" = release ]; then
-  (cd "$repo" && cargo build --quiet --release -p kennel)
+if [ -n "${BENCH_KENNEL:-}" ]; then
+  K="$BENCH_KENNEL"
 else
-  (cd "$repo" && cargo build --quiet -p kennel)
+  if [ "$profile" = release ]; then
+    (cd "$repo" && cargo build --quiet --release -p kennel)
+  else
+    (cd "$repo" && cargo build --quiet -p kennel)
+  fi
+  K="$CARGO_TARGET_DIR/$profile/kennel"
 fi
-K="$CARGO_TARGET_DIR/$profile/kennel"
 SSHD=$(command -v sshd || echo /usr/sbin/sshd)
 [ -x "$SSHD" ] || { echo "install openssh-server (sshd) for the OpenSSH relay path" >&2; exit 1; }
 
@@ -85,6 +93,8 @@ now() { date +%s.%N; }
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 rows=()
+declare -A relay_cpu
+repeats="${BENCH_REPEATS:-3}"
 for path in direct openssh kennel kennel_j; do
   lat=()
   for i in 1 2 3 4 5; do t0=$(now); $path true; t1=$(now); lat+=("$(echo "($t1 - $t0) * 1000 / 1" | bc)"); done
@@ -93,26 +103,54 @@ for path in direct openssh kennel kennel_j; do
     kennel|kennel_j) relay_pid=$serve ;;
     openssh) relay_pid=$(cat relay.pid) ;;
   esac
-  c0=0; [ -n "$relay_pid" ] && c0=$(cpu_of "$relay_pid")
-  t0=$(now)
-  $path 'cat > /dev/null' < payload
-  t1=$(now)
-  secs=$(echo "$t1 - $t0" | bc)
-  cpu="-"
-  if [ -n "$relay_pid" ]; then
-    # The OpenSSH relay's per-connection sshd has exited and been reaped
-    # by now: its time is in the listener's cutime/cstime.
-    sleep 0.5
-    c1=$(cpu_of "$relay_pid")
-    cpu=$(echo "scale=2; ($c1 - $c0) / $hz * 1024 / $mib" | bc)
+  rates=(); cpus=()
+  for r in $(seq "$repeats"); do
+    c0=0; [ -n "$relay_pid" ] && c0=$(cpu_of "$relay_pid")
+    t0=$(now)
+    $path 'cat > /dev/null' < payload
+    t1=$(now)
+    secs=$(echo "$t1 - $t0" | bc)
+    rates+=("$(echo "scale=1; $mib / $secs" | bc)")
+    if [ -n "$relay_pid" ]; then
+      # The OpenSSH relay's per-connection sshd has exited and been reaped
+      # by now: its time is in the listener's cutime/cstime.
+      sleep 0.5
+      c1=$(cpu_of "$relay_pid")
+      cpus+=("$(echo "scale=2; ($c1 - $c0) / $hz * 1024 / $mib" | bc)")
+    fi
+  done
+  cpu="-"; spread="-"
+  if [ ${#cpus[@]} -gt 0 ]; then
+    cpu=$(median "${cpus[@]}")
+    spread="$(printf '%s\n' "${cpus[@]}" | sort -n | head -1)-$(printf '%s\n' "${cpus[@]}" | sort -n | tail -1)"
+    relay_cpu[$path]=$cpu
   fi
-  rows+=("$(printf '%-8s %10s %12s %14s' "$path" "$(echo "scale=1; $mib / $secs" | bc)" "$(median "${lat[@]}")" "$cpu")")
+  rows+=("$(printf '%-8s %10s %12s %14s %12s' "$path" "$(median "${rates[@]}")" "$(median "${lat[@]}")" "$cpu" "$spread")")
 done
 echo
-echo "SSH paths to one VM ($mib MiB upload to cat >/dev/null; QEMU/TCG guest; $(nproc) cores)"
-printf '%-8s %10s %12s %14s\n' "path" "MiB/s" "ssh true ms" "relay CPU s/GiB"
+echo "SSH paths to one VM ($mib MiB upload to cat >/dev/null, $repeats times each; QEMU/TCG guest; $(nproc) cores)"
+printf '%-8s %10s %12s %14s %12s\n' "path" "MiB/s" "ssh true ms" "relay CPU s/GiB" "(min-max)"
 printf '%s\n' "${rows[@]}"
+for p in kennel kennel_j; do
+  if [ -n "${relay_cpu[$p]:-}" ] && [ -n "${relay_cpu[openssh]:-}" ]; then
+    echo "$p relay CPU per GiB: $(echo "scale=2; ${relay_cpu[$p]} / ${relay_cpu[openssh]}" | bc)x OpenSSH's (medians)"
+  fi
+done
 echo "(relay CPU: the kennel serve process, or the stock sshd with its reaped per-connection children)"
+
+if [ -n "${BENCH_PERF:-}" ]; then
+  # Where the bridged path's CPU goes: the daemon profiled over one more
+  # upload (perf, Debian linux-perf).
+  command -v perf >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends linux-perf >/dev/null
+  perf record -q -g -o "$work/perf.data" -p "$serve" >/dev/null 2>&1 &
+  rec=$!
+  sleep 0.5
+  kennel 'cat > /dev/null' < payload
+  kill -INT "$rec"; wait "$rec" 2>/dev/null || true
+  cp "$work/perf.data" "${TMPDIR:-/tmp}/kennel-ssh-perf.data"
+  echo; echo "where the bridged path's CPU goes (self time by symbol; kept in ${TMPDIR:-/tmp}/kennel-ssh-perf.data):"
+  perf report -i "$work/perf.data" --no-children --sort dso,symbol --stdio 2>/dev/null | grep -E '^ +[0-9]' | head -40 || true
+fi
 
 # Wake latency: a stopped project, from the first SSH packet (`ssh
 # bench@HOST true` through the gateway) to a working shell, beside a plain

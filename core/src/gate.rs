@@ -182,6 +182,11 @@ impl Gate {
             .await;
     }
 
+    /// Whether the VMs' CPUs run AES natively ([`crate::provision::Provisioner::guest_aes`]).
+    pub fn guest_aes(&self) -> bool {
+        self.exec.vms.guest_aes()
+    }
+
     /// The settings in force (addresses shown to people).
     pub fn settings(&self) -> &crate::Settings {
         self.exec.settings()

@@ -532,6 +532,15 @@ pub trait Provisioner: Send + Sync {
     async fn source_elsewhere(&self, _project: &ProjectName) -> Option<String> {
         None
     }
+    /// Whether guests run AES instructions at the host CPU's speed
+    /// (hardware virtualization, or containers, on a host with AES-NI):
+    /// then the gateway's SSH leg into them uses AES-GCM; under software
+    /// emulation AES is emulated too, and chacha20-poly1305 is cheaper for
+    /// the guest. Unknown: no.
+    fn guest_aes(&self) -> bool {
+        false
+    }
+
     /// Whether this backend can enforce `policy`: an open one always; a
     /// closed one only where Kennel controls the VM's network (`Err` says
     /// why not, for the person who asked).

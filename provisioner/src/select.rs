@@ -15,6 +15,25 @@ use crate::vmm::Vmm;
 
 pub use crate::choice::{BackendChoice, InstanceType, Listen, NetworkChoice, WorkspaceChoice};
 
+/// Whether this host's CPU has AES and carry-less multiply instructions
+/// (AES-GCM at hardware speed).
+pub fn host_aes() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes")
+            && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
+
 /// Which VMM a backend setting comes to on a host, and why: the one
 /// decision [`select`] acts on and `kennel doctor` reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1256,6 +1256,11 @@ impl IncusProvisioner {
 
 #[async_trait]
 impl Provisioner for IncusProvisioner {
+    fn guest_aes(&self) -> bool {
+        // Containers run on the host's CPU; Incus's VMs on KVM with it.
+        crate::select::host_aes()
+    }
+
     fn backend(&self) -> String {
         match self.set.placement.instance_type {
             InstanceType::Container => "incus-container".into(),

@@ -652,6 +652,11 @@ impl Provisioner for LocalProvisioner {
         self.egress.supported(policy)
     }
 
+    fn guest_aes(&self) -> bool {
+        // Under TCG the guest's AES instructions are emulated.
+        !self.vmm.emulated() && crate::select::host_aes()
+    }
+
     async fn set_egress(
         &self,
         project: &ProjectName,
