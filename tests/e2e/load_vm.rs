@@ -21,7 +21,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::support::meter::{header, Meter};
+use crate::support::meter::{self, header, Meter};
 use crate::support::{Kennel, SSH_OPTS};
 
 fn rounds() -> usize {
@@ -340,9 +340,13 @@ fn https_connections(k: &Kennel) {
     let from: Vec<(std::net::IpAddr, usize)> =
         (2..6).map(|last| ([127, 0, 0, last].into(), 250)).collect();
     let (ok, errors) = rt.block_on(https_burst(k, &from));
+    // What an idle connection costs: the peak while all 1,000 were open
+    // (waiting for each other), over the RSS before (a measure for
+    // bench/load.sh, not a limit).
+    let per_conn = m.peak_kib().saturating_sub(m.start_kib()) / 1000;
     m.report(
         "https: 1000 connections",
-        &format!("{ok} answered, all open at once"),
+        &format!("{ok} answered, all open; {per_conn} KiB each"),
         errors.len(),
     );
     assert_eq!(ok, 1000, "{:?}", &errors[..errors.len().min(10)]);
@@ -447,12 +451,28 @@ fn the_daemon_holds_under_load() {
     k.exec_ok("new project w --stack base --cpus 1 --memory 512M --disk 2G");
     let keys = members(&k);
     header();
+    let pid = k.serve_pid().unwrap();
+    let idle = meter::rss_settled(pid, Duration::from_secs(20));
     for _ in 0..rounds() {
         ssh_commands(&k, &keys);
         ssh_over_the_address_limit(&k, &admin);
         vm_sessions(&k, &admin);
         https_connections(&k);
     }
+    // Once the load has ended, the daemon gives back what it took (a
+    // measure for bench/load.sh, printed, not a limit).
+    let after = meter::rss_settled(pid, Duration::from_secs(30));
+    let (idle, after) = (meter::mib(idle), meter::mib(after));
+    eprintln!(
+        "LOAD | {:<29} | {:<34} | {:>6} | {:>6} | {:>6} | {:>7.1} | {:>5} |",
+        "after the load, settled",
+        format!("idle {idle:.1} MiB; {:.2}x idle", after / idle.max(0.1)),
+        0,
+        "-",
+        "-",
+        after,
+        "-"
+    );
     creates(&k, &keys);
     // The daemon stayed up, and logged no error.
     assert!(k.serve_pid().is_some());

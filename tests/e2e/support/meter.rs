@@ -13,6 +13,7 @@ pub struct Meter {
     cpu0: u64,
     started: Instant,
     peak_kib: Arc<AtomicU64>,
+    start_kib: u64,
     peak_fds: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     sampler: Option<std::thread::JoinHandle<()>>,
@@ -39,9 +40,41 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// KiB as MiB, for the table.
+#[allow(clippy::cast_precision_loss)]
+pub fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// The process's resident memory once it has settled: sampled until two
+/// readings a second apart agree within 1 % (at most `limit`), in KiB.
+pub fn rss_settled(pid: u32, limit: Duration) -> u64 {
+    let deadline = Instant::now() + limit;
+    let mut last = rss_kib(pid);
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = rss_kib(pid);
+        if now.abs_diff(last) * 100 <= last || Instant::now() >= deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
 impl Meter {
+    /// The peak resident memory so far, in KiB.
+    pub fn peak_kib(&self) -> u64 {
+        self.peak_kib.load(Ordering::Relaxed)
+    }
+
+    /// The resident memory when the phase began, in KiB.
+    pub fn start_kib(&self) -> u64 {
+        self.start_kib
+    }
+
     pub fn start(pid: u32) -> Self {
-        let peak_kib = Arc::new(AtomicU64::new(rss_kib(pid)));
+        let start_kib = rss_kib(pid);
+        let peak_kib = Arc::new(AtomicU64::new(start_kib));
         let peak_fds = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (p, f, s) = (peak_kib.clone(), peak_fds.clone(), stop.clone());
@@ -58,6 +91,7 @@ impl Meter {
             cpu0: cpu_ticks(pid),
             started: Instant::now(),
             peak_kib,
+            start_kib,
             peak_fds,
             stop,
             sampler: Some(sampler),
