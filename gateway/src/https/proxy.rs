@@ -17,19 +17,6 @@ use kennel_core::Presence;
 
 use super::{page, Body, Inner, COOKIE};
 
-/// Headers that describe one hop, never forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -131,7 +118,8 @@ pub struct Forwarded<'a> {
     pub user: Option<&'a str>,
 }
 
-/// Whether a header describes one hop only.
+/// Whether a header describes one hop only, never forwarded (RFC 9110
+/// 7.6.1).
 fn hop_by_hop(k: &HeaderName) -> bool {
     matches!(
         k.as_str(),
@@ -164,7 +152,8 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
     for n in named {
         h.remove(n);
     }
-    for n in &HOP_BY_HOP {
+    let hops: Vec<HeaderName> = h.keys().filter(|k| hop_by_hop(k)).cloned().collect();
+    for n in hops {
         h.remove(n);
     }
 }
@@ -387,15 +376,14 @@ impl Inner {
         strip_hop_by_hop(&mut h);
         without_kennel_cookies(&mut h);
         // Only Kennel says who the visitor is.
-        if h.keys().any(|k| k.as_str().starts_with("x-kennel-")) {
-            let kennel: Vec<HeaderName> = h
-                .keys()
-                .filter(|k| k.as_str().starts_with("x-kennel-"))
-                .cloned()
-                .collect();
-            for k in kennel {
-                h.remove(k);
-            }
+        // (An empty list allocates nothing.)
+        let kennel: Vec<HeaderName> = h
+            .keys()
+            .filter(|k| k.as_str().starts_with("x-kennel-"))
+            .cloned()
+            .collect();
+        for k in kennel {
+            h.remove(k);
         }
         let trusted = self.s.trusted_proxies.contains(&fwd.peer);
         let xff = match (
