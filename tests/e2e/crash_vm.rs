@@ -25,17 +25,46 @@ const SMALL: &str = "--stack base --cpus 1 --memory 512M --disk 2G";
 /// daemon says it holds there, kills the daemon (`kill -9`) and starts it
 /// again without the hold. Returns the progress `line` showed.
 pub(crate) fn kill_at(k: &mut Kennel, log: &Path, point: &str, line: &str) -> String {
+    kill_at_shown(k, log, point, line, "")
+}
+
+/// [`kill_at`], and the kill waits until `line`'s progress shows `shown`
+/// too: the daemon logs that it holds as soon as the stage's progress is
+/// sent, which a loaded host can deliver to the client a moment later.
+pub(crate) fn kill_at_shown(
+    k: &mut Kennel,
+    log: &Path,
+    point: &str,
+    line: &str,
+    shown: &str,
+) -> String {
     k.kill_serve("-KILL");
     k.env.push(("KENNEL_FAULT_HOLD".into(), point.into()));
     let before = std::fs::read_to_string(log).unwrap_or_default().len();
     k.start_serve_logged(log);
     k.env.pop();
     let mut child = k.exec_spawn(line);
+    // The progress, read as it comes.
+    let progress = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reader = {
+        let mut stderr = child.stderr.take().unwrap();
+        let progress = progress.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = std::io::Read::read(&mut stderr, &mut buf) {
+                progress.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    let shows = |want: &str| String::from_utf8_lossy(&progress.lock().unwrap()).contains(want);
     let t = Instant::now();
     loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();
         let new = text.get(before..).unwrap_or_default();
-        if new.contains("fault point: holding") && new.contains(&format!("point=\"{point}\"")) {
+        if new.contains("fault point: holding")
+            && new.contains(&format!("point=\"{point}\""))
+            && shows(shown)
+        {
             break;
         }
         if let Ok(Some(status)) = child.try_wait() {
@@ -43,14 +72,16 @@ pub(crate) fn kill_at(k: &mut Kennel, log: &Path, point: &str, line: &str) -> St
         }
         assert!(
             t.elapsed() < Duration::from_secs(180),
-            "`{line}` never reached fault point {point}:\n{new}"
+            "`{line}` never reached fault point {point} showing {shown:?}:\n{new}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
     k.kill_serve("-KILL");
-    let out = child.wait_with_output().unwrap();
+    child.wait().unwrap();
+    reader.join().unwrap();
     k.start_serve_logged(log);
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    let shown = progress.lock().unwrap().clone();
+    String::from_utf8_lossy(&shown).into_owned()
 }
 
 /// Processes whose command line names this test's VM directory for `name`.
@@ -170,15 +201,16 @@ fn a_daemon_killed_at_every_step_leaves_no_orphans_and_the_truth() {
         let name = format!("n{i}");
         let at = format!("new project killed at {stage}");
         steps.run(&at.clone(), || {
-            let shown = kill_at(
+            // "ready" holds once the VM is ready, before the store and the
+            // requester are told: the last step shown is the boot.
+            let want = if *stage == "ready" { "booting" } else { stage };
+            let shown = kill_at_shown(
                 &mut k,
                 &log,
                 stage,
                 &format!("new project {name} --git {url} {SMALL}"),
+                want,
             );
-            // "ready" holds once the VM is ready, before the store and the
-            // requester are told: the last step shown is the boot.
-            let want = if *stage == "ready" { "booting" } else { stage };
             assert!(shown.contains(want), "{at}: progress showed {shown}");
             let src = projects.join(&name);
             // Never finished from the store's point of view: rolled back.
