@@ -21,4 +21,5 @@ cargo test --quiet --workspace --all-features --locked \
   --test e2e -- --nocapture bots_serve::the_matrix_bot >>"$out" 2>&1 || { tail -60 "$out" >&2; exit 1; }
 grep -a '^LOAD | phase' "$out" | head -1 | sed 's/^LOAD //'
 grep -a '^LOAD |' "$out" | grep -v '^LOAD | phase' | sed 's/^LOAD //'
+grep -a '^LOAD idle' "$out" | sed 's/^LOAD //' || true
 grep -a '^sent ' "$out" || true

@@ -9,7 +9,8 @@
 # Needs root, QEMU, virtiofsd, OpenSSH client and server.
 # Usage: bench/ssh.sh [MiB]   (default 256); BENCH_PROFILE=debug|release
 # Each upload runs BENCH_REPEATS times (default 3): medians, and the
-# spread of the relay's CPU.
+# spread of the relay's CPU. BENCH_PATHS="openssh kennel" runs only those
+# paths; BENCH_WAKE=0 leaves out the wake latency.
 set -euo pipefail
 mib="${1:-256}"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -95,7 +96,7 @@ median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1
 rows=()
 declare -A relay_cpu
 repeats="${BENCH_REPEATS:-3}"
-for path in direct openssh kennel kennel_j; do
+for path in ${BENCH_PATHS:-direct openssh kennel kennel_j}; do
   lat=()
   for i in 1 2 3 4 5; do t0=$(now); $path true; t1=$(now); lat+=("$(echo "($t1 - $t0) * 1000 / 1" | bc)"); done
   relay_pid=""
@@ -155,6 +156,7 @@ fi
 # Wake latency: a stopped project, from the first SSH packet (`ssh
 # bench@HOST true` through the gateway) to a working shell, beside a plain
 # `start` (the boot alone) for what the gateway adds.
+[ "${BENCH_WAKE:-1}" = 0 ] && exit 0
 wake=(); start=()
 for i in 1 2 3; do
   "$K" exec "stop bench" >/dev/null

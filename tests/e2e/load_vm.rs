@@ -453,6 +453,7 @@ fn the_daemon_holds_under_load() {
     header();
     let pid = k.serve_pid().unwrap();
     let idle = meter::rss_settled(pid, Duration::from_secs(20));
+    let idle_parts = meter::rss_parts(pid);
     for _ in 0..rounds() {
         ssh_commands(&k, &keys);
         ssh_over_the_address_limit(&k, &admin);
@@ -462,6 +463,10 @@ fn the_daemon_holds_under_load() {
     // Once the load has ended, the daemon gives back what it took (a
     // measure for bench/load.sh, printed, not a limit).
     let after = meter::rss_settled(pid, Duration::from_secs(30));
+    eprintln!(
+        "LOAD idle: {idle_parts}; after the load: {}",
+        meter::rss_parts(pid)
+    );
     let (idle, after) = (meter::mib(idle), meter::mib(after));
     eprintln!(
         "LOAD | {:<29} | {:<34} | {:>6} | {:>6} | {:>6} | {:>7.1} | {:>5} |",

@@ -225,8 +225,11 @@ impl SshGateway {
             // the handler and the bridge per byte relayed (bench/ssh.sh).
             maximum_packet_size: CLIENT_PACKET,
             preferred: russh::Preferred {
-                // AES-GCM runs on AES-NI; chacha20 is pure Rust here. Clients
-                // put chacha20 first, so offering only AES-GCM steers them.
+                // AES-GCM runs on AES-NI: in the bridged path's profile
+                // (bench/ssh.sh) aws-lc's AES-GCM takes 3 % of the CPU where
+                // its chacha20-poly1305 takes 19 % for the same bytes.
+                // Clients put chacha20 first, so offering only AES-GCM
+                // steers them.
                 cipher: std::borrow::Cow::Borrowed(&[
                     russh::cipher::AES_256_GCM,
                     russh::cipher::AES_128_GCM,

@@ -40,6 +40,25 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// The parts of `pid`'s resident memory (anonymous, file-backed) and its
+/// threads, from /proc/PID/status.
+pub fn rss_parts(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map_or("?", str::trim)
+            .to_owned()
+    };
+    format!(
+        "anon {}, file {}, threads {}",
+        field("RssAnon:"),
+        field("RssFile:"),
+        field("Threads:")
+    )
+}
+
 /// KiB as MiB, for the table.
 #[allow(clippy::cast_precision_loss)]
 pub fn mib(kib: u64) -> f64 {
