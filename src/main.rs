@@ -9,50 +9,13 @@ use std::process::ExitCode;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// The daemon's runtime. A worker about to sleep hands back to mimalloc
-/// (and mimalloc to the system) what it freed, at most every
-/// [`TIDY_EVERY`] per worker: mimalloc tidies a thread's pages only when that thread next
-/// allocates, so an idle daemon kept what a burst of connections took.
-/// bench/load.sh, "after the load, settled": 1.38-1.52x the idle RSS
-/// before, 1.08-1.34x with this (four runs; higher when a worker's last
-/// sleep fell soon after its last tidy: 250 ms instead of 1 s did not
-/// change that); glibc's malloc kept 1.48x.
+/// The daemon's runtime; its workers tidy their heaps before they sleep
+/// ([`tidy`]).
 fn serve_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .on_thread_park(collect_when_idle)
+        .on_thread_park(tidy::before_sleep)
         .build()
-}
-
-/// How often at most a worker tidies its heap: what it frees after its last
-/// tidy stays until its next sleep past this, so the shorter, the less an
-/// idle daemon keeps; each tidy (which returns pages to the system) costs a
-/// little under load.
-const TIDY_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
-
-fn collect_when_idle() {
-    use std::cell::Cell;
-    use std::time::Instant;
-    thread_local! {
-        static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
-    }
-    let now = Instant::now();
-    if LAST
-        .get()
-        .is_some_and(|t| now.duration_since(t) < TIDY_EVERY)
-    {
-        return;
-    }
-    LAST.set(Some(now));
-    mi_collect();
-}
-
-#[allow(unsafe_code)]
-fn mi_collect() {
-    // SAFETY: mi_collect takes no pointers; it tidies the calling thread's
-    // heap and the pages of threads that ended, and returns free memory to
-    // the system (`true`: without waiting for mimalloc's purge delay).
-    unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
 /// Writes to standard output. A reader that went away (`kennel exec help |
@@ -85,6 +48,7 @@ mod logging;
 mod metrics;
 mod serve;
 mod stacks_cmd;
+mod tidy;
 mod wiring;
 
 use anyhow::Result;

@@ -13,10 +13,22 @@ use kennel_gateway::https::{tls, HttpsGateway, HttpsSettings};
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+// The daemon's heap tidy before each sleep, so that its cost is measured.
+#[path = "../../src/tidy.rs"]
+mod tidy;
+
 // One worker thread, as nginx runs one worker process here: both are pinned
 // to one CPU.
-#[tokio::main(flavor = "current_thread")]
-async fn main() {
+fn main() {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .on_thread_park(tidy::before_sleep)
+        .build()
+        .unwrap()
+        .block_on(serve());
+}
+
+async fn serve() {
     let a: Vec<String> = std::env::args().collect();
     let (backend, port, domain, dir) = (&a[1], a[2].parse::<u16>().unwrap(), &a[3], &a[4]);
     let w = World::new()
