@@ -31,32 +31,32 @@ fn cpu_ticks(pid: u32) -> u64 {
     f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
 }
 
+/// Fields of /proc/PID/status by name (e.g. "VmRSS:"), trimmed; empty
+/// when the process is gone.
+fn status_fields<const N: usize>(pid: u32, names: [&str; N]) -> [String; N] {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    names.map(|name| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map_or("", str::trim)
+            .to_owned()
+    })
+}
+
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+    let [rss] = status_fields(pid, ["VmRSS:"]);
+    rss.split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
         .unwrap_or(0)
 }
 
 /// The parts of `pid`'s resident memory (anonymous, file-backed) and its
 /// threads, from /proc/PID/status.
 pub fn rss_parts(pid: u32) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map_or("?", str::trim)
-            .to_owned()
-    };
-    format!(
-        "anon {}, file {}, threads {}",
-        field("RssAnon:"),
-        field("RssFile:"),
-        field("Threads:")
-    )
+    let [anon, file, threads] = status_fields(pid, ["RssAnon:", "RssFile:", "Threads:"]);
+    format!("anon {anon}, file {file}, threads {threads}")
 }
 
 /// KiB as MiB, for the table.
