@@ -15,6 +15,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Output;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -522,6 +523,179 @@ async fn shares_public_and_private() {
     gw.w.run(&gw.w.admin, "private web").await.unwrap();
     let (code, _, _) = gw.curl(&format!("web.{DOMAIN}"), "/", &[ANON]).await;
     assert!(code.starts_with("401"), "{code}");
+}
+
+/// A stand-in app that counts the connections made to it and those that
+/// ended: `/close` answers with `Connection: close`, `/big` with 2 MiB,
+/// `/slow` with a first chunk and then nothing more (until its connection
+/// goes); any other path with itself.
+async fn counting_backend() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    use http_body_util::combinators::BoxBody;
+    type AppBody = BoxBody<Bytes, Infallible>;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (made, ended) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (m, e) = (made.clone(), ended.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            m.fetch_add(1, Ordering::SeqCst);
+            let e = e.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let path = req.uri().path().to_owned();
+                        let mut r = http::Response::builder();
+                        let body: AppBody = match path.as_str() {
+                            "/big" => Full::new(Bytes::from(vec![b'x'; 2 << 20])).boxed(),
+                            "/slow" => {
+                                use futures_util::StreamExt;
+                                let first = futures_util::stream::once(async {
+                                    Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(
+                                        vec![b's'; 1024],
+                                    )))
+                                });
+                                let body = first.chain(futures_util::stream::pending());
+                                BodyExt::boxed(http_body_util::StreamBody::new(body))
+                            }
+                            _ => {
+                                if path == "/close" {
+                                    r = r.header("connection", "close");
+                                }
+                                Full::new(Bytes::from(path)).boxed()
+                            }
+                        };
+                        Ok::<_, Infallible>(r.body(body).unwrap())
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+                e.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, made, ended)
+}
+
+/// curl's output for several URLs on `host` in one run (one client
+/// connection, or streams of one with HTTP/2), each answer followed by
+/// its status (`-w` given: that instead).
+async fn curl_all(gw: &Gw, host: &str, paths: &[&str], extra: &[&str]) -> String {
+    let w = extra
+        .iter()
+        .position(|a| *a == "-w")
+        .and_then(|i| extra.get(i + 1))
+        .map_or(" %{http_code}\n", |w| *w);
+    let mut args: Vec<String> = ["-sS", "--max-time", "20", "--cacert"]
+        .map(str::to_owned)
+        .to_vec();
+    args.push(gw.ca.display().to_string());
+    args.push("--resolve".into());
+    args.push(format!("{host}:{}:127.0.0.1", gw.port));
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    for p in paths {
+        args.extend(["-w".to_owned(), w.to_owned()]);
+        args.push(format!("https://{host}:{}{p}", gw.port));
+    }
+    let out = tokio::process::Command::new("curl")
+        .args(&args)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_connection_keeps_its_own_connections_to_the_app() {
+    let gw = gateway().await;
+    let (app, made, ended) = counting_backend().await;
+    *gw.w.vms.app_addr.lock().unwrap() = Some(app.to_string());
+    gw.project("web").await;
+    gw.w.run(&gw.w.admin, "public web").await.unwrap();
+    let host = format!("web.{DOMAIN}");
+    // HTTP/1.1: one client connection, its requests over one connection to
+    // the app, made again after the app closed it.
+    let out = curl_all(
+        &gw,
+        &host,
+        &["/one", "/close", "/two", "/three"],
+        &["--http1.1"],
+    )
+    .await;
+    assert_eq!(out, "/one 200\n/close 200\n/two 200\n/three 200\n");
+    assert_eq!(made.load(Ordering::SeqCst), 2);
+    // Large answers stream whole, over HTTP/1.1 and HTTP/2.
+    for proto in ["--http1.1", "--http2"] {
+        let out = curl_all(
+            &gw,
+            &host,
+            &["/big"],
+            &[
+                proto,
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{size_download} %{http_code}\\n",
+            ],
+        )
+        .await;
+        assert_eq!(out, "2097152 200\n", "{proto}");
+    }
+    // HTTP/2: concurrent streams, each answered with its own.
+    let paths: Vec<String> = (0..12).map(|i| format!("/s{i}")).collect();
+    let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
+    let saved = gw.dir.path().join("h2");
+    let out = curl_all(
+        &gw,
+        &host,
+        &paths,
+        &[
+            "--http2",
+            "-Z",
+            "--parallel-max",
+            "6",
+            "--remote-name-all",
+            "--create-dirs",
+            "--output-dir",
+            saved.to_str().unwrap(),
+            "-w",
+            "%{http_code}\n",
+        ],
+    )
+    .await;
+    assert_eq!(out, "200\n".repeat(paths.len()));
+    for p in &paths {
+        let got = std::fs::read_to_string(saved.join(&p[1..])).unwrap();
+        assert_eq!(&got, p);
+    }
+    // A client gone in the middle of an answer takes that connection to
+    // the app with it; once every client has gone, so have all the
+    // connections to the app (none is kept past its client's).
+    let (code, _, body) = gw.curl(&host, "/slow", &[ANON, "--max-time", "2"]).await;
+    assert!(
+        code.starts_with("200") && body.len() == 1024,
+        "{code} {}",
+        body.len()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while ended.load(Ordering::SeqCst) < made.load(Ordering::SeqCst) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} connections to the app made, {} ended",
+            made.load(Ordering::SeqCst),
+            ended.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And the app is still answered.
+    let out = curl_all(&gw, &host, &["/after"], &[]).await;
+    assert_eq!(out, "/after 200\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
