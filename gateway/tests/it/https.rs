@@ -158,19 +158,25 @@ async fn gateway_with(s: HttpsSettings) -> Gw {
 }
 
 impl Gw {
+    /// What every curl of these tests starts with: quiet but for errors,
+    /// bounded, trusting the development CA.
+    fn curl_args(&self) -> Vec<String> {
+        vec![
+            "-sS".into(),
+            "--max-time".into(),
+            "20".into(),
+            "--cacert".into(),
+            self.ca.display().to_string(),
+        ]
+    }
+
     /// curl against `https://HOST:PORT/PATH`, every host resolved to the
     /// gateway; `-w` appends the status and HTTP version.
     async fn curl(&self, host: &str, path: &str, extra: &[&str]) -> (String, String, String) {
         let jar = self.dir.path().join("cookies");
         let anonymous = extra.contains(&ANON);
         let extra: Vec<&str> = extra.iter().copied().filter(|a| *a != ANON).collect();
-        let mut args: Vec<String> = vec![
-            "-sS".into(),
-            "--max-time".into(),
-            "20".into(),
-            "--cacert".into(),
-            self.ca.display().to_string(),
-        ];
+        let mut args = self.curl_args();
         if !anonymous {
             for flag in ["-c", "-b"] {
                 args.push(flag.into());
@@ -578,19 +584,14 @@ async fn counting_backend() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) 
     (addr, made, ended)
 }
 
+/// curl's `-w` text for an answer followed by its status.
+const STATUS: &str = " %{http_code}\n";
+
 /// curl's output for several URLs on `host` in one run (one client
 /// connection, or streams of one with HTTP/2), each answer followed by
-/// its status (`-w` given: that instead).
-async fn curl_all(gw: &Gw, host: &str, paths: &[&str], extra: &[&str]) -> String {
-    let w = extra
-        .iter()
-        .position(|a| *a == "-w")
-        .and_then(|i| extra.get(i + 1))
-        .map_or(" %{http_code}\n", |w| *w);
-    let mut args: Vec<String> = ["-sS", "--max-time", "20", "--cacert"]
-        .map(str::to_owned)
-        .to_vec();
-    args.push(gw.ca.display().to_string());
+/// curl's `-w` text `w`.
+async fn curl_all(gw: &Gw, host: &str, paths: &[&str], extra: &[&str], w: &str) -> String {
+    let mut args = gw.curl_args();
     args.push("--resolve".into());
     args.push(format!("{host}:{}:127.0.0.1", gw.port));
     args.extend(extra.iter().map(|s| (*s).to_owned()));
@@ -626,6 +627,7 @@ async fn a_client_connection_keeps_its_own_connections_to_the_app() {
         &host,
         &["/one", "/close", "/two", "/three"],
         &["--http1.1"],
+        STATUS,
     )
     .await;
     assert_eq!(out, "/one 200\n/close 200\n/two 200\n/three 200\n");
@@ -636,13 +638,8 @@ async fn a_client_connection_keeps_its_own_connections_to_the_app() {
             &gw,
             &host,
             &["/big"],
-            &[
-                proto,
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{size_download} %{http_code}\\n",
-            ],
+            &[proto, "-o", "/dev/null"],
+            "%{size_download} %{http_code}\n",
         )
         .await;
         assert_eq!(out, "2097152 200\n", "{proto}");
@@ -664,9 +661,8 @@ async fn a_client_connection_keeps_its_own_connections_to_the_app() {
             "--create-dirs",
             "--output-dir",
             saved.to_str().unwrap(),
-            "-w",
-            "%{http_code}\n",
         ],
+        "%{http_code}\n",
     )
     .await;
     assert_eq!(out, "200\n".repeat(paths.len()));
@@ -694,7 +690,7 @@ async fn a_client_connection_keeps_its_own_connections_to_the_app() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // And the app is still answered.
-    let out = curl_all(&gw, &host, &["/after"], &[]).await;
+    let out = curl_all(&gw, &host, &["/after"], &[], STATUS).await;
     assert_eq!(out, "/after 200\n");
 }
 
