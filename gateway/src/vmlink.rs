@@ -229,15 +229,19 @@ impl VmLinks {
             preferred: vm_leg_preferred(self.gate.guest_aes()),
             ..Default::default()
         });
-        let connect = client::connect(
-            config,
-            route.ssh_addr.as_str(),
-            Upstream {
-                host_key,
-                agent_to,
-                meta,
-            },
-        );
+        let upstream = Upstream {
+            host_key,
+            agent_to,
+            meta,
+        };
+        let addr = route.ssh_addr.as_str();
+        // Read through a buffer, as the gateway's client connections are
+        // (what a VM sends back, a download, arrives in fewer reads).
+        let connect = async move {
+            let socket = tokio::net::TcpStream::connect(addr).await?;
+            let stream = tokio::io::BufReader::with_capacity(crate::ssh::READ_BUFFER, socket);
+            client::connect_stream(config, stream, upstream).await
+        };
         let mut handle = tokio::time::timeout(CONNECT_LIMIT, connect)
             .await
             .map_err(|_| UpstreamError::Connect {

@@ -6,12 +6,15 @@ use kennel_core::names::ProjectName;
 use kennel_core::policy::Entry;
 use kennel_core::Actor;
 use russh::{client, Channel, ChannelMsg};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
 use tokio::sync::mpsc;
 
-use super::{Bridge, Op, Said, StderrSink, Target, Who};
+use super::{Bridge, Op, Said, StderrSink, Target, ToVm, Who};
 
 impl Bridge {
-    pub(super) async fn run(self, rx: mpsc::Receiver<Op>) {
+    pub(super) async fn run(self, rx: mpsc::Receiver<Op>, to_vm: Arc<ToVm>) {
         let span = self.span.clone();
         let _e = span.enter();
         let code = match (&self.who, self.target.clone(), self.refusal.clone()) {
@@ -23,7 +26,7 @@ impl Bridge {
             (Who::Known { .. }, Target::Console, _) => Some(self.console(rx).await),
             (Who::Known { user, identity }, Target::Project(p), _) => {
                 let (user, identity) = (user.clone(), identity.clone());
-                self.project(&user, &identity, &p, rx).await
+                self.project(&user, &identity, &p, rx, &to_vm).await
             }
         };
         // None: the remote process ended by a signal, already passed on.
@@ -66,6 +69,7 @@ impl Bridge {
         identity: &Identity,
         p: &ProjectName,
         mut rx: mpsc::Receiver<Op>,
+        direct: &ToVm,
     ) -> Option<u32> {
         if let Err(e) = self.shared.gate.may_enter(Some(user), p, Entry::Ssh).await {
             self.stderr(&format!("{e}\r\n")).await;
@@ -117,6 +121,8 @@ impl Bridge {
         };
         let _open = super::metrics::ChannelGauge::open("session");
         let (mut up_read, up_write) = up.split();
+        let up_write = Arc::new(up_write);
+        let from_vm_bytes = super::metrics::from_vm();
         let client = &self.client;
         let session = &self.session;
         let id = self.id;
@@ -126,11 +132,11 @@ impl Bridge {
             while let Some(msg) = up_read.wait().await {
                 match msg {
                     ChannelMsg::Data { data } => {
-                        super::metrics::bytes(0, data.len() as u64);
+                        from_vm_bytes.increment(data.len() as u64);
                         let _ = client.data_bytes(data.to_vec()).await;
                     }
                     ChannelMsg::ExtendedData { data, ext } => {
-                        super::metrics::bytes(0, data.len() as u64);
+                        from_vm_bytes.increment(data.len() as u64);
                         let _ = client.extended_data_bytes(ext, data.to_vec()).await;
                     }
                     ChannelMsg::ExitStatus { exit_status } => code = Some(exit_status),
@@ -166,10 +172,15 @@ impl Bridge {
             loop {
                 let op = match early.next() {
                     Some(op) => op,
-                    None => match rx.recv().await {
-                        Some(op) => op,
-                        None => break,
-                    },
+                    None => {
+                        // Every request before the session's own is
+                        // replayed: the client's data may go straight.
+                        let _ = direct.channel.set(up_write.clone());
+                        match rx.recv().await {
+                            Some(op) => op,
+                            None => break,
+                        }
+                    }
                 };
                 let r = match op {
                     Op::Pty {
@@ -189,8 +200,10 @@ impl Bridge {
                     Op::Exec(c) => up_write.exec(false, c).await,
                     Op::Subsystem(s) => up_write.request_subsystem(false, s).await,
                     Op::Data(d) => {
-                        super::metrics::bytes(d.len() as u64, 0);
-                        up_write.data_bytes(d).await
+                        direct.bytes.increment(d.len() as u64);
+                        let r = up_write.data_bytes(d).await;
+                        direct.queued.fetch_sub(1, Ordering::AcqRel);
+                        r
                     }
                     Op::Window { cols, rows, px, py } => {
                         up_write.window_change(cols, rows, px, py).await

@@ -11,7 +11,10 @@ use russh::server::{Auth, ChannelOpenHandle, Msg, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, Pty, Sig};
 use tokio::sync::mpsc;
 
-use super::{splice, Bridge, Conn, Op, Target, Who};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::{splice, Bridge, Conn, Op, Queue, Target, ToVm, Who};
 
 impl russh::server::Handler for Conn {
     type Error = russh::Error;
@@ -167,7 +170,14 @@ impl russh::server::Handler for Conn {
         let (read, write) = channel.split();
         drop(read);
         let (tx, rx) = mpsc::channel(64);
-        self.channels.insert(id, tx);
+        let to_vm = Arc::new(ToVm::new());
+        self.channels.insert(
+            id,
+            Queue {
+                ops: tx,
+                to_vm: to_vm.clone(),
+            },
+        );
         let bridge = Bridge {
             shared: self.shared.clone(),
             ip: self.ip,
@@ -180,7 +190,7 @@ impl russh::server::Handler for Conn {
             id,
             span: self.span(),
         };
-        tokio::spawn(bridge.run(rx));
+        tokio::spawn(bridge.run(rx, to_vm));
         reply.accept().await;
         Ok(())
     }
@@ -400,6 +410,19 @@ impl russh::server::Handler for Conn {
         data: &[u8],
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if let Some(q) = self.channels.get(&channel) {
+            let to_vm = &q.to_vm;
+            if to_vm.queued.load(Ordering::Acquire) == 0 {
+                if let Some(vm) = to_vm.channel.get() {
+                    // Errors end the bridge from the VM's side (its
+                    // channel closes), as they would through the queue.
+                    to_vm.bytes.increment(data.len() as u64);
+                    let _ = vm.data_bytes(data.to_vec()).await;
+                    return Ok(());
+                }
+            }
+            to_vm.queued.fetch_add(1, Ordering::AcqRel);
+        }
         self.send(channel, Op::Data(data.to_vec())).await;
         Ok(())
     }
@@ -466,7 +489,7 @@ impl Conn {
     pub(super) async fn send(&mut self, channel: ChannelId, op: Op) -> bool {
         match self.channels.get(&channel) {
             // Bounded: a fast uploader waits for the VM instead of filling memory.
-            Some(tx) => tx.send(op).await.is_ok(),
+            Some(q) => q.ops.send(op).await.is_ok(),
             None => false,
         }
     }
