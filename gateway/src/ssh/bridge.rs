@@ -133,11 +133,11 @@ impl Bridge {
                 match msg {
                     ChannelMsg::Data { data } => {
                         from_vm_bytes.increment(data.len() as u64);
-                        let _ = client.data_bytes(data.to_vec()).await;
+                        let _ = client.data_bytes(data).await;
                     }
                     ChannelMsg::ExtendedData { data, ext } => {
                         from_vm_bytes.increment(data.len() as u64);
-                        let _ = client.extended_data_bytes(ext, data.to_vec()).await;
+                        let _ = client.extended_data_bytes(ext, data).await;
                     }
                     ChannelMsg::ExitStatus { exit_status } => code = Some(exit_status),
                     ChannelMsg::ExitSignal {
