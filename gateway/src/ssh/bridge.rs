@@ -1,14 +1,14 @@
 //! Project mode: one client session bridged to the VM's sshd, after the
 //! VM is woken (progress on stderr); requests are replayed in order.
 
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
 use kennel_core::model::{Identity, User};
 use kennel_core::names::ProjectName;
 use kennel_core::policy::Entry;
 use kennel_core::Actor;
 use russh::{client, Channel, ChannelMsg};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-
 use tokio::sync::mpsc;
 
 use super::{Bridge, Op, Said, StderrSink, Target, ToVm, Who};

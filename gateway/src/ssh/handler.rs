@@ -2,6 +2,9 @@
 //! and the per-channel queue. Handlers only decide, enqueue and reply; the
 //! work happens in each channel's bridge task.
 
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
 use kennel_core::keys::{Fingerprint, PublicKey};
 use kennel_core::model::{Frontend, Identity};
 use kennel_core::names::ProjectName;
@@ -10,9 +13,6 @@ use kennel_core::provision::NoProgress;
 use russh::server::{Auth, ChannelOpenHandle, Msg, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, Pty, Sig};
 use tokio::sync::mpsc;
-
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use super::{splice, Bridge, Conn, Op, Queue, Target, ToVm, Who};
 
