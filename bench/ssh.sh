@@ -8,9 +8,9 @@
 #   kennel_j ProxyJump through the gateway (`ssh -J HOST dev@PROJECT`)
 # Needs root, QEMU, virtiofsd, OpenSSH client and server.
 # Usage: bench/ssh.sh [MiB]   (default 256); BENCH_PROFILE=debug|release
-# Each upload runs BENCH_REPEATS times (default 3): medians, and the
-# spread of the relay's CPU. BENCH_PATHS="openssh kennel" runs only those
-# paths; BENCH_WAKE=0 leaves out the wake latency.
+# The uploads run in BENCH_REPEATS rounds (default 3), each path once a
+# round: medians, and the spread of the relay's CPU. BENCH_PATHS="openssh
+# kennel" runs only those paths; BENCH_WAKE=0 leaves out the wake latency.
 set -euo pipefail
 mib="${1:-256}"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -94,42 +94,53 @@ now() { date +%s.%N; }
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 rows=()
-declare -A relay_cpu
+declare -A relay_cpu lats rates cpus
 repeats="${BENCH_REPEATS:-3}"
-for path in ${BENCH_PATHS:-direct openssh kennel kennel_j}; do
-  lat=()
-  for i in 1 2 3 4 5; do t0=$(now); $path true; t1=$(now); lat+=("$(echo "($t1 - $t0) * 1000 / 1" | bc)"); done
-  relay_pid=""
-  case $path in
-    kennel|kennel_j) relay_pid=$serve ;;
-    openssh) relay_pid=$(cat relay.pid) ;;
+read -ra paths <<<"${BENCH_PATHS:-direct openssh kennel kennel_j}"
+relay_of() {
+  case $1 in
+    kennel|kennel_j) echo "$serve" ;;
+    openssh) cat relay.pid ;;
   esac
-  rates=(); cpus=()
-  for r in $(seq "$repeats"); do
+}
+for path in "${paths[@]}"; do
+  for i in 1 2 3 4 5; do t0=$(now); $path true; t1=$(now); lats[$path]+=" $(echo "($t1 - $t0) * 1000 / 1" | bc)"; done
+done
+# The uploads in rounds, each path once a round: a change in the
+# machine's load during the run falls on every path alike, not on the
+# one measured then (this host is shared; the ratios are what count).
+for r in $(seq "$repeats"); do
+  for path in "${paths[@]}"; do
+    relay_pid=$(relay_of "$path")
     c0=0; [ -n "$relay_pid" ] && c0=$(cpu_of "$relay_pid")
     t0=$(now)
     $path 'cat > /dev/null' < payload
     t1=$(now)
     secs=$(echo "$t1 - $t0" | bc)
-    rates+=("$(echo "scale=1; $mib / $secs" | bc)")
+    rates[$path]+=" $(echo "scale=1; $mib / $secs" | bc)"
     if [ -n "$relay_pid" ]; then
       # The OpenSSH relay's per-connection sshd has exited and been reaped
       # by now: its time is in the listener's cutime/cstime.
       sleep 0.5
       c1=$(cpu_of "$relay_pid")
-      cpus+=("$(echo "scale=2; ($c1 - $c0) / $hz * 1024 / $mib" | bc)")
+      cpus[$path]+=" $(echo "scale=2; ($c1 - $c0) / $hz * 1024 / $mib" | bc)"
     fi
   done
+done
+for path in "${paths[@]}"; do
   cpu="-"; spread="-"
-  if [ ${#cpus[@]} -gt 0 ]; then
-    cpu=$(median "${cpus[@]}")
-    spread="$(printf '%s\n' "${cpus[@]}" | sort -n | head -1)-$(printf '%s\n' "${cpus[@]}" | sort -n | tail -1)"
+  if [ -n "${cpus[$path]:-}" ]; then
+    # shellcheck disable=SC2086 # a list of numbers
+    cpu=$(median ${cpus[$path]})
+    # shellcheck disable=SC2086
+    spread="$(printf '%s\n' ${cpus[$path]} | sort -n | head -1)-$(printf '%s\n' ${cpus[$path]} | sort -n | tail -1)"
     relay_cpu[$path]=$cpu
   fi
-  rows+=("$(printf '%-8s %10s %12s %14s %12s' "$path" "$(median "${rates[@]}")" "$(median "${lat[@]}")" "$cpu" "$spread")")
+  # shellcheck disable=SC2086
+  rows+=("$(printf '%-8s %10s %12s %14s %12s' "$path" "$(median ${rates[$path]})" "$(median ${lats[$path]})" "$cpu" "$spread")")
 done
 echo
-echo "SSH paths to one VM ($mib MiB upload to cat >/dev/null, $repeats times each; QEMU/TCG guest; $(nproc) cores)"
+echo "SSH paths to one VM ($mib MiB upload to cat >/dev/null, $repeats rounds of every path; QEMU/TCG guest; $(nproc) cores)"
 printf '%-8s %10s %12s %14s %12s\n' "path" "MiB/s" "ssh true ms" "relay CPU s/GiB" "(min-max)"
 printf '%s\n' "${rows[@]}"
 for p in kennel kennel_j; do
