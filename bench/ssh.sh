@@ -92,6 +92,7 @@ cpu_of() { awk '{print $14 + $15 + $16 + $17}' "/proc/$1/stat"; }
 hz=$(getconf CLK_TCK)
 now() { date +%s.%N; }
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+spread() { printf '%s\n' "$@" | sort -n | awk 'NR == 1 {lo = $1} END {print lo "-" $1}'; }
 
 rows=()
 declare -A relay_cpu lats rates cpus
@@ -130,10 +131,8 @@ done
 for path in "${paths[@]}"; do
   cpu="-"; spread="-"
   if [ -n "${cpus[$path]:-}" ]; then
-    # shellcheck disable=SC2086 # a list of numbers
-    cpu=$(median ${cpus[$path]})
-    # shellcheck disable=SC2086
-    spread="$(printf '%s\n' ${cpus[$path]} | sort -n | head -1)-$(printf '%s\n' ${cpus[$path]} | sort -n | tail -1)"
+    # shellcheck disable=SC2086 # lists of numbers, split on purpose
+    cpu=$(median ${cpus[$path]}); spread=$(spread ${cpus[$path]})
     relay_cpu[$path]=$cpu
   fi
   # shellcheck disable=SC2086
