@@ -290,17 +290,20 @@ fn systemd_docker_and_compose_in_a_real_guest() {
     steps.run("docker with no registry: import, run", || {
         // This boot's attempt at devcontainer.json's Compose services had
         // no image: it is logged, and the VM came up all the same. The
-        // unit runs after the VM is ready, so wait for it to end before
-        // the image exists.
+        // unit runs after the VM is ready (the rollback restarted it), so
+        // wait for it to have run before the image exists: active (it
+        // remains so after its run) or failed; inactive is not started
+        // yet. As root: systemctl then reaches systemd without D-Bus,
+        // which may not be up yet either.
         eventually(
             Duration::from_secs(300),
             "the boot's compose attempt ends",
             || {
                 let state = k.ssh_ok(
                     "box",
-                    "systemctl show -p ActiveState --value kennel-devcontainer.service",
+                    "sudo systemctl show -p ActiveState --value kennel-devcontainer.service 2>&1 || true",
                 );
-                (state.trim() != "activating").then_some(())
+                matches!(state.trim(), "active" | "failed").then_some(())
             },
         );
         let status = k.ssh_ok("box", "cat /var/log/kennel/compose.status");
