@@ -368,6 +368,11 @@ pub struct VmConfig {
     /// 120 where the CPU is virtualised (KVM) and 300 where it is emulated
     /// (QEMU's TCG runs a guest several times slower).
     pub boot_timeout_secs: Option<u64>,
+    /// The CPU model QEMU shows guests where it emulates the CPU (TCG, no
+    /// KVM), as QEMU's `-cpu` takes it. Unset: x86-64-v2
+    /// (`qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt`), which emulates faster
+    /// than `max`; `max` offers AVX2 for software that needs it.
+    pub emulated_cpu: Option<String>,
     /// Seconds a graceful stop may take before the VM is forced off
     /// (systemd stops the guest's services; Docker gives a container 10 s).
     pub stop_timeout_secs: u64,
@@ -550,6 +555,7 @@ impl Default for VmConfig {
             max_parallel_creates: 2,
             network: NetworkChoice::Auto,
             boot_timeout_secs: None,
+            emulated_cpu: None,
             stop_timeout_secs: 30,
             default_owner: "1000:1000".into(),
             online: false,
@@ -570,6 +576,19 @@ impl Config {
         }
         if self.vm.max_parallel_creates == 0 {
             bail!("vm.max_parallel_creates must be at least 1");
+        }
+        if let Some(cpu) = &self.vm.emulated_cpu {
+            // One argument to QEMU (never a shell): a model name and
+            // `,+feature` / `,feature=off` options.
+            let ok = !cpu.is_empty()
+                && cpu.len() <= 256
+                && cpu.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && cpu
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.,+=".contains(c));
+            if !ok {
+                bail!("vm.emulated_cpu must be a QEMU CPU model such as \"max\" or \"qemu64,+sse4.2\" (letters, digits and - _ . , + =)");
+            }
         }
         self.default_owner()?;
         self.default_resources()?;
@@ -849,6 +868,24 @@ mod tests {
         assert_eq!(vm.boot_timeout(true).as_secs(), 300);
         vm.boot_timeout_secs = Some(45);
         assert_eq!(vm.boot_timeout(true).as_secs(), 45);
+    }
+
+    #[test]
+    fn the_emulated_cpu_is_one_qemu_argument_or_a_clear_error() {
+        let mut c = super::Config::default();
+        for good in [
+            "max",
+            "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt",
+            "max,avx2=off",
+        ] {
+            c.vm.emulated_cpu = Some(good.into());
+            assert!(c.validate().is_ok(), "{good}");
+        }
+        for bad in ["", "max -device x", "max;id", ",+aes", "max\n"] {
+            c.vm.emulated_cpu = Some(bad.into());
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("vm.emulated_cpu"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

@@ -258,8 +258,14 @@ pub fn provisioner(config: &Config, store: &Store) -> Result<Backend, String> {
         )
     });
     let guest_gid = host_guard.as_ref().map(|(gid, _)| *gid);
-    let (vmm, network) = select(config.vm.backend, config.vm.network, &host, guest_gid)
-        .map_err(|e| e.to_string())?;
+    let (vmm, network) = select(
+        config.vm.backend,
+        config.vm.network,
+        &host,
+        guest_gid,
+        config.vm.emulated_cpu.as_deref(),
+    )
+    .map_err(|e| e.to_string())?;
     let virtiofsd = Virtiofsd::detect(&host).ok_or(
         "no virtiofsd on this host: apt-get install qemu-system-common, or cargo install virtiofsd",
     )?;

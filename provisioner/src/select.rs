@@ -92,12 +92,15 @@ pub enum SelectError {
     Incus,
 }
 
-/// The backend and network mode for `backend`/`network` settings on `host`.
+/// The backend and network mode for `backend`/`network` settings on
+/// `host`; under QEMU's emulation, guests get the CPU model `tcg_cpu`
+/// ([`crate::vmm::qemu::TCG_CPU`] when `None`).
 pub fn select(
     backend: BackendChoice,
     network: NetworkChoice,
     host: &Host,
     guest_gid: Option<u32>,
+    tcg_cpu: Option<&str>,
 ) -> Result<(Arc<dyn Vmm>, NetworkMode), SelectError> {
     if backend == BackendChoice::None {
         return Err(SelectError::Disabled);
@@ -114,6 +117,7 @@ pub fn select(
                 .which("qemu-system-x86_64", &[])
                 .ok_or(SelectError::NoQemu)?,
             accel: if d.kvm { Accel::Kvm } else { Accel::Tcg },
+            tcg_cpu: tcg_cpu.unwrap_or(crate::vmm::qemu::TCG_CPU).to_owned(),
             guest_gid,
         }),
     };
@@ -173,7 +177,7 @@ mod tests {
         ));
         assert!(!decide(BackendChoice::Qemu, &h).unwrap().cloud_hypervisor);
         assert!(matches!(
-            select(BackendChoice::None, NetworkChoice::Auto, &h, None),
+            select(BackendChoice::None, NetworkChoice::Auto, &h, None, None),
             Err(SelectError::Disabled)
         ));
     }
@@ -185,7 +189,8 @@ mod tests {
             let qemu = d.path().join("bin/qemu-system-x86_64");
             std::fs::write(&qemu, "").unwrap();
             std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
-            let (vmm, _) = select(BackendChoice::Auto, NetworkChoice::User, &h, None).unwrap();
+            let (vmm, _) =
+                select(BackendChoice::Auto, NetworkChoice::User, &h, None, None).unwrap();
             assert_eq!(vmm.emulated(), !kvm, "{}", vmm.describe());
         }
     }
