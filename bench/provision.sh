@@ -89,7 +89,7 @@ for i in $(seq 1 "$runs"); do
   qemu-img create -q -f qcow2 -F raw -b "$work/$img/rootfs.ext4" hand/disk.qcow2 4G
   "$vfsd" "${vfsargs[@]}" >/dev/null 2>&1 &
   while [ ! -S hand/fs.sock ]; do sleep 0.01; done
-  qemu-system-x86_64 -machine q35 -accel tcg,tb-size=64 -cpu max -smp 1 -m 512M \
+  qemu-system-x86_64 -machine q35 -accel tcg,tb-size=64 -cpu qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt -smp 1 -m 512M \
     -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem \
     -kernel "$kern/vmlinuz" -initrd "$kern/initramfs.cpio" -append "$cmdline" \
     -drive file=hand/disk.qcow2,if=none,id=root,format=qcow2 -device virtio-blk-pci,drive=root \
