@@ -31,9 +31,10 @@ pub enum Accel {
 /// and distribution binary runs on. TCG's `max` also offers AVX2, FMA,
 /// AES and 5-level paging, which the guest's libraries then use and QEMU
 /// emulates through slower helpers: in one run here (docs/guest.md,
-/// "Measurements"), 300 process starts took 12.2–13.6 s against
-/// 15.8–17.9 with `max`, and a copy and checksum of 64 MB 6.6–7.7 s
-/// against 10.8–12.7. Under KVM the guest gets the host's CPU.
+/// "Measurements"), 300 process starts took 12.2–14.8 s against
+/// 15.3–17.9 with `max`, and a checksum of 64 MB and a copy of
+/// `/usr/lib` 6.6–7.4 s against 10.7–12.7. Under KVM the guest gets the
+/// host's CPU.
 pub const TCG_CPU: &str = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt";
 
 /// The QEMU backend.
