@@ -18,7 +18,7 @@ use std::os::unix::fs::MetadataExt;
 use std::process::Command;
 use std::time::Instant;
 
-use crate::support::{vm_running, Kennel, Netns, Steps};
+use crate::support::{vm_pid, vm_running, Kennel, Netns, Steps};
 
 #[test]
 fn lifecycle_isolation_and_adoption_on_real_guests() {
@@ -61,17 +61,7 @@ fn lifecycle_isolation_and_adoption_on_real_guests() {
     // Under emulation guests see x86-64-v2 (vm.emulated_cpu unset), not
     // TCG's `max`, whose AVX2 and the like QEMU emulates slowly.
     steps.run("Under emulation the guest's CPU is x86-64-v2", || {
-        let disk = k.dir.join("kennel-data/vms/alpha/disk.qcow2");
-        let pids = Command::new("pgrep")
-            .args(["-f", &format!("file={}", disk.display())])
-            .output()
-            .unwrap();
-        let pid = String::from_utf8_lossy(&pids.stdout)
-            .lines()
-            .next()
-            .unwrap()
-            .trim()
-            .to_owned();
+        let pid = vm_pid(&k, "alpha").unwrap();
         let argv = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
         let argv: Vec<String> = argv
             .split(|b| *b == 0)
@@ -85,7 +75,7 @@ fn lifecycle_isolation_and_adoption_on_real_guests() {
         let flags = k.ssh_ok("alpha", "grep -m1 '^flags' /proc/cpuinfo");
         let has = |f: &str| flags.split_whitespace().any(|x| x == f);
         if cpu != "host" {
-            assert_eq!(cpu, "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt");
+            assert_eq!(cpu, kennel_provisioner::vmm::qemu::TCG_CPU);
             assert!(has("sse4_2") && has("popcnt") && has("ssse3"), "{flags}");
             assert!(!has("avx2") && !has("avx"), "{flags}");
         }

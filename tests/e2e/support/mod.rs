@@ -347,12 +347,20 @@ impl Drop for Kennel {
 /// Whether this test's VM for `project` runs (matched by its own disk path,
 /// so VMs of other tests with the same name do not count).
 pub fn vm_running(k: &Kennel, project: &str) -> bool {
+    vm_pid(k, project).is_some()
+}
+
+/// The pid of the VMM running `project`'s disk, if one does.
+pub fn vm_pid(k: &Kennel, project: &str) -> Option<u32> {
     let disk = k.dir.join(format!("kennel-data/vms/{project}/disk.qcow2"));
     let out = Command::new("pgrep")
         .args(["-f", &format!("file={}", disk.display())])
         .output()
         .unwrap();
-    out.status.success()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
 }
 
 /// A network namespace the test makes and removes itself.
