@@ -98,10 +98,13 @@ impl LocalProvisioner {
         let partial = dir.join(format!(".partial-{label}"));
         let _ = std::fs::remove_dir_all(&partial);
         std::fs::create_dir_all(&partial).map_err(|e| failed(Stage::Disk, e.to_string()))?;
-        let running = matches!(
-            self.vmm.state(&r.machine).await,
-            Ok(VmmState::Running | VmmState::Paused)
-        );
+        let running = match self.runs(&r, Stage::Disk).await {
+            Ok(running) => running,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&partial);
+                return Err(e);
+            }
+        };
         if running && !self.vmm.live_checkpoints() {
             let _ = std::fs::remove_dir_all(&partial);
             return Err(ProvisionError::Invalid {
@@ -225,10 +228,7 @@ impl LocalProvisioner {
         let r = self
             .record(name)
             .ok_or_else(|| ProvisionError::NoVm(name.to_owned()))?;
-        if matches!(
-            self.vmm.state(&r.machine).await,
-            Ok(VmmState::Running | VmmState::Paused)
-        ) {
+        if self.runs(&r, Stage::Disk).await? {
             return Err(ProvisionError::Invalid {
                 stage: Stage::Disk,
                 message: format!("{name} runs; stop it before rolling back"),
@@ -339,10 +339,7 @@ impl LocalProvisioner {
         }
         // Its layer is garbage now: merged at once if the VM is stopped,
         // else when it next is.
-        if !matches!(
-            self.vmm.state(&r.machine).await,
-            Ok(VmmState::Running | VmmState::Paused)
-        ) {
+        if !self.may_run(&r).await {
             self.compact(&r).await;
         }
         Ok(())

@@ -31,10 +31,7 @@ impl LocalProvisioner {
         // A consistent disk needs the VM stopped; it is started again after.
         let was_running = at.is_none() && {
             let _g = self.lock(from.as_str()).await;
-            let running = matches!(
-                self.vmm.state(&src.machine).await,
-                Ok(VmmState::Running | VmmState::Paused)
-            );
+            let running = self.may_run(&src).await;
             if running {
                 step(
                     progress,
@@ -202,10 +199,7 @@ impl LocalProvisioner {
         let Some(r) = self.record(from.as_str()) else {
             return Ok(()); // no VM: nothing of ours to rename
         };
-        let running = matches!(
-            self.vmm.state(&r.machine).await,
-            Ok(VmmState::Running | VmmState::Paused)
-        );
+        let running = self.may_run(&r).await;
         let keys = self.current_keys(from.as_str());
         if running {
             self.graceful_stop(&r).await?;

@@ -309,6 +309,35 @@ impl LocalProvisioner {
         self.s.data_dir.join("vms").join(name)
     }
 
+    /// Whether `r`'s VM runs (or is paused), for an operation that must
+    /// know: a VMM that is alive but does not answer its API is an error
+    /// here, never taken for a stopped VM (a checkpoint, rollback, resize
+    /// or boot done as if it were stopped would write under it).
+    async fn runs(&self, r: &VmRecord, stage: Stage) -> Result<bool, ProvisionError> {
+        match self.vmm.state(&r.machine).await {
+            Ok(s) => Ok(matches!(s, VmmState::Running | VmmState::Paused)),
+            Err(e) => Err(failed(
+                stage,
+                format!(
+                    "cannot tell whether the VM of {} runs: its VMM is alive but does not answer ({}); try again in a moment, or stop it with 'stop {}'",
+                    r.project,
+                    anyhow_chain(&e),
+                    r.project
+                ),
+            )),
+        }
+    }
+
+    /// Whether `r`'s VM may run: only a VMM known to be gone or stopped
+    /// is not. For steps that are safe either way but must not skip a
+    /// running VM (telling it new keys, stopping it before a copy).
+    async fn may_run(&self, r: &VmRecord) -> bool {
+        !matches!(
+            self.vmm.state(&r.machine).await,
+            Ok(VmmState::Gone | VmmState::Stopped)
+        )
+    }
+
     /// Where a source being made for `name` is recorded while it is made
     /// ([`crate::source::Pending`]).
     fn pending_source(&self, name: &str) -> PathBuf {
@@ -612,10 +641,7 @@ impl Provisioner for LocalProvisioner {
         let Some(mut r) = self.record(name) else {
             return self.rebuild(spec, progress).await;
         };
-        if matches!(
-            self.vmm.state(&r.machine).await,
-            Ok(VmmState::Running | VmmState::Paused)
-        ) {
+        if self.runs(&r, Stage::Booting).await? {
             return self.status(&spec.project).await;
         }
         // A rollback or checkpoint cut off by a crash is finished or
@@ -799,7 +825,7 @@ impl Provisioner for LocalProvisioner {
         };
         // The next boot reads the config disk; a running VM is told now.
         self.write_config(&r, authorized_keys).await?;
-        if matches!(self.vmm.state(&r.machine).await, Ok(VmmState::Running)) {
+        if self.may_run(&r).await {
             let project_pub =
                 std::fs::read_to_string(self.project_key(project.as_str()).with_extension("pub"))
                     .unwrap_or_default();
@@ -883,10 +909,7 @@ impl Provisioner for LocalProvisioner {
         let Some(mut r) = self.record(project.as_str()) else {
             return Ok(None);
         };
-        let running = matches!(
-            self.vmm.state(&r.machine).await,
-            Ok(VmmState::Running | VmmState::Paused)
-        );
+        let running = self.runs(&r, Stage::Ready).await?;
         if running {
             self.vmm
                 .set_app_forward(&r.machine, port)

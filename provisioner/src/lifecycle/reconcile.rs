@@ -25,7 +25,16 @@ impl LocalProvisioner {
                 continue;
             };
             let state = self.vmm.state(&r.machine).await;
-            let running = matches!(state, Ok(VmmState::Running | VmmState::Paused));
+            // A VMM that is alive but does not answer (busy, on a loaded
+            // host) is adopted as running, not torn down as dead: a stop
+            // ends it properly later.
+            let running = match &state {
+                Ok(s) => matches!(s, VmmState::Running | VmmState::Paused),
+                Err(e) => {
+                    tracing::warn!(vm = %name, error = %e, "the VMM of this VM is alive but does not answer; adopted as running");
+                    true
+                }
+            };
             if matches!(state, Ok(VmmState::Paused)) {
                 // Kennel pauses a VM only for a moment (a checkpoint): one
                 // paused now was left so by a restart, and goes on.

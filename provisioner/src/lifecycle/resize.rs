@@ -12,7 +12,6 @@ use kennel_core::provision::{ProvisionError, ResizedVm, Stage};
 
 use super::{anyhow_chain, failed, LocalProvisioner};
 use crate::disk;
-use crate::vmm::VmmState;
 
 impl LocalProvisioner {
     pub(super) async fn resize_vm(
@@ -25,10 +24,7 @@ impl LocalProvisioner {
         let mut r = self
             .record(name)
             .ok_or_else(|| ProvisionError::NoVm(name.to_owned()))?;
-        let running = matches!(
-            self.vmm.state(&r.machine).await,
-            Ok(VmmState::Running | VmmState::Paused)
-        );
+        let running = self.runs(&r, Stage::Disk).await?;
         let mut done = ResizedVm::default();
         let want = to.disk_mib.saturating_mul(1 << 20);
         let path = r.machine.disk.clone();

@@ -39,6 +39,8 @@ struct FakeVmm {
     running: Mutex<HashMap<String, bool>>,
     /// The "sshd" of each running VM.
     sshd: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// Names whose VMM is alive but does not answer `state`.
+    mute: Mutex<std::collections::HashSet<String>>,
 }
 
 impl FakeVmm {
@@ -117,6 +119,12 @@ impl Vmm for FakeVmm {
         Ok(pid)
     }
     async fn state(&self, m: &Machine) -> Result<VmmState, VmmError> {
+        if self.mute.lock().unwrap().contains(&m.name) {
+            return Err(VmmError::Api {
+                endpoint: "query-status".into(),
+                message: "QMP did not answer in 5 s".into(),
+            });
+        }
         Ok(match self.running.lock().unwrap().get(&m.name) {
             Some(true) => VmmState::Running,
             Some(false) => VmmState::Stopped,
@@ -589,6 +597,59 @@ async fn reconcile_adopts_the_living_cleans_the_dead_and_removes_the_half_made()
     r.p.destroy(&ProjectName::new("dead").unwrap())
         .await
         .unwrap();
+}
+
+/// A VMM that is alive but does not answer is never taken for a stopped
+/// one: what would write under a running VM refuses and says why, and a
+/// restarted Kennel adopts it instead of tearing it down.
+#[tokio::test]
+async fn a_vmm_that_does_not_answer_is_not_taken_for_stopped() {
+    use kennel_core::provision::NoProgress;
+    let _turn = ADDRESSES.lock().await;
+    let r = rig();
+    r.create("mute").await.unwrap();
+    let name = ProjectName::new("mute").unwrap();
+    r.vmm.mute.lock().unwrap().insert("mute".into());
+    let e = r.p.checkpoint(&name, "c1", &NoProgress).await.unwrap_err();
+    let said = e.to_string();
+    assert!(said.contains("does not answer"), "{said}");
+    assert!(said.contains("stop mute"), "{said}");
+    let cks = r.dir.path().join("data/vms/mute/checkpoints");
+    assert!(
+        std::fs::read_dir(&cks).map_or(true, |mut d| d.next().is_none()),
+        "nothing of the checkpoint is left"
+    );
+    let e =
+        r.p.restore_checkpoint(&name, "c1", &NoProgress)
+            .await
+            .unwrap_err();
+    assert!(e.to_string().contains("does not answer"), "{e}");
+    let spec = kennel_core::provision::VmSpec {
+        project: name.clone(),
+        stack: "rust".into(),
+        source_path: r.source("mute").display().to_string(),
+        resources: Resources {
+            vcpus: 1,
+            memory_mib: 512,
+            disk_mib: 1024,
+        },
+        app_port: 8000,
+        authorized_keys: vec![],
+    };
+    let e = r.p.start(&spec, &NoProgress).await.unwrap_err();
+    assert!(e.to_string().contains("does not answer"), "{e}");
+    assert_eq!(r.vmm.boots().len(), 1, "no second VMM was booted");
+    let e = r.p.resize(&name, &spec.resources).await.unwrap_err();
+    assert!(e.to_string().contains("does not answer"), "{e}");
+    // A restart adopts it: no stop, no cleanup under it.
+    r.vmm.stops.lock().unwrap().clear();
+    let found = r.p.reconcile().await;
+    assert_eq!(found, vec![("mute".to_owned(), true)]);
+    assert!(r.vmm.stops.lock().unwrap().is_empty());
+    // It answers again: all is as before.
+    r.vmm.mute.lock().unwrap().clear();
+    assert_eq!(r.p.vm_alive(&name).await, Some(true));
+    r.p.destroy(&name).await.unwrap();
 }
 
 /// Writes `pattern` at the start of a qcow2 disk, or checks it is there.

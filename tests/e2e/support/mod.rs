@@ -146,7 +146,7 @@ impl Kennel {
             .spawn()
             .unwrap();
         self.serve = Some(child);
-        self.wait_for_socket();
+        self.wait_for_socket(None);
     }
 
     /// Starts `kennel serve` with its standard error (the log) going to
@@ -166,15 +166,30 @@ impl Kennel {
             .spawn()
             .unwrap();
         self.serve = Some(child);
-        self.wait_for_socket();
+        self.wait_for_socket(Some(log));
     }
 
     /// Waits until the daemon answers on its socket (the file may be stale
-    /// from a killed daemon).
-    fn wait_for_socket(&self) {
+    /// from a killed daemon); fails at once, with the end of its log when
+    /// it keeps one, if the daemon exits first.
+    fn wait_for_socket(&mut self, log: Option<&Path>) {
         let sock = self.dir.join("kennel-data/control.sock");
         let t = Instant::now();
         while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            if let Some(status) = self
+                .serve
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                let said = log
+                    .and_then(|l| std::fs::read_to_string(l).ok())
+                    .unwrap_or_default();
+                let tail: Vec<&str> = said.lines().rev().take(20).collect();
+                panic!(
+                    "kennel serve exited ({status}) before it answered; the log's end:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
             assert!(
                 t.elapsed() < Duration::from_secs(120),
                 "kennel serve did not start"
