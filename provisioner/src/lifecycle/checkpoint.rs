@@ -44,6 +44,13 @@ struct RollbackJournal {
 
 const JOURNAL: &str = "rollback.json";
 
+/// A stopped VM's next top layer, before it is renamed to `disk.qcow2`.
+const NEXT: &str = "disk.next.qcow2";
+
+/// A running VM's next top layer (`disk.live-<ns>.qcow2`), before it is
+/// renamed to `disk.qcow2`: see [`LocalProvisioner::freeze_disk`].
+const LIVE_PREFIX: &str = "disk.live-";
+
 /// How long the guest's `sync` before a live checkpoint may take (an SSH
 /// login and the flush; under emulation on a loaded host, measured past
 /// 10 s). The VM is not paused meanwhile; past it, the checkpoint is
@@ -105,6 +112,22 @@ impl LocalProvisioner {
                 return Err(e);
             }
         };
+        if running && !cut_off_layers(&r.machine.disk).is_empty() {
+            // Which file the VM writes to is settled while it is stopped.
+            let _ = std::fs::remove_dir_all(&partial);
+            return Err(ProvisionError::Invalid {
+                stage: Stage::Disk,
+                message: format!(
+                    "a checkpoint of {name} was cut off by a restart while it ran; stop and start {name} (which finishes it), then take the checkpoint"
+                ),
+            });
+        }
+        if !running {
+            if let Err(e) = self.settle_cut_off(&r).await {
+                let _ = std::fs::remove_dir_all(&partial);
+                return Err(e);
+            }
+        }
         if running && !self.vmm.live_checkpoints() {
             let _ = std::fs::remove_dir_all(&partial);
             return Err(ProvisionError::Invalid {
@@ -188,6 +211,16 @@ impl LocalProvisioner {
 
     /// Freezes the disk's top layer as `layer` and gives the VM a new,
     /// empty one on it.
+    ///
+    /// A running VM's new layer is made under a name used once
+    /// (`disk.live-<ns>.qcow2`), then renamed to `disk.qcow2`. QEMU knows
+    /// each layer by the name it opened it under, and at the next switch
+    /// reopens the layer it freezes, read-only, *by that name*: had the
+    /// name been reused for the next new layer (as `disk.next.qcow2` once
+    /// was), the frozen layer would be read from the new, empty file,
+    /// and the guest would see the writes of the layer between two live
+    /// checkpoints of one boot vanish. A name that no longer exists makes
+    /// that reopen fail, and QEMU keeps the file it has open.
     async fn freeze_disk(
         &self,
         r: &VmRecord,
@@ -195,7 +228,14 @@ impl LocalProvisioner {
         running: bool,
     ) -> Result<(), ProvisionError> {
         let disk = r.machine.disk.clone();
-        let next = disk.with_file_name("disk.next.qcow2");
+        let next = if running {
+            let ns = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            disk.with_file_name(format!("{LIVE_PREFIX}{ns}.qcow2"))
+        } else {
+            disk.with_file_name(NEXT)
+        };
         let (d, n, l) = (disk.clone(), next.clone(), layer.to_path_buf());
         self.blocking(Stage::Disk, move |runner| {
             let size = disk::info(runner, &d)?.virtual_size;
@@ -293,7 +333,7 @@ impl LocalProvisioner {
         let replaced = sibling(&j.source, "kennel-replaced")?;
         self.blocking(Stage::Disk, move |runner| {
             let size = disk::info(runner, &layer)?.virtual_size;
-            let next = disk.with_file_name("disk.next.qcow2");
+            let next = disk.with_file_name(NEXT);
             let _ = std::fs::remove_file(&next);
             disk::create_child(runner, &layer, &next, size)?;
             std::fs::rename(&next, &disk).map_err(|e| e.to_string())?;
@@ -345,13 +385,12 @@ impl LocalProvisioner {
         Ok(())
     }
 
-    /// Before a stopped VM boots: finishes a rollback cut off by a crash,
-    /// removes half-made checkpoint copies, and merges garbage layers.
-    pub(super) async fn tidy_checkpoints(&self, r: &VmRecord) -> Result<(), ProvisionError> {
-        let dir = self.checkpoints_dir(&r.project);
+    /// Makes a new top layer that a checkpoint cut off by a crash left
+    /// beside the disk the disk itself, or removes it ([`cut_off_layers`]).
+    /// Only while the VM is stopped: a running VM's files are not read.
+    async fn settle_cut_off(&self, r: &VmRecord) -> Result<(), ProvisionError> {
         let disk = r.machine.disk.clone();
-        let next = disk.with_file_name("disk.next.qcow2");
-        if next.exists() {
+        for next in cut_off_layers(&disk) {
             // Cut off while taking a checkpoint: if the disk was linked as
             // the new layer already, the child is the disk from now on.
             let (n, d) = (next.clone(), disk.clone());
@@ -370,6 +409,14 @@ impl LocalProvisioner {
                 let _ = std::fs::remove_file(&next);
             }
         }
+        Ok(())
+    }
+
+    /// Before a stopped VM boots: finishes a rollback cut off by a crash,
+    /// removes half-made checkpoint copies, and merges garbage layers.
+    pub(super) async fn tidy_checkpoints(&self, r: &VmRecord) -> Result<(), ProvisionError> {
+        let dir = self.checkpoints_dir(&r.project);
+        self.settle_cut_off(r).await?;
         self.finish_rollback(r).await?;
         // A rollback cut off before its journal never began: its staged
         // copy of the source goes.
@@ -638,6 +685,27 @@ pub(super) fn git_head(source: &Path) -> Option<String> {
     };
     let hex = (id.len() == 40 || id.len() == 64) && id.chars().all(|c| c.is_ascii_hexdigit());
     hex.then_some(id)
+}
+
+/// New top layers a checkpoint or rollback cut off by a crash left beside
+/// `disk` (not yet renamed to it): `disk.next.qcow2` and the running VM's
+/// `disk.live-*.qcow2`, oldest first.
+fn cut_off_layers(disk: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = disk
+        .parent()
+        .and_then(|d| std::fs::read_dir(d).ok())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n == NEXT || (n.starts_with(LIVE_PREFIX) && n.ends_with(".qcow2")))
+        })
+        .collect();
+    found.sort_by_key(|p| std::fs::symlink_metadata(p).and_then(|m| m.modified()).ok());
+    found
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {

@@ -769,13 +769,27 @@ async fn checkpoints_freeze_restore_and_merge_real_qcow2_layers() {
     assert!(qemu_io(&disk, "read", 0x11));
     r.p.checkpoint(&name, "c5", &NoProgress).await.unwrap();
 
+    // The same after a live switch (`disk.live-*`, which the VM wrote to),
+    // settled by the stopped VM's next checkpoint before it freezes.
+    let live = vm.join("disk.live-1.qcow2");
+    let layer = vm.join("checkpoints/c6.qcow2");
+    disk::create_child(&crate::process::SystemRunner, &layer, &live, 4 << 30).unwrap();
+    std::fs::hard_link(&disk, &layer).unwrap();
+    assert!(qemu_io(&live, "write", 0x33));
+    r.p.checkpoint(&name, "c7", &NoProgress).await.unwrap();
+    assert!(!live.exists());
+    assert!(
+        qemu_io(&vm.join("checkpoints/c7.qcow2"), "read", 0x33),
+        "c7 holds what the VM wrote last"
+    );
+
     // A rename keeps every layer's backing file reachable.
     let vm2 = r.dir.path().join("data/vms/ck2");
     std::fs::rename(&vm, &vm2).unwrap();
     r.p.repoint_layers(&crate::process::SystemRunner, &vm, &vm2)
         .unwrap();
     let disk2 = r.dir.path().join("data/vms/ck2/disk.qcow2");
-    assert!(qemu_io(&disk2, "read", 0x11));
+    assert!(qemu_io(&disk2, "read", 0x33));
     let info = disk::info(&crate::process::SystemRunner, &disk2).unwrap();
     assert!(info.backing.unwrap().contains("/vms/ck2/"), "repointed");
 }
