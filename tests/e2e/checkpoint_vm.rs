@@ -13,6 +13,16 @@
 
 use crate::support::{git, Kennel, Steps};
 
+/// The files in a VM's directory named `disk.*` other than `disk.qcow2`:
+/// a new layer not yet renamed to it (none once a checkpoint is done).
+fn other_disk_files(vm: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(vm)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("disk.") && n != "disk.qcow2")
+        .collect()
+}
+
 #[test]
 fn checkpoint_roll_back_undo_and_copy_on_a_real_guest() {
     let tmp = tempfile::tempdir().unwrap();
@@ -80,11 +90,7 @@ fn checkpoint_roll_back_undo_and_copy_on_a_real_guest() {
         assert_eq!(seen, "one\n");
         k.exec_ok("checkpoint rm keep second");
         // The new layer took the disk's name; no other name is left.
-        let left: Vec<String> = std::fs::read_dir(data.join("vms/keep"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("disk.") && n != "disk.qcow2")
-            .collect();
+        let left = other_disk_files(&data.join("vms/keep"));
         assert!(left.is_empty(), "{left:?}");
     });
     steps.run("changes after it", || {
@@ -202,11 +208,7 @@ fn a_daemon_killed_inside_checkpoint_or_rollback_leaves_before_or_after() {
             k.exec_ok("stop ck");
             k.exec_ok("start ck");
             assert_eq!(seen(&k), "a\na\n", "{point}");
-            let left: Vec<String> = std::fs::read_dir(data.join("vms/ck"))
-                .unwrap()
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("disk.") && n != "disk.qcow2")
-                .collect();
+            let left = other_disk_files(&data.join("vms/ck"));
             assert!(left.is_empty(), "{point}: {left:?}");
             assert!(!cks.join(label).exists(), "{point}");
             assert!(!cks.join(format!("{label}.qcow2")).exists(), "{point}");
