@@ -330,7 +330,8 @@ impl LocalProvisioner {
 
     /// Whether `r`'s VM may run: only a VMM known to be gone or stopped
     /// is not. For steps that are safe either way but must not skip a
-    /// running VM (telling it new keys, stopping it before a copy).
+    /// running VM (stopping it before a copy or a rename, merging layers
+    /// only while it is stopped).
     async fn may_run(&self, r: &VmRecord) -> bool {
         !matches!(
             self.vmm.state(&r.machine).await,
@@ -825,7 +826,10 @@ impl Provisioner for LocalProvisioner {
         };
         // The next boot reads the config disk; a running VM is told now.
         self.write_config(&r, authorized_keys).await?;
-        if self.may_run(&r).await {
+        // Told whenever it may be running: a VMM that does not answer is
+        // no reason to leave a removed key in a running guest.
+        let state = self.vmm.state(&r.machine).await;
+        if matches!(state, Ok(VmmState::Running) | Err(_)) {
             let project_pub =
                 std::fs::read_to_string(self.project_key(project.as_str()).with_extension("pub"))
                     .unwrap_or_default();
