@@ -385,10 +385,11 @@ impl LocalProvisioner {
         Ok(())
     }
 
-    /// Makes a new top layer that a checkpoint cut off by a crash left
-    /// beside the disk the disk itself, or removes it ([`cut_off_layers`]).
-    /// Only while the VM is stopped: a running VM's files are not read.
-    async fn settle_cut_off(&self, r: &VmRecord) -> Result<(), ProvisionError> {
+    /// Settles the new top layers a checkpoint or rollback cut off by a
+    /// crash left beside the disk ([`cut_off_layers`]): one whose backing
+    /// file is the disk becomes the disk; any other is removed. Only while
+    /// the VM is stopped.
+    pub(super) async fn settle_cut_off(&self, r: &VmRecord) -> Result<(), ProvisionError> {
         let disk = r.machine.disk.clone();
         for next in cut_off_layers(&disk) {
             // Cut off while taking a checkpoint: if the disk was linked as

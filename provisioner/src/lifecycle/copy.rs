@@ -40,6 +40,8 @@ impl LocalProvisioner {
                 );
                 self.graceful_stop(&src).await?;
             }
+            // A new layer a crash left beside the disk is the disk to copy.
+            self.settle_cut_off(&src).await?;
             running
         };
         let _guard = self.lock(&name).await;
@@ -204,6 +206,9 @@ impl LocalProvisioner {
         if running {
             self.graceful_stop(&r).await?;
         }
+        // Before the move: only the disk's layers get their backing
+        // files' new paths.
+        self.settle_cut_off(&r).await?;
         if self.vm_dir(to.as_str()).exists() {
             return Err(failed(
                 Stage::Validated,

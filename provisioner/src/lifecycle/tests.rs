@@ -783,13 +783,22 @@ async fn checkpoints_freeze_restore_and_merge_real_qcow2_layers() {
         "c7 holds what the VM wrote last"
     );
 
-    // A rename keeps every layer's backing file reachable.
+    // A rename keeps every layer's backing file reachable, once a new
+    // layer a crash left beside the disk is the disk (as `rename` and
+    // `cp` settle it first).
+    let live = vm.join("disk.live-2.qcow2");
+    let layer = vm.join("checkpoints/c8.qcow2");
+    disk::create_child(&crate::process::SystemRunner, &layer, &live, 4 << 30).unwrap();
+    std::fs::hard_link(&disk, &layer).unwrap();
+    assert!(qemu_io(&live, "write", 0x44));
+    r.p.settle_cut_off(&record).await.unwrap();
+    assert!(!live.exists());
     let vm2 = r.dir.path().join("data/vms/ck2");
     std::fs::rename(&vm, &vm2).unwrap();
     r.p.repoint_layers(&crate::process::SystemRunner, &vm, &vm2)
         .unwrap();
     let disk2 = r.dir.path().join("data/vms/ck2/disk.qcow2");
-    assert!(qemu_io(&disk2, "read", 0x33));
+    assert!(qemu_io(&disk2, "read", 0x44));
     let info = disk::info(&crate::process::SystemRunner, &disk2).unwrap();
     assert!(info.backing.unwrap().contains("/vms/ck2/"), "repointed");
 }
