@@ -102,19 +102,9 @@ impl LocalProvisioner {
                 ),
             });
         }
-        let partial = dir.join(format!(".partial-{label}"));
-        let _ = std::fs::remove_dir_all(&partial);
-        std::fs::create_dir_all(&partial).map_err(|e| failed(Stage::Disk, e.to_string()))?;
-        let running = match self.runs(&r, Stage::Disk).await {
-            Ok(running) => running,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&partial);
-                return Err(e);
-            }
-        };
+        let running = self.runs(&r, Stage::Disk).await?;
         if running && !cut_off_layers(&r.machine.disk).is_empty() {
             // Which file the VM writes to is settled while it is stopped.
-            let _ = std::fs::remove_dir_all(&partial);
             return Err(ProvisionError::Invalid {
                 stage: Stage::Disk,
                 message: format!(
@@ -122,14 +112,7 @@ impl LocalProvisioner {
                 ),
             });
         }
-        if !running {
-            if let Err(e) = self.settle_cut_off(&r).await {
-                let _ = std::fs::remove_dir_all(&partial);
-                return Err(e);
-            }
-        }
         if running && !self.vmm.live_checkpoints() {
-            let _ = std::fs::remove_dir_all(&partial);
             return Err(ProvisionError::Invalid {
                 stage: Stage::Disk,
                 message: format!(
@@ -138,6 +121,12 @@ impl LocalProvisioner {
                 ),
             });
         }
+        if !running {
+            self.settle_cut_off(&r).await?;
+        }
+        let partial = dir.join(format!(".partial-{label}"));
+        let _ = std::fs::remove_dir_all(&partial);
+        std::fs::create_dir_all(&partial).map_err(|e| failed(Stage::Disk, e.to_string()))?;
         if running {
             // What the guest has written but holds in its page cache goes
             // to the disk first; what it writes after is as after a power
