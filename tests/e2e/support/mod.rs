@@ -181,13 +181,9 @@ impl Kennel {
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                let said = log
-                    .and_then(|l| std::fs::read_to_string(l).ok())
-                    .unwrap_or_default();
-                let tail: Vec<&str> = said.lines().rev().take(20).collect();
                 panic!(
                     "kennel serve exited ({status}) before it answered; the log's end:\n{}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    log.map(|l| log_tail(l, 20)).unwrap_or_default()
                 );
             }
             assert!(
@@ -313,12 +309,10 @@ impl Kennel {
             }
             if t.elapsed() >= limit {
                 // The daemon's log, when the test keeps one, says why.
-                let log = std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(30).collect();
                 panic!(
                     "{project} not {state} after {limit:?}: {:?}\nthe log's end:\n{}",
                     self.state(project),
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    log_tail(&self.dir.join("serve.log"), 30)
                 );
             }
             std::thread::sleep(Duration::from_secs(1));
@@ -357,6 +351,13 @@ impl Drop for Kennel {
             ])
             .output();
     }
+}
+
+/// The last `lines` lines of a log file (empty if it cannot be read).
+fn log_tail(log: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
 }
 
 /// Whether this test's VM for `project` runs (matched by its own disk path,
