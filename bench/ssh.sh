@@ -11,6 +11,10 @@
 # The uploads run in BENCH_REPEATS rounds (default 3), each path once a
 # round: medians, and the spread of the relay's CPU. BENCH_PATHS="openssh
 # kennel" runs only those paths; BENCH_WAKE=0 leaves out the wake latency.
+# BENCH_STAT=1 also counts the relay's context switches and system calls
+# per GiB (perf stat; its syscall tracepoint slows every system call, so
+# the CPU column of such a run favours the path making fewer: compare CPU
+# in a run without it).
 set -euo pipefail
 mib="${1:-256}"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -95,7 +99,11 @@ median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1
 spread() { printf '%s\n' "$@" | sort -n | awk 'NR == 1 {lo = $1} END {print lo "-" $1}'; }
 
 rows=()
-declare -A relay_cpu lats rates cpus
+declare -A relay_cpu lats rates cpus switches calls
+stat="${BENCH_STAT:-0}"
+if [ "$stat" = 1 ] && ! command -v perf >/dev/null 2>&1; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends linux-perf >/dev/null
+fi
 repeats="${BENCH_REPEATS:-3}"
 read -ra paths <<<"${BENCH_PATHS:-direct openssh kennel kennel_j}"
 relay_of() {
@@ -114,9 +122,26 @@ for r in $(seq "$repeats"); do
   for path in "${paths[@]}"; do
     relay_pid=$(relay_of "$path")
     c0=0; [ -n "$relay_pid" ] && c0=$(cpu_of "$relay_pid")
+    counter=
+    if [ "$stat" = 1 ] && [ -n "$relay_pid" ]; then
+      # Counts the relay and the children it forks from now on (the
+      # OpenSSH relay's per-connection sshd), until its `sleep` is ended.
+      perf stat -x, -e context-switches,raw_syscalls:sys_enter -p "$relay_pid" \
+        -o "$work/stat.$path" -- sleep 100000 >/dev/null 2>&1 &
+      counter=$!
+      sleep 0.3
+    fi
     t0=$(now)
     $path 'cat > /dev/null' < payload
     t1=$(now)
+    if [ -n "$counter" ]; then
+      sleep 0.5
+      pkill -P "$counter" sleep || true
+      wait "$counter" 2>/dev/null || true
+      per_gib() { awk -F, -v e="$1" -v m="$mib" '$3 == e {printf "%.0f", $1 * 1024 / m}' "$work/stat.$path"; }
+      switches[$path]+=" $(per_gib context-switches)"
+      calls[$path]+=" $(per_gib raw_syscalls:sys_enter)"
+    fi
     secs=$(echo "$t1 - $t0" | bc)
     rates[$path]+=" $(echo "scale=1; $mib / $secs" | bc)"
     if [ -n "$relay_pid" ]; then
@@ -135,12 +160,19 @@ for path in "${paths[@]}"; do
     cpu=$(median ${cpus[$path]}); spread=$(spread ${cpus[$path]})
     relay_cpu[$path]=$cpu
   fi
+  counts=
+  if [ -n "${switches[$path]:-}" ]; then
+    # shellcheck disable=SC2086
+    counts=$(printf ' %14s %14s' "$(median ${switches[$path]})" "$(median ${calls[$path]})")
+  fi
   # shellcheck disable=SC2086
-  rows+=("$(printf '%-8s %10s %12s %14s %12s' "$path" "$(median ${rates[$path]})" "$(median ${lats[$path]})" "$cpu" "$spread")")
+  rows+=("$(printf '%-8s %10s %12s %14s %12s' "$path" "$(median ${rates[$path]})" "$(median ${lats[$path]})" "$cpu" "$spread")$counts")
 done
 echo
 echo "SSH paths to one VM ($mib MiB upload to cat >/dev/null, $repeats rounds of every path; QEMU/TCG guest; $(nproc) cores)"
-printf '%-8s %10s %12s %14s %12s\n' "path" "MiB/s" "ssh true ms" "relay CPU s/GiB" "(min-max)"
+header=$(printf '%-8s %10s %12s %14s %12s' "path" "MiB/s" "ssh true ms" "relay CPU s/GiB" "(min-max)")
+[ "$stat" = 1 ] && header+=$(printf ' %14s %14s' "switches/GiB" "syscalls/GiB")
+printf '%s\n' "$header"
 printf '%s\n' "${rows[@]}"
 for p in kennel kennel_j; do
   if [ -n "${relay_cpu[$p]:-}" ] && [ -n "${relay_cpu[openssh]:-}" ]; then
