@@ -101,9 +101,13 @@ spread() { printf '%s\n' "$@" | sort -n | awk 'NR == 1 {lo = $1} END {print lo "
 rows=()
 declare -A relay_cpu lats rates cpus switches calls
 stat="${BENCH_STAT:-0}"
-if [ "$stat" = 1 ] && ! command -v perf >/dev/null 2>&1; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends linux-perf >/dev/null
-fi
+# perf (Debian linux-perf), for BENCH_STAT and BENCH_PERF.
+need_perf() {
+  command -v perf >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends linux-perf >/dev/null
+}
+[ "$stat" = 1 ] && need_perf
+# The stat file's count of event $1, per GiB uploaded.
+per_gib() { awk -F, -v e="$1" -v m="$mib" '$3 == e {printf "%.0f", $1 * 1024 / m}' "$2"; }
 repeats="${BENCH_REPEATS:-3}"
 read -ra paths <<<"${BENCH_PATHS:-direct openssh kennel kennel_j}"
 relay_of() {
@@ -138,9 +142,8 @@ for r in $(seq "$repeats"); do
       sleep 0.5
       pkill -P "$counter" sleep || true
       wait "$counter" 2>/dev/null || true
-      per_gib() { awk -F, -v e="$1" -v m="$mib" '$3 == e {printf "%.0f", $1 * 1024 / m}' "$work/stat.$path"; }
-      switches[$path]+=" $(per_gib context-switches)"
-      calls[$path]+=" $(per_gib raw_syscalls:sys_enter)"
+      switches[$path]+=" $(per_gib context-switches "$work/stat.$path")"
+      calls[$path]+=" $(per_gib raw_syscalls:sys_enter "$work/stat.$path")"
     fi
     secs=$(echo "$t1 - $t0" | bc)
     rates[$path]+=" $(echo "scale=1; $mib / $secs" | bc)"
@@ -184,7 +187,7 @@ echo "(relay CPU: the kennel serve process, or the stock sshd with its reaped pe
 if [ -n "${BENCH_PERF:-}" ]; then
   # Where the bridged path's CPU goes: the daemon profiled over one more
   # upload (perf, Debian linux-perf).
-  command -v perf >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends linux-perf >/dev/null
+  need_perf
   perf record -q -g -o "$work/perf.data" -p "$serve" >/dev/null 2>&1 &
   rec=$!
   sleep 0.5
