@@ -7,9 +7,13 @@
 #   wrk     HTTP/1.1, keep-alive
 #   h2load  HTTP/2
 # Reports requests/s (and the ratio to nginx), p50/p99 latency over
-# hitting the backend directly (wrk), the proxy's CPU ms per 10k requests
-# and its RSS. Installs nginx, wrk and h2load (nghttp2-client) if missing.
+# hitting the backend directly (wrk), the proxy's CPU ms per 10k requests,
+# the same with the backend's CPU added ("+app": both share CPU 0, and
+# loopback's TCP work is charged to whichever of them is running, so
+# some of it moves between the two with the proxy's timing) and its RSS. Installs nginx, wrk and h2load (nghttp2-client) if missing.
 # Usage: bench/https.sh [seconds per run]   (default 10)
+#   BENCH_REPEATS=N rounds of each cell (default 3): the median round and
+#   the range of the ratio to nginx.
 #   BENCH_BEFORE=PATH also runs an older build of the gateway example
 #   (a copy of target/release/examples/https_bench) beside this one, on
 #   the same backend and CPU, as "before" rows: before/after in one run.
@@ -109,15 +113,18 @@ if [ -n "${BENCH_BEFORE:-}" ]; then
 fi
 sleep 0.3
 nginx_worker=$(pgrep -P "$(cat "$work/nginx.pid")" | head -1)
+backend_worker=$(pgrep -P "$(cat "$work/backend.pid")" | head -1)
 [ "$(curl -s -o /dev/null -w "%{size_download}" "http://127.0.0.1:$bport/big")" = 1048576 ] || { echo "the backend does not serve /big" >&2; exit 1; }
 
 cpu_ms() { awk '{print ($14 + $15) * 1000 / '"$(getconf CLK_TCK)"'}' "/proc/$1/stat"; }
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 
-# run URL PID|- h1|h2 [h2load --connect-to]  -> "rps p50 p99 cpu_ms_per_10k"
+# run URL PID|- h1|h2 [h2load --connect-to]
+#   -> "rps p50 p99 cpu_ms_per_10k syscalls_per_request cpu_ms_per_10k_with_the_backend"
 run() {
-  local url=$1 pid=$2 proto=$3 connect=${4:-} before after out rps p50 p99 n
+  local url=$1 pid=$2 proto=$3 connect=${4:-} before after out rps p50 p99 n b0 b1
   before=$([ "$pid" = - ] && echo 0 || cpu_ms "$pid")
+  b0=$(cpu_ms "$backend_worker")
   local stat=$work/stat.$RANDOM sp=
   if [ "$pid" != - ] && command -v perf >/dev/null 2>&1; then
     perf stat -x, -e raw_syscalls:sys_enter -p "$pid" -o "$stat" -- sleep "$secs" >/dev/null 2>&1 &
@@ -136,41 +143,76 @@ run() {
     n=$(awk '/^requests:/ {print $8}' <<<"$out")
   fi
   after=$([ "$pid" = - ] && echo 0 || cpu_ms "$pid")
-  local per10k=- sys=-
+  b1=$(cpu_ms "$backend_worker")
+  local per10k=- sys=- both=-
   if [ "$pid" != - ] && [ "${n:-0}" -gt 0 ] 2>/dev/null; then
     per10k=$(awk -v a="$after" -v b="$before" -v n="$n" 'BEGIN {printf "%.0f", (a - b) * 10000 / n}')
+    both=$(awk -v a="$after" -v b="$before" -v c="$b1" -v d="$b0" -v n="$n" 'BEGIN {printf "%.0f", (a - b + c - d) * 10000 / n}')
     if [ -n "$sp" ]; then
       wait "$sp" 2>/dev/null || true
       sys=$(awk -F, -v n="$n" '/raw_syscalls/ {printf "%.1f", $1 / n}' "$stat" 2>/dev/null)
     fi
   fi
-  echo "${rps:-0} ${p50:--} ${p99:--} $per10k ${sys:--}"
+  echo "${rps:-0} ${p50:--} ${p99:--} $per10k ${sys:--} $both"
 }
 
-row() { printf '%-8s %-6s %-6s %12s %8s %10s %10s %12s %10s %10s\n' "$@"; }
-row proxy proto size "req/s" "x nginx" p50 p99 "cpu ms/10k" "syscall/req" "rss KiB"
+row() { printf '%-8s %-6s %-6s %12s %12s %10s %10s %12s %12s %10s %10s\n' "$@"; }
+row proxy proto size "req/s" "x nginx" p50 p99 "cpu ms/10k" "+app ms/10k" "syscall/req" "rss KiB"
+# Each cell runs in rounds (BENCH_REPEATS, default 3), nginx and Kennel
+# (and the older build) one after the other in each, each in turn first,
+# so a change in this shared host's load falls on all alike. Shown: the
+# round with the median ratio to nginx, and the lowest and highest ratio
+# of all rounds.
+repeats="${BENCH_REPEATS:-3}"
 for size in tiny big; do
   read -r drps dp50 dp99 _ <<<"$(run "http://127.0.0.1:$bport/$size" - h1)"
-  row direct h1 "$size" "$drps" - "$dp50" "$dp99" - - -
+  row direct h1 "$size" "$drps" - "$dp50" "$dp99" - - - -
   for proto in ${BENCH_PROTOS:-h1 h2}; do
     if [ "$proto" = h1 ]; then
-      read -r nrps np50 np99 ncpu nsys <<<"$(run "https://127.0.0.1:$nport/$size" "$nginx_worker" h1)"
-      read -r krps kp50 kp99 kcpu ksys <<<"$(run "https://127.0.0.1:$kport/$size" "$gw" h1)"
-      if [ -n "$old" ]; then read -r orps op50 op99 ocpu osys <<<"$(run "https://127.0.0.1:$oport/$size" "$old" h1)"; fi
+      nurl=https://127.0.0.1:$nport/$size kurl=https://127.0.0.1:$kport/$size ourl=https://127.0.0.1:$oport/$size
+      kto= oto=
     else
-      read -r nrps np50 np99 ncpu nsys <<<"$(run "https://127.0.0.1:$nport/$size" "$nginx_worker" h2)"
-      read -r krps kp50 kp99 kcpu ksys <<<"$(run "https://app.bench.test:$kport/$size" "$gw" h2 "127.0.0.1:$kport")"
-      if [ -n "$old" ]; then read -r orps op50 op99 ocpu osys <<<"$(run "https://app.bench.test:$oport/$size" "$old" h2 "127.0.0.1:$oport")"; fi
+      nurl=https://127.0.0.1:$nport/$size kurl=https://app.bench.test:$kport/$size ourl=https://app.bench.test:$oport/$size
+      kto=127.0.0.1:$kport oto=127.0.0.1:$oport
     fi
-    ratio() { awk -v k="$1" -v n="$nrps" 'BEGIN {if (n>0) printf "%.2f", k/n; else print "-"}'; }
-    row nginx "$proto" "$size" "$nrps" 1.00 "$np50" "$np99" "$ncpu" "$nsys" "$(rss_kib "$nginx_worker")"
-    row kennel "$proto" "$size" "$krps" "$(ratio "$krps")" "$kp50" "$kp99" "$kcpu" "$ksys" "$(rss_kib "$gw")"
+    rounds=()
+    for r in $(seq "$repeats"); do
+      # Each round starts with the next proxy in turn: measured with one
+      # binary as both Kennel and "before" (BENCH_BEFORE), the run after
+      # nginx's came out a few per cent apart from the others.
+      who=(n k); [ -n "$old" ] && who+=(o)
+      shift_by=$(((r - 1) % ${#who[@]}))
+      who=("${who[@]:$shift_by}" "${who[@]:0:$shift_by}")
+      o=-
+      for w in "${who[@]}"; do
+        case $w in
+          n) n=$(run "$nurl" "$nginx_worker" "$proto") ;;
+          k) k=$(run "$kurl" "$gw" "$proto" "$kto") ;;
+          o) o=$(run "$ourl" "$old" "$proto" "$oto") ;;
+        esac
+      done
+      # "ratio|nginx's line|kennel's line|before's line"
+      rounds+=("$(awk -v k="${k%% *}" -v n="${n%% *}" 'BEGIN {if (n > 0) printf "%.2f", k / n; else print 0}')|$n|$k|$o")
+    done
+    mid=$(printf '%s\n' "${rounds[@]}" | sort -t'|' -k1,1g | awk -v m=$(((repeats + 1) / 2)) 'NR == m')
+    lo=$(printf '%s\n' "${rounds[@]}" | cut -d'|' -f1 | sort -g | head -1)
+    hi=$(printf '%s\n' "${rounds[@]}" | cut -d'|' -f1 | sort -g | tail -1)
+    IFS='|' read -r kratio nline kline oline <<<"$mid"
+    read -r nrps np50 np99 ncpu nsys nboth <<<"$nline"
+    read -r krps kp50 kp99 kcpu ksys kboth <<<"$kline"
+    spread=$kratio; [ "$repeats" -gt 1 ] && spread="$kratio ($lo-$hi)"
+    row nginx "$proto" "$size" "$nrps" 1.00 "$np50" "$np99" "$ncpu" "$nboth" "$nsys" "$(rss_kib "$nginx_worker")"
+    row kennel "$proto" "$size" "$krps" "$spread" "$kp50" "$kp99" "$kcpu" "$kboth" "$ksys" "$(rss_kib "$gw")"
     if [ -n "$old" ]; then
-      row before "$proto" "$size" "$orps" "$(ratio "$orps")" "$op50" "$op99" "$ocpu" "$osys" "$(rss_kib "$old")"
+      read -r orps op50 op99 ocpu osys oboth <<<"$oline"
+      oratio=$(awk -v k="$orps" -v n="$nrps" 'BEGIN {if (n > 0) printf "%.2f", k / n; else print "-"}')
+      row before "$proto" "$size" "$orps" "$oratio" "$op50" "$op99" "$ocpu" "$oboth" "$osys" "$(rss_kib "$old")"
     fi
   done
 done
-echo "(proxies, and the backend nginx, pinned to CPU 0; wrk and h2load to CPU 1. p50/p99 from wrk; h2load reports no percentiles.)"
+echo "($repeats round(s) of each cell: the round with the median ratio, and the range of the ratio over all rounds."
+echo " Proxies, and the backend nginx, pinned to CPU 0; wrk and h2load to CPU 1. p50/p99 from wrk; h2load reports no percentiles."
+echo " +app: the proxy's CPU and the backend's together, per 10k requests: what a request through each proxy costs CPU 0.)"
 if [ -n "${BENCH_PERF:-}" ]; then
   command -v perf >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends linux-perf >/dev/null
   # BENCH_PERF=dwarf: call graphs unwound from the stack (callers of
