@@ -191,29 +191,6 @@ fn systemd_docker_and_compose_in_a_real_guest() {
             ["active"; 3],
             "{init}"
         );
-        // While the boot lasts, sshd and its sessions (this one included)
-        // get ten times the CPU share of other units (a wake through
-        // `ssh` waits on them); once it is over, the default share again.
-        let unit = k.ssh_ok(
-            "box",
-            "systemctl show -P StartupCPUWeight ssh.service; cat /proc/self/cgroup",
-        );
-        assert_eq!(
-            unit.split_whitespace().collect::<Vec<_>>(),
-            ["1000", "0::/system.slice/ssh.service"],
-            "{unit}"
-        );
-        eventually(
-            Duration::from_secs(60),
-            "ssh.service's CPU weight is back to 100",
-            || {
-                let w = k.ssh_ok(
-                    "box",
-                    "cat /sys/fs/cgroup/system.slice/ssh.service/cpu.weight",
-                );
-                (w.trim() == "100").then_some(())
-            },
-        );
     });
 
     steps.run("systemd-run starts a unit; journalctl reads it", || {
