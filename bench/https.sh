@@ -10,7 +10,8 @@
 # hitting the backend directly (wrk), the proxy's CPU ms per 10k requests,
 # the same with the backend's CPU added ("+app": both share CPU 0, and
 # loopback's TCP work is charged to whichever of them is running, so
-# some of it moves between the two with the proxy's timing) and its RSS. Installs nginx, wrk and h2load (nghttp2-client) if missing.
+# some of it moves between the two with the proxy's timing) and its RSS.
+# Installs nginx, wrk and h2load (nghttp2-client) if missing.
 # Usage: bench/https.sh [seconds per run]   (default 10)
 #   BENCH_REPEATS=N rounds of each cell (default 3): the median round and
 #   the range of the ratio to nginx.
@@ -118,6 +119,8 @@ backend_worker=$(pgrep -P "$(cat "$work/backend.pid")" | head -1)
 
 cpu_ms() { awk '{print ($14 + $15) * 1000 / '"$(getconf CLK_TCK)"'}' "/proc/$1/stat"; }
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+# ratio A B -> A/B to two places, "-" when B is 0.
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f", a / b; else print "-"}'; }
 
 # run URL PID|- h1|h2 [h2load --connect-to]
 #   -> "rps p50 p99 cpu_ms_per_10k syscalls_per_request cpu_ms_per_10k_with_the_backend"
@@ -177,9 +180,8 @@ for size in tiny big; do
     fi
     rounds=()
     for r in $(seq "$repeats"); do
-      # Each round starts with the next proxy in turn: measured with one
-      # binary as both Kennel and "before" (BENCH_BEFORE), the run after
-      # nginx's came out a few per cent apart from the others.
+      # (With one binary as both Kennel and "before", the run right after
+      # nginx's came out a few per cent apart from the other.)
       who=(n k); [ -n "$old" ] && who+=(o)
       shift_by=$(((r - 1) % ${#who[@]}))
       who=("${who[@]:$shift_by}" "${who[@]:0:$shift_by}")
@@ -192,7 +194,7 @@ for size in tiny big; do
         esac
       done
       # "ratio|nginx's line|kennel's line|before's line"
-      rounds+=("$(awk -v k="${k%% *}" -v n="${n%% *}" 'BEGIN {if (n > 0) printf "%.2f", k / n; else print 0}')|$n|$k|$o")
+      rounds+=("$(ratio "${k%% *}" "${n%% *}")|$n|$k|$o")
     done
     mid=$(printf '%s\n' "${rounds[@]}" | sort -t'|' -k1,1g | awk -v m=$(((repeats + 1) / 2)) 'NR == m')
     lo=$(printf '%s\n' "${rounds[@]}" | cut -d'|' -f1 | sort -g | head -1)
@@ -205,8 +207,7 @@ for size in tiny big; do
     row kennel "$proto" "$size" "$krps" "$spread" "$kp50" "$kp99" "$kcpu" "$kboth" "$ksys" "$(rss_kib "$gw")"
     if [ -n "$old" ]; then
       read -r orps op50 op99 ocpu osys oboth <<<"$oline"
-      oratio=$(awk -v k="$orps" -v n="$nrps" 'BEGIN {if (n > 0) printf "%.2f", k / n; else print "-"}')
-      row before "$proto" "$size" "$orps" "$oratio" "$op50" "$op99" "$ocpu" "$oboth" "$osys" "$(rss_kib "$old")"
+      row before "$proto" "$size" "$orps" "$(ratio "$orps" "$nrps")" "$op50" "$op99" "$ocpu" "$oboth" "$osys" "$(rss_kib "$old")"
     fi
   done
 done
