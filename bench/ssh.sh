@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # SSH paths benchmark: throughput (an upload to `cat >/dev/null`), round-trip
 # latency (`ssh … true`, median of 5) and the relay's CPU seconds per GiB,
-# for three paths to the same VM:
+# for five paths to the same VM:
 #   direct   straight to the VM's sshd (its forwarded port)
-#   openssh  through a second, stock sshd on the host (`ssh -J`)
+#   openssh  through a second, stock sshd on the host (`ssh -J`): the
+#            relay decrypts the client's session, the VM's is end to end
+#   openssh_b the same sshd bridging as Kennel does: the client's session
+#            ends there, and a forced command (`ssh` to the VM's sshd)
+#            carries it on in a session of its own (decrypt, encrypt again)
 #   kennel   through Kennel's SSH gateway (`ssh PROJECT@HOST`)
 #   kennel_j ProxyJump through the gateway (`ssh -J HOST dev@PROJECT`)
 # Needs root, QEMU, virtiofsd, OpenSSH client and server.
 # Usage: bench/ssh.sh [MiB]   (default 256); BENCH_PROFILE=debug|release
 # The uploads run in BENCH_REPEATS rounds (default 3), each path once a
 # round: medians, and the spread of the relay's CPU. BENCH_PATHS="openssh
-# kennel" runs only those paths; BENCH_WAKE=0 leaves out the wake latency.
+# kennel" runs only those paths (default: all five); BENCH_WAKE=0 leaves
+# out the wake latency.
 # BENCH_STAT=1 also counts the relay's context switches and system calls
 # per GiB (perf stat; its syscall tracepoint slows every system call, so
 # the CPU column of such a run favours the path making fewer: compare CPU
@@ -66,6 +71,11 @@ pkey=kennel-data/keys/projects/bench/id_ed25519
 # A stock sshd on the host as the OpenSSH relay.
 ssh-keygen -q -t ed25519 -N '' -f relay_host
 cp me.pub relay_keys
+# A second key whose sessions the relay bridges into the VM itself (the
+# forced command), as Kennel's `ssh PROJECT@HOST` does.
+ssh-keygen -q -t ed25519 -N '' -f me_b
+printf 'command="exec ssh -T -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o BatchMode=yes -i %s -p %s dev@%s \\"$SSH_ORIGINAL_COMMAND\\"" %s\n' \
+  "$work/$pkey" "$vport" "$vip" "$(cat me_b.pub)" >> relay_keys
 cat > relay.conf <<EOF
 Port $rport
 ListenAddress 127.0.0.1
@@ -76,6 +86,10 @@ UsePAM no
 StrictModes no
 PermitRootLogin prohibit-password
 AllowTcpForwarding yes
+# What Kennel's gateway offers clients (AES-GCM only), so that the client's
+# leg costs the same cipher on every path; the VM's leg is OpenSSH's
+# default (chacha20-poly1305) for the bridging \`ssh\` as for Kennel under TCG.
+Ciphers aes256-gcm@openssh.com,aes128-gcm@openssh.com
 EOF
 mkdir -p /run/sshd
 "$SSHD" -D -e -f relay.conf 2>/dev/null &
@@ -85,6 +99,7 @@ sleep 0.5
 O=(-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o BatchMode=yes)
 direct() { ssh "${O[@]}" -i "$pkey" -p "$vport" "dev@$vip" "$@"; }
 openssh() { ssh "${O[@]}" -i "$pkey" -o "ProxyCommand=ssh ${O[*]} -i $work/me -p $rport -W %h:%p root@127.0.0.1" -p "$vport" "dev@$vip" "$@"; }
+openssh_b() { ssh "${O[@]}" -i me_b -p "$rport" root@127.0.0.1 "$@"; }
 kennel() { ssh "${O[@]}" -i me -p "$gport" bench@127.0.0.1 "$@"; }
 # ProxyJump through the gateway: end-to-end to the VM's sshd with the
 # user's own key, the gateway relaying bytes (as the OpenSSH relay does).
@@ -109,11 +124,11 @@ need_perf() {
 # The stat file's count of event $1, per GiB uploaded.
 per_gib() { awk -F, -v e="$1" -v m="$mib" '$3 == e {printf "%.0f", $1 * 1024 / m}' "$2"; }
 repeats="${BENCH_REPEATS:-3}"
-read -ra paths <<<"${BENCH_PATHS:-direct openssh kennel kennel_j}"
+read -ra paths <<<"${BENCH_PATHS:-direct openssh openssh_b kennel kennel_j}"
 relay_of() {
   case $1 in
     kennel|kennel_j) echo "$serve" ;;
-    openssh) cat relay.pid ;;
+    openssh|openssh_b) cat relay.pid ;;
   esac
 }
 for path in "${paths[@]}"; do
@@ -179,9 +194,13 @@ printf '%s\n' "$header"
 printf '%s\n' "${rows[@]}"
 for p in kennel kennel_j; do
   if [ -n "${relay_cpu[$p]:-}" ] && [ -n "${relay_cpu[openssh]:-}" ]; then
-    echo "$p relay CPU per GiB: $(echo "scale=2; ${relay_cpu[$p]} / ${relay_cpu[openssh]}" | bc)x OpenSSH's (medians)"
+    echo "$p relay CPU per GiB: $(echo "scale=2; ${relay_cpu[$p]} / ${relay_cpu[openssh]}" | bc)x OpenSSH's relay (medians)"
   fi
 done
+# Like for like: both bridge (decrypt the client's session, encrypt the VM's).
+if [ -n "${relay_cpu[kennel]:-}" ] && [ -n "${relay_cpu[openssh_b]:-}" ]; then
+  echo "kennel relay CPU per GiB: $(echo "scale=2; ${relay_cpu[kennel]} / ${relay_cpu[openssh_b]}" | bc)x OpenSSH bridging the same way (medians)"
+fi
 echo "(relay CPU: the kennel serve process, or the stock sshd with its reaped per-connection children)"
 
 if [ -n "${BENCH_PERF:-}" ]; then
