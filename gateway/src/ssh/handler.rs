@@ -410,19 +410,24 @@ impl russh::server::Handler for Conn {
         data: &[u8],
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if let Some(q) = self.channels.get(&channel) {
-            let to_vm = &q.to_vm;
-            if to_vm.queued.load(Ordering::Acquire) == 0 {
-                if let Some(vm) = to_vm.channel.get() {
-                    // Errors end the bridge from the VM's side (its
-                    // channel closes), as they would through the queue.
-                    to_vm.bytes.increment(data.len() as u64);
-                    let _ = vm.data_bytes(data.to_vec()).await;
-                    return Ok(());
-                }
+        // Only a bridged session's bytes are this handler's to carry. A
+        // jump's or a forward's reach its channel's stream through russh
+        // (which calls this for every channel), so nothing is copied for
+        // them here: they used to be copied per packet and thrown away.
+        let Some(q) = self.channels.get(&channel) else {
+            return Ok(());
+        };
+        let to_vm = &q.to_vm;
+        if to_vm.queued.load(Ordering::Acquire) == 0 {
+            if let Some(vm) = to_vm.channel.get() {
+                // Errors end the bridge from the VM's side (its
+                // channel closes), as they would through the queue.
+                to_vm.bytes.increment(data.len() as u64);
+                let _ = vm.data_bytes(data.to_vec()).await;
+                return Ok(());
             }
-            to_vm.queued.fetch_add(1, Ordering::AcqRel);
         }
+        to_vm.queued.fetch_add(1, Ordering::AcqRel);
         self.send(channel, Op::Data(data.to_vec())).await;
         Ok(())
     }
