@@ -68,14 +68,16 @@ addr=$("$K" exec "--json status bench" | sed -n 's/.*"ssh_addr":"\([^"]*\)".*/\1
 vip=${addr%:*}; vport=${addr##*:}
 pkey=kennel-data/keys/projects/bench/id_ed25519
 
+O=(-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o BatchMode=yes)
+
 # A stock sshd on the host as the OpenSSH relay.
 ssh-keygen -q -t ed25519 -N '' -f relay_host
 cp me.pub relay_keys
 # A second key whose sessions the relay bridges into the VM itself (the
 # forced command), as Kennel's `ssh PROJECT@HOST` does.
 ssh-keygen -q -t ed25519 -N '' -f me_b
-printf 'command="exec ssh -T -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o BatchMode=yes -i %s -p %s dev@%s \\"$SSH_ORIGINAL_COMMAND\\"" %s\n' \
-  "$work/$pkey" "$vport" "$vip" "$(cat me_b.pub)" >> relay_keys
+printf 'command="exec ssh -T %s -i %s -p %s dev@%s \\"$SSH_ORIGINAL_COMMAND\\"" %s\n' \
+  "${O[*]}" "$work/$pkey" "$vport" "$vip" "$(cat me_b.pub)" >> relay_keys
 cat > relay.conf <<EOF
 Port $rport
 ListenAddress 127.0.0.1
@@ -96,7 +98,6 @@ mkdir -p /run/sshd
 pids+=("$!")
 sleep 0.5
 
-O=(-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o BatchMode=yes)
 direct() { ssh "${O[@]}" -i "$pkey" -p "$vport" "dev@$vip" "$@"; }
 openssh() { ssh "${O[@]}" -i "$pkey" -o "ProxyCommand=ssh ${O[*]} -i $work/me -p $rport -W %h:%p root@127.0.0.1" -p "$vport" "dev@$vip" "$@"; }
 openssh_b() { ssh "${O[@]}" -i me_b -p "$rport" root@127.0.0.1 "$@"; }
@@ -192,15 +193,16 @@ header=$(printf '%-8s %10s %12s %14s %12s' "path" "MiB/s" "ssh true ms" "relay C
 [ "$stat" = 1 ] && header+=$(printf ' %14s %14s' "switches/GiB" "syscalls/GiB")
 printf '%s\n' "$header"
 printf '%s\n' "${rows[@]}"
-for p in kennel kennel_j; do
-  if [ -n "${relay_cpu[$p]:-}" ] && [ -n "${relay_cpu[openssh]:-}" ]; then
-    echo "$p relay CPU per GiB: $(echo "scale=2; ${relay_cpu[$p]} / ${relay_cpu[openssh]}" | bc)x OpenSSH's relay (medians)"
+# compare PATH PEER WHAT: PATH's median relay CPU over PEER's, when both ran.
+compare() {
+  if [ -n "${relay_cpu[$1]:-}" ] && [ -n "${relay_cpu[$2]:-}" ]; then
+    echo "$1 relay CPU per GiB: $(echo "scale=2; ${relay_cpu[$1]} / ${relay_cpu[$2]}" | bc)x $3 (medians)"
   fi
-done
+}
+compare kennel openssh "OpenSSH's relay"
+compare kennel_j openssh "OpenSSH's relay"
 # Like for like: both bridge (decrypt the client's session, encrypt the VM's).
-if [ -n "${relay_cpu[kennel]:-}" ] && [ -n "${relay_cpu[openssh_b]:-}" ]; then
-  echo "kennel relay CPU per GiB: $(echo "scale=2; ${relay_cpu[kennel]} / ${relay_cpu[openssh_b]}" | bc)x OpenSSH bridging the same way (medians)"
-fi
+compare kennel openssh_b "OpenSSH bridging the same way"
 echo "(relay CPU: the kennel serve process, or the stock sshd with its reaped per-connection children)"
 
 if [ -n "${BENCH_PERF:-}" ]; then

@@ -410,10 +410,9 @@ impl russh::server::Handler for Conn {
         data: &[u8],
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        // Only a bridged session's bytes are this handler's to carry. A
-        // jump's or a forward's reach its channel's stream through russh
-        // (which calls this for every channel), so nothing is copied for
-        // them here: they used to be copied per packet and thrown away.
+        // Only a bridged session's bytes are this handler's to carry. russh
+        // calls this for every channel; a jump's or a forward's bytes reach
+        // its channel's stream through russh, so nothing is copied here.
         let Some(q) = self.channels.get(&channel) else {
             return Ok(());
         };
